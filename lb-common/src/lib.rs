@@ -1,0 +1,320 @@
+//! Map keys, values and counter enumerations shared by the data plane (`lb-ebpf`) and the
+//! controller (`lb-userspace`).
+//!
+//! Every type is `#[repr(C)]` with explicit padding and a compile-time size assert, so a layout
+//! drift between the two sides fails the build instead of corrupting a map. Addresses and ports
+//! are kept in network byte order (`_be` suffix) exactly as they appear on the wire.
+#![no_std]
+
+/// Most services one node can hold (service ids are `0..MAX_SERVICES`).
+pub const MAX_SERVICES: u32 = 16_384;
+/// Most backends one node can hold across all services (backend ids are `0..MAX_BACKENDS`).
+pub const MAX_BACKENDS: u32 = 65_536;
+/// Most backends one service can list. A power of two: the data plane masks slot indexes with it.
+pub const MAX_BACKENDS_PER_SERVICE: usize = 128;
+/// Default size of the flow table (and of the reverse-NAT table), in flows.
+pub const DEFAULT_FLOW_CAPACITY: u32 = 1 << 20;
+
+/// IANA protocol numbers, as they appear in the IPv4 header.
+pub const PROTO_TCP: u8 = 6;
+pub const PROTO_UDP: u8 = 17;
+
+/// Backend flag: the backend may receive packets. A flow pinned to a backend without this flag
+/// (removed, or its slot reused) is treated as new and chooses again.
+pub const BACKEND_ACTIVE: u16 = 1;
+
+macro_rules! assert_size {
+    ($ty:ty, $size:expr) => {
+        const _: () = assert!(core::mem::size_of::<$ty>() == $size);
+    };
+}
+
+/// Key of the `SERVICES` map.
+///
+/// `vip_be == 0` is a service published on every local address of the node (Swarm's published
+/// port); otherwise the service is reached only at that virtual IP.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ServiceKey {
+    pub vip_be: u32,
+    pub port_be: u16,
+    pub proto: u8,
+    pub _pad: u8,
+}
+assert_size!(ServiceKey, 8);
+
+/// Value of the `SERVICES` map: the service's id and the backends new flows may choose.
+///
+/// The backend list is part of the value so that userspace replaces it in one map update: the
+/// data plane never sees a half-written list.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ServiceValue {
+    pub service_id: u32,
+    /// How many entries of `backend_ids` are in use; 0 means the service drops new flows.
+    pub backend_count: u32,
+    pub backend_ids: [u32; MAX_BACKENDS_PER_SERVICE],
+}
+assert_size!(ServiceValue, 8 + 4 * MAX_BACKENDS_PER_SERVICE);
+
+impl Default for ServiceValue {
+    fn default() -> Self {
+        Self {
+            service_id: 0,
+            backend_count: 0,
+            backend_ids: [0; MAX_BACKENDS_PER_SERVICE],
+        }
+    }
+}
+
+/// Value of the `BACKENDS` array, indexed by backend id.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Backend {
+    pub ip_be: u32,
+    pub port_be: u16,
+    /// `BACKEND_*` flags.
+    pub flags: u16,
+    pub service_id: u32,
+    pub _pad: u32,
+}
+assert_size!(Backend, 16);
+
+/// A connection's 5-tuple as seen on the wire: the key of `FLOWS` (client → service, as the
+/// client sent it) and of `REVERSE_FLOWS` (backend → client, as the backend replies).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    pub src_ip_be: u32,
+    pub dst_ip_be: u32,
+    pub src_port_be: u16,
+    pub dst_port_be: u16,
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+assert_size!(FlowKey, 16);
+
+/// Value of `FLOWS`: the backend a connection is pinned to.
+///
+/// The backend's address is kept beside its id so that a flow whose backend slot was freed and
+/// reused for another backend is recognised as stale rather than sent to the wrong place.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowValue {
+    pub backend_id: u32,
+    pub backend_ip_be: u32,
+    pub backend_port_be: u16,
+    pub _pad: [u8; 6],
+}
+assert_size!(FlowValue, 16);
+
+/// Value of `REVERSE_FLOWS`: what a backend's reply must look like to the client.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ReverseValue {
+    /// The address and port the client connected to.
+    pub orig_ip_be: u32,
+    pub orig_port_be: u16,
+    pub _pad: u16,
+    pub backend_id: u32,
+    pub _pad2: u32,
+}
+assert_size!(ReverseValue, 16);
+
+/// Per-CPU counters of one backend (`BACKEND_STATS`, indexed by backend id).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BackendStats {
+    /// Client → backend packets and bytes (whole frames, as received).
+    pub packets: u64,
+    pub bytes: u64,
+    /// Backend → client replies reverse-NATed.
+    pub reply_packets: u64,
+    pub reply_bytes: u64,
+    /// Flows that chose this backend.
+    pub new_flows: u64,
+}
+assert_size!(BackendStats, 40);
+
+/// Per-CPU packet and byte counter of one [`Reason`] (`REASON_STATS`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counter {
+    pub packets: u64,
+    pub bytes: u64,
+}
+assert_size!(Counter, 16);
+
+/// Global settings written by userspace (`CONFIG`, one entry).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Config {
+    /// Reserved for later use; keeps the layout stable.
+    pub flags: u32,
+    pub _pad: u32,
+}
+assert_size!(Config, 8);
+
+/// What the data plane did with a packet, and why. Every packet an lbctl program sees is
+/// counted under exactly one reason, so the counters add up to the traffic seen.
+macro_rules! reasons {
+    ($( $(#[$doc:meta])* $name:ident = $value:literal => $label:literal, )*) => {
+        #[repr(u32)]
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+        pub enum Reason {
+            $( $(#[$doc])* $name = $value, )*
+        }
+
+        impl Reason {
+            /// Every reason, in counter-slot order.
+            pub const ALL: &'static [Reason] = &[$(Reason::$name,)*];
+
+            /// Stable snake_case name, used by `lbctl stats` and the metrics.
+            pub const fn name(self) -> &'static str {
+                match self { $(Reason::$name => $label,)* }
+            }
+        }
+    };
+}
+
+reasons! {
+    /// Not IPv4 (ARP, IPv6, VLAN, ...): passed untouched.
+    PassNotIpv4 = 0 => "pass_not_ipv4",
+    /// IPv4 but neither TCP nor UDP (ICMP, ...): passed untouched.
+    PassNotTcpUdp = 1 => "pass_not_tcp_udp",
+    /// IPv4 fragment: ports are unknown, passed untouched.
+    PassFragment = 2 => "pass_fragment",
+    /// Frame shorter than its headers claim: passed to the kernel, which rejects it.
+    PassTruncated = 3 => "pass_truncated",
+    /// Malformed header (bad IHL, total length beyond the frame): passed to the kernel.
+    PassMalformed = 4 => "pass_malformed",
+    /// TCP/UDP that belongs to no service and no NATed flow: passed untouched.
+    PassNotService = 5 => "pass_not_service",
+    /// To a service port on an address that is not the node's own: passed untouched.
+    PassNotLocal = 6 => "pass_not_local",
+    /// Service packet DNATed and sent back out of the receiving interface (XDP_TX).
+    ForwardTx = 7 => "forward_tx",
+    /// Service packet DNATed and redirected to another lbctl interface.
+    ForwardRedirect = 8 => "forward_redirect",
+    /// Service packet DNATed and handed to the kernel to route (next hop not reachable by XDP).
+    ForwardStack = 9 => "forward_stack",
+    /// Reply reverse-NATed in XDP and sent back out of the receiving interface.
+    ReplyTx = 10 => "reply_tx",
+    /// Reply reverse-NATed in XDP and redirected to another lbctl interface.
+    ReplyRedirect = 11 => "reply_redirect",
+    /// Reply reverse-NATed in XDP and handed to the kernel to route.
+    ReplyStack = 12 => "reply_stack",
+    /// Reply reverse-NATed by the TC egress program on its way out.
+    ReplyEgress = 13 => "reply_egress",
+    /// Service packet whose TTL would expire: DNATed and handed to the kernel, which answers
+    /// with ICMP time exceeded.
+    ForwardTtlExpired = 14 => "forward_ttl_expired",
+    /// New flow to a service with no backend: dropped.
+    DropNoBackend = 15 => "drop_no_backend",
+    /// New flow that could not be recorded in the flow table: dropped rather than sent without
+    /// a reverse-NAT entry.
+    DropFlowTableFull = 16 => "drop_flow_table_full",
+}
+
+/// Number of counter slots in `REASON_STATS`.
+pub const REASON_COUNT: u32 = Reason::ALL.len() as u32;
+
+/// Flows that were pinned to a backend that has since been removed and chose again: counted
+/// on top of their forwarding reason in `EVENT_STATS`.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Event {
+    /// A new flow was recorded.
+    FlowCreated = 0,
+    /// A flow's backend was removed; the flow chose a new one.
+    FlowReselected = 1,
+    /// Two CPUs raced to create the same flow; the loser used the winner's backend.
+    FlowRaceLost = 2,
+}
+
+impl Event {
+    pub const ALL: &'static [Event] = &[
+        Event::FlowCreated,
+        Event::FlowReselected,
+        Event::FlowRaceLost,
+    ];
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            Event::FlowCreated => "flow_created",
+            Event::FlowReselected => "flow_reselected",
+            Event::FlowRaceLost => "flow_race_lost",
+        }
+    }
+}
+
+pub const EVENT_COUNT: u32 = Event::ALL.len() as u32;
+
+/// Names of the maps, shared so userspace pins and opens exactly what the programs declare.
+pub mod map_names {
+    pub const SERVICES: &str = "SERVICES";
+    pub const BACKENDS: &str = "BACKENDS";
+    pub const RR_CURSORS: &str = "RR_CURSORS";
+    pub const FLOWS: &str = "FLOWS";
+    pub const REVERSE_FLOWS: &str = "REVERSE_FLOWS";
+    pub const BACKEND_STATS: &str = "BACKEND_STATS";
+    pub const REASON_STATS: &str = "REASON_STATS";
+    pub const EVENT_STATS: &str = "EVENT_STATS";
+    pub const TX_PORTS: &str = "TX_PORTS";
+    pub const CONFIG: &str = "CONFIG";
+
+    /// Every map, so that pinning cannot forget one.
+    pub const ALL: &[&str] = &[
+        SERVICES,
+        BACKENDS,
+        RR_CURSORS,
+        FLOWS,
+        REVERSE_FLOWS,
+        BACKEND_STATS,
+        REASON_STATS,
+        EVENT_STATS,
+        TX_PORTS,
+        CONFIG,
+    ];
+}
+
+/// Names of the programs in the eBPF object.
+pub mod program_names {
+    pub const XDP_INGRESS: &str = "lb_xdp";
+    pub const TC_EGRESS: &str = "lb_tc_egress";
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+    // SAFETY: every type is repr(C), made of integers only, with all padding explicit.
+    unsafe impl aya::Pod for ServiceKey {}
+    unsafe impl aya::Pod for ServiceValue {}
+    unsafe impl aya::Pod for Backend {}
+    unsafe impl aya::Pod for FlowKey {}
+    unsafe impl aya::Pod for FlowValue {}
+    unsafe impl aya::Pod for ReverseValue {}
+    unsafe impl aya::Pod for BackendStats {}
+    unsafe impl aya::Pod for Counter {}
+    unsafe impl aya::Pod for Config {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reasons_fill_their_slots_in_order() {
+        for (slot, reason) in Reason::ALL.iter().enumerate() {
+            assert_eq!(*reason as usize, slot, "{} is out of order", reason.name());
+        }
+        for (slot, event) in Event::ALL.iter().enumerate() {
+            assert_eq!(*event as usize, slot, "{} is out of order", event.name());
+        }
+    }
+
+    #[test]
+    fn slot_mask_works_because_max_backends_per_service_is_a_power_of_two() {
+        assert!(MAX_BACKENDS_PER_SERVICE.is_power_of_two());
+    }
+}

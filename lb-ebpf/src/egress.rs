@@ -1,0 +1,61 @@
+//! The TC egress program's logic: reverse NAT of backend replies that the kernel routed out
+//! of an lbctl interface. Checksums go through the kernel helpers, which also handle packets
+//! whose checksum is left to the NIC (CHECKSUM_PARTIAL).
+use aya_ebpf::{
+    bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
+    programs::TcContext,
+};
+use lb_common::{PROTO_UDP, Reason};
+
+use crate::{
+    conntrack,
+    parse::{self, IP_CHECK_OFF, IP_SRC_OFF},
+    stats,
+};
+
+/// Headers the parser may need in the linear part of the skb: Ethernet, IPv4 with the largest
+/// options, TCP without options.
+const HEADERS_MAX: u32 = 14 + 60 + 20;
+
+/// Reverse-NATs the packet if it is a reply of a load-balanced flow. `Err` only on a helper
+/// failure, which leaves the packet as the kernel built it.
+#[inline(always)]
+pub fn try_lb_tc_egress(ctx: &mut TcContext) -> Result<(), i64> {
+    let len = ctx.len() as usize;
+    let mut parsed = parse::parse(ctx.data(), ctx.data_end(), len);
+    if parsed == Err(Reason::PassTruncated) && len > ctx.data_end() - ctx.data() {
+        // Headers may sit outside the linear part of the skb: pull them in and look again.
+        ctx.pull_data(ctx.len().min(HEADERS_MAX))?;
+        parsed = parse::parse(ctx.data(), ctx.data_end(), len);
+    }
+    let Ok(pkt) = parsed else { return Ok(()) };
+    let Some(reverse) = conntrack::reverse_lookup(&conntrack::key_of(&pkt)) else {
+        return Ok(());
+    };
+    let udp_flag = if pkt.proto == PROTO_UDP {
+        u64::from(BPF_F_MARK_MANGLED_0)
+    } else {
+        0
+    };
+    let (old_ip, new_ip) = (pkt.src_ip_be, reverse.orig_ip_be);
+    let (old_port, new_port) = (pkt.src_port_be, reverse.orig_port_be);
+    ctx.l3_csum_replace(IP_CHECK_OFF, u64::from(old_ip), u64::from(new_ip), 4)?;
+    ctx.l4_csum_replace(
+        pkt.l4_check_off,
+        u64::from(old_ip),
+        u64::from(new_ip),
+        u64::from(BPF_F_PSEUDO_HDR) | udp_flag | 4,
+    )?;
+    ctx.store(IP_SRC_OFF, &new_ip, 0)?;
+    ctx.l4_csum_replace(
+        pkt.l4_check_off,
+        u64::from(old_port),
+        u64::from(new_port),
+        udp_flag | 2,
+    )?;
+    ctx.store(pkt.l4_off, &new_port, 0)?;
+    let bytes = u64::from(ctx.len());
+    stats::count_reason(Reason::ReplyEgress, bytes);
+    stats::count_reply(reverse.backend_id, bytes);
+    Ok(())
+}

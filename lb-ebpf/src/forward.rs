@@ -1,0 +1,133 @@
+//! Where a rewritten packet goes: a FIB lookup decides between sending it straight back out
+//! (XDP_TX), redirecting it to another lbctl interface, or handing it to the kernel.
+use aya_ebpf::{
+    bindings::{BPF_FIB_LKUP_RET_NOT_FWDED, BPF_FIB_LKUP_RET_SUCCESS, bpf_fib_lookup, xdp_action},
+    helpers::generated::bpf_fib_lookup as fib_lookup_helper,
+    programs::XdpContext,
+};
+use network_types::eth::EthHdr;
+
+use crate::{
+    csum,
+    maps::TX_PORTS,
+    nat::{load16, store16},
+    parse::{IP_CHECK_OFF, IP_TTL_OFF, Packet, ptr_at},
+};
+
+const AF_INET: u8 = 2;
+
+/// The next hop of a packet, as the kernel's FIB sees it.
+pub struct NextHop {
+    pub ifindex: u32,
+    pub smac: [u8; 6],
+    pub dmac: [u8; 6],
+}
+
+/// How a packet leaves XDP.
+pub enum Egress {
+    /// Back out of the interface it came in on.
+    Tx(NextHop),
+    /// Out of another interface lbctl is attached to.
+    Redirect(NextHop),
+    /// Through the kernel stack: the next hop is elsewhere, unresolved, or needs the kernel.
+    Stack,
+}
+
+/// Looks up the route from `src` to `dst` (network byte order) as if the packet had arrived on
+/// the receiving interface. Returns the kernel's `BPF_FIB_LKUP_RET_*` code and the next hop.
+#[inline(always)]
+fn fib_lookup(ctx: &XdpContext, pkt: &Packet, src_ip_be: u32, dst_ip_be: u32) -> (u32, NextHop) {
+    // SAFETY: bpf_fib_lookup is plain data; all-zero is a valid value.
+    let mut params: bpf_fib_lookup = unsafe { core::mem::zeroed() };
+    params.family = AF_INET;
+    params.l4_protocol = pkt.proto;
+    params.__bindgen_anon_1.tot_len = u16::from_be(pkt.tot_len);
+    params.ifindex = ctx.ingress_ifindex() as u32;
+    params.__bindgen_anon_3.ipv4_src = src_ip_be;
+    params.__bindgen_anon_4.ipv4_dst = dst_ip_be;
+    // SAFETY: the helper reads and writes only `params`, whose size it is given.
+    let rc = unsafe {
+        fib_lookup_helper(
+            ctx.ctx.cast(),
+            &mut params,
+            core::mem::size_of::<bpf_fib_lookup>() as i32,
+            0,
+        )
+    };
+    (
+        rc as u32,
+        NextHop {
+            ifindex: params.ifindex,
+            smac: params.smac,
+            dmac: params.dmac,
+        },
+    )
+}
+
+/// True when `dst` is one of this node's own addresses (not broadcast or multicast).
+#[inline(always)]
+pub fn is_local(ctx: &XdpContext, pkt: &Packet) -> bool {
+    let first_octet = pkt.dst_ip_be.to_ne_bytes()[0];
+    if pkt.dst_ip_be == u32::MAX || first_octet & 0xf0 == 0xe0 {
+        return false;
+    }
+    let (rc, _) = fib_lookup(ctx, pkt, pkt.src_ip_be, pkt.dst_ip_be);
+    // The FIB answers "not forwarded" for routes of type local (and broadcast, excluded above).
+    rc == BPF_FIB_LKUP_RET_NOT_FWDED
+}
+
+/// Decides how a packet from `src` to `dst` leaves, without touching it.
+#[inline(always)]
+pub fn decide(ctx: &XdpContext, pkt: &Packet, src_ip_be: u32, dst_ip_be: u32) -> Egress {
+    if pkt.ttl <= 1 {
+        return Egress::Stack;
+    }
+    let (rc, hop) = fib_lookup(ctx, pkt, src_ip_be, dst_ip_be);
+    if rc != BPF_FIB_LKUP_RET_SUCCESS {
+        return Egress::Stack;
+    }
+    if hop.ifindex == ctx.ingress_ifindex() as u32 {
+        Egress::Tx(hop)
+    } else if TX_PORTS.get(hop.ifindex).is_some() {
+        Egress::Redirect(hop)
+    } else {
+        Egress::Stack
+    }
+}
+
+/// Readies a packet for its next hop, as a router does: new MAC addresses, TTL one less.
+#[inline(always)]
+pub fn prepare_l2(ctx: &XdpContext, hop: &NextHop) -> Option<()> {
+    let (data, data_end) = (ctx.data(), ctx.data_end());
+    let eth: *mut EthHdr = ptr_at(data, data_end, 0)?;
+    // SAFETY: bounds checked by ptr_at.
+    unsafe {
+        (*eth).dst_addr = hop.dmac;
+        (*eth).src_addr = hop.smac;
+    }
+    // TTL and protocol share one 16-bit word of the header checksum.
+    let old = load16(data, data_end, IP_TTL_OFF)?;
+    let mut bytes = old.to_ne_bytes();
+    bytes[0] -= 1;
+    let new = u16::from_ne_bytes(bytes);
+    store16(data, data_end, IP_TTL_OFF, new)?;
+    let check = load16(data, data_end, IP_CHECK_OFF)?;
+    store16(
+        data,
+        data_end,
+        IP_CHECK_OFF,
+        csum::replace16(check, old, new),
+    )
+}
+
+/// Sends a prepared packet: XDP_TX, or a redirect through `TX_PORTS`.
+#[inline(always)]
+pub fn send(egress: &Egress) -> u32 {
+    match egress {
+        Egress::Tx(_) => xdp_action::XDP_TX,
+        Egress::Redirect(hop) => TX_PORTS
+            .redirect(hop.ifindex, 0)
+            .unwrap_or(xdp_action::XDP_PASS),
+        Egress::Stack => xdp_action::XDP_PASS,
+    }
+}

@@ -1,0 +1,148 @@
+//! The XDP program's logic: DNAT of new and established flows to services, reverse NAT of
+//! replies that arrive on an lbctl interface, and forwarding of both.
+use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
+use lb_common::{FlowKey, FlowValue, Reason, ReverseValue, ServiceKey, ServiceValue};
+
+use crate::{
+    conntrack::{self, Lookup},
+    forward::{self, Egress},
+    maps::SERVICES,
+    nat::{self, Side},
+    parse::{self, Packet},
+    select, stats,
+};
+
+/// The service a packet is addressed to: first by its exact address (a VIP), then by port on
+/// any address (checked to be local before a new flow is created).
+#[inline(always)]
+fn lookup_service(pkt: &Packet) -> Option<(&'static ServiceValue, bool)> {
+    let mut key = ServiceKey {
+        vip_be: pkt.dst_ip_be,
+        port_be: pkt.dst_port_be,
+        proto: pkt.proto,
+        _pad: 0,
+    };
+    // SAFETY: service values are replaced whole by userspace, never written in place.
+    if let Some(service) = unsafe { SERVICES.get(&key) } {
+        return Some((service, false));
+    }
+    key.vip_be = 0;
+    // SAFETY: as above.
+    unsafe { SERVICES.get(&key) }.map(|service| (service, true))
+}
+
+/// Handles a parsed packet. `Ok` carries the action and the reason it is counted under;
+/// `Err` means "pass untouched", counted under the reason it names.
+#[inline(always)]
+pub fn try_lb_xdp(ctx: &XdpContext) -> Result<(u32, Reason), Reason> {
+    let pkt = parse::parse(ctx.data(), ctx.data_end(), ctx.data_end() - ctx.data())?;
+    let key = conntrack::key_of(&pkt);
+    if let Some((service, any_address)) = lookup_service(&pkt) {
+        return to_service(ctx, &pkt, &key, service, any_address);
+    }
+    match conntrack::reverse_lookup(&key) {
+        Some(reverse) => reply(ctx, &pkt, &reverse),
+        None => Err(Reason::PassNotService),
+    }
+}
+
+/// A packet to a service port: an established flow, a reply that happens to come from a
+/// service port, or a new flow that picks its backend here.
+#[inline(always)]
+fn to_service(
+    ctx: &XdpContext,
+    pkt: &Packet,
+    key: &FlowKey,
+    service: &ServiceValue,
+    any_address: bool,
+) -> Result<(u32, Reason), Reason> {
+    let stale = match conntrack::lookup(key) {
+        Lookup::Pinned(flow) => return to_backend(ctx, pkt, &flow, false),
+        Lookup::Stale => true,
+        Lookup::Miss => false,
+    };
+    if let Some(reverse) = conntrack::reverse_lookup(key) {
+        return reply(ctx, pkt, &reverse);
+    }
+    if any_address && !stale && !forward::is_local(ctx, pkt) {
+        return Err(Reason::PassNotLocal);
+    }
+    let Some((backend_id, backend)) = select::round_robin(service) else {
+        return Ok((xdp_action::XDP_DROP, Reason::DropNoBackend));
+    };
+    let chosen = FlowValue {
+        backend_id,
+        backend_ip_be: backend.ip_be,
+        backend_port_be: backend.port_be,
+        _pad: [0; 6],
+    };
+    let Ok((flow, created)) = conntrack::record(key, chosen, pkt.dst_ip_be, pkt.dst_port_be, stale)
+    else {
+        return Ok((xdp_action::XDP_DROP, Reason::DropFlowTableFull));
+    };
+    to_backend(ctx, pkt, &flow, created)
+}
+
+/// DNATs a client's packet to its flow's backend and sends it on.
+#[inline(always)]
+fn to_backend(
+    ctx: &XdpContext,
+    pkt: &Packet,
+    flow: &FlowValue,
+    new_flow: bool,
+) -> Result<(u32, Reason), Reason> {
+    let (data, data_end) = (ctx.data(), ctx.data_end());
+    nat::rewrite(
+        data,
+        data_end,
+        pkt,
+        Side::Dst,
+        flow.backend_ip_be,
+        flow.backend_port_be,
+    )
+    .ok_or(Reason::PassTruncated)?;
+    stats::count_to_backend(flow.backend_id, (data_end - data) as u64, new_flow);
+    if pkt.ttl <= 1 {
+        // The kernel answers with ICMP time exceeded.
+        return Ok((xdp_action::XDP_PASS, Reason::ForwardTtlExpired));
+    }
+    let egress = forward::decide(ctx, pkt, pkt.src_ip_be, flow.backend_ip_be);
+    let reason = match egress {
+        Egress::Tx(ref hop) | Egress::Redirect(ref hop) => {
+            forward::prepare_l2(ctx, hop).ok_or(Reason::PassTruncated)?;
+            if matches!(egress, Egress::Tx(_)) {
+                Reason::ForwardTx
+            } else {
+                Reason::ForwardRedirect
+            }
+        }
+        Egress::Stack => Reason::ForwardStack,
+    };
+    Ok((forward::send(&egress), reason))
+}
+
+/// Reverse-NATs a backend's reply when XDP can send it on itself. Otherwise the reply goes to
+/// the kernel untouched: with the node's own address as its source the kernel would drop it as
+/// martian, so the TC egress program NATs it on its way out instead.
+#[inline(always)]
+fn reply(ctx: &XdpContext, pkt: &Packet, reverse: &ReverseValue) -> Result<(u32, Reason), Reason> {
+    let egress = forward::decide(ctx, pkt, reverse.orig_ip_be, pkt.dst_ip_be);
+    let (hop, reason) = match egress {
+        Egress::Tx(ref hop) => (hop, Reason::ReplyTx),
+        Egress::Redirect(ref hop) => (hop, Reason::ReplyRedirect),
+        Egress::Stack => return Ok((xdp_action::XDP_PASS, Reason::ReplyStack)),
+    };
+    let (data, data_end) = (ctx.data(), ctx.data_end());
+    nat::rewrite(
+        data,
+        data_end,
+        pkt,
+        Side::Src,
+        reverse.orig_ip_be,
+        reverse.orig_port_be,
+    )
+    .ok_or(Reason::PassTruncated)?;
+    forward::prepare_l2(ctx, hop).ok_or(Reason::PassTruncated)?;
+    stats::count_reply(reverse.backend_id, (data_end - data) as u64);
+    Ok((forward::send(&egress), reason))
+}

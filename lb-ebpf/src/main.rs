@@ -1,0 +1,52 @@
+//! lbctl data plane: an XDP program on each attached interface (DNAT, reverse NAT,
+//! forwarding) and a TC egress program beside it (reverse NAT of replies the kernel routed).
+#![no_std]
+#![no_main]
+// Atomic add for the round-robin cursor: the bpf target has no core::sync::atomic RMW.
+#![feature(core_intrinsics)]
+#![allow(internal_features)]
+
+mod conntrack;
+mod csum;
+mod egress;
+mod forward;
+mod ingress;
+mod maps;
+mod nat;
+mod parse;
+mod select;
+mod stats;
+
+use aya_ebpf::{
+    bindings::{TC_ACT_UNSPEC, xdp_action},
+    macros::{classifier, xdp},
+    programs::{TcContext, XdpContext},
+};
+
+#[xdp]
+pub fn lb_xdp(ctx: XdpContext) -> u32 {
+    let bytes = (ctx.data_end() - ctx.data()) as u64;
+    let (action, reason) = match ingress::try_lb_xdp(&ctx) {
+        Ok(outcome) => outcome,
+        Err(reason) => (xdp_action::XDP_PASS, reason),
+    };
+    stats::count_reason(reason, bytes);
+    action
+}
+
+#[classifier]
+pub fn lb_tc_egress(mut ctx: TcContext) -> i32 {
+    // Whatever happens, let the next program or the default action decide (TCX_NEXT).
+    let _ = egress::try_lb_tc_egress(&mut ctx);
+    TC_ACT_UNSPEC
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

@@ -1,0 +1,51 @@
+//! Every map of the data plane. Userspace pins each one under the instance's bpffs folder by
+//! the same name (`lb_common::map_names`), so maps outlive the programs and `lbctl` itself.
+use aya_ebpf::{
+    macros::map,
+    maps::{Array, DevMapHash, HashMap, LruHashMap, PerCpuArray},
+};
+use lb_common::{
+    Backend, BackendStats, Counter, DEFAULT_FLOW_CAPACITY, EVENT_COUNT, FlowKey, FlowValue,
+    MAX_BACKENDS, MAX_SERVICES, REASON_COUNT, ReverseValue, ServiceKey, ServiceValue,
+};
+
+/// Published services: (VIP or 0 for every local address, protocol, port) → id and backend list.
+#[map]
+pub static SERVICES: HashMap<ServiceKey, ServiceValue> = HashMap::with_max_entries(MAX_SERVICES, 0);
+
+/// Backends by id: address, port and whether they may still receive packets.
+#[map]
+pub static BACKENDS: Array<Backend> = Array::with_max_entries(MAX_BACKENDS, 0);
+
+/// Round-robin cursor of each service, by service id. Shared by all CPUs (atomic increment) so
+/// that new flows rotate over the backends in order whichever CPU sees them.
+#[map]
+pub static RR_CURSORS: Array<u64> = Array::with_max_entries(MAX_SERVICES, 0);
+
+/// Flow table: client → service 5-tuple → chosen backend. Resized by userspace at load time.
+#[map]
+pub static FLOWS: LruHashMap<FlowKey, FlowValue> =
+    LruHashMap::with_max_entries(DEFAULT_FLOW_CAPACITY, 0);
+
+/// Reverse-NAT table: backend → client 5-tuple → the address the client connected to.
+#[map]
+pub static REVERSE_FLOWS: LruHashMap<FlowKey, ReverseValue> =
+    LruHashMap::with_max_entries(DEFAULT_FLOW_CAPACITY, 0);
+
+/// Per-CPU packet, byte and new-flow counters of each backend, by backend id.
+#[map]
+pub static BACKEND_STATS: PerCpuArray<BackendStats> =
+    PerCpuArray::with_max_entries(MAX_BACKENDS, 0);
+
+/// Per-CPU packet and byte counters of each `lb_common::Reason`.
+#[map]
+pub static REASON_STATS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(REASON_COUNT, 0);
+
+/// Per-CPU counters of flow-table `lb_common::Event`s.
+#[map]
+pub static EVENT_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(EVENT_COUNT, 0);
+
+/// Interfaces XDP may redirect to, keyed by ifindex: the interfaces lbctl is attached to.
+/// A next hop on any other interface goes through the kernel (XDP_PASS).
+#[map]
+pub static TX_PORTS: DevMapHash = DevMapHash::with_max_entries(64, 0);

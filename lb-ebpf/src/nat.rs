@@ -1,0 +1,73 @@
+//! Address and port rewrites in XDP, with incremental checksum updates.
+use crate::{
+    csum,
+    parse::{IP_CHECK_OFF, IP_DST_OFF, IP_SRC_OFF, Packet, ptr_at},
+};
+use lb_common::PROTO_UDP;
+
+#[inline(always)]
+pub fn load16(data: usize, data_end: usize, off: usize) -> Option<u16> {
+    let p: *const [u8; 2] = ptr_at(data, data_end, off)?;
+    // SAFETY: bounds checked by ptr_at; byte arrays need no alignment.
+    Some(u16::from_ne_bytes(unsafe { *p }))
+}
+
+#[inline(always)]
+pub fn store16(data: usize, data_end: usize, off: usize, value: u16) -> Option<()> {
+    let p: *mut [u8; 2] = ptr_at(data, data_end, off)?;
+    // SAFETY: as above.
+    unsafe { *p = value.to_ne_bytes() };
+    Some(())
+}
+
+#[inline(always)]
+fn store32(data: usize, data_end: usize, off: usize, value: u32) -> Option<()> {
+    let p: *mut [u8; 4] = ptr_at(data, data_end, off)?;
+    // SAFETY: as above.
+    unsafe { *p = value.to_ne_bytes() };
+    Some(())
+}
+
+/// Which end of the connection a rewrite changes.
+#[derive(Clone, Copy)]
+pub enum Side {
+    /// Destination: DNAT of client → service packets.
+    Dst,
+    /// Source: reverse NAT of backend → client replies.
+    Src,
+}
+
+/// Rewrites one end's address and port, keeping the IPv4 and TCP/UDP checksums valid.
+#[inline(always)]
+pub fn rewrite(
+    data: usize,
+    data_end: usize,
+    pkt: &Packet,
+    side: Side,
+    new_ip_be: u32,
+    new_port_be: u16,
+) -> Option<()> {
+    let (ip_off, port_off, old_ip, old_port) = match side {
+        Side::Dst => (IP_DST_OFF, pkt.l4_off + 2, pkt.dst_ip_be, pkt.dst_port_be),
+        Side::Src => (IP_SRC_OFF, pkt.l4_off, pkt.src_ip_be, pkt.src_port_be),
+    };
+    let ip_check = load16(data, data_end, IP_CHECK_OFF)?;
+    let l4_check = load16(data, data_end, pkt.l4_check_off)?;
+    store32(data, data_end, ip_off, new_ip_be)?;
+    store16(data, data_end, port_off, new_port_be)?;
+    store16(
+        data,
+        data_end,
+        IP_CHECK_OFF,
+        csum::replace32(ip_check, old_ip, new_ip_be),
+    )?;
+    let l4_check = csum::update_l4(l4_check, pkt.proto == PROTO_UDP, |check| {
+        // The TCP/UDP checksum covers the addresses through the pseudo-header.
+        csum::replace16(
+            csum::replace32(check, old_ip, new_ip_be),
+            old_port,
+            new_port_be,
+        )
+    });
+    store16(data, data_end, pkt.l4_check_off, l4_check)
+}

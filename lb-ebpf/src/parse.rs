@@ -1,0 +1,115 @@
+//! Bounds-checked packet access and the Ethernet/IPv4/TCP/UDP parser.
+use core::mem;
+
+use lb_common::{PROTO_TCP, PROTO_UDP, Reason};
+use network_types::{eth::EthHdr, ip::Ipv4Hdr, tcp::TcpHdr, udp::UdpHdr};
+
+/// `ETH_P_IP` as it appears in the frame (network byte order) when read as a native u16.
+const ETH_P_IP_BE: u16 = 0x0800u16.to_be();
+/// More-fragments flag and fragment offset, in the IPv4 `frags` field.
+const IP_MF_OR_OFFSET: u16 = 0x3fff;
+
+/// The one bounds-checked accessor: a pointer to a `T` at `offset` bytes into the packet, or
+/// `None` if it would reach past `data_end`. All packet access goes through here.
+#[inline(always)]
+pub fn ptr_at<T>(data: usize, data_end: usize, offset: usize) -> Option<*mut T> {
+    let start = data.checked_add(offset)?;
+    if start.checked_add(mem::size_of::<T>())? > data_end {
+        return None;
+    }
+    Some(start as *mut T)
+}
+
+/// What the data plane needs of an IPv4 TCP or UDP packet. Addresses and ports keep the wire's
+/// byte order (read as native integers from the packet bytes).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct Packet {
+    pub l4_off: usize,
+    pub proto: u8,
+    pub ttl: u8,
+    pub tot_len: u16,
+    pub src_ip_be: u32,
+    pub dst_ip_be: u32,
+    pub src_port_be: u16,
+    pub dst_port_be: u16,
+    /// Offset of the TCP or UDP checksum field.
+    pub l4_check_off: usize,
+}
+
+/// Offset of the IPv4 header: the data plane handles untagged Ethernet only.
+pub const L3_OFF: usize = EthHdr::LEN;
+/// Offset of the IPv4 header checksum.
+pub const IP_CHECK_OFF: usize = L3_OFF + 10;
+/// Offset of the IPv4 TTL (followed by the protocol byte).
+pub const IP_TTL_OFF: usize = L3_OFF + 8;
+pub const IP_SRC_OFF: usize = L3_OFF + 12;
+pub const IP_DST_OFF: usize = L3_OFF + 16;
+
+/// Parses a frame whose headers lie between `data` and `data_end`. `frame_len` is the whole
+/// frame's length, which for a TC skb may extend past `data_end` into paged data. `Err` names
+/// why the frame is not for the load balancer; such frames are passed on untouched.
+#[inline(always)]
+pub fn parse(data: usize, data_end: usize, frame_len: usize) -> Result<Packet, Reason> {
+    let eth: *const EthHdr = ptr_at(data, data_end, 0).ok_or(Reason::PassNotIpv4)?;
+    // SAFETY: ptr_at checked that the header lies inside the packet.
+    if unsafe { (*eth).ether_type } != ETH_P_IP_BE {
+        return Err(Reason::PassNotIpv4);
+    }
+    let ip: *const Ipv4Hdr = ptr_at(data, data_end, L3_OFF).ok_or(Reason::PassTruncated)?;
+    // SAFETY: as above.
+    let ip = unsafe { &*ip };
+    let ihl = usize::from(ip.ihl());
+    if ip.version() != 4 || ihl < Ipv4Hdr::LEN {
+        return Err(Reason::PassMalformed);
+    }
+    let tot_len = ip.tot_len();
+    let frame_l3_len = frame_len.saturating_sub(L3_OFF);
+    if usize::from(tot_len) < ihl || usize::from(tot_len) > frame_l3_len {
+        return Err(Reason::PassMalformed);
+    }
+    if u16::from_be_bytes(ip.frags) & IP_MF_OR_OFFSET != 0 {
+        return Err(Reason::PassFragment);
+    }
+    let l4_off = L3_OFF + ihl;
+    let (src_port_be, dst_port_be, l4_check_off) = match ip.proto {
+        PROTO_TCP => {
+            let tcp: *const TcpHdr = ptr_at(data, data_end, l4_off).ok_or(Reason::PassTruncated)?;
+            // SAFETY: as above.
+            let tcp = unsafe { &*tcp };
+            let doff = usize::from(tcp.doff()) * 4;
+            if doff < TcpHdr::LEN || l4_off + doff > L3_OFF + usize::from(tot_len) {
+                return Err(Reason::PassMalformed);
+            }
+            (
+                u16::from_ne_bytes(tcp.source),
+                u16::from_ne_bytes(tcp.dest),
+                l4_off + 16,
+            )
+        }
+        PROTO_UDP => {
+            let udp: *const UdpHdr = ptr_at(data, data_end, l4_off).ok_or(Reason::PassTruncated)?;
+            // SAFETY: as above.
+            let udp = unsafe { &*udp };
+            (
+                u16::from_ne_bytes(udp.src),
+                u16::from_ne_bytes(udp.dst),
+                l4_off + 6,
+            )
+        }
+        _ => return Err(Reason::PassNotTcpUdp),
+    };
+    if l4_off > L3_OFF + usize::from(tot_len) {
+        return Err(Reason::PassMalformed);
+    }
+    Ok(Packet {
+        l4_off,
+        proto: ip.proto,
+        ttl: ip.ttl,
+        tot_len,
+        src_ip_be: u32::from_ne_bytes(ip.src_addr),
+        dst_ip_be: u32::from_ne_bytes(ip.dst_addr),
+        src_port_be,
+        dst_port_be,
+        l4_check_off,
+    })
+}

@@ -1,0 +1,258 @@
+//! The data plane from userspace: the embedded eBPF object, its maps (pinned per instance),
+//! and the thin layer that writes `sync::Delta`s and reads counters.
+use std::{
+    collections::BTreeMap,
+    fs,
+    path::{Path, PathBuf},
+};
+
+use anyhow::{Context as _, Result, anyhow, bail};
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, HashMap, Map, MapData, MapInfo, PerCpuArray, PerCpuValues, xdp::DevMapHash},
+    util::nr_cpus,
+};
+use lb_common::{
+    BACKEND_ACTIVE, Backend, BackendStats, Counter, FlowKey, FlowValue, ReverseValue, ServiceKey,
+    ServiceValue, map_names,
+};
+
+use crate::sync::{Delta, MapContents};
+
+/// The compiled data plane (lb-ebpf), built by build.rs.
+pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb"));
+
+/// Loads the object. With `pin_dir`, every map is reused from (or created and pinned at)
+/// `pin_dir/<MAP>`, so that all programs of an instance share them and they outlive `lbctl`.
+pub fn load(pin_dir: Option<&Path>, flow_capacity: u32) -> Result<Ebpf> {
+    let mut loader = EbpfLoader::new();
+    loader
+        .map_max_entries(map_names::FLOWS, flow_capacity)
+        .map_max_entries(map_names::REVERSE_FLOWS, flow_capacity);
+    let paths: Vec<(&str, PathBuf)> = match pin_dir {
+        Some(dir) => map_names::ALL
+            .iter()
+            .map(|name| (*name, dir.join(name)))
+            .collect(),
+        None => Vec::new(),
+    };
+    for (name, path) in &paths {
+        loader.map_pin_path(name, path.as_path());
+    }
+    loader.load(OBJECT).context("loading the eBPF object")
+}
+
+/// Key size, value size and capacity of every map, as the current build declares them, so that
+/// maps pinned by another build are recognised before a program is attached to them.
+pub fn expected_layout(flow_capacity: u32) -> BTreeMap<&'static str, (u32, u32, u32)> {
+    use std::mem::size_of;
+    let size = |n: usize| n as u32;
+    BTreeMap::from([
+        (
+            map_names::SERVICES,
+            (
+                size(size_of::<ServiceKey>()),
+                size(size_of::<ServiceValue>()),
+                lb_common::MAX_SERVICES,
+            ),
+        ),
+        (
+            map_names::BACKENDS,
+            (4, size(size_of::<Backend>()), lb_common::MAX_BACKENDS),
+        ),
+        (map_names::RR_CURSORS, (4, 8, lb_common::MAX_SERVICES)),
+        (
+            map_names::FLOWS,
+            (
+                size(size_of::<FlowKey>()),
+                size(size_of::<FlowValue>()),
+                flow_capacity,
+            ),
+        ),
+        (
+            map_names::REVERSE_FLOWS,
+            (
+                size(size_of::<FlowKey>()),
+                size(size_of::<ReverseValue>()),
+                flow_capacity,
+            ),
+        ),
+        (
+            map_names::BACKEND_STATS,
+            (4, size(size_of::<BackendStats>()), lb_common::MAX_BACKENDS),
+        ),
+        (
+            map_names::REASON_STATS,
+            (4, size(size_of::<Counter>()), lb_common::REASON_COUNT),
+        ),
+        (map_names::EVENT_STATS, (4, 8, lb_common::EVENT_COUNT)),
+    ])
+}
+
+/// Checks maps already pinned in `pin_dir` against this build. A map pinned by an incompatible
+/// build would be silently misread by the new programs.
+pub fn check_pinned_layout(pin_dir: &Path, flow_capacity: u32) -> Result<()> {
+    for (name, (key, value, max)) in expected_layout(flow_capacity) {
+        let path = pin_dir.join(name);
+        if !path.exists() {
+            continue;
+        }
+        let info =
+            MapInfo::from_pin(&path).with_context(|| format!("reading {}", path.display()))?;
+        let found = (info.key_size(), info.value_size(), info.max_entries());
+        if found != (key, value, max) {
+            bail!(
+                "pinned map {} has key/value/capacity {found:?}, this lbctl expects {:?}; \
+                 `lbctl purge` removes the old maps (and their flows)",
+                path.display(),
+                (key, value, max)
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Typed handles on the maps userspace reads and writes.
+pub struct Maps {
+    pub services: HashMap<MapData, ServiceKey, ServiceValue>,
+    pub backends: Array<MapData, Backend>,
+    pub rr_cursors: Array<MapData, u64>,
+    pub flows: HashMap<MapData, FlowKey, FlowValue>,
+    pub backend_stats: PerCpuArray<MapData, BackendStats>,
+    pub reason_stats: PerCpuArray<MapData, Counter>,
+    pub event_stats: PerCpuArray<MapData, u64>,
+    pub tx_ports: DevMapHash<MapData>,
+}
+
+fn open(pin_dir: &Path, name: &str) -> Result<Map> {
+    let path = pin_dir.join(name);
+    let data = MapData::from_pin(&path).with_context(|| format!("opening {}", path.display()))?;
+    Map::from_map_data(data).with_context(|| format!("{name} has an unexpected map type"))
+}
+
+impl Maps {
+    /// Opens the maps an attached instance pinned.
+    pub fn open_pinned(pin_dir: &Path) -> Result<Self> {
+        Self::from_maps(|name| open(pin_dir, name))
+    }
+
+    /// Takes the maps out of a freshly loaded object (tests and benchmarks, no pinning).
+    pub fn take(ebpf: &mut Ebpf) -> Result<Self> {
+        Self::from_maps(|name| {
+            ebpf.take_map(name)
+                .ok_or_else(|| anyhow!("object has no map {name}"))
+        })
+    }
+
+    fn from_maps(mut get: impl FnMut(&str) -> Result<Map>) -> Result<Self> {
+        Ok(Self {
+            services: get(map_names::SERVICES)?.try_into()?,
+            backends: get(map_names::BACKENDS)?.try_into()?,
+            rr_cursors: get(map_names::RR_CURSORS)?.try_into()?,
+            flows: get(map_names::FLOWS)?.try_into()?,
+            backend_stats: get(map_names::BACKEND_STATS)?.try_into()?,
+            reason_stats: get(map_names::REASON_STATS)?.try_into()?,
+            event_stats: get(map_names::EVENT_STATS)?.try_into()?,
+            tx_ports: get(map_names::TX_PORTS)?.try_into()?,
+        })
+    }
+
+    /// What `SERVICES` and `BACKENDS` hold now (active backends only).
+    pub fn read_contents(&self) -> Result<MapContents> {
+        let mut contents = MapContents::default();
+        for entry in self.services.iter() {
+            let (key, value) = entry.context("reading SERVICES")?;
+            contents.services.insert(key, value);
+        }
+        for (id, backend) in self.backends.iter().enumerate() {
+            let backend = backend.context("reading BACKENDS")?;
+            if backend.flags & BACKEND_ACTIVE != 0 {
+                contents.backends.insert(id as u32, backend);
+            }
+        }
+        Ok(contents)
+    }
+
+    /// Writes a delta in the order `Delta` documents.
+    pub fn apply(&mut self, delta: &Delta) -> Result<()> {
+        for id in &delta.new_backend_ids {
+            self.backend_stats
+                .set(*id, per_cpu(BackendStats::default())?, 0)
+                .with_context(|| format!("resetting counters of backend slot {id}"))?;
+        }
+        for (id, backend) in &delta.backends_to_write {
+            self.backends
+                .set(*id, backend, 0)
+                .with_context(|| format!("writing backend slot {id}"))?;
+        }
+        for id in &delta.new_service_ids {
+            self.rr_cursors
+                .set(*id, 0, 0)
+                .with_context(|| format!("resetting round-robin cursor {id}"))?;
+        }
+        for (key, value) in &delta.services_to_write {
+            self.services
+                .insert(key, value, 0)
+                .context("writing a service")?;
+        }
+        for key in &delta.services_to_delete {
+            self.services.remove(key).context("deleting a service")?;
+        }
+        for id in &delta.backends_to_clear {
+            self.backends
+                .set(*id, Backend::default(), 0)
+                .with_context(|| format!("clearing backend slot {id}"))?;
+        }
+        Ok(())
+    }
+
+    /// Reason counters summed over CPUs, in `Reason::ALL` order.
+    pub fn reason_totals(&self) -> Result<Vec<Counter>> {
+        lb_common::Reason::ALL
+            .iter()
+            .map(|reason| {
+                let values = self.reason_stats.get(&(*reason as u32), 0)?;
+                Ok(values.iter().fold(Counter::default(), |sum, c| Counter {
+                    packets: sum.packets + c.packets,
+                    bytes: sum.bytes + c.bytes,
+                }))
+            })
+            .collect()
+    }
+
+    /// Event counters summed over CPUs, in `Event::ALL` order.
+    pub fn event_totals(&self) -> Result<Vec<u64>> {
+        lb_common::Event::ALL
+            .iter()
+            .map(|event| Ok(self.event_stats.get(&(*event as u32), 0)?.iter().sum()))
+            .collect()
+    }
+
+    /// One backend's counters summed over CPUs.
+    pub fn backend_totals(&self, id: u32) -> Result<BackendStats> {
+        let values = self.backend_stats.get(&id, 0)?;
+        Ok(values
+            .iter()
+            .fold(BackendStats::default(), |s, v| BackendStats {
+                packets: s.packets + v.packets,
+                bytes: s.bytes + v.bytes,
+                reply_packets: s.reply_packets + v.reply_packets,
+                reply_bytes: s.reply_bytes + v.reply_bytes,
+                new_flows: s.new_flows + v.new_flows,
+            }))
+    }
+}
+
+fn per_cpu<T: aya::Pod>(value: T) -> Result<PerCpuValues<T>> {
+    let cpus = nr_cpus().map_err(|(what, err)| anyhow!("{what}: {err}"))?;
+    Ok(PerCpuValues::try_from(vec![value; cpus])?)
+}
+
+/// Removes a folder of pins (maps or links). Unpinning drops the kernel's reference: maps go
+/// once no program uses them, links detach their program.
+pub fn remove_pins(dir: &Path) -> Result<()> {
+    if dir.exists() {
+        fs::remove_dir_all(dir).with_context(|| format!("removing {}", dir.display()))?;
+    }
+    Ok(())
+}

@@ -1,0 +1,185 @@
+//! One lbctl instance per network namespace: which namespace, where its pins and state live,
+//! and the lock that serialises commands against it.
+use std::{
+    ffi::CString,
+    fs::{self, File, OpenOptions},
+    os::{
+        fd::AsRawFd as _,
+        unix::fs::{DirBuilderExt as _, MetadataExt as _, OpenOptionsExt as _},
+    },
+    path::{Path, PathBuf},
+};
+
+use anyhow::{Context as _, Result, bail};
+
+/// `statfs` magic of a BPF filesystem.
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+/// Where bpffs lives on a normal system; lbctl mounts it there when it is missing.
+pub const DEFAULT_BPFFS: &str = "/sys/fs/bpf";
+pub const DEFAULT_STATE_ROOT: &str = "/var/lib/lbctl";
+
+#[derive(Clone, Debug)]
+pub struct Instance {
+    /// The network namespace's name (`host` for the initial one).
+    pub name: String,
+    /// Pinned maps (`maps/`) and links (`links/`).
+    pub pin_dir: PathBuf,
+    /// `state.json` and the lock file.
+    pub state_dir: PathBuf,
+}
+
+impl Instance {
+    pub fn maps_dir(&self) -> PathBuf {
+        self.pin_dir.join("maps")
+    }
+
+    pub fn links_dir(&self) -> PathBuf {
+        self.pin_dir.join("links")
+    }
+}
+
+/// Enters `netns` (if given) and works out the instance. Entering is done with `setns` on this
+/// thread, keeping lbctl's mount namespace: `ip netns exec` would remount /sys and lose the pins.
+pub fn resolve(
+    netns: Option<&str>,
+    state_dir: Option<PathBuf>,
+    bpffs: Option<PathBuf>,
+) -> Result<Instance> {
+    let name = match netns {
+        Some(name) => {
+            enter_netns(name)?;
+            name.to_owned()
+        }
+        None => current_netns_name()?,
+    };
+    let bpffs = bpffs.unwrap_or_else(|| PathBuf::from(DEFAULT_BPFFS));
+    Ok(Instance {
+        pin_dir: bpffs.join("lbctl").join(&name),
+        state_dir: state_dir.unwrap_or_else(|| Path::new(DEFAULT_STATE_ROOT).join(&name)),
+        name,
+    })
+}
+
+fn enter_netns(name: &str) -> Result<()> {
+    if name.is_empty() || name.contains('/') || name == "." || name == ".." {
+        bail!("invalid network namespace name '{name}'");
+    }
+    let path = Path::new("/run/netns").join(name);
+    let file = File::open(&path)
+        .with_context(|| format!("network namespace '{name}' not found ({})", path.display()))?;
+    // SAFETY: plain syscall on a file descriptor we own.
+    if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+        return Err(std::io::Error::last_os_error())
+            .with_context(|| format!("entering network namespace '{name}'"));
+    }
+    Ok(())
+}
+
+/// The name of the namespace lbctl runs in: `host`, the name `ip netns` knows it by, or
+/// `netns-<inode>`.
+fn current_netns_name() -> Result<String> {
+    let ours = fs::metadata("/proc/self/ns/net").context("reading /proc/self/ns/net")?;
+    let host = fs::metadata("/proc/1/ns/net").context("reading /proc/1/ns/net")?;
+    if (ours.dev(), ours.ino()) == (host.dev(), host.ino()) {
+        return Ok("host".to_owned());
+    }
+    if let Ok(entries) = fs::read_dir("/run/netns") {
+        for entry in entries.flatten() {
+            if let Ok(meta) = fs::metadata(entry.path())
+                && (meta.dev(), meta.ino()) == (ours.dev(), ours.ino())
+                && let Some(name) = entry.file_name().to_str()
+            {
+                return Ok(name.to_owned());
+            }
+        }
+    }
+    Ok(format!("netns-{}", ours.ino()))
+}
+
+/// Makes sure `pin_dir` sits on a BPF filesystem, mounting bpffs at /sys/fs/bpf if that is
+/// where it belongs and nothing is mounted yet (a fresh machine).
+pub fn ensure_bpffs(instance: &Instance) -> Result<()> {
+    let root = instance
+        .pin_dir
+        .ancestors()
+        .find(|p| p.exists())
+        .unwrap_or(Path::new("/"))
+        .to_path_buf();
+    if fs_magic(&root)? == BPF_FS_MAGIC {
+        return Ok(());
+    }
+    if instance.pin_dir.starts_with(DEFAULT_BPFFS)
+        && fs_magic(Path::new(DEFAULT_BPFFS))? != BPF_FS_MAGIC
+    {
+        let src = CString::new("bpf").expect("no NUL");
+        let target = CString::new(DEFAULT_BPFFS).expect("no NUL");
+        // SAFETY: valid NUL-terminated strings; no data argument.
+        let rc = unsafe {
+            libc::mount(
+                src.as_ptr(),
+                target.as_ptr(),
+                src.as_ptr(),
+                0,
+                std::ptr::null(),
+            )
+        };
+        if rc != 0 {
+            return Err(std::io::Error::last_os_error()).context("mounting bpffs at /sys/fs/bpf");
+        }
+        return Ok(());
+    }
+    bail!(
+        "{} is not on a BPF filesystem: mount one (mount -t bpf bpf DIR) or use --bpffs",
+        root.display()
+    )
+}
+
+fn fs_magic(path: &Path) -> Result<i64> {
+    let c_path = CString::new(path.as_os_str().as_encoded_bytes()).context("path with NUL")?;
+    // SAFETY: statfs fills the zeroed struct we pass.
+    let mut stat: libc::statfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statfs(c_path.as_ptr(), &mut stat) } != 0 {
+        return Err(std::io::Error::last_os_error())
+            .with_context(|| format!("statfs {}", path.display()));
+    }
+    Ok(stat.f_type as i64)
+}
+
+/// Creates a folder readable by root only.
+pub fn create_private_dir(path: &Path) -> Result<()> {
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(path)
+        .with_context(|| format!("creating {}", path.display()))
+}
+
+/// An exclusive lock on the instance, held until dropped, so that two lbctl commands never
+/// interleave their read-modify-write of the state and maps.
+pub struct Lock(#[expect(dead_code, reason = "held for its flock")] File);
+
+pub fn lock(instance: &Instance) -> Result<Lock> {
+    create_private_dir(&instance.state_dir)?;
+    let path = instance.state_dir.join("lock");
+    let file = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .open(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    // SAFETY: flock on a descriptor we own.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } != 0 {
+        return Err(std::io::Error::last_os_error()).context("locking the instance");
+    }
+    Ok(Lock(file))
+}
+
+/// lbctl changes kernel state: say so plainly rather than fail deep inside a syscall.
+pub fn require_root() -> Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("lbctl must run as root (it loads eBPF programs and manages network interfaces)");
+    }
+    Ok(())
+}

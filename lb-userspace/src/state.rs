@@ -1,0 +1,150 @@
+//! The persisted state of an instance: the service table and the attached interfaces. Written
+//! atomically (temporary file, fsync, rename), so a crash leaves the old or the new state.
+use std::{
+    fs::{self, File, OpenOptions},
+    io::Write as _,
+    os::unix::fs::OpenOptionsExt as _,
+    path::Path,
+};
+
+use anyhow::{Context as _, Result, bail};
+use serde::{Deserialize, Serialize};
+
+use crate::model::Table;
+
+const STATE_FILE: &str = "state.json";
+const FORMAT: u32 = 1;
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Attachment {
+    pub iface: String,
+    /// The interface's index when attached: a different index means the interface was
+    /// recreated and its old attachment is gone.
+    pub ifindex: u32,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct State {
+    pub format: u32,
+    /// Size of the flow table the maps were created with.
+    pub flow_capacity: u32,
+    pub attachments: Vec<Attachment>,
+    pub table: Table,
+}
+
+impl Default for State {
+    fn default() -> Self {
+        Self {
+            format: FORMAT,
+            flow_capacity: lb_common::DEFAULT_FLOW_CAPACITY,
+            attachments: Vec::new(),
+            table: Table::default(),
+        }
+    }
+}
+
+/// Reads the state; a missing file is an empty state, a damaged one an error that changes
+/// nothing (the operator decides what to do with it).
+pub fn load(dir: &Path) -> Result<State> {
+    let path = dir.join(STATE_FILE);
+    let text = match fs::read_to_string(&path) {
+        Ok(text) => text,
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(State::default()),
+        Err(err) => return Err(err).with_context(|| format!("reading {}", path.display())),
+    };
+    let state: State = serde_json::from_str(&text).with_context(|| {
+        format!(
+            "state file {} is damaged; restore or remove it",
+            path.display()
+        )
+    })?;
+    if state.format != FORMAT {
+        bail!(
+            "state file {} has format {}, this lbctl reads {FORMAT}",
+            path.display(),
+            state.format
+        );
+    }
+    Ok(state)
+}
+
+pub fn save(dir: &Path, state: &State) -> Result<()> {
+    let path = dir.join(STATE_FILE);
+    let tmp = dir.join(format!(".{STATE_FILE}.tmp"));
+    let mut file = OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    let mut text = serde_json::to_vec_pretty(state).context("encoding state")?;
+    text.push(b'\n');
+    file.write_all(&text)
+        .and_then(|()| file.sync_all())
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    fs::rename(&tmp, &path).with_context(|| format!("replacing {}", path.display()))?;
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .with_context(|| format!("syncing {}", dir.display()))
+}
+
+/// Removes the state file (purge).
+pub fn remove(dir: &Path) -> Result<()> {
+    match fs::remove_file(dir.join(STATE_FILE)) {
+        Err(err) if err.kind() != std::io::ErrorKind::NotFound => {
+            Err(err).with_context(|| format!("removing the state in {}", dir.display()))
+        }
+        _ => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Proto, parse_backend};
+
+    fn temp_dir(tag: &str) -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!("lbctl-state-{tag}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    #[test]
+    fn state_round_trips_and_missing_means_empty() {
+        let dir = temp_dir("roundtrip");
+        assert_eq!(load(&dir).unwrap(), State::default());
+        let mut state = State::default();
+        state.attachments.push(Attachment {
+            iface: "eth0".into(),
+            ifindex: 7,
+        });
+        state
+            .table
+            .add_service(
+                "web",
+                Proto::Tcp,
+                8080,
+                None,
+                &[parse_backend("10.0.0.6:80").unwrap()],
+            )
+            .unwrap();
+        save(&dir, &state).unwrap();
+        assert_eq!(load(&dir).unwrap(), state);
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_damaged_file_is_an_error_and_is_left_alone() {
+        let dir = temp_dir("damaged");
+        fs::write(dir.join(STATE_FILE), b"{\"format\": 1, \"flow_cap").unwrap();
+        let err = format!("{:#}", load(&dir).unwrap_err());
+        assert!(err.contains("damaged"), "{err}");
+        assert_eq!(
+            fs::read(dir.join(STATE_FILE)).unwrap(),
+            b"{\"format\": 1, \"flow_cap"
+        );
+        fs::remove_dir_all(&dir).unwrap();
+    }
+}
