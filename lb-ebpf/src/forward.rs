@@ -41,7 +41,7 @@ fn fib_lookup(ctx: &XdpContext, pkt: &Packet, src_ip_be: u32, dst_ip_be: u32) ->
     let mut params: bpf_fib_lookup = unsafe { core::mem::zeroed() };
     params.family = AF_INET;
     params.l4_protocol = pkt.proto;
-    params.__bindgen_anon_1.tot_len = u16::from_be(pkt.tot_len);
+    params.__bindgen_anon_1.tot_len = pkt.tot_len;
     params.ifindex = ctx.ingress_ifindex() as u32;
     params.__bindgen_anon_3.ipv4_src = src_ip_be;
     params.__bindgen_anon_4.ipv4_dst = dst_ip_be;

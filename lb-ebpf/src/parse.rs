@@ -27,6 +27,7 @@ pub struct Packet {
     pub l4_off: usize,
     pub proto: u8,
     pub ttl: u8,
+    /// IPv4 total length, in host byte order.
     pub tot_len: u16,
     pub src_ip_be: u32,
     pub dst_ip_be: u32,

@@ -1,0 +1,221 @@
+//! Clients that talk to lb-testsrv, through the load balancer or directly.
+//!
+//! They create their sockets in the calling thread's network namespace, so
+//! call them inside [`NetNs::in_netns`](crate::netns::NetNs::in_netns), e.g.
+//! `topo.client().in_netns(|| http_get_new_connection(vip))`.
+//!
+//! Every socket operation has a timeout: a broken data plane (dropped or
+//! misrouted packets) must fail the test, not hang it.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, SocketAddrV4, TcpStream, UdpSocket};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+
+/// Longest wait for a TCP handshake.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Longest wait for any read (and write) on a socket.
+pub const IO_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Largest response or datagram a client accepts; lb-testsrv's are tiny, so
+/// anything bigger means something else answered.
+const MAX_REPLY: usize = 64 * 1024;
+
+/// What a test server answered: its name and the address it saw the
+/// request come from (which tells whether the client's address survived the
+/// load balancer).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reply {
+    /// The server's `--name`, e.g. `backend-1`.
+    pub backend: String,
+    /// The peer address of the request as the server saw it.
+    pub client_seen: SocketAddrV4,
+}
+
+impl Reply {
+    /// Parses lb-testsrv's body, `"<name> <ip>:<port>\n"`.
+    pub fn parse(body: &str) -> Result<Reply> {
+        let line = body
+            .strip_suffix('\n')
+            .with_context(|| format!("reply {body:?} does not end with a newline"))?;
+        let (backend, seen) = line
+            .split_once(' ')
+            .with_context(|| format!("reply {body:?} is not `<name> <ip>:<port>`"))?;
+        let client_seen = seen
+            .parse()
+            .with_context(|| format!("reply {body:?}: {seen:?} is not an IPv4 ip:port"))?;
+        Ok(Reply {
+            backend: backend.to_string(),
+            client_seen,
+        })
+    }
+}
+
+/// Sends `GET /` on a new TCP connection with `Connection: close` and
+/// returns the parsed reply. Each call is a new flow (new source port), so
+/// the load balancer makes a fresh backend choice.
+pub fn http_get_new_connection(addr: SocketAddrV4) -> Result<Reply> {
+    let mut stream = connect(addr)?;
+    let request = format!("GET / HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    stream
+        .write_all(request.as_bytes())
+        .with_context(|| format!("cannot send the request to {addr}"))?;
+    let mut reader = BufReader::new(stream.take(MAX_REPLY as u64 + 1));
+    let reply = read_response(&mut reader).with_context(|| format!("GET http://{addr}/"))?;
+    Ok(reply)
+}
+
+/// An HTTP/1.1 keep-alive connection: several requests on one TCP flow,
+/// which the load balancer must keep sending to the same backend.
+pub struct KeepAlive {
+    addr: SocketAddrV4,
+    reader: BufReader<TcpStream>,
+}
+
+impl KeepAlive {
+    /// Opens the connection.
+    pub fn connect(addr: SocketAddrV4) -> Result<KeepAlive> {
+        let stream = connect(addr)?;
+        Ok(KeepAlive {
+            addr,
+            reader: BufReader::new(stream),
+        })
+    }
+
+    /// Sends `GET /` on the connection and returns the parsed reply.
+    pub fn get(&mut self) -> Result<Reply> {
+        let addr = self.addr;
+        let request = format!("GET / HTTP/1.1\r\nHost: {addr}\r\n\r\n");
+        self.reader
+            .get_mut()
+            .write_all(request.as_bytes())
+            .with_context(|| format!("cannot send a request to {addr}"))?;
+        read_response(&mut self.reader).with_context(|| format!("keep-alive GET http://{addr}/"))
+    }
+
+    /// The client end of the connection (source address and port), to
+    /// compare with [`Reply::client_seen`].
+    pub fn local_addr(&self) -> Result<SocketAddr> {
+        Ok(self.reader.get_ref().local_addr()?)
+    }
+}
+
+/// Sends one datagram to `addr` from a fresh socket and returns the parsed
+/// reply.
+///
+/// The reply must come from `addr` itself: behind a load balancer that
+/// means the reverse translation worked (a real client with a connected
+/// socket would silently drop anything else, so it is an error here).
+pub fn udp_request(addr: SocketAddrV4) -> Result<Reply> {
+    let socket = UdpSocket::bind("0.0.0.0:0").context("cannot bind a UDP socket")?;
+    socket.set_read_timeout(Some(IO_TIMEOUT))?;
+    socket.set_write_timeout(Some(IO_TIMEOUT))?;
+    socket
+        .send_to(b"ping\n", addr)
+        .with_context(|| format!("cannot send a datagram to {addr}"))?;
+    let mut buf = vec![0; MAX_REPLY];
+    let (len, from) = socket
+        .recv_from(&mut buf)
+        .with_context(|| format!("no UDP reply from {addr} within {IO_TIMEOUT:?}"))?;
+    if from != SocketAddr::V4(addr) {
+        bail!("UDP reply to {addr} came from {from} instead");
+    }
+    let body = std::str::from_utf8(&buf[..len]).context("UDP reply is not UTF-8")?;
+    Reply::parse(body)
+}
+
+/// Connects with [`CONNECT_TIMEOUT`] and sets [`IO_TIMEOUT`] on reads and
+/// writes.
+fn connect(addr: SocketAddrV4) -> Result<TcpStream> {
+    let stream = TcpStream::connect_timeout(&addr.into(), CONNECT_TIMEOUT)
+        .with_context(|| format!("cannot connect to {addr}"))?;
+    stream.set_read_timeout(Some(IO_TIMEOUT))?;
+    stream.set_write_timeout(Some(IO_TIMEOUT))?;
+    Ok(stream)
+}
+
+/// Reads one HTTP response (status line, headers, `Content-Length` bytes of
+/// body), checks it is `200`, and parses the body as a [`Reply`].
+fn read_response<R: BufRead>(reader: &mut R) -> Result<Reply> {
+    let status = read_line(reader).context("cannot read the status line")?;
+    let mut words = status.split_whitespace();
+    let version = words.next().unwrap_or_default();
+    let code = words.next().unwrap_or_default();
+    if !version.starts_with("HTTP/1.") || code != "200" {
+        bail!("unexpected status line {status:?}");
+    }
+    let mut content_length = None;
+    loop {
+        let line = read_line(reader).context("cannot read the headers")?;
+        if line.is_empty() {
+            break;
+        }
+        let (name, value) = line
+            .split_once(':')
+            .with_context(|| format!("malformed header {line:?}"))?;
+        if name.trim().eq_ignore_ascii_case("content-length") {
+            let len: usize = value
+                .trim()
+                .parse()
+                .with_context(|| format!("bad Content-Length {value:?}"))?;
+            if len > MAX_REPLY {
+                bail!("Content-Length {len} is larger than any test server reply");
+            }
+            content_length = Some(len);
+        }
+    }
+    let len = content_length.context("response has no Content-Length")?;
+    let mut body = vec![0; len];
+    reader
+        .read_exact(&mut body)
+        .context("cannot read the body")?;
+    let body = String::from_utf8(body).context("body is not UTF-8")?;
+    Reply::parse(&body)
+}
+
+/// Reads a CRLF-terminated line and returns it without the line end; fails
+/// at end of stream, since a response must not stop mid-header.
+fn read_line<R: BufRead>(reader: &mut R) -> Result<String> {
+    let mut line = String::new();
+    let n = reader.read_line(&mut line)?;
+    if n == 0 {
+        bail!("connection closed early");
+    }
+    if line.len() > MAX_REPLY {
+        bail!("line longer than {MAX_REPLY} bytes");
+    }
+    Ok(line.trim_end_matches(['\r', '\n']).to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_a_reply_body() {
+        let reply = Reply::parse("backend-2 192.168.100.2:40000\n").unwrap();
+        assert_eq!(reply.backend, "backend-2");
+        assert_eq!(reply.client_seen, "192.168.100.2:40000".parse().unwrap());
+        assert!(Reply::parse("backend-2 192.168.100.2:40000").is_err());
+        assert!(Reply::parse("backend-2\n").is_err());
+    }
+
+    #[test]
+    fn reads_a_response_with_content_length() {
+        let raw = "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 17\r\n\r\nb0 10.0.0.2:1234\nEXTRA";
+        let mut reader = BufReader::new(raw.as_bytes());
+        let reply = read_response(&mut reader).unwrap();
+        assert_eq!(reply.backend, "b0");
+        let mut rest = String::new();
+        reader.read_to_string(&mut rest).unwrap();
+        assert_eq!(rest, "EXTRA");
+    }
+
+    #[test]
+    fn rejects_non_200() {
+        let raw = "HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n";
+        assert!(read_response(&mut BufReader::new(raw.as_bytes())).is_err());
+    }
+}

@@ -1,0 +1,110 @@
+//! Runs the `lbctl` binary as a test would: one instance per node, each with
+//! its own state folder, purged when dropped.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{Context, Result, bail};
+
+use crate::netns::{NetNs, describe};
+use crate::{lbctl_path, unique_prefix};
+
+/// One lbctl instance managing one namespace: every command runs as
+/// `lbctl --netns NAME --state-dir DIR ARGS...` with a state folder of its
+/// own, so several instances (simulated nodes, parallel tests) coexist.
+///
+/// Dropping it runs `lbctl purge` (detach everything, delete the pinned maps
+/// and state) and removes the folder. It keeps only the namespace's name,
+/// so it can sit next to the namespace in a fixture; drop it before the
+/// namespace so that purge can still enter it.
+#[derive(Debug)]
+pub struct Lbctl {
+    bin: PathBuf,
+    netns: String,
+    state_dir: PathBuf,
+}
+
+impl Lbctl {
+    /// Prepares an instance for `netns` with a fresh, empty state folder
+    /// `/tmp/lbt-<pid>-<counter>-state`.
+    pub fn new(netns: &NetNs) -> Result<Lbctl> {
+        let bin = lbctl_path()?;
+        let state_dir = std::env::temp_dir().join(format!("{}-state", unique_prefix()));
+        std::fs::create_dir(&state_dir)
+            .with_context(|| format!("cannot create {}", state_dir.display()))?;
+        Ok(Lbctl {
+            bin,
+            netns: netns.name().to_string(),
+            state_dir,
+        })
+    }
+
+    /// The state folder given to every command.
+    pub fn state_dir(&self) -> &Path {
+        &self.state_dir
+    }
+
+    /// Runs `lbctl ... ARGS` and returns its stdout; fails with the command
+    /// line, stderr and stdout if it exits non-zero.
+    pub fn run(&self, args: &[&str]) -> Result<String> {
+        let mut cmd = self.command(args);
+        let out = cmd
+            .output()
+            .with_context(|| format!("cannot run {}", describe(&cmd)))?;
+        if !out.status.success() {
+            bail!(
+                "{} failed ({}):\nstderr: {}\nstdout: {}",
+                describe(&cmd),
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim(),
+                String::from_utf8_lossy(&out.stdout).trim()
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Runs `lbctl ... ARGS`, which must fail, and returns its stderr (for
+    /// the test to check the message); an error if it succeeded.
+    pub fn run_expect_fail(&self, args: &[&str]) -> Result<String> {
+        let mut cmd = self.command(args);
+        let out = cmd
+            .output()
+            .with_context(|| format!("cannot run {}", describe(&cmd)))?;
+        if out.status.success() {
+            bail!(
+                "{} succeeded but was expected to fail; stdout: {}",
+                describe(&cmd),
+                String::from_utf8_lossy(&out.stdout).trim()
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+
+    /// `lbctl --netns NAME --state-dir DIR ARGS...`, not yet run.
+    fn command(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(&self.bin);
+        cmd.arg("--netns")
+            .arg(&self.netns)
+            .arg("--state-dir")
+            .arg(&self.state_dir)
+            .args(args)
+            .stdin(std::process::Stdio::null());
+        cmd
+    }
+}
+
+impl Drop for Lbctl {
+    /// Purges the instance so no XDP program or pinned map outlives the
+    /// test; failures are reported, never panicked on (drop may run while a
+    /// failed test unwinds).
+    fn drop(&mut self) {
+        if let Err(e) = self.run(&["purge"]) {
+            eprintln!("warning: {e:#}");
+        }
+        if let Err(e) = std::fs::remove_dir_all(&self.state_dir)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            eprintln!("warning: cannot remove {}: {e}", self.state_dir.display());
+        }
+    }
+}

@@ -1,0 +1,329 @@
+//! Network namespaces owned by the running test, deleted when dropped.
+
+use std::ffi::OsStr;
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::Mutex;
+
+use anyhow::{Context, Result, bail};
+
+use crate::{require_root, unique_prefix};
+
+/// First component of every namespace name the harness creates.
+pub(crate) const PREFIX: &str = "lbt";
+
+/// Where `ip netns` keeps the namespace handles (bind mounts of
+/// `/proc/<pid>/ns/net`).
+const NETNS_RUN_DIR: &str = "/run/netns";
+
+/// Linux limit on interface names (IFNAMSIZ - 1).
+const MAX_IFNAME_LEN: usize = 15;
+
+/// A network namespace this process created, named
+/// `lbt-<pid>-<counter>-<role>`; dropping it deletes it.
+#[derive(Debug)]
+pub struct NetNs {
+    name: String,
+}
+
+impl NetNs {
+    /// Creates a fresh namespace with `lo` up. `role` (e.g. "client",
+    /// "node", "b0") only makes the name readable in `ip netns list`.
+    pub fn new(role: &str) -> Result<NetNs> {
+        require_root()?;
+        if role.is_empty()
+            || !role
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        {
+            bail!("namespace role {role:?} must be non-empty ASCII letters, digits, '-' or '_'");
+        }
+        let name = format!("{}-{role}", unique_prefix());
+        {
+            // The first `ip netns add` on a machine makes /run/netns a shared
+            // mount; two running at once (parallel tests) can race on that.
+            static CREATE: Mutex<()> = Mutex::new(());
+            let _guard = CREATE.lock().unwrap_or_else(|e| e.into_inner());
+            run_checked(Command::new("ip").args(["netns", "add", &name]))?;
+        }
+        // From here on, Drop deletes the namespace if a later step fails.
+        let ns = NetNs { name };
+        ns.ip(["link", "set", "lo", "up"])?;
+        Ok(ns)
+    }
+
+    /// The namespace name, as `ip netns` and `lbctl --netns` know it.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Runs `ip -n NAME ARGS...` and returns its stdout; fails with the
+    /// command line and stderr when `ip` exits non-zero.
+    pub fn ip<I, S>(&self, args: I) -> Result<String>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        run_checked(Command::new("ip").arg("-n").arg(&self.name).args(args))
+    }
+
+    /// Runs a command inside the namespace (`ip netns exec NAME ARGS...`)
+    /// and returns its output whatever its exit status, for the caller to
+    /// judge.
+    ///
+    /// Note that `ip netns exec` gives the command a private `/sys`, so a
+    /// bpffs mounted at `/sys/fs/bpf` is not visible there.
+    pub fn exec<I, S>(&self, args: I) -> Result<Output>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        let mut cmd = self.exec_command(args);
+        cmd.output()
+            .with_context(|| format!("cannot run {}", describe(&cmd)))
+    }
+
+    /// Starts a command inside the namespace in the background (for
+    /// servers), with stdin closed, stdout piped to the caller and stderr
+    /// inherited so its diagnostics show up in the test output.
+    ///
+    /// `ip netns exec` execs the command in place, so the returned child's
+    /// pid is the command's own and killing it kills the command.
+    pub fn spawn<I, S>(&self, args: I) -> Result<Child>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        let mut cmd = self.exec_command(args);
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        cmd.spawn()
+            .with_context(|| format!("cannot start {}", describe(&cmd)))
+    }
+
+    /// Sets a sysctl of this namespace (`sysctl -qw KEY=VALUE` inside it);
+    /// `net.*` keys are per namespace.
+    pub fn sysctl(&self, key: &str, value: &str) -> Result<()> {
+        run_checked(&mut self.exec_command(["sysctl", "-qw", &format!("{key}={value}")]))?;
+        Ok(())
+    }
+
+    /// Runs `f` on a fresh thread that first enters this namespace, so the
+    /// sockets `f` creates live in it, and returns what `f` returns.
+    ///
+    /// A thread is used because `setns(CLONE_NEWNET)` changes the namespace
+    /// of the calling thread only: the caller's own thread stays where it
+    /// is. Panics (loudly, never running `f` elsewhere) if the namespace
+    /// cannot be entered; a panic inside `f` is propagated.
+    pub fn in_netns<F, R>(&self, f: F) -> R
+    where
+        F: FnOnce() -> R + Send,
+        R: Send,
+    {
+        let path = format!("{NETNS_RUN_DIR}/{}", self.name);
+        std::thread::scope(|scope| {
+            let worker = scope.spawn(move || {
+                if let Err(e) = enter_netns(&path) {
+                    panic!("cannot enter network namespace {path}: {e:#}");
+                }
+                f()
+            });
+            match worker.join() {
+                Ok(r) => r,
+                Err(panic) => std::panic::resume_unwind(panic),
+            }
+        })
+    }
+
+    /// Turns TX checksum offload off on interface `ifname` of this
+    /// namespace.
+    ///
+    /// With offload on, a veth sender hands the frame over with only a
+    /// partial checksum (the pseudo-header sum, `CHECKSUM_PARTIAL`) because
+    /// it trusts the "hardware" to finish it. XDP on the receiving side sees
+    /// the raw bytes with that invalid checksum, and a load balancer that
+    /// updates checksums incrementally would produce garbage. Real senders on
+    /// a real network put full checksums on the wire, so the test senders
+    /// are made to do the same.
+    pub fn disable_tx_offload(&self, ifname: &str) -> Result<()> {
+        let mut cmd = self.exec_command(["ethtool", "-K", ifname, "tx", "off"]);
+        run_checked(&mut cmd).context("is ethtool installed? (`cargo xtask setup` installs it)")?;
+        Ok(())
+    }
+
+    /// `ip netns exec NAME ARGS...`, not yet run.
+    fn exec_command<I, S>(&self, args: I) -> Command
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.name]).args(args);
+        cmd
+    }
+}
+
+impl Drop for NetNs {
+    /// Deletes the namespace; a failure is reported on stderr but never
+    /// panics, since drop may run while a failed test is already unwinding.
+    fn drop(&mut self) {
+        match Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output()
+        {
+            Ok(out) if out.status.success() => {}
+            Ok(out) => eprintln!(
+                "warning: `ip netns del {}` failed: {}",
+                self.name,
+                String::from_utf8_lossy(&out.stderr).trim()
+            ),
+            Err(e) => eprintln!("warning: cannot run `ip netns del {}`: {e}", self.name),
+        }
+    }
+}
+
+/// Creates a veth pair with end `a_if` directly in namespace `a` and end
+/// `b_if` in `b`, and sets both up.
+///
+/// Creating the ends in their namespaces (instead of moving them after)
+/// means no interface ever appears in the caller's own namespace.
+pub fn veth(a: &NetNs, a_if: &str, b: &NetNs, b_if: &str) -> Result<()> {
+    for ifname in [a_if, b_if] {
+        if ifname.is_empty() || ifname.len() > MAX_IFNAME_LEN {
+            bail!("interface name {ifname:?} must be 1 to {MAX_IFNAME_LEN} bytes");
+        }
+    }
+    run_checked(Command::new("ip").args([
+        "link", "add", a_if, "netns", &a.name, "type", "veth", "peer", "name", b_if, "netns",
+        &b.name,
+    ]))?;
+    a.ip(["link", "set", a_if, "up"])?;
+    b.ip(["link", "set", b_if, "up"])?;
+    Ok(())
+}
+
+/// Deletes the namespaces named `lbt-<pid>-*` whose process is gone
+/// (leftovers of test runs that were killed before their Drop ran) and
+/// returns how many it deleted. Namespaces of live processes, including
+/// this one, are left alone.
+pub fn sweep_stale() -> Result<usize> {
+    let entries = match std::fs::read_dir(NETNS_RUN_DIR) {
+        Ok(entries) => entries,
+        // No namespace was ever created on this machine.
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+        Err(e) => return Err(e).context(format!("cannot list {NETNS_RUN_DIR}")),
+    };
+    let mut stale = Vec::new();
+    for entry in entries {
+        let entry = entry.with_context(|| format!("cannot list {NETNS_RUN_DIR}"))?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if let Some(pid) = owner_pid(&name)
+            && !process_alive(pid)
+        {
+            stale.push(name);
+        }
+    }
+    if !stale.is_empty() {
+        require_root()?;
+    }
+    for name in &stale {
+        run_checked(Command::new("ip").args(["netns", "del", name]))?;
+    }
+    Ok(stale.len())
+}
+
+/// The pid in a harness namespace name `lbt-<pid>-<counter>-<role>`, or
+/// `None` for any other name.
+fn owner_pid(name: &str) -> Option<libc::pid_t> {
+    let mut parts = name.splitn(4, '-');
+    if parts.next()? != PREFIX {
+        return None;
+    }
+    let pid = parts.next()?.parse().ok()?;
+    parts.next()?.parse::<u32>().ok()?;
+    parts.next()?;
+    Some(pid)
+}
+
+/// Whether process `pid` exists (signal 0 checks without sending anything;
+/// EPERM means it exists but belongs to someone else).
+fn process_alive(pid: libc::pid_t) -> bool {
+    // SAFETY: kill with signal 0 only performs the existence and permission
+    // checks.
+    let rc = unsafe { libc::kill(pid, 0) };
+    rc == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+}
+
+/// Moves the calling thread into the network namespace at `path`.
+fn enter_netns(path: &str) -> Result<()> {
+    let file = File::open(path)?;
+    // SAFETY: the fd is valid for the duration of the call; setns only
+    // changes the calling thread's network namespace.
+    let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error()).context("setns(CLONE_NEWNET)");
+    }
+    Ok(())
+}
+
+/// Runs `cmd` and returns its stdout; fails with the command line, exit
+/// status and stderr if it does not exit 0.
+pub(crate) fn run_checked(cmd: &mut Command) -> Result<String> {
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("cannot run {}", describe(cmd)))?;
+    if !out.status.success() {
+        bail!(
+            "{} failed ({}): {}",
+            describe(cmd),
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The command line of `cmd` for error messages, e.g. `` `ip -n x link` ``.
+pub(crate) fn describe(cmd: &Command) -> String {
+    let mut words = vec![cmd.get_program().to_string_lossy().into_owned()];
+    words.extend(cmd.get_args().map(|a| a.to_string_lossy().into_owned()));
+    format!("`{}`", words.join(" "))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn owner_pid_parses_harness_names_only() {
+        assert_eq!(owner_pid("lbt-1234-0-client"), Some(1234));
+        assert_eq!(owner_pid("lbt-1234-17-b-0"), Some(1234));
+        assert_eq!(owner_pid("lbt-1234-17"), None);
+        assert_eq!(owner_pid("lbt-x-0-client"), None);
+        assert_eq!(owner_pid("other-1234-0-client"), None);
+    }
+
+    /// A namespace left by a dead process goes; this process's stay.
+    /// Needs root.
+    #[test]
+    fn sweep_stale_deletes_only_namespaces_of_dead_processes() {
+        let mine = NetNs::new("sweep").unwrap();
+        // A pid that was alive a moment ago and is not any more.
+        let mut child = Command::new("true").spawn().unwrap();
+        let dead_pid = child.id();
+        child.wait().unwrap();
+        let stale = format!("{PREFIX}-{dead_pid}-0-sweep");
+        run_checked(Command::new("ip").args(["netns", "add", &stale])).unwrap();
+
+        assert!(sweep_stale().unwrap() >= 1);
+        let left: Vec<String> = std::fs::read_dir(NETNS_RUN_DIR)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert!(!left.contains(&stale), "{stale} survived: {left:?}");
+        assert!(left.iter().any(|n| n == mine.name()), "{left:?}");
+    }
+}

@@ -1,0 +1,422 @@
+//! Project tasks, run as `cargo xtask <task>`:
+//!
+//! - `setup`: install what building and testing need (idempotent, fast when
+//!   everything is there, non-interactive so CI can run it);
+//! - `test`: setup, lints, build, then the whole test suite;
+//! - `demo`: a load balancer in front of three backends, shown end to end.
+
+use std::ffi::OsString;
+use std::net::SocketAddrV4;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+use lb_tests::Lbctl;
+use lb_tests::client::http_get_new_connection;
+use lb_tests::topology::{NODE_UPLINK, SingleNode, SingleNodeSpec};
+
+/// The bpf-linker release that works with the nightly's LLVM here (0.11+
+/// needs a system LLVM that Debian 12 does not ship).
+const BPF_LINKER_VERSION: &str = "0.10.0";
+
+/// Debian packages the tests, the demo and debugging use.
+const APT_PACKAGES: &[&str] = &[
+    "iproute2",
+    "iputils-ping",
+    "ethtool",
+    "nftables",
+    "bpftool",
+    "tcpdump",
+    "socat",
+    "curl",
+];
+
+/// Where bpffs must be mounted for lbctl to pin maps.
+const BPFFS: &str = "/sys/fs/bpf";
+
+/// `f_type` of a bpffs mount (BPF_FS_MAGIC in linux/magic.h).
+const BPF_FS_MAGIC: libc::__fsword_t = 0xcafe_4a11;
+
+/// Port of the demo's service on the node.
+const DEMO_PORT: u16 = 8080;
+
+/// Requests the demo sends.
+const DEMO_REQUESTS: usize = 6;
+
+#[derive(Parser)]
+#[command(about = "lbctl project tasks")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install the eBPF toolchain and Debian packages, mount bpffs.
+    Setup,
+    /// Setup, fmt and clippy, build, then run every test.
+    Test {
+        /// Skip `cargo fmt --check` and `cargo clippy`.
+        #[arg(long)]
+        no_lint: bool,
+        /// Extra arguments for `cargo test` (after `--`), e.g. a test name
+        /// filter, or `-- --nocapture` for the test binaries.
+        #[arg(last = true)]
+        cargo_test_args: Vec<OsString>,
+    },
+    /// Show lbctl balancing HTTP requests across backends in namespaces.
+    Demo {
+        /// Number of backends behind the service.
+        #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..=245))]
+        backends: u16,
+    },
+}
+
+fn main() -> Result<()> {
+    // Before any thread exists, so changing the environment is sound.
+    add_cargo_bin_to_path();
+    let cli = Cli::parse();
+    match cli.task {
+        Task::Setup => setup(),
+        Task::Test {
+            no_lint,
+            cargo_test_args,
+        } => test(no_lint, &cargo_test_args),
+        Task::Demo { backends } => demo(backends.into()),
+    }
+}
+
+/// Prepends `~/.cargo/bin` to PATH when it is missing there, so that tools
+/// `cargo install` puts there (bpf-linker) are found by this process and by
+/// the builds it starts (lb-userspace's build script links with bpf-linker).
+fn add_cargo_bin_to_path() {
+    let Some(home) = std::env::var_os("HOME") else {
+        return;
+    };
+    let cargo_bin = Path::new(&home).join(".cargo/bin");
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    if std::env::split_paths(&path).any(|p| p == cargo_bin) {
+        return;
+    }
+    let joined = std::env::join_paths(
+        std::iter::once(cargo_bin.clone()).chain(std::env::split_paths(&path)),
+    );
+    if let Ok(joined) = joined {
+        // SAFETY: called first thing in main, while this process has a
+        // single thread, so nothing reads the environment concurrently.
+        unsafe { std::env::set_var("PATH", joined) };
+    }
+}
+
+/// Prints a step header, so the output of a long run can be followed.
+fn step(title: &str) {
+    println!("\n==> {title}");
+}
+
+/// The workspace root (the parent of this crate), where cargo commands run.
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives inside the workspace")
+        .to_path_buf()
+}
+
+/// Runs `program args...` with inherited stdio and fails unless it exits 0.
+fn run(program: &str, args: &[&str]) -> Result<()> {
+    run_cmd(Command::new(program).args(args))
+}
+
+/// Runs `cmd` in the workspace root with inherited stdout/stderr and no
+/// stdin (CI has none; nothing may wait for input), failing unless it exits
+/// 0.
+fn run_cmd(cmd: &mut Command) -> Result<()> {
+    let line = describe(cmd);
+    println!("$ {line}");
+    let status = cmd
+        .current_dir(workspace_root())
+        .stdin(Stdio::null())
+        .status()
+        .with_context(|| format!("cannot run `{line}`"))?;
+    if !status.success() {
+        bail!("`{line}` failed ({status})");
+    }
+    Ok(())
+}
+
+/// Runs `program args...` quietly and returns its stdout, or `None` if it
+/// cannot run or exits non-zero (used to probe what is installed).
+fn probe(program: &str, args: &[&str]) -> Option<String> {
+    let out = Command::new(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .output()
+        .ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The command line of `cmd`, for logs and errors.
+fn describe(cmd: &Command) -> String {
+    std::iter::once(cmd.get_program())
+        .chain(cmd.get_args())
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+// ---------------------------------------------------------------- setup
+
+/// Installs and mounts whatever is missing; every check is cheap so a
+/// second run does nothing.
+fn setup() -> Result<()> {
+    step("setup: nightly rust-src (for -Z build-std=core)");
+    let components = probe(
+        "rustup",
+        &["component", "list", "--toolchain", "nightly", "--installed"],
+    )
+    .unwrap_or_default();
+    if components.lines().any(|c| c.starts_with("rust-src")) {
+        println!("rust-src is installed");
+    } else {
+        run(
+            "rustup",
+            &["component", "add", "rust-src", "--toolchain", "nightly"],
+        )?;
+    }
+
+    step(&format!("setup: bpf-linker {BPF_LINKER_VERSION}"));
+    let version = probe("bpf-linker", &["--version"]).unwrap_or_default();
+    if version.split_whitespace().nth(1) == Some(BPF_LINKER_VERSION) {
+        println!("{}", version.trim());
+    } else {
+        if !version.is_empty() {
+            println!("found {}, need {BPF_LINKER_VERSION}", version.trim());
+        }
+        let spec = format!("bpf-linker@{BPF_LINKER_VERSION}");
+        // --force: a bpf-linker that is installed but does not answer
+        // `--version` as expected is broken, and must be replaced.
+        run(
+            "cargo",
+            &["+nightly", "install", &spec, "--locked", "--force"],
+        )?;
+    }
+
+    step("setup: Debian packages");
+    let missing: Vec<&str> = APT_PACKAGES
+        .iter()
+        .copied()
+        .filter(|pkg| {
+            probe("dpkg-query", &["-W", "-f", "${Status}", pkg]).as_deref()
+                != Some("install ok installed")
+        })
+        .collect();
+    if missing.is_empty() {
+        println!("all installed: {}", APT_PACKAGES.join(" "));
+    } else {
+        lb_tests::require_root().context("installing Debian packages needs root")?;
+        run("apt-get", &["update", "-q"])?;
+        let mut install = Command::new("apt-get");
+        install
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .args(["install", "-y", "-q", "--no-install-recommends"])
+            .args(&missing);
+        run_cmd(&mut install)?;
+    }
+
+    step(&format!("setup: bpffs at {BPFFS}"));
+    if is_bpffs(BPFFS)? {
+        println!("mounted");
+    } else {
+        lb_tests::require_root().context("mounting bpffs needs root")?;
+        run("mount", &["-t", "bpf", "bpf", BPFFS])?;
+    }
+    Ok(())
+}
+
+/// Whether `path` is the root of a bpffs mount.
+fn is_bpffs(path: &str) -> Result<bool> {
+    let c_path = std::ffi::CString::new(path)?;
+    // SAFETY: statfs is plain data, for which all zeroes is a valid value.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: c_path is NUL-terminated and st is a valid, writable statfs.
+    if unsafe { libc::statfs(c_path.as_ptr(), &mut st) } != 0 {
+        return Err(std::io::Error::last_os_error()).context(format!("statfs {path}"));
+    }
+    Ok(st.f_type == BPF_FS_MAGIC)
+}
+
+// ---------------------------------------------------------------- test
+
+/// Everything CI checks, in order, stopping at the first failure.
+fn test(no_lint: bool, cargo_test_args: &[OsString]) -> Result<()> {
+    setup()?;
+    if no_lint {
+        println!("\n(--no-lint: skipping fmt and clippy)");
+    } else {
+        step("cargo fmt --check");
+        run("cargo", &["fmt", "--all", "--", "--check"])?;
+        step("cargo clippy");
+        run(
+            "cargo",
+            &[
+                "clippy",
+                "--workspace",
+                "--exclude",
+                "lb-ebpf",
+                "--all-targets",
+                "--",
+                "-D",
+                "warnings",
+            ],
+        )?;
+    }
+    step("build lbctl and the test binaries");
+    build_binaries()?;
+
+    step("remove namespaces left by killed test runs");
+    let swept = lb_tests::netns::sweep_stale()?;
+    println!("{swept} stale namespace(s) removed");
+
+    step("cargo test");
+    run_cmd(
+        Command::new("cargo")
+            .args(["test", "--workspace", "--exclude", "lb-ebpf"])
+            .args(cargo_test_args),
+    )
+}
+
+/// Builds the binaries the tests and the demo run: `lbctl` and
+/// `lb-testsrv` (cargo only builds a package's own binaries for its
+/// integration tests, and lbctl belongs to another package).
+fn build_binaries() -> Result<()> {
+    run(
+        "cargo",
+        &["build", "-p", "lb-userspace", "-p", "lb-tests", "--bins"],
+    )
+}
+
+// ---------------------------------------------------------------- demo
+
+/// Set by SIGINT/SIGTERM; the demo checks it between steps and unwinds
+/// through its guards (lbctl purge, namespaces deleted) when it is set.
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    // Only an atomic store: async-signal-safe.
+    INTERRUPTED.store(true, Ordering::SeqCst);
+}
+
+/// Makes SIGINT and SIGTERM set [`INTERRUPTED`] instead of killing the
+/// process, so cleanup runs. Blocking calls are bounded (client timeouts,
+/// short commands), so the flag is seen within seconds.
+fn install_signal_handlers() -> Result<()> {
+    for signal in [libc::SIGINT, libc::SIGTERM] {
+        // SAFETY: sigaction is plain data, for which all zeroes is valid
+        // (empty mask, no flags).
+        let mut action: libc::sigaction = unsafe { std::mem::zeroed() };
+        action.sa_sigaction = on_signal as extern "C" fn(libc::c_int) as libc::sighandler_t;
+        // SAFETY: the handler only stores to an atomic; action is valid.
+        if unsafe { libc::sigaction(signal, &action, std::ptr::null_mut()) } != 0 {
+            return Err(std::io::Error::last_os_error()).context("sigaction");
+        }
+    }
+    Ok(())
+}
+
+/// Fails if a signal asked the demo to stop, so `?` unwinds through the
+/// cleanup guards.
+fn check_interrupted() -> Result<()> {
+    if INTERRUPTED.load(Ordering::SeqCst) {
+        bail!("interrupted");
+    }
+    Ok(())
+}
+
+/// Runs the demo; on Ctrl-C/SIGTERM (or any failure) its guards have
+/// already cleaned up when this returns.
+fn demo(backends: usize) -> Result<()> {
+    install_signal_handlers()?;
+    let result = demo_steps(backends);
+    if INTERRUPTED.load(Ordering::SeqCst) {
+        // A child may have died of the same Ctrl-C first: say why.
+        return result.context("demo interrupted by a signal; cleaned up");
+    }
+    result
+}
+
+/// The demo proper, with [`check_interrupted`] between steps.
+fn demo_steps(backends: usize) -> Result<()> {
+    setup()?;
+    check_interrupted()?;
+    step("build lbctl and lb-testsrv");
+    build_binaries()?;
+    check_interrupted()?;
+
+    step(&format!("topology: client -> node -> {backends} backends"));
+    // Declared before lbctl so that it is dropped after it: lbctl purge
+    // must still find the node namespace.
+    let topo = SingleNode::build(SingleNodeSpec {
+        backends,
+        ..SingleNodeSpec::default()
+    })?;
+    println!(
+        "client {} ({}), node {} ({} on {NODE_UPLINK})",
+        topo.client().name(),
+        topo.client_ip(),
+        topo.node().name(),
+        topo.node_uplink_ip()
+    );
+    for i in 0..backends {
+        println!(
+            "{} in {} at {}",
+            topo.backend_name(i),
+            topo.backend_ns(i).name(),
+            topo.backend_addr(i)
+        );
+    }
+    check_interrupted()?;
+
+    let lbctl = Lbctl::new(topo.node())?;
+    let backend_args: Vec<String> = (0..backends)
+        .map(|i| topo.backend_addr(i).to_string())
+        .collect();
+    let port = DEMO_PORT.to_string();
+    let mut service_add = vec!["service", "add", "web", port.as_str()];
+    service_add.extend(backend_args.iter().map(String::as_str));
+    for args in [vec!["attach", NODE_UPLINK], service_add] {
+        step(&format!("lbctl {}", args.join(" ")));
+        print!("{}", lbctl.run(&args)?);
+        check_interrupted()?;
+    }
+
+    let vip = SocketAddrV4::new(topo.node_uplink_ip(), DEMO_PORT);
+    step(&format!(
+        "{DEMO_REQUESTS} HTTP requests from the client to {vip}, each on a new connection"
+    ));
+    for n in 1..=DEMO_REQUESTS {
+        let reply = topo
+            .client()
+            .in_netns(|| http_get_new_connection(vip))
+            .with_context(|| format!("request {n}"))?;
+        println!(
+            "request {n}: answered by {:<10} which saw the client as {:<21} (client's real address {})",
+            reply.backend,
+            reply.client_seen,
+            topo.client_ip()
+        );
+        check_interrupted()?;
+    }
+
+    step("lbctl stats");
+    print!("{}", lbctl.run(&["stats"])?);
+
+    step("cleanup");
+    drop(lbctl);
+    drop(topo);
+    println!("done");
+    Ok(())
+}
