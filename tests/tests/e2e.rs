@@ -1,0 +1,264 @@
+//! End to end: a client namespace, a node namespace whose uplink has lbctl attached, and
+//! backend namespaces running HTTP/UDP test servers that report the client address they saw.
+//! Traffic is real TCP and UDP through the attached XDP and TC programs.
+use std::{
+    collections::BTreeMap,
+    net::SocketAddrV4,
+    time::{Duration, Instant},
+};
+
+use lb_tests::{
+    Lbctl,
+    client::{KeepAlive, Reply, http_get_new_connection, udp_request},
+    topology::{NODE_UPLINK, SingleNode, SingleNodeSpec},
+};
+
+/// Builds the topology, attaches lbctl to the node's uplink and publishes `service_port` over
+/// every backend's HTTP port.
+fn balanced(spec: SingleNodeSpec, service_port: u16) -> (SingleNode, Lbctl) {
+    lb_tests::require_root().unwrap();
+    let topo = SingleNode::build(spec).unwrap();
+    let lbctl = Lbctl::new(topo.node()).unwrap();
+    lbctl.run(&["attach", NODE_UPLINK]).unwrap();
+    let backends: Vec<String> = (0..topo.backend_count())
+        .map(|i| topo.backend_addr(i).to_string())
+        .collect();
+    let port = service_port.to_string();
+    let mut args = vec!["service", "add", "web", port.as_str()];
+    args.extend(backends.iter().map(String::as_str));
+    lbctl.run(&args).unwrap();
+    (topo, lbctl)
+}
+
+fn service_addr(topo: &SingleNode, port: u16) -> SocketAddrV4 {
+    SocketAddrV4::new(topo.node_uplink_ip(), port)
+}
+
+/// `count` requests, each on a new connection, from the client.
+fn new_connections(topo: &SingleNode, port: u16, count: usize) -> Vec<Reply> {
+    let addr = service_addr(topo, port);
+    topo.client().in_netns(|| {
+        (0..count)
+            .map(|i| {
+                http_get_new_connection(addr)
+                    .unwrap_or_else(|err| panic!("request {i} to {addr}: {err:#}"))
+            })
+            .collect()
+    })
+}
+
+fn per_backend(replies: &[Reply]) -> BTreeMap<String, usize> {
+    let mut counts = BTreeMap::new();
+    for reply in replies {
+        *counts.entry(reply.backend.clone()).or_default() += 1;
+    }
+    counts
+}
+
+fn stats_json(lbctl: &Lbctl) -> serde_json::Value {
+    serde_json::from_str(&lbctl.run(&["stats", "--json"]).unwrap()).unwrap()
+}
+
+#[test]
+fn connections_rotate_evenly_and_backends_see_the_client_ip() {
+    let (topo, lbctl) = balanced(SingleNodeSpec::default(), 8080);
+    let per = 10;
+    let replies = new_connections(&topo, 8080, per * topo.backend_count());
+    let counts = per_backend(&replies);
+    let expected: BTreeMap<String, usize> = (0..topo.backend_count())
+        .map(|i| (topo.backend_name(i), per))
+        .collect();
+    assert_eq!(counts, expected);
+    for reply in &replies {
+        assert_eq!(
+            *reply.client_seen.ip(),
+            topo.client_ip(),
+            "no SNAT: {reply:?}"
+        );
+    }
+    // The counters agree with what the backends saw.
+    let stats = stats_json(&lbctl);
+    for backend in stats["services"][0]["backends"].as_array().unwrap() {
+        assert_eq!(backend["new_flows"], per, "{backend}");
+        assert!(backend["reply_packets"].as_u64().unwrap() > 0, "{backend}");
+    }
+    assert!(
+        stats["reasons"]["forward_stack"]["packets"]
+            .as_u64()
+            .unwrap()
+            > 0
+    );
+    assert!(
+        stats["reasons"]["reply_egress"]["packets"]
+            .as_u64()
+            .unwrap()
+            > 0
+    );
+}
+
+#[test]
+fn other_subnets_ports_and_backend_counts_work_too() {
+    let spec = SingleNodeSpec {
+        backends: 5,
+        uplink_subnet: [172, 20, 9],
+        task_subnet: [10, 77, 3],
+        http_port: 8000,
+        udp_port: 9053,
+    };
+    let (topo, _lbctl) = balanced(spec, 443);
+    let replies = new_connections(&topo, 443, 15);
+    let counts = per_backend(&replies);
+    assert_eq!(counts.len(), 5, "{counts:?}");
+    assert!(counts.values().all(|n| *n == 3), "{counts:?}");
+    assert!(
+        replies
+            .iter()
+            .all(|r| *r.client_seen.ip() == topo.client_ip())
+    );
+}
+
+#[test]
+fn a_long_lived_connection_stays_on_its_backend_while_new_ones_rotate() {
+    let (topo, _lbctl) = balanced(SingleNodeSpec::default(), 8080);
+    let addr = service_addr(&topo, 8080);
+    let (kept, rotated) = topo.client().in_netns(|| {
+        let mut conn = KeepAlive::connect(addr).unwrap();
+        let mut kept = Vec::new();
+        let mut rotated = Vec::new();
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_millis(2500) {
+            kept.push(conn.get().unwrap());
+            rotated.push(http_get_new_connection(addr).unwrap());
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        (kept, rotated)
+    });
+    assert!(kept.len() >= 20, "only {} requests", kept.len());
+    let first = &kept[0];
+    for reply in &kept {
+        assert_eq!(reply.backend, first.backend, "the kept connection moved");
+        assert_eq!(reply.client_seen, first.client_seen);
+    }
+    let counts = per_backend(&rotated);
+    assert_eq!(
+        counts.len(),
+        topo.backend_count(),
+        "new connections rotate: {counts:?}"
+    );
+}
+
+#[test]
+fn removed_backends_and_services_get_no_new_connections() {
+    let (topo, lbctl) = balanced(SingleNodeSpec::default(), 8080);
+    let removed = topo.backend_addr(1).to_string();
+    lbctl.run(&["backend", "rm", "web", &removed]).unwrap();
+    let replies = new_connections(&topo, 8080, 12);
+    let counts = per_backend(&replies);
+    assert_eq!(counts.get(&topo.backend_name(1)), None, "{counts:?}");
+    assert_eq!(counts.values().sum::<usize>(), 12);
+    assert_eq!(counts.len(), topo.backend_count() - 1, "{counts:?}");
+
+    // It comes back at the end of the rotation when added again.
+    lbctl.run(&["backend", "add", "web", &removed]).unwrap();
+    let counts = per_backend(&new_connections(&topo, 8080, 9));
+    assert_eq!(counts.get(&topo.backend_name(1)), Some(&3), "{counts:?}");
+
+    lbctl.run(&["service", "rm", "web"]).unwrap();
+    let addr = service_addr(&topo, 8080);
+    let result = topo.client().in_netns(|| http_get_new_connection(addr));
+    assert!(
+        result.is_err(),
+        "port 8080 is no longer balanced: {result:?}"
+    );
+}
+
+#[test]
+fn a_udp_service_answers_through_the_balancer() {
+    let spec = SingleNodeSpec::default();
+    let udp_port = spec.udp_port;
+    let topo = SingleNode::build(spec).unwrap();
+    let lbctl = Lbctl::new(topo.node()).unwrap();
+    lbctl.run(&["attach", NODE_UPLINK]).unwrap();
+    let backends: Vec<String> = (0..topo.backend_count())
+        .map(|i| topo.backend_udp_addr(i).to_string())
+        .collect();
+    let mut args = vec!["service", "add", "dns", "53", "--proto", "udp"];
+    args.extend(backends.iter().map(String::as_str));
+    lbctl.run(&args).unwrap();
+    assert_ne!(udp_port, 53);
+    let addr = service_addr(&topo, 53);
+    // udp_request checks that the answer comes from the address it asked.
+    let replies: Vec<Reply> = topo
+        .client()
+        .in_netns(|| (0..6).map(|_| udp_request(addr).unwrap()).collect());
+    let counts = per_backend(&replies);
+    assert_eq!(counts.len(), topo.backend_count(), "{counts:?}");
+    assert!(counts.values().all(|n| *n == 2), "{counts:?}");
+    assert!(
+        replies
+            .iter()
+            .all(|r| *r.client_seen.ip() == topo.client_ip())
+    );
+}
+
+#[test]
+fn bad_input_is_refused_with_a_clear_error_and_changes_nothing() {
+    lb_tests::require_root().unwrap();
+    let topo = SingleNode::build(SingleNodeSpec {
+        backends: 2,
+        ..Default::default()
+    })
+    .unwrap();
+    let lbctl = Lbctl::new(topo.node()).unwrap();
+    let b0 = topo.backend_addr(0).to_string();
+    let b1 = topo.backend_addr(1).to_string();
+
+    let err = lbctl
+        .run_expect_fail(&["service", "add", "web", "8080", &b0])
+        .unwrap();
+    assert!(err.contains("lbctl attach"), "{err}");
+    let err = lbctl.run_expect_fail(&["attach", "nosuch0"]).unwrap();
+    assert!(err.contains("nosuch0"), "{err}");
+
+    lbctl.run(&["attach", NODE_UPLINK]).unwrap();
+    lbctl.run(&["attach", NODE_UPLINK]).unwrap();
+    lbctl.run(&["service", "add", "web", "8080", &b0]).unwrap();
+    let before = lbctl.run(&["service", "ls", "--json"]).unwrap();
+    let refused: [(&[&str], &str); 10] = [
+        (&["service", "add", "api", "0", &b1], "'0'"),
+        (&["service", "add", "api", "65536", &b1], "'65536'"),
+        (
+            &["service", "add", "api", "9090", "10.0.0.300:80"],
+            "10.0.0.300:80",
+        ),
+        (&["service", "add", "api", "9090", "10.0.0.7"], "10.0.0.7"),
+        (&["service", "add", "web", "9090", &b1], "'web'"),
+        (&["service", "add", "api", "8080", &b1], "8080"),
+        (&["service", "rm", "nosuch"], "nosuch"),
+        (&["backend", "add", "nosuch", &b1], "nosuch"),
+        (&["backend", "rm", "web", &b1], &b1),
+        (&["backend", "add", "web", &b0], &b0),
+    ];
+    for (args, named) in refused {
+        let err = lbctl.run_expect_fail(args).unwrap();
+        assert!(
+            err.contains(named),
+            "{args:?}: error does not name {named}: {err}"
+        );
+        assert_eq!(err.trim().lines().count(), 1, "{args:?}: one line: {err}");
+        assert_eq!(
+            lbctl.run(&["service", "ls", "--json"]).unwrap(),
+            before,
+            "{args:?} changed state"
+        );
+    }
+
+    // The table survives detach and re-attach, and still balances.
+    lbctl.run(&["detach", NODE_UPLINK]).unwrap();
+    let err = lbctl.run_expect_fail(&["detach", NODE_UPLINK]).unwrap();
+    assert!(err.contains("not attached"), "{err}");
+    lbctl.run(&["attach", NODE_UPLINK]).unwrap();
+    assert_eq!(lbctl.run(&["service", "ls", "--json"]).unwrap(), before);
+    let replies = new_connections(&topo, 8080, 2);
+    assert!(replies.iter().all(|r| r.backend == topo.backend_name(0)));
+}
