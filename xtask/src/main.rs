@@ -282,11 +282,45 @@ fn test(no_lint: bool, cargo_test_args: &[OsString]) -> Result<()> {
     println!("{swept} stale namespace(s) removed");
 
     step("cargo test");
-    run_cmd(
-        Command::new("cargo")
-            .args(["test", "--workspace", "--exclude", "lb-ebpf"])
-            .args(cargo_test_args),
-    )
+    let mut cmd = Command::new("cargo");
+    cmd.args(["test", "--workspace", "--exclude", "lb-ebpf"])
+        .args(cargo_test_args);
+    let line = describe(&cmd);
+    println!("$ {line}");
+    let mut child = cmd
+        .current_dir(workspace_root())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("cannot run `{line}`"))?;
+    // Echo the runner's output and add up its per-binary results, so the run closes with one
+    // total: cargo's last line is that of a doc-test binary with nothing to run.
+    let (mut passed, mut failed) = (0u64, 0u64);
+    let stdout = child.stdout.take().expect("piped stdout");
+    for text in std::io::BufRead::lines(std::io::BufReader::new(stdout)) {
+        let text = text.context("reading cargo test output")?;
+        println!("{text}");
+        if let Some(rest) = text.strip_prefix("test result: ") {
+            passed += count_before(rest, " passed");
+            failed += count_before(rest, " failed");
+        }
+    }
+    let status = child.wait().context("waiting for cargo test")?;
+    println!("\ncargo xtask test: {passed} passed, {failed} failed");
+    if !status.success() {
+        bail!("`{line}` failed ({status})");
+    }
+    Ok(())
+}
+
+/// The number just before `label` in a cargo `test result:` line (`ok. 6 passed; 0 failed; ...`).
+fn count_before(result: &str, label: &str) -> u64 {
+    result
+        .split(';')
+        .find_map(|part| part.trim().strip_suffix(label))
+        .and_then(|n| n.rsplit(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
 }
 
 /// Builds the binaries the tests and the demo run: `lbctl` and
