@@ -55,6 +55,21 @@ fn per_backend(replies: &[Reply]) -> BTreeMap<String, usize> {
     counts
 }
 
+/// Every backend answered exactly `per` of the replies, and each saw the client's real IP.
+fn assert_each_backend_served(topo: &SingleNode, replies: &[Reply], per: usize) {
+    let expected: BTreeMap<String, usize> = (0..topo.backend_count())
+        .map(|i| (topo.backend_name(i), per))
+        .collect();
+    assert_eq!(per_backend(replies), expected);
+    for reply in replies {
+        assert_eq!(
+            *reply.client_seen.ip(),
+            topo.client_ip(),
+            "no SNAT: {reply:?}"
+        );
+    }
+}
+
 fn stats_json(lbctl: &Lbctl) -> serde_json::Value {
     serde_json::from_str(&lbctl.run(&["stats", "--json"]).unwrap()).unwrap()
 }
@@ -64,18 +79,7 @@ fn connections_rotate_evenly_and_backends_see_the_client_ip() {
     let (topo, lbctl) = balanced(SingleNodeSpec::default(), 8080);
     let per = 10;
     let replies = new_connections(&topo, 8080, per * topo.backend_count());
-    let counts = per_backend(&replies);
-    let expected: BTreeMap<String, usize> = (0..topo.backend_count())
-        .map(|i| (topo.backend_name(i), per))
-        .collect();
-    assert_eq!(counts, expected);
-    for reply in &replies {
-        assert_eq!(
-            *reply.client_seen.ip(),
-            topo.client_ip(),
-            "no SNAT: {reply:?}"
-        );
-    }
+    assert_each_backend_served(&topo, &replies, per);
     // The counters agree with what the backends saw.
     let stats = stats_json(&lbctl);
     for backend in stats["services"][0]["backends"].as_array().unwrap() {
@@ -107,14 +111,7 @@ fn other_subnets_ports_and_backend_counts_work_too() {
     };
     let (topo, _lbctl) = balanced(spec, 443);
     let replies = new_connections(&topo, 443, 15);
-    let counts = per_backend(&replies);
-    assert_eq!(counts.len(), 5, "{counts:?}");
-    assert!(counts.values().all(|n| *n == 3), "{counts:?}");
-    assert!(
-        replies
-            .iter()
-            .all(|r| *r.client_seen.ip() == topo.client_ip())
-    );
+    assert_each_backend_served(&topo, &replies, 3);
 }
 
 #[test]
@@ -191,14 +188,7 @@ fn a_udp_service_answers_through_the_balancer() {
     let replies: Vec<Reply> = topo
         .client()
         .in_netns(|| (0..6).map(|_| udp_request(addr).unwrap()).collect());
-    let counts = per_backend(&replies);
-    assert_eq!(counts.len(), topo.backend_count(), "{counts:?}");
-    assert!(counts.values().all(|n| *n == 2), "{counts:?}");
-    assert!(
-        replies
-            .iter()
-            .all(|r| *r.client_seen.ip() == topo.client_ip())
-    );
+    assert_each_backend_served(&topo, &replies, 2);
 }
 
 #[test]
