@@ -145,16 +145,6 @@ pub struct Counter {
 }
 assert_size!(Counter, 16);
 
-/// Global settings written by userspace (`CONFIG`, one entry).
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Config {
-    /// Reserved for later use; keeps the layout stable.
-    pub flags: u32,
-    pub _pad: u32,
-}
-assert_size!(Config, 8);
-
 /// What the data plane did with a packet, and why. Every packet an lbctl program sees is
 /// counted under exactly one reason, so the counters add up to the traffic seen.
 macro_rules! reasons {
@@ -261,7 +251,6 @@ pub mod map_names {
     pub const REASON_STATS: &str = "REASON_STATS";
     pub const EVENT_STATS: &str = "EVENT_STATS";
     pub const TX_PORTS: &str = "TX_PORTS";
-    pub const CONFIG: &str = "CONFIG";
 
     /// Every map, so that pinning cannot forget one.
     pub const ALL: &[&str] = &[
@@ -274,7 +263,6 @@ pub mod map_names {
         REASON_STATS,
         EVENT_STATS,
         TX_PORTS,
-        CONFIG,
     ];
 }
 
@@ -296,7 +284,6 @@ mod pod {
     unsafe impl aya::Pod for ReverseValue {}
     unsafe impl aya::Pod for BackendStats {}
     unsafe impl aya::Pod for Counter {}
-    unsafe impl aya::Pod for Config {}
 }
 
 #[cfg(test)]
