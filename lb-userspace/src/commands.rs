@@ -179,8 +179,9 @@ pub fn attach(
     });
     commit(instance, &state)?;
     let mode_used = match mode {
+        AttachMode::Native => "native",
         AttachMode::Generic => "generic",
-        _ => "native or generic",
+        AttachMode::Auto => "native, or generic where the driver lacks XDP",
     };
     Ok(format!(
         "attached to {iface} in '{}' ({mode_used} XDP + TC egress; flow table of {} flows){forwarding_note}",
