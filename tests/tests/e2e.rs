@@ -16,15 +16,23 @@ use lb_tests::{
 /// Builds the topology, attaches lbctl to the node's uplink and publishes `service_port` over
 /// every backend's HTTP port.
 fn balanced(spec: SingleNodeSpec, service_port: u16) -> (SingleNode, Lbctl) {
+    balanced_proto(spec, "tcp", service_port)
+}
+
+/// As `balanced`, for `proto` ("tcp": the backends' HTTP ports, "udp": their UDP ports).
+fn balanced_proto(spec: SingleNodeSpec, proto: &str, service_port: u16) -> (SingleNode, Lbctl) {
     lb_tests::require_root().unwrap();
     let topo = SingleNode::build(spec).unwrap();
     let lbctl = Lbctl::new(topo.node()).unwrap();
     lbctl.run(&["attach", NODE_UPLINK]).unwrap();
     let backends: Vec<String> = (0..topo.backend_count())
-        .map(|i| topo.backend_addr(i).to_string())
+        .map(|i| match proto {
+            "udp" => topo.backend_udp_addr(i).to_string(),
+            _ => topo.backend_addr(i).to_string(),
+        })
         .collect();
     let port = service_port.to_string();
-    let mut args = vec!["service", "add", "web", port.as_str()];
+    let mut args = vec!["service", "add", "web", port.as_str(), "--proto", proto];
     args.extend(backends.iter().map(String::as_str));
     lbctl.run(&args).unwrap();
     (topo, lbctl)
@@ -173,15 +181,7 @@ fn removed_backends_and_services_get_no_new_connections() {
 fn a_udp_service_answers_through_the_balancer() {
     let spec = SingleNodeSpec::default();
     let udp_port = spec.udp_port;
-    let topo = SingleNode::build(spec).unwrap();
-    let lbctl = Lbctl::new(topo.node()).unwrap();
-    lbctl.run(&["attach", NODE_UPLINK]).unwrap();
-    let backends: Vec<String> = (0..topo.backend_count())
-        .map(|i| topo.backend_udp_addr(i).to_string())
-        .collect();
-    let mut args = vec!["service", "add", "dns", "53", "--proto", "udp"];
-    args.extend(backends.iter().map(String::as_str));
-    lbctl.run(&args).unwrap();
+    let (topo, _lbctl) = balanced_proto(spec, "udp", 53);
     assert_ne!(udp_port, 53);
     let addr = service_addr(&topo, 53);
     // udp_request checks that the answer comes from the address it asked.
