@@ -15,6 +15,20 @@ pub const MAX_BACKENDS_PER_SERVICE: usize = 128;
 /// Default size of the flow table (and of the reverse-NAT table), in flows.
 pub const DEFAULT_FLOW_CAPACITY: u32 = 1 << 20;
 
+/// VXLAN network identifier used when the operator sets none. Swarm allocates its overlay VNIs
+/// from 4096 up, so the ingress overlay conventionally carries 4096.
+pub const DEFAULT_VNI: u32 = 4096;
+/// Largest VNI: the field is 24 bits wide.
+pub const MAX_VNI: u32 = (1 << 24) - 1;
+/// IANA-assigned VXLAN UDP port (RFC 7348).
+pub const DEFAULT_VXLAN_PORT: u16 = 4789;
+/// Bytes VXLAN encapsulation adds in front of the inner IPv4 packet: outer IPv4 (20), UDP (8),
+/// VXLAN (8) and the inner Ethernet header (14). An overlay MTU of underlay MTU − 50 (1450 on a
+/// 1500 underlay, as Swarm uses) keeps every encapsulated packet within the underlay MTU.
+pub const VXLAN_OVERHEAD: u32 = 50;
+/// Most nodes one instance knows (entries of `NODES`).
+pub const MAX_NODES: u32 = 4096;
+
 /// IANA protocol numbers, as they appear in the IPv4 header.
 pub const PROTO_TCP: u8 = 6;
 pub const PROTO_UDP: u8 = 17;
@@ -76,7 +90,10 @@ pub struct Backend {
     /// `BACKEND_*` flags.
     pub flags: u16,
     pub service_id: u32,
-    pub _pad: u32,
+    /// Underlay address of the node that hosts the backend when that is another node: packets
+    /// to the backend are VXLAN-encapsulated to it. 0 for a backend this node reaches by
+    /// plain routing (its own tasks, or addresses routed elsewhere).
+    pub node_ip_be: u32,
 }
 assert_size!(Backend, 16);
 
@@ -103,8 +120,10 @@ assert_size!(FlowKey, 16);
 pub struct FlowValue {
     pub backend_id: u32,
     pub backend_ip_be: u32,
+    /// `Backend::node_ip_be` when the flow chose: where its packets are encapsulated to.
+    pub node_ip_be: u32,
     pub backend_port_be: u16,
-    pub _pad: [u8; 6],
+    pub _pad: [u8; 2],
 }
 assert_size!(FlowValue, 16);
 
@@ -120,6 +139,33 @@ pub struct ReverseValue {
     pub _pad2: u32,
 }
 assert_size!(ReverseValue, 16);
+
+/// Value of `TUNNEL_REPLIES`, keyed by a reply's 5-tuple (backend → client) on the node that
+/// hosts the backend: the node the flow came in on, where the reply is encapsulated back to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TunnelValue {
+    /// Underlay address of the ingress node (the outer source of the flow's VXLAN packets).
+    pub node_ip_be: u32,
+    pub _pad: u32,
+}
+assert_size!(TunnelValue, 8);
+
+/// The single entry of the `MESH` array: this node's place in the VXLAN overlay.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MeshConfig {
+    /// This node's underlay address: the outer source of the VXLAN packets it sends and the
+    /// outer destination of those it accepts. 0 while this node is not in the node table: no
+    /// packet is encapsulated or decapsulated then.
+    pub local_ip_be: u32,
+    /// VXLAN network identifier, host byte order, 24 bits.
+    pub vni: u32,
+    /// UDP destination port of the overlay.
+    pub vxlan_port_be: u16,
+    pub _pad: u16,
+}
+assert_size!(MeshConfig, 12);
 
 /// Per-CPU counters of one backend (`BACKEND_STATS`, indexed by backend id).
 #[repr(C)]
@@ -204,6 +250,42 @@ reasons! {
     /// New flow that could not be recorded in the flow table: dropped rather than sent without
     /// a reverse-NAT entry.
     DropFlowTableFull = 16 => "drop_flow_table_full",
+    /// Service packet DNATed, VXLAN-encapsulated to the node of its backend and sent back out
+    /// of the receiving interface.
+    ForwardEncapTx = 17 => "forward_encap_tx",
+    /// As `forward_encap_tx`, redirected to another lbctl interface.
+    ForwardEncapRedirect = 18 => "forward_encap_redirect",
+    /// Overlay packet for a backend on this node: decapsulated and sent back out of the
+    /// receiving interface.
+    DecapTx = 19 => "decap_tx",
+    /// Overlay packet for a backend on this node: decapsulated and redirected.
+    DecapRedirect = 20 => "decap_redirect",
+    /// Overlay packet for a backend on this node: decapsulated and handed to the kernel, which
+    /// routes it to the backend.
+    DecapStack = 21 => "decap_stack",
+    /// Backend reply encapsulated by the TC egress program back to the node its flow came in on.
+    ReplyEncap = 22 => "reply_encap",
+    /// VXLAN from a known node with another VNI: passed untouched (the kernel's own VXLAN
+    /// devices, such as Docker's overlay networks, may share the port).
+    PassVxlanOtherVni = 23 => "pass_vxlan_other_vni",
+    /// VXLAN to this node's overlay port from an address that is not a known node: dropped,
+    /// so nobody outside the cluster can inject traffic into the overlay.
+    DropVxlanUnknownSource = 24 => "drop_vxlan_unknown_source",
+    /// VXLAN whose valid-VNI flag (I) is clear: dropped, never decapsulated.
+    DropVxlanBadFlags = 25 => "drop_vxlan_bad_flags",
+    /// VXLAN whose inner frame is not a well-formed IPv4 TCP or UDP packet: dropped.
+    DropVxlanMalformed = 26 => "drop_vxlan_malformed",
+    /// Packet that would exceed the underlay MTU once encapsulated: dropped, never truncated.
+    DropEncapMtu = 27 => "drop_encap_mtu",
+    /// No route to the backend's node, or the route leaves through an interface lbctl is not
+    /// attached to: dropped.
+    DropEncapNoRoute = 28 => "drop_encap_no_route",
+    /// The underlay neighbour of the backend's node is not resolved yet: dropped (lbctl keeps
+    /// a managed neighbour entry for every node, so this is transient).
+    DropEncapNoNeigh = 29 => "drop_encap_no_neigh",
+    /// Backend on another node while this node is not in the node table (no underlay source
+    /// address): dropped.
+    DropMeshUnconfigured = 30 => "drop_mesh_unconfigured",
 }
 
 /// Number of counter slots in `REASON_STATS`.
@@ -251,6 +333,9 @@ pub mod map_names {
     pub const REASON_STATS: &str = "REASON_STATS";
     pub const EVENT_STATS: &str = "EVENT_STATS";
     pub const TX_PORTS: &str = "TX_PORTS";
+    pub const NODES: &str = "NODES";
+    pub const MESH: &str = "MESH";
+    pub const TUNNEL_REPLIES: &str = "TUNNEL_REPLIES";
 
     /// Every map, so that pinning cannot forget one.
     pub const ALL: &[&str] = &[
@@ -263,6 +348,9 @@ pub mod map_names {
         REASON_STATS,
         EVENT_STATS,
         TX_PORTS,
+        NODES,
+        MESH,
+        TUNNEL_REPLIES,
     ];
 }
 
@@ -282,6 +370,8 @@ mod pod {
     unsafe impl aya::Pod for FlowKey {}
     unsafe impl aya::Pod for FlowValue {}
     unsafe impl aya::Pod for ReverseValue {}
+    unsafe impl aya::Pod for TunnelValue {}
+    unsafe impl aya::Pod for MeshConfig {}
     unsafe impl aya::Pod for BackendStats {}
     unsafe impl aya::Pod for Counter {}
 }

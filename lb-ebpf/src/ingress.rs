@@ -73,8 +73,9 @@ fn to_service(
     let chosen = FlowValue {
         backend_id,
         backend_ip_be: backend.ip_be,
+        node_ip_be: backend.node_ip_be,
         backend_port_be: backend.port_be,
-        _pad: [0; 6],
+        _pad: [0; 2],
     };
     let Ok((flow, created)) = conntrack::record(key, chosen, pkt.dst_ip_be, pkt.dst_port_be, stale)
     else {

@@ -45,7 +45,7 @@ pub fn desired(table: &Table) -> MapContents {
                     port_be: backend.addr.port().to_be(),
                     flags: BACKEND_ACTIVE,
                     service_id: service.id,
-                    _pad: 0,
+                    node_ip_be: 0,
                 },
             );
         }
