@@ -6,7 +6,8 @@ use aya_ebpf::{
 };
 use lb_common::{
     Backend, BackendStats, Counter, DEFAULT_FLOW_CAPACITY, EVENT_COUNT, FlowKey, FlowValue,
-    MAX_BACKENDS, MAX_SERVICES, REASON_COUNT, ReverseValue, ServiceKey, ServiceValue,
+    MAX_BACKENDS, MAX_NODES, MAX_SERVICES, MeshConfig, REASON_COUNT, ReverseValue, ServiceKey,
+    ServiceValue, TunnelValue,
 };
 
 /// Published services: (VIP or 0 for every local address, protocol, port) → id and backend list.
@@ -49,3 +50,18 @@ pub static EVENT_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(EVENT_C
 /// A next hop on any other interface goes through the kernel (XDP_PASS).
 #[map]
 pub static TX_PORTS: DevMapHash = DevMapHash::with_max_entries(64, 0);
+
+/// Underlay addresses (network byte order) of the nodes VXLAN packets are accepted from. A set:
+/// the value is unused (0).
+#[map]
+pub static NODES: HashMap<u32, u32> = HashMap::with_max_entries(MAX_NODES, 0);
+
+/// This node's overlay settings, in slot 0 (`MeshConfig`).
+#[map]
+pub static MESH: Array<MeshConfig> = Array::with_max_entries(1, 0);
+
+/// On a backend's node: reply 5-tuple (backend → client) → the node the flow came in on, so
+/// the TC egress program encapsulates the reply back there. Sized like the flow table.
+#[map]
+pub static TUNNEL_REPLIES: LruHashMap<FlowKey, TunnelValue> =
+    LruHashMap::with_max_entries(DEFAULT_FLOW_CAPACITY, 0);
