@@ -33,3 +33,17 @@ pub fn update_l4(check: u16, is_udp: bool, update: impl FnOnce(u16) -> u16) -> u
     let new = update(check);
     if is_udp && new == 0 { 0xffff } else { new }
 }
+
+/// Checksum of an IPv4 header without options whose `check` field is zero.
+#[inline(always)]
+pub fn ipv4_header(header: &network_types::ip::Ipv4Hdr) -> u16 {
+    // SAFETY: Ipv4Hdr is 20 bytes of plain data with alignment 1.
+    let bytes: &[u8; 20] = unsafe { &*(header as *const network_types::ip::Ipv4Hdr).cast() };
+    let mut sum = 0u32;
+    let mut i = 0;
+    while i < 20 {
+        sum += u32::from(u16::from_ne_bytes([bytes[i], bytes[i + 1]]));
+        i += 2;
+    }
+    !fold(sum)
+}

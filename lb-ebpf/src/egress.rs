@@ -1,14 +1,16 @@
-//! The TC egress program's logic: reverse NAT of backend replies that the kernel routed out
-//! of an lbctl interface. Checksums go through the kernel helpers, which also handle packets
-//! whose checksum is left to the NIC (CHECKSUM_PARTIAL).
+//! The TC egress program's logic, for backend replies that the kernel routed out of an lbctl
+//! interface: reverse NAT of the flows this node balanced, and VXLAN encapsulation of the
+//! replies of flows another node sent here. Checksums go through the kernel helpers, which
+//! also handle packets whose checksum is left to the NIC (CHECKSUM_PARTIAL).
 use aya_ebpf::{
-    bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
+    bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, TC_ACT_UNSPEC},
     programs::TcContext,
 };
 use lb_common::{PROTO_UDP, Reason};
 
 use crate::{
-    conntrack,
+    conntrack, encap,
+    maps::TUNNEL_REPLIES,
     parse::{self, IP_CHECK_OFF, IP_SRC_OFF},
     stats,
 };
@@ -17,10 +19,11 @@ use crate::{
 /// options, TCP without options.
 const HEADERS_MAX: u32 = 14 + 60 + 20;
 
-/// Reverse-NATs the packet if it is a reply of a load-balanced flow. `Err` only on a helper
-/// failure, which leaves the packet as the kernel built it.
+/// Reverse-NATs the packet if it is a reply of a flow this node balanced, or encapsulates it
+/// back to the ingress node of a flow another node balanced. Returns the TC action. `Err` only
+/// on a helper failure, which leaves the packet as the kernel built it.
 #[inline(always)]
-pub fn try_lb_tc_egress(ctx: &mut TcContext) -> Result<(), i64> {
+pub fn try_lb_tc_egress(ctx: &mut TcContext) -> Result<i32, i64> {
     let len = ctx.len() as usize;
     let mut parsed = parse::parse(ctx.data(), ctx.data_end(), len);
     if parsed == Err(Reason::PassTruncated) && len > ctx.data_end() - ctx.data() {
@@ -28,9 +31,20 @@ pub fn try_lb_tc_egress(ctx: &mut TcContext) -> Result<(), i64> {
         ctx.pull_data(ctx.len().min(HEADERS_MAX))?;
         parsed = parse::parse(ctx.data(), ctx.data_end(), len);
     }
-    let Ok(pkt) = parsed else { return Ok(()) };
-    let Some(reverse) = conntrack::reverse_lookup(&conntrack::key_of(&pkt)) else {
-        return Ok(());
+    let Ok(pkt) = parsed else {
+        return Ok(TC_ACT_UNSPEC);
+    };
+    let key = conntrack::key_of(&pkt);
+    let Some(reverse) = conntrack::reverse_lookup(&key) else {
+        // SAFETY: copied out at once.
+        return Ok(match unsafe { TUNNEL_REPLIES.get(&key) }.copied() {
+            Some(tunnel) => {
+                let (action, reason) = encap::tc_to_node(ctx, &pkt, tunnel.node_ip_be);
+                stats::count_reason(reason, u64::from(ctx.len()));
+                action
+            }
+            None => TC_ACT_UNSPEC,
+        });
     };
     let udp_flag = if pkt.proto == PROTO_UDP {
         u64::from(BPF_F_MARK_MANGLED_0)
@@ -57,5 +71,5 @@ pub fn try_lb_tc_egress(ctx: &mut TcContext) -> Result<(), i64> {
     let bytes = u64::from(ctx.len());
     stats::count_reason(Reason::ReplyEgress, bytes);
     stats::count_reply(reverse.backend_id, bytes);
-    Ok(())
+    Ok(TC_ACT_UNSPEC)
 }

@@ -1,5 +1,7 @@
 //! Where a rewritten packet goes: a FIB lookup decides between sending it straight back out
 //! (XDP_TX), redirecting it to another lbctl interface, or handing it to the kernel.
+use core::ffi::c_void;
+
 use aya_ebpf::{
     bindings::{BPF_FIB_LKUP_RET_NOT_FWDED, BPF_FIB_LKUP_RET_SUCCESS, bpf_fib_lookup, xdp_action},
     helpers::generated::bpf_fib_lookup as fib_lookup_helper,
@@ -33,22 +35,30 @@ pub enum Egress {
     Stack,
 }
 
-/// Looks up the route from `src` to `dst` (network byte order) as if the packet had arrived on
-/// the receiving interface. Returns the kernel's `BPF_FIB_LKUP_RET_*` code and the next hop.
+/// Looks up the route from `src` to `dst` (network byte order) for a packet of `tot_len` bytes
+/// (IPv4 total length, 0 to skip the MTU check) as if it had arrived on `ifindex`. Works for XDP
+/// and TC contexts alike. Returns the kernel's `BPF_FIB_LKUP_RET_*` code and the next hop.
 #[inline(always)]
-fn fib_lookup(ctx: &XdpContext, pkt: &Packet, src_ip_be: u32, dst_ip_be: u32) -> (u32, NextHop) {
+pub fn fib_lookup_raw(
+    ctx: *mut c_void,
+    ifindex: u32,
+    proto: u8,
+    tot_len: u16,
+    src_ip_be: u32,
+    dst_ip_be: u32,
+) -> (u32, NextHop) {
     // SAFETY: bpf_fib_lookup is plain data; all-zero is a valid value.
     let mut params: bpf_fib_lookup = unsafe { core::mem::zeroed() };
     params.family = AF_INET;
-    params.l4_protocol = pkt.proto;
-    params.__bindgen_anon_1.tot_len = pkt.tot_len;
-    params.ifindex = ctx.ingress_ifindex() as u32;
+    params.l4_protocol = proto;
+    params.__bindgen_anon_1.tot_len = tot_len;
+    params.ifindex = ifindex;
     params.__bindgen_anon_3.ipv4_src = src_ip_be;
     params.__bindgen_anon_4.ipv4_dst = dst_ip_be;
     // SAFETY: the helper reads and writes only `params`, whose size it is given.
     let rc = unsafe {
         fib_lookup_helper(
-            ctx.ctx.cast(),
+            ctx,
             &mut params,
             core::mem::size_of::<bpf_fib_lookup>() as i32,
             0,
@@ -61,6 +71,19 @@ fn fib_lookup(ctx: &XdpContext, pkt: &Packet, src_ip_be: u32, dst_ip_be: u32) ->
             smac: params.smac,
             dmac: params.dmac,
         },
+    )
+}
+
+/// [`fib_lookup_raw`] for the packet being handled by XDP.
+#[inline(always)]
+fn fib_lookup(ctx: &XdpContext, pkt: &Packet, src_ip_be: u32, dst_ip_be: u32) -> (u32, NextHop) {
+    fib_lookup_raw(
+        ctx.ctx.cast(),
+        ctx.ingress_ifindex() as u32,
+        pkt.proto,
+        pkt.tot_len,
+        src_ip_be,
+        dst_ip_be,
     )
 }
 
@@ -105,10 +128,16 @@ pub fn prepare_l2(ctx: &XdpContext, hop: &NextHop) -> Option<()> {
         (*eth).dst_addr = hop.dmac;
         (*eth).src_addr = hop.smac;
     }
+    decrement_ttl(data, data_end)
+}
+
+/// TTL one less, with the header checksum updated. The caller made sure the TTL is above 1.
+#[inline(always)]
+pub fn decrement_ttl(data: usize, data_end: usize) -> Option<()> {
     // TTL and protocol share one 16-bit word of the header checksum.
     let old = load16(data, data_end, IP_TTL_OFF)?;
     let mut bytes = old.to_ne_bytes();
-    bytes[0] -= 1;
+    bytes[0] = bytes[0].saturating_sub(1);
     let new = u16::from_ne_bytes(bytes);
     store16(data, data_end, IP_TTL_OFF, new)?;
     let check = load16(data, data_end, IP_CHECK_OFF)?;

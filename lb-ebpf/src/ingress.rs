@@ -5,6 +5,7 @@ use lb_common::{FlowKey, FlowValue, Reason, ReverseValue, ServiceKey, ServiceVal
 
 use crate::{
     conntrack::{self, Lookup},
+    decap, encap,
     forward::{self, Egress},
     maps::SERVICES,
     nat::{self, Side},
@@ -36,6 +37,11 @@ fn lookup_service(pkt: &Packet) -> Option<(&'static ServiceValue, bool)> {
 #[inline(always)]
 pub fn try_lb_xdp(ctx: &XdpContext) -> Result<(u32, Reason), Reason> {
     let pkt = parse::parse(ctx.data(), ctx.data_end(), ctx.data_end() - ctx.data())?;
+    if let Some(mesh) = encap::mesh()
+        && decap::is_overlay(&pkt, mesh)
+    {
+        return decap::xdp_from_node(ctx, &pkt, mesh);
+    }
     let key = conntrack::key_of(&pkt);
     if let Some((service, any_address)) = lookup_service(&pkt) {
         return to_service(ctx, &pkt, &key, service, any_address);
@@ -57,7 +63,7 @@ fn to_service(
     any_address: bool,
 ) -> Result<(u32, Reason), Reason> {
     let stale = match conntrack::lookup(key) {
-        Lookup::Pinned(flow) => return to_backend(ctx, pkt, &flow, false),
+        Lookup::Pinned(flow) => return to_backend(ctx, pkt, key, &flow, false),
         Lookup::Stale => true,
         Lookup::Miss => false,
     };
@@ -81,14 +87,16 @@ fn to_service(
     else {
         return Ok((xdp_action::XDP_DROP, Reason::DropFlowTableFull));
     };
-    to_backend(ctx, pkt, &flow, created)
+    to_backend(ctx, pkt, key, &flow, created)
 }
 
-/// DNATs a client's packet to its flow's backend and sends it on.
+/// DNATs a client's packet to its flow's backend and sends it on: routed to a backend this node
+/// reaches, or encapsulated to the node that hosts it.
 #[inline(always)]
 fn to_backend(
     ctx: &XdpContext,
     pkt: &Packet,
+    key: &FlowKey,
     flow: &FlowValue,
     new_flow: bool,
 ) -> Result<(u32, Reason), Reason> {
@@ -106,6 +114,9 @@ fn to_backend(
     if pkt.ttl <= 1 {
         // The kernel answers with ICMP time exceeded.
         return Ok((xdp_action::XDP_PASS, Reason::ForwardTtlExpired));
+    }
+    if flow.node_ip_be != 0 {
+        return encap::xdp_to_node(ctx, key, flow.node_ip_be);
     }
     let egress = forward::decide(ctx, pkt, pkt.src_ip_be, flow.backend_ip_be);
     let reason = match egress {
@@ -126,7 +137,11 @@ fn to_backend(
 /// the kernel untouched: with the node's own address as its source the kernel would drop it as
 /// martian, so the TC egress program NATs it on its way out instead.
 #[inline(always)]
-fn reply(ctx: &XdpContext, pkt: &Packet, reverse: &ReverseValue) -> Result<(u32, Reason), Reason> {
+pub fn reply(
+    ctx: &XdpContext,
+    pkt: &Packet,
+    reverse: &ReverseValue,
+) -> Result<(u32, Reason), Reason> {
     let egress = forward::decide(ctx, pkt, reverse.orig_ip_be, pkt.dst_ip_be);
     let (hop, reason) = match egress {
         Egress::Tx(ref hop) => (hop, Reason::ReplyTx),

@@ -8,7 +8,9 @@
 
 mod conntrack;
 mod csum;
+mod decap;
 mod egress;
+mod encap;
 mod forward;
 mod ingress;
 mod maps;
@@ -36,9 +38,9 @@ pub fn lb_xdp(ctx: XdpContext) -> u32 {
 
 #[classifier]
 pub fn lb_tc_egress(mut ctx: TcContext) -> i32 {
-    // Whatever happens, let the next program or the default action decide (TCX_NEXT).
-    let _ = egress::try_lb_tc_egress(&mut ctx);
-    TC_ACT_UNSPEC
+    // Unless the packet was redirected or must be dropped, let the next program or the default
+    // action decide (TC_ACT_UNSPEC is TCX_NEXT).
+    egress::try_lb_tc_egress(&mut ctx).unwrap_or(TC_ACT_UNSPEC)
 }
 
 #[cfg(not(test))]

@@ -1,0 +1,127 @@
+//! VXLAN decapsulation in XDP. Overlay packets are accepted only from known nodes, with this
+//! node's VNI; the inner frame is then either a backend's reply coming back to the node its
+//! flow came in on (reverse-NATed and sent to the client) or a client's packet for a backend
+//! on this node (delivered, and remembered so that TC encapsulates the replies back).
+use aya_ebpf::{
+    bindings::{BPF_ANY, xdp_action},
+    helpers::generated::bpf_xdp_adjust_head,
+    programs::XdpContext,
+};
+use lb_common::{FlowKey, MeshConfig, PROTO_UDP, Reason, TunnelValue};
+use network_types::{eth::EthHdr, udp::UdpHdr};
+
+use crate::{
+    conntrack,
+    encap::{VXLAN_FLAG_VNI, VxlanHdr},
+    forward::{self, Egress},
+    ingress,
+    maps::{NODES, TUNNEL_REPLIES},
+    parse::{self, Packet, ptr_at},
+};
+
+/// True for a packet to this node's overlay port: VXLAN that is this node's to handle.
+#[inline(always)]
+pub fn is_overlay(pkt: &Packet, mesh: &MeshConfig) -> bool {
+    pkt.proto == PROTO_UDP
+        && pkt.dst_ip_be == mesh.local_ip_be
+        && pkt.dst_port_be == mesh.vxlan_port_be
+}
+
+/// Handles an overlay packet (`is_overlay`). Same contract as `ingress::try_lb_xdp`.
+#[inline(always)]
+pub fn xdp_from_node(
+    ctx: &XdpContext,
+    outer: &Packet,
+    mesh: &MeshConfig,
+) -> Result<(u32, Reason), Reason> {
+    let drop = |reason| Ok((xdp_action::XDP_DROP, reason));
+    // SAFETY: NODES is a set written by userspace; only presence is read.
+    if unsafe { NODES.get(&outer.src_ip_be) }.is_none() {
+        return drop(Reason::DropVxlanUnknownSource);
+    }
+    let (data, data_end) = (ctx.data(), ctx.data_end());
+    let vxlan_off = outer.l4_off + UdpHdr::LEN;
+    let Some(vxlan) = ptr_at::<VxlanHdr>(data, data_end, vxlan_off) else {
+        return drop(Reason::DropVxlanMalformed);
+    };
+    // SAFETY: bounds checked by ptr_at.
+    let vxlan = unsafe { *vxlan };
+    if vxlan.flags & VXLAN_FLAG_VNI == 0 {
+        return drop(Reason::DropVxlanBadFlags);
+    }
+    let vni = u32::from_be_bytes([0, vxlan.vni[0], vxlan.vni[1], vxlan.vni[2]]);
+    if vni != mesh.vni {
+        return Err(Reason::PassVxlanOtherVni);
+    }
+    let Some(outer_eth) = ptr_at::<EthHdr>(data, data_end, 0) else {
+        return drop(Reason::DropVxlanMalformed);
+    };
+    // SAFETY: bounds checked by ptr_at.
+    let (own_mac, peer_mac) = unsafe { ((*outer_eth).dst_addr, (*outer_eth).src_addr) };
+    let inner_off = vxlan_off + core::mem::size_of::<VxlanHdr>();
+    // SAFETY: the helper only moves ctx->data; every pointer is re-derived below.
+    if unsafe { bpf_xdp_adjust_head(ctx.ctx.cast(), inner_off as i32) } != 0 {
+        return drop(Reason::DropVxlanMalformed);
+    }
+    let (data, data_end) = (ctx.data(), ctx.data_end());
+    let Some(inner_eth) = ptr_at::<EthHdr>(data, data_end, 0) else {
+        return drop(Reason::DropVxlanMalformed);
+    };
+    // The inner MACs mean nothing here: address the frame to this node, as the outer one was,
+    // so the kernel accepts it if it ends up routing it.
+    // SAFETY: bounds checked by ptr_at.
+    unsafe {
+        (*inner_eth).dst_addr = own_mac;
+        (*inner_eth).src_addr = peer_mac;
+    }
+    let Ok(inner) = parse::parse(data, data_end, data_end - data) else {
+        return drop(Reason::DropVxlanMalformed);
+    };
+    let key = conntrack::key_of(&inner);
+    if let Some(reverse) = conntrack::reverse_lookup(&key) {
+        return ingress::reply(ctx, &inner, &reverse);
+    }
+    remember_ingress_node(&key, outer.src_ip_be);
+    deliver(ctx, &inner)
+}
+
+/// Records where the replies of this client → backend flow must be encapsulated back to.
+#[inline(always)]
+fn remember_ingress_node(key: &FlowKey, node_ip_be: u32) {
+    let reply_key = FlowKey {
+        src_ip_be: key.dst_ip_be,
+        dst_ip_be: key.src_ip_be,
+        src_port_be: key.dst_port_be,
+        dst_port_be: key.src_port_be,
+        proto: key.proto,
+        _pad: [0; 3],
+    };
+    // SAFETY: copied out at once.
+    let known = unsafe { TUNNEL_REPLIES.get(&reply_key) }.map(|tunnel| tunnel.node_ip_be);
+    if known != Some(node_ip_be) {
+        let tunnel = TunnelValue {
+            node_ip_be,
+            _pad: 0,
+        };
+        // A full LRU evicts; an error leaves the reply to plain routing, nothing worse.
+        let _ = TUNNEL_REPLIES.insert(&reply_key, &tunnel, u64::from(BPF_ANY));
+    }
+}
+
+/// Sends a decapsulated client packet on to its backend on this node.
+#[inline(always)]
+fn deliver(ctx: &XdpContext, inner: &Packet) -> Result<(u32, Reason), Reason> {
+    let egress = forward::decide(ctx, inner, inner.src_ip_be, inner.dst_ip_be);
+    let reason = match egress {
+        Egress::Tx(ref hop) | Egress::Redirect(ref hop) => {
+            forward::prepare_l2(ctx, hop).ok_or(Reason::PassTruncated)?;
+            if matches!(egress, Egress::Tx(_)) {
+                Reason::DecapTx
+            } else {
+                Reason::DecapRedirect
+            }
+        }
+        Egress::Stack => Reason::DecapStack,
+    };
+    Ok((forward::send(&egress), reason))
+}

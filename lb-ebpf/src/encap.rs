@@ -1,0 +1,281 @@
+//! VXLAN encapsulation (RFC 7348) towards other nodes: of DNATed client packets in XDP on the
+//! ingress node, and of backend replies in TC on the backend's node.
+//!
+//! The frame sent is: outer Ethernet (next hop's MACs), outer IPv4 (this node → the other node,
+//! TTL 64, no options), UDP (source port from the flow hash so the underlay can spread flows,
+//! destination the overlay port, checksum 0 as RFC 7348 allows for IPv4), VXLAN (I flag, VNI),
+//! then the inner Ethernet frame. The inner MACs repeat the outer ones: the receiving node
+//! rewrites them anyway, and a Linux VXLAN device given its host's underlay MAC accepts them.
+use core::ptr;
+
+use aya_ebpf::{
+    bindings::{
+        BPF_ADJ_ROOM_ENCAP_L2_SHIFT, BPF_F_ADJ_ROOM_ENCAP_L2_ETH, BPF_F_ADJ_ROOM_ENCAP_L3_IPV4,
+        BPF_F_ADJ_ROOM_ENCAP_L4_UDP, BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_NO_NEIGH,
+        BPF_FIB_LKUP_RET_SUCCESS, TC_ACT_REDIRECT, TC_ACT_SHOT,
+        bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, xdp_action,
+    },
+    helpers::generated::{bpf_redirect, bpf_redirect_neigh, bpf_xdp_adjust_head},
+    programs::{TcContext, XdpContext},
+};
+use lb_common::{FlowKey, MeshConfig, PROTO_UDP, Reason, VXLAN_OVERHEAD};
+use network_types::{eth::EthHdr, ip::Ipv4Hdr, udp::UdpHdr};
+
+use crate::{
+    csum,
+    forward::{self, Egress, NextHop},
+    maps::{MESH, TX_PORTS},
+    parse::{Packet, ptr_at},
+};
+
+/// VXLAN flags byte with the I bit: the VNI is valid.
+pub const VXLAN_FLAG_VNI: u8 = 0x08;
+/// Outer TTL: the underlay is a routed network of its own, independent of the inner TTL.
+const OUTER_TTL: u8 = 64;
+/// UDP source ports are taken from the dynamic range 49152–65535 (RFC 6335).
+const SOURCE_PORT_BASE: u16 = 0xc000;
+const SOURCE_PORT_MASK: u32 = 0x3fff;
+const ETH_P_IP_BE: u16 = 0x0800u16.to_be();
+
+/// The VXLAN header.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct VxlanHdr {
+    pub flags: u8,
+    pub _reserved: [u8; 3],
+    /// VNI, big-endian, 24 bits.
+    pub vni: [u8; 3],
+    pub _reserved2: u8,
+}
+
+/// Everything encapsulation puts in front of the inner packet's IPv4 header, written in one go:
+/// the outer headers and the inner Ethernet addresses (the inner EtherType is the original).
+#[repr(C)]
+struct EncapHeaders {
+    outer_eth: EthHdr,
+    outer_ip: Ipv4Hdr,
+    udp: UdpHdr,
+    vxlan: VxlanHdr,
+    inner_dst_mac: [u8; 6],
+    inner_src_mac: [u8; 6],
+}
+const _: () = assert!(core::mem::size_of::<EncapHeaders>() == VXLAN_OVERHEAD as usize + 12);
+
+/// Bytes the outer IPv4 header, UDP and VXLAN add to the inner frame's length.
+const OUTER_L3_OVERHEAD: usize = 20 + 8 + 8;
+
+/// This node's overlay settings, if it is in the node table.
+#[inline(always)]
+pub fn mesh() -> Option<&'static MeshConfig> {
+    MESH.get(0).filter(|mesh| mesh.local_ip_be != 0)
+}
+
+/// A well-spread 32-bit hash of a flow's 5-tuple (the "lowbias32" finaliser).
+#[inline(always)]
+fn flow_hash(key: &FlowKey) -> u32 {
+    let ports = (u32::from(key.src_port_be) << 16) | u32::from(key.dst_port_be);
+    let mut h = key.src_ip_be ^ key.dst_ip_be.rotate_left(8) ^ ports ^ u32::from(key.proto);
+    h ^= h >> 16;
+    h = h.wrapping_mul(0x7feb_352d);
+    h ^= h >> 15;
+    h = h.wrapping_mul(0x846c_a68b);
+    h ^= h >> 16;
+    h
+}
+
+/// The outer UDP source port of a flow: stable for the flow, spread across flows.
+#[inline(always)]
+pub fn source_port(key: &FlowKey) -> u16 {
+    SOURCE_PORT_BASE | (flow_hash(key) & SOURCE_PORT_MASK) as u16
+}
+
+/// Builds the headers for an inner frame of `inner_len` bytes (Ethernet included).
+#[inline(always)]
+fn headers(
+    mesh: &MeshConfig,
+    node_ip_be: u32,
+    hop: &NextHop,
+    src_port: u16,
+    inner_len: usize,
+) -> EncapHeaders {
+    let ip_len = (OUTER_L3_OVERHEAD + inner_len) as u16;
+    let mut outer_ip = Ipv4Hdr {
+        vihl: 0x45,
+        tos: 0,
+        tot_len: ip_len.to_be_bytes(),
+        id: [0; 2],
+        frags: [0; 2],
+        ttl: OUTER_TTL,
+        proto: PROTO_UDP,
+        check: [0; 2],
+        src_addr: mesh.local_ip_be.to_ne_bytes(),
+        dst_addr: node_ip_be.to_ne_bytes(),
+    };
+    outer_ip.check = csum::ipv4_header(&outer_ip).to_ne_bytes();
+    let vni = mesh.vni.to_be_bytes();
+    EncapHeaders {
+        outer_eth: EthHdr {
+            dst_addr: hop.dmac,
+            src_addr: hop.smac,
+            ether_type: ETH_P_IP_BE,
+        },
+        outer_ip,
+        udp: UdpHdr {
+            src: src_port.to_be_bytes(),
+            dst: mesh.vxlan_port_be.to_ne_bytes(),
+            len: (ip_len - 20).to_be_bytes(),
+            check: [0; 2],
+        },
+        vxlan: VxlanHdr {
+            flags: VXLAN_FLAG_VNI,
+            _reserved: [0; 3],
+            vni: [vni[1], vni[2], vni[3]],
+            _reserved2: 0,
+        },
+        inner_dst_mac: hop.dmac,
+        inner_src_mac: hop.smac,
+    }
+}
+
+/// How a packet of `outer_len` bytes (outer IPv4 total length) reaches `node_ip_be`, or the
+/// reason it cannot. XDP cannot resolve neighbours or fragment, so both are drops.
+#[inline(always)]
+fn route_to_node(
+    ctx: &XdpContext,
+    mesh: &MeshConfig,
+    node_ip_be: u32,
+    outer_len: u16,
+) -> Result<Egress, Reason> {
+    let ingress = ctx.ingress_ifindex() as u32;
+    let (rc, hop) = forward::fib_lookup_raw(
+        ctx.ctx.cast(),
+        ingress,
+        PROTO_UDP,
+        outer_len,
+        mesh.local_ip_be,
+        node_ip_be,
+    );
+    match rc {
+        BPF_FIB_LKUP_RET_SUCCESS if hop.ifindex == ingress => Ok(Egress::Tx(hop)),
+        BPF_FIB_LKUP_RET_SUCCESS if TX_PORTS.get(hop.ifindex).is_some() => {
+            Ok(Egress::Redirect(hop))
+        }
+        BPF_FIB_LKUP_RET_FRAG_NEEDED => Err(Reason::DropEncapMtu),
+        BPF_FIB_LKUP_RET_NO_NEIGH => Err(Reason::DropEncapNoNeigh),
+        _ => Err(Reason::DropEncapNoRoute),
+    }
+}
+
+/// Encapsulates a DNATed client packet to the node that hosts its backend and sends it. The
+/// inner TTL drops by one, as on any router. `Ok` carries the action and its reason; a packet
+/// that cannot be sent is dropped (`Ok((XDP_DROP, reason))`): passing it to the kernel would
+/// deliver a DNATed packet to the wrong place.
+#[inline(always)]
+pub fn xdp_to_node(
+    ctx: &XdpContext,
+    key: &FlowKey,
+    node_ip_be: u32,
+) -> Result<(u32, Reason), Reason> {
+    let drop = |reason| Ok((xdp_action::XDP_DROP, reason));
+    let Some(mesh) = mesh() else {
+        return drop(Reason::DropMeshUnconfigured);
+    };
+    let inner_len = ctx.data_end() - ctx.data();
+    let outer_len = OUTER_L3_OVERHEAD + inner_len;
+    if outer_len > usize::from(u16::MAX) {
+        return drop(Reason::DropEncapMtu);
+    }
+    let egress = match route_to_node(ctx, mesh, node_ip_be, outer_len as u16) {
+        Ok(egress) => egress,
+        Err(reason) => return drop(reason),
+    };
+    let (hop, reason) = match egress {
+        Egress::Tx(ref hop) => (hop, Reason::ForwardEncapTx),
+        Egress::Redirect(ref hop) => (hop, Reason::ForwardEncapRedirect),
+        Egress::Stack => return drop(Reason::DropEncapNoRoute),
+    };
+    // The inner packet is routed by this node (the caller made sure its TTL is above 1).
+    forward::decrement_ttl(ctx.data(), ctx.data_end()).ok_or(Reason::PassTruncated)?;
+    let encap = headers(mesh, node_ip_be, hop, source_port(key), inner_len);
+    // SAFETY: the helper only moves ctx->data; every pointer is re-derived below.
+    if unsafe { bpf_xdp_adjust_head(ctx.ctx.cast(), -(VXLAN_OVERHEAD as i32)) } != 0 {
+        return drop(Reason::DropEncapNoRoute);
+    }
+    let at: *mut EncapHeaders =
+        ptr_at(ctx.data(), ctx.data_end(), 0).ok_or(Reason::PassTruncated)?;
+    // SAFETY: bounds checked by ptr_at; packet data need not be aligned.
+    unsafe { ptr::write_unaligned(at, encap) };
+    Ok((forward::send(&egress), reason))
+}
+
+/// The skb fields TC reads here that `TcContext` does not expose.
+#[inline(always)]
+fn skb_ifindex_and_gso(ctx: &TcContext) -> (u32, bool) {
+    // SAFETY: the context points at the program's __sk_buff for the whole run.
+    unsafe { ((*ctx.skb.skb).ifindex, (*ctx.skb.skb).gso_segs > 1) }
+}
+
+/// Encapsulates a backend's reply to the node its flow came in on (TC egress on the backend's
+/// node). Returns the TC action: `TC_ACT_UNSPEC` to let the encapsulated packet leave through
+/// this interface, `TC_ACT_REDIRECT` towards another one, `TC_ACT_SHOT` when it cannot be sent.
+/// The outer MACs come from the FIB; an unresolved neighbour is left to the kernel
+/// (`bpf_redirect_neigh`), which TC, unlike XDP, can ask for.
+#[inline(always)]
+pub fn tc_to_node(ctx: &mut TcContext, pkt: &Packet, node_ip_be: u32) -> (i32, Reason) {
+    let shot = |reason| (TC_ACT_SHOT, reason);
+    let Some(mesh) = mesh() else {
+        return shot(Reason::DropMeshUnconfigured);
+    };
+    let inner_len = ctx.len() as usize;
+    let outer_len = OUTER_L3_OVERHEAD + inner_len;
+    let (ifindex, gso) = skb_ifindex_and_gso(ctx);
+    // A GSO packet is checked segment by segment when it is split: adjust_room shrinks its
+    // segment size by the encapsulation overhead.
+    let checked_len = if gso || outer_len > usize::from(u16::MAX) {
+        0
+    } else {
+        outer_len as u16
+    };
+    let (rc, hop) = forward::fib_lookup_raw(
+        ctx.skb.skb.cast(),
+        ifindex,
+        PROTO_UDP,
+        checked_len,
+        mesh.local_ip_be,
+        node_ip_be,
+    );
+    match rc {
+        BPF_FIB_LKUP_RET_SUCCESS | BPF_FIB_LKUP_RET_NO_NEIGH => {}
+        BPF_FIB_LKUP_RET_FRAG_NEEDED => return shot(Reason::DropEncapMtu),
+        _ => return shot(Reason::DropEncapNoRoute),
+    }
+    let key = crate::conntrack::key_of(pkt);
+    let encap = headers(mesh, node_ip_be, &hop, source_port(&key), inner_len);
+    let flags = u64::from(
+        BPF_F_ADJ_ROOM_ENCAP_L3_IPV4 | BPF_F_ADJ_ROOM_ENCAP_L4_UDP | BPF_F_ADJ_ROOM_ENCAP_L2_ETH,
+    ) | ((EthHdr::LEN as u64) << BPF_ADJ_ROOM_ENCAP_L2_SHIFT);
+    // Room goes after the MAC header: the old Ethernet header becomes the outer one and is
+    // rewritten with the rest.
+    if ctx
+        .adjust_room(VXLAN_OVERHEAD as i32, BPF_ADJ_ROOM_MAC, flags)
+        .is_err()
+        || ctx.store(0, &encap, 0).is_err()
+    {
+        return shot(Reason::DropEncapNoRoute);
+    }
+    if rc == BPF_FIB_LKUP_RET_NO_NEIGH {
+        // SAFETY: no neighbour parameters: the kernel looks the outer destination up itself.
+        let action = unsafe { bpf_redirect_neigh(hop.ifindex, ptr::null_mut(), 0, 0) };
+        return (action as i32, Reason::ReplyEncap);
+    }
+    if hop.ifindex == ifindex {
+        return (aya_ebpf::bindings::TC_ACT_UNSPEC, Reason::ReplyEncap);
+    }
+    // SAFETY: plain helper call.
+    let action = unsafe { bpf_redirect(hop.ifindex, 0) };
+    if action as i32 == TC_ACT_REDIRECT {
+        (TC_ACT_REDIRECT, Reason::ReplyEncap)
+    } else {
+        shot(Reason::DropEncapNoRoute)
+    }
+}
