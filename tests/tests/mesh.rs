@@ -1,0 +1,345 @@
+//! End to end across nodes: the routing mesh. An underlay segment joins a client and several
+//! node namespaces; each node runs lbctl on its uplink with the same service table and hosts
+//! some task namespaces (or none). A client may connect to the published port of any node and
+//! reach every task, wherever it runs, through VXLAN done by the XDP and TC programs.
+use std::{
+    collections::BTreeMap,
+    net::{Ipv4Addr, SocketAddrV4, UdpSocket},
+    time::Duration,
+};
+
+use lb_tests::{
+    Lbctl,
+    client::{KeepAlive, Reply, http_get_new_connection, udp_request},
+    mesh::{Mesh, MeshSpec},
+    topology::NODE_UPLINK,
+};
+
+/// The published ports of the test services.
+const WEB_PORT: u16 = 8080;
+const DNS_PORT: u16 = 5353;
+
+/// A mesh with lbctl attached on every node and the same table everywhere. Fields drop in
+/// order: the lbctl instances are purged while their namespaces still exist.
+struct Cluster {
+    lbctl: Vec<Lbctl>,
+    mesh: Mesh,
+}
+
+/// `IP:PORT@NODE` of every task, for `service add`.
+fn task_backends(mesh: &Mesh, udp: bool) -> Vec<String> {
+    (0..mesh.task_count())
+        .map(|k| {
+            let addr = if udp {
+                mesh.task_udp_addr(k)
+            } else {
+                mesh.task_addr(k)
+            };
+            format!("{addr}@{}", mesh.node_name(mesh.task_node(k)))
+        })
+        .collect()
+}
+
+impl Cluster {
+    fn build(spec: MeshSpec) -> Cluster {
+        lb_tests::require_root().unwrap();
+        let mesh = Mesh::build(spec).unwrap();
+        let web = task_backends(&mesh, false);
+        let dns = task_backends(&mesh, true);
+        let mut lbctl = Vec::new();
+        for i in 0..mesh.node_count() {
+            let node = Lbctl::new(mesh.node(i)).unwrap();
+            node.run(&["attach", NODE_UPLINK]).unwrap();
+            for j in 0..mesh.node_count() {
+                let ip = mesh.node_ip(j).to_string();
+                node.run(&["node", "add", &mesh.node_name(j), &ip]).unwrap();
+            }
+            for (name, port, proto, backends) in [
+                ("web", WEB_PORT, "tcp", &web),
+                ("dns", DNS_PORT, "udp", &dns),
+            ] {
+                let port = port.to_string();
+                let mut args = vec!["service", "add", name, &port, "--proto", proto];
+                args.extend(backends.iter().map(String::as_str));
+                node.run(&args).unwrap();
+            }
+            lbctl.push(node);
+        }
+        Cluster { lbctl, mesh }
+    }
+
+    fn on_every_node(&self, args: &[&str]) {
+        for lbctl in &self.lbctl {
+            lbctl.run(args).unwrap();
+        }
+    }
+
+    fn addr(&self, node: usize, port: u16) -> SocketAddrV4 {
+        SocketAddrV4::new(self.mesh.node_ip(node), port)
+    }
+
+    /// `count` HTTP requests to `node`'s published port, each on a new connection.
+    fn new_connections(&self, node: usize, count: usize) -> Vec<Reply> {
+        let addr = self.addr(node, WEB_PORT);
+        self.mesh.client().in_netns(|| {
+            (0..count)
+                .map(|i| {
+                    http_get_new_connection(addr)
+                        .unwrap_or_else(|err| panic!("request {i} to {addr}: {err:#}"))
+                })
+                .collect()
+        })
+    }
+
+    fn reason(&self, node: usize, reason: &str) -> u64 {
+        let stats: serde_json::Value =
+            serde_json::from_str(&self.lbctl[node].run(&["stats", "--json"]).unwrap()).unwrap();
+        stats["reasons"][reason]["packets"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("no reason {reason} in {stats}"))
+    }
+
+    /// Every task in `tasks` answered exactly `per` of `replies`, no other task did, and
+    /// every task saw the client's own address.
+    fn assert_spread(&self, replies: &[Reply], tasks: &[usize], per: usize, context: &str) {
+        let mut counts: BTreeMap<String, usize> = BTreeMap::new();
+        for reply in replies {
+            *counts.entry(reply.backend.clone()).or_default() += 1;
+            assert_eq!(
+                *reply.client_seen.ip(),
+                self.mesh.client_ip(),
+                "{context}: the task must see the client's real IP: {reply:?}"
+            );
+        }
+        let expected: BTreeMap<String, usize> = tasks
+            .iter()
+            .map(|&k| (self.mesh.task_name(k), per))
+            .collect();
+        assert_eq!(counts, expected, "{context}");
+    }
+}
+
+fn all_tasks(mesh: &Mesh) -> Vec<usize> {
+    (0..mesh.task_count()).collect()
+}
+
+/// Every node, with tasks or without, spreads its new connections exactly evenly over every
+/// task of the cluster; the replies come back from the address the client connected to (a
+/// TCP reply from anywhere else would never reach the client's socket).
+fn spreads_evenly(spec: MeshSpec) {
+    let cluster = Cluster::build(spec);
+    let tasks = all_tasks(&cluster.mesh);
+    let per = 10;
+    for node in 0..cluster.mesh.node_count() {
+        let replies = cluster.new_connections(node, per * tasks.len());
+        let context = format!("requests to {}", cluster.mesh.node_name(node));
+        cluster.assert_spread(&replies, &tasks, per, &context);
+    }
+    for node in 0..cluster.mesh.node_count() {
+        let name = cluster.mesh.node_name(node);
+        let remote_tasks = tasks
+            .iter()
+            .filter(|&&k| cluster.mesh.task_node(k) != node)
+            .count();
+        let local_tasks = tasks.len() - remote_tasks;
+        // Remote tasks' flows leave encapsulated; their replies come back encapsulated and are
+        // reverse-NATed in XDP. Tasks of this node get the flows other nodes balanced, and
+        // their replies go back encapsulated by TC.
+        assert_eq!(
+            cluster.reason(node, "forward_encap_tx") > 0,
+            remote_tasks > 0,
+            "{name}"
+        );
+        assert_eq!(
+            cluster.reason(node, "decap_stack") > 0,
+            local_tasks > 0,
+            "{name}"
+        );
+        assert_eq!(
+            cluster.reason(node, "reply_encap") > 0,
+            local_tasks > 0,
+            "{name}"
+        );
+        for reason in ["drop_vxlan_unknown_source", "drop_encap_mtu", "drop_encap_no_neigh"] {
+            assert_eq!(cluster.reason(node, reason), 0, "{name}: {reason}");
+        }
+    }
+}
+
+#[test]
+fn every_node_spreads_new_connections_evenly_over_every_task_with_the_client_ip() {
+    spreads_evenly(MeshSpec::default());
+}
+
+#[test]
+fn other_node_counts_subnets_and_task_placements_spread_evenly_too() {
+    spreads_evenly(MeshSpec {
+        nodes: 4,
+        tasks_per_node: vec![0, 3, 1, 2],
+        underlay_subnet: [172, 31, 7],
+        overlay_subnet: [10, 88, 0],
+        http_port: 8000,
+        udp_port: 9053,
+        ..MeshSpec::default()
+    });
+}
+
+#[test]
+fn a_long_lived_connection_through_a_node_without_tasks_stays_on_one_task() {
+    let cluster = Cluster::build(MeshSpec::default());
+    let idle = cluster.mesh.node_count() - 1;
+    assert!(cluster.mesh.tasks_on(idle).is_empty(), "the last node has no task");
+    let addr = cluster.addr(idle, WEB_PORT);
+    cluster.mesh.client().in_netns(|| {
+        let mut kept = KeepAlive::connect(addr).unwrap();
+        let first = kept.get().unwrap();
+        assert_eq!(*first.client_seen.ip(), cluster.mesh.client_ip());
+        for round in 0..10 {
+            // New connections keep rotating meanwhile.
+            let others: Vec<Reply> = (0..4)
+                .map(|_| http_get_new_connection(addr).unwrap())
+                .collect();
+            let mut seen: Vec<&str> = others.iter().map(|r| r.backend.as_str()).collect();
+            seen.sort();
+            seen.dedup();
+            assert_eq!(seen.len(), 4, "round {round}: {others:?}");
+            std::thread::sleep(Duration::from_millis(100));
+            let again = kept.get().unwrap();
+            assert_eq!(again.backend, first.backend, "round {round}");
+            assert_eq!(again.client_seen, first.client_seen, "round {round}");
+        }
+    });
+}
+
+#[test]
+fn a_removed_backend_is_avoided_by_new_connections_on_every_node() {
+    let cluster = Cluster::build(MeshSpec::default());
+    let removed = cluster.mesh.task_count() - 1;
+    let backend = format!(
+        "{}@{}",
+        cluster.mesh.task_addr(removed),
+        cluster.mesh.node_name(cluster.mesh.task_node(removed))
+    );
+    cluster.on_every_node(&["backend", "rm", "web", &backend]);
+    let remaining: Vec<usize> = (0..removed).collect();
+    let per = 5;
+    for node in 0..cluster.mesh.node_count() {
+        let replies = cluster.new_connections(node, per * remaining.len());
+        let context = format!(
+            "requests to {} after removing {backend}",
+            cluster.mesh.node_name(node)
+        );
+        cluster.assert_spread(&replies, &remaining, per, &context);
+    }
+}
+
+#[test]
+fn a_udp_service_works_across_nodes() {
+    let cluster = Cluster::build(MeshSpec::default());
+    let tasks = all_tasks(&cluster.mesh);
+    let per = 3;
+    for node in 0..cluster.mesh.node_count() {
+        let addr = cluster.addr(node, DNS_PORT);
+        let replies: Vec<Reply> = cluster.mesh.client().in_netns(|| {
+            (0..per * tasks.len())
+                .map(|i| udp_request(addr).unwrap_or_else(|err| panic!("datagram {i}: {err:#}")))
+                .collect()
+        });
+        let context = format!("datagrams to {addr}");
+        cluster.assert_spread(&replies, &tasks, per, &context);
+    }
+}
+
+/// VXLAN to a node's overlay port from the client, which is no node: dropped and counted, and
+/// the task it names never sees it.
+#[test]
+fn vxlan_from_an_address_that_is_not_a_node_is_dropped_and_counted() {
+    let cluster = Cluster::build(MeshSpec::default());
+    let target = 0;
+    let before = cluster.reason(target, "drop_vxlan_unknown_source");
+    let task = cluster.mesh.tasks_on(target)[0];
+    let inner = inner_udp_frame(
+        cluster.mesh.client_ip(),
+        *cluster.mesh.task_udp_addr(task).ip(),
+        cluster.mesh.task_udp_addr(task).port(),
+    );
+    let mut datagram = vec![0x08, 0, 0, 0];
+    datagram.extend_from_slice(&lb_common::DEFAULT_VNI.to_be_bytes()[1..]);
+    datagram.push(0);
+    datagram.extend_from_slice(&inner);
+    let overlay = SocketAddrV4::new(
+        cluster.mesh.node_ip(target),
+        lb_common::DEFAULT_VXLAN_PORT,
+    );
+    let sent = 5;
+    cluster.mesh.client().in_netns(|| {
+        let socket = UdpSocket::bind("0.0.0.0:0").unwrap();
+        for _ in 0..sent {
+            socket.send_to(&datagram, overlay).unwrap();
+        }
+    });
+    // The frames were dropped in XDP, counted on arrival.
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(
+        cluster.reason(target, "drop_vxlan_unknown_source") - before,
+        sent as u64
+    );
+    assert_eq!(cluster.reason(target, "decap_stack"), 0);
+}
+
+/// An Ethernet + IPv4 + UDP frame with a valid IPv4 header checksum (UDP checksum 0: none).
+fn inner_udp_frame(src: Ipv4Addr, dst: Ipv4Addr, dst_port: u16) -> Vec<u8> {
+    let payload = b"ping\n";
+    let mut frame = vec![0x02, 0, 0, 0, 0, 0x01, 0x02, 0, 0, 0, 0, 0x02, 0x08, 0x00];
+    let total = (20 + 8 + payload.len()) as u16;
+    let mut ip = vec![0x45, 0, 0, 0, 0, 0, 0, 0, 64, 17, 0, 0];
+    ip[2..4].copy_from_slice(&total.to_be_bytes());
+    ip.extend_from_slice(&src.octets());
+    ip.extend_from_slice(&dst.octets());
+    let sum: u32 = ip
+        .chunks(2)
+        .map(|w| u32::from(u16::from_be_bytes([w[0], w[1]])))
+        .sum();
+    let check = !(((sum & 0xffff) + (sum >> 16)) as u16);
+    ip[10..12].copy_from_slice(&check.to_be_bytes());
+    frame.extend_from_slice(&ip);
+    frame.extend_from_slice(&40000u16.to_be_bytes());
+    frame.extend_from_slice(&dst_port.to_be_bytes());
+    frame.extend_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
+    frame.extend_from_slice(&[0, 0]);
+    frame.extend_from_slice(payload);
+    frame
+}
+
+/// The overlay MTU rule: a datagram that fits the overlay MTU crosses nodes; one that fits
+/// the underlay only without encapsulation is dropped and counted, never sent truncated.
+#[test]
+fn a_packet_too_big_once_encapsulated_is_dropped_and_counted() {
+    let cluster = Cluster::build(MeshSpec::default());
+    let idle = cluster.mesh.node_count() - 1;
+    let addr = cluster.addr(idle, DNS_PORT);
+    let underlay_mtu = cluster.mesh.spec().underlay_mtu as usize;
+    let overlay_mtu = underlay_mtu - lb_common::VXLAN_OVERHEAD as usize;
+    cluster.mesh.client().in_netns(|| {
+        let socket = UdpSocket::bind("0.0.0.0:0").unwrap();
+        socket
+            .set_read_timeout(Some(Duration::from_secs(2)))
+            .unwrap();
+        // IPv4 (20) + UDP (8) + payload = the overlay MTU exactly: fits once encapsulated.
+        let fits = vec![b'x'; overlay_mtu - 28];
+        socket.send_to(&fits, addr).unwrap();
+        let mut buf = [0u8; 2048];
+        let (len, from) = socket.recv_from(&mut buf).unwrap();
+        assert_eq!(from, std::net::SocketAddr::V4(addr));
+        assert!(len > 0);
+        // One byte more than the overlay MTU: the client's own MTU lets it out, encapsulation
+        // would not fit the underlay.
+        let too_big = vec![b'x'; overlay_mtu - 28 + 1];
+        socket.send_to(&too_big, addr).unwrap();
+        assert!(
+            socket.recv_from(&mut buf).is_err(),
+            "no reply to a datagram that cannot cross"
+        );
+    });
+    assert_eq!(cluster.reason(idle, "drop_encap_mtu"), 1);
+}
