@@ -8,7 +8,8 @@
 //! misrouted packets) must fail the test, not hang it.
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, SocketAddrV4, TcpStream, UdpSocket};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream, UdpSocket};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
@@ -57,7 +58,20 @@ impl Reply {
 /// returns the parsed reply. Each call is a new flow (new source port), so
 /// the load balancer makes a fresh backend choice.
 pub fn http_get_new_connection(addr: SocketAddrV4) -> Result<Reply> {
-    let mut stream = connect(addr)?;
+    get_and_close(connect(addr)?, addr)
+}
+
+/// As [`http_get_new_connection`], from local address `src` (bound before
+/// connecting) instead of the one the routing table would pick: e.g. from an
+/// address outside the overlay subnet that a host keeps for its client
+/// traffic.
+pub fn http_get_from(src: Ipv4Addr, addr: SocketAddrV4) -> Result<Reply> {
+    get_and_close(connect_from(src, addr)?, addr)
+}
+
+/// Sends `GET /` with `Connection: close` on `stream`, connected to `addr`,
+/// and returns the parsed reply.
+fn get_and_close(mut stream: TcpStream, addr: SocketAddrV4) -> Result<Reply> {
     let request = format!("GET / HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
     stream
         .write_all(request.as_bytes())
@@ -134,6 +148,73 @@ fn connect(addr: SocketAddrV4) -> Result<TcpStream> {
     stream.set_read_timeout(Some(IO_TIMEOUT))?;
     stream.set_write_timeout(Some(IO_TIMEOUT))?;
     Ok(stream)
+}
+
+/// As [`connect`], from local address `src`.
+///
+/// std's `TcpStream` cannot bind before connecting, so the socket is made
+/// with libc and handed to a `TcpStream` before anything else: from then on
+/// it owns (and closes) the fd, and its timeout setters apply. Linux bounds
+/// a blocking `connect` by the send timeout, which gives the
+/// [`CONNECT_TIMEOUT`].
+fn connect_from(src: Ipv4Addr, addr: SocketAddrV4) -> Result<TcpStream> {
+    // SAFETY: socket has no memory preconditions; the result is checked.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error()).context("cannot create a TCP socket");
+    }
+    // SAFETY: fd is a socket this function just created and nothing else
+    // owns or closes.
+    let stream = TcpStream::from(unsafe { OwnedFd::from_raw_fd(fd) });
+    stream.set_write_timeout(Some(CONNECT_TIMEOUT))?;
+
+    sockaddr_call(&stream, libc::bind, SocketAddrV4::new(src, 0))
+        .with_context(|| format!("cannot bind a TCP socket to {src}"))?;
+    if let Err(err) = sockaddr_call(&stream, libc::connect, addr) {
+        // A blocking connect cut short by the send timeout says EINPROGRESS.
+        if err.raw_os_error() == Some(libc::EINPROGRESS) {
+            bail!("cannot connect from {src} to {addr}: no answer within {CONNECT_TIMEOUT:?}");
+        }
+        return Err(err).with_context(|| format!("cannot connect from {src} to {addr}"));
+    }
+    stream.set_read_timeout(Some(IO_TIMEOUT))?;
+    stream.set_write_timeout(Some(IO_TIMEOUT))?;
+    Ok(stream)
+}
+
+/// The signature `bind` and `connect` share.
+type SockaddrCall =
+    unsafe extern "C" fn(libc::c_int, *const libc::sockaddr, libc::socklen_t) -> libc::c_int;
+
+/// Calls `call` (`libc::bind` or `libc::connect`) on `stream`'s socket with
+/// `addr`.
+fn sockaddr_call(
+    stream: &TcpStream,
+    call: SockaddrCall,
+    addr: SocketAddrV4,
+) -> std::io::Result<()> {
+    let addr = libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        // Both fields are in network byte order.
+        sin_port: addr.port().to_be(),
+        sin_addr: libc::in_addr {
+            s_addr: u32::from(*addr.ip()).to_be(),
+        },
+        sin_zero: [0; 8],
+    };
+    // SAFETY: `addr` is a valid sockaddr_in that outlives the call and the
+    // length given is its size; the fd is open, owned by `stream`.
+    let rc = unsafe {
+        call(
+            stream.as_raw_fd(),
+            (&raw const addr).cast(),
+            size_of::<libc::sockaddr_in>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// Reads one HTTP response (status line, headers, `Content-Length` bytes of

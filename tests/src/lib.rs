@@ -12,6 +12,7 @@
 
 pub mod client;
 mod lbctl;
+pub mod mesh;
 pub mod netns;
 pub mod topology;
 

@@ -65,7 +65,35 @@ impl NetNs {
         I: IntoIterator<Item = S>,
         S: AsRef<OsStr>,
     {
-        run_checked(Command::new("ip").arg("-n").arg(&self.name).args(args))
+        self.iproute2("ip", args)
+    }
+
+    /// Runs `bridge -n NAME ARGS...` (e.g. VXLAN forwarding database
+    /// entries) and returns its stdout, failing like [`NetNs::ip`].
+    pub fn bridge<I, S>(&self, args: I) -> Result<String>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        self.iproute2("bridge", args)
+    }
+
+    /// The MAC address of interface `ifname` of this namespace.
+    ///
+    /// It is parsed from `ip -o link show dev IFNAME` (the word after
+    /// `link/ether`). Reading `/sys/class/net/IFNAME/address` inside
+    /// [`NetNs::in_netns`] would not work: sysfs shows the interfaces of the
+    /// namespace it was mounted in, and `setns` does not remount it (only
+    /// `ip netns exec` does).
+    pub fn mac(&self, ifname: &str) -> Result<[u8; 6]> {
+        let out = self.ip(["-o", "link", "show", "dev", ifname])?;
+        let mut words = out.split_whitespace();
+        words
+            .find(|w| *w == "link/ether")
+            .and_then(|_| words.next())
+            .with_context(|| format!("no link/ether address for {ifname} in {out:?}"))
+            .and_then(parse_mac)
+            .with_context(|| format!("MAC address of {ifname} in namespace {}", self.name))
     }
 
     /// Runs a command inside the namespace (`ip netns exec NAME ARGS...`)
@@ -153,6 +181,16 @@ impl NetNs {
         Ok(())
     }
 
+    /// `TOOL -n NAME ARGS...` (an iproute2 tool run against this namespace),
+    /// run and checked.
+    fn iproute2<I, S>(&self, tool: &str, args: I) -> Result<String>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        run_checked(Command::new(tool).arg("-n").arg(&self.name).args(args))
+    }
+
     /// `ip netns exec NAME ARGS...`, not yet run.
     fn exec_command<I, S>(&self, args: I) -> Command
     where
@@ -202,6 +240,32 @@ pub fn veth(a: &NetNs, a_if: &str, b: &NetNs, b_if: &str) -> Result<()> {
     a.ip(["link", "set", a_if, "up"])?;
     b.ip(["link", "set", b_if, "up"])?;
     Ok(())
+}
+
+/// Parses a MAC address written `aa:bb:cc:dd:ee:ff` (as `ip` prints it).
+pub fn parse_mac(text: &str) -> Result<[u8; 6]> {
+    let mut mac = [0u8; 6];
+    let mut parts = text.split(':');
+    for byte in &mut mac {
+        let part = parts
+            .next()
+            .with_context(|| format!("MAC address {text:?} has fewer than 6 bytes"))?;
+        // from_str_radix alone would also take "+f".
+        if part.len() != 2 || !part.bytes().all(|b| b.is_ascii_hexdigit()) {
+            bail!("MAC address {text:?}: {part:?} is not two hex digits");
+        }
+        *byte = u8::from_str_radix(part, 16)?;
+    }
+    if parts.next().is_some() {
+        bail!("MAC address {text:?} has more than 6 bytes");
+    }
+    Ok(mac)
+}
+
+/// Writes a MAC address as `aa:bb:cc:dd:ee:ff`, the form `ip` and `bridge`
+/// take.
+pub fn format_mac(mac: [u8; 6]) -> String {
+    mac.map(|b| format!("{b:02x}")).join(":")
 }
 
 /// Deletes the namespaces named `lbt-<pid>-*` whose process is gone
@@ -304,6 +368,24 @@ mod tests {
         assert_eq!(owner_pid("lbt-1234-17"), None);
         assert_eq!(owner_pid("lbt-x-0-client"), None);
         assert_eq!(owner_pid("other-1234-0-client"), None);
+    }
+
+    #[test]
+    fn macs_parse_and_format() {
+        let mac = [0x02, 0x42, 0xac, 0x11, 0x00, 0xff];
+        assert_eq!(parse_mac("02:42:ac:11:00:ff").unwrap(), mac);
+        assert_eq!(parse_mac("02:42:AC:11:00:FF").unwrap(), mac);
+        assert_eq!(format_mac(mac), "02:42:ac:11:00:ff");
+        for bad in [
+            "",
+            "02:42:ac:11:00",
+            "02:42:ac:11:00:ff:01",
+            "2:42:ac:11:00:ff",
+            "0g:42:ac:11:00:ff",
+            "+2:42:ac:11:00:ff",
+        ] {
+            assert!(parse_mac(bad).is_err(), "{bad:?}");
+        }
     }
 
     /// A namespace left by a dead process goes; this process's stay.

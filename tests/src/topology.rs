@@ -63,8 +63,10 @@ impl Default for SingleNodeSpec {
 /// Each backend runs `lb-testsrv` named `backend-{i}`.
 pub struct SingleNode {
     spec: SingleNodeSpec,
-    /// Test server of each backend; `None` while stopped.
-    servers: Vec<Option<Child>>,
+    /// Test server of each backend. Declared before the namespaces so that
+    /// it drops (kills the servers) first: a namespace only really goes away
+    /// once no process is left in it.
+    servers: TestServers,
     client: NetNs,
     node: NetNs,
     backends: Vec<NetNs>,
@@ -85,7 +87,7 @@ impl SingleNode {
         }
         // Owned from here on so that a failure below still cleans up.
         let mut topo = SingleNode {
-            servers: (0..spec.backends).map(|_| None).collect(),
+            servers: TestServers::new(spec.backends, spec.http_port, spec.udp_port),
             spec,
             client,
             node,
@@ -199,28 +201,63 @@ impl SingleNode {
     /// Kills backend `i`'s server (does nothing if it is already stopped),
     /// e.g. to test what the load balancer does with a dead backend.
     pub fn stop_backend(&mut self, i: usize) -> Result<()> {
-        if let Some(mut child) = self.servers[i].take() {
-            child
-                .kill()
-                .with_context(|| format!("cannot kill {}", self.backend_name(i)))?;
-            child
-                .wait()
-                .with_context(|| format!("cannot reap {}", self.backend_name(i)))?;
-        }
-        Ok(())
+        self.servers.stop(i)
     }
 
     /// Starts backend `i`'s server and waits until it is ready (does nothing
     /// if it is already running).
     pub fn start_backend(&mut self, i: usize) -> Result<()> {
-        if self.servers[i].is_some() {
+        let name = self.backend_name(i);
+        self.servers.start(i, &self.backends[i], &name)
+    }
+
+    /// T.`host` in the task subnet.
+    fn task_ip(&self, host: u8) -> Ipv4Addr {
+        let [a, b, c] = self.spec.task_subnet;
+        Ipv4Addr::new(a, b, c, host)
+    }
+}
+
+/// Host octet of backend `i` in the task subnet.
+fn backend_host(i: usize) -> u8 {
+    u8::try_from(10 + i).expect("backend count is checked in SingleNode::build")
+}
+
+/// The `lb-testsrv` processes of a topology, one slot each; a slot is empty
+/// while its server is stopped. Dropping it kills them all.
+pub(crate) struct TestServers {
+    slots: Vec<Option<Running>>,
+    http_port: u16,
+    udp_port: u16,
+}
+
+/// A started server and the name it answers with.
+struct Running {
+    name: String,
+    child: Child,
+}
+
+impl TestServers {
+    /// `count` slots, all stopped, for servers that serve HTTP on TCP
+    /// `http_port` and echo on UDP `udp_port` of every address.
+    pub(crate) fn new(count: usize, http_port: u16, udp_port: u16) -> TestServers {
+        TestServers {
+            slots: (0..count).map(|_| None).collect(),
+            http_port,
+            udp_port,
+        }
+    }
+
+    /// Starts `lb-testsrv --name NAME` in `ns` in slot `i` and waits until
+    /// it is ready. Does nothing if slot `i` already runs.
+    pub(crate) fn start(&mut self, i: usize, ns: &NetNs, name: &str) -> Result<()> {
+        if self.slots[i].is_some() {
             return Ok(());
         }
-        let name = self.backend_name(i);
         let server = testsrv_path()?;
-        let tcp = format!("0.0.0.0:{}", self.spec.http_port);
-        let udp = format!("0.0.0.0:{}", self.spec.udp_port);
-        let mut child = self.backends[i].spawn([
+        let tcp = format!("0.0.0.0:{}", self.http_port);
+        let udp = format!("0.0.0.0:{}", self.udp_port);
+        let mut child = ns.spawn([
             server.as_os_str(),
             "--name".as_ref(),
             name.as_ref(),
@@ -234,32 +271,37 @@ impl SingleNode {
             let _ = child.wait();
             return Err(e.context(format!("{name} did not start")));
         }
-        self.servers[i] = Some(child);
+        self.slots[i] = Some(Running {
+            name: name.to_string(),
+            child,
+        });
         Ok(())
     }
 
-    /// T.`host` in the task subnet.
-    fn task_ip(&self, host: u8) -> Ipv4Addr {
-        let [a, b, c] = self.spec.task_subnet;
-        Ipv4Addr::new(a, b, c, host)
+    /// Kills the server of slot `i` (does nothing if it is stopped).
+    pub(crate) fn stop(&mut self, i: usize) -> Result<()> {
+        if let Some(Running { name, mut child }) = self.slots[i].take() {
+            child
+                .kill()
+                .with_context(|| format!("cannot kill {name}"))?;
+            child
+                .wait()
+                .with_context(|| format!("cannot reap {name}"))?;
+        }
+        Ok(())
     }
 }
 
-impl Drop for SingleNode {
-    /// Kills the servers before the fields (the namespaces) are dropped: a
-    /// namespace only really goes away once no process is left in it.
+impl Drop for TestServers {
+    /// Kills every server; a failure is reported on stderr but never
+    /// panics, since drop may run while a failed test is already unwinding.
     fn drop(&mut self) {
-        for i in 0..self.servers.len() {
-            if let Err(e) = self.stop_backend(i) {
+        for i in 0..self.slots.len() {
+            if let Err(e) = self.stop(i) {
                 eprintln!("warning: {e:#}");
             }
         }
     }
-}
-
-/// Host octet of backend `i` in the task subnet.
-fn backend_host(i: usize) -> u8 {
-    u8::try_from(10 + i).expect("backend count is checked in SingleNode::build")
 }
 
 /// Waits until `child` prints the line `ready`, which lb-testsrv does once
