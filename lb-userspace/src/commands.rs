@@ -2,22 +2,22 @@
 //! its input against the persisted state before touching anything, saves the new state, then
 //! brings the maps in line with it (a full reconcile, so an interrupted command heals on the
 //! next one).
-use std::{ffi::CString, fs, net::SocketAddrV4};
+use std::{ffi::CString, fs, net::Ipv4Addr};
 
 use anyhow::{Context as _, Result, anyhow, bail};
 use aya::programs::{
     SchedClassifier, TcAttachType, Xdp, XdpMode,
     links::{FdLink, PinnedLink},
 };
-use lb_common::{Event, Reason, program_names};
+use lb_common::{Event, Reason, VXLAN_OVERHEAD, program_names};
 use serde_json::json;
 
 use crate::{
     datapath::{self, Maps},
     instance::{self, Instance},
-    model::{Proto, Service},
+    model::{BackendSpec, Node, Proto, Service, Table},
     state::{self, Attachment, State},
-    sync,
+    sync, underlay,
 };
 
 /// How the XDP program is attached.
@@ -52,15 +52,41 @@ fn link_pins(instance: &Instance, iface: &str) -> [std::path::PathBuf; 2] {
     ]
 }
 
-/// Brings the maps in line with the table. Returns the number of map writes.
-fn reconcile(instance: &Instance, state: &State) -> Result<usize> {
+/// The node of the table this instance is: the one whose underlay address is assigned to an
+/// interface of the instance's namespace. Found afresh by every command, so an address added or
+/// moved after `node add` is picked up by the next one.
+fn self_node(state: &State) -> Result<Option<&Node>> {
+    Ok(state.table.self_node(&underlay::local_addrs()?))
+}
+
+/// Brings the maps, then the managed neighbour entries towards the other nodes, in line with
+/// the table (saving the state again when the entries lbctl made changed). Neighbour problems
+/// are warnings: the kernel resolves a managed entry on its own time anyway, and the data plane
+/// counts what it drops meanwhile. Returns the number of map writes.
+fn reconcile(instance: &Instance, state: &mut State) -> Result<usize> {
+    let self_name = self_node(state)?.map(|n| n.name.clone());
     let mut maps = Maps::open_pinned(&instance.maps_dir())?;
-    let delta = sync::delta(&sync::desired(&state.table), &maps.read_contents()?);
+    let desired = sync::desired(&state.table, self_name.as_deref());
+    let delta = sync::delta(&desired, &maps.read_contents()?);
     maps.apply(&delta)?;
-    Ok(delta.backends_to_write.len()
-        + delta.services_to_write.len()
-        + delta.services_to_delete.len()
-        + delta.backends_to_clear.len())
+
+    let others: Vec<&Node> = state
+        .table
+        .nodes
+        .iter()
+        .filter(|n| Some(&n.name) != self_name.as_ref())
+        .collect();
+    let attached: Vec<&str> = state.attachments.iter().map(|a| a.iface.as_str()).collect();
+    let (managed, warnings) =
+        underlay::sync_neighbours(&others, &attached, &state.managed_neighbours);
+    for warning in warnings {
+        eprintln!("lbctl: warning: {warning}");
+    }
+    if managed != state.managed_neighbours {
+        state.managed_neighbours = managed;
+        state::save(&instance.state_dir, state)?;
+    }
+    Ok(delta.writes())
 }
 
 /// Loads the state of an instance that has an interface attached (service commands need the
@@ -82,7 +108,7 @@ fn attached_state(instance: &Instance) -> Result<State> {
 }
 
 /// Saves a changed state and applies it.
-fn commit(instance: &Instance, state: &State) -> Result<()> {
+fn commit(instance: &Instance, state: &mut State) -> Result<()> {
     state::save(&instance.state_dir, state)?;
     reconcile(instance, state).map(|_| ())
 }
@@ -116,7 +142,7 @@ pub fn attach(
     let [xdp_pin, tc_pin] = link_pins(instance, iface);
     if let Some(existing) = state.attachments.iter().find(|a| a.iface == iface) {
         if existing.ifindex == ifindex && xdp_pin.exists() && tc_pin.exists() && maps_exist {
-            reconcile(instance, &state)?;
+            reconcile(instance, &mut state)?;
             return Ok(format!(
                 "{iface} is already attached in '{}'",
                 instance.name
@@ -177,7 +203,7 @@ pub fn attach(
         iface: iface.to_owned(),
         ifindex,
     });
-    commit(instance, &state)?;
+    commit(instance, &mut state)?;
     let mode_used = match mode {
         AttachMode::Native => "native",
         AttachMode::Generic => "generic",
@@ -243,28 +269,41 @@ pub fn purge(instance: &Instance) -> Result<String> {
         remove_links(instance, &attachment.iface)?;
     }
     datapath::remove_pins(&instance.pin_dir)?;
+    for warning in underlay::delete_all(&state.managed_neighbours) {
+        eprintln!("lbctl: warning: {warning}");
+    }
     state::remove(&instance.state_dir)?;
     Ok(format!(
-        "purged '{}': programs detached, maps and state removed",
+        "purged '{}': programs detached, maps, managed neighbour entries and state removed",
         instance.name
     ))
+}
+
+/// A table change: under the instance lock, on an attached instance, `edit` checks and changes
+/// the table; the new state is then saved and applied. A refused change saves and applies
+/// nothing. Returns the new state and what `edit` returned.
+fn change_table<T>(
+    instance: &Instance,
+    edit: impl FnOnce(&mut Table) -> Result<T, String>,
+) -> Result<(State, T)> {
+    let _lock = instance::lock(instance)?;
+    let mut state = attached_state(instance)?;
+    let out = edit(&mut state.table).map_err(|e| anyhow!(e))?;
+    commit(instance, &mut state)?;
+    Ok((state, out))
 }
 
 pub fn service_add(
     instance: &Instance,
     name: &str,
     port: u16,
-    backends: &[SocketAddrV4],
+    backends: &[BackendSpec],
     proto: Proto,
     vip: Option<std::net::Ipv4Addr>,
 ) -> Result<String> {
-    let _lock = instance::lock(instance)?;
-    let mut state = attached_state(instance)?;
-    state
-        .table
-        .add_service(name, proto, port, vip, backends)
-        .map_err(|e| anyhow!(e))?;
-    commit(instance, &state)?;
+    let (state, ()) = change_table(instance, |table| {
+        table.add_service(name, proto, port, vip, backends)
+    })?;
     let service = state.table.service(name).expect("just added");
     Ok(format!(
         "service {name} added: {} → {} backends",
@@ -274,39 +313,171 @@ pub fn service_add(
 }
 
 pub fn service_rm(instance: &Instance, name: &str) -> Result<String> {
-    let _lock = instance::lock(instance)?;
-    let mut state = attached_state(instance)?;
-    let removed = state.table.remove_service(name).map_err(|e| anyhow!(e))?;
-    commit(instance, &state)?;
+    let (_, removed) = change_table(instance, |table| table.remove_service(name))?;
     Ok(format!(
         "service {name} removed ({} is no longer balanced)",
         removed.frontend()
     ))
 }
 
-pub fn backend_add(instance: &Instance, service: &str, addrs: &[SocketAddrV4]) -> Result<String> {
-    let _lock = instance::lock(instance)?;
-    let mut state = attached_state(instance)?;
-    state
-        .table
-        .add_backends(service, addrs)
-        .map_err(|e| anyhow!(e))?;
-    commit(instance, &state)?;
+pub fn backend_add(instance: &Instance, service: &str, addrs: &[BackendSpec]) -> Result<String> {
+    change_table(instance, |table| table.add_backends(service, addrs))?;
     Ok(format!("{} backend(s) added to {service}", addrs.len()))
 }
 
-pub fn backend_rm(instance: &Instance, service: &str, addrs: &[SocketAddrV4]) -> Result<String> {
-    let _lock = instance::lock(instance)?;
-    let mut state = attached_state(instance)?;
-    state
-        .table
-        .remove_backends(service, addrs)
-        .map_err(|e| anyhow!(e))?;
-    commit(instance, &state)?;
+pub fn backend_rm(instance: &Instance, service: &str, addrs: &[BackendSpec]) -> Result<String> {
+    change_table(instance, |table| table.remove_backends(service, addrs))?;
     Ok(format!(
         "{} backend(s) removed from {service}; their flows move to the remaining backends",
         addrs.len()
     ))
+}
+
+/// Adding a node that is already there with the same IP succeeds; it still applies the table,
+/// which heals an earlier interrupted command.
+pub fn node_add(instance: &Instance, name: &str, ip: Ipv4Addr) -> Result<String> {
+    let (state, added) = change_table(instance, |table| table.add_node(name, ip))?;
+    let this = if self_node(&state)?.is_some_and(|n| n.name == name) {
+        ", this node"
+    } else {
+        ""
+    };
+    Ok(if added {
+        format!("node {name} added (underlay IP {ip}{this})")
+    } else {
+        format!("node {name} already has underlay IP {ip}{this}; nothing changed")
+    })
+}
+
+pub fn node_rm(instance: &Instance, name: &str) -> Result<String> {
+    let (_, removed) = change_table(instance, |table| table.remove_node(name))?;
+    Ok(format!("node {name} ({}) removed", removed.ip))
+}
+
+pub fn node_ls(instance: &Instance, as_json: bool) -> Result<String> {
+    let state = state::load(&instance.state_dir)?;
+    let self_name = self_node(&state)?.map(|n| n.name.as_str());
+    if as_json {
+        let nodes: Vec<serde_json::Value> = state
+            .table
+            .nodes
+            .iter()
+            .map(|node| {
+                json!({
+                    "name": node.name,
+                    "underlay_ip": node.ip.to_string(),
+                    "self": Some(node.name.as_str()) == self_name,
+                    "services": state.table.services_on_node(&node.name),
+                })
+            })
+            .collect();
+        let doc = json!({
+            "instance": instance.name,
+            "self": self_name,
+            "nodes": nodes,
+        });
+        return Ok(serde_json::to_string_pretty(&doc)?);
+    }
+    if state.table.nodes.is_empty() {
+        return Ok("no nodes".to_owned());
+    }
+    let width = state
+        .table
+        .nodes
+        .iter()
+        .map(|n| n.name.len())
+        .max()
+        .unwrap_or(0);
+    let mut out = String::new();
+    for node in &state.table.nodes {
+        let services = state.table.services_on_node(&node.name);
+        let line = format!(
+            "{:<width$}  {:<15}  {:<4}  {}",
+            node.name,
+            node.ip.to_string(),
+            if Some(node.name.as_str()) == self_name {
+                "self"
+            } else {
+                ""
+            },
+            if services.is_empty() {
+                String::new()
+            } else {
+                format!("backends of {}", services.join(", "))
+            }
+        );
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+    Ok(out.trim_end().to_owned())
+}
+
+pub fn mesh_set(instance: &Instance, vni: Option<u32>, vxlan_port: Option<u16>) -> Result<String> {
+    let (state, ()) = change_table(instance, |table| table.set_mesh(vni, vxlan_port))?;
+    Ok(format!(
+        "mesh: VNI {}, VXLAN UDP port {} (every node of the mesh must use the same)",
+        state.table.vni, state.table.vxlan_port
+    ))
+}
+
+pub fn mesh_show(instance: &Instance, as_json: bool) -> Result<String> {
+    let state = state::load(&instance.state_dir)?;
+    let this = self_node(&state)?;
+    // The overlay's MTU follows from each underlay interface's: encapsulation adds
+    // VXLAN_OVERHEAD bytes, and the data plane drops (never fragments) what would not fit.
+    let interfaces: Vec<(&str, Option<u32>)> = state
+        .attachments
+        .iter()
+        .map(|a| (a.iface.as_str(), underlay::mtu(&a.iface).ok()))
+        .collect();
+    if as_json {
+        let doc = json!({
+            "instance": instance.name,
+            "vni": state.table.vni,
+            "vxlan_port": state.table.vxlan_port,
+            "self": this.map(|n| json!({"name": n.name, "underlay_ip": n.ip.to_string()})),
+            "nodes": state.table.nodes.len(),
+            "vxlan_overhead": VXLAN_OVERHEAD,
+            "interfaces": interfaces
+                .iter()
+                .map(|(iface, mtu)| json!({
+                    "iface": iface,
+                    "mtu": mtu,
+                    "overlay_mtu": mtu.map(|m| m.saturating_sub(VXLAN_OVERHEAD)),
+                }))
+                .collect::<Vec<_>>(),
+        });
+        return Ok(serde_json::to_string_pretty(&doc)?);
+    }
+    let mut out = format!(
+        "VNI {}, VXLAN UDP port {}; {} node(s)\n",
+        state.table.vni,
+        state.table.vxlan_port,
+        state.table.nodes.len()
+    );
+    match this {
+        Some(node) => out.push_str(&format!("this node: {} ({})\n", node.name, node.ip)),
+        None => out.push_str(&format!(
+            "this node: none (no address of network namespace '{}' is a node's underlay IP): \
+             nothing is encapsulated or decapsulated\n",
+            instance.name
+        )),
+    }
+    out.push_str(&format!(
+        "overlay MTU = underlay MTU - {VXLAN_OVERHEAD} (VXLAN headers): give the tasks' interfaces \
+         at most this MTU, so that their TCP MSS keeps clients' packets small enough; larger \
+         packets to other nodes are dropped (drop_encap_mtu)\n"
+    ));
+    for (iface, mtu) in &interfaces {
+        match mtu {
+            Some(mtu) => out.push_str(&format!(
+                "  {iface}: MTU {mtu}, overlay MTU {}\n",
+                mtu.saturating_sub(VXLAN_OVERHEAD)
+            )),
+            None => out.push_str(&format!("  {iface}: MTU unknown (interface missing)\n")),
+        }
+    }
+    Ok(out.trim_end().to_owned())
 }
 
 fn service_json(service: &Service, maps: Option<&Maps>) -> Result<serde_json::Value> {
@@ -320,6 +491,7 @@ fn service_json(service: &Service, maps: Option<&Maps>) -> Result<serde_json::Va
             };
             Ok(json!({
                 "address": backend.addr.to_string(),
+                "node": backend.node,
                 "id": backend.id,
                 "packets": stats.map(|s| s.packets),
                 "bytes": stats.map(|s| s.bytes),
@@ -383,9 +555,14 @@ pub fn service_ls(instance: &Instance, as_json: bool) -> Result<String> {
             {
                 Some(s) => out.push_str(&format!(
                     "  {:<21} new_flows={} packets={} bytes={} reply_packets={} reply_bytes={}\n",
-                    backend.addr, s.new_flows, s.packets, s.bytes, s.reply_packets, s.reply_bytes
+                    backend.to_string(),
+                    s.new_flows,
+                    s.packets,
+                    s.bytes,
+                    s.reply_packets,
+                    s.reply_bytes
                 )),
-                None => out.push_str(&format!("  {}\n", backend.addr)),
+                None => out.push_str(&format!("  {backend}\n")),
             }
         }
     }
@@ -433,9 +610,14 @@ pub fn stats(instance: &Instance, as_json: bool) -> Result<String> {
         instance.name, state.table.generation
     );
     out.push_str("packets by reason:\n");
+    let width = Reason::ALL
+        .iter()
+        .map(|r| r.name().len())
+        .max()
+        .unwrap_or(0);
     for (reason, counter) in Reason::ALL.iter().zip(&reasons) {
         out.push_str(&format!(
-            "  {:<22} {:>12} packets {:>14} bytes\n",
+            "  {:<width$} {:>12} packets {:>14} bytes\n",
             reason.name(),
             counter.packets,
             counter.bytes
@@ -443,7 +625,7 @@ pub fn stats(instance: &Instance, as_json: bool) -> Result<String> {
     }
     out.push_str("flow table events:\n");
     for (event, count) in Event::ALL.iter().zip(&events) {
-        out.push_str(&format!("  {:<22} {:>12}\n", event.name(), count));
+        out.push_str(&format!("  {:<width$} {:>12}\n", event.name(), count));
     }
     out.push_str(&service_ls(instance, false)?);
     Ok(out)

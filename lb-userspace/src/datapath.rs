@@ -13,8 +13,8 @@ use aya::{
     util::nr_cpus,
 };
 use lb_common::{
-    BACKEND_ACTIVE, Backend, BackendStats, Counter, FlowKey, FlowValue, ReverseValue, ServiceKey,
-    ServiceValue, map_names,
+    BACKEND_ACTIVE, Backend, BackendStats, Counter, FlowKey, FlowValue, MeshConfig, ReverseValue,
+    ServiceKey, ServiceValue, TunnelValue, map_names,
 };
 
 use crate::sync::{Delta, MapContents};
@@ -28,7 +28,8 @@ pub fn load(pin_dir: Option<&Path>, flow_capacity: u32) -> Result<Ebpf> {
     let mut loader = EbpfLoader::new();
     loader
         .map_max_entries(map_names::FLOWS, flow_capacity)
-        .map_max_entries(map_names::REVERSE_FLOWS, flow_capacity);
+        .map_max_entries(map_names::REVERSE_FLOWS, flow_capacity)
+        .map_max_entries(map_names::TUNNEL_REPLIES, flow_capacity);
     let paths: Vec<(&str, PathBuf)> = match pin_dir {
         Some(dir) => map_names::ALL
             .iter()
@@ -86,6 +87,16 @@ pub fn expected_layout(flow_capacity: u32) -> BTreeMap<&'static str, (u32, u32, 
             (4, size(size_of::<Counter>()), lb_common::REASON_COUNT),
         ),
         (map_names::EVENT_STATS, (4, 8, lb_common::EVENT_COUNT)),
+        (map_names::NODES, (4, 4, lb_common::MAX_NODES)),
+        (map_names::MESH, (4, size(size_of::<MeshConfig>()), 1)),
+        (
+            map_names::TUNNEL_REPLIES,
+            (
+                size(size_of::<FlowKey>()),
+                size(size_of::<TunnelValue>()),
+                flow_capacity,
+            ),
+        ),
     ])
 }
 
@@ -122,6 +133,13 @@ pub struct Maps {
     pub reason_stats: PerCpuArray<MapData, Counter>,
     pub event_stats: PerCpuArray<MapData, u64>,
     pub tx_ports: DevMapHash<MapData>,
+    /// Underlay addresses (network byte order) of the other nodes; the value is unused (0).
+    pub nodes: HashMap<MapData, u32, u32>,
+    /// `MeshConfig` in slot 0.
+    pub mesh: Array<MapData, MeshConfig>,
+    /// Filled by the data plane only (an LRU hash, which aya's `HashMap` also handles); opened so
+    /// that its type is checked with the others, and for inspection.
+    pub tunnel_replies: HashMap<MapData, FlowKey, TunnelValue>,
 }
 
 fn open(pin_dir: &Path, name: &str) -> Result<Map> {
@@ -154,12 +172,21 @@ impl Maps {
             reason_stats: get(map_names::REASON_STATS)?.try_into()?,
             event_stats: get(map_names::EVENT_STATS)?.try_into()?,
             tx_ports: get(map_names::TX_PORTS)?.try_into()?,
+            nodes: get(map_names::NODES)?.try_into()?,
+            mesh: get(map_names::MESH)?.try_into()?,
+            tunnel_replies: get(map_names::TUNNEL_REPLIES)?.try_into()?,
         })
     }
 
-    /// What `SERVICES` and `BACKENDS` hold now (active backends only).
+    /// What `MESH`, `NODES`, `SERVICES` and `BACKENDS` hold now (active backends only).
     pub fn read_contents(&self) -> Result<MapContents> {
-        let mut contents = MapContents::default();
+        let mut contents = MapContents {
+            mesh: self.mesh.get(&0, 0).context("reading MESH")?,
+            ..MapContents::default()
+        };
+        for ip in self.nodes.keys() {
+            contents.nodes.insert(ip.context("reading NODES")?);
+        }
         for entry in self.services.iter() {
             let (key, value) = entry.context("reading SERVICES")?;
             contents.services.insert(key, value);
@@ -175,6 +202,14 @@ impl Maps {
 
     /// Writes a delta in the order `Delta` documents.
     pub fn apply(&mut self, delta: &Delta) -> Result<()> {
+        if let Some(mesh) = &delta.mesh {
+            self.mesh.set(0, mesh, 0).context("writing MESH")?;
+        }
+        for ip in &delta.nodes_to_add {
+            self.nodes
+                .insert(ip, 0, 0)
+                .with_context(|| format!("adding node {} to NODES", show_ip(*ip)))?;
+        }
         for id in &delta.new_backend_ids {
             self.backend_stats
                 .set(*id, per_cpu(BackendStats::default())?, 0)
@@ -202,6 +237,11 @@ impl Maps {
             self.backends
                 .set(*id, Backend::default(), 0)
                 .with_context(|| format!("clearing backend slot {id}"))?;
+        }
+        for ip in &delta.nodes_to_remove {
+            self.nodes
+                .remove(ip)
+                .with_context(|| format!("removing node {} from NODES", show_ip(*ip)))?;
         }
         Ok(())
     }
@@ -241,6 +281,11 @@ impl Maps {
                 new_flows: s.new_flows + v.new_flows,
             }))
     }
+}
+
+/// An address kept in network byte order, for messages.
+fn show_ip(ip_be: u32) -> std::net::Ipv4Addr {
+    std::net::Ipv4Addr::from(ip_be.to_ne_bytes())
 }
 
 fn per_cpu<T: aya::Pod>(value: T) -> Result<PerCpuValues<T>> {

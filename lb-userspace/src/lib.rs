@@ -6,3 +6,4 @@ pub mod instance;
 pub mod model;
 pub mod state;
 pub mod sync;
+pub mod underlay;

@@ -1,11 +1,11 @@
 //! `lbctl`: attach the XDP load balancer to an interface and manage its services.
-use std::{net::SocketAddrV4, path::PathBuf, process::ExitCode};
+use std::{net::Ipv4Addr, path::PathBuf, process::ExitCode};
 
-use clap::{Parser, Subcommand};
+use clap::{ArgGroup, Parser, Subcommand};
 use lb_userspace::{
     commands::{self, AttachMode},
     instance,
-    model::{self, Proto},
+    model::{self, BackendSpec, Proto},
 };
 
 #[derive(Parser)]
@@ -48,6 +48,12 @@ enum Command {
     /// Manage a service's backends.
     #[command(subcommand)]
     Backend(BackendCommand),
+    /// Manage the nodes of the routing mesh (the same list on every node).
+    #[command(subcommand)]
+    Node(NodeCommand),
+    /// Show or change the overlay settings (the same on every node).
+    #[command(subcommand)]
+    Mesh(MeshCommand),
     /// Packet, flow and per-backend counters.
     Stats {
         #[arg(long)]
@@ -64,8 +70,9 @@ enum ServiceCommand {
         name: String,
         #[arg(value_parser = model::parse_port)]
         port: u16,
-        #[arg(required = true, value_name = "IP:PORT", value_parser = model::parse_backend)]
-        backends: Vec<SocketAddrV4>,
+        /// Backends; `@NODE` for one on another node of the mesh, reached through VXLAN.
+        #[arg(required = true, value_name = "IP:PORT[@NODE]", value_parser = model::parse_backend_spec)]
+        backends: Vec<BackendSpec>,
         #[arg(long, default_value = "tcp", value_parser = |s: &str| s.parse::<Proto>())]
         proto: Proto,
         /// Publish on this address only, instead of every local address of the node.
@@ -86,14 +93,52 @@ enum BackendCommand {
     /// Add backends to a service (they join the end of the round-robin order).
     Add {
         service: String,
-        #[arg(required = true, value_name = "IP:PORT", value_parser = model::parse_backend)]
-        backends: Vec<SocketAddrV4>,
+        /// `@NODE` for a backend on another node of the mesh.
+        #[arg(required = true, value_name = "IP:PORT[@NODE]", value_parser = model::parse_backend_spec)]
+        backends: Vec<BackendSpec>,
     },
-    /// Remove backends from a service.
+    /// Remove backends from a service (`IP:PORT` whatever its node; with `@NODE`, it must match).
     Rm {
         service: String,
-        #[arg(required = true, value_name = "IP:PORT", value_parser = model::parse_backend)]
-        backends: Vec<SocketAddrV4>,
+        #[arg(required = true, value_name = "IP:PORT[@NODE]", value_parser = model::parse_backend_spec)]
+        backends: Vec<BackendSpec>,
+    },
+}
+
+#[derive(Subcommand)]
+enum NodeCommand {
+    /// Add a node; adding it again with the same address changes nothing.
+    Add {
+        name: String,
+        /// The address other nodes send its VXLAN packets to.
+        #[arg(value_parser = model::parse_node_ip)]
+        underlay_ip: Ipv4Addr,
+    },
+    /// Remove a node that hosts no backend.
+    Rm { name: String },
+    /// List the nodes, marking the one this instance is.
+    Ls {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum MeshCommand {
+    /// VNI, VXLAN port, which node this is, and the overlay MTU.
+    Show {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Change the VNI and/or the VXLAN UDP port.
+    #[command(group(ArgGroup::new("setting").required(true).multiple(true)))]
+    Set {
+        /// VXLAN network identifier, 0 to 16777215 (default 4096).
+        #[arg(long, group = "setting", value_parser = model::parse_vni)]
+        vni: Option<u32>,
+        /// UDP port of the overlay (default 4789).
+        #[arg(long, group = "setting", value_parser = model::parse_port)]
+        vxlan_port: Option<u16>,
     },
 }
 
@@ -122,6 +167,15 @@ fn run(cli: Cli) -> anyhow::Result<String> {
         Command::Backend(BackendCommand::Rm { service, backends }) => {
             commands::backend_rm(&instance, &service, &backends)
         }
+        Command::Node(NodeCommand::Add { name, underlay_ip }) => {
+            commands::node_add(&instance, &name, underlay_ip)
+        }
+        Command::Node(NodeCommand::Rm { name }) => commands::node_rm(&instance, &name),
+        Command::Node(NodeCommand::Ls { json }) => commands::node_ls(&instance, json),
+        Command::Mesh(MeshCommand::Show { json }) => commands::mesh_show(&instance, json),
+        Command::Mesh(MeshCommand::Set { vni, vxlan_port }) => {
+            commands::mesh_set(&instance, vni, vxlan_port)
+        }
         Command::Stats { json } => commands::stats(&instance, json),
         Command::Purge => commands::purge(&instance),
     }
@@ -136,14 +190,21 @@ fn main() -> ExitCode {
             return ExitCode::SUCCESS;
         }
         Err(err) => {
-            // One line naming the bad value; clap's usage hint would only repeat --help.
+            // One line naming the bad value: clap's first paragraph (the missing arguments
+            // follow its first line), without the usage hint, which would only repeat --help.
             let text = err.to_string();
+            let first: Vec<&str> = text
+                .lines()
+                .take_while(|line| !line.trim().is_empty())
+                .map(str::trim)
+                .collect();
+            let line = first.join(" ");
             eprintln!(
                 "lbctl: {}",
-                text.lines()
-                    .next()
-                    .unwrap_or("invalid arguments")
-                    .trim_start_matches("error: ")
+                match line.trim_start_matches("error: ") {
+                    "" => "invalid arguments",
+                    line => line,
+                }
             );
             return ExitCode::from(2);
         }

@@ -6,7 +6,10 @@ use std::{
     str::FromStr,
 };
 
-use lb_common::{MAX_BACKENDS, MAX_BACKENDS_PER_SERVICE, MAX_SERVICES, PROTO_TCP, PROTO_UDP};
+use lb_common::{
+    DEFAULT_VNI, DEFAULT_VXLAN_PORT, MAX_BACKENDS, MAX_BACKENDS_PER_SERVICE, MAX_NODES,
+    MAX_SERVICES, MAX_VNI, PROTO_TCP, PROTO_UDP,
+};
 use serde::{Deserialize, Serialize};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -72,6 +75,73 @@ pub fn parse_backend(s: &str) -> Result<SocketAddrV4, String> {
     Ok(SocketAddrV4::new(ip, port))
 }
 
+/// A backend as the operator names it: `IP:PORT`, or `IP:PORT@NODE` for a task on a node of the
+/// mesh. A plain `SocketAddrV4` converts to a backend on no node (local or plainly routed).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BackendSpec {
+    pub addr: SocketAddrV4,
+    pub node: Option<String>,
+}
+
+impl From<SocketAddrV4> for BackendSpec {
+    fn from(addr: SocketAddrV4) -> Self {
+        Self { addr, node: None }
+    }
+}
+
+impl fmt::Display for BackendSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt_backend(f, &self.addr, self.node.as_deref())
+    }
+}
+
+fn fmt_backend(f: &mut fmt::Formatter<'_>, addr: &SocketAddrV4, node: Option<&str>) -> fmt::Result {
+    match node {
+        Some(node) => write!(f, "{addr}@{node}"),
+        None => write!(f, "{addr}"),
+    }
+}
+
+/// Parses a backend argument, `IP:PORT` or `IP:PORT@NODE`. Whether the node exists is the
+/// table's business.
+pub fn parse_backend_spec(s: &str) -> Result<BackendSpec, String> {
+    let (addr, node) = match s.split_once('@') {
+        Some((addr, node)) => {
+            validate_name("node", node).map_err(|err| format!("invalid backend '{s}': {err}"))?;
+            (addr, Some(node.to_owned()))
+        }
+        None => (s, None),
+    };
+    Ok(BackendSpec {
+        addr: parse_backend(addr)?,
+        node,
+    })
+}
+
+/// Parses a node's underlay address: the unicast IPv4 address VXLAN packets are sent to.
+pub fn parse_node_ip(s: &str) -> Result<Ipv4Addr, String> {
+    let ip: Ipv4Addr = s
+        .parse()
+        .map_err(|_| format!("invalid underlay IP '{s}': not an IPv4 address"))?;
+    if ip.is_unspecified() || ip.is_broadcast() || ip.is_multicast() || ip.is_loopback() {
+        return Err(format!(
+            "invalid underlay IP '{s}': {ip} is not a unicast address another node can reach"
+        ));
+    }
+    Ok(ip)
+}
+
+/// Parses a VXLAN network identifier: 0 to 2^24 − 1.
+pub fn parse_vni(s: &str) -> Result<u32, String> {
+    match s.parse::<u32>() {
+        Ok(vni @ 0..=MAX_VNI) => Ok(vni),
+        Ok(_) => Err(format!(
+            "invalid VNI '{s}': must be between 0 and {MAX_VNI}"
+        )),
+        Err(_) => Err(format!("invalid VNI '{s}': not a number")),
+    }
+}
+
 /// Parses a virtual IP a service may be published on instead of every local address.
 pub fn parse_vip(s: &str) -> Result<Ipv4Addr, String> {
     let ip: Ipv4Addr = s
@@ -85,12 +155,13 @@ pub fn parse_vip(s: &str) -> Result<Ipv4Addr, String> {
     Ok(ip)
 }
 
-/// Service names appear in metrics labels and file names: keep them plain.
-pub fn validate_name(name: &str) -> Result<(), String> {
+/// Service and node names appear in metrics labels, file names and `IP:PORT@NODE`: keep them
+/// plain. `what` names the kind of name in the error.
+pub fn validate_name(what: &str, name: &str) -> Result<(), String> {
     let plain = |c: char| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.');
     if name.is_empty() || name.len() > 63 || !name.chars().all(plain) {
         return Err(format!(
-            "invalid service name '{name}': use 1 to 63 letters, digits, '-', '_' or '.'"
+            "invalid {what} name '{name}': use 1 to 63 letters, digits, '-', '_' or '.'"
         ));
     }
     Ok(())
@@ -101,6 +172,25 @@ pub struct Backend {
     pub addr: SocketAddrV4,
     /// Slot in the data plane's backend array; stable for the backend's lifetime.
     pub id: u32,
+    /// The mesh node the backend runs on; `None` for a backend reached by plain routing. Part
+    /// of the backend's identity: moving it to another node is a removal and an addition, so
+    /// it gets a new id and the flows pinned to it choose again.
+    #[serde(default)]
+    pub node: Option<String>,
+}
+
+impl fmt::Display for Backend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt_backend(f, &self.addr, self.node.as_deref())
+    }
+}
+
+/// A node of the routing mesh: a host running lbctl, reached over the underlay network.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Node {
+    pub name: String,
+    /// The address VXLAN packets to the node's backends are sent to, and come from.
+    pub ip: Ipv4Addr,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -126,8 +216,9 @@ impl Service {
     }
 }
 
-/// Every service of one node. `generation` counts applied changes: the table's version.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+/// Every service of one node, and the mesh it belongs to. `generation` counts applied changes:
+/// the table's version. Fields added after the first release default, so older state files load.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Table {
     pub generation: u64,
     pub services: Vec<Service>,
@@ -137,6 +228,38 @@ pub struct Table {
     pub next_service_id: u32,
     #[serde(default)]
     pub next_backend_id: u32,
+    /// Every node of the mesh, this one included: the same list is given to every node, and
+    /// each instance finds itself in it by its own addresses.
+    #[serde(default)]
+    pub nodes: Vec<Node>,
+    /// VXLAN network identifier of the overlay (host byte order).
+    #[serde(default = "default_vni")]
+    pub vni: u32,
+    /// UDP port of the overlay.
+    #[serde(default = "default_vxlan_port")]
+    pub vxlan_port: u16,
+}
+
+fn default_vni() -> u32 {
+    DEFAULT_VNI
+}
+
+fn default_vxlan_port() -> u16 {
+    DEFAULT_VXLAN_PORT
+}
+
+impl Default for Table {
+    fn default() -> Self {
+        Self {
+            generation: 0,
+            services: Vec::new(),
+            next_service_id: 0,
+            next_backend_id: 0,
+            nodes: Vec::new(),
+            vni: DEFAULT_VNI,
+            vxlan_port: DEFAULT_VXLAN_PORT,
+        }
+    }
 }
 
 impl Table {
@@ -158,9 +281,10 @@ impl Table {
         proto: Proto,
         port: u16,
         vip: Option<Ipv4Addr>,
-        backends: &[SocketAddrV4],
+        backends: &[impl Clone + Into<BackendSpec>],
     ) -> Result<(), String> {
-        validate_name(name)?;
+        let backends = specs(backends);
+        validate_name("service", name)?;
         if self.service(name).is_some() {
             return Err(format!("service '{name}' already exists"));
         }
@@ -175,14 +299,15 @@ impl Table {
                 other.name
             ));
         }
-        check_backend_list(name, &[], backends)?;
+        check_backend_list(name, &[], &backends)?;
+        self.check_nodes_known(&backends)?;
         if self.services.len() >= MAX_SERVICES as usize {
             return Err(format!(
                 "cannot add '{name}': the node holds {MAX_SERVICES} services already"
             ));
         }
         let id = self.allocate_service_id();
-        let backends = self.allocate_backends(name, backends)?;
+        let backends = self.allocate_backends(name, &backends)?;
         self.services.push(Service {
             name: name.to_owned(),
             id,
@@ -207,34 +332,164 @@ impl Table {
     }
 
     /// Appends backends to a service's round-robin order.
-    pub fn add_backends(&mut self, name: &str, addrs: &[SocketAddrV4]) -> Result<(), String> {
-        let existing: Vec<SocketAddrV4> = self
+    pub fn add_backends(
+        &mut self,
+        name: &str,
+        backends: &[impl Clone + Into<BackendSpec>],
+    ) -> Result<(), String> {
+        let backends = specs(backends);
+        let existing = &self
             .service(name)
             .ok_or_else(|| format!("unknown service '{name}'"))?
-            .backends
-            .iter()
-            .map(|b| b.addr)
-            .collect();
-        check_backend_list(name, &existing, addrs)?;
-        let new = self.allocate_backends(name, addrs)?;
+            .backends;
+        check_backend_list(name, existing, &backends)?;
+        self.check_nodes_known(&backends)?;
+        let new = self.allocate_backends(name, &backends)?;
         self.service_mut(name)?.backends.extend(new);
         self.generation += 1;
         Ok(())
     }
 
-    pub fn remove_backends(&mut self, name: &str, addrs: &[SocketAddrV4]) -> Result<(), String> {
+    /// Removes backends from a service. A backend is named by its `IP:PORT` whatever its node;
+    /// an `@NODE` given with it must match the backend's node.
+    pub fn remove_backends(
+        &mut self,
+        name: &str,
+        backends: &[impl Clone + Into<BackendSpec>],
+    ) -> Result<(), String> {
+        let backends = specs(backends);
         let service = self.service_mut(name)?;
         let mut seen = BTreeSet::new();
-        for addr in addrs {
-            if !seen.insert(*addr) {
+        for spec in &backends {
+            let addr = spec.addr;
+            if !seen.insert(addr) {
                 return Err(format!("backend {addr} is listed twice"));
             }
-            if !service.backends.iter().any(|b| b.addr == *addr) {
+            let Some(backend) = service.backends.iter().find(|b| b.addr == addr) else {
                 return Err(format!("service '{name}' has no backend {addr}"));
+            };
+            if spec.node.is_some() && spec.node != backend.node {
+                return Err(format!(
+                    "service '{name}' has backend {backend}, not {spec}{}",
+                    if backend.node.is_none() {
+                        " (it is on no node)"
+                    } else {
+                        ""
+                    }
+                ));
             }
         }
         service.backends.retain(|b| !seen.contains(&b.addr));
         self.generation += 1;
+        Ok(())
+    }
+
+    pub fn node(&self, name: &str) -> Option<&Node> {
+        self.nodes.iter().find(|n| n.name == name)
+    }
+
+    /// Adds a node. Adding a node that exists with the same address changes nothing and
+    /// succeeds (the same `node add` lines are run on every node, and again after changes):
+    /// returns whether the table changed.
+    pub fn add_node(&mut self, name: &str, ip: Ipv4Addr) -> Result<bool, String> {
+        validate_name("node", name)?;
+        if let Some(node) = self.node(name) {
+            if node.ip == ip {
+                return Ok(false);
+            }
+            return Err(format!(
+                "node '{name}' already exists with underlay IP {}; `lbctl node rm {name}` first \
+                 to change it",
+                node.ip
+            ));
+        }
+        if let Some(other) = self.nodes.iter().find(|n| n.ip == ip) {
+            return Err(format!(
+                "underlay IP {ip} already belongs to node '{}'",
+                other.name
+            ));
+        }
+        if self.nodes.len() >= MAX_NODES as usize {
+            return Err(format!(
+                "cannot add node '{name}': the mesh holds {MAX_NODES} nodes already"
+            ));
+        }
+        self.nodes.push(Node {
+            name: name.to_owned(),
+            ip,
+        });
+        self.generation += 1;
+        Ok(true)
+    }
+
+    /// Removes a node that hosts no backend: its backends' traffic would have nowhere to go.
+    pub fn remove_node(&mut self, name: &str) -> Result<Node, String> {
+        let index = self
+            .nodes
+            .iter()
+            .position(|n| n.name == name)
+            .ok_or_else(|| format!("unknown node '{name}'"))?;
+        let users = self.services_on_node(name);
+        if !users.is_empty() {
+            return Err(format!(
+                "node '{name}' still hosts backends of {} {}: remove them first \
+                 (`lbctl backend rm SERVICE IP:PORT@{name}`)",
+                if users.len() == 1 {
+                    "service"
+                } else {
+                    "services"
+                },
+                users.join(", ")
+            ));
+        }
+        self.generation += 1;
+        Ok(self.nodes.remove(index))
+    }
+
+    /// Names of the services with a backend on `node`, in table order.
+    pub fn services_on_node(&self, node: &str) -> Vec<&str> {
+        self.services
+            .iter()
+            .filter(|s| s.backends.iter().any(|b| b.node.as_deref() == Some(node)))
+            .map(|s| s.name.as_str())
+            .collect()
+    }
+
+    /// The node this instance is: the first whose underlay address is one of `local_addrs`
+    /// (the addresses of the instance's network namespace). `None` when no node matches: the
+    /// instance then encapsulates nothing.
+    pub fn self_node(&self, local_addrs: &BTreeSet<Ipv4Addr>) -> Option<&Node> {
+        self.nodes.iter().find(|n| local_addrs.contains(&n.ip))
+    }
+
+    /// Changes the overlay's VNI and/or UDP port. At least one must be given.
+    pub fn set_mesh(&mut self, vni: Option<u32>, vxlan_port: Option<u16>) -> Result<(), String> {
+        if vni.is_none() && vxlan_port.is_none() {
+            return Err("nothing to set: give --vni and/or --vxlan-port".to_owned());
+        }
+        if let Some(vni) = vni.filter(|vni| *vni > MAX_VNI) {
+            return Err(format!(
+                "invalid VNI '{vni}': must be between 0 and {MAX_VNI}"
+            ));
+        }
+        if vxlan_port == Some(0) {
+            return Err("invalid port '0': must be between 1 and 65535".to_owned());
+        }
+        self.vni = vni.unwrap_or(self.vni);
+        self.vxlan_port = vxlan_port.unwrap_or(self.vxlan_port);
+        self.generation += 1;
+        Ok(())
+    }
+
+    /// Every backend argument names a node of the table (or none).
+    fn check_nodes_known(&self, backends: &[BackendSpec]) -> Result<(), String> {
+        for node in backends.iter().filter_map(|b| b.node.as_deref()) {
+            if self.node(node).is_none() {
+                return Err(format!(
+                    "unknown node '{node}': add it with `lbctl node add {node} <underlay-ip>`"
+                ));
+            }
+        }
         Ok(())
     }
 
@@ -247,29 +502,39 @@ impl Table {
     fn allocate_backends(
         &mut self,
         service: &str,
-        addrs: &[SocketAddrV4],
+        backends: &[BackendSpec],
     ) -> Result<Vec<Backend>, String> {
         let mut used: BTreeSet<u32> = self
             .services
             .iter()
             .flat_map(|s| s.backends.iter().map(|b| b.id))
             .collect();
-        if used.len() + addrs.len() > MAX_BACKENDS as usize {
+        if used.len() + backends.len() > MAX_BACKENDS as usize {
             return Err(format!(
                 "cannot add backends to '{service}': the node holds at most {MAX_BACKENDS} backends"
             ));
         }
         let mut cursor = self.next_backend_id;
-        let mut out = Vec::with_capacity(addrs.len());
-        for addr in addrs {
+        let mut out = Vec::with_capacity(backends.len());
+        for spec in backends {
             let id = next_free(cursor, MAX_BACKENDS, &used).expect("capacity checked above");
             used.insert(id);
             cursor = (id + 1) % MAX_BACKENDS;
-            out.push(Backend { addr: *addr, id });
+            out.push(Backend {
+                addr: spec.addr,
+                id,
+                node: spec.node.clone(),
+            });
         }
         self.next_backend_id = cursor;
         Ok(out)
     }
+}
+
+/// Backend arguments as `BackendSpec`s: callers may pass plain `SocketAddrV4`s (backends on no
+/// node) or specs.
+fn specs(backends: &[impl Clone + Into<BackendSpec>]) -> Vec<BackendSpec> {
+    backends.iter().cloned().map(Into::into).collect()
 }
 
 /// The first id at or after `start` (wrapping below `limit`) that is not in `used`.
@@ -277,18 +542,18 @@ fn next_free(start: u32, limit: u32, used: &BTreeSet<u32>) -> Option<u32> {
     (start..limit).chain(0..start).find(|id| !used.contains(id))
 }
 
+/// Within a service an `IP:PORT` appears once, whatever its node.
 fn check_backend_list(
     service: &str,
-    existing: &[SocketAddrV4],
-    new: &[SocketAddrV4],
+    existing: &[Backend],
+    new: &[BackendSpec],
 ) -> Result<(), String> {
-    let mut seen: BTreeSet<SocketAddrV4> = existing.iter().copied().collect();
-    for addr in new {
-        if !seen.insert(*addr) {
-            return Err(if existing.contains(addr) {
-                format!("service '{service}' already has backend {addr}")
-            } else {
-                format!("backend {addr} is listed twice")
+    let mut seen: BTreeSet<SocketAddrV4> = existing.iter().map(|b| b.addr).collect();
+    for spec in new {
+        if !seen.insert(spec.addr) {
+            return Err(match existing.iter().find(|b| b.addr == spec.addr) {
+                Some(backend) => format!("service '{service}' already has backend {backend}"),
+                None => format!("backend {} is listed twice", spec.addr),
             });
         }
     }
@@ -491,9 +756,269 @@ mod tests {
 
     #[test]
     fn names_are_plain() {
-        assert!(validate_name("web-1.v2_x").is_ok());
-        for bad in ["", "a b", "x/y", &"n".repeat(64)] {
-            assert!(validate_name(bad).is_err(), "{bad}");
+        assert!(validate_name("service", "web-1.v2_x").is_ok());
+        for bad in ["", "a b", "x/y", "n@2", &"n".repeat(64)] {
+            assert!(validate_name("service", bad).is_err(), "{bad}");
         }
+    }
+
+    fn spec(s: &str) -> BackendSpec {
+        parse_backend_spec(s).unwrap()
+    }
+
+    fn ip(s: &str) -> Ipv4Addr {
+        s.parse().unwrap()
+    }
+
+    /// Nodes n1 (192.168.1.1) and n2 (192.168.1.2), no service.
+    fn mesh() -> Table {
+        let mut table = Table::default();
+        table.add_node("n1", ip("192.168.1.1")).unwrap();
+        table.add_node("n2", ip("192.168.1.2")).unwrap();
+        table
+    }
+
+    /// `mesh()` with service `web` (tcp/8080) on `backends` (`IP:PORT[@NODE]`).
+    fn mesh_with_web(backends: &[&str]) -> Table {
+        let mut table = mesh();
+        let specs: Vec<BackendSpec> = backends.iter().map(|b| spec(b)).collect();
+        table
+            .add_service("web", Proto::Tcp, 8080, None, &specs)
+            .unwrap();
+        table
+    }
+
+    #[test]
+    fn backend_arguments_may_name_a_node() {
+        assert_eq!(
+            spec("10.0.0.8:80@n2"),
+            BackendSpec {
+                addr: addr("10.0.0.8:80"),
+                node: Some("n2".into())
+            }
+        );
+        assert_eq!(spec("10.0.0.8:80"), BackendSpec::from(addr("10.0.0.8:80")));
+        assert_eq!(spec("10.0.0.8:80@n2").to_string(), "10.0.0.8:80@n2");
+        assert_eq!(spec("10.0.0.8:80").to_string(), "10.0.0.8:80");
+        for (bad, names) in [
+            ("10.0.0.8:80@", "invalid node name ''"),
+            ("10.0.0.8:80@n 2", "invalid node name 'n 2'"),
+            ("10.0.0.8:80@n2@n3", "invalid node name 'n2@n3'"),
+            ("10.0.0.8@n2", "'10.0.0.8'"),
+            ("10.0.0.8:0@n2", "'10.0.0.8:0'"),
+            ("@n2", "''"),
+        ] {
+            let err = parse_backend_spec(bad).unwrap_err();
+            assert!(err.contains(names), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn underlay_addresses_and_vnis_are_checked_by_value() {
+        assert_eq!(parse_node_ip("192.168.1.1"), Ok(ip("192.168.1.1")));
+        for bad in [
+            "0.0.0.0",
+            "255.255.255.255",
+            "224.0.0.5",
+            "127.0.0.1",
+            "10.0.0",
+            "::1",
+            "n2",
+        ] {
+            let err = parse_node_ip(bad).unwrap_err();
+            assert!(err.contains(&format!("'{bad}'")), "{err}");
+        }
+        assert_eq!(parse_vni("0"), Ok(0));
+        assert_eq!(parse_vni("16777215"), Ok(MAX_VNI));
+        for bad in ["16777216", "-1", "x", ""] {
+            let err = parse_vni(bad).unwrap_err();
+            assert!(err.contains(&format!("'{bad}'")), "{err}");
+        }
+    }
+
+    #[test]
+    fn node_add_is_idempotent_and_refuses_conflicts_without_change() {
+        let mut table = mesh();
+        let before = table.clone();
+        assert_eq!(table.add_node("n2", ip("192.168.1.2")), Ok(false));
+        assert_eq!(table, before, "re-adding the same node is a no-op");
+        for (name, addr, wanted) in [
+            (
+                "n2",
+                "192.168.1.9",
+                "already exists with underlay IP 192.168.1.2",
+            ),
+            ("n3", "192.168.1.1", "already belongs to node 'n1'"),
+            ("n 3", "192.168.1.3", "invalid node name"),
+        ] {
+            let err = table.add_node(name, ip(addr)).unwrap_err();
+            assert!(err.contains(wanted), "{err}");
+        }
+        assert_eq!(table, before);
+        assert_eq!(table.add_node("n3", ip("192.168.1.3")), Ok(true));
+        assert_eq!(table.generation, before.generation + 1);
+    }
+
+    #[test]
+    fn node_count_is_limited() {
+        let mut table = Table::default();
+        for i in 0..MAX_NODES {
+            table
+                .add_node(&format!("n{i}"), Ipv4Addr::from(0x0a01_0000 + i))
+                .unwrap();
+        }
+        let err = table.add_node("one-more", ip("192.168.1.1")).unwrap_err();
+        assert!(err.contains("4096 nodes"), "{err}");
+    }
+
+    #[test]
+    fn a_node_hosting_backends_cannot_be_removed() {
+        let mut table = mesh_with_web(&["10.0.0.8:80@n2"]);
+        table
+            .add_service("api", Proto::Tcp, 9090, None, &[spec("10.0.0.9:80@n2")])
+            .unwrap();
+        let before = table.clone();
+        let err = table.remove_node("n2").unwrap_err();
+        assert!(
+            err.contains("node 'n2' still hosts backends of services web, api"),
+            "{err}"
+        );
+        assert!(
+            table
+                .remove_node("n9")
+                .unwrap_err()
+                .contains("unknown node 'n9'")
+        );
+        assert_eq!(table, before);
+        assert_eq!(table.remove_node("n1").unwrap().name, "n1");
+        table.remove_service("web").unwrap();
+        table.remove_service("api").unwrap();
+        table.remove_node("n2").unwrap();
+        assert!(table.nodes.is_empty());
+    }
+
+    #[test]
+    fn backends_on_unknown_nodes_are_refused() {
+        let err = mesh()
+            .add_service("web", Proto::Tcp, 8080, None, &[spec("10.0.0.8:80@n9")])
+            .unwrap_err();
+        assert_eq!(
+            err,
+            "unknown node 'n9': add it with `lbctl node add n9 <underlay-ip>`"
+        );
+        let mut table = mesh_with_web(&["10.0.0.8:80@n2"]);
+        let before = table.clone();
+        let err = table
+            .add_backends("web", &[spec("10.0.0.9:80"), spec("10.0.0.10:80@n9")])
+            .unwrap_err();
+        assert!(err.starts_with("unknown node 'n9'"), "{err}");
+        assert_eq!(table, before);
+    }
+
+    #[test]
+    fn an_address_appears_once_per_service_whatever_its_node() {
+        let mut table = mesh_with_web(&["10.0.0.8:80@n2"]);
+        let before = table.clone();
+        for (backends, wanted) in [
+            (
+                vec![spec("10.0.0.8:80@n1")],
+                "service 'web' already has backend 10.0.0.8:80@n2",
+            ),
+            (
+                vec![spec("10.0.0.8:80")],
+                "service 'web' already has backend 10.0.0.8:80@n2",
+            ),
+            (
+                vec![spec("10.0.0.9:80@n1"), spec("10.0.0.9:80")],
+                "backend 10.0.0.9:80 is listed twice",
+            ),
+        ] {
+            assert_eq!(table.add_backends("web", &backends).unwrap_err(), wanted);
+        }
+        assert_eq!(table, before);
+        table.add_backends("web", &[spec("10.0.0.9:80")]).unwrap();
+        let web = table.service("web").unwrap();
+        assert_eq!(web.backends[0].node.as_deref(), Some("n2"));
+        assert_eq!(web.backends[1].node, None);
+    }
+
+    #[test]
+    fn backend_rm_matches_the_node_only_when_one_is_given() {
+        let mut table = mesh_with_web(&["10.0.0.7:80", "10.0.0.8:80@n2", "10.0.0.9:80@n1"]);
+        let before = table.clone();
+        for (backend, wanted) in [
+            (
+                "10.0.0.8:80@n1",
+                "service 'web' has backend 10.0.0.8:80@n2, not 10.0.0.8:80@n1",
+            ),
+            (
+                "10.0.0.7:80@n1",
+                "service 'web' has backend 10.0.0.7:80, not 10.0.0.7:80@n1 (it is on no node)",
+            ),
+            ("10.0.0.6:80@n1", "service 'web' has no backend 10.0.0.6:80"),
+        ] {
+            assert_eq!(
+                table.remove_backends("web", &[spec(backend)]).unwrap_err(),
+                wanted
+            );
+        }
+        assert_eq!(table, before);
+        table
+            .remove_backends("web", &[spec("10.0.0.8:80@n2"), spec("10.0.0.9:80")])
+            .unwrap();
+        let left: Vec<String> = table
+            .service("web")
+            .unwrap()
+            .backends
+            .iter()
+            .map(|b| b.to_string())
+            .collect();
+        assert_eq!(left, ["10.0.0.7:80"]);
+    }
+
+    #[test]
+    fn moving_a_backend_to_another_node_gives_it_a_new_id() {
+        let mut table = mesh_with_web(&["10.0.0.8:80@n1"]);
+        table
+            .remove_backends("web", &[spec("10.0.0.8:80")])
+            .unwrap();
+        table
+            .add_backends("web", &[spec("10.0.0.8:80@n2")])
+            .unwrap();
+        let backend = &table.service("web").unwrap().backends[0];
+        assert_eq!((backend.id, backend.node.as_deref()), (1, Some("n2")));
+    }
+
+    #[test]
+    fn self_is_the_first_node_whose_address_is_local() {
+        let table = mesh();
+        let local: BTreeSet<Ipv4Addr> = [ip("127.0.0.1"), ip("192.168.1.2")].into();
+        assert_eq!(table.self_node(&local).unwrap().name, "n2");
+        assert!(table.self_node(&[ip("192.168.1.3")].into()).is_none());
+    }
+
+    #[test]
+    fn mesh_settings_default_and_change_only_when_valid() {
+        let mut table = Table::default();
+        assert_eq!((table.vni, table.vxlan_port), (4096, 4789));
+        let before = table.clone();
+        assert!(table.set_mesh(None, None).unwrap_err().contains("--vni"));
+        assert!(
+            table
+                .set_mesh(Some(MAX_VNI + 1), Some(4790))
+                .unwrap_err()
+                .contains("VNI")
+        );
+        assert!(
+            table
+                .set_mesh(Some(1), Some(0))
+                .unwrap_err()
+                .contains("port '0'")
+        );
+        assert_eq!(table, before);
+        table.set_mesh(Some(MAX_VNI), None).unwrap();
+        assert_eq!((table.vni, table.vxlan_port), (MAX_VNI, 4789));
+        table.set_mesh(None, Some(8472)).unwrap();
+        assert_eq!((table.vni, table.vxlan_port), (MAX_VNI, 8472));
     }
 }

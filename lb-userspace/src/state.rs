@@ -1,4 +1,5 @@
-//! The persisted state of an instance: the service table and the attached interfaces. Written
+//! The persisted state of an instance: the service table, the attached interfaces and the
+//! neighbour entries lbctl made. Written
 //! atomically (temporary file, fsync, rename), so a crash leaves the old or the new state.
 use std::{
     fs::{self, File, OpenOptions},
@@ -10,7 +11,7 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use serde::{Deserialize, Serialize};
 
-use crate::model::Table;
+use crate::{model::Table, underlay::NextHop};
 
 const STATE_FILE: &str = "state.json";
 const FORMAT: u32 = 1;
@@ -30,6 +31,10 @@ pub struct State {
     pub flow_capacity: u32,
     pub attachments: Vec<Attachment>,
     pub table: Table,
+    /// The managed neighbour entries lbctl made for the next hops towards the other nodes,
+    /// so that it deletes those (and only those) when no node needs them any more.
+    #[serde(default)]
+    pub managed_neighbours: Vec<NextHop>,
 }
 
 impl Default for State {
@@ -39,6 +44,7 @@ impl Default for State {
             flow_capacity: lb_common::DEFAULT_FLOW_CAPACITY,
             attachments: Vec::new(),
             table: Table::default(),
+            managed_neighbours: Vec::new(),
         }
     }
 }
@@ -145,6 +151,28 @@ mod tests {
             fs::read(dir.join(STATE_FILE)).unwrap(),
             b"{\"format\": 1, \"flow_cap"
         );
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_state_saved_before_the_mesh_loads_with_mesh_defaults() {
+        let dir = temp_dir("premesh");
+        fs::write(
+            dir.join(STATE_FILE),
+            r#"{"format": 1, "flow_capacity": 4096,
+                "attachments": [{"iface": "eth0", "ifindex": 7}],
+                "table": {"generation": 1, "services": [{"name": "web", "id": 0,
+                    "proto": "tcp", "port": 8080, "vip": null,
+                    "backends": [{"addr": "10.0.0.6:80", "id": 0}]}],
+                    "next_service_id": 1, "next_backend_id": 1}}"#,
+        )
+        .unwrap();
+        let state = load(&dir).unwrap();
+        assert!(state.managed_neighbours.is_empty());
+        assert!(state.table.nodes.is_empty());
+        assert_eq!(state.table.vni, lb_common::DEFAULT_VNI);
+        assert_eq!(state.table.vxlan_port, lb_common::DEFAULT_VXLAN_PORT);
+        assert_eq!(state.table.services[0].backends[0].node, None);
         fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -1,14 +1,20 @@
 //! Service table → map contents → the smallest set of map writes. Pure logic; `datapath`
 //! applies the result.
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
-use lb_common::{BACKEND_ACTIVE, Backend, MAX_BACKENDS_PER_SERVICE, ServiceKey, ServiceValue};
+use lb_common::{
+    BACKEND_ACTIVE, Backend, MAX_BACKENDS_PER_SERVICE, MeshConfig, ServiceKey, ServiceValue,
+};
 
 use crate::model::{Service, Table};
 
-/// What the `SERVICES` and `BACKENDS` maps should hold (active backends only).
+/// What `MESH`, `NODES`, `SERVICES` and `BACKENDS` should hold (active backends only).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct MapContents {
+    /// `MESH[0]`.
+    pub mesh: MeshConfig,
+    /// Underlay addresses (network byte order) of every node but this one.
+    pub nodes: BTreeSet<u32>,
     pub services: BTreeMap<ServiceKey, ServiceValue>,
     pub backends: BTreeMap<u32, Backend>,
 }
@@ -24,8 +30,34 @@ pub fn service_key(service: &Service) -> ServiceKey {
     }
 }
 
-pub fn desired(table: &Table) -> MapContents {
-    let mut contents = MapContents::default();
+/// The map contents `table` implies on the node named `self_node` (`None`: this instance is
+/// none of the table's nodes). Backends on this node, or on no node, are reached by plain
+/// routing; backends on another node carry that node's underlay address, so the data plane
+/// encapsulates their packets to it.
+pub fn desired(table: &Table, self_node: Option<&str>) -> MapContents {
+    let be = |ip: std::net::Ipv4Addr| u32::from_ne_bytes(ip.octets());
+    let local_ip = table
+        .nodes
+        .iter()
+        .find(|n| Some(n.name.as_str()) == self_node)
+        .map(|n| n.ip);
+    let mut contents = MapContents {
+        mesh: MeshConfig {
+            local_ip_be: local_ip.map_or(0, be),
+            vni: table.vni,
+            vxlan_port_be: table.vxlan_port.to_be(),
+            _pad: 0,
+        },
+        ..MapContents::default()
+    };
+    // Other nodes by name: where their backends' packets are encapsulated to.
+    let remote: BTreeMap<&str, u32> = table
+        .nodes
+        .iter()
+        .filter(|n| Some(n.name.as_str()) != self_node)
+        .map(|n| (n.name.as_str(), be(n.ip)))
+        .collect();
+    contents.nodes = remote.values().copied().collect();
     for service in &table.services {
         let mut value = ServiceValue {
             service_id: service.id,
@@ -41,11 +73,15 @@ pub fn desired(table: &Table) -> MapContents {
             contents.backends.insert(
                 backend.id,
                 Backend {
-                    ip_be: u32::from_ne_bytes(backend.addr.ip().octets()),
+                    ip_be: be(*backend.addr.ip()),
                     port_be: backend.addr.port().to_be(),
                     flags: BACKEND_ACTIVE,
                     service_id: service.id,
-                    node_ip_be: 0,
+                    node_ip_be: backend
+                        .node
+                        .as_deref()
+                        .and_then(|node| remote.get(node).copied())
+                        .unwrap_or(0),
                 },
             );
         }
@@ -55,36 +91,59 @@ pub fn desired(table: &Table) -> MapContents {
 }
 
 /// Map writes that turn `actual` into `desired`, in the order they must be applied so that
-/// the data plane never picks a backend that is not (yet, or any more) active:
-/// 1. `backends_to_write` (new backends become active before any service lists them; their
+/// the data plane never picks a backend that is not (yet, or any more) active, nor one on a
+/// node it does not (yet, or any more) know:
+/// 1. `mesh` (this node's underlay address, VNI and port: what every encapsulation uses);
+/// 2. `nodes_to_add` (a node's VXLAN is accepted before any of its backends can be chosen);
+/// 3. `backends_to_write` (new backends become active before any service lists them; their
 ///    counters are zeroed first when `new_backend_ids` says the slot is fresh);
-/// 2. `services_to_write` (new round-robin cursors start at 0 for `new_service_ids`);
-/// 3. `services_to_delete`;
-/// 4. `backends_to_clear` (deactivated last: flows pinned to them then choose again).
+/// 4. `services_to_write` (new round-robin cursors start at 0 for `new_service_ids`);
+/// 5. `services_to_delete`;
+/// 6. `backends_to_clear` (deactivated after the services stop listing them: flows pinned to
+///    them then choose again);
+/// 7. `nodes_to_remove` (last: once no backend sends there).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Delta {
+    pub mesh: Option<MeshConfig>,
+    pub nodes_to_add: Vec<u32>,
     pub backends_to_write: Vec<(u32, Backend)>,
     pub new_backend_ids: Vec<u32>,
     pub services_to_write: Vec<(ServiceKey, ServiceValue)>,
     pub new_service_ids: Vec<u32>,
     pub services_to_delete: Vec<ServiceKey>,
     pub backends_to_clear: Vec<u32>,
+    pub nodes_to_remove: Vec<u32>,
 }
 
 impl Delta {
+    /// How many map entries the delta writes or deletes (counter and cursor resets aside).
+    pub fn writes(&self) -> usize {
+        usize::from(self.mesh.is_some())
+            + self.nodes_to_add.len()
+            + self.backends_to_write.len()
+            + self.services_to_write.len()
+            + self.services_to_delete.len()
+            + self.backends_to_clear.len()
+            + self.nodes_to_remove.len()
+    }
+
     pub fn is_empty(&self) -> bool {
-        self.backends_to_write.is_empty()
-            && self.services_to_write.is_empty()
-            && self.services_to_delete.is_empty()
-            && self.backends_to_clear.is_empty()
+        self.writes() == 0
     }
 }
 
 pub fn delta(desired: &MapContents, actual: &MapContents) -> Delta {
-    let mut delta = Delta::default();
+    let mut delta = Delta {
+        mesh: (desired.mesh != actual.mesh).then_some(desired.mesh),
+        nodes_to_add: desired.nodes.difference(&actual.nodes).copied().collect(),
+        nodes_to_remove: actual.nodes.difference(&desired.nodes).copied().collect(),
+        ..Delta::default()
+    };
     for (id, backend) in &desired.backends {
         match actual.backends.get(id) {
             Some(current) if current == backend => {}
+            // Same backend reached another way (this instance became, or stopped being, its
+            // node): rewritten in place, its counters kept.
             Some(current)
                 if current.ip_be == backend.ip_be && current.port_be == backend.port_be =>
             {
@@ -127,22 +186,55 @@ pub fn delta(desired: &MapContents, actual: &MapContents) -> Delta {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{Proto, parse_backend};
+    use crate::model::{Proto, parse_backend, parse_backend_spec};
 
+    /// A table of services whose backends are `IP:PORT` or `IP:PORT@NODE`.
     fn table(services: &[(&str, u16, &[&str])]) -> Table {
+        mesh_table(&[], services)
+    }
+
+    /// Nodes `(name, underlay IP)` first, then services.
+    fn mesh_table(nodes: &[(&str, &str)], services: &[(&str, u16, &[&str])]) -> Table {
         let mut table = Table::default();
+        for (name, ip) in nodes {
+            table.add_node(name, ip.parse().unwrap()).unwrap();
+        }
         for (name, port, backends) in services {
-            let addrs: Vec<_> = backends.iter().map(|b| parse_backend(b).unwrap()).collect();
+            let specs: Vec<_> = backends
+                .iter()
+                .map(|b| parse_backend_spec(b).unwrap())
+                .collect();
             table
-                .add_service(name, Proto::Tcp, *port, None, &addrs)
+                .add_service(name, Proto::Tcp, *port, None, &specs)
                 .unwrap();
         }
         table
     }
 
+    const NODES: &[(&str, &str)] = &[("n1", "192.168.1.1"), ("n2", "192.168.1.2")];
+    const N1: u32 = u32::from_ne_bytes([192, 168, 1, 1]);
+    const N2: u32 = u32::from_ne_bytes([192, 168, 1, 2]);
+    const N3: u32 = u32::from_ne_bytes([192, 168, 1, 3]);
+
+    /// `web` with a plain backend (id 0), one on n1 (id 1) and one on n2 (id 2).
+    fn web_on_two_nodes() -> Table {
+        mesh_table(
+            NODES,
+            &[(
+                "web",
+                8080,
+                &["10.0.0.6:80", "10.0.0.7:80@n1", "10.0.0.8:80@n2"],
+            )],
+        )
+    }
+
+    fn node_ips(contents: &MapContents) -> Vec<u32> {
+        (0..3).map(|id| contents.backends[&id].node_ip_be).collect()
+    }
+
     #[test]
     fn keys_and_addresses_are_in_network_byte_order() {
-        let contents = desired(&table(&[("web", 8080, &["10.0.0.6:80"])]));
+        let contents = desired(&table(&[("web", 8080, &["10.0.0.6:80"])]), None);
         let (key, value) = contents.services.iter().next().unwrap();
         assert_eq!(key.port_be.to_ne_bytes(), [0x1f, 0x90]);
         assert_eq!(key.vip_be, 0);
@@ -156,7 +248,10 @@ mod tests {
 
     #[test]
     fn from_empty_everything_is_new_and_nothing_is_removed() {
-        let want = desired(&table(&[("web", 8080, &["10.0.0.6:80", "10.0.0.7:80"])]));
+        let want = desired(
+            &table(&[("web", 8080, &["10.0.0.6:80", "10.0.0.7:80"])]),
+            None,
+        );
         let delta = delta(&want, &MapContents::default());
         assert_eq!(delta.backends_to_write.len(), 2);
         assert_eq!(delta.new_backend_ids, vec![0, 1]);
@@ -167,20 +262,23 @@ mod tests {
 
     #[test]
     fn applied_state_yields_no_writes() {
-        let want = desired(&table(&[
-            ("web", 8080, &["10.0.0.6:80"]),
-            ("api", 9090, &["10.0.0.7:80"]),
-        ]));
+        let want = desired(
+            &table(&[
+                ("web", 8080, &["10.0.0.6:80"]),
+                ("api", 9090, &["10.0.0.7:80"]),
+            ]),
+            None,
+        );
         assert!(delta(&want, &want).is_empty());
     }
 
     #[test]
     fn removing_a_backend_rewrites_the_service_then_clears_the_slot() {
         let mut t = table(&[("web", 8080, &["10.0.0.6:80", "10.0.0.7:80"])]);
-        let before = desired(&t);
+        let before = desired(&t, None);
         t.remove_backends("web", &[parse_backend("10.0.0.6:80").unwrap()])
             .unwrap();
-        let delta = delta(&desired(&t), &before);
+        let delta = delta(&desired(&t, None), &before);
         assert!(delta.backends_to_write.is_empty());
         assert_eq!(delta.services_to_write.len(), 1);
         assert_eq!(delta.services_to_write[0].1.backend_count, 1);
@@ -198,9 +296,9 @@ mod tests {
             ("web", 8080, &["10.0.0.6:80"]),
             ("api", 9090, &["10.0.0.7:80"]),
         ]);
-        let before = desired(&t);
+        let before = desired(&t, None);
         t.remove_service("web").unwrap();
-        let delta = delta(&desired(&t), &before);
+        let delta = delta(&desired(&t, None), &before);
         assert_eq!(delta.services_to_delete.len(), 1);
         assert_eq!(u16::from_be(delta.services_to_delete[0].port_be), 8080);
         assert_eq!(delta.backends_to_clear, vec![0]);
@@ -209,13 +307,142 @@ mod tests {
 
     #[test]
     fn a_slot_that_changed_address_counts_as_new() {
-        let before = desired(&table(&[("web", 8080, &["10.0.0.6:80"])]));
-        let after = desired(&table(&[("web", 8080, &["10.0.0.9:80"])]));
+        let before = desired(&table(&[("web", 8080, &["10.0.0.6:80"])]), None);
+        let after = desired(&table(&[("web", 8080, &["10.0.0.9:80"])]), None);
         let delta = delta(&after, &before);
         assert_eq!(
             delta.new_backend_ids,
             vec![0],
             "its counters must start from zero"
         );
+    }
+
+    #[test]
+    fn without_a_self_node_every_node_is_remote_and_nothing_is_local() {
+        let contents = desired(&web_on_two_nodes(), None);
+        assert_eq!(
+            contents.mesh,
+            MeshConfig {
+                local_ip_be: 0,
+                vni: 4096,
+                vxlan_port_be: 4789u16.to_be(),
+                _pad: 0
+            }
+        );
+        assert_eq!(contents.mesh.vxlan_port_be.to_ne_bytes(), [0x12, 0xb5]);
+        assert_eq!(contents.nodes, [N1, N2].into());
+        assert_eq!(node_ips(&contents), [0, N1, N2]);
+    }
+
+    #[test]
+    fn the_self_node_is_local_and_not_in_nodes() {
+        let mut table = web_on_two_nodes();
+        table.set_mesh(Some(77), Some(8472)).unwrap();
+        let contents = desired(&table, Some("n1"));
+        assert_eq!(contents.mesh.local_ip_be, N1);
+        assert_eq!(contents.mesh.local_ip_be.to_ne_bytes(), [192, 168, 1, 1]);
+        assert_eq!(contents.mesh.vni, 77);
+        assert_eq!(u16::from_be(contents.mesh.vxlan_port_be), 8472);
+        assert_eq!(contents.nodes, [N2].into());
+        assert_eq!(
+            node_ips(&contents),
+            [0, 0, N2],
+            "a backend on this node is reached by plain routing"
+        );
+    }
+
+    #[test]
+    fn an_applied_mesh_yields_no_writes() {
+        let want = desired(&web_on_two_nodes(), Some("n2"));
+        assert!(delta(&want, &want).is_empty());
+        assert_eq!(
+            delta(&want, &MapContents::default()).writes(),
+            1 + 1 + 3 + 1
+        );
+    }
+
+    #[test]
+    fn from_empty_the_mesh_and_nodes_come_with_everything_else() {
+        let delta = delta(
+            &desired(&web_on_two_nodes(), Some("n1")),
+            &MapContents::default(),
+        );
+        assert_eq!(delta.mesh.unwrap().local_ip_be, N1);
+        assert_eq!(delta.nodes_to_add, [N2]);
+        assert_eq!(delta.new_backend_ids, [0, 1, 2]);
+        assert!(delta.nodes_to_remove.is_empty());
+    }
+
+    #[test]
+    fn nodes_come_and_go_around_their_backends() {
+        let mut t = mesh_table(
+            &[("n1", "192.168.1.1"), ("n3", "192.168.1.3")],
+            &[("web", 8080, &["10.0.0.7:80@n1", "10.0.0.9:80@n3"])],
+        );
+        let before = desired(&t, Some("n1"));
+        t.remove_backends("web", &[parse_backend_spec("10.0.0.9:80@n3").unwrap()])
+            .unwrap();
+        t.remove_node("n3").unwrap();
+        t.add_node("n2", "192.168.1.2".parse().unwrap()).unwrap();
+        t.add_backends("web", &[parse_backend_spec("10.0.0.8:80@n2").unwrap()])
+            .unwrap();
+        let delta = delta(&desired(&t, Some("n1")), &before);
+        assert_eq!(delta.mesh, None, "the mesh settings did not change");
+        assert_eq!(delta.nodes_to_add, [N2]);
+        assert_eq!(
+            delta.backends_to_write,
+            [(2, desired(&t, Some("n1")).backends[&2])]
+        );
+        assert_eq!(delta.backends_to_write[0].1.node_ip_be, N2);
+        assert_eq!(delta.new_backend_ids, [2]);
+        assert_eq!(delta.services_to_write[0].1.backend_ids[..2], [0, 2]);
+        assert_eq!(delta.backends_to_clear, [1]);
+        assert_eq!(delta.nodes_to_remove, [N3]);
+    }
+
+    #[test]
+    fn a_backend_moved_to_another_node_is_a_new_backend() {
+        let mut t = web_on_two_nodes();
+        let before = desired(&t, None);
+        t.remove_backends("web", &[parse_backend_spec("10.0.0.7:80").unwrap()])
+            .unwrap();
+        t.add_backends("web", &[parse_backend_spec("10.0.0.7:80@n2").unwrap()])
+            .unwrap();
+        let delta = delta(&desired(&t, None), &before);
+        assert_eq!(delta.new_backend_ids, [3]);
+        assert_eq!(delta.backends_to_write[0].1.node_ip_be, N2);
+        assert_eq!(
+            delta.backends_to_clear,
+            [1],
+            "flows pinned to the old one choose again"
+        );
+        assert!(delta.nodes_to_add.is_empty() && delta.nodes_to_remove.is_empty());
+    }
+
+    #[test]
+    fn becoming_a_node_rewrites_its_backends_in_place() {
+        let t = web_on_two_nodes();
+        let delta = delta(&desired(&t, Some("n2")), &desired(&t, None));
+        assert_eq!(delta.mesh.unwrap().local_ip_be, N2);
+        assert_eq!(delta.backends_to_write.len(), 1);
+        assert_eq!(delta.backends_to_write[0].0, 2);
+        assert_eq!(delta.backends_to_write[0].1.node_ip_be, 0);
+        assert!(
+            delta.new_backend_ids.is_empty(),
+            "same backend, same counters"
+        );
+        assert!(delta.services_to_write.is_empty());
+        assert_eq!(delta.nodes_to_remove, [N2]);
+        assert!(delta.nodes_to_add.is_empty());
+    }
+
+    #[test]
+    fn changing_the_vni_rewrites_only_the_mesh() {
+        let mut t = web_on_two_nodes();
+        let before = desired(&t, Some("n1"));
+        t.set_mesh(Some(5000), None).unwrap();
+        let delta = delta(&desired(&t, Some("n1")), &before);
+        assert_eq!(delta.mesh.unwrap().vni, 5000);
+        assert_eq!(delta.writes(), 1);
     }
 }
