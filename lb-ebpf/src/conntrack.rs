@@ -26,7 +26,8 @@ pub fn key_of(pkt: &Packet) -> FlowKey {
 pub enum Lookup {
     /// Pinned to a backend that is still in service.
     Pinned(FlowValue),
-    /// Pinned to a backend that was removed since: the flow must choose again.
+    /// Pinned to a backend that was removed (or now lives behind another node) since: the flow
+    /// must choose again.
     Stale,
     Miss,
 }
@@ -43,7 +44,8 @@ pub fn lookup(key: &FlowKey) -> Lookup {
         Some(backend)
             if backend.flags & BACKEND_ACTIVE != 0
                 && backend.ip_be == flow.backend_ip_be
-                && backend.port_be == flow.backend_port_be =>
+                && backend.port_be == flow.backend_port_be
+                && backend.node_ip_be == flow.node_ip_be =>
         {
             Lookup::Pinned(flow)
         }

@@ -49,17 +49,18 @@ pub struct VxlanHdr {
 }
 
 /// Everything encapsulation puts in front of the inner packet's IPv4 header, written in one go:
-/// the outer headers and the inner Ethernet addresses (the inner EtherType is the original).
+/// the outer headers and the whole inner Ethernet header (TC inserts its room after the
+/// original Ethernet header, so the inner one must be written in full).
 #[repr(C)]
 struct EncapHeaders {
     outer_eth: EthHdr,
     outer_ip: Ipv4Hdr,
     udp: UdpHdr,
     vxlan: VxlanHdr,
-    inner_dst_mac: [u8; 6],
-    inner_src_mac: [u8; 6],
+    inner_eth: EthHdr,
 }
-const _: () = assert!(core::mem::size_of::<EncapHeaders>() == VXLAN_OVERHEAD as usize + 12);
+const _: () =
+    assert!(core::mem::size_of::<EncapHeaders>() == VXLAN_OVERHEAD as usize + EthHdr::LEN);
 
 /// Bytes the outer IPv4 header, UDP and VXLAN add to the inner frame's length.
 const OUTER_L3_OVERHEAD: usize = 20 + 8 + 8;
@@ -132,8 +133,11 @@ fn headers(
             vni: [vni[1], vni[2], vni[3]],
             _reserved2: 0,
         },
-        inner_dst_mac: hop.dmac,
-        inner_src_mac: hop.smac,
+        inner_eth: EthHdr {
+            dst_addr: hop.dmac,
+            src_addr: hop.smac,
+            ether_type: ETH_P_IP_BE,
+        },
     }
 }
 

@@ -6,6 +6,7 @@
 use std::iter;
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::ops::Range;
+use std::os::fd::OwnedFd;
 
 use anyhow::{Context, Result, bail};
 
@@ -211,13 +212,18 @@ impl MeshSpec {
 ///
 /// Underlay links have MTU `underlay_mtu`, task links and bridges its
 /// [`overlay_mtu`]. TX checksum offload is off on the client's and the
-/// tasks' `eth0` (see [`NetNs::disable_tx_offload`]).
+/// tasks' `eth0` (see [`NetNs::disable_tx_offload`]). The underlay ports of
+/// the nodes run an XDP program that passes everything, so that they accept
+/// the frames a node's XDP program sends back out of its uplink (see
+/// [`NetNs::attach_xdp_pass`]).
 pub struct Mesh {
     spec: MeshSpec,
     /// Test server of each task. Declared before the namespaces so that it
     /// drops (kills the servers) first: a namespace only really goes away
     /// once no process is left in it.
     servers: TestServers,
+    /// XDP_PASS links on the nodes' underlay ports (see [`NetNs::attach_xdp_pass`]).
+    underlay_xdp: Vec<OwnedFd>,
     /// Index of the node of each task.
     task_nodes: Vec<usize>,
     underlay: NetNs,
@@ -249,6 +255,7 @@ impl Mesh {
         let mut mesh = Mesh {
             servers: TestServers::new(tasks.len(), spec.http_port, spec.udp_port),
             spec,
+            underlay_xdp: Vec::new(),
             task_nodes,
             underlay,
             client,
@@ -263,7 +270,8 @@ impl Mesh {
     }
 
     /// Creates links, addresses and routes.
-    fn wire(&self) -> Result<()> {
+    fn wire(&mut self) -> Result<()> {
+        let mut underlay_xdp = Vec::new();
         let underlay = self.underlay_segment();
         underlay.create()?;
 
@@ -273,6 +281,10 @@ impl Mesh {
         for (i, node) in self.nodes.iter().enumerate() {
             let port = format!("u-{}", node_name(i));
             underlay.plug(node, NODE_UPLINK, self.node_ip(i), &port)?;
+            // The node's XDP sends frames back out of its uplink (XDP_TX): the far end of a
+            // veth takes them only when it runs XDP itself.
+            let link = self.underlay.attach_xdp_pass(&port)?;
+            underlay_xdp.push(link);
             node.sysctl("net.ipv4.ip_forward", "1")?;
             let tasks = self.task_segment(i);
             tasks.create()?;
@@ -286,6 +298,7 @@ impl Mesh {
                     .ip(["route", "add", &task_route, "via", &node_ip])?;
             }
         }
+        self.underlay_xdp = underlay_xdp;
         Ok(())
     }
 

@@ -160,7 +160,11 @@ fn spreads_evenly(spec: MeshSpec) {
             local_tasks > 0,
             "{name}"
         );
-        for reason in ["drop_vxlan_unknown_source", "drop_encap_mtu", "drop_encap_no_neigh"] {
+        for reason in [
+            "drop_vxlan_unknown_source",
+            "drop_encap_mtu",
+            "drop_encap_no_neigh",
+        ] {
             assert_eq!(cluster.reason(node, reason), 0, "{name}: {reason}");
         }
     }
@@ -188,7 +192,10 @@ fn other_node_counts_subnets_and_task_placements_spread_evenly_too() {
 fn a_long_lived_connection_through_a_node_without_tasks_stays_on_one_task() {
     let cluster = Cluster::build(MeshSpec::default());
     let idle = cluster.mesh.node_count() - 1;
-    assert!(cluster.mesh.tasks_on(idle).is_empty(), "the last node has no task");
+    assert!(
+        cluster.mesh.tasks_on(idle).is_empty(),
+        "the last node has no task"
+    );
     let addr = cluster.addr(idle, WEB_PORT);
     cluster.mesh.client().in_netns(|| {
         let mut kept = KeepAlive::connect(addr).unwrap();
@@ -257,7 +264,7 @@ fn vxlan_from_an_address_that_is_not_a_node_is_dropped_and_counted() {
     let cluster = Cluster::build(MeshSpec::default());
     let target = 0;
     let before = cluster.reason(target, "drop_vxlan_unknown_source");
-    let task = cluster.mesh.tasks_on(target)[0];
+    let task = cluster.mesh.tasks_on(target).start;
     let inner = inner_udp_frame(
         cluster.mesh.client_ip(),
         *cluster.mesh.task_udp_addr(task).ip(),
@@ -267,10 +274,7 @@ fn vxlan_from_an_address_that_is_not_a_node_is_dropped_and_counted() {
     datagram.extend_from_slice(&lb_common::DEFAULT_VNI.to_be_bytes()[1..]);
     datagram.push(0);
     datagram.extend_from_slice(&inner);
-    let overlay = SocketAddrV4::new(
-        cluster.mesh.node_ip(target),
-        lb_common::DEFAULT_VXLAN_PORT,
-    );
+    let overlay = SocketAddrV4::new(cluster.mesh.node_ip(target), lb_common::DEFAULT_VXLAN_PORT);
     let sent = 5;
     cluster.mesh.client().in_netns(|| {
         let socket = UdpSocket::bind("0.0.0.0:0").unwrap();

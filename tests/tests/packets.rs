@@ -122,7 +122,7 @@ fn if_index(name: &str) -> u32 {
 impl Node {
     fn apply(&mut self) {
         let actual = self.maps.read_contents().unwrap();
-        let delta = sync::delta(&sync::desired(&self.table), &actual);
+        let delta = sync::delta(&sync::desired(&self.table, None), &actual);
         self.maps.apply(&delta).unwrap();
     }
 

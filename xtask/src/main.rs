@@ -3,7 +3,7 @@
 //! - `setup`: install what building and testing need (idempotent, fast when
 //!   everything is there, non-interactive so CI can run it);
 //! - `test`: setup, lints, build, then the whole test suite;
-//! - `demo`: a load balancer in front of three backends, shown end to end.
+//! - `demo`: the routing mesh of a three-node swarm, shown end to end.
 
 use std::ffi::OsString;
 use std::net::SocketAddrV4;
@@ -15,7 +15,8 @@ use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 use lb_tests::Lbctl;
 use lb_tests::client::http_get_new_connection;
-use lb_tests::topology::{NODE_UPLINK, SingleNode, SingleNodeSpec};
+use lb_tests::mesh::{Mesh, MeshSpec};
+use lb_tests::topology::NODE_UPLINK;
 
 /// The bpf-linker release that works with the nightly's LLVM here (0.11+
 /// needs a system LLVM that Debian 12 does not ship).
@@ -43,7 +44,7 @@ const BPF_FS_MAGIC: libc::__fsword_t = 0xcafe_4a11;
 const DEMO_PORT: u16 = 8080;
 
 /// Requests the demo sends.
-const DEMO_REQUESTS: usize = 6;
+const DEMO_REQUESTS: usize = 4;
 
 #[derive(Parser)]
 #[command(about = "lbctl project tasks")]
@@ -66,11 +67,12 @@ enum Task {
         #[arg(last = true)]
         cargo_test_args: Vec<OsString>,
     },
-    /// Show lbctl balancing HTTP requests across backends in namespaces.
+    /// Show the routing mesh: nodes in namespaces on one underlay, tasks behind some of them,
+    /// requests to every node answered by tasks wherever they run.
     Demo {
-        /// Number of backends behind the service.
-        #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..=245))]
-        backends: u16,
+        /// Tasks on each node, comma-separated: as many nodes as numbers.
+        #[arg(long, default_value = "2,2,0", value_delimiter = ',', num_args = 1..)]
+        tasks_per_node: Vec<usize>,
     },
 }
 
@@ -84,7 +86,7 @@ fn main() -> Result<()> {
             no_lint,
             cargo_test_args,
         } => test(no_lint, &cargo_test_args),
-        Task::Demo { backends } => demo(backends.into()),
+        Task::Demo { tasks_per_node } => demo(tasks_per_node),
     }
 }
 
@@ -372,9 +374,9 @@ fn check_interrupted() -> Result<()> {
 
 /// Runs the demo; on Ctrl-C/SIGTERM (or any failure) its guards have
 /// already cleaned up when this returns.
-fn demo(backends: usize) -> Result<()> {
+fn demo(tasks_per_node: Vec<usize>) -> Result<()> {
     install_signal_handlers()?;
-    let result = demo_steps(backends);
+    let result = demo_steps(tasks_per_node);
     if INTERRUPTED.load(Ordering::SeqCst) {
         // A child may have died of the same Ctrl-C first: say why.
         return result.context("demo interrupted by a signal; cleaned up");
@@ -383,74 +385,120 @@ fn demo(backends: usize) -> Result<()> {
 }
 
 /// The demo proper, with [`check_interrupted`] between steps.
-fn demo_steps(backends: usize) -> Result<()> {
+fn demo_steps(tasks_per_node: Vec<usize>) -> Result<()> {
     setup()?;
     check_interrupted()?;
     step("build lbctl and lb-testsrv");
     build_binaries()?;
     check_interrupted()?;
 
-    step(&format!("topology: client -> node -> {backends} backends"));
-    // Declared before lbctl so that it is dropped after it: lbctl purge
-    // must still find the node namespace.
-    let topo = SingleNode::build(SingleNodeSpec {
-        backends,
-        ..SingleNodeSpec::default()
+    let nodes = tasks_per_node.len();
+    step(&format!(
+        "topology: a client and {nodes} nodes on one underlay, tasks {tasks_per_node:?} per node"
+    ));
+    // Declared before the lbctl instances so that it is dropped after them: lbctl purge must
+    // still find the node namespaces.
+    let mesh = Mesh::build(MeshSpec {
+        nodes,
+        tasks_per_node,
+        ..MeshSpec::default()
     })?;
     println!(
-        "client {} ({}), node {} ({} on {NODE_UPLINK})",
-        topo.client().name(),
-        topo.client_ip(),
-        topo.node().name(),
-        topo.node_uplink_ip()
+        "client {} at {}; underlay MTU {}, overlay (task) MTU {}",
+        mesh.client().name(),
+        mesh.client_ip(),
+        mesh.spec().underlay_mtu,
+        mesh.spec().overlay_mtu()
     );
-    for i in 0..backends {
+    for i in 0..nodes {
+        let tasks: Vec<String> = mesh
+            .tasks_on(i)
+            .map(|k| format!("{} at {}", mesh.task_name(k), mesh.task_addr(k)))
+            .collect();
         println!(
-            "{} in {} at {}",
-            topo.backend_name(i),
-            topo.backend_ns(i).name(),
-            topo.backend_addr(i)
+            "node {} ({}) at {} on {NODE_UPLINK}: {}",
+            mesh.node_name(i),
+            mesh.node(i).name(),
+            mesh.node_ip(i),
+            if tasks.is_empty() {
+                "no task".to_owned()
+            } else {
+                tasks.join(", ")
+            }
         );
     }
     check_interrupted()?;
 
-    let lbctl = Lbctl::new(topo.node())?;
-    let backend_args: Vec<String> = (0..backends)
-        .map(|i| topo.backend_addr(i).to_string())
+    let backends: Vec<String> = (0..mesh.task_count())
+        .map(|k| {
+            format!(
+                "{}@{}",
+                mesh.task_addr(k),
+                mesh.node_name(mesh.task_node(k))
+            )
+        })
         .collect();
     let port = DEMO_PORT.to_string();
     let mut service_add = vec!["service", "add", "web", port.as_str()];
-    service_add.extend(backend_args.iter().map(String::as_str));
-    for args in [vec!["attach", NODE_UPLINK], service_add] {
-        step(&format!("lbctl {}", args.join(" ")));
-        print!("{}", lbctl.run(&args)?);
-        check_interrupted()?;
+    service_add.extend(backends.iter().map(String::as_str));
+    let mut commands: Vec<Vec<String>> = vec![vec!["attach".into(), NODE_UPLINK.into()]];
+    for j in 0..nodes {
+        commands.push(vec![
+            "node".into(),
+            "add".into(),
+            mesh.node_name(j),
+            mesh.node_ip(j).to_string(),
+        ]);
+    }
+    commands.push(service_add.iter().map(|s| s.to_string()).collect());
+    let mut instances = Vec::new();
+    for i in 0..nodes {
+        step(&format!(
+            "lbctl on {}: the same table on every node",
+            mesh.node_name(i)
+        ));
+        let lbctl = Lbctl::new(mesh.node(i))?;
+        for args in &commands {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            println!("$ lbctl {}", args.join(" "));
+            print!("{}", lbctl.run(&args)?);
+            check_interrupted()?;
+        }
+        instances.push(lbctl);
     }
 
-    let vip = SocketAddrV4::new(topo.node_uplink_ip(), DEMO_PORT);
-    step(&format!(
-        "{DEMO_REQUESTS} HTTP requests from the client to {vip}, each on a new connection"
-    ));
-    for n in 1..=DEMO_REQUESTS {
-        let reply = topo
-            .client()
-            .in_netns(|| http_get_new_connection(vip))
-            .with_context(|| format!("request {n}"))?;
-        println!(
-            "request {n}: answered by {:<10} which saw the client as {:<21} (client's real address {})",
-            reply.backend,
-            reply.client_seen,
-            topo.client_ip()
-        );
-        check_interrupted()?;
+    for i in 0..nodes {
+        let addr = SocketAddrV4::new(mesh.node_ip(i), DEMO_PORT);
+        step(&format!(
+            "{DEMO_REQUESTS} HTTP requests from the client to {} ({addr}), each on a new connection",
+            mesh.node_name(i)
+        ));
+        for n in 1..=DEMO_REQUESTS {
+            let reply = mesh
+                .client()
+                .in_netns(|| http_get_new_connection(addr))
+                .with_context(|| format!("request {n} to {addr}"))?;
+            let task_node = (0..mesh.task_count())
+                .find(|&k| mesh.task_name(k) == reply.backend)
+                .map(|k| mesh.node_name(mesh.task_node(k)))
+                .unwrap_or_else(|| "?".into());
+            println!(
+                "request {n}: answered by {} on {task_node:<3}, which saw the client as {} (client's real address {})",
+                reply.backend,
+                reply.client_seen,
+                mesh.client_ip()
+            );
+            check_interrupted()?;
+        }
     }
 
-    step("lbctl stats");
-    print!("{}", lbctl.run(&["stats"])?);
+    let last = nodes - 1;
+    step(&format!("lbctl stats on {}", mesh.node_name(last)));
+    print!("{}", instances[last].run(&["stats"])?);
 
     step("cleanup");
-    drop(lbctl);
-    drop(topo);
+    drop(instances);
+    drop(mesh);
     println!("done");
     Ok(())
 }
