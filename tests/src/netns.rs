@@ -375,59 +375,6 @@ pub(crate) fn describe(cmd: &Command) -> String {
     format!("`{}`", words.join(" "))
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn owner_pid_parses_harness_names_only() {
-        assert_eq!(owner_pid("lbt-1234-0-client"), Some(1234));
-        assert_eq!(owner_pid("lbt-1234-17-b-0"), Some(1234));
-        assert_eq!(owner_pid("lbt-1234-17"), None);
-        assert_eq!(owner_pid("lbt-x-0-client"), None);
-        assert_eq!(owner_pid("other-1234-0-client"), None);
-    }
-
-    #[test]
-    fn macs_parse_and_format() {
-        let mac = [0x02, 0x42, 0xac, 0x11, 0x00, 0xff];
-        assert_eq!(parse_mac("02:42:ac:11:00:ff").unwrap(), mac);
-        assert_eq!(parse_mac("02:42:AC:11:00:FF").unwrap(), mac);
-        assert_eq!(format_mac(mac), "02:42:ac:11:00:ff");
-        for bad in [
-            "",
-            "02:42:ac:11:00",
-            "02:42:ac:11:00:ff:01",
-            "2:42:ac:11:00:ff",
-            "0g:42:ac:11:00:ff",
-            "+2:42:ac:11:00:ff",
-        ] {
-            assert!(parse_mac(bad).is_err(), "{bad:?}");
-        }
-    }
-
-    /// A namespace left by a dead process goes; this process's stay.
-    /// Needs root.
-    #[test]
-    fn sweep_stale_deletes_only_namespaces_of_dead_processes() {
-        let mine = NetNs::new("sweep").unwrap();
-        // A pid that was alive a moment ago and is not any more.
-        let mut child = Command::new("true").spawn().unwrap();
-        let dead_pid = child.id();
-        child.wait().unwrap();
-        let stale = format!("{PREFIX}-{dead_pid}-0-sweep");
-        run_checked(Command::new("ip").args(["netns", "add", &stale])).unwrap();
-
-        assert!(sweep_stale().unwrap() >= 1);
-        let left: Vec<String> = std::fs::read_dir(NETNS_RUN_DIR)
-            .unwrap()
-            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-            .collect();
-        assert!(!left.contains(&stale), "{stale} survived: {left:?}");
-        assert!(left.iter().any(|n| n == mine.name()), "{left:?}");
-    }
-}
-
 /// `bpf(2)` commands, program type and attach type used by [`NetNs::attach_xdp_pass`]
 /// (`include/uapi/linux/bpf.h`).
 const BPF_PROG_LOAD: libc::c_long = 5;
@@ -488,4 +435,57 @@ fn link_xdp(prog: &OwnedFd, ifindex: u32) -> Result<OwnedFd> {
     attr[4..8].copy_from_slice(&ifindex.to_ne_bytes());
     attr[8..12].copy_from_slice(&BPF_ATTACH_TYPE_XDP.to_ne_bytes());
     bpf(BPF_LINK_CREATE, &mut attr)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn owner_pid_parses_harness_names_only() {
+        assert_eq!(owner_pid("lbt-1234-0-client"), Some(1234));
+        assert_eq!(owner_pid("lbt-1234-17-b-0"), Some(1234));
+        assert_eq!(owner_pid("lbt-1234-17"), None);
+        assert_eq!(owner_pid("lbt-x-0-client"), None);
+        assert_eq!(owner_pid("other-1234-0-client"), None);
+    }
+
+    #[test]
+    fn macs_parse_and_format() {
+        let mac = [0x02, 0x42, 0xac, 0x11, 0x00, 0xff];
+        assert_eq!(parse_mac("02:42:ac:11:00:ff").unwrap(), mac);
+        assert_eq!(parse_mac("02:42:AC:11:00:FF").unwrap(), mac);
+        assert_eq!(format_mac(mac), "02:42:ac:11:00:ff");
+        for bad in [
+            "",
+            "02:42:ac:11:00",
+            "02:42:ac:11:00:ff:01",
+            "2:42:ac:11:00:ff",
+            "0g:42:ac:11:00:ff",
+            "+2:42:ac:11:00:ff",
+        ] {
+            assert!(parse_mac(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    /// A namespace left by a dead process goes; this process's stay.
+    /// Needs root.
+    #[test]
+    fn sweep_stale_deletes_only_namespaces_of_dead_processes() {
+        let mine = NetNs::new("sweep").unwrap();
+        // A pid that was alive a moment ago and is not any more.
+        let mut child = Command::new("true").spawn().unwrap();
+        let dead_pid = child.id();
+        child.wait().unwrap();
+        let stale = format!("{PREFIX}-{dead_pid}-0-sweep");
+        run_checked(Command::new("ip").args(["netns", "add", &stale])).unwrap();
+
+        assert!(sweep_stale().unwrap() >= 1);
+        let left: Vec<String> = std::fs::read_dir(NETNS_RUN_DIR)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert!(!left.contains(&stale), "{stale} survived: {left:?}");
+        assert!(left.iter().any(|n| n == mine.name()), "{left:?}");
+    }
 }
