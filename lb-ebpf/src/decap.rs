@@ -13,8 +13,7 @@ use network_types::{eth::EthHdr, udp::UdpHdr};
 use crate::{
     conntrack,
     encap::{VXLAN_FLAG_VNI, VxlanHdr},
-    forward::{self, Egress},
-    ingress,
+    forward, ingress,
     maps::{NODES, TUNNEL_REPLIES},
     parse::{self, Packet, ptr_at},
 };
@@ -112,16 +111,9 @@ fn remember_ingress_node(key: &FlowKey, node_ip_be: u32) {
 #[inline(always)]
 fn deliver(ctx: &XdpContext, inner: &Packet) -> Result<(u32, Reason), Reason> {
     let egress = forward::decide(ctx, inner, inner.src_ip_be, inner.dst_ip_be);
-    let reason = match egress {
-        Egress::Tx(ref hop) | Egress::Redirect(ref hop) => {
-            forward::prepare_l2(ctx, hop).ok_or(Reason::PassTruncated)?;
-            if matches!(egress, Egress::Tx(_)) {
-                Reason::DecapTx
-            } else {
-                Reason::DecapRedirect
-            }
-        }
-        Egress::Stack => Reason::DecapStack,
-    };
-    Ok((forward::send(&egress), reason))
+    forward::route(
+        ctx,
+        &egress,
+        [Reason::DecapTx, Reason::DecapRedirect, Reason::DecapStack],
+    )
 }

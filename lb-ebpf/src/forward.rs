@@ -7,6 +7,7 @@ use aya_ebpf::{
     helpers::generated::bpf_fib_lookup as fib_lookup_helper,
     programs::XdpContext,
 };
+use lb_common::Reason;
 use network_types::eth::EthHdr;
 
 use crate::{
@@ -147,6 +148,30 @@ pub fn decrement_ttl(data: usize, data_end: usize) -> Option<()> {
         IP_CHECK_OFF,
         csum::replace16(check, old, new),
     )
+}
+
+/// Sends a routed packet the way `egress` says, readied for its next hop when XDP sends it
+/// itself. `reasons` are what it is counted under when it leaves by XDP_TX, by redirect, or
+/// through the kernel.
+#[inline(always)]
+pub fn route(
+    ctx: &XdpContext,
+    egress: &Egress,
+    reasons: [Reason; 3],
+) -> Result<(u32, Reason), Reason> {
+    let [tx, redirect, stack] = reasons;
+    let reason = match egress {
+        Egress::Tx(hop) => {
+            prepare_l2(ctx, hop).ok_or(Reason::PassTruncated)?;
+            tx
+        }
+        Egress::Redirect(hop) => {
+            prepare_l2(ctx, hop).ok_or(Reason::PassTruncated)?;
+            redirect
+        }
+        Egress::Stack => stack,
+    };
+    Ok((send(egress), reason))
 }
 
 /// Sends a prepared packet: XDP_TX, or a redirect through `TX_PORTS`.

@@ -119,18 +119,15 @@ fn to_backend(
         return encap::xdp_to_node(ctx, key, flow.node_ip_be);
     }
     let egress = forward::decide(ctx, pkt, pkt.src_ip_be, flow.backend_ip_be);
-    let reason = match egress {
-        Egress::Tx(ref hop) | Egress::Redirect(ref hop) => {
-            forward::prepare_l2(ctx, hop).ok_or(Reason::PassTruncated)?;
-            if matches!(egress, Egress::Tx(_)) {
-                Reason::ForwardTx
-            } else {
-                Reason::ForwardRedirect
-            }
-        }
-        Egress::Stack => Reason::ForwardStack,
-    };
-    Ok((forward::send(&egress), reason))
+    forward::route(
+        ctx,
+        &egress,
+        [
+            Reason::ForwardTx,
+            Reason::ForwardRedirect,
+            Reason::ForwardStack,
+        ],
+    )
 }
 
 /// Reverse-NATs a backend's reply when XDP can send it on itself. Otherwise the reply goes to

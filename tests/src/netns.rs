@@ -181,6 +181,18 @@ impl NetNs {
         Ok(())
     }
 
+    /// Packets interface `ifname` of this namespace received, from its sysfs statistics (read
+    /// through `ip netns exec`, which mounts the namespace's own /sys: after `setns` alone,
+    /// /sys still shows the caller's interfaces).
+    pub fn rx_packets(&self, ifname: &str) -> Result<u64> {
+        let path = format!("/sys/class/net/{ifname}/statistics/rx_packets");
+        let out = self.exec(["cat", &path])?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        text.trim()
+            .parse()
+            .with_context(|| format!("{path} in {}: {text:?}", self.name))
+    }
+
     /// Attaches a two-instruction XDP program that passes every frame to interface `ifname`
     /// of this namespace, for as long as the returned link stays open.
     ///

@@ -6,12 +6,11 @@
 //! in the other the device encapsulates a connection to a task, which the task's node
 //! decapsulates in XDP. Both directions' replies take the opposite path, so a completed HTTP
 //! exchange proves both encodings are understood.
-use anyhow::{Context, Result};
+use anyhow::Result;
 use lb_tests::{
     Lbctl,
     client::{http_get_from, http_get_new_connection},
     mesh::{LinuxVxlanSpec, Mesh, MeshSpec, VXLAN_IF},
-    netns::NetNs,
     topology::NODE_UPLINK,
 };
 use std::net::SocketAddrV4;
@@ -19,16 +18,6 @@ use std::net::SocketAddrV4;
 /// The name the Linux host has in lbctl's node table.
 const HOST_NODE: &str = "lx";
 const WEB_PORT: u16 = 8080;
-
-fn rx_packets(ns: &NetNs, ifname: &str) -> Result<u64> {
-    // Through `ip netns exec`, which mounts the namespace's own /sys.
-    let path = format!("/sys/class/net/{ifname}/statistics/rx_packets");
-    let out = ns.exec(["cat", &path])?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    text.trim()
-        .parse()
-        .with_context(|| format!("{path} in {}: {text:?}", ns.name()))
-}
 
 fn reason(lbctl: &Lbctl, reason: &str) -> u64 {
     let stats: serde_json::Value =
@@ -77,14 +66,14 @@ fn a_linux_vxlan_device_and_the_data_plane_understand_each_others_frames() -> Re
     // to that node, which decapsulates and reverse-NATs the reply.
     let ingress = mesh.node_count() - 1;
     host.reply_via(mesh.node_ip(ingress), mesh.node_mac(ingress)?)?;
-    let decoded_before = rx_packets(host.ns(), VXLAN_IF)?;
+    let decoded_before = host.ns().rx_packets(VXLAN_IF)?;
     let addr = SocketAddrV4::new(mesh.node_ip(ingress), WEB_PORT);
     for _ in 0..3 {
         let reply = mesh.client().in_netns(|| http_get_new_connection(addr))?;
         assert_eq!(reply.backend, spec.name);
         assert_eq!(*reply.client_seen.ip(), mesh.client_ip());
     }
-    assert!(rx_packets(host.ns(), VXLAN_IF)? > decoded_before);
+    assert!(host.ns().rx_packets(VXLAN_IF)? > decoded_before);
     assert!(reason(&lbctl[ingress], "forward_encap_tx") > 0);
     assert!(reason(&lbctl[ingress], "reply_tx") > 0);
 
@@ -93,7 +82,7 @@ fn a_linux_vxlan_device_and_the_data_plane_understand_each_others_frames() -> Re
     // back to the host, whose vxlan0 decodes it.
     let task = mesh.tasks_on(0).start;
     host.route_via(mesh.task_ip(task), mesh.node_ip(0), mesh.node_mac(0)?)?;
-    let decoded_before = rx_packets(host.ns(), VXLAN_IF)?;
+    let decoded_before = host.ns().rx_packets(VXLAN_IF)?;
     for _ in 0..3 {
         let reply = host
             .ns()
@@ -101,7 +90,7 @@ fn a_linux_vxlan_device_and_the_data_plane_understand_each_others_frames() -> Re
         assert_eq!(reply.backend, mesh.task_name(task));
         assert_eq!(*reply.client_seen.ip(), host.client_ip());
     }
-    assert!(rx_packets(host.ns(), VXLAN_IF)? > decoded_before);
+    assert!(host.ns().rx_packets(VXLAN_IF)? > decoded_before);
     assert!(reason(&lbctl[0], "decap_stack") > 0);
     assert!(reason(&lbctl[0], "reply_encap") > 0);
     drop(lbctl);

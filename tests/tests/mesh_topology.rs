@@ -109,17 +109,6 @@ fn a_clashing_linux_vxlan_host_is_refused_and_cleaned_up(mesh: &Mesh) -> Result<
     Ok(())
 }
 
-/// Packets `ifname` of `ns` received (read through `ip netns exec`, which mounts the
-/// namespace's own /sys).
-fn rx_packets(ns: &NetNs, ifname: &str) -> Result<u64> {
-    let path = format!("/sys/class/net/{ifname}/statistics/rx_packets");
-    let out = ns.exec(["cat", &path])?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    text.trim()
-        .parse()
-        .with_context(|| format!("{path} in {}: {text:?}", ns.name()))
-}
-
 /// The MTU of `ifname` in `ns`, from `ip -o link show`.
 fn mtu(ns: &NetNs, ifname: &str) -> Result<u32> {
     let out = ns.ip(["-o", "link", "show", "dev", ifname])?;
@@ -310,7 +299,7 @@ fn linux_vxlan_host_talks_to_a_node_with_a_kernel_vxlan_device(
 
     // Both ways went through the VXLAN devices, not some other route.
     for ns in [n1, host.ns()] {
-        let received = rx_packets(ns, VXLAN_IF)?;
+        let received = ns.rx_packets(VXLAN_IF)?;
         ensure!(
             received >= 4,
             "{} {VXLAN_IF} received {received}",
