@@ -3,19 +3,24 @@
 //!
 //! Each test runs in a network namespace of its own holding the "node": a veth `lbt0` with the
 //! node address 192.168.100.1/24 and the task subnet 10.0.0.1/24, and permanent neighbour
-//! entries for the client and the backends, so that the FIB lookups of the program resolve.
+//! entries for the client, the backends and the other mesh node `n2`, so that the FIB lookups
+//! of the program resolve. The node is `n1` of a two-node routing mesh: its own backends are
+//! reached by routing, `n2`'s through VXLAN.
 use std::net::Ipv4Addr;
 
 use aya::{
     Ebpf,
     programs::{SchedClassifier, TestRun, TestRunOptions, Xdp},
 };
-use etherparse::PacketBuilder;
-use lb_common::{BackendStats, Event, Reason, program_names};
+use etherparse::{EtherType, Ethernet2Header, IpNumber, Ipv4Header, PacketBuilder, UdpHeader};
+use lb_common::{
+    BackendStats, DEFAULT_VNI, DEFAULT_VXLAN_PORT, Event, FlowKey, PROTO_TCP, Reason,
+    VXLAN_OVERHEAD, program_names,
+};
 use lb_tests::netns::NetNs;
 use lb_userspace::{
     datapath::{self, Maps},
-    model::{Proto, Table, parse_backend},
+    model::{Proto, Table, parse_backend, parse_backend_spec},
     sync,
 };
 
@@ -23,6 +28,8 @@ const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
 const XDP_TX: u32 = 3;
 const XDP_REDIRECT: u32 = 4;
+/// TC_ACT_UNSPEC: the program lets the packet go on its way.
+const TC_ACT_UNSPEC: i32 = -1;
 
 const NODE_IP: [u8; 4] = [192, 168, 100, 1];
 const CLIENT_IP: [u8; 4] = [192, 168, 100, 2];
@@ -36,6 +43,18 @@ const DNS_BACKEND_PORT: u16 = 53;
 /// The MAC the client addressed its frames to: the node's, whatever it is.
 const INGRESS_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
 
+/// The other node of the mesh, on the same underlay segment.
+const N2_IP: [u8; 4] = [192, 168, 100, 11];
+const N2_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x0b];
+/// The UDP source port n2 puts on the VXLAN it sends (its flow hash: any value will do).
+const N2_SOURCE_PORT: u16 = 0xc123;
+/// `mesh tcp/9090` and `meshdns udp/9053` have one backend, on n2.
+const MESH_PORT: u16 = 9090;
+const MESH_DNS_PORT: u16 = 9053;
+const REMOTE_BACKEND: [u8; 4] = [10, 0, 0, 20];
+/// MTU of `lbt0` (veth's default), the underlay the VXLAN leaves by.
+const UNDERLAY_MTU: usize = 1500;
+
 fn backend_mac(i: usize) -> [u8; 6] {
     [0x02, 0, 0, 0, 0, BACKENDS[i][3]]
 }
@@ -44,13 +63,17 @@ struct Node {
     ebpf: Ebpf,
     maps: Maps,
     table: Table,
+    /// The node of the table this instance is (`sync::desired`'s `self_node`).
+    self_node: Option<&'static str>,
     /// ifindex and MAC of `lbt0`.
     ifindex: u32,
     mac: [u8; 6],
 }
 
 /// Builds the node namespace; `body` runs inside it with the program loaded and the table
-/// `web tcp/8080 → 10.0.0.6-8:80, dns udp/5353 → 10.0.0.6-7:53` applied.
+/// `web tcp/8080 → 10.0.0.6-8:80, dns udp/5353 → 10.0.0.6-7:53, mesh tcp/9090 → 10.0.0.20:80@n2,
+/// meshdns udp/9053 → 10.0.0.20:53@n2` applied as node `n1` of the nodes `n1` (192.168.100.1)
+/// and `n2` (192.168.100.11).
 fn with_node(body: impl FnOnce(&mut Node) + Send) {
     lb_tests::require_root().unwrap();
     let ns = NetNs::new("pkt").unwrap();
@@ -65,6 +88,7 @@ fn with_node(body: impl FnOnce(&mut Node) + Send) {
         "neigh add 10.0.0.6 lladdr 02:00:00:00:00:06 dev lbt0 nud permanent",
         "neigh add 10.0.0.7 lladdr 02:00:00:00:00:07 dev lbt0 nud permanent",
         "neigh add 10.0.0.8 lladdr 02:00:00:00:00:08 dev lbt0 nud permanent",
+        "neigh add 192.168.100.11 lladdr 02:00:00:00:00:0b dev lbt0 nud permanent",
     ] {
         ns.ip(args.split(' ')).unwrap();
     }
@@ -89,6 +113,7 @@ fn with_node(body: impl FnOnce(&mut Node) + Send) {
             ebpf,
             maps,
             table: Table::default(),
+            self_node: Some("n1"),
             ifindex,
             mac: INGRESS_MAC,
         };
@@ -106,6 +131,18 @@ fn with_node(body: impl FnOnce(&mut Node) + Send) {
         node.table
             .add_service("dns", Proto::Udp, DNS_PORT, None, &dns)
             .unwrap();
+        for (name, ip) in [("n1", NODE_IP), ("n2", N2_IP)] {
+            node.table.add_node(name, Ipv4Addr::from(ip)).unwrap();
+        }
+        for (name, proto, port, backend) in [
+            ("mesh", Proto::Tcp, MESH_PORT, "10.0.0.20:80@n2"),
+            ("meshdns", Proto::Udp, MESH_DNS_PORT, "10.0.0.20:53@n2"),
+        ] {
+            let backend = parse_backend_spec(backend).unwrap();
+            node.table
+                .add_service(name, proto, port, None, &[backend])
+                .unwrap();
+        }
         node.apply();
         body(&mut node);
     });
@@ -122,7 +159,7 @@ fn if_index(name: &str) -> u32 {
 impl Node {
     fn apply(&mut self) {
         let actual = self.maps.read_contents().unwrap();
-        let delta = sync::delta(&sync::desired(&self.table, None), &actual);
+        let delta = sync::delta(&sync::desired(&self.table, self.self_node), &actual);
         self.maps.apply(&delta).unwrap();
     }
 
@@ -151,26 +188,62 @@ impl Node {
         (result.return_value, out)
     }
 
-    fn tc(&self, frame: &[u8]) -> Vec<u8> {
+    /// One case of a table: `frame` gets `action`, is counted once under `reason`, and is left
+    /// unchanged when passed.
+    fn xdp_case(
+        &self,
+        name: &str,
+        frame: &[u8],
+        ingress: Option<u32>,
+        action: u32,
+        reason: Reason,
+    ) {
+        let before = self.reason(reason);
+        let (got, out) = self.xdp(frame, ingress);
+        assert_eq!(got, action, "{name}");
+        if action == XDP_PASS {
+            assert_eq!(out, frame, "{name} must pass unchanged");
+        }
+        assert_eq!(
+            self.reason(reason),
+            before + 1,
+            "{name} is counted as {}",
+            reason.name()
+        );
+    }
+
+    /// Runs the TC egress program on `frame`, as if leaving through `egress` (default:
+    /// loopback). Returns the TC action and the frame as the program left it.
+    fn tc_on(&self, frame: &[u8], egress: Option<u32>) -> (i32, Vec<u8>) {
         let prog: &SchedClassifier = self
             .ebpf
             .program(program_names::TC_EGRESS)
             .unwrap()
             .try_into()
             .unwrap();
+        // struct __sk_buff up to ifindex: len, pkt_type, mark, queue_mapping, protocol,
+        // vlan_present, vlan_tci, vlan_proto, priority, ingress_ifindex, ifindex. The kernel
+        // refuses any of them but mark, priority, ingress_ifindex and ifindex non-zero, and
+        // sets the skb's device from ifindex.
+        let mut ctx = [0u8; 44];
+        ctx[40..44].copy_from_slice(&egress.unwrap_or(0).to_ne_bytes());
         let mut out = vec![0u8; frame.len() + 256];
         let result = prog
             .test_run(TestRunOptions {
                 data_in: Some(frame),
                 data_out: Some(&mut out),
+                ctx_in: egress.map(|_| &ctx[..]),
                 ..TestRunOptions::new()
             })
             .unwrap();
-        assert_eq!(
-            result.return_value as i32, -1,
-            "TC always lets the chain go on"
-        );
         out.truncate(result.data_size_out as usize);
+        (result.return_value as i32, out)
+    }
+
+    /// [`Node::tc_on`] out of loopback, for frames the program always lets go on.
+    fn tc(&self, frame: &[u8]) -> Vec<u8> {
+        let (action, out) = self.tc_on(frame, None);
+        assert_eq!(action, TC_ACT_UNSPEC, "TC always lets the chain go on");
         out
     }
 
@@ -185,6 +258,18 @@ impl Node {
     fn backend(&self, service: &str, i: usize) -> BackendStats {
         let id = self.table.service(service).unwrap().backends[i].id;
         self.maps.backend_totals(id).unwrap()
+    }
+
+    /// `TUNNEL_REPLIES`: reply 5-tuple → the ingress node its replies are encapsulated to.
+    fn tunnel_replies(&self) -> Vec<(FlowKey, [u8; 4])> {
+        self.maps
+            .tunnel_replies
+            .iter()
+            .map(|entry| {
+                let (key, tunnel) = entry.unwrap();
+                (key, tunnel.node_ip_be.to_ne_bytes())
+            })
+            .collect()
     }
 }
 
@@ -229,12 +314,17 @@ fn udp(
 }
 
 fn client_syn(port: u16) -> Vec<u8> {
+    client_tcp(port, WEB_PORT, "S")
+}
+
+/// A client's TCP frame without payload to the node's published port `service_port`.
+fn client_tcp(port: u16, service_port: u16, flags: &str) -> Vec<u8> {
     tcp(
         (CLIENT_MAC, INGRESS_MAC),
         (CLIENT_IP, port),
-        (NODE_IP, WEB_PORT),
+        (NODE_IP, service_port),
         64,
-        "S",
+        flags,
         b"",
     )
 }
@@ -276,6 +366,131 @@ fn assert_checksums_valid(frame: &[u8]) {
         }
         _ => {}
     }
+}
+
+/// The outer headers of a VXLAN frame, as the data plane writes them.
+#[derive(Clone, Copy)]
+struct Tunnel {
+    /// Source and destination MACs, outer and inner alike (the data plane repeats the outer
+    /// ones in the inner header).
+    macs: ([u8; 6], [u8; 6]),
+    src: ([u8; 4], u16),
+    dst: ([u8; 4], u16),
+    /// The VXLAN flags byte; 0x08 is the I flag (the VNI is valid).
+    flags: u8,
+    vni: u32,
+}
+
+impl Tunnel {
+    /// n2 → this node's overlay port, as n2 sends it.
+    fn from_n2() -> Tunnel {
+        Tunnel {
+            macs: (N2_MAC, INGRESS_MAC),
+            src: (N2_IP, N2_SOURCE_PORT),
+            dst: (NODE_IP, DEFAULT_VXLAN_PORT),
+            flags: 0x08,
+            vni: DEFAULT_VNI,
+        }
+    }
+
+    /// This node → n2, from the UDP source port the data plane chose.
+    fn to_n2(src_port: u16) -> Tunnel {
+        Tunnel {
+            macs: (INGRESS_MAC, N2_MAC),
+            src: (NODE_IP, src_port),
+            dst: (N2_IP, DEFAULT_VXLAN_PORT),
+            ..Tunnel::from_n2()
+        }
+    }
+
+    /// `inner` encapsulated: outer Ethernet, IPv4 (TTL 64, id 0, DF clear), UDP with checksum 0
+    /// (none: RFC 7348 allows it over IPv4), VXLAN, then `inner` whole.
+    fn wrap(&self, inner: &[u8]) -> Vec<u8> {
+        let vni = self.vni.to_be_bytes();
+        let vxlan = [self.flags, 0, 0, 0, vni[1], vni[2], vni[3], 0];
+        let udp_len = (UdpHeader::LEN + vxlan.len() + inner.len()) as u16;
+        let mut ip = Ipv4Header::new(udp_len, 64, IpNumber::UDP, self.src.0, self.dst.0).unwrap();
+        ip.dont_fragment = false;
+        ip.header_checksum = ip.calc_header_checksum();
+        let udp = UdpHeader {
+            source_port: self.src.1,
+            destination_port: self.dst.1,
+            length: udp_len,
+            checksum: 0,
+        };
+        let eth = Ethernet2Header {
+            source: self.macs.0,
+            destination: self.macs.1,
+            ether_type: EtherType::IPV4,
+        };
+        [
+            &eth.to_bytes()[..],
+            &ip.to_bytes(),
+            &udp.to_bytes(),
+            &vxlan,
+            inner,
+        ]
+        .concat()
+    }
+}
+
+/// Checks what the data plane encapsulated: the outer and inner checksums are valid, the outer
+/// UDP checksum is 0, the outer source port is in the dynamic range. Returns that port.
+fn encap_source_port(frame: &[u8]) -> u16 {
+    assert_checksums_valid(frame);
+    assert_eq!(&frame[40..42], &[0, 0], "outer UDP checksum is 0 (none)");
+    // Outer Ethernet, IPv4, UDP and VXLAN take as many bytes as VXLAN adds to an IPv4 packet.
+    assert_checksums_valid(&frame[VXLAN_OVERHEAD as usize..]);
+    let port = u16::from_be_bytes([frame[34], frame[35]]);
+    assert!(
+        (49152..=65535).contains(&port),
+        "outer source port {port} is outside the dynamic range"
+    );
+    port
+}
+
+/// A TCP flow key as the data plane writes it (addresses and ports in network byte order).
+fn tcp_key(src: ([u8; 4], u16), dst: ([u8; 4], u16)) -> FlowKey {
+    FlowKey {
+        src_ip_be: u32::from_ne_bytes(src.0),
+        dst_ip_be: u32::from_ne_bytes(dst.0),
+        src_port_be: src.1.to_be(),
+        dst_port_be: dst.1.to_be(),
+        proto: PROTO_TCP,
+        _pad: [0; 3],
+    }
+}
+
+const HTTP_OK: &[u8] = b"HTTP/1.1 200 OK\r\n\r\n";
+
+/// A client's TCP frame without payload, DNATed to `backend`:80.
+fn to_backend(
+    macs: ([u8; 6], [u8; 6]),
+    port: u16,
+    backend: [u8; 4],
+    ttl: u8,
+    flags: &str,
+) -> Vec<u8> {
+    tcp(
+        macs,
+        (CLIENT_IP, port),
+        (backend, BACKEND_PORT),
+        ttl,
+        flags,
+        b"",
+    )
+}
+
+/// An HTTP answer from `from` to the client's `port`: a backend's reply, or the same after
+/// reverse NAT.
+fn http_ok(macs: ([u8; 6], [u8; 6]), from: ([u8; 4], u16), port: u16, ttl: u8) -> Vec<u8> {
+    tcp(macs, from, (CLIENT_IP, port), ttl, "PA", HTTP_OK)
+}
+
+/// The client's SYN to `web` that n2 balanced to `10.0.0.6:80@n1` (this node), inner frame as
+/// n2 encapsulates it: MACs as its outer ones, TTL one less.
+fn syn_from_n2_for_a_local_backend() -> Vec<u8> {
+    to_backend((N2_MAC, INGRESS_MAC), 40000, BACKENDS[0], 63, "S")
 }
 
 #[test]
@@ -579,16 +794,7 @@ fn traffic_that_is_not_for_a_service_passes_unchanged() {
             ("fragment", fragment, Reason::PassFragment),
         ];
         for (name, frame, reason) in cases {
-            let before = node.reason(reason);
-            let (action, out) = node.xdp(&frame, None);
-            assert_eq!(action, XDP_PASS, "{name}");
-            assert_eq!(out, frame, "{name} must pass unchanged");
-            assert_eq!(
-                node.reason(reason),
-                before + 1,
-                "{name} is counted as {}",
-                reason.name()
-            );
+            node.xdp_case(name, &frame, None, XDP_PASS, reason);
         }
         assert_eq!(node.event(Event::FlowCreated), 0);
     });
@@ -708,5 +914,320 @@ fn a_next_hop_on_another_lbctl_interface_is_redirected() {
         );
         assert_eq!(out, expected);
         assert_eq!(node.reason(Reason::ForwardRedirect), 1);
+    });
+}
+
+#[test]
+fn a_flow_to_a_backend_on_another_node_is_vxlan_encapsulated_to_that_node() {
+    with_node(|node| {
+        let ingress = Some(node.ifindex);
+        let inner = |port, flags| to_backend((node.mac, N2_MAC), port, REMOTE_BACKEND, 63, flags);
+        let syn = client_tcp(40000, MESH_PORT, "S");
+        let (action, out) = node.xdp(&syn, ingress);
+        assert_eq!(
+            action, XDP_TX,
+            "n2 is reachable out of the receiving interface"
+        );
+        let port = encap_source_port(&out);
+        assert_eq!(out, Tunnel::to_n2(port).wrap(&inner(40000, "S")));
+
+        let ack = client_tcp(40000, MESH_PORT, "A");
+        let (action, out) = node.xdp(&ack, ingress);
+        assert_eq!(action, XDP_TX);
+        assert_eq!(
+            encap_source_port(&out),
+            port,
+            "a flow keeps its source port"
+        );
+        assert_eq!(out, Tunnel::to_n2(port).wrap(&inner(40000, "A")));
+
+        // The port is a hash of the flow: fixed inputs, so this cannot be flaky.
+        let (action, out) = node.xdp(&client_tcp(40001, MESH_PORT, "S"), ingress);
+        assert_eq!(action, XDP_TX);
+        assert_ne!(encap_source_port(&out), port, "another flow, another port");
+        assert_eq!(node.reason(Reason::ForwardEncapTx), 3);
+        let stats = node.backend("mesh", 0);
+        assert_eq!(
+            (stats.new_flows, stats.packets, stats.bytes),
+            (2, 3, (2 * syn.len() + ack.len()) as u64)
+        );
+    });
+}
+
+#[test]
+fn vxlan_for_a_local_backend_is_decapsulated_sent_on_and_its_ingress_node_remembered() {
+    with_node(|node| {
+        let frame = Tunnel::from_n2().wrap(&syn_from_n2_for_a_local_backend());
+        let (action, out) = node.xdp(&frame, Some(node.ifindex));
+        assert_eq!(action, XDP_TX, "10.0.0.6 is out of the receiving interface");
+        let expected = to_backend((node.mac, backend_mac(0)), 40000, BACKENDS[0], 62, "S");
+        assert_eq!(out, expected);
+        assert_checksums_valid(&out);
+        assert_eq!(node.reason(Reason::DecapTx), 1);
+        let reply = tcp_key((BACKENDS[0], BACKEND_PORT), (CLIENT_IP, 40000));
+        assert_eq!(node.tunnel_replies(), vec![(reply, N2_IP)]);
+        assert_eq!(node.event(Event::FlowCreated), 0, "n2 balanced the flow");
+    });
+}
+
+#[test]
+fn reply_of_a_decapsulated_flow_is_encapsulated_back_to_its_ingress_node_by_tc() {
+    with_node(|node| {
+        let frame = Tunnel::from_n2().wrap(&syn_from_n2_for_a_local_backend());
+        assert_eq!(node.xdp(&frame, Some(node.ifindex)).0, XDP_TX);
+        // The backend's reply, as the kernel routes it towards the client.
+        let reply = |port| {
+            http_ok(
+                (node.mac, CLIENT_MAC),
+                (BACKENDS[0], BACKEND_PORT),
+                port,
+                63,
+            )
+        };
+        let (action, out) = node.tc_on(&reply(40000), Some(node.ifindex));
+        assert_eq!(
+            action, TC_ACT_UNSPEC,
+            "n2 is out of the same interface: the encapsulated reply leaves by it"
+        );
+        let port = encap_source_port(&out);
+        // The reply whole, but for its MACs: the outer ones.
+        let inner = http_ok((node.mac, N2_MAC), (BACKENDS[0], BACKEND_PORT), 40000, 63);
+        assert_eq!(out, Tunnel::to_n2(port).wrap(&inner));
+        assert_eq!(node.reason(Reason::ReplyEncap), 1);
+
+        // A reply of no tunnelled flow leaves untouched.
+        let other = reply(40001);
+        assert_eq!(
+            node.tc_on(&other, Some(node.ifindex)),
+            (TC_ACT_UNSPEC, other)
+        );
+        assert_eq!(node.reason(Reason::ReplyEncap), 1);
+    });
+}
+
+#[test]
+fn reply_coming_back_over_vxlan_is_decapsulated_and_reverse_nated_to_the_client() {
+    with_node(|node| {
+        let ingress = Some(node.ifindex);
+        let (action, _) = node.xdp(&client_tcp(40000, MESH_PORT, "S"), ingress);
+        assert_eq!(action, XDP_TX);
+        let reply = http_ok(
+            (N2_MAC, INGRESS_MAC),
+            (REMOTE_BACKEND, BACKEND_PORT),
+            40000,
+            64,
+        );
+        let (action, out) = node.xdp(&Tunnel::from_n2().wrap(&reply), ingress);
+        assert_eq!(
+            action, XDP_TX,
+            "the client is out of the receiving interface"
+        );
+        let expected = http_ok((node.mac, CLIENT_MAC), (NODE_IP, MESH_PORT), 40000, 63);
+        assert_eq!(out, expected);
+        assert_checksums_valid(&out);
+        assert_eq!(node.reason(Reason::ReplyTx), 1);
+        let stats = node.backend("mesh", 0);
+        assert_eq!(
+            (stats.reply_packets, stats.reply_bytes),
+            (1, expected.len() as u64)
+        );
+        assert_eq!(
+            node.tunnel_replies(),
+            vec![],
+            "a reply is no flow to remember"
+        );
+    });
+}
+
+#[test]
+fn vxlan_that_is_not_this_nodes_to_decapsulate_is_dropped_or_passed_untouched() {
+    with_node(|node| {
+        let inner = syn_from_n2_for_a_local_backend();
+        let ours = Tunnel::from_n2();
+        let stranger = Tunnel {
+            macs: (CLIENT_MAC, INGRESS_MAC),
+            src: (OTHER_IP, N2_SOURCE_PORT),
+            ..ours
+        };
+        let mut arp = vec![0u8; 42];
+        arp[..6].copy_from_slice(&INGRESS_MAC);
+        arp[6..12].copy_from_slice(&N2_MAC);
+        arp[12..14].copy_from_slice(&[0x08, 0x06]);
+        let mut icmp = Vec::new();
+        PacketBuilder::ethernet2(N2_MAC, INGRESS_MAC)
+            .ipv4(CLIENT_IP, BACKENDS[0], 63)
+            .icmpv4_echo_request(1, 1)
+            .write(&mut icmp, b"ping")
+            .unwrap();
+        let short_vxlan = udp(ours.macs, ours.src, ours.dst, 64, &[0x08, 0, 0, 0, 0, 0x10]);
+        let cases: Vec<(&str, Vec<u8>, u32, Reason)> = vec![
+            (
+                "from an address that is no node",
+                stranger.wrap(&inner),
+                XDP_DROP,
+                Reason::DropVxlanUnknownSource,
+            ),
+            (
+                "I flag clear",
+                Tunnel { flags: 0, ..ours }.wrap(&inner),
+                XDP_DROP,
+                Reason::DropVxlanBadFlags,
+            ),
+            (
+                "every flag but I",
+                Tunnel {
+                    flags: 0xf7,
+                    ..ours
+                }
+                .wrap(&inner),
+                XDP_DROP,
+                Reason::DropVxlanBadFlags,
+            ),
+            (
+                "another VNI",
+                Tunnel {
+                    vni: DEFAULT_VNI + 1,
+                    ..ours
+                }
+                .wrap(&inner),
+                XDP_PASS,
+                Reason::PassVxlanOtherVni,
+            ),
+            (
+                "VXLAN header cut short",
+                short_vxlan,
+                XDP_DROP,
+                Reason::DropVxlanMalformed,
+            ),
+            (
+                "inner Ethernet header cut short",
+                ours.wrap(&inner[..10]),
+                XDP_DROP,
+                Reason::DropVxlanMalformed,
+            ),
+            (
+                "inner frame cut in its IPv4 header",
+                ours.wrap(&inner[..24]),
+                XDP_DROP,
+                Reason::DropVxlanMalformed,
+            ),
+            (
+                "inner frame cut in its TCP header",
+                ours.wrap(&inner[..44]),
+                XDP_DROP,
+                Reason::DropVxlanMalformed,
+            ),
+            (
+                "inner frame not IPv4",
+                ours.wrap(&arp),
+                XDP_DROP,
+                Reason::DropVxlanMalformed,
+            ),
+            (
+                "inner frame neither TCP nor UDP",
+                ours.wrap(&icmp),
+                XDP_DROP,
+                Reason::DropVxlanMalformed,
+            ),
+            (
+                "to another UDP port",
+                Tunnel {
+                    dst: (NODE_IP, DEFAULT_VXLAN_PORT + 1),
+                    ..ours
+                }
+                .wrap(&inner),
+                XDP_PASS,
+                Reason::PassNotService,
+            ),
+            (
+                "to another address of the node",
+                Tunnel {
+                    dst: ([10, 0, 0, 1], DEFAULT_VXLAN_PORT),
+                    ..ours
+                }
+                .wrap(&inner),
+                XDP_PASS,
+                Reason::PassNotService,
+            ),
+        ];
+        for (name, frame, action, reason) in cases {
+            node.xdp_case(name, &frame, Some(node.ifindex), action, reason);
+            assert_eq!(
+                node.tunnel_replies(),
+                vec![],
+                "{name} must not be remembered"
+            );
+        }
+        let decapsulated: u64 = [Reason::DecapTx, Reason::DecapRedirect, Reason::DecapStack]
+            .iter()
+            .map(|reason| node.reason(*reason))
+            .sum();
+        assert_eq!(decapsulated, 0);
+    });
+}
+
+#[test]
+fn a_packet_that_would_exceed_the_underlay_mtu_once_encapsulated_is_dropped() {
+    with_node(|node| {
+        // The encapsulated packet's IPv4 length is the inner one plus VXLAN_OVERHEAD.
+        let datagram = |port, outer_ip_len: usize| {
+            let payload = vec![0x5a; outer_ip_len - VXLAN_OVERHEAD as usize - 20 - 8];
+            let macs = (CLIENT_MAC, INGRESS_MAC);
+            let frame = udp(
+                macs,
+                (CLIENT_IP, port),
+                (NODE_IP, MESH_DNS_PORT),
+                64,
+                &payload,
+            );
+            (frame, payload)
+        };
+        let ingress = Some(node.ifindex);
+        let (too_big, _) = datagram(50000, UNDERLAY_MTU + 1);
+        let (action, _) = node.xdp(&too_big, ingress);
+        assert_eq!(action, XDP_DROP, "never truncated, never fragmented");
+        assert_eq!(node.reason(Reason::DropEncapMtu), 1);
+
+        let (fits, payload) = datagram(50001, UNDERLAY_MTU);
+        let (action, out) = node.xdp(&fits, ingress);
+        assert_eq!(action, XDP_TX);
+        assert_eq!(out.len(), 14 + UNDERLAY_MTU);
+        let port = encap_source_port(&out);
+        let inner = udp(
+            (node.mac, N2_MAC),
+            (CLIENT_IP, 50001),
+            (REMOTE_BACKEND, DNS_BACKEND_PORT),
+            63,
+            &payload,
+        );
+        assert_eq!(out, Tunnel::to_n2(port).wrap(&inner));
+        assert_eq!(node.reason(Reason::ForwardEncapTx), 1);
+        assert_eq!(node.reason(Reason::DropEncapMtu), 1);
+    });
+}
+
+#[test]
+fn without_this_node_in_the_node_table_nothing_is_encapsulated_or_decapsulated() {
+    with_node(|node| {
+        node.self_node = None;
+        node.apply();
+        let ingress = Some(node.ifindex);
+        let (action, _) = node.xdp(&client_tcp(40000, MESH_PORT, "S"), ingress);
+        assert_eq!(
+            action, XDP_DROP,
+            "there is no underlay address to send from"
+        );
+        assert_eq!(node.reason(Reason::DropMeshUnconfigured), 1);
+
+        let frame = Tunnel::from_n2().wrap(&syn_from_n2_for_a_local_backend());
+        let (action, out) = node.xdp(&frame, ingress);
+        assert_eq!((action, out), (XDP_PASS, frame), "not overlay traffic");
+        assert_eq!(node.reason(Reason::PassNotService), 1);
+        assert_eq!(node.tunnel_replies(), vec![]);
+
+        // Backends this node routes to are served as ever.
+        let (action, _) = node.xdp(&client_syn(40001), ingress);
+        assert_eq!(action, XDP_TX);
+        assert_eq!(node.reason(Reason::ForwardTx), 1);
     });
 }
