@@ -286,6 +286,9 @@ reasons! {
     /// Backend on another node while this node is not in the node table (no underlay source
     /// address): dropped.
     DropMeshUnconfigured = 30 => "drop_mesh_unconfigured",
+    /// VXLAN carrying the reply of a flow this node balanced, from a node other than the one
+    /// that hosts the flow's backend: dropped, so one node cannot answer for another's tasks.
+    DropVxlanWrongNode = 31 => "drop_vxlan_wrong_node",
 }
 
 /// Number of counter slots in `REASON_STATS`.

@@ -14,7 +14,7 @@ use crate::{
     conntrack,
     encap::{VXLAN_FLAG_VNI, VxlanHdr},
     forward, ingress,
-    maps::{NODES, TUNNEL_REPLIES},
+    maps::{BACKENDS, NODES, TUNNEL_REPLIES},
     parse::{self, Packet, ptr_at},
 };
 
@@ -78,6 +78,14 @@ pub fn xdp_from_node(
     };
     let key = conntrack::key_of(&inner);
     if let Some(reverse) = conntrack::reverse_lookup(&key) {
+        // Only the node that hosts the flow's backend may send its replies.
+        if BACKENDS
+            .get(reverse.backend_id)
+            .map(|backend| backend.node_ip_be)
+            != Some(outer.src_ip_be)
+        {
+            return drop(Reason::DropVxlanWrongNode);
+        }
         return ingress::reply(ctx, &inner, &reverse);
     }
     remember_ingress_node(&key, outer.src_ip_be);

@@ -110,24 +110,34 @@ fn to_backend(
         flow.backend_port_be,
     )
     .ok_or(Reason::PassTruncated)?;
-    stats::count_to_backend(flow.backend_id, (data_end - data) as u64, new_flow);
+    let bytes = (data_end - data) as u64;
     if pkt.ttl <= 1 {
+        stats::count_to_backend(flow.backend_id, bytes, new_flow);
         // The kernel answers with ICMP time exceeded.
         return Ok((xdp_action::XDP_PASS, Reason::ForwardTtlExpired));
     }
-    if flow.node_ip_be != 0 {
-        return encap::xdp_to_node(ctx, key, flow.node_ip_be);
+    let outcome = if flow.node_ip_be != 0 {
+        encap::xdp_to_node(ctx, key, flow.node_ip_be)
+    } else {
+        let egress = forward::decide(ctx, pkt, pkt.src_ip_be, flow.backend_ip_be);
+        forward::route(
+            ctx,
+            &egress,
+            [
+                Reason::ForwardTx,
+                Reason::ForwardRedirect,
+                Reason::ForwardStack,
+            ],
+        )
+    };
+    // A packet the backend will not get (no route to its node, too big once encapsulated) is
+    // not counted as the backend's.
+    if let Ok((action, _)) = outcome
+        && action != xdp_action::XDP_DROP
+    {
+        stats::count_to_backend(flow.backend_id, bytes, new_flow);
     }
-    let egress = forward::decide(ctx, pkt, pkt.src_ip_be, flow.backend_ip_be);
-    forward::route(
-        ctx,
-        &egress,
-        [
-            Reason::ForwardTx,
-            Reason::ForwardRedirect,
-            Reason::ForwardStack,
-        ],
-    )
+    outcome
 }
 
 /// Reverse-NATs a backend's reply when XDP can send it on itself. Otherwise the reply goes to

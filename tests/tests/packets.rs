@@ -46,6 +46,8 @@ const INGRESS_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
 /// The other node of the mesh, on the same underlay segment.
 const N2_IP: [u8; 4] = [192, 168, 100, 11];
 const N2_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x0b];
+/// A third node, known but hosting none of the test services' backends.
+const N3_IP: [u8; 4] = [192, 168, 100, 12];
 /// The UDP source port n2 puts on the VXLAN it sends (its flow hash: any value will do).
 const N2_SOURCE_PORT: u16 = 0xc123;
 /// `mesh tcp/9090` and `meshdns udp/9053` have one backend, on n2.
@@ -131,7 +133,7 @@ fn with_node(body: impl FnOnce(&mut Node) + Send) {
         node.table
             .add_service("dns", Proto::Udp, DNS_PORT, None, &dns)
             .unwrap();
-        for (name, ip) in [("n1", NODE_IP), ("n2", N2_IP)] {
+        for (name, ip) in [("n1", NODE_IP), ("n2", N2_IP), ("n3", N3_IP)] {
             node.table.add_node(name, Ipv4Addr::from(ip)).unwrap();
         }
         for (name, proto, port, backend) in [
@@ -1017,6 +1019,16 @@ fn reply_coming_back_over_vxlan_is_decapsulated_and_reverse_nated_to_the_client(
             40000,
             64,
         );
+        // Another known node may not answer for the backend n2 hosts.
+        let from_n3 = Tunnel {
+            src: (N3_IP, N2_SOURCE_PORT),
+            ..Tunnel::from_n2()
+        };
+        let (action, _) = node.xdp(&from_n3.wrap(&reply), ingress);
+        assert_eq!(action, XDP_DROP);
+        assert_eq!(node.reason(Reason::DropVxlanWrongNode), 1);
+        assert_eq!(node.reason(Reason::ReplyTx), 0);
+
         let (action, out) = node.xdp(&Tunnel::from_n2().wrap(&reply), ingress);
         assert_eq!(
             action, XDP_TX,
@@ -1187,6 +1199,12 @@ fn a_packet_that_would_exceed_the_underlay_mtu_once_encapsulated_is_dropped() {
         let (action, _) = node.xdp(&too_big, ingress);
         assert_eq!(action, XDP_DROP, "never truncated, never fragmented");
         assert_eq!(node.reason(Reason::DropEncapMtu), 1);
+        let stats = node.backend("meshdns", 0);
+        assert_eq!(
+            (stats.packets, stats.bytes),
+            (0, 0),
+            "a dropped packet is not the backend's traffic"
+        );
 
         let (fits, payload) = datagram(50001, UNDERLAY_MTU);
         let (action, out) = node.xdp(&fits, ingress);
@@ -1203,6 +1221,8 @@ fn a_packet_that_would_exceed_the_underlay_mtu_once_encapsulated_is_dropped() {
         assert_eq!(out, Tunnel::to_n2(port).wrap(&inner));
         assert_eq!(node.reason(Reason::ForwardEncapTx), 1);
         assert_eq!(node.reason(Reason::DropEncapMtu), 1);
+        let stats = node.backend("meshdns", 0);
+        assert_eq!((stats.packets, stats.bytes), (1, fits.len() as u64));
     });
 }
 
