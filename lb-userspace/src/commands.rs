@@ -205,12 +205,12 @@ pub fn attach(
     });
     commit(instance, &mut state)?;
     let mode_used = match mode {
-        AttachMode::Native => "native",
-        AttachMode::Generic => "generic",
-        AttachMode::Auto => "native, or generic where the driver lacks XDP",
+        AttachMode::Native => "native XDP",
+        AttachMode::Generic => "generic XDP",
+        AttachMode::Auto => "native XDP, or generic where the driver lacks it",
     };
     Ok(format!(
-        "attached to {iface} in '{}' ({mode_used} XDP + TC egress; flow table of {} flows){forwarding_note}",
+        "attached to {iface} in '{}' ({mode_used} + TC egress; flow table of {} flows){forwarding_note}",
         instance.name, state.flow_capacity
     ))
 }
