@@ -67,15 +67,27 @@ pub struct ServiceValue {
     pub service_id: u32,
     /// How many entries of `backend_ids` are in use; 0 means the service drops new flows.
     pub backend_count: u32,
+    /// `SERVICE_*` flags.
+    pub flags: u32,
+    pub _pad: u32,
+    /// The backends new flows may choose: the service's backends that are neither drained nor
+    /// unhealthy (all undrained ones when every one is unhealthy: `SERVICE_FAIL_OPEN`).
     pub backend_ids: [u32; MAX_BACKENDS_PER_SERVICE],
 }
-assert_size!(ServiceValue, 8 + 4 * MAX_BACKENDS_PER_SERVICE);
+assert_size!(ServiceValue, 16 + 4 * MAX_BACKENDS_PER_SERVICE);
+
+/// Service flag: every backend failed its health checks, so new flows go to all of them
+/// anyway (failing open, as cloud load balancers do: the checks may be what is broken). Each
+/// new flow chosen so is counted as the `flow_fail_open` event.
+pub const SERVICE_FAIL_OPEN: u32 = 1;
 
 impl Default for ServiceValue {
     fn default() -> Self {
         Self {
             service_id: 0,
             backend_count: 0,
+            flags: 0,
+            _pad: 0,
             backend_ids: [0; MAX_BACKENDS_PER_SERVICE],
         }
     }
@@ -123,9 +135,22 @@ pub struct FlowValue {
     /// `Backend::node_ip_be` when the flow chose: where its packets are encapsulated to.
     pub node_ip_be: u32,
     pub backend_port_be: u16,
-    pub _pad: [u8; 2],
+    /// `FLOW_*` flags.
+    pub flags: u8,
+    pub _pad: u8,
+    /// When the client last sent a packet of the flow (`bpf_ktime_get_ns`, CLOCK_MONOTONIC),
+    /// refreshed at most every `FLOW_SEEN_GRANULARITY_NS`: how userspace tells live flows from
+    /// ones the client abandoned.
+    pub last_seen_ns: u64,
 }
-assert_size!(FlowValue, 16);
+assert_size!(FlowValue, 24);
+
+/// Flow flag: a FIN or RST was seen in either direction; the connection is ending. A new SYN
+/// on the same 5-tuple then starts a new flow that chooses its backend again.
+pub const FLOW_CLOSING: u8 = 1;
+/// `FlowValue::last_seen_ns` is refreshed when it is at least this old, so that a busy flow
+/// does not write its table entry on every packet.
+pub const FLOW_SEEN_GRANULARITY_NS: u64 = 1_000_000_000;
 
 /// Value of `REVERSE_FLOWS`: what a backend's reply must look like to the client.
 #[repr(C)]
@@ -305,6 +330,9 @@ pub enum Event {
     FlowReselected = 1,
     /// Two CPUs raced to create the same flow; the loser used the winner's backend.
     FlowRaceLost = 2,
+    /// A new flow chose among unhealthy backends because every backend of its service was
+    /// unhealthy (`SERVICE_FAIL_OPEN`).
+    FlowFailOpen = 3,
 }
 
 impl Event {
@@ -312,6 +340,7 @@ impl Event {
         Event::FlowCreated,
         Event::FlowReselected,
         Event::FlowRaceLost,
+        Event::FlowFailOpen,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -319,6 +348,7 @@ impl Event {
             Event::FlowCreated => "flow_created",
             Event::FlowReselected => "flow_reselected",
             Event::FlowRaceLost => "flow_race_lost",
+            Event::FlowFailOpen => "flow_fail_open",
         }
     }
 }

@@ -1,10 +1,15 @@
 //! The flow table: which backend each connection is pinned to, and how to reverse-NAT replies.
-use aya_ebpf::bindings::{BPF_ANY, BPF_NOEXIST};
-use lb_common::{BACKEND_ACTIVE, Event, FlowKey, FlowValue, ReverseValue};
+use aya_ebpf::{
+    bindings::{BPF_ANY, BPF_NOEXIST},
+    helpers::bpf_ktime_get_ns,
+};
+use lb_common::{
+    BACKEND_ACTIVE, Event, FLOW_CLOSING, FLOW_SEEN_GRANULARITY_NS, FlowKey, FlowValue, ReverseValue,
+};
 
 use crate::{
     maps::{BACKENDS, FLOWS, REVERSE_FLOWS},
-    parse::Packet,
+    parse::{Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
     stats::count_event,
 };
 
@@ -29,17 +34,26 @@ pub enum Lookup {
     /// Pinned to a backend that was removed (or now lives behind another node) since: the flow
     /// must choose again.
     Stale,
+    /// A new connection (a SYN) on the 5-tuple of one that ended: a new flow.
+    Reused,
     Miss,
 }
 
 // Not inlined: inlined, LLVM folds the "entry found" test into an OR of map value pointers,
 // which the verifier rejects ("pointer |= pointer prohibited").
+/// Looks a client's packet up, and keeps the entry's liveness: when the client was last seen
+/// and whether the connection is closing (FIN or RST).
 #[inline(never)]
-pub fn lookup(key: &FlowKey) -> Lookup {
-    // SAFETY: the value is copied out at once; a concurrent update replaces whole elements.
-    let Some(flow) = (unsafe { FLOWS.get(key) }).copied() else {
+pub fn lookup(key: &FlowKey, tcp_flags: u8) -> Lookup {
+    let Some(entry) = FLOWS.get_ptr_mut(key) else {
         return Lookup::Miss;
     };
+    // SAFETY: a live map value; concurrent updates replace whole elements or set the same
+    // flag bits, so a torn read at worst refreshes liveness once more.
+    let flow = unsafe { *entry };
+    if flow.flags & FLOW_CLOSING != 0 && tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
+        return Lookup::Reused;
+    }
     match BACKENDS.get(flow.backend_id) {
         Some(backend)
             if backend.flags & BACKEND_ACTIVE != 0
@@ -47,9 +61,38 @@ pub fn lookup(key: &FlowKey) -> Lookup {
                 && backend.port_be == flow.backend_port_be
                 && backend.node_ip_be == flow.node_ip_be =>
         {
+            // SAFETY: as above; plain stores into the entry.
+            let now = unsafe { bpf_ktime_get_ns() };
+            if now.wrapping_sub(flow.last_seen_ns) >= FLOW_SEEN_GRANULARITY_NS {
+                unsafe { (*entry).last_seen_ns = now };
+            }
+            if tcp_flags & (TCP_FIN | TCP_RST) != 0 && flow.flags & FLOW_CLOSING == 0 {
+                unsafe { (*entry).flags = flow.flags | FLOW_CLOSING };
+            }
             Lookup::Pinned(flow)
         }
         _ => Lookup::Stale,
+    }
+}
+
+/// A backend's FIN or RST closes its flow too: marks the client → service entry the reply
+/// belongs to.
+#[inline(always)]
+pub fn note_reply(pkt: &Packet, reverse: &ReverseValue) {
+    if pkt.tcp_flags & (TCP_FIN | TCP_RST) == 0 {
+        return;
+    }
+    let key = FlowKey {
+        src_ip_be: pkt.dst_ip_be,
+        dst_ip_be: reverse.orig_ip_be,
+        src_port_be: pkt.dst_port_be,
+        dst_port_be: reverse.orig_port_be,
+        proto: pkt.proto,
+        _pad: [0; 3],
+    };
+    if let Some(entry) = FLOWS.get_ptr_mut(&key) {
+        // SAFETY: a live map value; setting a flag bit.
+        unsafe { (*entry).flags |= FLOW_CLOSING };
     }
 }
 
@@ -63,7 +106,7 @@ pub fn reverse_lookup(key: &FlowKey) -> Option<ReverseValue> {
 ///
 /// When another CPU recorded the same new flow first, its choice wins so that every packet of
 /// the connection goes to one backend; the flag returned says whether this call created it.
-/// `replace` overwrites a stale entry instead.
+/// `replace` overwrites a stale or ended entry instead; `event` is what the new flow counts as.
 #[inline(always)]
 pub fn record(
     key: &FlowKey,
@@ -71,6 +114,7 @@ pub fn record(
     orig_ip_be: u32,
     orig_port_be: u16,
     replace: bool,
+    event: Event,
 ) -> Result<(FlowValue, bool), ()> {
     let flags = if replace { BPF_ANY } else { BPF_NOEXIST };
     let flow = match FLOWS.insert(key, flow, u64::from(flags)) {
@@ -108,10 +152,6 @@ pub fn record(
         let _ = FLOWS.remove(key);
         return Err(());
     }
-    count_event(if replace {
-        Event::FlowReselected
-    } else {
-        Event::FlowCreated
-    });
+    count_event(event);
     Ok((flow, true))
 }

@@ -46,6 +46,7 @@ pub fn try_lb_tc_egress(ctx: &mut TcContext) -> Result<i32, i64> {
             None => TC_ACT_UNSPEC,
         });
     };
+    conntrack::note_reply(&pkt, &reverse);
     let udp_flag = if pkt.proto == PROTO_UDP {
         u64::from(BPF_F_MARK_MANGLED_0)
     } else {

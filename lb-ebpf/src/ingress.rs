@@ -1,7 +1,9 @@
 //! The XDP program's logic: DNAT of new and established flows to services, reverse NAT of
 //! replies that arrive on an lbctl interface, and forwarding of both.
-use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
-use lb_common::{FlowKey, FlowValue, Reason, ReverseValue, ServiceKey, ServiceValue};
+use aya_ebpf::{bindings::xdp_action, helpers::bpf_ktime_get_ns, programs::XdpContext};
+use lb_common::{
+    Event, FlowKey, FlowValue, Reason, ReverseValue, SERVICE_FAIL_OPEN, ServiceKey, ServiceValue,
+};
 
 use crate::{
     conntrack::{self, Lookup},
@@ -62,15 +64,16 @@ fn to_service(
     service: &ServiceValue,
     any_address: bool,
 ) -> Result<(u32, Reason), Reason> {
-    let stale = match conntrack::lookup(key) {
+    let (replace, event) = match conntrack::lookup(key, pkt.tcp_flags) {
         Lookup::Pinned(flow) => return to_backend(ctx, pkt, key, &flow, false),
-        Lookup::Stale => true,
-        Lookup::Miss => false,
+        Lookup::Stale => (true, Event::FlowReselected),
+        Lookup::Reused => (true, Event::FlowCreated),
+        Lookup::Miss => (false, Event::FlowCreated),
     };
     if let Some(reverse) = conntrack::reverse_lookup(key) {
         return reply(ctx, pkt, &reverse);
     }
-    if any_address && !stale && !forward::is_local(ctx, pkt) {
+    if any_address && !replace && !forward::is_local(ctx, pkt) {
         return Err(Reason::PassNotLocal);
     }
     let Some((backend_id, backend)) = select::round_robin(service) else {
@@ -81,12 +84,19 @@ fn to_service(
         backend_ip_be: backend.ip_be,
         node_ip_be: backend.node_ip_be,
         backend_port_be: backend.port_be,
-        _pad: [0; 2],
+        flags: 0,
+        _pad: 0,
+        // SAFETY: plain helper call.
+        last_seen_ns: unsafe { bpf_ktime_get_ns() },
     };
-    let Ok((flow, created)) = conntrack::record(key, chosen, pkt.dst_ip_be, pkt.dst_port_be, stale)
+    let Ok((flow, created)) =
+        conntrack::record(key, chosen, pkt.dst_ip_be, pkt.dst_port_be, replace, event)
     else {
         return Ok((xdp_action::XDP_DROP, Reason::DropFlowTableFull));
     };
+    if created && service.flags & SERVICE_FAIL_OPEN != 0 {
+        stats::count_event(Event::FlowFailOpen);
+    }
     to_backend(ctx, pkt, key, &flow, created)
 }
 
@@ -149,6 +159,7 @@ pub fn reply(
     pkt: &Packet,
     reverse: &ReverseValue,
 ) -> Result<(u32, Reason), Reason> {
+    conntrack::note_reply(pkt, reverse);
     let egress = forward::decide(ctx, pkt, reverse.orig_ip_be, pkt.dst_ip_be);
     let (hop, reason) = match egress {
         Egress::Tx(ref hop) => (hop, Reason::ReplyTx),

@@ -35,7 +35,14 @@ pub struct Packet {
     pub dst_port_be: u16,
     /// Offset of the TCP or UDP checksum field.
     pub l4_check_off: usize,
+    /// TCP flags byte (FIN 0x01, SYN 0x02, RST 0x04, ACK 0x10); 0 for UDP.
+    pub tcp_flags: u8,
 }
+
+pub const TCP_FIN: u8 = 0x01;
+pub const TCP_SYN: u8 = 0x02;
+pub const TCP_RST: u8 = 0x04;
+pub const TCP_ACK: u8 = 0x10;
 
 /// Offset of the IPv4 header: the data plane handles untagged Ethernet only.
 pub const L3_OFF: usize = EthHdr::LEN;
@@ -72,7 +79,7 @@ pub fn parse(data: usize, data_end: usize, frame_len: usize) -> Result<Packet, R
         return Err(Reason::PassFragment);
     }
     let l4_off = L3_OFF + ihl;
-    let (src_port_be, dst_port_be, l4_check_off) = match ip.proto {
+    let (src_port_be, dst_port_be, l4_check_off, tcp_flags) = match ip.proto {
         PROTO_TCP => {
             let tcp: *const TcpHdr = ptr_at(data, data_end, l4_off).ok_or(Reason::PassTruncated)?;
             // SAFETY: as above.
@@ -81,10 +88,13 @@ pub fn parse(data: usize, data_end: usize, frame_len: usize) -> Result<Packet, R
             if doff < TcpHdr::LEN || l4_off + doff > L3_OFF + usize::from(tot_len) {
                 return Err(Reason::PassMalformed);
             }
+            // SAFETY: the header was bounds checked above; byte 13 is the flags byte.
+            let flags = unsafe { *(tcp as *const TcpHdr).cast::<u8>().add(13) };
             (
                 u16::from_ne_bytes(tcp.source),
                 u16::from_ne_bytes(tcp.dest),
                 l4_off + 16,
+                flags,
             )
         }
         PROTO_UDP => {
@@ -95,6 +105,7 @@ pub fn parse(data: usize, data_end: usize, frame_len: usize) -> Result<Packet, R
                 u16::from_ne_bytes(udp.src),
                 u16::from_ne_bytes(udp.dst),
                 l4_off + 6,
+                0,
             )
         }
         _ => return Err(Reason::PassNotTcpUdp),
@@ -112,5 +123,6 @@ pub fn parse(data: usize, data_end: usize, frame_len: usize) -> Result<Packet, R
         src_port_be,
         dst_port_be,
         l4_check_off,
+        tcp_flags,
     })
 }

@@ -13,9 +13,9 @@ use lb_common::{Event, Reason, VXLAN_OVERHEAD, program_names};
 use serde_json::json;
 
 use crate::{
-    datapath::{self, Maps},
+    datapath::{self, FlowCensus, Maps},
     instance::{self, Instance},
-    model::{BackendSpec, Node, Proto, Service, Table},
+    model::{BackendSpec, Health, HealthCheck, HealthUpdate, Node, Proto, Service, Table},
     state::{self, Attachment, State},
     sync, underlay,
 };
@@ -325,6 +325,70 @@ pub fn backend_add(instance: &Instance, service: &str, addrs: &[BackendSpec]) ->
     Ok(format!("{} backend(s) added to {service}", addrs.len()))
 }
 
+/// Records health-check results (service, backend id, new health) and applies them: under the
+/// lock, on the state as it is now (the table may have changed since the probes started).
+/// Returns how many backends changed.
+pub fn record_health(instance: &Instance, flips: &[(String, u32, Health)]) -> Result<usize> {
+    let _lock = instance::lock(instance)?;
+    let mut state = attached_state(instance)?;
+    let changed = flips
+        .iter()
+        .filter(|(service, id, health)| state.table.set_health(service, *id, *health))
+        .count();
+    if changed > 0 {
+        commit(instance, &mut state)?;
+    }
+    Ok(changed)
+}
+
+/// The state of an attached instance and the name of its node in the mesh, if any.
+pub fn attached_state_and_node(instance: &Instance) -> Result<(State, Option<String>)> {
+    let state = attached_state(instance)?;
+    let node = self_node(&state)?.map(|n| n.name.clone());
+    Ok((state, node))
+}
+
+/// Drains a backend (no new flows; its flows continue) or brings it back.
+pub fn backend_drain(
+    instance: &Instance,
+    service: &str,
+    backend: &BackendSpec,
+    drained: bool,
+) -> Result<String> {
+    let (_, changed) = change_table(instance, |table| {
+        table.set_drained(service, backend.clone(), drained)
+    })?;
+    Ok(match (drained, changed) {
+        (true, true) => format!(
+            "{backend} of {service} drained: no new flows; `lbctl service ls` shows its live flows"
+        ),
+        (true, false) => format!("{backend} of {service} was already drained"),
+        (false, true) => format!("{backend} of {service} takes new flows again"),
+        (false, false) => format!("{backend} of {service} was not drained"),
+    })
+}
+
+/// Changes a service's health-check settings.
+pub fn service_health(instance: &Instance, service: &str, update: &HealthUpdate) -> Result<String> {
+    let (_, check) = change_table(instance, |table| table.update_health_check(service, update))?;
+    Ok(format!("{service}: {}", describe_health_check(&check)))
+}
+
+/// One line saying how a service is checked.
+pub fn describe_health_check(check: &HealthCheck) -> String {
+    if !check.enabled {
+        return "health checks off".to_owned();
+    }
+    let probe = match &check.http_path {
+        Some(path) => format!("HTTP GET {path} expecting {}", check.expect_status),
+        None => "TCP connect".to_owned(),
+    };
+    format!(
+        "{probe} every {} ms, timeout {} ms, unhealthy after {} failures, healthy after {} successes",
+        check.interval_ms, check.timeout_ms, check.fall, check.rise
+    )
+}
+
 pub fn backend_rm(instance: &Instance, service: &str, addrs: &[BackendSpec]) -> Result<String> {
     change_table(instance, |table| table.remove_backends(service, addrs))?;
     Ok(format!(
@@ -480,7 +544,12 @@ pub fn mesh_show(instance: &Instance, as_json: bool) -> Result<String> {
     Ok(out.trim_end().to_owned())
 }
 
-fn service_json(service: &Service, maps: Option<&Maps>) -> Result<serde_json::Value> {
+fn service_json(
+    service: &Service,
+    maps: Option<&Maps>,
+    census: Option<&FlowCensus>,
+) -> Result<serde_json::Value> {
+    let (_, fail_open) = service.selectable();
     let backends = service
         .backends
         .iter()
@@ -493,6 +562,9 @@ fn service_json(service: &Service, maps: Option<&Maps>) -> Result<serde_json::Va
                 "address": backend.addr.to_string(),
                 "node": backend.node,
                 "id": backend.id,
+                "health": backend.health.as_str(),
+                "drained": backend.drained,
+                "live_flows": census.map(|c| c.live.get(&backend.id).copied().unwrap_or(0)),
                 "packets": stats.map(|s| s.packets),
                 "bytes": stats.map(|s| s.bytes),
                 "reply_packets": stats.map(|s| s.reply_packets),
@@ -507,6 +579,8 @@ fn service_json(service: &Service, maps: Option<&Maps>) -> Result<serde_json::Va
         "proto": service.proto,
         "port": service.port,
         "vip": service.vip.map(|v| v.to_string()),
+        "health_check": describe_health_check(&service.health_check),
+        "fail_open": fail_open,
         "backends": backends,
     }))
 }
@@ -521,12 +595,13 @@ fn open_maps_if_attached(instance: &Instance, state: &State) -> Option<Maps> {
 pub fn service_ls(instance: &Instance, as_json: bool) -> Result<String> {
     let state = state::load(&instance.state_dir)?;
     let maps = open_maps_if_attached(instance, &state);
+    let census = maps.as_ref().map(Maps::flow_census).transpose()?;
     if as_json {
         let services = state
             .table
             .services
             .iter()
-            .map(|s| service_json(s, maps.as_ref()))
+            .map(|s| service_json(s, maps.as_ref(), census.as_ref()))
             .collect::<Result<Vec<_>>>()?;
         let doc = json!({
             "instance": instance.name,
@@ -541,28 +616,44 @@ pub fn service_ls(instance: &Instance, as_json: bool) -> Result<String> {
         out.push_str("no services\n");
     }
     for service in &state.table.services {
+        let (_, fail_open) = service.selectable();
         out.push_str(&format!(
-            "{} {} ({} backends)\n",
+            "{} {} ({} backends; {}){}\n",
             service.name,
             service.frontend(),
-            service.backends.len()
+            service.backends.len(),
+            describe_health_check(&service.health_check),
+            if fail_open {
+                " FAILING OPEN: every backend is unhealthy, new flows go to all of them"
+            } else {
+                ""
+            }
         ));
         for backend in &service.backends {
+            let status = format!(
+                "{}{}",
+                backend.health.as_str(),
+                if backend.drained { ",drained" } else { "" }
+            );
             match maps
                 .as_ref()
                 .map(|m| m.backend_totals(backend.id))
                 .transpose()?
             {
                 Some(s) => out.push_str(&format!(
-                    "  {:<21} new_flows={} packets={} bytes={} reply_packets={} reply_bytes={}\n",
+                    "  {:<21} {status:<17} live_flows={} new_flows={} packets={} bytes={} reply_packets={} reply_bytes={}\n",
                     backend.to_string(),
+                    census
+                        .as_ref()
+                        .and_then(|c| c.live.get(&backend.id).copied())
+                        .unwrap_or(0),
                     s.new_flows,
                     s.packets,
                     s.bytes,
                     s.reply_packets,
                     s.reply_bytes
                 )),
-                None => out.push_str(&format!("  {backend}\n")),
+                None => out.push_str(&format!("  {:<21} {status}\n", backend.to_string())),
             }
         }
     }
@@ -579,7 +670,7 @@ pub fn stats(instance: &Instance, as_json: bool) -> Result<String> {
             .table
             .services
             .iter()
-            .map(|s| service_json(s, Some(&maps)))
+            .map(|s| service_json(s, Some(&maps), None))
             .collect::<Result<Vec<_>>>()?;
         let reasons: serde_json::Map<String, serde_json::Value> = Reason::ALL
             .iter()

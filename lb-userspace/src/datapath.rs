@@ -269,6 +269,22 @@ impl Maps {
     }
 
     /// One backend's counters summed over CPUs.
+    /// Scans the flow table: how many entries it holds, and how many live flows each backend
+    /// has (see [`flow_is_live`]).
+    pub fn flow_census(&self) -> Result<FlowCensus> {
+        let now = monotonic_ns();
+        let mut census = FlowCensus::default();
+        for entry in self.flows.iter() {
+            // An entry evicted between the key walk and its lookup is simply not counted.
+            let Ok((key, flow)) = entry else { continue };
+            census.entries += 1;
+            if flow_is_live(&key, &flow, now) {
+                *census.live.entry(flow.backend_id).or_default() += 1;
+            }
+        }
+        Ok(census)
+    }
+
     pub fn backend_totals(&self, id: u32) -> Result<BackendStats> {
         let values = self.backend_stats.get(&id, 0)?;
         Ok(values
@@ -300,4 +316,70 @@ pub fn remove_pins(dir: &Path) -> Result<()> {
         fs::remove_dir_all(dir).with_context(|| format!("removing {}", dir.display()))?;
     }
     Ok(())
+}
+
+/// What a scan of the flow table found.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct FlowCensus {
+    pub entries: u64,
+    /// Live flows by backend id.
+    pub live: BTreeMap<u32, u64>,
+}
+
+/// A TCP flow idle this long without a FIN or RST is taken for abandoned (its client vanished).
+pub const TCP_IDLE_NS: u64 = 3_600 * 1_000_000_000;
+/// UDP has no end: a flow idle this long is over.
+pub const UDP_IDLE_NS: u64 = 60 * 1_000_000_000;
+
+/// A flow is live while its connection has not ended (no FIN or RST seen) and its client has
+/// sent a packet within the idle limit of its protocol. Entries stay in the table after that
+/// (so late packets still reach the same backend) until the LRU evicts them.
+pub fn flow_is_live(key: &FlowKey, flow: &FlowValue, now_ns: u64) -> bool {
+    let idle = if key.proto == lb_common::PROTO_TCP {
+        TCP_IDLE_NS
+    } else {
+        UDP_IDLE_NS
+    };
+    flow.flags & lb_common::FLOW_CLOSING == 0
+        && now_ns.saturating_sub(flow.last_seen_ns) < idle + lb_common::FLOW_SEEN_GRANULARITY_NS
+}
+
+/// CLOCK_MONOTONIC in nanoseconds: the clock `bpf_ktime_get_ns` reads.
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: a valid timespec to fill; CLOCK_MONOTONIC always exists.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flows_end_with_fin_or_rst_or_idleness() {
+        let tcp = FlowKey {
+            proto: lb_common::PROTO_TCP,
+            ..FlowKey::default()
+        };
+        let udp = FlowKey {
+            proto: lb_common::PROTO_UDP,
+            ..FlowKey::default()
+        };
+        let now = 10 * TCP_IDLE_NS;
+        let seen = |ago: u64, flags: u8| FlowValue {
+            last_seen_ns: now - ago,
+            flags,
+            ..FlowValue::default()
+        };
+        assert!(flow_is_live(&tcp, &seen(0, 0), now));
+        assert!(!flow_is_live(&tcp, &seen(0, lb_common::FLOW_CLOSING), now));
+        assert!(flow_is_live(&tcp, &seen(TCP_IDLE_NS / 2, 0), now));
+        assert!(!flow_is_live(&tcp, &seen(2 * TCP_IDLE_NS, 0), now));
+        assert!(flow_is_live(&udp, &seen(UDP_IDLE_NS / 2, 0), now));
+        assert!(!flow_is_live(&udp, &seen(2 * UDP_IDLE_NS, 0), now));
+    }
 }

@@ -1,7 +1,9 @@
 //! lbctl, the controller of the lbctl XDP load balancer: the service table, its translation
 //! into BPF map contents, and the commands that attach the data plane and change the table.
 pub mod commands;
+pub mod daemon;
 pub mod datapath;
+pub mod health;
 pub mod instance;
 pub mod model;
 pub mod state;

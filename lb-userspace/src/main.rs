@@ -54,6 +54,16 @@ enum Command {
     /// Show or change the overlay settings (the same on every node).
     #[command(subcommand)]
     Mesh(MeshCommand),
+    /// Run in the foreground: serve Prometheus metrics and run the health checks, until
+    /// SIGTERM or SIGINT. The data plane does not need it to forward.
+    Daemon {
+        /// Address the metrics are served on (`/metrics`).
+        #[arg(long, default_value = lb_userspace::daemon::DEFAULT_METRICS_ADDR, value_name = "ADDR:PORT")]
+        metrics_addr: std::net::SocketAddr,
+        /// Log JSON lines instead of text.
+        #[arg(long)]
+        log_json: bool,
+    },
     /// Packet, flow and per-backend counters.
     Stats {
         #[arg(long)]
@@ -86,6 +96,54 @@ enum ServiceCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Change how a service's backends are health-checked (by `lbctl daemon`); flags not given
+    /// keep their current value. Defaults: TCP connect every 2s, timeout 1s, rise 2, fall 3.
+    Health {
+        name: String,
+        /// Stop checking: every backend counts as healthy.
+        #[arg(long, conflicts_with_all = ["on", "http", "tcp"])]
+        off: bool,
+        /// Check again (after --off).
+        #[arg(long)]
+        on: bool,
+        /// Probe with a TCP connect.
+        #[arg(long, conflicts_with = "http")]
+        tcp: bool,
+        /// Probe with an HTTP GET of PATH, which must answer --expect-status.
+        #[arg(long, value_name = "PATH")]
+        http: Option<String>,
+        #[arg(long, value_name = "STATUS")]
+        expect_status: Option<u16>,
+        /// Time between probes, e.g. 2s or 500ms.
+        #[arg(long, value_parser = parse_duration_ms, value_name = "DURATION")]
+        interval: Option<u64>,
+        /// Time a probe may take, e.g. 1s.
+        #[arg(long, value_parser = parse_duration_ms, value_name = "DURATION")]
+        timeout: Option<u64>,
+        /// Successes in a row that make a backend healthy.
+        #[arg(long)]
+        rise: Option<u32>,
+        /// Failures in a row that make a backend unhealthy.
+        #[arg(long)]
+        fall: Option<u32>,
+    },
+}
+
+/// `2s`, `500ms` or `1.5s` as milliseconds.
+fn parse_duration_ms(s: &str) -> Result<u64, String> {
+    let bad = || format!("invalid duration '{s}': use e.g. 2s or 500ms");
+    let (number, scale) = if let Some(ms) = s.strip_suffix("ms") {
+        (ms, 1.0)
+    } else if let Some(secs) = s.strip_suffix('s') {
+        (secs, 1000.0)
+    } else {
+        return Err(bad());
+    };
+    let value: f64 = number.parse().map_err(|_| bad())?;
+    if !value.is_finite() || value <= 0.0 || value * scale > 86_400_000.0 {
+        return Err(bad());
+    }
+    Ok((value * scale).round() as u64)
 }
 
 #[derive(Subcommand)]
@@ -102,6 +160,19 @@ enum BackendCommand {
         service: String,
         #[arg(required = true, value_name = "IP:PORT[@NODE]", value_parser = model::parse_backend_spec)]
         backends: Vec<BackendSpec>,
+    },
+    /// Stop sending new flows to a backend; its existing flows continue (`service ls` shows how
+    /// many are still live).
+    Drain {
+        service: String,
+        #[arg(value_name = "IP:PORT[@NODE]", value_parser = model::parse_backend_spec)]
+        backend: BackendSpec,
+    },
+    /// Let a drained backend take new flows again.
+    Undrain {
+        service: String,
+        #[arg(value_name = "IP:PORT[@NODE]", value_parser = model::parse_backend_spec)]
+        backend: BackendSpec,
     },
 }
 
@@ -167,6 +238,46 @@ fn run(cli: Cli) -> anyhow::Result<String> {
         Command::Backend(BackendCommand::Rm { service, backends }) => {
             commands::backend_rm(&instance, &service, &backends)
         }
+        Command::Backend(BackendCommand::Drain { service, backend }) => {
+            commands::backend_drain(&instance, &service, &backend, true)
+        }
+        Command::Backend(BackendCommand::Undrain { service, backend }) => {
+            commands::backend_drain(&instance, &service, &backend, false)
+        }
+        Command::Service(ServiceCommand::Health {
+            name,
+            off,
+            on,
+            tcp,
+            http,
+            expect_status,
+            interval,
+            timeout,
+            rise,
+            fall,
+        }) => commands::service_health(
+            &instance,
+            &name,
+            &model::HealthUpdate {
+                enabled: if off {
+                    Some(false)
+                } else if on || tcp || http.is_some() {
+                    Some(true)
+                } else {
+                    None
+                },
+                probe: if tcp {
+                    Some(None)
+                } else {
+                    http.map(Some)
+                },
+                expect_status,
+                interval_ms: interval,
+                timeout_ms: timeout,
+                rise,
+                fall,
+            },
+        ),
         Command::Node(NodeCommand::Add { name, underlay_ip }) => {
             commands::node_add(&instance, &name, underlay_ip)
         }
@@ -177,6 +288,17 @@ fn run(cli: Cli) -> anyhow::Result<String> {
             commands::mesh_set(&instance, vni, vxlan_port)
         }
         Command::Stats { json } => commands::stats(&instance, json),
+        Command::Daemon {
+            metrics_addr,
+            log_json,
+        } => lb_userspace::daemon::run(
+            instance,
+            lb_userspace::daemon::Options {
+                metrics_addr,
+                log_json,
+            },
+        )
+        .map(|()| String::new()),
         Command::Purge => commands::purge(&instance),
     }
 }

@@ -177,6 +177,146 @@ pub struct Backend {
     /// it gets a new id and the flows pinned to it choose again.
     #[serde(default)]
     pub node: Option<String>,
+    /// Drained by the operator: no new flows, existing ones continue.
+    #[serde(default)]
+    pub drained: bool,
+    /// What the health checks last said (written by `lbctl daemon`).
+    #[serde(default)]
+    pub health: Health,
+}
+
+impl Backend {
+    /// Whether new flows may choose the backend while some backend of its service is healthy.
+    pub fn eligible(&self) -> bool {
+        !self.drained && self.health != Health::Unhealthy
+    }
+}
+
+/// A backend's health as the checks see it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Health {
+    /// Not checked (yet, or by this node: the backends of other mesh nodes are checked by
+    /// their own node); treated as healthy.
+    #[default]
+    Unknown,
+    Healthy,
+    Unhealthy,
+}
+
+impl Health {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Health::Unknown => "unknown",
+            Health::Healthy => "healthy",
+            Health::Unhealthy => "unhealthy",
+        }
+    }
+}
+
+/// How a service's backends are probed. The defaults suit a web service, as HAProxy's do: a
+/// TCP connect every 2 s with a 1 s timeout; 3 failures in a row mark a backend unhealthy, 2
+/// successes healthy again.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HealthCheck {
+    pub enabled: bool,
+    /// `None`: a TCP connect succeeds. `Some(path)`: an HTTP/1.1 GET of `path` must answer
+    /// `expect_status`.
+    pub http_path: Option<String>,
+    pub expect_status: u16,
+    pub interval_ms: u64,
+    pub timeout_ms: u64,
+    /// Successes in a row that make an unhealthy (or unknown) backend healthy.
+    pub rise: u32,
+    /// Failures in a row that make a healthy (or unknown) backend unhealthy.
+    pub fall: u32,
+}
+
+impl Default for HealthCheck {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            http_path: None,
+            expect_status: 200,
+            interval_ms: 2_000,
+            timeout_ms: 1_000,
+            rise: 2,
+            fall: 3,
+        }
+    }
+}
+
+/// A change to a service's health-check settings: `None` keeps the current value.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct HealthUpdate {
+    pub enabled: Option<bool>,
+    /// `Some(None)`: TCP connect; `Some(Some(path))`: HTTP GET of path.
+    pub probe: Option<Option<String>>,
+    pub expect_status: Option<u16>,
+    pub interval_ms: Option<u64>,
+    pub timeout_ms: Option<u64>,
+    pub rise: Option<u32>,
+    pub fall: Option<u32>,
+}
+
+impl HealthUpdate {
+    pub fn apply(&self, current: &HealthCheck) -> HealthCheck {
+        HealthCheck {
+            enabled: self.enabled.unwrap_or(current.enabled),
+            http_path: self
+                .probe
+                .clone()
+                .unwrap_or_else(|| current.http_path.clone()),
+            expect_status: self.expect_status.unwrap_or(current.expect_status),
+            interval_ms: self.interval_ms.unwrap_or(current.interval_ms),
+            timeout_ms: self.timeout_ms.unwrap_or(current.timeout_ms),
+            rise: self.rise.unwrap_or(current.rise),
+            fall: self.fall.unwrap_or(current.fall),
+        }
+    }
+}
+
+impl HealthCheck {
+    /// Checks the settings hang together.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.interval_ms < 100 {
+            return Err(format!(
+                "invalid health-check interval {} ms: at least 100 ms",
+                self.interval_ms
+            ));
+        }
+        if self.timeout_ms == 0 || self.timeout_ms > self.interval_ms {
+            return Err(format!(
+                "invalid health-check timeout {} ms: above 0 and at most the interval ({} ms)",
+                self.timeout_ms, self.interval_ms
+            ));
+        }
+        if !(1..=100).contains(&self.rise) || !(1..=100).contains(&self.fall) {
+            return Err(format!(
+                "invalid rise/fall {}/{}: each between 1 and 100",
+                self.rise, self.fall
+            ));
+        }
+        if !(100..=599).contains(&self.expect_status) {
+            return Err(format!(
+                "invalid expected status {}: an HTTP status between 100 and 599",
+                self.expect_status
+            ));
+        }
+        if let Some(path) = &self.http_path
+            && (!path.starts_with('/') || path.chars().any(|c| c.is_whitespace() || c.is_control()))
+        {
+            return Err(format!(
+                "invalid HTTP path '{path}': must start with '/' and contain no spaces"
+            ));
+        }
+        Ok(())
+    }
+
+    /// How long a failing backend may still get new flows: `fall` intervals.
+    pub fn detection_window_ms(&self) -> u64 {
+        self.interval_ms * u64::from(self.fall)
+    }
 }
 
 impl fmt::Display for Backend {
@@ -204,9 +344,24 @@ pub struct Service {
     pub vip: Option<Ipv4Addr>,
     /// In round-robin order.
     pub backends: Vec<Backend>,
+    #[serde(default)]
+    pub health_check: HealthCheck,
 }
 
 impl Service {
+    /// The backends new flows may choose, and whether the service fails open: when every
+    /// undrained backend is unhealthy, new flows go to all of them rather than nowhere (the
+    /// checks themselves may be what is broken).
+    pub fn selectable(&self) -> (Vec<&Backend>, bool) {
+        let eligible: Vec<&Backend> = self.backends.iter().filter(|b| b.eligible()).collect();
+        if !eligible.is_empty() {
+            return (eligible, false);
+        }
+        let undrained: Vec<&Backend> = self.backends.iter().filter(|b| !b.drained).collect();
+        let fail_open = !undrained.is_empty();
+        (undrained, fail_open)
+    }
+
     /// How the service appears to clients, e.g. `tcp/8080` or `tcp/10.1.1.1:8080`.
     pub fn frontend(&self) -> String {
         match self.vip {
@@ -315,6 +470,7 @@ impl Table {
             port,
             vip,
             backends,
+            health_check: HealthCheck::default(),
         });
         self.next_service_id = (id + 1) % MAX_SERVICES;
         self.generation += 1;
@@ -382,6 +538,73 @@ impl Table {
         service.backends.retain(|b| !seen.contains(&b.addr));
         self.generation += 1;
         Ok(())
+    }
+
+    /// Drains (or undrains) a backend named by `IP:PORT` (an `@NODE` must match). Returns
+    /// whether anything changed.
+    pub fn set_drained(
+        &mut self,
+        name: &str,
+        spec: impl Into<BackendSpec>,
+        drained: bool,
+    ) -> Result<bool, String> {
+        let spec = spec.into();
+        let service = self.service_mut(name)?;
+        let backend = service
+            .backends
+            .iter_mut()
+            .find(|b| b.addr == spec.addr)
+            .ok_or_else(|| format!("service '{name}' has no backend {}", spec.addr))?;
+        if spec.node.is_some() && spec.node != backend.node {
+            return Err(format!(
+                "service '{name}' has backend {backend}, not {spec}"
+            ));
+        }
+        if backend.drained == drained {
+            return Ok(false);
+        }
+        backend.drained = drained;
+        self.generation += 1;
+        Ok(true)
+    }
+
+    /// Changes a service's health-check settings; returns the new ones. Turning checks off
+    /// forgets what they found (every backend is then unknown, hence eligible).
+    pub fn update_health_check(
+        &mut self,
+        name: &str,
+        update: &HealthUpdate,
+    ) -> Result<HealthCheck, String> {
+        let service = self.service_mut(name)?;
+        let check = update.apply(&service.health_check);
+        check.validate()?;
+        if service.health_check != check {
+            if !check.enabled {
+                for backend in &mut service.backends {
+                    backend.health = Health::Unknown;
+                }
+            }
+            service.health_check = check.clone();
+            self.generation += 1;
+        }
+        Ok(check)
+    }
+
+    /// Records a backend's health, found by service name and backend id. Health is runtime
+    /// state, not configuration: the table's generation does not change. Returns whether the
+    /// state changed (false also when the backend is gone meanwhile).
+    pub fn set_health(&mut self, name: &str, backend_id: u32, health: Health) -> bool {
+        let Some(backend) = self
+            .services
+            .iter_mut()
+            .find(|s| s.name == name)
+            .and_then(|s| s.backends.iter_mut().find(|b| b.id == backend_id))
+        else {
+            return false;
+        };
+        let changed = backend.health != health;
+        backend.health = health;
+        changed
     }
 
     pub fn node(&self, name: &str) -> Option<&Node> {
@@ -524,6 +747,8 @@ impl Table {
                 addr: spec.addr,
                 id,
                 node: spec.node.clone(),
+                drained: false,
+                health: Health::Unknown,
             });
         }
         self.next_backend_id = cursor;

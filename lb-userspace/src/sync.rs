@@ -3,7 +3,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use lb_common::{
-    BACKEND_ACTIVE, Backend, MAX_BACKENDS_PER_SERVICE, MeshConfig, ServiceKey, ServiceValue,
+    BACKEND_ACTIVE, Backend, MAX_BACKENDS_PER_SERVICE, MeshConfig, SERVICE_FAIL_OPEN, ServiceKey,
+    ServiceValue,
 };
 
 use crate::model::{Service, Table};
@@ -59,17 +60,23 @@ pub fn desired(table: &Table, self_node: Option<&str>) -> MapContents {
         .collect();
     contents.nodes = remote.values().copied().collect();
     for service in &table.services {
-        let mut value = ServiceValue {
-            service_id: service.id,
-            backend_count: service.backends.len() as u32,
-            ..ServiceValue::default()
-        };
         assert!(
             service.backends.len() <= MAX_BACKENDS_PER_SERVICE,
             "model enforces the limit"
         );
-        for (slot, backend) in service.backends.iter().enumerate() {
+        // Drained and unhealthy backends stay active in BACKENDS (their flows continue) but
+        // leave the list new flows choose from.
+        let (selectable, fail_open) = service.selectable();
+        let mut value = ServiceValue {
+            service_id: service.id,
+            backend_count: selectable.len() as u32,
+            flags: if fail_open { SERVICE_FAIL_OPEN } else { 0 },
+            ..ServiceValue::default()
+        };
+        for (slot, backend) in selectable.iter().enumerate() {
             value.backend_ids[slot] = backend.id;
+        }
+        for backend in &service.backends {
             contents.backends.insert(
                 backend.id,
                 Backend {
@@ -258,6 +265,43 @@ mod tests {
         assert_eq!(delta.services_to_write.len(), 1);
         assert_eq!(delta.new_service_ids, vec![0]);
         assert!(delta.services_to_delete.is_empty() && delta.backends_to_clear.is_empty());
+    }
+
+    /// The backend ids new flows may choose in `web`, and its flags.
+    fn choosable(table: &Table) -> (Vec<u32>, u32) {
+        let contents = desired(table, None);
+        let value = contents.services.values().next().unwrap();
+        let ids = value.backend_ids[..value.backend_count as usize].to_vec();
+        // Every backend stays active for its existing flows, chosen or not.
+        assert!(
+            contents
+                .backends
+                .values()
+                .all(|b| b.flags == BACKEND_ACTIVE)
+        );
+        (ids, value.flags)
+    }
+
+    #[test]
+    fn drained_and_unhealthy_backends_leave_the_choice_but_stay_active() {
+        let mut t = table(&[("web", 8080, &["10.0.0.6:80", "10.0.0.7:80", "10.0.0.8:80"])]);
+        assert_eq!(choosable(&t), (vec![0, 1, 2], 0));
+        t.set_drained("web", parse_backend("10.0.0.7:80").unwrap(), true)
+            .unwrap();
+        assert_eq!(choosable(&t), (vec![0, 2], 0));
+        assert!(t.set_health("web", 2, crate::model::Health::Unhealthy));
+        assert_eq!(choosable(&t), (vec![0], 0));
+        // Unhealthy too: every undrained backend is unhealthy, the service fails open.
+        assert!(t.set_health("web", 0, crate::model::Health::Unhealthy));
+        assert_eq!(choosable(&t), (vec![0, 2], SERVICE_FAIL_OPEN));
+        assert!(t.set_health("web", 2, crate::model::Health::Healthy));
+        assert_eq!(choosable(&t), (vec![2], 0));
+        // Everything drained: nothing to choose, and no failing open onto drained backends.
+        for addr in ["10.0.0.6:80", "10.0.0.8:80"] {
+            t.set_drained("web", parse_backend(addr).unwrap(), true)
+                .unwrap();
+        }
+        assert_eq!(choosable(&t), (vec![], 0));
     }
 
     #[test]

@@ -80,6 +80,41 @@ impl Lbctl {
         Ok(String::from_utf8_lossy(&out.stderr).into_owned())
     }
 
+    /// Starts `lbctl ... daemon --metrics-addr ADDR` in the background and waits until it
+    /// serves metrics (its namespace's loopback). Stopped with SIGTERM when dropped.
+    pub fn start_daemon(&self, metrics_addr: std::net::SocketAddr, netns: &NetNs) -> Result<Daemon> {
+        let addr = metrics_addr.to_string();
+        let mut cmd = self.command(&["daemon", "--metrics-addr", &addr]);
+        let log = std::env::temp_dir().join(format!("{}-daemon.log", unique_prefix()));
+        let log_file = std::fs::File::create(&log)
+            .with_context(|| format!("cannot create {}", log.display()))?;
+        cmd.stdout(std::process::Stdio::null())
+            .stderr(log_file.try_clone()?);
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("cannot start {}", describe(&cmd)))?;
+        let mut daemon = Daemon {
+            child: Some(child),
+            metrics_addr,
+            log,
+        };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            if netns.in_netns(|| std::net::TcpStream::connect(metrics_addr)).is_ok() {
+                return Ok(daemon);
+            }
+            if let Some(child) = daemon.child.as_mut()
+                && let Some(status) = child.try_wait()?
+            {
+                bail!("lbctl daemon exited ({status}): {}", daemon.log_text());
+            }
+            if std::time::Instant::now() > deadline {
+                bail!("lbctl daemon does not listen on {addr}: {}", daemon.log_text());
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
+
     /// `lbctl --netns NAME --state-dir DIR ARGS...`, not yet run.
     fn command(&self, args: &[&str]) -> Command {
         let mut cmd = Command::new(&self.bin);
@@ -106,5 +141,43 @@ impl Drop for Lbctl {
         {
             eprintln!("warning: cannot remove {}: {e}", self.state_dir.display());
         }
+    }
+}
+
+/// A running `lbctl daemon`; SIGTERM and a wait when dropped.
+#[derive(Debug)]
+pub struct Daemon {
+    child: Option<std::process::Child>,
+    metrics_addr: std::net::SocketAddr,
+    log: PathBuf,
+}
+
+impl Daemon {
+    pub fn metrics_addr(&self) -> std::net::SocketAddr {
+        self.metrics_addr
+    }
+
+    /// What the daemon logged so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Stops the daemon with SIGTERM and returns its exit status.
+    pub fn stop(&mut self) -> Result<std::process::ExitStatus> {
+        let mut child = self.child.take().context("daemon already stopped")?;
+        // SAFETY: signalling our own child by its pid.
+        unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+        Ok(child.wait()?)
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if self.child.is_some()
+            && let Err(e) = self.stop()
+        {
+            eprintln!("warning: stopping lbctl daemon: {e:#}");
+        }
+        let _ = std::fs::remove_file(&self.log);
     }
 }

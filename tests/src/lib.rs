@@ -21,7 +21,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 
 use anyhow::{Context, Result, bail};
 
-pub use lbctl::Lbctl;
+pub use lbctl::{Daemon, Lbctl};
 
 /// Fails with an explanation unless this process runs as root.
 ///

@@ -1,0 +1,366 @@
+//! `lbctl daemon`: serves Prometheus metrics and runs the health checks of one instance, in
+//! the foreground (systemd-friendly: logs to stderr, stops cleanly on SIGTERM and SIGINT).
+//!
+//! The data plane does not depend on it: the programs and maps are pinned and keep forwarding
+//! while the daemon stops or restarts, and every counter it exposes lives in those maps, so no
+//! counter goes backwards across a restart. Health results go into the instance's state (under
+//! its lock, like any command), so `service ls` shows them and a restarted daemon resumes.
+use std::{
+    collections::HashMap,
+    net::{SocketAddr, SocketAddrV4},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result};
+use axum::{Router, extract::State as AxumState, http::header, response::IntoResponse, routing::get};
+use lb_common::{Event, Reason};
+use tokio::sync::{mpsc, watch};
+use tracing::{debug, error, info, warn};
+
+use crate::{
+    commands,
+    datapath::{FlowCensus, Maps},
+    health::{self, Tracker},
+    instance::Instance,
+    metrics,
+    model::{self, HealthCheck},
+    state,
+};
+
+/// Where metrics are served unless `--metrics-addr` says otherwise: loopback only (metrics
+/// name every service and backend), on a port of the range exporters use (9100-9999).
+pub const DEFAULT_METRICS_ADDR: &str = "127.0.0.1:9617";
+/// How often the table is re-read for services and backends to probe.
+const RELOAD_EVERY: Duration = Duration::from_secs(1);
+/// How often the flow table is scanned for live flows (a scan walks every entry).
+const CENSUS_EVERY: Duration = Duration::from_secs(2);
+/// Resolution of the probe scheduler.
+const TICK: Duration = Duration::from_millis(50);
+
+pub struct Options {
+    pub metrics_addr: SocketAddr,
+    pub log_json: bool,
+}
+
+/// What the HTTP handlers and the loops share.
+struct Shared {
+    instance: Instance,
+    /// The last flow-table scan.
+    census: Mutex<Option<FlowCensus>>,
+}
+
+/// Runs until SIGTERM or SIGINT.
+pub fn run(instance: Instance, options: Options) -> Result<()> {
+    init_logging(options.log_json);
+    // Fail early, before serving anything, if there is nothing to serve.
+    commands::attached_state_and_node(&instance)?;
+    // The runtime's threads are created by this thread, which already entered the instance's
+    // network namespace: they inherit it, so sockets and probes live there.
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(serve(instance, options))
+}
+
+fn init_logging(json: bool) {
+    let builder = tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_target(false);
+    // A second daemon in the same process (tests) keeps the first subscriber.
+    let _ = if json {
+        builder.json().try_init()
+    } else {
+        builder.try_init()
+    };
+}
+
+async fn serve(instance: Instance, options: Options) -> Result<()> {
+    let listener = tokio::net::TcpListener::bind(options.metrics_addr)
+        .await
+        .with_context(|| format!("listening on {} for metrics", options.metrics_addr))?;
+    info!(
+        instance = %instance.name,
+        metrics = %options.metrics_addr,
+        version = env!("CARGO_PKG_VERSION"),
+        "lbctl daemon started"
+    );
+    let shared = Arc::new(Shared {
+        instance,
+        census: Mutex::new(None),
+    });
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let health = tokio::spawn(health_loop(shared.clone(), stop_rx.clone()));
+    let census = tokio::spawn(census_loop(shared.clone(), stop_rx));
+    let app = Router::new()
+        .route("/metrics", get(metrics_page))
+        .route("/", get(|| async { "lbctl daemon: metrics at /metrics\n" }))
+        .with_state(shared);
+    let served = axum::serve(listener, app)
+        .with_graceful_shutdown(stop_signal())
+        .await
+        .context("serving metrics");
+    let _ = stop_tx.send(true);
+    let _ = tokio::join!(health, census);
+    info!("lbctl daemon stopped; the data plane keeps forwarding");
+    served
+}
+
+/// Resolves on the first SIGTERM or SIGINT.
+async fn stop_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        error!("cannot listen for SIGTERM/SIGINT; stop the daemon with SIGKILL");
+        return std::future::pending().await;
+    };
+    let name = tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    };
+    info!(signal = name, "stopping");
+}
+
+async fn metrics_page(AxumState(shared): AxumState<Arc<Shared>>) -> impl IntoResponse {
+    let rendered = tokio::task::spawn_blocking(move || snapshot(&shared).map(|s| metrics::render(&s)))
+        .await
+        .map_err(anyhow::Error::from)
+        .and_then(|r| r);
+    match rendered {
+        Ok(body) => (
+            axum::http::StatusCode::OK,
+            [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+            body,
+        ),
+        Err(err) => {
+            error!(error = format!("{err:#}"), "cannot collect metrics");
+            (
+                axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+                [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+                format!("cannot collect metrics: {err:#}\n"),
+            )
+        }
+    }
+}
+
+/// Everything a scrape shows, read from the state and the pinned maps at scrape time.
+fn snapshot(shared: &Shared) -> Result<metrics::Snapshot> {
+    let (state, node) = commands::attached_state_and_node(&shared.instance)?;
+    let maps = Maps::open_pinned(&shared.instance.maps_dir())?;
+    let census = match shared.census.lock().unwrap().clone() {
+        Some(census) => census,
+        None => maps.flow_census()?,
+    };
+    let reasons = maps.reason_totals()?;
+    let events = maps.event_totals()?;
+    let mut services = Vec::with_capacity(state.table.services.len());
+    for service in &state.table.services {
+        let (_, fail_open) = service.selectable();
+        let mut backends = Vec::with_capacity(service.backends.len());
+        for backend in &service.backends {
+            let stats = maps.backend_totals(backend.id)?;
+            backends.push(metrics::BackendSnapshot {
+                addr: backend.addr.to_string(),
+                node: backend.node.clone(),
+                health: match backend.health {
+                    model::Health::Unknown => metrics::Health::Unknown,
+                    model::Health::Healthy => metrics::Health::Healthy,
+                    model::Health::Unhealthy => metrics::Health::Unhealthy,
+                },
+                drained: backend.drained,
+                packets: stats.packets,
+                bytes: stats.bytes,
+                reply_packets: stats.reply_packets,
+                reply_bytes: stats.reply_bytes,
+                new_flows: stats.new_flows,
+                live_flows: census.live.get(&backend.id).copied().unwrap_or(0),
+            });
+        }
+        services.push(metrics::ServiceSnapshot {
+            name: service.name.clone(),
+            frontend: service.frontend(),
+            fail_open,
+            backends,
+        });
+    }
+    Ok(metrics::Snapshot {
+        instance: shared.instance.name.clone(),
+        node,
+        version: env!("CARGO_PKG_VERSION").to_owned(),
+        table_generation: state.table.generation,
+        flow_entries: census.entries,
+        flow_capacity: u64::from(state.flow_capacity),
+        reasons: Reason::ALL
+            .iter()
+            .zip(&reasons)
+            .map(|(reason, c)| (reason.name(), c.packets, c.bytes))
+            .collect(),
+        events: Event::ALL
+            .iter()
+            .zip(&events)
+            .map(|(event, n)| (event.name(), *n))
+            .collect(),
+        services,
+    })
+}
+
+/// Scans the flow table now and then, so that scrapes do not walk it.
+async fn census_loop(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
+    loop {
+        let scanning = shared.clone();
+        let result = tokio::task::spawn_blocking(move || {
+            Maps::open_pinned(&scanning.instance.maps_dir())?.flow_census()
+        })
+        .await;
+        match result {
+            Ok(Ok(census)) => *shared.census.lock().unwrap() = Some(census),
+            Ok(Err(err)) => warn!(error = format!("{err:#}"), "cannot scan the flow table"),
+            Err(err) => warn!(error = %err, "flow-table scan failed"),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(CENSUS_EVERY) => {}
+            _ = stop.changed() => return,
+        }
+    }
+}
+
+/// A backend this node probes.
+struct Probe {
+    addr: SocketAddrV4,
+    check: HealthCheck,
+    tracker: Tracker,
+    next_due: Instant,
+    running: bool,
+}
+
+/// (service name, backend id): a backend's identity for as long as it is in its service.
+type ProbeKey = (String, u32);
+
+/// Probes every backend this node hosts (or reaches by plain routing) of every service whose
+/// checks are on, each at its service's interval, and records health flips.
+async fn health_loop(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
+    let mut probes: HashMap<ProbeKey, Probe> = HashMap::new();
+    let (results_tx, mut results) = mpsc::unbounded_channel::<(ProbeKey, Result<(), String>)>();
+    let mut tick = tokio::time::interval(TICK);
+    let mut last_reload: Option<Instant> = None;
+    loop {
+        let mut flips = Vec::new();
+        tokio::select! {
+            _ = stop.changed() => return,
+            _ = tick.tick() => {
+                if last_reload.is_none_or(|at| at.elapsed() >= RELOAD_EVERY) {
+                    last_reload = Some(Instant::now());
+                    reload(&shared, &mut probes).await;
+                }
+                let now = Instant::now();
+                for (key, probe) in probes.iter_mut() {
+                    if probe.running || probe.next_due > now {
+                        continue;
+                    }
+                    probe.running = true;
+                    probe.next_due = now + Duration::from_millis(probe.check.interval_ms);
+                    let (key, addr, check, tx) =
+                        (key.clone(), probe.addr, probe.check.clone(), results_tx.clone());
+                    tokio::spawn(async move {
+                        let _ = tx.send((key, health::probe(addr, &check).await));
+                    });
+                }
+            }
+            Some((key, result)) = results.recv() => {
+                if let Some(probe) = probes.get_mut(&key) {
+                    probe.running = false;
+                    if let Err(reason) = &result {
+                        debug!(service = %key.0, backend = %probe.addr, reason, "probe failed");
+                    }
+                    if let Some(health) = probe.tracker.observe(result.is_ok(), &probe.check) {
+                        let reason = result.err().unwrap_or_default();
+                        info!(
+                            service = %key.0,
+                            backend = %probe.addr,
+                            health = health.as_str(),
+                            reason,
+                            "backend health changed"
+                        );
+                        flips.push((key.0.clone(), key.1, health));
+                    }
+                }
+            }
+        }
+        if !flips.is_empty() {
+            let recording = shared.clone();
+            let result = tokio::task::spawn_blocking(move || {
+                commands::record_health(&recording.instance, &flips)
+            })
+            .await;
+            match result {
+                Ok(Ok(_)) => {}
+                Ok(Err(err)) => error!(error = format!("{err:#}"), "cannot record health"),
+                Err(err) => error!(error = %err, "recording health failed"),
+            }
+        }
+    }
+}
+
+/// Brings the probe set in line with the table: new backends are probed at once, removed ones
+/// forgotten, changed settings taken.
+async fn reload(shared: &Arc<Shared>, probes: &mut HashMap<ProbeKey, Probe>) {
+    let reading = shared.clone();
+    let loaded = tokio::task::spawn_blocking(move || {
+        let state = state::load(&reading.instance.state_dir)?;
+        let node = commands::attached_state_and_node(&reading.instance)
+            .map(|(_, node)| node)
+            .unwrap_or(None);
+        anyhow::Ok((state, node))
+    })
+    .await;
+    let (state, node) = match loaded {
+        Ok(Ok(loaded)) => loaded,
+        Ok(Err(err)) => {
+            warn!(error = format!("{err:#}"), "cannot read the table");
+            return;
+        }
+        Err(err) => {
+            warn!(error = %err, "reading the table failed");
+            return;
+        }
+    };
+    let mut wanted = HashMap::new();
+    for service in &state.table.services {
+        if !service.health_check.enabled {
+            continue;
+        }
+        for backend in &service.backends {
+            // Another node's backends are that node's to check.
+            if backend.node.is_some() && backend.node != node {
+                continue;
+            }
+            wanted.insert(
+                (service.name.clone(), backend.id),
+                (backend.addr, service.health_check.clone(), backend.health),
+            );
+        }
+    }
+    probes.retain(|key, _| wanted.contains_key(key));
+    let now = Instant::now();
+    for (key, (addr, check, health)) in wanted {
+        match probes.get_mut(&key) {
+            Some(probe) if probe.addr == addr => probe.check = check,
+            _ => {
+                probes.insert(
+                    key,
+                    Probe {
+                        addr,
+                        check,
+                        tracker: Tracker::new(health),
+                        next_due: now,
+                        running: false,
+                    },
+                );
+            }
+        }
+    }
+}

@@ -1,0 +1,244 @@
+//! End to end: `lbctl daemon` (health checks, metrics) and `backend drain`, on the single-node
+//! topology with real TCP through the attached programs.
+use std::{
+    collections::BTreeMap,
+    io::{Read as _, Write as _},
+    net::{SocketAddr, SocketAddrV4, TcpStream},
+    time::{Duration, Instant},
+};
+
+use lb_tests::{
+    Lbctl,
+    client::{KeepAlive, Reply, http_get_new_connection},
+    topology::{NODE_UPLINK, SingleNode, SingleNodeSpec},
+};
+
+const WEB_PORT: u16 = 8080;
+
+fn published(spec: SingleNodeSpec) -> (SingleNode, Lbctl) {
+    lb_tests::require_root().unwrap();
+    let topo = SingleNode::build(spec).unwrap();
+    let lbctl = Lbctl::new(topo.node()).unwrap();
+    lbctl.run(&["attach", NODE_UPLINK]).unwrap();
+    let backends: Vec<String> = (0..topo.backend_count())
+        .map(|i| topo.backend_addr(i).to_string())
+        .collect();
+    let port = WEB_PORT.to_string();
+    let mut args = vec!["service", "add", "web", port.as_str()];
+    args.extend(backends.iter().map(String::as_str));
+    lbctl.run(&args).unwrap();
+    (topo, lbctl)
+}
+
+fn new_connections(topo: &SingleNode, count: usize) -> Vec<Reply> {
+    let addr = SocketAddrV4::new(topo.node_uplink_ip(), WEB_PORT);
+    topo.client().in_netns(|| {
+        (0..count)
+            .map(|i| {
+                http_get_new_connection(addr)
+                    .unwrap_or_else(|err| panic!("request {i} to {addr}: {err:#}"))
+            })
+            .collect()
+    })
+}
+
+fn per_backend(replies: &[Reply]) -> BTreeMap<String, usize> {
+    let mut counts = BTreeMap::new();
+    for reply in replies {
+        *counts.entry(reply.backend.clone()).or_default() += 1;
+    }
+    counts
+}
+
+/// `service ls --json`'s view of backend `i` of `web`.
+fn backend_json(lbctl: &Lbctl, topo: &SingleNode, i: usize) -> serde_json::Value {
+    let doc: serde_json::Value =
+        serde_json::from_str(&lbctl.run(&["service", "ls", "--json"]).unwrap()).unwrap();
+    let addr = topo.backend_addr(i).to_string();
+    doc["services"][0]["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["address"] == addr.as_str())
+        .cloned()
+        .unwrap_or_else(|| panic!("no backend {addr} in {doc}"))
+}
+
+/// Polls `service ls` until backend `i` has `health`; returns how long it took.
+fn wait_for_health(lbctl: &Lbctl, topo: &SingleNode, i: usize, health: &str) -> Duration {
+    let start = Instant::now();
+    loop {
+        let backend = backend_json(lbctl, topo, i);
+        if backend["health"] == health {
+            return start.elapsed();
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "backend {i} is still {} instead of {health}",
+            backend["health"]
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn expected(topo: &SingleNode, served: &[usize], per: usize) -> BTreeMap<String, usize> {
+    served.iter().map(|&i| (topo.backend_name(i), per)).collect()
+}
+
+#[test]
+fn an_unhealthy_backend_gets_no_new_connections_and_returns_once_healthy() {
+    let (mut topo, lbctl) = published(SingleNodeSpec::default());
+    let (interval_ms, fall) = (200, 2);
+    lbctl
+        .run(&[
+            "service", "health", "web", "--interval", "200ms", "--timeout", "150ms", "--fall",
+            "2", "--rise", "2",
+        ])
+        .unwrap();
+    let metrics: SocketAddr = "127.0.0.1:9617".parse().unwrap();
+    let daemon = lbctl.start_daemon(metrics, topo.node()).unwrap();
+    for i in 0..topo.backend_count() {
+        wait_for_health(&lbctl, &topo, i, "healthy");
+    }
+
+    let down = 1;
+    topo.stop_backend(down).unwrap();
+    let took = wait_for_health(&lbctl, &topo, down, "unhealthy");
+    // The detection window: `fall` failed probes, one interval apart, plus a probe timeout and
+    // the polling of this test.
+    let window = Duration::from_millis(interval_ms * (fall + 1) + 150 + 500);
+    assert!(took <= window, "detected after {took:?}, window {window:?}");
+    // From then on no new connection goes to it, and none fails.
+    let replies = new_connections(&topo, 20);
+    assert_eq!(per_backend(&replies), expected(&topo, &[0, 2], 10));
+
+    topo.start_backend(down).unwrap();
+    wait_for_health(&lbctl, &topo, down, "healthy");
+    let replies = new_connections(&topo, 30);
+    assert_eq!(per_backend(&replies), expected(&topo, &[0, 1, 2], 10));
+
+    let log = daemon.log_text();
+    assert!(
+        log.contains("backend health changed") && log.contains("unhealthy"),
+        "the flips are logged: {log}"
+    );
+}
+
+#[test]
+fn every_backend_unhealthy_fails_open_and_is_counted() {
+    let (topo, lbctl) = published(SingleNodeSpec {
+        backends: 2,
+        ..SingleNodeSpec::default()
+    });
+    lbctl
+        .run(&["service", "health", "web", "--interval", "100ms", "--timeout", "80ms", "--fall", "1"])
+        .unwrap();
+    let _daemon = lbctl
+        .start_daemon("127.0.0.1:9617".parse().unwrap(), topo.node())
+        .unwrap();
+    // Only the probes fail: the servers are up but the checks expect another status.
+    lbctl
+        .run(&["service", "health", "web", "--http", "/", "--expect-status", "418"])
+        .unwrap();
+    for i in 0..2 {
+        wait_for_health(&lbctl, &topo, i, "unhealthy");
+    }
+    let ls = lbctl.run(&["service", "ls"]).unwrap();
+    assert!(ls.contains("FAILING OPEN"), "{ls}");
+    let replies = new_connections(&topo, 4);
+    assert_eq!(per_backend(&replies), expected(&topo, &[0, 1], 2));
+    let stats: serde_json::Value =
+        serde_json::from_str(&lbctl.run(&["stats", "--json"]).unwrap()).unwrap();
+    assert_eq!(stats["events"]["flow_fail_open"], 4, "{stats}");
+}
+
+#[test]
+fn a_drained_backend_keeps_its_connection_while_new_ones_avoid_it() {
+    let (topo, lbctl) = published(SingleNodeSpec::default());
+    let addr = SocketAddrV4::new(topo.node_uplink_ip(), WEB_PORT);
+    topo.client().in_netns(|| {
+        let mut kept = KeepAlive::connect(addr).unwrap();
+        let first = kept.get().unwrap();
+        let drained = (0..topo.backend_count())
+            .find(|&i| topo.backend_name(i) == first.backend)
+            .unwrap();
+        let backend = topo.backend_addr(drained).to_string();
+        lbctl.run(&["backend", "drain", "web", &backend]).unwrap();
+        let view = backend_json(&lbctl, &topo, drained);
+        assert_eq!(view["drained"], true);
+        assert_eq!(view["live_flows"], 1, "the kept connection: {view}");
+
+        let others: Vec<usize> = (0..topo.backend_count()).filter(|&i| i != drained).collect();
+        let replies: Vec<Reply> = (0..10).map(|_| http_get_new_connection(addr).unwrap()).collect();
+        assert_eq!(per_backend(&replies), expected(&topo, &others, 5));
+        for _ in 0..3 {
+            assert_eq!(kept.get().unwrap().backend, first.backend);
+        }
+        // The connection ends (FIN): the drained backend has no live flow left.
+        drop(kept);
+        let start = Instant::now();
+        while backend_json(&lbctl, &topo, drained)["live_flows"] != 0 {
+            assert!(start.elapsed() < Duration::from_secs(5), "live flows stay");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        lbctl.run(&["backend", "undrain", "web", &backend]).unwrap();
+    });
+    let replies = new_connections(&topo, 30);
+    assert_eq!(per_backend(&replies), expected(&topo, &[0, 1, 2], 10));
+}
+
+/// `GET /metrics` from inside `topo`'s node namespace.
+fn scrape(topo: &SingleNode, addr: SocketAddr) -> String {
+    topo.node().in_netns(|| {
+        let mut stream = TcpStream::connect(addr).unwrap();
+        write!(
+            stream,
+            "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut response = String::new();
+        stream.read_to_string(&mut response).unwrap();
+        assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+        response
+            .split_once("\r\n\r\n")
+            .map(|(_, body)| body.to_owned())
+            .unwrap()
+    })
+}
+
+/// The value of one series (`name{labels}` exactly as exposed).
+fn series(page: &str, name_and_labels: &str) -> Option<f64> {
+    page.lines()
+        .find_map(|line| line.strip_prefix(name_and_labels)?.strip_prefix(' '))
+        .and_then(|value| value.trim().parse().ok())
+}
+
+#[test]
+fn metrics_survive_a_daemon_restart_and_the_daemon_stops_cleanly() {
+    let (topo, lbctl) = published(SingleNodeSpec::default());
+    let addr: SocketAddr = "127.0.0.1:9618".parse().unwrap();
+    let mut daemon = lbctl.start_daemon(addr, topo.node()).unwrap();
+    let replies = new_connections(&topo, 6);
+    let page = scrape(&topo, addr);
+    for line in ["# HELP lbctl_backend_connections_total", "# TYPE lbctl_build_info gauge"] {
+        assert!(page.contains(line), "{line} missing from\n{page}");
+    }
+    let status = daemon.stop().unwrap();
+    assert!(status.success(), "SIGTERM is a clean exit: {status}");
+    // The data plane keeps forwarding without the daemon.
+    let more = new_connections(&topo, 3);
+    let _daemon = lbctl.start_daemon(addr, topo.node()).unwrap();
+    let after = scrape(&topo, addr);
+    for i in 0..topo.backend_count() {
+        let sent = replies
+            .iter()
+            .chain(&more)
+            .filter(|r| r.backend == topo.backend_name(i))
+            .count();
+        let name = format!(
+            "lbctl_backend_connections_total{{service=\"web\",backend=\"{}\",node=\"\"}}",
+            topo.backend_addr(i)
+        );
+        assert_eq!(series(&after, &name), Some(sent as f64), "{name} in\n{after}");
+    }
+}
