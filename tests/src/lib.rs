@@ -1,10 +1,11 @@
 //! Test harness for lbctl: network namespaces wired into small topologies, a
-//! test server to run in them, clients to send traffic from them, and a
-//! wrapper around the `lbctl` binary.
+//! test server to run in them, clients to send traffic from them, a wrapper
+//! around the `lbctl` binary, and a Prometheus server to scrape its metrics.
 //!
 //! It is shared by the integration tests (`tests/tests/`) and by `xtask`
-//! (`cargo xtask demo`), so it depends only on std, anyhow and libc: never on
-//! lb-userspace or aya, whose build needs the eBPF toolchain.
+//! (`cargo xtask demo`), so it depends only on std, anyhow, libc and
+//! serde_json (for Prometheus' API): never on lb-userspace or aya, whose
+//! build needs the eBPF toolchain.
 //!
 //! Everything that touches namespaces needs root and fails loudly without it
 //! (see [`require_root`]): a privileged test that silently skipped would look
@@ -14,6 +15,7 @@ pub mod client;
 mod lbctl;
 pub mod mesh;
 pub mod netns;
+pub mod prometheus;
 pub mod topology;
 
 use std::path::{Path, PathBuf};

@@ -150,19 +150,7 @@ impl NetNs {
         F: FnOnce() -> R + Send,
         R: Send,
     {
-        let path = format!("{NETNS_RUN_DIR}/{}", self.name);
-        std::thread::scope(|scope| {
-            let worker = scope.spawn(move || {
-                if let Err(e) = enter_netns(&path) {
-                    panic!("cannot enter network namespace {path}: {e:#}");
-                }
-                f()
-            });
-            match worker.join() {
-                Ok(r) => r,
-                Err(panic) => std::panic::resume_unwind(panic),
-            }
-        })
+        in_named_netns(&self.name, f)
     }
 
     /// Turns TX checksum offload off on interface `ifname` of this
@@ -221,8 +209,9 @@ impl NetNs {
         run_checked(Command::new(tool).arg("-n").arg(&self.name).args(args))
     }
 
-    /// `ip netns exec NAME ARGS...`, not yet run.
-    fn exec_command<I, S>(&self, args: I) -> Command
+    /// `ip netns exec NAME ARGS...`, not yet run, for a caller that sets up
+    /// its own stdio.
+    pub(crate) fn exec_command<I, S>(&self, args: I) -> Command
     where
         I: IntoIterator<Item = S>,
         S: AsRef<OsStr>,
@@ -348,6 +337,29 @@ fn process_alive(pid: libc::pid_t) -> bool {
     // checks.
     let rc = unsafe { libc::kill(pid, 0) };
     rc == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+}
+
+/// [`NetNs::in_netns`] for a namespace known by name only, for harness
+/// pieces that keep the name rather than a borrow of the [`NetNs`] (like
+/// [`Lbctl`](crate::Lbctl), so they can sit next to it in a fixture).
+pub(crate) fn in_named_netns<F, R>(name: &str, f: F) -> R
+where
+    F: FnOnce() -> R + Send,
+    R: Send,
+{
+    let path = format!("{NETNS_RUN_DIR}/{name}");
+    std::thread::scope(|scope| {
+        let worker = scope.spawn(move || {
+            if let Err(e) = enter_netns(&path) {
+                panic!("cannot enter network namespace {path}: {e:#}");
+            }
+            f()
+        });
+        match worker.join() {
+            Ok(r) => r,
+            Err(panic) => std::panic::resume_unwind(panic),
+        }
+    })
 }
 
 /// Moves the calling thread into the network namespace at `path`.

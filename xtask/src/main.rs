@@ -22,7 +22,10 @@ use lb_tests::topology::NODE_UPLINK;
 /// needs a system LLVM that Debian 12 does not ship).
 const BPF_LINKER_VERSION: &str = "0.10.0";
 
-/// Debian packages the tests, the demo and debugging use.
+/// Debian packages the tests, the demo and debugging use. `prometheus` is
+/// the server the metrics test scrapes lbctl with; the test runs its own
+/// instance, so the packaged service need not (and in a container without
+/// systemd does not) run.
 const APT_PACKAGES: &[&str] = &[
     "iproute2",
     "iputils-ping",
@@ -32,6 +35,7 @@ const APT_PACKAGES: &[&str] = &[
     "tcpdump",
     "socat",
     "curl",
+    "prometheus",
 ];
 
 /// Where bpffs must be mounted for lbctl to pin maps.
