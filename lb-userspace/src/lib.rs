@@ -3,6 +3,7 @@
 pub mod commands;
 pub mod datapath;
 pub mod instance;
+pub mod metrics;
 pub mod model;
 pub mod state;
 pub mod sync;
