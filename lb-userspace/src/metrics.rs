@@ -608,6 +608,20 @@ mod tests {
         (name.to_owned(), labels, value)
     }
 
+    /// The series of the family `name`.
+    fn family<'a>(families: &'a [(String, Vec<Sample>)], name: &str) -> &'a [Sample] {
+        let found = families.iter().find(|(family, _)| family == name);
+        &found.unwrap_or_else(|| panic!("no family {name}")).1
+    }
+
+    /// A per-service family's values by service.
+    fn per_service(samples: &[Sample]) -> BTreeMap<&str, u64> {
+        samples
+            .iter()
+            .map(|s| (s.label("service"), s.value))
+            .collect()
+    }
+
     /// `(series, value)` added up by the series' `service` label.
     fn sum_by_service<'a>(
         samples: impl Iterator<Item = (&'a Sample, u64)>,
@@ -902,16 +916,8 @@ lbctl_backend_health{service="web",backend="10.0.1.6:80",node="node-2",state="un
     #[test]
     fn service_families_sum_their_backends() {
         let families = parse(&render(&large_snapshot()));
-        let family = |name: &str| -> &[Sample] {
-            let found = families.iter().find(|(family, _)| family == name);
-            &found.unwrap_or_else(|| panic!("no {name}")).1
-        };
-        let per_service = |name: &str| -> BTreeMap<&str, u64> {
-            family(name)
-                .iter()
-                .map(|s| (s.label("service"), s.value))
-                .collect()
-        };
+        let series = |name: &str| family(&families, name);
+        let by_service = |name: &str| per_service(series(name));
         let mut summed = 0;
         for (name, samples) in &families {
             let Some(quantity) = name.strip_prefix("lbctl_backend_") else {
@@ -922,7 +928,7 @@ lbctl_backend_health{service="web",backend="10.0.1.6:80",node="node-2",state="un
             }
             let sums = sum_by_service(samples.iter().map(|s| (s, s.value)));
             assert_eq!(
-                per_service(&format!("lbctl_service_{quantity}")),
+                by_service(&format!("lbctl_service_{quantity}")),
                 sums,
                 "{name}"
             );
@@ -930,22 +936,22 @@ lbctl_backend_health{service="web",backend="10.0.1.6:80",node="node-2",state="un
         }
         assert_eq!(summed, 6);
 
-        let backends = family("lbctl_backend_drained");
+        let backends = series("lbctl_backend_drained");
         let counts = sum_by_service(backends.iter().map(|s| (s, 1)));
-        assert_eq!(per_service("lbctl_service_backends"), counts);
+        assert_eq!(by_service("lbctl_service_backends"), counts);
         let drained: BTreeSet<(&str, &str)> = backends
             .iter()
             .filter(|s| s.value == 1)
             .map(|s| (s.label("service"), s.label("backend")))
             .collect();
-        let eligible = family("lbctl_backend_health").iter().filter_map(|s| {
+        let eligible = series("lbctl_backend_health").iter().filter_map(|s| {
             let key = (s.label("service"), s.label("backend"));
             let counted = s.label("state") == "unhealthy" && !drained.contains(&key);
             counted.then_some((s, 1 - s.value))
         });
         let eligible_counts = sum_by_service(eligible);
         assert_eq!(
-            per_service("lbctl_service_healthy_backends"),
+            by_service("lbctl_service_healthy_backends"),
             eligible_counts
         );
         assert!(eligible_counts.values().any(|&n| n > 0));
@@ -1035,22 +1041,16 @@ lbctl_backend_health{service="web",backend="10.0.1.6:80",node="node-2",state="un
             ..Snapshot::default()
         };
         let families = parse(&render(&snapshot));
-        let family = |name: &str| -> BTreeMap<&str, u64> {
-            let (_, samples) = families.iter().find(|(family, _)| family == name).unwrap();
-            samples
-                .iter()
-                .map(|s| (s.label("service"), s.value))
-                .collect()
-        };
+        let by_service = |name: &str| per_service(family(&families, name));
         let (healthy, fail_open) = (
-            family("lbctl_service_healthy_backends"),
-            family("lbctl_service_fail_open"),
+            by_service("lbctl_service_healthy_backends"),
+            by_service("lbctl_service_fail_open"),
         );
         for &(name, open, backends, eligible) in cases {
             assert_eq!(healthy[name], eligible, "{name}: healthy backends");
             assert_eq!(fail_open[name], u64::from(open), "{name}: fail open");
             assert_eq!(
-                family("lbctl_service_backends")[name],
+                by_service("lbctl_service_backends")[name],
                 backends.len() as u64
             );
         }
@@ -1065,10 +1065,7 @@ lbctl_backend_health{service="web",backend="10.0.1.6:80",node="node-2",state="un
             ..Snapshot::default()
         };
         let families = parse(&render(&snapshot));
-        let total = |name: &str| {
-            let (_, samples) = families.iter().find(|(family, _)| family == name).unwrap();
-            samples.iter().map(|s| s.value).sum::<u64>()
-        };
+        let total = |name: &str| family(&families, name).iter().map(|s| s.value).sum::<u64>();
         let slots = |slots: &[u32]| slots.iter().map(|n| 1u64 << n).sum::<u64>();
         // drop_no_backend, drop_flow_table_full, drop_vxlan_*, drop_encap_*, drop_mesh_*.
         let dropped = slots(&[15, 16, 24, 25, 26, 27, 28, 29, 30, 31]);
