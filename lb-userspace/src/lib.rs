@@ -5,6 +5,7 @@ pub mod daemon;
 pub mod datapath;
 pub mod health;
 pub mod instance;
+pub mod metrics;
 pub mod model;
 pub mod state;
 pub mod sync;

@@ -1,0 +1,63 @@
+//! Time of `metrics::render` for 1,000 services of 10 backends (110,000 series), printed, not
+//! asserted. Run it optimised:
+//!
+//! ```text
+//! cargo test --release -p lb-userspace --bench render -- --nocapture
+//! ```
+use std::{hint::black_box, time::Instant};
+
+use lb_userspace::metrics::{BackendSnapshot, Health, ServiceSnapshot, Snapshot, render};
+
+const RUNS: usize = 50;
+
+#[test]
+fn render_1000_services_of_10_backends() {
+    let snapshot = Snapshot {
+        instance: "lb-node-1".into(),
+        node: Some("node-1".into()),
+        version: env!("CARGO_PKG_VERSION").into(),
+        reasons: (lb_common::Reason::ALL.iter())
+            .map(|r| (r.name(), u64::MAX / 3, u64::MAX / 2))
+            .collect(),
+        services: (0..1000)
+            .map(|s| ServiceSnapshot {
+                name: format!("svc-{s:04}"),
+                frontend: format!("tcp/{}", 10_000 + s),
+                fail_open: false,
+                backends: (0..10)
+                    .map(|b| BackendSnapshot {
+                        addr: format!("10.{}.{}.{b}:8080", s / 256, s % 256),
+                        node: (b % 2 == 1).then(|| format!("node-{b}")),
+                        health: Health::ALL[b % 3],
+                        packets: 123_456_789_012,
+                        bytes: 98_765_432_109_876,
+                        reply_packets: 123_456_789,
+                        reply_bytes: 98_765_432_109,
+                        new_flows: 1_234_567,
+                        live_flows: 1234,
+                        ..BackendSnapshot::default()
+                    })
+                    .collect(),
+            })
+            .collect(),
+        ..Snapshot::default()
+    };
+    let page = render(&snapshot);
+    let mut times: Vec<f64> = (0..RUNS)
+        .map(|_| {
+            let start = Instant::now();
+            black_box(render(black_box(&snapshot)));
+            start.elapsed().as_secs_f64() * 1e3
+        })
+        .collect();
+    times.sort_by(f64::total_cmp);
+    println!(
+        "render: {} lines, {} bytes (buffer of {}); over {RUNS} runs min {:.2} ms, median {:.2} ms, max {:.2} ms",
+        page.lines().count(),
+        page.len(),
+        page.capacity(),
+        times[0],
+        times[RUNS / 2],
+        times[RUNS - 1],
+    );
+}
