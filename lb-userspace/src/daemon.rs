@@ -13,7 +13,9 @@ use std::{
 };
 
 use anyhow::{Context as _, Result};
-use axum::{Router, extract::State as AxumState, http::header, response::IntoResponse, routing::get};
+use axum::{
+    Router, extract::State as AxumState, http::header, response::IntoResponse, routing::get,
+};
 use lb_common::{Event, Reason};
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, error, info, warn};
@@ -126,14 +128,18 @@ async fn stop_signal() {
 }
 
 async fn metrics_page(AxumState(shared): AxumState<Arc<Shared>>) -> impl IntoResponse {
-    let rendered = tokio::task::spawn_blocking(move || snapshot(&shared).map(|s| metrics::render(&s)))
-        .await
-        .map_err(anyhow::Error::from)
-        .and_then(|r| r);
+    let rendered =
+        tokio::task::spawn_blocking(move || snapshot(&shared).map(|s| metrics::render(&s)))
+            .await
+            .map_err(anyhow::Error::from)
+            .and_then(|r| r);
     match rendered {
         Ok(body) => (
             axum::http::StatusCode::OK,
-            [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+            [(
+                header::CONTENT_TYPE,
+                "text/plain; version=0.0.4; charset=utf-8",
+            )],
             body,
         ),
         Err(err) => {

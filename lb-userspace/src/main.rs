@@ -266,11 +266,7 @@ fn run(cli: Cli) -> anyhow::Result<String> {
                 } else {
                     None
                 },
-                probe: if tcp {
-                    Some(None)
-                } else {
-                    http.map(Some)
-                },
+                probe: if tcp { Some(None) } else { http.map(Some) },
                 expect_status,
                 interval_ms: interval,
                 timeout_ms: timeout,

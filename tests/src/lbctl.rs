@@ -82,7 +82,11 @@ impl Lbctl {
 
     /// Starts `lbctl ... daemon --metrics-addr ADDR` in the background and waits until it
     /// serves metrics (its namespace's loopback). Stopped with SIGTERM when dropped.
-    pub fn start_daemon(&self, metrics_addr: std::net::SocketAddr, netns: &NetNs) -> Result<Daemon> {
+    pub fn start_daemon(
+        &self,
+        metrics_addr: std::net::SocketAddr,
+        netns: &NetNs,
+    ) -> Result<Daemon> {
         let addr = metrics_addr.to_string();
         let mut cmd = self.command(&["daemon", "--metrics-addr", &addr]);
         let log = std::env::temp_dir().join(format!("{}-daemon.log", unique_prefix()));
@@ -100,7 +104,10 @@ impl Lbctl {
         };
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
         loop {
-            if netns.in_netns(|| std::net::TcpStream::connect(metrics_addr)).is_ok() {
+            if netns
+                .in_netns(|| std::net::TcpStream::connect(metrics_addr))
+                .is_ok()
+            {
                 return Ok(daemon);
             }
             if let Some(child) = daemon.child.as_mut()
@@ -109,7 +116,10 @@ impl Lbctl {
                 bail!("lbctl daemon exited ({status}): {}", daemon.log_text());
             }
             if std::time::Instant::now() > deadline {
-                bail!("lbctl daemon does not listen on {addr}: {}", daemon.log_text());
+                bail!(
+                    "lbctl daemon does not listen on {addr}: {}",
+                    daemon.log_text()
+                );
             }
             std::thread::sleep(std::time::Duration::from_millis(50));
         }

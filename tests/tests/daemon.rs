@@ -10,6 +10,7 @@ use std::{
 use lb_tests::{
     Lbctl,
     client::{KeepAlive, Reply, http_get_new_connection},
+    prometheus::{Prometheus, Sample},
     topology::{NODE_UPLINK, SingleNode, SingleNodeSpec},
 };
 
@@ -82,7 +83,10 @@ fn wait_for_health(lbctl: &Lbctl, topo: &SingleNode, i: usize, health: &str) -> 
 }
 
 fn expected(topo: &SingleNode, served: &[usize], per: usize) -> BTreeMap<String, usize> {
-    served.iter().map(|&i| (topo.backend_name(i), per)).collect()
+    served
+        .iter()
+        .map(|&i| (topo.backend_name(i), per))
+        .collect()
 }
 
 #[test]
@@ -91,8 +95,17 @@ fn an_unhealthy_backend_gets_no_new_connections_and_returns_once_healthy() {
     let (interval_ms, fall) = (200, 2);
     lbctl
         .run(&[
-            "service", "health", "web", "--interval", "200ms", "--timeout", "150ms", "--fall",
-            "2", "--rise", "2",
+            "service",
+            "health",
+            "web",
+            "--interval",
+            "200ms",
+            "--timeout",
+            "150ms",
+            "--fall",
+            "2",
+            "--rise",
+            "2",
         ])
         .unwrap();
     let metrics: SocketAddr = "127.0.0.1:9617".parse().unwrap();
@@ -131,14 +144,32 @@ fn every_backend_unhealthy_fails_open_and_is_counted() {
         ..SingleNodeSpec::default()
     });
     lbctl
-        .run(&["service", "health", "web", "--interval", "100ms", "--timeout", "80ms", "--fall", "1"])
+        .run(&[
+            "service",
+            "health",
+            "web",
+            "--interval",
+            "100ms",
+            "--timeout",
+            "80ms",
+            "--fall",
+            "1",
+        ])
         .unwrap();
     let _daemon = lbctl
         .start_daemon("127.0.0.1:9617".parse().unwrap(), topo.node())
         .unwrap();
     // Only the probes fail: the servers are up but the checks expect another status.
     lbctl
-        .run(&["service", "health", "web", "--http", "/", "--expect-status", "418"])
+        .run(&[
+            "service",
+            "health",
+            "web",
+            "--http",
+            "/",
+            "--expect-status",
+            "418",
+        ])
         .unwrap();
     for i in 0..2 {
         wait_for_health(&lbctl, &topo, i, "unhealthy");
@@ -168,8 +199,12 @@ fn a_drained_backend_keeps_its_connection_while_new_ones_avoid_it() {
         assert_eq!(view["drained"], true);
         assert_eq!(view["live_flows"], 1, "the kept connection: {view}");
 
-        let others: Vec<usize> = (0..topo.backend_count()).filter(|&i| i != drained).collect();
-        let replies: Vec<Reply> = (0..10).map(|_| http_get_new_connection(addr).unwrap()).collect();
+        let others: Vec<usize> = (0..topo.backend_count())
+            .filter(|&i| i != drained)
+            .collect();
+        let replies: Vec<Reply> = (0..10)
+            .map(|_| http_get_new_connection(addr).unwrap())
+            .collect();
         assert_eq!(per_backend(&replies), expected(&topo, &others, 5));
         for _ in 0..3 {
             assert_eq!(kept.get().unwrap().backend, first.backend);
@@ -220,7 +255,10 @@ fn metrics_survive_a_daemon_restart_and_the_daemon_stops_cleanly() {
     let mut daemon = lbctl.start_daemon(addr, topo.node()).unwrap();
     let replies = new_connections(&topo, 6);
     let page = scrape(&topo, addr);
-    for line in ["# HELP lbctl_backend_connections_total", "# TYPE lbctl_build_info gauge"] {
+    for line in [
+        "# HELP lbctl_backend_connections_total",
+        "# TYPE lbctl_build_info gauge",
+    ] {
         assert!(page.contains(line), "{line} missing from\n{page}");
     }
     let status = daemon.stop().unwrap();
@@ -239,6 +277,56 @@ fn metrics_survive_a_daemon_restart_and_the_daemon_stops_cleanly() {
             "lbctl_backend_connections_total{{service=\"web\",backend=\"{}\",node=\"\"}}",
             topo.backend_addr(i)
         );
-        assert_eq!(series(&after, &name), Some(sent as f64), "{name} in\n{after}");
+        assert_eq!(
+            series(&after, &name),
+            Some(sent as f64),
+            "{name} in\n{after}"
+        );
     }
+}
+
+/// A real Prometheus scrapes the daemon; through its query API, each backend's new-connection
+/// counter equals the connections the test sent to it (uneven on purpose: one backend is
+/// drained half-way).
+#[test]
+fn prometheus_sees_each_backends_connections() {
+    let (topo, lbctl) = published(SingleNodeSpec {
+        backends: 4,
+        ..SingleNodeSpec::default()
+    });
+    let addr: SocketAddr = "127.0.0.1:9619".parse().unwrap();
+    let _daemon = lbctl.start_daemon(addr, topo.node()).unwrap();
+    let mut replies = new_connections(&topo, 8);
+    let drained = topo.backend_addr(3).to_string();
+    lbctl.run(&["backend", "drain", "web", &drained]).unwrap();
+    replies.extend(new_connections(&topo, 9));
+    let sent = per_backend(&replies);
+    assert_eq!(sent[&topo.backend_name(3)], 2, "{sent:?}");
+
+    let prometheus = Prometheus::start(topo.node(), &[addr], Duration::from_secs(1)).unwrap();
+    let expected: BTreeMap<String, f64> = (0..topo.backend_count())
+        .map(|i| {
+            let count = sent.get(&topo.backend_name(i)).copied().unwrap_or(0);
+            (topo.backend_addr(i).to_string(), count as f64)
+        })
+        .collect();
+    let matches = |samples: &[Sample]| {
+        let seen: BTreeMap<String, f64> = samples
+            .iter()
+            .map(|s| (s.labels["backend"].clone(), s.value))
+            .collect();
+        seen == expected
+    };
+    prometheus
+        .wait_until(
+            "lbctl_backend_connections_total{service=\"web\"}",
+            Duration::from_secs(30),
+            matches,
+        )
+        .unwrap();
+    let drained_now = prometheus
+        .query(&format!("lbctl_backend_drained{{backend=\"{drained}\"}}"))
+        .unwrap();
+    assert_eq!(drained_now.len(), 1);
+    assert_eq!(drained_now[0].value, 1.0);
 }
