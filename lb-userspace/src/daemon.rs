@@ -27,7 +27,6 @@ use crate::{
     instance::Instance,
     metrics,
     model::{self, HealthCheck},
-    state,
 };
 
 /// Where metrics are served unless `--metrics-addr` says otherwise: loopback only (metrics
@@ -315,14 +314,9 @@ async fn health_loop(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
 /// forgotten, changed settings taken.
 async fn reload(shared: &Arc<Shared>, probes: &mut HashMap<ProbeKey, Probe>) {
     let reading = shared.clone();
-    let loaded = tokio::task::spawn_blocking(move || {
-        let state = state::load(&reading.instance.state_dir)?;
-        let node = commands::attached_state_and_node(&reading.instance)
-            .map(|(_, node)| node)
-            .unwrap_or(None);
-        anyhow::Ok((state, node))
-    })
-    .await;
+    let loaded =
+        tokio::task::spawn_blocking(move || commands::attached_state_and_node(&reading.instance))
+            .await;
     let (state, node) = match loaded {
         Ok(Ok(loaded)) => loaded,
         Ok(Err(err)) => {
