@@ -419,6 +419,7 @@ pub fn node_rm(instance: &Instance, name: &str) -> Result<String> {
 }
 
 pub fn node_ls(instance: &Instance, as_json: bool) -> Result<String> {
+    let _lock = instance::lock_shared(instance)?;
     let state = state::load(&instance.state_dir)?;
     let self_name = self_node(&state)?.map(|n| n.name.as_str());
     if as_json {
@@ -485,6 +486,7 @@ pub fn mesh_set(instance: &Instance, vni: Option<u32>, vxlan_port: Option<u16>) 
 }
 
 pub fn mesh_show(instance: &Instance, as_json: bool) -> Result<String> {
+    let _lock = instance::lock_shared(instance)?;
     let state = state::load(&instance.state_dir)?;
     let this = self_node(&state)?;
     // The overlay's MTU follows from each underlay interface's: encapsulation adds
@@ -593,6 +595,7 @@ fn open_maps_if_attached(instance: &Instance, state: &State) -> Option<Maps> {
 }
 
 pub fn service_ls(instance: &Instance, as_json: bool) -> Result<String> {
+    let _lock = instance::lock_shared(instance)?;
     let state = state::load(&instance.state_dir)?;
     let maps = open_maps_if_attached(instance, &state);
     let census = maps.as_ref().map(Maps::flow_census).transpose()?;
@@ -661,6 +664,7 @@ pub fn service_ls(instance: &Instance, as_json: bool) -> Result<String> {
 }
 
 pub fn stats(instance: &Instance, as_json: bool) -> Result<String> {
+    let _lock = instance::lock_shared(instance)?;
     let state = attached_state(instance)?;
     let maps = Maps::open_pinned(&instance.maps_dir())?;
     let reasons = maps.reason_totals()?;

@@ -67,8 +67,10 @@ pub fn run(instance: Instance, options: Options) -> Result<()> {
 }
 
 fn init_logging(json: bool) {
+    use std::io::IsTerminal as _;
     let builder = tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_target(false);
     // A second daemon in the same process (tests) keeps the first subscriber.
     let _ = if json {

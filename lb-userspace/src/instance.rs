@@ -154,11 +154,22 @@ pub fn create_private_dir(path: &Path) -> Result<()> {
         .with_context(|| format!("creating {}", path.display()))
 }
 
-/// An exclusive lock on the instance, held until dropped, so that two lbctl commands never
-/// interleave their read-modify-write of the state and maps.
+/// A lock on the instance, held until dropped. Changes take it exclusively, so that two lbctl
+/// commands never interleave their read-modify-write of the state and maps; listings take it
+/// shared, so that they never show a state that is saved but not yet applied to the maps.
 pub struct Lock(#[expect(dead_code, reason = "held for its flock")] File);
 
+/// The exclusive lock, for changes.
 pub fn lock(instance: &Instance) -> Result<Lock> {
+    lock_as(instance, libc::LOCK_EX)
+}
+
+/// The shared lock, for reading a consistent state and maps.
+pub fn lock_shared(instance: &Instance) -> Result<Lock> {
+    lock_as(instance, libc::LOCK_SH)
+}
+
+fn lock_as(instance: &Instance, operation: libc::c_int) -> Result<Lock> {
     create_private_dir(&instance.state_dir)?;
     let path = instance.state_dir.join("lock");
     let file = OpenOptions::new()
@@ -169,7 +180,7 @@ pub fn lock(instance: &Instance) -> Result<Lock> {
         .open(&path)
         .with_context(|| format!("opening {}", path.display()))?;
     // SAFETY: flock on a descriptor we own.
-    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } != 0 {
+    if unsafe { libc::flock(file.as_raw_fd(), operation) } != 0 {
         return Err(std::io::Error::last_os_error()).context("locking the instance");
     }
     Ok(Lock(file))

@@ -92,16 +92,16 @@ fn expected(topo: &SingleNode, served: &[usize], per: usize) -> BTreeMap<String,
 #[test]
 fn an_unhealthy_backend_gets_no_new_connections_and_returns_once_healthy() {
     let (mut topo, lbctl) = published(SingleNodeSpec::default());
-    let (interval_ms, fall) = (200, 2);
+    let (interval_ms, timeout_ms, fall) = (300, 250, 2);
     lbctl
         .run(&[
             "service",
             "health",
             "web",
             "--interval",
-            "200ms",
+            "300ms",
             "--timeout",
-            "150ms",
+            "250ms",
             "--fall",
             "2",
             "--rise",
@@ -119,7 +119,7 @@ fn an_unhealthy_backend_gets_no_new_connections_and_returns_once_healthy() {
     let took = wait_for_health(&lbctl, &topo, down, "unhealthy");
     // The detection window: `fall` failed probes, one interval apart, plus a probe timeout and
     // the polling of this test.
-    let window = Duration::from_millis(interval_ms * (fall + 1) + 150 + 500);
+    let window = Duration::from_millis(interval_ms * (fall + 1) + timeout_ms + 500);
     assert!(took <= window, "detected after {took:?}, window {window:?}");
     // From then on no new connection goes to it, and none fails.
     let replies = new_connections(&topo, 20);
@@ -143,23 +143,7 @@ fn every_backend_unhealthy_fails_open_and_is_counted() {
         backends: 2,
         ..SingleNodeSpec::default()
     });
-    lbctl
-        .run(&[
-            "service",
-            "health",
-            "web",
-            "--interval",
-            "100ms",
-            "--timeout",
-            "80ms",
-            "--fall",
-            "1",
-        ])
-        .unwrap();
-    let _daemon = lbctl
-        .start_daemon("127.0.0.1:9617".parse().unwrap(), topo.node())
-        .unwrap();
-    // Only the probes fail: the servers are up but the checks expect another status.
+    // Only the probes fail: the servers are up, but the checks expect another status.
     lbctl
         .run(&[
             "service",
@@ -169,7 +153,16 @@ fn every_backend_unhealthy_fails_open_and_is_counted() {
             "/",
             "--expect-status",
             "418",
+            "--interval",
+            "200ms",
+            "--timeout",
+            "150ms",
+            "--fall",
+            "1",
         ])
+        .unwrap();
+    let _daemon = lbctl
+        .start_daemon("127.0.0.1:9617".parse().unwrap(), topo.node())
         .unwrap();
     for i in 0..2 {
         wait_for_health(&lbctl, &topo, i, "unhealthy");
