@@ -34,8 +34,11 @@ use crate::{
 pub const DEFAULT_METRICS_ADDR: &str = "127.0.0.1:9617";
 /// How often the table is re-read for services and backends to probe.
 const RELOAD_EVERY: Duration = Duration::from_secs(1);
-/// How often the flow table is scanned for live flows (a scan walks every entry).
+/// How often the flow table is scanned for live flows at most (a scan walks every entry).
 const CENSUS_EVERY: Duration = Duration::from_secs(2);
+/// A scan may take at most this share of the time: a table of millions of flows takes seconds
+/// to walk, one entry per syscall, and is then scanned less often.
+const CENSUS_DUTY_DIVISOR: u32 = 10;
 /// Resolution of the probe scheduler.
 const TICK: Duration = Duration::from_millis(50);
 
@@ -219,6 +222,7 @@ fn snapshot(shared: &Shared) -> Result<metrics::Snapshot> {
 async fn census_loop(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
     loop {
         let scanning = shared.clone();
+        let started = Instant::now();
         let result = tokio::task::spawn_blocking(move || {
             Maps::open_pinned(&scanning.instance.maps_dir())?.flow_census()
         })
@@ -228,8 +232,9 @@ async fn census_loop(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
             Ok(Err(err)) => warn!(error = format!("{err:#}"), "cannot scan the flow table"),
             Err(err) => warn!(error = %err, "flow-table scan failed"),
         }
+        let pause = CENSUS_EVERY.max(started.elapsed() * CENSUS_DUTY_DIVISOR);
         tokio::select! {
-            _ = tokio::time::sleep(CENSUS_EVERY) => {}
+            _ = tokio::time::sleep(pause) => {}
             _ = stop.changed() => return,
         }
     }
