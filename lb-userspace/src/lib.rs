@@ -1,5 +1,6 @@
 //! lbctl, the controller of the lbctl XDP load balancer: the service table, its translation
 //! into BPF map contents, and the commands that attach the data plane and change the table.
+pub mod cluster;
 pub mod commands;
 pub mod daemon;
 pub mod datapath;

@@ -35,6 +35,10 @@ pub struct State {
     /// so that it deletes those (and only those) when no node needs them any more.
     #[serde(default)]
     pub managed_neighbours: Vec<NextHop>,
+    /// In a gossiped cluster (`lbctl daemon --cluster`), what this node publishes; `table` is
+    /// then the merged table the node applied. `None`: the static table of `lbctl` commands.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<crate::cluster::Local>,
 }
 
 impl Default for State {
@@ -45,6 +49,7 @@ impl Default for State {
             attachments: Vec::new(),
             table: Table::default(),
             managed_neighbours: Vec::new(),
+            cluster: None,
         }
     }
 }
