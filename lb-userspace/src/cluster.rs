@@ -492,6 +492,48 @@ pub fn adopt(local: &mut Local, merged: &Merged) -> bool {
     changed
 }
 
+/// One round of a node in a cluster: merges its own records (`local`, at `vtep`) with the
+/// other members', applies the result over `table` and adopts the winning records.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Step {
+    pub table: Table,
+    pub local: Local,
+    /// `table_digest` of `table`.
+    pub digest: String,
+    /// What the merge left out and the table refused.
+    pub warnings: Vec<String>,
+}
+
+/// See [`Step`]. Members named like this node (its earlier runs, or an impostor) are ignored:
+/// this node speaks for itself.
+pub fn step(table: &Table, local: &Local, vtep: Ipv4Addr, others: &[MemberView]) -> Step {
+    let mut members: Vec<MemberView> = others
+        .iter()
+        .filter(|m| m.name != local.node)
+        .cloned()
+        .collect();
+    members.push(MemberView {
+        name: local.node.clone(),
+        generation: 0,
+        alive: true,
+        vtep: Some(vtep),
+        services: local.services.clone(),
+        backends: local.backends.clone(),
+        digest: None,
+    });
+    let merged = merge(&members);
+    let (table, mut warnings) = apply(table, &merged);
+    let mut local = local.clone();
+    adopt(&mut local, &merged);
+    warnings.extend(merged.warnings);
+    Step {
+        digest: table_digest(&table),
+        table,
+        local,
+        warnings,
+    }
+}
+
 /// A digest of a table's content as every node sees it (nodes, services, their settings and
 /// backends with node, drain and health), leaving out what each node numbers for itself (ids,
 /// generation): nodes whose tables agree have the same digest. FNV-1a (64 bits) of a canonical

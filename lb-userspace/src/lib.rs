@@ -4,6 +4,7 @@ pub mod cluster;
 pub mod commands;
 pub mod daemon;
 pub mod datapath;
+pub mod gossip;
 pub mod health;
 pub mod instance;
 pub mod metrics;
