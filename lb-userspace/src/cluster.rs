@@ -436,7 +436,8 @@ pub fn record_edit(
         .chain(&after.services)
         .map(|s| s.name.clone())
         .collect();
-    for name in &names {
+    // A removed service takes every backend with it, whoever hosts them.
+    for name in names.iter().filter(|n| after.service(n).is_some()) {
         let (was, is) = (others(before, name), others(&after, name));
         if let Some((addr, owner, _)) = was.symmetric_difference(&is).next() {
             return Err(format!(
@@ -490,6 +491,86 @@ pub fn adopt(local: &mut Local, merged: &Merged) -> bool {
         }
     }
     changed
+}
+
+/// What `lbctl daemon --cluster` knows of the cluster, for `lbctl cluster ls` (its
+/// `cluster.json`) and the metrics.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Status {
+    pub cluster: String,
+    pub node: String,
+    pub gossip_addr: String,
+    pub vtep: Ipv4Addr,
+    /// This run of the node (milliseconds at the daemon's start).
+    pub generation: u64,
+    /// The digest of the table this node applied.
+    pub digest: String,
+    pub table_generation: u64,
+    /// Merged tables applied since the daemon started.
+    pub table_changes: u64,
+    /// Every live member published this node's digest.
+    pub converged: bool,
+    /// One per node name (its newest live run, else its newest run), by name.
+    pub members: Vec<MemberStatus>,
+    /// Gossip messages rejected, by reason.
+    pub rejected: BTreeMap<String, u64>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemberStatus {
+    pub name: String,
+    pub generation: u64,
+    pub gossip_addr: String,
+    pub vtep: Option<Ipv4Addr>,
+    pub alive: bool,
+    /// The digest of the table it applied, as it published it.
+    pub digest: Option<String>,
+    /// It is alive and its digest is this node's.
+    pub agrees: bool,
+    /// It is this node.
+    #[serde(rename = "self")]
+    pub this: bool,
+}
+
+impl Status {
+    pub fn alive(&self) -> usize {
+        self.members.iter().filter(|m| m.alive).count()
+    }
+
+    pub fn agreeing(&self) -> usize {
+        self.members.iter().filter(|m| m.agrees).count()
+    }
+}
+
+/// The members to list: per name, the newest live run, else the newest run.
+pub fn member_statuses(
+    members: &[(MemberView, String)],
+    this: (&str, u64),
+    digest: &str,
+) -> Vec<MemberStatus> {
+    let mut by_name: BTreeMap<&str, &(MemberView, String)> = BTreeMap::new();
+    for entry in members {
+        let m = &entry.0;
+        let better = by_name
+            .get(m.name.as_str())
+            .is_none_or(|(seen, _)| (m.alive, m.generation) > (seen.alive, seen.generation));
+        if better {
+            by_name.insert(&m.name, entry);
+        }
+    }
+    by_name
+        .into_values()
+        .map(|(m, addr)| MemberStatus {
+            name: m.name.clone(),
+            generation: m.generation,
+            gossip_addr: addr.clone(),
+            vtep: m.vtep,
+            alive: m.alive,
+            digest: m.digest.clone(),
+            agrees: m.alive && m.digest.as_deref() == Some(digest),
+            this: (m.name.as_str(), m.generation) == this,
+        })
+        .collect()
 }
 
 /// One round of a node in a cluster: merges its own records (`local`, at `vtep`) with the
@@ -880,6 +961,10 @@ mod tests {
         let err = record_edit(&mut local, &after, other, 6).unwrap_err();
         assert!(err.contains("10.0.0.10:80@n1"), "{err}");
         assert_eq!(local, before);
+        // Removing a service records a removal, whoever hosts its backends.
+        let mut gone = after.clone();
+        gone.remove_service("web").unwrap();
+        record_edit(&mut local.clone(), &after, gone, 7).unwrap();
         // Removing a service records a removal.
         let mut removed = after.clone();
         removed.remove_service("api").unwrap();

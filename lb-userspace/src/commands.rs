@@ -13,6 +13,7 @@ use lb_common::{Event, Reason, VXLAN_OVERHEAD, program_names};
 use serde_json::json;
 
 use crate::{
+    cluster,
     datapath::{self, FlowCensus, Maps},
     instance::{self, Instance},
     model::{BackendSpec, Health, HealthCheck, HealthUpdate, Node, Proto, Service, Table},
@@ -288,9 +289,93 @@ fn change_table<T>(
 ) -> Result<(State, T)> {
     let _lock = instance::lock(instance)?;
     let mut state = attached_state(instance)?;
+    let before = state.table.clone();
     let out = edit(&mut state.table).map_err(|e| anyhow!(e))?;
+    record_cluster_edit(&mut state, &before)?;
     commit(instance, &mut state)?;
     Ok((state, out))
+}
+
+/// In a gossiped cluster, records what changed from `before` in what this node publishes (and
+/// refuses changes to another node's tasks); the daemon publishes it at its next round.
+fn record_cluster_edit(state: &mut State, before: &Table) -> Result<()> {
+    if let Some(local) = &mut state.cluster {
+        state.table = cluster::record_edit(local, before, state.table.clone(), now_ms())
+            .map_err(|e| anyhow!(e))?;
+    }
+    Ok(())
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Refuses node-list changes in a gossiped cluster, whose nodes are its live members.
+fn static_nodes_only(state: &State) -> Result<()> {
+    if state.cluster.is_some() {
+        bail!(
+            "this node is in a gossiped cluster: its nodes are the cluster's live members              (`lbctl cluster ls`), not a list to edit"
+        );
+    }
+    Ok(())
+}
+
+/// `lbctl daemon --cluster`: makes the instance a member named `node`. The first time, the
+/// table in force becomes what the node publishes (its services, and its backends on itself or
+/// on no node). Refused when the instance joined under another name.
+pub fn cluster_join(instance: &Instance, node: &str) -> Result<()> {
+    let _lock = instance::lock(instance)?;
+    let mut state = attached_state(instance)?;
+    match &state.cluster {
+        Some(local) if local.node == node => return Ok(()),
+        Some(local) => bail!(
+            "this instance is node '{}' of its cluster, not '{node}': run the daemon with              --node-name {} (or `lbctl purge` to start afresh)",
+            local.node,
+            local.node
+        ),
+        None => {}
+    }
+    state.cluster = Some(cluster::Local::from_table(node, &state.table, now_ms()));
+    state::save(&instance.state_dir, &state)
+}
+
+/// `lbctl daemon` without `--cluster` on an instance that was in a cluster: the table it
+/// applied last becomes its static table. Returns whether it was in a cluster.
+pub fn cluster_leave(instance: &Instance) -> Result<bool> {
+    let _lock = instance::lock(instance)?;
+    let mut state = attached_state(instance)?;
+    if state.cluster.take().is_none() {
+        return Ok(false);
+    }
+    state::save(&instance.state_dir, &state)?;
+    Ok(true)
+}
+
+/// One round of the cluster on this instance: under the lock, merges its records with the
+/// other members', applies the merged table to the maps when it changed, and saves the records
+/// it adopted. Returns the round's outcome (its `local` is what to publish) and whether the
+/// table changed.
+pub fn cluster_step(
+    instance: &Instance,
+    vtep: Ipv4Addr,
+    others: &[cluster::MemberView],
+) -> Result<(cluster::Step, bool)> {
+    let _lock = instance::lock(instance)?;
+    let mut state = attached_state(instance)?;
+    let Some(local) = &state.cluster else {
+        bail!("this instance is not in a cluster");
+    };
+    let step = cluster::step(&state.table, local, vtep, others);
+    let changed = step.table != state.table;
+    if changed || Some(&step.local) != state.cluster.as_ref() {
+        state.table = step.table.clone();
+        state.cluster = Some(step.local.clone());
+        commit(instance, &mut state)?;
+    }
+    Ok((step, changed))
 }
 
 pub fn service_add(
@@ -331,11 +416,13 @@ pub fn backend_add(instance: &Instance, service: &str, addrs: &[BackendSpec]) ->
 pub fn record_health(instance: &Instance, flips: &[(String, u32, Health)]) -> Result<usize> {
     let _lock = instance::lock(instance)?;
     let mut state = attached_state(instance)?;
+    let before = state.table.clone();
     let changed = flips
         .iter()
         .filter(|(service, id, health)| state.table.set_health(service, *id, *health))
         .count();
     if changed > 0 {
+        record_cluster_edit(&mut state, &before)?;
         commit(instance, &mut state)?;
     }
     Ok(changed)
@@ -400,6 +487,7 @@ pub fn backend_rm(instance: &Instance, service: &str, addrs: &[BackendSpec]) -> 
 /// Adding a node that is already there with the same IP succeeds; it still applies the table,
 /// which heals an earlier interrupted command.
 pub fn node_add(instance: &Instance, name: &str, ip: Ipv4Addr) -> Result<String> {
+    static_nodes_only(&state::load(&instance.state_dir)?)?;
     let (state, added) = change_table(instance, |table| table.add_node(name, ip))?;
     let this = if self_node(&state)?.is_some_and(|n| n.name == name) {
         ", this node"
@@ -414,6 +502,7 @@ pub fn node_add(instance: &Instance, name: &str, ip: Ipv4Addr) -> Result<String>
 }
 
 pub fn node_rm(instance: &Instance, name: &str) -> Result<String> {
+    static_nodes_only(&state::load(&instance.state_dir)?)?;
     let (_, removed) = change_table(instance, |table| table.remove_node(name))?;
     Ok(format!("node {name} ({}) removed", removed.ip))
 }
@@ -724,4 +813,86 @@ pub fn stats(instance: &Instance, as_json: bool) -> Result<String> {
     }
     out.push_str(&service_ls(instance, false)?);
     Ok(out)
+}
+
+/// `lbctl cluster ls`: what the daemon last wrote in `cluster.json`.
+pub fn cluster_ls(instance: &Instance, as_json: bool) -> Result<String> {
+    let path = instance.state_dir.join(state::CLUSTER_FILE);
+    let text = match fs::read_to_string(&path) {
+        Ok(text) => text,
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => bail!(
+            "no cluster: no `lbctl daemon --cluster` runs for network namespace '{}'",
+            instance.name
+        ),
+        Err(err) => return Err(err).with_context(|| format!("reading {}", path.display())),
+    };
+    let status: cluster::Status =
+        serde_json::from_str(&text).with_context(|| format!("{} is damaged", path.display()))?;
+    if as_json {
+        return Ok(serde_json::to_string_pretty(&status)?);
+    }
+    let alive = status.alive();
+    let mut out = format!(
+        "cluster '{}': this node {} (gossip {}, underlay {}), table digest {} (generation {})\n\
+         {} of {} member(s) alive; {}\n",
+        status.cluster,
+        status.node,
+        status.gossip_addr,
+        status.vtep,
+        status.digest,
+        status.table_generation,
+        alive,
+        status.members.len(),
+        if status.converged {
+            "every live member has this table".to_owned()
+        } else {
+            format!(
+                "{} of {alive} live member(s) have this table: a change is still spreading, or \
+                 a member cannot apply it (see its log)",
+                status.agreeing()
+            )
+        }
+    );
+    let width = status
+        .members
+        .iter()
+        .map(|m| m.name.len())
+        .max()
+        .unwrap_or(0)
+        .max(4);
+    out.push_str(&format!(
+        "{:<width$}  {:<5}  {:<15}  {:<21}  {:<16}  TABLE\n",
+        "NODE", "STATE", "UNDERLAY", "GOSSIP", "DIGEST"
+    ));
+    for m in &status.members {
+        let table = if m.this {
+            "self"
+        } else if m.agrees {
+            "agrees"
+        } else if m.alive {
+            "differs"
+        } else {
+            "-"
+        };
+        out.push_str(&format!(
+            "{:<width$}  {:<5}  {:<15}  {:<21}  {:<16}  {table}\n",
+            m.name,
+            if m.alive { "alive" } else { "dead" },
+            m.vtep
+                .map(|ip| ip.to_string())
+                .unwrap_or_else(|| "?".into()),
+            m.gossip_addr,
+            m.digest.as_deref().unwrap_or("?"),
+        ));
+    }
+    let rejected: Vec<String> = status
+        .rejected
+        .iter()
+        .filter(|(_, n)| **n > 0)
+        .map(|(reason, n)| format!("{reason} {n}"))
+        .collect();
+    if !rejected.is_empty() {
+        out.push_str(&format!("rejected gossip: {}\n", rejected.join(", ")));
+    }
+    Ok(out.trim_end().to_owned())
 }

@@ -6,8 +6,8 @@
 //! counter goes backwards across a restart. Health results go into the instance's state (under
 //! its lock, like any command), so `service ls` shows them and a restarted daemon resumes.
 use std::{
-    collections::HashMap,
-    net::{SocketAddr, SocketAddrV4},
+    collections::{BTreeSet, HashMap},
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
@@ -21,12 +21,15 @@ use tokio::sync::{mpsc, watch};
 use tracing::{debug, error, info, warn};
 
 use crate::{
+    cluster::{self, MemberView},
     commands,
     datapath::{FlowCensus, Maps},
+    gossip::{self, Gossip},
     health::{self, Tracker},
     instance::Instance,
     metrics,
     model::{self, HealthCheck},
+    state, underlay,
 };
 
 /// Where metrics are served unless `--metrics-addr` says otherwise: loopback only (metrics
@@ -45,6 +48,15 @@ const TICK: Duration = Duration::from_millis(50);
 pub struct Options {
     pub metrics_addr: SocketAddr,
     pub log_json: bool,
+    /// Join a gossiped cluster; `None`: the static table.
+    pub cluster: Option<ClusterOptions>,
+}
+
+/// How the daemon joins a gossiped cluster.
+pub struct ClusterOptions {
+    pub gossip: gossip::Config,
+    /// This node's underlay address (VTEP), published to the others.
+    pub vtep: Ipv4Addr,
 }
 
 /// What the HTTP handlers and the loops share.
@@ -52,6 +64,8 @@ struct Shared {
     instance: Instance,
     /// The last flow-table scan.
     census: Mutex<Option<FlowCensus>>,
+    /// The cluster as the last gossip round saw it (`--cluster` only).
+    cluster: Mutex<Option<cluster::Status>>,
 }
 
 /// Runs until SIGTERM or SIGINT.
@@ -59,6 +73,24 @@ pub fn run(instance: Instance, options: Options) -> Result<()> {
     init_logging(options.log_json);
     // Fail early, before serving anything, if there is nothing to serve.
     commands::attached_state_and_node(&instance)?;
+    match &options.cluster {
+        Some(cluster) => {
+            if !underlay::local_addrs()?.contains(&cluster.vtep) {
+                anyhow::bail!(
+                    "underlay IP {} is not an address of network namespace '{}': give this \
+                     node's own address (--underlay-ip, or the IP of --gossip-addr)",
+                    cluster.vtep,
+                    instance.name
+                );
+            }
+            commands::cluster_join(&instance, &cluster.gossip.node)?;
+        }
+        None => {
+            if commands::cluster_leave(&instance)? {
+                info!("started without --cluster: the table last merged is now the static table");
+            }
+        }
+    }
     // The runtime's threads are created by this thread, which already entered the instance's
     // network namespace: they inherit it, so sockets and probes live there.
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -71,16 +103,35 @@ pub fn run(instance: Instance, options: Options) -> Result<()> {
 
 fn init_logging(json: bool) {
     use std::io::IsTerminal as _;
-    let builder = tracing_subscriber::fmt()
+    use tracing::Level;
+    use tracing_subscriber::util::SubscriberInitExt as _;
+    use tracing_subscriber::{Layer as _, filter::filter_fn, layer::SubscriberExt as _};
+    let layer = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .with_target(false);
-    // A second daemon in the same process (tests) keeps the first subscriber.
-    let _ = if json {
-        builder.json().try_init()
+    let layer = if json {
+        layer.json().boxed()
     } else {
-        builder.try_init()
+        layer.boxed()
     };
+    // chitchat warns at every message from another cluster and every malformed datagram: they
+    // are counted (and logged once per peer) by `gossip` instead.
+    let levels = filter_fn(|meta| {
+        if meta.target().starts_with("chitchat") {
+            *meta.level() <= Level::ERROR
+        } else {
+            *meta.level() <= Level::INFO
+        }
+    });
+    // A second daemon in the same process (tests) keeps the first subscriber.
+    let _ = tracing_subscriber::registry()
+        .with(layer.with_filter(levels))
+        .with(
+            gossip::MalformedCounter
+                .with_filter(filter_fn(|meta| meta.target().starts_with("chitchat"))),
+        )
+        .try_init();
 }
 
 async fn serve(instance: Instance, options: Options) -> Result<()> {
@@ -96,8 +147,31 @@ async fn serve(instance: Instance, options: Options) -> Result<()> {
     let shared = Arc::new(Shared {
         instance,
         census: Mutex::new(None),
+        cluster: Mutex::new(None),
     });
     let (stop_tx, stop_rx) = watch::channel(false);
+    let gossip = match options.cluster {
+        Some(cluster) => {
+            let config = cluster.gossip.clone();
+            let gossip = Gossip::start(cluster.gossip).await?;
+            info!(
+                cluster = %config.cluster,
+                node = %config.node,
+                gossip = %config.gossip_addr,
+                vtep = %cluster.vtep,
+                seeds = ?config.seeds,
+                interval_ms = config.gossip_interval.as_millis() as u64,
+                "joined the gossiped cluster"
+            );
+            Some(tokio::spawn(cluster_loop(
+                shared.clone(),
+                gossip,
+                cluster.vtep,
+                stop_rx.clone(),
+            )))
+        }
+        None => None,
+    };
     let health = tokio::spawn(health_loop(shared.clone(), stop_rx.clone()));
     let census = tokio::spawn(census_loop(shared.clone(), stop_rx));
     let app = Router::new()
@@ -110,6 +184,9 @@ async fn serve(instance: Instance, options: Options) -> Result<()> {
         .context("serving metrics");
     let _ = stop_tx.send(true);
     let _ = tokio::join!(health, census);
+    if let Some(gossip) = gossip {
+        let _ = gossip.await;
+    }
     info!("lbctl daemon stopped; the data plane keeps forwarding");
     served
 }
@@ -132,11 +209,18 @@ async fn stop_signal() {
 }
 
 async fn metrics_page(AxumState(shared): AxumState<Arc<Shared>>) -> impl IntoResponse {
-    let rendered =
-        tokio::task::spawn_blocking(move || snapshot(&shared).map(|s| metrics::render(&s)))
-            .await
-            .map_err(anyhow::Error::from)
-            .and_then(|r| r);
+    let rendered = tokio::task::spawn_blocking(move || {
+        snapshot(&shared).map(|s| {
+            let mut page = metrics::render(&s);
+            if let Some(status) = shared.cluster.lock().unwrap().as_ref() {
+                page.push_str(&metrics::render_cluster(status));
+            }
+            page
+        })
+    })
+    .await
+    .map_err(anyhow::Error::from)
+    .and_then(|r| r);
     match rendered {
         Ok(body) => (
             axum::http::StatusCode::OK,
@@ -370,4 +454,138 @@ async fn reload(shared: &Arc<Shared>, probes: &mut HashMap<ProbeKey, Probe>) {
             }
         }
     }
+}
+
+/// The gossiped cluster, every half gossip interval: publishes this node's records, merges the
+/// live members' into the table, applies it when it changed (`commands::cluster_step`), and
+/// keeps `cluster.json` and the metrics' view up to date. On stop it leaves the gossip and
+/// removes `cluster.json`; the table last applied stays in force.
+async fn cluster_loop(
+    shared: Arc<Shared>,
+    gossip: Gossip,
+    vtep: Ipv4Addr,
+    mut stop: watch::Receiver<bool>,
+) {
+    let config = gossip.config().clone();
+    let mut tick =
+        tokio::time::interval((config.gossip_interval / 2).max(Duration::from_millis(50)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let mut table_changes = 0u64;
+    let mut warned = BTreeSet::new();
+    let mut live = BTreeSet::new();
+    let mut written: Option<(cluster::Status, Instant)> = None;
+    loop {
+        tokio::select! {
+            _ = stop.changed() => break,
+            _ = tick.tick() => {}
+        }
+        let members = gossip.members().await;
+        let others: Vec<MemberView> = members.iter().map(|m| m.view.clone()).collect();
+        let stepping = shared.clone();
+        let result = tokio::task::spawn_blocking(move || {
+            commands::cluster_step(&stepping.instance, vtep, &others)
+        })
+        .await;
+        let (step, changed) = match result {
+            Ok(Ok(outcome)) => outcome,
+            Ok(Err(err)) => {
+                error!(
+                    error = format!("{err:#}"),
+                    "cannot apply the cluster's table"
+                );
+                continue;
+            }
+            Err(err) => {
+                error!(error = %err, "applying the cluster's table failed");
+                continue;
+            }
+        };
+        gossip.publish(&step.local, vtep, &step.digest).await;
+        if changed {
+            table_changes += 1;
+            info!(
+                digest = %step.digest,
+                generation = step.table.generation,
+                nodes = step.table.nodes.len(),
+                services = step.table.services.len(),
+                backends = step.table.services.iter().map(|s| s.backends.len()).sum::<usize>(),
+                "applied the cluster's merged table"
+            );
+        }
+        for warning in &step.warnings {
+            if !warned.contains(warning) {
+                warn!(warning = %warning, "part of the cluster's table left out");
+            }
+        }
+        warned = step.warnings.iter().cloned().collect();
+
+        let listed: Vec<(MemberView, String)> = members
+            .into_iter()
+            .map(|m| (m.view, m.gossip_addr.to_string()))
+            .collect();
+        let mut statuses = cluster::member_statuses(
+            &listed,
+            (config.node.as_str(), config.generation),
+            &step.digest,
+        );
+        for member in statuses.iter_mut().filter(|m| m.this) {
+            member.digest = Some(step.digest.clone());
+            member.agrees = true;
+        }
+        let now_live: BTreeSet<String> = statuses
+            .iter()
+            .filter(|m| m.alive && !m.this)
+            .map(|m| m.name.clone())
+            .collect();
+        for joined in now_live.difference(&live) {
+            info!(member = %joined, "cluster member alive");
+        }
+        for left in live.difference(&now_live) {
+            warn!(member = %left, "cluster member dead (failure detector): its tasks leave the table");
+        }
+        live = now_live;
+        let status = cluster::Status {
+            cluster: config.cluster.clone(),
+            node: config.node.clone(),
+            gossip_addr: config.gossip_addr.to_string(),
+            vtep,
+            generation: config.generation,
+            converged: statuses.iter().filter(|m| m.alive).all(|m| m.agrees),
+            digest: step.digest.clone(),
+            table_generation: step.table.generation,
+            table_changes,
+            members: statuses,
+            rejected: gossip
+                .rejections()
+                .counts()
+                .into_iter()
+                .map(|(reason, n)| (reason.to_owned(), n))
+                .collect(),
+        };
+        // Rejection counts alone rewrite the file at most once a second.
+        let due = written.as_ref().is_none_or(|(last, at)| {
+            let mut same = last.clone();
+            same.rejected = status.rejected.clone();
+            same != status
+                || (last.rejected != status.rejected && at.elapsed() >= Duration::from_secs(1))
+        });
+        if due {
+            let text = serde_json::to_vec_pretty(&status).expect("status serialises");
+            let dir = shared.instance.state_dir.clone();
+            match tokio::task::spawn_blocking(move || {
+                state::write_atomic(&dir, state::CLUSTER_FILE, &text)
+            })
+            .await
+            {
+                Ok(Ok(())) => written = Some((status.clone(), Instant::now())),
+                Ok(Err(err)) => warn!(error = format!("{err:#}"), "cannot write cluster.json"),
+                Err(err) => warn!(error = %err, "writing cluster.json failed"),
+            }
+        }
+        *shared.cluster.lock().unwrap() = Some(status);
+    }
+    if let Err(err) = gossip.shutdown().await {
+        warn!(error = format!("{err:#}"), "gossip did not stop cleanly");
+    }
+    let _ = std::fs::remove_file(shared.instance.state_dir.join(state::CLUSTER_FILE));
 }

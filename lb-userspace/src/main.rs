@@ -63,7 +63,33 @@ enum Command {
         /// Log JSON lines instead of text.
         #[arg(long)]
         log_json: bool,
+        /// Join the gossiped cluster of this name: services and tasks then reach every member,
+        /// and nodes are the live members (no `node add`). Without it, the static table.
+        #[arg(long, value_name = "NAME", requires_all = ["node_name", "gossip_addr"])]
+        cluster: Option<String>,
+        /// This node's name in the cluster (as in IP:PORT@NODE).
+        #[arg(long, value_name = "NAME", requires = "cluster", value_parser = parse_node_name)]
+        node_name: Option<String>,
+        /// Where to gossip: this node's underlay IP and a UDP port (Swarm's is 7946).
+        #[arg(long, value_name = "IP:PORT", requires = "cluster", value_parser = parse_gossip_addr)]
+        gossip_addr: Option<std::net::SocketAddrV4>,
+        /// A member to join through (repeat for several); none for the first node.
+        #[arg(long = "seed", value_name = "IP:PORT", requires = "cluster", value_parser = parse_gossip_addr)]
+        seeds: Vec<std::net::SocketAddrV4>,
+        /// The address other nodes send VXLAN to (default: the IP of --gossip-addr).
+        #[arg(long, value_name = "IP", requires = "cluster", value_parser = model::parse_node_ip)]
+        underlay_ip: Option<Ipv4Addr>,
+        /// Time between gossip rounds; a silent member is dead after about --phi-threshold
+        /// times the mean interval between its heartbeats.
+        #[arg(long, default_value = "500ms", value_parser = parse_duration_ms, value_name = "DURATION")]
+        gossip_interval: u64,
+        /// The failure detector's threshold (chitchat's phi: silence / mean heartbeat interval).
+        #[arg(long, default_value_t = lb_userspace::gossip::DEFAULT_PHI_THRESHOLD, value_name = "PHI")]
+        phi_threshold: f64,
     },
+    /// The gossiped cluster as this node's daemon sees it.
+    #[command(subcommand)]
+    Cluster(ClusterCommand),
     /// Packet, flow and per-backend counters.
     Stats {
         #[arg(long)]
@@ -71,6 +97,31 @@ enum Command {
     },
     /// Detach everywhere and delete this instance's maps, flows and state.
     Purge,
+}
+
+#[derive(Subcommand)]
+enum ClusterCommand {
+    /// Members, their state, underlay IP and whether their table agrees with this node's.
+    Ls {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn parse_node_name(s: &str) -> Result<String, String> {
+    model::validate_name("node", s).map(|()| s.to_owned())
+}
+
+/// A gossip address: a unicast IPv4 address other nodes can reach, and a port.
+fn parse_gossip_addr(s: &str) -> Result<std::net::SocketAddrV4, String> {
+    let (ip, port) = s
+        .rsplit_once(':')
+        .ok_or_else(|| format!("invalid gossip address '{s}': expected IP:PORT"))?;
+    let ip =
+        model::parse_node_ip(ip).map_err(|err| format!("invalid gossip address '{s}': {err}"))?;
+    let port =
+        model::parse_port(port).map_err(|err| format!("invalid gossip address '{s}': {err}"))?;
+    Ok(std::net::SocketAddrV4::new(ip, port))
 }
 
 #[derive(Subcommand)]
@@ -287,14 +338,45 @@ fn run(cli: Cli) -> anyhow::Result<String> {
         Command::Daemon {
             metrics_addr,
             log_json,
-        } => lb_userspace::daemon::run(
-            instance,
-            lb_userspace::daemon::Options {
-                metrics_addr,
-                log_json,
-            },
-        )
-        .map(|()| String::new()),
+            cluster,
+            node_name,
+            gossip_addr,
+            seeds,
+            underlay_ip,
+            gossip_interval,
+            phi_threshold,
+        } => {
+            if !(phi_threshold.is_finite() && phi_threshold > 0.0) {
+                anyhow::bail!("invalid --phi-threshold {phi_threshold}: a number above 0");
+            }
+            let cluster = match (cluster, node_name, gossip_addr) {
+                (Some(cluster), Some(node), Some(gossip_addr)) => {
+                    Some(lb_userspace::daemon::ClusterOptions {
+                        vtep: underlay_ip.unwrap_or(*gossip_addr.ip()),
+                        gossip: lb_userspace::gossip::Config {
+                            cluster,
+                            node,
+                            gossip_addr: gossip_addr.into(),
+                            seeds: seeds.into_iter().map(Into::into).collect(),
+                            generation: commands::now_ms(),
+                            gossip_interval: std::time::Duration::from_millis(gossip_interval),
+                            phi_threshold,
+                        },
+                    })
+                }
+                _ => None,
+            };
+            lb_userspace::daemon::run(
+                instance,
+                lb_userspace::daemon::Options {
+                    metrics_addr,
+                    log_json,
+                    cluster,
+                },
+            )
+            .map(|()| String::new())
+        }
+        Command::Cluster(ClusterCommand::Ls { json }) => commands::cluster_ls(&instance, json),
         Command::Purge => commands::purge(&instance),
     }
 }

@@ -449,6 +449,83 @@ fn estimated_len(snapshot: &Snapshot) -> usize {
 }
 
 /// The page being written: families and their series, appended to one buffer.
+/// The families of a node in a gossiped cluster (`lbctl daemon --cluster`), appended to
+/// [`render`]'s page:
+/// - `lbctl_cluster_info{cluster,node,digest}` (always 1): `digest` is that of the table this
+///   node applied;
+/// - `lbctl_cluster_members{state}` (`alive`, `dead`): members by name, this node included;
+/// - `lbctl_cluster_members_agreeing`: live members that published this node's digest (this
+///   node included); `lbctl_cluster_converged`: 1 when every live member did;
+/// - `lbctl_cluster_table_changes_total`: merged tables applied since the daemon started;
+/// - `lbctl_gossip_rejected_messages_total{reason}`: see `gossip` for the reasons.
+pub fn render_cluster(status: &crate::cluster::Status) -> String {
+    let mut out = Exposition(String::new());
+    out.family(
+        "lbctl_cluster_info",
+        Kind::Gauge,
+        "The gossiped cluster this node is in, its name, and the digest of the table it applied; \
+         always 1.",
+    );
+    out.sample(
+        "lbctl_cluster_info",
+        &[
+            ("cluster", &status.cluster),
+            ("node", &status.node),
+            ("digest", &status.digest),
+        ],
+        1,
+    );
+    out.family(
+        "lbctl_cluster_members",
+        Kind::Gauge,
+        "Members of the cluster by state (failure detector), this node included.",
+    );
+    let alive = status.alive() as u64;
+    out.sample("lbctl_cluster_members", &[("state", "alive")], alive);
+    out.sample(
+        "lbctl_cluster_members",
+        &[("state", "dead")],
+        status.members.len() as u64 - alive,
+    );
+    for (name, kind, help, value) in [
+        (
+            "lbctl_cluster_members_agreeing",
+            Kind::Gauge,
+            "Live members whose published table digest is this node's, this node included.",
+            status.agreeing() as u64,
+        ),
+        (
+            "lbctl_cluster_converged",
+            Kind::Gauge,
+            "1 when every live member published this node's table digest, else 0.",
+            u64::from(status.converged),
+        ),
+        (
+            "lbctl_cluster_table_changes_total",
+            Kind::Counter,
+            "Merged tables applied to the data plane since the daemon started.",
+            status.table_changes,
+        ),
+    ] {
+        out.family(name, kind, help);
+        out.sample(name, &[], value);
+    }
+    out.family(
+        "lbctl_gossip_rejected_messages_total",
+        Kind::Counter,
+        "Gossip messages rejected, by reason: wrong_cluster, rejected_by_peer, malformed, \
+         malformed_value.",
+    );
+    for (reason, count) in &status.rejected {
+        out.sample(
+            "lbctl_gossip_rejected_messages_total",
+            &[("reason", reason)],
+            *count,
+        );
+    }
+    out.0
+}
+
 struct Exposition(String);
 
 impl Exposition {

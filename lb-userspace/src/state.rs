@@ -80,8 +80,18 @@ pub fn load(dir: &Path) -> Result<State> {
 }
 
 pub fn save(dir: &Path, state: &State) -> Result<()> {
-    let path = dir.join(STATE_FILE);
-    let tmp = dir.join(format!(".{STATE_FILE}.tmp"));
+    let mut text = serde_json::to_vec_pretty(state).context("encoding state")?;
+    text.push(b'\n');
+    write_atomic(dir, STATE_FILE, &text)
+}
+
+/// Where `lbctl daemon --cluster` keeps its view of the cluster for `lbctl cluster ls`.
+pub const CLUSTER_FILE: &str = "cluster.json";
+
+/// Writes `dir/name` atomically: a temporary file, fsynced, renamed over it.
+pub fn write_atomic(dir: &Path, name: &str, text: &[u8]) -> Result<()> {
+    let path = dir.join(name);
+    let tmp = dir.join(format!(".{name}.tmp"));
     let mut file = OpenOptions::new()
         .create(true)
         .write(true)
@@ -89,9 +99,7 @@ pub fn save(dir: &Path, state: &State) -> Result<()> {
         .mode(0o600)
         .open(&tmp)
         .with_context(|| format!("writing {}", tmp.display()))?;
-    let mut text = serde_json::to_vec_pretty(state).context("encoding state")?;
-    text.push(b'\n');
-    file.write_all(&text)
+    file.write_all(text)
         .and_then(|()| file.sync_all())
         .with_context(|| format!("writing {}", tmp.display()))?;
     fs::rename(&tmp, &path).with_context(|| format!("replacing {}", path.display()))?;

@@ -87,8 +87,20 @@ impl Lbctl {
         metrics_addr: std::net::SocketAddr,
         netns: &NetNs,
     ) -> Result<Daemon> {
+        self.start_daemon_with(metrics_addr, netns, &[])
+    }
+
+    /// [`start_daemon`](Lbctl::start_daemon) with more daemon arguments (e.g. `--cluster`).
+    pub fn start_daemon_with(
+        &self,
+        metrics_addr: std::net::SocketAddr,
+        netns: &NetNs,
+        extra: &[&str],
+    ) -> Result<Daemon> {
         let addr = metrics_addr.to_string();
-        let mut cmd = self.command(&["daemon", "--metrics-addr", &addr]);
+        let mut args = vec!["daemon", "--metrics-addr", &addr];
+        args.extend_from_slice(extra);
+        let mut cmd = self.command(&args);
         let log = std::env::temp_dir().join(format!("{}-daemon.log", unique_prefix()));
         let log_file = std::fs::File::create(&log)
             .with_context(|| format!("cannot create {}", log.display()))?;

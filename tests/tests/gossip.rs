@@ -1,0 +1,383 @@
+//! End to end: the gossiped service table. Every node of the mesh runs `lbctl daemon --cluster`
+//! on its uplink address with n1 as seed, and no node is told about another (`node add` is
+//! never run): services defined on one node and tasks registered on another reach every node
+//! through gossip, a node whose daemon stops leaves every table within the failure detector's
+//! window, and comes back with its tasks when it restarts; a node joining late gets the whole
+//! table. Real HTTP connections through the XDP data plane check each step.
+use std::{
+    collections::BTreeMap,
+    io::{Read as _, Write as _},
+    net::{SocketAddr, SocketAddrV4, TcpStream, UdpSocket},
+    time::{Duration, Instant},
+};
+
+use lb_tests::{
+    Daemon, Lbctl,
+    client::{Reply, http_get_new_connection},
+    mesh::{Mesh, MeshSpec},
+    netns::NetNs,
+    topology::NODE_UPLINK,
+};
+
+const WEB_PORT: u16 = 8080;
+/// Docker Swarm's gossip port, lbctl's default.
+const GOSSIP_PORT: u16 = 7946;
+/// Fast gossip for the tests: a silent member is dead after about 8 mean heartbeat intervals.
+const GOSSIP_INTERVAL: &str = "200ms";
+/// Every node's daemon serves metrics on its own namespace's loopback.
+const METRICS: &str = "127.0.0.1:9617";
+/// Longest a change or a failure may take to reach every node here.
+const WITHIN: Duration = Duration::from_secs(15);
+
+/// A mesh with lbctl attached on every node (no table) and a daemon slot per node. Fields
+/// drop in order: daemons stop, then the instances are purged, then the namespaces go.
+struct Cluster {
+    daemons: Vec<Option<Daemon>>,
+    lbctl: Vec<Lbctl>,
+    mesh: Mesh,
+    name: &'static str,
+}
+
+impl Cluster {
+    fn build(spec: MeshSpec, name: &'static str) -> Cluster {
+        lb_tests::require_root().unwrap();
+        let mesh = Mesh::build(spec).unwrap();
+        let lbctl: Vec<Lbctl> = (0..mesh.node_count())
+            .map(|i| {
+                let node = Lbctl::new(mesh.node(i)).unwrap();
+                node.run(&["attach", NODE_UPLINK]).unwrap();
+                node
+            })
+            .collect();
+        Cluster {
+            daemons: (0..mesh.node_count()).map(|_| None).collect(),
+            lbctl,
+            mesh,
+            name,
+        }
+    }
+
+    fn gossip_addr(&self, i: usize) -> SocketAddrV4 {
+        SocketAddrV4::new(self.mesh.node_ip(i), GOSSIP_PORT)
+    }
+
+    /// Starts node `i`'s daemon in cluster `cluster`, seeded with n1.
+    fn start_in(&mut self, i: usize, cluster: &str) {
+        let (node, gossip, seed) = (
+            self.mesh.node_name(i),
+            self.gossip_addr(i).to_string(),
+            self.gossip_addr(0).to_string(),
+        );
+        let args = [
+            "--cluster",
+            cluster,
+            "--node-name",
+            &node,
+            "--gossip-addr",
+            &gossip,
+            "--seed",
+            &seed,
+            "--gossip-interval",
+            GOSSIP_INTERVAL,
+        ];
+        let daemon = self.lbctl[i]
+            .start_daemon_with(METRICS.parse().unwrap(), self.mesh.node(i), &args)
+            .unwrap();
+        self.daemons[i] = Some(daemon);
+    }
+
+    fn start(&mut self, i: usize) {
+        self.start_in(i, self.name);
+    }
+
+    fn stop(&mut self, i: usize) {
+        let status = self.daemons[i].take().unwrap().stop().unwrap();
+        assert!(status.success(), "{status}");
+    }
+
+    /// `IP:PORT@NODE` of every backend of `web` on node `i` (empty without `web`).
+    fn web_backends(&self, i: usize) -> Vec<String> {
+        let doc: serde_json::Value =
+            serde_json::from_str(&self.lbctl[i].run(&["service", "ls", "--json"]).unwrap())
+                .unwrap();
+        let mut backends: Vec<String> = doc["services"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|s| s["name"] == "web")
+            .flat_map(|s| s["backends"].as_array().unwrap().clone())
+            .map(|b| format!("{}@{}", b["address"].as_str().unwrap(), b["node"]))
+            .collect();
+        backends.sort();
+        backends
+    }
+
+    /// `IP:PORT@"NODE"` (as `web_backends` writes them) of tasks `tasks`.
+    fn tasks(&self, tasks: &[usize]) -> Vec<String> {
+        let mut out: Vec<String> = tasks
+            .iter()
+            .map(|&k| {
+                format!(
+                    "{}@\"{}\"",
+                    self.mesh.task_addr(k),
+                    self.mesh.node_name(self.mesh.task_node(k))
+                )
+            })
+            .collect();
+        out.sort();
+        out
+    }
+
+    /// Waits until `web` has exactly tasks `tasks` on every node of `nodes`; returns how long
+    /// it took.
+    fn wait_for_tasks(&self, nodes: &[usize], tasks: &[usize], what: &str) -> Duration {
+        let want = self.tasks(tasks);
+        wait(what, || nodes.iter().all(|&i| self.web_backends(i) == want))
+    }
+
+    fn cluster_json(&self, i: usize) -> serde_json::Value {
+        serde_json::from_str(&self.lbctl[i].run(&["cluster", "ls", "--json"]).unwrap()).unwrap()
+    }
+
+    /// `count` HTTP requests to node `i`'s published port, each on a new connection; how many
+    /// each task answered. Every task must see the client's own address.
+    fn spread(&self, i: usize, count: usize) -> BTreeMap<String, usize> {
+        let addr = SocketAddrV4::new(self.mesh.node_ip(i), WEB_PORT);
+        let replies: Vec<Reply> = self.mesh.client().in_netns(|| {
+            (0..count)
+                .map(|n| {
+                    http_get_new_connection(addr)
+                        .unwrap_or_else(|err| panic!("request {n} to {addr}: {err:#}"))
+                })
+                .collect()
+        });
+        let mut counts = BTreeMap::new();
+        for reply in replies {
+            assert_eq!(*reply.client_seen.ip(), self.mesh.client_ip(), "{reply:?}");
+            *counts.entry(reply.backend).or_default() += 1;
+        }
+        counts
+    }
+
+    fn evenly(&self, tasks: &[usize], per: usize) -> BTreeMap<String, usize> {
+        tasks
+            .iter()
+            .map(|&k| (self.mesh.task_name(k), per))
+            .collect()
+    }
+}
+
+/// Polls `done` every 50 ms until it holds; panics after `WITHIN`.
+fn wait(what: &str, mut done: impl FnMut() -> bool) -> Duration {
+    let start = Instant::now();
+    while !done() {
+        assert!(start.elapsed() < WITHIN, "not within {WITHIN:?}: {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    start.elapsed()
+}
+
+/// `GET /metrics` of the daemon in `ns`.
+fn scrape(ns: &NetNs) -> String {
+    ns.in_netns(|| {
+        let addr: SocketAddr = METRICS.parse().unwrap();
+        let mut stream = TcpStream::connect(addr).unwrap();
+        write!(
+            stream,
+            "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut response = String::new();
+        stream.read_to_string(&mut response).unwrap();
+        assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+        response.split_once("\r\n\r\n").unwrap().1.to_owned()
+    })
+}
+
+/// The value of one series (`name{labels}` exactly as exposed).
+fn series(page: &str, name_and_labels: &str) -> Option<u64> {
+    page.lines()
+        .find_map(|line| line.strip_prefix(name_and_labels)?.strip_prefix(' '))
+        .map(|v| v.parse().unwrap())
+}
+
+/// The scenarios in the three-node swarm plus a fourth node joining late (tasks t0, t1
+/// on n1, t2, t3 on n2; none on n3 and n4).
+#[test]
+fn the_table_is_gossiped_nodes_fail_and_return_and_late_joiners_get_everything() {
+    let mut cluster = Cluster::build(
+        MeshSpec {
+            nodes: 4,
+            tasks_per_node: vec![2, 2, 0, 0],
+            ..MeshSpec::default()
+        },
+        "swarm",
+    );
+    for i in 0..3 {
+        cluster.start(i);
+    }
+    let port = WEB_PORT.to_string();
+    let (t0, t1, t2, t3) = (
+        cluster.mesh.task_addr(0).to_string(),
+        cluster.mesh.task_addr(1).to_string(),
+        cluster.mesh.task_addr(2).to_string(),
+        cluster.mesh.task_addr(3).to_string(),
+    );
+
+    // A service defined on n1 (with n1's tasks, given without @NODE: this node's) reaches n3.
+    cluster.lbctl[0]
+        .run(&["service", "add", "web", &port, &t0, &t1])
+        .unwrap();
+    let took = cluster.wait_for_tasks(&[1, 2], &[0, 1], "web from n1 on n2 and n3");
+    println!("a service added on n1 reached n2 and n3 in {took:?}");
+    assert_eq!(cluster.spread(2, 20), cluster.evenly(&[0, 1], 10));
+
+    // Tasks registered on n2 are served from n1 and n3.
+    cluster.lbctl[1]
+        .run(&["backend", "add", "web", &format!("{t2}@n2"), &t3])
+        .unwrap();
+    let took = cluster.wait_for_tasks(&[0, 1, 2], &[0, 1, 2, 3], "n2's tasks everywhere");
+    println!("tasks registered on n2 reached n1 and n3 in {took:?}");
+    for node in [0, 2] {
+        assert_eq!(cluster.spread(node, 40), cluster.evenly(&[0, 1, 2, 3], 10));
+    }
+
+    // Each node changes only its own tasks; the node list is the live members.
+    let err = cluster.lbctl[0]
+        .run_expect_fail(&["backend", "rm", "web", &t2])
+        .unwrap();
+    assert!(err.contains("is node 'n2''s"), "{err}");
+    let err = cluster.lbctl[0]
+        .run_expect_fail(&["node", "add", "n9", "192.168.200.99"])
+        .unwrap();
+    assert!(err.contains("gossiped cluster"), "{err}");
+
+    // n2's daemon stops: its tasks leave n1's and n3's tables within the detection window,
+    // and clients are served by the remaining tasks.
+    let stopped = Instant::now();
+    cluster.stop(1);
+    let took = cluster.wait_for_tasks(&[0, 2], &[0, 1], "n2's tasks gone from n1 and n3");
+    println!(
+        "n2's daemon stopped: its tasks left n1 and n3 in {took:?} (gossip every {GOSSIP_INTERVAL})"
+    );
+    assert!(stopped.elapsed() < Duration::from_secs(10), "{took:?}");
+    for node in [0, 2] {
+        assert_eq!(cluster.spread(node, 20), cluster.evenly(&[0, 1], 10));
+    }
+    let n1 = cluster.cluster_json(0);
+    let n2 = n1["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["name"] == "n2")
+        .unwrap();
+    assert_eq!(n2["alive"], false, "{n1}");
+
+    // Restarted, n2 brings its tasks back.
+    cluster.start(1);
+    let took = cluster.wait_for_tasks(&[0, 2], &[0, 1, 2, 3], "n2's tasks back");
+    println!("n2's daemon restarted: its tasks were back on n1 and n3 in {took:?}");
+    assert_eq!(cluster.spread(2, 40), cluster.evenly(&[0, 1, 2, 3], 10));
+
+    // A fourth node joining late receives the whole table and serves every task.
+    cluster.start(3);
+    let took = cluster.wait_for_tasks(&[3], &[0, 1, 2, 3], "the table on n4");
+    println!("n4 joined late and had the whole table in {took:?}");
+    assert_eq!(cluster.spread(3, 40), cluster.evenly(&[0, 1, 2, 3], 10));
+
+    // Every node applied the same table, and says so.
+    wait("every node converged", || {
+        (0..4).all(|i| cluster.cluster_json(i)["converged"] == true)
+    });
+    let status = cluster.cluster_json(0);
+    let members: Vec<(&str, bool)> = status["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| (m["name"].as_str().unwrap(), m["alive"].as_bool().unwrap()))
+        .collect();
+    assert_eq!(
+        members,
+        [("n1", true), ("n2", true), ("n3", true), ("n4", true)]
+    );
+    let digest = status["digest"].as_str().unwrap().to_owned();
+    for i in 1..4 {
+        assert_eq!(cluster.cluster_json(i)["digest"], digest.as_str());
+    }
+    let text = cluster.lbctl[0].run(&["cluster", "ls"]).unwrap();
+    assert!(text.contains("every live member has this table"), "{text}");
+    assert!(text.contains("n4"), "{text}");
+    let page = scrape(cluster.mesh.node(0));
+    assert_eq!(
+        series(&page, "lbctl_cluster_members{state=\"alive\"}"),
+        Some(4)
+    );
+    assert_eq!(series(&page, "lbctl_cluster_converged"), Some(1));
+    assert!(page.contains(&format!("digest=\"{digest}\"")), "{page}");
+}
+
+/// A node of another cluster and malformed datagrams are rejected, counted, and change
+/// nothing.
+#[test]
+fn another_cluster_and_malformed_gossip_are_rejected_and_counted() {
+    let mut cluster = Cluster::build(
+        MeshSpec {
+            nodes: 3,
+            tasks_per_node: vec![1, 1, 0],
+            ..MeshSpec::default()
+        },
+        "blue",
+    );
+    cluster.start(0);
+    let port = WEB_PORT.to_string();
+    let t0 = cluster.mesh.task_addr(0).to_string();
+    cluster.lbctl[0]
+        .run(&["service", "add", "web", &port, &t0])
+        .unwrap();
+    // n2 is in cluster "green" and seeds itself with n1.
+    cluster.start_in(1, "green");
+    let rejected = |i: usize, reason: &str| {
+        cluster.cluster_json(i)["rejected"][reason]
+            .as_u64()
+            .unwrap()
+    };
+    wait("n1 counts n2's SYNs", || rejected(0, "wrong_cluster") > 0);
+    wait("n2 counts n1's refusals", || {
+        rejected(1, "rejected_by_peer") > 0
+    });
+    let before = cluster.cluster_json(0);
+    assert_eq!(before["members"].as_array().unwrap().len(), 1, "{before}");
+    assert_eq!(
+        cluster.cluster_json(1)["members"].as_array().unwrap().len(),
+        1
+    );
+    assert!(
+        cluster.web_backends(1).is_empty(),
+        "green got nothing from blue"
+    );
+
+    // Garbage at n1's gossip port, from the client.
+    let target = cluster.gossip_addr(0);
+    cluster.mesh.client().in_netns(|| {
+        let socket = UdpSocket::bind("0.0.0.0:0").unwrap();
+        for junk in [&b"junk"[..], &[0x53, 0xb0, 0, 9][..], &[0; 100][..]] {
+            socket.send_to(junk, target).unwrap();
+        }
+    });
+    wait("n1 counts the malformed datagrams", || {
+        rejected(0, "malformed") >= 3
+    });
+    let after = cluster.cluster_json(0);
+    assert_eq!(after["digest"], before["digest"]);
+    assert_eq!(after["table_generation"], before["table_generation"]);
+    assert_eq!(after["members"].as_array().unwrap().len(), 1);
+    assert_eq!(
+        series(
+            &scrape(cluster.mesh.node(0)),
+            "lbctl_gossip_rejected_messages_total{reason=\"malformed\"}"
+        ),
+        Some(rejected(0, "malformed"))
+    );
+    // The node of the other cluster still has its own (empty) table and serves nothing.
+    assert_eq!(cluster.spread(0, 2), cluster.evenly(&[0], 2));
+}
