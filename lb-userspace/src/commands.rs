@@ -274,6 +274,8 @@ pub fn purge(instance: &Instance) -> Result<String> {
         eprintln!("lbctl: warning: {warning}");
     }
     state::remove(&instance.state_dir)?;
+    // A daemon still running rewrites it at its next round; stopped, it would only mislead.
+    let _ = fs::remove_file(instance.state_dir.join(state::CLUSTER_FILE));
     Ok(format!(
         "purged '{}': programs detached, maps, managed neighbour entries and state removed",
         instance.name
