@@ -573,6 +573,19 @@ pub fn member_statuses(
         .collect()
 }
 
+/// The nodes of `table` (other than `this`) not yet seen alive among `others`. A daemon that
+/// just started waits for them (up to the failure detector's window) before its first merge,
+/// so that a restart does not drop the tasks of members it has not heard from yet.
+pub fn not_yet_alive<'a>(table: &'a Table, this: &str, others: &[MemberView]) -> Vec<&'a str> {
+    let live = live_members(others);
+    table
+        .nodes
+        .iter()
+        .map(|n| n.name.as_str())
+        .filter(|name| *name != this && !live.contains_key(name))
+        .collect()
+}
+
 /// One round of a node in a cluster: merges its own records (`local`, at `vtep`) with the
 /// other members', applies the result over `table` and adopts the winning records.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -894,6 +907,16 @@ mod tests {
         let web = after.service("web").unwrap();
         assert_eq!((web.port, web.id), (9090, 1));
         assert_eq!(after.node("n2").unwrap().ip, ip("192.168.1.22"));
+    }
+
+    #[test]
+    fn a_starting_node_waits_for_the_nodes_it_knows() {
+        let mut members = three();
+        let (table, _) = apply(&Table::default(), &merge(&members));
+        assert_eq!(not_yet_alive(&table, "n1", &[]), ["n2", "n3"]);
+        members[2].alive = false;
+        assert_eq!(not_yet_alive(&table, "n1", &members), ["n3"]);
+        assert!(not_yet_alive(&Table::default(), "n4", &[]).is_empty());
     }
 
     #[test]

@@ -360,16 +360,29 @@ pub fn cluster_leave(instance: &Instance) -> Result<bool> {
 /// other members', applies the merged table to the maps when it changed, and saves the records
 /// it adopted. Returns the round's outcome (its `local` is what to publish) and whether the
 /// table changed.
+///
+/// While `warming_up` (a daemon that just started), nothing is merged until every node of the
+/// table in force is seen alive: the round then returns the table as it is, for publishing.
 pub fn cluster_step(
     instance: &Instance,
     vtep: Ipv4Addr,
     others: &[cluster::MemberView],
+    warming_up: bool,
 ) -> Result<(cluster::Step, bool)> {
     let _lock = instance::lock(instance)?;
     let mut state = attached_state(instance)?;
     let Some(local) = &state.cluster else {
         bail!("this instance is not in a cluster");
     };
+    if warming_up && !cluster::not_yet_alive(&state.table, &local.node, others).is_empty() {
+        let step = cluster::Step {
+            digest: cluster::table_digest(&state.table),
+            table: state.table,
+            local: local.clone(),
+            warnings: Vec::new(),
+        };
+        return Ok((step, false));
+    }
     let step = cluster::step(&state.table, local, vtep, others);
     let changed = step.table != state.table;
     if changed || Some(&step.local) != state.cluster.as_ref() {

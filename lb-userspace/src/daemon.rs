@@ -474,6 +474,10 @@ async fn cluster_loop(
     let mut warned = BTreeSet::new();
     let mut live = BTreeSet::new();
     let mut written: Option<(cluster::Status, Instant)> = None;
+    // Until the failure detector could have declared the members of the table in force dead,
+    // wait to hear from them before merging: a restart must not drop their tasks (and reset
+    // the flows pinned to them) for want of news.
+    let warm_until = Instant::now() + config.gossip_interval.mul_f64(config.phi_threshold);
     loop {
         tokio::select! {
             _ = stop.changed() => break,
@@ -482,8 +486,9 @@ async fn cluster_loop(
         let members = gossip.members().await;
         let others: Vec<MemberView> = members.iter().map(|m| m.view.clone()).collect();
         let stepping = shared.clone();
+        let warming_up = Instant::now() < warm_until;
         let result = tokio::task::spawn_blocking(move || {
-            commands::cluster_step(&stepping.instance, vtep, &others)
+            commands::cluster_step(&stepping.instance, vtep, &others, warming_up)
         })
         .await;
         let (step, changed) = match result {
