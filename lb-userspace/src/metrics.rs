@@ -1202,4 +1202,52 @@ lbctl_backend_health{service="web",backend="10.0.1.6:80",node="node-2",state="un
             assert!(refused, "{what} was accepted");
         }
     }
+
+    #[test]
+    fn the_cluster_families_render_every_member_state_and_reason() {
+        use crate::cluster::{MemberStatus, Status};
+        let member = |name: &str, alive: bool, agrees: bool| MemberStatus {
+            name: name.into(),
+            generation: 1,
+            gossip_addr: "192.168.1.1:7946".into(),
+            vtep: None,
+            alive,
+            digest: None,
+            agrees,
+            this: name == "n1",
+        };
+        let status = Status {
+            cluster: "prod".into(),
+            node: "n1".into(),
+            gossip_addr: "192.168.1.1:7946".into(),
+            vtep: "192.168.1.1".parse().unwrap(),
+            generation: 1,
+            digest: "00112233aabbccdd".into(),
+            table_generation: 3,
+            table_changes: 2,
+            converged: false,
+            members: vec![
+                member("n1", true, true),
+                member("n2", true, false),
+                member("n3", false, false),
+            ],
+            rejected: [("malformed".to_owned(), 4), ("wrong_cluster".to_owned(), 0)]
+                .into_iter()
+                .collect(),
+        };
+        let page = render_cluster(&status);
+        for line in [
+            "lbctl_cluster_info{cluster=\"prod\",node=\"n1\",digest=\"00112233aabbccdd\"} 1",
+            "lbctl_cluster_members{state=\"alive\"} 2",
+            "lbctl_cluster_members{state=\"dead\"} 1",
+            "lbctl_cluster_members_agreeing 1",
+            "lbctl_cluster_converged 0",
+            "lbctl_cluster_table_changes_total 2",
+            "# TYPE lbctl_gossip_rejected_messages_total counter",
+            "lbctl_gossip_rejected_messages_total{reason=\"malformed\"} 4",
+            "lbctl_gossip_rejected_messages_total{reason=\"wrong_cluster\"} 0",
+        ] {
+            assert!(page.lines().any(|l| l == line), "no {line:?} in\n{page}");
+        }
+    }
 }
