@@ -2,15 +2,14 @@
 //! topology with real TCP through the attached programs.
 use std::{
     collections::BTreeMap,
-    io::{Read as _, Write as _},
-    net::{SocketAddr, SocketAddrV4, TcpStream},
+    net::{SocketAddr, SocketAddrV4},
     time::{Duration, Instant},
 };
 
 use lb_tests::{
     Lbctl,
     client::{KeepAlive, Reply, http_get_new_connection},
-    prometheus::{Prometheus, Sample},
+    prometheus::{Prometheus, Sample, http_get},
     topology::{NODE_UPLINK, SingleNode, SingleNodeSpec},
 };
 
@@ -217,21 +216,9 @@ fn a_drained_backend_keeps_its_connection_while_new_ones_avoid_it() {
 
 /// `GET /metrics` from inside `topo`'s node namespace.
 fn scrape(topo: &SingleNode, addr: SocketAddr) -> String {
-    topo.node().in_netns(|| {
-        let mut stream = TcpStream::connect(addr).unwrap();
-        write!(
-            stream,
-            "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-        )
-        .unwrap();
-        let mut response = String::new();
-        stream.read_to_string(&mut response).unwrap();
-        assert!(response.starts_with("HTTP/1.1 200"), "{response}");
-        response
-            .split_once("\r\n\r\n")
-            .map(|(_, body)| body.to_owned())
-            .unwrap()
-    })
+    let (status, body) = topo.node().in_netns(|| http_get(addr, "/metrics")).unwrap();
+    assert_eq!(status, 200, "{body}");
+    body
 }
 
 /// The value of one series (`name{labels}` exactly as exposed).

@@ -6,8 +6,7 @@
 //! table. Real HTTP connections through the XDP data plane check each step.
 use std::{
     collections::BTreeMap,
-    io::{Read as _, Write as _},
-    net::{SocketAddr, SocketAddrV4, TcpStream, UdpSocket},
+    net::{SocketAddr, SocketAddrV4, UdpSocket},
     time::{Duration, Instant},
 };
 
@@ -16,6 +15,7 @@ use lb_tests::{
     client::{Reply, http_get_new_connection},
     mesh::{Mesh, MeshSpec},
     netns::NetNs,
+    prometheus::http_get,
     topology::NODE_UPLINK,
 };
 
@@ -213,19 +213,10 @@ fn wait(what: &str, mut done: impl FnMut() -> bool) -> Duration {
 
 /// `GET /metrics` of the daemon in `ns`.
 fn scrape(ns: &NetNs) -> String {
-    ns.in_netns(|| {
-        let addr: SocketAddr = METRICS.parse().unwrap();
-        let mut stream = TcpStream::connect(addr).unwrap();
-        write!(
-            stream,
-            "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-        )
-        .unwrap();
-        let mut response = String::new();
-        stream.read_to_string(&mut response).unwrap();
-        assert!(response.starts_with("HTTP/1.1 200"), "{response}");
-        response.split_once("\r\n\r\n").unwrap().1.to_owned()
-    })
+    let addr: SocketAddr = METRICS.parse().unwrap();
+    let (status, body) = ns.in_netns(|| http_get(addr, "/metrics")).unwrap();
+    assert_eq!(status, 200, "{body}");
+    body
 }
 
 /// The value of one series (`name{labels}` exactly as exposed).
