@@ -7,6 +7,7 @@
 //! Every socket operation has a timeout: a broken data plane (dropped or
 //! misrouted packets) must fail the test, not hang it.
 
+use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream, UdpSocket};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -114,6 +115,23 @@ impl KeepAlive {
     pub fn local_addr(&self) -> Result<SocketAddr> {
         Ok(self.reader.get_ref().local_addr()?)
     }
+}
+
+/// `count` HTTP requests to `addr`, each on a new connection, from the
+/// calling thread's namespace; the first failure names the request.
+pub fn new_connections(addr: SocketAddrV4, count: usize) -> Result<Vec<Reply>> {
+    (0..count)
+        .map(|i| http_get_new_connection(addr).with_context(|| format!("request {i} to {addr}")))
+        .collect()
+}
+
+/// How many of `replies` each backend answered, by backend name.
+pub fn per_backend(replies: &[Reply]) -> BTreeMap<String, usize> {
+    let mut counts = BTreeMap::new();
+    for reply in replies {
+        *counts.entry(reply.backend.clone()).or_default() += 1;
+    }
+    counts
 }
 
 /// Sends one datagram to `addr` from a fresh socket and returns the parsed

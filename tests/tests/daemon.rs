@@ -8,7 +8,7 @@ use std::{
 
 use lb_tests::{
     Lbctl,
-    client::{KeepAlive, Reply, http_get_new_connection},
+    client::{self, KeepAlive, Reply, http_get_new_connection, per_backend},
     prometheus::{Prometheus, Sample, http_get},
     topology::{NODE_UPLINK, SingleNode, SingleNodeSpec},
 };
@@ -32,22 +32,9 @@ fn published(spec: SingleNodeSpec) -> (SingleNode, Lbctl) {
 
 fn new_connections(topo: &SingleNode, count: usize) -> Vec<Reply> {
     let addr = SocketAddrV4::new(topo.node_uplink_ip(), WEB_PORT);
-    topo.client().in_netns(|| {
-        (0..count)
-            .map(|i| {
-                http_get_new_connection(addr)
-                    .unwrap_or_else(|err| panic!("request {i} to {addr}: {err:#}"))
-            })
-            .collect()
-    })
-}
-
-fn per_backend(replies: &[Reply]) -> BTreeMap<String, usize> {
-    let mut counts = BTreeMap::new();
-    for reply in replies {
-        *counts.entry(reply.backend.clone()).or_default() += 1;
-    }
-    counts
+    topo.client()
+        .in_netns(|| client::new_connections(addr, count))
+        .unwrap()
 }
 
 /// `service ls --json`'s view of backend `i` of `web`.

@@ -9,7 +9,7 @@ use std::{
 
 use lb_tests::{
     Lbctl,
-    client::{KeepAlive, Reply, http_get_new_connection, udp_request},
+    client::{self, KeepAlive, Reply, http_get_new_connection, per_backend, udp_request},
     topology::{NODE_UPLINK, SingleNode, SingleNodeSpec},
 };
 
@@ -45,22 +45,9 @@ fn service_addr(topo: &SingleNode, port: u16) -> SocketAddrV4 {
 /// `count` requests, each on a new connection, from the client.
 fn new_connections(topo: &SingleNode, port: u16, count: usize) -> Vec<Reply> {
     let addr = service_addr(topo, port);
-    topo.client().in_netns(|| {
-        (0..count)
-            .map(|i| {
-                http_get_new_connection(addr)
-                    .unwrap_or_else(|err| panic!("request {i} to {addr}: {err:#}"))
-            })
-            .collect()
-    })
-}
-
-fn per_backend(replies: &[Reply]) -> BTreeMap<String, usize> {
-    let mut counts = BTreeMap::new();
-    for reply in replies {
-        *counts.entry(reply.backend.clone()).or_default() += 1;
-    }
-    counts
+    topo.client()
+        .in_netns(|| client::new_connections(addr, count))
+        .unwrap()
 }
 
 /// Every backend answered exactly `per` of the replies, and each saw the client's real IP.

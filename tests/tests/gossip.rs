@@ -11,8 +11,7 @@ use std::{
 };
 
 use lb_tests::{
-    Daemon, Lbctl,
-    client::{Reply, http_get_new_connection},
+    Daemon, Lbctl, client,
     mesh::{Mesh, MeshSpec},
     netns::NetNs,
     prometheus::http_get,
@@ -177,20 +176,15 @@ impl Cluster {
     /// each task answered. Every task must see the client's own address.
     fn spread(&self, i: usize, count: usize) -> BTreeMap<String, usize> {
         let addr = SocketAddrV4::new(self.mesh.node_ip(i), WEB_PORT);
-        let replies: Vec<Reply> = self.mesh.client().in_netns(|| {
-            (0..count)
-                .map(|n| {
-                    http_get_new_connection(addr)
-                        .unwrap_or_else(|err| panic!("request {n} to {addr}: {err:#}"))
-                })
-                .collect()
-        });
-        let mut counts = BTreeMap::new();
-        for reply in replies {
+        let replies = self
+            .mesh
+            .client()
+            .in_netns(|| client::new_connections(addr, count))
+            .unwrap();
+        for reply in &replies {
             assert_eq!(*reply.client_seen.ip(), self.mesh.client_ip(), "{reply:?}");
-            *counts.entry(reply.backend).or_default() += 1;
         }
-        counts
+        client::per_backend(&replies)
     }
 
     fn evenly(&self, tasks: &[usize], per: usize) -> BTreeMap<String, usize> {

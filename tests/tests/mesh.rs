@@ -10,7 +10,7 @@ use std::{
 
 use lb_tests::{
     Lbctl,
-    client::{KeepAlive, Reply, http_get_new_connection, udp_request},
+    client::{self, KeepAlive, Reply, http_get_new_connection, udp_request},
     mesh::{Mesh, MeshSpec},
     topology::NODE_UPLINK,
 };
@@ -81,14 +81,10 @@ impl Cluster {
     /// `count` HTTP requests to `node`'s published port, each on a new connection.
     fn new_connections(&self, node: usize, count: usize) -> Vec<Reply> {
         let addr = self.addr(node, WEB_PORT);
-        self.mesh.client().in_netns(|| {
-            (0..count)
-                .map(|i| {
-                    http_get_new_connection(addr)
-                        .unwrap_or_else(|err| panic!("request {i} to {addr}: {err:#}"))
-                })
-                .collect()
-        })
+        self.mesh
+            .client()
+            .in_netns(|| client::new_connections(addr, count))
+            .unwrap()
     }
 
     fn reason(&self, node: usize, reason: &str) -> u64 {
@@ -102,9 +98,7 @@ impl Cluster {
     /// Every task in `tasks` answered exactly `per` of `replies`, no other task did, and
     /// every task saw the client's own address.
     fn assert_spread(&self, replies: &[Reply], tasks: &[usize], per: usize, context: &str) {
-        let mut counts: BTreeMap<String, usize> = BTreeMap::new();
         for reply in replies {
-            *counts.entry(reply.backend.clone()).or_default() += 1;
             assert_eq!(
                 *reply.client_seen.ip(),
                 self.mesh.client_ip(),
@@ -115,7 +109,7 @@ impl Cluster {
             .iter()
             .map(|&k| (self.mesh.task_name(k), per))
             .collect();
-        assert_eq!(counts, expected, "{context}");
+        assert_eq!(client::per_backend(replies), expected, "{context}");
     }
 }
 
