@@ -349,6 +349,29 @@ pub struct Service {
 }
 
 impl Service {
+    /// The index of the backend an operator names: by its `IP:PORT` whatever its node; an
+    /// `@NODE` given with it must match the backend's node.
+    fn named_backend(&self, spec: &BackendSpec) -> Result<usize, String> {
+        let name = &self.name;
+        let index = self
+            .backends
+            .iter()
+            .position(|b| b.addr == spec.addr)
+            .ok_or_else(|| format!("service '{name}' has no backend {}", spec.addr))?;
+        let backend = &self.backends[index];
+        if spec.node.is_some() && spec.node != backend.node {
+            return Err(format!(
+                "service '{name}' has backend {backend}, not {spec}{}",
+                if backend.node.is_none() {
+                    " (it is on no node)"
+                } else {
+                    ""
+                }
+            ));
+        }
+        Ok(index)
+    }
+
     /// The backends new flows may choose, and whether the service fails open: when every
     /// undrained backend is unhealthy, new flows go to all of them rather than nowhere (the
     /// checks themselves may be what is broken).
@@ -521,19 +544,7 @@ impl Table {
             if !seen.insert(addr) {
                 return Err(format!("backend {addr} is listed twice"));
             }
-            let Some(backend) = service.backends.iter().find(|b| b.addr == addr) else {
-                return Err(format!("service '{name}' has no backend {addr}"));
-            };
-            if spec.node.is_some() && spec.node != backend.node {
-                return Err(format!(
-                    "service '{name}' has backend {backend}, not {spec}{}",
-                    if backend.node.is_none() {
-                        " (it is on no node)"
-                    } else {
-                        ""
-                    }
-                ));
-            }
+            service.named_backend(spec)?;
         }
         service.backends.retain(|b| !seen.contains(&b.addr));
         self.generation += 1;
@@ -548,18 +559,9 @@ impl Table {
         spec: impl Into<BackendSpec>,
         drained: bool,
     ) -> Result<bool, String> {
-        let spec = spec.into();
         let service = self.service_mut(name)?;
-        let backend = service
-            .backends
-            .iter_mut()
-            .find(|b| b.addr == spec.addr)
-            .ok_or_else(|| format!("service '{name}' has no backend {}", spec.addr))?;
-        if spec.node.is_some() && spec.node != backend.node {
-            return Err(format!(
-                "service '{name}' has backend {backend}, not {spec}"
-            ));
-        }
+        let index = service.named_backend(&spec.into())?;
+        let backend = &mut service.backends[index];
         if backend.drained == drained {
             return Ok(false);
         }
