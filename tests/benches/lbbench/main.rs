@@ -1,0 +1,157 @@
+//! `cargo xtask bench`: the data plane measured against the floor of its harness and against
+//! the kernel path a user would otherwise take, side by side in one run so the ratios hold on a
+//! noisy machine.
+//!
+//! Sections:
+//! - `packet`: per-packet cost through `BPF_PROG_RUN` (Katran's method), against a trivial
+//!   XDP_PASS program, and with the flow table at several sizes;
+//! - `e2e`: connections, requests, latency, UDP and CPU through the namespace topology, lbctl's
+//!   XDP path against nftables DNAT with `numgen inc`;
+//! - `control`: applying a large table, the first connection after `service add`, scrape time.
+//!
+//! Run by `cargo bench` (which passes `--bench`) it measures in full and writes the report; run
+//! by `cargo test` (no `--bench`) it is a smoke run of a few seconds, so the benchmark cannot rot:
+//! every case still checks that the data plane did what the case claims to measure.
+//! Benchmarks never fail on a slow machine: only a broken case fails.
+//!
+//! Needs root (namespaces, BPF), `lbctl` and `lb-testsrv` built in the same profile.
+
+mod control;
+mod e2e;
+mod packet;
+mod report;
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+
+use report::{Measurement, Report};
+
+/// What to run and how long.
+pub struct Options {
+    /// A quick run that checks every case but measures little (`cargo test`).
+    pub smoke: bool,
+    /// Where the JSON report and the plots go.
+    pub out: PathBuf,
+    /// Seconds each end-to-end measurement runs, per mode and round.
+    pub seconds: f64,
+    /// Sections to run.
+    pub sections: Vec<Section>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Section {
+    Packet,
+    E2e,
+    Control,
+}
+
+impl Section {
+    const ALL: [Section; 3] = [Section::Packet, Section::E2e, Section::Control];
+
+    fn name(self) -> &'static str {
+        match self {
+            Section::Packet => "packet",
+            Section::E2e => "e2e",
+            Section::Control => "control",
+        }
+    }
+
+    fn parse(name: &str) -> Result<Section> {
+        Section::ALL
+            .into_iter()
+            .find(|s| s.name() == name)
+            .with_context(|| format!("unknown section {name:?} (packet, e2e, control)"))
+    }
+}
+
+const USAGE: &str = "usage: lbbench [--bench] [--smoke] [--out DIR] [--seconds S] \
+                     [--only packet,e2e,control]";
+
+/// Parses the arguments. `cargo test` may pass libtest's own flags (`--nocapture`, a filter...):
+/// those are ignored, since this is no libtest binary.
+fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Options> {
+    let mut bench = false;
+    let mut smoke = false;
+    let mut out = None;
+    let mut seconds = None;
+    let mut sections = Section::ALL.to_vec();
+    let mut args = args.into_iter();
+    while let Some(arg) = args.next() {
+        let mut value = |flag: &str| {
+            args.next()
+                .with_context(|| format!("{flag} needs a value\n{USAGE}"))
+        };
+        match arg.as_str() {
+            "--bench" => bench = true,
+            "--smoke" => smoke = true,
+            "--out" => out = Some(PathBuf::from(value("--out")?)),
+            "--seconds" => {
+                let text = value("--seconds")?;
+                let s: f64 = text
+                    .parse()
+                    .with_context(|| format!("--seconds {text:?} is not a number"))?;
+                if !(s > 0.0 && s <= 600.0) {
+                    bail!("--seconds must be above 0 and at most 600, not {s}");
+                }
+                seconds = Some(s);
+            }
+            "--only" => {
+                sections = value("--only")?
+                    .split(',')
+                    .map(Section::parse)
+                    .collect::<Result<_>>()?;
+            }
+            "--help" | "-h" => {
+                println!("{USAGE}");
+                std::process::exit(0);
+            }
+            _ => {}
+        }
+    }
+    let smoke = smoke || !bench;
+    Ok(Options {
+        smoke,
+        out: out.unwrap_or_else(default_out),
+        seconds: seconds.unwrap_or(if smoke { 0.3 } else { 3.0 }),
+        sections,
+    })
+}
+
+/// `<target dir>/bench`: beside the profile folder the bench runs from.
+fn default_out() -> PathBuf {
+    let exe = std::env::current_exe().unwrap_or_default();
+    // target/<profile>/deps/lbbench-<hash> → target/bench
+    exe.ancestors()
+        .nth(3)
+        .map(|target| target.join("bench"))
+        .unwrap_or_else(|| PathBuf::from("target/bench"))
+}
+
+fn main() -> Result<()> {
+    let opts = parse_args(std::env::args().skip(1))?;
+    lb_tests::require_root()?;
+    let started = Instant::now();
+    let mut measurements: Vec<Measurement> = Vec::new();
+    for section in &opts.sections {
+        println!("==> lbbench {} ({})", section.name(), if opts.smoke { "smoke" } else { "full" });
+        let found = match section {
+            Section::Packet => packet::run(&opts),
+            Section::E2e => e2e::run(&opts),
+            Section::Control => control::run(&opts),
+        }
+        .with_context(|| format!("bench section {}", section.name()))?;
+        measurements.extend(found);
+    }
+    let report = Report::new(opts.smoke, measurements);
+    report.print();
+    report.write(&opts.out)?;
+    println!(
+        "lbbench: {} measurements in {:.1}s; report in {}",
+        report.measurements.len(),
+        started.elapsed().as_secs_f64(),
+        opts.out.display()
+    );
+    Ok(())
+}

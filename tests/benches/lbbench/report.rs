@@ -1,0 +1,373 @@
+//! The bench's results: one list of measurements, printed as a table, written as JSON with the
+//! targets they are held against, and plotted (gnuplot, PNG).
+use std::fmt::Write as _;
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+use anyhow::{Context, Result};
+use serde::Serialize;
+
+/// One number: `case` of `section`, measured as `variant` (e.g. `lbctl` or `nftables`, a flow
+/// table size), in `unit`.
+#[derive(Clone, Debug, Serialize)]
+pub struct Measurement {
+    pub section: &'static str,
+    pub case: String,
+    pub variant: String,
+    pub value: f64,
+    pub unit: &'static str,
+}
+
+impl Measurement {
+    pub fn new(
+        section: &'static str,
+        case: impl Into<String>,
+        variant: impl Into<String>,
+        value: f64,
+        unit: &'static str,
+    ) -> Measurement {
+        Measurement {
+            section,
+            case: case.into(),
+            variant: variant.into(),
+            value,
+            unit,
+        }
+    }
+}
+
+/// A target of the issue, checked against the run's own numbers.
+#[derive(Clone, Debug, Serialize)]
+pub struct Target {
+    pub name: &'static str,
+    /// The measured ratio, if both numbers were measured in this run.
+    pub ratio: Option<f64>,
+    /// `<=` or `>=`.
+    pub relation: &'static str,
+    pub bound: f64,
+    pub met: Option<bool>,
+}
+
+/// A target: `numerator / denominator` against `bound`; `at_most` says which side is good.
+struct TargetSpec {
+    name: &'static str,
+    numerator: (&'static str, &'static str, &'static str),
+    denominator: (&'static str, &'static str, &'static str),
+    at_most: bool,
+    bound: f64,
+}
+
+/// Names the sections use for the numbers the targets read.
+pub mod names {
+    pub const PACKET: &str = "packet";
+    pub const PACKET_FLOWS: &str = "packet-flow-table";
+    pub const E2E: &str = "e2e";
+    pub const CONTROL: &str = "control";
+
+    pub const FLOOR: &str = "XDP_PASS floor";
+    pub const NEW_FLOW: &str = "new flow";
+    pub const ESTABLISHED: &str = "established flow";
+    pub const NS_PER_PACKET: &str = "ns/packet";
+
+    pub const LBCTL: &str = "lbctl";
+    pub const NFTABLES: &str = "nftables";
+    pub const NEW_CONNECTIONS: &str = "new connections";
+    pub const PER_SECOND: &str = "1/s";
+}
+
+const TARGETS: &[TargetSpec] = {
+    use names::*;
+    &[
+        TargetSpec {
+            name: "established flow within 5x the XDP_PASS floor",
+            numerator: (PACKET, ESTABLISHED, "1 flow"),
+            denominator: (PACKET, FLOOR, "-"),
+            at_most: true,
+            bound: 5.0,
+        },
+        TargetSpec {
+            name: "new flow within 12x the XDP_PASS floor",
+            numerator: (PACKET, NEW_FLOW, "1 flow"),
+            denominator: (PACKET, FLOOR, "-"),
+            at_most: true,
+            bound: 12.0,
+        },
+        TargetSpec {
+            name: "established flow at 1M flows within 1.5x its cost at 1k",
+            numerator: (PACKET_FLOWS, ESTABLISHED, "1M flows"),
+            denominator: (PACKET_FLOWS, ESTABLISHED, "1k flows"),
+            at_most: true,
+            bound: 1.5,
+        },
+        TargetSpec {
+            name: "at least 2x nftables' new connections per second",
+            numerator: (E2E, NEW_CONNECTIONS, LBCTL),
+            denominator: (E2E, NEW_CONNECTIONS, NFTABLES),
+            at_most: false,
+            bound: 2.0,
+        },
+    ]
+};
+
+#[derive(Serialize)]
+pub struct Report {
+    pub smoke: bool,
+    pub machine: Machine,
+    pub measurements: Vec<Measurement>,
+    pub targets: Vec<Target>,
+}
+
+#[derive(Serialize)]
+pub struct Machine {
+    pub cpus: usize,
+    pub kernel: String,
+    pub cpu_model: String,
+}
+
+impl Machine {
+    fn this() -> Machine {
+        let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+        let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+        let cpu_model = cpuinfo
+            .lines()
+            .find_map(|l| l.strip_prefix("model name"))
+            .and_then(|l| l.split_once(':'))
+            .map(|(_, m)| m.trim().to_string())
+            .unwrap_or_default();
+        Machine {
+            cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            kernel: kernel.trim().to_string(),
+            cpu_model,
+        }
+    }
+}
+
+impl Report {
+    pub fn new(smoke: bool, measurements: Vec<Measurement>) -> Report {
+        let targets = TARGETS
+            .iter()
+            .map(|spec| {
+                let ratio = match (
+                    find(&measurements, spec.numerator),
+                    find(&measurements, spec.denominator),
+                ) {
+                    (Some(n), Some(d)) if d > 0.0 => Some(n / d),
+                    _ => None,
+                };
+                Target {
+                    name: spec.name,
+                    ratio,
+                    relation: if spec.at_most { "<=" } else { ">=" },
+                    bound: spec.bound,
+                    met: ratio.map(|r| {
+                        if spec.at_most {
+                            r <= spec.bound
+                        } else {
+                            r >= spec.bound
+                        }
+                    }),
+                }
+            })
+            .collect();
+        Report {
+            smoke,
+            machine: Machine::this(),
+            measurements,
+            targets,
+        }
+    }
+
+    /// The table on stdout: each section's cases and variants, then the targets.
+    pub fn print(&self) {
+        print!("{}", self.table());
+    }
+
+    fn table(&self) -> String {
+        let mut out = String::new();
+        let case_width = self
+            .measurements
+            .iter()
+            .map(|m| m.case.len())
+            .max()
+            .unwrap_or(4)
+            .max(4);
+        let variant_width = self
+            .measurements
+            .iter()
+            .map(|m| m.variant.len())
+            .max()
+            .unwrap_or(7)
+            .max(7);
+        let mut section = "";
+        for m in &self.measurements {
+            if m.section != section {
+                section = m.section;
+                let _ = writeln!(out, "\n[{section}]");
+                let _ = writeln!(
+                    out,
+                    "{:<case_width$}  {:<variant_width$}  {:>14}  unit",
+                    "case", "variant", "value"
+                );
+            }
+            let _ = writeln!(
+                out,
+                "{:<case_width$}  {:<variant_width$}  {:>14}  {}",
+                m.case,
+                m.variant,
+                format_value(m.value),
+                m.unit
+            );
+        }
+        let _ = writeln!(out, "\n[targets{}]", if self.smoke { ", smoke run: not meaningful" } else { "" });
+        for t in &self.targets {
+            let verdict = match t.met {
+                Some(true) => "met",
+                Some(false) => "MISSED",
+                None => "not measured",
+            };
+            let ratio = t.ratio.map_or("-".to_string(), |r| format!("{r:.2}"));
+            let _ = writeln!(
+                out,
+                "{:<60} ratio {ratio:>7} {} {:<5} {verdict}",
+                t.name, t.relation, t.bound
+            );
+        }
+        out
+    }
+
+    /// Writes `bench.json` and the plots into `dir`.
+    pub fn write(&self, dir: &Path) -> Result<()> {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        let json = dir.join("bench.json");
+        let text = serde_json::to_string_pretty(self)?;
+        std::fs::write(&json, text + "\n")
+            .with_context(|| format!("cannot write {}", json.display()))?;
+        std::fs::write(dir.join("bench.txt"), self.table())?;
+        self.plot(dir)
+    }
+
+    /// One PNG per section with a picture to show: packet cost by case (bars, with the floor),
+    /// cost against the flow table's size, and the end-to-end comparison. Needs gnuplot
+    /// (installed by `cargo xtask setup`); without it, says so and writes the JSON only.
+    fn plot(&self, dir: &Path) -> Result<()> {
+        let mut script = String::from("set terminal png size 1000,560 font ',11'\nset grid ytics\n");
+        let mut plots = 0;
+        for (section, title, ylabel) in [
+            (names::PACKET, "Per-packet cost through BPF_PROG_RUN", "ns/packet"),
+            (
+                names::PACKET_FLOWS,
+                "Per-packet cost against flow table size",
+                "ns/packet",
+            ),
+            (names::E2E, "End to end: lbctl (XDP) and nftables DNAT", "value relative to nftables"),
+        ] {
+            let data = self.plot_data(section);
+            if data.is_empty() {
+                continue;
+            }
+            let data_file = dir.join(format!("{section}.dat"));
+            std::fs::write(&data_file, &data)?;
+            let png = dir.join(format!("{section}.png"));
+            let _ = write!(
+                script,
+                "set output '{}'\nset title '{title}'\nset ylabel '{ylabel}'\n\
+                 set style data histograms\nset style histogram clustered gap 1\n\
+                 set style fill solid 0.8 border -1\nset boxwidth 0.9\nset xtics rotate by -20\n\
+                 set key outside top right\nset yrange [0:*]\n\
+                 plot for [col=2:*] '{}' using col:xtic(1) title columnheader\n",
+                png.display(),
+                data_file.display()
+            );
+            plots += 1;
+        }
+        if plots == 0 {
+            return Ok(());
+        }
+        let script_file = dir.join("plots.gp");
+        std::fs::write(&script_file, &script)?;
+        match Command::new("gnuplot")
+            .arg(&script_file)
+            .stdin(Stdio::null())
+            .status()
+        {
+            Ok(status) if status.success() => Ok(()),
+            Ok(status) => anyhow::bail!("gnuplot {} failed ({status})", script_file.display()),
+            Err(e) => {
+                eprintln!("lbbench: no plots ({e}: run `cargo xtask setup` for gnuplot)");
+                Ok(())
+            }
+        }
+    }
+
+    /// gnuplot's histogram data for `section`: a header of variants, then a row per case. The
+    /// end-to-end rows are relative to nftables, since their units differ.
+    fn plot_data(&self, section: &str) -> String {
+        let rows: Vec<&Measurement> = self
+            .measurements
+            .iter()
+            .filter(|m| m.section == section)
+            .collect();
+        let mut variants: Vec<&str> = Vec::new();
+        let mut cases: Vec<&str> = Vec::new();
+        for m in &rows {
+            if !variants.contains(&m.variant.as_str()) {
+                variants.push(&m.variant);
+            }
+            if !cases.contains(&m.case.as_str()) {
+                cases.push(&m.case);
+            }
+        }
+        if rows.is_empty() {
+            return String::new();
+        }
+        let mut out = String::from("case");
+        for v in &variants {
+            let _ = write!(out, "\t\"{v}\"");
+        }
+        out.push('\n');
+        for case in &cases {
+            let reference = (section == names::E2E)
+                .then(|| find_in(&rows, case, names::NFTABLES))
+                .flatten();
+            let _ = write!(out, "\"{case}\"");
+            for v in &variants {
+                let value = find_in(&rows, case, v).map(|x| match reference {
+                    Some(r) if r > 0.0 => x / r,
+                    _ => x,
+                });
+                match value {
+                    Some(x) => {
+                        let _ = write!(out, "\t{x}");
+                    }
+                    None => out.push_str("\t-"),
+                }
+            }
+            out.push('\n');
+        }
+        out
+    }
+}
+
+fn find(all: &[Measurement], (section, case, variant): (&str, &str, &str)) -> Option<f64> {
+    all.iter()
+        .find(|m| m.section == section && m.case == case && m.variant == variant)
+        .map(|m| m.value)
+}
+
+fn find_in(rows: &[&Measurement], case: &str, variant: &str) -> Option<f64> {
+    rows.iter()
+        .find(|m| m.case == case && m.variant == variant)
+        .map(|m| m.value)
+}
+
+/// Three significant digits or so, without scientific notation for the usual ranges.
+fn format_value(x: f64) -> String {
+    let a = x.abs();
+    if a >= 1000.0 {
+        format!("{x:.0}")
+    } else if a >= 10.0 {
+        format!("{x:.1}")
+    } else {
+        format!("{x:.3}")
+    }
+}
