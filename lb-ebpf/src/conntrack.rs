@@ -1,7 +1,7 @@
 //! The flow table: which backend each connection is pinned to, and how to reverse-NAT replies.
 use aya_ebpf::{
     bindings::{BPF_ANY, BPF_NOEXIST},
-    helpers::bpf_ktime_get_ns,
+    helpers::generated::bpf_ktime_get_coarse_ns,
 };
 use lb_common::{
     BACKEND_ACTIVE, Event, FLOW_CLOSING, FLOW_SEEN_GRANULARITY_NS, FlowKey, FlowValue, ReverseValue,
@@ -62,7 +62,9 @@ pub fn lookup(key: &FlowKey, tcp_flags: u8) -> Lookup {
                 && backend.node_ip_be == flow.node_ip_be =>
         {
             // SAFETY: as above; plain stores into the entry.
-            let now = unsafe { bpf_ktime_get_ns() };
+            // The coarse clock (the last tick's time) is enough for liveness measured in seconds,
+            // and costs a load where reading the clock source costs tens of ns in a VM.
+            let now = unsafe { bpf_ktime_get_coarse_ns() };
             if now.wrapping_sub(flow.last_seen_ns) >= FLOW_SEEN_GRANULARITY_NS {
                 unsafe { (*entry).last_seen_ns = now };
             }

@@ -151,7 +151,7 @@ fn route_to_node(
     outer_len: u16,
 ) -> Result<Egress, Reason> {
     let ingress = ctx.ingress_ifindex() as u32;
-    let (rc, hop) = forward::fib_lookup_raw(
+    let (rc, hop) = forward::fib_lookup_cached(
         ctx.ctx.cast(),
         ingress,
         PROTO_UDP,

@@ -3,8 +3,11 @@
 use core::ffi::c_void;
 
 use aya_ebpf::{
-    bindings::{BPF_FIB_LKUP_RET_NOT_FWDED, BPF_FIB_LKUP_RET_SUCCESS, bpf_fib_lookup, xdp_action},
-    helpers::generated::bpf_fib_lookup as fib_lookup_helper,
+    bindings::{
+        BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_NOT_FWDED, BPF_FIB_LKUP_RET_SUCCESS,
+        bpf_fib_lookup, xdp_action,
+    },
+    helpers::generated::{bpf_fib_lookup as fib_lookup_helper, bpf_ktime_get_coarse_ns},
     programs::XdpContext,
 };
 use lb_common::Reason;
@@ -12,7 +15,7 @@ use network_types::eth::EthHdr;
 
 use crate::{
     csum,
-    maps::TX_PORTS,
+    maps::{ROUTE_CACHE, TX_PORTS},
     nat::{load16, store16},
     parse::{IP_CHECK_OFF, IP_TTL_OFF, Packet, ptr_at},
 };
@@ -24,7 +27,36 @@ pub struct NextHop {
     pub ifindex: u32,
     pub smac: [u8; 6],
     pub dmac: [u8; 6],
+    /// The egress MTU, when the lookup was given a length to check and succeeded.
+    pub mtu: u16,
 }
+
+/// Slots of the per-CPU route cache (a power of two: the slot is a hash's top bits).
+pub const ROUTE_CACHE_SLOTS: u32 = 1 << ROUTE_CACHE_BITS;
+const ROUTE_CACHE_BITS: u32 = 10;
+/// How long a cached FIB answer is used: route and neighbour changes reach the data plane
+/// within this time.
+const ROUTE_CACHE_TTL_NS: u64 = 100_000_000;
+
+/// A FIB answer this CPU got for `dst_ip_be`, arriving on `ingress_ifindex`, at `checked_ns`
+/// (coarse monotonic clock; 0: empty slot). Only answers that do not depend on the packet are
+/// kept: a forward (with its egress MTU, so the length check still applies to every packet)
+/// and "local address".
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct CachedRoute {
+    pub checked_ns: u64,
+    pub dst_ip_be: u32,
+    pub ingress_ifindex: u32,
+    pub ifindex: u32,
+    /// `BPF_FIB_LKUP_RET_SUCCESS` or `BPF_FIB_LKUP_RET_NOT_FWDED`.
+    pub rc: u32,
+    pub mtu: u16,
+    pub smac: [u8; 6],
+    pub dmac: [u8; 6],
+    pub _pad: [u8; 2],
+}
+const _: () = assert!(core::mem::size_of::<CachedRoute>() == 40);
 
 /// How a packet leaves XDP.
 pub enum Egress {
@@ -71,14 +103,86 @@ pub fn fib_lookup_raw(
             ifindex: params.ifindex,
             smac: params.smac,
             dmac: params.dmac,
+            // SAFETY: a plain u16 either way (the kernel writes the MTU over the length).
+            mtu: unsafe { params.__bindgen_anon_1.mtu_result },
         },
     )
 }
 
-/// [`fib_lookup_raw`] for the packet being handled by XDP.
+/// [`fib_lookup_raw`] through a per-CPU cache of recent answers by destination, for XDP.
+///
+/// A FIB lookup costs more than all the rest of an established flow's path, and the next hop
+/// of a backend, a node or a client rarely changes: so each CPU keeps what the FIB answered
+/// for [`ROUTE_CACHE_TTL_NS`], in a direct-mapped table (a colliding destination just looks up
+/// again). The source address only matters to policy routing by source, which a cached answer
+/// ignores for that time. `tot_len` must not be 0: the cached MTU is checked against it.
+#[inline(always)]
+pub fn fib_lookup_cached(
+    ctx: *mut c_void,
+    ingress_ifindex: u32,
+    proto: u8,
+    tot_len: u16,
+    src_ip_be: u32,
+    dst_ip_be: u32,
+) -> (u32, NextHop) {
+    // SAFETY: plain helper call.
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    let slot = dst_ip_be.wrapping_mul(0x9e37_79b1) >> (32 - ROUTE_CACHE_BITS);
+    let cache = ROUTE_CACHE.get_ptr_mut(slot);
+    if let Some(entry) = cache {
+        // SAFETY: this CPU's slot; nothing else writes it while the program runs.
+        let cached = unsafe { *entry };
+        if cached.checked_ns != 0
+            && cached.dst_ip_be == dst_ip_be
+            && cached.ingress_ifindex == ingress_ifindex
+            && now.wrapping_sub(cached.checked_ns) < ROUTE_CACHE_TTL_NS
+        {
+            let rc = if cached.rc == BPF_FIB_LKUP_RET_SUCCESS && tot_len > cached.mtu {
+                BPF_FIB_LKUP_RET_FRAG_NEEDED
+            } else {
+                cached.rc
+            };
+            let hop = NextHop {
+                ifindex: cached.ifindex,
+                smac: cached.smac,
+                dmac: cached.dmac,
+                mtu: cached.mtu,
+            };
+            return (rc, hop);
+        }
+    }
+    let (rc, hop) = fib_lookup_raw(ctx, ingress_ifindex, proto, tot_len, src_ip_be, dst_ip_be);
+    // A kernel that did not report the MTU left the length in its place: nothing to cache.
+    let cacheable =
+        rc == BPF_FIB_LKUP_RET_NOT_FWDED || (rc == BPF_FIB_LKUP_RET_SUCCESS && hop.mtu != tot_len);
+    if let Some(entry) = cache
+        && cacheable
+    {
+        let fresh = CachedRoute {
+            checked_ns: now,
+            dst_ip_be,
+            ingress_ifindex,
+            ifindex: hop.ifindex,
+            rc,
+            mtu: if rc == BPF_FIB_LKUP_RET_SUCCESS {
+                hop.mtu
+            } else {
+                0
+            },
+            smac: hop.smac,
+            dmac: hop.dmac,
+            _pad: [0; 2],
+        };
+        // SAFETY: as above.
+        unsafe { *entry = fresh };
+    }
+    (rc, hop)
+}
+
+/// [`fib_lookup_cached`] for the packet being handled by XDP.
 #[inline(always)]
 fn fib_lookup(ctx: &XdpContext, pkt: &Packet, src_ip_be: u32, dst_ip_be: u32) -> (u32, NextHop) {
-    fib_lookup_raw(
+    fib_lookup_cached(
         ctx.ctx.cast(),
         ctx.ingress_ifindex() as u32,
         pkt.proto,

@@ -1,6 +1,8 @@
 //! The XDP program's logic: DNAT of new and established flows to services, reverse NAT of
 //! replies that arrive on an lbctl interface, and forwarding of both.
-use aya_ebpf::{bindings::xdp_action, helpers::bpf_ktime_get_ns, programs::XdpContext};
+use aya_ebpf::{
+    bindings::xdp_action, helpers::generated::bpf_ktime_get_coarse_ns, programs::XdpContext,
+};
 use lb_common::{
     Event, FlowKey, FlowValue, Reason, ReverseValue, SERVICE_FAIL_OPEN, ServiceKey, ServiceValue,
 };
@@ -87,7 +89,7 @@ fn to_service(
         flags: 0,
         _pad: 0,
         // SAFETY: plain helper call.
-        last_seen_ns: unsafe { bpf_ktime_get_ns() },
+        last_seen_ns: unsafe { bpf_ktime_get_coarse_ns() },
     };
     let Ok((flow, created)) =
         conntrack::record(key, chosen, pkt.dst_ip_be, pkt.dst_port_be, replace, event)

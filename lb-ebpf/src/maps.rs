@@ -1,5 +1,6 @@
 //! Every map of the data plane. Userspace pins each one under the instance's bpffs folder by
 //! the same name (`lb_common::map_names`), so maps outlive the programs and `lbctl` itself.
+use crate::forward::{CachedRoute, ROUTE_CACHE_SLOTS};
 use aya_ebpf::{
     macros::map,
     maps::{Array, DevMapHash, HashMap, LruHashMap, PerCpuArray},
@@ -65,3 +66,9 @@ pub static MESH: Array<MeshConfig> = Array::with_max_entries(1, 0);
 #[map]
 pub static TUNNEL_REPLIES: LruHashMap<FlowKey, TunnelValue> =
     LruHashMap::with_max_entries(DEFAULT_FLOW_CAPACITY, 0);
+
+/// Per CPU, recent FIB answers by destination (see `forward::fib_lookup_cached`). Not pinned:
+/// a cache, empty after every load.
+#[map]
+pub static ROUTE_CACHE: PerCpuArray<CachedRoute> =
+    PerCpuArray::with_max_entries(ROUTE_CACHE_SLOTS, 0);

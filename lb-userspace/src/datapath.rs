@@ -344,7 +344,8 @@ pub fn flow_is_live(key: &FlowKey, flow: &FlowValue, now_ns: u64) -> bool {
         && now_ns.saturating_sub(flow.last_seen_ns) < idle + lb_common::FLOW_SEEN_GRANULARITY_NS
 }
 
-/// CLOCK_MONOTONIC in nanoseconds: the clock `bpf_ktime_get_ns` reads.
+/// CLOCK_MONOTONIC in nanoseconds: the clock `bpf_ktime_get_coarse_ns` reads (at tick
+/// granularity, so a flow's `last_seen_ns` is never ahead of this).
 pub fn monotonic_ns() -> u64 {
     let mut ts = libc::timespec {
         tv_sec: 0,

@@ -11,6 +11,7 @@
 //! (see [`require_root`]): a privileged test that silently skipped would look
 //! green while testing nothing.
 
+pub mod bpf;
 pub mod client;
 mod lbctl;
 pub mod mesh;

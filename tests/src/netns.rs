@@ -2,7 +2,7 @@
 
 use std::ffi::OsStr;
 use std::fs::File;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::Mutex;
 
@@ -193,8 +193,9 @@ impl NetNs {
         let ifname = ifname.to_owned();
         self.in_netns(move || {
             let ifindex = if_index(&ifname)?;
-            let prog = load_xdp_pass().context("cannot load an XDP_PASS program")?;
-            link_xdp(&prog, ifindex).with_context(|| format!("cannot attach XDP_PASS to {ifname}"))
+            let prog = crate::bpf::load_xdp_pass().context("cannot load an XDP_PASS program")?;
+            crate::bpf::link_xdp(&prog, ifindex)
+                .with_context(|| format!("cannot attach XDP_PASS to {ifname}"))
         })
         .with_context(|| format!("in namespace {}", self.name))
     }
@@ -399,16 +400,6 @@ pub(crate) fn describe(cmd: &Command) -> String {
     format!("`{}`", words.join(" "))
 }
 
-/// `bpf(2)` commands, program type and attach type used by [`NetNs::attach_xdp_pass`]
-/// (`include/uapi/linux/bpf.h`).
-const BPF_PROG_LOAD: libc::c_long = 5;
-const BPF_LINK_CREATE: libc::c_long = 28;
-const BPF_PROG_TYPE_XDP: u32 = 6;
-const BPF_ATTACH_TYPE_XDP: u32 = 37;
-/// `union bpf_attr` is larger than any command needs here; the kernel accepts a longer
-/// attribute block as long as the unused tail is zero.
-const BPF_ATTR_SIZE: usize = 128;
-
 fn if_index(ifname: &str) -> Result<u32> {
     let name = std::ffi::CString::new(ifname).context("interface name contains NUL")?;
     // SAFETY: valid NUL-terminated string.
@@ -416,49 +407,6 @@ fn if_index(ifname: &str) -> Result<u32> {
         0 => bail!("no interface {ifname}"),
         index => Ok(index),
     }
-}
-
-fn bpf(cmd: libc::c_long, attr: &mut [u8; BPF_ATTR_SIZE]) -> Result<OwnedFd> {
-    // SAFETY: attr is a zero-initialised bpf_attr of BPF_ATTR_SIZE bytes; the kernel reads at
-    // most that many and returns a new file descriptor or -1.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            cmd,
-            attr.as_mut_ptr(),
-            BPF_ATTR_SIZE as libc::c_uint,
-        )
-    };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error().into());
-    }
-    // SAFETY: the kernel returned a new descriptor this process now owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
-}
-
-/// `r0 = XDP_PASS; exit`.
-fn load_xdp_pass() -> Result<OwnedFd> {
-    const XDP_PASS: u8 = 2;
-    let insns: [[u8; 8]; 2] = [
-        [0xb7, 0, 0, 0, XDP_PASS, 0, 0, 0], // BPF_ALU64 | BPF_MOV | BPF_K, r0 = 2
-        [0x95, 0, 0, 0, 0, 0, 0, 0],        // BPF_JMP | BPF_EXIT
-    ];
-    let license = c"GPL";
-    let mut attr = [0u8; BPF_ATTR_SIZE];
-    attr[0..4].copy_from_slice(&BPF_PROG_TYPE_XDP.to_ne_bytes());
-    attr[4..8].copy_from_slice(&(insns.len() as u32).to_ne_bytes());
-    attr[8..16].copy_from_slice(&(insns.as_ptr() as u64).to_ne_bytes());
-    attr[16..24].copy_from_slice(&(license.as_ptr() as u64).to_ne_bytes());
-    attr[48..57].copy_from_slice(b"xdp_pass\0");
-    bpf(BPF_PROG_LOAD, &mut attr)
-}
-
-fn link_xdp(prog: &OwnedFd, ifindex: u32) -> Result<OwnedFd> {
-    let mut attr = [0u8; BPF_ATTR_SIZE];
-    attr[0..4].copy_from_slice(&(prog.as_raw_fd() as u32).to_ne_bytes());
-    attr[4..8].copy_from_slice(&ifindex.to_ne_bytes());
-    attr[8..12].copy_from_slice(&BPF_ATTACH_TYPE_XDP.to_ne_bytes());
-    bpf(BPF_LINK_CREATE, &mut attr)
 }
 
 #[cfg(test)]

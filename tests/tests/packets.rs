@@ -897,6 +897,62 @@ fn a_service_without_backends_drops_new_flows_and_counts_them() {
     });
 }
 
+/// `ROUTE_CACHE_TTL_NS` of the data plane's per-CPU route cache, plus the coarse clock's tick.
+const ROUTE_CACHE_TTL_AND_TICK: std::time::Duration = std::time::Duration::from_millis(110);
+
+#[test]
+fn a_changed_neighbour_is_used_once_the_route_cache_expires_and_the_mtu_is_still_checked() {
+    with_node(|node| {
+        let ingress = Some(node.ifindex);
+        let ack = |port| client_tcp(port, WEB_PORT, "A");
+        // Flows pinned to 10.0.0.6, created while its MAC is the first one.
+        for port in [47000, 47003] {
+            assert_eq!(node.xdp(&client_syn(port), ingress).0, XDP_TX);
+            let _ = node.xdp(&client_syn(port + 1), ingress);
+            let _ = node.xdp(&client_syn(port + 2), ingress);
+        }
+        let (_, out) = node.xdp(&ack(47000), ingress);
+        assert_eq!(out[..6], backend_mac(0));
+
+        let moved = [0x02, 0, 0, 0, 0, 0x66];
+        let status = std::process::Command::new("ip")
+            .args([
+                "neigh",
+                "replace",
+                "10.0.0.6",
+                "lladdr",
+                "02:00:00:00:00:66",
+            ])
+            .args(["dev", "lbt0", "nud", "permanent"])
+            .status()
+            .unwrap();
+        assert!(status.success());
+        std::thread::sleep(ROUTE_CACHE_TTL_AND_TICK * 2);
+        let (action, out) = node.xdp(&ack(47000), ingress);
+        assert_eq!(action, XDP_TX);
+        assert_eq!(out[..6], moved, "the new MAC once the cached route expired");
+
+        // A packet larger than the egress MTU, right after a cached answer for the same
+        // backend, still goes to the kernel (which fragments or answers ICMP).
+        let big = tcp(
+            (CLIENT_MAC, INGRESS_MAC),
+            (CLIENT_IP, 47003),
+            (NODE_IP, WEB_PORT),
+            64,
+            "PA",
+            &[0u8; UNDERLAY_MTU],
+        );
+        assert_eq!(node.xdp(&ack(47003), ingress).0, XDP_TX);
+        let (action, out) = node.xdp(&big, ingress);
+        assert_eq!(action, XDP_PASS);
+        assert_eq!(
+            dst_of(&out),
+            (BACKENDS[0], BACKEND_PORT),
+            "DNATed, left to the kernel"
+        );
+    });
+}
+
 #[test]
 fn a_next_hop_on_another_lbctl_interface_is_redirected() {
     with_node(|node| {

@@ -135,7 +135,11 @@ fn main() -> Result<()> {
     let started = Instant::now();
     let mut measurements: Vec<Measurement> = Vec::new();
     for section in &opts.sections {
-        println!("==> lbbench {} ({})", section.name(), if opts.smoke { "smoke" } else { "full" });
+        println!(
+            "==> lbbench {} ({})",
+            section.name(),
+            if opts.smoke { "smoke" } else { "full" }
+        );
         let found = match section {
             Section::Packet => packet::run(&opts),
             Section::E2e => e2e::run(&opts),
