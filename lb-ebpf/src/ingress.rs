@@ -72,7 +72,11 @@ fn to_service(
         Lookup::Reused => (true, Event::FlowCreated),
         Lookup::Miss => (false, Event::FlowCreated),
     };
-    if let Some(reverse) = conntrack::reverse_lookup(key) {
+    // A backend's reply from a port that is also a service port; never a connection's first
+    // SYN, for which the lookup (of a cold table slot) is skipped.
+    if !pkt.is_tcp_syn()
+        && let Some(reverse) = conntrack::reverse_lookup(key)
+    {
         return reply(ctx, pkt, &reverse);
     }
     if any_address && !replace && !forward::is_local(ctx, pkt) {

@@ -39,6 +39,14 @@ pub struct Packet {
     pub tcp_flags: u8,
 }
 
+impl Packet {
+    /// A TCP SYN without ACK: the first packet of a connection, never a reply.
+    #[inline(always)]
+    pub fn is_tcp_syn(&self) -> bool {
+        self.proto == PROTO_TCP && self.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
+    }
+}
+
 pub const TCP_FIN: u8 = 0x01;
 pub const TCP_SYN: u8 = 0x02;
 pub const TCP_RST: u8 = 0x04;

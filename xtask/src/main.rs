@@ -3,7 +3,8 @@
 //! - `setup`: install what building and testing need (idempotent, fast when
 //!   everything is there, non-interactive so CI can run it);
 //! - `test`: setup, lints, build, then the whole test suite;
-//! - `demo`: the routing mesh of a three-node swarm, shown end to end.
+//! - `demo`: the routing mesh of a three-node swarm, shown end to end;
+//! - `bench`: the benchmarks (release build), with a table, JSON and plots.
 
 use std::ffi::OsString;
 use std::net::SocketAddrV4;
@@ -22,7 +23,7 @@ use lb_tests::topology::NODE_UPLINK;
 /// needs a system LLVM that Debian 12 does not ship).
 const BPF_LINKER_VERSION: &str = "0.10.0";
 
-/// Debian packages the tests, the demo and debugging use. `prometheus` is
+/// Debian packages the tests, the demo, the benchmarks and debugging use. `prometheus` is
 /// the server the metrics test scrapes lbctl with; the test runs its own
 /// instance, so the packaged service need not (and in a container without
 /// systemd does not) run.
@@ -36,6 +37,7 @@ const APT_PACKAGES: &[&str] = &[
     "socat",
     "curl",
     "prometheus",
+    "gnuplot-nox",
 ];
 
 /// Where bpffs must be mounted for lbctl to pin maps.
@@ -71,6 +73,14 @@ enum Task {
         #[arg(last = true)]
         cargo_test_args: Vec<OsString>,
     },
+    /// Measure the data plane against its floor and against nftables, and the control plane:
+    /// prints a table and writes JSON and plots (default target/bench/).
+    Bench {
+        /// Arguments for the bench itself, e.g. `--only packet,e2e`, `--seconds 5`,
+        /// `--out DIR`, `--smoke` (a quick check that every case still works).
+        #[arg(last = true)]
+        bench_args: Vec<OsString>,
+    },
     /// Show the routing mesh: nodes in namespaces on one underlay, tasks behind some of them,
     /// requests to every node answered by tasks wherever they run.
     Demo {
@@ -91,6 +101,7 @@ fn main() -> Result<()> {
             cargo_test_args,
         } => test(no_lint, &cargo_test_args),
         Task::Demo { tasks_per_node } => demo(tasks_per_node),
+        Task::Bench { bench_args } => bench(&bench_args),
     }
 }
 
@@ -337,6 +348,37 @@ fn build_binaries() -> Result<()> {
         "cargo",
         &["build", "-p", "lb-userspace", "-p", "lb-tests", "--bins"],
     )
+}
+
+// ---------------------------------------------------------------- bench
+
+/// Builds everything in release and runs the `lbbench` bench target of lb-tests (see
+/// tests/benches/lbbench/main.rs), which finds the release `lbctl` and `lb-testsrv` beside it.
+fn bench(bench_args: &[OsString]) -> Result<()> {
+    setup()?;
+    lb_tests::require_root().context("the benchmarks build namespaces and load BPF programs")?;
+    step("build lbctl and lb-testsrv (release)");
+    run(
+        "cargo",
+        &[
+            "build",
+            "--release",
+            "-p",
+            "lb-userspace",
+            "-p",
+            "lb-tests",
+            "--bins",
+        ],
+    )?;
+    let swept = lb_tests::netns::sweep_stale()?;
+    if swept > 0 {
+        println!("{swept} stale namespace(s) removed");
+    }
+    step("cargo bench");
+    let mut cmd = Command::new("cargo");
+    cmd.args(["bench", "-p", "lb-tests", "--bench", "lbbench", "--"])
+        .args(bench_args);
+    run_cmd(&mut cmd)
 }
 
 // ---------------------------------------------------------------- demo

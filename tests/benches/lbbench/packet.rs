@@ -50,12 +50,19 @@ const LOCAL_BACKENDS: u8 = 8;
 const MESH_PORT: u16 = 9090;
 const REMOTE_BACKENDS: u8 = 4;
 const BACKEND_PORT: u16 = 80;
+/// The payload of a backend's reply.
+const REPLY: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n";
+/// The reply case's name.
+const REVERSE_NAT: &str = "reverse NAT of a reply";
 /// The payload of data packets: a small HTTP request, as on a kept-alive connection.
 const REQUEST: &[u8] = b"GET / HTTP/1.1\r\nHost: bench\r\n\r\n";
 
 /// Distinct flows the established cases cycle over, so that their table entries are spread
 /// over the table as a real mix of connections would be, not one hot entry.
 const FLOWS_CYCLED: usize = 1024;
+
+/// Flow table capacity of the per-case section.
+const MAIN_TABLE_CAPACITY: usize = 16 * FLOWS_CYCLED;
 
 /// Flow table sizes the table-size section fills the table to (full run).
 const TABLE_SIZES: [(usize, &str); 3] = [(1_000, "1k"), (100_000, "100k"), (1_000_000, "1M")];
@@ -70,7 +77,10 @@ pub fn run(opts: &Options) -> Result<Vec<Measurement>> {
     let samples = if opts.smoke { 2_000 } else { 200_000 };
     let mut found = Vec::new();
 
-    let node = Node::build(samples + 4 * FLOWS_CYCLED)?;
+    // A table that the new flows fill and keep full: they are measured at steady state, the
+    // LRU evicting the oldest entries, in memory that stays in cache. The established flows
+    // (re-created before they are measured) stay the most recent, never evicted.
+    let node = Node::build(MAIN_TABLE_CAPACITY)?;
     found.extend(node.in_netns(|node| node.cases(samples))?);
     drop(node);
 
@@ -81,7 +91,7 @@ pub fn run(opts: &Options) -> Result<Vec<Measurement>> {
     };
     for &(size, label) in sizes {
         // Twice the entries: the LRU table must not evict the flows being measured.
-        let node = Node::build(2 * (size + samples + 4 * FLOWS_CYCLED))?;
+        let node = Node::build(2 * (size + samples))?;
         found.extend(node.in_netns(|node| node.table_size_cases(size, label, samples))?);
     }
     Ok(found)
@@ -99,6 +109,8 @@ struct Loaded {
     ebpf: Ebpf,
     maps: Maps,
     reverse_flows: HashMap<MapData, FlowKey, ReverseValue>,
+    /// The table applied: its backend ids are the ones flows refer to.
+    table: Table,
     floor: OwnedFd,
     ifindex: u32,
 }
@@ -133,6 +145,9 @@ impl Node {
             format!("addr add {}/24 dev lbt0", Ipv4Addr::from(NODE_IP)),
             "addr add 10.0.0.1/24 dev lbt0".into(),
             "route add 10.0.1.0/24 via 192.168.100.11".into(),
+            // The other clients (new flows, table fillers) are reached through the client.
+            "route add 198.18.0.0/15 via 192.168.100.2".into(),
+            "route add 100.64.0.0/10 via 192.168.100.2".into(),
         ];
         let neighbours = [(CLIENT_IP, CLIENT_MAC), (N2_IP, N2_MAC)]
             .into_iter()
@@ -203,6 +218,7 @@ impl Loaded {
             ebpf,
             maps,
             reverse_flows,
+            table,
             floor: load_xdp_pass()?,
             ifindex: if_index("lbt0")?,
         })
@@ -407,25 +423,17 @@ impl Loaded {
                     client,
                     64,
                     "PA",
-                    b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n",
+                    REPLY,
                 ))
             })
             .collect::<Result<Vec<_>>>()?;
-        let name = "reverse NAT of a reply";
+        let name = REVERSE_NAT;
         let case = Case {
             name,
             frame: &|i| replies[i % FLOWS_CYCLED].clone(),
             action: XDP_TX,
             reason: Some(Reason::ReplyTx),
-            check: &|_, out| {
-                let (src, dst) = addresses(out)?;
-                ensure!(
-                    src == (NODE_IP, WEB_PORT),
-                    "reply source {src:?} not the service's"
-                );
-                ensure!(dst.0 == CLIENT_IP, "reply not to the client");
-                Ok(())
-            },
+            check: &check_reverse_nat,
         };
         found.push((name, self.time(prog, &case, samples)?));
 
@@ -492,23 +500,73 @@ impl Loaded {
         Ok(found)
     }
 
-    /// The flow table filled to `size` entries (and the reverse table alike): the cost of a new
-    /// flow, of an established one and of a reply's reverse NAT at that size.
+    /// The flow table filled to `size` entries (and the reverse table alike), then the cost of
+    /// an established flow's packet and of a reply's reverse NAT, each packet of a flow drawn
+    /// from the whole table (so that at 1M flows the table is as cold as 1M live connections
+    /// make it), then of new flows added to a table of that size.
     fn table_size_cases(
         &mut self,
         size: usize,
         label: &str,
         samples: usize,
     ) -> Result<Vec<Measurement>> {
-        self.fill_tables(size)?;
+        let web_backend = self.fill_tables(size)?;
         let entries = self.maps.flows.keys().count();
         ensure!(
             entries >= size,
             "flow table holds {entries} entries after filling {size}"
         );
         let variant = format!("{label} flows");
-        let mut found = Vec::new();
         let prog = self.program()?;
+        // A stride through the fillers: consecutive samples land far apart in memory (entries
+        // are allocated in insertion order).
+        let filler = |i: usize| i.wrapping_mul(2_654_435_761) % size;
+        let mut found = Vec::new();
+        let mut record = |case: &str, ns: f64| {
+            found.push(Measurement::new(
+                names::PACKET_FLOWS,
+                case,
+                &variant,
+                ns,
+                names::NS_PER_PACKET,
+            ));
+        };
+
+        let established = |i: usize| client_tcp(filler_client(filler(i)), WEB_PORT, "PA", REQUEST);
+        let case = Case {
+            name: names::ESTABLISHED,
+            frame: &established,
+            action: XDP_TX,
+            reason: Some(Reason::ForwardTx),
+            check: &check_dnat_to_local_backend,
+        };
+        let before = self.maps.event_totals()?;
+        record(names::ESTABLISHED, self.time(prog, &case, samples)?);
+        ensure!(
+            self.maps.event_totals()? == before,
+            "established packets created or changed flows: the table lost entries"
+        );
+
+        let reply = |i: usize| {
+            tcp(
+                (backend_mac(0), NODE_MAC),
+                (web_backend, BACKEND_PORT),
+                filler_client(filler(i)),
+                64,
+                "PA",
+                REPLY,
+            )
+        };
+        let name = REVERSE_NAT;
+        let case = Case {
+            name,
+            frame: &reply,
+            action: XDP_TX,
+            reason: Some(Reason::ReplyTx),
+            check: &check_reverse_nat,
+        };
+        record(name, self.time(prog, &case, samples)?);
+
         let new_flow = |i: usize| client_tcp(new_flow_client(i), WEB_PORT, "S", b"");
         let case = Case {
             name: names::NEW_FLOW,
@@ -517,56 +575,48 @@ impl Loaded {
             reason: Some(Reason::ForwardTx),
             check: &check_dnat_to_local_backend,
         };
-        let ns = self.time(prog, &case, samples)?;
-        found.push(Measurement::new(
-            names::PACKET_FLOWS,
-            names::NEW_FLOW,
-            &variant,
-            ns,
-            names::NS_PER_PACKET,
-        ));
-        for (name, ns) in self.established_cases(samples)? {
-            if name == names::ESTABLISHED || name == "reverse NAT of a reply" {
-                found.push(Measurement::new(
-                    names::PACKET_FLOWS,
-                    name,
-                    &variant,
-                    ns,
-                    names::NS_PER_PACKET,
-                ));
-            }
-        }
+        record(names::NEW_FLOW, self.time(prog, &case, samples)?);
         Ok(found)
     }
 
-    /// Inserts `size` flows of other clients (100.64.0.0/10) into the flow and reverse tables,
-    /// as the data plane would have created them.
-    fn fill_tables(&mut self, size: usize) -> Result<()> {
-        let backend_ip = u32::from_ne_bytes(local_backend(0));
+    /// Inserts `size` flows of other clients (100.64.0.0/10) to `web`'s first backend into the
+    /// flow and reverse tables, as the data plane would have created them. Returns that
+    /// backend's address.
+    fn fill_tables(&mut self, size: usize) -> Result<[u8; 4]> {
+        let backend = self
+            .table
+            .service("web")
+            .context("no web service")?
+            .backends
+            .first()
+            .context("web has no backend")?
+            .clone();
+        let backend_ip = backend.addr.ip().octets();
+        let backend_port = backend.addr.port();
         for i in 0..size {
             let client = filler_client(i);
             let key = flow_key(client, (NODE_IP, WEB_PORT));
             let flow = FlowValue {
-                backend_id: 0,
-                backend_ip_be: backend_ip,
+                backend_id: backend.id,
+                backend_ip_be: u32::from_ne_bytes(backend_ip),
                 node_ip_be: 0,
-                backend_port_be: BACKEND_PORT.to_be(),
+                backend_port_be: backend_port.to_be(),
                 flags: 0,
                 _pad: 0,
                 last_seen_ns: 0,
             };
             self.maps.flows.insert(key, flow, 0)?;
-            let reply_key = flow_key((local_backend(0), BACKEND_PORT), client);
+            let reply_key = flow_key((backend_ip, backend_port), client);
             let reverse = ReverseValue {
                 orig_ip_be: u32::from_ne_bytes(NODE_IP),
                 orig_port_be: WEB_PORT.to_be(),
                 _pad: 0,
-                backend_id: 0,
+                backend_id: backend.id,
                 _pad2: 0,
             };
             self.reverse_flows.insert(reply_key, reverse, 0)?;
         }
-        Ok(())
+        Ok(backend_ip)
     }
 }
 
@@ -714,5 +764,18 @@ fn check_dnat_to_local_backend(input: &[u8], out: &[u8]) -> Result<()> {
     );
     ensure!(dst.1 == BACKEND_PORT, "not to the backend port");
     ensure!(out[0..6] == backend_mac_of(dst.0), "not to the task's MAC");
+    Ok(())
+}
+
+/// The output is the reply as the client expects it: from the service's address and port, to
+/// the client.
+fn check_reverse_nat(input: &[u8], out: &[u8]) -> Result<()> {
+    let (src, dst) = addresses(out)?;
+    ensure!(
+        src == (NODE_IP, WEB_PORT),
+        "reply source {src:?} is not the service's"
+    );
+    ensure!(dst == addresses(input)?.1, "reply not to the client");
+    ensure!(out[0..6] == CLIENT_MAC, "not to the client's MAC");
     Ok(())
 }
