@@ -16,9 +16,11 @@ use crate::{
     cluster,
     datapath::{self, FlowCensus, Maps},
     instance::{self, Instance},
-    model::{BackendSpec, Health, HealthCheck, HealthUpdate, Node, Proto, Service, Table},
+    model::{BackendSpec, Health, HealthUpdate, Node, Proto, Service, Table},
     state::{self, Attachment, State},
-    sync, underlay,
+    sync, table_diff,
+    table_file::TableFile,
+    underlay,
 };
 
 /// How the XDP program is attached.
@@ -282,20 +284,31 @@ pub fn purge(instance: &Instance) -> Result<String> {
     ))
 }
 
-/// A table change: under the instance lock, on an attached instance, `edit` checks and changes
-/// the table; the new state is then saved and applied. A refused change saves and applies
-/// nothing. Returns the new state and what `edit` returned.
+/// A state change: under the instance lock, on an attached instance, `edit` checks and changes
+/// the state; it is then saved and applied. A refused change saves and applies nothing.
+/// Returns the new state and what `edit` returned.
+fn change_state<T>(
+    instance: &Instance,
+    edit: impl FnOnce(&mut State) -> Result<T>,
+) -> Result<(State, T)> {
+    let _lock = instance::lock(instance)?;
+    let mut state = attached_state(instance)?;
+    let out = edit(&mut state)?;
+    commit(instance, &mut state)?;
+    Ok((state, out))
+}
+
+/// A table change (see `change_state`), recorded for the cluster when there is one.
 fn change_table<T>(
     instance: &Instance,
     edit: impl FnOnce(&mut Table) -> Result<T, String>,
 ) -> Result<(State, T)> {
-    let _lock = instance::lock(instance)?;
-    let mut state = attached_state(instance)?;
-    let before = state.table.clone();
-    let out = edit(&mut state.table).map_err(|e| anyhow!(e))?;
-    record_cluster_edit(&mut state, &before)?;
-    commit(instance, &mut state)?;
-    Ok((state, out))
+    change_state(instance, |state| {
+        let before = state.table.clone();
+        let out = edit(&mut state.table).map_err(|e| anyhow!(e))?;
+        record_cluster_edit(state, &before)?;
+        Ok(out)
+    })
 }
 
 /// In a gossiped cluster, records what changed from `before` in what this node publishes (and
@@ -319,7 +332,7 @@ pub fn now_ms() -> u64 {
 fn static_nodes_only(state: &State) -> Result<()> {
     if state.cluster.is_some() {
         bail!(
-            "this node is in a gossiped cluster: its nodes are the cluster's live members              (`lbctl cluster ls`), not a list to edit"
+            "this node is in a gossiped cluster: its nodes are the cluster's live members (`lbctl cluster ls`), not a list to edit"
         );
     }
     Ok(())
@@ -334,7 +347,7 @@ pub fn cluster_join(instance: &Instance, node: &str) -> Result<()> {
     match &state.cluster {
         Some(local) if local.node == node => return Ok(()),
         Some(local) => bail!(
-            "this instance is node '{}' of its cluster, not '{node}': run the daemon with              --node-name {} (or `lbctl purge` to start afresh)",
+            "this instance is node '{}' of its cluster, not '{node}': run the daemon with --node-name {} (or `lbctl purge` to start afresh)",
             local.node,
             local.node
         ),
@@ -420,6 +433,85 @@ pub fn service_rm(instance: &Instance, name: &str) -> Result<String> {
     ))
 }
 
+/// Where `lbctl apply` reads its table: a file, or standard input for `-`.
+pub fn read_table_file(source: &str) -> Result<TableFile> {
+    let text = if source == "-" {
+        std::io::read_to_string(std::io::stdin())
+            .context("reading the table from standard input")?
+    } else {
+        fs::read_to_string(source).with_context(|| format!("reading {source}"))?
+    };
+    TableFile::parse(&text).map_err(|err| anyhow!("{}: {err}", source_label(source)))
+}
+
+fn source_label(source: &str) -> &str {
+    if source == "-" { "<stdin>" } else { source }
+}
+
+/// `lbctl apply`: makes the table what `file` (read from `source`) declares, and says what
+/// changed. With `dry_run`, says what would change and changes nothing (it needs no attached
+/// interface, so a file can be checked anywhere).
+pub fn apply(instance: &Instance, source: &str, file: &TableFile, dry_run: bool) -> Result<String> {
+    let label = source_label(source);
+    if dry_run {
+        let _lock = instance::lock_shared(instance)?;
+        let mut state = state::load(&instance.state_dir)?;
+        let diff = apply_file(&mut state, label, file)?;
+        if diff.is_empty() {
+            return Ok(format!(
+                "dry run: the table already is what {label} declares"
+            ));
+        }
+        return Ok(format!(
+            "{}\ndry run, nothing changed: {}",
+            diff.lines.join("\n"),
+            diff.summary()
+        ));
+    }
+    let (state, diff) = change_state(instance, |state| apply_file(state, label, file))?;
+    if diff.is_empty() {
+        return Ok(format!(
+            "the table already is what {label} declares; nothing changed"
+        ));
+    }
+    Ok(format!(
+        "{}\napplied {label} (table generation {}): {}",
+        diff.lines.join("\n"),
+        state.table.generation,
+        diff.summary()
+    ))
+}
+
+/// Applies a table file to `state` (see `Table::apply`); in a gossiped cluster, as this node's
+/// declaration (see `cluster::own_declaration`), recorded for publishing. Errors in the file
+/// name `label`.
+fn apply_file(state: &mut State, label: &str, file: &TableFile) -> Result<table_diff::TableDiff> {
+    let before = state.table.clone();
+    let mut services = file.services();
+    if let Some(local) = &state.cluster {
+        if file.nodes.is_some() {
+            static_nodes_only(state).with_context(|| format!("{label} declares nodes"))?;
+        }
+        services = cluster::own_declaration(local, &state.table, services);
+    }
+    state
+        .table
+        .apply(file.nodes().as_deref(), &services)
+        .map_err(|err| anyhow!("{label}: {err}"))?;
+    record_cluster_edit(state, &before)?;
+    Ok(table_diff::diff(&before, &state.table))
+}
+
+/// `lbctl export`: the table as a file `lbctl apply` takes back. Nodes are included when the
+/// static table has any (in a gossiped cluster they are the live members, not a list to apply).
+pub fn export(instance: &Instance) -> Result<String> {
+    let _lock = instance::lock_shared(instance)?;
+    let state = state::load(&instance.state_dir)?;
+    let with_nodes = state.cluster.is_none() && !state.table.nodes.is_empty();
+    let text = TableFile::of(&state.table, with_nodes).to_json();
+    Ok(text.trim_end().to_owned())
+}
+
 pub fn backend_add(instance: &Instance, service: &str, addrs: &[BackendSpec]) -> Result<String> {
     change_table(instance, |table| table.add_backends(service, addrs))?;
     Ok(format!("{} backend(s) added to {service}", addrs.len()))
@@ -473,22 +565,7 @@ pub fn backend_drain(
 /// Changes a service's health-check settings.
 pub fn service_health(instance: &Instance, service: &str, update: &HealthUpdate) -> Result<String> {
     let (_, check) = change_table(instance, |table| table.update_health_check(service, update))?;
-    Ok(format!("{service}: {}", describe_health_check(&check)))
-}
-
-/// One line saying how a service is checked.
-pub fn describe_health_check(check: &HealthCheck) -> String {
-    if !check.enabled {
-        return "health checks off".to_owned();
-    }
-    let probe = match &check.http_path {
-        Some(path) => format!("HTTP GET {path} expecting {}", check.expect_status),
-        None => "TCP connect".to_owned(),
-    };
-    format!(
-        "{probe} every {} ms, timeout {} ms, unhealthy after {} failures, healthy after {} successes",
-        check.interval_ms, check.timeout_ms, check.fall, check.rise
-    )
+    Ok(format!("{service}: {}", check.describe()))
 }
 
 pub fn backend_rm(instance: &Instance, service: &str, addrs: &[BackendSpec]) -> Result<String> {
@@ -685,7 +762,7 @@ fn service_json(
         "proto": service.proto,
         "port": service.port,
         "vip": service.vip.map(|v| v.to_string()),
-        "health_check": describe_health_check(&service.health_check),
+        "health_check": service.health_check.describe(),
         "fail_open": fail_open,
         "backends": backends,
     }))
@@ -729,7 +806,7 @@ pub fn service_ls(instance: &Instance, as_json: bool) -> Result<String> {
             service.name,
             service.frontend(),
             service.backends.len(),
-            describe_health_check(&service.health_check),
+            service.health_check.describe(),
             if fail_open {
                 " FAILING OPEN: every backend is unhealthy, new flows go to all of them"
             } else {
