@@ -10,6 +10,7 @@ use aya::programs::{
     links::{FdLink, PinnedLink},
 };
 use lb_common::{Event, Reason, VXLAN_OVERHEAD, program_names};
+use serde::Serialize;
 use serde_json::json;
 
 use crate::{
@@ -727,45 +728,87 @@ pub fn mesh_show(instance: &Instance, as_json: bool) -> Result<String> {
     Ok(out.trim_end().to_owned())
 }
 
-fn service_json(
-    service: &Service,
+/// A service as `service ls --json` and `stats --json` list it. Serialized as it is, without a
+/// `serde_json::Value` in between (which took most of a listing's half second and 300 MB with
+/// 100,000 backends); fields in alphabetical order, as `json!` objects had them.
+#[derive(Serialize)]
+struct ServiceListing<'a> {
+    backends: Vec<BackendListing<'a>>,
+    fail_open: bool,
+    health_check: String,
+    id: u32,
+    name: &'a str,
+    port: u16,
+    proto: Proto,
+    vip: Option<std::net::Ipv4Addr>,
+}
+
+/// A backend of a [`ServiceListing`]; counters are `null` when the maps are not there.
+#[derive(Serialize)]
+struct BackendListing<'a> {
+    address: std::net::SocketAddrV4,
+    bytes: Option<u64>,
+    drained: bool,
+    health: &'static str,
+    id: u32,
+    live_flows: Option<u64>,
+    new_flows: Option<u64>,
+    node: Option<&'a str>,
+    packets: Option<u64>,
+    reply_bytes: Option<u64>,
+    reply_packets: Option<u64>,
+}
+
+/// The top of `service ls --json` and `stats --json` (`reasons` and `events`: `stats` only).
+#[derive(Serialize)]
+struct Listing<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    attached: Option<Vec<&'a str>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    events: Option<serde_json::Map<String, serde_json::Value>>,
+    generation: u64,
+    instance: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reasons: Option<serde_json::Map<String, serde_json::Value>>,
+    services: Vec<ServiceListing<'a>>,
+}
+
+fn service_listing<'a>(
+    service: &'a Service,
     maps: Option<&Maps>,
     census: Option<&FlowCensus>,
-) -> Result<serde_json::Value> {
+) -> Result<ServiceListing<'a>> {
     let (_, fail_open) = service.selectable();
     let backends = service
         .backends
         .iter()
         .map(|backend| {
-            let stats = match maps {
-                Some(maps) => Some(maps.backend_totals(backend.id)?),
-                None => None,
-            };
-            Ok(json!({
-                "address": backend.addr.to_string(),
-                "node": backend.node,
-                "id": backend.id,
-                "health": backend.health.as_str(),
-                "drained": backend.drained,
-                "live_flows": census.map(|c| c.live.get(&backend.id).copied().unwrap_or(0)),
-                "packets": stats.map(|s| s.packets),
-                "bytes": stats.map(|s| s.bytes),
-                "reply_packets": stats.map(|s| s.reply_packets),
-                "reply_bytes": stats.map(|s| s.reply_bytes),
-                "new_flows": stats.map(|s| s.new_flows),
-            }))
+            let stats = maps.map(|m| m.backend_totals(backend.id)).transpose()?;
+            Ok(BackendListing {
+                address: backend.addr,
+                node: backend.node.as_deref(),
+                id: backend.id,
+                health: backend.health.as_str(),
+                drained: backend.drained,
+                live_flows: census.map(|c| c.live.get(&backend.id).copied().unwrap_or(0)),
+                packets: stats.map(|s| s.packets),
+                bytes: stats.map(|s| s.bytes),
+                reply_packets: stats.map(|s| s.reply_packets),
+                reply_bytes: stats.map(|s| s.reply_bytes),
+                new_flows: stats.map(|s| s.new_flows),
+            })
         })
         .collect::<Result<Vec<_>>>()?;
-    Ok(json!({
-        "name": service.name,
-        "id": service.id,
-        "proto": service.proto,
-        "port": service.port,
-        "vip": service.vip.map(|v| v.to_string()),
-        "health_check": service.health_check.describe(),
-        "fail_open": fail_open,
-        "backends": backends,
-    }))
+    Ok(ServiceListing {
+        name: &service.name,
+        id: service.id,
+        proto: service.proto,
+        port: service.port,
+        vip: service.vip,
+        health_check: service.health_check.describe(),
+        fail_open,
+        backends,
+    })
 }
 
 fn open_maps_if_attached(instance: &Instance, state: &State) -> Option<Maps> {
@@ -781,18 +824,19 @@ pub fn service_ls(instance: &Instance, as_json: bool) -> Result<String> {
     let maps = open_maps_if_attached(instance, &state);
     let census = maps.as_ref().map(Maps::flow_census).transpose()?;
     if as_json {
-        let services = state
-            .table
-            .services
-            .iter()
-            .map(|s| service_json(s, maps.as_ref(), census.as_ref()))
-            .collect::<Result<Vec<_>>>()?;
-        let doc = json!({
-            "instance": instance.name,
-            "generation": state.table.generation,
-            "attached": state.attachments.iter().map(|a| &a.iface).collect::<Vec<_>>(),
-            "services": services,
-        });
+        let doc = Listing {
+            attached: Some(state.attachments.iter().map(|a| a.iface.as_str()).collect()),
+            events: None,
+            generation: state.table.generation,
+            instance: &instance.name,
+            reasons: None,
+            services: state
+                .table
+                .services
+                .iter()
+                .map(|s| service_listing(s, maps.as_ref(), census.as_ref()))
+                .collect::<Result<_>>()?,
+        };
         return Ok(serde_json::to_string_pretty(&doc)?);
     }
     let mut out = String::new();
@@ -851,12 +895,6 @@ pub fn stats(instance: &Instance, as_json: bool) -> Result<String> {
     let reasons = maps.reason_totals()?;
     let events = maps.event_totals()?;
     if as_json {
-        let services = state
-            .table
-            .services
-            .iter()
-            .map(|s| service_json(s, Some(&maps), None))
-            .collect::<Result<Vec<_>>>()?;
         let reasons: serde_json::Map<String, serde_json::Value> = Reason::ALL
             .iter()
             .zip(&reasons)
@@ -872,13 +910,19 @@ pub fn stats(instance: &Instance, as_json: bool) -> Result<String> {
             .zip(&events)
             .map(|(e, n)| (e.name().to_owned(), json!(n)))
             .collect();
-        let doc = json!({
-            "instance": instance.name,
-            "generation": state.table.generation,
-            "reasons": reasons,
-            "events": events,
-            "services": services,
-        });
+        let doc = Listing {
+            attached: None,
+            events: Some(events),
+            generation: state.table.generation,
+            instance: &instance.name,
+            reasons: Some(reasons),
+            services: state
+                .table
+                .services
+                .iter()
+                .map(|s| service_listing(s, Some(&maps), None))
+                .collect::<Result<_>>()?,
+        };
         return Ok(serde_json::to_string_pretty(&doc)?);
     }
     let mut out = format!(
