@@ -42,11 +42,12 @@ enum Command {
     },
     /// Detach the data plane from an interface; services and flows are kept.
     Detach { iface: String },
-    /// Make the service table exactly what a JSON file declares, in one step: services not in
-    /// the file are removed; services and backends that stay keep their ids, drain and health
-    /// (their connections stay on their backend). The whole file is checked first: on any
-    /// error nothing changes. With "nodes" in the file, the node list becomes exactly it.
-    /// Format: README.md, or `lbctl export`.
+    /// Make the service table exactly what a JSON file declares (services not in it are removed)
+    ///
+    /// In one step: services and backends that stay keep their ids, drain and health (their
+    /// connections stay on their backend). The whole file is checked first: on any error
+    /// nothing changes. With "nodes" in the file, the node list becomes exactly it. Format:
+    /// README.md, or what `lbctl export` prints.
     Apply {
         /// The table file; `-` reads standard input.
         #[arg(value_name = "FILE")]
