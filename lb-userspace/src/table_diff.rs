@@ -116,7 +116,22 @@ pub fn diff(before: &Table, after: &Table) -> TableDiff {
         diff.services_removed += 1;
         diff.backends_removed += service.backends.len();
     }
+    if common_order(&before.services, &after.services, |s| &s.name) {
+        diff.lines.push("~ order of the services".to_owned());
+    }
+    if common_order(&before.nodes, &after.nodes, |n| &n.name) {
+        diff.lines.push("~ order of the nodes".to_owned());
+    }
     diff
+}
+
+/// Whether the things named in both lists come in another order in `after`.
+fn common_order<T>(before: &[T], after: &[T], name: impl Fn(&T) -> &String) -> bool {
+    let was: HashSet<&String> = before.iter().map(&name).collect();
+    let is: HashSet<&String> = after.iter().map(&name).collect();
+    let kept_was = before.iter().map(&name).filter(|n| is.contains(n));
+    let kept_is = after.iter().map(&name).filter(|n| was.contains(n));
+    !kept_was.eq(kept_is)
 }
 
 /// The line of a service that stays by name, if anything about it changed; counts its
@@ -244,5 +259,11 @@ mod tests {
              nodes: 0 added, 1 removed"
         );
         assert!(super::diff(&after, &after).is_empty());
+        let mut reordered = after.clone();
+        reordered.services.swap(0, 1);
+        assert_eq!(
+            super::diff(&after, &reordered).lines,
+            ["~ order of the services"]
+        );
     }
 }
