@@ -22,7 +22,7 @@ use std::{
 use lb_common::MAX_BACKENDS_PER_SERVICE;
 use serde::{Deserialize, Serialize};
 
-use crate::model::{BackendSpec, Health, HealthCheck, Node, Proto, Table};
+use crate::model::{BackendSpec, Health, HealthCheck, Node, Proto, ServiceSpec, Table};
 
 /// When a service record was written, and by which node: records are ordered by time, then by
 /// node name, so two nodes that change the same service resolve it the same way everywhere.
@@ -475,6 +475,38 @@ pub fn record_edit(
         }
     }
     Ok(after)
+}
+
+/// A declared table (`lbctl apply`) as this node may declare it in a cluster, where each node
+/// changes only its own tasks: a backend without `@NODE` is this node's, and the tasks other
+/// nodes publish for a declared service stay, after the declared backends.
+pub fn own_declaration(
+    local: &Local,
+    table: &Table,
+    mut services: Vec<ServiceSpec>,
+) -> Vec<ServiceSpec> {
+    let current: BTreeMap<&str, &crate::model::Service> = table
+        .services
+        .iter()
+        .map(|s| (s.name.as_str(), s))
+        .collect();
+    for spec in &mut services {
+        for backend in &mut spec.backends {
+            backend.node.get_or_insert_with(|| local.node.clone());
+        }
+        let Some(service) = current.get(spec.name.as_str()) else {
+            continue;
+        };
+        let declared: BTreeSet<SocketAddrV4> = spec.backends.iter().map(|b| b.addr).collect();
+        let others = service.backends.iter().filter(|b| {
+            b.node.as_ref().is_some_and(|n| *n != local.node) && !declared.contains(&b.addr)
+        });
+        spec.backends.extend(others.map(|b| BackendSpec {
+            addr: b.addr,
+            node: b.node.clone(),
+        }));
+    }
+    services
 }
 
 /// Adopts the winning records into `local` and forgets its tasks of removed services. Returns
@@ -994,6 +1026,46 @@ mod tests {
         record_edit(&mut local, &after, removed, 7).unwrap();
         assert_eq!(local.services["api"].def, None);
         assert!(!local.backends.contains_key("api"));
+    }
+
+    #[test]
+    fn a_declared_table_changes_this_nodes_tasks_and_keeps_the_others() {
+        let (table, _) = apply(&Table::default(), &merge(&three()));
+        let mut local = Local {
+            node: "n2".into(),
+            ..Local::default()
+        };
+        // n2 declares web with one of its tasks kept, one dropped, one new (without @NODE),
+        // and says nothing of n1's.
+        let declared = vec![ServiceSpec {
+            name: "web".into(),
+            proto: Proto::Tcp,
+            port: 8080,
+            vip: None,
+            backends: ["10.0.0.12:80", "10.0.0.14:80"]
+                .iter()
+                .map(|b| crate::model::parse_backend_spec(b).unwrap())
+                .collect(),
+            health_check: HealthCheck::default(),
+        }];
+        let declared = own_declaration(&local, &table, declared);
+        let mut after = table.clone();
+        after.apply(None, &declared).unwrap();
+        let after = record_edit(&mut local, &table, after, 5).unwrap();
+        assert_eq!(
+            backends_of(&after, "web"),
+            [
+                ("10.0.0.12:80@n2".into(), 2),
+                ("10.0.0.14:80@n2".into(), 4),
+                ("10.0.0.10:80@n1".into(), 0),
+                ("10.0.0.11:80@n1".into(), 1)
+            ]
+        );
+        let own: Vec<String> = local.backends["web"]
+            .iter()
+            .map(|b| b.addr.to_string())
+            .collect();
+        assert_eq!(own, ["10.0.0.12:80", "10.0.0.14:80"]);
     }
 
     #[test]

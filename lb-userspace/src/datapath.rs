@@ -3,13 +3,17 @@
 use std::{
     collections::BTreeMap,
     fs,
+    os::fd::{AsFd as _, AsRawFd as _},
     path::{Path, PathBuf},
 };
 
 use anyhow::{Context as _, Result, anyhow, bail};
 use aya::{
-    Ebpf, EbpfLoader,
-    maps::{Array, HashMap, Map, MapData, MapInfo, PerCpuArray, PerCpuValues, xdp::DevMapHash},
+    Ebpf, EbpfLoader, Pod,
+    maps::{
+        Array, HashMap, IterableMap as _, Map, MapData, MapInfo, PerCpuArray, PerCpuValues,
+        xdp::DevMapHash,
+    },
     util::nr_cpus,
 };
 use lb_common::{
@@ -178,25 +182,29 @@ impl Maps {
         })
     }
 
-    /// What `MESH`, `NODES`, `SERVICES` and `BACKENDS` hold now (active backends only).
+    /// What `MESH`, `NODES`, `SERVICES` and `BACKENDS` hold now (active backends only). Every
+    /// slot of `BACKENDS` is read, not only those the state names, so that a slot left active
+    /// by an interrupted command is found and cleared; in batches, which takes a few
+    /// milliseconds where one lookup per slot took a tenth of a second.
     pub fn read_contents(&self) -> Result<MapContents> {
         let mut contents = MapContents {
             mesh: self.mesh.get(&0, 0).context("reading MESH")?,
             ..MapContents::default()
         };
-        for ip in self.nodes.keys() {
-            contents.nodes.insert(ip.context("reading NODES")?);
-        }
-        for entry in self.services.iter() {
-            let (key, value) = entry.context("reading SERVICES")?;
+        for_each_entry(self.nodes.map(), |ip: u32, _: u32| {
+            contents.nodes.insert(ip);
+        })
+        .context("reading NODES")?;
+        for_each_entry(self.services.map(), |key, value| {
             contents.services.insert(key, value);
-        }
-        for (id, backend) in self.backends.iter().enumerate() {
-            let backend = backend.context("reading BACKENDS")?;
+        })
+        .context("reading SERVICES")?;
+        for_each_entry(self.backends.map(), |id, backend: Backend| {
             if backend.flags & BACKEND_ACTIVE != 0 {
-                contents.backends.insert(id as u32, backend);
+                contents.backends.insert(id, backend);
             }
-        }
+        })
+        .context("reading BACKENDS")?;
         Ok(contents)
     }
 
@@ -296,6 +304,90 @@ impl Maps {
                 reply_bytes: s.reply_bytes + v.reply_bytes,
                 new_flows: s.new_flows + v.new_flows,
             }))
+    }
+}
+
+/// Entries read per `BPF_MAP_LOOKUP_BATCH` call: large enough that a reconcile reads the
+/// 131,072 backend slots in a few dozen calls, small enough that the buffers stay small.
+const BATCH_ENTRIES: usize = 4096;
+/// `BPF_MAP_LOOKUP_BATCH` of `enum bpf_cmd` (linux/bpf.h).
+const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
+
+/// The `batch` member of `union bpf_attr` (linux/bpf.h), which the `BPF_MAP_*_BATCH` commands
+/// take; aya 0.14 has no batch operations.
+#[repr(C)]
+#[derive(Default)]
+struct BatchAttr {
+    /// Where to go on from (`NULL`: the start): the last key read (arrays) or a bucket (hashes).
+    in_batch: u64,
+    /// Where the kernel says to go on from next time.
+    out_batch: u64,
+    keys: u64,
+    values: u64,
+    /// Entries the buffers hold; the kernel writes back how many it filled.
+    count: u32,
+    map_fd: u32,
+    elem_flags: u64,
+    flags: u64,
+}
+
+/// Calls `f` with every entry of `map` (an array or a hash whose keys and values are `K` and
+/// `V`), read with `BPF_MAP_LOOKUP_BATCH` (kernel 5.6): one system call per `BATCH_ENTRIES`
+/// entries instead of one (two for a hash) per entry.
+fn for_each_entry<K: Pod, V: Pod>(map: &MapData, mut f: impl FnMut(K, V)) -> Result<()> {
+    let info = map.info()?;
+    let (key_size, value_size) = (info.key_size() as usize, info.value_size() as usize);
+    if (key_size, value_size) != (size_of::<K>(), size_of::<V>()) {
+        bail!("unexpected key/value sizes {key_size}/{value_size}");
+    }
+    let mut keys = vec![0u8; BATCH_ENTRIES * key_size];
+    let mut values = vec![0u8; BATCH_ENTRIES * value_size];
+    // The position token is a key (arrays) or a 4-byte bucket number (hashes).
+    let token_size = key_size.max(8);
+    let mut position = vec![0u8; token_size];
+    let mut next = vec![0u8; token_size];
+    let mut started = false;
+    loop {
+        let mut attr = BatchAttr {
+            in_batch: if started { position.as_ptr() as u64 } else { 0 },
+            out_batch: next.as_mut_ptr() as u64,
+            keys: keys.as_mut_ptr() as u64,
+            values: values.as_mut_ptr() as u64,
+            count: BATCH_ENTRIES as u32,
+            map_fd: map.fd().as_fd().as_raw_fd() as u32,
+            ..BatchAttr::default()
+        };
+        // SAFETY: `attr` points at buffers of `count` keys and values and at two position
+        // buffers of at least the size the kernel writes; all outlive the call.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_MAP_LOOKUP_BATCH,
+                &mut attr,
+                size_of::<BatchAttr>(),
+            )
+        };
+        let error = (rc < 0).then(std::io::Error::last_os_error);
+        for i in 0..attr.count as usize {
+            // SAFETY: the kernel filled `count` keys and values of these sizes, and `K` and `V`
+            // are `Pod`: any bytes are a valid value.
+            let (key, value) = unsafe {
+                (
+                    std::ptr::read_unaligned(keys[i * key_size..].as_ptr().cast::<K>()),
+                    std::ptr::read_unaligned(values[i * value_size..].as_ptr().cast::<V>()),
+                )
+            };
+            f(key, value);
+        }
+        match error {
+            None if attr.count > 0 => {}
+            // The end of the map.
+            None => return Ok(()),
+            Some(err) if err.raw_os_error() == Some(libc::ENOENT) => return Ok(()),
+            Some(err) => return Err(err).context("BPF_MAP_LOOKUP_BATCH"),
+        }
+        std::mem::swap(&mut position, &mut next);
+        started = true;
     }
 }
 

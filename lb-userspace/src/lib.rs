@@ -11,4 +11,6 @@ pub mod metrics;
 pub mod model;
 pub mod state;
 pub mod sync;
+pub mod table_diff;
+pub mod table_file;
 pub mod underlay;

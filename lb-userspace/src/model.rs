@@ -1,6 +1,6 @@
 //! The service table: what the operator asked for, validated. Pure logic, no I/O.
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeSet, HashMap, HashSet},
     fmt,
     net::{Ipv4Addr, SocketAddrV4},
     str::FromStr,
@@ -129,6 +129,32 @@ pub fn parse_node_ip(s: &str) -> Result<Ipv4Addr, String> {
         ));
     }
     Ok(ip)
+}
+
+/// Parses a duration, `2s`, `500ms` or `1.5s`, as milliseconds: above 0, at most a day.
+pub fn parse_duration_ms(s: &str) -> Result<u64, String> {
+    let bad = || format!("invalid duration '{s}': use e.g. 2s or 500ms");
+    let (number, scale) = if let Some(ms) = s.strip_suffix("ms") {
+        (ms, 1.0)
+    } else if let Some(secs) = s.strip_suffix('s') {
+        (secs, 1000.0)
+    } else {
+        return Err(bad());
+    };
+    let value: f64 = number.parse().map_err(|_| bad())?;
+    if !value.is_finite() || value <= 0.0 || value * scale > 86_400_000.0 {
+        return Err(bad());
+    }
+    Ok((value * scale).round() as u64)
+}
+
+/// Milliseconds as [`parse_duration_ms`] reads them back: `2s` when whole seconds, else `500ms`.
+pub fn format_duration_ms(ms: u64) -> String {
+    if ms.is_multiple_of(1000) {
+        format!("{}s", ms / 1000)
+    } else {
+        format!("{ms}ms")
+    }
 }
 
 /// Parses a VXLAN network identifier: 0 to 2^24 − 1.
@@ -313,6 +339,21 @@ impl HealthCheck {
         Ok(())
     }
 
+    /// One line saying how the backends are checked.
+    pub fn describe(&self) -> String {
+        if !self.enabled {
+            return "health checks off".to_owned();
+        }
+        let probe = match &self.http_path {
+            Some(path) => format!("HTTP GET {path} expecting {}", self.expect_status),
+            None => "TCP connect".to_owned(),
+        };
+        format!(
+            "{probe} every {} ms, timeout {} ms, unhealthy after {} failures, healthy after {} successes",
+            self.interval_ms, self.timeout_ms, self.fall, self.rise
+        )
+    }
+
     /// How long a failing backend may still get new flows: `fall` intervals.
     pub fn detection_window_ms(&self) -> u64 {
         self.interval_ms * u64::from(self.fall)
@@ -385,6 +426,27 @@ impl Service {
         (undrained, fail_open)
     }
 
+    fn frontend_key(&self) -> Frontend {
+        (self.proto, self.port, self.vip)
+    }
+
+    /// Sets the health-check settings once they hang together; returns whether they changed.
+    /// Turning checks off forgets what they found (every backend is then unknown, hence
+    /// eligible).
+    fn set_health_check(&mut self, check: &HealthCheck) -> Result<bool, String> {
+        check.validate()?;
+        if self.health_check == *check {
+            return Ok(false);
+        }
+        if !check.enabled {
+            for backend in &mut self.backends {
+                backend.health = Health::Unknown;
+            }
+        }
+        self.health_check = check.clone();
+        Ok(true)
+    }
+
     /// How the service appears to clients, e.g. `tcp/8080` or `tcp/10.1.1.1:8080`.
     pub fn frontend(&self) -> String {
         match self.vip {
@@ -440,6 +502,39 @@ impl Default for Table {
     }
 }
 
+/// A service's frontend, what clients reach it by: protocol, port and VIP. Two services cannot
+/// share one.
+type Frontend = (Proto, u16, Option<Ipv4Addr>);
+
+/// A service as the operator declares it in a table file (`lbctl apply`): its identity is its
+/// name; ids, drain and health are the table's business.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServiceSpec {
+    pub name: String,
+    pub proto: Proto,
+    pub port: u16,
+    pub vip: Option<Ipv4Addr>,
+    /// In round-robin order.
+    pub backends: Vec<BackendSpec>,
+    pub health_check: HealthCheck,
+}
+
+impl ServiceSpec {
+    fn frontend(&self) -> Frontend {
+        (self.proto, self.port, self.vip)
+    }
+}
+
+/// The table's service names, frontends and used ids, gathered once: checking and numbering a
+/// batch of additions (`Table::apply`) then costs one pass over the table, not one per
+/// addition (which made 10,000 additions quadratic).
+struct TableIndex {
+    names: HashSet<String>,
+    frontends: HashMap<Frontend, String>,
+    service_ids: BTreeSet<u32>,
+    backend_ids: BTreeSet<u32>,
+}
+
 impl Table {
     pub fn service(&self, name: &str) -> Option<&Service> {
         self.services.iter().find(|s| s.name == name)
@@ -452,6 +547,30 @@ impl Table {
             .ok_or_else(|| format!("unknown service '{name}'"))
     }
 
+    fn service_position(&self, name: &str) -> Result<usize, String> {
+        self.services
+            .iter()
+            .position(|s| s.name == name)
+            .ok_or_else(|| format!("unknown service '{name}'"))
+    }
+
+    fn index(&self) -> TableIndex {
+        TableIndex {
+            names: self.services.iter().map(|s| s.name.clone()).collect(),
+            frontends: self
+                .services
+                .iter()
+                .map(|s| (s.frontend_key(), s.name.clone()))
+                .collect(),
+            service_ids: self.services.iter().map(|s| s.id).collect(),
+            backend_ids: self
+                .services
+                .iter()
+                .flat_map(|s| s.backends.iter().map(|b| b.id))
+                .collect(),
+        }
+    }
+
     /// Adds a service. Nothing changes unless every check passes.
     pub fn add_service(
         &mut self,
@@ -461,31 +580,41 @@ impl Table {
         vip: Option<Ipv4Addr>,
         backends: &[impl Clone + Into<BackendSpec>],
     ) -> Result<(), String> {
-        let backends = specs(backends);
+        let mut index = self.index();
+        self.add_service_indexed(&mut index, name, (proto, port, vip), &specs(backends))
+    }
+
+    fn add_service_indexed(
+        &mut self,
+        index: &mut TableIndex,
+        name: &str,
+        frontend: Frontend,
+        backends: &[BackendSpec],
+    ) -> Result<(), String> {
+        let (proto, port, vip) = frontend;
         validate_name("service", name)?;
-        if self.service(name).is_some() {
+        if index.names.contains(name) {
             return Err(format!("service '{name}' already exists"));
         }
-        if let Some(other) = self
-            .services
-            .iter()
-            .find(|s| s.proto == proto && s.port == port && s.vip == vip)
-        {
+        if let Some(other) = index.frontends.get(&frontend) {
             return Err(format!(
-                "port {proto}/{port}{} is already published by service '{}'",
+                "port {proto}/{port}{} is already published by service '{other}'",
                 vip.map(|v| format!(" on {v}")).unwrap_or_default(),
-                other.name
             ));
         }
-        check_backend_list(name, &[], &backends)?;
-        self.check_nodes_known(&backends)?;
-        if self.services.len() >= MAX_SERVICES as usize {
+        check_backend_list(name, &[], backends)?;
+        self.check_nodes_known(backends)?;
+        if index.service_ids.len() >= MAX_SERVICES as usize {
             return Err(format!(
                 "cannot add '{name}': the node holds {MAX_SERVICES} services already"
             ));
         }
-        let id = self.allocate_service_id();
-        let backends = self.allocate_backends(name, &backends)?;
+        let id = next_free(self.next_service_id, MAX_SERVICES, &index.service_ids)
+            .expect("service count was checked against MAX_SERVICES");
+        let backends = self.allocate_backends(index, name, backends)?;
+        index.names.insert(name.to_owned());
+        index.frontends.insert(frontend, name.to_owned());
+        index.service_ids.insert(id);
         self.services.push(Service {
             name: name.to_owned(),
             id,
@@ -501,11 +630,7 @@ impl Table {
     }
 
     pub fn remove_service(&mut self, name: &str) -> Result<Service, String> {
-        let index = self
-            .services
-            .iter()
-            .position(|s| s.name == name)
-            .ok_or_else(|| format!("unknown service '{name}'"))?;
+        let index = self.service_position(name)?;
         self.generation += 1;
         Ok(self.services.remove(index))
     }
@@ -516,15 +641,24 @@ impl Table {
         name: &str,
         backends: &[impl Clone + Into<BackendSpec>],
     ) -> Result<(), String> {
-        let backends = specs(backends);
-        let existing = &self
-            .service(name)
-            .ok_or_else(|| format!("unknown service '{name}'"))?
-            .backends;
-        check_backend_list(name, existing, &backends)?;
-        self.check_nodes_known(&backends)?;
-        let new = self.allocate_backends(name, &backends)?;
-        self.service_mut(name)?.backends.extend(new);
+        let position = self.service_position(name)?;
+        let mut index = self.index();
+        self.add_backends_indexed(&mut index, position, &specs(backends))
+    }
+
+    /// `add_backends` to the service at `position`.
+    fn add_backends_indexed(
+        &mut self,
+        index: &mut TableIndex,
+        position: usize,
+        backends: &[BackendSpec],
+    ) -> Result<(), String> {
+        let service = &self.services[position];
+        let name = service.name.clone();
+        check_backend_list(&name, &service.backends, backends)?;
+        self.check_nodes_known(backends)?;
+        let new = self.allocate_backends(index, &name, backends)?;
+        self.services[position].backends.extend(new);
         self.generation += 1;
         Ok(())
     }
@@ -579,17 +713,142 @@ impl Table {
     ) -> Result<HealthCheck, String> {
         let service = self.service_mut(name)?;
         let check = update.apply(&service.health_check);
-        check.validate()?;
-        if service.health_check != check {
-            if !check.enabled {
-                for backend in &mut service.backends {
-                    backend.health = Health::Unknown;
-                }
-            }
-            service.health_check = check.clone();
+        if service.set_health_check(&check)? {
             self.generation += 1;
         }
         Ok(check)
+    }
+
+    /// Makes the table what an operator declares (`lbctl apply`): exactly `services`, and
+    /// exactly `nodes` when they are given (`None` leaves the nodes as they are). What stays
+    /// keeps its id, drain and health, so the flows pinned to a backend that stays stay on it:
+    /// a service stays when its name and frontend do (a new frontend replaces it: it is removed
+    /// and added again), a backend when its `IP:PORT@NODE` does and its node keeps its underlay
+    /// address. Services and their backends take the declared order. The checks are those of
+    /// `service add`, `backend add`, `service health` and `node add`; on any error the table is
+    /// unchanged. Returns whether it changed (its generation then grows by one).
+    pub fn apply(
+        &mut self,
+        nodes: Option<&[Node]>,
+        services: &[ServiceSpec],
+    ) -> Result<bool, String> {
+        let mut next = self.clone();
+        next.replace_with(nodes, services)?;
+        next.generation = self.generation;
+        if next == *self {
+            return Ok(false);
+        }
+        next.generation += 1;
+        *self = next;
+        Ok(true)
+    }
+
+    /// `apply`, leaving the table half-changed on error (`apply` works on a copy).
+    fn replace_with(
+        &mut self,
+        nodes: Option<&[Node]>,
+        services: &[ServiceSpec],
+    ) -> Result<(), String> {
+        // The declaration on its own first.
+        let mut wanted: HashMap<&str, &ServiceSpec> = HashMap::with_capacity(services.len());
+        for spec in services {
+            validate_name("service", &spec.name)?;
+            if wanted.insert(&spec.name, spec).is_some() {
+                return Err(format!("service '{}' is declared twice", spec.name));
+            }
+            check_backend_list(&spec.name, &[], &spec.backends)
+                .map_err(|err| naming_service(&spec.name, err))?;
+            spec.health_check
+                .validate()
+                .map_err(|err| naming_service(&spec.name, err))?;
+        }
+        let declared_nodes = match nodes {
+            Some(nodes) => Some(declared_nodes(nodes, services)?),
+            None => None,
+        };
+        // Nodes that leave or move to another underlay address: backends on them leave too
+        // (flows pinned to them were encapsulated to the old address).
+        let moving: HashSet<String> = match &declared_nodes {
+            Some(declared) => self
+                .nodes
+                .iter()
+                .filter(|n| declared.get(n.name.as_str()) != Some(&n.ip))
+                .map(|n| n.name.clone())
+                .collect(),
+            None => HashSet::new(),
+        };
+
+        // Removals: services that leave or change frontend, then backends that leave the
+        // services that stay, then nodes.
+        self.services.retain(|s| {
+            wanted
+                .get(s.name.as_str())
+                .is_some_and(|w| w.frontend() == s.frontend_key())
+        });
+        for service in &mut self.services {
+            let declared: HashSet<(SocketAddrV4, Option<&str>)> = wanted[service.name.as_str()]
+                .backends
+                .iter()
+                .map(|b| (b.addr, b.node.as_deref()))
+                .collect();
+            service.backends.retain(|b| {
+                declared.contains(&(b.addr, b.node.as_deref()))
+                    && b.node.as_ref().is_none_or(|n| !moving.contains(n))
+            });
+        }
+        if let Some(nodes) = nodes {
+            for name in &moving {
+                self.remove_node(name)?;
+            }
+            for node in nodes {
+                self.add_node(&node.name, node.ip)?;
+            }
+            let order = positions_of(nodes.iter().map(|n| n.name.as_str()));
+            self.nodes.sort_by_key(|n| order[n.name.as_str()]);
+        }
+
+        // Additions, numbered from one index of the table.
+        let mut index = self.index();
+        let positions = positions_of(self.services.iter().map(|s| s.name.clone()));
+        for spec in services {
+            let position = match positions.get(&spec.name) {
+                Some(&position) => {
+                    let present: HashSet<SocketAddrV4> = self.services[position]
+                        .backends
+                        .iter()
+                        .map(|b| b.addr)
+                        .collect();
+                    let new: Vec<BackendSpec> = spec
+                        .backends
+                        .iter()
+                        .filter(|b| !present.contains(&b.addr))
+                        .cloned()
+                        .collect();
+                    if !new.is_empty() {
+                        self.add_backends_indexed(&mut index, position, &new)
+                            .map_err(|err| naming_service(&spec.name, err))?;
+                    }
+                    position
+                }
+                None => {
+                    self.add_service_indexed(
+                        &mut index,
+                        &spec.name,
+                        spec.frontend(),
+                        &spec.backends,
+                    )
+                    .map_err(|err| naming_service(&spec.name, err))?;
+                    self.services.len() - 1
+                }
+            };
+            let service = &mut self.services[position];
+            service.set_health_check(&spec.health_check)?;
+            let order = positions_of(spec.backends.iter().map(|b| b.addr));
+            service.backends.sort_by_key(|b| order[&b.addr]);
+        }
+        let order = positions_of(services.iter().map(|s| s.name.as_str()));
+        self.services.sort_by_key(|s| order[s.name.as_str()]);
+        Ok(())
     }
 
     /// Records a backend's health, found by service name and backend id. Health is runtime
@@ -718,23 +977,14 @@ impl Table {
         Ok(())
     }
 
-    fn allocate_service_id(&self) -> u32 {
-        let used: BTreeSet<u32> = self.services.iter().map(|s| s.id).collect();
-        next_free(self.next_service_id, MAX_SERVICES, &used)
-            .expect("service count was checked against MAX_SERVICES")
-    }
-
+    /// Backends for `service` with fresh ids, taken from `index` (which is updated).
     fn allocate_backends(
         &mut self,
+        index: &mut TableIndex,
         service: &str,
         backends: &[BackendSpec],
     ) -> Result<Vec<Backend>, String> {
-        let mut used: BTreeSet<u32> = self
-            .services
-            .iter()
-            .flat_map(|s| s.backends.iter().map(|b| b.id))
-            .collect();
-        if used.len() + backends.len() > MAX_BACKENDS as usize {
+        if index.backend_ids.len() + backends.len() > MAX_BACKENDS as usize {
             return Err(format!(
                 "cannot add backends to '{service}': the node holds at most {MAX_BACKENDS} backends"
             ));
@@ -742,8 +992,9 @@ impl Table {
         let mut cursor = self.next_backend_id;
         let mut out = Vec::with_capacity(backends.len());
         for spec in backends {
-            let id = next_free(cursor, MAX_BACKENDS, &used).expect("capacity checked above");
-            used.insert(id);
+            let id = next_free(cursor, MAX_BACKENDS, &index.backend_ids)
+                .expect("capacity checked above");
+            index.backend_ids.insert(id);
             cursor = (id + 1) % MAX_BACKENDS;
             out.push(Backend {
                 addr: spec.addr,
@@ -755,6 +1006,49 @@ impl Table {
         }
         self.next_backend_id = cursor;
         Ok(out)
+    }
+}
+
+/// Declared nodes by name, once each, and every node a declared backend names among them.
+fn declared_nodes<'a>(
+    nodes: &'a [Node],
+    services: &[ServiceSpec],
+) -> Result<HashMap<&'a str, Ipv4Addr>, String> {
+    let mut declared = HashMap::with_capacity(nodes.len());
+    for node in nodes {
+        if declared.insert(node.name.as_str(), node.ip).is_some() {
+            return Err(format!("node '{}' is declared twice", node.name));
+        }
+    }
+    for spec in services {
+        for backend in &spec.backends {
+            if let Some(node) = backend
+                .node
+                .as_deref()
+                .filter(|n| !declared.contains_key(n))
+            {
+                return Err(format!(
+                    "unknown node '{node}' (backend {backend} of service '{}'): declare it among \
+                     the nodes",
+                    spec.name
+                ));
+            }
+        }
+    }
+    Ok(declared)
+}
+
+/// Where each key stands in `keys`: to put things in their declared order.
+fn positions_of<K: Eq + std::hash::Hash>(keys: impl Iterator<Item = K>) -> HashMap<K, usize> {
+    keys.enumerate().map(|(i, key)| (key, i)).collect()
+}
+
+/// An error about a service, saying which unless it already does.
+fn naming_service(name: &str, err: String) -> String {
+    if err.contains(&format!("'{name}'")) {
+        err
+    } else {
+        format!("service '{name}': {err}")
     }
 }
 
@@ -1247,5 +1541,226 @@ mod tests {
         assert_eq!((table.vni, table.vxlan_port), (MAX_VNI, 4789));
         table.set_mesh(None, Some(8472)).unwrap();
         assert_eq!((table.vni, table.vxlan_port), (MAX_VNI, 8472));
+    }
+
+    /// A declared service on tcp/`port` with `backends` (`IP:PORT[@NODE]`) and default checks.
+    fn declared(name: &str, port: u16, backends: &[&str]) -> ServiceSpec {
+        ServiceSpec {
+            name: name.to_owned(),
+            proto: Proto::Tcp,
+            port,
+            vip: None,
+            backends: backends.iter().map(|b| spec(b)).collect(),
+            health_check: HealthCheck::default(),
+        }
+    }
+
+    /// `(address, id)` of a service's backends, in order.
+    fn backend_ids(table: &Table, service: &str) -> Vec<(String, u32)> {
+        table
+            .service(service)
+            .unwrap()
+            .backends
+            .iter()
+            .map(|b| (b.to_string(), b.id))
+            .collect()
+    }
+
+    #[test]
+    fn apply_keeps_the_ids_drain_and_health_of_what_stays() {
+        // web: 10.0.0.6:80 (id 0), 10.0.0.7:80 (1), 10.0.0.8:80 (2); old: 10.0.0.9:80 (3).
+        let mut table = table_with_web();
+        table.add_backends("web", &[addr("10.0.0.8:80")]).unwrap();
+        table
+            .add_service("old", Proto::Tcp, 9000, None, &[addr("10.0.0.9:80")])
+            .unwrap();
+        table.set_drained("web", addr("10.0.0.7:80"), true).unwrap();
+        assert!(table.set_health("web", 2, Health::Unhealthy));
+        let web_id = table.service("web").unwrap().id;
+        let generation = table.generation;
+
+        let changed = table
+            .apply(
+                None,
+                &[
+                    declared("web", 8080, &["10.0.0.7:80", "10.0.0.8:80", "10.0.0.5:80"]),
+                    declared("api", 9090, &["10.0.0.4:80"]),
+                ],
+            )
+            .unwrap();
+        assert!(changed);
+        assert_eq!(
+            table.generation,
+            generation + 1,
+            "one apply, one generation"
+        );
+        let web = table.service("web").unwrap();
+        assert_eq!(web.id, web_id);
+        assert_eq!(
+            backend_ids(&table, "web"),
+            [
+                ("10.0.0.7:80".into(), 1),
+                ("10.0.0.8:80".into(), 2),
+                ("10.0.0.5:80".into(), 4)
+            ],
+            "kept backends keep their ids, the new one gets a fresh id, in declared order"
+        );
+        assert!(web.backends[0].drained);
+        assert_eq!(web.backends[1].health, Health::Unhealthy);
+        assert!(table.service("old").is_none());
+        assert_eq!(backend_ids(&table, "api"), [("10.0.0.4:80".into(), 5)]);
+        let names: Vec<&str> = table.services.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(names, ["web", "api"], "the declared order");
+    }
+
+    #[test]
+    fn applying_the_table_in_force_changes_nothing() {
+        let mut table = mesh_with_web(&["10.0.0.6:80", "10.0.0.7:80@n2"]);
+        let before = table.clone();
+        let same = [declared("web", 8080, &["10.0.0.6:80", "10.0.0.7:80@n2"])];
+        assert_eq!(table.apply(None, &same), Ok(false));
+        let nodes = table.nodes.clone();
+        assert_eq!(table.apply(Some(&nodes), &same), Ok(false));
+        assert_eq!(table, before);
+    }
+
+    #[test]
+    fn a_new_frontend_or_node_gives_new_ids() {
+        let mut table = mesh_with_web(&["10.0.0.6:80", "10.0.0.7:80@n2"]);
+        // web moves to port 8081: it is replaced, with new ids.
+        table
+            .apply(
+                None,
+                &[declared("web", 8081, &["10.0.0.6:80", "10.0.0.7:80@n2"])],
+            )
+            .unwrap();
+        let web = table.service("web").unwrap();
+        assert_eq!((web.id, web.port), (1, 8081));
+        assert_eq!(
+            backend_ids(&table, "web"),
+            [("10.0.0.6:80".into(), 2), ("10.0.0.7:80@n2".into(), 3)]
+        );
+        // A backend declared on another node is another backend.
+        table
+            .apply(
+                None,
+                &[declared("web", 8081, &["10.0.0.6:80", "10.0.0.7:80@n1"])],
+            )
+            .unwrap();
+        assert_eq!(
+            backend_ids(&table, "web"),
+            [("10.0.0.6:80".into(), 2), ("10.0.0.7:80@n1".into(), 4)]
+        );
+        // n1 moves to another underlay address: its backends start afresh; n2 is dropped.
+        let nodes = [Node {
+            name: "n1".into(),
+            ip: ip("192.168.1.9"),
+        }];
+        table
+            .apply(
+                Some(&nodes),
+                &[declared("web", 8081, &["10.0.0.6:80", "10.0.0.7:80@n1"])],
+            )
+            .unwrap();
+        assert_eq!(table.nodes, nodes);
+        assert_eq!(
+            backend_ids(&table, "web"),
+            [("10.0.0.6:80".into(), 2), ("10.0.0.7:80@n1".into(), 5)]
+        );
+    }
+
+    #[test]
+    fn a_refused_declaration_changes_nothing() {
+        let mut table = mesh_with_web(&["10.0.0.6:80", "10.0.0.7:80@n2"]);
+        let before = table.clone();
+        let web = declared("web", 8080, &["10.0.0.6:80"]);
+        let n1_only = [Node {
+            name: "n1".into(),
+            ip: ip("192.168.1.1"),
+        }];
+        let too_many: Vec<String> = (0..=MAX_BACKENDS_PER_SERVICE as u32)
+            .map(|i| SocketAddrV4::new(Ipv4Addr::from(0x0a00_0000 + i + 1), 80).to_string())
+            .collect();
+        let too_many: Vec<&str> = too_many.iter().map(String::as_str).collect();
+        let mut bad_check = declared("api", 9090, &[]);
+        bad_check.health_check.rise = 0;
+        /// Declared nodes, declared services, the start of the error.
+        type Case<'a> = (Option<&'a [Node]>, Vec<ServiceSpec>, &'a str);
+        let cases: Vec<Case> = vec![
+            (
+                None,
+                vec![web.clone(), web.clone()],
+                "service 'web' is declared twice",
+            ),
+            (
+                None,
+                vec![web.clone(), declared("api", 8080, &["10.0.0.8:80"])],
+                "service 'api': port tcp/8080 is already published by service 'web'",
+            ),
+            (
+                None,
+                vec![declared("web", 8080, &["10.0.0.8:80@n9"])],
+                "service 'web': unknown node 'n9'",
+            ),
+            (
+                Some(&n1_only),
+                vec![declared("web", 8080, &["10.0.0.8:80@n2"])],
+                "unknown node 'n2' (backend 10.0.0.8:80@n2 of service 'web')",
+            ),
+            (
+                None,
+                vec![declared("web", 8080, &["10.0.0.8:80", "10.0.0.8:80@n1"])],
+                "service 'web': backend 10.0.0.8:80 is listed twice",
+            ),
+            (
+                None,
+                vec![declared("big", 80, &too_many)],
+                "service 'big' would have 129 backends",
+            ),
+            (
+                None,
+                vec![bad_check],
+                "service 'api': invalid rise/fall 0/3",
+            ),
+            (
+                None,
+                vec![declared("a b", 80, &[])],
+                "invalid service name 'a b'",
+            ),
+        ];
+        for (nodes, services, wanted) in cases {
+            let err = table.apply(nodes, &services).unwrap_err();
+            assert!(err.starts_with(wanted), "{err}");
+            assert_eq!(table, before);
+        }
+    }
+
+    #[test]
+    fn ten_thousand_services_of_ten_backends_fit_and_apply_in_one_pass() {
+        let services: Vec<ServiceSpec> = (0..10_000u32)
+            .map(|i| ServiceSpec {
+                name: format!("svc-{i}"),
+                proto: Proto::Tcp,
+                port: 10_000 + i as u16,
+                vip: None,
+                backends: (0..10)
+                    .map(|j| SocketAddrV4::new(Ipv4Addr::from(0x0a00_0000 + i * 16 + j), 80).into())
+                    .collect(),
+                health_check: HealthCheck::default(),
+            })
+            .collect();
+        let mut table = Table::default();
+        let start = std::time::Instant::now();
+        assert_eq!(table.apply(None, &services), Ok(true));
+        let elapsed = start.elapsed();
+        let ids: BTreeSet<u32> = table
+            .services
+            .iter()
+            .flat_map(|s| s.backends.iter().map(|b| b.id))
+            .collect();
+        assert_eq!(ids.len(), 100_000);
+        assert_eq!(table.apply(None, &services), Ok(false));
+        // Checking and numbering each addition against the whole table took minutes.
+        assert!(elapsed.as_secs() < 10, "{elapsed:?}");
     }
 }

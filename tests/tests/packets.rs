@@ -882,6 +882,43 @@ fn ip_options_are_parsed_not_mistaken_for_ports() {
     });
 }
 
+/// The maps are read back in batches of a few thousand entries: a table larger than a batch
+/// (services and backends) reads back exactly as written, and a slot left active outside the
+/// table (an interrupted command) is found and cleared.
+#[test]
+fn the_maps_read_back_whole_across_batches() {
+    with_node(|node| {
+        for i in 0..5_000u32 {
+            let backends: Vec<_> = (0..3)
+                .map(|j| std::net::SocketAddrV4::new(Ipv4Addr::from(0x0a01_0000 + i * 4 + j), 80))
+                .collect();
+            node.table
+                .add_service(
+                    &format!("s{i}"),
+                    Proto::Tcp,
+                    20_000 + i as u16,
+                    None,
+                    &backends,
+                )
+                .unwrap();
+        }
+        node.apply();
+        let desired = sync::desired(&node.table, node.self_node);
+        assert_eq!(desired.services.len(), 5_004);
+        assert_eq!(node.maps.read_contents().unwrap(), desired);
+
+        let stray = lb_common::Backend {
+            flags: lb_common::BACKEND_ACTIVE,
+            ..lb_common::Backend::default()
+        };
+        let last = lb_common::MAX_BACKENDS - 1;
+        node.maps.backends.set(last, stray, 0).unwrap();
+        let delta = sync::delta(&desired, &node.maps.read_contents().unwrap());
+        assert_eq!(delta.backends_to_clear, [last]);
+        assert_eq!(delta.writes(), 1);
+    });
+}
+
 #[test]
 fn a_service_without_backends_drops_new_flows_and_counts_them() {
     with_node(|node| {
