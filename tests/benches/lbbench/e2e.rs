@@ -18,14 +18,14 @@
 //! The whole load (client threads, backend servers, and so the node's path, which the kernel
 //! runs in the senders' context on veths) is pinned to one CPU. Unpinned, the rates of a run
 //! depended on where the scheduler happened to put the threads (keep-alive requests/s varied
-//! 2x from run to run). Worse, with XDP attached a veth delivers through NAPI, which runs on
-//! whichever CPU scheduled it last, so consecutive packets of one connection could be
-//! forwarded by both CPUs at once and reach the backend out of order: the backend's TCP then
-//! occasionally reset a connection in its handshake (seen with tcpdump; a NIC with RSS keeps a
-//! flow on one queue and has no such problem). On one CPU both go away, the CPU time per
-//! request is that CPU's busy time, and the other CPU is left to the bench itself. The data
-//! plane's own share of that time is measured apart, in lbctl mode, with the kernel's BPF
-//! run-time statistics.
+//! 2x from run to run). Worse, with XDP attached a veth receives through NAPI, which runs on
+//! whichever CPU scheduled it, so consecutive packets of one connection could be forwarded by
+//! both CPUs at once: unpinned lbctl runs, and only those, showed duplicate ACKs in tcpdump
+//! and now and then a reset in the handshake that failed the run (a NIC with RSS keeps a flow
+//! on one queue and has no such problem). On one CPU both go away, the CPU time per request is
+//! that CPU's busy time, and the other CPU is left to the bench itself. The data plane's own
+//! share of that time is measured apart, in lbctl mode, with the kernel's BPF run-time
+//! statistics.
 mod load;
 
 use std::collections::BTreeMap;

@@ -86,7 +86,7 @@ pub fn run(
     // Every worker and this thread meet at the barrier: the clock and the CPU counters start
     // once all workers are ready.
     let start = Barrier::new(threads + 1);
-    let results = std::thread::scope(|scope| {
+    let (results, elapsed, busy) = std::thread::scope(|scope| {
         let workers: Vec<_> = (0..threads)
             .map(|_| {
                 let start = &start;
@@ -104,7 +104,6 @@ pub fn run(
         let busy = busy_time(cpu).and_then(|after| Ok(after.saturating_sub(busy_before?)));
         (results, elapsed, busy)
     });
-    let (results, elapsed, busy) = results;
     let mut total = Tally {
         per_backend: vec![0; target.backends],
         elapsed,
