@@ -160,7 +160,7 @@ pub fn udp_request(addr: SocketAddrV4) -> Result<Reply> {
 
 /// Connects with [`CONNECT_TIMEOUT`] and sets [`IO_TIMEOUT`] on reads and
 /// writes.
-fn connect(addr: SocketAddrV4) -> Result<TcpStream> {
+pub fn connect(addr: SocketAddrV4) -> Result<TcpStream> {
     let stream = TcpStream::connect_timeout(&addr.into(), CONNECT_TIMEOUT)
         .with_context(|| format!("cannot connect to {addr}"))?;
     stream.set_read_timeout(Some(IO_TIMEOUT))?;

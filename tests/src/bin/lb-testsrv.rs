@@ -14,6 +14,7 @@
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
@@ -55,7 +56,7 @@ fn main() -> Result<()> {
         std::thread::spawn(move || serve_udp(&socket, &name))
     });
     if let Some(listener) = tcp {
-        serve_tcp(&listener, &name);
+        serve_tcp(listener, Arc::clone(&name));
     }
     if let Some(thread) = udp_thread {
         thread
@@ -117,19 +118,60 @@ fn serve_udp(socket: &UdpSocket, name: &str) {
     }
 }
 
-/// Accepts connections forever, one thread each.
-fn serve_tcp(listener: &TcpListener, name: &Arc<str>) {
-    for stream in listener.incoming() {
-        match stream {
-            Ok(stream) => {
-                let name = Arc::clone(name);
-                std::thread::spawn(move || {
-                    if let Err(e) = serve_connection(stream, &name) {
-                        eprintln!("lb-testsrv {name}: {e:#}");
-                    }
-                });
+/// Threads that may wait in `accept` at once; a thread that finishes its connection while this
+/// many are already waiting ends instead of joining them.
+const MAX_IDLE_THREADS: usize = 16;
+
+/// The listening socket and the threads that serve it.
+struct Acceptors {
+    listener: TcpListener,
+    name: Arc<str>,
+    /// Threads blocked in (or about to enter) `accept`.
+    idle: AtomicUsize,
+}
+
+/// Accepts connections forever, each served by a thread of its own for as long as it lasts
+/// (keep-alive connections may stay open for long), like one thread per connection; but the
+/// threads are reused: a thread that is done goes back to accepting. Spawning a thread per
+/// connection cost more than everything else the server does, and the end-to-end bench
+/// measures connection rates through the load balancer, not thread creation.
+fn serve_tcp(listener: TcpListener, name: Arc<str>) {
+    let acceptors = Arc::new(Acceptors {
+        listener,
+        name,
+        idle: AtomicUsize::new(0),
+    });
+    // This thread is the one that never ends, so the process keeps serving.
+    accept_and_serve(&acceptors, true);
+}
+
+/// One serving thread: accept, serve that connection, again. Before serving, it makes sure
+/// another thread is accepting, so a long connection never holds new ones up. Unless
+/// `permanent`, it ends when enough others are idle.
+fn accept_and_serve(acceptors: &Arc<Acceptors>, permanent: bool) {
+    let name = &acceptors.name;
+    loop {
+        acceptors.idle.fetch_add(1, Ordering::SeqCst);
+        let accepted = acceptors.listener.accept();
+        if acceptors.idle.fetch_sub(1, Ordering::SeqCst) == 1 {
+            let more = Arc::clone(acceptors);
+            if let Err(e) =
+                std::thread::Builder::new().spawn(move || accept_and_serve(&more, false))
+            {
+                // This thread accepts again once its connection is done.
+                eprintln!("lb-testsrv {name}: cannot start a thread: {e}");
+            }
+        }
+        match accepted {
+            Ok((stream, _)) => {
+                if let Err(e) = serve_connection(stream, name) {
+                    eprintln!("lb-testsrv {name}: {e:#}");
+                }
             }
             Err(e) => eprintln!("lb-testsrv {name}: accept failed: {e}"),
+        }
+        if !permanent && acceptors.idle.load(Ordering::SeqCst) >= MAX_IDLE_THREADS {
+            return;
         }
     }
 }
