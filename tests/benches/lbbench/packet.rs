@@ -54,6 +54,8 @@ const BACKEND_PORT: u16 = 80;
 const REPLY: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n";
 /// The reply case's name.
 const REVERSE_NAT: &str = "reverse NAT of a reply";
+/// ... in the table-size section, replies of every flow of the table.
+const REVERSE_NAT_ALL_ACTIVE: &str = "reverse NAT, every flow active";
 /// The payload of data packets: a small HTTP request, as on a kept-alive connection.
 const REQUEST: &[u8] = b"GET / HTTP/1.1\r\nHost: bench\r\n\r\n";
 
@@ -532,16 +534,36 @@ impl Loaded {
             ));
         };
 
-        let established = |i: usize| client_tcp(filler_client(filler(i)), WEB_PORT, "PA", REQUEST);
-        let case = Case {
-            name: names::ESTABLISHED,
-            frame: &established,
-            action: XDP_TX,
-            reason: Some(Reason::ForwardTx),
-            check: &check_dnat_to_local_backend,
+        // The same table, two working sets: FLOWS_CYCLED flows spread over it (what Katran's
+        // method sees: how the lookup itself grows with the table) and every flow of it (what
+        // a table of that many live connections costs, cache and TLB misses included).
+        let spread = (size / FLOWS_CYCLED).max(1);
+        let hot = |i: usize| {
+            client_tcp(
+                filler_client((i % FLOWS_CYCLED) * spread % size),
+                WEB_PORT,
+                "PA",
+                REQUEST,
+            )
         };
+        let every = |i: usize| client_tcp(filler_client(filler(i)), WEB_PORT, "PA", REQUEST);
         let before = self.maps.event_totals()?;
-        record(names::ESTABLISHED, self.time(prog, &case, samples)?);
+        for (name, frame) in [
+            (
+                names::ESTABLISHED_FEW_ACTIVE,
+                &hot as &dyn Fn(usize) -> Vec<u8>,
+            ),
+            (names::ESTABLISHED_ALL_ACTIVE, &every),
+        ] {
+            let case = Case {
+                name,
+                frame,
+                action: XDP_TX,
+                reason: Some(Reason::ForwardTx),
+                check: &check_dnat_to_local_backend,
+            };
+            record(name, self.time(prog, &case, samples)?);
+        }
         ensure!(
             self.maps.event_totals()? == before,
             "established packets created or changed flows: the table lost entries"
@@ -557,7 +579,7 @@ impl Loaded {
                 REPLY,
             )
         };
-        let name = REVERSE_NAT;
+        let name = REVERSE_NAT_ALL_ACTIVE;
         let case = Case {
             name,
             frame: &reply,

@@ -67,6 +67,10 @@ pub mod names {
     pub const FLOOR: &str = "XDP_PASS floor";
     pub const NEW_FLOW: &str = "new flow";
     pub const ESTABLISHED: &str = "established flow";
+    /// The table-size section's established flows: 1,024 flows spread over the table, and
+    /// every flow of it.
+    pub const ESTABLISHED_FEW_ACTIVE: &str = "established flow, 1,024 flows active";
+    pub const ESTABLISHED_ALL_ACTIVE: &str = "established flow, every flow active";
     pub const NS_PER_PACKET: &str = "ns/packet";
     /// The packet section's measure: each packet run once (see packet.rs).
     pub const PER_PACKET: &str = "per packet";
@@ -95,9 +99,16 @@ const TARGETS: &[TargetSpec] = {
             bound: 12.0,
         },
         TargetSpec {
-            name: "established flow at 1M flows within 1.5x its cost at 1k",
-            numerator: (PACKET_FLOWS, ESTABLISHED, "1M flows"),
-            denominator: (PACKET_FLOWS, ESTABLISHED, "1k flows"),
+            name: "established flow at 1M flows within 1.5x 1k (1,024 active)",
+            numerator: (PACKET_FLOWS, ESTABLISHED_FEW_ACTIVE, "1M flows"),
+            denominator: (PACKET_FLOWS, ESTABLISHED_FEW_ACTIVE, "1k flows"),
+            at_most: true,
+            bound: 1.5,
+        },
+        TargetSpec {
+            name: "established flow at 1M flows within 1.5x 1k (all active)",
+            numerator: (PACKET_FLOWS, ESTABLISHED_ALL_ACTIVE, "1M flows"),
+            denominator: (PACKET_FLOWS, ESTABLISHED_ALL_ACTIVE, "1k flows"),
             at_most: true,
             bound: 1.5,
         },
