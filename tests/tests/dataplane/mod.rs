@@ -14,7 +14,7 @@ use std::net::Ipv4Addr;
 
 use aya::{
     Ebpf,
-    programs::{SchedClassifier, TestRun, TestRunOptions, Xdp},
+    programs::{ProgramError, SchedClassifier, TestRun, TestRunOptions, Xdp},
 };
 use etherparse::{EtherType, Ethernet2Header, IpNumber, Ipv4Header, PacketBuilder, UdpHeader};
 use lb_common::{
@@ -170,6 +170,15 @@ impl Node {
 
     /// Runs the XDP program on `frame`, as if received on `ingress` (default: loopback).
     pub fn xdp(&self, frame: &[u8], ingress: Option<u32>) -> (u32, Vec<u8>) {
+        self.try_xdp(frame, ingress).unwrap()
+    }
+
+    /// [`Node::xdp`], or the kernel's refusal to run the program on `frame`.
+    pub fn try_xdp(
+        &self,
+        frame: &[u8],
+        ingress: Option<u32>,
+    ) -> Result<(u32, Vec<u8>), ProgramError> {
         let prog: &Xdp = self
             .ebpf
             .program(program_names::XDP_INGRESS)
@@ -181,16 +190,14 @@ impl Node {
         ctx[4..8].copy_from_slice(&(frame.len() as u32).to_ne_bytes());
         ctx[12..16].copy_from_slice(&ingress.unwrap_or(0).to_ne_bytes());
         let mut out = vec![0u8; frame.len() + 256];
-        let result = prog
-            .test_run(TestRunOptions {
-                data_in: Some(frame),
-                data_out: Some(&mut out),
-                ctx_in: ingress.map(|_| &ctx[..]),
-                ..TestRunOptions::new()
-            })
-            .unwrap();
+        let result = prog.test_run(TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut out),
+            ctx_in: ingress.map(|_| &ctx[..]),
+            ..TestRunOptions::new()
+        })?;
         out.truncate(result.data_size_out as usize);
-        (result.return_value, out)
+        Ok((result.return_value, out))
     }
 
     /// One case of a table: `frame` gets `action`, is counted once under `reason`, and is left
@@ -220,6 +227,15 @@ impl Node {
     /// Runs the TC egress program on `frame`, as if leaving through `egress` (default:
     /// loopback). Returns the TC action and the frame as the program left it.
     pub fn tc_on(&self, frame: &[u8], egress: Option<u32>) -> (i32, Vec<u8>) {
+        self.try_tc_on(frame, egress).unwrap()
+    }
+
+    /// [`Node::tc_on`], or the kernel's refusal to run the program on `frame`.
+    pub fn try_tc_on(
+        &self,
+        frame: &[u8],
+        egress: Option<u32>,
+    ) -> Result<(i32, Vec<u8>), ProgramError> {
         let prog: &SchedClassifier = self
             .ebpf
             .program(program_names::TC_EGRESS)
@@ -233,16 +249,14 @@ impl Node {
         let mut ctx = [0u8; 44];
         ctx[40..44].copy_from_slice(&egress.unwrap_or(0).to_ne_bytes());
         let mut out = vec![0u8; frame.len() + 256];
-        let result = prog
-            .test_run(TestRunOptions {
-                data_in: Some(frame),
-                data_out: Some(&mut out),
-                ctx_in: egress.map(|_| &ctx[..]),
-                ..TestRunOptions::new()
-            })
-            .unwrap();
+        let result = prog.test_run(TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut out),
+            ctx_in: egress.map(|_| &ctx[..]),
+            ..TestRunOptions::new()
+        })?;
         out.truncate(result.data_size_out as usize);
-        (result.return_value as i32, out)
+        Ok((result.return_value as i32, out))
     }
 
     /// [`Node::tc_on`] out of loopback, for frames the program always lets go on.
