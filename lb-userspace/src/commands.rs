@@ -16,7 +16,10 @@ use crate::{
     cluster,
     datapath::{self, FlowCensus, Maps},
     instance::{self, Instance},
-    model::{BackendSpec, Health, HealthCheck, HealthUpdate, Node, Proto, Service, Table},
+    model::{
+        BackendSpec, Health, HealthCheck, HealthUpdate, Node, Proto, Service, Table,
+        format_duration_ms,
+    },
     state::{self, Attachment, State},
     sync, underlay,
 };
@@ -265,7 +268,9 @@ pub fn detach(instance: &Instance, iface: &str) -> Result<String> {
 
 pub fn purge(instance: &Instance) -> Result<String> {
     let _lock = instance::lock(instance)?;
-    let state = state::load(&instance.state_dir).unwrap_or_default();
+    // A damaged state stops purge too: the neighbour entries it lists would be left behind.
+    // Once the file is removed, purge removes what the pins and the state folder hold.
+    let state = state::load(&instance.state_dir)?;
     for attachment in &state.attachments {
         remove_links(instance, &attachment.iface)?;
     }
@@ -486,8 +491,11 @@ pub fn describe_health_check(check: &HealthCheck) -> String {
         None => "TCP connect".to_owned(),
     };
     format!(
-        "{probe} every {} ms, timeout {} ms, unhealthy after {} failures, healthy after {} successes",
-        check.interval_ms, check.timeout_ms, check.fall, check.rise
+        "{probe} every {}, timeout {}, unhealthy after {} failures, healthy after {} successes",
+        format_duration_ms(check.interval_ms),
+        format_duration_ms(check.timeout_ms),
+        check.fall,
+        check.rise
     )
 }
 

@@ -81,7 +81,7 @@ enum Command {
         underlay_ip: Option<Ipv4Addr>,
         /// Time between gossip rounds; a silent member is dead after about --phi-threshold
         /// times the mean interval between its heartbeats.
-        #[arg(long, default_value = "500ms", value_parser = parse_duration_ms, value_name = "DURATION")]
+        #[arg(long, default_value = "500ms", value_parser = model::parse_duration_ms, value_name = "DURATION")]
         gossip_interval: u64,
         /// The failure detector's threshold (chitchat's phi: silence / mean heartbeat interval).
         #[arg(long, default_value_t = lb_userspace::gossip::DEFAULT_PHI_THRESHOLD, value_name = "PHI")]
@@ -166,10 +166,10 @@ enum ServiceCommand {
         #[arg(long, value_name = "STATUS")]
         expect_status: Option<u16>,
         /// Time between probes, e.g. 2s or 500ms.
-        #[arg(long, value_parser = parse_duration_ms, value_name = "DURATION")]
+        #[arg(long, value_parser = model::parse_duration_ms, value_name = "DURATION")]
         interval: Option<u64>,
         /// Time a probe may take, e.g. 1s.
-        #[arg(long, value_parser = parse_duration_ms, value_name = "DURATION")]
+        #[arg(long, value_parser = model::parse_duration_ms, value_name = "DURATION")]
         timeout: Option<u64>,
         /// Successes in a row that make a backend healthy.
         #[arg(long)]
@@ -178,23 +178,6 @@ enum ServiceCommand {
         #[arg(long)]
         fall: Option<u32>,
     },
-}
-
-/// `2s`, `500ms` or `1.5s` as milliseconds.
-fn parse_duration_ms(s: &str) -> Result<u64, String> {
-    let bad = || format!("invalid duration '{s}': use e.g. 2s or 500ms");
-    let (number, scale) = if let Some(ms) = s.strip_suffix("ms") {
-        (ms, 1.0)
-    } else if let Some(secs) = s.strip_suffix('s') {
-        (secs, 1000.0)
-    } else {
-        return Err(bad());
-    };
-    let value: f64 = number.parse().map_err(|_| bad())?;
-    if !value.is_finite() || value <= 0.0 || value * scale > 86_400_000.0 {
-        return Err(bad());
-    }
-    Ok((value * scale).round() as u64)
 }
 
 #[derive(Subcommand)]
