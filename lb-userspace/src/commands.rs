@@ -158,8 +158,13 @@ pub fn attach(
     }
 
     instance::ensure_bpffs(instance)?;
-    instance::create_private_dir(&instance.maps_dir())?;
-    instance::create_private_dir(&instance.links_dir())?;
+    for dir in [
+        instance.pin_dir.clone(),
+        instance.maps_dir(),
+        instance.links_dir(),
+    ] {
+        instance::create_private_dir(&dir)?;
+    }
     datapath::check_pinned_layout(&instance.maps_dir(), state.flow_capacity)?;
     let forwarding_note = enable_forwarding()?;
 
