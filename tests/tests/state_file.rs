@@ -23,14 +23,9 @@ struct Attached {
 fn attached() -> Attached {
     lb_tests::require_root().unwrap();
     let ns = NetNs::new("state").unwrap();
-    for args in [
-        "link add lbt0 type veth peer name lbt1",
-        "link set lbt0 up",
-        "link set lbt1 up",
-        "addr add 192.168.1.1/24 dev lbt0",
-    ] {
-        ns.ip(args.split(' ')).unwrap();
-    }
+    ns.add_veth_pair("lbt0", "lbt1").unwrap();
+    ns.ip(["addr", "add", "192.168.1.1/24", "dev", "lbt0"])
+        .unwrap();
     let lbctl = Lbctl::new(&ns).unwrap();
     for args in [
         "attach lbt0",
@@ -52,30 +47,16 @@ struct Footprint {
     xdp_attached: bool,
 }
 
-fn files_under(dir: &Path, out: &mut Vec<PathBuf>) {
-    for entry in std::fs::read_dir(dir).unwrap() {
-        let path = entry.unwrap().path();
-        if path.is_dir() {
-            files_under(&path, out);
-        } else {
-            out.push(path);
-        }
-    }
-}
-
 fn footprint(node: &Attached) -> Footprint {
-    let mut state_files = Vec::new();
-    files_under(node.lbctl.state_dir(), &mut state_files);
-    let files = state_files
+    let files = lb_tests::paths_under(node.lbctl.state_dir())
+        .unwrap()
         .into_iter()
         .map(|path| {
             let bytes = std::fs::read(&path).unwrap();
             (path, bytes)
         })
         .collect();
-    let mut pins = Vec::new();
-    files_under(&node.lbctl.pin_dir(), &mut pins);
-    pins.sort();
+    let pins = lb_tests::paths_under(&node.lbctl.pin_dir()).unwrap();
     let link = node.ns.ip(["link", "show", "lbt0"]).unwrap();
     Footprint {
         files,
