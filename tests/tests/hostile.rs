@@ -813,3 +813,29 @@ fn truncated_or_malformed_replies_are_never_reverse_nated_by_xdp_or_tc() {
         check_all(node, &cases);
     });
 }
+
+/// The data plane does not verify checksums; the kernel that receives the packet does. A
+/// corrupted packet to a service is forwarded, and the incremental updates keep its checksum
+/// exactly as wrong, so the backend's kernel drops it (README, Known limits).
+#[test]
+fn corrupt_checksums_are_forwarded_still_corrupt() {
+    with_node(|node| {
+        let ip_checksum_valid = |frame: &[u8]| internet_checksum(&[&frame[L3..L3 + 20]]) == 0;
+        let tcp_checksum_valid = |frame: &[u8]| {
+            let l4_len = ((frame.len() - L3 - 20) as u16).to_be_bytes();
+            let pseudo = [&frame[L3 + 12..L3 + 20], &[0, PROTO_TCP], &l4_len[..]].concat();
+            internet_checksum(&[&pseudo, &frame[L3 + 20..]]) == 0
+        };
+        let syn = client_syn(43000);
+        assert!(ip_checksum_valid(&syn) && tcp_checksum_valid(&syn));
+        let bad_ip = edited(&syn, |f| f[L3 + 10] ^= 0x5a);
+        let (action, out) = node.xdp(&bad_ip, Some(node.ifindex));
+        assert_eq!(action, XDP_TX);
+        assert!(!ip_checksum_valid(&out) && tcp_checksum_valid(&out));
+
+        let bad_tcp = edited(&client_syn(43001), |f| f[L3 + 20 + 16] ^= 0x5a);
+        let (action, out) = node.xdp(&bad_tcp, Some(node.ifindex));
+        assert_eq!(action, XDP_TX);
+        assert!(ip_checksum_valid(&out) && !tcp_checksum_valid(&out));
+    });
+}

@@ -363,60 +363,6 @@ fn traffic_that_is_not_for_a_service_passes_unchanged() {
 }
 
 #[test]
-fn truncated_and_malformed_frames_are_passed_untouched_and_never_forwarded() {
-    with_node(|node| {
-        let syn = client_syn(43000);
-        // BPF_PROG_RUN refuses XDP frames shorter than an Ethernet header.
-        for len in 14..syn.len() {
-            let frame = &syn[..len];
-            let (action, out) = node.xdp(frame, None);
-            assert_eq!(action, XDP_PASS, "truncated to {len}");
-            assert_eq!(out, frame, "truncated to {len}");
-        }
-        let mut malformed = Vec::new();
-        let mut bad_ihl = syn.clone();
-        bad_ihl[14] = 0x44;
-        malformed.push(("IHL below 5", bad_ihl));
-        let mut bad_version = syn.clone();
-        bad_version[14] = 0x65;
-        malformed.push(("version 6 in an IPv4 frame", bad_version));
-        let mut long_total = syn.clone();
-        long_total[16..18].copy_from_slice(&200u16.to_be_bytes());
-        malformed.push(("total length beyond the frame", long_total));
-        let mut bad_doff = syn.clone();
-        bad_doff[14 + 20 + 12] = 0x40;
-        malformed.push(("TCP data offset below 5", bad_doff));
-        let mut ihl_past_frame = syn.clone();
-        ihl_past_frame[14] = 0x4f;
-        malformed.push(("IHL past the TCP header", ihl_past_frame));
-        for (name, frame) in &malformed {
-            let (action, out) = node.xdp(frame, None);
-            assert_eq!(action, XDP_PASS, "{name}");
-            assert_eq!(&out, frame, "{name}");
-        }
-        let reasons = node.maps.reason_totals().unwrap();
-        let forwarded: u64 = [
-            Reason::ForwardTx,
-            Reason::ForwardRedirect,
-            Reason::ForwardStack,
-        ]
-        .iter()
-        .map(|r| reasons[*r as usize].packets)
-        .sum();
-        assert_eq!(forwarded, 0);
-        assert_eq!(node.event(Event::FlowCreated), 0);
-        assert!(node.reason(Reason::PassTruncated) > 0);
-        assert!(node.reason(Reason::PassMalformed) >= malformed.len() as u64);
-        let seen: u64 = reasons.iter().map(|c| c.packets).sum();
-        assert_eq!(
-            seen,
-            (syn.len() - 14 + malformed.len()) as u64,
-            "every frame is counted once"
-        );
-    });
-}
-
-#[test]
 fn ip_options_are_parsed_not_mistaken_for_ports() {
     with_node(|node| {
         let syn = client_syn(44000);
