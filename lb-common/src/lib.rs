@@ -252,7 +252,9 @@ reasons! {
     PassFragment = 2 => "pass_fragment",
     /// Frame shorter than its headers claim: passed to the kernel, which rejects it.
     PassTruncated = 3 => "pass_truncated",
-    /// Malformed header (bad IHL, total length beyond the frame): passed to the kernel.
+    /// Malformed header (bad IHL, total or UDP length beyond the packet, bad TCP data offset,
+    /// TCP flags no connection carries, a martian address): passed to the kernel, which
+    /// drops it.
     PassMalformed = 4 => "pass_malformed",
     /// TCP/UDP that belongs to no service and no NATed flow: passed untouched.
     PassNotService = 5 => "pass_not_service",

@@ -76,6 +76,11 @@ pub fn xdp_from_node(
     let Ok(inner) = parse::parse(data, data_end, data_end - data) else {
         return drop(Reason::DropVxlanMalformed);
     };
+    // VXLAN inside VXLAN: no node encapsulates overlay traffic (flows go to tasks). Handed to
+    // the kernel, its VXLAN devices would decapsulate the inner frame too.
+    if is_overlay(&inner, mesh) {
+        return drop(Reason::DropVxlanMalformed);
+    }
     let key = conntrack::key_of(&inner);
     if let Some(reverse) = conntrack::reverse_lookup(&key) {
         // Only the node that hosts the flow's backend may send its replies.

@@ -52,6 +52,25 @@ pub const TCP_SYN: u8 = 0x02;
 pub const TCP_RST: u8 = 0x04;
 pub const TCP_ACK: u8 = 0x10;
 
+/// A TCP segment that can open or belong to a connection: it carries SYN, ACK or RST, and a
+/// SYN carries neither FIN nor RST. No TCP stack accepts the others in any state (RFC 9293;
+/// netfilter's conntrack calls them invalid): they are scans and evasion attempts, and are
+/// never worth a flow.
+#[inline(always)]
+fn tcp_flags_valid(flags: u8) -> bool {
+    flags & (TCP_SYN | TCP_ACK | TCP_RST) != 0
+        && (flags & TCP_SYN == 0 || flags & (TCP_FIN | TCP_RST) == 0)
+}
+
+/// Addresses the kernel drops as martians on any packet from the wire: a source that is
+/// "this network" (0/8), loopback (127/8), multicast (224/4) or the limited broadcast, or a
+/// destination in 0/8 or loopback. XDP runs before that check, so it makes it itself rather
+/// than send such a packet on. Addresses in network byte order.
+#[inline(always)]
+fn is_martian(src: [u8; 4], dst: [u8; 4]) -> bool {
+    matches!(src[0], 0 | 127 | 224..=239) || src == [255; 4] || matches!(dst[0], 0 | 127)
+}
+
 /// Offset of the IPv4 header: the data plane handles untagged Ethernet only.
 pub const L3_OFF: usize = EthHdr::LEN;
 /// Offset of the IPv4 header checksum.
@@ -86,18 +105,25 @@ pub fn parse(data: usize, data_end: usize, frame_len: usize) -> Result<Packet, R
     if u16::from_be_bytes(ip.frags) & IP_MF_OR_OFFSET != 0 {
         return Err(Reason::PassFragment);
     }
+    if is_martian(ip.src_addr, ip.dst_addr) {
+        return Err(Reason::PassMalformed);
+    }
     let l4_off = L3_OFF + ihl;
+    let l3_end = L3_OFF + usize::from(tot_len);
     let (src_port_be, dst_port_be, l4_check_off, tcp_flags) = match ip.proto {
         PROTO_TCP => {
             let tcp: *const TcpHdr = ptr_at(data, data_end, l4_off).ok_or(Reason::PassTruncated)?;
             // SAFETY: as above.
             let tcp = unsafe { &*tcp };
             let doff = usize::from(tcp.doff()) * 4;
-            if doff < TcpHdr::LEN || l4_off + doff > L3_OFF + usize::from(tot_len) {
+            if doff < TcpHdr::LEN || l4_off + doff > l3_end {
                 return Err(Reason::PassMalformed);
             }
             // SAFETY: the header was bounds checked above; byte 13 is the flags byte.
             let flags = unsafe { *(tcp as *const TcpHdr).cast::<u8>().add(13) };
+            if !tcp_flags_valid(flags) {
+                return Err(Reason::PassMalformed);
+            }
             (
                 u16::from_ne_bytes(tcp.source),
                 u16::from_ne_bytes(tcp.dest),
@@ -109,6 +135,12 @@ pub fn parse(data: usize, data_end: usize, frame_len: usize) -> Result<Packet, R
             let udp: *const UdpHdr = ptr_at(data, data_end, l4_off).ok_or(Reason::PassTruncated)?;
             // SAFETY: as above.
             let udp = unsafe { &*udp };
+            // The UDP length covers its header and lies within the IPv4 packet (shorter is
+            // allowed: the kernel trims the rest).
+            let udp_len = usize::from(u16::from_be_bytes(udp.len));
+            if udp_len < UdpHdr::LEN || l4_off + udp_len > l3_end {
+                return Err(Reason::PassMalformed);
+            }
             (
                 u16::from_ne_bytes(udp.src),
                 u16::from_ne_bytes(udp.dst),
@@ -118,9 +150,6 @@ pub fn parse(data: usize, data_end: usize, frame_len: usize) -> Result<Packet, R
         }
         _ => return Err(Reason::PassNotTcpUdp),
     };
-    if l4_off > L3_OFF + usize::from(tot_len) {
-        return Err(Reason::PassMalformed);
-    }
     Ok(Packet {
         l4_off,
         proto: ip.proto,

@@ -158,8 +158,13 @@ pub fn attach(
     }
 
     instance::ensure_bpffs(instance)?;
-    instance::create_private_dir(&instance.maps_dir())?;
-    instance::create_private_dir(&instance.links_dir())?;
+    for dir in [
+        instance.pin_dir.clone(),
+        instance.maps_dir(),
+        instance.links_dir(),
+    ] {
+        instance::create_private_dir(&dir)?;
+    }
     datapath::check_pinned_layout(&instance.maps_dir(), state.flow_capacity)?;
     let forwarding_note = enable_forwarding()?;
 
@@ -268,7 +273,9 @@ pub fn detach(instance: &Instance, iface: &str) -> Result<String> {
 
 pub fn purge(instance: &Instance) -> Result<String> {
     let _lock = instance::lock(instance)?;
-    let state = state::load(&instance.state_dir).unwrap_or_default();
+    // A damaged state stops purge too: the neighbour entries it lists would be left behind.
+    // Once the file is removed, purge removes what the pins and the state folder hold.
+    let state = state::load(&instance.state_dir)?;
     for attachment in &state.attachments {
         remove_links(instance, &attachment.iface)?;
     }

@@ -5,7 +5,9 @@ use std::{
     fs::{self, File, OpenOptions},
     os::{
         fd::AsRawFd as _,
-        unix::fs::{DirBuilderExt as _, MetadataExt as _, OpenOptionsExt as _},
+        unix::fs::{
+            DirBuilderExt as _, MetadataExt as _, OpenOptionsExt as _, PermissionsExt as _,
+        },
     },
     path::{Path, PathBuf},
 };
@@ -145,13 +147,27 @@ fn fs_magic(path: &Path) -> Result<i64> {
     Ok(stat.f_type as i64)
 }
 
-/// Creates a folder readable by root only.
+/// Creates a folder (and its missing parents) readable by root only. A folder that already
+/// exists is made so too: `--state-dir` may name one made with the usual 0755.
 pub fn create_private_dir(path: &Path) -> Result<()> {
     fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
         .create(path)
-        .with_context(|| format!("creating {}", path.display()))
+        .with_context(|| format!("creating {}", path.display()))?;
+    make_private(path, 0o700)
+}
+
+/// Takes group and other permissions off `path`, leaving the owner's as `mode` says.
+fn make_private(path: &Path, mode: u32) -> Result<()> {
+    let current = fs::metadata(path)
+        .with_context(|| format!("reading {}", path.display()))?
+        .permissions();
+    if current.mode() & 0o777 != mode {
+        fs::set_permissions(path, fs::Permissions::from_mode(mode))
+            .with_context(|| format!("making {} root's alone", path.display()))?;
+    }
+    Ok(())
 }
 
 /// A lock on the instance, held until dropped. Changes take it exclusively, so that two lbctl
@@ -179,6 +195,7 @@ fn lock_as(instance: &Instance, operation: libc::c_int) -> Result<Lock> {
         .mode(0o600)
         .open(&path)
         .with_context(|| format!("opening {}", path.display()))?;
+    make_private(&path, 0o600)?;
     // SAFETY: flock on a descriptor we own.
     if unsafe { libc::flock(file.as_raw_fd(), operation) } != 0 {
         return Err(std::io::Error::last_os_error()).context("locking the instance");
@@ -186,11 +203,50 @@ fn lock_as(instance: &Instance, operation: libc::c_int) -> Result<Lock> {
     Ok(Lock(file))
 }
 
-/// lbctl changes kernel state: say so plainly rather than fail deep inside a syscall.
+/// Capabilities lbctl uses (`include/uapi/linux/capability.h`): interfaces, XDP, TC and
+/// neighbours; setns, mounting bpffs and BPF without CAP_BPF; BPF itself.
+const CAP_NET_ADMIN: u32 = 12;
+const CAP_SYS_ADMIN: u32 = 21;
+const CAP_BPF: u32 = 39;
+
+/// lbctl changes kernel state and keeps root-only files: say so plainly, before anything else,
+/// rather than fail deep inside a syscall. Root without the capabilities (a container without
+/// privileges, a bounding set that dropped them) is told apart.
 pub fn require_root() -> Result<()> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
-        bail!("lbctl must run as root (it loads eBPF programs and manages network interfaces)");
+        bail!("lbctl needs root (CAP_NET_ADMIN, CAP_SYS_ADMIN, CAP_BPF): run with sudo");
+    }
+    // The kernel takes CAP_SYS_ADMIN for CAP_BPF (before 5.8 there was no CAP_BPF).
+    let missing: Vec<&str> = match effective_capabilities() {
+        Some(caps) => {
+            let has = |cap: u32| caps & (1 << cap) != 0;
+            [
+                (has(CAP_NET_ADMIN), "CAP_NET_ADMIN"),
+                (has(CAP_SYS_ADMIN), "CAP_SYS_ADMIN"),
+                (has(CAP_BPF) || has(CAP_SYS_ADMIN), "CAP_BPF"),
+            ]
+            .into_iter()
+            .filter(|(held, _)| !held)
+            .map(|(_, name)| name)
+            .collect()
+        }
+        None => Vec::new(),
+    };
+    if !missing.is_empty() {
+        bail!(
+            "lbctl needs root (CAP_NET_ADMIN, CAP_SYS_ADMIN, CAP_BPF): this root process lacks {}",
+            missing.join(", ")
+        );
     }
     Ok(())
+}
+
+/// The effective capability set (`CapEff` of /proc/self/status), if it can be read.
+fn effective_capabilities() -> Option<u64> {
+    let status = fs::read_to_string("/proc/self/status").ok()?;
+    let hex = status
+        .lines()
+        .find_map(|line| line.strip_prefix("CapEff:"))?;
+    u64::from_str_radix(hex.trim(), 16).ok()
 }

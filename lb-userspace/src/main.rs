@@ -264,7 +264,6 @@ enum MeshCommand {
 }
 
 fn run(cli: Cli) -> anyhow::Result<String> {
-    instance::require_root()?;
     let instance = instance::resolve(cli.netns.as_deref(), cli.state_dir, cli.bpffs)?;
     match cli.command {
         Command::Attach {
@@ -414,6 +413,11 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    // Before anything touches the system; the message starts with "lbctl" already.
+    if let Err(err) = instance::require_root() {
+        eprintln!("{err}");
+        return ExitCode::FAILURE;
+    }
     match run(cli) {
         Ok(output) => {
             if !output.is_empty() {

@@ -60,19 +60,21 @@ pub fn parse_port(s: &str) -> Result<u16, String> {
 
 /// Parses a backend `IPv4:PORT`, rejecting addresses no backend can have.
 pub fn parse_backend(s: &str) -> Result<SocketAddrV4, String> {
+    backend_addr(s).map_err(|why| format!("invalid backend '{s}': {why}"))
+}
+
+/// `parse_backend` without naming the argument: why `s` is no backend address.
+fn backend_addr(s: &str) -> Result<SocketAddrV4, String> {
     let (ip, port) = s
         .rsplit_once(':')
-        .ok_or_else(|| format!("invalid backend '{s}': expected IPv4:PORT"))?;
+        .ok_or_else(|| "expected IPv4:PORT".to_owned())?;
     let ip: Ipv4Addr = ip
         .parse()
-        .map_err(|_| format!("invalid backend '{s}': '{ip}' is not an IPv4 address"))?;
+        .map_err(|_| format!("'{ip}' is not an IPv4 address"))?;
     if ip.is_unspecified() || ip.is_broadcast() || ip.is_multicast() {
-        return Err(format!(
-            "invalid backend '{s}': {ip} cannot be a backend address"
-        ));
+        return Err(format!("{ip} cannot be a backend address"));
     }
-    let port = parse_port(port).map_err(|err| format!("invalid backend '{s}': {err}"))?;
-    Ok(SocketAddrV4::new(ip, port))
+    Ok(SocketAddrV4::new(ip, parse_port(port)?))
 }
 
 /// A backend as the operator names it: `IP:PORT`, or `IP:PORT@NODE` for a task on a node of the
@@ -112,10 +114,8 @@ pub fn parse_backend_spec(s: &str) -> Result<BackendSpec, String> {
         }
         None => (s, None),
     };
-    Ok(BackendSpec {
-        addr: parse_backend(addr)?,
-        node,
-    })
+    let addr = backend_addr(addr).map_err(|why| format!("invalid backend '{s}': {why}"))?;
+    Ok(BackendSpec { addr, node })
 }
 
 /// Parses a node's underlay address: the unicast IPv4 address VXLAN packets are sent to.
@@ -129,32 +129,6 @@ pub fn parse_node_ip(s: &str) -> Result<Ipv4Addr, String> {
         ));
     }
     Ok(ip)
-}
-
-/// Parses a duration, `2s`, `500ms` or `1.5s`, as milliseconds: above 0, at most a day.
-pub fn parse_duration_ms(s: &str) -> Result<u64, String> {
-    let bad = || format!("invalid duration '{s}': use e.g. 2s or 500ms");
-    let (number, scale) = if let Some(ms) = s.strip_suffix("ms") {
-        (ms, 1.0)
-    } else if let Some(secs) = s.strip_suffix('s') {
-        (secs, 1000.0)
-    } else {
-        return Err(bad());
-    };
-    let value: f64 = number.parse().map_err(|_| bad())?;
-    if !value.is_finite() || value <= 0.0 || value * scale > 86_400_000.0 {
-        return Err(bad());
-    }
-    Ok((value * scale).round() as u64)
-}
-
-/// Milliseconds as [`parse_duration_ms`] reads them back: `2s` when whole seconds, else `500ms`.
-pub fn format_duration_ms(ms: u64) -> String {
-    if ms.is_multiple_of(1000) {
-        format!("{}s", ms / 1000)
-    } else {
-        format!("{ms}ms")
-    }
 }
 
 /// Parses a VXLAN network identifier: 0 to 2^24 − 1.
@@ -179,6 +153,41 @@ pub fn parse_vip(s: &str) -> Result<Ipv4Addr, String> {
         ));
     }
     Ok(ip)
+}
+
+/// The longest duration lbctl takes: a day, in milliseconds.
+pub const MAX_DURATION_MS: u64 = 86_400_000;
+
+/// Parses a duration, `2s`, `500ms` or `1.5s`, as milliseconds: from 1 ms to a day.
+pub fn parse_duration_ms(s: &str) -> Result<u64, String> {
+    let bad = || format!("invalid duration '{s}': use e.g. 2s or 500ms, from 1ms to 1 day");
+    let (number, scale) = if let Some(ms) = s.strip_suffix("ms") {
+        (ms, 1.0)
+    } else if let Some(secs) = s.strip_suffix('s') {
+        (secs, 1000.0)
+    } else {
+        return Err(bad());
+    };
+    // Plain decimals only: f64's parser also takes "1e3", "+2", "inf" and "NaN".
+    if !number.chars().all(|c| c.is_ascii_digit() || c == '.') {
+        return Err(bad());
+    }
+    let value: f64 = number.parse().map_err(|_| bad())?;
+    // Rounded first: less than half a millisecond would be an interval of 0.
+    let ms = (value * scale).round();
+    if !(1.0..=MAX_DURATION_MS as f64).contains(&ms) {
+        return Err(bad());
+    }
+    Ok(ms as u64)
+}
+
+/// Writes milliseconds as `parse_duration_ms` reads them: `2s`, or `1500ms`.
+pub fn format_duration_ms(ms: u64) -> String {
+    if ms > 0 && ms.is_multiple_of(1000) {
+        format!("{}s", ms / 1000)
+    } else {
+        format!("{ms}ms")
+    }
 }
 
 /// Service and node names appear in metrics labels, file names and `IP:PORT@NODE`: keep them
@@ -349,8 +358,11 @@ impl HealthCheck {
             None => "TCP connect".to_owned(),
         };
         format!(
-            "{probe} every {} ms, timeout {} ms, unhealthy after {} failures, healthy after {} successes",
-            self.interval_ms, self.timeout_ms, self.fall, self.rise
+            "{probe} every {}, timeout {}, unhealthy after {} failures, healthy after {} successes",
+            format_duration_ms(self.interval_ms),
+            format_duration_ms(self.timeout_ms),
+            self.fall,
+            self.rise
         )
     }
 
@@ -965,6 +977,89 @@ impl Table {
         Ok(())
     }
 
+    /// Checks a table read from a file: what every edit above keeps true. Names plain and
+    /// unique; ids in range and unique (they index the data plane's arrays); one service per
+    /// frontend; backend addresses a backend can have, once per service, on known nodes; nodes
+    /// unique by name and address; mesh settings and health checks in range.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.nodes.len() > MAX_NODES as usize {
+            return Err(format!("{} nodes, at most {MAX_NODES}", self.nodes.len()));
+        }
+        let mut node_names = BTreeSet::new();
+        let mut node_ips = BTreeSet::new();
+        for node in &self.nodes {
+            validate_name("node", &node.name)?;
+            parse_node_ip(&node.ip.to_string())?;
+            if !node_names.insert(node.name.as_str()) {
+                return Err(format!("node '{}' is listed twice", node.name));
+            }
+            if !node_ips.insert(node.ip) {
+                return Err(format!("underlay IP {} belongs to two nodes", node.ip));
+            }
+        }
+        if self.vni > MAX_VNI || self.vxlan_port == 0 {
+            return Err(format!(
+                "invalid mesh settings: VNI {} (at most {MAX_VNI}), VXLAN port {} (not 0)",
+                self.vni, self.vxlan_port
+            ));
+        }
+        if self.services.len() > MAX_SERVICES as usize {
+            return Err(format!(
+                "{} services, at most {MAX_SERVICES}",
+                self.services.len()
+            ));
+        }
+        let mut service_names = BTreeSet::new();
+        let mut service_ids = BTreeSet::new();
+        let mut frontends = BTreeSet::new();
+        let mut backend_ids = BTreeSet::new();
+        for service in &self.services {
+            let name = &service.name;
+            validate_name("service", name)?;
+            if !service_names.insert(name.as_str()) {
+                return Err(format!("service '{name}' is listed twice"));
+            }
+            if service.id >= MAX_SERVICES || !service_ids.insert(service.id) {
+                return Err(format!(
+                    "service '{name}' has id {}, out of range or taken",
+                    service.id
+                ));
+            }
+            parse_port(&service.port.to_string())
+                .map_err(|err| format!("service '{name}': {err}"))?;
+            if let Some(vip) = service.vip {
+                parse_vip(&vip.to_string()).map_err(|err| format!("service '{name}': {err}"))?;
+            }
+            if !frontends.insert((service.proto, service.port, service.vip)) {
+                return Err(format!("{} is published twice", service.frontend()));
+            }
+            service
+                .health_check
+                .validate()
+                .map_err(|err| format!("service '{name}': {err}"))?;
+            let specs: Vec<BackendSpec> = service
+                .backends
+                .iter()
+                .map(|b| BackendSpec {
+                    addr: b.addr,
+                    node: b.node.clone(),
+                })
+                .collect();
+            check_backend_list(name, &[], &specs)?;
+            self.check_nodes_known(&specs)?;
+            for backend in &service.backends {
+                parse_backend(&backend.addr.to_string())?;
+                if backend.id >= MAX_BACKENDS || !backend_ids.insert(backend.id) {
+                    return Err(format!(
+                        "backend {backend} of service '{name}' has id {}, out of range or taken",
+                        backend.id
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Every backend argument names a node of the table (or none).
     fn check_nodes_known(&self, backends: &[BackendSpec]) -> Result<(), String> {
         for node in backends.iter().filter_map(|b| b.node.as_deref()) {
@@ -1325,9 +1420,9 @@ mod tests {
             ("10.0.0.8:80@", "invalid node name ''"),
             ("10.0.0.8:80@n 2", "invalid node name 'n 2'"),
             ("10.0.0.8:80@n2@n3", "invalid node name 'n2@n3'"),
-            ("10.0.0.8@n2", "'10.0.0.8'"),
-            ("10.0.0.8:0@n2", "'10.0.0.8:0'"),
-            ("@n2", "''"),
+            ("10.0.0.8@n2", "'10.0.0.8@n2': expected IPv4:PORT"),
+            ("10.0.0.8:0@n2", "'10.0.0.8:0@n2': invalid port '0'"),
+            ("@n2", "invalid backend '@n2'"),
         ] {
             let err = parse_backend_spec(bad).unwrap_err();
             assert!(err.contains(names), "{bad}: {err}");
@@ -1762,5 +1857,70 @@ mod tests {
         assert_eq!(table.apply(None, &services), Ok(false));
         // Checking and numbering each addition against the whole table took minutes.
         assert!(elapsed.as_secs() < 10, "{elapsed:?}");
+    }
+
+    /// Each way a hand-edited or damaged file can break what the commands keep true is refused,
+    /// naming what is wrong.
+    #[test]
+    fn tables_no_command_could_make_are_refused_by_validate() {
+        let mut base = table_with_web();
+        base.add_node("n1", ip("192.168.1.1")).unwrap();
+        base.add_service("dns", Proto::Udp, 53, None, &[addr("10.0.0.6:53")])
+            .unwrap();
+        assert_eq!(base.validate(), Ok(()));
+        type Break = fn(&mut Table);
+        let broken: [(&str, Break, &str); 10] = [
+            (
+                "a service twice",
+                |t| t.services[1].name = "web".into(),
+                "'web' is listed twice",
+            ),
+            ("a shared service id", |t| t.services[1].id = 0, "id 0"),
+            (
+                "a service id out of range",
+                |t| t.services[0].id = MAX_SERVICES,
+                "id 16384",
+            ),
+            (
+                "a frontend twice",
+                |t| {
+                    t.services[1].proto = Proto::Tcp;
+                    t.services[1].port = 8080;
+                },
+                "tcp/8080 is published twice",
+            ),
+            ("port 0", |t| t.services[0].port = 0, "'0'"),
+            (
+                "a shared backend id",
+                |t| t.services[1].backends[0].id = 0,
+                "id 0",
+            ),
+            (
+                "a backend twice",
+                |t| t.services[0].backends[1].addr = addr("10.0.0.6:80"),
+                "10.0.0.6:80",
+            ),
+            (
+                "a backend on an unknown node",
+                |t| t.services[0].backends[0].node = Some("n9".into()),
+                "'n9'",
+            ),
+            (
+                "a node twice",
+                |t| t.nodes.push(t.nodes[0].clone()),
+                "'n1' is listed twice",
+            ),
+            (
+                "a health check out of range",
+                |t| t.services[0].health_check.rise = 0,
+                "rise",
+            ),
+        ];
+        for (what, break_it, named) in broken {
+            let mut table = base.clone();
+            break_it(&mut table);
+            let err = table.validate().expect_err(what);
+            assert!(err.contains(named), "{what}: {err}");
+        }
     }
 }

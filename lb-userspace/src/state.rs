@@ -2,9 +2,9 @@
 //! neighbour entries lbctl made. Written
 //! atomically (temporary file, fsync, rename), so a crash leaves the old or the new state.
 use std::{
-    fs::{self, File, OpenOptions},
+    fs::{self, File, OpenOptions, Permissions},
     io::Write as _,
-    os::unix::fs::OpenOptionsExt as _,
+    os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _},
     path::Path,
 };
 
@@ -58,12 +58,13 @@ impl Default for State {
 /// nothing (the operator decides what to do with it).
 pub fn load(dir: &Path) -> Result<State> {
     let path = dir.join(STATE_FILE);
-    let text = match fs::read_to_string(&path) {
+    let text = match fs::read(&path) {
         Ok(text) => text,
         Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(State::default()),
         Err(err) => return Err(err).with_context(|| format!("reading {}", path.display())),
     };
-    let state: State = serde_json::from_str(&text).with_context(|| {
+    // Bytes, not a string: text that is not UTF-8 is a damaged file like any other.
+    let state: State = serde_json::from_slice(&text).with_context(|| {
         format!(
             "state file {} is damaged; restore or remove it",
             path.display()
@@ -74,6 +75,12 @@ pub fn load(dir: &Path) -> Result<State> {
             "state file {} has format {}, this lbctl reads {FORMAT}",
             path.display(),
             state.format
+        );
+    }
+    if let Err(err) = state.table.validate() {
+        bail!(
+            "state file {} is damaged: {err}; restore or remove it",
+            path.display()
         );
     }
     Ok(state)
@@ -99,7 +106,10 @@ pub fn write_atomic(dir: &Path, name: &str, text: &[u8]) -> Result<()> {
         .mode(0o600)
         .open(&tmp)
         .with_context(|| format!("writing {}", tmp.display()))?;
-    file.write_all(text)
+    // The mode above applies to a new file only: a temporary file left by a crash keeps its
+    // own, and the renamed file takes it. Root's alone, whatever the umask or the leftover.
+    file.set_permissions(Permissions::from_mode(0o600))
+        .and_then(|()| file.write_all(text))
         .and_then(|()| file.sync_all())
         .with_context(|| format!("writing {}", tmp.display()))?;
     fs::rename(&tmp, &path).with_context(|| format!("replacing {}", path.display()))?;
@@ -130,25 +140,33 @@ mod tests {
         dir
     }
 
+    /// A state whose table has a service per `(name, port)`, each with backend 10.0.0.6:80.
+    fn state_with(services: &[(&str, u16)]) -> State {
+        let mut state = State::default();
+        for (name, port) in services {
+            state
+                .table
+                .add_service(
+                    name,
+                    Proto::Tcp,
+                    *port,
+                    None,
+                    &[parse_backend("10.0.0.6:80").unwrap()],
+                )
+                .unwrap();
+        }
+        state
+    }
+
     #[test]
     fn state_round_trips_and_missing_means_empty() {
         let dir = temp_dir("roundtrip");
         assert_eq!(load(&dir).unwrap(), State::default());
-        let mut state = State::default();
+        let mut state = state_with(&[("web", 8080)]);
         state.attachments.push(Attachment {
             iface: "eth0".into(),
             ifindex: 7,
         });
-        state
-            .table
-            .add_service(
-                "web",
-                Proto::Tcp,
-                8080,
-                None,
-                &[parse_backend("10.0.0.6:80").unwrap()],
-            )
-            .unwrap();
         save(&dir, &state).unwrap();
         assert_eq!(load(&dir).unwrap(), state);
         fs::remove_dir_all(&dir).unwrap();
@@ -164,6 +182,47 @@ mod tests {
             fs::read(dir.join(STATE_FILE)).unwrap(),
             b"{\"format\": 1, \"flow_cap"
         );
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A crash between writing the temporary file and renaming it leaves the old state in
+    /// force; the next save replaces the leftover, and the file is root's alone.
+    #[test]
+    fn a_crash_before_the_rename_leaves_the_old_state() {
+        let dir = temp_dir("crash");
+        let old = state_with(&[("web", 8080)]);
+        save(&dir, &old).unwrap();
+        let mut new = old.clone();
+        new.table.remove_service("web").unwrap();
+        let new_text = serde_json::to_vec_pretty(&new).unwrap();
+        let leftover = dir.join(format!(".{STATE_FILE}.tmp"));
+        fs::write(&leftover, &new_text[..new_text.len() / 2]).unwrap();
+        fs::set_permissions(&leftover, Permissions::from_mode(0o644)).unwrap();
+        assert_eq!(load(&dir).unwrap(), old);
+
+        save(&dir, &new).unwrap();
+        assert_eq!(load(&dir).unwrap(), new);
+        assert!(!leftover.exists());
+        let mode = fs::metadata(dir.join(STATE_FILE))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A file that parses but breaks what the commands keep true (here, two services on one
+    /// id, so one slot of the data plane's arrays) is as damaged as a cut one.
+    #[test]
+    fn a_table_no_command_could_make_is_refused() {
+        let dir = temp_dir("inconsistent");
+        let mut state = state_with(&[("web", 8080), ("api", 9090)]);
+        state.table.services[1].id = state.table.services[0].id;
+        let text = serde_json::to_vec(&state).unwrap();
+        fs::write(dir.join(STATE_FILE), &text).unwrap();
+        let err = format!("{:#}", load(&dir).unwrap_err());
+        assert!(err.contains("damaged") && err.contains("id 0"), "{err}");
+        assert_eq!(fs::read(dir.join(STATE_FILE)).unwrap(), text);
         fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -44,6 +44,12 @@ impl Lbctl {
         &self.state_dir
     }
 
+    /// Where the instance pins its maps (`maps/`) and links (`links/`): lbctl's default bpffs
+    /// folder for the namespace.
+    pub fn pin_dir(&self) -> PathBuf {
+        Path::new("/sys/fs/bpf/lbctl").join(&self.netns)
+    }
+
     /// Runs `lbctl ... ARGS` and returns its stdout; fails with the command
     /// line, stderr and stdout if it exits non-zero.
     pub fn run(&self, args: &[&str]) -> Result<String> {

@@ -93,6 +93,24 @@ fn sibling_binary(name: &str, env_var: &str, package: &str) -> Result<PathBuf> {
     )
 }
 
+/// Every file and folder below `dir` (not `dir` itself), depth first, in name order.
+pub fn paths_under(dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut entries: Vec<PathBuf> = std::fs::read_dir(dir)
+        .with_context(|| format!("cannot list {}", dir.display()))?
+        .map(|entry| entry.map(|e| e.path()))
+        .collect::<Result<_, _>>()
+        .with_context(|| format!("cannot list {}", dir.display()))?;
+    entries.sort();
+    let mut out = Vec::new();
+    for path in entries {
+        if path.is_dir() {
+            out.extend(paths_under(&path)?);
+        }
+        out.push(path);
+    }
+    Ok(out)
+}
+
 /// Returns a `lbt-<pid>-<counter>` prefix unique on this machine while this
 /// process lives: namespaces and state folders of parallel tests (threads)
 /// and of concurrent runs (processes) never collide, and the pid lets

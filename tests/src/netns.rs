@@ -131,6 +131,15 @@ impl NetNs {
             .with_context(|| format!("cannot start {}", describe(&cmd)))
     }
 
+    /// Adds a veth pair `name`/`peer` inside this namespace, both ends up: an interface to
+    /// attach lbctl to when no traffic needs to cross it.
+    pub fn add_veth_pair(&self, name: &str, peer: &str) -> Result<()> {
+        self.ip(["link", "add", name, "type", "veth", "peer", "name", peer])?;
+        self.ip(["link", "set", name, "up"])?;
+        self.ip(["link", "set", peer, "up"])?;
+        Ok(())
+    }
+
     /// Sets a sysctl of this namespace (`sysctl -qw KEY=VALUE` inside it);
     /// `net.*` keys are per namespace.
     pub fn sysctl(&self, key: &str, value: &str) -> Result<()> {

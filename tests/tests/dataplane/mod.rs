@@ -1,0 +1,470 @@
+//! The node the packet tests run the data plane in, and the frames they send it: shared by
+//! `packets.rs` (exact frames for each feature) and `hostile.rs` (generated malformed frames).
+//!
+//! The node is a network namespace of its own: a veth `lbt0` with the node address
+//! 192.168.100.1/24 and the task subnet 10.0.0.1/24, and permanent neighbour entries for the
+//! client, the backends and the other mesh node `n2`, so that the FIB lookups of the program
+//! resolve. It is `n1` of a routing mesh: its own backends are reached by routing, `n2`'s
+//! through VXLAN.
+#![allow(
+    dead_code,
+    reason = "each test file that includes this module uses a part of it"
+)]
+use std::net::Ipv4Addr;
+
+use aya::{
+    Ebpf,
+    programs::{ProgramError, SchedClassifier, TestRun, TestRunOptions, Xdp},
+};
+use etherparse::{EtherType, Ethernet2Header, IpNumber, Ipv4Header, PacketBuilder, UdpHeader};
+use lb_common::{
+    BackendStats, DEFAULT_VNI, DEFAULT_VXLAN_PORT, Event, FlowKey, Reason, program_names,
+};
+use lb_tests::netns::NetNs;
+use lb_userspace::{
+    datapath::{self, Maps},
+    model::{Proto, Table, parse_backend_spec},
+    sync,
+};
+
+pub const XDP_DROP: u32 = 1;
+pub const XDP_PASS: u32 = 2;
+pub const XDP_TX: u32 = 3;
+pub const XDP_REDIRECT: u32 = 4;
+/// TC_ACT_UNSPEC: the program lets the packet go on its way.
+pub const TC_ACT_UNSPEC: i32 = -1;
+
+pub const NODE_IP: [u8; 4] = [192, 168, 100, 1];
+pub const CLIENT_IP: [u8; 4] = [192, 168, 100, 2];
+pub const OTHER_IP: [u8; 4] = [192, 168, 100, 77];
+pub const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];
+pub const BACKENDS: [[u8; 4]; 3] = [[10, 0, 0, 6], [10, 0, 0, 7], [10, 0, 0, 8]];
+pub const BACKEND_PORT: u16 = 80;
+pub const WEB_PORT: u16 = 8080;
+pub const DNS_PORT: u16 = 5353;
+pub const DNS_BACKEND_PORT: u16 = 53;
+/// The MAC the client addressed its frames to: the node's, whatever it is.
+pub const INGRESS_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
+
+/// The other node of the mesh, on the same underlay segment.
+pub const N2_IP: [u8; 4] = [192, 168, 100, 11];
+pub const N2_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x0b];
+/// A third node, known but hosting none of the test services' backends.
+pub const N3_IP: [u8; 4] = [192, 168, 100, 12];
+/// The UDP source port n2 puts on the VXLAN it sends (its flow hash: any value will do).
+pub const N2_SOURCE_PORT: u16 = 0xc123;
+/// `mesh tcp/9090` and `meshdns udp/9053` have one backend, on n2.
+pub const MESH_PORT: u16 = 9090;
+pub const MESH_DNS_PORT: u16 = 9053;
+pub const REMOTE_BACKEND: [u8; 4] = [10, 0, 0, 20];
+/// MTU of `lbt0` (veth's default), the underlay the VXLAN leaves by.
+pub const UNDERLAY_MTU: usize = 1500;
+
+pub fn backend_mac(i: usize) -> [u8; 6] {
+    [0x02, 0, 0, 0, 0, BACKENDS[i][3]]
+}
+
+pub struct Node {
+    pub ebpf: Ebpf,
+    pub maps: Maps,
+    pub table: Table,
+    /// The node of the table this instance is (`sync::desired`'s `self_node`).
+    pub self_node: Option<&'static str>,
+    /// ifindex and MAC of `lbt0`.
+    pub ifindex: u32,
+    pub mac: [u8; 6],
+}
+
+/// Builds the node namespace; `body` runs inside it with the program loaded and the table
+/// `web tcp/8080 → 10.0.0.6-8:80, dns udp/5353 → 10.0.0.6-7:53, mesh tcp/9090 → 10.0.0.20:80@n2,
+/// meshdns udp/9053 → 10.0.0.20:53@n2` applied as node `n1` of the nodes `n1` (192.168.100.1)
+/// and `n2` (192.168.100.11).
+pub fn with_node(body: impl FnOnce(&mut Node) + Send) {
+    lb_tests::require_root().unwrap();
+    let ns = NetNs::new("pkt").unwrap();
+    for args in [
+        "link add lbt0 type veth peer name lbt1",
+        "link set lbt0 address 02:00:00:00:00:01",
+        "link set lbt0 up",
+        "link set lbt1 up",
+        "addr add 192.168.100.1/24 dev lbt0",
+        "addr add 10.0.0.1/24 dev lbt0",
+        "neigh add 192.168.100.2 lladdr 02:00:00:00:00:02 dev lbt0 nud permanent",
+        "neigh add 10.0.0.6 lladdr 02:00:00:00:00:06 dev lbt0 nud permanent",
+        "neigh add 10.0.0.7 lladdr 02:00:00:00:00:07 dev lbt0 nud permanent",
+        "neigh add 10.0.0.8 lladdr 02:00:00:00:00:08 dev lbt0 nud permanent",
+        "neigh add 192.168.100.11 lladdr 02:00:00:00:00:0b dev lbt0 nud permanent",
+    ] {
+        ns.ip(args.split(' ')).unwrap();
+    }
+    ns.sysctl("net.ipv4.ip_forward", "1").unwrap();
+    ns.in_netns(move || {
+        let mut ebpf = datapath::load(None, 4096).unwrap();
+        let xdp: &mut Xdp = ebpf
+            .program_mut(program_names::XDP_INGRESS)
+            .unwrap()
+            .try_into()
+            .unwrap();
+        xdp.load().unwrap();
+        let tc: &mut SchedClassifier = ebpf
+            .program_mut(program_names::TC_EGRESS)
+            .unwrap()
+            .try_into()
+            .unwrap();
+        tc.load().unwrap();
+        let maps = Maps::take(&mut ebpf).unwrap();
+        let ifindex = if_index("lbt0");
+        let mut node = Node {
+            ebpf,
+            maps,
+            table: Table::default(),
+            self_node: Some("n1"),
+            ifindex,
+            mac: INGRESS_MAC,
+        };
+        let web: Vec<_> = BACKENDS
+            .iter()
+            .map(|ip| std::net::SocketAddrV4::new(Ipv4Addr::from(*ip), BACKEND_PORT))
+            .collect();
+        let dns: Vec<_> = BACKENDS[..2]
+            .iter()
+            .map(|ip| std::net::SocketAddrV4::new(Ipv4Addr::from(*ip), DNS_BACKEND_PORT))
+            .collect();
+        node.table
+            .add_service("web", Proto::Tcp, WEB_PORT, None, &web)
+            .unwrap();
+        node.table
+            .add_service("dns", Proto::Udp, DNS_PORT, None, &dns)
+            .unwrap();
+        for (name, ip) in [("n1", NODE_IP), ("n2", N2_IP), ("n3", N3_IP)] {
+            node.table.add_node(name, Ipv4Addr::from(ip)).unwrap();
+        }
+        for (name, proto, port, backend) in [
+            ("mesh", Proto::Tcp, MESH_PORT, "10.0.0.20:80@n2"),
+            ("meshdns", Proto::Udp, MESH_DNS_PORT, "10.0.0.20:53@n2"),
+        ] {
+            let backend = parse_backend_spec(backend).unwrap();
+            node.table
+                .add_service(name, proto, port, None, &[backend])
+                .unwrap();
+        }
+        node.apply();
+        body(&mut node);
+    });
+}
+
+pub fn if_index(name: &str) -> u32 {
+    let name = std::ffi::CString::new(name).unwrap();
+    // SAFETY: valid C string.
+    let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
+    assert_ne!(index, 0, "no interface {name:?}");
+    index
+}
+
+impl Node {
+    pub fn apply(&mut self) {
+        let actual = self.maps.read_contents().unwrap();
+        let delta = sync::delta(&sync::desired(&self.table, self.self_node), &actual);
+        self.maps.apply(&delta).unwrap();
+    }
+
+    /// Runs the XDP program on `frame`, as if received on `ingress` (default: loopback).
+    pub fn xdp(&self, frame: &[u8], ingress: Option<u32>) -> (u32, Vec<u8>) {
+        self.try_xdp(frame, ingress).unwrap()
+    }
+
+    /// [`Node::xdp`], or the kernel's refusal to run the program on `frame`.
+    pub fn try_xdp(
+        &self,
+        frame: &[u8],
+        ingress: Option<u32>,
+    ) -> Result<(u32, Vec<u8>), ProgramError> {
+        let prog: &Xdp = self
+            .ebpf
+            .program(program_names::XDP_INGRESS)
+            .unwrap()
+            .try_into()
+            .unwrap();
+        // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex.
+        let mut ctx = [0u8; 24];
+        ctx[4..8].copy_from_slice(&(frame.len() as u32).to_ne_bytes());
+        ctx[12..16].copy_from_slice(&ingress.unwrap_or(0).to_ne_bytes());
+        let mut out = vec![0u8; frame.len() + 256];
+        let result = prog.test_run(TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut out),
+            ctx_in: ingress.map(|_| &ctx[..]),
+            ..TestRunOptions::new()
+        })?;
+        out.truncate(result.data_size_out as usize);
+        Ok((result.return_value, out))
+    }
+
+    /// One case of a table: `frame` gets `action`, is counted once under `reason`, and is left
+    /// unchanged when passed.
+    pub fn xdp_case(
+        &self,
+        name: &str,
+        frame: &[u8],
+        ingress: Option<u32>,
+        action: u32,
+        reason: Reason,
+    ) {
+        let before = self.reason(reason);
+        let (got, out) = self.xdp(frame, ingress);
+        assert_eq!(got, action, "{name}");
+        if action == XDP_PASS {
+            assert_eq!(out, frame, "{name} must pass unchanged");
+        }
+        assert_eq!(
+            self.reason(reason),
+            before + 1,
+            "{name} is counted as {}",
+            reason.name()
+        );
+    }
+
+    /// Runs the TC egress program on `frame`, as if leaving through `egress` (default:
+    /// loopback). Returns the TC action and the frame as the program left it.
+    pub fn tc_on(&self, frame: &[u8], egress: Option<u32>) -> (i32, Vec<u8>) {
+        self.try_tc_on(frame, egress).unwrap()
+    }
+
+    /// [`Node::tc_on`], or the kernel's refusal to run the program on `frame`.
+    pub fn try_tc_on(
+        &self,
+        frame: &[u8],
+        egress: Option<u32>,
+    ) -> Result<(i32, Vec<u8>), ProgramError> {
+        let prog: &SchedClassifier = self
+            .ebpf
+            .program(program_names::TC_EGRESS)
+            .unwrap()
+            .try_into()
+            .unwrap();
+        // struct __sk_buff up to ifindex: len, pkt_type, mark, queue_mapping, protocol,
+        // vlan_present, vlan_tci, vlan_proto, priority, ingress_ifindex, ifindex. The kernel
+        // refuses any of them but mark, priority, ingress_ifindex and ifindex non-zero, and
+        // sets the skb's device from ifindex.
+        let mut ctx = [0u8; 44];
+        ctx[40..44].copy_from_slice(&egress.unwrap_or(0).to_ne_bytes());
+        let mut out = vec![0u8; frame.len() + 256];
+        let result = prog.test_run(TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut out),
+            ctx_in: egress.map(|_| &ctx[..]),
+            ..TestRunOptions::new()
+        })?;
+        out.truncate(result.data_size_out as usize);
+        Ok((result.return_value as i32, out))
+    }
+
+    /// [`Node::tc_on`] out of loopback, for frames the program always lets go on.
+    pub fn tc(&self, frame: &[u8]) -> Vec<u8> {
+        let (action, out) = self.tc_on(frame, None);
+        assert_eq!(action, TC_ACT_UNSPEC, "TC always lets the chain go on");
+        out
+    }
+
+    pub fn reason(&self, reason: Reason) -> u64 {
+        self.maps.reason_totals().unwrap()[reason as usize].packets
+    }
+
+    pub fn event(&self, event: Event) -> u64 {
+        self.maps.event_totals().unwrap()[event as usize]
+    }
+
+    pub fn backend(&self, service: &str, i: usize) -> BackendStats {
+        let id = self.table.service(service).unwrap().backends[i].id;
+        self.maps.backend_totals(id).unwrap()
+    }
+
+    /// `TUNNEL_REPLIES`: reply 5-tuple → the ingress node its replies are encapsulated to.
+    pub fn tunnel_replies(&self) -> Vec<(FlowKey, [u8; 4])> {
+        self.maps
+            .tunnel_replies
+            .iter()
+            .map(|entry| {
+                let (key, tunnel) = entry.unwrap();
+                (key, tunnel.node_ip_be.to_ne_bytes())
+            })
+            .collect()
+    }
+}
+
+/// A TCP frame. `flags` is "S" (SYN), "A" (ACK) or "PA" (data).
+#[allow(clippy::too_many_arguments)]
+pub fn tcp(
+    macs: ([u8; 6], [u8; 6]),
+    src: ([u8; 4], u16),
+    dst: ([u8; 4], u16),
+    ttl: u8,
+    flags: &str,
+    payload: &[u8],
+) -> Vec<u8> {
+    let builder = PacketBuilder::ethernet2(macs.0, macs.1)
+        .ipv4(src.0, dst.0, ttl)
+        .tcp(src.1, dst.1, 1000, 64240);
+    let builder = match flags {
+        "S" => builder.syn(),
+        "A" => builder.ack(1),
+        "PA" => builder.psh().ack(1),
+        other => panic!("unknown flags {other}"),
+    };
+    let mut frame = Vec::new();
+    builder.write(&mut frame, payload).unwrap();
+    frame
+}
+
+pub fn udp(
+    macs: ([u8; 6], [u8; 6]),
+    src: ([u8; 4], u16),
+    dst: ([u8; 4], u16),
+    ttl: u8,
+    payload: &[u8],
+) -> Vec<u8> {
+    let mut frame = Vec::new();
+    PacketBuilder::ethernet2(macs.0, macs.1)
+        .ipv4(src.0, dst.0, ttl)
+        .udp(src.1, dst.1)
+        .write(&mut frame, payload)
+        .unwrap();
+    frame
+}
+
+pub fn client_syn(port: u16) -> Vec<u8> {
+    client_tcp(port, WEB_PORT, "S")
+}
+
+/// A client's TCP frame without payload to the node's published port `service_port`.
+pub fn client_tcp(port: u16, service_port: u16, flags: &str) -> Vec<u8> {
+    tcp(
+        (CLIENT_MAC, INGRESS_MAC),
+        (CLIENT_IP, port),
+        (NODE_IP, service_port),
+        64,
+        flags,
+        b"",
+    )
+}
+
+/// Checks the IPv4 and TCP/UDP checksums of a frame by recomputing them.
+pub fn assert_checksums_valid(frame: &[u8]) {
+    let sliced = etherparse::SlicedPacket::from_ethernet(frame).unwrap();
+    let Some(etherparse::NetSlice::Ipv4(ip)) = sliced.net else {
+        panic!("not IPv4")
+    };
+    let header = ip.header().to_header();
+    assert_eq!(
+        header.header_checksum,
+        header.calc_header_checksum(),
+        "IPv4 checksum"
+    );
+    match sliced.transport {
+        Some(etherparse::TransportSlice::Tcp(tcp)) => {
+            let expected = tcp
+                .to_header()
+                .calc_checksum_ipv4(&header, tcp.payload())
+                .unwrap();
+            assert_eq!(tcp.checksum(), expected, "TCP checksum");
+        }
+        Some(etherparse::TransportSlice::Udp(udp)) if udp.checksum() != 0 => {
+            let expected = udp
+                .to_header()
+                .calc_checksum_ipv4(&header, udp.payload())
+                .unwrap();
+            assert_eq!(udp.checksum(), expected, "UDP checksum");
+        }
+        _ => {}
+    }
+}
+
+/// The outer headers of a VXLAN frame, as the data plane writes them.
+#[derive(Clone, Copy)]
+pub struct Tunnel {
+    /// Source and destination MACs, outer and inner alike (the data plane repeats the outer
+    /// ones in the inner header).
+    pub macs: ([u8; 6], [u8; 6]),
+    pub src: ([u8; 4], u16),
+    pub dst: ([u8; 4], u16),
+    /// The VXLAN flags byte; 0x08 is the I flag (the VNI is valid).
+    pub flags: u8,
+    pub vni: u32,
+}
+
+impl Tunnel {
+    /// n2 → this node's overlay port, as n2 sends it.
+    pub fn from_n2() -> Tunnel {
+        Tunnel {
+            macs: (N2_MAC, INGRESS_MAC),
+            src: (N2_IP, N2_SOURCE_PORT),
+            dst: (NODE_IP, DEFAULT_VXLAN_PORT),
+            flags: 0x08,
+            vni: DEFAULT_VNI,
+        }
+    }
+
+    /// This node → n2, from the UDP source port the data plane chose.
+    pub fn to_n2(src_port: u16) -> Tunnel {
+        Tunnel {
+            macs: (INGRESS_MAC, N2_MAC),
+            src: (NODE_IP, src_port),
+            dst: (N2_IP, DEFAULT_VXLAN_PORT),
+            ..Tunnel::from_n2()
+        }
+    }
+
+    /// `inner` encapsulated: outer Ethernet, IPv4 (TTL 64, id 0, DF clear), UDP with checksum 0
+    /// (none: RFC 7348 allows it over IPv4), VXLAN, then `inner` whole.
+    pub fn wrap(&self, inner: &[u8]) -> Vec<u8> {
+        let vni = self.vni.to_be_bytes();
+        let vxlan = [self.flags, 0, 0, 0, vni[1], vni[2], vni[3], 0];
+        let udp_len = (UdpHeader::LEN + vxlan.len() + inner.len()) as u16;
+        let mut ip = Ipv4Header::new(udp_len, 64, IpNumber::UDP, self.src.0, self.dst.0).unwrap();
+        ip.dont_fragment = false;
+        ip.header_checksum = ip.calc_header_checksum();
+        let udp = UdpHeader {
+            source_port: self.src.1,
+            destination_port: self.dst.1,
+            length: udp_len,
+            checksum: 0,
+        };
+        let eth = Ethernet2Header {
+            source: self.macs.0,
+            destination: self.macs.1,
+            ether_type: EtherType::IPV4,
+        };
+        [
+            &eth.to_bytes()[..],
+            &ip.to_bytes(),
+            &udp.to_bytes(),
+            &vxlan,
+            inner,
+        ]
+        .concat()
+    }
+}
+
+/// A client's TCP frame without payload, DNATed to `backend`:80.
+pub fn to_backend(
+    macs: ([u8; 6], [u8; 6]),
+    port: u16,
+    backend: [u8; 4],
+    ttl: u8,
+    flags: &str,
+) -> Vec<u8> {
+    tcp(
+        macs,
+        (CLIENT_IP, port),
+        (backend, BACKEND_PORT),
+        ttl,
+        flags,
+        b"",
+    )
+}
+
+/// The client's SYN to `web` that n2 balanced to `10.0.0.6:80@n1` (this node), inner frame as
+/// n2 encapsulates it: MACs as its outer ones, TTL one less.
+pub fn syn_from_n2_for_a_local_backend() -> Vec<u8> {
+    to_backend((N2_MAC, INGRESS_MAC), 40000, BACKENDS[0], 63, "S")
+}
