@@ -44,6 +44,11 @@ impl Lbctl {
         &self.state_dir
     }
 
+    /// The instance's pins (`maps/`, `links/`) under the default bpffs, which the commands use.
+    pub fn pin_dir(&self) -> PathBuf {
+        Path::new("/sys/fs/bpf/lbctl").join(&self.netns)
+    }
+
     /// Runs `lbctl ... ARGS` and returns its stdout; fails with the command
     /// line, stderr and stdout if it exits non-zero.
     pub fn run(&self, args: &[&str]) -> Result<String> {
