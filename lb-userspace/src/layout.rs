@@ -129,6 +129,8 @@ pub fn expected(flow_capacity: u32) -> Result<BTreeMap<&'static str, Layout>> {
     map_names::ALL
         .iter()
         .map(|name| {
+            // Checked here, before anything changes, rather than when the versions are recorded.
+            name_key(name)?;
             let map = object
                 .maps
                 .get(*name)
@@ -474,12 +476,6 @@ mod tests {
             layouts[map_names::REASON_STATS].max_entries,
             lb_common::REASON_COUNT
         );
-        for (name, layout) in &layouts {
-            assert!(
-                layout.is_copyable(),
-                "{name} could not be migrated: teach layout::step and migrate about its type"
-            );
-        }
     }
 
     #[test]
