@@ -42,6 +42,10 @@ pub const PROTO_UDP: u8 = 17;
 /// (removed, or its slot reused) is treated as new and chooses again.
 pub const BACKEND_ACTIVE: u16 = 1;
 
+// The types below are the keys and values of pinned maps, which outlive the build that made
+// them: appending a field to a value (zero meaning "not known yet") or growing a map is migrated
+// by the next `lbctl upgrade`; any other change to existing bytes must bump the map's layout
+// version (lb-userspace's `layout::CHANGED_VERSIONS`), so that the old pins are refused.
 macro_rules! assert_size {
     ($ty:ty, $size:expr) => {
         const _: () = assert!(core::mem::size_of::<$ty>() == $size);

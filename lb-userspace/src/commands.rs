@@ -5,17 +5,14 @@
 use std::{ffi::CString, fs, net::Ipv4Addr};
 
 use anyhow::{Context as _, Result, anyhow, bail};
-use aya::programs::{
-    SchedClassifier, TcAttachType, Xdp, XdpMode,
-    links::{FdLink, PinnedLink},
-};
-use lb_common::{Event, Reason, VXLAN_OVERHEAD, program_names};
+use lb_common::{Event, Reason, VXLAN_OVERHEAD};
 use serde::Serialize;
 use serde_json::json;
 
 use crate::{
     cluster,
     datapath::{self, FlowCensus, Maps},
+    install,
     instance::{self, Instance},
     model::{BackendSpec, Health, HealthUpdate, Node, Proto, Service, Table},
     state::{self, Attachment, State},
@@ -33,7 +30,7 @@ pub enum AttachMode {
     Generic,
 }
 
-fn ifindex_of(instance: &Instance, iface: &str) -> Result<u32> {
+pub(crate) fn ifindex_of(instance: &Instance, iface: &str) -> Result<u32> {
     let name = CString::new(iface).map_err(|_| anyhow!("invalid interface name '{iface}'"))?;
     // SAFETY: valid NUL-terminated string.
     match unsafe { libc::if_nametoindex(name.as_ptr()) } {
@@ -43,17 +40,6 @@ fn ifindex_of(instance: &Instance, iface: &str) -> Result<u32> {
         ),
         index => Ok(index),
     }
-}
-
-/// Pin paths of an interface's XDP and TC links. bpffs refuses names with a '.', which
-/// interface names (VLANs: `eth0.100`) may contain, so it is escaped.
-fn link_pins(instance: &Instance, iface: &str) -> [std::path::PathBuf; 2] {
-    let dir = instance.links_dir();
-    let name = iface.replace('%', "%25").replace('.', "%2e");
-    [
-        dir.join(format!("{name}_xdp")),
-        dir.join(format!("{name}_tc")),
-    ]
 }
 
 /// The node of the table this instance is: the one whose underlay address is assigned to an
@@ -117,6 +103,9 @@ fn commit(instance: &Instance, state: &mut State) -> Result<()> {
     reconcile(instance, state).map(|_| ())
 }
 
+/// `lbctl attach IFACE`: attaches this build's programs to `iface`, or, when it is attached
+/// already, replaces its programs in place; either way every other attached interface gets
+/// this build's programs too (see `install`), and the maps are kept (or migrated).
 pub fn attach(
     instance: &Instance,
     iface: &str,
@@ -143,17 +132,13 @@ pub fn attach(
         }
         state.flow_capacity = capacity;
     }
-    let [xdp_pin, tc_pin] = link_pins(instance, iface);
-    if let Some(existing) = state.attachments.iter().find(|a| a.iface == iface) {
-        if existing.ifindex == ifindex && xdp_pin.exists() && tc_pin.exists() && maps_exist {
-            reconcile(instance, &mut state)?;
-            return Ok(format!(
-                "{iface} is already attached in '{}'",
-                instance.name
-            ));
-        }
-        // The interface was recreated (or pins were removed): attach afresh.
-        remove_links(instance, iface)?;
+    if state
+        .attachments
+        .iter()
+        .any(|a| a.iface == iface && a.ifindex != ifindex)
+    {
+        // The interface was recreated: its links went with the old one.
+        install::remove_links(instance, iface)?;
         state.attachments.retain(|a| a.iface != iface);
     }
 
@@ -165,62 +150,39 @@ pub fn attach(
     ] {
         instance::create_private_dir(&dir)?;
     }
-    datapath::check_pinned_layout(&instance.maps_dir(), state.flow_capacity)?;
     let forwarding_note = enable_forwarding()?;
-
-    let mut ebpf = datapath::load(Some(&instance.maps_dir()), state.flow_capacity)?;
-    let xdp: &mut Xdp = ebpf
-        .program_mut(program_names::XDP_INGRESS)
-        .ok_or_else(|| anyhow!("object has no XDP program"))?
-        .try_into()?;
-    xdp.load().context("loading the XDP program (verifier)")?;
-    let attempt = |xdp: &mut Xdp, mode| xdp.attach(iface, mode);
-    let link_id = match mode {
-        AttachMode::Native => attempt(xdp, XdpMode::Driver),
-        AttachMode::Generic => attempt(xdp, XdpMode::Skb),
-        AttachMode::Auto => attempt(xdp, XdpMode::Driver).or_else(|_| attempt(xdp, XdpMode::Skb)),
-    }
-    .with_context(|| format!("attaching XDP to {iface} (is another XDP program attached?)"))?;
-    let link: FdLink = xdp.take_link(link_id)?.try_into()?;
-    link.pin(&xdp_pin)
-        .with_context(|| format!("pinning {}", xdp_pin.display()))?;
-
-    let tc_result = (|| -> Result<()> {
-        let tc: &mut SchedClassifier = ebpf
-            .program_mut(program_names::TC_EGRESS)
-            .ok_or_else(|| anyhow!("object has no TC program"))?
-            .try_into()?;
-        tc.load().context("loading the TC program (verifier)")?;
-        let link_id = tc
-            .attach(iface, TcAttachType::Egress)
-            .with_context(|| format!("attaching TC egress to {iface}"))?;
-        let link: FdLink = tc.take_link(link_id)?.try_into()?;
-        link.pin(&tc_pin)
-            .with_context(|| format!("pinning {}", tc_pin.display()))?;
-        let mut maps = Maps::take(&mut ebpf)?;
-        maps.tx_ports
-            .insert(ifindex, ifindex, None, 0)
-            .context("adding the interface to TX_PORTS")?;
-        Ok(())
-    })();
-    if let Err(err) = tc_result {
-        let _ = remove_links(instance, iface);
-        return Err(err);
-    }
-
-    state.attachments.push(Attachment {
+    let target = install::Target {
         iface: iface.to_owned(),
         ifindex,
-    });
-    commit(instance, &mut state)?;
-    let mode_used = match mode {
-        AttachMode::Native => "native XDP",
-        AttachMode::Generic => "generic XDP",
-        AttachMode::Auto => "native XDP, or generic where the driver lacks it",
+        mode,
     };
+    let installed = install::install(instance, &state, Some(&target))?;
+    if !state.attachments.iter().any(|a| a.iface == iface) {
+        state.attachments.push(Attachment {
+            iface: iface.to_owned(),
+            ifindex,
+        });
+    }
+    commit(instance, &mut state)?;
     Ok(format!(
-        "attached to {iface} in '{}' ({mode_used} + TC egress; flow table of {} flows){forwarding_note}",
-        instance.name, state.flow_capacity
+        "{}{forwarding_note}",
+        installed.report(state.flow_capacity)
+    ))
+}
+
+/// `lbctl upgrade`: replaces the programs on every attached interface with this build's, in
+/// place, keeping (or migrating) the maps.
+pub fn upgrade(instance: &Instance) -> Result<String> {
+    let _lock = instance::lock(instance)?;
+    let mut state = attached_state(instance)?;
+    let installed = install::install(instance, &state, None)?;
+    // Normally writes nothing; heals a table the maps do not hold yet (new maps).
+    commit(instance, &mut state)?;
+    Ok(format!(
+        "upgraded '{}' to the programs of lbctl {}\n{}",
+        instance.name,
+        env!("CARGO_PKG_VERSION"),
+        installed.report(state.flow_capacity)
     ))
 }
 
@@ -236,30 +198,13 @@ fn enable_forwarding() -> Result<String> {
     Ok("\nnote: enabled IPv4 forwarding (net.ipv4.ip_forward=1) in this network namespace".into())
 }
 
-/// Unpins an interface's links, which detaches the programs, and removes it from TX_PORTS.
-fn remove_links(instance: &Instance, iface: &str) -> Result<()> {
-    for pin in link_pins(instance, iface) {
-        match PinnedLink::from_pin(&pin) {
-            Ok(link) => {
-                link.unpin()
-                    .with_context(|| format!("unpinning {}", pin.display()))?;
-            }
-            Err(_) if pin.exists() => {
-                fs::remove_file(&pin).with_context(|| format!("removing {}", pin.display()))?;
-            }
-            Err(_) => {}
-        }
-    }
-    Ok(())
-}
-
 pub fn detach(instance: &Instance, iface: &str) -> Result<String> {
     let _lock = instance::lock(instance)?;
     let mut state = state::load(&instance.state_dir)?;
     let Some(attachment) = state.attachments.iter().find(|a| a.iface == iface).cloned() else {
         bail!("interface '{iface}' is not attached in '{}'", instance.name);
     };
-    remove_links(instance, iface)?;
+    install::remove_links(instance, iface)?;
     if let Ok(mut maps) = Maps::open_pinned(&instance.maps_dir()) {
         // Already gone when the interface was deleted.
         let _ = maps.tx_ports.remove(attachment.ifindex);
@@ -277,7 +222,7 @@ pub fn purge(instance: &Instance) -> Result<String> {
     // Once the file is removed, purge removes what the pins and the state folder hold.
     let state = state::load(&instance.state_dir)?;
     for attachment in &state.attachments {
-        remove_links(instance, &attachment.iface)?;
+        install::remove_links(instance, &attachment.iface)?;
     }
     datapath::remove_pins(&instance.pin_dir)?;
     for warning in underlay::delete_all(&state.managed_neighbours) {

@@ -3,7 +3,7 @@
 use std::{
     collections::BTreeMap,
     fs,
-    os::fd::{AsFd as _, AsRawFd as _},
+    os::fd::AsFd as _,
     path::{Path, PathBuf},
 };
 
@@ -11,120 +11,55 @@ use anyhow::{Context as _, Result, anyhow, bail};
 use aya::{
     Ebpf, EbpfLoader, Pod,
     maps::{
-        Array, HashMap, IterableMap as _, Map, MapData, MapInfo, PerCpuArray, PerCpuValues,
-        xdp::DevMapHash,
+        Array, HashMap, IterableMap as _, Map, MapData, PerCpuArray, PerCpuValues, xdp::DevMapHash,
     },
     util::nr_cpus,
 };
 use lb_common::{
-    BACKEND_ACTIVE, Backend, BackendStats, Counter, FlowKey, FlowValue, MeshConfig, ReverseValue,
-    ServiceKey, ServiceValue, TunnelValue, map_names,
+    BACKEND_ACTIVE, Backend, BackendStats, Counter, FlowKey, FlowValue, MeshConfig, ServiceKey,
+    ServiceValue, TunnelValue, map_names,
 };
 
-use crate::sync::{Delta, MapContents};
+use crate::{
+    map_ops,
+    sync::{Delta, MapContents},
+};
 
 /// The compiled data plane (lb-ebpf), built by build.rs.
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb"));
 
+/// The maps sized like the flow table, whose capacity the operator chooses (`--flow-capacity`)
+/// instead of the object.
+pub const FLOW_SIZED: &[&str] = &[
+    map_names::FLOWS,
+    map_names::REVERSE_FLOWS,
+    map_names::TUNNEL_REPLIES,
+];
+
 /// Loads the object. With `pin_dir`, every map is reused from (or created and pinned at)
 /// `pin_dir/<MAP>`, so that all programs of an instance share them and they outlive `lbctl`.
 pub fn load(pin_dir: Option<&Path>, flow_capacity: u32) -> Result<Ebpf> {
-    let mut loader = EbpfLoader::new();
-    loader
-        .map_max_entries(map_names::FLOWS, flow_capacity)
-        .map_max_entries(map_names::REVERSE_FLOWS, flow_capacity)
-        .map_max_entries(map_names::TUNNEL_REPLIES, flow_capacity);
-    let paths: Vec<(&str, PathBuf)> = match pin_dir {
+    let pins: Vec<(&str, PathBuf)> = match pin_dir {
         Some(dir) => map_names::ALL
             .iter()
             .map(|name| (*name, dir.join(name)))
             .collect(),
         None => Vec::new(),
     };
-    for (name, path) in &paths {
+    load_pinned(&pins, flow_capacity)
+}
+
+/// Loads the object with each map of `pins` reused from (or created and pinned at) its path;
+/// the other maps are the object's own.
+pub fn load_pinned(pins: &[(&str, PathBuf)], flow_capacity: u32) -> Result<Ebpf> {
+    let mut loader = EbpfLoader::new();
+    for name in FLOW_SIZED {
+        loader.map_max_entries(name, flow_capacity);
+    }
+    for (name, path) in pins {
         loader.map_pin_path(name, path.as_path());
     }
     loader.load(OBJECT).context("loading the eBPF object")
-}
-
-/// Key size, value size and capacity of every map, as the current build declares them, so that
-/// maps pinned by another build are recognised before a program is attached to them.
-pub fn expected_layout(flow_capacity: u32) -> BTreeMap<&'static str, (u32, u32, u32)> {
-    use std::mem::size_of;
-    let size = |n: usize| n as u32;
-    BTreeMap::from([
-        (
-            map_names::SERVICES,
-            (
-                size(size_of::<ServiceKey>()),
-                size(size_of::<ServiceValue>()),
-                lb_common::MAX_SERVICES,
-            ),
-        ),
-        (
-            map_names::BACKENDS,
-            (4, size(size_of::<Backend>()), lb_common::MAX_BACKENDS),
-        ),
-        (map_names::RR_CURSORS, (4, 8, lb_common::MAX_SERVICES)),
-        (
-            map_names::FLOWS,
-            (
-                size(size_of::<FlowKey>()),
-                size(size_of::<FlowValue>()),
-                flow_capacity,
-            ),
-        ),
-        (
-            map_names::REVERSE_FLOWS,
-            (
-                size(size_of::<FlowKey>()),
-                size(size_of::<ReverseValue>()),
-                flow_capacity,
-            ),
-        ),
-        (
-            map_names::BACKEND_STATS,
-            (4, size(size_of::<BackendStats>()), lb_common::MAX_BACKENDS),
-        ),
-        (
-            map_names::REASON_STATS,
-            (4, size(size_of::<Counter>()), lb_common::REASON_COUNT),
-        ),
-        (map_names::EVENT_STATS, (4, 8, lb_common::EVENT_COUNT)),
-        (map_names::NODES, (4, 4, lb_common::MAX_NODES)),
-        (map_names::MESH, (4, size(size_of::<MeshConfig>()), 1)),
-        (
-            map_names::TUNNEL_REPLIES,
-            (
-                size(size_of::<FlowKey>()),
-                size(size_of::<TunnelValue>()),
-                flow_capacity,
-            ),
-        ),
-    ])
-}
-
-/// Checks maps already pinned in `pin_dir` against this build. A map pinned by an incompatible
-/// build would be silently misread by the new programs.
-pub fn check_pinned_layout(pin_dir: &Path, flow_capacity: u32) -> Result<()> {
-    for (name, (key, value, max)) in expected_layout(flow_capacity) {
-        let path = pin_dir.join(name);
-        if !path.exists() {
-            continue;
-        }
-        let info =
-            MapInfo::from_pin(&path).with_context(|| format!("reading {}", path.display()))?;
-        let found = (info.key_size(), info.value_size(), info.max_entries());
-        if found != (key, value, max) {
-            bail!(
-                "pinned map {} has key/value/capacity {found:?}, this lbctl expects {:?}; \
-                 `lbctl purge` removes the old maps (and their flows)",
-                path.display(),
-                (key, value, max)
-            );
-        }
-    }
-    Ok(())
 }
 
 /// Typed handles on the maps userspace reads and writes.
@@ -307,88 +242,25 @@ impl Maps {
     }
 }
 
-/// Entries read per `BPF_MAP_LOOKUP_BATCH` call: large enough that a reconcile reads the
-/// 131,072 backend slots in a few dozen calls, small enough that the buffers stay small.
-const BATCH_ENTRIES: usize = 4096;
-/// `BPF_MAP_LOOKUP_BATCH` of `enum bpf_cmd` (linux/bpf.h).
-const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
-
-/// The `batch` member of `union bpf_attr` (linux/bpf.h), which the `BPF_MAP_*_BATCH` commands
-/// take; aya 0.14 has no batch operations.
-#[repr(C)]
-#[derive(Default)]
-struct BatchAttr {
-    /// Where to go on from (`NULL`: the start): the last key read (arrays) or a bucket (hashes).
-    in_batch: u64,
-    /// Where the kernel says to go on from next time.
-    out_batch: u64,
-    keys: u64,
-    values: u64,
-    /// Entries the buffers hold; the kernel writes back how many it filled.
-    count: u32,
-    map_fd: u32,
-    elem_flags: u64,
-    flags: u64,
-}
-
 /// Calls `f` with every entry of `map` (an array or a hash whose keys and values are `K` and
-/// `V`), read with `BPF_MAP_LOOKUP_BATCH` (kernel 5.6): one system call per `BATCH_ENTRIES`
-/// entries instead of one (two for a hash) per entry.
+/// `V`), read in batches (see `map_ops::for_each_raw`).
 fn for_each_entry<K: Pod, V: Pod>(map: &MapData, mut f: impl FnMut(K, V)) -> Result<()> {
     let info = map.info()?;
     let (key_size, value_size) = (info.key_size() as usize, info.value_size() as usize);
     if (key_size, value_size) != (size_of::<K>(), size_of::<V>()) {
         bail!("unexpected key/value sizes {key_size}/{value_size}");
     }
-    let mut keys = vec![0u8; BATCH_ENTRIES * key_size];
-    let mut values = vec![0u8; BATCH_ENTRIES * value_size];
-    // The position token is a key (arrays) or a 4-byte bucket number (hashes).
-    let token_size = key_size.max(8);
-    let mut position = vec![0u8; token_size];
-    let mut next = vec![0u8; token_size];
-    let mut started = false;
-    loop {
-        let mut attr = BatchAttr {
-            in_batch: if started { position.as_ptr() as u64 } else { 0 },
-            out_batch: next.as_mut_ptr() as u64,
-            keys: keys.as_mut_ptr() as u64,
-            values: values.as_mut_ptr() as u64,
-            count: BATCH_ENTRIES as u32,
-            map_fd: map.fd().as_fd().as_raw_fd() as u32,
-            ..BatchAttr::default()
-        };
-        // SAFETY: `attr` points at buffers of `count` keys and values and at two position
-        // buffers of at least the size the kernel writes; all outlive the call.
-        let rc = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                BPF_MAP_LOOKUP_BATCH,
-                &mut attr,
-                size_of::<BatchAttr>(),
+    map_ops::for_each_raw(map.fd().as_fd(), key_size, value_size, |key, value| {
+        // SAFETY: `key` and `value` hold `size_of::<K>()` and `size_of::<V>()` bytes, and `K`
+        // and `V` are `Pod`: any bytes are a valid value.
+        let (key, value) = unsafe {
+            (
+                std::ptr::read_unaligned(key.as_ptr().cast::<K>()),
+                std::ptr::read_unaligned(value.as_ptr().cast::<V>()),
             )
         };
-        let error = (rc < 0).then(std::io::Error::last_os_error);
-        for i in 0..attr.count as usize {
-            // SAFETY: the kernel filled `count` keys and values of these sizes, and `K` and `V`
-            // are `Pod`: any bytes are a valid value.
-            let (key, value) = unsafe {
-                (
-                    std::ptr::read_unaligned(keys[i * key_size..].as_ptr().cast::<K>()),
-                    std::ptr::read_unaligned(values[i * value_size..].as_ptr().cast::<V>()),
-                )
-            };
-            f(key, value);
-        }
-        match error {
-            None if attr.count > 0 => {}
-            // The end of the map.
-            None => return Ok(()),
-            Some(err) if err.raw_os_error() == Some(libc::ENOENT) => return Ok(()),
-            Some(err) => return Err(err).context("BPF_MAP_LOOKUP_BATCH"),
-        }
-        std::mem::swap(&mut position, &mut next);
-        started = true;
-    }
+        f(key, value);
+    })
 }
 
 /// An address kept in network byte order, for messages.

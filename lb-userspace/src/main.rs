@@ -31,7 +31,11 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Attach the data plane (XDP ingress + TC egress) to an interface.
+    /// Attach the data plane (XDP ingress + TC egress) to an interface
+    ///
+    /// On an interface that is attached already, the programs are replaced in place by this
+    /// lbctl's (no packet goes unprocessed); every other attached interface gets them too. The
+    /// maps (table, flows, counters) are kept.
     Attach {
         iface: String,
         #[arg(long, value_enum, default_value = "auto")]
@@ -40,6 +44,12 @@ enum Command {
         #[arg(long, value_name = "FLOWS")]
         flow_capacity: Option<u32>,
     },
+    /// Replace the programs on every attached interface with this lbctl's, keeping the maps
+    ///
+    /// Run after installing a new lbctl: each interface keeps its links, whose programs are
+    /// swapped atomically; flows, counters and the table carry over (maps an older lbctl made
+    /// smaller are migrated). Refused, changing nothing, when a pinned map cannot be used.
+    Upgrade,
     /// Detach the data plane from an interface; services and flows are kept.
     Detach { iface: String },
     /// Make the service table exactly what a JSON file declares (services not in it are removed)
@@ -271,6 +281,7 @@ fn run(cli: Cli) -> anyhow::Result<String> {
             mode,
             flow_capacity,
         } => commands::attach(&instance, &iface, mode, flow_capacity),
+        Command::Upgrade => commands::upgrade(&instance),
         Command::Detach { iface } => commands::detach(&instance, &iface),
         Command::Service(ServiceCommand::Add {
             name,
