@@ -17,8 +17,8 @@ use aya::{
     util::nr_cpus,
 };
 use lb_common::{
-    BACKEND_ACTIVE, Backend, BackendStats, Counter, FlowKey, FlowValue, MeshConfig, ReverseValue,
-    ServiceKey, ServiceValue, TunnelValue, map_names,
+    BACKEND_ACTIVE, Backend, BackendStats, Counter, FlowKey, FlowValue, MaglevTable, MeshConfig,
+    ReverseValue, ServiceKey, ServiceValue, TunnelValue, map_names,
 };
 
 use crate::sync::{Delta, MapContents};
@@ -101,6 +101,10 @@ pub fn expected_layout(flow_capacity: u32) -> BTreeMap<&'static str, (u32, u32, 
                 flow_capacity,
             ),
         ),
+        (
+            map_names::MAGLEV,
+            (4, size(size_of::<MaglevTable>()), lb_common::MAX_SERVICES),
+        ),
     ])
 }
 
@@ -133,6 +137,8 @@ pub struct Maps {
     pub backends: Array<MapData, Backend>,
     pub rr_cursors: Array<MapData, u64>,
     pub flows: HashMap<MapData, FlowKey, FlowValue>,
+    /// Filled by the data plane only; opened for inspection (and tests).
+    pub reverse_flows: HashMap<MapData, FlowKey, ReverseValue>,
     pub backend_stats: PerCpuArray<MapData, BackendStats>,
     pub reason_stats: PerCpuArray<MapData, Counter>,
     pub event_stats: PerCpuArray<MapData, u64>,
@@ -144,6 +150,8 @@ pub struct Maps {
     /// Filled by the data plane only (an LRU hash, which aya's `HashMap` also handles); opened so
     /// that its type is checked with the others, and for inspection.
     pub tunnel_replies: HashMap<MapData, FlowKey, TunnelValue>,
+    /// Maglev lookup tables by service id (maglev services only).
+    pub maglev: HashMap<MapData, u32, MaglevTable>,
 }
 
 fn open(pin_dir: &Path, name: &str) -> Result<Map> {
@@ -172,6 +180,7 @@ impl Maps {
             backends: get(map_names::BACKENDS)?.try_into()?,
             rr_cursors: get(map_names::RR_CURSORS)?.try_into()?,
             flows: get(map_names::FLOWS)?.try_into()?,
+            reverse_flows: get(map_names::REVERSE_FLOWS)?.try_into()?,
             backend_stats: get(map_names::BACKEND_STATS)?.try_into()?,
             reason_stats: get(map_names::REASON_STATS)?.try_into()?,
             event_stats: get(map_names::EVENT_STATS)?.try_into()?,
@@ -179,10 +188,12 @@ impl Maps {
             nodes: get(map_names::NODES)?.try_into()?,
             mesh: get(map_names::MESH)?.try_into()?,
             tunnel_replies: get(map_names::TUNNEL_REPLIES)?.try_into()?,
+            maglev: get(map_names::MAGLEV)?.try_into()?,
         })
     }
 
-    /// What `MESH`, `NODES`, `SERVICES` and `BACKENDS` hold now (active backends only). Every
+    /// What `MESH`, `NODES`, `SERVICES`, `BACKENDS` and `MAGLEV` hold now (active backends
+    /// only). Every
     /// slot of `BACKENDS` is read, not only those the state names, so that a slot left active
     /// by an interrupted command is found and cleared; in batches, which takes a few
     /// milliseconds where one lookup per slot took a tenth of a second.
@@ -205,6 +216,10 @@ impl Maps {
             }
         })
         .context("reading BACKENDS")?;
+        for_each_entry(self.maglev.map(), |id, table: MaglevTable| {
+            contents.maglev.insert(id, Box::new(table));
+        })
+        .context("reading MAGLEV")?;
         Ok(contents)
     }
 
@@ -233,6 +248,11 @@ impl Maps {
                 .set(*id, 0, 0)
                 .with_context(|| format!("resetting round-robin cursor {id}"))?;
         }
+        for (id, table) in &delta.maglev_to_write {
+            self.maglev
+                .insert(id, table.as_ref(), 0)
+                .with_context(|| format!("writing the maglev table of service {id}"))?;
+        }
         for (key, value) in &delta.services_to_write {
             self.services
                 .insert(key, value, 0)
@@ -240,6 +260,11 @@ impl Maps {
         }
         for key in &delta.services_to_delete {
             self.services.remove(key).context("deleting a service")?;
+        }
+        for id in &delta.maglev_to_delete {
+            self.maglev
+                .remove(id)
+                .with_context(|| format!("deleting the maglev table of service {id}"))?;
         }
         for id in &delta.backends_to_clear {
             self.backends
@@ -310,6 +335,11 @@ impl Maps {
 /// Entries read per `BPF_MAP_LOOKUP_BATCH` call: large enough that a reconcile reads the
 /// 131,072 backend slots in a few dozen calls, small enough that the buffers stay small.
 const BATCH_ENTRIES: usize = 4096;
+/// Bytes of keys and values one call may read: maps of large values (64 KiB maglev tables)
+/// are read fewer entries at a time.
+const BATCH_BYTES: usize = 1 << 20;
+/// Fewest entries a call reads: a hash map's batch must hold a whole bucket.
+const BATCH_ENTRIES_MIN: usize = 16;
 /// `BPF_MAP_LOOKUP_BATCH` of `enum bpf_cmd` (linux/bpf.h).
 const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
 
@@ -333,15 +363,16 @@ struct BatchAttr {
 
 /// Calls `f` with every entry of `map` (an array or a hash whose keys and values are `K` and
 /// `V`), read with `BPF_MAP_LOOKUP_BATCH` (kernel 5.6): one system call per `BATCH_ENTRIES`
-/// entries instead of one (two for a hash) per entry.
+/// entries (fewer for large values) instead of one (two for a hash) per entry.
 fn for_each_entry<K: Pod, V: Pod>(map: &MapData, mut f: impl FnMut(K, V)) -> Result<()> {
     let info = map.info()?;
     let (key_size, value_size) = (info.key_size() as usize, info.value_size() as usize);
     if (key_size, value_size) != (size_of::<K>(), size_of::<V>()) {
         bail!("unexpected key/value sizes {key_size}/{value_size}");
     }
-    let mut keys = vec![0u8; BATCH_ENTRIES * key_size];
-    let mut values = vec![0u8; BATCH_ENTRIES * value_size];
+    let batch = (BATCH_BYTES / (key_size + value_size)).clamp(BATCH_ENTRIES_MIN, BATCH_ENTRIES);
+    let mut keys = vec![0u8; batch * key_size];
+    let mut values = vec![0u8; batch * value_size];
     // The position token is a key (arrays) or a 4-byte bucket number (hashes).
     let token_size = key_size.max(8);
     let mut position = vec![0u8; token_size];
@@ -353,7 +384,7 @@ fn for_each_entry<K: Pod, V: Pod>(map: &MapData, mut f: impl FnMut(K, V)) -> Res
             out_batch: next.as_mut_ptr() as u64,
             keys: keys.as_mut_ptr() as u64,
             values: values.as_mut_ptr() as u64,
-            count: BATCH_ENTRIES as u32,
+            count: batch as u32,
             map_fd: map.fd().as_fd().as_raw_fd() as u32,
             ..BatchAttr::default()
         };

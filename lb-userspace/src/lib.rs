@@ -7,6 +7,7 @@ pub mod datapath;
 pub mod gossip;
 pub mod health;
 pub mod instance;
+pub mod maglev;
 pub mod metrics;
 pub mod model;
 pub mod state;

@@ -1147,8 +1147,8 @@ lbctl_backend_health{service="web",backend="10.0.1.6:80",node="node-2",state="un
         // drop_no_backend, drop_flow_table_full, drop_vxlan_*, drop_encap_*, drop_mesh_*.
         let dropped = slots(&[15, 16, 24, 25, 26, 27, 28, 29, 30, 31]);
         assert_eq!(total("lbctl_dropped_packets_total"), dropped);
-        // pass_not_ipv4 ... pass_not_local, pass_vxlan_other_vni.
-        let passed = slots(&[0, 1, 2, 3, 4, 5, 6, 23]);
+        // pass_not_ipv4 ... pass_not_local, pass_vxlan_other_vni, pass_flow_unknown.
+        let passed = slots(&[0, 1, 2, 3, 4, 5, 6, 23, 32]);
         assert_eq!(total("lbctl_passed_packets_total"), passed);
         // forward_encap_tx, forward_encap_redirect, reply_encap.
         let encapsulated = slots(&[17, 18, 22]);

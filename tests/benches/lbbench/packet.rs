@@ -16,12 +16,11 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
 use anyhow::{Context, Result, bail, ensure};
-use aya::maps::{HashMap, MapData};
 use aya::{Ebpf, programs::Xdp};
 use etherparse::PacketBuilder;
 use lb_common::{
     DEFAULT_VNI, DEFAULT_VXLAN_PORT, FlowKey, FlowValue, PROTO_TCP, Reason, ReverseValue,
-    VXLAN_OVERHEAD, map_names, program_names,
+    VXLAN_OVERHEAD, program_names,
 };
 use lb_tests::bpf::{load_xdp_pass, test_run_xdp};
 use lb_tests::netns::NetNs;
@@ -108,7 +107,6 @@ struct Node {
 struct Loaded {
     ebpf: Ebpf,
     maps: Maps,
-    reverse_flows: HashMap<MapData, FlowKey, ReverseValue>,
     /// The table applied: its backend ids are the ones flows refer to.
     table: Table,
     floor: OwnedFd,
@@ -189,10 +187,6 @@ impl Loaded {
             .try_into()?;
         xdp.load()?;
         let mut maps = Maps::take(&mut ebpf)?;
-        let reverse_flows = HashMap::try_from(
-            ebpf.take_map(map_names::REVERSE_FLOWS)
-                .context("no reverse flow map")?,
-        )?;
         let mut table = Table::default();
         for (name, ip) in [("n1", NODE_IP), ("n2", N2_IP)] {
             table
@@ -217,7 +211,6 @@ impl Loaded {
         Ok(Loaded {
             ebpf,
             maps,
-            reverse_flows,
             table,
             floor: load_xdp_pass()?,
             ifindex: if_index("lbt0")?,
@@ -614,7 +607,7 @@ impl Loaded {
                 backend_id: backend.id,
                 _pad2: 0,
             };
-            self.reverse_flows.insert(reply_key, reverse, 0)?;
+            self.maps.reverse_flows.insert(reply_key, reverse, 0)?;
         }
         Ok(backend_ip)
     }
