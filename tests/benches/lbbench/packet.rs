@@ -25,7 +25,7 @@ use lb_common::{
 use lb_tests::bpf::{load_xdp_pass, test_run_xdp};
 use lb_tests::netns::NetNs;
 use lb_userspace::datapath::{self, Maps};
-use lb_userspace::model::{Proto, Table, parse_backend_spec};
+use lb_userspace::model::{Proto, Scheduler, Table, parse_backend_spec};
 use lb_userspace::sync;
 
 use crate::Options;
@@ -45,6 +45,10 @@ const N2_IP: [u8; 4] = [192, 168, 100, 11];
 /// `web tcp/8080` is balanced over `LOCAL_BACKENDS` tasks 10.0.0.10.. on this node.
 const WEB_PORT: u16 = 8080;
 const LOCAL_BACKENDS: u8 = 8;
+/// `hashed tcp/8081` is balanced over the same tasks by maglev.
+const HASHED_PORT: u16 = 8081;
+/// The case of new flows to `hashed`.
+const NEW_FLOW_MAGLEV: &str = "new flow (maglev)";
 /// `mesh tcp/9090` is balanced over tasks 10.0.1.10.. on n2, reached through VXLAN.
 const MESH_PORT: u16 = 9090;
 const REMOTE_BACKENDS: u8 = 4;
@@ -198,6 +202,10 @@ impl Loaded {
             .collect();
         table
             .add_service("web", Proto::Tcp, WEB_PORT, None, &web)
+            .map_err(anyhow::Error::msg)?;
+        table
+            .add_service("hashed", Proto::Tcp, HASHED_PORT, None, &web)
+            .and_then(|()| table.set_scheduler("hashed", Scheduler::Maglev))
             .map_err(anyhow::Error::msg)?;
         let mesh = (0..REMOTE_BACKENDS)
             .map(|i| parse_backend_spec(&format!("10.0.1.{}:{BACKEND_PORT}@n2", 10 + i)))
@@ -362,6 +370,22 @@ impl Loaded {
         };
         record(
             names::NEW_FLOW,
+            PER_PACKET,
+            self.time(prog, &case, samples)?,
+        );
+        // The same through a maglev table lookup instead of the round-robin cursor, from other
+        // clients again.
+        let new_hashed_flow =
+            |i: usize| client_tcp(new_flow_client(samples + i), HASHED_PORT, "S", b"");
+        let case = Case {
+            name: NEW_FLOW_MAGLEV,
+            frame: &new_hashed_flow,
+            action: XDP_TX,
+            reason: Some(Reason::ForwardTx),
+            check: &check_dnat_to_local_backend,
+        };
+        record(
+            NEW_FLOW_MAGLEV,
             PER_PACKET,
             self.time(prog, &case, samples)?,
         );
