@@ -16,7 +16,7 @@ use lb_tests::{
     client::{self, KeepAlive, Reply},
     topology::{NODE_UPLINK, SingleNode, SingleNodeSpec},
 };
-use lb_userspace::datapath::Maps;
+use lb_userspace::{datapath::Maps, instance};
 
 /// Flows the shrunk table holds.
 const CAPACITY: u64 = 64;
@@ -79,7 +79,9 @@ struct Churned {
 /// own list until that CPU needs room, so churn from another CPU might never evict the kept
 /// connection's entry.
 fn churn_around_a_kept_connection(topo: &SingleNode, addr: SocketAddrV4) -> Churned {
-    let maps_dir = Path::new("/sys/fs/bpf/lbctl")
+    // Where the instance pins its maps: lbctl's default bpffs, as the harness runs it.
+    let maps_dir = Path::new(instance::DEFAULT_BPFFS)
+        .join("lbctl")
         .join(topo.node().name())
         .join("maps");
     topo.client().in_netns(|| {
