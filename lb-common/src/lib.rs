@@ -78,9 +78,12 @@ pub struct ServiceValue {
     pub backend_count: u32,
     /// `SERVICE_*` flags.
     pub flags: u32,
-    pub _pad: u32,
+    /// How new flows choose among `backend_ids`: `SCHEDULER_ROUND_ROBIN` or `SCHEDULER_MAGLEV`.
+    pub scheduler: u32,
     /// The backends new flows may choose: the service's backends that are neither drained nor
-    /// unhealthy (all undrained ones when every one is unhealthy: `SERVICE_FAIL_OPEN`).
+    /// unhealthy (all undrained ones when every one is unhealthy: `SERVICE_FAIL_OPEN`), each
+    /// repeated in proportion to its weight (round-robin takes them in turn). A maglev service
+    /// chooses through its `MAGLEV` table instead; `backend_count == 0` still means none.
     pub backend_ids: [u32; MAX_BACKENDS_PER_SERVICE],
 }
 assert_size!(ServiceValue, 16 + 4 * MAX_BACKENDS_PER_SERVICE);
@@ -90,13 +93,67 @@ assert_size!(ServiceValue, 16 + 4 * MAX_BACKENDS_PER_SERVICE);
 /// new flow chosen so is counted as the `flow_fail_open` event.
 pub const SERVICE_FAIL_OPEN: u32 = 1;
 
+/// `ServiceValue::scheduler`: new flows take the service's backends in turn (one atomic cursor
+/// per service). A TCP packet that is not a SYN and has no flow entry (evicted) is not given a
+/// backend: it goes to the kernel (`pass_flow_unknown`), which resets the connection.
+pub const SCHEDULER_ROUND_ROBIN: u32 = 0;
+/// `ServiceValue::scheduler`: new flows take `MAGLEV[service_id][flow_hash(5-tuple) % M]`, a
+/// consistent hash: a flow whose entry was evicted finds the same backend again, as long as the
+/// service's backends are the same, and a change of backends moves about 1/N of the flows.
+pub const SCHEDULER_MAGLEV: u32 = 1;
+
+/// Entries of a service's maglev lookup table (M): a prime, as Maglev's permutations need, and
+/// Cilium's default. With the 128 backends a service may have, each backend holds 127 or 128
+/// entries, so the shares of equal backends differ by under 1%.
+pub const MAGLEV_TABLE_SIZE: u32 = 16_381;
+
+/// Value of `MAGLEV`, keyed by service id: the maglev lookup table of a maglev service, backend
+/// ids by slot. 64 KiB, written whole by userspace (the data plane never sees half a table).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MaglevTable {
+    pub backend_ids: [u32; MAGLEV_TABLE_SIZE as usize],
+}
+assert_size!(MaglevTable, 4 * MAGLEV_TABLE_SIZE as usize);
+
+/// The hash of a flow's client-side 5-tuple that chooses its slot in a maglev table: Bob
+/// Jenkins' final mix (the kernel's `jhash_3words`) of the source address, the destination
+/// address and both ports, seeded with the protocol. Computed on the numeric values, not their
+/// memory bytes, so every node (and userspace, to predict or test a choice) gets the same hash.
+#[inline(always)]
+pub fn flow_hash(key: &FlowKey) -> u32 {
+    const JHASH_INITVAL: u32 = 0xdead_beef;
+    let ports =
+        (u32::from(u16::from_be(key.src_port_be)) << 16) | u32::from(u16::from_be(key.dst_port_be));
+    let init = JHASH_INITVAL
+        .wrapping_add(u32::from(key.proto))
+        .wrapping_add(3 << 2);
+    let mut a = u32::from_be(key.src_ip_be).wrapping_add(init);
+    let mut b = u32::from_be(key.dst_ip_be).wrapping_add(init);
+    let mut c = ports.wrapping_add(init);
+    c ^= b;
+    c = c.wrapping_sub(b.rotate_left(14));
+    a ^= c;
+    a = a.wrapping_sub(c.rotate_left(11));
+    b ^= a;
+    b = b.wrapping_sub(a.rotate_left(25));
+    c ^= b;
+    c = c.wrapping_sub(b.rotate_left(16));
+    a ^= c;
+    a = a.wrapping_sub(c.rotate_left(4));
+    b ^= a;
+    b = b.wrapping_sub(a.rotate_left(14));
+    c ^= b;
+    c.wrapping_sub(b.rotate_left(24))
+}
+
 impl Default for ServiceValue {
     fn default() -> Self {
         Self {
             service_id: 0,
             backend_count: 0,
             flags: 0,
-            _pad: 0,
+            scheduler: SCHEDULER_ROUND_ROBIN,
             backend_ids: [0; MAX_BACKENDS_PER_SERVICE],
         }
     }
@@ -325,6 +382,11 @@ reasons! {
     /// VXLAN carrying the reply of a flow this node balanced, from a node other than the one
     /// that hosts the flow's backend: dropped, so one node cannot answer for another's tasks.
     DropVxlanWrongNode = 31 => "drop_vxlan_wrong_node",
+    /// TCP packet that is not a SYN, to a round-robin service, with no flow entry: its entry was
+    /// evicted (a full table), or the connection began before lbctl. Passed to the kernel
+    /// untouched, which answers with a RST (no socket has the connection), so the client learns
+    /// at once, rather than sent to a backend that never saw the connection.
+    PassFlowUnknown = 32 => "pass_flow_unknown",
 }
 
 /// Number of counter slots in `REASON_STATS`.
@@ -344,6 +406,9 @@ pub enum Event {
     /// A new flow chose among unhealthy backends because every backend of its service was
     /// unhealthy (`SERVICE_FAIL_OPEN`).
     FlowFailOpen = 3,
+    /// A TCP packet that is not a SYN found no flow entry (evicted) on a maglev service: its
+    /// backend was found again through the maglev table and recorded. An eviction, observed.
+    FlowRecovered = 4,
 }
 
 impl Event {
@@ -352,6 +417,7 @@ impl Event {
         Event::FlowReselected,
         Event::FlowRaceLost,
         Event::FlowFailOpen,
+        Event::FlowRecovered,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -360,6 +426,7 @@ impl Event {
             Event::FlowReselected => "flow_reselected",
             Event::FlowRaceLost => "flow_race_lost",
             Event::FlowFailOpen => "flow_fail_open",
+            Event::FlowRecovered => "flow_recovered",
         }
     }
 }
@@ -380,6 +447,7 @@ pub mod map_names {
     pub const NODES: &str = "NODES";
     pub const MESH: &str = "MESH";
     pub const TUNNEL_REPLIES: &str = "TUNNEL_REPLIES";
+    pub const MAGLEV: &str = "MAGLEV";
 
     /// Every map, so that pinning cannot forget one.
     pub const ALL: &[&str] = &[
@@ -395,6 +463,7 @@ pub mod map_names {
         NODES,
         MESH,
         TUNNEL_REPLIES,
+        MAGLEV,
     ];
 }
 
@@ -418,6 +487,7 @@ mod pod {
     unsafe impl aya::Pod for MeshConfig {}
     unsafe impl aya::Pod for BackendStats {}
     unsafe impl aya::Pod for Counter {}
+    unsafe impl aya::Pod for MaglevTable {}
 }
 
 #[cfg(test)]
@@ -432,6 +502,29 @@ mod tests {
         for (slot, event) in Event::ALL.iter().enumerate() {
             assert_eq!(*event as usize, slot, "{} is out of order", event.name());
         }
+    }
+
+    /// Computed by `jhash_3words` of the kernel's include/linux/jhash.h, compiled with gcc.
+    const JHASH_OF_KEY: u32 = 0x4ffd_2029;
+
+    #[test]
+    fn the_flow_hash_is_the_kernels_jhash_3words_of_the_numeric_tuple() {
+        // jhash_3words(0x0a000001, 0xc0a80001, (40000 << 16) | 8080, 6), as the kernel's
+        // include/linux/jhash.h computes it.
+        let key = FlowKey {
+            src_ip_be: 0x0a00_0001u32.to_be(),
+            dst_ip_be: 0xc0a8_0001u32.to_be(),
+            src_port_be: 40000u16.to_be(),
+            dst_port_be: 8080u16.to_be(),
+            proto: PROTO_TCP,
+            _pad: [0; 3],
+        };
+        assert_eq!(flow_hash(&key), JHASH_OF_KEY);
+        let other_port = FlowKey {
+            src_port_be: 40001u16.to_be(),
+            ..key
+        };
+        assert_ne!(flow_hash(&other_port), flow_hash(&key));
     }
 
     #[test]

@@ -29,8 +29,13 @@ pub fn key_of(pkt: &Packet) -> FlowKey {
 
 /// How a flow stands in the table.
 pub enum Lookup {
-    /// Pinned to a backend that is still in service.
-    Pinned(FlowValue),
+    /// Pinned to a backend that is still in service. `was_idle`: the client had sent nothing
+    /// for `FLOW_SEEN_GRANULARITY_NS` or more, long enough for the flow's reverse-NAT entry to
+    /// have been evicted meanwhile (see [`restore_reverse`]).
+    Pinned {
+        flow: FlowValue,
+        was_idle: bool,
+    },
     /// Pinned to a backend that was removed (or now lives behind another node) since: the flow
     /// must choose again.
     Stale,
@@ -65,13 +70,14 @@ pub fn lookup(key: &FlowKey, tcp_flags: u8) -> Lookup {
             // The coarse clock (the last tick's time) is enough for liveness measured in seconds,
             // and costs a load where reading the clock source costs tens of ns in a VM.
             let now = unsafe { bpf_ktime_get_coarse_ns() };
-            if now.wrapping_sub(flow.last_seen_ns) >= FLOW_SEEN_GRANULARITY_NS {
+            let was_idle = now.wrapping_sub(flow.last_seen_ns) >= FLOW_SEEN_GRANULARITY_NS;
+            if was_idle {
                 unsafe { (*entry).last_seen_ns = now };
             }
             if tcp_flags & (TCP_FIN | TCP_RST) != 0 && flow.flags & FLOW_CLOSING == 0 {
                 unsafe { (*entry).flags = flow.flags | FLOW_CLOSING };
             }
-            Lookup::Pinned(flow)
+            Lookup::Pinned { flow, was_idle }
         }
         _ => Lookup::Stale,
     }
@@ -131,6 +137,42 @@ pub fn record(
         }
         Err(_) => return Err(()),
     };
+    let (reverse_key, reverse) = reverse_entry(key, &flow, orig_ip_be, orig_port_be);
+    if REVERSE_FLOWS
+        .insert(&reverse_key, reverse, u64::from(BPF_ANY))
+        .is_err()
+    {
+        // Without its reverse entry the replies could not be NATed: forget the flow.
+        let _ = FLOWS.remove(key);
+        return Err(());
+    }
+    count_event(event);
+    Ok((flow, true))
+}
+
+/// Puts back the reverse-NAT entry of a pinned flow if the LRU evicted it while the flow was
+/// idle: the two tables evict independently, and a flow whose replies cannot be NATed is as
+/// dead as a flow without an entry. Called when the client speaks after an idle second, so a
+/// busy flow pays nothing; the lookup also marks the entry as recently used.
+#[inline(always)]
+pub fn restore_reverse(key: &FlowKey, flow: &FlowValue, orig_ip_be: u32, orig_port_be: u16) {
+    let (reverse_key, reverse) = reverse_entry(key, flow, orig_ip_be, orig_port_be);
+    // SAFETY: only presence is read.
+    if unsafe { REVERSE_FLOWS.get(&reverse_key) }.is_none() {
+        // A full table evicts another entry; an error leaves the replies as they were.
+        let _ = REVERSE_FLOWS.insert(&reverse_key, reverse, u64::from(BPF_ANY));
+    }
+}
+
+/// The `REVERSE_FLOWS` entry of the client → service flow `key` pinned as `flow`: the reply's
+/// 5-tuple (backend → client), and the address and port the client connected to.
+#[inline(always)]
+fn reverse_entry(
+    key: &FlowKey,
+    flow: &FlowValue,
+    orig_ip_be: u32,
+    orig_port_be: u16,
+) -> (FlowKey, ReverseValue) {
     let reverse_key = FlowKey {
         src_ip_be: flow.backend_ip_be,
         dst_ip_be: key.src_ip_be,
@@ -146,14 +188,5 @@ pub fn record(
         backend_id: flow.backend_id,
         _pad2: 0,
     };
-    if REVERSE_FLOWS
-        .insert(&reverse_key, reverse, u64::from(BPF_ANY))
-        .is_err()
-    {
-        // Without its reverse entry the replies could not be NATed: forget the flow.
-        let _ = FLOWS.remove(key);
-        return Err(());
-    }
-    count_event(event);
-    Ok((flow, true))
+    (reverse_key, reverse)
 }

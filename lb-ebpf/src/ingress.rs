@@ -4,7 +4,8 @@ use aya_ebpf::{
     bindings::xdp_action, helpers::generated::bpf_ktime_get_coarse_ns, programs::XdpContext,
 };
 use lb_common::{
-    Event, FlowKey, FlowValue, Reason, ReverseValue, SERVICE_FAIL_OPEN, ServiceKey, ServiceValue,
+    Event, FLOW_CLOSING, FlowKey, FlowValue, PROTO_TCP, Reason, ReverseValue, SCHEDULER_MAGLEV,
+    SERVICE_FAIL_OPEN, ServiceKey, ServiceValue,
 };
 
 use crate::{
@@ -13,7 +14,7 @@ use crate::{
     forward::{self, Egress},
     maps::SERVICES,
     nat::{self, Side},
-    parse::{self, Packet},
+    parse::{self, Packet, TCP_FIN, TCP_RST},
     select, stats,
 };
 
@@ -67,7 +68,12 @@ fn to_service(
     any_address: bool,
 ) -> Result<(u32, Reason), Reason> {
     let (replace, event) = match conntrack::lookup(key, pkt.tcp_flags) {
-        Lookup::Pinned(flow) => return to_backend(ctx, pkt, key, &flow, false),
+        Lookup::Pinned { flow, was_idle } => {
+            if was_idle {
+                conntrack::restore_reverse(key, &flow, pkt.dst_ip_be, pkt.dst_port_be);
+            }
+            return to_backend(ctx, pkt, key, &flow, false);
+        }
         Lookup::Stale => (true, Event::FlowReselected),
         Lookup::Reused => (true, Event::FlowCreated),
         Lookup::Miss => (false, Event::FlowCreated),
@@ -82,7 +88,18 @@ fn to_service(
     if any_address && !replace && !forward::is_local(ctx, pkt) {
         return Err(Reason::PassNotLocal);
     }
-    let Some((backend_id, backend)) = select::round_robin(service) else {
+    // A TCP packet that is not a SYN and has no entry belongs to a connection whose entry was
+    // evicted (or that began before lbctl): maglev finds its backend again; round-robin would
+    // pick another one, which never saw the connection, so the packet goes to the kernel.
+    let evicted = !replace && pkt.proto == PROTO_TCP && !pkt.is_tcp_syn();
+    let chosen = if service.scheduler == SCHEDULER_MAGLEV {
+        select::maglev(service, key)
+    } else if evicted {
+        return Err(Reason::PassFlowUnknown);
+    } else {
+        select::round_robin(service)
+    };
+    let Some((backend_id, backend)) = chosen else {
         return Ok((xdp_action::XDP_DROP, Reason::DropNoBackend));
     };
     let chosen = FlowValue {
@@ -90,20 +107,28 @@ fn to_service(
         backend_ip_be: backend.ip_be,
         node_ip_be: backend.node_ip_be,
         backend_port_be: backend.port_be,
-        flags: 0,
+        // A recovered connection may be ending already.
+        flags: if pkt.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
+            FLOW_CLOSING
+        } else {
+            0
+        },
         _pad: 0,
         // SAFETY: plain helper call.
         last_seen_ns: unsafe { bpf_ktime_get_coarse_ns() },
     };
+    let event = if evicted { Event::FlowRecovered } else { event };
     let Ok((flow, created)) =
         conntrack::record(key, chosen, pkt.dst_ip_be, pkt.dst_port_be, replace, event)
     else {
         return Ok((xdp_action::XDP_DROP, Reason::DropFlowTableFull));
     };
-    if created && service.flags & SERVICE_FAIL_OPEN != 0 {
+    // A recovered flow is an old connection: not counted as a new one of its backend.
+    let new_flow = created && !evicted;
+    if new_flow && service.flags & SERVICE_FAIL_OPEN != 0 {
         stats::count_event(Event::FlowFailOpen);
     }
-    to_backend(ctx, pkt, key, &flow, created)
+    to_backend(ctx, pkt, key, &flow, new_flow)
 }
 
 /// DNATs a client's packet to its flow's backend and sends it on: routed to a backend this node

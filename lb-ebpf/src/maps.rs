@@ -2,13 +2,14 @@
 //! the same name (`lb_common::map_names`), so maps outlive the programs and `lbctl` itself.
 use crate::forward::{CachedRoute, ROUTE_CACHE_SLOTS};
 use aya_ebpf::{
+    bindings::BPF_F_NO_PREALLOC,
     macros::map,
     maps::{Array, DevMapHash, HashMap, LruHashMap, PerCpuArray},
 };
 use lb_common::{
     Backend, BackendStats, Counter, DEFAULT_FLOW_CAPACITY, EVENT_COUNT, FlowKey, FlowValue,
-    MAX_BACKENDS, MAX_NODES, MAX_SERVICES, MeshConfig, REASON_COUNT, ReverseValue, ServiceKey,
-    ServiceValue, TunnelValue,
+    MAX_BACKENDS, MAX_NODES, MAX_SERVICES, MaglevTable, MeshConfig, REASON_COUNT, ReverseValue,
+    ServiceKey, ServiceValue, TunnelValue,
 };
 
 /// Published services: (VIP or 0 for every local address, protocol, port) → id and backend list.
@@ -23,6 +24,13 @@ pub static BACKENDS: Array<Backend> = Array::with_max_entries(MAX_BACKENDS, 0);
 /// that new flows rotate over the backends in order whichever CPU sees them.
 #[map]
 pub static RR_CURSORS: Array<u64> = Array::with_max_entries(MAX_SERVICES, 0);
+
+/// Maglev lookup table of each maglev service, by service id (64 KiB each). Not preallocated:
+/// only maglev services take memory, and an update allocates a new element and swaps it in, so
+/// a lookup sees the old table or the new one, never a mix.
+#[map]
+pub static MAGLEV: HashMap<u32, MaglevTable> =
+    HashMap::with_max_entries(MAX_SERVICES, BPF_F_NO_PREALLOC);
 
 /// Flow table: client → service 5-tuple → chosen backend. Resized by userspace at load time.
 #[map]

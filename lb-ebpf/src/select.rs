@@ -1,9 +1,13 @@
-//! Backend selection for new flows: round-robin over the service's backend list.
+//! Backend selection for new flows: round-robin over the service's backend list, or a lookup
+//! in the service's maglev table by the hash of the flow's 5-tuple.
 use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
-use lb_common::{BACKEND_ACTIVE, Backend, MAX_BACKENDS_PER_SERVICE, ServiceValue};
+use lb_common::{
+    BACKEND_ACTIVE, Backend, FlowKey, MAGLEV_TABLE_SIZE, MAX_BACKENDS_PER_SERVICE, ServiceValue,
+    flow_hash,
+};
 
-use crate::maps::{BACKENDS, RR_CURSORS};
+use crate::maps::{BACKENDS, MAGLEV, RR_CURSORS};
 
 /// The next backend of `service` in round-robin order, or `None` if it has no usable backend.
 #[inline(always)]
@@ -22,7 +26,33 @@ pub fn round_robin(service: &ServiceValue) -> Option<(u32, Backend)> {
     // would drop a plain mask, so the mask is applied to a value read back opaquely.
     // SAFETY: reading a local.
     let slot = unsafe { core::ptr::read_volatile(&slot) } as usize & (MAX_BACKENDS_PER_SERVICE - 1);
-    let backend_id = service.backend_ids[slot];
+    active(service.backend_ids[slot])
+}
+
+/// The backend the maglev table of `service` gives the flow `key`: the same for every packet
+/// of the flow, on every node, for as long as the table is the same.
+#[inline(always)]
+pub fn maglev(service: &ServiceValue, key: &FlowKey) -> Option<(u32, Backend)> {
+    if service.backend_count == 0 {
+        return None;
+    }
+    let table = MAGLEV.get_ptr(service.service_id)?;
+    let slot = flow_hash(key) % MAGLEV_TABLE_SIZE;
+    // As in `round_robin`: the bound is checked on a value LLVM cannot see through, so that
+    // the check reaches the verifier.
+    // SAFETY: reading a local.
+    let slot = unsafe { core::ptr::read_volatile(&slot) };
+    if slot >= MAGLEV_TABLE_SIZE {
+        return None;
+    }
+    // SAFETY: a live map value, replaced whole by userspace; one aligned u32 is read.
+    let backend_id = unsafe { (*table).backend_ids[slot as usize] };
+    active(backend_id)
+}
+
+/// The backend of `backend_id` if it may receive packets.
+#[inline(always)]
+fn active(backend_id: u32) -> Option<(u32, Backend)> {
     let backend = BACKENDS.get(backend_id)?;
     if backend.flags & BACKEND_ACTIVE == 0 {
         return None;

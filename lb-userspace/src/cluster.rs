@@ -22,7 +22,10 @@ use std::{
 use lb_common::MAX_BACKENDS_PER_SERVICE;
 use serde::{Deserialize, Serialize};
 
-use crate::model::{BackendSpec, Health, HealthCheck, Node, Proto, ServiceSpec, Table};
+use crate::model::{
+    BackendSpec, Health, HealthCheck, Node, Proto, Scheduler, ServiceSpec, Table, default_weight,
+    is_default_weight,
+};
 
 /// When a service record was written, and by which node: records are ordered by time, then by
 /// node name, so two nodes that change the same service resolve it the same way everywhere.
@@ -41,6 +44,10 @@ pub struct ServiceDef {
     pub port: u16,
     pub vip: Option<Ipv4Addr>,
     pub health_check: HealthCheck,
+    /// Left out when round-robin, so records of services that do not use it read the same as
+    /// before there was a choice.
+    #[serde(default, skip_serializing_if = "Scheduler::is_default")]
+    pub scheduler: Scheduler,
 }
 
 /// A service as gossiped: its definition, or `None` once removed.
@@ -58,6 +65,8 @@ pub struct BackendRecord {
     pub drained: bool,
     #[serde(default)]
     pub health: Health,
+    #[serde(default = "default_weight", skip_serializing_if = "is_default_weight")]
+    pub weight: u32,
 }
 
 /// What this node publishes, kept in its state (`State::cluster`).
@@ -117,6 +126,7 @@ fn def_of(service: &crate::model::Service) -> ServiceDef {
         port: service.port,
         vip: service.vip,
         health_check: service.health_check.clone(),
+        scheduler: service.scheduler,
     }
 }
 
@@ -130,6 +140,7 @@ fn own_backends(node: &str, service: &crate::model::Service) -> Vec<BackendRecor
             addr: b.addr,
             drained: b.drained,
             health: b.health,
+            weight: b.weight,
         })
         .collect()
 }
@@ -322,10 +333,7 @@ pub fn apply(current: &Table, merged: &Merged) -> (Table, Vec<String>) {
                         .iter()
                         .any(|(r, n)| r.addr == b.addr && Some(n) == b.node.as_ref())
             })
-            .map(|b| BackendSpec {
-                addr: b.addr,
-                node: b.node.clone(),
-            })
+            .map(crate::model::Backend::spec)
             .collect();
         if !leaving.is_empty() {
             table
@@ -362,6 +370,7 @@ pub fn apply(current: &Table, merged: &Merged) -> (Table, Vec<String>) {
             .map(|(r, node)| BackendSpec {
                 addr: r.addr,
                 node: Some(node.clone()),
+                weight: r.weight,
             })
             .collect();
         let result = if exists {
@@ -394,10 +403,15 @@ pub fn apply(current: &Table, merged: &Merged) -> (Table, Vec<String>) {
             service.health_check = want.def.health_check.clone();
             changed = true;
         }
+        if service.scheduler != want.def.scheduler {
+            service.scheduler = want.def.scheduler;
+            changed = true;
+        }
         for backend in &mut service.backends {
             if let Some((record, _)) = want.backends.iter().find(|(r, _)| r.addr == backend.addr) {
-                changed |= backend.drained != record.drained;
+                changed |= backend.drained != record.drained || backend.weight != record.weight;
                 backend.drained = record.drained;
+                backend.weight = record.weight;
                 // Health is runtime state: it does not count as a change of the table.
                 backend.health = record.health;
             }
@@ -501,10 +515,8 @@ pub fn own_declaration(
         let others = service.backends.iter().filter(|b| {
             b.node.as_ref().is_some_and(|n| *n != local.node) && !declared.contains(&b.addr)
         });
-        spec.backends.extend(others.map(|b| BackendSpec {
-            addr: b.addr,
-            node: b.node.clone(),
-        }));
+        spec.backends
+            .extend(others.map(crate::model::Backend::spec));
     }
     services
 }
@@ -675,17 +687,29 @@ pub fn table_digest(table: &Table) -> String {
     services.sort_by(|a, b| a.name.cmp(&b.name));
     for service in services {
         let check = serde_json::to_string(&service.health_check).unwrap_or_default();
+        // What is left at its default is left out, so tables that do not use schedulers or
+        // weights keep the digests they had before there were any.
+        let scheduler = if service.scheduler.is_default() {
+            String::new()
+        } else {
+            format!(" {}", service.scheduler)
+        };
         let _ = writeln!(
             text,
-            "service {} {} {} {:?} {check}",
+            "service {} {} {} {:?} {check}{scheduler}",
             service.name, service.proto, service.port, service.vip
         );
         let mut backends: Vec<&crate::model::Backend> = service.backends.iter().collect();
         backends.sort_by_key(|b| b.addr);
         for b in backends {
+            let weight = if is_default_weight(&b.weight) {
+                String::new()
+            } else {
+                format!(" *{}", b.weight)
+            };
             let _ = writeln!(
                 text,
-                "backend {} {:?} {} {}",
+                "backend {} {:?} {} {}{weight}",
                 b.addr,
                 b.node,
                 b.drained,
@@ -696,7 +720,8 @@ pub fn table_digest(table: &Table) -> String {
     format!("{:016x}", fnv1a(text.as_bytes()))
 }
 
-fn fnv1a(bytes: &[u8]) -> u64 {
+/// FNV-1a, 64 bits: a hash that is the same on every build and platform.
+pub(crate) fn fnv1a(bytes: &[u8]) -> u64 {
     bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, &byte| {
         (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3)
     })
@@ -728,6 +753,7 @@ mod tests {
             port,
             vip: None,
             health_check: HealthCheck::default(),
+            scheduler: Scheduler::default(),
         }
     }
 
@@ -736,6 +762,7 @@ mod tests {
             addr: addr(s),
             drained: false,
             health: Health::Unknown,
+            weight: 1,
         }
     }
 
@@ -782,10 +809,16 @@ mod tests {
         ]
     }
 
+    /// `(IP:PORT@NODE[*WEIGHT], id)` of a service's backends, in order.
     fn backends_of(table: &Table, service: &str) -> Vec<(String, u32)> {
         table
             .service(service)
-            .map(|s| s.backends.iter().map(|b| (b.to_string(), b.id)).collect())
+            .map(|s| {
+                s.backends
+                    .iter()
+                    .map(|b| (b.spec().to_string(), b.id))
+                    .collect()
+            })
             .unwrap_or_default()
     }
 
@@ -924,6 +957,44 @@ mod tests {
     }
 
     #[test]
+    fn the_scheduler_and_weights_follow_their_publishers_and_keep_ids() {
+        let mut members = three();
+        let (table, _) = apply(&Table::default(), &merge(&members));
+        let plain_digest = table_digest(&table);
+        // A digest of a table without schedulers or weights, as builds before them computed it.
+        assert_eq!(plain_digest, "08387d6b7c365b69");
+        let mut maglev = web(8080);
+        maglev.scheduler = Scheduler::Maglev;
+        members[0] = with_service(members[0].clone(), "web", version(20, "n1"), Some(maglev));
+        members[1].backends.get_mut("web").unwrap()[0].weight = 3;
+        let (after, _) = apply(&table, &merge(&members));
+        assert_eq!(after.service("web").unwrap().scheduler, Scheduler::Maglev);
+        assert_eq!(
+            backends_of(&after, "web"),
+            [
+                ("10.0.0.10:80@n1".into(), 0),
+                ("10.0.0.11:80@n1".into(), 1),
+                ("10.0.0.12:80@n2*3".into(), 2),
+                ("10.0.0.13:80@n2".into(), 3),
+            ]
+        );
+        assert_eq!(after.generation, table.generation + 1);
+        assert_ne!(table_digest(&after), plain_digest);
+        // Records of an older build, without the fields, read as round-robin and weight 1.
+        let old: BackendRecord =
+            serde_json::from_str(r#"{"addr": "10.0.0.12:80", "drained": false}"#).unwrap();
+        assert_eq!(old.weight, 1);
+        let old: ServiceDef = serde_json::from_str(
+            r#"{"proto": "tcp", "port": 8080, "vip": null, "health_check": {"enabled": true,
+                "http_path": null, "expect_status": 200, "interval_ms": 2000,
+                "timeout_ms": 1000, "rise": 2, "fall": 3}}"#,
+        )
+        .unwrap();
+        assert_eq!(old, web(8080));
+        assert_eq!(serde_json::to_value(&old).unwrap().get("scheduler"), None);
+    }
+
+    #[test]
     fn a_moved_frontend_is_a_new_service_and_a_moved_node_keeps_nothing() {
         let mut members = three();
         let (table, _) = apply(&Table::default(), &merge(&members));
@@ -1047,6 +1118,7 @@ mod tests {
                 .map(|b| crate::model::parse_backend_spec(b).unwrap())
                 .collect(),
             health_check: HealthCheck::default(),
+            scheduler: Scheduler::default(),
         }];
         let declared = own_declaration(&local, &table, declared);
         let mut after = table.clone();

@@ -14,7 +14,7 @@ use crate::{
     datapath::{self, FlowCensus, Maps},
     install,
     instance::{self, Instance},
-    model::{BackendSpec, Health, HealthUpdate, Node, Proto, Service, Table},
+    model::{BackendSpec, Health, HealthUpdate, Node, Proto, Scheduler, Service, Table},
     state::{self, Attachment, State},
     sync, table_diff,
     table_file::TableFile,
@@ -371,16 +371,62 @@ pub fn service_add(
     backends: &[BackendSpec],
     proto: Proto,
     vip: Option<std::net::Ipv4Addr>,
+    scheduler: Scheduler,
 ) -> Result<String> {
-    let (state, ()) = change_table(instance, |table| {
-        table.add_service(name, proto, port, vip, backends)
+    let (state, _) = change_table(instance, |table| {
+        table.add_service(name, proto, port, vip, backends)?;
+        table.set_scheduler(name, scheduler)
     })?;
     let service = state.table.service(name).expect("just added");
     Ok(format!(
-        "service {name} added: {} → {} backends",
+        "service {name} added: {} → {} backends ({})",
         service.frontend(),
-        backends.len()
+        backends.len(),
+        describe_scheduler(scheduler)
     ))
+}
+
+/// What a scheduler does, in a few words.
+fn describe_scheduler(scheduler: Scheduler) -> &'static str {
+    match scheduler {
+        Scheduler::RoundRobin => "round-robin",
+        Scheduler::Maglev => {
+            "maglev: a flow whose flow-table entry is evicted still reaches its backend"
+        }
+    }
+}
+
+/// `lbctl service set`: changes how a service's new flows choose their backend. Existing flows
+/// keep theirs.
+pub fn service_set(instance: &Instance, name: &str, scheduler: Scheduler) -> Result<String> {
+    let (_, changed) = change_table(instance, |table| table.set_scheduler(name, scheduler))?;
+    Ok(if changed {
+        format!(
+            "{name}: new flows choose by {}; existing flows keep their backend",
+            describe_scheduler(scheduler)
+        )
+    } else {
+        format!("{name} already chooses by {scheduler}; nothing changed")
+    })
+}
+
+/// `lbctl backend weight`: changes a backend's share of its service's new flows.
+pub fn backend_weight(
+    instance: &Instance,
+    service: &str,
+    backend: &BackendSpec,
+    weight: u32,
+) -> Result<String> {
+    let (_, changed) = change_table(instance, |table| {
+        table.set_weight(service, backend.clone(), weight)
+    })?;
+    Ok(match (changed, weight) {
+        (false, _) => format!("{backend} of {service} already has weight {weight}"),
+        (true, 0) => format!(
+            "{backend} of {service} has weight 0: no new flows; its open connections continue"
+        ),
+        (true, _) => format!("{backend} of {service} has weight {weight}"),
+    })
 }
 
 pub fn service_rm(instance: &Instance, name: &str) -> Result<String> {
@@ -697,6 +743,7 @@ struct ServiceListing<'a> {
     name: &'a str,
     port: u16,
     proto: Proto,
+    scheduler: Scheduler,
     vip: Option<std::net::Ipv4Addr>,
 }
 
@@ -714,6 +761,14 @@ struct BackendListing<'a> {
     packets: Option<u64>,
     reply_bytes: Option<u64>,
     reply_packets: Option<u64>,
+    weight: u32,
+}
+
+/// How full the flow table is (`stats --json`).
+#[derive(Serialize)]
+struct FlowTableListing {
+    capacity: u32,
+    entries: u64,
 }
 
 /// The top of `service ls --json` and `stats --json` (`reasons` and `events`: `stats` only).
@@ -723,6 +778,8 @@ struct Listing<'a> {
     attached: Option<Vec<&'a str>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     events: Option<serde_json::Map<String, serde_json::Value>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    flow_table: Option<FlowTableListing>,
     generation: u64,
     instance: &'a str,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -753,6 +810,7 @@ fn service_listing<'a>(
                 reply_packets: stats.map(|s| s.reply_packets),
                 reply_bytes: stats.map(|s| s.reply_bytes),
                 new_flows: stats.map(|s| s.new_flows),
+                weight: backend.weight,
             })
         })
         .collect::<Result<Vec<_>>>()?;
@@ -763,6 +821,7 @@ fn service_listing<'a>(
         port: service.port,
         vip: service.vip,
         health_check: service.health_check.describe(),
+        scheduler: service.scheduler,
         fail_open,
         backends,
     })
@@ -784,6 +843,7 @@ pub fn service_ls(instance: &Instance, as_json: bool) -> Result<String> {
         let doc = Listing {
             attached: Some(state.attachments.iter().map(|a| a.iface.as_str()).collect()),
             events: None,
+            flow_table: None,
             generation: state.table.generation,
             instance: &instance.name,
             reasons: None,
@@ -796,17 +856,28 @@ pub fn service_ls(instance: &Instance, as_json: bool) -> Result<String> {
         };
         return Ok(serde_json::to_string_pretty(&doc)?);
     }
+    services_text(&state.table, maps.as_ref(), census.as_ref())
+}
+
+/// The services of `table`, a line each, and their backends, a line each (with counters and
+/// live flows when the maps are there).
+fn services_text(
+    table: &Table,
+    maps: Option<&Maps>,
+    census: Option<&FlowCensus>,
+) -> Result<String> {
     let mut out = String::new();
-    if state.table.services.is_empty() {
+    if table.services.is_empty() {
         out.push_str("no services\n");
     }
-    for service in &state.table.services {
+    for service in &table.services {
         let (_, fail_open) = service.selectable();
         out.push_str(&format!(
-            "{} {} ({} backends; {}){}\n",
+            "{} {} ({} backends, {}; {}){}\n",
             service.name,
             service.frontend(),
             service.backends.len(),
+            service.scheduler,
             service.health_check.describe(),
             if fail_open {
                 " FAILING OPEN: every backend is unhealthy, new flows go to all of them"
@@ -820,16 +891,12 @@ pub fn service_ls(instance: &Instance, as_json: bool) -> Result<String> {
                 backend.health.as_str(),
                 if backend.drained { ",drained" } else { "" }
             );
-            match maps
-                .as_ref()
-                .map(|m| m.backend_totals(backend.id))
-                .transpose()?
-            {
+            let weight = backend.weight;
+            match maps.map(|m| m.backend_totals(backend.id)).transpose()? {
                 Some(s) => out.push_str(&format!(
-                    "  {:<21} {status:<17} live_flows={} new_flows={} packets={} bytes={} reply_packets={} reply_bytes={}\n",
+                    "  {:<21} {status:<17} weight={weight} live_flows={} new_flows={} packets={} bytes={} reply_packets={} reply_bytes={}\n",
                     backend.to_string(),
                     census
-                        .as_ref()
                         .and_then(|c| c.live.get(&backend.id).copied())
                         .unwrap_or(0),
                     s.new_flows,
@@ -838,7 +905,10 @@ pub fn service_ls(instance: &Instance, as_json: bool) -> Result<String> {
                     s.reply_packets,
                     s.reply_bytes
                 )),
-                None => out.push_str(&format!("  {:<21} {status}\n", backend.to_string())),
+                None => out.push_str(&format!(
+                    "  {:<21} {status:<17} weight={weight}\n",
+                    backend.to_string()
+                )),
             }
         }
     }
@@ -851,6 +921,7 @@ pub fn stats(instance: &Instance, as_json: bool) -> Result<String> {
     let maps = Maps::open_pinned(&instance.maps_dir())?;
     let reasons = maps.reason_totals()?;
     let events = maps.event_totals()?;
+    let census = maps.flow_census()?;
     if as_json {
         let reasons: serde_json::Map<String, serde_json::Value> = Reason::ALL
             .iter()
@@ -870,6 +941,10 @@ pub fn stats(instance: &Instance, as_json: bool) -> Result<String> {
         let doc = Listing {
             attached: None,
             events: Some(events),
+            flow_table: Some(FlowTableListing {
+                capacity: state.flow_capacity,
+                entries: census.entries,
+            }),
             generation: state.table.generation,
             instance: &instance.name,
             reasons: Some(reasons),
@@ -877,7 +952,7 @@ pub fn stats(instance: &Instance, as_json: bool) -> Result<String> {
                 .table
                 .services
                 .iter()
-                .map(|s| service_listing(s, Some(&maps), None))
+                .map(|s| service_listing(s, Some(&maps), Some(&census)))
                 .collect::<Result<_>>()?,
         };
         return Ok(serde_json::to_string_pretty(&doc)?);
@@ -904,7 +979,15 @@ pub fn stats(instance: &Instance, as_json: bool) -> Result<String> {
     for (event, count) in Event::ALL.iter().zip(&events) {
         out.push_str(&format!("  {:<width$} {:>12}\n", event.name(), count));
     }
-    out.push_str(&service_ls(instance, false)?);
+    out.push_str(&format!(
+        "flow table: {} of {} entries ({:.0}%); when full, the least recently used flows are \
+         evicted: an evicted TCP connection that speaks again is counted as pass_flow_unknown \
+         (round-robin: reset) or flow_recovered (maglev: same backend)\n",
+        census.entries,
+        state.flow_capacity,
+        census.entries as f64 * 100.0 / f64::from(state.flow_capacity.max(1))
+    ));
+    out.push_str(&services_text(&state.table, Some(&maps), Some(&census))?);
     Ok(out)
 }
 

@@ -266,6 +266,7 @@ fn snapshot(shared: &Shared) -> Result<metrics::Snapshot> {
                     model::Health::Unhealthy => metrics::Health::Unhealthy,
                 },
                 drained: backend.drained,
+                weight_zero: backend.weight == 0,
                 packets: stats.packets,
                 bytes: stats.bytes,
                 reply_packets: stats.reply_packets,

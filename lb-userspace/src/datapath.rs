@@ -16,8 +16,8 @@ use aya::{
     util::nr_cpus,
 };
 use lb_common::{
-    BACKEND_ACTIVE, Backend, BackendStats, Counter, FlowKey, FlowValue, MeshConfig, ServiceKey,
-    ServiceValue, TunnelValue, map_names,
+    BACKEND_ACTIVE, Backend, BackendStats, Counter, FlowKey, FlowValue, MaglevTable, MeshConfig,
+    ReverseValue, ServiceKey, ServiceValue, TunnelValue, map_names,
 };
 
 use crate::{
@@ -68,6 +68,8 @@ pub struct Maps {
     pub backends: Array<MapData, Backend>,
     pub rr_cursors: Array<MapData, u64>,
     pub flows: HashMap<MapData, FlowKey, FlowValue>,
+    /// Filled by the data plane only; opened for inspection (and tests).
+    pub reverse_flows: HashMap<MapData, FlowKey, ReverseValue>,
     pub backend_stats: PerCpuArray<MapData, BackendStats>,
     pub reason_stats: PerCpuArray<MapData, Counter>,
     pub event_stats: PerCpuArray<MapData, u64>,
@@ -79,6 +81,8 @@ pub struct Maps {
     /// Filled by the data plane only (an LRU hash, which aya's `HashMap` also handles); opened so
     /// that its type is checked with the others, and for inspection.
     pub tunnel_replies: HashMap<MapData, FlowKey, TunnelValue>,
+    /// Maglev lookup tables by service id (maglev services only).
+    pub maglev: HashMap<MapData, u32, MaglevTable>,
 }
 
 fn open(pin_dir: &Path, name: &str) -> Result<Map> {
@@ -107,6 +111,7 @@ impl Maps {
             backends: get(map_names::BACKENDS)?.try_into()?,
             rr_cursors: get(map_names::RR_CURSORS)?.try_into()?,
             flows: get(map_names::FLOWS)?.try_into()?,
+            reverse_flows: get(map_names::REVERSE_FLOWS)?.try_into()?,
             backend_stats: get(map_names::BACKEND_STATS)?.try_into()?,
             reason_stats: get(map_names::REASON_STATS)?.try_into()?,
             event_stats: get(map_names::EVENT_STATS)?.try_into()?,
@@ -114,10 +119,12 @@ impl Maps {
             nodes: get(map_names::NODES)?.try_into()?,
             mesh: get(map_names::MESH)?.try_into()?,
             tunnel_replies: get(map_names::TUNNEL_REPLIES)?.try_into()?,
+            maglev: get(map_names::MAGLEV)?.try_into()?,
         })
     }
 
-    /// What `MESH`, `NODES`, `SERVICES` and `BACKENDS` hold now (active backends only). Every
+    /// What `MESH`, `NODES`, `SERVICES`, `BACKENDS` and `MAGLEV` hold now (active backends
+    /// only). Every
     /// slot of `BACKENDS` is read, not only those the state names, so that a slot left active
     /// by an interrupted command is found and cleared; in batches, which takes a few
     /// milliseconds where one lookup per slot took a tenth of a second.
@@ -140,6 +147,10 @@ impl Maps {
             }
         })
         .context("reading BACKENDS")?;
+        for_each_entry(self.maglev.map(), |id, table: MaglevTable| {
+            contents.maglev.insert(id, Box::new(table));
+        })
+        .context("reading MAGLEV")?;
         Ok(contents)
     }
 
@@ -168,6 +179,11 @@ impl Maps {
                 .set(*id, 0, 0)
                 .with_context(|| format!("resetting round-robin cursor {id}"))?;
         }
+        for (id, table) in &delta.maglev_to_write {
+            self.maglev
+                .insert(id, table.as_ref(), 0)
+                .with_context(|| format!("writing the maglev table of service {id}"))?;
+        }
         for (key, value) in &delta.services_to_write {
             self.services
                 .insert(key, value, 0)
@@ -175,6 +191,11 @@ impl Maps {
         }
         for key in &delta.services_to_delete {
             self.services.remove(key).context("deleting a service")?;
+        }
+        for id in &delta.maglev_to_delete {
+            self.maglev
+                .remove(id)
+                .with_context(|| format!("deleting the maglev table of service {id}"))?;
         }
         for id in &delta.backends_to_clear {
             self.backends

@@ -483,6 +483,7 @@ mod tests {
             addr: format!("10.0.{i}.{}:80", 10 + k).parse().unwrap(),
             drained: false,
             health: Health::Unknown,
+            weight: 1,
         }
     }
 
@@ -520,6 +521,7 @@ mod tests {
                         port: 8080,
                         vip: None,
                         health_check: HealthCheck::default(),
+                        scheduler: Default::default(),
                     }),
                 },
             );

@@ -9,6 +9,7 @@ pub mod health;
 pub mod install;
 pub mod instance;
 pub mod layout;
+pub mod maglev;
 pub mod map_ops;
 pub mod metrics;
 pub mod migrate;

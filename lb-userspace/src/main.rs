@@ -5,7 +5,7 @@ use clap::{ArgGroup, Parser, Subcommand};
 use lb_userspace::{
     commands::{self, AttachMode},
     instance,
-    model::{self, BackendSpec, Proto},
+    model::{self, BackendSpec, Proto, Scheduler},
 };
 
 #[derive(Parser)]
@@ -152,19 +152,32 @@ fn parse_gossip_addr(s: &str) -> Result<std::net::SocketAddrV4, String> {
 
 #[derive(Subcommand)]
 enum ServiceCommand {
-    /// Publish PORT and balance new connections round-robin over the backends.
+    /// Publish PORT and balance new connections over the backends (round-robin by default).
     Add {
         name: String,
         #[arg(value_parser = model::parse_port)]
         port: u16,
-        /// Backends; `@NODE` for one on another node of the mesh, reached through VXLAN.
-        #[arg(required = true, value_name = "IP:PORT[@NODE]", value_parser = model::parse_backend_spec)]
+        /// Backends; `@NODE` for one on another node of the mesh, reached through VXLAN; `*W`
+        /// for a weight (a share of the new flows, 0 to 256; default 1; 0: none).
+        #[arg(required = true, value_name = "IP:PORT[@NODE][*W]", value_parser = model::parse_weighted_backend_spec)]
         backends: Vec<BackendSpec>,
         #[arg(long, default_value = "tcp", value_parser = |s: &str| s.parse::<Proto>())]
         proto: Proto,
         /// Publish on this address only, instead of every local address of the node.
         #[arg(long, value_parser = model::parse_vip)]
         vip: Option<std::net::Ipv4Addr>,
+        /// How new flows choose a backend: `rr` (round-robin; a connection whose flow-table
+        /// entry was evicted is reset) or `maglev` (consistent hash of the 5-tuple; it reaches
+        /// the same backend).
+        #[arg(long, default_value = "rr", value_name = "rr|maglev", value_parser = |s: &str| s.parse::<Scheduler>())]
+        scheduler: Scheduler,
+    },
+    /// Change a service's settings; its flows keep their backends.
+    Set {
+        name: String,
+        /// `rr` (round-robin) or `maglev` (consistent hash of the 5-tuple).
+        #[arg(long, required = true, value_name = "rr|maglev", value_parser = |s: &str| s.parse::<Scheduler>())]
+        scheduler: Scheduler,
     },
     /// Stop publishing a service.
     Rm { name: String },
@@ -211,9 +224,18 @@ enum BackendCommand {
     /// Add backends to a service (they join the end of the round-robin order).
     Add {
         service: String,
-        /// `@NODE` for a backend on another node of the mesh.
-        #[arg(required = true, value_name = "IP:PORT[@NODE]", value_parser = model::parse_backend_spec)]
+        /// `@NODE` for a backend on another node of the mesh; `*W` for a weight (0 to 256).
+        #[arg(required = true, value_name = "IP:PORT[@NODE][*W]", value_parser = model::parse_weighted_backend_spec)]
         backends: Vec<BackendSpec>,
+    },
+    /// Change a backend's weight: its share of the service's new flows against the others'
+    /// (0 to 256; 0 takes no new flows, like drain). Its flows stay.
+    Weight {
+        service: String,
+        #[arg(value_name = "IP:PORT[@NODE]", value_parser = model::parse_backend_spec)]
+        backend: BackendSpec,
+        #[arg(value_parser = model::parse_weight)]
+        weight: u32,
     },
     /// Remove backends from a service (`IP:PORT` whatever its node; with `@NODE`, it must match).
     Rm {
@@ -289,7 +311,11 @@ fn run(cli: Cli) -> anyhow::Result<String> {
             backends,
             proto,
             vip,
-        }) => commands::service_add(&instance, &name, port, &backends, proto, vip),
+            scheduler,
+        }) => commands::service_add(&instance, &name, port, &backends, proto, vip, scheduler),
+        Command::Service(ServiceCommand::Set { name, scheduler }) => {
+            commands::service_set(&instance, &name, scheduler)
+        }
         Command::Apply { file, dry_run } => {
             // Read (and checked) before taking the instance's lock.
             let table = commands::read_table_file(&file)?;
@@ -304,6 +330,11 @@ fn run(cli: Cli) -> anyhow::Result<String> {
         Command::Backend(BackendCommand::Rm { service, backends }) => {
             commands::backend_rm(&instance, &service, &backends)
         }
+        Command::Backend(BackendCommand::Weight {
+            service,
+            backend,
+            weight,
+        }) => commands::backend_weight(&instance, &service, &backend, weight),
         Command::Backend(BackendCommand::Drain { service, backend }) => {
             commands::backend_drain(&instance, &service, &backend, true)
         }

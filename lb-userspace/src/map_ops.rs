@@ -15,6 +15,11 @@ const ENOTSUPP: i32 = 524;
 /// Entries read per `BPF_MAP_LOOKUP_BATCH` call: large enough that a reconcile reads the
 /// 131,072 backend slots in a few dozen calls, small enough that the buffers stay small.
 const BATCH_ENTRIES: usize = 4096;
+/// Bytes of keys and values one call may read: maps of large values (64 KiB maglev tables)
+/// are read fewer entries at a time.
+const BATCH_BYTES: usize = 1 << 20;
+/// Fewest entries a call reads: a hash map's batch must hold a whole bucket.
+const BATCH_ENTRIES_MIN: usize = 16;
 
 /// The `batch` member of `union bpf_attr` (linux/bpf.h), which the `BPF_MAP_*_BATCH` commands
 /// take.
@@ -93,8 +98,9 @@ pub fn for_each_raw(
     value_len: usize,
     mut f: impl FnMut(&[u8], &[u8]),
 ) -> Result<()> {
-    let mut keys = vec![0u8; BATCH_ENTRIES * key_size];
-    let mut values = vec![0u8; BATCH_ENTRIES * value_len];
+    let batch = (BATCH_BYTES / (key_size + value_len)).clamp(BATCH_ENTRIES_MIN, BATCH_ENTRIES);
+    let mut keys = vec![0u8; batch * key_size];
+    let mut values = vec![0u8; batch * value_len];
     // The position token is a key (arrays) or a 4-byte bucket number (hashes).
     let token_size = key_size.max(8);
     let mut position = vec![0u8; token_size];
@@ -106,7 +112,7 @@ pub fn for_each_raw(
             out_batch: next.as_mut_ptr() as u64,
             keys: keys.as_mut_ptr() as u64,
             values: values.as_mut_ptr() as u64,
-            count: BATCH_ENTRIES as u32,
+            count: batch as u32,
             map_fd: map.as_raw_fd() as u32,
             ..BatchAttr::default()
         };

@@ -89,6 +89,8 @@ pub struct BackendSnapshot {
     pub health: Health,
     /// Drained: the backend keeps the flows pinned to it but gets no new ones.
     pub drained: bool,
+    /// Of weight 0: like drained, no new flows (a weight above 0 is a share, not shown here).
+    pub weight_zero: bool,
     /// Client → backend packets and bytes (whole frames, as received).
     pub packets: u64,
     pub bytes: u64,
@@ -102,10 +104,10 @@ pub struct BackendSnapshot {
 }
 
 impl BackendSnapshot {
-    /// Whether new flows may choose the backend: not drained and not known to be unhealthy
-    /// (healthy, or not checked here). The rule of `lbctl_service_healthy_backends`.
+    /// Whether new flows may choose the backend: not drained, not of weight 0 and not known to
+    /// be unhealthy (healthy, or not checked here). The rule of `lbctl_service_healthy_backends`.
     pub fn eligible(&self) -> bool {
-        !self.drained && self.health != Health::Unhealthy
+        !self.drained && !self.weight_zero && self.health != Health::Unhealthy
     }
 }
 
@@ -230,8 +232,8 @@ const PER_SERVICE: &[PerService] = &[
     },
     PerService {
         name: "lbctl_service_healthy_backends",
-        help: "Backends eligible for new flows: not drained and not unhealthy (healthy, or not \
-               checked here).",
+        help: "Backends eligible for new flows: not drained, not of weight 0 and not unhealthy \
+               (healthy, or not checked here).",
         value: |s| s.backends.iter().filter(|b| b.eligible()).count() as u64,
     },
     PerService {
@@ -344,7 +346,8 @@ pub fn render(snapshot: &Snapshot) -> String {
         "lbctl_flow_events_total",
         Kind::Counter,
         "Flow table events: flows created, flows that chose again because their backend was \
-         removed, creation races lost to another CPU.",
+         removed, creation races lost to another CPU, new flows sent to unhealthy backends \
+         (failing open), evicted TCP connections found again by maglev.",
     );
     for &(event, count) in &snapshot.events {
         out.sample("lbctl_flow_events_total", &[("event", event)], count);
@@ -832,7 +835,7 @@ lbctl_vxlan_encapsulated_packets_total 6
 # HELP lbctl_vxlan_decapsulated_packets_total Overlay packets decapsulated for a backend on this node: decap_tx, decap_redirect and decap_stack. Encapsulated replies count under reply_* with plain replies and are not included.
 # TYPE lbctl_vxlan_decapsulated_packets_total counter
 lbctl_vxlan_decapsulated_packets_total 3
-# HELP lbctl_flow_events_total Flow table events: flows created, flows that chose again because their backend was removed, creation races lost to another CPU.
+# HELP lbctl_flow_events_total Flow table events: flows created, flows that chose again because their backend was removed, creation races lost to another CPU, new flows sent to unhealthy backends (failing open), evicted TCP connections found again by maglev.
 # TYPE lbctl_flow_events_total counter
 lbctl_flow_events_total{event="flow_created"} 4
 lbctl_flow_events_total{event="flow_reselected"} 1
@@ -860,7 +863,7 @@ lbctl_service_flows{service="web"} 3
 # HELP lbctl_service_backends Backends configured for the service, drained and unhealthy ones included.
 # TYPE lbctl_service_backends gauge
 lbctl_service_backends{service="web"} 2
-# HELP lbctl_service_healthy_backends Backends eligible for new flows: not drained and not unhealthy (healthy, or not checked here).
+# HELP lbctl_service_healthy_backends Backends eligible for new flows: not drained, not of weight 0 and not unhealthy (healthy, or not checked here).
 # TYPE lbctl_service_healthy_backends gauge
 lbctl_service_healthy_backends{service="web"} 0
 # HELP lbctl_service_fail_open 1 when every backend is unhealthy and new flows go to all of them anyway, else 0.
@@ -1123,6 +1126,11 @@ lbctl_backend_health{service="web",backend="10.0.1.6:80",node="node-2",state="un
             by_service("lbctl_service_healthy_backends"),
             by_service("lbctl_service_fail_open"),
         );
+        let weightless = BackendSnapshot {
+            weight_zero: true,
+            ..backend("10.0.0.9:80", None, Healthy, false)
+        };
+        assert!(!weightless.eligible(), "weight 0 takes no new flows");
         for &(name, open, backends, eligible) in cases {
             assert_eq!(healthy[name], eligible, "{name}: healthy backends");
             assert_eq!(fail_open[name], u64::from(open), "{name}: fail open");
@@ -1147,8 +1155,8 @@ lbctl_backend_health{service="web",backend="10.0.1.6:80",node="node-2",state="un
         // drop_no_backend, drop_flow_table_full, drop_vxlan_*, drop_encap_*, drop_mesh_*.
         let dropped = slots(&[15, 16, 24, 25, 26, 27, 28, 29, 30, 31]);
         assert_eq!(total("lbctl_dropped_packets_total"), dropped);
-        // pass_not_ipv4 ... pass_not_local, pass_vxlan_other_vni.
-        let passed = slots(&[0, 1, 2, 3, 4, 5, 6, 23]);
+        // pass_not_ipv4 ... pass_not_local, pass_vxlan_other_vni, pass_flow_unknown.
+        let passed = slots(&[0, 1, 2, 3, 4, 5, 6, 23, 32]);
         assert_eq!(total("lbctl_passed_packets_total"), passed);
         // forward_encap_tx, forward_encap_redirect, reply_encap.
         let encapsulated = slots(&[17, 18, 22]);

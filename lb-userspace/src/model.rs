@@ -77,23 +77,112 @@ fn backend_addr(s: &str) -> Result<SocketAddrV4, String> {
     Ok(SocketAddrV4::new(ip, parse_port(port)?))
 }
 
+/// How new flows of a service choose their backend.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Scheduler {
+    /// In turn, each backend as many times as its weight (the default).
+    #[default]
+    #[serde(rename = "rr")]
+    RoundRobin,
+    /// By a consistent hash of the flow's 5-tuple (Maglev): a flow whose flow-table entry was
+    /// evicted still reaches its backend, and a change of backends moves few flows.
+    #[serde(rename = "maglev")]
+    Maglev,
+}
+
+impl Scheduler {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Scheduler::RoundRobin => "rr",
+            Scheduler::Maglev => "maglev",
+        }
+    }
+
+    /// `ServiceValue::scheduler`.
+    pub const fn number(self) -> u32 {
+        match self {
+            Scheduler::RoundRobin => lb_common::SCHEDULER_ROUND_ROBIN,
+            Scheduler::Maglev => lb_common::SCHEDULER_MAGLEV,
+        }
+    }
+
+    pub fn is_default(&self) -> bool {
+        *self == Scheduler::default()
+    }
+}
+
+impl fmt::Display for Scheduler {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Scheduler {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "rr" => Ok(Scheduler::RoundRobin),
+            "maglev" => Ok(Scheduler::Maglev),
+            _ => Err(format!(
+                "invalid scheduler '{s}': expected rr (round-robin) or maglev"
+            )),
+        }
+    }
+}
+
+/// Largest backend weight (HAProxy's range): weights are shares, so 0 to 256 says all there
+/// is to say, and keeps the maglev population and the round-robin slots cheap to compute.
+pub const MAX_WEIGHT: u32 = 256;
+/// The weight of a backend given without one.
+pub const DEFAULT_WEIGHT: u32 = 1;
+
+pub(crate) fn default_weight() -> u32 {
+    DEFAULT_WEIGHT
+}
+
+pub(crate) fn is_default_weight(weight: &u32) -> bool {
+    *weight == DEFAULT_WEIGHT
+}
+
+/// Parses a weight: a whole number from 0 (no new flows, like drained) to `MAX_WEIGHT`.
+pub fn parse_weight(s: &str) -> Result<u32, String> {
+    s.parse::<u32>()
+        .ok()
+        .filter(|weight| *weight <= MAX_WEIGHT)
+        .ok_or_else(|| {
+            format!("invalid weight '{s}': a whole number from 0 (no new flows) to {MAX_WEIGHT}")
+        })
+}
+
 /// A backend as the operator names it: `IP:PORT`, or `IP:PORT@NODE` for a task on a node of the
-/// mesh. A plain `SocketAddrV4` converts to a backend on no node (local or plainly routed).
+/// mesh, with its weight (`*W` where a backend is added). A plain `SocketAddrV4` converts to a
+/// backend on no node (local or plainly routed) of the default weight.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BackendSpec {
     pub addr: SocketAddrV4,
     pub node: Option<String>,
+    pub weight: u32,
 }
 
 impl From<SocketAddrV4> for BackendSpec {
     fn from(addr: SocketAddrV4) -> Self {
-        Self { addr, node: None }
+        Self {
+            addr,
+            node: None,
+            weight: DEFAULT_WEIGHT,
+        }
     }
 }
 
 impl fmt::Display for BackendSpec {
+    /// `IP:PORT[@NODE]`, then `*W` unless the weight is the default: what
+    /// [`parse_weighted_backend_spec`] reads back.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        fmt_backend(f, &self.addr, self.node.as_deref())
+        fmt_backend(f, &self.addr, self.node.as_deref())?;
+        if self.weight != DEFAULT_WEIGHT {
+            write!(f, "*{}", self.weight)?;
+        }
+        Ok(())
     }
 }
 
@@ -104,8 +193,21 @@ fn fmt_backend(f: &mut fmt::Formatter<'_>, addr: &SocketAddrV4, node: Option<&st
     }
 }
 
-/// Parses a backend argument, `IP:PORT` or `IP:PORT@NODE`. Whether the node exists is the
-/// table's business.
+/// Parses a backend as it is added: `IP:PORT[@NODE]`, optionally followed by `*WEIGHT` (a share
+/// of the new flows; 1 when left out, 0 for none).
+pub fn parse_weighted_backend_spec(s: &str) -> Result<BackendSpec, String> {
+    let Some((backend, weight)) = s.rsplit_once('*') else {
+        return parse_backend_spec(s);
+    };
+    let weight = parse_weight(weight).map_err(|err| format!("invalid backend '{s}': {err}"))?;
+    Ok(BackendSpec {
+        weight,
+        ..parse_backend_spec(backend)?
+    })
+}
+
+/// Parses a backend argument, `IP:PORT` or `IP:PORT@NODE` (of the default weight). Whether the
+/// node exists is the table's business.
 pub fn parse_backend_spec(s: &str) -> Result<BackendSpec, String> {
     let (addr, node) = match s.split_once('@') {
         Some((addr, node)) => {
@@ -115,7 +217,11 @@ pub fn parse_backend_spec(s: &str) -> Result<BackendSpec, String> {
         None => (s, None),
     };
     let addr = backend_addr(addr).map_err(|why| format!("invalid backend '{s}': {why}"))?;
-    Ok(BackendSpec { addr, node })
+    Ok(BackendSpec {
+        addr,
+        node,
+        weight: DEFAULT_WEIGHT,
+    })
 }
 
 /// Parses a node's underlay address: the unicast IPv4 address VXLAN packets are sent to.
@@ -218,12 +324,31 @@ pub struct Backend {
     /// What the health checks last said (written by `lbctl daemon`).
     #[serde(default)]
     pub health: Health,
+    /// Its share of the service's new flows, against the other backends' weights; 0 takes no
+    /// new flows (like drained) and keeps its flows.
+    #[serde(default = "default_weight", skip_serializing_if = "is_default_weight")]
+    pub weight: u32,
 }
 
 impl Backend {
-    /// Whether new flows may choose the backend while some backend of its service is healthy.
+    /// Whether new flows may choose the backend: not drained, not of weight 0, and, while some
+    /// backend of its service is healthy, not unhealthy.
     pub fn eligible(&self) -> bool {
-        !self.drained && self.health != Health::Unhealthy
+        self.takes_new_flows() && self.health != Health::Unhealthy
+    }
+
+    /// Not drained and not of weight 0: the operator lets it take new flows.
+    fn takes_new_flows(&self) -> bool {
+        !self.drained && self.weight > 0
+    }
+
+    /// The backend as a table file or `backend add` names it.
+    pub fn spec(&self) -> BackendSpec {
+        BackendSpec {
+            addr: self.addr,
+            node: self.node.clone(),
+            weight: self.weight,
+        }
     }
 }
 
@@ -399,6 +524,8 @@ pub struct Service {
     pub backends: Vec<Backend>,
     #[serde(default)]
     pub health_check: HealthCheck,
+    #[serde(default, skip_serializing_if = "Scheduler::is_default")]
+    pub scheduler: Scheduler,
 }
 
 impl Service {
@@ -426,14 +553,18 @@ impl Service {
     }
 
     /// The backends new flows may choose, and whether the service fails open: when every
-    /// undrained backend is unhealthy, new flows go to all of them rather than nowhere (the
-    /// checks themselves may be what is broken).
+    /// undrained backend (of a weight above 0) is unhealthy, new flows go to all of them rather
+    /// than nowhere (the checks themselves may be what is broken).
     pub fn selectable(&self) -> (Vec<&Backend>, bool) {
         let eligible: Vec<&Backend> = self.backends.iter().filter(|b| b.eligible()).collect();
         if !eligible.is_empty() {
             return (eligible, false);
         }
-        let undrained: Vec<&Backend> = self.backends.iter().filter(|b| !b.drained).collect();
+        let undrained: Vec<&Backend> = self
+            .backends
+            .iter()
+            .filter(|b| b.takes_new_flows())
+            .collect();
         let fail_open = !undrained.is_empty();
         (undrained, fail_open)
     }
@@ -529,6 +660,7 @@ pub struct ServiceSpec {
     /// In round-robin order.
     pub backends: Vec<BackendSpec>,
     pub health_check: HealthCheck,
+    pub scheduler: Scheduler,
 }
 
 impl ServiceSpec {
@@ -635,6 +767,7 @@ impl Table {
             vip,
             backends,
             health_check: HealthCheck::default(),
+            scheduler: Scheduler::default(),
         });
         self.next_service_id = (id + 1) % MAX_SERVICES;
         self.generation += 1;
@@ -705,13 +838,49 @@ impl Table {
         spec: impl Into<BackendSpec>,
         drained: bool,
     ) -> Result<bool, String> {
+        self.update_backend(name, spec.into(), drained, |b| &mut b.drained)
+    }
+
+    /// Changes how a service's new flows choose their backend. Flows keep their backend either
+    /// way. Returns whether anything changed.
+    pub fn set_scheduler(&mut self, name: &str, scheduler: Scheduler) -> Result<bool, String> {
         let service = self.service_mut(name)?;
-        let index = service.named_backend(&spec.into())?;
-        let backend = &mut service.backends[index];
-        if backend.drained == drained {
+        if service.scheduler == scheduler {
             return Ok(false);
         }
-        backend.drained = drained;
+        service.scheduler = scheduler;
+        self.generation += 1;
+        Ok(true)
+    }
+
+    /// Changes a backend's weight (named as in `set_drained`); its flows stay. Returns whether
+    /// anything changed.
+    pub fn set_weight(
+        &mut self,
+        name: &str,
+        spec: impl Into<BackendSpec>,
+        weight: u32,
+    ) -> Result<bool, String> {
+        parse_weight(&weight.to_string())?;
+        self.update_backend(name, spec.into(), weight, |b| &mut b.weight)
+    }
+
+    /// Sets `field` of a backend named as in `set_drained` to `value`; returns whether it
+    /// changed (the table's generation then grows by one).
+    fn update_backend<T: PartialEq>(
+        &mut self,
+        name: &str,
+        spec: BackendSpec,
+        value: T,
+        field: fn(&mut Backend) -> &mut T,
+    ) -> Result<bool, String> {
+        let service = self.service_mut(name)?;
+        let index = service.named_backend(&spec)?;
+        let current = field(&mut service.backends[index]);
+        if *current == value {
+            return Ok(false);
+        }
+        *current = value;
         self.generation += 1;
         Ok(true)
     }
@@ -855,8 +1024,17 @@ impl Table {
             };
             let service = &mut self.services[position];
             service.set_health_check(&spec.health_check)?;
-            let order = positions_of(spec.backends.iter().map(|b| b.addr));
-            service.backends.sort_by_key(|b| order[&b.addr]);
+            service.scheduler = spec.scheduler;
+            let declared: HashMap<SocketAddrV4, (usize, u32)> = spec
+                .backends
+                .iter()
+                .enumerate()
+                .map(|(i, b)| (b.addr, (i, b.weight)))
+                .collect();
+            for backend in &mut service.backends {
+                backend.weight = declared[&backend.addr].1;
+            }
+            service.backends.sort_by_key(|b| declared[&b.addr].0);
         }
         let order = positions_of(services.iter().map(|s| s.name.as_str()));
         self.services.sort_by_key(|s| order[s.name.as_str()]);
@@ -1043,6 +1221,7 @@ impl Table {
                 .map(|b| BackendSpec {
                     addr: b.addr,
                     node: b.node.clone(),
+                    weight: b.weight,
                 })
                 .collect();
             check_backend_list(name, &[], &specs)?;
@@ -1097,6 +1276,7 @@ impl Table {
                 node: spec.node.clone(),
                 drained: false,
                 health: Health::Unknown,
+                weight: spec.weight,
             });
         }
         self.next_backend_id = cursor;
@@ -1378,8 +1558,9 @@ mod tests {
         }
     }
 
+    /// `IP:PORT[@NODE][*WEIGHT]`.
     fn spec(s: &str) -> BackendSpec {
-        parse_backend_spec(s).unwrap()
+        parse_weighted_backend_spec(s).unwrap()
     }
 
     fn ip(s: &str) -> Ipv4Addr {
@@ -1410,7 +1591,8 @@ mod tests {
             spec("10.0.0.8:80@n2"),
             BackendSpec {
                 addr: addr("10.0.0.8:80"),
-                node: Some("n2".into())
+                node: Some("n2".into()),
+                weight: 1,
             }
         );
         assert_eq!(spec("10.0.0.8:80"), BackendSpec::from(addr("10.0.0.8:80")));
@@ -1427,6 +1609,103 @@ mod tests {
             let err = parse_backend_spec(bad).unwrap_err();
             assert!(err.contains(names), "{bad}: {err}");
         }
+    }
+
+    #[test]
+    fn added_backends_may_carry_a_weight() {
+        let weighted = spec("10.0.0.8:80@n2*3");
+        assert_eq!((weighted.node.as_deref(), weighted.weight), (Some("n2"), 3));
+        assert_eq!(weighted.to_string(), "10.0.0.8:80@n2*3");
+        assert_eq!(spec("10.0.0.8:80*0").weight, 0);
+        assert_eq!(spec("10.0.0.8:80*1").to_string(), "10.0.0.8:80");
+        assert_eq!(spec("10.0.0.8:80*256").weight, MAX_WEIGHT);
+        for (bad, names) in [
+            ("10.0.0.8:80*257", "invalid weight '257'"),
+            ("10.0.0.8:80*", "invalid weight ''"),
+            ("10.0.0.8:80*-1", "invalid weight '-1'"),
+            (
+                "10.0.0.8:80@n2*x",
+                "invalid backend '10.0.0.8:80@n2*x': invalid weight 'x'",
+            ),
+            ("10.0.0.8*2", "'10.0.0.8'"),
+        ] {
+            let err = parse_weighted_backend_spec(bad).unwrap_err();
+            assert!(err.contains(names), "{bad}: {err}");
+        }
+        // Where a backend is named, not added, a weight is no part of its name.
+        assert!(
+            parse_backend_spec("10.0.0.8:80*2")
+                .unwrap_err()
+                .contains("invalid port '80*2'")
+        );
+    }
+
+    #[test]
+    fn weights_and_schedulers_change_in_place_and_weight_zero_takes_no_new_flows() {
+        let mut table = Table::default();
+        table
+            .add_service(
+                "web",
+                Proto::Tcp,
+                8080,
+                None,
+                &[spec("10.0.0.6:80*2"), spec("10.0.0.7:80*0")],
+            )
+            .unwrap();
+        let web = table.service("web").unwrap();
+        assert_eq!(web.scheduler, Scheduler::RoundRobin);
+        let weights: Vec<u32> = web.backends.iter().map(|b| b.weight).collect();
+        assert_eq!(weights, [2, 0]);
+        let (selectable, fail_open) = web.selectable();
+        assert_eq!(
+            (selectable.len(), selectable[0].weight, fail_open),
+            (1, 2, false)
+        );
+
+        let generation = table.generation;
+        assert_eq!(table.set_scheduler("web", Scheduler::Maglev), Ok(true));
+        assert_eq!(table.set_scheduler("web", Scheduler::Maglev), Ok(false));
+        assert_eq!(table.set_weight("web", addr("10.0.0.7:80"), 5), Ok(true));
+        assert_eq!(table.set_weight("web", addr("10.0.0.7:80"), 5), Ok(false));
+        assert_eq!(table.generation, generation + 2);
+        let before = table.clone();
+        assert!(
+            table
+                .set_weight("web", addr("10.0.0.7:80"), 257)
+                .unwrap_err()
+                .contains("invalid weight '257'")
+        );
+        assert!(table.set_scheduler("api", Scheduler::Maglev).is_err());
+        assert_eq!(table, before);
+        let web = table.service("web").unwrap();
+        assert_eq!(
+            (web.scheduler, web.backends[1].weight),
+            (Scheduler::Maglev, 5)
+        );
+        assert_eq!(
+            web.backends.iter().map(|b| b.id).collect::<Vec<_>>(),
+            [0, 1],
+            "same backends"
+        );
+
+        // Every backend of weight 0 or unhealthy: failing open skips weight 0, like drained.
+        table.set_weight("web", addr("10.0.0.7:80"), 0).unwrap();
+        assert!(table.set_health("web", 0, Health::Unhealthy));
+        let (selectable, fail_open) = table.service("web").unwrap().selectable();
+        assert_eq!(
+            (
+                selectable.iter().map(|b| b.id).collect::<Vec<_>>(),
+                fail_open
+            ),
+            (vec![0], true)
+        );
+        assert_eq!("maglev".parse(), Ok(Scheduler::Maglev));
+        assert!(
+            "wrr"
+                .parse::<Scheduler>()
+                .unwrap_err()
+                .contains("expected rr (round-robin) or maglev")
+        );
     }
 
     #[test]
@@ -1647,17 +1926,18 @@ mod tests {
             vip: None,
             backends: backends.iter().map(|b| spec(b)).collect(),
             health_check: HealthCheck::default(),
+            scheduler: Scheduler::default(),
         }
     }
 
-    /// `(address, id)` of a service's backends, in order.
+    /// `(IP:PORT[@NODE][*WEIGHT], id)` of a service's backends, in order.
     fn backend_ids(table: &Table, service: &str) -> Vec<(String, u32)> {
         table
             .service(service)
             .unwrap()
             .backends
             .iter()
-            .map(|b| (b.to_string(), b.id))
+            .map(|b| (b.spec().to_string(), b.id))
             .collect()
     }
 
@@ -1706,6 +1986,20 @@ mod tests {
         assert_eq!(backend_ids(&table, "api"), [("10.0.0.4:80".into(), 5)]);
         let names: Vec<&str> = table.services.iter().map(|s| s.name.as_str()).collect();
         assert_eq!(names, ["web", "api"], "the declared order");
+    }
+
+    #[test]
+    fn apply_sets_weights_and_the_scheduler_keeping_ids() {
+        let mut table = table_with_web();
+        let mut web = declared("web", 8080, &["10.0.0.7:80*3", "10.0.0.6:80"]);
+        web.scheduler = Scheduler::Maglev;
+        assert_eq!(table.apply(None, std::slice::from_ref(&web)), Ok(true));
+        assert_eq!(table.service("web").unwrap().scheduler, Scheduler::Maglev);
+        assert_eq!(
+            backend_ids(&table, "web"),
+            [("10.0.0.7:80*3".into(), 1), ("10.0.0.6:80".into(), 0)]
+        );
+        assert_eq!(table.apply(None, &[web]), Ok(false));
     }
 
     #[test]
@@ -1842,6 +2136,7 @@ mod tests {
                     .map(|j| SocketAddrV4::new(Ipv4Addr::from(0x0a00_0000 + i * 16 + j), 80).into())
                     .collect(),
                 health_check: HealthCheck::default(),
+                scheduler: Scheduler::default(),
             })
             .collect();
         let mut table = Table::default();

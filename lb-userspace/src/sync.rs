@@ -3,13 +3,17 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use lb_common::{
-    BACKEND_ACTIVE, Backend, MAX_BACKENDS_PER_SERVICE, MeshConfig, SERVICE_FAIL_OPEN, ServiceKey,
-    ServiceValue,
+    BACKEND_ACTIVE, Backend, MAX_BACKENDS_PER_SERVICE, MaglevTable, MeshConfig, SERVICE_FAIL_OPEN,
+    ServiceKey, ServiceValue,
 };
 
-use crate::model::{Service, Table};
+use crate::{
+    maglev::{self, MaglevBackend},
+    model::{self, Scheduler, Service, Table},
+};
 
-/// What `MESH`, `NODES`, `SERVICES` and `BACKENDS` should hold (active backends only).
+/// What `MESH`, `NODES`, `SERVICES`, `BACKENDS` and `MAGLEV` should hold (active backends
+/// only).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct MapContents {
     /// `MESH[0]`.
@@ -18,6 +22,8 @@ pub struct MapContents {
     pub nodes: BTreeSet<u32>,
     pub services: BTreeMap<ServiceKey, ServiceValue>,
     pub backends: BTreeMap<u32, Backend>,
+    /// The lookup table of every maglev service that has a backend to choose, by service id.
+    pub maglev: BTreeMap<u32, Box<MaglevTable>>,
 }
 
 pub fn service_key(service: &Service) -> ServiceKey {
@@ -67,14 +73,27 @@ pub fn desired(table: &Table, self_node: Option<&str>) -> MapContents {
         // Drained and unhealthy backends stay active in BACKENDS (their flows continue) but
         // leave the list new flows choose from.
         let (selectable, fail_open) = service.selectable();
+        let turns = round_robin_turns(&selectable);
         let mut value = ServiceValue {
             service_id: service.id,
-            backend_count: selectable.len() as u32,
+            backend_count: turns.len() as u32,
             flags: if fail_open { SERVICE_FAIL_OPEN } else { 0 },
+            scheduler: service.scheduler.number(),
             ..ServiceValue::default()
         };
-        for (slot, backend) in selectable.iter().enumerate() {
-            value.backend_ids[slot] = backend.id;
+        value.backend_ids[..turns.len()].copy_from_slice(&turns);
+        if service.scheduler == Scheduler::Maglev {
+            let backends: Vec<MaglevBackend> = selectable
+                .iter()
+                .map(|b| MaglevBackend {
+                    identity: b.to_string(),
+                    id: b.id,
+                    weight: b.weight,
+                })
+                .collect();
+            if let Some(table) = maglev::build(&backends) {
+                contents.maglev.insert(service.id, table);
+            }
         }
         for backend in &service.backends {
             contents.backends.insert(
@@ -97,6 +116,71 @@ pub fn desired(table: &Table, self_node: Option<&str>) -> MapContents {
     contents
 }
 
+/// The round-robin order of a service's selectable backends: each backend's id as many times
+/// as its share of the `MAX_BACKENDS_PER_SERVICE` slots ([`slot_counts`]), spread out as
+/// nginx's smooth weighted round-robin does (weights 3 and 1 give A A B A, not A A A B).
+/// Backends of equal weight keep their order, once each.
+fn round_robin_turns(backends: &[&model::Backend]) -> Vec<u32> {
+    let weights: Vec<u32> = backends.iter().map(|b| b.weight).collect();
+    let slots = slot_counts(&weights);
+    let total: i64 = slots.iter().map(|s| i64::from(*s)).sum();
+    let mut current = vec![0i64; slots.len()];
+    (0..total)
+        .map(|_| {
+            for (current, slots) in current.iter_mut().zip(&slots) {
+                *current += i64::from(*slots);
+            }
+            let (best, _) = current
+                .iter()
+                .enumerate()
+                .rev()
+                .max_by_key(|(_, c)| **c)
+                .expect("a turn is taken only when there are backends");
+            current[best] -= total;
+            backends[best].id
+        })
+        .collect()
+}
+
+/// How many of the `MAX_BACKENDS_PER_SERVICE` round-robin slots each weight gets: the weights
+/// divided by their greatest common divisor when they fit (exact); otherwise every slot, shared
+/// in proportion to the weights with at least one each (the closest the slots allow: weights 2
+/// and 1 among 128 backends cannot be told apart). Weights are above 0.
+fn slot_counts(weights: &[u32]) -> Vec<u32> {
+    const SLOTS: u64 = MAX_BACKENDS_PER_SERVICE as u64;
+    let divisor = weights.iter().fold(0, |g, w| gcd(g, *w)).max(1);
+    let reduced: Vec<u32> = weights.iter().map(|w| w / divisor).collect();
+    let total: u64 = reduced.iter().map(|w| u64::from(*w)).sum();
+    if total <= SLOTS {
+        return reduced;
+    }
+    let weight = |i: usize| u64::from(reduced[i]);
+    let mut slots: Vec<u64> = (0..reduced.len())
+        .map(|i| (weight(i) * SLOTS / total).max(1))
+        .collect();
+    // slots[i] / weight(i), compared without division.
+    let served =
+        |slots: &[u64], i: usize, j: usize| (slots[i] * weight(j)).cmp(&(slots[j] * weight(i)));
+    while slots.iter().sum::<u64>() > SLOTS {
+        let most = (0..slots.len())
+            .filter(|i| slots[*i] > 1)
+            .max_by(|i, j| served(&slots, *i, *j))
+            .expect("at most SLOTS backends, so some have more than one slot");
+        slots[most] -= 1;
+    }
+    while slots.iter().sum::<u64>() < SLOTS {
+        let least = (0..slots.len())
+            .min_by(|i, j| served(&slots, *i, *j))
+            .expect("backends");
+        slots[least] += 1;
+    }
+    slots.iter().map(|s| *s as u32).collect()
+}
+
+fn gcd(a: u32, b: u32) -> u32 {
+    if b == 0 { a } else { gcd(b, a % b) }
+}
+
 /// Map writes that turn `actual` into `desired`, in the order they must be applied so that
 /// the data plane never picks a backend that is not (yet, or any more) active, nor one on a
 /// node it does not (yet, or any more) know:
@@ -104,20 +188,26 @@ pub fn desired(table: &Table, self_node: Option<&str>) -> MapContents {
 /// 2. `nodes_to_add` (a node's VXLAN is accepted before any of its backends can be chosen);
 /// 3. `backends_to_write` (new backends become active before any service lists them; their
 ///    counters are zeroed first when `new_backend_ids` says the slot is fresh);
-/// 4. `services_to_write` (new round-robin cursors start at 0 for `new_service_ids`);
-/// 5. `services_to_delete`;
-/// 6. `backends_to_clear` (deactivated after the services stop listing them: flows pinned to
+/// 4. `maglev_to_write` (the tables name active backends only, and a service that becomes a
+///    maglev service finds its table);
+/// 5. `services_to_write` (new round-robin cursors start at 0 for `new_service_ids`);
+/// 6. `services_to_delete`;
+/// 7. `maglev_to_delete` (tables no service reads any more);
+/// 8. `backends_to_clear` (deactivated after the services stop listing them: flows pinned to
 ///    them then choose again);
-/// 7. `nodes_to_remove` (last: once no backend sends there).
+/// 9. `nodes_to_remove` (last: once no backend sends there).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Delta {
     pub mesh: Option<MeshConfig>,
     pub nodes_to_add: Vec<u32>,
     pub backends_to_write: Vec<(u32, Backend)>,
     pub new_backend_ids: Vec<u32>,
+    /// Maglev tables by service id.
+    pub maglev_to_write: Vec<(u32, Box<MaglevTable>)>,
     pub services_to_write: Vec<(ServiceKey, ServiceValue)>,
     pub new_service_ids: Vec<u32>,
     pub services_to_delete: Vec<ServiceKey>,
+    pub maglev_to_delete: Vec<u32>,
     pub backends_to_clear: Vec<u32>,
     pub nodes_to_remove: Vec<u32>,
 }
@@ -128,8 +218,10 @@ impl Delta {
         usize::from(self.mesh.is_some())
             + self.nodes_to_add.len()
             + self.backends_to_write.len()
+            + self.maglev_to_write.len()
             + self.services_to_write.len()
             + self.services_to_delete.len()
+            + self.maglev_to_delete.len()
             + self.backends_to_clear.len()
             + self.nodes_to_remove.len()
     }
@@ -181,6 +273,17 @@ pub fn delta(desired: &MapContents, actual: &MapContents) -> Delta {
         .filter(|key| !desired.services.contains_key(key))
         .copied()
         .collect();
+    for (id, table) in &desired.maglev {
+        if actual.maglev.get(id) != Some(table) {
+            delta.maglev_to_write.push((*id, table.clone()));
+        }
+    }
+    delta.maglev_to_delete = actual
+        .maglev
+        .keys()
+        .filter(|id| !desired.maglev.contains_key(id))
+        .copied()
+        .collect();
     delta.backends_to_clear = actual
         .backends
         .keys()
@@ -193,7 +296,8 @@ pub fn delta(desired: &MapContents, actual: &MapContents) -> Delta {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{Proto, parse_backend, parse_backend_spec};
+    const MAGLEV_SIZE: usize = lb_common::MAGLEV_TABLE_SIZE as usize;
+    use crate::model::{Proto, parse_backend, parse_backend_spec, parse_weighted_backend_spec};
 
     /// A table of services whose backends are `IP:PORT` or `IP:PORT@NODE`.
     fn table(services: &[(&str, u16, &[&str])]) -> Table {
@@ -209,7 +313,7 @@ mod tests {
         for (name, port, backends) in services {
             let specs: Vec<_> = backends
                 .iter()
-                .map(|b| parse_backend_spec(b).unwrap())
+                .map(|b| parse_weighted_backend_spec(b).unwrap())
                 .collect();
             table
                 .add_service(name, Proto::Tcp, *port, None, &specs)
@@ -302,6 +406,130 @@ mod tests {
                 .unwrap();
         }
         assert_eq!(choosable(&t), (vec![], 0));
+    }
+
+    #[test]
+    fn weights_repeat_backends_in_the_round_robin_order_spread_out() {
+        let t = table(&[(
+            "web",
+            8080,
+            &["10.0.0.6:80*3", "10.0.0.7:80", "10.0.0.8:80*0"],
+        )]);
+        assert_eq!(
+            choosable(&t),
+            (vec![0, 0, 1, 0], 0),
+            "weight 0 gets no turn"
+        );
+        let t = table(&[(
+            "web",
+            8080,
+            &["10.0.0.6:80*4", "10.0.0.7:80*4", "10.0.0.8:80*2"],
+        )]);
+        assert_eq!(choosable(&t), (vec![0, 1, 2, 0, 1], 0), "reduced to 2:2:1");
+        // What fits in the 128 slots is exact; beyond, shares of every slot.
+        assert_eq!(slot_counts(&[1, 1, 1]), [1, 1, 1]);
+        assert_eq!(slot_counts(&[200, 100, 50]), [4, 2, 1]);
+        assert_eq!(slot_counts(&[97, 89]), [67, 61]);
+        assert_eq!(slot_counts(&[256, 1]), [127, 1]);
+        let mut many = vec![1; 128];
+        many[0] = 2;
+        assert_eq!(
+            slot_counts(&many),
+            vec![1; 128],
+            "the slots cannot tell 2 from 1"
+        );
+        let mut heavy_and_light = vec![1; 64];
+        heavy_and_light[0] = 256;
+        let slots = slot_counts(&heavy_and_light);
+        assert_eq!(slots.iter().sum::<u32>(), 128);
+        assert_eq!((slots[0], slots[1]), (65, 1));
+    }
+
+    #[test]
+    fn a_maglev_service_has_a_table_of_its_selectable_backends() {
+        let mut t = table(&[("web", 8080, &["10.0.0.6:80", "10.0.0.7:80*3"])]);
+        let round_robin = desired(&t, None);
+        assert!(round_robin.maglev.is_empty());
+        t.set_scheduler("web", Scheduler::Maglev).unwrap();
+        let maglev = desired(&t, None);
+        let value = maglev.services.values().next().unwrap();
+        assert_eq!(value.scheduler, lb_common::SCHEDULER_MAGLEV);
+        assert_eq!(
+            value.backend_count, 4,
+            "still says there is a backend to choose"
+        );
+        let slots = |contents: &MapContents, id: u32| {
+            contents.maglev[&0]
+                .backend_ids
+                .iter()
+                .filter(|b| **b == id)
+                .count()
+        };
+        assert_eq!(slots(&maglev, 0) + slots(&maglev, 1), MAGLEV_SIZE);
+        assert!(
+            (4000..4200).contains(&slots(&maglev, 0)),
+            "a quarter: weight 1 of 4"
+        );
+
+        // Written before the service that reads it, deleted after it stops reading it.
+        let delta = delta(&maglev, &round_robin);
+        assert_eq!(delta.maglev_to_write.len(), 1);
+        assert_eq!(delta.services_to_write.len(), 1);
+        assert_eq!(delta.writes(), 2);
+        t.set_drained("web", parse_backend("10.0.0.7:80").unwrap(), true)
+            .unwrap();
+        let drained = desired(&t, None);
+        assert_eq!(
+            slots(&drained, 0),
+            MAGLEV_SIZE,
+            "a drained backend leaves the table"
+        );
+        t.set_drained("web", parse_backend("10.0.0.6:80").unwrap(), true)
+            .unwrap();
+        assert!(
+            desired(&t, None).maglev.is_empty(),
+            "nothing to choose: no table"
+        );
+        t.set_scheduler("web", Scheduler::RoundRobin).unwrap();
+        let back = super::delta(&desired(&t, None), &maglev);
+        assert_eq!(back.maglev_to_delete, [0]);
+        assert!(super::delta(&maglev, &maglev).is_empty());
+    }
+
+    #[test]
+    fn every_node_builds_the_same_maglev_table_whatever_its_ids() {
+        // Two nodes that numbered the same backends differently (they were added in another
+        // order): the tables hold other ids, for the same backends in the same slots.
+        let backends = ["10.0.0.6:80@n1", "10.0.0.7:80@n2*2", "10.0.0.8:80"];
+        let mut one = mesh_table(NODES, &[("web", 8080, &backends)]);
+        let mut reversed = backends;
+        reversed.reverse();
+        let mut other = mesh_table(NODES, &[("web", 8080, &reversed)]);
+        for t in [&mut one, &mut other] {
+            t.set_scheduler("web", Scheduler::Maglev).unwrap();
+        }
+        let by_identity = |t: &Table, self_node| -> Vec<String> {
+            let web = t.service("web").unwrap();
+            desired(t, self_node).maglev[&web.id]
+                .backend_ids
+                .iter()
+                .map(|id| {
+                    web.backends
+                        .iter()
+                        .find(|b| b.id == *id)
+                        .unwrap()
+                        .to_string()
+                })
+                .collect()
+        };
+        assert_ne!(
+            one.service("web").unwrap().backends[0].id,
+            other.service("web").unwrap().backends[2].id
+        );
+        assert_eq!(
+            by_identity(&one, Some("n1")),
+            by_identity(&other, Some("n2"))
+        );
     }
 
     #[test]

@@ -52,10 +52,11 @@ fn identity(backend: &Backend) -> (std::net::SocketAddrV4, Option<&str>, u32) {
     (backend.addr, backend.node.as_deref(), backend.id)
 }
 
+/// Backends as a table file names them (with their weight unless 1).
 fn list(backends: &[&Backend]) -> String {
     backends
         .iter()
-        .map(ToString::to_string)
+        .map(|b| b.spec().to_string())
         .collect::<Vec<_>>()
         .join(", ")
 }
@@ -173,6 +174,20 @@ fn service_changes(diff: &mut TableDiff, was: &Service, is: &Service) -> Option<
     if order_was != order_is {
         parts.push("backend order".to_owned());
     }
+    let reweighted: Vec<String> = is
+        .backends
+        .iter()
+        .filter_map(|b| {
+            let old = was.backends.iter().find(|w| identity(w) == identity(b))?;
+            (old.weight != b.weight).then(|| format!("{b} {} → {}", old.weight, b.weight))
+        })
+        .collect();
+    if !reweighted.is_empty() {
+        parts.push(format!("weight {}", reweighted.join(", ")));
+    }
+    if was.scheduler != is.scheduler {
+        parts.push(format!("scheduler {} → {}", was.scheduler, is.scheduler));
+    }
     if was.health_check != is.health_check {
         parts.push(format!("health: {}", is.health_check.describe()));
     }
@@ -189,7 +204,9 @@ fn service_changes(diff: &mut TableDiff, was: &Service, is: &Service) -> Option<
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{HealthCheck, Node, Proto, ServiceSpec, parse_backend_spec};
+    use crate::model::{
+        HealthCheck, Node, Proto, Scheduler, ServiceSpec, parse_weighted_backend_spec,
+    };
 
     fn declared(name: &str, port: u16, backends: &[&str]) -> ServiceSpec {
         ServiceSpec {
@@ -199,9 +216,10 @@ mod tests {
             vip: None,
             backends: backends
                 .iter()
-                .map(|b| parse_backend_spec(b).unwrap())
+                .map(|b| parse_weighted_backend_spec(b).unwrap())
                 .collect(),
             health_check: HealthCheck::default(),
+            scheduler: Scheduler::default(),
         }
     }
 
@@ -231,7 +249,11 @@ mod tests {
             .apply(
                 Some(&[]),
                 &[
-                    declared("web", 8080, &["10.0.0.8:80", "10.0.0.6:80", "10.0.0.5:80"]),
+                    declared(
+                        "web",
+                        8080,
+                        &["10.0.0.8:80*2", "10.0.0.6:80", "10.0.0.5:80*0"],
+                    ),
                     declared("api", 9091, &["10.0.0.9:80"]),
                     checked,
                     declared("same", 7000, &["10.0.0.6:7000"]),
@@ -244,7 +266,8 @@ mod tests {
             diff.lines,
             [
                 "- node n1 192.168.1.1",
-                "~ service web tcp/8080: + 10.0.0.5:80; - 10.0.0.7:80; backend order",
+                "~ service web tcp/8080: + 10.0.0.5:80*0; - 10.0.0.7:80; backend order; \
+                 weight 10.0.0.8:80 1 → 2",
                 "~ service api tcp/9091: replaced (tcp/9090 → tcp/9091): its flows start afresh; \
                  + 10.0.0.9:80; - 10.0.0.9:80",
                 "~ service dns tcp/53: health: TCP connect every 2s, timeout 1s, \
@@ -264,6 +287,12 @@ mod tests {
         assert_eq!(
             super::diff(&after, &reordered).lines,
             ["~ order of the services"]
+        );
+        let mut hashed = after.clone();
+        hashed.set_scheduler("same", Scheduler::Maglev).unwrap();
+        assert_eq!(
+            super::diff(&after, &hashed).lines,
+            ["~ service same tcp/7000: scheduler rr → maglev"]
         );
     }
 }

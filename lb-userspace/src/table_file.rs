@@ -6,8 +6,8 @@
 //! {
 //!   "nodes": [{"name": "n1", "underlay_ip": "192.168.1.11"}],
 //!   "services": [
-//!     {"name": "web", "port": 8080, "backends": ["10.0.0.6:80", "10.0.0.7:80@n1"],
-//!      "health": {"http": "/healthz", "interval": "5s"}},
+//!     {"name": "web", "port": 8080, "backends": ["10.0.0.6:80", "10.0.0.7:80@n1*2"],
+//!      "scheduler": "maglev", "health": {"http": "/healthz", "interval": "5s"}},
 //!     {"name": "dns", "port": 53, "proto": "udp", "vip": "10.1.1.1", "backends": ["10.0.0.6:53"]}
 //!   ]
 //! }
@@ -17,7 +17,7 @@ use std::{fmt::Display, net::Ipv4Addr};
 use serde::{Deserialize, Deserializer, Serialize, Serializer, de::Error as _};
 
 use crate::model::{
-    self, BackendSpec, HealthCheck, HealthUpdate, Node, Proto, ServiceSpec, Table,
+    self, BackendSpec, HealthCheck, HealthUpdate, Node, Proto, Scheduler, ServiceSpec, Table,
     format_duration_ms,
 };
 
@@ -56,9 +56,16 @@ pub struct ServiceEntry {
         deserialize_with = "vip"
     )]
     pub vip: Option<Ipv4Addr>,
-    /// `IP:PORT` or `IP:PORT@NODE`, in round-robin order.
+    /// `IP:PORT` or `IP:PORT@NODE`, then `*WEIGHT` unless 1, in round-robin order.
     #[serde(deserialize_with = "backends", serialize_with = "display_each")]
     pub backends: Vec<BackendSpec>,
+    /// `rr` (the default) or `maglev`.
+    #[serde(
+        default,
+        skip_serializing_if = "Scheduler::is_default",
+        deserialize_with = "scheduler"
+    )]
+    pub scheduler: Scheduler,
     #[serde(default, skip_serializing_if = "HealthEntry::is_default")]
     pub health: HealthEntry,
 }
@@ -161,14 +168,8 @@ impl TableFile {
                     port: s.port,
                     proto: s.proto,
                     vip: s.vip,
-                    backends: s
-                        .backends
-                        .iter()
-                        .map(|b| BackendSpec {
-                            addr: b.addr,
-                            node: b.node.clone(),
-                        })
-                        .collect(),
+                    backends: s.backends.iter().map(model::Backend::spec).collect(),
+                    scheduler: s.scheduler,
                     health: HealthEntry::of(&s.health_check),
                 })
                 .collect(),
@@ -206,6 +207,7 @@ impl TableFile {
                 vip: s.vip,
                 backends: s.backends.clone(),
                 health_check: s.health.check(),
+                scheduler: s.scheduler,
             })
             .collect()
     }
@@ -244,6 +246,10 @@ fn proto<'de, D: Deserializer<'de>>(d: D) -> Result<Proto, D::Error> {
     checked(d, str::parse)
 }
 
+fn scheduler<'de, D: Deserializer<'de>>(d: D) -> Result<Scheduler, D::Error> {
+    checked(d, str::parse)
+}
+
 fn vip<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Ipv4Addr>, D::Error> {
     Option::<String>::deserialize(d)?
         .map(|s| model::parse_vip(&s).map_err(D::Error::custom))
@@ -259,7 +265,7 @@ fn port<'de, D: Deserializer<'de>>(d: D) -> Result<u16, D::Error> {
 fn backends<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<BackendSpec>, D::Error> {
     Vec::<String>::deserialize(d)?
         .iter()
-        .map(|s| model::parse_backend_spec(s).map_err(D::Error::custom))
+        .map(|s| model::parse_weighted_backend_spec(s).map_err(D::Error::custom))
         .collect()
 }
 
@@ -287,7 +293,8 @@ mod tests {
     const EXAMPLE: &str = r#"{
   "nodes": [{"name": "n1", "underlay_ip": "192.168.1.11"}],
   "services": [
-    {"name": "web", "port": 8080, "backends": ["10.0.0.6:80", "10.0.0.7:80@n1"],
+    {"name": "web", "port": 8080, "backends": ["10.0.0.6:80", "10.0.0.7:80@n1*3"],
+     "scheduler": "maglev",
      "health": {"http": "/healthz", "interval": "5s", "timeout": "500ms"}},
     {"name": "dns", "port": 53, "proto": "UDP", "vip": "10.1.1.1", "backends": ["10.0.0.6:53"],
      "health": {"off": true}}
@@ -307,7 +314,9 @@ mod tests {
         let services = file.services();
         let web = &services[0];
         assert_eq!((web.proto, web.port, web.vip), (Proto::Tcp, 8080, None));
-        assert_eq!(web.backends[1].to_string(), "10.0.0.7:80@n1");
+        assert_eq!(web.backends[1].to_string(), "10.0.0.7:80@n1*3");
+        assert_eq!((web.backends[0].weight, web.backends[1].weight), (1, 3));
+        assert_eq!(web.scheduler, Scheduler::Maglev);
         assert_eq!(
             web.health_check,
             HealthCheck {
@@ -321,6 +330,7 @@ mod tests {
         assert_eq!(dns.proto, Proto::Udp);
         assert_eq!(dns.vip, Some("10.1.1.1".parse().unwrap()));
         assert!(!dns.health_check.enabled);
+        assert_eq!(dns.scheduler, Scheduler::RoundRobin, "the default");
         let no_nodes = TableFile::parse(r#"{"services": []}"#).unwrap();
         assert_eq!(no_nodes.nodes(), None, "nodes left out: left as they are");
     }
@@ -368,6 +378,14 @@ mod tests {
             (
                 service(r#""name": "web", "port": 80, "backends": ["10.0.0.6:80@n 1"]"#),
                 "invalid node name 'n 1'",
+            ),
+            (
+                service(r#""name": "web", "port": 80, "backends": ["10.0.0.6:80*300"]"#),
+                "invalid weight '300': a whole number from 0 (no new flows) to 256 at line 2",
+            ),
+            (
+                service(r#""name": "web", "port": 80, "backends": [], "scheduler": "wlc""#),
+                "invalid scheduler 'wlc': expected rr (round-robin) or maglev at line 2",
             ),
             (
                 service(

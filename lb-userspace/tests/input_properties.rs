@@ -11,9 +11,9 @@ use std::{
 use lb_common::MAX_VNI;
 use lb_userspace::{
     model::{
-        BackendSpec, HealthUpdate, MAX_DURATION_MS, Proto, Table, format_duration_ms,
-        parse_backend_spec, parse_duration_ms, parse_node_ip, parse_port, parse_vip, parse_vni,
-        validate_name,
+        BackendSpec, DEFAULT_WEIGHT, HealthUpdate, MAX_DURATION_MS, Proto, Table,
+        format_duration_ms, parse_backend_spec, parse_duration_ms, parse_node_ip, parse_port,
+        parse_vip, parse_vni, validate_name,
     },
     state::{self, State},
     sync,
@@ -89,7 +89,7 @@ proptest! {
         port in 1u16..,
         node in proptest::option::of(node_name()),
     ) {
-        let spec = BackendSpec { addr: SocketAddrV4::new(ip, port), node };
+        let spec = BackendSpec { addr: SocketAddrV4::new(ip, port), node, weight: DEFAULT_WEIGHT };
         prop_assert_eq!(parse_backend_spec(&spec.to_string()), Ok(spec));
         match parse_backend_spec(&text) {
             Ok(spec) => prop_assert_eq!(parse_backend_spec(&spec.to_string()), Ok(spec)),
@@ -168,6 +168,7 @@ fn spec(backend: u8, node: Option<usize>) -> BackendSpec {
     BackendSpec {
         addr: SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, backend + 1), 80),
         node: node.map(|n| NAMES[n + 1].to_owned()),
+        weight: DEFAULT_WEIGHT,
     }
 }
 

@@ -8,10 +8,22 @@ use std::net::Ipv4Addr;
 use dataplane::*;
 use etherparse::PacketBuilder;
 use lb_common::{
-    DEFAULT_VNI, DEFAULT_VXLAN_PORT, Event, FlowKey, PROTO_TCP, Reason, VXLAN_OVERHEAD,
+    DEFAULT_VNI, DEFAULT_VXLAN_PORT, Event, FlowKey, PROTO_TCP, PROTO_UDP, Reason, ReverseValue,
+    VXLAN_OVERHEAD,
 };
-use lb_userspace::model::{Proto, parse_backend};
-use lb_userspace::sync;
+use lb_userspace::model::{Proto, Scheduler, parse_backend};
+use lb_userspace::{datapath, sync};
+
+/// A client's datagram `query` from `port` to the `dns` service.
+fn client_query(port: u16) -> Vec<u8> {
+    udp(
+        (CLIENT_MAC, INGRESS_MAC),
+        (CLIENT_IP, port),
+        (NODE_IP, DNS_PORT),
+        64,
+        b"query",
+    )
+}
 
 /// The destination of a DNATed TCP/UDP frame, read back from its bytes.
 fn dst_of(frame: &[u8]) -> ([u8; 4], u16) {
@@ -239,15 +251,215 @@ fn a_flow_keeps_its_backend_when_the_list_changes_until_its_backend_is_removed()
 }
 
 #[test]
+fn weights_give_backends_turns_in_proportion() {
+    with_node(|node| {
+        for (backend, weight) in [("10.0.0.6:80", 3), ("10.0.0.8:80", 0)] {
+            node.table
+                .set_weight("web", parse_backend(backend).unwrap(), weight)
+                .unwrap();
+        }
+        node.apply();
+        let chosen: Vec<[u8; 4]> = (0..8)
+            .map(|i| dst_of(&node.xdp(&client_syn(41100 + i), None).1).0)
+            .collect();
+        let (a, b) = (BACKENDS[0], BACKENDS[1]);
+        assert_eq!(
+            chosen,
+            [a, a, b, a, a, a, b, a],
+            "3:1, spread out; weight 0: none"
+        );
+        assert_eq!(node.backend("web", 2).new_flows, 0);
+    });
+}
+
+/// A round-robin service cannot tell which backend a connection had once its entry is gone:
+/// the packet goes to the kernel, which resets the connection, and is counted.
+#[test]
+fn a_mid_connection_packet_without_flow_entry_on_a_round_robin_service_goes_to_the_kernel() {
+    with_node(|node| {
+        let syn = client_syn(48000);
+        assert_eq!(dst_of(&node.xdp(&syn, None).1), (BACKENDS[0], BACKEND_PORT));
+        let key = tcp_key((CLIENT_IP, 48000), (NODE_IP, WEB_PORT));
+        node.evict(&key, BACKENDS[0]);
+        for flags in ["A", "PA"] {
+            let frame = client_tcp(48000, WEB_PORT, flags);
+            node.xdp_case(flags, &frame, None, XDP_PASS, Reason::PassFlowUnknown);
+        }
+        assert!(node.maps.flows.get(&key, 0).is_err(), "no entry made up");
+        assert_eq!(node.event(Event::FlowCreated), 1);
+        let packets: u64 = (0..3).map(|i| node.backend("web", i).packets).sum();
+        assert_eq!(packets, 1, "only the SYN reached a backend");
+
+        // A new connection on that 5-tuple (a SYN) is a new flow, the next backend in turn.
+        assert_eq!(dst_of(&node.xdp(&syn, None).1), (BACKENDS[1], BACKEND_PORT));
+        // UDP has no SYN: a datagram without entry starts a new flow, the next in turn.
+        let query = client_query(50000);
+        assert_eq!(dst_of(&node.xdp(&query, None).1).0, BACKENDS[0]);
+        let udp_key = FlowKey {
+            proto: PROTO_UDP,
+            ..tcp_key((CLIENT_IP, 50000), (NODE_IP, DNS_PORT))
+        };
+        node.maps.flows.remove(&udp_key).unwrap();
+        assert_eq!(dst_of(&node.xdp(&query, None).1).0, BACKENDS[1]);
+        assert_eq!(node.reason(Reason::PassFlowUnknown), 2);
+    });
+}
+
+/// A maglev service sends each new flow where its table says, and a flow whose entries were
+/// evicted back to the same backend, with its replies reverse-NATed again.
+#[test]
+fn on_a_maglev_service_an_evicted_flow_returns_to_its_backend() {
+    with_node(|node| {
+        node.set_scheduler("web", Scheduler::Maglev);
+        let mut seen = std::collections::BTreeSet::new();
+        for port in 49000..49030 {
+            let key = tcp_key((CLIENT_IP, port), (NODE_IP, WEB_PORT));
+            let (action, out) = node.xdp(&client_syn(port), None);
+            assert_eq!(action, XDP_PASS);
+            assert_eq!(dst_of(&out), node.maglev_choice("web", &key), "port {port}");
+            assert_checksums_valid(&out);
+            seen.insert(dst_of(&out));
+        }
+        assert_eq!(
+            seen.len(),
+            BACKENDS.len(),
+            "30 flows spread over every backend"
+        );
+        assert_eq!(node.event(Event::FlowCreated), 30);
+
+        let key = tcp_key((CLIENT_IP, 49000), (NODE_IP, WEB_PORT));
+        let (backend, port) = node.maglev_choice("web", &key);
+        let i = BACKENDS.iter().position(|b| *b == backend).unwrap();
+        let new_flows = node.backend("web", i).new_flows;
+        node.evict(&key, backend);
+        let (action, out) = node.xdp(&client_tcp(49000, WEB_PORT, "PA"), None);
+        assert_eq!(action, XDP_PASS);
+        assert_eq!(dst_of(&out), (backend, port), "the same backend");
+        assert_eq!(node.event(Event::FlowRecovered), 1);
+        assert_eq!(node.event(Event::FlowCreated), 30, "not a new connection");
+        assert_eq!(node.backend("web", i).new_flows, new_flows);
+        assert_eq!(
+            node.maps.flows.get(&key, 0).unwrap().backend_id,
+            node.backend_id("web", i),
+            "recorded again"
+        );
+        let reply = http_ok((node.mac, CLIENT_MAC), (backend, port), 49000, 63);
+        assert_eq!(
+            node.tc(&reply),
+            http_ok((node.mac, CLIENT_MAC), (NODE_IP, WEB_PORT), 49000, 63),
+            "its replies are reverse-NATed again"
+        );
+        // Its next packets find the entry.
+        let (_, out) = node.xdp(&client_tcp(49000, WEB_PORT, "A"), None);
+        assert_eq!(dst_of(&out), (backend, port));
+        assert_eq!(node.event(Event::FlowRecovered), 1);
+        assert_eq!(node.reason(Reason::PassFlowUnknown), 0);
+    });
+}
+
+/// Nothing expires a flow by time: two hours without a packet (IPVS cuts a connection after
+/// 900 s), its reverse-NAT entry evicted meanwhile, the connection's next packet still reaches
+/// its backend, refreshes the entry and puts the reverse-NAT entry back.
+#[test]
+fn a_flow_idle_for_two_hours_keeps_its_backend_and_its_replies() {
+    with_node(|node| {
+        assert_eq!(dst_of(&node.xdp(&client_syn(48500), None).1).0, BACKENDS[0]);
+        let key = tcp_key((CLIENT_IP, 48500), (NODE_IP, WEB_PORT));
+        let reverse = reverse_key(&key, BACKENDS[0], BACKEND_PORT);
+        let mut flow = node.maps.flows.get(&key, 0).unwrap();
+        let two_hours_ns = 2 * 3600 * 1_000_000_000;
+        let before = datapath::monotonic_ns();
+        flow.last_seen_ns = before.saturating_sub(two_hours_ns);
+        node.maps.flows.insert(key, flow, 0).unwrap();
+        node.maps.reverse_flows.remove(&reverse).unwrap();
+        let census = node.maps.flow_census().unwrap();
+        assert_eq!(census.entries, 1, "the census only counts");
+        assert!(census.live.is_empty(), "idle for over an hour: not live");
+
+        let (action, out) = node.xdp(&client_tcp(48500, WEB_PORT, "PA"), None);
+        assert_eq!(
+            (action, dst_of(&out)),
+            (XDP_PASS, (BACKENDS[0], BACKEND_PORT))
+        );
+        let refreshed = node.maps.flows.get(&key, 0).unwrap().last_seen_ns;
+        assert!(
+            refreshed + 1_000_000_000 > before,
+            "last seen {refreshed}, the packet came after {before}"
+        );
+        assert_eq!(
+            node.maps.reverse_flows.get(&reverse, 0).unwrap(),
+            ReverseValue {
+                orig_ip_be: u32::from_ne_bytes(NODE_IP),
+                orig_port_be: WEB_PORT.to_be(),
+                backend_id: node.backend_id("web", 0),
+                ..ReverseValue::default()
+            }
+        );
+        let reply = http_ok(
+            (node.mac, CLIENT_MAC),
+            (BACKENDS[0], BACKEND_PORT),
+            48500,
+            63,
+        );
+        assert_eq!(
+            node.tc(&reply),
+            http_ok((node.mac, CLIENT_MAC), (NODE_IP, WEB_PORT), 48500, 63)
+        );
+        assert_eq!(node.maps.flow_census().unwrap().live.len(), 1, "live again");
+        assert_eq!(node.event(Event::FlowCreated), 1);
+        assert_eq!(node.event(Event::FlowReselected), 0);
+        assert_eq!(node.reason(Reason::PassFlowUnknown), 0);
+    });
+}
+
+/// A full flow table (an LRU) evicts its least recently used flows: with room for 64 flows,
+/// 1,000 new flows are all served and none is dropped; the first one's next packet is counted
+/// as evicted, and on a maglev service still reaches its backend.
+#[test]
+fn a_full_flow_table_serves_new_flows_and_counts_the_evicted_ones() {
+    const CAPACITY: u32 = 64;
+    with_node_of(CAPACITY, |node| {
+        let ack = |port| client_tcp(port, WEB_PORT, "A");
+        for (scheduler, first) in [(Scheduler::RoundRobin, 30000), (Scheduler::Maglev, 30001)] {
+            node.set_scheduler("web", scheduler);
+            let first_key = tcp_key((CLIENT_IP, first), (NODE_IP, WEB_PORT));
+            let (_, out) = node.xdp(&client_syn(first), None);
+            let first_backend = dst_of(&out);
+            let churn = if scheduler == Scheduler::Maglev {
+                32000
+            } else {
+                31000
+            };
+            for port in churn..churn + 1000 {
+                let (action, out) = node.xdp(&client_syn(port), None);
+                assert_eq!(action, XDP_PASS, "port {port}");
+                assert!(BACKENDS.contains(&dst_of(&out).0), "port {port} DNATed");
+            }
+            assert!(node.maps.flows.get(&first_key, 0).is_err(), "evicted");
+            let entries = node.maps.flow_census().unwrap().entries;
+            assert!(entries <= u64::from(CAPACITY), "{entries} entries");
+            let (action, out) = node.xdp(&ack(first), None);
+            assert_eq!(action, XDP_PASS);
+            match scheduler {
+                Scheduler::RoundRobin => {
+                    assert_eq!(out, ack(first), "left to the kernel untouched");
+                    assert_eq!(node.reason(Reason::PassFlowUnknown), 1);
+                }
+                Scheduler::Maglev => {
+                    assert_eq!(dst_of(&out), first_backend);
+                    assert_eq!(node.event(Event::FlowRecovered), 1);
+                }
+            }
+        }
+        assert_eq!(node.event(Event::FlowCreated), 2002);
+        assert_eq!(node.reason(Reason::DropFlowTableFull), 0);
+    });
+}
+
+#[test]
 fn udp_is_balanced_and_a_zero_checksum_stays_zero() {
     with_node(|node| {
-        let query = udp(
-            (CLIENT_MAC, INGRESS_MAC),
-            (CLIENT_IP, 50000),
-            (NODE_IP, DNS_PORT),
-            64,
-            b"query",
-        );
+        let query = client_query(50000);
         let (action, out) = node.xdp(&query, None);
         assert_eq!(action, XDP_PASS);
         let expected = udp(
@@ -260,13 +472,7 @@ fn udp_is_balanced_and_a_zero_checksum_stays_zero() {
         assert_eq!(out, expected);
         assert_checksums_valid(&out);
 
-        let mut no_checksum = udp(
-            (CLIENT_MAC, INGRESS_MAC),
-            (CLIENT_IP, 50001),
-            (NODE_IP, DNS_PORT),
-            64,
-            b"query",
-        );
+        let mut no_checksum = client_query(50001);
         no_checksum[40..42].copy_from_slice(&[0, 0]);
         let (_, out) = node.xdp(&no_checksum, None);
         assert_eq!(dst_of(&out), (BACKENDS[1], DNS_BACKEND_PORT));

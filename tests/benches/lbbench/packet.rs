@@ -16,17 +16,16 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
 use anyhow::{Context, Result, bail, ensure};
-use aya::maps::{HashMap, MapData};
 use aya::{Ebpf, programs::Xdp};
 use etherparse::PacketBuilder;
 use lb_common::{
     DEFAULT_VNI, DEFAULT_VXLAN_PORT, FlowKey, FlowValue, PROTO_TCP, Reason, ReverseValue,
-    VXLAN_OVERHEAD, map_names, program_names,
+    VXLAN_OVERHEAD, program_names,
 };
 use lb_tests::bpf::{load_xdp_pass, test_run_xdp};
 use lb_tests::netns::NetNs;
 use lb_userspace::datapath::{self, Maps};
-use lb_userspace::model::{Proto, Table, parse_backend_spec};
+use lb_userspace::model::{Proto, Scheduler, Table, parse_backend_spec};
 use lb_userspace::sync;
 
 use crate::Options;
@@ -46,6 +45,10 @@ const N2_IP: [u8; 4] = [192, 168, 100, 11];
 /// `web tcp/8080` is balanced over `LOCAL_BACKENDS` tasks 10.0.0.10.. on this node.
 const WEB_PORT: u16 = 8080;
 const LOCAL_BACKENDS: u8 = 8;
+/// `hashed tcp/8081` is balanced over the same tasks by maglev.
+const HASHED_PORT: u16 = 8081;
+/// The case of new flows to `hashed`.
+const NEW_FLOW_MAGLEV: &str = "new flow (maglev)";
 /// `mesh tcp/9090` is balanced over tasks 10.0.1.10.. on n2, reached through VXLAN.
 const MESH_PORT: u16 = 9090;
 const REMOTE_BACKENDS: u8 = 4;
@@ -110,7 +113,6 @@ struct Node {
 struct Loaded {
     ebpf: Ebpf,
     maps: Maps,
-    reverse_flows: HashMap<MapData, FlowKey, ReverseValue>,
     /// The table applied: its backend ids are the ones flows refer to.
     table: Table,
     floor: OwnedFd,
@@ -191,10 +193,6 @@ impl Loaded {
             .try_into()?;
         xdp.load()?;
         let mut maps = Maps::take(&mut ebpf)?;
-        let reverse_flows = HashMap::try_from(
-            ebpf.take_map(map_names::REVERSE_FLOWS)
-                .context("no reverse flow map")?,
-        )?;
         let mut table = Table::default();
         for (name, ip) in [("n1", NODE_IP), ("n2", N2_IP)] {
             table
@@ -206,6 +204,10 @@ impl Loaded {
             .collect();
         table
             .add_service("web", Proto::Tcp, WEB_PORT, None, &web)
+            .map_err(anyhow::Error::msg)?;
+        table
+            .add_service("hashed", Proto::Tcp, HASHED_PORT, None, &web)
+            .and_then(|()| table.set_scheduler("hashed", Scheduler::Maglev))
             .map_err(anyhow::Error::msg)?;
         let mesh = (0..REMOTE_BACKENDS)
             .map(|i| parse_backend_spec(&format!("10.0.1.{}:{BACKEND_PORT}@n2", 10 + i)))
@@ -219,7 +221,6 @@ impl Loaded {
         Ok(Loaded {
             ebpf,
             maps,
-            reverse_flows,
             table,
             floor: load_xdp_pass()?,
             ifindex: if_index("lbt0")?,
@@ -371,6 +372,22 @@ impl Loaded {
         };
         record(
             names::NEW_FLOW,
+            PER_PACKET,
+            self.time(prog, &case, samples)?,
+        );
+        // The same through a maglev table lookup instead of the round-robin cursor, from other
+        // clients again.
+        let new_hashed_flow =
+            |i: usize| client_tcp(new_flow_client(samples + i), HASHED_PORT, "S", b"");
+        let case = Case {
+            name: NEW_FLOW_MAGLEV,
+            frame: &new_hashed_flow,
+            action: XDP_TX,
+            reason: Some(Reason::ForwardTx),
+            check: &check_dnat_to_local_backend,
+        };
+        record(
+            NEW_FLOW_MAGLEV,
             PER_PACKET,
             self.time(prog, &case, samples)?,
         );
@@ -636,7 +653,7 @@ impl Loaded {
                 backend_id: backend.id,
                 _pad2: 0,
             };
-            self.reverse_flows.insert(reply_key, reverse, 0)?;
+            self.maps.reverse_flows.insert(reply_key, reverse, 0)?;
         }
         Ok(backend_ip)
     }

@@ -23,7 +23,8 @@ use lb_common::{
 use lb_tests::netns::NetNs;
 use lb_userspace::{
     datapath::{self, Maps},
-    model::{Proto, Table, parse_backend_spec},
+    maglev,
+    model::{Proto, Scheduler, Table, parse_backend_spec},
     sync,
 };
 
@@ -80,6 +81,11 @@ pub struct Node {
 /// meshdns udp/9053 → 10.0.0.20:53@n2` applied as node `n1` of the nodes `n1` (192.168.100.1)
 /// and `n2` (192.168.100.11).
 pub fn with_node(body: impl FnOnce(&mut Node) + Send) {
+    with_node_of(4096, body);
+}
+
+/// [`with_node`] with a flow table of `flow_capacity` flows.
+pub fn with_node_of(flow_capacity: u32, body: impl FnOnce(&mut Node) + Send) {
     lb_tests::require_root().unwrap();
     let ns = NetNs::new("pkt").unwrap();
     for args in [
@@ -99,7 +105,7 @@ pub fn with_node(body: impl FnOnce(&mut Node) + Send) {
     }
     ns.sysctl("net.ipv4.ip_forward", "1").unwrap();
     ns.in_netns(move || {
-        let mut ebpf = datapath::load(None, 4096).unwrap();
+        let mut ebpf = datapath::load(None, flow_capacity).unwrap();
         let xdp: &mut Xdp = ebpf
             .program_mut(program_names::XDP_INGRESS)
             .unwrap()
@@ -277,6 +283,34 @@ impl Node {
     pub fn backend(&self, service: &str, i: usize) -> BackendStats {
         let id = self.table.service(service).unwrap().backends[i].id;
         self.maps.backend_totals(id).unwrap()
+    }
+
+    /// `TUNNEL_REPLIES`: reply 5-tuple → the ingress node its replies are encapsulated to.
+    pub fn backend_id(&self, service: &str, i: usize) -> u32 {
+        self.table.service(service).unwrap().backends[i].id
+    }
+
+    /// Makes `service` choose by `scheduler`, in the table and the maps.
+    pub fn set_scheduler(&mut self, service: &str, scheduler: Scheduler) {
+        self.table.set_scheduler(service, scheduler).unwrap();
+        self.apply();
+    }
+
+    /// Where the maglev table of `service` sends the flow `key`, as userspace computes it.
+    pub fn maglev_choice(&self, service: &str, key: &FlowKey) -> ([u8; 4], u16) {
+        let service = self.table.service(service).unwrap();
+        let contents = sync::desired(&self.table, self.self_node);
+        let id = maglev::backend_of(&contents.maglev[&service.id], key);
+        let backend = service.backends.iter().find(|b| b.id == id).unwrap();
+        (backend.addr.ip().octets(), backend.addr.port())
+    }
+
+    /// Forgets a flow as the LRU does when the table is full: its entry and its reverse-NAT
+    /// entry (pinned to `backend`:80).
+    pub fn evict(&mut self, key: &FlowKey, backend: [u8; 4]) {
+        self.maps.flows.remove(key).unwrap();
+        let reverse = reverse_key(key, backend, BACKEND_PORT);
+        self.maps.reverse_flows.remove(&reverse).unwrap();
     }
 
     /// `TUNNEL_REPLIES`: reply 5-tuple → the ingress node its replies are encapsulated to.
@@ -467,4 +501,15 @@ pub fn to_backend(
 /// n2 encapsulates it: MACs as its outer ones, TTL one less.
 pub fn syn_from_n2_for_a_local_backend() -> Vec<u8> {
     to_backend((N2_MAC, INGRESS_MAC), 40000, BACKENDS[0], 63, "S")
+}
+
+/// The reply direction of client flow `key` pinned to `backend`:`port`.
+pub fn reverse_key(key: &FlowKey, backend: [u8; 4], port: u16) -> FlowKey {
+    FlowKey {
+        src_ip_be: u32::from_ne_bytes(backend),
+        dst_ip_be: key.src_ip_be,
+        src_port_be: port.to_be(),
+        dst_port_be: key.src_port_be,
+        ..*key
+    }
 }

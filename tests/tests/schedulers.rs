@@ -1,0 +1,279 @@
+//! End to end: schedulers and weights through the command line, and what becomes of a
+//! kept-alive connection when the flow table forgets it. For the latter the node's flow table
+//! is shrunk to 64 flows (`lbctl attach --flow-capacity 64`) and churned by hundreds of other
+//! connections, so the LRU evicts the kept connection's entries, as a busy table evicts its idle
+//! flows: on a maglev service the connection goes on with its backend; on a round-robin service
+//! it is reset at once. Either way new connections keep being served, the table never holds
+//! more than its capacity, and the evictions are counted.
+use std::{
+    net::{SocketAddr, SocketAddrV4},
+    path::Path,
+    time::Duration,
+};
+
+use lb_tests::{
+    Lbctl,
+    client::{self, KeepAlive, Reply},
+    topology::{NODE_UPLINK, SingleNode, SingleNodeSpec},
+};
+use lb_userspace::{datapath::Maps, instance};
+
+/// Flows the shrunk table holds.
+const CAPACITY: u64 = 64;
+/// New connections that churn the table: several times its capacity.
+const CHURN: usize = 300;
+/// Rounds of `CHURN` connections at most before the test gives up waiting for the eviction.
+const CHURN_ROUNDS: usize = 5;
+
+/// The default topology (three backends), lbctl attached with `attach_args` and `web` on port
+/// 8080 added with `add_args`, over the backends each followed by its `weights` suffix.
+fn published(
+    attach_args: &[&str],
+    add_args: &[&str],
+    weights: [&str; 3],
+) -> (SingleNode, Lbctl, SocketAddrV4) {
+    lb_tests::require_root().unwrap();
+    let topo = SingleNode::build(SingleNodeSpec::default()).unwrap();
+    let lbctl = Lbctl::new(topo.node()).unwrap();
+    lbctl
+        .run(&[&["attach", NODE_UPLINK], attach_args].concat())
+        .unwrap();
+    let backends: Vec<String> = (0..topo.backend_count())
+        .map(|i| format!("{}{}", topo.backend_addr(i), weights[i]))
+        .collect();
+    let mut args = [&["service", "add", "web", "8080"], add_args].concat();
+    args.extend(backends.iter().map(String::as_str));
+    lbctl.run(&args).unwrap();
+    let addr = SocketAddrV4::new(topo.node_uplink_ip(), 8080);
+    (topo, lbctl, addr)
+}
+
+/// [`published`] with a flow table of `CAPACITY` flows and `scheduler`.
+fn shrunk(scheduler: &str) -> (SingleNode, Lbctl, SocketAddrV4) {
+    let capacity = CAPACITY.to_string();
+    published(
+        &["--flow-capacity", &capacity],
+        &["--scheduler", scheduler],
+        ["", "", ""],
+    )
+}
+
+/// What became of a kept-alive connection whose entry the churn evicted.
+struct Churned {
+    /// The reply to its request before the churn.
+    first: Reply,
+    /// The replies on the new connections of the churn.
+    churn: Vec<Reply>,
+    /// Its request after the churn.
+    again: anyhow::Result<Reply>,
+    /// Whether the flow table holds its flow again after that request.
+    recorded_again: bool,
+}
+
+/// Opens a kept-alive connection and makes a request on it, churns the table with `CHURN` new
+/// connections (each must be served) until the kept connection's entry is gone, lets it idle a
+/// little longer than the data plane's one-second refresh granularity, then makes a second
+/// request on it.
+///
+/// The client runs on one CPU: the kernel's LRU keeps the entries a CPU inserted on that CPU's
+/// own list until that CPU needs room, so churn from another CPU might never evict the kept
+/// connection's entry.
+fn churn_around_a_kept_connection(topo: &SingleNode, addr: SocketAddrV4) -> Churned {
+    // Where the instance pins its maps: lbctl's default bpffs, as the harness runs it.
+    let maps_dir = Path::new(instance::DEFAULT_BPFFS)
+        .join("lbctl")
+        .join(topo.node().name())
+        .join("maps");
+    topo.client().in_netns(|| {
+        run_on_cpu_0();
+        let mut kept = KeepAlive::connect(addr).unwrap();
+        let first = kept.get().unwrap();
+        let local = kept.local_addr().unwrap();
+        let maps = Maps::open_pinned(&maps_dir).unwrap();
+        let mut churn = Vec::new();
+        while has_flow(&maps, local) {
+            assert!(
+                churn.len() < CHURN * CHURN_ROUNDS,
+                "the LRU kept the entry of {local} through {} new connections",
+                churn.len()
+            );
+            churn.extend(client::new_connections(addr, CHURN).unwrap());
+        }
+        std::thread::sleep(Duration::from_millis(1100));
+        let again = kept.get();
+        Churned {
+            first,
+            churn,
+            again,
+            recorded_again: has_flow(&maps, local),
+        }
+    })
+}
+
+/// Pins the calling thread to CPU 0.
+fn run_on_cpu_0() {
+    // SAFETY: a zeroed cpu_set_t is an empty set; CPU_SET adds CPU 0 to it, and
+    // sched_setaffinity reads it for the calling thread (pid 0).
+    let rc = unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(0, &mut set);
+        libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set)
+    };
+    assert_eq!(
+        rc,
+        0,
+        "sched_setaffinity: {}",
+        std::io::Error::last_os_error()
+    );
+}
+
+/// Whether the flow table holds the flow of the client socket `local`.
+fn has_flow(maps: &Maps, local: SocketAddr) -> bool {
+    maps.flows.iter().filter_map(Result::ok).any(|(key, _)| {
+        u16::from_be(key.src_port_be) == local.port() && u16::from_be(key.dst_port_be) == 8080
+    })
+}
+
+fn stats_json(lbctl: &Lbctl) -> serde_json::Value {
+    serde_json::from_str(&lbctl.run(&["stats", "--json"]).unwrap()).unwrap()
+}
+
+/// The flow table never holds more than its capacity, and no new flow was refused.
+fn assert_full_but_serving(stats: &serde_json::Value) {
+    let table = &stats["flow_table"];
+    assert_eq!(table["capacity"], CAPACITY, "{table}");
+    assert!(table["entries"].as_u64().unwrap() <= CAPACITY, "{table}");
+    assert_eq!(stats["reasons"]["drop_flow_table_full"]["packets"], 0);
+    let created = stats["events"]["flow_created"].as_u64().unwrap();
+    assert!(created > CHURN as u64, "{created} flows created");
+}
+
+#[test]
+fn a_kept_alive_connection_on_a_maglev_service_survives_eviction() {
+    let (topo, lbctl, addr) = shrunk("maglev");
+    let churned = churn_around_a_kept_connection(&topo, addr);
+    let (first, again) = (churned.first, churned.again);
+    let again = again.expect("the evicted connection goes on");
+    assert_eq!(again.backend, first.backend, "the same backend");
+    assert_eq!(again.client_seen, first.client_seen, "the same connection");
+    assert!(churned.recorded_again, "its flow is in the table again");
+    let counts = client::per_backend(&churned.churn);
+    assert_eq!(counts.len(), topo.backend_count(), "{counts:?}");
+
+    let stats = stats_json(&lbctl);
+    assert_full_but_serving(&stats);
+    let recovered = stats["events"]["flow_recovered"].as_u64().unwrap();
+    assert!(
+        recovered >= 1,
+        "the kept connection's entry was evicted and recovered"
+    );
+    assert_eq!(stats["reasons"]["pass_flow_unknown"]["packets"], 0);
+}
+
+#[test]
+fn a_kept_alive_connection_on_a_round_robin_service_is_reset_once_evicted() {
+    let (topo, lbctl, addr) = shrunk("rr");
+    let Churned {
+        churn,
+        again,
+        recorded_again,
+        ..
+    } = churn_around_a_kept_connection(&topo, addr);
+    assert!(!recorded_again, "no entry made up for it");
+    let err = format!(
+        "{:#}",
+        again.expect_err("not sent to a backend that never saw it")
+    );
+    assert!(err.contains("reset"), "the client learns at once: {err}");
+    // Round-robin went on: 300 connections a round over 3 backends, evenly.
+    let counts = client::per_backend(&churn);
+    assert!(counts.values().all(|n| *n == churn.len() / 3), "{counts:?}");
+
+    let stats = stats_json(&lbctl);
+    assert_full_but_serving(&stats);
+    let unknown = stats["reasons"]["pass_flow_unknown"]["packets"]
+        .as_u64()
+        .unwrap();
+    assert!(unknown >= 1, "the kept connection's packet is counted");
+    assert_eq!(stats["events"]["flow_recovered"], 0);
+    // New connections are served as ever.
+    let replies = topo
+        .client()
+        .in_netns(|| client::new_connections(addr, 3))
+        .unwrap();
+    assert_eq!(client::per_backend(&replies).len(), 3);
+}
+
+/// Weights and the scheduler are set by `service add`, `backend weight` and `service set`,
+/// shown by `service ls --json`, exported, and obeyed by real connections; bad values are
+/// refused with a line naming them and change nothing.
+#[test]
+fn weights_and_schedulers_are_set_shown_exported_and_obeyed() {
+    let (topo, lbctl, addr) = published(&[], &[], ["*2", "", "*0"]);
+    let new_connections = |count| {
+        topo.client()
+            .in_netns(|| client::new_connections(addr, count))
+            .unwrap()
+    };
+    let counts = client::per_backend(&new_connections(30));
+    assert_eq!(counts.get(&topo.backend_name(0)), Some(&20), "{counts:?}");
+    assert_eq!(counts.get(&topo.backend_name(1)), Some(&10), "{counts:?}");
+    assert_eq!(
+        counts.get(&topo.backend_name(2)),
+        None,
+        "weight 0: {counts:?}"
+    );
+
+    let b2 = topo.backend_addr(2).to_string();
+    lbctl.run(&["backend", "weight", "web", &b2, "1"]).unwrap();
+    lbctl
+        .run(&["service", "set", "web", "--scheduler", "maglev"])
+        .unwrap();
+    let listed: serde_json::Value =
+        serde_json::from_str(&lbctl.run(&["service", "ls", "--json"]).unwrap()).unwrap();
+    let web = &listed["services"][0];
+    assert_eq!(web["scheduler"], "maglev");
+    let weights: Vec<u64> = web["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["weight"].as_u64().unwrap())
+        .collect();
+    assert_eq!(weights, [2, 1, 1]);
+    let exported: serde_json::Value =
+        serde_json::from_str(&lbctl.run(&["export"]).unwrap()).unwrap();
+    assert_eq!(exported["services"][0]["scheduler"], "maglev");
+    assert_eq!(
+        exported["services"][0]["backends"][0],
+        format!("{}*2", topo.backend_addr(0))
+    );
+    // Maglev spreads connections from one client's ports by weight, 2:1:1 (500 connections:
+    // about 250, 125, 125; well within a third of that by chance alone).
+    let counts = client::per_backend(&new_connections(500));
+    for (i, share) in [(0, 250.0), (1, 125.0), (2, 125.0)] {
+        let got = counts[&topo.backend_name(i)] as f64;
+        assert!((got - share).abs() < share / 3.0, "{counts:?}");
+    }
+
+    let before = lbctl.run(&["service", "ls", "--json"]).unwrap();
+    let b0 = topo.backend_addr(0).to_string();
+    let weighted = format!("{b0}*257");
+    for (args, named) in [
+        (vec!["backend", "weight", "web", &b0, "257"], "'257'"),
+        (vec!["backend", "add", "web", &weighted], "'257'"),
+        (
+            vec!["backend", "weight", "web", "10.9.9.9:80", "1"],
+            "10.9.9.9:80",
+        ),
+        (vec!["service", "set", "web", "--scheduler", "wrr"], "'wrr'"),
+        (
+            vec!["service", "set", "nosuch", "--scheduler", "rr"],
+            "nosuch",
+        ),
+    ] {
+        let err = lbctl.run_expect_fail(&args).unwrap();
+        assert!(err.contains(named), "{args:?}: {err}");
+        assert_eq!(err.trim().lines().count(), 1, "{args:?}: {err}");
+        assert_eq!(lbctl.run(&["service", "ls", "--json"]).unwrap(), before);
+    }
+}
