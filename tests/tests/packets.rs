@@ -8,7 +8,7 @@ use std::net::Ipv4Addr;
 use dataplane::*;
 use etherparse::PacketBuilder;
 use lb_common::{
-    DEFAULT_VNI, DEFAULT_VXLAN_PORT, Event, FlowKey, PROTO_TCP, PROTO_UDP, Reason, ReverseValue,
+    DEFAULT_VNI, DEFAULT_VXLAN_PORT, Event, FlowKey, PROTO_UDP, Reason, ReverseValue,
     VXLAN_OVERHEAD,
 };
 use lb_userspace::model::{Proto, Scheduler, parse_backend};
@@ -46,18 +46,6 @@ fn encap_source_port(frame: &[u8]) -> u16 {
         "outer source port {port} is outside the dynamic range"
     );
     port
-}
-
-/// A TCP flow key as the data plane writes it (addresses and ports in network byte order).
-fn tcp_key(src: ([u8; 4], u16), dst: ([u8; 4], u16)) -> FlowKey {
-    FlowKey {
-        src_ip_be: u32::from_ne_bytes(src.0),
-        dst_ip_be: u32::from_ne_bytes(dst.0),
-        src_port_be: src.1.to_be(),
-        dst_port_be: dst.1.to_be(),
-        proto: PROTO_TCP,
-        _pad: [0; 3],
-    }
 }
 
 const HTTP_OK: &[u8] = b"HTTP/1.1 200 OK\r\n\r\n";

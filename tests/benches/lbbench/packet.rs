@@ -19,8 +19,7 @@ use anyhow::{Context, Result, bail, ensure};
 use aya::{Ebpf, programs::Xdp};
 use etherparse::PacketBuilder;
 use lb_common::{
-    DEFAULT_VNI, DEFAULT_VXLAN_PORT, FlowKey, FlowValue, PROTO_TCP, Reason, ReverseValue,
-    VXLAN_OVERHEAD, program_names,
+    DEFAULT_VNI, DEFAULT_VXLAN_PORT, FlowValue, Reason, ReverseValue, VXLAN_OVERHEAD, program_names,
 };
 use lb_tests::bpf::{load_xdp_pass, test_run_xdp};
 use lb_tests::netns::NetNs;
@@ -28,8 +27,12 @@ use lb_userspace::datapath::{self, Maps};
 use lb_userspace::model::{Proto, Scheduler, Table, parse_backend_spec};
 use lb_userspace::sync;
 
+#[path = "../../tests/dataplane/mod.rs"]
+mod dataplane;
+
 use crate::Options;
 use crate::report::{Measurement, names};
+use dataplane::{tcp, tcp_key};
 
 const XDP_PASS: u32 = 2;
 const XDP_TX: u32 = 3;
@@ -426,7 +429,7 @@ impl Loaded {
         let replies = (0..FLOWS_CYCLED)
             .map(|i| {
                 let client = flow_client(i);
-                let key = flow_key(client, (NODE_IP, WEB_PORT));
+                let key = tcp_key(client, (NODE_IP, WEB_PORT));
                 let flow = self
                     .maps
                     .flows
@@ -634,7 +637,7 @@ impl Loaded {
         let backend_port = backend.addr.port();
         for i in 0..size {
             let client = filler_client(i);
-            let key = flow_key(client, (NODE_IP, WEB_PORT));
+            let key = tcp_key(client, (NODE_IP, WEB_PORT));
             let flow = FlowValue {
                 backend_id: backend.id,
                 backend_ip_be: u32::from_ne_bytes(backend_ip),
@@ -645,7 +648,7 @@ impl Loaded {
                 last_seen_ns: 0,
             };
             self.maps.flows.insert(key, flow, 0)?;
-            let reply_key = flow_key((backend_ip, backend_port), client);
+            let reply_key = tcp_key((backend_ip, backend_port), client);
             let reverse = ReverseValue {
                 orig_ip_be: u32::from_ne_bytes(NODE_IP),
                 orig_port_be: WEB_PORT.to_be(),
@@ -719,41 +722,6 @@ fn filler_client(i: usize) -> ([u8; 4], u16) {
     let host = (i / 50_000) as u32;
     let [_, b, c, d] = host.to_be_bytes();
     ([100, 64 | (b & 0x3f), c, d], 10_000 + (i % 50_000) as u16)
-}
-
-fn flow_key(src: ([u8; 4], u16), dst: ([u8; 4], u16)) -> FlowKey {
-    FlowKey {
-        src_ip_be: u32::from_ne_bytes(src.0),
-        dst_ip_be: u32::from_ne_bytes(dst.0),
-        src_port_be: src.1.to_be(),
-        dst_port_be: dst.1.to_be(),
-        proto: PROTO_TCP,
-        _pad: [0; 3],
-    }
-}
-
-/// A TCP frame; `flags` is "S" (SYN), "A" (ACK) or "PA" (data).
-fn tcp(
-    macs: ([u8; 6], [u8; 6]),
-    src: ([u8; 4], u16),
-    dst: ([u8; 4], u16),
-    ttl: u8,
-    flags: &str,
-    payload: &[u8],
-) -> Vec<u8> {
-    let builder = PacketBuilder::ethernet2(macs.0, macs.1)
-        .ipv4(src.0, dst.0, ttl)
-        .tcp(src.1, dst.1, 1000, 64240);
-    let builder = match flags {
-        "S" => builder.syn(),
-        "A" => builder.ack(1),
-        _ => builder.psh().ack(1),
-    };
-    let mut frame = Vec::with_capacity(64 + payload.len());
-    builder
-        .write(&mut frame, payload)
-        .expect("writing to a Vec cannot fail");
-    frame
 }
 
 /// The client's frame to the node's published port `port`.

@@ -18,7 +18,7 @@ use aya::{
 };
 use etherparse::{EtherType, Ethernet2Header, IpNumber, Ipv4Header, PacketBuilder, UdpHeader};
 use lb_common::{
-    BackendStats, DEFAULT_VNI, DEFAULT_VXLAN_PORT, Event, FlowKey, Reason, program_names,
+    BackendStats, DEFAULT_VNI, DEFAULT_VXLAN_PORT, Event, FlowKey, PROTO_TCP, Reason, program_names,
 };
 use lb_tests::netns::NetNs;
 use lb_userspace::{
@@ -511,5 +511,17 @@ pub fn reverse_key(key: &FlowKey, backend: [u8; 4], port: u16) -> FlowKey {
         src_port_be: port.to_be(),
         dst_port_be: key.src_port_be,
         ..*key
+    }
+}
+
+/// A TCP flow key as the data plane writes it (addresses and ports in network byte order).
+pub fn tcp_key(src: ([u8; 4], u16), dst: ([u8; 4], u16)) -> FlowKey {
+    FlowKey {
+        src_ip_be: u32::from_ne_bytes(src.0),
+        dst_ip_be: u32::from_ne_bytes(dst.0),
+        src_port_be: src.1.to_be(),
+        dst_port_be: dst.1.to_be(),
+        proto: PROTO_TCP,
+        _pad: [0; 3],
     }
 }
