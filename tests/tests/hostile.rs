@@ -324,16 +324,6 @@ fn client_tcp_with_flags(port: u16, flags: u8) -> Vec<u8> {
     rewritten(&client_syn(port), |f| f[L3 + 20 + 13] = flags)
 }
 
-fn client_query(port: u16) -> Vec<u8> {
-    udp(
-        (CLIENT_MAC, INGRESS_MAC),
-        (CLIENT_IP, port),
-        (NODE_IP, DNS_PORT),
-        64,
-        b"query",
-    )
-}
-
 #[test]
 fn every_truncation_and_header_defect_of_a_syn_is_passed_untouched_and_counted_once() {
     with_node(|node| {

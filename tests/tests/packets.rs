@@ -14,17 +14,6 @@ use lb_common::{
 use lb_userspace::model::{Proto, Scheduler, parse_backend};
 use lb_userspace::{datapath, sync};
 
-/// A client's datagram `query` from `port` to the `dns` service.
-fn client_query(port: u16) -> Vec<u8> {
-    udp(
-        (CLIENT_MAC, INGRESS_MAC),
-        (CLIENT_IP, port),
-        (NODE_IP, DNS_PORT),
-        64,
-        b"query",
-    )
-}
-
 /// The destination of a DNATed TCP/UDP frame, read back from its bytes.
 fn dst_of(frame: &[u8]) -> ([u8; 4], u16) {
     (

@@ -243,19 +243,22 @@ impl Loaded {
         Ok(self.maps.reason_totals()?[reason as usize].packets)
     }
 
-    /// Runs `frames` once each through the data plane, unmeasured, each answered with `action`
-    /// (to create the flows a case then measures).
-    fn prime(&self, frames: &[Vec<u8>], action: u32) -> Result<()> {
+    /// Creates [`FLOWS_CYCLED`] flows of the client to `port` (their SYNs run once each,
+    /// unmeasured, each answered with XDP_TX) and returns a data packet of each.
+    fn established_flows(&self, port: u16) -> Result<Vec<Vec<u8>>> {
         let prog = self.program()?;
-        for frame in frames {
-            let run = test_run_xdp(prog, frame, Some(self.ifindex), 1)?;
+        for i in 0..FLOWS_CYCLED {
+            let syn = client_tcp(flow_client(i), port, "S", b"");
+            let run = test_run_xdp(prog, &syn, Some(self.ifindex), 1)?;
             ensure!(
-                run.action == action,
-                "priming: action {} instead of {action}",
+                run.action == XDP_TX,
+                "priming: action {} instead of XDP_TX",
                 run.action
             );
         }
-        Ok(())
+        Ok((0..FLOWS_CYCLED)
+            .map(|i| client_tcp(flow_client(i), port, "PA", REQUEST))
+            .collect())
     }
 
     /// Times `case` over `samples` packets, one run each, on `prog`; returns the median of the
@@ -408,13 +411,7 @@ impl Loaded {
         let prog = self.program()?;
         let mut found = Vec::new();
 
-        let syns: Vec<_> = (0..FLOWS_CYCLED)
-            .map(|i| client_tcp(flow_client(i), WEB_PORT, "S", b""))
-            .collect();
-        self.prime(&syns, XDP_TX)?;
-        let requests: Vec<_> = (0..FLOWS_CYCLED)
-            .map(|i| client_tcp(flow_client(i), WEB_PORT, "PA", REQUEST))
-            .collect();
+        let requests = self.established_flows(WEB_PORT)?;
         let case = Case {
             name: names::ESTABLISHED,
             frame: &|i| requests[i % FLOWS_CYCLED].clone(),
@@ -459,13 +456,7 @@ impl Loaded {
         };
         found.push((name, self.time(prog, &case, samples)?));
 
-        let mesh_syns: Vec<_> = (0..FLOWS_CYCLED)
-            .map(|i| client_tcp(flow_client(i), MESH_PORT, "S", b""))
-            .collect();
-        self.prime(&mesh_syns, XDP_TX)?;
-        let mesh_requests: Vec<_> = (0..FLOWS_CYCLED)
-            .map(|i| client_tcp(flow_client(i), MESH_PORT, "PA", REQUEST))
-            .collect();
+        let mesh_requests = self.established_flows(MESH_PORT)?;
         let name = "VXLAN encapsulation";
         let case = Case {
             name,

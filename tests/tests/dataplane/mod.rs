@@ -525,3 +525,14 @@ pub fn tcp_key(src: ([u8; 4], u16), dst: ([u8; 4], u16)) -> FlowKey {
         _pad: [0; 3],
     }
 }
+
+/// A client's datagram `query` from `port` to the `dns` service.
+pub fn client_query(port: u16) -> Vec<u8> {
+    udp(
+        (CLIENT_MAC, INGRESS_MAC),
+        (CLIENT_IP, port),
+        (NODE_IP, DNS_PORT),
+        64,
+        b"query",
+    )
+}
