@@ -8,7 +8,8 @@ use lb_common::{
 };
 
 use crate::{
-    maps::{BACKENDS, FLOWS, REVERSE_FLOWS},
+    encap,
+    maps::{BACKENDS, FLOWS, REVERSE_FLOWS, TUNNEL_REPLIES},
     parse::{Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
     stats::count_event,
 };
@@ -145,6 +146,13 @@ pub fn record(
         // Without its reverse entry the replies could not be NATed: forget the flow.
         let _ = FLOWS.remove(key);
         return Err(());
+    }
+    // A backend on this node may hold a tunnel entry for the same reply 5-tuple, left by an
+    // older flow another node balanced from the same client port: this flow is newer, and the
+    // next one through that node must find the entry missing to take the replies back (see
+    // `decap::remember_ingress_node`). Only nodes in a mesh have tunnel entries.
+    if flow.node_ip_be == 0 && encap::mesh().is_some() {
+        let _ = TUNNEL_REPLIES.remove(&reverse_key);
     }
     count_event(event);
     Ok((flow, true))

@@ -14,7 +14,7 @@ use crate::{
     conntrack,
     encap::{VXLAN_FLAG_VNI, VxlanHdr},
     forward, ingress,
-    maps::{BACKENDS, NODES, TUNNEL_REPLIES},
+    maps::{BACKENDS, NODES, REVERSE_FLOWS, TUNNEL_REPLIES},
     parse::{self, Packet, ptr_at},
 };
 
@@ -98,6 +98,12 @@ pub fn xdp_from_node(
 }
 
 /// Records where the replies of this client → backend flow must be encapsulated back to.
+///
+/// Replies follow the newest flow of their 5-tuple. A client that reuses a source port may
+/// reach the same backend through this node first and through another node later (a UDP
+/// client does so with one socket): this node's reverse-NAT entry of the older flow would win
+/// in TC, which looks it up first, and the client would get replies from the wrong address. So
+/// a changed ingress node also removes that entry; `conntrack::record` does the converse.
 #[inline(always)]
 fn remember_ingress_node(key: &FlowKey, node_ip_be: u32) {
     let reply_key = FlowKey {
@@ -117,6 +123,8 @@ fn remember_ingress_node(key: &FlowKey, node_ip_be: u32) {
         };
         // A full LRU evicts; an error leaves the reply to plain routing, nothing worse.
         let _ = TUNNEL_REPLIES.insert(&reply_key, &tunnel, u64::from(BPF_ANY));
+        // Absent in all but the port-reuse case above.
+        let _ = REVERSE_FLOWS.remove(&reply_key);
     }
 }
 

@@ -790,6 +790,77 @@ fn reply_of_a_decapsulated_flow_is_encapsulated_back_to_its_ingress_node_by_tc()
     });
 }
 
+/// A client that reuses a source port can reach one backend of this node through this node and
+/// through another node in turn; the backend sees the same 5-tuple both times. Its replies must
+/// follow the newest of those flows: reverse-NATed here after a flow this node balanced,
+/// encapsulated back after one the other node balanced, in either order and again.
+#[test]
+fn replies_follow_the_newest_flow_when_a_client_port_reaches_a_local_backend_through_two_nodes() {
+    with_node(|node| {
+        let ingress = Some(node.ifindex);
+        let reply = http_ok(
+            (node.mac, CLIENT_MAC),
+            (BACKENDS[0], BACKEND_PORT),
+            40000,
+            63,
+        );
+        let nated = http_ok((node.mac, CLIENT_MAC), (NODE_IP, WEB_PORT), 40000, 63);
+        let tunnelled = Tunnel::from_n2().wrap(&syn_from_n2_for_a_local_backend());
+        let assert_sent_to_n2 = |what: &str| {
+            let (action, out) = node.tc_on(&reply, ingress);
+            assert_eq!(action, TC_ACT_UNSPEC, "{what}");
+            assert_eq!(
+                out.len(),
+                reply.len() + VXLAN_OVERHEAD as usize,
+                "{what}: the reply must be encapsulated back to n2"
+            );
+            let inner = http_ok((node.mac, N2_MAC), (BACKENDS[0], BACKEND_PORT), 40000, 63);
+            assert_eq!(
+                out,
+                Tunnel::to_n2(encap_source_port(&out)).wrap(&inner),
+                "{what}"
+            );
+        };
+        // This node balances client port 40000 to backend 0, its first turn.
+        let (action, out) = node.xdp(&client_syn(40000), ingress);
+        assert_eq!(
+            (action, dst_of(&out)),
+            (XDP_TX, (BACKENDS[0], BACKEND_PORT))
+        );
+        assert_eq!(node.tc_on(&reply, ingress), (TC_ACT_UNSPEC, nated.clone()));
+
+        // n2 balances the same client port to the same backend: replies go back to n2.
+        assert_eq!(node.xdp(&tunnelled, ingress).0, XDP_TX);
+        assert_sent_to_n2("after n2's flow");
+
+        // The connection through this node ends; a new one from the same port comes back to
+        // backend 0 once the other backends had their turns.
+        assert_eq!(
+            node.xdp(&client_tcp(40000, WEB_PORT, "FA"), ingress).0,
+            XDP_TX
+        );
+        for port in [40001, 40002] {
+            node.xdp(&client_syn(port), ingress);
+        }
+        let (action, out) = node.xdp(&client_syn(40000), ingress);
+        assert_eq!(
+            (action, dst_of(&out)),
+            (XDP_TX, (BACKENDS[0], BACKEND_PORT))
+        );
+        assert_eq!(
+            node.tc_on(&reply, ingress),
+            (TC_ACT_UNSPEC, nated),
+            "after this node's new flow"
+        );
+
+        // And through n2 again.
+        assert_eq!(node.xdp(&tunnelled, ingress).0, XDP_TX);
+        assert_sent_to_n2("after n2's flow again");
+        assert_eq!(node.reason(Reason::ReplyEgress), 2);
+        assert_eq!(node.reason(Reason::ReplyEncap), 2);
+    });
+}
+
 #[test]
 fn reply_coming_back_over_vxlan_is_decapsulated_and_reverse_nated_to_the_client() {
     with_node(|node| {

@@ -343,6 +343,7 @@ pub fn tcp(
         "S" => builder.syn(),
         "A" => builder.ack(1),
         "PA" => builder.psh().ack(1),
+        "FA" => builder.fin().ack(1),
         other => panic!("unknown flags {other}"),
     };
     let mut frame = Vec::new();
