@@ -211,8 +211,9 @@ pub struct FlowValue {
 }
 assert_size!(FlowValue, 24);
 
-/// Flow flag: a FIN or RST was seen in either direction; the connection is ending. A new SYN
-/// on the same 5-tuple then starts a new flow that chooses its backend again.
+/// Flow flag: the connection is ending (a FIN in either direction, a backend's RST, a client's
+/// RST with ACK). A new SYN on the same 5-tuple then starts a new flow that chooses its backend
+/// again.
 pub const FLOW_CLOSING: u8 = 1;
 /// `FlowValue::last_seen_ns` is refreshed when it is at least this old, so that a busy flow
 /// does not write its table entry on every packet.

@@ -75,13 +75,24 @@ pub fn lookup(key: &FlowKey, tcp_flags: u8) -> Lookup {
             if was_idle {
                 unsafe { (*entry).last_seen_ns = now };
             }
-            if tcp_flags & (TCP_FIN | TCP_RST) != 0 && flow.flags & FLOW_CLOSING == 0 {
+            if client_ends_connection(tcp_flags) && flow.flags & FLOW_CLOSING == 0 {
                 unsafe { (*entry).flags = flow.flags | FLOW_CLOSING };
             }
             Lookup::Pinned { flow, was_idle }
         }
         _ => Lookup::Stale,
     }
+}
+
+/// Whether a client's segment ends its connection: a FIN, or a RST that carries an ACK (the
+/// client aborting). A RST without ACK is how a client answers an ACK it has no connection for;
+/// its connection on that 5-tuple, if any, goes on. That happens in a handshake: a backend still
+/// in TIME_WAIT for an earlier connection on the same 5-tuple (the client reused its port, e.g.
+/// through another node) acknowledges that one instead of the SYN; the client resets it and
+/// sends its SYN again, which must go to the same backend rather than start a new flow.
+#[inline(always)]
+pub fn client_ends_connection(tcp_flags: u8) -> bool {
+    tcp_flags & TCP_FIN != 0 || tcp_flags & (TCP_RST | TCP_ACK) == TCP_RST | TCP_ACK
 }
 
 /// A backend's FIN or RST closes its flow too: marks the client → service entry the reply

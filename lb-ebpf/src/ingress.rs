@@ -14,7 +14,7 @@ use crate::{
     forward::{self, Egress},
     maps::SERVICES,
     nat::{self, Side},
-    parse::{self, Packet, TCP_FIN, TCP_RST},
+    parse::{self, Packet},
     select, stats,
 };
 
@@ -108,7 +108,7 @@ fn to_service(
         node_ip_be: backend.node_ip_be,
         backend_port_be: backend.port_be,
         // A recovered connection may be ending already.
-        flags: if pkt.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
+        flags: if conntrack::client_ends_connection(pkt.tcp_flags) {
             FLOW_CLOSING
         } else {
             0

@@ -316,7 +316,7 @@ pub const TCP_IDLE_NS: u64 = 3_600 * 1_000_000_000;
 /// UDP has no end: a flow idle this long is over.
 pub const UDP_IDLE_NS: u64 = 60 * 1_000_000_000;
 
-/// A flow is live while its connection has not ended (no FIN or RST seen) and its client has
+/// A flow is live while its connection has not ended (`FLOW_CLOSING` unset) and its client has
 /// sent a packet within the idle limit of its protocol. Entries stay in the table after that
 /// (so late packets still reach the same backend) until the LRU evicts them.
 pub fn flow_is_live(key: &FlowKey, flow: &FlowValue, now_ns: u64) -> bool {

@@ -182,6 +182,41 @@ fn new_flows_cycle_through_the_backends_in_order() {
     });
 }
 
+/// A SYN on the 5-tuple of a connection the client ended (FIN, or RST with ACK: an abort) is a
+/// new connection and takes the next turn. A RST without ACK is the client's answer to an ACK it
+/// cannot place, e.g. from a backend still in TIME_WAIT for an earlier connection on the same
+/// 5-tuple, in the middle of a handshake: the SYN it sends again belongs to the same connection
+/// and keeps its backend.
+#[test]
+fn a_syn_after_a_fin_or_an_abort_takes_a_new_turn_and_a_syn_after_a_bare_rst_does_not() {
+    with_node(|node| {
+        for (i, (ending, new_turn)) in [("R", false), ("FA", true), ("RA", true), ("A", false)]
+            .into_iter()
+            .enumerate()
+        {
+            let port = 41000 + i as u16;
+            let first = dst_of(&node.xdp(&client_syn(port), None).1);
+            assert_eq!(
+                node.xdp(&client_tcp(port, WEB_PORT, ending), None).0,
+                XDP_PASS,
+                "{ending}"
+            );
+            let created = node.event(Event::FlowCreated);
+            let again = dst_of(&node.xdp(&client_syn(port), None).1);
+            assert_eq!(
+                again != first,
+                new_turn,
+                "SYN after {ending}: {first:?} then {again:?}"
+            );
+            assert_eq!(
+                node.event(Event::FlowCreated),
+                created + u64::from(new_turn),
+                "SYN after {ending}"
+            );
+        }
+    });
+}
+
 #[test]
 fn a_flow_keeps_its_backend_when_the_list_changes_until_its_backend_is_removed() {
     with_node(|node| {

@@ -344,6 +344,8 @@ pub fn tcp(
         "A" => builder.ack(1),
         "PA" => builder.psh().ack(1),
         "FA" => builder.fin().ack(1),
+        "R" => builder.rst(),
+        "RA" => builder.rst().ack(1),
         other => panic!("unknown flags {other}"),
     };
     let mut frame = Vec::new();
