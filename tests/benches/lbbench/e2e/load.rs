@@ -12,7 +12,7 @@ use std::sync::Barrier;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use lb_tests::client::connect;
+use lb_tests::client::{Handshake, connect_with};
 
 /// One HTTP request on a new connection: the server answers and closes, so the client is the
 /// passive closer and leaves no TIME_WAIT behind that would exhaust its ports.
@@ -140,7 +140,7 @@ fn worker(kind: Kind, target: Target, start: &Barrier, duration: Duration) -> Re
     // others waiting forever.
     let setup = match kind {
         Kind::NewConnections => Ok(Setup::None),
-        Kind::KeptAlive => connect(target.addr).map(Setup::Tcp),
+        Kind::KeptAlive => connect_with(target.addr, Handshake::SeparateAck).map(Setup::Tcp),
         Kind::Udp => udp_sockets(target).map(Setup::Udp),
     };
     start.wait();
@@ -195,7 +195,7 @@ impl Tally {
 
 /// One connection, one request, the server's close; returns the backend that answered.
 fn new_connection(target: Target, buf: &mut Vec<u8>) -> Result<usize> {
-    let mut stream = connect(target.addr)?;
+    let mut stream = connect_with(target.addr, Handshake::SeparateAck)?;
     stream
         .write_all(GET_CLOSE)
         .with_context(|| format!("cannot send a request to {}", target.addr))?;
