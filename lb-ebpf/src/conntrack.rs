@@ -162,7 +162,13 @@ pub fn record(
     // older flow another node balanced from the same client port: this flow is newer, and the
     // next one through that node must find the entry missing to take the replies back (see
     // `decap::remember_ingress_node`). Only nodes in a mesh have tunnel entries.
-    if flow.node_ip_be == 0 && encap::mesh().is_some() {
+    // Looked up first: a lookup is lock-free, a removal locks its bucket even when the key is
+    // absent, as it almost always is.
+    // SAFETY: only presence is read.
+    if flow.node_ip_be == 0
+        && encap::mesh().is_some()
+        && unsafe { TUNNEL_REPLIES.get(&reverse_key) }.is_some()
+    {
         let _ = TUNNEL_REPLIES.remove(&reverse_key);
     }
     count_event(event);
