@@ -450,6 +450,31 @@ pub fn record_edit(
         .chain(&after.services)
         .map(|s| s.name.clone())
         .collect();
+    // A service given a new frontend is a new service, its backends' state reset; but the drain
+    // and health of another node's tasks are that node's to publish (the next merge would bring
+    // them back), and until then the data plane must not send new flows to a drained task.
+    for service in &mut after.services {
+        let Some(was) = before.service(&service.name) else {
+            continue;
+        };
+        if was.frontend_key() == service.frontend_key() {
+            continue;
+        }
+        for backend in service
+            .backends
+            .iter_mut()
+            .filter(|b| b.node.as_deref() != Some(node.as_str()))
+        {
+            if let Some(old) = was
+                .backends
+                .iter()
+                .find(|old| old.addr == backend.addr && old.node == backend.node)
+            {
+                backend.drained = old.drained;
+                backend.health = old.health;
+            }
+        }
+    }
     // A removed service takes every backend with it, whoever hosts them.
     for name in names.iter().filter(|n| after.service(n).is_some()) {
         let (was, is) = (others(before, name), others(&after, name));
@@ -1097,6 +1122,56 @@ mod tests {
         record_edit(&mut local, &after, removed, 7).unwrap();
         assert_eq!(local.services["api"].def, None);
         assert!(!local.backends.contains_key("api"));
+    }
+
+    #[test]
+    fn a_new_frontend_declared_here_keeps_the_drain_and_health_of_other_nodes_tasks() {
+        let mut members = three();
+        let n1_tasks = members[0].backends.get_mut("web").unwrap();
+        n1_tasks[0].drained = true;
+        n1_tasks[1].health = Health::Unhealthy;
+        let (table, _) = apply(&Table::default(), &merge(&members));
+        let mut local = Local {
+            node: "n2".into(),
+            ..Local::default()
+        };
+        local.services.insert(
+            "web".into(),
+            ServiceRecord {
+                version: version(10, "n1"),
+                def: Some(web(8080)),
+            },
+        );
+        // n2 moves web to port 9090 with its own two tasks.
+        let declared = vec![ServiceSpec {
+            name: "web".into(),
+            proto: Proto::Tcp,
+            port: 9090,
+            vip: None,
+            backends: ["10.0.0.12:80", "10.0.0.13:80"]
+                .iter()
+                .map(|b| crate::model::parse_backend_spec(b).unwrap())
+                .collect(),
+            health_check: HealthCheck::default(),
+            scheduler: Scheduler::default(),
+        }];
+        let declared = own_declaration(&local, &table, declared);
+        let mut after = table.clone();
+        after.apply(None, &declared).unwrap();
+        let after = record_edit(&mut local, &table, after, 5).unwrap();
+        let web = after.service("web").unwrap();
+        assert_eq!(web.port, 9090);
+        let state = |addr: &str| {
+            let b = web
+                .backends
+                .iter()
+                .find(|b| b.addr.to_string() == addr)
+                .unwrap();
+            (b.drained, b.health)
+        };
+        assert_eq!(state("10.0.0.10:80"), (true, Health::Unknown));
+        assert_eq!(state("10.0.0.11:80"), (false, Health::Unhealthy));
+        assert_eq!(local.services["web"].def.as_ref().unwrap().port, 9090);
     }
 
     #[test]

@@ -569,7 +569,7 @@ impl Service {
         (undrained, fail_open)
     }
 
-    fn frontend_key(&self) -> Frontend {
+    pub(crate) fn frontend_key(&self) -> Frontend {
         (self.proto, self.port, self.vip)
     }
 
