@@ -1124,6 +1124,27 @@ mod tests {
         assert!(!local.backends.contains_key("api"));
     }
 
+    /// What `lbctl apply` does on `local`'s node with a file that declares only `web`, on `port`
+    /// with `backends`: the table it puts in force.
+    fn declare_web(local: &mut Local, table: &Table, port: u16, backends: &[&str]) -> Table {
+        let declared = vec![ServiceSpec {
+            name: "web".into(),
+            proto: Proto::Tcp,
+            port,
+            vip: None,
+            backends: backends
+                .iter()
+                .map(|b| crate::model::parse_backend_spec(b).unwrap())
+                .collect(),
+            health_check: HealthCheck::default(),
+            scheduler: Scheduler::default(),
+        }];
+        let declared = own_declaration(local, table, declared);
+        let mut after = table.clone();
+        after.apply(None, &declared).unwrap();
+        record_edit(local, table, after, 5).unwrap()
+    }
+
     #[test]
     fn a_new_frontend_declared_here_keeps_the_drain_and_health_of_other_nodes_tasks() {
         let mut members = three();
@@ -1143,22 +1164,7 @@ mod tests {
             },
         );
         // n2 moves web to port 9090 with its own two tasks.
-        let declared = vec![ServiceSpec {
-            name: "web".into(),
-            proto: Proto::Tcp,
-            port: 9090,
-            vip: None,
-            backends: ["10.0.0.12:80", "10.0.0.13:80"]
-                .iter()
-                .map(|b| crate::model::parse_backend_spec(b).unwrap())
-                .collect(),
-            health_check: HealthCheck::default(),
-            scheduler: Scheduler::default(),
-        }];
-        let declared = own_declaration(&local, &table, declared);
-        let mut after = table.clone();
-        after.apply(None, &declared).unwrap();
-        let after = record_edit(&mut local, &table, after, 5).unwrap();
+        let after = declare_web(&mut local, &table, 9090, &["10.0.0.12:80", "10.0.0.13:80"]);
         let web = after.service("web").unwrap();
         assert_eq!(web.port, 9090);
         let state = |addr: &str| {
@@ -1183,22 +1189,7 @@ mod tests {
         };
         // n2 declares web with one of its tasks kept, one dropped, one new (without @NODE),
         // and says nothing of n1's.
-        let declared = vec![ServiceSpec {
-            name: "web".into(),
-            proto: Proto::Tcp,
-            port: 8080,
-            vip: None,
-            backends: ["10.0.0.12:80", "10.0.0.14:80"]
-                .iter()
-                .map(|b| crate::model::parse_backend_spec(b).unwrap())
-                .collect(),
-            health_check: HealthCheck::default(),
-            scheduler: Scheduler::default(),
-        }];
-        let declared = own_declaration(&local, &table, declared);
-        let mut after = table.clone();
-        after.apply(None, &declared).unwrap();
-        let after = record_edit(&mut local, &table, after, 5).unwrap();
+        let after = declare_web(&mut local, &table, 8080, &["10.0.0.12:80", "10.0.0.14:80"]);
         assert_eq!(
             backends_of(&after, "web"),
             [
