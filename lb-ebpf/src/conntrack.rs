@@ -158,19 +158,7 @@ pub fn record(
         let _ = FLOWS.remove(key);
         return Err(());
     }
-    // A backend on this node may hold a tunnel entry for the same reply 5-tuple, left by an
-    // older flow another node balanced from the same client port: this flow is newer, and the
-    // next one through that node must find the entry missing to take the replies back (see
-    // `decap::remember_ingress_node`). Only nodes in a mesh have tunnel entries.
-    // Looked up first: a lookup is lock-free, a removal locks its bucket even when the key is
-    // absent, as it almost always is.
-    // SAFETY: only presence is read.
-    if flow.node_ip_be == 0
-        && encap::mesh().is_some()
-        && unsafe { TUNNEL_REPLIES.get(&reverse_key) }.is_some()
-    {
-        let _ = TUNNEL_REPLIES.remove(&reverse_key);
-    }
+    supersede_tunnel(&reverse_key, &flow);
     count_event(event);
     Ok((flow, true))
 }
@@ -185,7 +173,30 @@ pub fn restore_reverse(key: &FlowKey, flow: &FlowValue, orig_ip_be: u32, orig_po
     // SAFETY: only presence is read.
     if unsafe { REVERSE_FLOWS.get(&reverse_key) }.is_none() {
         // A full table evicts another entry; an error leaves the replies as they were.
-        let _ = REVERSE_FLOWS.insert(&reverse_key, reverse, u64::from(BPF_ANY));
+        if REVERSE_FLOWS
+            .insert(&reverse_key, reverse, u64::from(BPF_ANY))
+            .is_ok()
+        {
+            supersede_tunnel(&reverse_key, flow);
+        }
+    }
+}
+
+/// Called when this node (re)creates the reverse-NAT entry `reverse_key` of `flow`. A backend
+/// on this node may hold a tunnel entry for the same reply 5-tuple, left by a flow another node
+/// balanced from the same client port: this node's flow spoke last, and the next packet through
+/// that node must find the tunnel entry missing to take the replies back (see
+/// `decap::remember_ingress_node`). Only nodes in a mesh have tunnel entries.
+#[inline(always)]
+fn supersede_tunnel(reverse_key: &FlowKey, flow: &FlowValue) {
+    // Looked up first: a lookup is lock-free, a removal locks its bucket even when the key is
+    // absent, as it almost always is.
+    // SAFETY: only presence is read.
+    if flow.node_ip_be == 0
+        && encap::mesh().is_some()
+        && unsafe { TUNNEL_REPLIES.get(reverse_key) }.is_some()
+    {
+        let _ = TUNNEL_REPLIES.remove(reverse_key);
     }
 }
 

@@ -841,7 +841,7 @@ fn replies_follow_the_newest_flow_when_a_client_port_reaches_a_local_backend_thr
         );
         let nated = http_ok((node.mac, CLIENT_MAC), (NODE_IP, WEB_PORT), 40000, 63);
         let tunnelled = Tunnel::from_n2().wrap(&syn_from_n2_for_a_local_backend());
-        let assert_sent_to_n2 = |what: &str| {
+        let assert_sent_to_n2 = |node: &Node, what: &str| {
             let (action, out) = node.tc_on(&reply, ingress);
             assert_eq!(action, TC_ACT_UNSPEC, "{what}");
             assert_eq!(
@@ -866,7 +866,7 @@ fn replies_follow_the_newest_flow_when_a_client_port_reaches_a_local_backend_thr
 
         // n2 balances the same client port to the same backend: replies go back to n2.
         assert_eq!(node.xdp(&tunnelled, ingress).0, XDP_TX);
-        assert_sent_to_n2("after n2's flow");
+        assert_sent_to_n2(node, "after n2's flow");
 
         // The connection through this node ends; a new one from the same port comes back to
         // backend 0 once the other backends had their turns.
@@ -884,15 +884,34 @@ fn replies_follow_the_newest_flow_when_a_client_port_reaches_a_local_backend_thr
         );
         assert_eq!(
             node.tc_on(&reply, ingress),
-            (TC_ACT_UNSPEC, nated),
+            (TC_ACT_UNSPEC, nated.clone()),
             "after this node's new flow"
         );
 
         // And through n2 again.
         assert_eq!(node.xdp(&tunnelled, ingress).0, XDP_TX);
-        assert_sent_to_n2("after n2's flow again");
-        assert_eq!(node.reason(Reason::ReplyEgress), 2);
-        assert_eq!(node.reason(Reason::ReplyEncap), 2);
+        assert_sent_to_n2(node, "after n2's flow again");
+
+        // The flow through this node speaks again after an idle second or more: its reverse
+        // entry comes back, and n2's next packet takes the replies back again.
+        let key = tcp_key((CLIENT_IP, 40000), (NODE_IP, WEB_PORT));
+        let mut flow = node.maps.flows.get(&key, 0).unwrap();
+        flow.last_seen_ns -= 2_000_000_000;
+        node.maps.flows.insert(key, flow, 0).unwrap();
+        let (action, out) = node.xdp(&client_tcp(40000, WEB_PORT, "A"), ingress);
+        assert_eq!(
+            (action, dst_of(&out)),
+            (XDP_TX, (BACKENDS[0], BACKEND_PORT))
+        );
+        assert_eq!(
+            node.tc_on(&reply, ingress),
+            (TC_ACT_UNSPEC, nated.clone()),
+            "after this node's idle flow spoke"
+        );
+        assert_eq!(node.xdp(&tunnelled, ingress).0, XDP_TX);
+        assert_sent_to_n2(node, "after n2's flow once more");
+        assert_eq!(node.reason(Reason::ReplyEgress), 3);
+        assert_eq!(node.reason(Reason::ReplyEncap), 3);
     });
 }
 
