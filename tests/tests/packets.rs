@@ -840,8 +840,24 @@ fn replies_follow_the_newest_flow_when_a_client_port_reaches_a_local_backend_thr
             63,
         );
         let nated = http_ok((node.mac, CLIENT_MAC), (NODE_IP, WEB_PORT), 40000, 63);
+        // The client's `frame` reaches backend 0 through this node; replies are NATed here.
+        let through_this_node = |node: &Node, frame: &[u8], what: &str| {
+            let (action, out) = node.xdp(frame, ingress);
+            assert_eq!(
+                (action, dst_of(&out)),
+                (XDP_TX, (BACKENDS[0], BACKEND_PORT)),
+                "{what}"
+            );
+            assert_eq!(
+                node.tc_on(&reply, ingress),
+                (TC_ACT_UNSPEC, nated.clone()),
+                "{what}: the reply must be NATed here"
+            );
+        };
+        // n2 balanced the client's SYN to backend 0; replies go back to n2.
         let tunnelled = Tunnel::from_n2().wrap(&syn_from_n2_for_a_local_backend());
-        let assert_sent_to_n2 = |node: &Node, what: &str| {
+        let through_n2 = |node: &Node, what: &str| {
+            assert_eq!(node.xdp(&tunnelled, ingress).0, XDP_TX, "{what}");
             let (action, out) = node.tc_on(&reply, ingress);
             assert_eq!(action, TC_ACT_UNSPEC, "{what}");
             assert_eq!(
@@ -856,17 +872,9 @@ fn replies_follow_the_newest_flow_when_a_client_port_reaches_a_local_backend_thr
                 "{what}"
             );
         };
-        // This node balances client port 40000 to backend 0, its first turn.
-        let (action, out) = node.xdp(&client_syn(40000), ingress);
-        assert_eq!(
-            (action, dst_of(&out)),
-            (XDP_TX, (BACKENDS[0], BACKEND_PORT))
-        );
-        assert_eq!(node.tc_on(&reply, ingress), (TC_ACT_UNSPEC, nated.clone()));
-
-        // n2 balances the same client port to the same backend: replies go back to n2.
-        assert_eq!(node.xdp(&tunnelled, ingress).0, XDP_TX);
-        assert_sent_to_n2(node, "after n2's flow");
+        // Backend 0 is this node's first turn.
+        through_this_node(node, &client_syn(40000), "this node's flow");
+        through_n2(node, "n2's flow");
 
         // The connection through this node ends; a new one from the same port comes back to
         // backend 0 once the other backends had their turns.
@@ -877,20 +885,8 @@ fn replies_follow_the_newest_flow_when_a_client_port_reaches_a_local_backend_thr
         for port in [40001, 40002] {
             node.xdp(&client_syn(port), ingress);
         }
-        let (action, out) = node.xdp(&client_syn(40000), ingress);
-        assert_eq!(
-            (action, dst_of(&out)),
-            (XDP_TX, (BACKENDS[0], BACKEND_PORT))
-        );
-        assert_eq!(
-            node.tc_on(&reply, ingress),
-            (TC_ACT_UNSPEC, nated.clone()),
-            "after this node's new flow"
-        );
-
-        // And through n2 again.
-        assert_eq!(node.xdp(&tunnelled, ingress).0, XDP_TX);
-        assert_sent_to_n2(node, "after n2's flow again");
+        through_this_node(node, &client_syn(40000), "this node's new flow");
+        through_n2(node, "n2's flow again");
 
         // The flow through this node speaks again after an idle second or more: its reverse
         // entry comes back, and n2's next packet takes the replies back again.
@@ -898,18 +894,9 @@ fn replies_follow_the_newest_flow_when_a_client_port_reaches_a_local_backend_thr
         let mut flow = node.maps.flows.get(&key, 0).unwrap();
         flow.last_seen_ns -= 2_000_000_000;
         node.maps.flows.insert(key, flow, 0).unwrap();
-        let (action, out) = node.xdp(&client_tcp(40000, WEB_PORT, "A"), ingress);
-        assert_eq!(
-            (action, dst_of(&out)),
-            (XDP_TX, (BACKENDS[0], BACKEND_PORT))
-        );
-        assert_eq!(
-            node.tc_on(&reply, ingress),
-            (TC_ACT_UNSPEC, nated.clone()),
-            "after this node's idle flow spoke"
-        );
-        assert_eq!(node.xdp(&tunnelled, ingress).0, XDP_TX);
-        assert_sent_to_n2(node, "after n2's flow once more");
+        let ack = client_tcp(40000, WEB_PORT, "A");
+        through_this_node(node, &ack, "this node's idle flow speaking");
+        through_n2(node, "n2's flow once more");
         assert_eq!(node.reason(Reason::ReplyEgress), 3);
         assert_eq!(node.reason(Reason::ReplyEncap), 3);
     });
