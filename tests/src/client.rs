@@ -143,9 +143,38 @@ pub fn per_backend(replies: &[Reply]) -> BTreeMap<String, usize> {
 /// means the reverse translation worked (a real client with a connected
 /// socket would silently drop anything else, so it is an error here).
 pub fn udp_request(addr: SocketAddrV4) -> Result<Reply> {
+    udp_exchange(&udp_socket()?, addr)
+}
+
+/// `count` requests as [`udp_request`] makes them, each from a socket of
+/// its own, the sockets held open together: so each datagram comes from a
+/// port of its own and is a new flow. (One socket after another, the kernel
+/// may give a closed socket's port to a later one, whose datagram is then the
+/// same flow to a load balancer and does not take a turn.) The first failure
+/// names the request.
+pub fn udp_requests(addr: SocketAddrV4, count: usize) -> Result<Vec<Reply>> {
+    let sockets: Vec<UdpSocket> = (0..count).map(|_| udp_socket()).collect::<Result<_>>()?;
+    sockets
+        .iter()
+        .enumerate()
+        .map(|(i, socket)| {
+            udp_exchange(socket, addr).with_context(|| format!("datagram {i} to {addr}"))
+        })
+        .collect()
+}
+
+/// A UDP socket on an ephemeral port, with [`IO_TIMEOUT`] on reads and
+/// writes.
+fn udp_socket() -> Result<UdpSocket> {
     let socket = UdpSocket::bind("0.0.0.0:0").context("cannot bind a UDP socket")?;
     socket.set_read_timeout(Some(IO_TIMEOUT))?;
     socket.set_write_timeout(Some(IO_TIMEOUT))?;
+    Ok(socket)
+}
+
+/// Sends one datagram to `addr` from `socket` and returns the parsed reply,
+/// which must come from `addr`.
+fn udp_exchange(socket: &UdpSocket, addr: SocketAddrV4) -> Result<Reply> {
     socket
         .send_to(b"ping\n", addr)
         .with_context(|| format!("cannot send a datagram to {addr}"))?;

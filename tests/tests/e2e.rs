@@ -9,7 +9,7 @@ use std::{
 
 use lb_tests::{
     Lbctl,
-    client::{self, KeepAlive, Reply, http_get_new_connection, per_backend, udp_request},
+    client::{self, KeepAlive, Reply, http_get_new_connection, per_backend},
     topology::{NODE_UPLINK, SingleNode, SingleNodeSpec},
 };
 
@@ -171,10 +171,11 @@ fn a_udp_service_answers_through_the_balancer() {
     let (topo, _lbctl) = balanced_proto(spec, "udp", 53);
     assert_ne!(udp_port, 53);
     let addr = service_addr(&topo, 53);
-    // udp_request checks that the answer comes from the address it asked.
-    let replies: Vec<Reply> = topo
+    // udp_requests checks that the answers come from the address it asked.
+    let replies = topo
         .client()
-        .in_netns(|| (0..6).map(|_| udp_request(addr).unwrap()).collect());
+        .in_netns(|| client::udp_requests(addr, 6))
+        .unwrap();
     assert_each_backend_served(&topo, &replies, 2);
 }
 

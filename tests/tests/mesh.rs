@@ -10,7 +10,7 @@ use std::{
 
 use lb_tests::{
     Lbctl,
-    client::{self, KeepAlive, Reply, http_get_new_connection, udp_request},
+    client::{self, KeepAlive, Reply, http_get_new_connection},
     mesh::{Mesh, MeshSpec},
     topology::NODE_UPLINK,
 };
@@ -241,11 +241,11 @@ fn a_udp_service_works_across_nodes() {
     let per = 3;
     for node in 0..cluster.mesh.node_count() {
         let addr = cluster.addr(node, DNS_PORT);
-        let replies: Vec<Reply> = cluster.mesh.client().in_netns(|| {
-            (0..per * tasks.len())
-                .map(|i| udp_request(addr).unwrap_or_else(|err| panic!("datagram {i}: {err:#}")))
-                .collect()
-        });
+        let replies = cluster
+            .mesh
+            .client()
+            .in_netns(|| client::udp_requests(addr, per * tasks.len()))
+            .unwrap();
         let context = format!("datagrams to {addr}");
         cluster.assert_spread(&replies, &tasks, per, &context);
     }
