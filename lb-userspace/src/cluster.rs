@@ -1063,9 +1063,8 @@ mod tests {
         assert_ne!(table_digest(&a), table_digest(&b));
     }
 
-    #[test]
-    fn commands_record_this_nodes_changes_only() {
-        let (table, _) = apply(&Table::default(), &merge(&three()));
+    /// n2's own state, holding the record of `web` on 8080 that n1 published.
+    fn n2_with_web_from_n1() -> Local {
         let mut local = Local {
             node: "n2".into(),
             ..Local::default()
@@ -1077,6 +1076,13 @@ mod tests {
                 def: Some(web(8080)),
             },
         );
+        local
+    }
+
+    #[test]
+    fn commands_record_this_nodes_changes_only() {
+        let (table, _) = apply(&Table::default(), &merge(&three()));
+        let mut local = n2_with_web_from_n1();
         // A task of this node, given without a node, and a new service.
         let mut after = table.clone();
         after.add_backends("web", &[addr("10.0.0.14:80")]).unwrap();
@@ -1152,17 +1158,7 @@ mod tests {
         n1_tasks[0].drained = true;
         n1_tasks[1].health = Health::Unhealthy;
         let (table, _) = apply(&Table::default(), &merge(&members));
-        let mut local = Local {
-            node: "n2".into(),
-            ..Local::default()
-        };
-        local.services.insert(
-            "web".into(),
-            ServiceRecord {
-                version: version(10, "n1"),
-                def: Some(web(8080)),
-            },
-        );
+        let mut local = n2_with_web_from_n1();
         // n2 moves web to port 9090 with its own two tasks.
         let after = declare_web(&mut local, &table, 9090, &["10.0.0.12:80", "10.0.0.13:80"]);
         let web = after.service("web").unwrap();
