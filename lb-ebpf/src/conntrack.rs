@@ -2,6 +2,7 @@
 use aya_ebpf::{
     bindings::{BPF_ANY, BPF_NOEXIST},
     helpers::generated::bpf_ktime_get_coarse_ns,
+    maps::LruHashMap,
 };
 use lb_common::{
     BACKEND_ACTIVE, Event, FLOW_CLOSING, FLOW_SEEN_GRANULARITY_NS, FlowKey, FlowValue, ReverseValue,
@@ -189,14 +190,18 @@ pub fn restore_reverse(key: &FlowKey, flow: &FlowValue, orig_ip_be: u32, orig_po
 /// `decap::remember_ingress_node`). Only nodes in a mesh have tunnel entries.
 #[inline(always)]
 fn supersede_tunnel(reverse_key: &FlowKey, flow: &FlowValue) {
-    // Looked up first: a lookup is lock-free, a removal locks its bucket even when the key is
-    // absent, as it almost always is.
+    if flow.node_ip_be == 0 && encap::mesh().is_some() {
+        remove_if_present(&TUNNEL_REPLIES, reverse_key);
+    }
+}
+
+/// Removes `key` from `map` if it is there. Looked up first: a lookup is lock-free, a removal
+/// locks its bucket even when the key is absent, as it almost always is where this is called.
+#[inline(always)]
+pub fn remove_if_present<V>(map: &LruHashMap<FlowKey, V>, key: &FlowKey) {
     // SAFETY: only presence is read.
-    if flow.node_ip_be == 0
-        && encap::mesh().is_some()
-        && unsafe { TUNNEL_REPLIES.get(reverse_key) }.is_some()
-    {
-        let _ = TUNNEL_REPLIES.remove(reverse_key);
+    if unsafe { map.get(key) }.is_some() {
+        let _ = map.remove(key);
     }
 }
 

@@ -123,12 +123,8 @@ fn remember_ingress_node(key: &FlowKey, node_ip_be: u32) {
         };
         // A full LRU evicts; an error leaves the reply to plain routing, nothing worse.
         let _ = TUNNEL_REPLIES.insert(&reply_key, &tunnel, u64::from(BPF_ANY));
-        // Absent in all but the port-reuse case above; a lookup is lock-free, a removal locks
-        // its bucket even when the key is absent.
-        // SAFETY: only presence is read.
-        if unsafe { REVERSE_FLOWS.get(&reply_key) }.is_some() {
-            let _ = REVERSE_FLOWS.remove(&reply_key);
-        }
+        // Absent in all but the port-reuse case above.
+        conntrack::remove_if_present(&REVERSE_FLOWS, &reply_key);
     }
 }
 
