@@ -30,17 +30,40 @@ use crate::{
 
 /// Where the maps being migrated are created and filled, under the instance's pin folder,
 /// before their pins replace the old ones. bpffs refuses names with a '.'.
-const STAGING_DIR: &str = "migrating";
+pub const STAGING_DIR: &str = "migrating";
+
+/// The two links of an attached interface.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LinkHook {
+    Xdp,
+    Tc,
+}
+
+impl LinkHook {
+    /// Ends the name of the link's pin.
+    fn pin_suffix(self) -> &'static str {
+        match self {
+            Self::Xdp => "_xdp",
+            Self::Tc => "_tc",
+        }
+    }
+}
 
 /// Pin paths of an interface's XDP and TC links. bpffs refuses names with a '.', which
 /// interface names (VLANs: `eth0.100`) may contain, so it is escaped.
 pub fn link_pins(instance: &Instance, iface: &str) -> [PathBuf; 2] {
     let dir = instance.links_dir();
     let name = iface.replace('%', "%25").replace('.', "%2e");
-    [
-        dir.join(format!("{name}_xdp")),
-        dir.join(format!("{name}_tc")),
-    ]
+    [LinkHook::Xdp, LinkHook::Tc].map(|hook| dir.join(format!("{name}{}", hook.pin_suffix())))
+}
+
+/// The interface and hook of a link pin's file name (see [`link_pins`]), if it is one.
+pub fn link_pin_of(file_name: &str) -> Option<(String, LinkHook)> {
+    let (escaped, hook) = [LinkHook::Xdp, LinkHook::Tc]
+        .into_iter()
+        .find_map(|hook| Some((file_name.strip_suffix(hook.pin_suffix())?, hook)))?;
+    let iface = escaped.replace("%2e", ".").replace("%25", "%");
+    (!iface.is_empty()).then_some((iface, hook))
 }
 
 /// Unpins an interface's links, which detaches the programs.
@@ -78,12 +101,14 @@ pub struct Installed {
 }
 
 impl Installed {
-    /// The report, its maps line ending with the flow table's size.
-    pub fn report(&self, flow_capacity: u32) -> String {
+    /// The report, its maps line ending with the flow table's size and the kernel memory the
+    /// maps hold (`maps_memory`, bytes), which the flow table's size mostly decides.
+    pub fn report(&self, flow_capacity: u32, maps_memory: u64) -> String {
         format!(
-            "{}\n{} (flow table of {flow_capacity} flows)",
+            "{}\n{} (flow table of {flow_capacity} flows; the maps hold {} of kernel memory)",
             self.interfaces.join("\n"),
-            self.maps
+            self.maps,
+            crate::instances::megabytes(maps_memory)
         )
     }
 }
@@ -323,6 +348,27 @@ fn describe(instance: &Instance, target: &Target, xdp: &Linked, tc: &Linked) -> 
                 one("XDP", xdp),
                 one("TC", tc)
             )
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn link_pins_name_their_interface_and_hook() {
+        let instance = crate::instance::locate("n1", None, None).unwrap();
+        for iface in ["eth0", "eth0.100", "a%2e", "%.", "x_tc"] {
+            let [xdp, tc] = link_pins(&instance, iface);
+            for (pin, hook) in [(xdp, LinkHook::Xdp), (tc, LinkHook::Tc)] {
+                let name = pin.file_name().unwrap().to_str().unwrap();
+                assert!(!name.contains('.'), "{name}");
+                assert_eq!(link_pin_of(name), Some((iface.to_owned(), hook)));
+            }
+        }
+        for not_a_link in ["FLOWS", "_xdp", "eth0_xdp2", "state"] {
+            assert_eq!(link_pin_of(not_a_link), None, "{not_a_link}");
         }
     }
 }
