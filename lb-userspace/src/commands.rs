@@ -177,6 +177,8 @@ pub fn attach(
 pub fn upgrade(instance: &Instance) -> Result<String> {
     let _lock = instance::lock(instance)?;
     let mut state = attached_state(instance)?;
+    // Pins an earlier lbctl made do not record the state folder yet.
+    instance::record_state_dir(instance)?;
     let installed = install::install(instance, &state, None)?;
     // Normally writes nothing; heals a table the maps do not hold yet (new maps).
     commit(instance, &mut state)?;
