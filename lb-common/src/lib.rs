@@ -388,6 +388,11 @@ reasons! {
     /// untouched, which answers with a RST (no socket has the connection), so the client learns
     /// at once, rather than sent to a backend that never saw the connection.
     PassFlowUnknown = 32 => "pass_flow_unknown",
+    /// A frame XDP readied for an interface where its own transmission cannot deliver (a veth:
+    /// its peer takes XDP_TX and redirected frames only while the peer runs an XDP program),
+    /// handed to the kernel with a note, and sent by the TC ingress program (`bpf_redirect`).
+    /// Counted here on top of the reason XDP counted it under (`forward_tx`, `decap_tx`, ...).
+    XmitTc = 33 => "xmit_tc",
 }
 
 /// Number of counter slots in `REASON_STATS`.
@@ -449,6 +454,7 @@ pub mod map_names {
     pub const MESH: &str = "MESH";
     pub const TUNNEL_REPLIES: &str = "TUNNEL_REPLIES";
     pub const MAGLEV: &str = "MAGLEV";
+    pub const TX_VIA_TC: &str = "TX_VIA_TC";
 
     /// Every map, so that pinning cannot forget one.
     pub const ALL: &[&str] = &[
@@ -465,6 +471,7 @@ pub mod map_names {
         MESH,
         TUNNEL_REPLIES,
         MAGLEV,
+        TX_VIA_TC,
     ];
 }
 
@@ -472,6 +479,7 @@ pub mod map_names {
 pub mod program_names {
     pub const XDP_INGRESS: &str = "lb_xdp";
     pub const TC_EGRESS: &str = "lb_tc_egress";
+    pub const TC_INGRESS: &str = "lb_tc_ingress";
 }
 
 #[cfg(feature = "user")]

@@ -209,7 +209,7 @@ pub fn xdp_to_node(
         ptr_at(ctx.data(), ctx.data_end(), 0).ok_or(Reason::PassTruncated)?;
     // SAFETY: bounds checked by ptr_at; packet data need not be aligned.
     unsafe { ptr::write_unaligned(at, encap) };
-    Ok((forward::send(&egress), reason))
+    Ok((forward::send(ctx, &egress), reason))
 }
 
 /// The skb fields TC reads here that `TcContext` does not expose.

@@ -18,6 +18,7 @@ use crate::{
     maps::{ROUTE_CACHE, TX_PORTS},
     nat::{load16, store16},
     parse::{IP_CHECK_OFF, IP_TTL_OFF, Packet, ptr_at},
+    xmit,
 };
 
 const AF_INET: u8 = 2;
@@ -275,12 +276,21 @@ pub fn route(
         }
         Egress::Stack => stack,
     };
-    Ok((send(egress), reason))
+    Ok((send(ctx, egress), reason))
 }
 
-/// Sends a prepared packet: XDP_TX, or a redirect through `TX_PORTS`.
+/// Sends a prepared packet: XDP_TX, a redirect through `TX_PORTS`, or, towards an interface
+/// where those cannot deliver, through the TC ingress program (`xmit`).
 #[inline(always)]
-pub fn send(egress: &Egress) -> u32 {
+pub fn send(ctx: &XdpContext, egress: &Egress) -> u32 {
+    let out = match egress {
+        Egress::Tx(_) => ctx.ingress_ifindex() as u32,
+        Egress::Redirect(hop) => hop.ifindex,
+        Egress::Stack => return xdp_action::XDP_PASS,
+    };
+    if let Some(action) = xmit::through_tc(ctx, out) {
+        return action;
+    }
     match egress {
         Egress::Tx(_) => xdp_action::XDP_TX,
         Egress::Redirect(hop) => TX_PORTS

@@ -209,5 +209,5 @@ pub fn reply(
     .ok_or(Reason::PassTruncated)?;
     forward::prepare_l2(ctx, hop).ok_or(Reason::PassTruncated)?;
     stats::count_reply(reverse.backend_id, (data_end - data) as u64);
-    Ok((forward::send(&egress), reason))
+    Ok((forward::send(ctx, &egress), reason))
 }

@@ -1,5 +1,6 @@
 //! lbctl data plane: an XDP program on each attached interface (DNAT, reverse NAT,
-//! forwarding) and a TC egress program beside it (reverse NAT of replies the kernel routed).
+//! forwarding), a TC egress program beside it (reverse NAT of replies the kernel routed) and a
+//! TC ingress program that sends what XDP cannot send itself on that interface (`xmit`).
 #![no_std]
 #![no_main]
 // Atomic add for the round-robin cursor: the bpf target has no core::sync::atomic RMW.
@@ -18,6 +19,7 @@ mod nat;
 mod parse;
 mod select;
 mod stats;
+mod xmit;
 
 use aya_ebpf::{
     bindings::{TC_ACT_UNSPEC, xdp_action},
@@ -41,6 +43,11 @@ pub fn lb_tc_egress(mut ctx: TcContext) -> i32 {
     // Unless the packet was redirected or must be dropped, let the next program or the default
     // action decide (TC_ACT_UNSPEC is TCX_NEXT).
     egress::try_lb_tc_egress(&mut ctx).unwrap_or(TC_ACT_UNSPEC)
+}
+
+#[classifier]
+pub fn lb_tc_ingress(ctx: TcContext) -> i32 {
+    xmit::try_lb_tc_ingress(&ctx)
 }
 
 #[cfg(not(test))]

@@ -60,6 +60,12 @@ pub static EVENT_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(EVENT_C
 #[map]
 pub static TX_PORTS: DevMapHash = DevMapHash::with_max_entries(64, 0);
 
+/// Interfaces (by ifindex) whose frames XDP hands to the TC ingress program to send, because
+/// XDP's own transmission cannot deliver there (`xmit`), with the instance's cookie for each:
+/// the note in a frame's metadata must carry it.
+#[map]
+pub static TX_VIA_TC: HashMap<u32, u32> = HashMap::with_max_entries(64, 0);
+
 /// Underlay addresses (network byte order) of the nodes VXLAN packets are accepted from. A set:
 /// the value is unused (0).
 #[map]

@@ -16,6 +16,7 @@ use crate::{
     instance::{self, Instance},
     instances,
     model::{BackendSpec, Health, HealthUpdate, Node, Proto, Scheduler, Service, Table},
+    netdev,
     state::{self, Attachment, State},
     sync, table_diff,
     table_file::TableFile,
@@ -29,6 +30,18 @@ pub enum AttachMode {
     Auto,
     Native,
     Generic,
+}
+
+/// How the frames XDP sends leave an interface (`attach --transmit`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum TransmitChoice {
+    /// XDP's own transmission where the driver delivers it; through TC on veths (whose peer
+    /// takes XDP-sent frames only while it runs an XDP program) and in generic mode.
+    Auto,
+    /// Always XDP_TX and redirects: the fast path, for a veth whose peer runs an XDP program.
+    Xdp,
+    /// Always handed to the TC ingress program, which sends them the ordinary way.
+    Tc,
 }
 
 pub(crate) fn ifindex_of(instance: &Instance, iface: &str) -> Result<u32> {
@@ -111,6 +124,7 @@ pub fn attach(
     instance: &Instance,
     iface: &str,
     mode: AttachMode,
+    transmit: TransmitChoice,
     flow_capacity: Option<u32>,
 ) -> Result<String> {
     let _lock = instance::lock(instance)?;
@@ -153,18 +167,27 @@ pub fn attach(
     }
     instance::record_state_dir(instance)?;
     let forwarding_note = enable_forwarding()?;
+    // An attached interface keeps its link, and so its mode.
+    let recorded_mode = state
+        .attachments
+        .iter()
+        .find(|a| a.iface == iface)
+        .and_then(|a| a.xdp_mode);
     let target = install::Target {
         iface: iface.to_owned(),
         ifindex,
-        mode,
+        mode: install::link_mode(recorded_mode, mode),
+        transmit,
     };
     let installed = install::install(instance, &state, Some(&target))?;
     if !state.attachments.iter().any(|a| a.iface == iface) {
         state.attachments.push(Attachment {
             iface: iface.to_owned(),
             ifindex,
+            ..Attachment::default()
         });
     }
+    record_attachments(&mut state, &installed);
     commit(instance, &mut state)?;
     Ok(format!(
         "{}{forwarding_note}",
@@ -180,6 +203,7 @@ pub fn upgrade(instance: &Instance) -> Result<String> {
     // Pins an earlier lbctl made do not record the state folder yet.
     instance::record_state_dir(instance)?;
     let installed = install::install(instance, &state, None)?;
+    record_attachments(&mut state, &installed);
     // Normally writes nothing; heals a table the maps do not hold yet (new maps).
     commit(instance, &mut state)?;
     Ok(format!(
@@ -188,6 +212,17 @@ pub fn upgrade(instance: &Instance) -> Result<String> {
         env!("CARGO_PKG_VERSION"),
         installed.report(state.flow_capacity, instances::maps_memory(instance))
     ))
+}
+
+/// Records how each interface the install reached is attached (a mode an earlier lbctl did not
+/// record stays unknown).
+fn record_attachments(state: &mut State, installed: &install::Installed) {
+    for done in &installed.attached {
+        if let Some(attachment) = state.attachments.iter_mut().find(|a| a.iface == done.iface) {
+            attachment.xdp_mode = done.xdp_mode.or(attachment.xdp_mode);
+            attachment.transmit = Some(done.transmit);
+        }
+    }
 }
 
 /// A load balancer forwards: with IPv4 forwarding off, packets handed to the kernel after DNAT
@@ -212,6 +247,7 @@ pub fn detach(instance: &Instance, iface: &str) -> Result<String> {
     if let Ok(mut maps) = Maps::open_pinned(&instance.maps_dir()) {
         // Already gone when the interface was deleted.
         let _ = maps.tx_ports.remove(attachment.ifindex);
+        let _ = maps.tx_via_tc.remove(&attachment.ifindex);
     }
     state.attachments.retain(|a| a.iface != iface);
     state::save(&instance.state_dir, &state)?;
@@ -882,7 +918,34 @@ struct FlowTableListing {
     entries: u64,
 }
 
-/// The top of `service ls --json` and `stats --json` (`reasons` and `events`: `stats` only).
+/// An attached interface as `stats` and the metrics show it: how XDP runs and sends there, and
+/// what the kernel failed to transmit.
+#[derive(Clone, Debug, Serialize)]
+pub struct InterfaceReport {
+    pub iface: String,
+    /// `null`: attached by an lbctl that did not record it.
+    pub xdp_mode: Option<state::XdpMode>,
+    pub transmit: Option<state::Transmit>,
+    /// `null` when the interface cannot be read (gone).
+    pub tx_failures: Option<netdev::TxFailures>,
+}
+
+/// The [`InterfaceReport`] of every attached interface, in attach order.
+pub fn interface_reports(state: &State) -> Vec<InterfaceReport> {
+    state
+        .attachments
+        .iter()
+        .map(|a| InterfaceReport {
+            iface: a.iface.clone(),
+            xdp_mode: a.xdp_mode,
+            transmit: a.transmit,
+            tx_failures: netdev::tx_failures(&a.iface).ok(),
+        })
+        .collect()
+}
+
+/// The top of `service ls --json` and `stats --json` (`reasons`, `events` and `interfaces`:
+/// `stats` only).
 #[derive(Serialize)]
 struct Listing<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -893,6 +956,8 @@ struct Listing<'a> {
     flow_table: Option<FlowTableListing>,
     generation: u64,
     instance: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    interfaces: Option<Vec<InterfaceReport>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     reasons: Option<serde_json::Map<String, serde_json::Value>>,
     services: Vec<ServiceListing<'a>>,
@@ -953,6 +1018,7 @@ pub fn service_ls(instance: &Instance, as_json: bool) -> Result<String> {
     if as_json {
         let doc = Listing {
             attached: Some(state.attachments.iter().map(|a| a.iface.as_str()).collect()),
+            interfaces: None,
             events: None,
             flow_table: None,
             generation: state.table.generation,
@@ -1058,6 +1124,7 @@ pub fn stats(instance: &Instance, as_json: bool) -> Result<String> {
             }),
             generation: state.table.generation,
             instance: &instance.name,
+            interfaces: Some(interface_reports(&state)),
             reasons: Some(reasons),
             services: state
                 .table
@@ -1098,6 +1165,30 @@ pub fn stats(instance: &Instance, as_json: bool) -> Result<String> {
         state.flow_capacity,
         census.entries as f64 * 100.0 / f64::from(state.flow_capacity.max(1))
     ));
+    out.push_str("interfaces (transmit failures: kernel drops and errors, driver XDP errors):\n");
+    for report in interface_reports(&state) {
+        let mode = match report.xdp_mode {
+            Some(state::XdpMode::Native) => "native XDP",
+            Some(state::XdpMode::Generic) => "generic XDP",
+            None => "XDP (mode not recorded)",
+        };
+        let sends = match report.transmit {
+            Some(state::Transmit::Xdp) => "XDP sends",
+            Some(state::Transmit::Tc) => "sent through TC",
+            None => "transmit not recorded",
+        };
+        let failures = match report.tx_failures {
+            Some(f) => format!(
+                "{} dropped, {} errors, {} XDP errors",
+                f.dropped, f.errors, f.xdp_errors
+            ),
+            None => "cannot be read (interface gone?)".to_owned(),
+        };
+        out.push_str(&format!(
+            "  {}: {mode}, {sends}; transmit failures: {failures}\n",
+            report.iface
+        ));
+    }
     out.push_str(&services_text(&state.table, Some(&maps), Some(&census))?);
     Ok(out)
 }

@@ -300,6 +300,34 @@ fn snapshot(shared: &Shared) -> Result<metrics::Snapshot> {
             .map(|(event, n)| (event.name(), *n))
             .collect(),
         services,
+        interfaces: commands::interface_reports(&state)
+            .into_iter()
+            .map(|report| metrics::InterfaceSnapshot {
+                xdp_mode: match report.xdp_mode {
+                    Some(state::XdpMode::Native) => "native",
+                    Some(state::XdpMode::Generic) => "generic",
+                    None => "",
+                }
+                .to_owned(),
+                transmit: match report.transmit {
+                    Some(state::Transmit::Xdp) => "xdp",
+                    Some(state::Transmit::Tc) => "tc",
+                    None => "",
+                }
+                .to_owned(),
+                tx_failures: report
+                    .tx_failures
+                    .map(|f| {
+                        vec![
+                            ("dropped", f.dropped),
+                            ("errors", f.errors),
+                            ("xdp_errors", f.xdp_errors),
+                        ]
+                    })
+                    .unwrap_or_default(),
+                iface: report.iface,
+            })
+            .collect(),
     })
 }
 

@@ -83,6 +83,9 @@ pub struct Maps {
     pub tunnel_replies: HashMap<MapData, FlowKey, TunnelValue>,
     /// Maglev lookup tables by service id (maglev services only).
     pub maglev: HashMap<MapData, u32, MaglevTable>,
+    /// Interfaces whose frames XDP hands to TC to send (by ifindex), with the cookie the
+    /// hand-over note must carry.
+    pub tx_via_tc: HashMap<MapData, u32, u32>,
 }
 
 fn open(pin_dir: &Path, name: &str) -> Result<Map> {
@@ -120,6 +123,7 @@ impl Maps {
             mesh: get(map_names::MESH)?.try_into()?,
             tunnel_replies: get(map_names::TUNNEL_REPLIES)?.try_into()?,
             maglev: get(map_names::MAGLEV)?.try_into()?,
+            tx_via_tc: get(map_names::TX_VIA_TC)?.try_into()?,
         })
     }
 
@@ -232,11 +236,16 @@ impl Maps {
             .collect()
     }
 
-    /// One backend's counters summed over CPUs.
     /// Scans the flow table: how many entries it holds, and how many live flows each backend
-    /// has (see [`flow_is_live`]).
+    /// has now (see [`flow_is_live`]).
     pub fn flow_census(&self) -> Result<FlowCensus> {
-        let now = monotonic_ns();
+        self.flow_census_at(monotonic_ns())
+    }
+
+    /// [`Maps::flow_census`] as it would be at `now` (CLOCK_MONOTONIC, ns). A test cannot put
+    /// a flow's last packet before boot, so it looks from the future instead: on a machine up
+    /// for ten minutes, "idle for two hours" is a census two hours after the flow's last packet.
+    pub fn flow_census_at(&self, now: u64) -> Result<FlowCensus> {
         let mut census = FlowCensus::default();
         for entry in self.flows.iter() {
             // An entry evicted between the key walk and its lookup is simply not counted.
@@ -249,6 +258,7 @@ impl Maps {
         Ok(census)
     }
 
+    /// One backend's counters summed over CPUs.
     pub fn backend_totals(&self, id: u32) -> Result<BackendStats> {
         let values = self.backend_stats.get(&id, 0)?;
         Ok(values
@@ -367,5 +377,27 @@ mod tests {
         assert!(!flow_is_live(&tcp, &seen(2 * TCP_IDLE_NS, 0), now));
         assert!(flow_is_live(&udp, &seen(UDP_IDLE_NS / 2, 0), now));
         assert!(!flow_is_live(&udp, &seen(2 * UDP_IDLE_NS, 0), now));
+    }
+
+    /// The clock starts at boot, so the oldest time a flow can hold is 0, and a census may read
+    /// the clock before the packet it then finds: neither depends on how long the machine is up.
+    #[test]
+    fn liveness_holds_at_any_uptime() {
+        let tcp = FlowKey {
+            proto: lb_common::PROTO_TCP,
+            ..FlowKey::default()
+        };
+        let at_boot = FlowValue::default();
+        let ten_minutes = 600 * 1_000_000_000;
+        assert!(flow_is_live(&tcp, &at_boot, ten_minutes), "up 10 min");
+        assert!(!flow_is_live(&tcp, &at_boot, 2 * TCP_IDLE_NS), "up 2 h");
+        let ahead = FlowValue {
+            last_seen_ns: ten_minutes + 5,
+            ..FlowValue::default()
+        };
+        assert!(
+            flow_is_live(&tcp, &ahead, ten_minutes),
+            "seen after the clock was read"
+        );
     }
 }

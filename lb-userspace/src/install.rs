@@ -11,7 +11,7 @@ use aya::{
     Ebpf,
     maps::MapData,
     programs::{
-        SchedClassifier, TcAttachType, Xdp, XdpMode,
+        SchedClassifier, TcAttachType, Xdp, XdpMode as LinkMode,
         links::{FdLink, PinnedLink},
         tc::SchedClassifierLink,
         xdp::XdpLink,
@@ -20,46 +20,53 @@ use aya::{
 use lb_common::program_names;
 
 use crate::{
-    commands::AttachMode,
+    commands::{AttachMode, TransmitChoice},
     datapath::{self, Maps},
     instance::{self, Instance},
     layout::{self, Step},
     migrate::Migration,
-    state::State,
+    netdev,
+    state::{State, Transmit, XdpMode},
 };
 
 /// Where the maps being migrated are created and filled, under the instance's pin folder,
 /// before their pins replace the old ones. bpffs refuses names with a '.'.
 pub const STAGING_DIR: &str = "migrating";
 
-/// The two links of an attached interface.
+/// The three links of an attached interface.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum LinkHook {
     Xdp,
+    /// TC egress (reverse NAT, reply encapsulation).
     Tc,
+    /// TC ingress (sends what XDP hands over: `xmit`).
+    TcIngress,
 }
 
 impl LinkHook {
+    pub const ALL: [LinkHook; 3] = [LinkHook::Xdp, LinkHook::Tc, LinkHook::TcIngress];
+
     /// Ends the name of the link's pin.
     fn pin_suffix(self) -> &'static str {
         match self {
             Self::Xdp => "_xdp",
             Self::Tc => "_tc",
+            Self::TcIngress => "_tcin",
         }
     }
 }
 
-/// Pin paths of an interface's XDP and TC links. bpffs refuses names with a '.', which
-/// interface names (VLANs: `eth0.100`) may contain, so it is escaped.
-pub fn link_pins(instance: &Instance, iface: &str) -> [PathBuf; 2] {
+/// Pin paths of an interface's XDP, TC egress and TC ingress links. bpffs refuses names with a
+/// '.', which interface names (VLANs: `eth0.100`) may contain, so it is escaped.
+pub fn link_pins(instance: &Instance, iface: &str) -> [PathBuf; 3] {
     let dir = instance.links_dir();
     let name = iface.replace('%', "%25").replace('.', "%2e");
-    [LinkHook::Xdp, LinkHook::Tc].map(|hook| dir.join(format!("{name}{}", hook.pin_suffix())))
+    LinkHook::ALL.map(|hook| dir.join(format!("{name}{}", hook.pin_suffix())))
 }
 
 /// The interface and hook of a link pin's file name (see [`link_pins`]), if it is one.
 pub fn link_pin_of(file_name: &str) -> Option<(String, LinkHook)> {
-    let (escaped, hook) = [LinkHook::Xdp, LinkHook::Tc]
+    let (escaped, hook) = LinkHook::ALL
         .into_iter()
         .find_map(|hook| Some((file_name.strip_suffix(hook.pin_suffix())?, hook)))?;
     let iface = escaped.replace("%2e", ".").replace("%25", "%");
@@ -90,6 +97,27 @@ pub struct Target {
     pub ifindex: u32,
     /// How a new XDP link attaches; an existing link keeps its mode.
     pub mode: AttachMode,
+    /// How the frames XDP sends should leave it.
+    pub transmit: TransmitChoice,
+}
+
+/// The mode to give an interface whose link was made in `recorded` (an existing link keeps its
+/// mode), or `otherwise` when no lbctl recorded it.
+pub fn link_mode(recorded: Option<XdpMode>, otherwise: AttachMode) -> AttachMode {
+    match recorded {
+        Some(XdpMode::Native) => AttachMode::Native,
+        Some(XdpMode::Generic) => AttachMode::Generic,
+        None => otherwise,
+    }
+}
+
+/// How an interface ended up attached, to record in the state.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Attached {
+    pub iface: String,
+    /// `None` for an existing link whose mode no earlier lbctl recorded.
+    pub xdp_mode: Option<XdpMode>,
+    pub transmit: Transmit,
 }
 
 /// What an install did, for the operator.
@@ -98,6 +126,65 @@ pub struct Installed {
     pub interfaces: Vec<String>,
     /// What became of the maps (see `layout::Plan::summary`).
     pub maps: String,
+    /// Each interface that has the programs now, as attached.
+    pub attached: Vec<Attached>,
+}
+
+/// How the frames XDP sends leave an interface, why, and a warning when the operator's choice
+/// may lose them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TransmitDecision {
+    pub transmit: Transmit,
+    pub why: String,
+    pub warning: Option<String>,
+}
+
+/// The driver name of veth interfaces.
+const VETH: &str = "veth";
+
+/// Chooses how the frames XDP sends leave `iface`, attached in `mode` (`None`: unknown, taken
+/// for native) with `driver`.
+///
+/// Native XDP transmission on a veth (XDP_TX, or a redirect into it) reaches the peer only
+/// while the peer runs an XDP program: the kernel (`veth_xdp_flush`) wakes the peer's queue
+/// only then, and a redirect needs the peer's NAPI. A generic-mode interface may lack the
+/// driver's XDP transmit altogether (which is why it is generic), so what is redirected into it
+/// must take its ordinary transmit path too. Everything else keeps the fast path.
+pub fn decide_transmit(
+    iface: &str,
+    choice: TransmitChoice,
+    mode: Option<XdpMode>,
+    driver: &str,
+) -> TransmitDecision {
+    let veth_native = driver == VETH && mode != Some(XdpMode::Generic);
+    let decision = |transmit, why: &str| TransmitDecision {
+        transmit,
+        why: why.to_owned(),
+        warning: None,
+    };
+    match choice {
+        TransmitChoice::Tc => decision(Transmit::Tc, "as asked"),
+        TransmitChoice::Xdp => TransmitDecision {
+            warning: veth_native.then(|| {
+                format!(
+                    "{iface} is a veth: the frames XDP sends into it reach its peer only while \
+                     the peer runs an XDP program (the kernel wakes the peer's queue only then); \
+                     without one they are never delivered. Leave out --transmit xdp (lbctl then \
+                     sends them through TC) or attach an XDP program to the peer"
+                )
+            }),
+            ..decision(Transmit::Xdp, "as asked")
+        },
+        TransmitChoice::Auto if veth_native => decision(
+            Transmit::Tc,
+            "a veth, whose peer takes XDP-sent frames only while it runs an XDP program",
+        ),
+        TransmitChoice::Auto if mode == Some(XdpMode::Generic) => decision(
+            Transmit::Tc,
+            "generic XDP: frames redirected to it need its ordinary transmit path",
+        ),
+        TransmitChoice::Auto => decision(Transmit::Xdp, "the driver's XDP transmit"),
+    }
 }
 
 impl Installed {
@@ -146,9 +233,11 @@ pub fn install(instance: &Instance, state: &State, new: Option<&Target>) -> Resu
     xdp_program(&mut ebpf)?
         .load()
         .context("loading the XDP program (verifier)")?;
-    tc_program(&mut ebpf)?
-        .load()
-        .context("loading the TC program (verifier)")?;
+    for name in [program_names::TC_EGRESS, program_names::TC_INGRESS] {
+        tc_program(&mut ebpf, name)?
+            .load()
+            .with_context(|| format!("loading the TC program {name} (verifier)"))?;
+    }
 
     let mut lines = Vec::new();
     let mut attached = Vec::new();
@@ -164,7 +253,12 @@ pub fn install(instance: &Instance, state: &State, new: Option<&Target>) -> Resu
             attached.push(Target {
                 iface: attachment.iface.clone(),
                 ifindex: attachment.ifindex,
-                mode: AttachMode::Auto,
+                mode: link_mode(attachment.xdp_mode, AttachMode::Auto),
+                transmit: match attachment.transmit {
+                    Some(Transmit::Xdp) => TransmitChoice::Xdp,
+                    Some(Transmit::Tc) => TransmitChoice::Tc,
+                    None => TransmitChoice::Auto,
+                },
             });
         } else {
             lines.push(format!(
@@ -197,18 +291,20 @@ pub fn install(instance: &Instance, state: &State, new: Option<&Target>) -> Resu
             .with_context(|| format!("adding {} to TX_PORTS", target.iface))?;
     }
 
+    let mut result = Vec::new();
     for target in &attached {
-        let line = install_links(&mut ebpf, instance, target).with_context(|| {
-            format!(
-                "replacing the programs on {}{}",
-                target.iface,
-                if migrations.is_empty() {
-                    ""
-                } else {
-                    " after the maps were migrated: run `lbctl upgrade` again"
-                }
-            )
-        })?;
+        let line = install_links(&mut ebpf, instance, target, &mut maps, &mut result)
+            .with_context(|| {
+                format!(
+                    "replacing the programs on {}{}",
+                    target.iface,
+                    if migrations.is_empty() {
+                        ""
+                    } else {
+                        " after the maps were migrated: run `lbctl upgrade` again"
+                    }
+                )
+            })?;
         lines.push(line);
     }
     for migration in migrations {
@@ -220,13 +316,47 @@ pub fn install(instance: &Instance, state: &State, new: Option<&Target>) -> Resu
         fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
     }
     if let Some(target) = new {
-        let line = install_links(&mut ebpf, instance, target)?;
+        let line = install_links(&mut ebpf, instance, target, &mut maps, &mut result)?;
         lines.push(line);
     }
     Ok(Installed {
         interfaces: lines,
         maps: plan.summary(&wanted),
+        attached: result,
     })
+}
+
+/// Records in `TX_VIA_TC` whether the frames XDP sends to `target` go through TC, with a fresh
+/// cookie (a note left in flight under the old one is passed to the kernel, which drops it as
+/// addressed elsewhere: at most the few frames of this instant).
+fn set_transmit(maps: &mut Maps, target: &Target, transmit: Transmit) -> Result<()> {
+    match transmit {
+        Transmit::Tc => maps
+            .tx_via_tc
+            .insert(target.ifindex, random_cookie()?, 0)
+            .with_context(|| format!("adding {} to TX_VIA_TC", target.iface)),
+        Transmit::Xdp if maps.tx_via_tc.get(&target.ifindex, 0).is_ok() => maps
+            .tx_via_tc
+            .remove(&target.ifindex)
+            .with_context(|| format!("removing {} from TX_VIA_TC", target.iface)),
+        Transmit::Xdp => Ok(()),
+    }
+}
+
+/// A random non-zero cookie, from the kernel's generator.
+fn random_cookie() -> Result<u32> {
+    loop {
+        let mut bytes = [0u8; 4];
+        // SAFETY: writes at most the 4 bytes it is given.
+        let n = unsafe { libc::getrandom(bytes.as_mut_ptr().cast(), bytes.len(), 0) };
+        if n != 4 {
+            return Err(std::io::Error::last_os_error()).context("getrandom");
+        }
+        let cookie = u32::from_ne_bytes(bytes);
+        if cookie != 0 {
+            return Ok(cookie);
+        }
+    }
 }
 
 fn xdp_program(ebpf: &mut Ebpf) -> Result<&mut Xdp> {
@@ -236,10 +366,10 @@ fn xdp_program(ebpf: &mut Ebpf) -> Result<&mut Xdp> {
         .try_into()?)
 }
 
-fn tc_program(ebpf: &mut Ebpf) -> Result<&mut SchedClassifier> {
+fn tc_program<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut SchedClassifier> {
     Ok(ebpf
-        .program_mut(program_names::TC_EGRESS)
-        .ok_or_else(|| anyhow!("object has no TC program"))?
+        .program_mut(name)
+        .ok_or_else(|| anyhow!("object has no TC program {name}"))?
         .try_into()?)
 }
 
@@ -251,29 +381,43 @@ enum Linked {
     Replaced(u32, u32),
 }
 
-/// Gives `target`'s XDP and TC links this object's programs: replaced in place where the link
-/// is pinned, a new link otherwise (new links are removed again if the other one fails).
-fn install_links(ebpf: &mut Ebpf, instance: &Instance, target: &Target) -> Result<String> {
-    let [xdp_pin, tc_pin] = link_pins(instance, &target.iface);
-    let fresh = !xdp_pin.exists() && !tc_pin.exists();
-    let result = (|| -> Result<String> {
+/// Gives `target`'s XDP, TC egress and TC ingress links this object's programs: replaced in
+/// place where the link is pinned, a new link otherwise (new links are removed again if another
+/// one fails); then sets how the frames XDP sends leave it, and notes that in `attached`.
+fn install_links(
+    ebpf: &mut Ebpf,
+    instance: &Instance,
+    target: &Target,
+    maps: &mut Maps,
+    attached: &mut Vec<Attached>,
+) -> Result<String> {
+    let [xdp_pin, tc_pin, tc_ingress_pin] = link_pins(instance, &target.iface);
+    let fresh = !xdp_pin.exists() && !tc_pin.exists() && !tc_ingress_pin.exists();
+    let result = (|| -> Result<(String, Attached)> {
         let xdp = xdp_program(ebpf)?;
-        let xdp_linked = if xdp_pin.exists() {
+        let (xdp_linked, mode) = if xdp_pin.exists() {
             let (link, old) = pinned(&xdp_pin)?;
             let id = xdp
                 .attach_to_link(XdpLink::try_from(link)?)
                 .context("replacing the XDP program (BPF_LINK_UPDATE)")?;
             // Our descriptor only: the pin keeps the link.
             drop(xdp.take_link(id)?);
-            Linked::Replaced(old, xdp.info()?.id())
+            let mode = match target.mode {
+                AttachMode::Native => Some(XdpMode::Native),
+                AttachMode::Generic => Some(XdpMode::Generic),
+                AttachMode::Auto => None,
+            };
+            (Linked::Replaced(old, xdp.info()?.id()), mode)
         } else {
             let attempt = |xdp: &mut Xdp, mode| xdp.attach(&target.iface, mode);
-            let link_id = match target.mode {
-                AttachMode::Native => attempt(xdp, XdpMode::Driver),
-                AttachMode::Generic => attempt(xdp, XdpMode::Skb),
-                AttachMode::Auto => {
-                    attempt(xdp, XdpMode::Driver).or_else(|_| attempt(xdp, XdpMode::Skb))
+            let (link_id, mode) = match target.mode {
+                AttachMode::Native => {
+                    attempt(xdp, LinkMode::Driver).map(|id| (id, XdpMode::Native))
                 }
+                AttachMode::Generic => attempt(xdp, LinkMode::Skb).map(|id| (id, XdpMode::Generic)),
+                AttachMode::Auto => attempt(xdp, LinkMode::Driver)
+                    .map(|id| (id, XdpMode::Native))
+                    .or_else(|_| attempt(xdp, LinkMode::Skb).map(|id| (id, XdpMode::Generic))),
             }
             .with_context(|| {
                 format!(
@@ -284,31 +428,83 @@ fn install_links(ebpf: &mut Ebpf, instance: &Instance, target: &Target) -> Resul
             let link: FdLink = xdp.take_link(link_id)?.try_into()?;
             link.pin(&xdp_pin)
                 .with_context(|| format!("pinning {}", xdp_pin.display()))?;
-            Linked::Attached
+            (Linked::Attached, Some(mode))
         };
-        let tc = tc_program(ebpf)?;
-        let tc_linked = if tc_pin.exists() {
-            let (link, old) = pinned(&tc_pin)?;
-            let id = tc
-                .attach_to_link(SchedClassifierLink::try_from(link)?)
-                .context("replacing the TC program (BPF_LINK_UPDATE)")?;
-            drop(tc.take_link(id)?);
-            Linked::Replaced(old, tc.info()?.id())
-        } else {
-            let link_id = tc
-                .attach(&target.iface, TcAttachType::Egress)
-                .with_context(|| format!("attaching TC egress to {}", target.iface))?;
-            let link: FdLink = tc.take_link(link_id)?.try_into()?;
-            link.pin(&tc_pin)
-                .with_context(|| format!("pinning {}", tc_pin.display()))?;
-            Linked::Attached
-        };
-        Ok(describe(instance, target, &xdp_linked, &tc_linked))
+        let tc_linked = tc_link(
+            ebpf,
+            program_names::TC_EGRESS,
+            TcAttachType::Egress,
+            target,
+            &tc_pin,
+        )?;
+        let tc_ingress_linked = tc_link(
+            ebpf,
+            program_names::TC_INGRESS,
+            TcAttachType::Ingress,
+            target,
+            &tc_ingress_pin,
+        )?;
+        let driver = netdev::driver(&target.iface).unwrap_or_default();
+        let decision = decide_transmit(&target.iface, target.transmit, mode, &driver);
+        set_transmit(maps, target, decision.transmit)?;
+        let mut line = describe(
+            instance,
+            target,
+            mode,
+            &decision,
+            [&xdp_linked, &tc_linked, &tc_ingress_linked],
+        );
+        if let Some(warning) = &decision.warning {
+            line.push_str(&format!("\nwarning: {warning}"));
+        }
+        Ok((
+            line,
+            Attached {
+                iface: target.iface.clone(),
+                xdp_mode: mode,
+                transmit: decision.transmit,
+            },
+        ))
     })();
-    if result.is_err() && fresh {
-        let _ = remove_links(instance, &target.iface);
+    match result {
+        Ok((line, done)) => {
+            attached.push(done);
+            Ok(line)
+        }
+        Err(err) => {
+            if fresh {
+                let _ = remove_links(instance, &target.iface);
+            }
+            Err(err)
+        }
     }
-    result
+}
+
+/// Gives the TC link of `name` at `pin` this object's program: replaced in place, or a new link
+/// of `kind` on `target`, pinned.
+fn tc_link(
+    ebpf: &mut Ebpf,
+    name: &str,
+    kind: TcAttachType,
+    target: &Target,
+    pin: &std::path::Path,
+) -> Result<Linked> {
+    let tc = tc_program(ebpf, name)?;
+    if pin.exists() {
+        let (link, old) = pinned(pin)?;
+        let id = tc
+            .attach_to_link(SchedClassifierLink::try_from(link)?)
+            .with_context(|| format!("replacing the TC program {name} (BPF_LINK_UPDATE)"))?;
+        drop(tc.take_link(id)?);
+        return Ok(Linked::Replaced(old, tc.info()?.id()));
+    }
+    let link_id = tc
+        .attach(&target.iface, kind)
+        .with_context(|| format!("attaching TC {kind:?} to {}", target.iface))?;
+    let link: FdLink = tc.take_link(link_id)?.try_into()?;
+    link.pin(pin)
+        .with_context(|| format!("pinning {}", pin.display()))?;
+    Ok(Linked::Attached)
 }
 
 /// A pinned link (the pin stays) and the id of its program.
@@ -323,32 +519,93 @@ fn pinned(pin: &std::path::Path) -> Result<(FdLink, u32)> {
     Ok((link, program))
 }
 
-fn describe(instance: &Instance, target: &Target, xdp: &Linked, tc: &Linked) -> String {
-    match (xdp, tc) {
-        (Linked::Attached, Linked::Attached) => {
-            let mode = match target.mode {
-                AttachMode::Native => "native XDP",
-                AttachMode::Generic => "generic XDP",
-                AttachMode::Auto => "native XDP, or generic where the driver lacks it",
-            };
-            format!(
-                "attached to {} in '{}' ({mode} + TC egress)",
-                target.iface, instance.name
-            )
+/// The line `attach` and `upgrade` print for an interface: its XDP mode, how the frames XDP
+/// sends leave it and why, and what became of each link.
+fn describe(
+    instance: &Instance,
+    target: &Target,
+    mode: Option<XdpMode>,
+    transmit: &TransmitDecision,
+    links: [&Linked; 3],
+) -> String {
+    let mode = match mode {
+        Some(XdpMode::Native) => "native XDP",
+        Some(XdpMode::Generic) => "generic XDP",
+        None => "XDP (mode not recorded by the lbctl that attached it)",
+    };
+    let sends = match transmit.transmit {
+        Transmit::Xdp => "XDP sends its frames itself",
+        Transmit::Tc => "XDP hands its frames to TC ingress to send",
+    };
+    let how = format!("{mode} + TC egress + TC ingress; {sends}: {}", transmit.why);
+    if links.iter().all(|l| matches!(l, Linked::Attached)) {
+        return format!(
+            "attached to {} in '{}' ({how})",
+            target.iface, instance.name
+        );
+    }
+    let one = |what: &str, linked: &Linked| match linked {
+        Linked::Attached => format!("{what} attached"),
+        Linked::Replaced(old, new) => format!("{what} program {old} → {new}"),
+    };
+    format!(
+        "programs on {} in '{}' replaced in place ({}, {}, {}; {how})",
+        target.iface,
+        instance.name,
+        one("XDP", links[0]),
+        one("TC egress", links[1]),
+        one("TC ingress", links[2]),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_veth_sends_through_tc_unless_told_otherwise_with_a_warning() {
+        let native = Some(XdpMode::Native);
+        let auto = decide_transmit("eth0", TransmitChoice::Auto, native, "veth");
+        assert_eq!(auto.transmit, Transmit::Tc);
+        assert!(auto.why.contains("veth") && auto.warning.is_none());
+        let unknown = decide_transmit("eth0", TransmitChoice::Auto, None, "veth");
+        assert_eq!(
+            unknown.transmit,
+            Transmit::Tc,
+            "an unrecorded mode is taken for native"
+        );
+        let forced = decide_transmit("eth0", TransmitChoice::Xdp, native, "veth");
+        assert_eq!(forced.transmit, Transmit::Xdp);
+        let warning = forced.warning.unwrap();
+        assert!(warning.contains("eth0 is a veth") && warning.contains("--transmit xdp"));
+    }
+
+    #[test]
+    fn a_nic_keeps_the_fast_path_and_generic_mode_sends_through_tc() {
+        let nic = decide_transmit(
+            "ens1",
+            TransmitChoice::Auto,
+            Some(XdpMode::Native),
+            "mlx5_core",
+        );
+        assert_eq!((nic.transmit, nic.warning), (Transmit::Xdp, None));
+        for driver in ["mlx5_core", "veth", "bridge"] {
+            let generic =
+                decide_transmit("x", TransmitChoice::Auto, Some(XdpMode::Generic), driver);
+            assert_eq!(
+                (generic.transmit, generic.warning),
+                (Transmit::Tc, None),
+                "{driver}"
+            );
         }
-        _ => {
-            let one = |what: &str, linked: &Linked| match linked {
-                Linked::Attached => format!("{what} attached"),
-                Linked::Replaced(old, new) => format!("{what} program {old} → {new}"),
-            };
-            format!(
-                "programs on {} in '{}' replaced in place ({}, {})",
-                target.iface,
-                instance.name,
-                one("XDP", xdp),
-                one("TC", tc)
-            )
-        }
+        let asked = decide_transmit("ens1", TransmitChoice::Tc, Some(XdpMode::Native), "ixgbe");
+        assert_eq!(asked.transmit, Transmit::Tc);
+        let generic_veth =
+            decide_transmit("v", TransmitChoice::Xdp, Some(XdpMode::Generic), "veth");
+        assert_eq!(
+            generic_veth.warning, None,
+            "generic XDP_TX takes the skb path"
+        );
     }
 }
 
@@ -359,15 +616,14 @@ mod tests {
     #[test]
     fn link_pins_name_their_interface_and_hook() {
         let instance = crate::instance::locate("n1", None, None).unwrap();
-        for iface in ["eth0", "eth0.100", "a%2e", "%.", "x_tc"] {
-            let [xdp, tc] = link_pins(&instance, iface);
-            for (pin, hook) in [(xdp, LinkHook::Xdp), (tc, LinkHook::Tc)] {
+        for iface in ["eth0", "eth0.100", "a%2e", "%.", "x_tc", "x_tcin", "y_xdp"] {
+            for (pin, hook) in link_pins(&instance, iface).into_iter().zip(LinkHook::ALL) {
                 let name = pin.file_name().unwrap().to_str().unwrap();
                 assert!(!name.contains('.'), "{name}");
                 assert_eq!(link_pin_of(name), Some((iface.to_owned(), hook)));
             }
         }
-        for not_a_link in ["FLOWS", "_xdp", "eth0_xdp2", "state"] {
+        for not_a_link in ["FLOWS", "_xdp", "_tcin", "eth0_xdp2", "state"] {
             assert_eq!(link_pin_of(not_a_link), None, "{not_a_link}");
         }
     }

@@ -239,22 +239,34 @@ pub struct InterfaceRow {
     /// Its index when attached, as the state recorded it.
     pub ifindex: Option<u32>,
     pub xdp: LinkState,
+    /// TC egress.
     pub tc: LinkState,
+    pub tc_ingress: LinkState,
 }
 
 impl InterfaceRow {
-    /// The name, with what is amiss: `eth0`, `eth0 (gone)`, `eth0 (xdp attached, tc missing)`.
+    /// The name, with what is amiss: `eth0`, `eth0 (gone)`, `eth0 (xdp attached, tc missing,
+    /// tc ingress missing)`.
     fn describe(&self) -> String {
         let word = |state: LinkState| match state {
             LinkState::Attached => "attached",
             LinkState::Gone => "gone",
             LinkState::Missing => "missing",
         };
-        match (self.xdp, self.tc) {
-            (LinkState::Attached, LinkState::Attached) => self.name.clone(),
-            (LinkState::Gone, LinkState::Gone) => format!("{} (gone)", self.name),
-            (LinkState::Missing, LinkState::Missing) => format!("{} (no links)", self.name),
-            (xdp, tc) => format!("{} (xdp {}, tc {})", self.name, word(xdp), word(tc)),
+        let links = [self.xdp, self.tc, self.tc_ingress];
+        match links {
+            _ if links.iter().all(|&l| l == LinkState::Attached) => self.name.clone(),
+            _ if links.iter().all(|&l| l == LinkState::Gone) => format!("{} (gone)", self.name),
+            _ if links.iter().all(|&l| l == LinkState::Missing) => {
+                format!("{} (no links)", self.name)
+            }
+            [xdp, tc, tc_ingress] => format!(
+                "{} (xdp {}, tc {}, tc ingress {})",
+                self.name,
+                word(xdp),
+                word(tc),
+                word(tc_ingress)
+            ),
         }
     }
 }
@@ -315,6 +327,7 @@ pub fn row(found: &Found) -> Row {
             ifindex,
             xdp: link_state(iface, LinkHook::Xdp),
             tc: link_state(iface, LinkHook::Tc),
+            tc_ingress: link_state(iface, LinkHook::TcIngress),
         })
         .collect();
     let flows = format!("maps/{}", map_names::FLOWS);
@@ -561,25 +574,27 @@ mod tests {
             vec![
                 link("veth1", LinkHook::Xdp, 0),
                 link("veth1", LinkHook::Tc, 0),
+                link("veth1", LinkHook::TcIngress, 0),
                 link("eth0.100", LinkHook::Xdp, 3),
                 link("eth0.100", LinkHook::Tc, 3),
+                link("eth0.100", LinkHook::TcIngress, 3),
                 link("veth0", LinkHook::Xdp, 4),
                 link("old", LinkHook::Tc, 0),
             ],
         ));
-        let seen: Vec<(&str, Option<u32>, LinkState, LinkState)> = row
+        let seen: Vec<(&str, Option<u32>, [LinkState; 3])> = row
             .interfaces
             .iter()
-            .map(|i| (i.name.as_str(), i.ifindex, i.xdp, i.tc))
+            .map(|i| (i.name.as_str(), i.ifindex, [i.xdp, i.tc, i.tc_ingress]))
             .collect();
         use LinkState::{Attached, Gone, Missing};
         assert_eq!(
             seen,
             [
-                ("veth1", Some(5), Gone, Gone),
-                ("eth0.100", Some(3), Attached, Attached),
-                ("veth0", Some(4), Attached, Missing),
-                ("old", None, Missing, Gone),
+                ("veth1", Some(5), [Gone, Gone, Gone]),
+                ("eth0.100", Some(3), [Attached, Attached, Attached]),
+                ("veth0", Some(4), [Attached, Missing, Missing]),
+                ("old", None, [Missing, Gone, Missing]),
             ]
         );
         let described: Vec<String> = row.interfaces.iter().map(|i| i.describe()).collect();
@@ -588,8 +603,8 @@ mod tests {
             [
                 "veth1 (gone)",
                 "eth0.100",
-                "veth0 (xdp attached, tc missing)",
-                "old (xdp missing, tc gone)"
+                "veth0 (xdp attached, tc missing, tc ingress missing)",
+                "old (xdp missing, tc gone, tc ingress missing)"
             ]
         );
         assert_eq!(row.state, "saved");
@@ -637,6 +652,7 @@ mod tests {
             vec![
                 link("eth0", LinkHook::Xdp, 2),
                 link("eth0", LinkHook::Tc, 2),
+                link("eth0", LinkHook::TcIngress, 2),
             ],
         ));
         alive.name = "host".to_owned();
@@ -647,6 +663,7 @@ mod tests {
             vec![
                 link("veth0", LinkHook::Xdp, 0),
                 link("veth0", LinkHook::Tc, 0),
+                link("veth0", LinkHook::TcIngress, 0),
             ],
         ));
         let text = render(&[alive.clone(), gone.clone()]);

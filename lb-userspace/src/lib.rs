@@ -15,6 +15,7 @@ pub mod map_ops;
 pub mod metrics;
 pub mod migrate;
 pub mod model;
+pub mod netdev;
 pub mod state;
 pub mod sync;
 pub mod table_diff;

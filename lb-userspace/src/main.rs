@@ -3,7 +3,7 @@ use std::{net::Ipv4Addr, path::PathBuf, process::ExitCode};
 
 use clap::{ArgGroup, Parser, Subcommand};
 use lb_userspace::{
-    commands::{self, AttachMode},
+    commands::{self, AttachMode, TransmitChoice},
     instance,
     model::{self, BackendSpec, Proto, Scheduler},
 };
@@ -40,6 +40,10 @@ enum Command {
         iface: String,
         #[arg(long, value_enum, default_value = "auto")]
         mode: AttachMode,
+        /// How the frames XDP sends (back out, redirected, encapsulated) leave the interface:
+        /// auto sends them through TC on veths and in generic mode (see README)
+        #[arg(long, value_enum, default_value = "auto")]
+        transmit: TransmitChoice,
         /// Flows the flow table holds (only when its maps are first created).
         #[arg(long, value_name = "FLOWS")]
         flow_capacity: Option<u32>,
@@ -325,8 +329,9 @@ fn run(cli: Cli) -> anyhow::Result<String> {
         Command::Attach {
             iface,
             mode,
+            transmit,
             flow_capacity,
-        } => commands::attach(&instance, &iface, mode, flow_capacity),
+        } => commands::attach(&instance, &iface, mode, transmit, flow_capacity),
         Command::Upgrade => commands::upgrade(&instance),
         Command::Detach { iface } => commands::detach(&instance, &iface),
         Command::Service(ServiceCommand::Add {

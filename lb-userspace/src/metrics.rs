@@ -63,6 +63,21 @@ pub struct Snapshot {
     pub events: Vec<(&'static str, u64)>,
     /// The services of the applied table, in table order. Names are unique.
     pub services: Vec<ServiceSnapshot>,
+    /// The attached interfaces, in attach order.
+    pub interfaces: Vec<InterfaceSnapshot>,
+}
+
+/// One attached interface.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct InterfaceSnapshot {
+    pub iface: String,
+    /// `native`, `generic`, or empty when not recorded.
+    pub xdp_mode: String,
+    /// How XDP's frames leave it: `xdp`, `tc`, or empty when not recorded.
+    pub transmit: String,
+    /// `(kind, count)` of its transmit failures (`dropped`, `errors`, `xdp_errors`); empty when
+    /// the interface could not be read.
+    pub tx_failures: Vec<(&'static str, u64)>,
 }
 
 /// One service of the applied table.
@@ -292,7 +307,7 @@ pub fn render(snapshot: &Snapshot) -> String {
         "lbctl_packets_total",
         Kind::Counter,
         "Packets the data plane handled, by what it did with them; each packet counts under \
-         exactly one reason.",
+         exactly one reason, and xmit_tc on top when TC sent it for XDP.",
     );
     for &(reason, packets, _) in &snapshot.reasons {
         out.sample("lbctl_packets_total", &[("reason", reason)], packets);
@@ -418,6 +433,33 @@ pub fn render(snapshot: &Snapshot) -> String {
             let labels = [service, backend_label, node, ("state", state.as_str())];
             let current = u64::from(backend.health == state);
             out.sample("lbctl_backend_health", &labels, current);
+        }
+    }
+
+    out.family(
+        "lbctl_interface_info",
+        Kind::Gauge,
+        "An attached interface, its XDP mode (native, generic) and how the frames XDP sends \
+         leave it (xdp: XDP_TX and redirects; tc: through the TC ingress program); always 1.",
+    );
+    for interface in &snapshot.interfaces {
+        let labels = [
+            ("iface", interface.iface.as_str()),
+            ("xdp_mode", &interface.xdp_mode),
+            ("transmit", &interface.transmit),
+        ];
+        out.sample("lbctl_interface_info", &labels, 1);
+    }
+    out.family(
+        "lbctl_interface_transmit_failures_total",
+        Kind::Counter,
+        "Frames an attached interface failed to send, by kind: dropped and errors (the \
+         kernel's device counters), xdp_errors (the driver's XDP transmit errors).",
+    );
+    for interface in &snapshot.interfaces {
+        for &(kind, count) in &interface.tx_failures {
+            let labels = [("iface", interface.iface.as_str()), ("kind", kind)];
+            out.sample("lbctl_interface_transmit_failures_total", &labels, count);
         }
     }
     out.0
@@ -783,6 +825,12 @@ mod tests {
             ],
             events: vec![("flow_created", 4), ("flow_reselected", 1)],
             services: vec![service("web", false, vec![local, remote])],
+            interfaces: vec![InterfaceSnapshot {
+                iface: "uplink".to_owned(),
+                xdp_mode: "native".to_owned(),
+                transmit: "tc".to_owned(),
+                tx_failures: vec![("dropped", 2), ("errors", 0), ("xdp_errors", 1)],
+            }],
         }
     }
 
@@ -807,7 +855,7 @@ lbctl_flow_table_entries 3
 # HELP lbctl_flow_table_capacity Size of the flow table, in flows.
 # TYPE lbctl_flow_table_capacity gauge
 lbctl_flow_table_capacity 1024
-# HELP lbctl_packets_total Packets the data plane handled, by what it did with them; each packet counts under exactly one reason.
+# HELP lbctl_packets_total Packets the data plane handled, by what it did with them; each packet counts under exactly one reason, and xmit_tc on top when TC sent it for XDP.
 # TYPE lbctl_packets_total counter
 lbctl_packets_total{reason="forward_tx"} 10
 lbctl_packets_total{reason="forward_encap_tx"} 4
@@ -905,6 +953,14 @@ lbctl_backend_health{service="web",backend="10.0.0.5:80",node="",state="unknown"
 lbctl_backend_health{service="web",backend="10.0.1.6:80",node="node-2",state="healthy"} 0
 lbctl_backend_health{service="web",backend="10.0.1.6:80",node="node-2",state="unhealthy"} 0
 lbctl_backend_health{service="web",backend="10.0.1.6:80",node="node-2",state="unknown"} 1
+# HELP lbctl_interface_info An attached interface, its XDP mode (native, generic) and how the frames XDP sends leave it (xdp: XDP_TX and redirects; tc: through the TC ingress program); always 1.
+# TYPE lbctl_interface_info gauge
+lbctl_interface_info{iface="uplink",xdp_mode="native",transmit="tc"} 1
+# HELP lbctl_interface_transmit_failures_total Frames an attached interface failed to send, by kind: dropped and errors (the kernel's device counters), xdp_errors (the driver's XDP transmit errors).
+# TYPE lbctl_interface_transmit_failures_total counter
+lbctl_interface_transmit_failures_total{iface="uplink",kind="dropped"} 2
+lbctl_interface_transmit_failures_total{iface="uplink",kind="errors"} 0
+lbctl_interface_transmit_failures_total{iface="uplink",kind="xdp_errors"} 1
 "#;
 
     /// 1,000 services of 10 backends: every fourth service has every backend unhealthy and
@@ -948,10 +1004,11 @@ lbctl_backend_health{service="web",backend="10.0.1.6:80",node="node-2",state="un
             reasons: all_reasons(|r| (r as u64 * 1_000_003, r as u64 * 90_000_000)),
             events: all_events(),
             services,
+            interfaces: Vec::new(),
         }
     }
 
-    const FAMILIES: usize = 29;
+    const FAMILIES: usize = 31;
 
     #[test]
     fn thousand_services_of_ten_backends_render_every_family_once_and_every_series_once() {

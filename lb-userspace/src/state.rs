@@ -16,12 +16,40 @@ use crate::{model::Table, underlay::NextHop};
 pub const STATE_FILE: &str = "state.json";
 const FORMAT: u32 = 1;
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Attachment {
     pub iface: String,
     /// The interface's index when attached: a different index means the interface was
     /// recreated and its old attachment is gone.
     pub ifindex: u32,
+    /// The XDP mode its link was made with (`None`: attached by an lbctl that did not record
+    /// it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub xdp_mode: Option<XdpMode>,
+    /// How the frames XDP sends leave it (`None`: as above; decided again at each install).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub transmit: Option<Transmit>,
+}
+
+/// The XDP mode of an interface's link.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum XdpMode {
+    /// In the driver, before the kernel allocates anything for the frame.
+    Native,
+    /// In the kernel's receive path, after the frame became an skb (any driver).
+    Generic,
+}
+
+/// How the frames XDP sends (back out, redirected, encapsulated) leave an interface.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Transmit {
+    /// XDP_TX and redirects, by the driver: the fast path.
+    Xdp,
+    /// Handed to the TC ingress program, which sends them through the interface's ordinary
+    /// transmit path: for interfaces where the driver's XDP transmission cannot deliver.
+    Tc,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -187,6 +215,8 @@ mod tests {
         state.attachments.push(Attachment {
             iface: "eth0".into(),
             ifindex: 7,
+            xdp_mode: Some(XdpMode::Native),
+            transmit: Some(Transmit::Tc),
         });
         save(&dir, &state).unwrap();
         assert_eq!(load(&dir).unwrap(), state);

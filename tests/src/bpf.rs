@@ -44,28 +44,125 @@ fn bpf_fd(cmd: libc::c_long, attr: &mut [u8; BPF_ATTR_SIZE]) -> Result<OwnedFd> 
     Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
 }
 
-/// Loads `r0 = XDP_PASS; exit`: the least an XDP program can do, used to wake a veth's queue
-/// (see [`NetNs::attach_xdp_pass`](crate::netns::NetNs::attach_xdp_pass)) and as the floor
-/// the benchmark measures the data plane against.
-pub fn load_xdp_pass() -> Result<OwnedFd> {
-    const XDP_PASS: u8 = 2;
-    let insns: [[u8; 8]; 2] = [
-        [0xb7, 0, 0, 0, XDP_PASS, 0, 0, 0], // BPF_ALU64 | BPF_MOV | BPF_K, r0 = 2
-        [0x95, 0, 0, 0, 0, 0, 0, 0],        // BPF_JMP | BPF_EXIT
-    ];
+/// XDP actions (`enum xdp_action`).
+pub const XDP_DROP: u32 = 1;
+pub const XDP_PASS: u32 = 2;
+pub const XDP_TX: u32 = 3;
+/// `BPF_F_TEST_XDP_LIVE_FRAMES`: a test run whose frames really leave (redirect, XDP_TX).
+const BPF_F_TEST_XDP_LIVE_FRAMES: u32 = 1 << 1;
+/// The `bpf_redirect` helper's number.
+const BPF_FUNC_REDIRECT: i32 = 23;
+
+/// One BPF instruction: opcode, destination and source registers, offset, immediate.
+fn insn(code: u8, dst: u8, src: u8, off: i16, imm: i32) -> [u8; 8] {
+    let mut raw = [0u8; 8];
+    raw[0] = code;
+    raw[1] = (src << 4) | dst;
+    raw[2..4].copy_from_slice(&off.to_le_bytes());
+    raw[4..8].copy_from_slice(&imm.to_le_bytes());
+    raw
+}
+
+/// `rDST = imm` (BPF_ALU64 | BPF_MOV | BPF_K).
+fn mov_imm(dst: u8, imm: i32) -> [u8; 8] {
+    insn(0xb7, dst, 0, 0, imm)
+}
+
+/// `exit`.
+const EXIT: [u8; 8] = [0x95, 0, 0, 0, 0, 0, 0, 0];
+
+/// Loads an XDP program of `insns` named `name` (at most 15 bytes).
+fn load_xdp(insns: &[[u8; 8]], name: &str) -> Result<OwnedFd> {
     let license = c"GPL";
     let mut attr = [0u8; BPF_ATTR_SIZE];
     attr[0..4].copy_from_slice(&BPF_PROG_TYPE_XDP.to_ne_bytes());
     attr[4..8].copy_from_slice(&(insns.len() as u32).to_ne_bytes());
     attr[8..16].copy_from_slice(&(insns.as_ptr() as u64).to_ne_bytes());
     attr[16..24].copy_from_slice(&(license.as_ptr() as u64).to_ne_bytes());
-    attr[48..57].copy_from_slice(b"xdp_pass\0");
-    bpf_fd(BPF_PROG_LOAD, &mut attr).context("cannot load an XDP_PASS program")
+    let name = &name.as_bytes()[..name.len().min(15)];
+    attr[48..48 + name.len()].copy_from_slice(name);
+    bpf_fd(BPF_PROG_LOAD, &mut attr).with_context(|| format!("cannot load XDP program {name:?}"))
+}
+
+/// Loads `r0 = XDP_PASS; exit`: the least an XDP program can do, used to wake a veth's queue
+/// (see [`NetNs::attach_xdp_pass`](crate::netns::NetNs::attach_xdp_pass)) and as the floor
+/// the benchmark measures the data plane against.
+pub fn load_xdp_pass() -> Result<OwnedFd> {
+    load_xdp_action(XDP_PASS)
+}
+
+/// Loads `r0 = action; exit`: a program that passes, drops (a sink, a floor) or bounces
+/// (`XDP_TX`) every frame.
+pub fn load_xdp_action(action: u32) -> Result<OwnedFd> {
+    let name = match action {
+        XDP_DROP => "xdp_drop",
+        XDP_PASS => "xdp_pass",
+        XDP_TX => "xdp_tx",
+        _ => "xdp_action",
+    };
+    load_xdp(&[mov_imm(0, action as i32), EXIT], name)
+}
+
+/// Loads a packet generator for [`live_frames`]: on every run it writes `frame` (whose length
+/// must be a multiple of 4) over the packet, since the kernel recycles the generator's pages
+/// with whatever a receiver wrote into them, and redirects it to `ifindex`.
+pub fn load_frame_generator(frame: &[u8], ifindex: u32) -> Result<OwnedFd> {
+    if frame.is_empty() || frame.len() % 4 != 0 || frame.len() > 1024 {
+        bail!("a generated frame is 4 to 1024 bytes, a multiple of 4: not {}", frame.len());
+    }
+    let words = frame.chunks(4).map(|w| i32::from_ne_bytes(w.try_into().expect("4 bytes")));
+    let mut insns = vec![
+        insn(0xbf, 6, 1, 0, 0), // r6 = ctx
+        insn(0x61, 2, 6, 0, 0), // r2 = ctx->data
+        insn(0x61, 3, 6, 4, 0), // r3 = ctx->data_end
+        insn(0xbf, 4, 2, 0, 0), // r4 = r2
+        insn(0x07, 4, 0, 0, frame.len() as i32), // r4 += len
+    ];
+    let stores: Vec<[u8; 8]> = words
+        .enumerate()
+        .map(|(i, word)| insn(0x62, 2, 0, (i * 4) as i16, word)) // *(u32 *)(r2 + 4i) = word
+        .collect();
+    let tail = [
+        mov_imm(1, ifindex as i32),
+        mov_imm(2, 0),
+        insn(0x85, 0, 0, 0, BPF_FUNC_REDIRECT),
+        EXIT,
+    ];
+    // if r4 > r3 (frame shorter than asked): skip to the drop at the end.
+    let skip = (stores.len() + tail.len()) as i16;
+    insns.push(insn(0x2d, 4, 3, skip, 0));
+    insns.extend(stores);
+    insns.extend(tail);
+    insns.extend([mov_imm(0, XDP_DROP as i32), EXIT]);
+    load_xdp(&insns, "lbbench_gen")
+}
+
+/// Runs generator `prog` (see [`load_frame_generator`]) `frames` times with
+/// `BPF_F_TEST_XDP_LIVE_FRAMES`, in batches of 64: the frames really leave by its redirect,
+/// and whatever receives them runs in the same softirq, on this CPU, before the call returns.
+/// Returns the call's wall time, in nanoseconds.
+pub fn live_frames(prog: &OwnedFd, frame_len: usize, frames: u32) -> Result<u64> {
+    // struct xdp_md: data 0, data_end = the frame's length.
+    let mut ctx = [0u8; 24];
+    ctx[4..8].copy_from_slice(&(frame_len as u32).to_ne_bytes());
+    let data = vec![0u8; frame_len];
+    let mut attr = [0u8; BPF_ATTR_SIZE];
+    attr[0..4].copy_from_slice(&(prog.as_raw_fd() as u32).to_ne_bytes());
+    attr[8..12].copy_from_slice(&(frame_len as u32).to_ne_bytes());
+    attr[16..24].copy_from_slice(&(data.as_ptr() as u64).to_ne_bytes());
+    attr[32..36].copy_from_slice(&frames.to_ne_bytes());
+    attr[40..44].copy_from_slice(&(ctx.len() as u32).to_ne_bytes());
+    attr[48..56].copy_from_slice(&(ctx.as_ptr() as u64).to_ne_bytes());
+    attr[64..68].copy_from_slice(&BPF_F_TEST_XDP_LIVE_FRAMES.to_ne_bytes());
+    attr[72..76].copy_from_slice(&64u32.to_ne_bytes());
+    let started = std::time::Instant::now();
+    bpf(BPF_PROG_TEST_RUN, &mut attr).context("BPF_PROG_TEST_RUN with live frames")?;
+    Ok(started.elapsed().as_nanos() as u64)
 }
 
 /// Attaches XDP program `prog` to interface `ifindex` through a BPF link, which detaches it
 /// when the returned descriptor closes.
-pub(crate) fn link_xdp(prog: &OwnedFd, ifindex: u32) -> Result<OwnedFd> {
+pub fn link_xdp(prog: &OwnedFd, ifindex: u32) -> Result<OwnedFd> {
     let mut attr = [0u8; BPF_ATTR_SIZE];
     attr[0..4].copy_from_slice(&(prog.as_raw_fd() as u32).to_ne_bytes());
     attr[4..8].copy_from_slice(&ifindex.to_ne_bytes());

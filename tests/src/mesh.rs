@@ -105,6 +105,11 @@ pub struct MeshSpec {
     pub udp_port: u16,
     /// MTU of every underlay link; the overlay's is [`overlay_mtu`] of it.
     pub underlay_mtu: u32,
+    /// Whether the far ends of the nodes' uplinks (their underlay bridge ports) run an XDP
+    /// program that passes everything, as a peer that takes the frames a node sends with
+    /// native XDP_TX (see [`NetNs::attach_xdp_pass`]). Off by default, as users build their
+    /// bridges: only the test of that fast path turns it on.
+    pub far_end_xdp: bool,
 }
 
 impl Default for MeshSpec {
@@ -118,6 +123,7 @@ impl Default for MeshSpec {
             http_port: 80,
             udp_port: 5353,
             underlay_mtu: 1500,
+            far_end_xdp: false,
         }
     }
 }
@@ -212,17 +218,16 @@ impl MeshSpec {
 ///
 /// Underlay links have MTU `underlay_mtu`, task links and bridges its
 /// [`overlay_mtu`]. TX checksum offload is off on the client's and the
-/// tasks' `eth0` (see [`NetNs::disable_tx_offload`]). The underlay ports of
-/// the nodes run an XDP program that passes everything, so that they accept
-/// the frames a node's XDP program sends back out of its uplink (see
-/// [`NetNs::attach_xdp_pass`]).
+/// tasks' `eth0` (see [`NetNs::disable_tx_offload`]). The nodes' underlay
+/// ports are plain bridge ports unless the spec asks for an XDP program on
+/// them ([`MeshSpec::far_end_xdp`]).
 pub struct Mesh {
     spec: MeshSpec,
     /// Test server of each task. Declared before the namespaces so that it
     /// drops (kills the servers) first: a namespace only really goes away
     /// once no process is left in it.
     servers: TestServers,
-    /// XDP_PASS links on the nodes' underlay ports (see [`NetNs::attach_xdp_pass`]).
+    /// XDP_PASS links on the nodes' underlay ports, if the spec asks for them.
     underlay_xdp: Vec<OwnedFd>,
     /// Index of the node of each task.
     task_nodes: Vec<usize>,
@@ -281,10 +286,9 @@ impl Mesh {
         for (i, node) in self.nodes.iter().enumerate() {
             let port = format!("u-{}", node_name(i));
             underlay.plug(node, NODE_UPLINK, self.node_ip(i), &port)?;
-            // The node's XDP sends frames back out of its uplink (XDP_TX): the far end of a
-            // veth takes them only when it runs XDP itself.
-            let link = self.underlay.attach_xdp_pass(&port)?;
-            underlay_xdp.push(link);
+            if self.spec.far_end_xdp {
+                underlay_xdp.push(self.underlay.attach_xdp_pass(&port)?);
+            }
             node.sysctl("net.ipv4.ip_forward", "1")?;
             let tasks = self.task_segment(i);
             tasks.create()?;

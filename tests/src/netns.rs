@@ -213,14 +213,40 @@ impl NetNs {
     /// of the kind. The program is loaded with raw `bpf(2)` calls because the harness does not
     /// depend on aya (see the crate documentation).
     pub fn attach_xdp_pass(&self, ifname: &str) -> Result<OwnedFd> {
+        self.attach_xdp_action(ifname, crate::bpf::XDP_PASS)
+    }
+
+    /// Attaches a two-instruction XDP program returning `action` for every frame (a sink that
+    /// drops, a bare `XDP_TX` bounce) to interface `ifname` of this namespace, for as long as
+    /// the returned link stays open.
+    pub fn attach_xdp_action(&self, ifname: &str, action: u32) -> Result<OwnedFd> {
         let ifname = ifname.to_owned();
         self.in_netns(move || {
             let ifindex = if_index(&ifname)?;
-            let prog = crate::bpf::load_xdp_pass().context("cannot load an XDP_PASS program")?;
+            let prog = crate::bpf::load_xdp_action(action)?;
             crate::bpf::link_xdp(&prog, ifindex)
-                .with_context(|| format!("cannot attach XDP_PASS to {ifname}"))
+                .with_context(|| format!("cannot attach XDP ({action}) to {ifname}"))
         })
         .with_context(|| format!("in namespace {}", self.name))
+    }
+
+    /// Frames the XDP program of veth `ifname` dropped, over its receive queues (its driver's
+    /// `rx_queue_N_xdp_drops`, read with `ethtool -S`).
+    pub fn xdp_drops(&self, ifname: &str) -> Result<u64> {
+        let out = self.exec(["ethtool", "-S", ifname])?;
+        if !out.status.success() {
+            bail!(
+                "ethtool -S {ifname} in {}: {}",
+                self.name,
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|line| line.trim().split_once(':'))
+            .filter(|(name, _)| name.starts_with("rx_queue_") && name.ends_with("_xdp_drops"))
+            .filter_map(|(_, value)| value.trim().parse::<u64>().ok())
+            .sum())
     }
 
     /// `TOOL -n NAME ARGS...` (an iproute2 tool run against this namespace),
@@ -426,7 +452,8 @@ pub(crate) fn describe(cmd: &Command) -> String {
     format!("`{}`", words.join(" "))
 }
 
-fn if_index(ifname: &str) -> Result<u32> {
+/// The index of interface `ifname` in the calling thread's namespace.
+pub fn if_index(ifname: &str) -> Result<u32> {
     let name = std::ffi::CString::new(ifname).context("interface name contains NUL")?;
     // SAFETY: valid NUL-terminated string.
     match unsafe { libc::if_nametoindex(name.as_ptr()) } {

@@ -225,7 +225,7 @@ fn backend_host(i: usize) -> u8 {
 
 /// The `lb-testsrv` processes of a topology, one slot each; a slot is empty
 /// while its server is stopped. Dropping it kills them all.
-pub(crate) struct TestServers {
+pub struct TestServers {
     slots: Vec<Option<Running>>,
     http_port: u16,
     udp_port: u16,
@@ -240,7 +240,7 @@ struct Running {
 impl TestServers {
     /// `count` slots, all stopped, for servers that serve HTTP on TCP
     /// `http_port` and echo on UDP `udp_port` of every address.
-    pub(crate) fn new(count: usize, http_port: u16, udp_port: u16) -> TestServers {
+    pub fn new(count: usize, http_port: u16, udp_port: u16) -> TestServers {
         TestServers {
             slots: (0..count).map(|_| None).collect(),
             http_port,
@@ -250,7 +250,7 @@ impl TestServers {
 
     /// Starts `lb-testsrv --name NAME` in `ns` in slot `i` and waits until
     /// it is ready. Does nothing if slot `i` already runs.
-    pub(crate) fn start(&mut self, i: usize, ns: &NetNs, name: &str) -> Result<()> {
+    pub fn start(&mut self, i: usize, ns: &NetNs, name: &str) -> Result<()> {
         if self.slots[i].is_some() {
             return Ok(());
         }
@@ -279,7 +279,7 @@ impl TestServers {
     }
 
     /// Kills the server of slot `i` (does nothing if it is stopped).
-    pub(crate) fn stop(&mut self, i: usize) -> Result<()> {
+    pub fn stop(&mut self, i: usize) -> Result<()> {
         if let Some(Running { name, mut child }) = self.slots[i].take() {
             child
                 .kill()

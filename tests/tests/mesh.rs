@@ -42,6 +42,11 @@ fn task_backends(mesh: &Mesh, udp: bool) -> Vec<String> {
 
 impl Cluster {
     fn build(spec: MeshSpec) -> Cluster {
+        Cluster::build_attached(spec, &[])
+    }
+
+    /// [`Cluster::build`] with `attach_args` after `attach IFACE` on every node.
+    fn build_attached(spec: MeshSpec, attach_args: &[&str]) -> Cluster {
         lb_tests::require_root().unwrap();
         let mesh = Mesh::build(spec).unwrap();
         let web = task_backends(&mesh, false);
@@ -49,7 +54,8 @@ impl Cluster {
         let mut lbctl = Vec::new();
         for i in 0..mesh.node_count() {
             let node = Lbctl::new(mesh.node(i)).unwrap();
-            node.run(&["attach", NODE_UPLINK]).unwrap();
+            node.run(&[&["attach", NODE_UPLINK], attach_args].concat())
+                .unwrap();
             for j in 0..mesh.node_count() {
                 let ip = mesh.node_ip(j).to_string();
                 node.run(&["node", "add", &mesh.node_name(j), &ip]).unwrap();
@@ -117,11 +123,26 @@ fn all_tasks(mesh: &Mesh) -> Vec<usize> {
     (0..mesh.task_count()).collect()
 }
 
+/// How the frames a node's XDP sends back out of its uplink (encapsulated to another node, or
+/// a decapsulated reply to the client) leave it.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Sent {
+    /// Handed to TC, which sends them (a veth whose far end runs no XDP program).
+    ThroughTc,
+    /// By XDP_TX itself (the far end runs XDP).
+    ByXdp,
+}
+
 /// Every node, with tasks or without, spreads its new connections exactly evenly over every
 /// task of the cluster; the replies come back from the address the client connected to (a
 /// TCP reply from anywhere else would never reach the client's socket).
 fn spreads_evenly(spec: MeshSpec) {
-    let cluster = Cluster::build(spec);
+    spreads_evenly_attached(spec, &[], Sent::ThroughTc);
+}
+
+/// [`spreads_evenly`] with `attach_args`, the frames XDP sends leaving as `sent` says.
+fn spreads_evenly_attached(spec: MeshSpec, attach_args: &[&str], sent: Sent) {
+    let cluster = Cluster::build_attached(spec, attach_args);
     let tasks = all_tasks(&cluster.mesh);
     let per = 10;
     for node in 0..cluster.mesh.node_count() {
@@ -161,6 +182,14 @@ fn spreads_evenly(spec: MeshSpec) {
         ] {
             assert_eq!(cluster.reason(node, reason), 0, "{name}: {reason}");
         }
+        // Every frame XDP sent out (encapsulated flows, decapsulated replies) went through TC,
+        // or none did.
+        let xdp_sent = cluster.reason(node, "forward_encap_tx") + cluster.reason(node, "reply_tx");
+        let through_tc = cluster.reason(node, "xmit_tc");
+        match sent {
+            Sent::ThroughTc => assert_eq!(through_tc, xdp_sent, "{name}: xmit_tc"),
+            Sent::ByXdp => assert_eq!(through_tc, 0, "{name}: xmit_tc"),
+        }
     }
 }
 
@@ -180,6 +209,38 @@ fn other_node_counts_subnets_and_task_placements_spread_evenly_too() {
         udp_port: 9053,
         ..MeshSpec::default()
     });
+}
+
+/// In generic mode (the kernel's receive path, any driver) too.
+#[test]
+fn generic_mode_spreads_evenly_on_plain_veths() {
+    spreads_evenly_attached(
+        MeshSpec {
+            nodes: 4,
+            tasks_per_node: vec![1, 0, 2, 1],
+            underlay_subnet: [10, 61, 3],
+            overlay_subnet: [10, 62, 0],
+            http_port: 8081,
+            udp_port: 5300,
+            ..MeshSpec::default()
+        },
+        &["--mode", "generic"],
+        Sent::ThroughTc,
+    );
+}
+
+/// The native XDP_TX fast path: where the far ends run XDP (so the kernel wakes their queue),
+/// `--transmit xdp` sends every frame with XDP_TX itself.
+#[test]
+fn the_native_xdp_tx_fast_path_delivers_to_far_ends_that_run_xdp() {
+    spreads_evenly_attached(
+        MeshSpec {
+            far_end_xdp: true,
+            ..MeshSpec::default()
+        },
+        &["--mode", "native", "--transmit", "xdp"],
+        Sent::ByXdp,
+    );
 }
 
 #[test]

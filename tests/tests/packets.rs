@@ -381,12 +381,23 @@ fn a_flow_idle_for_two_hours_keeps_its_backend_and_its_replies() {
         let mut flow = node.maps.flows.get(&key, 0).unwrap();
         let two_hours_ns = 2 * 3600 * 1_000_000_000;
         let before = datapath::monotonic_ns();
+        // The clock starts at boot: on a machine up for less than two hours the last packet
+        // goes back to boot (0, the oldest time a flow can hold), and the census looks from
+        // two hours after it.
         flow.last_seen_ns = before.saturating_sub(two_hours_ns);
         node.maps.flows.insert(key, flow, 0).unwrap();
         node.maps.reverse_flows.remove(&reverse).unwrap();
-        let census = node.maps.flow_census().unwrap();
+        let census = node
+            .maps
+            .flow_census_at(flow.last_seen_ns + two_hours_ns)
+            .unwrap();
         assert_eq!(census.entries, 1, "the census only counts");
-        assert!(census.live.is_empty(), "idle for over an hour: not live");
+        assert!(census.live.is_empty(), "idle for two hours: not live");
+        let census = node
+            .maps
+            .flow_census_at(flow.last_seen_ns + two_hours_ns / 4)
+            .unwrap();
+        assert_eq!(census.live.len(), 1, "idle for half an hour: still live");
 
         let (action, out) = node.xdp(&client_tcp(48500, WEB_PORT, "PA"), None);
         assert_eq!(
@@ -892,7 +903,11 @@ fn replies_follow_the_newest_flow_when_a_client_port_reaches_a_local_backend_thr
         // entry comes back, and n2's next packet takes the replies back again.
         let key = tcp_key((CLIENT_IP, 40000), (NODE_IP, WEB_PORT));
         let mut flow = node.maps.flows.get(&key, 0).unwrap();
-        flow.last_seen_ns -= 2_000_000_000;
+        // Two seconds back: the clock counts from boot, and this test runs minutes after it.
+        flow.last_seen_ns = flow
+            .last_seen_ns
+            .checked_sub(2_000_000_000)
+            .expect("the machine is up for more than two seconds");
         node.maps.flows.insert(key, flow, 0).unwrap();
         let ack = client_tcp(40000, WEB_PORT, "A");
         through_this_node(node, &ack, "this node's idle flow speaking");

@@ -7,7 +7,9 @@
 //!   XDP_PASS program, and with the flow table at several sizes;
 //! - `e2e`: connections, requests, latency, UDP and CPU through the namespace topology, lbctl's
 //!   XDP path against nftables DNAT with `numgen inc`;
-//! - `control`: applying a large table, the first connection after `service add`, scrape time.
+//! - `control`: applying a large table, the first connection after `service add`, scrape time;
+//! - `transmit`: per packet on one core, with live frames through a veth, how the frames the
+//!   node's XDP sends leave it: `XDP_TX` against the TC path lbctl takes on veths.
 //!
 //! Run by `cargo bench` (which passes `--bench`) it measures in full and writes the report; run
 //! by `cargo test` (no `--bench`) it is a smoke run of a few seconds, so the benchmark cannot rot:
@@ -20,6 +22,7 @@ mod control;
 mod e2e;
 mod packet;
 mod report;
+mod transmit;
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -45,16 +48,23 @@ pub enum Section {
     Packet,
     E2e,
     Control,
+    Transmit,
 }
 
 impl Section {
-    const ALL: [Section; 3] = [Section::Packet, Section::E2e, Section::Control];
+    const ALL: [Section; 4] = [
+        Section::Packet,
+        Section::E2e,
+        Section::Control,
+        Section::Transmit,
+    ];
 
     fn name(self) -> &'static str {
         match self {
             Section::Packet => "packet",
             Section::E2e => "e2e",
             Section::Control => "control",
+            Section::Transmit => "transmit",
         }
     }
 
@@ -62,12 +72,12 @@ impl Section {
         Section::ALL
             .into_iter()
             .find(|s| s.name() == name)
-            .with_context(|| format!("unknown section {name:?} (packet, e2e, control)"))
+            .with_context(|| format!("unknown section {name:?} (packet, e2e, control, transmit)"))
     }
 }
 
 const USAGE: &str = "usage: lbbench [--bench] [--smoke] [--out DIR] [--seconds S] \
-                     [--only packet,e2e,control]";
+                     [--only packet,e2e,control,transmit]";
 
 /// Parses the arguments. `cargo test` may pass libtest's own flags (`--nocapture`, a filter...):
 /// those are ignored, since this is no libtest binary.
@@ -144,6 +154,7 @@ fn main() -> Result<()> {
             Section::Packet => packet::run(&opts),
             Section::E2e => e2e::run(&opts),
             Section::Control => control::run(&opts),
+            Section::Transmit => transmit::run(&opts),
         }
         .with_context(|| format!("bench section {}", section.name()))?;
         measurements.extend(found);

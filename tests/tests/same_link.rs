@@ -1,0 +1,209 @@
+//! A LAN as users build one: a bridge in a namespace of its own, and every host (the client,
+//! the node, the backends) plugged into it with a plain veth: no program on the bridge ports.
+//! The node has a client-side and a backend-side subnet on its one uplink, so both a client's
+//! packets (DNATed to a backend) and a backend's replies (reverse-NATed to the client) leave by
+//! the interface they came in on: what XDP sends with XDP_TX on a NIC, and must not lose on a
+//! veth, whose peer takes XDP_TX frames only while it runs an XDP program.
+use std::net::{Ipv4Addr, SocketAddrV4};
+
+use lb_tests::{
+    Lbctl,
+    client::{self, Reply},
+    netns::{self, NetNs},
+    topology::TestServers,
+};
+
+/// Port the backends serve on, and the node publishes.
+const BACKEND_PORT: u16 = 8088;
+const UDP_PORT: u16 = 5454;
+const PUBLISHED: u16 = 9999;
+
+/// Fields drop in order: lbctl purges while its namespace exists, the servers die before theirs.
+struct Lan {
+    lbctl: Lbctl,
+    _servers: TestServers,
+    backends: Vec<NetNs>,
+    client: NetNs,
+    node: NetNs,
+    _lan: NetNs,
+}
+
+const NODE_CLIENT_SIDE: Ipv4Addr = Ipv4Addr::new(172, 23, 1, 1);
+const NODE_BACKEND_SIDE: Ipv4Addr = Ipv4Addr::new(172, 23, 2, 1);
+const CLIENT: Ipv4Addr = Ipv4Addr::new(172, 23, 1, 77);
+
+fn backend_ip(i: usize) -> Ipv4Addr {
+    Ipv4Addr::new(172, 23, 2, 40 + i as u8)
+}
+
+impl Lan {
+    /// The LAN with `backends` backends, lbctl attached to the node's uplink with
+    /// `attach_args`, and a TCP and a UDP service over every backend.
+    fn build(backends: usize, attach_args: &[&str]) -> Lan {
+        lb_tests::require_root().unwrap();
+        let lan = NetNs::new("lan").unwrap();
+        lan.ip(["link", "add", "br0", "type", "bridge"]).unwrap();
+        lan.ip(["link", "set", "br0", "up"]).unwrap();
+        let plug = |host: &NetNs, port: &str, addr: String, gateway: Ipv4Addr| {
+            netns::veth(host, "eth0", &lan, port).unwrap();
+            lan.ip(["link", "set", port, "master", "br0"]).unwrap();
+            host.ip(["addr", "add", &addr, "dev", "eth0"]).unwrap();
+            if gateway != Ipv4Addr::UNSPECIFIED {
+                let via = gateway.to_string();
+                host.ip(["route", "add", "default", "via", &via]).unwrap();
+            }
+        };
+        let node = NetNs::new("node").unwrap();
+        plug(
+            &node,
+            "p-node",
+            format!("{NODE_CLIENT_SIDE}/24"),
+            Ipv4Addr::UNSPECIFIED,
+        );
+        node.ip([
+            "addr",
+            "add",
+            &format!("{NODE_BACKEND_SIDE}/24"),
+            "dev",
+            "eth0",
+        ])
+        .unwrap();
+        let client = NetNs::new("client").unwrap();
+        plug(
+            &client,
+            "p-client",
+            format!("{CLIENT}/24"),
+            NODE_CLIENT_SIDE,
+        );
+        let backend_ns: Vec<NetNs> = (0..backends)
+            .map(|i| {
+                let ns = NetNs::new(&format!("b{i}")).unwrap();
+                let addr = format!("{}/24", backend_ip(i));
+                plug(&ns, &format!("p-b{i}"), addr, NODE_BACKEND_SIDE);
+                ns
+            })
+            .collect();
+        let mut servers = TestServers::new(backends, BACKEND_PORT, UDP_PORT);
+        for (i, ns) in backend_ns.iter().enumerate() {
+            servers.start(i, ns, &format!("lan-{i}")).unwrap();
+        }
+        let lbctl = Lbctl::new(&node).unwrap();
+        lbctl
+            .run(&[&["attach", "eth0"], attach_args].concat())
+            .unwrap();
+        let published = PUBLISHED.to_string();
+        for (name, proto, port) in [("web", "tcp", BACKEND_PORT), ("dns", "udp", UDP_PORT)] {
+            let targets: Vec<String> = (0..backends)
+                .map(|i| format!("{}:{port}", backend_ip(i)))
+                .collect();
+            let mut args = vec!["service", "add", name, &published, "--proto", proto];
+            args.extend(targets.iter().map(String::as_str));
+            lbctl.run(&args).unwrap();
+        }
+        Lan {
+            lbctl,
+            _servers: servers,
+            backends: backend_ns,
+            client,
+            node,
+            _lan: lan,
+        }
+    }
+
+    fn reason(&self, reason: &str) -> u64 {
+        let stats: serde_json::Value =
+            serde_json::from_str(&self.lbctl.run(&["stats", "--json"]).unwrap()).unwrap();
+        stats["reasons"][reason]["packets"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("no reason {reason} in {stats}"))
+    }
+
+    /// Each backend answered `per` of `replies` and saw the client's own address.
+    fn assert_spread(&self, replies: &[Reply], per: usize) {
+        for reply in replies {
+            assert_eq!(*reply.client_seen.ip(), CLIENT, "client IP kept: {reply:?}");
+        }
+        let counts = client::per_backend(replies);
+        assert_eq!(counts.len(), self.backends.len(), "{counts:?}");
+        assert!(counts.values().all(|&n| n == per), "{counts:?}");
+    }
+}
+
+/// Connections and datagrams to the published port go to backends on the same link and back,
+/// each frame sent out through TC (XDP's own transmission would leave it in the bridge port's
+/// queue), exactly evenly, with the client's address kept, and no transmit failure.
+fn serves_on_the_same_link(backends: usize, attach_args: &[&str]) {
+    let lan = Lan::build(backends, attach_args);
+    // Resolve the backends' and the client's neighbours, as any traffic would: XDP cannot.
+    for i in 0..backends {
+        lan.node
+            .exec(["ping", "-c1", "-W1", &backend_ip(i).to_string()])
+            .unwrap();
+    }
+    lan.node
+        .exec(["ping", "-c1", "-W1", &CLIENT.to_string()])
+        .unwrap();
+    let per = 6;
+    let addr = SocketAddrV4::new(NODE_CLIENT_SIDE, PUBLISHED);
+    let replies = lan
+        .client
+        .in_netns(|| client::new_connections(addr, per * backends))
+        .unwrap();
+    lan.assert_spread(&replies, per);
+    let datagrams = lan
+        .client
+        .in_netns(|| client::udp_requests(addr, per * backends))
+        .unwrap();
+    lan.assert_spread(&datagrams, per);
+
+    let forwarded = lan.reason("forward_tx");
+    let replied = lan.reason("reply_tx");
+    assert!(
+        forwarded > 0 && replied > 0,
+        "{forwarded} forwarded, {replied} replies"
+    );
+    assert_eq!(
+        lan.reason("xmit_tc"),
+        forwarded + replied,
+        "every frame through TC"
+    );
+    let stats: serde_json::Value =
+        serde_json::from_str(&lan.lbctl.run(&["stats", "--json"]).unwrap()).unwrap();
+    let uplink = &stats["interfaces"][0];
+    assert_eq!(uplink["iface"], "eth0", "{stats}");
+    assert_eq!(uplink["transmit"], "tc", "{stats}");
+    for kind in ["dropped", "errors", "xdp_errors"] {
+        assert_eq!(uplink["tx_failures"][kind], 0, "{kind}: {stats}");
+    }
+}
+
+#[test]
+fn native_xdp_on_a_veth_serves_backends_on_the_same_link() {
+    serves_on_the_same_link(3, &[]);
+}
+
+#[test]
+fn generic_xdp_serves_backends_on_the_same_link_too() {
+    serves_on_the_same_link(2, &["--mode", "generic"]);
+}
+
+/// Asked for XDP's own transmission on a veth, `attach` says why that may lose frames and what
+/// to do, and still does what it was told.
+#[test]
+fn transmit_xdp_on_a_veth_warns_with_the_reason_and_the_way_out() {
+    let lan = Lan::build(1, &[]);
+    let out = lan
+        .lbctl
+        .run(&["attach", "eth0", "--transmit", "xdp"])
+        .unwrap();
+    assert!(
+        out.contains("warning: eth0 is a veth")
+            && out.contains("XDP program")
+            && out.contains("Leave out --transmit xdp"),
+        "{out}"
+    );
+    let stats: serde_json::Value =
+        serde_json::from_str(&lan.lbctl.run(&["stats", "--json"]).unwrap()).unwrap();
+    assert_eq!(stats["interfaces"][0]["transmit"], "xdp", "{stats}");
+    assert_eq!(stats["interfaces"][0]["xdp_mode"], "native", "{stats}");
+}
