@@ -607,11 +607,6 @@ mod tests {
             "generic XDP_TX takes the skb path"
         );
     }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
 
     #[test]
     fn link_pins_name_their_interface_and_hook() {

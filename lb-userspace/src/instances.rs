@@ -537,6 +537,7 @@ mod tests {
                 .map(|(iface, ifindex)| Attachment {
                     iface: (*iface).to_owned(),
                     ifindex: *ifindex,
+                    ..Attachment::default()
                 })
                 .collect(),
             ..State::default()

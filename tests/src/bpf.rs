@@ -108,14 +108,19 @@ pub fn load_xdp_action(action: u32) -> Result<OwnedFd> {
 /// with whatever a receiver wrote into them, and redirects it to `ifindex`.
 pub fn load_frame_generator(frame: &[u8], ifindex: u32) -> Result<OwnedFd> {
     if frame.is_empty() || frame.len() % 4 != 0 || frame.len() > 1024 {
-        bail!("a generated frame is 4 to 1024 bytes, a multiple of 4: not {}", frame.len());
+        bail!(
+            "a generated frame is 4 to 1024 bytes, a multiple of 4: not {}",
+            frame.len()
+        );
     }
-    let words = frame.chunks(4).map(|w| i32::from_ne_bytes(w.try_into().expect("4 bytes")));
+    let words = frame
+        .chunks(4)
+        .map(|w| i32::from_ne_bytes(w.try_into().expect("4 bytes")));
     let mut insns = vec![
-        insn(0xbf, 6, 1, 0, 0), // r6 = ctx
-        insn(0x61, 2, 6, 0, 0), // r2 = ctx->data
-        insn(0x61, 3, 6, 4, 0), // r3 = ctx->data_end
-        insn(0xbf, 4, 2, 0, 0), // r4 = r2
+        insn(0xbf, 6, 1, 0, 0),                  // r6 = ctx
+        insn(0x61, 2, 6, 0, 0),                  // r2 = ctx->data
+        insn(0x61, 3, 6, 4, 0),                  // r3 = ctx->data_end
+        insn(0xbf, 4, 2, 0, 0),                  // r4 = r2
         insn(0x07, 4, 0, 0, frame.len() as i32), // r4 += len
     ];
     let stores: Vec<[u8; 8]> = words

@@ -99,7 +99,10 @@ impl Rig {
         let gen_ns = NetNs::new("gen")?;
         let node = NetNs::new("txnode")?;
         netns::veth(&gen_ns, GEN, &node, UPLINK)?;
-        for addr in [format!("{NODE_IP}/24"), format!("{BACKEND_SUBNET_GATEWAY}/24")] {
+        for addr in [
+            format!("{NODE_IP}/24"),
+            format!("{BACKEND_SUBNET_GATEWAY}/24"),
+        ] {
             node.ip(["addr", "add", &addr, "dev", UPLINK])?;
         }
         node.sysctl("net.ipv4.ip_forward", "1")?;
@@ -121,9 +124,8 @@ impl Rig {
         }
         let sink = gen_ns.attach_xdp_action(GEN, XDP_DROP)?;
         let frame = frame(gen_mac, node.mac(UPLINK)?)?;
-        let generator = gen_ns.in_netns(|| {
-            bpf::load_frame_generator(&frame, netns::if_index(GEN)?)
-        })?;
+        let generator =
+            gen_ns.in_netns(|| bpf::load_frame_generator(&frame, netns::if_index(GEN)?))?;
         let lbctl = Lbctl::new(&node)?;
         lbctl.run(&["attach", UPLINK, "--flow-capacity", "4096"])?;
         let backend = format!("{BACKEND_IP}:{BACKEND_PORT}");
@@ -144,7 +146,8 @@ impl Rig {
     }
 
     fn reason(&self, reason: &str) -> Result<u64> {
-        let stats: serde_json::Value = serde_json::from_str(&self.lbctl.run(&["stats", "--json"])?)?;
+        let stats: serde_json::Value =
+            serde_json::from_str(&self.lbctl.run(&["stats", "--json"])?)?;
         stats["reasons"][reason]["packets"]
             .as_u64()
             .with_context(|| format!("no reason {reason} in lbctl stats"))
@@ -157,8 +160,13 @@ impl Rig {
             Variant::Floor => Some(self.node.attach_xdp_action(UPLINK, XDP_DROP)?),
             Variant::Bounce => Some(self.node.attach_xdp_action(UPLINK, XDP_TX)?),
             Variant::LbctlXdp | Variant::LbctlTc => {
-                let transmit = if variant == Variant::LbctlXdp { "xdp" } else { "tc" };
-                self.lbctl.run(&["attach", UPLINK, "--transmit", transmit])?;
+                let transmit = if variant == Variant::LbctlXdp {
+                    "xdp"
+                } else {
+                    "tc"
+                };
+                self.lbctl
+                    .run(&["attach", UPLINK, "--transmit", transmit])?;
                 None
             }
         };
@@ -170,9 +178,11 @@ impl Rig {
         };
         let sink_before = self.gen_ns.xdp_drops(GEN)?;
         let (forwarded_before, tc_before) = lbctl_counts(self)?;
-        let elapsed = self
-            .gen_ns
-            .in_netns(|| on_cpu(0, || bpf::live_frames(&self.generator, Rig::frame_len(), frames)))??;
+        let elapsed = self.gen_ns.in_netns(|| {
+            on_cpu(0, || {
+                bpf::live_frames(&self.generator, Rig::frame_len(), frames)
+            })
+        })??;
         let sunk = self.gen_ns.xdp_drops(GEN)? - sink_before;
         let (forwarded, through_tc) = lbctl_counts(self)?;
         let (forwarded, through_tc) = (forwarded - forwarded_before, through_tc - tc_before);
@@ -213,9 +223,15 @@ fn on_cpu<R>(cpu: usize, f: impl FnOnce() -> R) -> Result<R> {
     let size = std::mem::size_of::<libc::cpu_set_t>();
     // SAFETY: as above; pid 0 is this thread.
     unsafe {
-        ensure!(libc::sched_getaffinity(0, size, &mut before) == 0, "sched_getaffinity");
+        ensure!(
+            libc::sched_getaffinity(0, size, &mut before) == 0,
+            "sched_getaffinity"
+        );
         libc::CPU_SET(cpu, &mut only);
-        ensure!(libc::sched_setaffinity(0, size, &only) == 0, "sched_setaffinity");
+        ensure!(
+            libc::sched_setaffinity(0, size, &only) == 0,
+            "sched_setaffinity"
+        );
     }
     let result = f();
     // SAFETY: as above.
@@ -230,7 +246,8 @@ pub fn run(opts: &Options) -> Result<Vec<Measurement>> {
     for variant in Variant::ALL {
         rig.measure(variant, 1000)?;
     }
-    let mut times: Vec<(Variant, Vec<f64>)> = Variant::ALL.iter().map(|&v| (v, Vec::new())).collect();
+    let mut times: Vec<(Variant, Vec<f64>)> =
+        Variant::ALL.iter().map(|&v| (v, Vec::new())).collect();
     let order: Vec<Variant> = Variant::ALL
         .iter()
         .chain(Variant::ALL.iter().rev())
@@ -263,13 +280,31 @@ pub fn run(opts: &Options) -> Result<Vec<Measurement>> {
             variant.name(),
             1e3 / total
         );
-        out.push(Measurement::new(SECTION, variant.name(), "pipeline", total, "ns/frame"));
+        out.push(Measurement::new(
+            SECTION,
+            variant.name(),
+            "pipeline",
+            total,
+            "ns/frame",
+        ));
         if variant != Variant::Floor {
-            out.push(Measurement::new(SECTION, variant.name(), "node work", node_work, "ns/frame"));
+            out.push(Measurement::new(
+                SECTION,
+                variant.name(),
+                "node work",
+                node_work,
+                "ns/frame",
+            ));
         }
     }
     let ratio = (best(Variant::LbctlTc) - floor) / (best(Variant::LbctlXdp) - floor);
     println!("  node work through TC / with XDP_TX: {ratio:.2}x");
-    out.push(Measurement::new(SECTION, "TC path / XDP_TX", "node work", ratio, "x"));
+    out.push(Measurement::new(
+        SECTION,
+        "TC path / XDP_TX",
+        "node work",
+        ratio,
+        "x",
+    ));
     Ok(out)
 }
