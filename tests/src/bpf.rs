@@ -107,7 +107,7 @@ pub fn load_xdp_action(action: u32) -> Result<OwnedFd> {
 /// must be a multiple of 4) over the packet, since the kernel recycles the generator's pages
 /// with whatever a receiver wrote into them, and redirects it to `ifindex`.
 pub fn load_frame_generator(frame: &[u8], ifindex: u32) -> Result<OwnedFd> {
-    if frame.is_empty() || frame.len() % 4 != 0 || frame.len() > 1024 {
+    if frame.is_empty() || !frame.len().is_multiple_of(4) || frame.len() > 1024 {
         bail!(
             "a generated frame is 4 to 1024 bytes, a multiple of 4: not {}",
             frame.len()
