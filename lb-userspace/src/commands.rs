@@ -2,7 +2,7 @@
 //! its input against the persisted state before touching anything, saves the new state, then
 //! brings the maps in line with it (a full reconcile, so an interrupted command heals on the
 //! next one).
-use std::{ffi::CString, fs, net::Ipv4Addr};
+use std::{ffi::CString, fs, net::Ipv4Addr, path::PathBuf};
 
 use anyhow::{Context as _, Result, anyhow, bail};
 use lb_common::{Event, Reason, VXLAN_OVERHEAD};
@@ -14,6 +14,7 @@ use crate::{
     datapath::{self, FlowCensus, Maps},
     install,
     instance::{self, Instance},
+    instances,
     model::{BackendSpec, Health, HealthUpdate, Node, Proto, Scheduler, Service, Table},
     netdev,
     state::{self, Attachment, State},
@@ -164,6 +165,7 @@ pub fn attach(
     ] {
         instance::create_private_dir(&dir)?;
     }
+    instance::record_state_dir(instance)?;
     let forwarding_note = enable_forwarding()?;
     // An attached interface keeps its link, and so its mode.
     let recorded_mode = state
@@ -189,7 +191,7 @@ pub fn attach(
     commit(instance, &mut state)?;
     Ok(format!(
         "{}{forwarding_note}",
-        installed.report(state.flow_capacity)
+        installed.report(state.flow_capacity, instances::maps_memory(instance))
     ))
 }
 
@@ -198,6 +200,8 @@ pub fn attach(
 pub fn upgrade(instance: &Instance) -> Result<String> {
     let _lock = instance::lock(instance)?;
     let mut state = attached_state(instance)?;
+    // Pins an earlier lbctl made do not record the state folder yet.
+    instance::record_state_dir(instance)?;
     let installed = install::install(instance, &state, None)?;
     record_attachments(&mut state, &installed);
     // Normally writes nothing; heals a table the maps do not hold yet (new maps).
@@ -206,7 +210,7 @@ pub fn upgrade(instance: &Instance) -> Result<String> {
         "upgraded '{}' to the programs of lbctl {}\n{}",
         instance.name,
         env!("CARGO_PKG_VERSION"),
-        installed.report(state.flow_capacity)
+        installed.report(state.flow_capacity, instances::maps_memory(instance))
     ))
 }
 
@@ -271,6 +275,113 @@ pub fn purge(instance: &Instance) -> Result<String> {
         "purged '{}': programs detached, maps, managed neighbour entries and state removed",
         instance.name
     ))
+}
+
+/// How long the purge of an instance whose namespace is gone waits for the kernel to dismantle
+/// the namespace's devices before it warns that an interface is still there.
+const DISMANTLE_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// `lbctl --netns NAME purge` once the namespace is gone (`ip netns del` came first): removes
+/// the instance's pins and state folder. There is nothing to detach: the interfaces went with
+/// the namespace, and their links, holding no device any more, only hold the programs, which
+/// hold the maps, until unpinned. The managed neighbour entries went with the namespace too.
+pub fn purge_gone(instance: &Instance) -> Result<String> {
+    if !instance.pin_dir.exists() && !instance.state_dir.exists() {
+        bail!(
+            "network namespace '{}' not found, and no lbctl instance of it is left (nothing in {} \
+             or {})",
+            instance.name,
+            instance.pin_dir.display(),
+            instance.state_dir.display()
+        );
+    }
+    let had_state_folder = instance.state_dir.exists();
+    let lock = instance::lock(instance)?;
+    // A damaged state stops this purge too: the operator decides what to do with the file.
+    let state = state::load(&instance.state_dir)?;
+    // `ip netns del` returns before the kernel dismantles the namespace and its devices.
+    let deadline = std::time::Instant::now() + DISMANTLE_WAIT;
+    let mut found = instances::inspect(instance);
+    while found.links.iter().any(|link| link.ifindex != 0) && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        found = instances::inspect(instance);
+    }
+    let row = instances::row(&found);
+    for interface in &row.interfaces {
+        if [interface.xdp, interface.tc].contains(&instances::LinkState::Attached) {
+            eprintln!(
+                "lbctl: warning: {} is still there: its namespace lives on without its name, \
+                 held by a process (an `lbctl daemon`?); unpinning detaches the programs, but \
+                 neighbour entries lbctl made there stay",
+                interface.name
+            );
+        }
+    }
+    datapath::remove_pins(&instance.pin_dir)?;
+    let folder_removed = state::remove_folder(&instance.state_dir)?;
+    drop(lock);
+
+    let mut out = format!(
+        "purged '{}', whose network namespace is gone (nothing to detach)",
+        instance.name
+    );
+    if let Some(pin_dir) = &found.pin_dir {
+        out.push_str(&format!(
+            "\nunpinned {} links and {} maps ({} of kernel memory, freed once nothing holds \
+             them): removed {}",
+            found.links.len(),
+            found.maps.len(),
+            instances::megabytes(row.kernel_memory_bytes),
+            pin_dir.display()
+        ));
+    }
+    if !folder_removed {
+        out.push_str(&format!(
+            "\nremoved the state from {}, which keeps other files",
+            instance.state_dir.display()
+        ));
+    } else if had_state_folder {
+        out.push_str(&format!(
+            "\nremoved the state folder {}",
+            instance.state_dir.display()
+        ));
+    }
+    if !state.managed_neighbours.is_empty() {
+        out.push_str(&format!(
+            "\nits {} managed neighbour entries went with the namespace",
+            state.managed_neighbours.len()
+        ));
+    }
+    Ok(out)
+}
+
+/// `lbctl instances`: every instance on the machine, or the one of `netns` (its state in
+/// `state_dir` if given), without entering any namespace.
+pub fn instances(
+    netns: Option<&str>,
+    state_dir: Option<PathBuf>,
+    bpffs: Option<PathBuf>,
+    json: bool,
+) -> Result<String> {
+    let bpffs = bpffs.unwrap_or_else(|| PathBuf::from(instance::DEFAULT_BPFFS));
+    let found = match netns {
+        Some(name) => {
+            let instance = instance::locate_without_entering(name, state_dir, Some(bpffs))?;
+            instances::find(&instance).into_iter().collect()
+        }
+        None if state_dir.is_some() => bail!(
+            "--state-dir is one instance's state folder: give its --netns NAME too, or neither \
+             to list every instance"
+        ),
+        None => instances::discover(&bpffs)?,
+    };
+    let rows: Vec<instances::Row> = found.iter().map(instances::row).collect();
+    if json {
+        return Ok(serde_json::to_string_pretty(&instances::Listing::new(
+            &rows,
+        ))?);
+    }
+    Ok(instances::render(&rows))
 }
 
 /// A state change: under the instance lock, on an attached instance, `edit` checks and changes

@@ -31,18 +31,46 @@ use crate::{
 
 /// Where the maps being migrated are created and filled, under the instance's pin folder,
 /// before their pins replace the old ones. bpffs refuses names with a '.'.
-const STAGING_DIR: &str = "migrating";
+pub const STAGING_DIR: &str = "migrating";
+
+/// The three links of an attached interface.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LinkHook {
+    Xdp,
+    /// TC egress (reverse NAT, reply encapsulation).
+    Tc,
+    /// TC ingress (sends what XDP hands over: `xmit`).
+    TcIngress,
+}
+
+impl LinkHook {
+    pub const ALL: [LinkHook; 3] = [LinkHook::Xdp, LinkHook::Tc, LinkHook::TcIngress];
+
+    /// Ends the name of the link's pin.
+    fn pin_suffix(self) -> &'static str {
+        match self {
+            Self::Xdp => "_xdp",
+            Self::Tc => "_tc",
+            Self::TcIngress => "_tcin",
+        }
+    }
+}
 
 /// Pin paths of an interface's XDP, TC egress and TC ingress links. bpffs refuses names with a
 /// '.', which interface names (VLANs: `eth0.100`) may contain, so it is escaped.
 pub fn link_pins(instance: &Instance, iface: &str) -> [PathBuf; 3] {
     let dir = instance.links_dir();
     let name = iface.replace('%', "%25").replace('.', "%2e");
-    [
-        dir.join(format!("{name}_xdp")),
-        dir.join(format!("{name}_tc")),
-        dir.join(format!("{name}_tcin")),
-    ]
+    LinkHook::ALL.map(|hook| dir.join(format!("{name}{}", hook.pin_suffix())))
+}
+
+/// The interface and hook of a link pin's file name (see [`link_pins`]), if it is one.
+pub fn link_pin_of(file_name: &str) -> Option<(String, LinkHook)> {
+    let (escaped, hook) = LinkHook::ALL
+        .into_iter()
+        .find_map(|hook| Some((file_name.strip_suffix(hook.pin_suffix())?, hook)))?;
+    let iface = escaped.replace("%2e", ".").replace("%25", "%");
+    (!iface.is_empty()).then_some((iface, hook))
 }
 
 /// Unpins an interface's links, which detaches the programs.
@@ -160,12 +188,14 @@ pub fn decide_transmit(
 }
 
 impl Installed {
-    /// The report, its maps line ending with the flow table's size.
-    pub fn report(&self, flow_capacity: u32) -> String {
+    /// The report, its maps line ending with the flow table's size and the kernel memory the
+    /// maps hold (`maps_memory`, bytes), which the flow table's size mostly decides.
+    pub fn report(&self, flow_capacity: u32, maps_memory: u64) -> String {
         format!(
-            "{}\n{} (flow table of {flow_capacity} flows)",
+            "{}\n{} (flow table of {flow_capacity} flows; the maps hold {} of kernel memory)",
             self.interfaces.join("\n"),
-            self.maps
+            self.maps,
+            crate::instances::megabytes(maps_memory)
         )
     }
 }
@@ -576,5 +606,20 @@ mod tests {
             generic_veth.warning, None,
             "generic XDP_TX takes the skb path"
         );
+    }
+
+    #[test]
+    fn link_pins_name_their_interface_and_hook() {
+        let instance = crate::instance::locate("n1", None, None).unwrap();
+        for iface in ["eth0", "eth0.100", "a%2e", "%.", "x_tc", "x_tcin", "y_xdp"] {
+            for (pin, hook) in link_pins(&instance, iface).into_iter().zip(LinkHook::ALL) {
+                let name = pin.file_name().unwrap().to_str().unwrap();
+                assert!(!name.contains('.'), "{name}");
+                assert_eq!(link_pin_of(name), Some((iface.to_owned(), hook)));
+            }
+        }
+        for not_a_link in ["FLOWS", "_xdp", "_tcin", "eth0_xdp2", "state"] {
+            assert_eq!(link_pin_of(not_a_link), None, "{not_a_link}");
+        }
     }
 }

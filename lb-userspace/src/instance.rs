@@ -54,19 +54,54 @@ pub fn resolve(
         }
         None => current_netns_name()?,
     };
+    locate(&name, state_dir, bpffs)
+}
+
+/// The instance of the namespace named `name`, without entering it (it may be gone): where its
+/// pins and state are. The state folder is `state_dir` if given, else the default one.
+pub fn locate(name: &str, state_dir: Option<PathBuf>, bpffs: Option<PathBuf>) -> Result<Instance> {
+    validate_netns_name(name)?;
     let bpffs = bpffs.unwrap_or_else(|| PathBuf::from(DEFAULT_BPFFS));
     Ok(Instance {
-        pin_dir: bpffs.join("lbctl").join(&name),
-        state_dir: state_dir.unwrap_or_else(|| Path::new(DEFAULT_STATE_ROOT).join(&name)),
-        name,
+        pin_dir: bpffs.join("lbctl").join(name),
+        state_dir: state_dir.unwrap_or_else(|| Path::new(DEFAULT_STATE_ROOT).join(name)),
+        name: name.to_owned(),
     })
 }
 
-fn enter_netns(name: &str) -> Result<()> {
+/// [`locate`] for an instance lbctl does not enter (its namespace may be gone): without
+/// `state_dir`, the state folder its pins recorded, else the default one.
+pub fn locate_without_entering(
+    name: &str,
+    state_dir: Option<PathBuf>,
+    bpffs: Option<PathBuf>,
+) -> Result<Instance> {
+    let given = state_dir.is_some();
+    let mut instance = locate(name, state_dir, bpffs)?;
+    if !given && let Some(recorded) = recorded_state_dir(&instance.pin_dir) {
+        instance.state_dir = recorded;
+    }
+    Ok(instance)
+}
+
+/// A namespace's name becomes a folder name under bpffs and the state root.
+fn validate_netns_name(name: &str) -> Result<()> {
     if name.is_empty() || name.contains('/') || name == "." || name == ".." {
         bail!("invalid network namespace name '{name}'");
     }
-    let path = Path::new("/run/netns").join(name);
+    Ok(())
+}
+
+/// Where `ip netns` keeps its named namespaces.
+const NETNS_RUN_DIR: &str = "/run/netns";
+/// The instance name of the initial network namespace.
+pub const HOST: &str = "host";
+/// How lbctl names a namespace that `ip netns` does not know: by its inode.
+const INODE_NAME_PREFIX: &str = "netns-";
+
+fn enter_netns(name: &str) -> Result<()> {
+    validate_netns_name(name)?;
+    let path = netns_handle(name).unwrap_or_else(|| Path::new(NETNS_RUN_DIR).join(name));
     let file = File::open(&path)
         .with_context(|| format!("network namespace '{name}' not found ({})", path.display()))?;
     // SAFETY: plain syscall on a file descriptor we own.
@@ -77,15 +112,123 @@ fn enter_netns(name: &str) -> Result<()> {
     Ok(())
 }
 
+/// A file through which the namespace of instance `name` can be entered, if the namespace
+/// exists: `/run/netns/NAME`; for `host`, the initial namespace; for `netns-<inode>` (the name
+/// lbctl gives a namespace `ip netns` does not know), a bind mount of the namespace with that
+/// inode or a process in it.
+pub fn netns_handle(name: &str) -> Option<PathBuf> {
+    let named = Path::new(NETNS_RUN_DIR).join(name);
+    if named.exists() {
+        return Some(named);
+    }
+    if name == HOST {
+        return Some(PathBuf::from("/proc/1/ns/net"));
+    }
+    let inode: u64 = name.strip_prefix(INODE_NAME_PREFIX)?.parse().ok()?;
+    netns_by_inode(inode)
+}
+
+/// A file of the network namespace whose inode is `inode`: a bind mount of it (Docker's
+/// `/run/docker/netns/*`, for one), else `/proc/PID/ns/net` of a process in it.
+fn netns_by_inode(inode: u64) -> Option<PathBuf> {
+    // Every namespace file is on the one nsfs, so the device tells them from other files.
+    let nsfs = fs::metadata("/proc/self/ns/net").ok()?.dev();
+    let is_it = |path: &Path| fs::metadata(path).is_ok_and(|m| (m.dev(), m.ino()) == (nsfs, inode));
+    let mountinfo = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    if let Some(mount) = netns_mounts(&mountinfo, inode)
+        .into_iter()
+        .find(|path| is_it(path))
+    {
+        return Some(mount);
+    }
+    fs::read_dir("/proc")
+        .ok()?
+        .flatten()
+        .filter(|entry| {
+            entry
+                .file_name()
+                .to_str()
+                .is_some_and(|n| n.parse::<u32>().is_ok())
+        })
+        .map(|entry| entry.path().join("ns/net"))
+        .find(|path| is_it(path))
+}
+
+/// The mount points of network namespace `inode` in a `/proc/PID/mountinfo` text: nsfs mounts
+/// whose root is `net:[INODE]`.
+fn netns_mounts(mountinfo: &str, inode: u64) -> Vec<PathBuf> {
+    let root = format!("net:[{inode}]");
+    mountinfo
+        .lines()
+        .filter_map(|line| {
+            let (mount, fs) = line.split_once(" - ")?;
+            let fields: Vec<&str> = mount.split(' ').collect();
+            let point = fields.get(4)?;
+            (fs.split(' ').next() == Some("nsfs") && fields.get(3) == Some(&root.as_str()))
+                .then(|| PathBuf::from(unescape_mountinfo(point)))
+        })
+        .collect()
+}
+
+/// Undoes mountinfo's octal escapes of space, tab, newline and backslash (`\040`).
+fn unescape_mountinfo(field: &str) -> String {
+    let mut out = String::new();
+    let mut rest = field;
+    while let Some(at) = rest.find('\\') {
+        out.push_str(&rest[..at]);
+        let code = rest.get(at + 1..at + 4);
+        match code.and_then(|c| u8::from_str_radix(c, 8).ok()) {
+            Some(byte) => {
+                out.push(char::from(byte));
+                rest = &rest[at + 4..];
+            }
+            None => {
+                out.push('\\');
+                rest = &rest[at + 1..];
+            }
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+/// Where an instance's pin folder records its state folder (a symlink: bpffs takes no files),
+/// so that `lbctl instances` and the purge of an instance whose namespace is gone find a state
+/// kept elsewhere than the default (`--state-dir`) without being told.
+const STATE_LINK: &str = "state";
+
+/// Records the instance's state folder in its pin folder (see [`STATE_LINK`]).
+pub fn record_state_dir(instance: &Instance) -> Result<()> {
+    let target = fs::canonicalize(&instance.state_dir)
+        .with_context(|| format!("reading {}", instance.state_dir.display()))?;
+    let link = instance.pin_dir.join(STATE_LINK);
+    if fs::read_link(&link).is_ok_and(|current| current == target) {
+        return Ok(());
+    }
+    match fs::remove_file(&link) {
+        Err(err) if err.kind() != std::io::ErrorKind::NotFound => {
+            return Err(err).with_context(|| format!("replacing {}", link.display()));
+        }
+        _ => {}
+    }
+    std::os::unix::fs::symlink(&target, &link)
+        .with_context(|| format!("recording the state folder in {}", link.display()))
+}
+
+/// The state folder recorded in `pin_dir` (see [`STATE_LINK`]), if any.
+pub fn recorded_state_dir(pin_dir: &Path) -> Option<PathBuf> {
+    fs::read_link(pin_dir.join(STATE_LINK)).ok()
+}
+
 /// The name of the namespace lbctl runs in: `host`, the name `ip netns` knows it by, or
 /// `netns-<inode>`.
 fn current_netns_name() -> Result<String> {
     let ours = fs::metadata("/proc/self/ns/net").context("reading /proc/self/ns/net")?;
     let host = fs::metadata("/proc/1/ns/net").context("reading /proc/1/ns/net")?;
     if (ours.dev(), ours.ino()) == (host.dev(), host.ino()) {
-        return Ok("host".to_owned());
+        return Ok(HOST.to_owned());
     }
-    if let Ok(entries) = fs::read_dir("/run/netns") {
+    if let Ok(entries) = fs::read_dir(NETNS_RUN_DIR) {
         for entry in entries.flatten() {
             if let Ok(meta) = fs::metadata(entry.path())
                 && (meta.dev(), meta.ino()) == (ours.dev(), ours.ino())
@@ -95,7 +238,7 @@ fn current_netns_name() -> Result<String> {
             }
         }
     }
-    Ok(format!("netns-{}", ours.ino()))
+    Ok(format!("{INODE_NAME_PREFIX}{}", ours.ino()))
 }
 
 /// Makes sure `pin_dir` sits on a BPF filesystem, mounting bpffs at /sys/fs/bpf if that is
@@ -185,9 +328,12 @@ pub fn lock_shared(instance: &Instance) -> Result<Lock> {
     lock_as(instance, libc::LOCK_SH)
 }
 
+/// The lock file, in the state folder.
+pub const LOCK_FILE: &str = "lock";
+
 fn lock_as(instance: &Instance, operation: libc::c_int) -> Result<Lock> {
     create_private_dir(&instance.state_dir)?;
-    let path = instance.state_dir.join("lock");
+    let path = instance.state_dir.join(LOCK_FILE);
     let file = OpenOptions::new()
         .create(true)
         .truncate(false)
@@ -249,4 +395,60 @@ fn effective_capabilities() -> Option<u64> {
         .lines()
         .find_map(|line| line.strip_prefix("CapEff:"))?;
     u64::from_str_radix(hex.trim(), 16).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn namespace_mounts_are_found_by_inode() {
+        let mountinfo = "25 1 8:1 / / rw,relatime shared:1 - ext4 /dev/sda1 rw\n\
+            47 46 0:4 net:[4026532178] /run/netns/n1 rw shared:2 - nsfs nsfs rw\n\
+            48 46 0:4 net:[4026532179] /run/netns/n2 rw shared:2 - nsfs nsfs rw\n\
+            49 25 0:4 net:[4026532178] /run/docker/netns/with\\040space rw - nsfs nsfs rw\n\
+            50 25 0:4 mnt:[4026532178] /run/other rw - nsfs nsfs rw\n\
+            51 25 0:30 net:[4026532178] /mnt/not-nsfs rw - tmpfs tmpfs rw\n";
+        assert_eq!(
+            netns_mounts(mountinfo, 4_026_532_178),
+            [
+                PathBuf::from("/run/netns/n1"),
+                PathBuf::from("/run/docker/netns/with space")
+            ]
+        );
+        assert!(netns_mounts(mountinfo, 4_026_532_180).is_empty());
+        assert!(netns_mounts("garbage\n - \n", 1).is_empty());
+    }
+
+    #[test]
+    fn mountinfo_escapes_are_undone() {
+        assert_eq!(
+            unescape_mountinfo("/a\\040b\\011c\\012d\\134e"),
+            "/a b\tc\nd\\e"
+        );
+        // A backslash that starts no escape stays.
+        assert_eq!(unescape_mountinfo("/a\\9x\\"), "/a\\9x\\");
+    }
+
+    #[test]
+    fn a_namespace_name_is_one_folder_name() {
+        for bad in ["", ".", "..", "a/b", "/"] {
+            assert!(locate(bad, None, None).is_err(), "{bad:?}");
+        }
+        let instance = locate("n1", None, Some(PathBuf::from("/b"))).unwrap();
+        assert_eq!(instance.pin_dir, Path::new("/b/lbctl/n1"));
+        assert_eq!(instance.state_dir, Path::new(DEFAULT_STATE_ROOT).join("n1"));
+    }
+
+    /// A name lbctl never gives and `ip netns` does not know has no namespace; `host` always
+    /// has one.
+    #[test]
+    fn only_existing_namespaces_have_a_handle() {
+        assert!(netns_handle(HOST).is_some());
+        assert_eq!(netns_handle("netns-1"), None);
+        assert_eq!(netns_handle("netns-x"), None);
+        assert_eq!(netns_handle("lbctl-no-such-namespace"), None);
+        let ours = fs::metadata("/proc/self/ns/net").unwrap().ino();
+        assert!(netns_handle(&format!("{INODE_NAME_PREFIX}{ours}")).is_some());
+    }
 }

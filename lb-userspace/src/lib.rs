@@ -8,6 +8,7 @@ pub mod gossip;
 pub mod health;
 pub mod install;
 pub mod instance;
+pub mod instances;
 pub mod layout;
 pub mod maglev;
 pub mod map_ops;

@@ -125,8 +125,22 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Detach everywhere and delete this instance's maps, flows and state.
+    /// Detach everywhere and delete this instance's maps, flows and state
+    ///
+    /// With --netns NAME after the namespace was deleted: removes the instance's pins (its
+    /// interfaces went with the namespace) and its state folder (--state-dir, else the one its
+    /// pins recorded, else the default).
     Purge,
+    /// List every instance on this machine: its namespace (alive or gone), interfaces, flow
+    /// capacity and the kernel memory its pinned maps hold
+    ///
+    /// Found from the pins under bpffs and the state folders under /var/lib/lbctl, without
+    /// entering any namespace; --netns NAME lists that one only (its state in --state-dir, if
+    /// given).
+    Instances {
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -300,6 +314,16 @@ enum MeshCommand {
 }
 
 fn run(cli: Cli) -> anyhow::Result<String> {
+    // The commands that work without entering a namespace, which may be gone.
+    if let Command::Instances { json } = cli.command {
+        return commands::instances(cli.netns.as_deref(), cli.state_dir, cli.bpffs, json);
+    }
+    if let (Command::Purge, Some(name)) = (&cli.command, cli.netns.as_deref())
+        && instance::netns_handle(name).is_none()
+    {
+        let instance = instance::locate_without_entering(name, cli.state_dir, cli.bpffs)?;
+        return commands::purge_gone(&instance);
+    }
     let instance = instance::resolve(cli.netns.as_deref(), cli.state_dir, cli.bpffs)?;
     match cli.command {
         Command::Attach {
@@ -429,6 +453,7 @@ fn run(cli: Cli) -> anyhow::Result<String> {
         }
         Command::Cluster(ClusterCommand::Ls { json }) => commands::cluster_ls(&instance, json),
         Command::Purge => commands::purge(&instance),
+        Command::Instances { .. } => unreachable!("listed above, without an instance"),
     }
 }
 

@@ -1,6 +1,14 @@
 //! Raw `bpf(2)` map operations on bytes, for what aya 0.14 lacks (batch lookups) or types too
-//! strictly for a map whose layout is only known at run time (migrating pinned maps).
-use std::os::fd::{AsRawFd as _, BorrowedFd};
+//! strictly for a map whose layout is only known at run time (migrating pinned maps); and the
+//! opening of a pin of any type, whose descriptor aya keeps to itself for links.
+use std::{
+    ffi::CString,
+    os::{
+        fd::{AsRawFd as _, BorrowedFd, FromRawFd as _, OwnedFd},
+        unix::ffi::OsStrExt as _,
+    },
+    path::Path,
+};
 
 use anyhow::{Context as _, Result};
 
@@ -8,6 +16,7 @@ use anyhow::{Context as _, Result};
 const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
 const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
 const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
+const BPF_OBJ_GET: libc::c_long = 7;
 const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
 /// The kernel's `ENOTSUPP` (not `EOPNOTSUPP`): a map type without batch operations (devmaps).
 const ENOTSUPP: i32 = 524;
@@ -51,14 +60,41 @@ struct ElemAttr {
     flags: u64,
 }
 
-fn sys_bpf<T>(cmd: libc::c_long, attr: &mut T) -> std::io::Result<()> {
+/// The `BPF_OBJ_GET` member of `union bpf_attr`.
+#[repr(C)]
+#[derive(Default)]
+struct ObjAttr {
+    pathname: u64,
+    bpf_fd: u32,
+    /// 0: read and write, which links require.
+    file_flags: u32,
+    path_fd: i32,
+    _pad: u32,
+}
+
+/// Returns what the call returned (a descriptor for the commands that make one).
+fn sys_bpf<T>(cmd: libc::c_long, attr: &mut T) -> std::io::Result<libc::c_long> {
     // SAFETY: `attr` is the `bpf_attr` member `cmd` reads; the buffers it points at are the
     // caller's and outlive the call.
     let rc = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr as *mut T, size_of::<T>()) };
     if rc < 0 {
         return Err(std::io::Error::last_os_error());
     }
-    Ok(())
+    Ok(rc)
+}
+
+/// Opens the object (map, link or program) pinned at `path`, for reading what the kernel says
+/// of it in `/proc/self/fdinfo`.
+pub fn open_pin(path: &Path) -> std::io::Result<OwnedFd> {
+    let path = CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
+    let mut attr = ObjAttr {
+        pathname: path.as_ptr() as u64,
+        ..ObjAttr::default()
+    };
+    let fd = sys_bpf(BPF_OBJ_GET, &mut attr)?;
+    // SAFETY: a descriptor the kernel just made for us, which nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
 
 /// Reads the value of `key` into `value` (the map's value size; for a per-CPU map, every
@@ -71,7 +107,7 @@ pub fn lookup(map: BorrowedFd<'_>, key: &[u8], value: &mut [u8]) -> std::io::Res
         ..ElemAttr::default()
     };
     match sys_bpf(BPF_MAP_LOOKUP_ELEM, &mut attr) {
-        Ok(()) => Ok(true),
+        Ok(_) => Ok(true),
         Err(err) if err.raw_os_error() == Some(libc::ENOENT) => Ok(false),
         Err(err) => Err(err),
     }
@@ -85,7 +121,7 @@ pub fn update(map: BorrowedFd<'_>, key: &[u8], value: &[u8]) -> std::io::Result<
         value: value.as_ptr() as u64,
         ..ElemAttr::default()
     };
-    sys_bpf(BPF_MAP_UPDATE_ELEM, &mut attr)
+    sys_bpf(BPF_MAP_UPDATE_ELEM, &mut attr).map(drop)
 }
 
 /// Calls `f` with every entry of `map` as bytes: keys of `key_size`, values of `value_len` (see
@@ -160,7 +196,7 @@ fn for_each_by_key(
             ..ElemAttr::default()
         };
         match sys_bpf(BPF_MAP_GET_NEXT_KEY, &mut attr) {
-            Ok(()) => {}
+            Ok(_) => {}
             Err(err) if err.raw_os_error() == Some(libc::ENOENT) => return Ok(()),
             Err(err) => return Err(err).context("BPF_MAP_GET_NEXT_KEY"),
         }

@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::{model::Table, underlay::NextHop};
 
-const STATE_FILE: &str = "state.json";
+pub const STATE_FILE: &str = "state.json";
 const FORMAT: u32 = 1;
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -148,11 +148,32 @@ pub fn write_atomic(dir: &Path, name: &str, text: &[u8]) -> Result<()> {
 
 /// Removes the state file (purge).
 pub fn remove(dir: &Path) -> Result<()> {
-    match fs::remove_file(dir.join(STATE_FILE)) {
+    remove_if_present(&dir.join(STATE_FILE))
+}
+
+fn remove_if_present(path: &Path) -> Result<()> {
+    match fs::remove_file(path) {
         Err(err) if err.kind() != std::io::ErrorKind::NotFound => {
-            Err(err).with_context(|| format!("removing the state in {}", dir.display()))
+            Err(err).with_context(|| format!("removing {}", path.display()))
         }
         _ => Ok(()),
+    }
+}
+
+/// Removes the state folder of an instance that is gone for good (its namespace is): the files
+/// lbctl keeps there, then the folder itself unless it holds anything else (a `--state-dir`
+/// may name a folder of the operator's). Returns whether the folder went.
+pub fn remove_folder(dir: &Path) -> Result<bool> {
+    for name in [STATE_FILE, CLUSTER_FILE] {
+        remove_if_present(&dir.join(name))?;
+        remove_if_present(&dir.join(format!(".{name}.tmp")))?;
+    }
+    remove_if_present(&dir.join(crate::instance::LOCK_FILE))?;
+    match fs::remove_dir(dir) {
+        Ok(()) => Ok(true),
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => Ok(true),
+        Err(err) if err.kind() == std::io::ErrorKind::DirectoryNotEmpty => Ok(false),
+        Err(err) => Err(err).with_context(|| format!("removing {}", dir.display())),
     }
 }
 

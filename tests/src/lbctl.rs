@@ -22,20 +22,29 @@ pub struct Lbctl {
     bin: PathBuf,
     netns: String,
     state_dir: PathBuf,
+    /// Purged already ([`Lbctl::purge`]): nothing for the drop to purge.
+    purged: bool,
 }
 
 impl Lbctl {
     /// Prepares an instance for `netns` with a fresh, empty state folder
     /// `/tmp/lbt-<pid>-<counter>-state`.
     pub fn new(netns: &NetNs) -> Result<Lbctl> {
+        Self::named(netns.name())
+    }
+
+    /// [`Lbctl::new`] for the namespace lbctl knows as `netns`, which need not be one of the
+    /// harness' (`netns-<inode>`: a namespace without a name in `ip netns`).
+    pub fn named(netns: &str) -> Result<Lbctl> {
         let bin = lbctl_path()?;
         let state_dir = std::env::temp_dir().join(format!("{}-state", unique_prefix()));
         std::fs::create_dir(&state_dir)
             .with_context(|| format!("cannot create {}", state_dir.display()))?;
         Ok(Lbctl {
             bin,
-            netns: netns.name().to_string(),
+            netns: netns.to_owned(),
             state_dir,
+            purged: false,
         })
     }
 
@@ -67,6 +76,14 @@ impl Lbctl {
             );
         }
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Runs `lbctl ... purge`, which must succeed, and returns its stdout; the drop then
+    /// purges nothing more.
+    pub fn purge(&mut self) -> Result<String> {
+        let out = self.run(&["purge"])?;
+        self.purged = true;
+        Ok(out)
     }
 
     /// Runs `lbctl ... ARGS`, which must fail, and returns its stderr (for
@@ -161,7 +178,9 @@ impl Drop for Lbctl {
     /// test; failures are reported, never panicked on (drop may run while a
     /// failed test unwinds).
     fn drop(&mut self) {
-        if let Err(e) = self.run(&["purge"]) {
+        if !self.purged
+            && let Err(e) = self.run(&["purge"])
+        {
             eprintln!("warning: {e:#}");
         }
         if let Err(e) = std::fs::remove_dir_all(&self.state_dir)

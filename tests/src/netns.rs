@@ -25,6 +25,8 @@ const MAX_IFNAME_LEN: usize = 15;
 #[derive(Debug)]
 pub struct NetNs {
     name: String,
+    /// Deleted already ([`NetNs::delete`]): nothing for the drop to do.
+    deleted: bool,
 }
 
 impl NetNs {
@@ -48,7 +50,10 @@ impl NetNs {
             run_checked(Command::new("ip").args(["netns", "add", &name]))?;
         }
         // From here on, Drop deletes the namespace if a later step fails.
-        let ns = NetNs { name };
+        let ns = NetNs {
+            name,
+            deleted: false,
+        };
         ns.ip(["link", "set", "lo", "up"])?;
         Ok(ns)
     }
@@ -56,6 +61,15 @@ impl NetNs {
     /// The namespace name, as `ip netns` and `lbctl --netns` know it.
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// Deletes the namespace now (`ip netns del`), as an operator may before `lbctl purge`.
+    /// Like the drop's, this only removes its name: the kernel dismantles it (and its
+    /// interfaces) once nothing else holds it, a moment later.
+    pub fn delete(&mut self) -> Result<()> {
+        run_checked(Command::new("ip").args(["netns", "del", &self.name]))?;
+        self.deleted = true;
+        Ok(())
     }
 
     /// Runs `ip -n NAME ARGS...` and returns its stdout; fails with the
@@ -262,6 +276,9 @@ impl Drop for NetNs {
     /// Deletes the namespace; a failure is reported on stderr but never
     /// panics, since drop may run while a failed test is already unwinding.
     fn drop(&mut self) {
+        if self.deleted {
+            return;
+        }
         match Command::new("ip")
             .args(["netns", "del", &self.name])
             .output()
