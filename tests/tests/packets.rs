@@ -123,6 +123,64 @@ fn xdp_tx_path_rewrites_macs_and_ttl_and_replies_come_back_reverse_nated() {
     });
 }
 
+/// On an interface whose frames go out through TC (`TX_VIA_TC`: a veth), every frame XDP would
+/// send with XDP_TX is readied exactly as for XDP_TX and handed to the kernel instead
+/// (XDP_PASS) behind the note for the TC ingress program in its metadata (the interface's
+/// cookie, then its ifindex: a test run's output starts at the metadata), counted under the
+/// same reason; once the interface is out of `TX_VIA_TC` the same packets leave by XDP_TX
+/// again, byte for byte the same.
+#[test]
+fn frames_for_an_interface_that_sends_through_tc_are_readied_and_handed_over() {
+    with_node(|node| {
+        let ingress = Some(node.ifindex);
+        let reply = tcp(
+            (backend_mac(0), node.mac),
+            (BACKENDS[0], BACKEND_PORT),
+            (CLIENT_IP, 40101),
+            64,
+            "PA",
+            b"ok",
+        );
+        let cases: [(&str, Vec<u8>, Reason); 3] = [
+            (
+                "a backend on the link",
+                client_syn(40101),
+                Reason::ForwardTx,
+            ),
+            ("its reply on the link", reply, Reason::ReplyTx),
+            (
+                "a backend on another node",
+                client_tcp(40102, MESH_PORT, "S"),
+                Reason::ForwardEncapTx,
+            ),
+        ];
+        let cookie: u32 = 0x5eed_c0de;
+        let mut note = cookie.to_ne_bytes().to_vec();
+        note.extend_from_slice(&node.ifindex.to_ne_bytes());
+        for (name, frame, reason) in &cases {
+            node.maps.tx_via_tc.insert(node.ifindex, cookie, 0).unwrap();
+            let before = node.reason(*reason);
+            let (action, handed_over) = node.xdp(frame, ingress);
+            assert_eq!(action, XDP_PASS, "{name}: handed to TC");
+            assert_eq!(node.reason(*reason), before + 1, "{name}");
+            node.maps.tx_via_tc.remove(&node.ifindex).unwrap();
+            let (action, sent) = node.xdp(frame, ingress);
+            assert_eq!(action, XDP_TX, "{name}: sent by XDP");
+            assert_eq!(
+                handed_over,
+                [note.as_slice(), &sent].concat(),
+                "{name}: the note, then the same frame either way"
+            );
+            assert_checksums_valid(&sent);
+        }
+        assert_eq!(
+            node.reason(Reason::XmitTc),
+            0,
+            "counted by TC ingress, not run here"
+        );
+    });
+}
+
 #[test]
 fn reply_routed_by_the_kernel_is_reverse_nated_by_tc_egress() {
     with_node(|node| {
