@@ -234,6 +234,19 @@ fn a_namespace_without_a_name_is_known_by_its_inode() {
     let inode = std::fs::metadata(Path::new("/run/netns").join(ns.name()))
         .unwrap()
         .ino();
+    // `ip netns exec` enters the namespace by its name before it runs `sleep`: the name must
+    // stay until it has (on a loaded machine that takes a while).
+    let in_it = Path::new("/proc")
+        .join(holder.0.id().to_string())
+        .join("ns/net");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::fs::metadata(&in_it).map(|m| m.ino()).ok() != Some(inode) {
+        assert!(
+            Instant::now() < deadline,
+            "the holder never entered the namespace"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
     ns.delete().unwrap();
     let name = format!("netns-{inode}");
     let mut lbctl = Lbctl::named(&name).unwrap();
