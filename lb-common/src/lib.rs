@@ -211,10 +211,16 @@ pub struct FlowValue {
 }
 assert_size!(FlowValue, 24);
 
-/// Flow flag: the connection is ending (a FIN in either direction, a backend's RST, a client's
+/// Flow flag: the connection has ended (a FIN in each direction, a backend's RST, a client's
 /// RST with ACK). A new SYN on the same 5-tuple then starts a new flow that chooses its backend
 /// again.
 pub const FLOW_CLOSING: u8 = 1;
+/// Flow flag: the client sent a FIN. Its half of the connection is closed; the backend may go
+/// on sending (a half-close, `shutdown(SHUT_WR)`), so the flow stays live until the backend's
+/// FIN too. A new SYN on the 5-tuple starts a new flow.
+pub const FLOW_CLIENT_FIN: u8 = 2;
+/// Flow flag: the backend sent a FIN; likewise.
+pub const FLOW_BACKEND_FIN: u8 = 4;
 /// `FlowValue::last_seen_ns` is refreshed when it is at least this old, so that a busy flow
 /// does not write its table entry on every packet.
 pub const FLOW_SEEN_GRANULARITY_NS: u64 = 1_000_000_000;
@@ -359,8 +365,9 @@ reasons! {
     DecapStack = 21 => "decap_stack",
     /// Backend reply encapsulated by the TC egress program back to the node its flow came in on.
     ReplyEncap = 22 => "reply_encap",
-    /// VXLAN from a known node with another VNI: passed untouched (the kernel's own VXLAN
-    /// devices, such as Docker's overlay networks, may share the port).
+    /// VXLAN with another VNI, from any source: passed untouched (the kernel's own VXLAN
+    /// devices, such as Docker's overlay networks, may share the port with nodes lbctl does
+    /// not know).
     PassVxlanOtherVni = 23 => "pass_vxlan_other_vni",
     /// VXLAN to this node's overlay port from an address that is not a known node: dropped,
     /// so nobody outside the cluster can inject traffic into the overlay.

@@ -1,11 +1,14 @@
 //! The flow table: which backend each connection is pinned to, and how to reverse-NAT replies.
+use core::intrinsics::{AtomicOrdering, atomic_or};
+
 use aya_ebpf::{
     bindings::{BPF_ANY, BPF_NOEXIST},
     helpers::generated::bpf_ktime_get_coarse_ns,
     maps::LruHashMap,
 };
 use lb_common::{
-    BACKEND_ACTIVE, Event, FLOW_CLOSING, FLOW_SEEN_GRANULARITY_NS, FlowKey, FlowValue, ReverseValue,
+    BACKEND_ACTIVE, Event, FLOW_BACKEND_FIN, FLOW_CLIENT_FIN, FLOW_CLOSING,
+    FLOW_SEEN_GRANULARITY_NS, FlowKey, FlowValue, ReverseValue,
 };
 
 use crate::{
@@ -58,7 +61,10 @@ pub fn lookup(key: &FlowKey, tcp_flags: u8) -> Lookup {
     // SAFETY: a live map value; concurrent updates replace whole elements or set the same
     // flag bits, so a torn read at worst refreshes liveness once more.
     let flow = unsafe { *entry };
-    if flow.flags & FLOW_CLOSING != 0 && tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
+    // The client only starts over on a 5-tuple once it is done with its own half.
+    if flow.flags & (FLOW_CLOSING | FLOW_CLIENT_FIN) != 0
+        && tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
+    {
         return Lookup::Reused;
     }
     match BACKENDS.get(flow.backend_id) {
@@ -76,27 +82,89 @@ pub fn lookup(key: &FlowKey, tcp_flags: u8) -> Lookup {
             if was_idle {
                 unsafe { (*entry).last_seen_ns = now };
             }
-            if client_ends_connection(tcp_flags) && flow.flags & FLOW_CLOSING == 0 {
-                unsafe { (*entry).flags = flow.flags | FLOW_CLOSING };
-            }
+            note_end(entry, flow.flags, tcp_flags, Side::Client);
             Lookup::Pinned { flow, was_idle }
         }
         _ => Lookup::Stale,
     }
 }
 
-/// Whether a client's segment ends its connection: a FIN, or a RST that carries an ACK (the
-/// client aborting). A RST without ACK is how a client answers an ACK it has no connection for;
-/// its connection on that 5-tuple, if any, goes on. That happens in a handshake: a backend still
-/// in TIME_WAIT for an earlier connection on the same 5-tuple (the client reused its port, e.g.
+/// Whether a segment aborts its connection: a backend's RST, or a client's RST that carries an
+/// ACK. A RST without ACK is how a client answers an ACK it has no connection for; its
+/// connection on that 5-tuple, if any, goes on. That happens in a handshake: a backend still in
+/// TIME_WAIT for an earlier connection on the same 5-tuple (the client reused its port, e.g.
 /// through another node) acknowledges that one instead of the SYN; the client resets it and
 /// sends its SYN again, which must go to the same backend rather than start a new flow.
 #[inline(always)]
-pub fn client_ends_connection(tcp_flags: u8) -> bool {
-    tcp_flags & TCP_FIN != 0 || tcp_flags & (TCP_RST | TCP_ACK) == TCP_RST | TCP_ACK
+fn aborts(tcp_flags: u8, side: Side) -> bool {
+    match side {
+        Side::Client => tcp_flags & (TCP_RST | TCP_ACK) == TCP_RST | TCP_ACK,
+        Side::Backend => tcp_flags & TCP_RST != 0,
+    }
 }
 
-/// A backend's FIN or RST closes its flow too: marks the client → service entry the reply
+/// Which end of a connection sent a segment.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Side {
+    Client,
+    Backend,
+}
+
+/// The flags a flow starts with when its first packet seen is `tcp_flags` from the client (a
+/// connection found again after its entry was evicted may be ending already).
+#[inline(always)]
+pub fn first_flags(tcp_flags: u8) -> u8 {
+    if aborts(tcp_flags, Side::Client) {
+        FLOW_CLOSING
+    } else if tcp_flags & TCP_FIN != 0 {
+        FLOW_CLIENT_FIN
+    } else {
+        0
+    }
+}
+
+/// Where the flags sit in a `FlowValue`: byte `FLAGS_SHIFT / 8` (little-endian) of the aligned
+/// 8-byte word at `FLAGS_WORD`, which they share with the node address and the backend port.
+const FLAGS_WORD: usize = core::mem::offset_of!(FlowValue, flags) & !7;
+const FLAGS_SHIFT: u32 = ((core::mem::offset_of!(FlowValue, flags) - FLAGS_WORD) * 8) as u32;
+const _: () = assert!(FLAGS_WORD + 8 <= core::mem::size_of::<FlowValue>());
+
+/// Sets `bits` in a flow's flags and returns the flags as they were. Atomic: a client's FIN and
+/// a backend's FIN may meet on two CPUs, and neither may be lost. An OR of the bits into the
+/// word that holds the flags changes nothing else in it.
+#[inline(always)]
+fn set_flags(entry: *mut FlowValue, bits: u8) -> u8 {
+    // SAFETY: `entry` is a live map value, 8-aligned like every map value; the word lies
+    // within it (asserted above).
+    let old = unsafe {
+        let word = entry.cast::<u8>().add(FLAGS_WORD).cast::<u64>();
+        // AcqRel, not Relaxed: LLVM lowers a relaxed OR to the non-fetching BPF instruction.
+        atomic_or::<u64, u64, { AtomicOrdering::AcqRel }>(word, u64::from(bits) << FLAGS_SHIFT)
+    };
+    (old >> FLAGS_SHIFT) as u8
+}
+
+/// Notes a segment of `side` in its flow's entry (whose flags were `flags`): a RST that aborts
+/// ends the flow; a FIN closes that side's half, and the flow ends once both halves are closed.
+#[inline(always)]
+fn note_end(entry: *mut FlowValue, flags: u8, tcp_flags: u8, side: Side) {
+    let (own_fin, other_fin) = match side {
+        Side::Client => (FLOW_CLIENT_FIN, FLOW_BACKEND_FIN),
+        Side::Backend => (FLOW_BACKEND_FIN, FLOW_CLIENT_FIN),
+    };
+    if aborts(tcp_flags, side) {
+        if flags & FLOW_CLOSING == 0 {
+            set_flags(entry, FLOW_CLOSING);
+        }
+    } else if tcp_flags & TCP_FIN != 0
+        && flags & own_fin == 0
+        && set_flags(entry, own_fin) & other_fin != 0
+    {
+        set_flags(entry, FLOW_CLOSING);
+    }
+}
+
+/// A backend's FIN or RST counts for its flow too: noted in the client → service entry the reply
 /// belongs to.
 #[inline(always)]
 pub fn note_reply(pkt: &Packet, reverse: &ReverseValue) {
@@ -112,8 +180,9 @@ pub fn note_reply(pkt: &Packet, reverse: &ReverseValue) {
         _pad: [0; 3],
     };
     if let Some(entry) = FLOWS.get_ptr_mut(&key) {
-        // SAFETY: a live map value; setting a flag bit.
-        unsafe { (*entry).flags |= FLOW_CLOSING };
+        // SAFETY: a live map value, read for its flags.
+        let flags = unsafe { (*entry).flags };
+        note_end(entry, flags, pkt.tcp_flags, Side::Backend);
     }
 }
 

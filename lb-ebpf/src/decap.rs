@@ -34,10 +34,6 @@ pub fn xdp_from_node(
     mesh: &MeshConfig,
 ) -> Result<(u32, Reason), Reason> {
     let drop = |reason| Ok((xdp_action::XDP_DROP, reason));
-    // SAFETY: NODES is a set written by userspace; only presence is read.
-    if unsafe { NODES.get(&outer.src_ip_be) }.is_none() {
-        return drop(Reason::DropVxlanUnknownSource);
-    }
     let (data, data_end) = (ctx.data(), ctx.data_end());
     let vxlan_off = outer.l4_off + UdpHdr::LEN;
     let Some(vxlan) = ptr_at::<VxlanHdr>(data, data_end, vxlan_off) else {
@@ -49,8 +45,14 @@ pub fn xdp_from_node(
         return drop(Reason::DropVxlanBadFlags);
     }
     let vni = u32::from_be_bytes([0, vxlan.vni[0], vxlan.vni[1], vxlan.vni[2]]);
+    // The VNI first: overlay traffic of another VNI (Docker's own overlay networks, from Swarm
+    // nodes lbctl does not know) is the kernel's, whoever sends it.
     if vni != mesh.vni {
         return Err(Reason::PassVxlanOtherVni);
+    }
+    // SAFETY: NODES is a set written by userspace; only presence is read.
+    if unsafe { NODES.get(&outer.src_ip_be) }.is_none() {
+        return drop(Reason::DropVxlanUnknownSource);
     }
     let Some(outer_eth) = ptr_at::<EthHdr>(data, data_end, 0) else {
         return drop(Reason::DropVxlanMalformed);

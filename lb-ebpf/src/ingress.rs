@@ -4,7 +4,7 @@ use aya_ebpf::{
     bindings::xdp_action, helpers::generated::bpf_ktime_get_coarse_ns, programs::XdpContext,
 };
 use lb_common::{
-    Event, FLOW_CLOSING, FlowKey, FlowValue, PROTO_TCP, Reason, ReverseValue, SCHEDULER_MAGLEV,
+    Event, FlowKey, FlowValue, PROTO_TCP, Reason, ReverseValue, SCHEDULER_MAGLEV,
     SERVICE_FAIL_OPEN, ServiceKey, ServiceValue,
 };
 
@@ -108,11 +108,7 @@ fn to_service(
         node_ip_be: backend.node_ip_be,
         backend_port_be: backend.port_be,
         // A recovered connection may be ending already.
-        flags: if conntrack::client_ends_connection(pkt.tcp_flags) {
-            FLOW_CLOSING
-        } else {
-            0
-        },
+        flags: conntrack::first_flags(pkt.tcp_flags),
         _pad: 0,
         // SAFETY: plain helper call.
         last_seen_ns: unsafe { bpf_ktime_get_coarse_ns() },

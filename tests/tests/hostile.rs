@@ -611,6 +611,16 @@ fn vxlan_truncated_flagged_nested_or_from_strangers_is_never_decapsulated() {
             .wrap(&inner),
             Expect::Dropped(Reason::DropVxlanUnknownSource),
         ));
+        cases.push(case(
+            "another VNI from an address that is no node",
+            Tunnel {
+                src: (OTHER_IP, N2_SOURCE_PORT),
+                vni: DEFAULT_VNI + 1,
+                ..ours
+            }
+            .wrap(&inner),
+            Expect::Passed(&[Reason::PassVxlanOtherVni]),
+        ));
         let inner_defects = [
             (
                 "a fragment",

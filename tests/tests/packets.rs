@@ -275,6 +275,51 @@ fn a_syn_after_a_fin_or_an_abort_takes_a_new_turn_and_a_syn_after_a_bare_rst_doe
     });
 }
 
+/// A connection ends when both sides have sent their FIN, or either aborts: one FIN is a
+/// half-close (`shutdown(SHUT_WR)`), after which the other side may stream on for as long as it
+/// likes, and the flow stays live (`backend drain` waits for it). Each row is a connection's
+/// closing segments in order, from the client (`C`) or its backend (`B`), with whether the flow
+/// is still live after each.
+#[test]
+fn a_half_close_keeps_the_flow_live_until_the_other_side_closes_too() {
+    with_node(|node| {
+        let rows: [&[(char, &str, bool)]; 5] = [
+            &[('C', "FA", true), ('B', "PA", true), ('B', "FA", false)],
+            &[('B', "FA", true), ('C', "A", true), ('C', "FA", false)],
+            &[('C', "FA", true), ('B', "RA", false)],
+            &[('C', "FA", true), ('C', "FA", true), ('B', "A", true)],
+            &[('C', "RA", false)],
+        ];
+        for (i, row) in rows.iter().enumerate() {
+            let port = 43000 + i as u16;
+            let (backend, backend_port) = dst_of(&node.xdp(&client_syn(port), None).1);
+            let key = tcp_key((CLIENT_IP, port), (NODE_IP, WEB_PORT));
+            for (step, &(side, flags, live)) in row.iter().enumerate() {
+                if side == 'C' {
+                    node.xdp(&client_tcp(port, WEB_PORT, flags), None);
+                } else {
+                    let reply = tcp(
+                        (node.mac, CLIENT_MAC),
+                        (backend, backend_port),
+                        (CLIENT_IP, port),
+                        63,
+                        flags,
+                        b"more",
+                    );
+                    node.tc(&reply);
+                }
+                let flow = node.maps.flows.get(&key, 0).unwrap();
+                assert_eq!(
+                    datapath::flow_is_live(&key, &flow, datapath::monotonic_ns()),
+                    live,
+                    "row {i}, step {step}: {side} {flags}, flags {:#x}",
+                    flow.flags
+                );
+            }
+        }
+    });
+}
+
 #[test]
 fn a_flow_keeps_its_backend_when_the_list_changes_until_its_backend_is_removed() {
     with_node(|node| {
@@ -1068,6 +1113,17 @@ fn vxlan_that_is_not_this_nodes_to_decapsulate_is_dropped_or_passed_untouched() 
                 Tunnel {
                     vni: DEFAULT_VNI + 1,
                     ..ours
+                }
+                .wrap(&inner),
+                XDP_PASS,
+                Reason::PassVxlanOtherVni,
+            ),
+            (
+                // Docker's own overlay from a Swarm node lbctl does not know: the kernel's.
+                "another VNI from an address that is no node",
+                Tunnel {
+                    vni: DEFAULT_VNI + 1,
+                    ..stranger
                 }
                 .wrap(&inner),
                 XDP_PASS,

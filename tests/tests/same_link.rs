@@ -207,3 +207,35 @@ fn transmit_xdp_on_a_veth_warns_with_the_reason_and_the_way_out() {
     assert_eq!(stats["interfaces"][0]["transmit"], "xdp", "{stats}");
     assert_eq!(stats["interfaces"][0]["xdp_mode"], "native", "{stats}");
 }
+
+/// Frames XDP counted as sent but the driver could not send are counted as the interface's
+/// transmit failures: with `--transmit xdp`, a veth whose peer runs no XDP (and so has no
+/// NAPI to take them) refuses every frame XDP_TX gives it, and `stats` says so.
+#[test]
+fn frames_the_driver_refuses_are_counted_as_transmit_failures() {
+    let lan = Lan::build(1, &["--transmit", "xdp"]);
+    lan.node
+        .exec(["ping", "-c1", "-W1", &backend_ip(0).to_string()])
+        .unwrap();
+    let sent = 50;
+    let addr = SocketAddrV4::new(NODE_CLIENT_SIDE, PUBLISHED);
+    lan.client.in_netns(|| {
+        let socket = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+        for _ in 0..sent {
+            socket.send_to(b"lost?", addr).unwrap();
+        }
+    });
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let forwarded = lan.reason("forward_tx");
+    assert_eq!(forwarded, sent, "counted as sent by XDP_TX");
+    let stats: serde_json::Value =
+        serde_json::from_str(&lan.lbctl.run(&["stats", "--json"]).unwrap()).unwrap();
+    let failures = &stats["interfaces"][0]["tx_failures"];
+    assert_eq!(failures["xdp_errors"], sent, "{stats}");
+    let text = lan.lbctl.run(&["stats"]).unwrap();
+    assert!(
+        text.contains("eth0: native XDP, XDP sends; transmit failures:")
+            && text.contains(&format!("{sent} XDP errors")),
+        "{text}"
+    );
+}
