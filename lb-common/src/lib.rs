@@ -66,6 +66,18 @@ pub struct ServiceKey {
 }
 assert_size!(ServiceKey, 8);
 
+/// Key of `LOCAL_BACKENDS`: a backend this node reaches by plain routing (hosted here, or on no
+/// node), as a decapsulated packet addresses it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct LocalBackendKey {
+    pub ip_be: u32,
+    pub port_be: u16,
+    pub proto: u8,
+    pub _pad: u8,
+}
+assert_size!(LocalBackendKey, 8);
+
 /// Value of the `SERVICES` map: the service's id and the backends new flows may choose.
 ///
 /// The backend list is part of the value so that userspace replaces it in one map update: the
@@ -400,6 +412,11 @@ reasons! {
     /// handed to the kernel with a note, and sent by the TC ingress program (`bpf_redirect`).
     /// Counted here on top of the reason XDP counted it under (`forward_tx`, `decap_tx`, ...).
     XmitTc = 33 => "xmit_tc",
+    /// VXLAN from a known node whose inner packet is neither a reply of a flow this node
+    /// balanced nor for a backend this node reaches itself: dropped, never relayed (a reply
+    /// whose reverse-NAT entry was evicted would reach the client un-NATed; a forged one could
+    /// be sent anywhere).
+    DropVxlanNotLocalBackend = 34 => "drop_vxlan_not_local_backend",
 }
 
 /// Number of counter slots in `REASON_STATS`.
@@ -462,6 +479,7 @@ pub mod map_names {
     pub const TUNNEL_REPLIES: &str = "TUNNEL_REPLIES";
     pub const MAGLEV: &str = "MAGLEV";
     pub const TX_VIA_TC: &str = "TX_VIA_TC";
+    pub const LOCAL_BACKENDS: &str = "LOCAL_BACKENDS";
 
     /// Every map, so that pinning cannot forget one.
     pub const ALL: &[&str] = &[
@@ -479,6 +497,7 @@ pub mod map_names {
         TUNNEL_REPLIES,
         MAGLEV,
         TX_VIA_TC,
+        LOCAL_BACKENDS,
     ];
 }
 
@@ -494,6 +513,7 @@ mod pod {
     use super::*;
     // SAFETY: every type is repr(C), made of integers only, with all padding explicit.
     unsafe impl aya::Pod for ServiceKey {}
+    unsafe impl aya::Pod for LocalBackendKey {}
     unsafe impl aya::Pod for ServiceValue {}
     unsafe impl aya::Pod for Backend {}
     unsafe impl aya::Pod for FlowKey {}

@@ -7,14 +7,14 @@ use aya_ebpf::{
     helpers::generated::bpf_xdp_adjust_head,
     programs::XdpContext,
 };
-use lb_common::{FlowKey, MeshConfig, PROTO_UDP, Reason, TunnelValue};
+use lb_common::{FlowKey, LocalBackendKey, MeshConfig, PROTO_UDP, Reason, TunnelValue};
 use network_types::{eth::EthHdr, udp::UdpHdr};
 
 use crate::{
     conntrack,
     encap::{VXLAN_FLAG_VNI, VxlanHdr},
     forward, ingress,
-    maps::{BACKENDS, NODES, REVERSE_FLOWS, TUNNEL_REPLIES},
+    maps::{BACKENDS, LOCAL_BACKENDS, NODES, REVERSE_FLOWS, TUNNEL_REPLIES},
     parse::{self, Packet, ptr_at},
 };
 
@@ -94,6 +94,18 @@ pub fn xdp_from_node(
             return drop(Reason::DropVxlanWrongNode);
         }
         return ingress::reply(ctx, &inner, &reverse);
+    }
+    // Only to a backend this node reaches itself: anything else (a reply whose reverse entry
+    // was evicted, a forged packet) would be relayed out un-NATed, anywhere.
+    let local = LocalBackendKey {
+        ip_be: inner.dst_ip_be,
+        port_be: inner.dst_port_be,
+        proto: inner.proto,
+        _pad: 0,
+    };
+    // SAFETY: a set written by userspace; only presence is read.
+    if unsafe { LOCAL_BACKENDS.get(&local) }.is_none() {
+        return drop(Reason::DropVxlanNotLocalBackend);
     }
     remember_ingress_node(&key, outer.src_ip_be);
     deliver(ctx, &inner)

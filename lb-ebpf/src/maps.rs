@@ -8,8 +8,8 @@ use aya_ebpf::{
 };
 use lb_common::{
     Backend, BackendStats, Counter, DEFAULT_FLOW_CAPACITY, EVENT_COUNT, FlowKey, FlowValue,
-    MAX_BACKENDS, MAX_NODES, MAX_SERVICES, MaglevTable, MeshConfig, REASON_COUNT, ReverseValue,
-    ServiceKey, ServiceValue, TunnelValue,
+    LocalBackendKey, MAX_BACKENDS, MAX_NODES, MAX_SERVICES, MaglevTable, MeshConfig, REASON_COUNT,
+    ReverseValue, ServiceKey, ServiceValue, TunnelValue,
 };
 
 /// Published services: (VIP or 0 for every local address, protocol, port) → id and backend list.
@@ -65,6 +65,13 @@ pub static TX_PORTS: DevMapHash = DevMapHash::with_max_entries(64, 0);
 /// the note in a frame's metadata must carry it.
 #[map]
 pub static TX_VIA_TC: HashMap<u32, u32> = HashMap::with_max_entries(64, 0);
+
+/// Backends this node reaches by plain routing (hosted here, or on no node), by address, port
+/// and protocol: the only destinations a decapsulated client packet is delivered to. A set (the
+/// value is unused, 0); not preallocated, since most backends are elsewhere.
+#[map]
+pub static LOCAL_BACKENDS: HashMap<LocalBackendKey, u32> =
+    HashMap::with_max_entries(MAX_BACKENDS, BPF_F_NO_PREALLOC);
 
 /// Underlay addresses (network byte order) of the nodes VXLAN packets are accepted from. A set:
 /// the value is unused (0).

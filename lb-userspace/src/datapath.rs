@@ -16,8 +16,8 @@ use aya::{
     util::nr_cpus,
 };
 use lb_common::{
-    BACKEND_ACTIVE, Backend, BackendStats, Counter, FlowKey, FlowValue, MaglevTable, MeshConfig,
-    ReverseValue, ServiceKey, ServiceValue, TunnelValue, map_names,
+    BACKEND_ACTIVE, Backend, BackendStats, Counter, FlowKey, FlowValue, LocalBackendKey,
+    MaglevTable, MeshConfig, ReverseValue, ServiceKey, ServiceValue, TunnelValue, map_names,
 };
 
 use crate::{
@@ -86,6 +86,8 @@ pub struct Maps {
     /// Interfaces whose frames XDP hands to TC to send (by ifindex), with the cookie the
     /// hand-over note must carry.
     pub tx_via_tc: HashMap<MapData, u32, u32>,
+    /// Backends this node reaches by plain routing; the value is unused (0).
+    pub local_backends: HashMap<MapData, LocalBackendKey, u32>,
 }
 
 fn open(pin_dir: &Path, name: &str) -> Result<Map> {
@@ -124,6 +126,7 @@ impl Maps {
             tunnel_replies: get(map_names::TUNNEL_REPLIES)?.try_into()?,
             maglev: get(map_names::MAGLEV)?.try_into()?,
             tx_via_tc: get(map_names::TX_VIA_TC)?.try_into()?,
+            local_backends: get(map_names::LOCAL_BACKENDS)?.try_into()?,
         })
     }
 
@@ -145,6 +148,10 @@ impl Maps {
             contents.services.insert(key, value);
         })
         .context("reading SERVICES")?;
+        for_each_entry(self.local_backends.map(), |key, _: u32| {
+            contents.local_backends.insert(key);
+        })
+        .context("reading LOCAL_BACKENDS")?;
         for_each_entry(self.backends.map(), |id, backend: Backend| {
             if backend.flags & BACKEND_ACTIVE != 0 {
                 contents.backends.insert(id, backend);
@@ -167,6 +174,11 @@ impl Maps {
             self.nodes
                 .insert(ip, 0, 0)
                 .with_context(|| format!("adding node {} to NODES", show_ip(*ip)))?;
+        }
+        for key in &delta.local_backends_to_add {
+            self.local_backends
+                .insert(key, 0, 0)
+                .with_context(|| format!("adding {} to LOCAL_BACKENDS", show_local(key)))?;
         }
         for id in &delta.new_backend_ids {
             self.backend_stats
@@ -205,6 +217,11 @@ impl Maps {
             self.backends
                 .set(*id, Backend::default(), 0)
                 .with_context(|| format!("clearing backend slot {id}"))?;
+        }
+        for key in &delta.local_backends_to_remove {
+            self.local_backends
+                .remove(key)
+                .with_context(|| format!("removing {} from LOCAL_BACKENDS", show_local(key)))?;
         }
         for ip in &delta.nodes_to_remove {
             self.nodes
@@ -297,6 +314,16 @@ fn for_each_entry<K: Pod, V: Pod>(map: &MapData, mut f: impl FnMut(K, V)) -> Res
 /// An address kept in network byte order, for messages.
 fn show_ip(ip_be: u32) -> std::net::Ipv4Addr {
     std::net::Ipv4Addr::from(ip_be.to_ne_bytes())
+}
+
+/// A `LOCAL_BACKENDS` key, for messages: `IP:PORT/PROTO`.
+fn show_local(key: &LocalBackendKey) -> String {
+    format!(
+        "{}:{}/{}",
+        show_ip(key.ip_be),
+        u16::from_be(key.port_be),
+        key.proto
+    )
 }
 
 fn per_cpu<T: aya::Pod>(value: T) -> Result<PerCpuValues<T>> {

@@ -3,8 +3,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use lb_common::{
-    BACKEND_ACTIVE, Backend, MAX_BACKENDS_PER_SERVICE, MaglevTable, MeshConfig, SERVICE_FAIL_OPEN,
-    ServiceKey, ServiceValue,
+    BACKEND_ACTIVE, Backend, LocalBackendKey, MAX_BACKENDS_PER_SERVICE, MaglevTable, MeshConfig,
+    SERVICE_FAIL_OPEN, ServiceKey, ServiceValue,
 };
 
 use crate::{
@@ -12,8 +12,8 @@ use crate::{
     model::{self, Scheduler, Service, Table},
 };
 
-/// What `MESH`, `NODES`, `SERVICES`, `BACKENDS` and `MAGLEV` should hold (active backends
-/// only).
+/// What `MESH`, `NODES`, `SERVICES`, `BACKENDS`, `MAGLEV` and `LOCAL_BACKENDS` should hold
+/// (active backends only).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct MapContents {
     /// `MESH[0]`.
@@ -24,6 +24,9 @@ pub struct MapContents {
     pub backends: BTreeMap<u32, Backend>,
     /// The lookup table of every maglev service that has a backend to choose, by service id.
     pub maglev: BTreeMap<u32, Box<MaglevTable>>,
+    /// The backends this node reaches by plain routing (on this node or on none), by address,
+    /// port and protocol: where decapsulated client packets may go.
+    pub local_backends: BTreeSet<LocalBackendKey>,
 }
 
 pub fn service_key(service: &Service) -> ServiceKey {
@@ -96,6 +99,15 @@ pub fn desired(table: &Table, self_node: Option<&str>) -> MapContents {
             }
         }
         for backend in &service.backends {
+            let routed_here = backend.node.is_none() || backend.node.as_deref() == self_node;
+            if routed_here {
+                contents.local_backends.insert(LocalBackendKey {
+                    ip_be: be(*backend.addr.ip()),
+                    port_be: backend.addr.port().to_be(),
+                    proto: service.proto.number(),
+                    _pad: 0,
+                });
+            }
             contents.backends.insert(
                 backend.id,
                 Backend {
@@ -185,7 +197,8 @@ fn gcd(a: u32, b: u32) -> u32 {
 /// the data plane never picks a backend that is not (yet, or any more) active, nor one on a
 /// node it does not (yet, or any more) know:
 /// 1. `mesh` (this node's underlay address, VNI and port: what every encapsulation uses);
-/// 2. `nodes_to_add` (a node's VXLAN is accepted before any of its backends can be chosen);
+/// 2. `nodes_to_add` (a node's VXLAN is accepted before any of its backends can be chosen),
+///    then `local_backends_to_add` (before the other nodes can send flows to them);
 /// 3. `backends_to_write` (new backends become active before any service lists them; their
 ///    counters are zeroed first when `new_backend_ids` says the slot is fresh);
 /// 4. `maglev_to_write` (the tables name active backends only, and a service that becomes a
@@ -195,11 +208,12 @@ fn gcd(a: u32, b: u32) -> u32 {
 /// 7. `maglev_to_delete` (tables no service reads any more);
 /// 8. `backends_to_clear` (deactivated after the services stop listing them: flows pinned to
 ///    them then choose again);
-/// 9. `nodes_to_remove` (last: once no backend sends there).
+/// 9. `local_backends_to_remove`, then `nodes_to_remove` (last: once no backend sends there).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Delta {
     pub mesh: Option<MeshConfig>,
     pub nodes_to_add: Vec<u32>,
+    pub local_backends_to_add: Vec<LocalBackendKey>,
     pub backends_to_write: Vec<(u32, Backend)>,
     pub new_backend_ids: Vec<u32>,
     /// Maglev tables by service id.
@@ -209,6 +223,7 @@ pub struct Delta {
     pub services_to_delete: Vec<ServiceKey>,
     pub maglev_to_delete: Vec<u32>,
     pub backends_to_clear: Vec<u32>,
+    pub local_backends_to_remove: Vec<LocalBackendKey>,
     pub nodes_to_remove: Vec<u32>,
 }
 
@@ -217,12 +232,14 @@ impl Delta {
     pub fn writes(&self) -> usize {
         usize::from(self.mesh.is_some())
             + self.nodes_to_add.len()
+            + self.local_backends_to_add.len()
             + self.backends_to_write.len()
             + self.maglev_to_write.len()
             + self.services_to_write.len()
             + self.services_to_delete.len()
             + self.maglev_to_delete.len()
             + self.backends_to_clear.len()
+            + self.local_backends_to_remove.len()
             + self.nodes_to_remove.len()
     }
 
@@ -236,6 +253,16 @@ pub fn delta(desired: &MapContents, actual: &MapContents) -> Delta {
         mesh: (desired.mesh != actual.mesh).then_some(desired.mesh),
         nodes_to_add: desired.nodes.difference(&actual.nodes).copied().collect(),
         nodes_to_remove: actual.nodes.difference(&desired.nodes).copied().collect(),
+        local_backends_to_add: desired
+            .local_backends
+            .difference(&actual.local_backends)
+            .copied()
+            .collect(),
+        local_backends_to_remove: actual
+            .local_backends
+            .difference(&desired.local_backends)
+            .copied()
+            .collect(),
         ..Delta::default()
     };
     for (id, backend) in &desired.backends {
@@ -627,10 +654,39 @@ mod tests {
     fn an_applied_mesh_yields_no_writes() {
         let want = desired(&web_on_two_nodes(), Some("n2"));
         assert!(delta(&want, &want).is_empty());
+        // The mesh, n1, three backends, the service, and the two backends n2 routes itself.
         assert_eq!(
             delta(&want, &MapContents::default()).writes(),
-            1 + 1 + 3 + 1
+            1 + 1 + 3 + 1 + 2
         );
+    }
+
+    /// Decapsulated packets may go only to the backends a node reaches itself: those on it and
+    /// those on no node, by address, port and protocol.
+    #[test]
+    fn local_backends_are_the_ones_this_node_routes_itself() {
+        let local = |ip: [u8; 4], port: u16| LocalBackendKey {
+            ip_be: u32::from_ne_bytes(ip),
+            port_be: port.to_be(),
+            proto: lb_common::PROTO_TCP,
+            _pad: 0,
+        };
+        let table = web_on_two_nodes();
+        assert_eq!(
+            desired(&table, Some("n1")).local_backends,
+            [local([10, 0, 0, 6], 80), local([10, 0, 0, 7], 80)].into()
+        );
+        assert_eq!(
+            desired(&table, Some("n2")).local_backends,
+            [local([10, 0, 0, 6], 80), local([10, 0, 0, 8], 80)].into()
+        );
+        let mut moved = table.clone();
+        moved
+            .remove_backends("web", &[parse_backend("10.0.0.7:80").unwrap()])
+            .unwrap();
+        let delta = delta(&desired(&moved, Some("n1")), &desired(&table, Some("n1")));
+        assert_eq!(delta.local_backends_to_remove, [local([10, 0, 0, 7], 80)]);
+        assert!(delta.local_backends_to_add.is_empty());
     }
 
     #[test]

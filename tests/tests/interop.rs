@@ -18,6 +18,8 @@ use std::net::SocketAddrV4;
 /// The name the Linux host has in lbctl's node table.
 const HOST_NODE: &str = "lx";
 const WEB_PORT: u16 = 8080;
+/// Port of the service of n1's first task.
+const TASKS_PORT: u16 = 8081;
 
 fn reason(lbctl: &Lbctl, reason: &str) -> u64 {
     let stats: serde_json::Value =
@@ -58,6 +60,17 @@ fn a_linux_vxlan_device_and_the_data_plane_understand_each_others_frames() -> Re
         }
         node.run(&["node", "add", HOST_NODE, &host.underlay_ip().to_string()])?;
         node.run(&["service", "add", "web", &WEB_PORT.to_string(), &backend])?;
+        // n1's first task is a backend too: a node delivers decapsulated packets only to the
+        // backends it hosts.
+        let task = mesh.tasks_on(0).start;
+        let task_backend = format!("{}@{}", mesh.task_addr(task), mesh.node_name(0));
+        node.run(&[
+            "service",
+            "add",
+            "tasks",
+            &TASKS_PORT.to_string(),
+            &task_backend,
+        ])?;
         lbctl.push(node);
     }
 
@@ -78,8 +91,9 @@ fn a_linux_vxlan_device_and_the_data_plane_understand_each_others_frames() -> Re
     assert!(reason(&lbctl[ingress], "reply_tx") > 0);
 
     // Linux vxlan0 → task node's XDP: the host connects from its own client address to a task
-    // of n1 through vxlan0; n1 decapsulates, the task answers, n1's TC encapsulates the reply
-    // back to the host, whose vxlan0 decodes it.
+    // of n1 (a backend of n1) through vxlan0, as a node that balanced a flow to it would; n1
+    // decapsulates, the task answers, n1's TC encapsulates the reply back to the host, whose
+    // vxlan0 decodes it.
     let task = mesh.tasks_on(0).start;
     host.route_via(mesh.task_ip(task), mesh.node_ip(0), mesh.node_mac(0)?)?;
     let decoded_before = host.ns().rx_packets(VXLAN_IF)?;

@@ -1064,6 +1064,60 @@ fn reply_coming_back_over_vxlan_is_decapsulated_and_reverse_nated_to_the_client(
     });
 }
 
+/// A decapsulated packet is delivered only to a backend this node reaches itself (by address,
+/// port and protocol), or reverse-NATed as a reply of a flow this node balanced: a reply whose
+/// reverse entry was evicted is not sent to the client un-NATed, and a packet from a node for
+/// any other destination is not relayed there. Dropped and counted, remembering nothing.
+#[test]
+fn decapsulated_packets_go_only_to_this_nodes_backends() {
+    with_node(|node| {
+        let ingress = Some(node.ifindex);
+        let n2 = Tunnel::from_n2();
+        // A flow through this node to n2's backend, whose reverse entry is then evicted.
+        let syn = client_tcp(40300, MESH_PORT, "S");
+        assert_eq!(node.xdp(&syn, ingress).0, XDP_TX);
+        let key = tcp_key((CLIENT_IP, 40300), (NODE_IP, MESH_PORT));
+        let reverse = reverse_key(&key, REMOTE_BACKEND, BACKEND_PORT);
+        node.maps.reverse_flows.remove(&reverse).unwrap();
+        let orphan_reply = tcp(
+            (N2_MAC, INGRESS_MAC),
+            (REMOTE_BACKEND, BACKEND_PORT),
+            (CLIENT_IP, 40300),
+            63,
+            "A",
+            b"",
+        );
+        let not_a_backend = to_backend((N2_MAC, INGRESS_MAC), 40301, [10, 0, 0, 99], 63, "S");
+        let udp_to_a_tcp_backend = udp(
+            (N2_MAC, INGRESS_MAC),
+            (CLIENT_IP, 40302),
+            (BACKENDS[0], BACKEND_PORT),
+            63,
+            b"x",
+        );
+        let elsewhere = to_backend((N2_MAC, INGRESS_MAC), 40303, OTHER_IP, 63, "S");
+        for (name, inner) in [
+            ("a reply whose reverse entry was evicted", orphan_reply),
+            ("a SYN to an address that is no backend", not_a_backend),
+            ("UDP to a TCP backend's port", udp_to_a_tcp_backend),
+            ("a SYN to another host of the underlay", elsewhere),
+        ] {
+            node.xdp_case(
+                name,
+                &n2.wrap(&inner),
+                ingress,
+                XDP_DROP,
+                Reason::DropVxlanNotLocalBackend,
+            );
+        }
+        assert_eq!(node.tunnel_replies(), vec![], "nothing remembered");
+        // A backend of this node still gets its flows.
+        let (action, _) = node.xdp(&n2.wrap(&syn_from_n2_for_a_local_backend()), ingress);
+        assert_ne!(action, XDP_DROP);
+        assert_eq!(node.tunnel_replies().len(), 1);
+    });
+}
+
 #[test]
 fn vxlan_that_is_not_this_nodes_to_decapsulate_is_dropped_or_passed_untouched() {
     with_node(|node| {
