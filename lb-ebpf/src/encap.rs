@@ -11,8 +11,8 @@ use core::ptr;
 use aya_ebpf::{
     bindings::{
         BPF_ADJ_ROOM_ENCAP_L2_SHIFT, BPF_F_ADJ_ROOM_ENCAP_L2_ETH, BPF_F_ADJ_ROOM_ENCAP_L3_IPV4,
-        BPF_F_ADJ_ROOM_ENCAP_L4_UDP, BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_NO_NEIGH,
-        BPF_FIB_LKUP_RET_SUCCESS, TC_ACT_REDIRECT, TC_ACT_SHOT,
+        BPF_F_ADJ_ROOM_ENCAP_L4_UDP, BPF_F_ADJ_ROOM_FIXED_GSO, BPF_FIB_LKUP_RET_FRAG_NEEDED,
+        BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, TC_ACT_REDIRECT, TC_ACT_SHOT,
         bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, xdp_action,
     },
     helpers::generated::{bpf_redirect, bpf_redirect_neigh, bpf_xdp_adjust_head},
@@ -212,11 +212,13 @@ pub fn xdp_to_node(
     Ok((forward::send(ctx, &egress), reason))
 }
 
-/// The skb fields TC reads here that `TcContext` does not expose.
+/// The skb fields TC reads here that `TcContext` does not expose: the interface, and the GSO
+/// segment size (0: not a GSO packet; `gso_segs` is no guide, tap and VM backends send GSO
+/// packets with it 0).
 #[inline(always)]
-fn skb_ifindex_and_gso(ctx: &TcContext) -> (u32, bool) {
+fn skb_ifindex_and_gso_size(ctx: &TcContext) -> (u32, u32) {
     // SAFETY: the context points at the program's __sk_buff for the whole run.
-    unsafe { ((*ctx.skb.skb).ifindex, (*ctx.skb.skb).gso_segs > 1) }
+    unsafe { ((*ctx.skb.skb).ifindex, (*ctx.skb.skb).gso_size) }
 }
 
 /// Encapsulates a backend's reply to the node its flow came in on (TC egress on the backend's
@@ -232,10 +234,20 @@ pub fn tc_to_node(ctx: &mut TcContext, pkt: &Packet, node_ip_be: u32) -> (i32, R
     };
     let inner_len = ctx.len() as usize;
     let outer_len = OUTER_L3_OVERHEAD + inner_len;
-    let (ifindex, gso) = skb_ifindex_and_gso(ctx);
-    // A GSO packet is checked segment by segment when it is split: adjust_room shrinks its
-    // segment size by the encapsulation overhead.
-    let checked_len = if gso || outer_len > usize::from(u16::MAX) {
+    let (ifindex, gso_size) = skb_ifindex_and_gso_size(ctx);
+    // UDP GSO (`UDP_SEGMENT`: QUIC servers) keeps its segment size: adjust_room takes non-TCP
+    // GSO only as fixed-size, so each segment grows by the overhead and must fit as it is. TCP
+    // GSO is checked segment by segment when it is split: adjust_room shrinks its segment size
+    // by the overhead.
+    let udp_gso = gso_size != 0 && pkt.proto == PROTO_UDP;
+    let checked_len = if udp_gso {
+        // Outer headers, inner Ethernet, inner IPv4 and UDP headers, one segment's payload.
+        let segment = OUTER_L3_OVERHEAD + pkt.l4_off + UdpHdr::LEN + gso_size as usize;
+        if segment > usize::from(u16::MAX) {
+            return shot(Reason::DropEncapMtu);
+        }
+        segment as u16
+    } else if gso_size != 0 || outer_len > usize::from(u16::MAX) {
         0
     } else {
         outer_len as u16
@@ -255,8 +267,12 @@ pub fn tc_to_node(ctx: &mut TcContext, pkt: &Packet, node_ip_be: u32) -> (i32, R
     }
     let key = crate::conntrack::key_of(pkt);
     let encap = headers(mesh, node_ip_be, &hop, source_port(&key), inner_len);
+    let fixed_gso = if udp_gso { BPF_F_ADJ_ROOM_FIXED_GSO } else { 0 };
     let flags = u64::from(
-        BPF_F_ADJ_ROOM_ENCAP_L3_IPV4 | BPF_F_ADJ_ROOM_ENCAP_L4_UDP | BPF_F_ADJ_ROOM_ENCAP_L2_ETH,
+        BPF_F_ADJ_ROOM_ENCAP_L3_IPV4
+            | BPF_F_ADJ_ROOM_ENCAP_L4_UDP
+            | BPF_F_ADJ_ROOM_ENCAP_L2_ETH
+            | fixed_gso,
     ) | ((EthHdr::LEN as u64) << BPF_ADJ_ROOM_ENCAP_L2_SHIFT);
     // Room goes after the MAC header: the old Ethernet header becomes the outer one and is
     // rewritten with the rest.

@@ -402,3 +402,82 @@ fn a_packet_too_big_once_encapsulated_is_dropped_and_counted() {
     });
     assert_eq!(cluster.reason(idle, "drop_encap_mtu"), 1);
 }
+
+/// `setsockopt(SOL_UDP, UDP_SEGMENT)` (linux/udp.h): datagrams larger than this are sent as one
+/// GSO packet of segments this size, as QUIC servers send theirs.
+const UDP_SEGMENT: libc::c_int = 103;
+
+/// A task that replies with UDP GSO (one send, several datagrams): its reply leaves its node as
+/// one GSO packet, which TC encapsulates with its segment size kept, and the client gets every
+/// datagram, from the address it sent to.
+#[test]
+fn a_udp_gso_reply_crosses_the_mesh_as_its_datagrams() {
+    const PORT: u16 = 7443;
+    const SEGMENT: usize = 1000;
+    const SEGMENTS: usize = 3;
+    let cluster = Cluster::build(MeshSpec::default());
+    let mesh = &cluster.mesh;
+    let task = mesh.tasks_on(0).start;
+    let backend = format!("{}:{PORT}@{}", mesh.task_ip(task), mesh.node_name(0));
+    cluster.on_every_node(&[
+        "service",
+        "add",
+        "quic",
+        &PORT.to_string(),
+        "--proto",
+        "udp",
+        &backend,
+    ]);
+    // UDP GSO needs checksum offload on the sending device, as containers have it.
+    let task_ns = mesh.task_ns(task);
+    let out = task_ns.exec(["ethtool", "-K", "eth0", "tx", "on"]).unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let server = task_ns.in_netns(|| UdpSocket::bind(("0.0.0.0", PORT)).unwrap());
+    let segment = SEGMENT as libc::c_int;
+    // SAFETY: a valid socket and a c_int option value of the size given.
+    let rc = unsafe {
+        libc::setsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(&server),
+            libc::SOL_UDP,
+            UDP_SEGMENT,
+            (&raw const segment).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(rc, 0, "UDP_SEGMENT: {}", std::io::Error::last_os_error());
+    server
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let replier = std::thread::spawn(move || {
+        let mut buf = [0u8; 64];
+        let (_, client) = server.recv_from(&mut buf).unwrap();
+        let reply: Vec<u8> = (0..SEGMENTS * SEGMENT)
+            .map(|i| (i / SEGMENT) as u8)
+            .collect();
+        assert_eq!(server.send_to(&reply, client).unwrap(), reply.len());
+    });
+    let idle = mesh.node_count() - 1;
+    let addr = cluster.addr(idle, PORT);
+    let got: Vec<(Vec<u8>, std::net::SocketAddr)> = mesh.client().in_netns(|| {
+        let socket = UdpSocket::bind("0.0.0.0:0").unwrap();
+        socket
+            .set_read_timeout(Some(Duration::from_secs(3)))
+            .unwrap();
+        socket.send_to(b"hello", addr).unwrap();
+        (0..SEGMENTS)
+            .map(|_| {
+                let mut buf = [0u8; 2048];
+                let (len, from) = socket.recv_from(&mut buf).expect("every datagram arrives");
+                (buf[..len].to_vec(), from)
+            })
+            .collect()
+    });
+    replier.join().unwrap();
+    for (i, (datagram, from)) in got.iter().enumerate() {
+        assert_eq!(*from, std::net::SocketAddr::V4(addr), "datagram {i}");
+        assert_eq!(*datagram, vec![i as u8; SEGMENT], "datagram {i}");
+    }
+    assert!(cluster.reason(0, "reply_encap") > 0);
+    assert_eq!(cluster.reason(0, "drop_encap_no_route"), 0);
+    assert_eq!(cluster.reason(0, "drop_encap_mtu"), 0);
+}

@@ -939,6 +939,43 @@ fn reply_of_a_decapsulated_flow_is_encapsulated_back_to_its_ingress_node_by_tc()
     });
 }
 
+/// A backend's UDP GSO reply (`UDP_SEGMENT`: QUIC servers send their datagrams so) to a flow
+/// another node balanced keeps its segment size when encapsulated, so each segment must fit
+/// the underlay once encapsulated: one that would not is dropped as too big for it
+/// (`drop_encap_mtu`, not a routing failure). A test run cannot make a UDP GSO packet the
+/// kernel would encapsulate (it leaves the GSO type unset): the mesh test of UDP GSO replies
+/// checks the other side with a real one.
+#[test]
+fn a_udp_gso_reply_whose_segments_would_not_fit_once_encapsulated_is_dropped_as_too_big() {
+    with_node(|node| {
+        let query = udp(
+            (N2_MAC, INGRESS_MAC),
+            (CLIENT_IP, 40400),
+            (BACKENDS[0], DNS_BACKEND_PORT),
+            63,
+            b"q",
+        );
+        let (action, _) = node.xdp(&Tunnel::from_n2().wrap(&query), Some(node.ifindex));
+        assert_ne!(action, XDP_DROP, "delivered to the local backend");
+        // One segment, encapsulated: outer 36, inner Ethernet 14, IPv4 20, UDP 8, payload.
+        let too_big = UNDERLAY_MTU - 36 - 14 - 20 - 8 + 1;
+        // Two segments' worth of payload behind one set of headers, as GSO hands it to TC (a
+        // test run takes at most a page).
+        let reply = udp(
+            (node.mac, CLIENT_MAC),
+            (BACKENDS[0], DNS_BACKEND_PORT),
+            (CLIENT_IP, 40400),
+            63,
+            &vec![b'd'; 2 * too_big],
+        );
+        let (action, _) = node.tc_gso(&reply, node.ifindex, too_big as u32);
+        assert_eq!(action, TC_ACT_SHOT);
+        assert_eq!(node.reason(Reason::DropEncapMtu), 1);
+        assert_eq!(node.reason(Reason::DropEncapNoRoute), 0);
+        assert_eq!(node.reason(Reason::ReplyEncap), 0);
+    });
+}
+
 /// A client that reuses a source port can reach one backend of this node through this node and
 /// through another node in turn; the backend sees the same 5-tuple both times. Its replies must
 /// follow the newest of those flows: reverse-NATed here after a flow this node balanced,

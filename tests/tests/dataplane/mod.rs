@@ -34,6 +34,8 @@ pub const XDP_TX: u32 = 3;
 pub const XDP_REDIRECT: u32 = 4;
 /// TC_ACT_UNSPEC: the program lets the packet go on its way.
 pub const TC_ACT_UNSPEC: i32 = -1;
+/// TC_ACT_SHOT: the program drops the packet.
+pub const TC_ACT_SHOT: i32 = 2;
 
 pub const NODE_IP: [u8; 4] = [192, 168, 100, 1];
 pub const CLIENT_IP: [u8; 4] = [192, 168, 100, 2];
@@ -236,11 +238,39 @@ impl Node {
         self.try_tc_on(frame, egress).unwrap()
     }
 
+    /// [`Node::tc_on`] for a GSO packet of `gso_size`-byte segments (`skb_shinfo`'s segment
+    /// size, as a UDP_SEGMENT socket or TSO sets it; the kernel leaves its type unset in a test
+    /// run, so it counts as non-TCP GSO).
+    pub fn tc_gso(&self, frame: &[u8], egress: u32, gso_size: u32) -> (i32, Vec<u8>) {
+        // struct __sk_buff: ifindex at 40, gso_segs at 164, gso_size at 176 (192 bytes).
+        let mut ctx = [0u8; 192];
+        ctx[40..44].copy_from_slice(&egress.to_ne_bytes());
+        let segments = (frame.len() as u32).div_ceil(gso_size.max(1));
+        ctx[164..168].copy_from_slice(&segments.to_ne_bytes());
+        ctx[176..180].copy_from_slice(&gso_size.to_ne_bytes());
+        self.tc_with_ctx(frame, Some(&ctx)).unwrap()
+    }
+
     /// [`Node::tc_on`], or the kernel's refusal to run the program on `frame`.
     pub fn try_tc_on(
         &self,
         frame: &[u8],
         egress: Option<u32>,
+    ) -> Result<(i32, Vec<u8>), ProgramError> {
+        // struct __sk_buff up to ifindex: len, pkt_type, mark, queue_mapping, protocol,
+        // vlan_present, vlan_tci, vlan_proto, priority, ingress_ifindex, ifindex. The kernel
+        // refuses any of them but mark, priority, ingress_ifindex and ifindex non-zero, and
+        // sets the skb's device from ifindex.
+        let mut ctx = [0u8; 44];
+        ctx[40..44].copy_from_slice(&egress.unwrap_or(0).to_ne_bytes());
+        self.tc_with_ctx(frame, egress.map(|_| &ctx[..]))
+    }
+
+    /// Runs the TC egress program on `frame` with `ctx` as its `__sk_buff` (if given).
+    fn tc_with_ctx(
+        &self,
+        frame: &[u8],
+        ctx: Option<&[u8]>,
     ) -> Result<(i32, Vec<u8>), ProgramError> {
         let prog: &SchedClassifier = self
             .ebpf
@@ -248,17 +278,11 @@ impl Node {
             .unwrap()
             .try_into()
             .unwrap();
-        // struct __sk_buff up to ifindex: len, pkt_type, mark, queue_mapping, protocol,
-        // vlan_present, vlan_tci, vlan_proto, priority, ingress_ifindex, ifindex. The kernel
-        // refuses any of them but mark, priority, ingress_ifindex and ifindex non-zero, and
-        // sets the skb's device from ifindex.
-        let mut ctx = [0u8; 44];
-        ctx[40..44].copy_from_slice(&egress.unwrap_or(0).to_ne_bytes());
         let mut out = vec![0u8; frame.len() + 256];
         let result = prog.test_run(TestRunOptions {
             data_in: Some(frame),
             data_out: Some(&mut out),
-            ctx_in: egress.map(|_| &ctx[..]),
+            ctx_in: ctx,
             ..TestRunOptions::new()
         })?;
         out.truncate(result.data_size_out as usize);
