@@ -2,7 +2,7 @@
 //! its input against the persisted state before touching anything, saves the new state, then
 //! brings the maps in line with it (a full reconcile, so an interrupted command heals on the
 //! next one).
-use std::{ffi::CString, fs, net::Ipv4Addr, path::PathBuf};
+use std::{collections::BTreeSet, ffi::CString, fs, net::Ipv4Addr, path::PathBuf};
 
 use anyhow::{Context as _, Result, anyhow, bail};
 use lb_common::{Event, Reason, VXLAN_OVERHEAD};
@@ -16,7 +16,7 @@ use crate::{
     instance::{self, Instance},
     instances,
     model::{BackendSpec, Health, HealthUpdate, Node, Proto, Scheduler, Service, Table},
-    netdev,
+    netdev, reserved_ports,
     state::{self, Attachment, State},
     sync, table_diff,
     table_file::TableFile,
@@ -86,8 +86,17 @@ fn reconcile(instance: &Instance, state: &mut State) -> Result<usize> {
     for warning in warnings {
         eprintln!("lbctl: warning: {warning}");
     }
-    if managed != state.managed_neighbours {
+    let ours: BTreeSet<u16> = state.reserved_ports.iter().copied().collect();
+    let reserved = match reserved_ports::sync(&ours, &reserved_ports::wanted(&state.table)) {
+        Ok(now) => now.into_iter().collect(),
+        Err(err) => {
+            eprintln!("lbctl: warning: published ports not reserved from ephemeral ports: {err:#}");
+            state.reserved_ports.clone()
+        }
+    };
+    if managed != state.managed_neighbours || reserved != state.reserved_ports {
         state.managed_neighbours = managed;
+        state.reserved_ports = reserved;
         state::save(&instance.state_dir, state)?;
     }
     Ok(delta.writes())
@@ -267,6 +276,10 @@ pub fn purge(instance: &Instance) -> Result<String> {
     datapath::remove_pins(&instance.pin_dir)?;
     for warning in underlay::delete_all(&state.managed_neighbours) {
         eprintln!("lbctl: warning: {warning}");
+    }
+    let ours: BTreeSet<u16> = state.reserved_ports.iter().copied().collect();
+    if let Err(err) = reserved_ports::sync(&ours, &BTreeSet::new()) {
+        eprintln!("lbctl: warning: published ports left reserved: {err:#}");
     }
     state::remove(&instance.state_dir)?;
     // A daemon still running rewrites it at its next round; stopped, it would only mislead.

@@ -16,6 +16,7 @@ pub mod metrics;
 pub mod migrate;
 pub mod model;
 pub mod netdev;
+pub mod reserved_ports;
 pub mod state;
 pub mod sync;
 pub mod table_diff;

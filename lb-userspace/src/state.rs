@@ -63,6 +63,10 @@ pub struct State {
     /// so that it deletes those (and only those) when no node needs them any more.
     #[serde(default)]
     pub managed_neighbours: Vec<NextHop>,
+    /// The ports lbctl reserved in the namespace's `net.ipv4.ip_local_reserved_ports` (see
+    /// `reserved_ports`), so that it removes those (and only those) when no service needs them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub reserved_ports: Vec<u16>,
     /// In a gossiped cluster (`lbctl daemon --cluster`), what this node publishes; `table` is
     /// then the merged table the node applied. `None`: the static table of `lbctl` commands.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -77,6 +81,7 @@ impl Default for State {
             attachments: Vec::new(),
             table: Table::default(),
             managed_neighbours: Vec::new(),
+            reserved_ports: Vec::new(),
             cluster: None,
         }
     }

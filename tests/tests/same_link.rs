@@ -239,3 +239,40 @@ fn frames_the_driver_refuses_are_counted_as_transmit_failures() {
         "{text}"
     );
 }
+
+/// The node's own connections never take a published port as their source port (it is
+/// reserved from the ephemeral ports, `net.ipv4.ip_local_reserved_ports`): their replies would
+/// otherwise be taken for the service's new flows and sent to a backend. With the node's
+/// ephemeral range narrowed to the published port and the next one, every exchange the node
+/// makes itself gets its reply; `purge` gives the reservation back.
+#[test]
+fn the_nodes_own_connections_never_take_a_published_port() {
+    let lan = Lan::build(1, &[]);
+    let reserved = |lan: &Lan| {
+        let out = lan
+            .node
+            .exec(["sysctl", "-n", "net.ipv4.ip_local_reserved_ports"])
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    };
+    assert_eq!(reserved(&lan), PUBLISHED.to_string());
+    let next = (PUBLISHED + 1).to_string();
+    lan.node
+        .sysctl(
+            "net.ipv4.ip_local_port_range",
+            &format!("{PUBLISHED} {next}"),
+        )
+        .unwrap();
+    let echo = SocketAddrV4::new(backend_ip(0), UDP_PORT);
+    for i in 0..6 {
+        let reply = lan
+            .node
+            .in_netns(|| client::udp_request(echo))
+            .unwrap_or_else(|err| panic!("exchange {i}: {err:#}"));
+        assert_ne!(reply.client_seen.port(), PUBLISHED, "exchange {i}");
+    }
+    lan.lbctl.run(&["service", "rm", "web"]).unwrap();
+    assert_eq!(reserved(&lan), PUBLISHED.to_string(), "dns still needs it");
+    lan.lbctl.run(&["purge"]).unwrap();
+    assert_eq!(reserved(&lan), "");
+}
