@@ -2,7 +2,7 @@
 //! ingress node, and of backend replies in TC on the backend's node.
 //!
 //! The frame sent is: outer Ethernet (next hop's MACs), outer IPv4 (this node → the other node,
-//! TTL 64, no options), UDP (source port from the flow hash so the underlay can spread flows,
+//! TTL 64, DF, no options), UDP (source port from the flow hash so the underlay can spread flows,
 //! destination the overlay port, checksum 0 as RFC 7348 allows for IPv4), VXLAN (I flag, VNI),
 //! then the inner Ethernet frame. The inner MACs repeat the outer ones: the receiving node
 //! rewrites them anyway, and a Linux VXLAN device given its host's underlay MAC accepts them.
@@ -36,6 +36,8 @@ const OUTER_TTL: u8 = 64;
 const SOURCE_PORT_BASE: u16 = 0xc000;
 const SOURCE_PORT_MASK: u32 = 0x3fff;
 const ETH_P_IP_BE: u16 = 0x0800u16.to_be();
+/// The IPv4 DF flag in the flags and fragment offset field.
+const DONT_FRAGMENT: u16 = 0x4000;
 
 /// The VXLAN header.
 #[repr(C)]
@@ -104,8 +106,11 @@ fn headers(
         vihl: 0x45,
         tos: 0,
         tot_len: ip_len.to_be_bytes(),
+        // DF with a constant ID (RFC 6864: an atomic datagram). The packet was made to fit the
+        // underlay here; a narrower hop must drop it (and say so) rather than fragment it, whose
+        // fragments, all of ID 0, would be reassembled with other packets' fragments.
         id: [0; 2],
-        frags: [0; 2],
+        frags: DONT_FRAGMENT.to_be_bytes(),
         ttl: OUTER_TTL,
         proto: PROTO_UDP,
         check: [0; 2],

@@ -451,6 +451,9 @@ pub struct Tunnel {
     /// The VXLAN flags byte; 0x08 is the I flag (the VNI is valid).
     pub flags: u8,
     pub vni: u32,
+    /// The outer IPv4 DF flag: lbctl sets it (with a constant ID, RFC 6864: an encapsulated
+    /// packet is never fragmented on the way); Linux's VXLAN device leaves it clear by default.
+    pub dont_fragment: bool,
 }
 
 impl Tunnel {
@@ -462,6 +465,7 @@ impl Tunnel {
             dst: (NODE_IP, DEFAULT_VXLAN_PORT),
             flags: 0x08,
             vni: DEFAULT_VNI,
+            dont_fragment: false,
         }
     }
 
@@ -471,18 +475,19 @@ impl Tunnel {
             macs: (INGRESS_MAC, N2_MAC),
             src: (NODE_IP, src_port),
             dst: (N2_IP, DEFAULT_VXLAN_PORT),
+            dont_fragment: true,
             ..Tunnel::from_n2()
         }
     }
 
-    /// `inner` encapsulated: outer Ethernet, IPv4 (TTL 64, id 0, DF clear), UDP with checksum 0
+    /// `inner` encapsulated: outer Ethernet, IPv4 (TTL 64, id 0, DF as said), UDP with checksum 0
     /// (none: RFC 7348 allows it over IPv4), VXLAN, then `inner` whole.
     pub fn wrap(&self, inner: &[u8]) -> Vec<u8> {
         let vni = self.vni.to_be_bytes();
         let vxlan = [self.flags, 0, 0, 0, vni[1], vni[2], vni[3], 0];
         let udp_len = (UdpHeader::LEN + vxlan.len() + inner.len()) as u16;
         let mut ip = Ipv4Header::new(udp_len, 64, IpNumber::UDP, self.src.0, self.dst.0).unwrap();
-        ip.dont_fragment = false;
+        ip.dont_fragment = self.dont_fragment;
         ip.header_checksum = ip.calc_header_checksum();
         let udp = UdpHeader {
             source_port: self.src.1,
