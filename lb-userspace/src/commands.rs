@@ -59,7 +59,7 @@ pub(crate) fn ifindex_of(instance: &Instance, iface: &str) -> Result<u32> {
 /// The node of the table this instance is: the one whose underlay address is assigned to an
 /// interface of the instance's namespace. Found afresh by every command, so an address added or
 /// moved after `node add` is picked up by the next one.
-fn self_node(state: &State) -> Result<Option<&Node>> {
+pub(crate) fn self_node(state: &State) -> Result<Option<&Node>> {
     Ok(state.table.self_node(&underlay::local_addrs()?))
 }
 

@@ -27,6 +27,7 @@ use crate::{
     migrate::Migration,
     netdev,
     state::{State, Transmit, XdpMode},
+    sync,
 };
 
 /// Where the maps being migrated are created and filled, under the instance's pin folder,
@@ -290,6 +291,11 @@ pub fn install(instance: &Instance, state: &State, new: Option<&Target>) -> Resu
             .insert(target.ifindex, target.ifindex, None, 0)
             .with_context(|| format!("adding {} to TX_PORTS", target.iface))?;
     }
+    // The table's map contents before the new programs run: a map this build adds (or grows)
+    // is filled before a program reads it. The command's own reconcile repeats it afterwards.
+    let self_node = crate::commands::self_node(state)?.map(|node| node.name.as_str());
+    let desired = sync::desired(&state.table, self_node);
+    maps.apply(&sync::delta(&desired, &maps.read_contents()?))?;
 
     let mut result = Vec::new();
     for target in &attached {
