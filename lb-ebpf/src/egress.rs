@@ -6,10 +6,10 @@ use aya_ebpf::{
     bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, TC_ACT_UNSPEC},
     programs::TcContext,
 };
-use lb_common::{PROTO_UDP, Reason};
+use lb_common::{PROTO_UDP, Reason, ReverseValue};
 
 use crate::{
-    conntrack, encap,
+    conntrack, encap, frag,
     maps::TUNNEL_REPLIES,
     parse::{self, IP_CHECK_OFF, IP_SRC_OFF},
     stats,
@@ -31,8 +31,10 @@ pub fn try_lb_tc_egress(ctx: &mut TcContext) -> Result<i32, i64> {
         ctx.pull_data(ctx.len().min(HEADERS_MAX))?;
         parsed = parse::parse(ctx.data(), ctx.data_end(), len);
     }
-    let Ok(pkt) = parsed else {
-        return Ok(TC_ACT_UNSPEC);
+    let pkt = match parsed {
+        Ok(pkt) => pkt,
+        Err(Reason::PassFragment) => return frag::tc_reply(ctx),
+        Err(_) => return Ok(TC_ACT_UNSPEC),
     };
     let key = conntrack::key_of(&pkt);
     let Some(reverse) = conntrack::reverse_lookup(&key) else {
@@ -47,30 +49,53 @@ pub fn try_lb_tc_egress(ctx: &mut TcContext) -> Result<i32, i64> {
         });
     };
     conntrack::note_reply(&pkt, &reverse);
-    let udp_flag = if pkt.proto == PROTO_UDP {
-        u64::from(BPF_F_MARK_MANGLED_0)
-    } else {
-        0
-    };
-    let (old_ip, new_ip) = (pkt.src_ip_be, reverse.orig_ip_be);
-    let (old_port, new_port) = (pkt.src_port_be, reverse.orig_port_be);
-    ctx.l3_csum_replace(IP_CHECK_OFF, u64::from(old_ip), u64::from(new_ip), 4)?;
-    ctx.l4_csum_replace(
-        pkt.l4_check_off,
-        u64::from(old_ip),
-        u64::from(new_ip),
-        u64::from(BPF_F_PSEUDO_HDR) | udp_flag | 4,
+    rewrite_l4_source(
+        ctx,
+        (pkt.l4_off, pkt.l4_check_off, pkt.proto == PROTO_UDP),
+        (pkt.src_ip_be, pkt.src_port_be),
+        &reverse,
     )?;
-    ctx.store(IP_SRC_OFF, &new_ip, 0)?;
-    ctx.l4_csum_replace(
-        pkt.l4_check_off,
-        u64::from(old_port),
-        u64::from(new_port),
-        udp_flag | 2,
-    )?;
-    ctx.store(pkt.l4_off, &new_port, 0)?;
+    rewrite_l3_source(ctx, pkt.src_ip_be, reverse.orig_ip_be)?;
     let bytes = u64::from(ctx.len());
     stats::count_reason(Reason::ReplyEgress, bytes);
     stats::count_reply(reverse.backend_id, bytes);
     Ok(TC_ACT_UNSPEC)
+}
+
+/// The L4 half of a reply's reverse NAT: its source port (`old_port`, at `l4_off`: the first
+/// field of both headers) becomes the one the client connected to, and its checksum (at
+/// `check_off`) follows the address and the port (`old_ip` → `reverse.orig_ip_be`; the address
+/// itself is rewritten by [`rewrite_l3_source`]). UDP's checksum 0 (none) stays 0.
+#[inline(always)]
+pub fn rewrite_l4_source(
+    ctx: &mut TcContext,
+    (l4_off, check_off, udp): (usize, usize, bool),
+    (old_ip, old_port): (u32, u16),
+    reverse: &ReverseValue,
+) -> Result<(), i64> {
+    let udp_flag = if udp {
+        u64::from(BPF_F_MARK_MANGLED_0)
+    } else {
+        0
+    };
+    ctx.l4_csum_replace(
+        check_off,
+        u64::from(old_ip),
+        u64::from(reverse.orig_ip_be),
+        u64::from(BPF_F_PSEUDO_HDR) | udp_flag | 4,
+    )?;
+    ctx.l4_csum_replace(
+        check_off,
+        u64::from(old_port),
+        u64::from(reverse.orig_port_be),
+        udp_flag | 2,
+    )?;
+    ctx.store(l4_off, &reverse.orig_port_be, 0)
+}
+
+/// The L3 half of a reply's reverse NAT: the source address and the header checksum.
+#[inline(always)]
+pub fn rewrite_l3_source(ctx: &mut TcContext, old_ip: u32, new_ip: u32) -> Result<(), i64> {
+    ctx.l3_csum_replace(IP_CHECK_OFF, u64::from(old_ip), u64::from(new_ip), 4)?;
+    ctx.store(IP_SRC_OFF, &new_ip, 0)
 }

@@ -13,6 +13,7 @@ mod decap;
 mod egress;
 mod encap;
 mod forward;
+mod frag;
 mod ingress;
 mod maps;
 mod nat;

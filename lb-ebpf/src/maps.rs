@@ -1,6 +1,9 @@
 //! Every map of the data plane. Userspace pins each one under the instance's bpffs folder by
 //! the same name (`lb_common::map_names`), so maps outlive the programs and `lbctl` itself.
-use crate::forward::{CachedRoute, ROUTE_CACHE_SLOTS};
+use crate::{
+    forward::{CachedRoute, ROUTE_CACHE_SLOTS},
+    frag::FragmentKey,
+};
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
     macros::map,
@@ -87,6 +90,12 @@ pub static MESH: Array<MeshConfig> = Array::with_max_entries(1, 0);
 #[map]
 pub static TUNNEL_REPLIES: LruHashMap<FlowKey, TunnelValue> =
     LruHashMap::with_max_entries(DEFAULT_FLOW_CAPACITY, 0);
+
+/// Fragments of backends' UDP replies that TC reverse-NATed the first fragment of: (backend,
+/// client, IPv4 identification) → the address the rest must leave from (`frag`). Short-lived
+/// by nature (an LRU); not pinned: a lost entry costs one datagram, as a lost fragment does.
+#[map]
+pub static FRAGMENTS: LruHashMap<FragmentKey, u32> = LruHashMap::with_max_entries(16_384, 0);
 
 /// Per CPU, recent FIB answers by destination (see `forward::fib_lookup_cached`). Not pinned:
 /// a cache, empty after every load.

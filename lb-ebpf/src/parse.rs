@@ -8,6 +8,8 @@ use network_types::{eth::EthHdr, ip::Ipv4Hdr, tcp::TcpHdr, udp::UdpHdr};
 const ETH_P_IP_BE: u16 = 0x0800u16.to_be();
 /// More-fragments flag and fragment offset, in the IPv4 `frags` field.
 const IP_MF_OR_OFFSET: u16 = 0x3fff;
+/// The fragment offset in the flags and fragment offset field.
+const IP_OFFSET: u16 = 0x1fff;
 
 /// The one bounds-checked accessor: a pointer to a `T` at `offset` bytes into the packet, or
 /// `None` if it would reach past `data_end`. All packet access goes through here.
@@ -161,5 +163,67 @@ pub fn parse(data: usize, data_end: usize, frame_len: usize) -> Result<Packet, R
         dst_port_be,
         l4_check_off,
         tcp_flags,
+    })
+}
+
+/// An IPv4 fragment of a UDP datagram: its addresses and identification, and for the first
+/// fragment (offset 0, more to come), which carries the UDP header, the ports and where the
+/// header and its checksum sit. Addresses and ports in network byte order.
+#[derive(Clone, Copy)]
+pub struct Fragment {
+    pub src_ip_be: u32,
+    pub dst_ip_be: u32,
+    pub id_be: u16,
+    /// `(src_port_be, dst_port_be, l4_off)` of the first fragment.
+    pub first: Option<(u16, u16, usize)>,
+}
+
+/// Parses an IPv4 fragment of a UDP datagram (what [`parse`] refuses as `PassFragment`), with
+/// the same checks of the IPv4 header; `None` for anything else.
+#[inline(always)]
+pub fn parse_udp_fragment(data: usize, data_end: usize, frame_len: usize) -> Option<Fragment> {
+    let eth: *const EthHdr = ptr_at(data, data_end, 0)?;
+    // SAFETY: ptr_at checked that the header lies inside the packet.
+    if unsafe { (*eth).ether_type } != ETH_P_IP_BE {
+        return None;
+    }
+    let ip: *const Ipv4Hdr = ptr_at(data, data_end, L3_OFF)?;
+    // SAFETY: as above.
+    let ip = unsafe { &*ip };
+    let ihl = usize::from(ip.ihl());
+    let tot_len = usize::from(ip.tot_len());
+    let frags = u16::from_be_bytes(ip.frags);
+    if ip.version() != 4
+        || ihl < Ipv4Hdr::LEN
+        || tot_len < ihl
+        || tot_len > frame_len.saturating_sub(L3_OFF)
+        || frags & IP_MF_OR_OFFSET == 0
+        || ip.proto != PROTO_UDP
+        || is_martian(ip.src_addr, ip.dst_addr)
+    {
+        return None;
+    }
+    let l4_off = L3_OFF + ihl;
+    let first = if frags & IP_OFFSET == 0 {
+        // The first fragment carries the whole UDP header (RFC 791: at least 8 bytes of data).
+        let udp: *const UdpHdr = ptr_at(data, data_end, l4_off)?;
+        if l4_off + UdpHdr::LEN > L3_OFF + tot_len {
+            return None;
+        }
+        // SAFETY: as above.
+        let udp = unsafe { &*udp };
+        Some((
+            u16::from_ne_bytes(udp.src),
+            u16::from_ne_bytes(udp.dst),
+            l4_off,
+        ))
+    } else {
+        None
+    };
+    Some(Fragment {
+        src_ip_be: u32::from_ne_bytes(ip.src_addr),
+        dst_ip_be: u32::from_ne_bytes(ip.dst_addr),
+        id_be: u16::from_ne_bytes(ip.id),
+        first,
     })
 }

@@ -695,6 +695,70 @@ fn traffic_that_is_not_for_a_service_passes_unchanged() {
     });
 }
 
+/// Splits an Ethernet + IPv4 (no options) frame into two fragments with identification `id`,
+/// the first carrying `at` bytes (a multiple of 8) of the IPv4 payload, as a sender's kernel
+/// fragments a datagram larger than its MTU.
+fn fragments(frame: &[u8], id: u16, at: usize) -> [Vec<u8>; 2] {
+    let (eth, ip, payload) = (&frame[..14], &frame[14..34], &frame[34..]);
+    let fragment = |data: &[u8], offset: usize, more: bool| {
+        let mut header = ip.to_vec();
+        header[2..4].copy_from_slice(&((20 + data.len()) as u16).to_be_bytes());
+        header[4..6].copy_from_slice(&id.to_be_bytes());
+        let flags = (u16::from(more) << 13) | (offset / 8) as u16;
+        header[6..8].copy_from_slice(&flags.to_be_bytes());
+        header[10..12].copy_from_slice(&[0, 0]);
+        let parsed = etherparse::Ipv4Header::from_slice(&header).unwrap().0;
+        header[10..12].copy_from_slice(&parsed.calc_header_checksum().to_be_bytes());
+        [eth, &header, data].concat()
+    };
+    [
+        fragment(&payload[..at], 0, true),
+        fragment(&payload[at..], at, false),
+    ]
+}
+
+/// A backend's UDP reply larger than its MTU leaves it in fragments: TC reverse-NATs the first
+/// (address, port, the datagram's checksum) and the rest after it (address), so the client
+/// reassembles exactly the datagram it would have got whole. A fragment whose first fragment
+/// was not seen leaves untouched.
+#[test]
+fn the_fragments_of_a_udp_reply_are_reverse_nated_like_the_whole_datagram() {
+    with_node(|node| {
+        let query = udp(
+            (CLIENT_MAC, INGRESS_MAC),
+            (CLIENT_IP, 40500),
+            (NODE_IP, DNS_PORT),
+            64,
+            b"q",
+        );
+        let backend = dst_of(&node.xdp(&query, None).1);
+        let answer: Vec<u8> = (0..2000).map(|i| i as u8).collect();
+        let reply = udp(
+            (node.mac, CLIENT_MAC),
+            backend,
+            (CLIENT_IP, 40500),
+            63,
+            &answer,
+        );
+        let seen_whole = udp(
+            (node.mac, CLIENT_MAC),
+            (NODE_IP, DNS_PORT),
+            (CLIENT_IP, 40500),
+            63,
+            &answer,
+        );
+        let sent = fragments(&reply, 0x1234, 1480);
+        let expected = fragments(&seen_whole, 0x1234, 1480);
+        for (i, (fragment, expected)) in sent.iter().zip(&expected).enumerate() {
+            assert_eq!(node.tc(fragment), *expected, "fragment {i}");
+        }
+        assert_eq!(node.reason(Reason::ReplyEgress), 2);
+        let stray = fragments(&reply, 0x4321, 1480)[1].clone();
+        assert_eq!(node.tc(&stray), stray, "its first fragment was never seen");
+        assert_eq!(node.reason(Reason::ReplyEgress), 2);
+    });
+}
+
 #[test]
 fn ip_options_are_parsed_not_mistaken_for_ports() {
     with_node(|node| {
