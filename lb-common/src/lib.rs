@@ -328,7 +328,8 @@ reasons! {
     PassNotIpv4 = 0 => "pass_not_ipv4",
     /// IPv4 but neither TCP nor UDP (ICMP, ...): passed untouched.
     PassNotTcpUdp = 1 => "pass_not_tcp_udp",
-    /// IPv4 fragment: ports are unknown, passed untouched.
+    /// IPv4 fragment that is not a UDP datagram's to a service, or whose first fragment was not
+    /// seen (only the first carries the ports): passed untouched.
     PassFragment = 2 => "pass_fragment",
     /// Frame shorter than its headers claim: passed to the kernel, which rejects it.
     PassTruncated = 3 => "pass_truncated",

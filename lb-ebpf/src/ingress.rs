@@ -12,6 +12,7 @@ use crate::{
     conntrack::{self, Lookup},
     decap, encap,
     forward::{self, Egress},
+    frag,
     maps::SERVICES,
     nat::{self, Side},
     parse::{self, Packet},
@@ -41,15 +42,33 @@ fn lookup_service(pkt: &Packet) -> Option<(&'static ServiceValue, bool)> {
 /// `Err` means "pass untouched", counted under the reason it names.
 #[inline(always)]
 pub fn try_lb_xdp(ctx: &XdpContext) -> Result<(u32, Reason), Reason> {
-    let pkt = parse::parse(ctx.data(), ctx.data_end(), ctx.data_end() - ctx.data())?;
-    if let Some(mesh) = encap::mesh()
+    // A UDP datagram's first fragment carries its ports: it goes the way of a whole datagram
+    // to a service (and nowhere else); the fragments after it follow it (`frag`).
+    let (pkt, first_fragment) =
+        match parse::parse(ctx.data(), ctx.data_end(), ctx.data_end() - ctx.data()) {
+            Ok(pkt) => (pkt, None),
+            Err(Reason::PassFragment) => match frag::first_of_request(ctx) {
+                Some((pkt, fragment)) => (pkt, Some(fragment)),
+                None => return frag::later_request(ctx),
+            },
+            Err(reason) => return Err(reason),
+        };
+    if first_fragment.is_none()
+        && let Some(mesh) = encap::mesh()
         && decap::is_overlay(&pkt, mesh)
     {
         return decap::xdp_from_node(ctx, &pkt, mesh);
     }
     let key = conntrack::key_of(&pkt);
     if let Some((service, any_address)) = lookup_service(&pkt) {
-        return to_service(ctx, &pkt, &key, service, any_address);
+        let outcome = to_service(ctx, &pkt, &key, service, any_address);
+        if let Some(fragment) = first_fragment {
+            frag::remember_request(&fragment, &key, &outcome);
+        }
+        return outcome;
+    }
+    if first_fragment.is_some() {
+        return Err(Reason::PassFragment);
     }
     match conntrack::reverse_lookup(&key) {
         Some(reverse) => reply(ctx, &pkt, &reverse),

@@ -2,7 +2,7 @@
 //! the same name (`lb_common::map_names`), so maps outlive the programs and `lbctl` itself.
 use crate::{
     forward::{CachedRoute, ROUTE_CACHE_SLOTS},
-    frag::FragmentKey,
+    frag::{FragmentKey, FragmentNat},
 };
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
@@ -91,11 +91,13 @@ pub static MESH: Array<MeshConfig> = Array::with_max_entries(1, 0);
 pub static TUNNEL_REPLIES: LruHashMap<FlowKey, TunnelValue> =
     LruHashMap::with_max_entries(DEFAULT_FLOW_CAPACITY, 0);
 
-/// Fragments of backends' UDP replies that TC reverse-NATed the first fragment of: (backend,
-/// client, IPv4 identification) → the address the rest must leave from (`frag`). Short-lived
-/// by nature (an LRU); not pinned: a lost entry costs one datagram, as a lost fragment does.
+/// Fragmented UDP datagrams whose first fragment was NATed: (source, destination, IPv4
+/// identification, direction) → the address the fragments that follow get (`frag`).
+/// Short-lived by nature (an LRU); not pinned: a lost entry costs one datagram, as a lost
+/// fragment does.
 #[map]
-pub static FRAGMENTS: LruHashMap<FragmentKey, u32> = LruHashMap::with_max_entries(16_384, 0);
+pub static FRAGMENTS: LruHashMap<FragmentKey, FragmentNat> =
+    LruHashMap::with_max_entries(16_384, 0);
 
 /// Per CPU, recent FIB answers by destination (see `forward::fib_lookup_cached`). Not pinned:
 /// a cache, empty after every load.

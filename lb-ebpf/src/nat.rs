@@ -71,3 +71,22 @@ pub fn rewrite(
     });
     store16(data, data_end, pkt.l4_check_off, l4_check)
 }
+
+/// Rewrites the destination address alone (a fragment after the first carries no ports),
+/// keeping the IPv4 header checksum valid.
+#[inline(always)]
+pub fn rewrite_dst_address(
+    data: usize,
+    data_end: usize,
+    old_ip_be: u32,
+    new_ip_be: u32,
+) -> Option<()> {
+    let ip_check = load16(data, data_end, IP_CHECK_OFF)?;
+    store32(data, data_end, IP_DST_OFF, new_ip_be)?;
+    store16(
+        data,
+        data_end,
+        IP_CHECK_OFF,
+        csum::replace32(ip_check, old_ip_be, new_ip_be),
+    )
+}

@@ -174,6 +174,9 @@ pub struct Fragment {
     pub src_ip_be: u32,
     pub dst_ip_be: u32,
     pub id_be: u16,
+    pub ttl: u8,
+    /// IPv4 total length of this fragment, in host byte order.
+    pub tot_len: u16,
     /// `(src_port_be, dst_port_be, l4_off)` of the first fragment.
     pub first: Option<(u16, u16, usize)>,
 }
@@ -224,6 +227,8 @@ pub fn parse_udp_fragment(data: usize, data_end: usize, frame_len: usize) -> Opt
         src_ip_be: u32::from_ne_bytes(ip.src_addr),
         dst_ip_be: u32::from_ne_bytes(ip.dst_addr),
         id_be: u16::from_ne_bytes(ip.id),
+        ttl: ip.ttl,
+        tot_len: tot_len as u16,
         first,
     })
 }

@@ -492,8 +492,16 @@ fn udp_with_lengths_that_disagree_is_passed_untouched_and_counted_once() {
             Expect::Handled(FORWARDED),
         ));
         cases.push(case(
-            "a fragment",
+            "a first fragment (more to come): DNATed as its datagram",
             rewritten(&query, |f| set_u16(f, L3 + 6, 0x2000)),
+            Expect::Handled(FORWARDED),
+        ));
+        cases.push(case(
+            "a later fragment whose first was never seen",
+            rewritten(&query, |f| {
+                set_u16(f, L3 + 4, 0x7e57);
+                set_u16(f, L3 + 6, 0x0001);
+            }),
             Expect::Passed(&[Reason::PassFragment]),
         ));
         check_all(node, &cases);

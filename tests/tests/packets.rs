@@ -661,7 +661,7 @@ fn traffic_that_is_not_for_a_service_passes_unchanged() {
             64,
             b"first fragment",
         );
-        fragment[20] |= 0x20; // more fragments
+        fragment[21] = 0x01; // a later fragment (offset 8) whose first was never seen
         let cases: Vec<(&str, Vec<u8>, Reason)> = vec![
             ("arp", arp, Reason::PassNotIpv4),
             ("ipv6 to the service port", ipv6, Reason::PassNotIpv4),
@@ -686,7 +686,11 @@ fn traffic_that_is_not_for_a_service_passes_unchanged() {
                 tcp(macs, (CLIENT_IP, 40000), (OTHER_IP, WEB_PORT), 64, "S", b""),
                 Reason::PassNotLocal,
             ),
-            ("fragment", fragment, Reason::PassFragment),
+            (
+                "a later fragment without its first",
+                fragment,
+                Reason::PassFragment,
+            ),
         ];
         for (name, frame, reason) in cases {
             node.xdp_case(name, &frame, None, XDP_PASS, reason);
@@ -756,6 +760,57 @@ fn the_fragments_of_a_udp_reply_are_reverse_nated_like_the_whole_datagram() {
         let stray = fragments(&reply, 0x4321, 1480)[1].clone();
         assert_eq!(node.tc(&stray), stray, "its first fragment was never seen");
         assert_eq!(node.reason(Reason::ReplyEgress), 2);
+    });
+}
+
+/// A client's UDP query larger than its MTU arrives in fragments: XDP DNATs the first (address,
+/// port, the datagram's checksum: it picks the backend) and the rest after it (address), and
+/// sends them the same way, so the backend reassembles exactly the datagram it would have got
+/// whole. A fragment whose first fragment was not seen is passed on untouched.
+#[test]
+fn the_fragments_of_a_udp_query_are_dnated_like_the_whole_datagram() {
+    with_node(|node| {
+        let ingress = Some(node.ifindex);
+        let query: Vec<u8> = (0..2000).map(|i| (i * 7) as u8).collect();
+        let sent = udp(
+            (CLIENT_MAC, INGRESS_MAC),
+            (CLIENT_IP, 40600),
+            (NODE_IP, DNS_PORT),
+            64,
+            &query,
+        );
+        let [first, rest] = fragments(&sent, 0x2468, 1480);
+        let (action, out) = node.xdp(&first, ingress);
+        assert_eq!(
+            action, XDP_TX,
+            "the backend is out of the receiving interface"
+        );
+        let (backend, port) = dst_of(&out);
+        let i = BACKENDS.iter().position(|b| *b == backend).unwrap();
+        let as_sent = udp(
+            (node.mac, backend_mac(i)),
+            (CLIENT_IP, 40600),
+            (backend, port),
+            63,
+            &query,
+        );
+        let expected = fragments(&as_sent, 0x2468, 1480);
+        assert_eq!(out, expected[0], "first fragment");
+        assert_eq!(
+            node.xdp(&rest, ingress),
+            (XDP_TX, expected[1].clone()),
+            "second"
+        );
+        assert_eq!(node.reason(Reason::ForwardTx), 2);
+        assert_eq!(node.event(Event::FlowCreated), 1);
+        let stray = fragments(&sent, 0x1357, 1480)[1].clone();
+        node.xdp_case(
+            "a stray fragment",
+            &stray,
+            ingress,
+            XDP_PASS,
+            Reason::PassFragment,
+        );
     });
 }
 
