@@ -240,3 +240,73 @@ fn bad_input_is_refused_with_a_clear_error_and_changes_nothing() {
     let replies = new_connections(&topo, 8080, 2);
     assert!(replies.iter().all(|r| r.backend == topo.backend_name(0)));
 }
+
+/// UDP datagrams larger than the MTU cross the balancer as fragments, both ways: a 3,000-byte
+/// query, fragmented by the client's kernel, is DNATed fragment by fragment and reassembled
+/// whole by the backend's; its 3,000-byte answer, fragmented by the backend's kernel, is
+/// reverse-NATed fragment by fragment and reassembled by the client's, from the address the
+/// client asked.
+#[test]
+fn datagrams_larger_than_the_mtu_cross_as_fragments_both_ways() {
+    const SIZE: usize = 3000;
+    lb_tests::require_root().unwrap();
+    let spec = SingleNodeSpec {
+        backends: 1,
+        ..SingleNodeSpec::default()
+    };
+    let topo = SingleNode::build(spec).unwrap();
+    let lbctl = Lbctl::new(topo.node()).unwrap();
+    lbctl.run(&["attach", NODE_UPLINK]).unwrap();
+    let server = topo
+        .backend_ns(0)
+        .in_netns(|| std::net::UdpSocket::bind("0.0.0.0:7777"))
+        .unwrap();
+    server
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let backend = SocketAddrV4::new(*topo.backend_addr(0).ip(), 7777);
+    lbctl
+        .run(&[
+            "service",
+            "add",
+            "big",
+            "7000",
+            "--proto",
+            "udp",
+            &backend.to_string(),
+        ])
+        .unwrap();
+    let answering = std::thread::spawn(move || {
+        let mut buf = vec![0u8; 2 * SIZE];
+        let (len, client) = server.recv_from(&mut buf).unwrap();
+        let answer: Vec<u8> = buf[..len].iter().map(|b| b.wrapping_add(1)).collect();
+        server.send_to(&answer, client).unwrap();
+        (len, client)
+    });
+    let service = SocketAddrV4::new(topo.node_uplink_ip(), 7000);
+    let query: Vec<u8> = (0..SIZE).map(|i| (i % 251) as u8).collect();
+    let (answer, from) = topo.client().in_netns(|| {
+        let socket = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+        socket
+            .set_read_timeout(Some(Duration::from_secs(3)))
+            .unwrap();
+        socket.send_to(&query, service).unwrap();
+        let mut buf = vec![0u8; 2 * SIZE];
+        let (len, from) = socket.recv_from(&mut buf).expect("the answer arrives");
+        (buf[..len].to_vec(), from)
+    });
+    let (got, client) = answering.join().unwrap();
+    assert_eq!(got, SIZE, "the backend got the query whole");
+    assert_eq!(
+        client.ip(),
+        std::net::IpAddr::V4(topo.client_ip()),
+        "client IP kept"
+    );
+    assert_eq!(
+        from,
+        std::net::SocketAddr::V4(service),
+        "answered from the service"
+    );
+    let expected: Vec<u8> = query.iter().map(|b| b.wrapping_add(1)).collect();
+    assert_eq!(answer, expected);
+}
