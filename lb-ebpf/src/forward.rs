@@ -279,6 +279,26 @@ pub fn route(
     Ok((send(ctx, egress), reason))
 }
 
+/// Routes a client's packet, DNATed to `backend_ip_be`, to that backend (on this node), counted
+/// as `forward_tx`, `forward_redirect` or `forward_stack`.
+#[inline(always)]
+pub fn to_backend(
+    ctx: &XdpContext,
+    pkt: &Packet,
+    backend_ip_be: u32,
+) -> Result<(u32, Reason), Reason> {
+    let egress = decide(ctx, pkt, pkt.src_ip_be, backend_ip_be);
+    route(
+        ctx,
+        &egress,
+        [
+            Reason::ForwardTx,
+            Reason::ForwardRedirect,
+            Reason::ForwardStack,
+        ],
+    )
+}
+
 /// Sends a prepared packet: XDP_TX, a redirect through `TX_PORTS`, or, towards an interface
 /// where those cannot deliver, through the TC ingress program (`xmit`).
 #[inline(always)]

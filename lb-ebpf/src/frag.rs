@@ -106,11 +106,9 @@ pub fn tc_reply(ctx: &mut TcContext) -> Result<i32, i64> {
 }
 
 /// The first fragment of a UDP datagram as `ingress` handles a whole one (it carries the
-/// ports), and the key its followers will be found by; `None` for any other fragment.
+/// ports), and the key its followers will be found by; `None` for a later fragment.
 #[inline(always)]
-pub fn first_of_request(ctx: &XdpContext) -> Option<(Packet, FragmentKey)> {
-    let (data, data_end) = (ctx.data(), ctx.data_end());
-    let frag = parse::parse_udp_fragment(data, data_end, data_end - data)?;
+pub fn first_of_request(frag: &parse::Fragment) -> Option<(Packet, FragmentKey)> {
     let (src_port_be, dst_port_be, l4_off) = frag.first?;
     let pkt = Packet {
         l4_off,
@@ -124,7 +122,7 @@ pub fn first_of_request(ctx: &XdpContext) -> Option<(Packet, FragmentKey)> {
         l4_check_off: l4_off + 6,
         tcp_flags: 0,
     };
-    Some((pkt, request_key(&frag)))
+    Some((pkt, request_key(frag)))
 }
 
 fn request_key(frag: &parse::Fragment) -> FragmentKey {
@@ -162,19 +160,14 @@ pub fn remember_request(
     }
 }
 
-/// A fragment after the first of a client's UDP datagram (anything else `parse` refused as a
-/// fragment is passed on, `pass_fragment`): its destination becomes the backend its first
-/// fragment went to, and it is routed the same way.
+/// A fragment after the first of a client's UDP datagram: its destination becomes the backend
+/// its first fragment went to, and it is routed the same way; without an entry it is passed on
+/// (`pass_fragment`).
 #[inline(always)]
-pub fn later_request(ctx: &XdpContext) -> Result<(u32, Reason), Reason> {
+pub fn later_request(ctx: &XdpContext, frag: &parse::Fragment) -> Result<(u32, Reason), Reason> {
     let (data, data_end) = (ctx.data(), ctx.data_end());
-    let frag =
-        parse::parse_udp_fragment(data, data_end, data_end - data).ok_or(Reason::PassFragment)?;
-    if frag.first.is_some() {
-        return Err(Reason::PassFragment);
-    }
     // SAFETY: copied out at once.
-    let nat = unsafe { FRAGMENTS.get(&request_key(&frag)) }
+    let nat = unsafe { FRAGMENTS.get(&request_key(frag)) }
         .copied()
         .ok_or(Reason::PassFragment)?;
     nat::rewrite_dst_address(data, data_end, frag.dst_ip_be, nat.ip_be)
@@ -196,14 +189,5 @@ pub fn later_request(ctx: &XdpContext) -> Result<(u32, Reason), Reason> {
         l4_check_off: 0,
         tcp_flags: 0,
     };
-    let egress = forward::decide(ctx, &pkt, frag.src_ip_be, nat.ip_be);
-    forward::route(
-        ctx,
-        &egress,
-        [
-            Reason::ForwardTx,
-            Reason::ForwardRedirect,
-            Reason::ForwardStack,
-        ],
-    )
+    forward::to_backend(ctx, &pkt, nat.ip_be)
 }

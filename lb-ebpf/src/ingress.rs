@@ -47,10 +47,18 @@ pub fn try_lb_xdp(ctx: &XdpContext) -> Result<(u32, Reason), Reason> {
     let (pkt, first_fragment) =
         match parse::parse(ctx.data(), ctx.data_end(), ctx.data_end() - ctx.data()) {
             Ok(pkt) => (pkt, None),
-            Err(Reason::PassFragment) => match frag::first_of_request(ctx) {
-                Some((pkt, fragment)) => (pkt, Some(fragment)),
-                None => return frag::later_request(ctx),
-            },
+            Err(Reason::PassFragment) => {
+                let fragment = parse::parse_udp_fragment(
+                    ctx.data(),
+                    ctx.data_end(),
+                    ctx.data_end() - ctx.data(),
+                )
+                .ok_or(Reason::PassFragment)?;
+                match frag::first_of_request(&fragment) {
+                    Some((pkt, key)) => (pkt, Some(key)),
+                    None => return frag::later_request(ctx, &fragment),
+                }
+            }
             Err(reason) => return Err(reason),
         };
     if first_fragment.is_none()
@@ -175,16 +183,7 @@ fn to_backend(
     let outcome = if flow.node_ip_be != 0 {
         encap::xdp_to_node(ctx, key, flow.node_ip_be)
     } else {
-        let egress = forward::decide(ctx, pkt, pkt.src_ip_be, flow.backend_ip_be);
-        forward::route(
-            ctx,
-            &egress,
-            [
-                Reason::ForwardTx,
-                Reason::ForwardRedirect,
-                Reason::ForwardStack,
-            ],
-        )
+        forward::to_backend(ctx, pkt, flow.backend_ip_be)
     };
     // A packet the backend will not get (no route to its node, too big once encapsulated) is
     // not counted as the backend's.

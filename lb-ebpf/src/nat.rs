@@ -51,16 +51,9 @@ pub fn rewrite(
         Side::Dst => (IP_DST_OFF, pkt.l4_off + 2, pkt.dst_ip_be, pkt.dst_port_be),
         Side::Src => (IP_SRC_OFF, pkt.l4_off, pkt.src_ip_be, pkt.src_port_be),
     };
-    let ip_check = load16(data, data_end, IP_CHECK_OFF)?;
     let l4_check = load16(data, data_end, pkt.l4_check_off)?;
-    store32(data, data_end, ip_off, new_ip_be)?;
+    rewrite_address(data, data_end, ip_off, old_ip, new_ip_be)?;
     store16(data, data_end, port_off, new_port_be)?;
-    store16(
-        data,
-        data_end,
-        IP_CHECK_OFF,
-        csum::replace32(ip_check, old_ip, new_ip_be),
-    )?;
     let l4_check = csum::update_l4(l4_check, pkt.proto == PROTO_UDP, |check| {
         // The TCP/UDP checksum covers the addresses through the pseudo-header.
         csum::replace16(
@@ -81,8 +74,20 @@ pub fn rewrite_dst_address(
     old_ip_be: u32,
     new_ip_be: u32,
 ) -> Option<()> {
+    rewrite_address(data, data_end, IP_DST_OFF, old_ip_be, new_ip_be)
+}
+
+/// Rewrites the address at `ip_off` (source or destination) and the IPv4 header checksum.
+#[inline(always)]
+fn rewrite_address(
+    data: usize,
+    data_end: usize,
+    ip_off: usize,
+    old_ip_be: u32,
+    new_ip_be: u32,
+) -> Option<()> {
     let ip_check = load16(data, data_end, IP_CHECK_OFF)?;
-    store32(data, data_end, IP_DST_OFF, new_ip_be)?;
+    store32(data, data_end, ip_off, new_ip_be)?;
     store16(
         data,
         data_end,

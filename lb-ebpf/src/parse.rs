@@ -85,15 +85,22 @@ pub const IP_DST_OFF: usize = L3_OFF + 16;
 /// Parses a frame whose headers lie between `data` and `data_end`. `frame_len` is the whole
 /// frame's length, which for a TC skb may extend past `data_end` into paged data. `Err` names
 /// why the frame is not for the load balancer; such frames are passed on untouched.
+/// The IPv4 header of an untagged Ethernet frame, checked: version 4, a header length of at
+/// least 20, and a total length that covers the header and lies within the frame. Returns the
+/// header, its length and the total length.
 #[inline(always)]
-pub fn parse(data: usize, data_end: usize, frame_len: usize) -> Result<Packet, Reason> {
+fn ipv4_header(
+    data: usize,
+    data_end: usize,
+    frame_len: usize,
+) -> Result<(&'static Ipv4Hdr, usize, u16), Reason> {
     let eth: *const EthHdr = ptr_at(data, data_end, 0).ok_or(Reason::PassNotIpv4)?;
     // SAFETY: ptr_at checked that the header lies inside the packet.
     if unsafe { (*eth).ether_type } != ETH_P_IP_BE {
         return Err(Reason::PassNotIpv4);
     }
     let ip: *const Ipv4Hdr = ptr_at(data, data_end, L3_OFF).ok_or(Reason::PassTruncated)?;
-    // SAFETY: as above.
+    // SAFETY: as above; the packet outlives the program's run, which is all a caller has.
     let ip = unsafe { &*ip };
     let ihl = usize::from(ip.ihl());
     if ip.version() != 4 || ihl < Ipv4Hdr::LEN {
@@ -104,6 +111,12 @@ pub fn parse(data: usize, data_end: usize, frame_len: usize) -> Result<Packet, R
     if usize::from(tot_len) < ihl || usize::from(tot_len) > frame_l3_len {
         return Err(Reason::PassMalformed);
     }
+    Ok((ip, ihl, tot_len))
+}
+
+#[inline(always)]
+pub fn parse(data: usize, data_end: usize, frame_len: usize) -> Result<Packet, Reason> {
+    let (ip, ihl, tot_len) = ipv4_header(data, data_end, frame_len)?;
     if u16::from_be_bytes(ip.frags) & IP_MF_OR_OFFSET != 0 {
         return Err(Reason::PassFragment);
     }
@@ -185,24 +198,10 @@ pub struct Fragment {
 /// the same checks of the IPv4 header; `None` for anything else.
 #[inline(always)]
 pub fn parse_udp_fragment(data: usize, data_end: usize, frame_len: usize) -> Option<Fragment> {
-    let eth: *const EthHdr = ptr_at(data, data_end, 0)?;
-    // SAFETY: ptr_at checked that the header lies inside the packet.
-    if unsafe { (*eth).ether_type } != ETH_P_IP_BE {
-        return None;
-    }
-    let ip: *const Ipv4Hdr = ptr_at(data, data_end, L3_OFF)?;
-    // SAFETY: as above.
-    let ip = unsafe { &*ip };
-    let ihl = usize::from(ip.ihl());
-    let tot_len = usize::from(ip.tot_len());
+    let (ip, ihl, tot_len) = ipv4_header(data, data_end, frame_len).ok()?;
+    let tot_len = usize::from(tot_len);
     let frags = u16::from_be_bytes(ip.frags);
-    if ip.version() != 4
-        || ihl < Ipv4Hdr::LEN
-        || tot_len < ihl
-        || tot_len > frame_len.saturating_sub(L3_OFF)
-        || frags & IP_MF_OR_OFFSET == 0
-        || ip.proto != PROTO_UDP
-        || is_martian(ip.src_addr, ip.dst_addr)
+    if frags & IP_MF_OR_OFFSET == 0 || ip.proto != PROTO_UDP || is_martian(ip.src_addr, ip.dst_addr)
     {
         return None;
     }
