@@ -86,9 +86,9 @@ fn reconcile(instance: &Instance, state: &mut State) -> Result<usize> {
     for warning in warnings {
         eprintln!("lbctl: warning: {warning}");
     }
-    let ours: BTreeSet<u16> = state.reserved_ports.iter().copied().collect();
-    let reserved = match reserved_ports::sync(&ours, &reserved_ports::wanted(&state.table)) {
-        Ok(now) => now.into_iter().collect(),
+    let wanted = reserved_ports::wanted(&state.table);
+    let reserved = match reserved_ports::sync(&state.reserved_ports, &wanted) {
+        Ok(now) => now,
         Err(err) => {
             eprintln!("lbctl: warning: published ports not reserved from ephemeral ports: {err:#}");
             state.reserved_ports.clone()
@@ -277,8 +277,7 @@ pub fn purge(instance: &Instance) -> Result<String> {
     for warning in underlay::delete_all(&state.managed_neighbours) {
         eprintln!("lbctl: warning: {warning}");
     }
-    let ours: BTreeSet<u16> = state.reserved_ports.iter().copied().collect();
-    if let Err(err) = reserved_ports::sync(&ours, &BTreeSet::new()) {
+    if let Err(err) = reserved_ports::sync(&state.reserved_ports, &BTreeSet::new()) {
         eprintln!("lbctl: warning: published ports left reserved: {err:#}");
     }
     state::remove(&instance.state_dir)?;
@@ -321,7 +320,9 @@ pub fn purge_gone(instance: &Instance) -> Result<String> {
     }
     let row = instances::row(&found);
     for interface in &row.interfaces {
-        if [interface.xdp, interface.tc].contains(&instances::LinkState::Attached) {
+        if [interface.xdp, interface.tc, interface.tc_ingress]
+            .contains(&instances::LinkState::Attached)
+        {
             eprintln!(
                 "lbctl: warning: {} is still there: its namespace lives on without its name, \
                  held by a process (an `lbctl daemon`?); unpinning detaches the programs, but \
@@ -1181,9 +1182,8 @@ pub fn stats(instance: &Instance, as_json: bool) -> Result<String> {
     out.push_str("interfaces (transmit failures: kernel drops and errors, driver XDP errors):\n");
     for report in interface_reports(&state) {
         let mode = match report.xdp_mode {
-            Some(state::XdpMode::Native) => "native XDP",
-            Some(state::XdpMode::Generic) => "generic XDP",
-            None => "XDP (mode not recorded)",
+            Some(mode) => format!("{} XDP", mode.name()),
+            None => "XDP (mode not recorded)".to_owned(),
         };
         let sends = match report.transmit {
             Some(state::Transmit::Xdp) => "XDP sends",

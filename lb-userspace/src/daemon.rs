@@ -303,18 +303,8 @@ fn snapshot(shared: &Shared) -> Result<metrics::Snapshot> {
         interfaces: commands::interface_reports(&state)
             .into_iter()
             .map(|report| metrics::InterfaceSnapshot {
-                xdp_mode: match report.xdp_mode {
-                    Some(state::XdpMode::Native) => "native",
-                    Some(state::XdpMode::Generic) => "generic",
-                    None => "",
-                }
-                .to_owned(),
-                transmit: match report.transmit {
-                    Some(state::Transmit::Xdp) => "xdp",
-                    Some(state::Transmit::Tc) => "tc",
-                    None => "",
-                }
-                .to_owned(),
+                xdp_mode: report.xdp_mode.map_or("", |m| m.name()).to_owned(),
+                transmit: report.transmit.map_or("", |t| t.name()).to_owned(),
                 tx_failures: report
                     .tx_failures
                     .map(|f| {

@@ -535,9 +535,8 @@ fn describe(
     links: [&Linked; 3],
 ) -> String {
     let mode = match mode {
-        Some(XdpMode::Native) => "native XDP",
-        Some(XdpMode::Generic) => "generic XDP",
-        None => "XDP (mode not recorded by the lbctl that attached it)",
+        Some(mode) => format!("{} XDP", mode.name()),
+        None => "XDP (mode not recorded by the lbctl that attached it)".to_owned(),
     };
     let sends = match transmit.transmit {
         Transmit::Xdp => "XDP sends its frames itself",

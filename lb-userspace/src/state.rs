@@ -2,6 +2,7 @@
 //! neighbour entries lbctl made. Written
 //! atomically (temporary file, fsync, rename), so a crash leaves the old or the new state.
 use std::{
+    collections::BTreeSet,
     fs::{self, File, OpenOptions, Permissions},
     io::Write as _,
     os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _},
@@ -41,6 +42,16 @@ pub enum XdpMode {
     Generic,
 }
 
+impl XdpMode {
+    /// `native` or `generic`, as the state file and the metrics say it.
+    pub const fn name(self) -> &'static str {
+        match self {
+            XdpMode::Native => "native",
+            XdpMode::Generic => "generic",
+        }
+    }
+}
+
 /// How the frames XDP sends (back out, redirected, encapsulated) leave an interface.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -50,6 +61,16 @@ pub enum Transmit {
     /// Handed to the TC ingress program, which sends them through the interface's ordinary
     /// transmit path: for interfaces where the driver's XDP transmission cannot deliver.
     Tc,
+}
+
+impl Transmit {
+    /// `xdp` or `tc`, as the state file and the metrics say it.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Transmit::Xdp => "xdp",
+            Transmit::Tc => "tc",
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -65,8 +86,8 @@ pub struct State {
     pub managed_neighbours: Vec<NextHop>,
     /// The ports lbctl reserved in the namespace's `net.ipv4.ip_local_reserved_ports` (see
     /// `reserved_ports`), so that it removes those (and only those) when no service needs them.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub reserved_ports: Vec<u16>,
+    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
+    pub reserved_ports: BTreeSet<u16>,
     /// In a gossiped cluster (`lbctl daemon --cluster`), what this node publishes; `table` is
     /// then the merged table the node applied. `None`: the static table of `lbctl` commands.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -81,7 +102,7 @@ impl Default for State {
             attachments: Vec::new(),
             table: Table::default(),
             managed_neighbours: Vec::new(),
-            reserved_ports: Vec::new(),
+            reserved_ports: BTreeSet::new(),
             cluster: None,
         }
     }
