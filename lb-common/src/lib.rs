@@ -187,6 +187,19 @@ pub struct Backend {
 }
 assert_size!(Backend, 16);
 
+/// Value of `RR_CURSORS`: a service's round-robin cursor (the next turn), alone in its 64 bytes.
+/// Every new flow of a round-robin service adds to its cursor atomically, on whatever CPU it
+/// arrives; eight-byte cursors put eight services on one cache line, whose every add then
+/// takes the line from the CPUs adding to the others' (false sharing). 64 bytes apart (an
+/// array's values are contiguous), no two cursors share a line.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RrCursor {
+    pub turn: u64,
+    pub _pad: [u64; 7],
+}
+assert_size!(RrCursor, 64);
+
 /// A connection's 5-tuple as seen on the wire: the key of `FLOWS` (client → service, as the
 /// client sent it) and of `REVERSE_FLOWS` (backend → client, as the backend replies).
 #[repr(C)]
@@ -233,6 +246,15 @@ pub const FLOW_CLOSING: u8 = 1;
 pub const FLOW_CLIENT_FIN: u8 = 2;
 /// Flow flag: the backend sent a FIN; likewise.
 pub const FLOW_BACKEND_FIN: u8 = 4;
+/// Flow flag: a hairpin flow, whose packets also get this node's address and a port of its own
+/// as their source on the way to the backend (`SNAT_FLOWS` holds which), because the backend
+/// could not answer the client itself: the client is the backend, or the node hosting it.
+pub const FLOW_SNAT: u8 = 8;
+/// A TCP flow idle this long without a FIN or RST is taken for abandoned (its client vanished):
+/// no longer live, and its hairpin source port may be given to another flow.
+pub const FLOW_IDLE_TCP_NS: u64 = 3_600 * 1_000_000_000;
+/// UDP has no end: a flow idle this long is over.
+pub const FLOW_IDLE_UDP_NS: u64 = 60 * 1_000_000_000;
 /// `FlowValue::last_seen_ns` is refreshed when it is at least this old, so that a busy flow
 /// does not write its table entry on every packet.
 pub const FLOW_SEEN_GRANULARITY_NS: u64 = 1_000_000_000;
@@ -244,11 +266,38 @@ pub struct ReverseValue {
     /// The address and port the client connected to.
     pub orig_ip_be: u32,
     pub orig_port_be: u16,
-    pub _pad: u16,
+    /// A hairpin flow's client port (`FLOW_SNAT`): the reply's destination is this node's
+    /// address and port, which become the client's. 0 otherwise (and in entries made before
+    /// hairpin flows existed, where these bytes were padding).
+    pub client_port_be: u16,
     pub backend_id: u32,
-    pub _pad2: u32,
+    /// A hairpin flow's client address; 0 for every other flow (no client has address 0).
+    pub client_ip_be: u32,
 }
 assert_size!(ReverseValue, 16);
+
+/// Value of `SNAT_FLOWS`, keyed by a hairpin flow's client → service 5-tuple (`FLOW_SNAT`):
+/// the source address and port its packets get on their way to the backend.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SnatValue {
+    pub ip_be: u32,
+    pub port_be: u16,
+    pub _pad: u16,
+}
+assert_size!(SnatValue, 8);
+
+/// Source ports of hairpin flows: `SNAT_PORT_FIRST` and the `SNAT_PORT_COUNT - 1` above it, the
+/// top of the port space, above Linux's default ephemeral range (32768–60999), so that they do
+/// not meet the node's own connections to a backend (its health checks).
+pub const SNAT_PORT_FIRST: u16 = 61_000;
+pub const SNAT_PORT_COUNT: u16 = 4_536;
+const _: () = assert!(SNAT_PORT_FIRST as u32 + SNAT_PORT_COUNT as u32 == 65_536);
+/// Entries of `ONLINK_SUBNETS`: the subnets of the node's interfaces.
+pub const MAX_ONLINK_SUBNETS: u32 = 256;
+/// Entries of `SNAT_FLOWS`: hairpin flows are a node's own clients' and its backends', few
+/// beside the flow table.
+pub const SNAT_FLOW_CAPACITY: u32 = 65_536;
 
 /// Value of `TUNNEL_REPLIES`, keyed by a reply's 5-tuple (backend → client) on the node that
 /// hosts the backend: the node the flow came in on, where the reply is encapsulated back to.
@@ -418,6 +467,12 @@ reasons! {
     /// whose reverse-NAT entry was evicted would reach the client un-NATed; a forged one could
     /// be sent anywhere).
     DropVxlanNotLocalBackend = 34 => "drop_vxlan_not_local_backend",
+    /// New hairpin flow (`FLOW_SNAT`) for which every source port tried is held by a live flow
+    /// to the same backend: dropped (the client's retransmission tries other ports).
+    DropSnatPortsExhausted = 35 => "drop_snat_ports_exhausted",
+    /// Packet of a hairpin flow, either way, whose next hop XDP cannot send to itself: dropped,
+    /// since its source is the node's own address, which the kernel drops as martian.
+    DropSnatNoRoute = 36 => "drop_snat_no_route",
 }
 
 /// Number of counter slots in `REASON_STATS`.
@@ -440,6 +495,9 @@ pub enum Event {
     /// A TCP packet that is not a SYN found no flow entry (evicted) on a maglev service: its
     /// backend was found again through the maglev table and recorded. An eviction, observed.
     FlowRecovered = 4,
+    /// A new flow is a hairpin flow (`FLOW_SNAT`): its client is the chosen backend or the node
+    /// hosting it, so its packets get this node's address as their source.
+    FlowHairpin = 5,
 }
 
 impl Event {
@@ -449,6 +507,7 @@ impl Event {
         Event::FlowRaceLost,
         Event::FlowFailOpen,
         Event::FlowRecovered,
+        Event::FlowHairpin,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -458,6 +517,7 @@ impl Event {
             Event::FlowRaceLost => "flow_race_lost",
             Event::FlowFailOpen => "flow_fail_open",
             Event::FlowRecovered => "flow_recovered",
+            Event::FlowHairpin => "flow_hairpin",
         }
     }
 }
@@ -481,6 +541,8 @@ pub mod map_names {
     pub const MAGLEV: &str = "MAGLEV";
     pub const TX_VIA_TC: &str = "TX_VIA_TC";
     pub const LOCAL_BACKENDS: &str = "LOCAL_BACKENDS";
+    pub const SNAT_FLOWS: &str = "SNAT_FLOWS";
+    pub const ONLINK_SUBNETS: &str = "ONLINK_SUBNETS";
 
     /// Every map, so that pinning cannot forget one.
     pub const ALL: &[&str] = &[
@@ -499,6 +561,8 @@ pub mod map_names {
         MAGLEV,
         TX_VIA_TC,
         LOCAL_BACKENDS,
+        SNAT_FLOWS,
+        ONLINK_SUBNETS,
     ];
 }
 
@@ -521,6 +585,8 @@ mod pod {
     unsafe impl aya::Pod for FlowValue {}
     unsafe impl aya::Pod for ReverseValue {}
     unsafe impl aya::Pod for TunnelValue {}
+    unsafe impl aya::Pod for SnatValue {}
+    unsafe impl aya::Pod for RrCursor {}
     unsafe impl aya::Pod for MeshConfig {}
     unsafe impl aya::Pod for BackendStats {}
     unsafe impl aya::Pod for Counter {}

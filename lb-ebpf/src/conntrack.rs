@@ -8,17 +8,18 @@ use aya_ebpf::{
 };
 use lb_common::{
     BACKEND_ACTIVE, Event, FLOW_BACKEND_FIN, FLOW_CLIENT_FIN, FLOW_CLOSING,
-    FLOW_SEEN_GRANULARITY_NS, FlowKey, FlowValue, ReverseValue,
+    FLOW_SEEN_GRANULARITY_NS, FlowKey, FlowValue, Reason, ReverseValue, SnatValue,
 };
 
 use crate::{
     encap,
-    maps::{BACKENDS, FLOWS, REVERSE_FLOWS, TUNNEL_REPLIES},
+    maps::{BACKENDS, FLOWS, REVERSE_FLOWS, SNAT_FLOWS, TUNNEL_REPLIES},
     parse::{Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
+    snat,
     stats::count_event,
 };
 
-const EEXIST: i32 = 17;
+pub const EEXIST: i32 = 17;
 
 #[inline(always)]
 pub fn key_of(pkt: &Packet) -> FlowKey {
@@ -164,6 +165,17 @@ fn note_end(entry: *mut FlowValue, flags: u8, tcp_flags: u8, side: Side) {
     }
 }
 
+/// The client a reply goes to: its destination, or for a hairpin flow the client its reverse
+/// entry holds.
+#[inline(always)]
+pub fn client_of(pkt: &Packet, reverse: &ReverseValue) -> (u32, u16) {
+    if reverse.client_ip_be != 0 {
+        (reverse.client_ip_be, reverse.client_port_be)
+    } else {
+        (pkt.dst_ip_be, pkt.dst_port_be)
+    }
+}
+
 /// A backend's FIN or RST counts for its flow too: noted in the client → service entry the reply
 /// belongs to.
 #[inline(always)]
@@ -171,10 +183,11 @@ pub fn note_reply(pkt: &Packet, reverse: &ReverseValue) {
     if pkt.tcp_flags & (TCP_FIN | TCP_RST) == 0 {
         return;
     }
+    let (client_ip_be, client_port_be) = client_of(pkt, reverse);
     let key = FlowKey {
-        src_ip_be: pkt.dst_ip_be,
+        src_ip_be: client_ip_be,
         dst_ip_be: reverse.orig_ip_be,
-        src_port_be: pkt.dst_port_be,
+        src_port_be: client_port_be,
         dst_port_be: reverse.orig_port_be,
         proto: pkt.proto,
         _pad: [0; 3],
@@ -192,45 +205,88 @@ pub fn reverse_lookup(key: &FlowKey) -> Option<ReverseValue> {
     unsafe { REVERSE_FLOWS.get(key) }.copied()
 }
 
-/// Records the backend a flow chose, and the entry that reverse-NATs its replies.
+/// A flow as recorded: the backend it is pinned to, and for a hairpin flow the source its
+/// packets get.
+pub struct Recorded {
+    pub flow: FlowValue,
+    pub snat: Option<SnatValue>,
+    /// Whether this call created the flow (another CPU may have recorded it first).
+    pub created: bool,
+}
+
+/// Records the backend a flow chose, and the entry that reverse-NATs its replies; a hairpin
+/// flow (`snat_ip_be` not 0, see `snat`) first gets its source port.
 ///
 /// When another CPU recorded the same new flow first, its choice wins so that every packet of
-/// the connection goes to one backend; the flag returned says whether this call created it.
-/// `replace` overwrites a stale or ended entry instead; `event` is what the new flow counts as.
+/// the connection goes to one backend. `replace` overwrites a stale or ended entry instead;
+/// `event` is what the new flow counts as. `Err` is the reason the packet is dropped for.
 #[inline(always)]
 pub fn record(
     key: &FlowKey,
     flow: FlowValue,
-    orig_ip_be: u32,
-    orig_port_be: u16,
+    orig: (u32, u16),
     replace: bool,
     event: Event,
-) -> Result<(FlowValue, bool), ()> {
+    snat_ip_be: u32,
+) -> Result<Recorded, Reason> {
     let flags = if replace { BPF_ANY } else { BPF_NOEXIST };
     let flow = match FLOWS.insert(key, flow, u64::from(flags)) {
         Ok(()) => flow,
         Err(err) if err == -EEXIST => {
             count_event(Event::FlowRaceLost);
             // SAFETY: copied out at once.
-            return unsafe { FLOWS.get(key) }
+            let won = unsafe { FLOWS.get(key) }
                 .copied()
-                .map(|won| (won, false))
-                .ok_or(());
+                .ok_or(Reason::DropFlowTableFull)?;
+            // The winner may not have its hairpin source yet: this packet is dropped, and the
+            // client's retransmission finds it.
+            let snat = snat::of_flow(key, &won);
+            if won.flags & lb_common::FLOW_SNAT != 0 && snat.is_none() {
+                return Err(Reason::DropFlowTableFull);
+            }
+            return Ok(Recorded {
+                flow: won,
+                snat,
+                created: false,
+            });
         }
-        Err(_) => return Err(()),
+        Err(_) => return Err(Reason::DropFlowTableFull),
     };
-    let (reverse_key, reverse) = reverse_entry(key, &flow, orig_ip_be, orig_port_be);
-    if REVERSE_FLOWS
-        .insert(&reverse_key, reverse, u64::from(BPF_ANY))
-        .is_err()
-    {
-        // Without its reverse entry the replies could not be NATed: forget the flow.
-        let _ = FLOWS.remove(key);
-        return Err(());
-    }
-    supersede_tunnel(&reverse_key, &flow);
+    let snat = match snat_ip_be {
+        0 => {
+            let (reverse_key, reverse) = reverse_entry(key, &flow, orig, None);
+            if REVERSE_FLOWS
+                .insert(&reverse_key, reverse, u64::from(BPF_ANY))
+                .is_err()
+            {
+                // Without its reverse entry the replies could not be NATed: forget the flow.
+                let _ = FLOWS.remove(key);
+                return Err(Reason::DropFlowTableFull);
+            }
+            supersede_tunnel(&reverse_key, &flow);
+            None
+        }
+        snat_ip_be => {
+            let Some(snat) = snat::allocate(key, &flow, snat_ip_be, orig) else {
+                let _ = FLOWS.remove(key);
+                return Err(Reason::DropSnatPortsExhausted);
+            };
+            if SNAT_FLOWS.insert(key, snat, u64::from(BPF_ANY)).is_err() {
+                let (reverse_key, _) = reverse_entry(key, &flow, orig, Some(&snat));
+                let _ = REVERSE_FLOWS.remove(&reverse_key);
+                let _ = FLOWS.remove(key);
+                return Err(Reason::DropFlowTableFull);
+            }
+            count_event(Event::FlowHairpin);
+            Some(snat)
+        }
+    };
     count_event(event);
-    Ok((flow, true))
+    Ok(Recorded {
+        flow,
+        snat,
+        created: true,
+    })
 }
 
 /// Puts back the reverse-NAT entry of a pinned flow if the LRU evicted it while the flow was
@@ -238,8 +294,13 @@ pub fn record(
 /// dead as a flow without an entry. Called when the client speaks after an idle second, so a
 /// busy flow pays nothing; the lookup also marks the entry as recently used.
 #[inline(always)]
-pub fn restore_reverse(key: &FlowKey, flow: &FlowValue, orig_ip_be: u32, orig_port_be: u16) {
-    let (reverse_key, reverse) = reverse_entry(key, flow, orig_ip_be, orig_port_be);
+pub fn restore_reverse(
+    key: &FlowKey,
+    flow: &FlowValue,
+    orig: (u32, u16),
+    snat: Option<&SnatValue>,
+) {
+    let (reverse_key, reverse) = reverse_entry(key, flow, orig, snat);
     // SAFETY: only presence is read.
     if unsafe { REVERSE_FLOWS.get(&reverse_key) }.is_none() {
         // A full table evicts another entry; an error leaves the replies as they were.
@@ -275,28 +336,33 @@ pub fn remove_if_present<V>(map: &LruHashMap<FlowKey, V>, key: &FlowKey) {
 }
 
 /// The `REVERSE_FLOWS` entry of the client → service flow `key` pinned as `flow`: the reply's
-/// 5-tuple (backend → client), and the address and port the client connected to.
+/// 5-tuple (backend → client, or for a hairpin flow backend → its source `snat`), and the
+/// address and port the client connected to (`orig`), with the client for a hairpin flow.
 #[inline(always)]
-fn reverse_entry(
+pub fn reverse_entry(
     key: &FlowKey,
     flow: &FlowValue,
-    orig_ip_be: u32,
-    orig_port_be: u16,
+    (orig_ip_be, orig_port_be): (u32, u16),
+    snat: Option<&SnatValue>,
 ) -> (FlowKey, ReverseValue) {
+    let (dst_ip_be, dst_port_be, client_ip_be, client_port_be) = match snat {
+        Some(snat) => (snat.ip_be, snat.port_be, key.src_ip_be, key.src_port_be),
+        None => (key.src_ip_be, key.src_port_be, 0, 0),
+    };
     let reverse_key = FlowKey {
         src_ip_be: flow.backend_ip_be,
-        dst_ip_be: key.src_ip_be,
+        dst_ip_be,
         src_port_be: flow.backend_port_be,
-        dst_port_be: key.src_port_be,
+        dst_port_be,
         proto: key.proto,
         _pad: [0; 3],
     };
     let reverse = ReverseValue {
         orig_ip_be,
         orig_port_be,
-        _pad: 0,
+        client_port_be,
         backend_id: flow.backend_id,
-        _pad2: 0,
+        client_ip_be,
     };
     (reverse_key, reverse)
 }

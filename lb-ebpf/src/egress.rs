@@ -3,7 +3,7 @@
 //! replies of flows another node sent here. Checksums go through the kernel helpers, which
 //! also handle packets whose checksum is left to the NIC (CHECKSUM_PARTIAL).
 use aya_ebpf::{
-    bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, TC_ACT_UNSPEC},
+    bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, TC_ACT_SHOT, TC_ACT_UNSPEC},
     programs::TcContext,
 };
 use lb_common::{PROTO_UDP, Reason, ReverseValue};
@@ -48,6 +48,12 @@ pub fn try_lb_tc_egress(ctx: &mut TcContext) -> Result<i32, i64> {
             None => TC_ACT_UNSPEC,
         });
     };
+    if reverse.client_ip_be != 0 {
+        // A hairpin flow's reply is addressed to this node, where XDP takes it: one routed out
+        // instead (its address is not local here) would reach neither this node nor the client.
+        stats::count_reason(Reason::DropSnatNoRoute, u64::from(ctx.len()));
+        return Ok(TC_ACT_SHOT);
+    }
     conntrack::note_reply(&pkt, &reverse);
     rewrite_l4_source(
         ctx,

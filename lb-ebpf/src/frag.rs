@@ -10,7 +10,7 @@ use aya_ebpf::{
     bindings::{TC_ACT_UNSPEC, xdp_action},
     programs::{TcContext, XdpContext},
 };
-use lb_common::{FlowKey, PROTO_UDP, Reason};
+use lb_common::{FLOW_SNAT, FlowKey, PROTO_UDP, Reason};
 
 use crate::{
     conntrack, egress, forward, ingress,
@@ -72,7 +72,10 @@ pub fn tc_reply(ctx: &mut TcContext) -> Result<i32, i64> {
                 proto: PROTO_UDP,
                 _pad: [0; 3],
             };
-            let Some(reverse) = conntrack::reverse_lookup(&flow) else {
+            // A hairpin flow's replies come back to this node, through XDP.
+            let Some(reverse) =
+                conntrack::reverse_lookup(&flow).filter(|reverse| reverse.client_ip_be == 0)
+            else {
                 return Ok(TC_ACT_UNSPEC);
             };
             let udp_check_off = l4_off + 6;
@@ -148,8 +151,10 @@ pub fn remember_request(
         return;
     }
     // SAFETY: copied out at once.
+    // A hairpin flow's fragments would need their source rewritten too: not handled.
     if let Some(flow) = unsafe { FLOWS.get(flow_key) }.copied()
         && flow.node_ip_be == 0
+        && flow.flags & FLOW_SNAT == 0
     {
         let nat = FragmentNat {
             ip_be: flow.backend_ip_be,

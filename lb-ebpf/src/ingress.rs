@@ -4,8 +4,8 @@ use aya_ebpf::{
     bindings::xdp_action, helpers::generated::bpf_ktime_get_coarse_ns, programs::XdpContext,
 };
 use lb_common::{
-    Event, FlowKey, FlowValue, PROTO_TCP, Reason, ReverseValue, SCHEDULER_MAGLEV,
-    SERVICE_FAIL_OPEN, ServiceKey, ServiceValue,
+    Event, FLOW_SNAT, FlowKey, FlowValue, PROTO_TCP, Reason, ReverseValue, SCHEDULER_MAGLEV,
+    SERVICE_FAIL_OPEN, ServiceKey, ServiceValue, SnatValue,
 };
 
 use crate::{
@@ -16,7 +16,7 @@ use crate::{
     maps::SERVICES,
     nat::{self, Side},
     parse::{self, Packet},
-    select, stats,
+    select, snat, stats,
 };
 
 /// The service a packet is addressed to: first by its exact address (a VIP), then by port on
@@ -94,13 +94,18 @@ fn to_service(
     service: &ServiceValue,
     any_address: bool,
 ) -> Result<(u32, Reason), Reason> {
+    let orig = (pkt.dst_ip_be, pkt.dst_port_be);
     let (replace, event) = match conntrack::lookup(key, pkt.tcp_flags) {
-        Lookup::Pinned { flow, was_idle } => {
-            if was_idle {
-                conntrack::restore_reverse(key, &flow, pkt.dst_ip_be, pkt.dst_port_be);
+        Lookup::Pinned { flow, was_idle } => match snat::of_flow(key, &flow) {
+            // A hairpin flow whose source entry was evicted chooses again, as a stale one does.
+            None if flow.flags & FLOW_SNAT != 0 => (true, Event::FlowReselected),
+            snat => {
+                if was_idle {
+                    conntrack::restore_reverse(key, &flow, orig, snat.as_ref());
+                }
+                return to_backend(ctx, pkt, key, &flow, snat.as_ref(), false);
             }
-            return to_backend(ctx, pkt, key, &flow, false);
-        }
+        },
         Lookup::Stale => (true, Event::FlowReselected),
         Lookup::Reused => (true, Event::FlowCreated),
         Lookup::Miss => (false, Event::FlowCreated),
@@ -129,39 +134,49 @@ fn to_service(
     let Some((backend_id, backend)) = chosen else {
         return Ok((xdp_action::XDP_DROP, Reason::DropNoBackend));
     };
+    let snat_ip_be = snat::hairpin_source(pkt, &backend);
+    let snat_flag = if snat_ip_be != 0 { FLOW_SNAT } else { 0 };
     let chosen = FlowValue {
         backend_id,
         backend_ip_be: backend.ip_be,
         node_ip_be: backend.node_ip_be,
         backend_port_be: backend.port_be,
         // A recovered connection may be ending already.
-        flags: conntrack::first_flags(pkt.tcp_flags),
+        flags: conntrack::first_flags(pkt.tcp_flags) | snat_flag,
         _pad: 0,
         // SAFETY: plain helper call.
         last_seen_ns: unsafe { bpf_ktime_get_coarse_ns() },
     };
     let event = if evicted { Event::FlowRecovered } else { event };
-    let Ok((flow, created)) =
-        conntrack::record(key, chosen, pkt.dst_ip_be, pkt.dst_port_be, replace, event)
-    else {
-        return Ok((xdp_action::XDP_DROP, Reason::DropFlowTableFull));
+    let recorded = match conntrack::record(key, chosen, orig, replace, event, snat_ip_be) {
+        Ok(recorded) => recorded,
+        Err(reason) => return Ok((xdp_action::XDP_DROP, reason)),
     };
     // A recovered flow is an old connection: not counted as a new one of its backend.
-    let new_flow = created && !evicted;
+    let new_flow = recorded.created && !evicted;
     if new_flow && service.flags & SERVICE_FAIL_OPEN != 0 {
         stats::count_event(Event::FlowFailOpen);
     }
-    to_backend(ctx, pkt, key, &flow, new_flow)
+    to_backend(
+        ctx,
+        pkt,
+        key,
+        &recorded.flow,
+        recorded.snat.as_ref(),
+        new_flow,
+    )
 }
 
-/// DNATs a client's packet to its flow's backend and sends it on: routed to a backend this node
-/// reaches, or encapsulated to the node that hosts it.
+/// DNATs a client's packet to its flow's backend (and gives a hairpin flow's packet its source,
+/// `snat`) and sends it on: routed to a backend this node reaches, or encapsulated to the node
+/// that hosts it.
 #[inline(always)]
 fn to_backend(
     ctx: &XdpContext,
     pkt: &Packet,
     key: &FlowKey,
     flow: &FlowValue,
+    snat: Option<&SnatValue>,
     new_flow: bool,
 ) -> Result<(u32, Reason), Reason> {
     let (data, data_end) = (ctx.data(), ctx.data_end());
@@ -177,13 +192,33 @@ fn to_backend(
     let bytes = (data_end - data) as u64;
     if pkt.ttl <= 1 {
         stats::count_to_backend(flow.backend_id, bytes, new_flow);
-        // The kernel answers with ICMP time exceeded.
+        // The kernel answers with ICMP time exceeded (to the client: the source is still its).
         return Ok((xdp_action::XDP_PASS, Reason::ForwardTtlExpired));
     }
-    let outcome = if flow.node_ip_be != 0 {
-        encap::xdp_to_node(ctx, key, flow.node_ip_be)
-    } else {
-        forward::to_backend(ctx, pkt, flow.backend_ip_be)
+    let outcome = match snat {
+        Some(snat) => {
+            nat::rewrite(data, data_end, pkt, Side::Src, snat.ip_be, snat.port_be)
+                .ok_or(Reason::PassTruncated)?;
+            if flow.node_ip_be != 0 {
+                encap::xdp_to_node(ctx, key, flow.node_ip_be)
+            } else {
+                match forward::decide(ctx, pkt, snat.ip_be, flow.backend_ip_be) {
+                    // The kernel would drop a packet with its own address as the source.
+                    Egress::Stack => Ok((xdp_action::XDP_DROP, Reason::DropSnatNoRoute)),
+                    egress => forward::route(
+                        ctx,
+                        &egress,
+                        [
+                            Reason::ForwardTx,
+                            Reason::ForwardRedirect,
+                            Reason::ForwardStack,
+                        ],
+                    ),
+                }
+            }
+        }
+        None if flow.node_ip_be != 0 => encap::xdp_to_node(ctx, key, flow.node_ip_be),
+        None => forward::to_backend(ctx, pkt, flow.backend_ip_be),
     };
     // A packet the backend will not get (no route to its node, too big once encapsulated) is
     // not counted as the backend's.
@@ -205,10 +240,14 @@ pub fn reply(
     reverse: &ReverseValue,
 ) -> Result<(u32, Reason), Reason> {
     conntrack::note_reply(pkt, reverse);
-    let egress = forward::decide(ctx, pkt, reverse.orig_ip_be, pkt.dst_ip_be);
+    let hairpin = reverse.client_ip_be != 0;
+    let (client_ip_be, client_port_be) = conntrack::client_of(pkt, reverse);
+    let egress = forward::decide(ctx, pkt, reverse.orig_ip_be, client_ip_be);
     let (hop, reason) = match egress {
         Egress::Tx(ref hop) => (hop, Reason::ReplyTx),
         Egress::Redirect(ref hop) => (hop, Reason::ReplyRedirect),
+        // Addressed to this node, a hairpin flow's reply cannot be left to the kernel.
+        Egress::Stack if hairpin => return Ok((xdp_action::XDP_DROP, Reason::DropSnatNoRoute)),
         Egress::Stack => return Ok((xdp_action::XDP_PASS, Reason::ReplyStack)),
     };
     let (data, data_end) = (ctx.data(), ctx.data_end());
@@ -221,6 +260,10 @@ pub fn reply(
         reverse.orig_port_be,
     )
     .ok_or(Reason::PassTruncated)?;
+    if hairpin {
+        nat::rewrite(data, data_end, pkt, Side::Dst, client_ip_be, client_port_be)
+            .ok_or(Reason::PassTruncated)?;
+    }
     forward::prepare_l2(ctx, hop).ok_or(Reason::PassTruncated)?;
     stats::count_reply(reverse.backend_id, (data_end - data) as u64);
     Ok((forward::send(ctx, &egress), reason))

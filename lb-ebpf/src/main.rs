@@ -19,6 +19,7 @@ mod maps;
 mod nat;
 mod parse;
 mod select;
+mod snat;
 mod stats;
 mod xmit;
 

@@ -7,12 +7,13 @@ use crate::{
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
     macros::map,
-    maps::{Array, DevMapHash, HashMap, LruHashMap, PerCpuArray},
+    maps::{Array, DevMapHash, HashMap, LpmTrie, LruHashMap, PerCpuArray},
 };
 use lb_common::{
     Backend, BackendStats, Counter, DEFAULT_FLOW_CAPACITY, EVENT_COUNT, FlowKey, FlowValue,
-    LocalBackendKey, MAX_BACKENDS, MAX_NODES, MAX_SERVICES, MaglevTable, MeshConfig, REASON_COUNT,
-    ReverseValue, ServiceKey, ServiceValue, TunnelValue,
+    LocalBackendKey, MAX_BACKENDS, MAX_NODES, MAX_ONLINK_SUBNETS, MAX_SERVICES, MaglevTable,
+    MeshConfig, REASON_COUNT, ReverseValue, RrCursor, SNAT_FLOW_CAPACITY, ServiceKey, ServiceValue,
+    SnatValue, TunnelValue,
 };
 
 /// Published services: (VIP or 0 for every local address, protocol, port) → id and backend list.
@@ -23,10 +24,11 @@ pub static SERVICES: HashMap<ServiceKey, ServiceValue> = HashMap::with_max_entri
 #[map]
 pub static BACKENDS: Array<Backend> = Array::with_max_entries(MAX_BACKENDS, 0);
 
-/// Round-robin cursor of each service, by service id. Shared by all CPUs (atomic increment) so
-/// that new flows rotate over the backends in order whichever CPU sees them.
+/// Round-robin cursor of each service, by service id, each on a cache line of its own
+/// (`RrCursor`). Shared by all CPUs (atomic increment) so that new flows rotate over the
+/// backends in order whichever CPU sees them.
 #[map]
-pub static RR_CURSORS: Array<u64> = Array::with_max_entries(MAX_SERVICES, 0);
+pub static RR_CURSORS: Array<RrCursor> = Array::with_max_entries(MAX_SERVICES, 0);
 
 /// Maglev lookup table of each maglev service, by service id (64 KiB each). Not preallocated:
 /// only maglev services take memory, and an update allocates a new element and swaps it in, so
@@ -44,6 +46,21 @@ pub static FLOWS: LruHashMap<FlowKey, FlowValue> =
 #[map]
 pub static REVERSE_FLOWS: LruHashMap<FlowKey, ReverseValue> =
     LruHashMap::with_max_entries(DEFAULT_FLOW_CAPACITY, 0);
+
+/// Hairpin flows (`FLOW_SNAT`): client → service 5-tuple → the source address and port its
+/// packets get towards the backend (`snat`). Their replies come back to that address and port,
+/// and `REVERSE_FLOWS` holds the client for them. LRU: an evicted entry makes its flow choose
+/// again, as a removed backend does.
+#[map]
+pub static SNAT_FLOWS: LruHashMap<FlowKey, SnatValue> =
+    LruHashMap::with_max_entries(SNAT_FLOW_CAPACITY, 0);
+
+/// The subnets of this node's interfaces, written by userspace: prefix → the subnet's network
+/// address (network byte order), the same for every address in it. A client in the subnet of
+/// the backend it is given (both on a link with this node) would get the backend's reply
+/// straight over that link, bypassing the reverse NAT: such a flow is a hairpin flow (`snat`).
+#[map]
+pub static ONLINK_SUBNETS: LpmTrie<u32, u32> = LpmTrie::with_max_entries(MAX_ONLINK_SUBNETS, 0);
 
 /// Per-CPU packet, byte and new-flow counters of each backend, by backend id.
 #[map]

@@ -16,7 +16,7 @@ pub fn round_robin(service: &ServiceValue) -> Option<(u32, Backend)> {
     if count == 0 || count as usize > MAX_BACKENDS_PER_SERVICE {
         return None;
     }
-    let cursor = RR_CURSORS.get_ptr_mut(service.service_id)?;
+    let cursor = RR_CURSORS.get_ptr_mut(service.service_id)?.cast::<u64>();
     // SAFETY: the pointer is a live, aligned u64 in the map. An atomic add (BPF_ATOMIC with
     // BPF_FETCH) rather than core::sync::atomic, which the bpf target does not offer. Not
     // Relaxed: LLVM lowers a relaxed add to the non-fetching BPF instruction.

@@ -73,6 +73,7 @@ fn reconcile(instance: &Instance, state: &mut State) -> Result<usize> {
     let desired = sync::desired(&state.table, self_name.as_deref());
     let delta = sync::delta(&desired, &maps.read_contents()?);
     maps.apply(&delta)?;
+    let subnet_writes = maps.sync_subnets(&underlay::local_subnets()?)?;
 
     let others: Vec<&Node> = state
         .table
@@ -81,8 +82,13 @@ fn reconcile(instance: &Instance, state: &mut State) -> Result<usize> {
         .filter(|n| Some(&n.name) != self_name.as_ref())
         .collect();
     let attached: Vec<&str> = state.attachments.iter().map(|a| a.iface.as_str()).collect();
+    let backends: BTreeSet<Ipv4Addr> = desired
+        .local_backends
+        .iter()
+        .map(|key| Ipv4Addr::from(key.ip_be.to_ne_bytes()))
+        .collect();
     let (managed, warnings) =
-        underlay::sync_neighbours(&others, &attached, &state.managed_neighbours);
+        underlay::sync_neighbours(&others, &backends, &attached, &state.managed_neighbours);
     for warning in warnings {
         eprintln!("lbctl: warning: {warning}");
     }
@@ -99,7 +105,7 @@ fn reconcile(instance: &Instance, state: &mut State) -> Result<usize> {
         state.reserved_ports = reserved;
         state::save(&instance.state_dir, state)?;
     }
-    Ok(delta.writes())
+    Ok(delta.writes() + subnet_writes)
 }
 
 /// Loads the state of an instance that has an interface attached (service commands need the

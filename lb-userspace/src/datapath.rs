@@ -1,8 +1,9 @@
 //! The data plane from userspace: the embedded eBPF object, its maps (pinned per instance),
 //! and the thin layer that writes `sync::Delta`s and reads counters.
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     fs,
+    net::Ipv4Addr,
     os::fd::AsFd as _,
     path::{Path, PathBuf},
 };
@@ -11,18 +12,22 @@ use anyhow::{Context as _, Result, anyhow, bail};
 use aya::{
     Ebpf, EbpfLoader, Pod,
     maps::{
-        Array, HashMap, IterableMap as _, Map, MapData, PerCpuArray, PerCpuValues, xdp::DevMapHash,
+        Array, HashMap, IterableMap as _, Map, MapData, PerCpuArray, PerCpuValues,
+        lpm_trie::{Key as PrefixKey, LpmTrie},
+        xdp::DevMapHash,
     },
     util::nr_cpus,
 };
 use lb_common::{
     BACKEND_ACTIVE, Backend, BackendStats, Counter, FlowKey, FlowValue, LocalBackendKey,
-    MaglevTable, MeshConfig, ReverseValue, ServiceKey, ServiceValue, TunnelValue, map_names,
+    MaglevTable, MeshConfig, ReverseValue, RrCursor, ServiceKey, ServiceValue, SnatValue,
+    TunnelValue, map_names,
 };
 
 use crate::{
     map_ops,
     sync::{Delta, MapContents},
+    underlay::Subnet,
 };
 
 /// The compiled data plane (lb-ebpf), built by build.rs.
@@ -66,7 +71,7 @@ pub fn load_pinned(pins: &[(&str, PathBuf)], flow_capacity: u32) -> Result<Ebpf>
 pub struct Maps {
     pub services: HashMap<MapData, ServiceKey, ServiceValue>,
     pub backends: Array<MapData, Backend>,
-    pub rr_cursors: Array<MapData, u64>,
+    pub rr_cursors: Array<MapData, RrCursor>,
     pub flows: HashMap<MapData, FlowKey, FlowValue>,
     /// Filled by the data plane only; opened for inspection (and tests).
     pub reverse_flows: HashMap<MapData, FlowKey, ReverseValue>,
@@ -88,6 +93,10 @@ pub struct Maps {
     pub tx_via_tc: HashMap<MapData, u32, u32>,
     /// Backends this node reaches by plain routing; the value is unused (0).
     pub local_backends: HashMap<MapData, LocalBackendKey, u32>,
+    /// Filled by the data plane only (hairpin flows' sources); opened for inspection.
+    pub snat_flows: HashMap<MapData, FlowKey, SnatValue>,
+    /// The subnets of the namespace's interfaces (see [`Maps::sync_subnets`]).
+    pub onlink_subnets: LpmTrie<MapData, u32, u32>,
 }
 
 fn open(pin_dir: &Path, name: &str) -> Result<Map> {
@@ -127,7 +136,41 @@ impl Maps {
             maglev: get(map_names::MAGLEV)?.try_into()?,
             tx_via_tc: get(map_names::TX_VIA_TC)?.try_into()?,
             local_backends: get(map_names::LOCAL_BACKENDS)?.try_into()?,
+            snat_flows: get(map_names::SNAT_FLOWS)?.try_into()?,
+            onlink_subnets: get(map_names::ONLINK_SUBNETS)?.try_into()?,
         })
+    }
+
+    /// Brings `ONLINK_SUBNETS` in line with `subnets` (the namespace's, see
+    /// `underlay::local_subnets`): a flow whose client is in its local backend's subnet is a
+    /// hairpin flow. Returns the number of writes.
+    pub fn sync_subnets(&mut self, subnets: &BTreeSet<Subnet>) -> Result<usize> {
+        let mut present = BTreeSet::new();
+        for key in self.onlink_subnets.keys() {
+            let key = key.context("reading ONLINK_SUBNETS")?;
+            present.insert(Subnet {
+                network: Ipv4Addr::from(key.data().to_ne_bytes()),
+                prefix_len: key.prefix_len() as u8,
+            });
+        }
+        let key = |subnet: &Subnet| {
+            PrefixKey::new(
+                u32::from(subnet.prefix_len),
+                u32::from_ne_bytes(subnet.network.octets()),
+            )
+        };
+        for stale in present.difference(subnets) {
+            self.onlink_subnets
+                .remove(&key(stale))
+                .with_context(|| format!("removing {stale} from ONLINK_SUBNETS"))?;
+        }
+        for new in subnets.difference(&present) {
+            let network = u32::from_ne_bytes(new.network.octets());
+            self.onlink_subnets
+                .insert(&key(new), network, 0)
+                .with_context(|| format!("adding {new} to ONLINK_SUBNETS"))?;
+        }
+        Ok(present.symmetric_difference(subnets).count())
     }
 
     /// What `MESH`, `NODES`, `SERVICES`, `BACKENDS` and `MAGLEV` hold now (active backends
@@ -192,7 +235,7 @@ impl Maps {
         }
         for id in &delta.new_service_ids {
             self.rr_cursors
-                .set(*id, 0, 0)
+                .set(*id, RrCursor::default(), 0)
                 .with_context(|| format!("resetting round-robin cursor {id}"))?;
         }
         for (id, table) in &delta.maglev_to_write {
@@ -349,9 +392,10 @@ pub struct FlowCensus {
 }
 
 /// A TCP flow idle this long without a FIN or RST is taken for abandoned (its client vanished).
-pub const TCP_IDLE_NS: u64 = 3_600 * 1_000_000_000;
+/// The data plane gives such a flow's hairpin port away by the same rule.
+pub const TCP_IDLE_NS: u64 = lb_common::FLOW_IDLE_TCP_NS;
 /// UDP has no end: a flow idle this long is over.
-pub const UDP_IDLE_NS: u64 = 60 * 1_000_000_000;
+pub const UDP_IDLE_NS: u64 = lb_common::FLOW_IDLE_UDP_NS;
 
 /// A flow is live while its connection has not ended (`FLOW_CLOSING` unset) and its client has
 /// sent a packet within the idle limit of its protocol. Entries stay in the table after that

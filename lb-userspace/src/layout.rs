@@ -56,6 +56,7 @@ mod map_type {
     pub const PERCPU_ARRAY: u32 = 6;
     pub const LRU_HASH: u32 = 9;
     pub const LRU_PERCPU_HASH: u32 = 10;
+    pub const LPM_TRIE: u32 = 11;
     pub const DEVMAP_HASH: u32 = 25;
 }
 
@@ -117,6 +118,7 @@ fn type_name(map_type: u32) -> String {
         map_type::PERCPU_ARRAY => "per-CPU array".into(),
         map_type::LRU_HASH => "LRU hash".into(),
         map_type::LRU_PERCPU_HASH => "LRU per-CPU hash".into(),
+        map_type::LPM_TRIE => "LPM trie".into(),
         map_type::DEVMAP_HASH => "devmap hash".into(),
         other => format!("map type {other}"),
     }

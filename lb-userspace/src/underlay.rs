@@ -25,30 +25,89 @@ use crate::model::Node;
 
 /// The IPv4 addresses assigned to the namespace's interfaces (up or down).
 pub fn local_addrs() -> Result<BTreeSet<Ipv4Addr>> {
+    Ok(interface_addrs()?.into_iter().map(|a| a.addr).collect())
+}
+
+/// An IPv4 address of an interface, as `getifaddrs` lists it.
+struct InterfaceAddr {
+    addr: Ipv4Addr,
+    netmask: Option<Ipv4Addr>,
+    loopback: bool,
+}
+
+/// Every IPv4 address of the namespace's interfaces (`getifaddrs`).
+fn interface_addrs() -> Result<Vec<InterfaceAddr>> {
     let mut list: *mut libc::ifaddrs = std::ptr::null_mut();
     // SAFETY: getifaddrs fills `list` with a linked list we free below.
     if unsafe { libc::getifaddrs(&mut list) } != 0 {
         return Err(std::io::Error::last_os_error())
             .context("listing the namespace's addresses (getifaddrs)");
     }
-    let mut addrs = BTreeSet::new();
+    let ipv4 = |sockaddr: *mut libc::sockaddr| {
+        // SAFETY: when set, a sockaddr whose family says its real type.
+        if sockaddr.is_null() || i32::from(unsafe { (*sockaddr).sa_family }) != libc::AF_INET {
+            return None;
+        }
+        // SAFETY: an AF_INET address is a sockaddr_in.
+        let sin = unsafe { &*sockaddr.cast::<libc::sockaddr_in>() };
+        Some(Ipv4Addr::from(sin.sin_addr.s_addr.to_ne_bytes()))
+    };
+    let mut addrs = Vec::new();
     let mut cursor = list;
     while !cursor.is_null() {
         // SAFETY: a non-null node of the list getifaddrs returned, not freed yet.
         let entry = unsafe { &*cursor };
-        // SAFETY: ifa_addr, when set, points to a sockaddr whose family says its real type.
-        if !entry.ifa_addr.is_null()
-            && i32::from(unsafe { (*entry.ifa_addr).sa_family }) == libc::AF_INET
-        {
-            // SAFETY: an AF_INET address is a sockaddr_in.
-            let sin = unsafe { &*entry.ifa_addr.cast::<libc::sockaddr_in>() };
-            addrs.insert(Ipv4Addr::from(sin.sin_addr.s_addr.to_ne_bytes()));
+        if let Some(addr) = ipv4(entry.ifa_addr) {
+            addrs.push(InterfaceAddr {
+                addr,
+                netmask: ipv4(entry.ifa_netmask),
+                loopback: entry.ifa_flags & libc::IFF_LOOPBACK as u32 != 0,
+            });
         }
         cursor = entry.ifa_next;
     }
     // SAFETY: the list getifaddrs allocated, freed once.
     unsafe { libc::freeifaddrs(list) };
     Ok(addrs)
+}
+
+/// A subnet of an interface: its network address and prefix length.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Subnet {
+    pub network: Ipv4Addr,
+    pub prefix_len: u8,
+}
+
+impl Subnet {
+    /// The subnet of an interface address with netmask `mask`; `None` for a host address (/32),
+    /// which has no neighbours, or a netmask that is not a prefix.
+    pub fn of(addr: Ipv4Addr, mask: Ipv4Addr) -> Option<Subnet> {
+        let mask = u32::from(mask);
+        let prefix_len = mask.leading_ones();
+        if prefix_len == 0 || prefix_len == 32 || mask.count_ones() != prefix_len {
+            return None;
+        }
+        Some(Subnet {
+            network: Ipv4Addr::from(u32::from(addr) & mask),
+            prefix_len: prefix_len as u8,
+        })
+    }
+}
+
+impl std::fmt::Display for Subnet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.network, self.prefix_len)
+    }
+}
+
+/// The subnets of the namespace's interfaces other than loopback: where a client and a backend
+/// may reach each other over a link without this node.
+pub fn local_subnets() -> Result<BTreeSet<Subnet>> {
+    Ok(interface_addrs()?
+        .into_iter()
+        .filter(|a| !a.loopback)
+        .filter_map(|a| Subnet::of(a.addr, a.netmask?))
+        .collect())
 }
 
 /// The MTU of an interface of the namespace (`ip -j link show`).
@@ -336,22 +395,32 @@ pub fn delete(hops: &[NextHop]) -> Vec<(NextHop, String)> {
     neigh_batch("del", hops, "")
 }
 
-/// Brings the managed neighbour entries in line with `nodes` (every node but this one), given
-/// those lbctl `recorded` as made by it. Returns the new record and warnings: a node without a
-/// route yet, or an `ip` failure, must not fail the command (the maps are already written;
-/// the data plane counts such packets, and the next command tries again).
+/// Brings the managed neighbour entries in line with `nodes` (every node but this one) and the
+/// `backends` this node routes to itself, given those lbctl `recorded` as made by it. Kept
+/// resolved, their next hops never send XDP's packets to the kernel for want of a neighbour (a
+/// hairpin flow's packet cannot go through the kernel at all: its source is the node's own
+/// address). Returns the new record and warnings: a node without a route yet, or an `ip`
+/// failure, must not fail the command (the maps are already written; the data plane counts
+/// such packets, and the next command tries again). A backend routed out of an interface lbctl
+/// is not attached to is the kernel's to reach, without a warning.
 pub fn sync_neighbours(
     nodes: &[&Node],
+    backends: &BTreeSet<Ipv4Addr>,
     attached: &[&str],
     recorded: &[NextHop],
 ) -> (Vec<NextHop>, Vec<String>) {
     let mut warnings = Vec::new();
-    if nodes.is_empty() && recorded.is_empty() {
+    if nodes.is_empty() && backends.is_empty() && recorded.is_empty() {
         return (Vec::new(), warnings);
     }
     let mut record: BTreeSet<NextHop> = recorded.iter().cloned().collect();
-    let listed = next_hops(&nodes.iter().map(|n| n.ip).collect::<Vec<_>>())
-        .and_then(|hops| Ok((hops, neighbours()?)));
+    let dsts: BTreeSet<Ipv4Addr> = nodes
+        .iter()
+        .map(|n| n.ip)
+        .chain(backends.iter().copied())
+        .collect();
+    let listed =
+        next_hops(&dsts.into_iter().collect::<Vec<_>>()).and_then(|hops| Ok((hops, neighbours()?)));
     let (hops, kernel) = match listed {
         Ok(listed) => listed,
         Err(err) => {
@@ -377,6 +446,13 @@ pub fn sync_neighbours(
                  (drop_encap_no_route) until there is one and lbctl runs again",
                 node.name, node.ip
             )),
+        }
+    }
+    for backend in backends {
+        if let Ok(hop) = &hops[backend]
+            && attached.contains(&hop.dev.as_str())
+        {
+            wanted.insert(hop.clone());
         }
     }
     let plan = plan(&wanted, &record, &kernel);
@@ -454,6 +530,26 @@ mod tests {
             route(r#"{"dst":"172.30.5.5"}"#)
                 .unwrap_err()
                 .contains("no interface")
+        );
+    }
+
+    #[test]
+    fn a_subnet_is_the_address_under_its_prefix_and_host_routes_have_none() {
+        let subnet = |addr: [u8; 4], mask: [u8; 4]| Subnet::of(addr.into(), mask.into());
+        assert_eq!(
+            subnet([10, 1, 2, 3], [255, 255, 255, 0]).map(|s| s.to_string()),
+            Some("10.1.2.0/24".into())
+        );
+        assert_eq!(
+            subnet([172, 23, 200, 9], [255, 255, 240, 0]).map(|s| s.to_string()),
+            Some("172.23.192.0/20".into())
+        );
+        assert_eq!(subnet([10, 1, 2, 3], [255, 255, 255, 255]), None, "/32");
+        assert_eq!(subnet([10, 1, 2, 3], [0, 0, 0, 0]), None, "/0");
+        assert_eq!(
+            subnet([10, 1, 2, 3], [255, 0, 255, 0]),
+            None,
+            "not a prefix"
         );
     }
 

@@ -312,6 +312,53 @@ fn a_udp_service_works_across_nodes() {
     }
 }
 
+/// A node's own processes (or the tasks it masquerades) reach every task through another
+/// node's published port, exactly evenly, over TCP and UDP, the tasks on their own node
+/// included: those flows reach them from the balancing node's address (a packet from their
+/// own node's address would be dropped there as martian), every other task sees the calling
+/// node's address.
+#[test]
+fn a_nodes_own_clients_reach_every_task_through_another_nodes_published_port() {
+    let cluster = Cluster::build(MeshSpec::default());
+    let mesh = &cluster.mesh;
+    let tasks = all_tasks(mesh);
+    let per = 2;
+    for caller in 0..mesh.node_count() {
+        for target in (0..mesh.node_count()).filter(|&n| n != caller) {
+            let context = format!(
+                "{} calling {}",
+                mesh.node_name(caller),
+                mesh.node_name(target)
+            );
+            let tcp = cluster.addr(target, WEB_PORT);
+            let udp = cluster.addr(target, DNS_PORT);
+            let replies: Vec<Reply> = mesh
+                .node(caller)
+                .in_netns(|| {
+                    let mut replies = client::new_connections(tcp, per * tasks.len())?;
+                    replies.extend(client::udp_requests(udp, per * tasks.len())?);
+                    anyhow::Ok(replies)
+                })
+                .unwrap();
+            for reply in &replies {
+                let on_caller = (0..tasks.len())
+                    .any(|k| mesh.task_node(k) == caller && reply.backend == mesh.task_name(k));
+                let expected = if on_caller { target } else { caller };
+                assert_eq!(
+                    *reply.client_seen.ip(),
+                    mesh.node_ip(expected),
+                    "{context}: {reply:?}"
+                );
+            }
+            let expected: BTreeMap<String, usize> = tasks
+                .iter()
+                .map(|&k| (mesh.task_name(k), 2 * per))
+                .collect();
+            assert_eq!(client::per_backend(&replies), expected, "{context}");
+        }
+    }
+}
+
 /// VXLAN to a node's overlay port from the client, which is no node: dropped and counted, and
 /// the task it names never sees it.
 #[test]

@@ -9,7 +9,7 @@ use dataplane::*;
 use etherparse::PacketBuilder;
 use lb_common::{
     DEFAULT_VNI, DEFAULT_VXLAN_PORT, Event, FlowKey, PROTO_UDP, Reason, ReverseValue,
-    VXLAN_OVERHEAD,
+    SNAT_PORT_COUNT, SNAT_PORT_FIRST, VXLAN_OVERHEAD, flow_hash,
 };
 use lb_userspace::model::{Proto, Scheduler, parse_backend};
 use lb_userspace::{datapath, sync};
@@ -20,6 +20,22 @@ fn dst_of(frame: &[u8]) -> ([u8; 4], u16) {
         frame[30..34].try_into().unwrap(),
         u16::from_be_bytes([frame[36], frame[37]]),
     )
+}
+
+/// The source of a TCP/UDP frame, read back from its bytes.
+fn src_of(frame: &[u8]) -> ([u8; 4], u16) {
+    (
+        frame[26..30].try_into().unwrap(),
+        u16::from_be_bytes([frame[34], frame[35]]),
+    )
+}
+
+/// Checks that `port` is one a hairpin flow's packets may get as their source.
+fn assert_hairpin_port(port: u16) {
+    assert!(
+        (SNAT_PORT_FIRST..=u16::MAX).contains(&port),
+        "hairpin source port {port} is outside {SNAT_PORT_FIRST}-65535"
+    );
 }
 
 /// Checks what the data plane encapsulated: the outer and inner checksums are valid, the outer
@@ -120,6 +136,180 @@ fn xdp_tx_path_rewrites_macs_and_ttl_and_replies_come_back_reverse_nated() {
             (stats.reply_packets, stats.reply_bytes),
             (1, expected.len() as u64)
         );
+    });
+}
+
+/// A backend that connects to the service and is given itself would answer its own address,
+/// never through the node: the flow gets the node's address (the one connected to) and a
+/// hairpin port as its source, and the reply to them comes back to the backend from the
+/// service. Flows from it to the other backends keep its address, until those are known to
+/// share its subnet (they would answer it straight over the link): then they are hairpin flows
+/// too, while a client on another subnet still is not.
+#[test]
+fn a_backend_given_itself_or_a_neighbour_on_its_subnet_is_answered_through_the_node() {
+    with_node(|node| {
+        let ingress = Some(node.ifindex);
+        let from_b0 = |port, flags| {
+            tcp(
+                (backend_mac(0), INGRESS_MAC),
+                (BACKENDS[0], port),
+                (NODE_IP, WEB_PORT),
+                64,
+                flags,
+                b"",
+            )
+        };
+        // Round-robin's first turn is 10.0.0.6 itself.
+        let (action, out) = node.xdp(&from_b0(40000, "S"), ingress);
+        assert_eq!(action, XDP_TX);
+        let (source, port) = src_of(&out);
+        assert_eq!(source, NODE_IP, "the address the backend connected to");
+        assert_hairpin_port(port);
+        let to_itself = |flags| {
+            tcp(
+                (node.mac, backend_mac(0)),
+                (NODE_IP, port),
+                (BACKENDS[0], BACKEND_PORT),
+                63,
+                flags,
+                b"",
+            )
+        };
+        assert_eq!(out, to_itself("S"));
+        assert_checksums_valid(&out);
+        let (action, out) = node.xdp(&from_b0(40000, "A"), ingress);
+        assert_eq!(
+            (action, out),
+            (XDP_TX, to_itself("A")),
+            "the flow keeps its port"
+        );
+        assert_eq!(node.event(Event::FlowHairpin), 1);
+
+        let reply = tcp(
+            (backend_mac(0), INGRESS_MAC),
+            (BACKENDS[0], BACKEND_PORT),
+            (NODE_IP, port),
+            64,
+            "PA",
+            HTTP_OK,
+        );
+        let (action, out) = node.xdp(&reply, ingress);
+        assert_eq!(action, XDP_TX);
+        let expected = tcp(
+            (node.mac, backend_mac(0)),
+            (NODE_IP, WEB_PORT),
+            (BACKENDS[0], 40000),
+            63,
+            "PA",
+            HTTP_OK,
+        );
+        assert_eq!(out, expected);
+        assert_checksums_valid(&out);
+        assert_eq!(node.reason(Reason::ReplyTx), 1);
+        assert_eq!(node.backend("web", 0).reply_packets, 1);
+
+        // Turn 2: 10.0.0.7, which answers 10.0.0.6 through the node as far as lbctl knows.
+        let (action, out) = node.xdp(&from_b0(40001, "S"), ingress);
+        assert_eq!(action, XDP_TX);
+        assert_eq!(src_of(&out), (BACKENDS[0], 40001), "source kept");
+        assert_eq!(dst_of(&out), (BACKENDS[1], BACKEND_PORT));
+
+        // With the node's subnets known, 10.0.0.8 shares 10.0.0.6's: a hairpin flow.
+        let subnets = ["10.0.0.0/24", "192.168.100.0/24"]
+            .map(|s| {
+                let (network, len) = s.split_once('/').unwrap();
+                lb_userspace::underlay::Subnet {
+                    network: network.parse().unwrap(),
+                    prefix_len: len.parse().unwrap(),
+                }
+            })
+            .into_iter()
+            .collect();
+        assert_eq!(node.maps.sync_subnets(&subnets).unwrap(), 2);
+        assert_eq!(node.maps.sync_subnets(&subnets).unwrap(), 0, "in line");
+        let (action, out) = node.xdp(&from_b0(40002, "S"), ingress);
+        assert_eq!(action, XDP_TX);
+        let (source, neighbour_port) = src_of(&out);
+        assert_eq!(source, NODE_IP);
+        assert_hairpin_port(neighbour_port);
+        assert_ne!(neighbour_port, port);
+        assert_eq!(dst_of(&out), (BACKENDS[2], BACKEND_PORT));
+        // A client on the node's other subnet keeps its address (turn 4: 10.0.0.6).
+        let (action, out) = node.xdp(&client_syn(40003), ingress);
+        assert_eq!(action, XDP_TX);
+        assert_eq!(src_of(&out), (CLIENT_IP, 40003));
+        assert_eq!(node.event(Event::FlowHairpin), 2);
+        assert_eq!(node.event(Event::FlowCreated), 4);
+    });
+}
+
+/// A hairpin flow takes the first of the ports its 5-tuple hashes to that is free, or held by a
+/// flow that ended; when all eight tried are held by live flows, its packet is dropped and
+/// counted, and nothing is recorded.
+#[test]
+fn a_hairpin_flow_takes_a_free_or_ended_flows_port_and_is_dropped_when_none_is_left() {
+    with_node(|node| {
+        let ingress = Some(node.ifindex);
+        let me = std::net::SocketAddrV4::new(Ipv4Addr::from(BACKENDS[0]), BACKEND_PORT);
+        node.table
+            .add_service("self", lb_userspace::model::Proto::Tcp, 8181, None, &[me])
+            .unwrap();
+        node.apply();
+        let syn = tcp(
+            (backend_mac(0), INGRESS_MAC),
+            (BACKENDS[0], 40000),
+            (NODE_IP, 8181),
+            64,
+            "S",
+            b"",
+        );
+        let key = tcp_key((BACKENDS[0], 40000), (NODE_IP, 8181));
+        let start = flow_hash(&key);
+        let tried: Vec<u16> = (0..8)
+            .map(|i| SNAT_PORT_FIRST + (start.wrapping_add(i) % u32::from(SNAT_PORT_COUNT)) as u16)
+            .collect();
+        let reply_key = |port| tcp_key((BACKENDS[0], BACKEND_PORT), (NODE_IP, port));
+        let held = ReverseValue {
+            orig_ip_be: u32::from_ne_bytes(NODE_IP),
+            orig_port_be: 8181u16.to_be(),
+            ..ReverseValue::default()
+        };
+        // Held for good: the reply 5-tuples of flows whose client has the node's address.
+        for port in &tried {
+            node.maps
+                .reverse_flows
+                .insert(reply_key(*port), held, 0)
+                .unwrap();
+        }
+        let (action, _) = node.xdp(&syn, ingress);
+        assert_eq!(action, XDP_DROP);
+        assert_eq!(node.reason(Reason::DropSnatPortsExhausted), 1);
+        assert!(node.maps.flows.get(&key, 0).is_err(), "no flow recorded");
+
+        // The sixth port tried now belongs to a hairpin flow whose client → service entry is
+        // gone: an ended flow, whose port is given to the new one.
+        let ended = ReverseValue {
+            client_ip_be: u32::from_ne_bytes(BACKENDS[1]),
+            client_port_be: 39999u16.to_be(),
+            ..held
+        };
+        node.maps
+            .reverse_flows
+            .insert(reply_key(tried[5]), ended, 0)
+            .unwrap();
+        let (action, out) = node.xdp(&syn, ingress);
+        assert_eq!(action, XDP_TX);
+        assert_eq!(src_of(&out), (NODE_IP, tried[5]));
+        let taken = node
+            .maps
+            .reverse_flows
+            .get(&reply_key(tried[5]), 0)
+            .unwrap();
+        assert_eq!(
+            (taken.client_ip_be, u16::from_be(taken.client_port_be)),
+            (u32::from_ne_bytes(BACKENDS[0]), 40000)
+        );
+        assert_eq!(node.event(Event::FlowHairpin), 1);
     });
 }
 
@@ -1217,6 +1407,67 @@ fn reply_coming_back_over_vxlan_is_decapsulated_and_reverse_nated_to_the_client(
             vec![],
             "a reply is no flow to remember"
         );
+    });
+}
+
+/// A process on n2 (or a task n2 masquerades) connects to this node's published port, whose
+/// task runs on n2: decapsulated there with n2's own address as its source, the packet would
+/// be dropped as martian. So it goes with this node's address and a hairpin port as its source,
+/// and the task's reply, coming back over the tunnel to them, goes to n2 from the service.
+#[test]
+fn a_client_on_the_backends_own_node_gets_this_nodes_address_through_the_mesh() {
+    with_node(|node| {
+        let ingress = Some(node.ifindex);
+        let syn = tcp(
+            (N2_MAC, INGRESS_MAC),
+            (N2_IP, 40000),
+            (NODE_IP, MESH_PORT),
+            64,
+            "S",
+            b"",
+        );
+        let (action, out) = node.xdp(&syn, ingress);
+        assert_eq!(action, XDP_TX);
+        let tunnel_port = encap_source_port(&out);
+        let (source, port) = src_of(&out[VXLAN_OVERHEAD as usize..]);
+        assert_eq!(source, NODE_IP, "this node's underlay address");
+        assert_hairpin_port(port);
+        let inner = tcp(
+            (node.mac, N2_MAC),
+            (NODE_IP, port),
+            (REMOTE_BACKEND, BACKEND_PORT),
+            63,
+            "S",
+            b"",
+        );
+        assert_eq!(out, Tunnel::to_n2(tunnel_port).wrap(&inner));
+
+        let reply = tcp(
+            (N2_MAC, INGRESS_MAC),
+            (REMOTE_BACKEND, BACKEND_PORT),
+            (NODE_IP, port),
+            64,
+            "PA",
+            HTTP_OK,
+        );
+        let (action, out) = node.xdp(&Tunnel::from_n2().wrap(&reply), ingress);
+        assert_eq!(action, XDP_TX);
+        let expected = tcp(
+            (node.mac, N2_MAC),
+            (NODE_IP, MESH_PORT),
+            (N2_IP, 40000),
+            63,
+            "PA",
+            HTTP_OK,
+        );
+        assert_eq!(out, expected);
+        assert_checksums_valid(&out);
+        assert_eq!(node.event(Event::FlowHairpin), 1);
+        // Any other client keeps its address through the mesh.
+        let (action, out) = node.xdp(&client_tcp(40001, MESH_PORT, "S"), ingress);
+        assert_eq!(action, XDP_TX);
+        assert_eq!(src_of(&out[VXLAN_OVERHEAD as usize..]), (CLIENT_IP, 40001));
+        assert_eq!(node.event(Event::FlowHairpin), 1);
     });
 }
 

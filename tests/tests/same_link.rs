@@ -187,6 +187,67 @@ fn generic_xdp_serves_backends_on_the_same_link_too() {
     serves_on_the_same_link(2, &["--mode", "generic"]);
 }
 
+/// A backend that is itself a client of the service (a task calling its own service through the
+/// node) reaches every backend, itself included, exactly evenly, over TCP and UDP: given
+/// itself it would answer its own address, and given another backend on its subnet that one
+/// would answer it straight over the link, never through the node's reverse NAT. Both are
+/// hairpin flows: they reach the backend from the node's address (the one connected to) and a
+/// hairpin port, and the replies come back through the node.
+#[test]
+fn a_backend_calling_the_service_reaches_every_backend_itself_included() {
+    let backends = 3;
+    let lan = Lan::build(backends, &[]);
+    let addr = SocketAddrV4::new(NODE_BACKEND_SIDE, PUBLISHED);
+    let per = 4;
+    let caller = &lan.backends[0];
+    let check = |replies: &[Reply], what: &str| {
+        for reply in replies {
+            assert_eq!(
+                *reply.client_seen.ip(),
+                NODE_BACKEND_SIDE,
+                "{what}: {reply:?}"
+            );
+            assert!(
+                reply.client_seen.port() >= lb_common::SNAT_PORT_FIRST,
+                "{what}: a hairpin port: {reply:?}"
+            );
+        }
+        let counts = client::per_backend(replies);
+        assert_eq!(counts.len(), backends, "{what}: {counts:?}");
+        assert!(counts.values().all(|&n| n == per), "{what}: {counts:?}");
+    };
+    let replies = caller.in_netns(|| client::new_connections(addr, per * backends));
+    if replies.is_err() {
+        eprintln!("DEBUG {}", lan.lbctl.run(&["stats"]).unwrap());
+        eprintln!("DEBUG {}", lan.lbctl.run(&["flows"]).unwrap_or_default());
+        let out = lan
+            .node
+            .exec(["bpftool", "map", "dump", "pinned", "/sys/fs/bpf/lbctl"]);
+        eprintln!("DEBUG {out:?}");
+    }
+    let replies = replies.unwrap();
+    check(&replies, "TCP");
+    let datagrams = caller
+        .in_netns(|| client::udp_requests(addr, per * backends))
+        .unwrap();
+    check(&datagrams, "UDP");
+    let stats: serde_json::Value =
+        serde_json::from_str(&lan.lbctl.run(&["stats", "--json"]).unwrap()).unwrap();
+    assert_eq!(
+        stats["events"]["flow_hairpin"],
+        2 * per * backends,
+        "every flow a hairpin flow: {stats}"
+    );
+    // The client on the node's other subnet still reaches them with its own address.
+    let replies = lan
+        .client
+        .in_netns(|| client::new_connections(SocketAddrV4::new(NODE_CLIENT_SIDE, PUBLISHED), 3))
+        .unwrap();
+    for reply in &replies {
+        assert_eq!(*reply.client_seen.ip(), CLIENT, "client IP kept: {reply:?}");
+    }
+}
+
 /// Asked for XDP's own transmission on a veth, `attach` says why that may lose frames and what
 /// to do, and still does what it was told.
 #[test]

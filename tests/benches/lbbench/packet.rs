@@ -643,9 +643,8 @@ impl Loaded {
             let reverse = ReverseValue {
                 orig_ip_be: u32::from_ne_bytes(NODE_IP),
                 orig_port_be: WEB_PORT.to_be(),
-                _pad: 0,
                 backend_id: backend.id,
-                _pad2: 0,
+                ..ReverseValue::default()
             };
             self.maps.reverse_flows.insert(reply_key, reverse, 0)?;
         }

@@ -1,0 +1,152 @@
+//! Hairpin flows: a client whose backend would not answer it through this node, because the
+//! client is the backend itself, the node that hosts the backend (a process on that node, or a
+//! task it masquerades), or on the backend's subnet. The backend would answer itself, its node
+//! would drop the decapsulated packet (its source is the node's own address) as martian, or the
+//! reply would go straight over the link and the client would reset it. So such a flow's
+//! packets also get this node's address and a port of their own as their source, as IPVS and
+//! Cilium do: the replies come back here, and `REVERSE_FLOWS` holds the client they go to.
+use aya_ebpf::{
+    bindings::{BPF_ANY, BPF_NOEXIST},
+    helpers::generated::bpf_ktime_get_coarse_ns,
+    maps::lpm_trie::Key,
+};
+use lb_common::{
+    Backend, FLOW_CLOSING, FLOW_IDLE_TCP_NS, FLOW_IDLE_UDP_NS, FLOW_SEEN_GRANULARITY_NS, FLOW_SNAT,
+    FlowKey, FlowValue, PROTO_TCP, SNAT_PORT_COUNT, SNAT_PORT_FIRST, SnatValue, flow_hash,
+};
+
+use crate::{
+    conntrack::{self, EEXIST},
+    encap,
+    maps::{FLOWS, ONLINK_SUBNETS, REVERSE_FLOWS, SNAT_FLOWS},
+    parse::Packet,
+};
+
+/// Ports tried for a new hairpin flow, from one its 5-tuple hashes to, before it is dropped.
+const PROBES: u32 = 8;
+
+/// The source address a new flow from `pkt`'s client to `backend` must get, or 0 when the
+/// backend answers the client through this node: it is neither the client, nor the client's
+/// node, nor on the client's subnet (where it would answer straight over the link). Towards another node, this node's underlay address (the
+/// backend's node sends the replies back to it through the mesh); towards a backend this node
+/// routes to, the address the client connected to, which routes back here. (An address, not an
+/// `Option`: LLVM stores the undefined payload of a `None` made here, which the verifier
+/// refuses to read.)
+#[inline(always)]
+pub fn hairpin_source(pkt: &Packet, backend: &Backend) -> u32 {
+    if backend.node_ip_be != 0 {
+        if pkt.src_ip_be != backend.node_ip_be && pkt.src_ip_be != backend.ip_be {
+            return 0;
+        }
+        // Without a mesh address the packet is dropped on its way to the node anyway.
+        encap::mesh().map_or(0, |mesh| mesh.local_ip_be)
+    } else if pkt.src_ip_be == backend.ip_be || same_subnet(pkt.src_ip_be, backend.ip_be) {
+        pkt.dst_ip_be
+    } else {
+        0
+    }
+}
+
+/// Whether two addresses are in the same subnet of this node's interfaces (`ONLINK_SUBNETS`).
+#[inline(always)]
+fn same_subnet(a_be: u32, b_be: u32) -> bool {
+    let Some(subnet) = ONLINK_SUBNETS.get(Key::new(32, a_be)).copied() else {
+        return false;
+    };
+    ONLINK_SUBNETS.get(Key::new(32, b_be)).copied() == Some(subnet)
+}
+
+/// The source a hairpin flow's packets get, if `flow` is one and its entry is still there.
+#[inline(always)]
+pub fn of_flow(key: &FlowKey, flow: &FlowValue) -> Option<SnatValue> {
+    if flow.flags & FLOW_SNAT == 0 {
+        return None;
+    }
+    // SAFETY: copied out at once.
+    unsafe { SNAT_FLOWS.get(key) }.copied()
+}
+
+/// Gives the new hairpin flow `key` (to the service at `orig`, pinned as `flow`) a source port
+/// on `snat_ip_be`, and records the reverse-NAT entry its replies are found by: the first port
+/// tried whose reply 5-tuple is free, or held by a flow that has ended. `None` when every port
+/// tried is held by a live flow.
+#[inline(always)]
+pub fn allocate(
+    key: &FlowKey,
+    flow: &FlowValue,
+    snat_ip_be: u32,
+    orig: (u32, u16),
+) -> Option<SnatValue> {
+    let start = flow_hash(key);
+    for probe in 0..PROBES {
+        let port =
+            SNAT_PORT_FIRST + (start.wrapping_add(probe) % u32::from(SNAT_PORT_COUNT)) as u16;
+        let snat = SnatValue {
+            ip_be: snat_ip_be,
+            port_be: port.to_be(),
+            _pad: 0,
+        };
+        let (reply_key, reverse) = conntrack::reverse_entry(key, flow, orig, Some(&snat));
+        let claimed = match REVERSE_FLOWS.insert(&reply_key, reverse, u64::from(BPF_NOEXIST)) {
+            Ok(()) => true,
+            // Two CPUs may both find the same ended flow's port and take it; the later one's
+            // replies win. Ended flows' ports are only taken once no free one was found, and
+            // the two flows would have to start within the same moment.
+            Err(err) if err == -EEXIST => {
+                !held_by_live_flow(&reply_key)
+                    && REVERSE_FLOWS
+                        .insert(&reply_key, reverse, u64::from(BPF_ANY))
+                        .is_ok()
+            }
+            Err(_) => false,
+        };
+        if claimed {
+            return Some(snat);
+        }
+    }
+    None
+}
+
+/// Whether the reply 5-tuple `reply_key` (backend → this node's address and a hairpin port) still
+/// belongs to a live flow: one whose client → service entry is there, still a hairpin flow on
+/// this very port, not ended, and not idle beyond what the census counts live.
+#[inline(always)]
+fn held_by_live_flow(reply_key: &FlowKey) -> bool {
+    // SAFETY: copied out at once.
+    let Some(reverse) = (unsafe { REVERSE_FLOWS.get(reply_key) }).copied() else {
+        // Evicted meanwhile: free, though the insert that follows may still lose a race.
+        return false;
+    };
+    if reverse.client_ip_be == 0 {
+        // Not a hairpin flow's: a client with this node's address, which is never given away.
+        return true;
+    }
+    let flow_key = FlowKey {
+        src_ip_be: reverse.client_ip_be,
+        dst_ip_be: reverse.orig_ip_be,
+        src_port_be: reverse.client_port_be,
+        dst_port_be: reverse.orig_port_be,
+        proto: reply_key.proto,
+        _pad: [0; 3],
+    };
+    // SAFETY: copied out at once.
+    let Some(flow) = (unsafe { FLOWS.get(&flow_key) }).copied() else {
+        return false;
+    };
+    if flow.flags & (FLOW_SNAT | FLOW_CLOSING) != FLOW_SNAT {
+        return false;
+    }
+    match of_flow(&flow_key, &flow) {
+        Some(snat)
+            if snat.ip_be == reply_key.dst_ip_be && snat.port_be == reply_key.dst_port_be => {}
+        _ => return false,
+    }
+    let idle = if reply_key.proto == PROTO_TCP {
+        FLOW_IDLE_TCP_NS
+    } else {
+        FLOW_IDLE_UDP_NS
+    };
+    // SAFETY: plain helper call.
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    now.wrapping_sub(flow.last_seen_ns) < idle + FLOW_SEEN_GRANULARITY_NS
+}
