@@ -78,6 +78,18 @@ pub struct LocalBackendKey {
 }
 assert_size!(LocalBackendKey, 8);
 
+/// Key of `HOST_MACS`: a MAC address of one of the node's interfaces, as a frame carries it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct MacKey {
+    pub mac: [u8; 6],
+    pub _pad: [u8; 2],
+}
+assert_size!(MacKey, 8);
+
+/// Entries of `HOST_MACS`.
+pub const MAX_HOST_MACS: u32 = 1_024;
+
 /// Value of the `SERVICES` map: the service's id and the backends new flows may choose.
 ///
 /// The backend list is part of the value so that userspace replaces it in one map update: the
@@ -473,6 +485,12 @@ reasons! {
     /// Packet of a hairpin flow, either way, whose next hop XDP cannot send to itself: dropped,
     /// since its source is the node's own address, which the kernel drops as martian.
     DropSnatNoRoute = 36 => "drop_snat_no_route",
+    /// A service packet that would start a flow, in a frame addressed to another host's MAC
+    /// (seen only because the interface is promiscuous, a bridge port or a capture, or because
+    /// a switch flooded it; a standby holding the same address): passed untouched, and the
+    /// kernel drops it, as it drops every frame for another host. Balancing it would send the
+    /// other host's traffic to the backends a second time.
+    PassOtherHost = 37 => "pass_other_host",
 }
 
 /// Number of counter slots in `REASON_STATS`.
@@ -543,6 +561,7 @@ pub mod map_names {
     pub const LOCAL_BACKENDS: &str = "LOCAL_BACKENDS";
     pub const SNAT_FLOWS: &str = "SNAT_FLOWS";
     pub const ONLINK_SUBNETS: &str = "ONLINK_SUBNETS";
+    pub const HOST_MACS: &str = "HOST_MACS";
 
     /// Every map, so that pinning cannot forget one.
     pub const ALL: &[&str] = &[
@@ -563,6 +582,7 @@ pub mod map_names {
         LOCAL_BACKENDS,
         SNAT_FLOWS,
         ONLINK_SUBNETS,
+        HOST_MACS,
     ];
 }
 
@@ -587,6 +607,7 @@ mod pod {
     unsafe impl aya::Pod for TunnelValue {}
     unsafe impl aya::Pod for SnatValue {}
     unsafe impl aya::Pod for RrCursor {}
+    unsafe impl aya::Pod for MacKey {}
     unsafe impl aya::Pod for MeshConfig {}
     unsafe impl aya::Pod for BackendStats {}
     unsafe impl aya::Pod for Counter {}

@@ -4,18 +4,19 @@ use aya_ebpf::{
     bindings::xdp_action, helpers::generated::bpf_ktime_get_coarse_ns, programs::XdpContext,
 };
 use lb_common::{
-    Event, FLOW_SNAT, FlowKey, FlowValue, PROTO_TCP, Reason, ReverseValue, SCHEDULER_MAGLEV,
-    SERVICE_FAIL_OPEN, ServiceKey, ServiceValue, SnatValue,
+    Event, FLOW_SNAT, FlowKey, FlowValue, MacKey, PROTO_TCP, Reason, ReverseValue,
+    SCHEDULER_MAGLEV, SERVICE_FAIL_OPEN, ServiceKey, ServiceValue, SnatValue,
 };
+use network_types::eth::EthHdr;
 
 use crate::{
     conntrack::{self, Lookup},
     decap, encap,
     forward::{self, Egress},
     frag,
-    maps::SERVICES,
+    maps::{HOST_MACS, SERVICES},
     nat::{self, Side},
-    parse::{self, Packet},
+    parse::{self, Packet, ptr_at},
     select, snat, stats,
 };
 
@@ -117,6 +118,9 @@ fn to_service(
     {
         return reply(ctx, pkt, &reverse);
     }
+    if for_another_host(ctx) {
+        return Err(Reason::PassOtherHost);
+    }
     if any_address && !replace && !forward::is_local(ctx, pkt) {
         return Err(Reason::PassNotLocal);
     }
@@ -165,6 +169,27 @@ fn to_service(
         recorded.snat.as_ref(),
         new_flow,
     )
+}
+
+/// Whether the frame is addressed to the unicast MAC of a host other than this node: one the
+/// interface saw only because it is promiscuous, or because a switch flooded it. The kernel
+/// drops those (`PACKET_OTHERHOST`); a flow made of it would send another host's traffic to
+/// the backends as well. Checked where a flow would start, not on every packet: a frame for
+/// another host finds no flow of this node's to follow.
+#[inline(always)]
+fn for_another_host(ctx: &XdpContext) -> bool {
+    let Some(eth) = ptr_at::<EthHdr>(ctx.data(), ctx.data_end(), 0) else {
+        return false;
+    };
+    // SAFETY: bounds checked by ptr_at.
+    let mac = unsafe { (*eth).dst_addr };
+    // Broadcast and multicast frames are every host's, this node's included.
+    if mac[0] & 1 != 0 {
+        return false;
+    }
+    let key = MacKey { mac, _pad: [0; 2] };
+    // SAFETY: a set written by userspace; only presence is read.
+    unsafe { HOST_MACS.get(&key) }.is_none()
 }
 
 /// DNATs a client's packet to its flow's backend (and gives a hairpin flow's packet its source,

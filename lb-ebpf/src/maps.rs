@@ -11,9 +11,9 @@ use aya_ebpf::{
 };
 use lb_common::{
     Backend, BackendStats, Counter, DEFAULT_FLOW_CAPACITY, EVENT_COUNT, FlowKey, FlowValue,
-    LocalBackendKey, MAX_BACKENDS, MAX_NODES, MAX_ONLINK_SUBNETS, MAX_SERVICES, MaglevTable,
-    MeshConfig, REASON_COUNT, ReverseValue, RrCursor, SNAT_FLOW_CAPACITY, ServiceKey, ServiceValue,
-    SnatValue, TunnelValue,
+    LocalBackendKey, MAX_BACKENDS, MAX_HOST_MACS, MAX_NODES, MAX_ONLINK_SUBNETS, MAX_SERVICES,
+    MacKey, MaglevTable, MeshConfig, REASON_COUNT, ReverseValue, RrCursor, SNAT_FLOW_CAPACITY,
+    ServiceKey, ServiceValue, SnatValue, TunnelValue,
 };
 
 /// Published services: (VIP or 0 for every local address, protocol, port) → id and backend list.
@@ -61,6 +61,13 @@ pub static SNAT_FLOWS: LruHashMap<FlowKey, SnatValue> =
 /// straight over that link, bypassing the reverse NAT: such a flow is a hairpin flow (`snat`).
 #[map]
 pub static ONLINK_SUBNETS: LpmTrie<u32, u32> = LpmTrie::with_max_entries(MAX_ONLINK_SUBNETS, 0);
+
+/// The MAC addresses of this node's interfaces (every one, so that an interface enslaved to a
+/// bridge knows the bridge's too), written by userspace: a frame for a service addressed to any
+/// other unicast MAC is another host's, and starts no flow (`pass_other_host`). A set: the
+/// value is unused (0).
+#[map]
+pub static HOST_MACS: HashMap<MacKey, u32> = HashMap::with_max_entries(MAX_HOST_MACS, 0);
 
 /// Per-CPU packet, byte and new-flow counters of each backend, by backend id.
 #[map]

@@ -73,7 +73,7 @@ fn reconcile(instance: &Instance, state: &mut State) -> Result<usize> {
     let desired = sync::desired(&state.table, self_name.as_deref());
     let delta = sync::delta(&desired, &maps.read_contents()?);
     maps.apply(&delta)?;
-    let subnet_writes = maps.sync_subnets(&underlay::local_subnets()?)?;
+    let host_writes = maps.sync_host()?;
 
     let others: Vec<&Node> = state
         .table
@@ -105,7 +105,7 @@ fn reconcile(instance: &Instance, state: &mut State) -> Result<usize> {
         state.reserved_ports = reserved;
         state::save(&instance.state_dir, state)?;
     }
-    Ok(delta.writes() + subnet_writes)
+    Ok(delta.writes() + host_writes)
 }
 
 /// Loads the state of an instance that has an interface attached (service commands need the

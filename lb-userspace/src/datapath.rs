@@ -19,7 +19,7 @@ use aya::{
     util::nr_cpus,
 };
 use lb_common::{
-    BACKEND_ACTIVE, Backend, BackendStats, Counter, FlowKey, FlowValue, LocalBackendKey,
+    BACKEND_ACTIVE, Backend, BackendStats, Counter, FlowKey, FlowValue, LocalBackendKey, MacKey,
     MaglevTable, MeshConfig, ReverseValue, RrCursor, ServiceKey, ServiceValue, SnatValue,
     TunnelValue, map_names,
 };
@@ -97,6 +97,8 @@ pub struct Maps {
     pub snat_flows: HashMap<MapData, FlowKey, SnatValue>,
     /// The subnets of the namespace's interfaces (see [`Maps::sync_subnets`]).
     pub onlink_subnets: LpmTrie<MapData, u32, u32>,
+    /// The MAC addresses of the namespace's interfaces (see [`Maps::sync_host_macs`]).
+    pub host_macs: HashMap<MapData, MacKey, u32>,
 }
 
 fn open(pin_dir: &Path, name: &str) -> Result<Map> {
@@ -138,7 +140,40 @@ impl Maps {
             local_backends: get(map_names::LOCAL_BACKENDS)?.try_into()?,
             snat_flows: get(map_names::SNAT_FLOWS)?.try_into()?,
             onlink_subnets: get(map_names::ONLINK_SUBNETS)?.try_into()?,
+            host_macs: get(map_names::HOST_MACS)?.try_into()?,
         })
+    }
+
+    /// Brings what the data plane takes for this node's own (`ONLINK_SUBNETS`, `HOST_MACS`) in
+    /// line with the namespace's interfaces now. Returns the number of writes.
+    pub fn sync_host(&mut self) -> Result<usize> {
+        Ok(self.sync_subnets(&crate::underlay::local_subnets()?)?
+            + self.sync_host_macs(&crate::underlay::local_macs()?)?)
+    }
+
+    /// Brings `HOST_MACS` in line with `macs` (the namespace's, see `underlay::local_macs`): a
+    /// flow starts only from a frame addressed to one of them (or to every host). Returns the
+    /// number of writes.
+    pub fn sync_host_macs(&mut self, macs: &BTreeSet<[u8; 6]>) -> Result<usize> {
+        let mut present = BTreeSet::new();
+        for key in self.host_macs.keys() {
+            present.insert(key.context("reading HOST_MACS")?.mac);
+        }
+        let key = |mac: &[u8; 6]| MacKey {
+            mac: *mac,
+            _pad: [0; 2],
+        };
+        for stale in present.difference(macs) {
+            self.host_macs
+                .remove(&key(stale))
+                .context("removing a MAC address from HOST_MACS")?;
+        }
+        for new in macs.difference(&present) {
+            self.host_macs
+                .insert(key(new), 0, 0)
+                .context("adding a MAC address to HOST_MACS")?;
+        }
+        Ok(present.symmetric_difference(macs).count())
     }
 
     /// Brings `ONLINK_SUBNETS` in line with `subnets` (the namespace's, see

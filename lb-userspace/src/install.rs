@@ -296,7 +296,7 @@ pub fn install(instance: &Instance, state: &State, new: Option<&Target>) -> Resu
     let self_node = crate::commands::self_node(state)?.map(|node| node.name.as_str());
     let desired = sync::desired(&state.table, self_node);
     maps.apply(&sync::delta(&desired, &maps.read_contents()?))?;
-    maps.sync_subnets(&crate::underlay::local_subnets()?)?;
+    maps.sync_host()?;
 
     let mut result = Vec::new();
     for target in &attached {

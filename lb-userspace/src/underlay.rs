@@ -25,17 +25,41 @@ use crate::model::Node;
 
 /// The IPv4 addresses assigned to the namespace's interfaces (up or down).
 pub fn local_addrs() -> Result<BTreeSet<Ipv4Addr>> {
-    Ok(interface_addrs()?.into_iter().map(|a| a.addr).collect())
+    Ok(interface_addrs()?
+        .into_iter()
+        .filter_map(|a| match a.addr {
+            Address::Ipv4(addr) => Some(addr),
+            Address::Mac(_) => None,
+        })
+        .collect())
 }
 
-/// An IPv4 address of an interface, as `getifaddrs` lists it.
+/// The MAC addresses of the namespace's interfaces (loopback's all-zero one left out): the
+/// frames addressed to any of them are this node's.
+pub fn local_macs() -> Result<BTreeSet<[u8; 6]>> {
+    Ok(interface_addrs()?
+        .into_iter()
+        .filter_map(|a| match a.addr {
+            Address::Mac(mac) if mac != [0; 6] => Some(mac),
+            _ => None,
+        })
+        .collect())
+}
+
+/// An address of an interface, as `getifaddrs` lists it.
 struct InterfaceAddr {
-    addr: Ipv4Addr,
+    addr: Address,
     netmask: Option<Ipv4Addr>,
     loopback: bool,
 }
 
-/// Every IPv4 address of the namespace's interfaces (`getifaddrs`).
+enum Address {
+    Ipv4(Ipv4Addr),
+    /// An Ethernet interface's link-layer address.
+    Mac([u8; 6]),
+}
+
+/// Every IPv4 and Ethernet address of the namespace's interfaces (`getifaddrs`).
 fn interface_addrs() -> Result<Vec<InterfaceAddr>> {
     let mut list: *mut libc::ifaddrs = std::ptr::null_mut();
     // SAFETY: getifaddrs fills `list` with a linked list we free below.
@@ -52,16 +76,36 @@ fn interface_addrs() -> Result<Vec<InterfaceAddr>> {
         let sin = unsafe { &*sockaddr.cast::<libc::sockaddr_in>() };
         Some(Ipv4Addr::from(sin.sin_addr.s_addr.to_ne_bytes()))
     };
+    let mac = |sockaddr: *mut libc::sockaddr| {
+        // SAFETY: as above; an AF_PACKET address is a sockaddr_ll.
+        if sockaddr.is_null() || i32::from(unsafe { (*sockaddr).sa_family }) != libc::AF_PACKET {
+            return None;
+        }
+        // SAFETY: as above.
+        let sll = unsafe { &*sockaddr.cast::<libc::sockaddr_ll>() };
+        (sll.sll_halen == 6).then(|| {
+            let mut mac = [0; 6];
+            mac.copy_from_slice(&sll.sll_addr[..6]);
+            mac
+        })
+    };
     let mut addrs = Vec::new();
     let mut cursor = list;
     while !cursor.is_null() {
         // SAFETY: a non-null node of the list getifaddrs returned, not freed yet.
         let entry = unsafe { &*cursor };
+        let loopback = entry.ifa_flags & libc::IFF_LOOPBACK as u32 != 0;
         if let Some(addr) = ipv4(entry.ifa_addr) {
             addrs.push(InterfaceAddr {
-                addr,
+                addr: Address::Ipv4(addr),
                 netmask: ipv4(entry.ifa_netmask),
-                loopback: entry.ifa_flags & libc::IFF_LOOPBACK as u32 != 0,
+                loopback,
+            });
+        } else if let Some(mac) = mac(entry.ifa_addr) {
+            addrs.push(InterfaceAddr {
+                addr: Address::Mac(mac),
+                netmask: None,
+                loopback,
             });
         }
         cursor = entry.ifa_next;
@@ -106,7 +150,10 @@ pub fn local_subnets() -> Result<BTreeSet<Subnet>> {
     Ok(interface_addrs()?
         .into_iter()
         .filter(|a| !a.loopback)
-        .filter_map(|a| Subnet::of(a.addr, a.netmask?))
+        .filter_map(|a| match a.addr {
+            Address::Ipv4(addr) => Subnet::of(addr, a.netmask?),
+            Address::Mac(_) => None,
+        })
         .collect())
 }
 

@@ -243,6 +243,32 @@ fn a_backend_given_itself_or_a_neighbour_on_its_subnet_is_answered_through_the_n
     });
 }
 
+/// A frame for a service addressed to another host's MAC (seen because the interface is
+/// promiscuous, or flooded by a switch: a standby that holds the same address) starts no flow:
+/// passed untouched, as the kernel, which drops it, would see it. A broadcast frame is every
+/// host's and is balanced.
+#[test]
+fn a_frame_for_another_hosts_mac_starts_no_flow() {
+    with_node(|node| {
+        let ingress = Some(node.ifindex);
+        let mut frame = client_syn(40000);
+        frame[..6].copy_from_slice(&[0x02, 0, 0, 0, 0, 0x99]);
+        let (action, out) = node.xdp(&frame, ingress);
+        assert_eq!((action, &out), (XDP_PASS, &frame), "untouched");
+        assert_eq!(node.reason(Reason::PassOtherHost), 1);
+        assert_eq!(node.event(Event::FlowCreated), 0);
+        let key = tcp_key((CLIENT_IP, 40000), (NODE_IP, WEB_PORT));
+        assert!(node.maps.flows.get(&key, 0).is_err(), "no flow recorded");
+
+        frame[..6].copy_from_slice(&[0xff; 6]);
+        let (action, out) = node.xdp(&frame, ingress);
+        assert_eq!(action, XDP_TX);
+        assert_eq!(dst_of(&out), (BACKENDS[0], BACKEND_PORT));
+        assert_eq!(node.reason(Reason::PassOtherHost), 1);
+        assert_eq!(node.event(Event::FlowCreated), 1);
+    });
+}
+
 /// A hairpin flow takes the first of the ports its 5-tuple hashes to that is free, or held by a
 /// flow that ended; when all eight tried are held by live flows, its packet is dropped and
 /// counted, and nothing is recorded.

@@ -196,6 +196,8 @@ impl Loaded {
             .try_into()?;
         xdp.load()?;
         let mut maps = Maps::take(&mut ebpf)?;
+        // The frames are addressed to lbt0, this node's.
+        maps.sync_host_macs(&[NODE_MAC].into())?;
         let mut table = Table::default();
         for (name, ip) in [("n1", NODE_IP), ("n2", N2_IP)] {
             table
