@@ -25,11 +25,13 @@ const HEADERS_MAX: u32 = 14 + 60 + 20;
 #[inline(always)]
 pub fn try_lb_tc_egress(ctx: &mut TcContext) -> Result<i32, i64> {
     let len = ctx.len() as usize;
-    let mut parsed = parse::parse(ctx.data(), ctx.data_end(), len);
+    // SAFETY: the context points at the program's __sk_buff for the whole run.
+    let gso = unsafe { (*ctx.skb.skb).gso_size } != 0;
+    let mut parsed = parse::parse_tc(ctx.data(), ctx.data_end(), len, gso);
     if parsed == Err(Reason::PassTruncated) && len > ctx.data_end() - ctx.data() {
         // Headers may sit outside the linear part of the skb: pull them in and look again.
         ctx.pull_data(ctx.len().min(HEADERS_MAX))?;
-        parsed = parse::parse(ctx.data(), ctx.data_end(), len);
+        parsed = parse::parse_tc(ctx.data(), ctx.data_end(), len, gso);
     }
     let pkt = match parsed {
         Ok(pkt) => pkt,

@@ -101,7 +101,12 @@ fn headers(
     src_port: u16,
     inner_len: usize,
 ) -> EncapHeaders {
-    let ip_len = (OUTER_L3_OVERHEAD + inner_len) as u16;
+    // A GSO packet may not fit the 16-bit lengths: 0 then, the kernel's own convention for a GSO
+    // packet beyond 64 KiB (`iph_totlen`). Segmentation writes each segment's lengths.
+    let (ip_len, udp_len) = match u16::try_from(OUTER_L3_OVERHEAD + inner_len) {
+        Ok(ip_len) => (ip_len, ip_len - 20),
+        Err(_) => (0, 0),
+    };
     let mut outer_ip = Ipv4Hdr {
         vihl: 0x45,
         tos: 0,
@@ -129,7 +134,7 @@ fn headers(
         udp: UdpHdr {
             src: src_port.to_be_bytes(),
             dst: mesh.vxlan_port_be.to_ne_bytes(),
-            len: (ip_len - 20).to_be_bytes(),
+            len: udp_len.to_be_bytes(),
             check: [0; 2],
         },
         vxlan: VxlanHdr {

@@ -82,18 +82,18 @@ pub const IP_TTL_OFF: usize = L3_OFF + 8;
 pub const IP_SRC_OFF: usize = L3_OFF + 12;
 pub const IP_DST_OFF: usize = L3_OFF + 16;
 
-/// Parses a frame whose headers lie between `data` and `data_end`. `frame_len` is the whole
-/// frame's length, which for a TC skb may extend past `data_end` into paged data. `Err` names
-/// why the frame is not for the load balancer; such frames are passed on untouched.
 /// The IPv4 header of an untagged Ethernet frame, checked: version 4, a header length of at
 /// least 20, and a total length that covers the header and lies within the frame. Returns the
-/// header, its length and the total length.
+/// header, its length and the packet's length. `big_tcp`: the frame is a TCP GSO packet in TC,
+/// which may exceed IPv4's 64 KiB (BIG TCP): a total length of 0 then means the whole frame,
+/// as the kernel reads it (`iph_totlen`).
 #[inline(always)]
 fn ipv4_header(
     data: usize,
     data_end: usize,
     frame_len: usize,
-) -> Result<(&'static Ipv4Hdr, usize, u16), Reason> {
+    big_tcp: bool,
+) -> Result<(&'static Ipv4Hdr, usize, usize), Reason> {
     let eth: *const EthHdr = ptr_at(data, data_end, 0).ok_or(Reason::PassNotIpv4)?;
     // SAFETY: ptr_at checked that the header lies inside the packet.
     if unsafe { (*eth).ether_type } != ETH_P_IP_BE {
@@ -106,17 +106,45 @@ fn ipv4_header(
     if ip.version() != 4 || ihl < Ipv4Hdr::LEN {
         return Err(Reason::PassMalformed);
     }
-    let tot_len = ip.tot_len();
     let frame_l3_len = frame_len.saturating_sub(L3_OFF);
-    if usize::from(tot_len) < ihl || usize::from(tot_len) > frame_l3_len {
+    let l3_len = match ip.tot_len() {
+        0 if big_tcp && ip.proto == PROTO_TCP => frame_l3_len,
+        tot_len => usize::from(tot_len),
+    };
+    if l3_len < ihl || l3_len > frame_l3_len {
         return Err(Reason::PassMalformed);
     }
-    Ok((ip, ihl, tot_len))
+    Ok((ip, ihl, l3_len))
+}
+
+/// Parses a frame whose headers lie between `data` and `data_end`. `frame_len` is the whole
+/// frame's length, which for a TC skb may extend past `data_end` into paged data. `Err` names
+/// why the frame is not for the load balancer; such frames are passed on untouched.
+#[inline(always)]
+pub fn parse(data: usize, data_end: usize, frame_len: usize) -> Result<Packet, Reason> {
+    parse_ipv4(data, data_end, frame_len, false)
+}
+
+/// [`parse`] for TC, where `gso` says the skb is a GSO packet (it may then be BIG TCP, see
+/// [`ipv4_header`]).
+#[inline(always)]
+pub fn parse_tc(
+    data: usize,
+    data_end: usize,
+    frame_len: usize,
+    gso: bool,
+) -> Result<Packet, Reason> {
+    parse_ipv4(data, data_end, frame_len, gso)
 }
 
 #[inline(always)]
-pub fn parse(data: usize, data_end: usize, frame_len: usize) -> Result<Packet, Reason> {
-    let (ip, ihl, tot_len) = ipv4_header(data, data_end, frame_len)?;
+fn parse_ipv4(
+    data: usize,
+    data_end: usize,
+    frame_len: usize,
+    big_tcp: bool,
+) -> Result<Packet, Reason> {
+    let (ip, ihl, l3_len) = ipv4_header(data, data_end, frame_len, big_tcp)?;
     if u16::from_be_bytes(ip.frags) & IP_MF_OR_OFFSET != 0 {
         return Err(Reason::PassFragment);
     }
@@ -124,7 +152,7 @@ pub fn parse(data: usize, data_end: usize, frame_len: usize) -> Result<Packet, R
         return Err(Reason::PassMalformed);
     }
     let l4_off = L3_OFF + ihl;
-    let l3_end = L3_OFF + usize::from(tot_len);
+    let l3_end = L3_OFF + l3_len;
     let (src_port_be, dst_port_be, l4_check_off, tcp_flags) = match ip.proto {
         PROTO_TCP => {
             let tcp: *const TcpHdr = ptr_at(data, data_end, l4_off).ok_or(Reason::PassTruncated)?;
@@ -169,7 +197,7 @@ pub fn parse(data: usize, data_end: usize, frame_len: usize) -> Result<Packet, R
         l4_off,
         proto: ip.proto,
         ttl: ip.ttl,
-        tot_len,
+        tot_len: ip.tot_len(),
         src_ip_be: u32::from_ne_bytes(ip.src_addr),
         dst_ip_be: u32::from_ne_bytes(ip.dst_addr),
         src_port_be,
@@ -198,8 +226,7 @@ pub struct Fragment {
 /// the same checks of the IPv4 header; `None` for anything else.
 #[inline(always)]
 pub fn parse_udp_fragment(data: usize, data_end: usize, frame_len: usize) -> Option<Fragment> {
-    let (ip, ihl, tot_len) = ipv4_header(data, data_end, frame_len).ok()?;
-    let tot_len = usize::from(tot_len);
+    let (ip, ihl, tot_len) = ipv4_header(data, data_end, frame_len, false).ok()?;
     let frags = u16::from_be_bytes(ip.frags);
     if frags & IP_MF_OR_OFFSET == 0 || ip.proto != PROTO_UDP || is_martian(ip.src_addr, ip.dst_addr)
     {

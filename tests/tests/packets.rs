@@ -6,6 +6,7 @@ mod dataplane;
 use std::net::Ipv4Addr;
 
 use dataplane::*;
+use etherparse::Ipv4Header;
 use etherparse::PacketBuilder;
 use lb_common::{
     DEFAULT_VNI, DEFAULT_VXLAN_PORT, Event, FlowKey, PROTO_UDP, Reason, ReverseValue,
@@ -436,6 +437,45 @@ fn reply_routed_by_the_kernel_is_reverse_nated_by_tc_egress() {
             b"",
         );
         assert_eq!(node.tc(&other), other);
+        assert_eq!(node.reason(Reason::ReplyEgress), 1);
+    });
+}
+
+/// `frame` as BIG TCP carries it: a GSO packet beyond IPv4's 64 KiB has total length 0, and
+/// its header checksum covers that.
+fn with_total_length_zero(mut frame: Vec<u8>) -> Vec<u8> {
+    frame[16..18].copy_from_slice(&[0, 0]);
+    let mut header = Ipv4Header::from_slice(&frame[14..]).unwrap().0;
+    header.header_checksum = header.calc_header_checksum();
+    frame[24..26].copy_from_slice(&header.header_checksum.to_be_bytes());
+    frame
+}
+
+/// A TCP GSO reply with IPv4 total length 0 (BIG TCP: the kernel's GSO packets beyond 64 KiB,
+/// where the skb's length is the packet's) is reverse-NATed by TC like any reply; without GSO,
+/// total length 0 is malformed and the frame goes on untouched.
+#[test]
+fn a_big_tcp_reply_is_reverse_nated_by_tc_egress() {
+    with_node(|node| {
+        node.xdp(&client_syn(40002), None);
+        let reply = |from| {
+            with_total_length_zero(tcp(
+                (node.mac, CLIENT_MAC),
+                from,
+                (CLIENT_IP, 40002),
+                63,
+                "PA",
+                &[7u8; 2800],
+            ))
+        };
+        let (action, out) = node.tc_gso(&reply((BACKENDS[0], BACKEND_PORT)), node.ifindex, 1400);
+        assert_eq!(action, TC_ACT_UNSPEC);
+        assert_eq!(out, reply((NODE_IP, WEB_PORT)));
+        assert_eq!(node.reason(Reason::ReplyEgress), 1);
+
+        let plain = reply((BACKENDS[0], BACKEND_PORT));
+        let (action, out) = node.tc_on(&plain, Some(node.ifindex));
+        assert_eq!((action, &out), (TC_ACT_UNSPEC, &plain), "untouched");
         assert_eq!(node.reason(Reason::ReplyEgress), 1);
     });
 }
