@@ -7,13 +7,15 @@ use aya_ebpf::{
     helpers::generated::bpf_xdp_adjust_head,
     programs::XdpContext,
 };
-use lb_common::{FlowKey, LocalBackendKey, MeshConfig, PROTO_UDP, Reason, TunnelValue};
+use lb_common::{
+    FlowKey, LocalBackendKey, MeshConfig, PROTO_UDP, Reason, ReverseValue, TunnelValue,
+};
 use network_types::{eth::EthHdr, udp::UdpHdr};
 
 use crate::{
     conntrack,
     encap::{VXLAN_FLAG_VNI, VxlanHdr},
-    forward, ingress,
+    forward, frag, ingress,
     maps::{BACKENDS, LOCAL_BACKENDS, NODES, REVERSE_FLOWS, TUNNEL_REPLIES},
     parse::{self, Packet, ptr_at},
 };
@@ -26,7 +28,8 @@ pub fn is_overlay(pkt: &Packet, mesh: &MeshConfig) -> bool {
         && pkt.dst_port_be == mesh.vxlan_port_be
 }
 
-/// Handles an overlay packet (`is_overlay`). Same contract as `ingress::try_lb_xdp`.
+/// Handles an overlay packet (`is_overlay`). Same contract as `ingress::try_lb_xdp`. The first
+/// fragment of a UDP datagram goes the way of a whole packet, and the rest follow it (`frag`).
 #[inline(always)]
 pub fn xdp_from_node(
     ctx: &XdpContext,
@@ -75,8 +78,18 @@ pub fn xdp_from_node(
         (*inner_eth).dst_addr = own_mac;
         (*inner_eth).src_addr = peer_mac;
     }
-    let Ok(inner) = parse::parse(data, data_end, data_end - data) else {
-        return drop(Reason::DropVxlanMalformed);
+    let (inner, fragment) = match parse::parse(data, data_end, data_end - data) {
+        Ok(inner) => (inner, None),
+        Err(Reason::PassFragment) => {
+            let Some(fragment) = parse::parse_udp_fragment(data, data_end, data_end - data) else {
+                return drop(Reason::DropVxlanMalformed);
+            };
+            match frag::first_as_packet(&fragment) {
+                Some(first) => (first, Some(fragment.id_be)),
+                None => return frag::later_from_node(ctx, &fragment),
+            }
+        }
+        Err(_) => return drop(Reason::DropVxlanMalformed),
     };
     // VXLAN inside VXLAN: no node encapsulates overlay traffic (flows go to tasks). Handed to
     // the kernel, its VXLAN devices would decapsulate the inner frame too.
@@ -85,18 +98,39 @@ pub fn xdp_from_node(
     }
     let key = conntrack::key_of(&inner);
     if let Some(reverse) = conntrack::reverse_lookup(&key) {
-        // Only the node that hosts the flow's backend may send its replies.
-        if BACKENDS
-            .get(reverse.backend_id)
-            .map(|backend| backend.node_ip_be)
-            != Some(outer.src_ip_be)
-        {
+        if !hosts_backend_of(outer.src_ip_be, &reverse) {
             return drop(Reason::DropVxlanWrongNode);
         }
-        return ingress::reply(ctx, &inner, &reverse);
+        let outcome = ingress::reply(ctx, &inner, &reverse);
+        if let Some(id_be) = fragment {
+            frag::remember_reply_from_node(&inner, id_be, &reverse, &outcome);
+        }
+        return outcome;
     }
-    // Only to a backend this node reaches itself: anything else (a reply whose reverse entry
-    // was evicted, a forged packet) would be relayed out un-NATed, anywhere.
+    if !is_local_backend(&inner) {
+        return drop(Reason::DropVxlanNotLocalBackend);
+    }
+    remember_ingress_node(&key, outer.src_ip_be);
+    if let Some(id_be) = fragment {
+        frag::remember_delivery(&inner, id_be);
+    }
+    deliver(ctx, &inner)
+}
+
+/// Only the node that hosts a flow's backend may send its replies.
+#[inline(always)]
+pub fn hosts_backend_of(node_ip_be: u32, reverse: &ReverseValue) -> bool {
+    BACKENDS
+        .get(reverse.backend_id)
+        .map(|backend| backend.node_ip_be)
+        == Some(node_ip_be)
+}
+
+/// Whether a decapsulated packet is for a backend this node reaches itself: anything else (a
+/// reply whose reverse entry was evicted, a forged packet) would be relayed out un-NATed,
+/// anywhere.
+#[inline(always)]
+pub fn is_local_backend(inner: &Packet) -> bool {
     let local = LocalBackendKey {
         ip_be: inner.dst_ip_be,
         port_be: inner.dst_port_be,
@@ -104,11 +138,7 @@ pub fn xdp_from_node(
         _pad: 0,
     };
     // SAFETY: a set written by userspace; only presence is read.
-    if unsafe { LOCAL_BACKENDS.get(&local) }.is_none() {
-        return drop(Reason::DropVxlanNotLocalBackend);
-    }
-    remember_ingress_node(&key, outer.src_ip_be);
-    deliver(ctx, &inner)
+    unsafe { LOCAL_BACKENDS.get(&local) }.is_some()
 }
 
 /// Records where the replies of this client → backend flow must be encapsulated back to.
@@ -119,7 +149,7 @@ pub fn xdp_from_node(
 /// in TC, which looks it up first, and the client would get replies from the wrong address. So
 /// a changed ingress node also removes that entry; `conntrack::record` does the converse.
 #[inline(always)]
-fn remember_ingress_node(key: &FlowKey, node_ip_be: u32) {
+pub fn remember_ingress_node(key: &FlowKey, node_ip_be: u32) {
     let reply_key = FlowKey {
         src_ip_be: key.dst_ip_be,
         dst_ip_be: key.src_ip_be,
@@ -144,7 +174,7 @@ fn remember_ingress_node(key: &FlowKey, node_ip_be: u32) {
 
 /// Sends a decapsulated client packet on to its backend on this node.
 #[inline(always)]
-fn deliver(ctx: &XdpContext, inner: &Packet) -> Result<(u32, Reason), Reason> {
+pub fn deliver(ctx: &XdpContext, inner: &Packet) -> Result<(u32, Reason), Reason> {
     let egress = forward::decide(ctx, inner, inner.src_ip_be, inner.dst_ip_be);
     forward::route(
         ctx,

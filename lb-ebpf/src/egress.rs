@@ -43,7 +43,8 @@ pub fn try_lb_tc_egress(ctx: &mut TcContext) -> Result<i32, i64> {
         // SAFETY: copied out at once.
         return Ok(match unsafe { TUNNEL_REPLIES.get(&key) }.copied() {
             Some(tunnel) => {
-                let (action, reason) = encap::tc_to_node(ctx, &pkt, tunnel.node_ip_be);
+                let (action, reason) =
+                    encap::tc_to_node(ctx, &pkt, tunnel.node_ip_be, encap::source_port(&key));
                 stats::count_reason(reason, u64::from(ctx.len()));
                 action
             }

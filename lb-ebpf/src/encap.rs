@@ -187,7 +187,7 @@ fn route_to_node(
 #[inline(always)]
 pub fn xdp_to_node(
     ctx: &XdpContext,
-    key: &FlowKey,
+    src_port: u16,
     node_ip_be: u32,
 ) -> Result<(u32, Reason), Reason> {
     let drop = |reason| Ok((xdp_action::XDP_DROP, reason));
@@ -210,7 +210,7 @@ pub fn xdp_to_node(
     };
     // The inner packet is routed by this node (the caller made sure its TTL is above 1).
     forward::decrement_ttl(ctx.data(), ctx.data_end()).ok_or(Reason::PassTruncated)?;
-    let encap = headers(mesh, node_ip_be, hop, source_port(key), inner_len);
+    let encap = headers(mesh, node_ip_be, hop, src_port, inner_len);
     // SAFETY: the helper only moves ctx->data; every pointer is re-derived below.
     if unsafe { bpf_xdp_adjust_head(ctx.ctx.cast(), -(VXLAN_OVERHEAD as i32)) } != 0 {
         return drop(Reason::DropEncapNoRoute);
@@ -237,7 +237,12 @@ fn skb_ifindex_and_gso_size(ctx: &TcContext) -> (u32, u32) {
 /// The outer MACs come from the FIB; an unresolved neighbour is left to the kernel
 /// (`bpf_redirect_neigh`), which TC, unlike XDP, can ask for.
 #[inline(always)]
-pub fn tc_to_node(ctx: &mut TcContext, pkt: &Packet, node_ip_be: u32) -> (i32, Reason) {
+pub fn tc_to_node(
+    ctx: &mut TcContext,
+    pkt: &Packet,
+    node_ip_be: u32,
+    src_port: u16,
+) -> (i32, Reason) {
     let shot = |reason| (TC_ACT_SHOT, reason);
     let Some(mesh) = mesh() else {
         return shot(Reason::DropMeshUnconfigured);
@@ -275,8 +280,7 @@ pub fn tc_to_node(ctx: &mut TcContext, pkt: &Packet, node_ip_be: u32) -> (i32, R
         BPF_FIB_LKUP_RET_FRAG_NEEDED => return shot(Reason::DropEncapMtu),
         _ => return shot(Reason::DropEncapNoRoute),
     }
-    let key = crate::conntrack::key_of(pkt);
-    let encap = headers(mesh, node_ip_be, &hop, source_port(&key), inner_len);
+    let encap = headers(mesh, node_ip_be, &hop, src_port, inner_len);
     let fixed_gso = if udp_gso { BPF_F_ADJ_ROOM_FIXED_GSO } else { 0 };
     let flags = u64::from(
         BPF_F_ADJ_ROOM_ENCAP_L3_IPV4

@@ -1,119 +1,120 @@
 //! IPv4 fragments of UDP datagrams (a large DNS query or answer, SIP, games): clients' requests
-//! DNATed in XDP, backends' replies reverse-NATed in TC, like whole datagrams. Only the first
-//! fragment carries the UDP header and so the ports that find its flow: it is NATed like a
-//! whole datagram (address, port, and the checksum, which covers the whole datagram and updates
-//! incrementally), and the address it got is remembered by (source, destination, IPv4
-//! identification, direction) in `FRAGMENTS` for the fragments that follow. A fragment that
-//! comes before its first, or after its entry was evicted, is passed on untouched and is lost,
-//! as a lost fragment is. Fragments are not carried through the mesh.
+//! DNATed in XDP, backends' replies reverse-NATed in TC, like whole datagrams, and carried
+//! through the mesh both ways. Only the first fragment carries the UDP header and so the ports
+//! that find its flow: it goes the way of a whole datagram (NATed: address, port, and the
+//! checksum, which covers the whole datagram and updates incrementally; encapsulated to the
+//! backend's node, decapsulated there), and what was done to it is remembered by (source,
+//! destination, IPv4 identification, direction) in `FRAGMENTS` for the fragments that follow.
+//! A fragment that comes before its first, or after its entry was evicted, is passed on
+//! untouched (or dropped, out of a tunnel) and is lost, as a lost fragment is.
 use aya_ebpf::{
-    bindings::{TC_ACT_UNSPEC, xdp_action},
+    bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC, xdp_action},
     programs::{TcContext, XdpContext},
 };
-use lb_common::{FLOW_SNAT, FlowKey, PROTO_UDP, Reason};
+use lb_common::{FLOW_SNAT, FlowKey, PROTO_UDP, Reason, ReverseValue};
 
 use crate::{
-    conntrack, egress, forward, ingress,
-    maps::{FLOWS, FRAGMENTS},
-    nat,
-    parse::{self, Packet},
+    conntrack, decap, egress, encap,
+    forward::{self, Egress},
+    maps::{FLOWS, FRAGMENTS, TUNNEL_REPLIES},
+    nat::{self, Side},
+    parse::{self, Fragment, Packet},
     stats,
 };
 
-/// Key of `FRAGMENTS`: a fragmented datagram as its sender sent it, and which way it goes.
+/// Key of `FRAGMENTS`: a fragmented datagram as it arrives, and what its later fragments get.
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub struct FragmentKey {
     pub src_ip_be: u32,
     pub dst_ip_be: u32,
     pub id_be: u16,
-    /// [`TO_BACKEND`] or [`TO_CLIENT`].
+    /// [`TO_BACKEND`], [`TO_CLIENT`], [`DELIVER`] or [`TUNNEL`].
     pub direction: u8,
     pub _pad: u8,
 }
 
-/// A client's datagram to a service.
+/// A client's datagram to a service: the later fragments get the backend's address, and are
+/// encapsulated to its node if it has one.
 const TO_BACKEND: u8 = 1;
-/// A backend's reply.
+/// A backend's reply: the later fragments get the service's address.
 const TO_CLIENT: u8 = 2;
+/// A client's datagram another node balanced to a backend here: the later fragments are
+/// decapsulated and delivered as they are.
+const DELIVER: u8 = 3;
+/// A backend's reply to a flow another node balanced: the later fragments are encapsulated
+/// back to that node.
+const TUNNEL: u8 = 4;
 
-/// Value of `FRAGMENTS`: the address the fragments that follow get (the backend for a
-/// request, the service for a reply), and the flow's backend, whose counters they add to.
+/// Value of `FRAGMENTS`: the address the later fragments get (the backend for a request, the
+/// service for a reply), the flow's backend, whose counters they add to, and where they are
+/// encapsulated to.
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub struct FragmentNat {
     pub ip_be: u32,
     pub backend_id: u32,
+    /// The node the fragments are encapsulated to ([`TO_BACKEND`] towards another node's
+    /// backend, [`TUNNEL`]); 0 otherwise.
+    pub node_ip_be: u32,
+    /// The outer UDP source port of the datagram's flow, when encapsulated.
+    pub tunnel_port: u16,
+    pub _pad: u16,
 }
 
-/// Reverse-NATs a fragment of a backend's UDP reply, when its datagram belongs to a flow this
-/// node balanced. Returns the TC action.
-#[inline(always)]
-pub fn tc_reply(ctx: &mut TcContext) -> Result<i32, i64> {
-    let Some(frag) = parse::parse_udp_fragment(ctx.data(), ctx.data_end(), ctx.len() as usize)
-    else {
-        return Ok(TC_ACT_UNSPEC);
-    };
-    let key = FragmentKey {
+impl FragmentNat {
+    fn rewrite(ip_be: u32, backend_id: u32) -> FragmentNat {
+        FragmentNat {
+            ip_be,
+            backend_id,
+            node_ip_be: 0,
+            tunnel_port: 0,
+            _pad: 0,
+        }
+    }
+}
+
+fn key_of(frag: &Fragment, direction: u8) -> FragmentKey {
+    FragmentKey {
         src_ip_be: frag.src_ip_be,
         dst_ip_be: frag.dst_ip_be,
         id_be: frag.id_be,
-        direction: TO_CLIENT,
+        direction,
         _pad: 0,
-    };
-    let bytes = u64::from(ctx.len());
-    let new_src = match frag.first {
-        Some((src_port_be, dst_port_be, l4_off)) => {
-            let flow = FlowKey {
-                src_ip_be: frag.src_ip_be,
-                dst_ip_be: frag.dst_ip_be,
-                src_port_be,
-                dst_port_be,
-                proto: PROTO_UDP,
-                _pad: [0; 3],
-            };
-            // A hairpin flow's replies come back to this node, through XDP.
-            let Some(reverse) =
-                conntrack::reverse_lookup(&flow).filter(|reverse| reverse.client_ip_be == 0)
-            else {
-                return Ok(TC_ACT_UNSPEC);
-            };
-            let udp_check_off = l4_off + 6;
-            egress::rewrite_l4_source(
-                ctx,
-                (l4_off, udp_check_off, true),
-                (frag.src_ip_be, src_port_be),
-                &reverse,
-            )?;
-            let nat = FragmentNat {
-                ip_be: reverse.orig_ip_be,
-                backend_id: reverse.backend_id,
-            };
-            // A full LRU evicts; an error costs the rest of this datagram, nothing more.
-            let _ = FRAGMENTS.insert(&key, &nat, 0);
-            stats::count_reply(reverse.backend_id, bytes);
-            reverse.orig_ip_be
-        }
-        // SAFETY: copied out at once.
-        None => match unsafe { FRAGMENTS.get(&key) }.copied() {
-            Some(nat) => {
-                stats::count_reply(nat.backend_id, bytes);
-                nat.ip_be
-            }
-            None => return Ok(TC_ACT_UNSPEC),
-        },
-    };
-    egress::rewrite_l3_source(ctx, frag.src_ip_be, new_src)?;
-    stats::count_reason(Reason::ReplyEgress, bytes);
-    Ok(TC_ACT_UNSPEC)
+    }
 }
 
-/// The first fragment of a UDP datagram as `ingress` handles a whole one (it carries the
-/// ports), and the key its followers will be found by; `None` for a later fragment.
+/// The key of the datagram whose first fragment is `first`.
+fn datagram_key(first: &Packet, id_be: u16, direction: u8) -> FragmentKey {
+    FragmentKey {
+        src_ip_be: first.src_ip_be,
+        dst_ip_be: first.dst_ip_be,
+        id_be,
+        direction,
+        _pad: 0,
+    }
+}
+
+/// Remembers what the fragments after a first get. A full LRU evicts; an error costs the rest
+/// of this datagram, nothing more.
 #[inline(always)]
-pub fn first_of_request(frag: &parse::Fragment) -> Option<(Packet, FragmentKey)> {
+fn remember(key: &FragmentKey, nat: &FragmentNat) {
+    let _ = FRAGMENTS.insert(key, nat, 0);
+}
+
+/// What was remembered for the fragments of `key`.
+#[inline(always)]
+fn recall(key: &FragmentKey) -> Option<FragmentNat> {
+    // SAFETY: copied out at once.
+    unsafe { FRAGMENTS.get(key) }.copied()
+}
+
+/// The first fragment of a datagram as the packet its first bytes make (the ports, the UDP
+/// checksum); `None` for a later fragment.
+#[inline(always)]
+pub fn first_as_packet(frag: &Fragment) -> Option<Packet> {
     let (src_port_be, dst_port_be, l4_off) = frag.first?;
-    let pkt = Packet {
+    Some(Packet {
         l4_off,
         proto: PROTO_UDP,
         ttl: frag.ttl,
@@ -124,23 +125,102 @@ pub fn first_of_request(frag: &parse::Fragment) -> Option<(Packet, FragmentKey)>
         dst_port_be,
         l4_check_off: l4_off + 6,
         tcp_flags: 0,
-    };
-    Some((pkt, request_key(frag)))
+    })
 }
 
-fn request_key(frag: &parse::Fragment) -> FragmentKey {
-    FragmentKey {
+/// A later fragment as a packet to route to `dst_ip_be` (it has no ports).
+#[inline(always)]
+fn later_as_packet(frag: &Fragment, dst_ip_be: u32) -> Packet {
+    Packet {
+        l4_off: 0,
+        proto: PROTO_UDP,
+        ttl: frag.ttl,
+        tot_len: frag.tot_len,
         src_ip_be: frag.src_ip_be,
-        dst_ip_be: frag.dst_ip_be,
-        id_be: frag.id_be,
-        direction: TO_BACKEND,
-        _pad: 0,
+        dst_ip_be,
+        src_port_be: 0,
+        dst_port_be: 0,
+        l4_check_off: 0,
+        tcp_flags: 0,
     }
 }
 
-/// After a first fragment went the way of its flow (`outcome`): remembers the backend for the
-/// fragments that follow, when this node routes to it (fragments are not carried through the
-/// mesh).
+/// Reverse-NATs a fragment of a backend's UDP reply when its datagram belongs to a flow this
+/// node balanced, or encapsulates it back to the node that balanced it. Returns the TC action.
+#[inline(always)]
+pub fn tc_reply(ctx: &mut TcContext) -> Result<i32, i64> {
+    let Some(frag) = parse::parse_udp_fragment(ctx.data(), ctx.data_end(), ctx.len() as usize)
+    else {
+        return Ok(TC_ACT_UNSPEC);
+    };
+    let bytes = u64::from(ctx.len());
+    let Some(pkt) = first_as_packet(&frag) else {
+        if let Some(nat) = recall(&key_of(&frag, TO_CLIENT)) {
+            stats::count_reply(nat.backend_id, bytes);
+            egress::rewrite_l3_source(ctx, frag.src_ip_be, nat.ip_be)?;
+            stats::count_reason(Reason::ReplyEgress, bytes);
+        } else if let Some(nat) = recall(&key_of(&frag, TUNNEL)) {
+            let pkt = later_as_packet(&frag, frag.dst_ip_be);
+            return Ok(to_node(ctx, &pkt, &nat, bytes));
+        }
+        return Ok(TC_ACT_UNSPEC);
+    };
+    let flow = conntrack::key_of(&pkt);
+    let Some(reverse) = conntrack::reverse_lookup(&flow) else {
+        // SAFETY: copied out at once.
+        let Some(tunnel) = unsafe { TUNNEL_REPLIES.get(&flow) }.copied() else {
+            return Ok(TC_ACT_UNSPEC);
+        };
+        let nat = FragmentNat {
+            ip_be: tunnel.node_ip_be,
+            backend_id: 0,
+            node_ip_be: tunnel.node_ip_be,
+            tunnel_port: encap::source_port(&flow),
+            _pad: 0,
+        };
+        let action = to_node(ctx, &pkt, &nat, bytes);
+        if action != TC_ACT_SHOT {
+            remember(&key_of(&frag, TUNNEL), &nat);
+        }
+        return Ok(action);
+    };
+    // A hairpin flow's replies come back to this node, through XDP.
+    if reverse.client_ip_be != 0 {
+        return Ok(TC_ACT_UNSPEC);
+    }
+    egress::rewrite_l4_source(
+        ctx,
+        (pkt.l4_off, pkt.l4_check_off, true),
+        (frag.src_ip_be, pkt.src_port_be),
+        &reverse,
+    )?;
+    remember(
+        &key_of(&frag, TO_CLIENT),
+        &FragmentNat::rewrite(reverse.orig_ip_be, reverse.backend_id),
+    );
+    stats::count_reply(reverse.backend_id, bytes);
+    egress::rewrite_l3_source(ctx, frag.src_ip_be, reverse.orig_ip_be)?;
+    stats::count_reason(Reason::ReplyEgress, bytes);
+    Ok(TC_ACT_UNSPEC)
+}
+
+/// Encapsulates a reply fragment back to the node `nat` names, counted; returns the TC action.
+#[inline(always)]
+fn to_node(ctx: &mut TcContext, pkt: &Packet, nat: &FragmentNat, bytes: u64) -> i32 {
+    let (action, reason) = encap::tc_to_node(ctx, pkt, nat.node_ip_be, nat.tunnel_port);
+    stats::count_reason(reason, bytes);
+    action
+}
+
+/// The first fragment of a UDP datagram as `ingress` handles a whole one (it carries the
+/// ports), and the key its followers will be found by; `None` for a later fragment.
+#[inline(always)]
+pub fn first_of_request(frag: &Fragment) -> Option<(Packet, FragmentKey)> {
+    Some((first_as_packet(frag)?, key_of(frag, TO_BACKEND)))
+}
+
+/// After a first fragment went the way of its flow (`outcome`): remembers the backend, and its
+/// node, for the fragments that follow.
 #[inline(always)]
 pub fn remember_request(
     fragment: &FragmentKey,
@@ -150,49 +230,99 @@ pub fn remember_request(
     if !matches!(outcome, Ok((action, _)) if *action != xdp_action::XDP_DROP) {
         return;
     }
-    // SAFETY: copied out at once.
     // A hairpin flow's fragments would need their source rewritten too: not handled.
+    // SAFETY: copied out at once.
     if let Some(flow) = unsafe { FLOWS.get(flow_key) }.copied()
-        && flow.node_ip_be == 0
         && flow.flags & FLOW_SNAT == 0
     {
-        let nat = FragmentNat {
-            ip_be: flow.backend_ip_be,
-            backend_id: flow.backend_id,
+        let tunnel_port = if flow.node_ip_be != 0 {
+            encap::source_port(flow_key)
+        } else {
+            0
         };
-        // A full LRU evicts; an error costs the rest of this datagram, nothing more.
-        let _ = FRAGMENTS.insert(fragment, &nat, 0);
+        let nat = FragmentNat {
+            node_ip_be: flow.node_ip_be,
+            tunnel_port,
+            ..FragmentNat::rewrite(flow.backend_ip_be, flow.backend_id)
+        };
+        remember(fragment, &nat);
     }
 }
 
 /// A fragment after the first of a client's UDP datagram: its destination becomes the backend
-/// its first fragment went to, and it is routed the same way; without an entry it is passed on
-/// (`pass_fragment`).
+/// its first fragment went to, and it is routed, or encapsulated, the same way; without an
+/// entry it is passed on (`pass_fragment`).
 #[inline(always)]
-pub fn later_request(ctx: &XdpContext, frag: &parse::Fragment) -> Result<(u32, Reason), Reason> {
+pub fn later_request(ctx: &XdpContext, frag: &Fragment) -> Result<(u32, Reason), Reason> {
     let (data, data_end) = (ctx.data(), ctx.data_end());
-    // SAFETY: copied out at once.
-    let nat = unsafe { FRAGMENTS.get(&request_key(frag)) }
-        .copied()
-        .ok_or(Reason::PassFragment)?;
-    nat::rewrite_dst_address(data, data_end, frag.dst_ip_be, nat.ip_be)
+    let nat = recall(&key_of(frag, TO_BACKEND)).ok_or(Reason::PassFragment)?;
+    nat::rewrite_address_only(data, data_end, Side::Dst, frag.dst_ip_be, nat.ip_be)
         .ok_or(Reason::PassTruncated)?;
     stats::count_to_backend(nat.backend_id, (data_end - data) as u64, false);
     if frag.ttl <= 1 {
         // The kernel answers with ICMP time exceeded.
         return Ok((xdp_action::XDP_PASS, Reason::ForwardTtlExpired));
     }
-    let pkt = Packet {
-        l4_off: 0,
-        proto: PROTO_UDP,
-        ttl: frag.ttl,
-        tot_len: frag.tot_len,
-        src_ip_be: frag.src_ip_be,
-        dst_ip_be: nat.ip_be,
-        src_port_be: 0,
-        dst_port_be: 0,
-        l4_check_off: 0,
-        tcp_flags: 0,
-    };
-    forward::to_backend(ctx, &pkt, nat.ip_be)
+    if nat.node_ip_be != 0 {
+        return encap::xdp_to_node(ctx, nat.tunnel_port, nat.node_ip_be);
+    }
+    forward::to_backend(ctx, &later_as_packet(frag, nat.ip_be), nat.ip_be)
+}
+
+/// After the first fragment of a reply that came back from a backend's node went the way of a
+/// whole one (`outcome`): the rest follow it when XDP sent it on (the kernel's go through TC,
+/// which remembers its own). A hairpin flow's are not handled.
+///
+/// `first` is the first fragment as a packet, `id_be` its datagram's identification (only that,
+/// not the whole `Fragment`, is kept meanwhile: the XDP program's stack is near its limit).
+#[inline(always)]
+pub fn remember_reply_from_node(
+    first: &Packet,
+    id_be: u16,
+    reverse: &ReverseValue,
+    outcome: &Result<(u32, Reason), Reason>,
+) {
+    if reverse.client_ip_be == 0
+        && matches!(outcome, Ok((_, Reason::ReplyTx | Reason::ReplyRedirect)))
+    {
+        remember(
+            &datagram_key(first, id_be, TO_CLIENT),
+            &FragmentNat::rewrite(reverse.orig_ip_be, reverse.backend_id),
+        );
+    }
+}
+
+/// After the first fragment of a client's datagram for a backend here was delivered: the rest
+/// follow it.
+#[inline(always)]
+pub fn remember_delivery(first: &Packet, id_be: u16) {
+    remember(
+        &datagram_key(first, id_be, DELIVER),
+        &FragmentNat::rewrite(first.dst_ip_be, 0),
+    );
+}
+
+/// A decapsulated fragment after the first: it follows its first fragment.
+#[inline(always)]
+pub fn later_from_node(ctx: &XdpContext, frag: &Fragment) -> Result<(u32, Reason), Reason> {
+    if let Some(nat) = recall(&key_of(frag, TO_CLIENT)) {
+        let pkt = later_as_packet(frag, frag.dst_ip_be);
+        let egress = forward::decide(ctx, &pkt, nat.ip_be, frag.dst_ip_be);
+        let (hop, reason) = match egress {
+            Egress::Tx(ref hop) => (hop, Reason::ReplyTx),
+            Egress::Redirect(ref hop) => (hop, Reason::ReplyRedirect),
+            // Untouched: TC rewrites it by the same entry on its way out.
+            Egress::Stack => return Ok((xdp_action::XDP_PASS, Reason::ReplyStack)),
+        };
+        let (data, data_end) = (ctx.data(), ctx.data_end());
+        nat::rewrite_address_only(data, data_end, Side::Src, frag.src_ip_be, nat.ip_be)
+            .ok_or(Reason::PassTruncated)?;
+        forward::prepare_l2(ctx, hop).ok_or(Reason::PassTruncated)?;
+        stats::count_reply(nat.backend_id, (data_end - data) as u64);
+        return Ok((forward::send(ctx, &egress), reason));
+    }
+    if recall(&key_of(frag, DELIVER)).is_some() {
+        return decap::deliver(ctx, &later_as_packet(frag, frag.dst_ip_be));
+    }
+    Ok((xdp_action::XDP_DROP, Reason::DropVxlanNotLocalBackend))
 }

@@ -225,7 +225,7 @@ fn to_backend(
             nat::rewrite(data, data_end, pkt, Side::Src, snat.ip_be, snat.port_be)
                 .ok_or(Reason::PassTruncated)?;
             if flow.node_ip_be != 0 {
-                encap::xdp_to_node(ctx, key, flow.node_ip_be)
+                encap::xdp_to_node(ctx, encap::source_port(key), flow.node_ip_be)
             } else {
                 match forward::decide(ctx, pkt, snat.ip_be, flow.backend_ip_be) {
                     // The kernel would drop a packet with its own address as the source.
@@ -242,7 +242,9 @@ fn to_backend(
                 }
             }
         }
-        None if flow.node_ip_be != 0 => encap::xdp_to_node(ctx, key, flow.node_ip_be),
+        None if flow.node_ip_be != 0 => {
+            encap::xdp_to_node(ctx, encap::source_port(key), flow.node_ip_be)
+        }
         None => forward::to_backend(ctx, pkt, flow.backend_ip_be),
     };
     // A packet the backend will not get (no route to its node, too big once encapsulated) is

@@ -72,16 +72,21 @@ pub fn rewrite(
     store16(data, data_end, pkt.l4_check_off, l4_check)
 }
 
-/// Rewrites the destination address alone (a fragment after the first carries no ports),
-/// keeping the IPv4 header checksum valid.
+/// Rewrites one end's address alone (a fragment after the first carries no ports), keeping the
+/// IPv4 header checksum valid.
 #[inline(always)]
-pub fn rewrite_dst_address(
+pub fn rewrite_address_only(
     data: usize,
     data_end: usize,
+    side: Side,
     old_ip_be: u32,
     new_ip_be: u32,
 ) -> Option<()> {
-    rewrite_address(data, data_end, IP_DST_OFF, old_ip_be, new_ip_be)
+    let ip_off = match side {
+        Side::Dst => IP_DST_OFF,
+        Side::Src => IP_SRC_OFF,
+    };
+    rewrite_address(data, data_end, ip_off, old_ip_be, new_ip_be)
 }
 
 /// Rewrites the address at `ip_off` (source or destination) and the IPv4 header checksum.

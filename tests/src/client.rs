@@ -369,6 +369,35 @@ fn read_line<R: BufRead>(reader: &mut R) -> Result<String> {
     Ok(line.trim_end_matches(['\r', '\n']).to_string())
 }
 
+/// Answers the first datagram `server` receives (up to `max` bytes) with each of its bytes plus
+/// one, on a thread; the thread returns the datagram's length and sender.
+pub fn answer_once_plus_one(
+    server: UdpSocket,
+    max: usize,
+) -> std::thread::JoinHandle<(usize, SocketAddr)> {
+    std::thread::spawn(move || {
+        server.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+        let mut buf = vec![0u8; max];
+        let (len, client) = server.recv_from(&mut buf).unwrap();
+        let answer: Vec<u8> = buf[..len].iter().map(|b| b.wrapping_add(1)).collect();
+        server.send_to(&answer, client).unwrap();
+        (len, client)
+    })
+}
+
+/// Sends `query` to `service` from a new socket and waits for one answer of up to `max` bytes:
+/// its bytes and where it came from.
+pub fn udp_query(service: SocketAddrV4, query: &[u8], max: usize) -> Result<(Vec<u8>, SocketAddr)> {
+    let socket = UdpSocket::bind("0.0.0.0:0")?;
+    socket.set_read_timeout(Some(CONNECT_TIMEOUT))?;
+    socket.send_to(query, service)?;
+    let mut buf = vec![0u8; max];
+    let (len, from) = socket
+        .recv_from(&mut buf)
+        .with_context(|| format!("no answer from {service}"))?;
+    Ok((buf[..len].to_vec(), from))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

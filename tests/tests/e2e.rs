@@ -261,9 +261,6 @@ fn datagrams_larger_than_the_mtu_cross_as_fragments_both_ways() {
         .backend_ns(0)
         .in_netns(|| std::net::UdpSocket::bind("0.0.0.0:7777"))
         .unwrap();
-    server
-        .set_read_timeout(Some(Duration::from_secs(5)))
-        .unwrap();
     let backend = SocketAddrV4::new(*topo.backend_addr(0).ip(), 7777);
     lbctl
         .run(&[
@@ -276,25 +273,13 @@ fn datagrams_larger_than_the_mtu_cross_as_fragments_both_ways() {
             &backend.to_string(),
         ])
         .unwrap();
-    let answering = std::thread::spawn(move || {
-        let mut buf = vec![0u8; 2 * SIZE];
-        let (len, client) = server.recv_from(&mut buf).unwrap();
-        let answer: Vec<u8> = buf[..len].iter().map(|b| b.wrapping_add(1)).collect();
-        server.send_to(&answer, client).unwrap();
-        (len, client)
-    });
+    let answering = client::answer_once_plus_one(server, 2 * SIZE);
     let service = SocketAddrV4::new(topo.node_uplink_ip(), 7000);
     let query: Vec<u8> = (0..SIZE).map(|i| (i % 251) as u8).collect();
-    let (answer, from) = topo.client().in_netns(|| {
-        let socket = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
-        socket
-            .set_read_timeout(Some(Duration::from_secs(3)))
-            .unwrap();
-        socket.send_to(&query, service).unwrap();
-        let mut buf = vec![0u8; 2 * SIZE];
-        let (len, from) = socket.recv_from(&mut buf).expect("the answer arrives");
-        (buf[..len].to_vec(), from)
-    });
+    let (answer, from) = topo
+        .client()
+        .in_netns(|| client::udp_query(service, &query, 2 * SIZE))
+        .expect("the answer arrives");
     let (got, client) = answering.join().unwrap();
     assert_eq!(got, SIZE, "the backend got the query whole");
     assert_eq!(

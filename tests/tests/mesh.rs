@@ -359,6 +359,61 @@ fn a_nodes_own_clients_reach_every_task_through_another_nodes_published_port() {
     }
 }
 
+/// A UDP datagram larger than the MTU crosses the mesh as fragments, both ways: a 3,000-byte
+/// query to a node without tasks, fragmented by the client's kernel, is DNATed and
+/// encapsulated fragment by fragment to the task's node, which decapsulates and delivers them
+/// for the task's kernel to reassemble from the client's address; the 3,000-byte answer,
+/// fragmented by the task's kernel at the overlay MTU, is encapsulated back fragment by
+/// fragment and reverse-NATed by the ingress node, and the client reassembles it from the
+/// address it asked. The client's link has the overlay MTU: a fragment of a full underlay MTU
+/// would not fit once encapsulated (`drop_encap_mtu`), as a whole datagram would not.
+#[test]
+fn a_datagram_larger_than_the_mtu_crosses_the_mesh_as_fragments_both_ways() {
+    const SIZE: usize = 3000;
+    const PORT: u16 = 7777;
+    let cluster = Cluster::build(MeshSpec::default());
+    let mesh = &cluster.mesh;
+    let task = mesh.tasks_on(0).start;
+    let backend = format!("{}:{PORT}@{}", mesh.task_ip(task), mesh.node_name(0));
+    cluster.on_every_node(&["service", "add", "big", "7000", "--proto", "udp", &backend]);
+    let overlay_mtu = mesh.spec().overlay_mtu().to_string();
+    mesh.client()
+        .ip(["link", "set", "eth0", "mtu", &overlay_mtu])
+        .unwrap();
+    let server = mesh
+        .task_ns(task)
+        .in_netns(|| UdpSocket::bind(("0.0.0.0", PORT)))
+        .unwrap();
+    let answering = client::answer_once_plus_one(server, 2 * SIZE);
+    let idle = mesh.node_count() - 1;
+    let service = cluster.addr(idle, 7000);
+    let query: Vec<u8> = (0..SIZE).map(|i| (i % 251) as u8).collect();
+    let (answer, from) = mesh
+        .client()
+        .in_netns(|| client::udp_query(service, &query, 2 * SIZE))
+        .expect("the answer arrives");
+    let (got, client) = answering.join().unwrap();
+    assert_eq!(got, SIZE, "the task got the query whole");
+    assert_eq!(
+        client.ip(),
+        std::net::IpAddr::V4(mesh.client_ip()),
+        "from the client's address"
+    );
+    let expected: Vec<u8> = query.iter().map(|b| b.wrapping_add(1)).collect();
+    assert_eq!(answer, expected, "the client got the answer whole");
+    assert_eq!(
+        from,
+        std::net::SocketAddr::V4(service),
+        "from the address it asked"
+    );
+    // Both ways went as fragments: two or more encapsulated each way.
+    assert!(
+        cluster.reason(idle, "forward_encap_tx") >= 3,
+        "query fragments"
+    );
+    assert!(cluster.reason(0, "reply_encap") >= 3, "answer fragments");
+}
+
 /// VXLAN to a node's overlay port from the client, which is no node: dropped and counted, and
 /// the task it names never sees it.
 #[test]

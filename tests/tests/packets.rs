@@ -1314,6 +1314,140 @@ fn reply_of_a_decapsulated_flow_is_encapsulated_back_to_its_ingress_node_by_tc()
     });
 }
 
+/// A fragmented datagram through the mesh, on the ingress node: the query's fragments are
+/// DNATed and encapsulated to the backend's node, the later one with the first's outer source
+/// port; the answer's fragments, coming back over the tunnel, are decapsulated, reverse-NATed
+/// and sent to the client, byte for byte the fragments of the NATed datagram.
+#[test]
+fn a_fragmented_query_and_its_fragmented_answer_cross_the_mesh_on_the_ingress_node() {
+    with_node(|node| {
+        let ingress = Some(node.ifindex);
+        let query: Vec<u8> = (0..2000).map(|i| (i * 7) as u8).collect();
+        let sent = udp(
+            (CLIENT_MAC, INGRESS_MAC),
+            (CLIENT_IP, 40600),
+            (NODE_IP, MESH_DNS_PORT),
+            64,
+            &query,
+        );
+        let inner = udp(
+            (node.mac, N2_MAC),
+            (CLIENT_IP, 40600),
+            (REMOTE_BACKEND, DNS_BACKEND_PORT),
+            63,
+            &query,
+        );
+        let expected = fragments(&inner, 0x2468, 1400);
+        let [first, rest] = fragments(&sent, 0x2468, 1400);
+        let (action, out) = node.xdp(&first, ingress);
+        assert_eq!(action, XDP_TX);
+        let port = encap_source_port(&out);
+        assert_eq!(
+            out,
+            Tunnel::to_n2(port).wrap(&expected[0]),
+            "first fragment"
+        );
+        let (action, out) = node.xdp(&rest, ingress);
+        assert_eq!(action, XDP_TX);
+        assert_eq!(out, Tunnel::to_n2(port).wrap(&expected[1]), "second");
+        assert_eq!(node.reason(Reason::ForwardEncapTx), 2);
+
+        let answer: Vec<u8> = (0..2500).map(|i| (i * 3) as u8).collect();
+        let from_task = udp(
+            (N2_MAC, INGRESS_MAC),
+            (REMOTE_BACKEND, DNS_BACKEND_PORT),
+            (CLIENT_IP, 40600),
+            64,
+            &answer,
+        );
+        let to_client = udp(
+            (node.mac, CLIENT_MAC),
+            (NODE_IP, MESH_DNS_PORT),
+            (CLIENT_IP, 40600),
+            63,
+            &answer,
+        );
+        let expected = fragments(&to_client, 0x1357, 1400);
+        for (i, fragment) in fragments(&from_task, 0x1357, 1400).iter().enumerate() {
+            let (action, out) = node.xdp(&Tunnel::from_n2().wrap(fragment), ingress);
+            assert_eq!(
+                (action, &out),
+                (XDP_TX, &expected[i]),
+                "answer fragment {i}"
+            );
+        }
+        assert_eq!(node.reason(Reason::ReplyTx), 2);
+        let stats = node.backend("meshdns", 0);
+        assert_eq!((stats.packets, stats.reply_packets), (2, 2));
+        // A later fragment of a datagram whose first was never seen is dropped, not relayed.
+        let stray = fragments(&from_task, 0x0bad, 1400)[1].clone();
+        let (action, _) = node.xdp(&Tunnel::from_n2().wrap(&stray), ingress);
+        assert_eq!(action, XDP_DROP);
+        assert_eq!(node.reason(Reason::DropVxlanNotLocalBackend), 1);
+    });
+}
+
+/// A fragmented datagram through the mesh, on the backend's node: the query's fragments, which
+/// n2 balanced to a backend here, are decapsulated and delivered, the first remembering n2 for
+/// the replies; the answer's fragments, as the backend's kernel sends them, are encapsulated
+/// back to n2 by TC, the later one with the first's outer source port.
+#[test]
+fn a_fragmented_query_and_its_fragmented_answer_cross_the_mesh_on_the_backends_node() {
+    with_node(|node| {
+        let ingress = Some(node.ifindex);
+        let query: Vec<u8> = (0..2000).map(|i| (i * 5) as u8).collect();
+        let from_n2 = udp(
+            (N2_MAC, INGRESS_MAC),
+            (CLIENT_IP, 40700),
+            (BACKENDS[0], DNS_BACKEND_PORT),
+            63,
+            &query,
+        );
+        let delivered = udp(
+            (node.mac, backend_mac(0)),
+            (CLIENT_IP, 40700),
+            (BACKENDS[0], DNS_BACKEND_PORT),
+            62,
+            &query,
+        );
+        let expected = fragments(&delivered, 0x4242, 1400);
+        for (i, fragment) in fragments(&from_n2, 0x4242, 1400).iter().enumerate() {
+            let (action, out) = node.xdp(&Tunnel::from_n2().wrap(fragment), ingress);
+            assert_eq!((action, &out), (XDP_TX, &expected[i]), "query fragment {i}");
+        }
+        assert_eq!(node.reason(Reason::DecapTx), 2);
+        let mut reply_key = tcp_key((BACKENDS[0], DNS_BACKEND_PORT), (CLIENT_IP, 40700));
+        reply_key.proto = PROTO_UDP;
+        assert_eq!(node.tunnel_replies(), vec![(reply_key, N2_IP)]);
+
+        let answer: Vec<u8> = (0..2500).map(|i| (i * 11) as u8).collect();
+        let reply = udp(
+            (node.mac, CLIENT_MAC),
+            (BACKENDS[0], DNS_BACKEND_PORT),
+            (CLIENT_IP, 40700),
+            64,
+            &answer,
+        );
+        let inner = udp(
+            (node.mac, N2_MAC),
+            (BACKENDS[0], DNS_BACKEND_PORT),
+            (CLIENT_IP, 40700),
+            64,
+            &answer,
+        );
+        let [first, rest] = fragments(&reply, 0x5151, 1400);
+        let expected = fragments(&inner, 0x5151, 1400);
+        let (action, out) = node.tc_on(&first, Some(node.ifindex));
+        assert_eq!(action, TC_ACT_UNSPEC, "n2 is out of the same interface");
+        let port = encap_source_port(&out);
+        assert_eq!(out, Tunnel::to_n2(port).wrap(&expected[0]), "first");
+        let (action, out) = node.tc_on(&rest, Some(node.ifindex));
+        assert_eq!(action, TC_ACT_UNSPEC);
+        assert_eq!(out, Tunnel::to_n2(port).wrap(&expected[1]), "second");
+        assert_eq!(node.reason(Reason::ReplyEncap), 2);
+    });
+}
+
 /// A backend's UDP GSO reply (`UDP_SEGMENT`: QUIC servers send their datagrams so) to a flow
 /// another node balanced keeps its segment size when encapsulated, so each segment must fit
 /// the underlay once encapsulated: one that would not is dropped as too big for it
