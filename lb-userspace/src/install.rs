@@ -201,6 +201,20 @@ impl Installed {
     }
 }
 
+/// Loads the object with its maps pinned at `pins` and has the kernel verify every program.
+fn load_and_verify(pins: &[(&str, PathBuf)], flow_capacity: u32) -> Result<Ebpf> {
+    let mut ebpf = datapath::load_pinned(pins, flow_capacity)?;
+    xdp_program(&mut ebpf)?
+        .load()
+        .context("loading the XDP program (verifier)")?;
+    for name in [program_names::TC_EGRESS, program_names::TC_INGRESS] {
+        tc_program(&mut ebpf, name)?
+            .load()
+            .with_context(|| format!("loading the TC program {name} (verifier)"))?;
+    }
+    Ok(ebpf)
+}
+
 /// Installs this build's programs on every attached interface of `state` whose links are
 /// there, and on `new` (attached afresh, or in place if its links are there).
 ///
@@ -230,15 +244,19 @@ pub fn install(instance: &Instance, state: &State, new: Option<&Target>) -> Resu
             (*name, dir.join(name))
         })
         .collect();
-    let mut ebpf = datapath::load_pinned(&pins, state.flow_capacity)?;
-    xdp_program(&mut ebpf)?
-        .load()
-        .context("loading the XDP program (verifier)")?;
-    for name in [program_names::TC_EGRESS, program_names::TC_INGRESS] {
-        tc_program(&mut ebpf, name)?
-            .load()
-            .with_context(|| format!("loading the TC program {name} (verifier)"))?;
-    }
+    let mut ebpf = match load_and_verify(&pins, state.flow_capacity) {
+        Ok(ebpf) => ebpf,
+        Err(err) => {
+            // Loading pinned the maps this build adds: a refused build changes nothing.
+            for (name, step) in &plan.steps {
+                if matches!(step, Step::Create) {
+                    let _ = fs::remove_file(maps_dir.join(name));
+                }
+            }
+            datapath::remove_pins(&staging)?;
+            return Err(err);
+        }
+    };
 
     let mut lines = Vec::new();
     let mut attached = Vec::new();
