@@ -1213,8 +1213,9 @@ lbctl_interface_transmit_failures_total{iface="uplink",kind="xdp_errors"} 1
         // drop_snat_*.
         let dropped = slots(&[15, 16, 24, 25, 26, 27, 28, 29, 30, 31, 34, 35, 36]);
         assert_eq!(total("lbctl_dropped_packets_total"), dropped);
-        // pass_not_ipv4 ... pass_not_local, pass_vxlan_other_vni, pass_flow_unknown.
-        let passed = slots(&[0, 1, 2, 3, 4, 5, 6, 23, 32]);
+        // pass_not_ipv4 ... pass_not_local, pass_vxlan_other_vni, pass_flow_unknown,
+        // pass_other_host.
+        let passed = slots(&[0, 1, 2, 3, 4, 5, 6, 23, 32, 37]);
         assert_eq!(total("lbctl_passed_packets_total"), passed);
         // forward_encap_tx, forward_encap_redirect, reply_encap.
         let encapsulated = slots(&[17, 18, 22]);
