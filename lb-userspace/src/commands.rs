@@ -236,6 +236,7 @@ fn record_attachments(state: &mut State, installed: &install::Installed) {
         if let Some(attachment) = state.attachments.iter_mut().find(|a| a.iface == done.iface) {
             attachment.xdp_mode = done.xdp_mode.or(attachment.xdp_mode);
             attachment.transmit = Some(done.transmit);
+            attachment.transmit_auto = done.transmit_auto;
         }
     }
 }

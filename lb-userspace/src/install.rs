@@ -119,6 +119,8 @@ pub struct Attached {
     /// `None` for an existing link whose mode no earlier lbctl recorded.
     pub xdp_mode: Option<XdpMode>,
     pub transmit: Transmit,
+    /// Whether `transmit` was lbctl's choice rather than asked for.
+    pub transmit_auto: bool,
 }
 
 /// What an install did, for the operator.
@@ -274,6 +276,7 @@ pub fn install(instance: &Instance, state: &State, new: Option<&Target>) -> Resu
                 ifindex: attachment.ifindex,
                 mode: link_mode(attachment.xdp_mode, AttachMode::Auto),
                 transmit: match attachment.transmit {
+                    _ if attachment.transmit_auto => TransmitChoice::Auto,
                     Some(Transmit::Xdp) => TransmitChoice::Xdp,
                     Some(Transmit::Tc) => TransmitChoice::Tc,
                     None => TransmitChoice::Auto,
@@ -488,6 +491,7 @@ fn install_links(
                 iface: target.iface.clone(),
                 xdp_mode: mode,
                 transmit: decision.transmit,
+                transmit_auto: target.transmit == TransmitChoice::Auto,
             },
         ))
     })();

@@ -30,6 +30,10 @@ pub struct Attachment {
     /// How the frames XDP sends leave it (`None`: as above; decided again at each install).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub transmit: Option<Transmit>,
+    /// `transmit` is lbctl's choice (`attach --transmit auto`), made again at each install;
+    /// false: the operator asked for it (or an lbctl that did not record which wrote it).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub transmit_auto: bool,
 }
 
 /// The XDP mode of an interface's link.

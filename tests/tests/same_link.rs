@@ -253,6 +253,10 @@ fn a_backend_calling_the_service_reaches_every_backend_itself_included() {
 #[test]
 fn transmit_xdp_on_a_veth_warns_with_the_reason_and_the_way_out() {
     let lan = Lan::build(1, &[]);
+    // Chosen by lbctl, the transmit path is chosen again, for the same reason, by an upgrade.
+    let veth_reason = "XDP hands its frames to TC ingress to send: a veth";
+    let out = lan.lbctl.run(&["upgrade"]).unwrap();
+    assert!(out.contains(veth_reason), "{out}");
     let out = lan
         .lbctl
         .run(&["attach", "eth0", "--transmit", "xdp"])
@@ -267,6 +271,12 @@ fn transmit_xdp_on_a_veth_warns_with_the_reason_and_the_way_out() {
         serde_json::from_str(&lan.lbctl.run(&["stats", "--json"]).unwrap()).unwrap();
     assert_eq!(stats["interfaces"][0]["transmit"], "xdp", "{stats}");
     assert_eq!(stats["interfaces"][0]["xdp_mode"], "native", "{stats}");
+    // Asked for, it is kept as asked.
+    let out = lan.lbctl.run(&["upgrade"]).unwrap();
+    assert!(
+        out.contains("XDP sends its frames itself: as asked"),
+        "{out}"
+    );
 }
 
 /// Frames XDP counted as sent but the driver could not send are counted as the interface's
