@@ -247,6 +247,7 @@ mod tests {
             ifindex: 7,
             xdp_mode: Some(XdpMode::Native),
             transmit: Some(Transmit::Tc),
+            transmit_auto: true,
         });
         save(&dir, &state).unwrap();
         assert_eq!(load(&dir).unwrap(), state);
