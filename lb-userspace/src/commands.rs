@@ -273,7 +273,7 @@ pub fn detach(instance: &Instance, iface: &str) -> Result<String> {
 }
 
 pub fn purge(instance: &Instance) -> Result<String> {
-    let _lock = instance::lock(instance)?;
+    let lock = instance::lock(instance)?;
     // A damaged state stops purge too: the neighbour entries it lists would be left behind.
     // Once the file is removed, purge removes what the pins and the state folder hold.
     let state = state::load(&instance.state_dir)?;
@@ -287,13 +287,23 @@ pub fn purge(instance: &Instance) -> Result<String> {
     if let Err(err) = reserved_ports::sync(&state.reserved_ports, &BTreeSet::new()) {
         eprintln!("lbctl: warning: published ports left reserved: {err:#}");
     }
-    state::remove(&instance.state_dir)?;
-    // A daemon still running rewrites it at its next round; stopped, it would only mislead.
-    let _ = fs::remove_file(instance.state_dir.join(state::CLUSTER_FILE));
-    Ok(format!(
+    // The state, the cluster file (a daemon still running rewrites it at its next round;
+    // stopped, it would only mislead) and the lock, then the folder unless it holds anything
+    // else: a purged instance leaves nothing behind.
+    let folder_removed = state::remove_folder(&instance.state_dir)?;
+    drop(lock);
+    let mut out = format!(
         "purged '{}': programs detached, maps, managed neighbour entries and state removed",
         instance.name
-    ))
+    );
+    if !folder_removed {
+        out.push_str(&format!(
+            "
+{} keeps other files, and stays",
+            instance.state_dir.display()
+        ));
+    }
+    Ok(out)
 }
 
 /// How long the purge of an instance whose namespace is gone waits for the kernel to dismantle

@@ -346,4 +346,6 @@ fn the_nodes_own_connections_never_take_a_published_port() {
     assert_eq!(reserved(&lan), PUBLISHED.to_string(), "dns still needs it");
     lan.lbctl.run(&["purge"]).unwrap();
     assert_eq!(reserved(&lan), "");
+    let state_dir = lan.lbctl.state_dir();
+    assert!(!state_dir.exists(), "purge left {}", state_dir.display());
 }
