@@ -12,6 +12,7 @@ use lb_tests::{
     Lbctl,
     client::{self, KeepAlive, Reply, http_get_new_connection},
     mesh::{Mesh, MeshSpec},
+    netns::NetNs,
     topology::NODE_UPLINK,
 };
 
@@ -99,6 +100,26 @@ impl Cluster {
         stats["reasons"][reason]["packets"]
             .as_u64()
             .unwrap_or_else(|| panic!("no reason {reason} in {stats}"))
+    }
+
+    /// `count` new TCP connections to `node`'s web port, then `count` datagrams to its DNS
+    /// port, from namespace `from`.
+    fn tcp_and_udp_from(&self, from: &NetNs, node: usize, count: usize) -> Vec<Reply> {
+        let (tcp, udp) = (self.addr(node, WEB_PORT), self.addr(node, DNS_PORT));
+        from.in_netns(|| {
+            let mut replies = client::new_connections(tcp, count)?;
+            replies.extend(client::udp_requests(udp, count)?);
+            anyhow::Ok(replies)
+        })
+        .unwrap()
+    }
+
+    /// Every task of the cluster answered exactly `per` of `replies`.
+    fn assert_each_task_answered(&self, replies: &[Reply], per: usize, context: &str) {
+        let expected: BTreeMap<String, usize> = (0..self.mesh.task_count())
+            .map(|k| (self.mesh.task_name(k), per))
+            .collect();
+        assert_eq!(client::per_backend(replies), expected, "{context}");
     }
 
     /// Every task in `tasks` answered exactly `per` of `replies`, no other task did, and
@@ -330,16 +351,7 @@ fn a_nodes_own_clients_reach_every_task_through_another_nodes_published_port() {
                 mesh.node_name(caller),
                 mesh.node_name(target)
             );
-            let tcp = cluster.addr(target, WEB_PORT);
-            let udp = cluster.addr(target, DNS_PORT);
-            let replies: Vec<Reply> = mesh
-                .node(caller)
-                .in_netns(|| {
-                    let mut replies = client::new_connections(tcp, per * tasks.len())?;
-                    replies.extend(client::udp_requests(udp, per * tasks.len())?);
-                    anyhow::Ok(replies)
-                })
-                .unwrap();
+            let replies = cluster.tcp_and_udp_from(mesh.node(caller), target, per * tasks.len());
             for reply in &replies {
                 let on_caller = (0..tasks.len())
                     .any(|k| mesh.task_node(k) == caller && reply.backend == mesh.task_name(k));
@@ -350,11 +362,7 @@ fn a_nodes_own_clients_reach_every_task_through_another_nodes_published_port() {
                     "{context}: {reply:?}"
                 );
             }
-            let expected: BTreeMap<String, usize> = tasks
-                .iter()
-                .map(|&k| (mesh.task_name(k), 2 * per))
-                .collect();
-            assert_eq!(client::per_backend(&replies), expected, "{context}");
+            cluster.assert_each_task_answered(&replies, 2 * per, &context);
         }
     }
 }
@@ -412,6 +420,40 @@ fn a_datagram_larger_than_the_mtu_crosses_the_mesh_as_fragments_both_ways() {
         "query fragments"
     );
     assert!(cluster.reason(0, "reply_encap") >= 3, "answer fragments");
+}
+
+/// A task calling its own node's published port (a container using the routing mesh from
+/// the inside) reaches every task of the cluster, exactly evenly, over TCP and UDP, once lbctl
+/// is attached to the node's task bridge as well: the packets come in there, not on the
+/// uplink. All of them are hairpin flows from the node's address: the tasks here share the
+/// caller's subnet, and so do the other nodes' tasks (one overlay subnet, which each node
+/// routes to its own bridge).
+#[test]
+fn a_task_calling_its_own_nodes_published_port_reaches_every_task() {
+    let cluster = Cluster::build(MeshSpec::default());
+    let mesh = &cluster.mesh;
+    let tasks = all_tasks(mesh);
+    let per = 2;
+    for node in (0..mesh.node_count()).filter(|&n| !mesh.tasks_on(n).is_empty()) {
+        cluster.lbctl[node]
+            .run(&["attach", lb_tests::topology::TASK_BRIDGE])
+            .unwrap();
+        let caller = mesh.tasks_on(node).start;
+        let replies = cluster.tcp_and_udp_from(mesh.task_ns(caller), node, per * tasks.len());
+        let context = format!(
+            "{} calling {}",
+            mesh.task_name(caller),
+            mesh.node_name(node)
+        );
+        for reply in &replies {
+            assert_eq!(
+                *reply.client_seen.ip(),
+                mesh.node_ip(node),
+                "{context}: {reply:?}"
+            );
+        }
+        cluster.assert_each_task_answered(&replies, 2 * per, &context);
+    }
 }
 
 /// VXLAN to a node's overlay port from the client, which is no node: dropped and counted, and
