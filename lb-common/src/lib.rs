@@ -305,6 +305,14 @@ assert_size!(SnatValue, 8);
 pub const SNAT_PORT_FIRST: u16 = 61_000;
 pub const SNAT_PORT_COUNT: u16 = 4_536;
 const _: () = assert!(SNAT_PORT_FIRST as u32 + SNAT_PORT_COUNT as u32 == 65_536);
+/// The value of `ONLINK_SUBNETS` for the subnet of network `network_be` (network byte order)
+/// and prefix length `prefix_len` (1 to 31): the network address (host order) with its first
+/// host bit set. Unique: the lowest bit set tells the prefix length (the host bits below it are
+/// 0), the rest the network, so 10.0.0.0/8 and 10.0.0.0/24 differ.
+pub const fn subnet_id(network_be: u32, prefix_len: u8) -> u32 {
+    u32::from_be(network_be) | (1u32 << (31 - prefix_len as u32))
+}
+
 /// Entries of `ONLINK_SUBNETS`: the subnets of the node's interfaces.
 pub const MAX_ONLINK_SUBNETS: u32 = 256;
 /// Entries of `SNAT_FLOWS`: hairpin flows are a node's own clients' and its backends', few
@@ -480,7 +488,8 @@ reasons! {
     /// be sent anywhere).
     DropVxlanNotLocalBackend = 34 => "drop_vxlan_not_local_backend",
     /// New hairpin flow (`FLOW_SNAT`) for which every source port tried is held by a live flow
-    /// to the same backend: dropped (the client's retransmission tries other ports).
+    /// to the same backend: dropped (its retransmission tries the same ports, and waits for one
+    /// of them to end).
     DropSnatPortsExhausted = 35 => "drop_snat_ports_exhausted",
     /// Packet of a hairpin flow, either way, whose next hop XDP cannot send to itself: dropped,
     /// since its source is the node's own address, which the kernel drops as martian.
@@ -649,6 +658,37 @@ mod tests {
             ..key
         };
         assert_ne!(flow_hash(&other_port), flow_hash(&key));
+    }
+
+    #[test]
+    fn subnet_ids_differ_for_a_network_under_another_prefix() {
+        let net = |o: [u8; 4]| u32::from_ne_bytes(o);
+        assert_ne!(
+            subnet_id(net([10, 0, 0, 0]), 8),
+            subnet_id(net([10, 0, 0, 0]), 24)
+        );
+        // Every valid subnet whose last octet is in play (prefixes 24 to 31) or that ends in 0.
+        let mut ids = [(0u32, 0u32, 0u8); 9 * 256];
+        let mut n = 0;
+        for len in [8u8, 16, 24, 25, 26, 27, 28, 29, 30, 31] {
+            let mask = u32::MAX << (32 - u32::from(len));
+            for last in 0u32..=255 {
+                let network = (0x0a01_0200 | last) & mask;
+                if network & 0xff != last && len >= 24 {
+                    continue;
+                }
+                if n < ids.len() && (len >= 24 || last == 0) {
+                    ids[n] = (subnet_id(network.to_be(), len), network, len);
+                    n += 1;
+                }
+            }
+        }
+        for i in 0..n {
+            for j in i + 1..n {
+                let (a, b) = (ids[i], ids[j]);
+                assert!(a.0 != b.0 || (a.1, a.2) == (b.1, b.2), "{a:?} and {b:?} meet");
+            }
+        }
     }
 
     #[test]

@@ -292,23 +292,33 @@ pub fn record(
 /// Puts back the reverse-NAT entry of a pinned flow if the LRU evicted it while the flow was
 /// idle: the two tables evict independently, and a flow whose replies cannot be NATed is as
 /// dead as a flow without an entry. Called when the client speaks after an idle second, so a
-/// busy flow pays nothing; the lookup also marks the entry as recently used.
+/// busy flow pays nothing; the lookup also marks the entry as recently used. Returns false when
+/// a hairpin flow's port was given to another flow meanwhile (its entry was evicted, so the
+/// port looked free): the flow must choose again rather than share the port.
 #[inline(always)]
 pub fn restore_reverse(
     key: &FlowKey,
     flow: &FlowValue,
     orig: (u32, u16),
     snat: Option<&SnatValue>,
-) {
+) -> bool {
     let (reverse_key, reverse) = reverse_entry(key, flow, orig, snat);
-    // SAFETY: only presence is read.
-    if unsafe { REVERSE_FLOWS.get(&reverse_key) }.is_none() {
-        // A full table evicts another entry; an error leaves the replies as they were.
-        if REVERSE_FLOWS
-            .insert(&reverse_key, reverse, u64::from(BPF_ANY))
-            .is_ok()
-        {
-            supersede_tunnel(&reverse_key, flow);
+    // SAFETY: copied out at once.
+    match unsafe { REVERSE_FLOWS.get(&reverse_key) }.copied() {
+        Some(held) => {
+            held.client_ip_be == reverse.client_ip_be
+                && held.client_port_be == reverse.client_port_be
+        }
+        None => {
+            // A full table evicts another entry; an error leaves the replies as they were.
+            // Not over an entry another CPU just made.
+            if REVERSE_FLOWS
+                .insert(&reverse_key, reverse, u64::from(BPF_NOEXIST))
+                .is_ok()
+            {
+                supersede_tunnel(&reverse_key, flow);
+            }
+            true
         }
     }
 }

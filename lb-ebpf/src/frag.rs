@@ -270,8 +270,10 @@ pub fn later_request(ctx: &XdpContext, frag: &Fragment) -> Result<(u32, Reason),
 }
 
 /// After the first fragment of a reply that came back from a backend's node went the way of a
-/// whole one (`outcome`): the rest follow it when XDP sent it on (the kernel's go through TC,
-/// which remembers its own). A hairpin flow's are not handled.
+/// whole one (`outcome`): the rest follow it when XDP sent it on. When it went to the kernel
+/// untouched (its next hop out of an interface lbctl is not on, or unresolved), the rest are
+/// dropped: remembering that case too costs the XDP program stack it does not have (see the
+/// README's known limits). A hairpin flow's are not handled.
 ///
 /// `first` is the first fragment as a packet, `id_be` its datagram's identification (only that,
 /// not the whole `Fragment`, is kept meanwhile: the XDP program's stack is near its limit).

@@ -98,13 +98,16 @@ fn to_service(
     let orig = (pkt.dst_ip_be, pkt.dst_port_be);
     let (replace, event) = match conntrack::lookup(key, pkt.tcp_flags) {
         Lookup::Pinned { flow, was_idle } => match snat::of_flow(key, &flow) {
-            // A hairpin flow whose source entry was evicted chooses again, as a stale one does.
+            // A hairpin flow whose source entry was evicted chooses again, as a stale flow
+            // does: a maglev flow comes back to its backend and finds its port again there
+            // (`snat::allocate`).
             None if flow.flags & FLOW_SNAT != 0 => (true, Event::FlowReselected),
             snat => {
-                if was_idle {
-                    conntrack::restore_reverse(key, &flow, orig, snat.as_ref());
+                if !was_idle || conntrack::restore_reverse(key, &flow, orig, snat.as_ref()) {
+                    return to_backend(ctx, pkt, key, &flow, snat.as_ref(), false);
                 }
-                return to_backend(ctx, pkt, key, &flow, snat.as_ref(), false);
+                // Its port went to another flow while its reverse entry was evicted.
+                (true, Event::FlowReselected)
             }
         },
         Lookup::Stale => (true, Event::FlowReselected),

@@ -55,8 +55,9 @@ pub static REVERSE_FLOWS: LruHashMap<FlowKey, ReverseValue> =
 pub static SNAT_FLOWS: LruHashMap<FlowKey, SnatValue> =
     LruHashMap::with_max_entries(SNAT_FLOW_CAPACITY, 0);
 
-/// The subnets of this node's interfaces, written by userspace: prefix → the subnet's network
-/// address (network byte order), the same for every address in it. A client in the subnet of
+/// The subnets of this node's interfaces, written by userspace: prefix → the subnet itself
+/// (its network address and prefix length: `lb_common::subnet_id`),
+/// the same for every address in it and different for a longer prefix of the same network. A client in the subnet of
 /// the backend it is given (both on a link with this node) would get the backend's reply
 /// straight over that link, bypassing the reverse NAT: such a flow is a hairpin flow (`snat`).
 #[map]

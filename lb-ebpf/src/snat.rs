@@ -16,8 +16,7 @@ use lb_common::{
 };
 
 use crate::{
-    conntrack::{self, EEXIST},
-    encap,
+    conntrack, encap,
     maps::{FLOWS, ONLINK_SUBNETS, REVERSE_FLOWS, SNAT_FLOWS},
     parse::Packet,
 };
@@ -72,10 +71,24 @@ pub fn of_flow(key: &FlowKey, flow: &FlowValue) -> Option<SnatValue> {
     unsafe { SNAT_FLOWS.get(key) }.copied()
 }
 
+/// The `probe`-th port a hairpin flow whose 5-tuple hashes to `start` may take.
+#[inline(always)]
+fn probe(snat_ip_be: u32, start: u32, probe: u32) -> SnatValue {
+    let port = SNAT_PORT_FIRST + (start.wrapping_add(probe) % u32::from(SNAT_PORT_COUNT)) as u16;
+    SnatValue {
+        ip_be: snat_ip_be,
+        port_be: port.to_be(),
+        _pad: 0,
+    }
+}
+
 /// Gives the new hairpin flow `key` (to the service at `orig`, pinned as `flow`) a source port
-/// on `snat_ip_be`, and records the reverse-NAT entry its replies are found by: the first port
-/// tried whose reply 5-tuple is free, or held by a flow that has ended. `None` when every port
-/// tried is held by a live flow.
+/// on `snat_ip_be`, and records the reverse-NAT entry its replies are found by. In order: the
+/// port this very flow held already (a flow whose entry was evicted, found again by maglev,
+/// keeps the source its backend knows), a free port, and only then one held by a flow that
+/// has ended (so that ending a flow, which a spoofed RST can do, does not hand its port to
+/// whoever hashes there next while free ones are left). `None` when every port tried is held
+/// by a live flow.
 #[inline(always)]
 pub fn allocate(
     key: &FlowKey,
@@ -84,27 +97,36 @@ pub fn allocate(
     orig: (u32, u16),
 ) -> Option<SnatValue> {
     let start = flow_hash(key);
-    for probe in 0..PROBES {
-        let port =
-            SNAT_PORT_FIRST + (start.wrapping_add(probe) % u32::from(SNAT_PORT_COUNT)) as u16;
-        let snat = SnatValue {
-            ip_be: snat_ip_be,
-            port_be: port.to_be(),
-            _pad: 0,
-        };
+    // One loop of three passes over the ports (not three loops: their locals would each take
+    // stack, and the XDP program's is at the verifier's limit).
+    for step in 0..3 * PROBES {
+        let (pass, i) = (step / PROBES, step % PROBES);
+        let snat = probe(snat_ip_be, start, i);
         let (reply_key, reverse) = conntrack::reverse_entry(key, flow, orig, Some(&snat));
-        let claimed = match REVERSE_FLOWS.insert(&reply_key, reverse, u64::from(BPF_NOEXIST)) {
-            Ok(()) => true,
+        let claimed = match pass {
+            OWN => {
+                // SAFETY: copied out at once.
+                unsafe { REVERSE_FLOWS.get(&reply_key) }.is_some_and(|held| {
+                    held.client_ip_be == key.src_ip_be
+                        && held.client_port_be == key.src_port_be
+                        && held.orig_ip_be == orig.0
+                        && held.orig_port_be == orig.1
+                }) && REVERSE_FLOWS
+                    .insert(&reply_key, reverse, u64::from(BPF_ANY))
+                    .is_ok()
+            }
+            FREE => REVERSE_FLOWS
+                .insert(&reply_key, reverse, u64::from(BPF_NOEXIST))
+                .is_ok(),
             // Two CPUs may both find the same ended flow's port and take it; the later one's
-            // replies win. Ended flows' ports are only taken once no free one was found, and
-            // the two flows would have to start within the same moment.
-            Err(err) if err == -EEXIST => {
+            // replies win. It takes two new hairpin flows to one backend, hashing to the same
+            // ports, within the same moment, with no free port among eight.
+            _ => {
                 !held_by_live_flow(&reply_key)
                     && REVERSE_FLOWS
                         .insert(&reply_key, reverse, u64::from(BPF_ANY))
                         .is_ok()
             }
-            Err(_) => false,
         };
         if claimed {
             return Some(snat);
@@ -112,6 +134,10 @@ pub fn allocate(
     }
     None
 }
+
+/// The passes of [`allocate`]: the flow's own port, a free one, then an ended flow's.
+const OWN: u32 = 0;
+const FREE: u32 = 1;
 
 /// Whether the reply 5-tuple `reply_key` (backend → this node's address and a hairpin port) still
 /// belongs to a live flow: one whose client → service entry is there, still a hairpin flow on
@@ -145,7 +171,11 @@ fn held_by_live_flow(reply_key: &FlowKey) -> bool {
     match of_flow(&flow_key, &flow) {
         Some(snat)
             if snat.ip_be == reply_key.dst_ip_be && snat.port_be == reply_key.dst_port_be => {}
-        _ => return false,
+        // The flow moved to another port.
+        Some(_) => return false,
+        // Being set up on another CPU (its port claimed, its source not yet recorded), or its
+        // source entry evicted: held, while not idle.
+        None => {}
     }
     let idle = if reply_key.proto == PROTO_TCP {
         FLOW_IDLE_TCP_NS

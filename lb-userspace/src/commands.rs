@@ -73,7 +73,8 @@ fn reconcile(instance: &Instance, state: &mut State) -> Result<usize> {
     let desired = sync::desired(&state.table, self_name.as_deref());
     let delta = sync::delta(&desired, &maps.read_contents()?);
     maps.apply(&delta)?;
-    let host_writes = maps.sync_host()?;
+    let attached: Vec<&str> = state.attachments.iter().map(|a| a.iface.as_str()).collect();
+    let host_writes = maps.sync_host(&attached)?;
 
     let others: Vec<&Node> = state
         .table
@@ -81,7 +82,6 @@ fn reconcile(instance: &Instance, state: &mut State) -> Result<usize> {
         .iter()
         .filter(|n| Some(&n.name) != self_name.as_ref())
         .collect();
-    let attached: Vec<&str> = state.attachments.iter().map(|a| a.iface.as_str()).collect();
     let backends: BTreeSet<Ipv4Addr> = desired
         .local_backends
         .iter()

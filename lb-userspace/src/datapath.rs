@@ -145,13 +145,14 @@ impl Maps {
     }
 
     /// Brings what the data plane takes for this node's own (`ONLINK_SUBNETS`, `HOST_MACS`) in
-    /// line with the namespace's interfaces now. Returns the number of writes.
-    pub fn sync_host(&mut self) -> Result<usize> {
+    /// line with the namespace's interfaces now, `attached` the interfaces lbctl is on. Returns
+    /// the number of writes.
+    pub fn sync_host(&mut self, attached: &[&str]) -> Result<usize> {
         Ok(self.sync_subnets(&crate::underlay::local_subnets()?)?
-            + self.sync_host_macs(&crate::underlay::local_macs()?)?)
+            + self.sync_host_macs(&crate::underlay::attached_macs(attached)?)?)
     }
 
-    /// Brings `HOST_MACS` in line with `macs` (the namespace's, see `underlay::local_macs`): a
+    /// Brings `HOST_MACS` in line with `macs` (see `underlay::attached_macs`): a
     /// flow starts only from a frame addressed to one of them (or to every host). Returns the
     /// number of writes.
     pub fn sync_host_macs(&mut self, macs: &BTreeSet<[u8; 6]>) -> Result<usize> {
@@ -200,9 +201,9 @@ impl Maps {
                 .with_context(|| format!("removing {stale} from ONLINK_SUBNETS"))?;
         }
         for new in subnets.difference(&present) {
-            let network = u32::from_ne_bytes(new.network.octets());
+            let id = lb_common::subnet_id(u32::from_ne_bytes(new.network.octets()), new.prefix_len);
             self.onlink_subnets
-                .insert(&key(new), network, 0)
+                .insert(&key(new), id, 0)
                 .with_context(|| format!("adding {new} to ONLINK_SUBNETS"))?;
         }
         Ok(present.symmetric_difference(subnets).count())

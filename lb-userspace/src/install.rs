@@ -317,7 +317,12 @@ pub fn install(instance: &Instance, state: &State, new: Option<&Target>) -> Resu
     let self_node = crate::commands::self_node(state)?.map(|node| node.name.as_str());
     let desired = sync::desired(&state.table, self_node);
     maps.apply(&sync::delta(&desired, &maps.read_contents()?))?;
-    maps.sync_host()?;
+    let ifaces: Vec<&str> = attached
+        .iter()
+        .chain(new)
+        .map(|target| target.iface.as_str())
+        .collect();
+    maps.sync_host(&ifaces)?;
 
     let mut result = Vec::new();
     for target in &attached {

@@ -25,41 +25,59 @@ use crate::model::Node;
 
 /// The IPv4 addresses assigned to the namespace's interfaces (up or down).
 pub fn local_addrs() -> Result<BTreeSet<Ipv4Addr>> {
-    Ok(interface_addrs()?
-        .into_iter()
-        .filter_map(|a| match a.addr {
-            Address::Ipv4(addr) => Some(addr),
-            Address::Mac(_) => None,
-        })
-        .collect())
+    Ok(interface_addrs()?.into_iter().map(|a| a.addr).collect())
 }
 
-/// The MAC addresses of the namespace's interfaces (loopback's all-zero one left out): the
-/// frames addressed to any of them are this node's.
-pub fn local_macs() -> Result<BTreeSet<[u8; 6]>> {
-    Ok(interface_addrs()?
-        .into_iter()
-        .filter_map(|a| match a.addr {
-            Address::Mac(mac) if mac != [0; 6] => Some(mac),
-            _ => None,
-        })
-        .collect())
+/// The MAC addresses a frame arriving on one of the `attached` interfaces may carry to be this
+/// node's: the interface's own, and its master's (a bridge it is a port of) (`ip -j link
+/// show`). Only these: a Docker host has a veth per container, and the map is bounded.
+pub fn attached_macs(attached: &[&str]) -> Result<BTreeSet<[u8; 6]>> {
+    let json = ip(&["-j", "link", "show"]).map_err(anyhow::Error::msg)?;
+    parse_attached_macs(&json, attached)
 }
 
-/// An address of an interface, as `getifaddrs` lists it.
+fn parse_attached_macs(json: &str, attached: &[&str]) -> Result<BTreeSet<[u8; 6]>> {
+    let links: Vec<serde_json::Value> =
+        serde_json::from_str(json).context("unexpected `ip -j link show` output")?;
+    let field = |link: &serde_json::Value, name: &str| {
+        link.get(name).and_then(|v| v.as_str()).map(str::to_owned)
+    };
+    let masters: BTreeSet<String> = links
+        .iter()
+        .filter(|l| field(l, "ifname").is_some_and(|n| attached.contains(&n.as_str())))
+        .filter_map(|l| field(l, "master"))
+        .collect();
+    let mut macs = BTreeSet::new();
+    for link in &links {
+        let Some(name) = field(link, "ifname") else {
+            continue;
+        };
+        if !attached.contains(&name.as_str()) && !masters.contains(&name) {
+            continue;
+        }
+        let Some(address) = field(link, "address") else {
+            continue;
+        };
+        let octets: Vec<u8> = address
+            .split(':')
+            .map(|o| u8::from_str_radix(o, 16))
+            .collect::<Result<_, _>>()
+            .with_context(|| format!("unexpected address {address:?} of {name}"))?;
+        if let Ok(mac) = <[u8; 6]>::try_from(octets) {
+            macs.insert(mac);
+        }
+    }
+    Ok(macs)
+}
+
+/// An IPv4 address of an interface, as `getifaddrs` lists it.
 struct InterfaceAddr {
-    addr: Address,
+    addr: Ipv4Addr,
     netmask: Option<Ipv4Addr>,
     loopback: bool,
 }
 
-enum Address {
-    Ipv4(Ipv4Addr),
-    /// An Ethernet interface's link-layer address.
-    Mac([u8; 6]),
-}
-
-/// Every IPv4 and Ethernet address of the namespace's interfaces (`getifaddrs`).
+/// Every IPv4 address of the namespace's interfaces (`getifaddrs`).
 fn interface_addrs() -> Result<Vec<InterfaceAddr>> {
     let mut list: *mut libc::ifaddrs = std::ptr::null_mut();
     // SAFETY: getifaddrs fills `list` with a linked list we free below.
@@ -76,36 +94,16 @@ fn interface_addrs() -> Result<Vec<InterfaceAddr>> {
         let sin = unsafe { &*sockaddr.cast::<libc::sockaddr_in>() };
         Some(Ipv4Addr::from(sin.sin_addr.s_addr.to_ne_bytes()))
     };
-    let mac = |sockaddr: *mut libc::sockaddr| {
-        // SAFETY: as above; an AF_PACKET address is a sockaddr_ll.
-        if sockaddr.is_null() || i32::from(unsafe { (*sockaddr).sa_family }) != libc::AF_PACKET {
-            return None;
-        }
-        // SAFETY: as above.
-        let sll = unsafe { &*sockaddr.cast::<libc::sockaddr_ll>() };
-        (sll.sll_halen == 6).then(|| {
-            let mut mac = [0; 6];
-            mac.copy_from_slice(&sll.sll_addr[..6]);
-            mac
-        })
-    };
     let mut addrs = Vec::new();
     let mut cursor = list;
     while !cursor.is_null() {
         // SAFETY: a non-null node of the list getifaddrs returned, not freed yet.
         let entry = unsafe { &*cursor };
-        let loopback = entry.ifa_flags & libc::IFF_LOOPBACK as u32 != 0;
         if let Some(addr) = ipv4(entry.ifa_addr) {
             addrs.push(InterfaceAddr {
-                addr: Address::Ipv4(addr),
+                addr,
                 netmask: ipv4(entry.ifa_netmask),
-                loopback,
-            });
-        } else if let Some(mac) = mac(entry.ifa_addr) {
-            addrs.push(InterfaceAddr {
-                addr: Address::Mac(mac),
-                netmask: None,
-                loopback,
+                loopback: entry.ifa_flags & libc::IFF_LOOPBACK as u32 != 0,
             });
         }
         cursor = entry.ifa_next;
@@ -150,10 +148,7 @@ pub fn local_subnets() -> Result<BTreeSet<Subnet>> {
     Ok(interface_addrs()?
         .into_iter()
         .filter(|a| !a.loopback)
-        .filter_map(|a| match a.addr {
-            Address::Ipv4(addr) => Subnet::of(addr, a.netmask?),
-            Address::Mac(_) => None,
-        })
+        .filter_map(|a| Subnet::of(a.addr, a.netmask?))
         .collect())
 }
 
@@ -598,6 +593,22 @@ mod tests {
             None,
             "not a prefix"
         );
+    }
+
+    #[test]
+    fn the_macs_of_attached_interfaces_and_their_masters_are_the_nodes() {
+        let json = r#"[
+            {"ifindex":1,"ifname":"lo","address":"00:00:00:00:00:00"},
+            {"ifindex":2,"ifname":"eth0","master":"br0","address":"02:00:00:00:00:01"},
+            {"ifindex":3,"ifname":"br0","address":"02:00:00:00:00:02"},
+            {"ifindex":4,"ifname":"veth9","master":"docker0","address":"02:00:00:00:00:03"},
+            {"ifindex":5,"ifname":"docker0","address":"02:00:00:00:00:04"},
+            {"ifindex":6,"ifname":"eth1","address":"02:00:00:00:00:05"}
+        ]"#;
+        let macs = parse_attached_macs(json, &["eth0", "eth1"]).unwrap();
+        let mac = |last| [2, 0, 0, 0, 0, last];
+        assert_eq!(macs, BTreeSet::from([mac(1), mac(2), mac(5)]));
+        assert!(parse_attached_macs("[", &["eth0"]).is_err());
     }
 
     #[test]

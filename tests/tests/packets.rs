@@ -244,6 +244,43 @@ fn a_backend_given_itself_or_a_neighbour_on_its_subnet_is_answered_through_the_n
     });
 }
 
+/// A maglev hairpin flow whose flow entry was evicted (and whose source entry too) finds its
+/// backend again and, with it, the very source port its backend's connection knows: the next
+/// segment leaves exactly as before the eviction.
+#[test]
+fn an_evicted_maglev_hairpin_flow_keeps_its_source_port() {
+    with_node(|node| {
+        let ingress = Some(node.ifindex);
+        let me = std::net::SocketAddrV4::new(Ipv4Addr::from(BACKENDS[0]), BACKEND_PORT);
+        node.table
+            .add_service("self", Proto::Tcp, 8181, None, &[me])
+            .unwrap();
+        node.set_scheduler("self", Scheduler::Maglev);
+        let segment = |flags| {
+            tcp(
+                (backend_mac(0), INGRESS_MAC),
+                (BACKENDS[0], 40000),
+                (NODE_IP, 8181),
+                64,
+                flags,
+                b"",
+            )
+        };
+        let (action, out) = node.xdp(&segment("S"), ingress);
+        assert_eq!(action, XDP_TX);
+        let (_, port) = src_of(&out);
+        assert_hairpin_port(port);
+        let key = tcp_key((BACKENDS[0], 40000), (NODE_IP, 8181));
+        node.maps.flows.remove(&key).unwrap();
+        node.maps.snat_flows.remove(&key).unwrap();
+        let (action, out) = node.xdp(&segment("A"), ingress);
+        assert_eq!(action, XDP_TX);
+        assert_eq!(src_of(&out), (NODE_IP, port), "the same source port");
+        assert_eq!(node.event(Event::FlowRecovered), 1);
+        assert_eq!(node.event(Event::FlowHairpin), 2);
+    });
+}
+
 /// A frame for a service addressed to another host's MAC (seen because the interface is
 /// promiscuous, or flooded by a switch: a standby that holds the same address) starts no flow:
 /// passed untouched, as the kernel, which drops it, would see it. A broadcast frame is every

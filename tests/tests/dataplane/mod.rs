@@ -121,8 +121,8 @@ pub fn with_node_of(flow_capacity: u32, body: impl FnOnce(&mut Node) + Send) {
             .unwrap();
         tc.load().unwrap();
         let mut maps = Maps::take(&mut ebpf).unwrap();
-        // Frames for another host's MAC start no flow: lbt0's and lbt1's are this node's.
-        maps.sync_host_macs(&lb_userspace::underlay::local_macs().unwrap())
+        // Frames for another host's MAC start no flow: lbt0's is this node's.
+        maps.sync_host_macs(&lb_userspace::underlay::attached_macs(&["lbt0"]).unwrap())
             .unwrap();
         let ifindex = if_index("lbt0");
         let mut node = Node {
