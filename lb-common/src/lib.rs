@@ -686,7 +686,10 @@ mod tests {
         for i in 0..n {
             for j in i + 1..n {
                 let (a, b) = (ids[i], ids[j]);
-                assert!(a.0 != b.0 || (a.1, a.2) == (b.1, b.2), "{a:?} and {b:?} meet");
+                assert!(
+                    a.0 != b.0 || (a.1, a.2) == (b.1, b.2),
+                    "{a:?} and {b:?} meet"
+                );
             }
         }
     }

@@ -37,28 +37,30 @@ pub fn hairpin_source(pkt: &Packet, backend: &Backend) -> u32 {
         // On the backend's subnet: a task's node routes the overlay subnet to its own bridge,
         // so a client with an address in it (a task of this node calling its published port)
         // would get the reply there, never through the tunnel back.
+        // Not the underlay's subnet (0), which every node routes alike: a client there (a
+        // host-network task's client on the LAN) is answered through the tunnel.
         if pkt.src_ip_be != backend.node_ip_be
             && pkt.src_ip_be != backend.ip_be
-            && !same_subnet(pkt.src_ip_be, backend.ip_be)
+            && same_subnet(pkt.src_ip_be, backend.ip_be).is_none_or(|subnet| subnet == 0)
         {
             return 0;
         }
         // Without a mesh address the packet is dropped on its way to the node anyway.
         encap::mesh().map_or(0, |mesh| mesh.local_ip_be)
-    } else if pkt.src_ip_be == backend.ip_be || same_subnet(pkt.src_ip_be, backend.ip_be) {
+    } else if pkt.src_ip_be == backend.ip_be || same_subnet(pkt.src_ip_be, backend.ip_be).is_some()
+    {
         pkt.dst_ip_be
     } else {
         0
     }
 }
 
-/// Whether two addresses are in the same subnet of this node's interfaces (`ONLINK_SUBNETS`).
+/// The subnet of this node's interfaces two addresses share, if they do (`ONLINK_SUBNETS`; 0 is
+/// the underlay's, which the other nodes route alike).
 #[inline(always)]
-fn same_subnet(a_be: u32, b_be: u32) -> bool {
-    let Some(subnet) = ONLINK_SUBNETS.get(Key::new(32, a_be)).copied() else {
-        return false;
-    };
-    ONLINK_SUBNETS.get(Key::new(32, b_be)).copied() == Some(subnet)
+fn same_subnet(a_be: u32, b_be: u32) -> Option<u32> {
+    let subnet = ONLINK_SUBNETS.get(Key::new(32, a_be)).copied()?;
+    (ONLINK_SUBNETS.get(Key::new(32, b_be)).copied() == Some(subnet)).then_some(subnet)
 }
 
 /// The source a hairpin flow's packets get, if `flow` is one and its entry is still there.

@@ -74,7 +74,8 @@ fn reconcile(instance: &Instance, state: &mut State) -> Result<usize> {
     let delta = sync::delta(&desired, &maps.read_contents()?);
     maps.apply(&delta)?;
     let attached: Vec<&str> = state.attachments.iter().map(|a| a.iface.as_str()).collect();
-    let host_writes = maps.sync_host(&attached)?;
+    let underlay = self_node(state)?.map(|node| node.ip);
+    let host_writes = maps.sync_host(&attached, underlay)?;
 
     let others: Vec<&Node> = state
         .table

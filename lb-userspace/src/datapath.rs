@@ -101,6 +101,18 @@ pub struct Maps {
     pub host_macs: HashMap<MapData, MacKey, u32>,
 }
 
+/// The `ONLINK_SUBNETS` value of `subnet`: 0 for the subnet of this node's `underlay` address,
+/// `lb_common::subnet_id` for every other.
+pub fn subnet_value(subnet: &Subnet, underlay: Option<Ipv4Addr>) -> u32 {
+    match underlay {
+        Some(ip) if subnet.contains(ip) => 0,
+        _ => lb_common::subnet_id(
+            u32::from_ne_bytes(subnet.network.octets()),
+            subnet.prefix_len,
+        ),
+    }
+}
+
 fn open(pin_dir: &Path, name: &str) -> Result<Map> {
     let path = pin_dir.join(name);
     let data = MapData::from_pin(&path).with_context(|| format!("opening {}", path.display()))?;
@@ -145,11 +157,13 @@ impl Maps {
     }
 
     /// Brings what the data plane takes for this node's own (`ONLINK_SUBNETS`, `HOST_MACS`) in
-    /// line with the namespace's interfaces now, `attached` the interfaces lbctl is on. Returns
-    /// the number of writes.
-    pub fn sync_host(&mut self, attached: &[&str]) -> Result<usize> {
-        Ok(self.sync_subnets(&crate::underlay::local_subnets()?)?
-            + self.sync_host_macs(&crate::underlay::attached_macs(attached)?)?)
+    /// line with the namespace's interfaces now, `attached` the interfaces lbctl is on and
+    /// `underlay` this node's address in the mesh. Returns the number of writes.
+    pub fn sync_host(&mut self, attached: &[&str], underlay: Option<Ipv4Addr>) -> Result<usize> {
+        Ok(
+            self.sync_subnets(&crate::underlay::local_subnets()?, underlay)?
+                + self.sync_host_macs(&crate::underlay::attached_macs(attached)?)?,
+        )
     }
 
     /// Brings `HOST_MACS` in line with `macs` (see `underlay::attached_macs`): a
@@ -178,16 +192,27 @@ impl Maps {
     }
 
     /// Brings `ONLINK_SUBNETS` in line with `subnets` (the namespace's, see
-    /// `underlay::local_subnets`): a flow whose client is in its local backend's subnet is a
-    /// hairpin flow. Returns the number of writes.
-    pub fn sync_subnets(&mut self, subnets: &BTreeSet<Subnet>) -> Result<usize> {
-        let mut present = BTreeSet::new();
-        for key in self.onlink_subnets.keys() {
-            let key = key.context("reading ONLINK_SUBNETS")?;
-            present.insert(Subnet {
+    /// `underlay::local_subnets`): a flow whose client is in its backend's subnet is a hairpin
+    /// flow. The subnet of this node's `underlay` address (in a mesh) is marked 0: the other
+    /// nodes route it alike, so its clients are answered through the tunnel. Returns the number
+    /// of writes.
+    pub fn sync_subnets(
+        &mut self,
+        subnets: &BTreeSet<Subnet>,
+        underlay: Option<Ipv4Addr>,
+    ) -> Result<usize> {
+        let wanted: BTreeMap<Subnet, u32> = subnets
+            .iter()
+            .map(|subnet| (*subnet, subnet_value(subnet, underlay)))
+            .collect();
+        let mut present = BTreeMap::new();
+        for entry in self.onlink_subnets.iter() {
+            let (key, value) = entry.context("reading ONLINK_SUBNETS")?;
+            let subnet = Subnet {
                 network: Ipv4Addr::from(key.data().to_ne_bytes()),
                 prefix_len: key.prefix_len() as u8,
-            });
+            };
+            present.insert(subnet, value);
         }
         let key = |subnet: &Subnet| {
             PrefixKey::new(
@@ -195,18 +220,22 @@ impl Maps {
                 u32::from_ne_bytes(subnet.network.octets()),
             )
         };
-        for stale in present.difference(subnets) {
+        let mut writes = 0;
+        for stale in present.keys().filter(|s| !wanted.contains_key(s)) {
             self.onlink_subnets
                 .remove(&key(stale))
                 .with_context(|| format!("removing {stale} from ONLINK_SUBNETS"))?;
+            writes += 1;
         }
-        for new in subnets.difference(&present) {
-            let id = lb_common::subnet_id(u32::from_ne_bytes(new.network.octets()), new.prefix_len);
-            self.onlink_subnets
-                .insert(&key(new), id, 0)
-                .with_context(|| format!("adding {new} to ONLINK_SUBNETS"))?;
+        for (subnet, value) in &wanted {
+            if present.get(subnet) != Some(value) {
+                self.onlink_subnets
+                    .insert(&key(subnet), value, 0)
+                    .with_context(|| format!("adding {subnet} to ONLINK_SUBNETS"))?;
+                writes += 1;
+            }
         }
-        Ok(present.symmetric_difference(subnets).count())
+        Ok(writes)
     }
 
     /// What `MESH`, `NODES`, `SERVICES`, `BACKENDS` and `MAGLEV` hold now (active backends

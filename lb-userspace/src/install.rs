@@ -322,7 +322,8 @@ pub fn install(instance: &Instance, state: &State, new: Option<&Target>) -> Resu
         .chain(new)
         .map(|target| target.iface.as_str())
         .collect();
-    maps.sync_host(&ifaces)?;
+    let underlay = crate::commands::self_node(state)?.map(|node| node.ip);
+    maps.sync_host(&ifaces, underlay)?;
 
     let mut result = Vec::new();
     for target in &attached {

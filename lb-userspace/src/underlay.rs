@@ -136,6 +136,14 @@ impl Subnet {
     }
 }
 
+impl Subnet {
+    /// Whether `addr` is in the subnet.
+    pub fn contains(&self, addr: Ipv4Addr) -> bool {
+        let mask = u32::MAX << (32 - u32::from(self.prefix_len));
+        u32::from(addr) & mask == u32::from(self.network)
+    }
+}
+
 impl std::fmt::Display for Subnet {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{}/{}", self.network, self.prefix_len)

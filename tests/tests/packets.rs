@@ -12,7 +12,7 @@ use lb_common::{
     DEFAULT_VNI, DEFAULT_VXLAN_PORT, Event, FlowKey, PROTO_UDP, Reason, ReverseValue,
     SNAT_PORT_COUNT, SNAT_PORT_FIRST, VXLAN_OVERHEAD, flow_hash,
 };
-use lb_userspace::model::{Proto, Scheduler, parse_backend};
+use lb_userspace::model::{Proto, Scheduler, parse_backend, parse_backend_spec};
 use lb_userspace::{datapath, sync};
 
 /// The destination of a DNATed TCP/UDP frame, read back from its bytes.
@@ -29,6 +29,20 @@ fn src_of(frame: &[u8]) -> ([u8; 4], u16) {
         frame[26..30].try_into().unwrap(),
         u16::from_be_bytes([frame[34], frame[35]]),
     )
+}
+
+/// Subnets written `NETWORK/LEN`.
+fn subnets(written: &[&str]) -> std::collections::BTreeSet<lb_userspace::underlay::Subnet> {
+    written
+        .iter()
+        .map(|s| {
+            let (network, len) = s.split_once('/').unwrap();
+            lb_userspace::underlay::Subnet {
+                network: network.parse().unwrap(),
+                prefix_len: len.parse().unwrap(),
+            }
+        })
+        .collect()
 }
 
 /// Checks that `port` is one a hairpin flow's packets may get as their source.
@@ -216,18 +230,13 @@ fn a_backend_given_itself_or_a_neighbour_on_its_subnet_is_answered_through_the_n
         assert_eq!(dst_of(&out), (BACKENDS[1], BACKEND_PORT));
 
         // With the node's subnets known, 10.0.0.8 shares 10.0.0.6's: a hairpin flow.
-        let subnets = ["10.0.0.0/24", "192.168.100.0/24"]
-            .map(|s| {
-                let (network, len) = s.split_once('/').unwrap();
-                lb_userspace::underlay::Subnet {
-                    network: network.parse().unwrap(),
-                    prefix_len: len.parse().unwrap(),
-                }
-            })
-            .into_iter()
-            .collect();
-        assert_eq!(node.maps.sync_subnets(&subnets).unwrap(), 2);
-        assert_eq!(node.maps.sync_subnets(&subnets).unwrap(), 0, "in line");
+        let subnets = subnets(&["10.0.0.0/24", "192.168.100.0/24"]);
+        assert_eq!(node.maps.sync_subnets(&subnets, None).unwrap(), 2);
+        assert_eq!(
+            node.maps.sync_subnets(&subnets, None).unwrap(),
+            0,
+            "in line"
+        );
         let (action, out) = node.xdp(&from_b0(40002, "S"), ingress);
         assert_eq!(action, XDP_TX);
         let (source, neighbour_port) = src_of(&out);
@@ -1704,6 +1713,50 @@ fn a_client_on_the_backends_own_node_gets_this_nodes_address_through_the_mesh() 
         let (action, out) = node.xdp(&client_tcp(40001, MESH_PORT, "S"), ingress);
         assert_eq!(action, XDP_TX);
         assert_eq!(src_of(&out[VXLAN_OVERHEAD as usize..]), (CLIENT_IP, 40001));
+        assert_eq!(node.event(Event::FlowHairpin), 1);
+    });
+}
+
+/// Which clients of a backend on another node are hairpin flows, by subnet: a task of this
+/// node (the overlay subnet, which every node routes to its own bridge) is, and gets this
+/// node's address; a client on the underlay's subnet (marked as such: every node routes it
+/// alike) keeps its address, even when the backend is a host-network one on that subnet.
+#[test]
+fn a_client_on_a_remote_tasks_subnet_is_a_hairpin_flow_and_one_on_the_underlays_is_not() {
+    with_node(|node| {
+        let ingress = Some(node.ifindex);
+        let host_network = parse_backend_spec("192.168.100.11:8080@n2").unwrap();
+        node.table
+            .add_service("hostnet", Proto::Tcp, 8282, None, &[host_network])
+            .unwrap();
+        node.apply();
+        let subnets = subnets(&["10.0.0.0/24", "192.168.100.0/24"]);
+        let underlay = Some(Ipv4Addr::from(NODE_IP));
+        assert_eq!(node.maps.sync_subnets(&subnets, underlay).unwrap(), 2);
+        let syn = |src: [u8; 4], port| {
+            tcp(
+                (CLIENT_MAC, INGRESS_MAC),
+                (src, 40000),
+                (NODE_IP, port),
+                64,
+                "S",
+                b"",
+            )
+        };
+        // A task of this node, 10.0.0.9, calling the mesh service (10.0.0.20@n2).
+        let (action, out) = node.xdp(&syn([10, 0, 0, 9], MESH_PORT), ingress);
+        assert_eq!(action, XDP_TX);
+        let (source, port) = src_of(&out[VXLAN_OVERHEAD as usize..]);
+        assert_eq!(source, NODE_IP);
+        assert_hairpin_port(port);
+        // A client on the underlay, to a host-network backend on it.
+        let (action, out) = node.xdp(&syn(CLIENT_IP, 8282), ingress);
+        assert_eq!(action, XDP_TX);
+        assert_eq!(src_of(&out[VXLAN_OVERHEAD as usize..]), (CLIENT_IP, 40000));
+        assert_eq!(
+            dst_of(&out[VXLAN_OVERHEAD as usize..]),
+            ([192, 168, 100, 11], 8080)
+        );
         assert_eq!(node.event(Event::FlowHairpin), 1);
     });
 }
