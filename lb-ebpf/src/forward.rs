@@ -81,14 +81,51 @@ pub fn fib_lookup_raw(
     src_ip_be: u32,
     dst_ip_be: u32,
 ) -> (u32, NextHop) {
+    let query = FibQuery {
+        ifindex,
+        src_ip_be,
+        dst_ip_be,
+        tot_len,
+        proto,
+        _pad: 0,
+    };
+    // SAFETY: all-zero is a valid NextHop.
+    let mut hop: NextHop = unsafe { core::mem::zeroed() };
+    let rc = fib_lookup_into(ctx, &query, &mut hop);
+    (rc, hop)
+}
+
+/// What [`fib_lookup_uncached`] asks the FIB.
+#[repr(C)]
+struct FibQuery {
+    ifindex: u32,
+    src_ip_be: u32,
+    dst_ip_be: u32,
+    tot_len: u16,
+    proto: u8,
+    _pad: u8,
+}
+
+/// [`fib_lookup_raw`] in a frame of its own (a BPF-to-BPF call): its 64-byte `bpf_fib_lookup`
+/// parameters are not on the XDP program's main frame, which is at the verifier's stack limit.
+/// Writes the next hop to `hop` and returns the kernel's code.
+#[inline(never)]
+fn fib_lookup_uncached(ctx: *mut c_void, query: &FibQuery, hop: &mut NextHop) -> u32 {
+    fib_lookup_into(ctx, query, hop)
+}
+
+/// Asks the kernel's FIB `query`, writing the next hop straight into `hop` (a copy would take
+/// stack too). Returns the kernel's `BPF_FIB_LKUP_RET_*` code.
+#[inline(always)]
+fn fib_lookup_into(ctx: *mut c_void, query: &FibQuery, hop: &mut NextHop) -> u32 {
     // SAFETY: bpf_fib_lookup is plain data; all-zero is a valid value.
     let mut params: bpf_fib_lookup = unsafe { core::mem::zeroed() };
     params.family = AF_INET;
-    params.l4_protocol = proto;
-    params.__bindgen_anon_1.tot_len = tot_len;
-    params.ifindex = ifindex;
-    params.__bindgen_anon_3.ipv4_src = src_ip_be;
-    params.__bindgen_anon_4.ipv4_dst = dst_ip_be;
+    params.l4_protocol = query.proto;
+    params.__bindgen_anon_1.tot_len = query.tot_len;
+    params.ifindex = query.ifindex;
+    params.__bindgen_anon_3.ipv4_src = query.src_ip_be;
+    params.__bindgen_anon_4.ipv4_dst = query.dst_ip_be;
     // SAFETY: the helper reads and writes only `params`, whose size it is given.
     let rc = unsafe {
         fib_lookup_helper(
@@ -98,16 +135,12 @@ pub fn fib_lookup_raw(
             0,
         )
     };
-    (
-        rc as u32,
-        NextHop {
-            ifindex: params.ifindex,
-            smac: params.smac,
-            dmac: params.dmac,
-            // SAFETY: a plain u16 either way (the kernel writes the MTU over the length).
-            mtu: unsafe { params.__bindgen_anon_1.mtu_result },
-        },
-    )
+    hop.ifindex = params.ifindex;
+    hop.smac = params.smac;
+    hop.dmac = params.dmac;
+    // SAFETY: a plain u16 either way (the kernel writes the MTU over the length).
+    hop.mtu = unsafe { params.__bindgen_anon_1.mtu_result };
+    rc as u32
 }
 
 /// [`fib_lookup_raw`] through a per-CPU cache of recent answers by destination, for XDP.
@@ -152,7 +185,17 @@ pub fn fib_lookup_cached(
             return (rc, hop);
         }
     }
-    let (rc, hop) = fib_lookup_raw(ctx, ingress_ifindex, proto, tot_len, src_ip_be, dst_ip_be);
+    let query = FibQuery {
+        ifindex: ingress_ifindex,
+        src_ip_be,
+        dst_ip_be,
+        tot_len,
+        proto,
+        _pad: 0,
+    };
+    // SAFETY: all-zero is a valid NextHop.
+    let mut hop: NextHop = unsafe { core::mem::zeroed() };
+    let rc = fib_lookup_uncached(ctx, &query, &mut hop);
     // A kernel that did not report the MTU left the length in its place: nothing to cache.
     let cacheable =
         rc == BPF_FIB_LKUP_RET_NOT_FWDED || (rc == BPF_FIB_LKUP_RET_SUCCESS && hop.mtu != tot_len);

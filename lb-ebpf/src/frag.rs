@@ -230,11 +230,15 @@ pub fn remember_request(
     if !matches!(outcome, Ok((action, _)) if *action != xdp_action::XDP_DROP) {
         return;
     }
-    // A hairpin flow's fragments would need their source rewritten too: not handled.
+    // A hairpin flow's fragments would need their source rewritten too: not handled, and an
+    // older datagram's entry under the same key must not steer them.
     // SAFETY: copied out at once.
-    if let Some(flow) = unsafe { FLOWS.get(flow_key) }.copied()
-        && flow.flags & FLOW_SNAT == 0
-    {
+    let Some(flow) = unsafe { FLOWS.get(flow_key) }.copied() else {
+        return;
+    };
+    if flow.flags & FLOW_SNAT != 0 {
+        let _ = FRAGMENTS.remove(fragment);
+    } else {
         let tunnel_port = if flow.node_ip_be != 0 {
             encap::source_port(flow_key)
         } else {
@@ -270,10 +274,10 @@ pub fn later_request(ctx: &XdpContext, frag: &Fragment) -> Result<(u32, Reason),
 }
 
 /// After the first fragment of a reply that came back from a backend's node went the way of a
-/// whole one (`outcome`): the rest follow it when XDP sent it on. When it went to the kernel
-/// untouched (its next hop out of an interface lbctl is not on, or unresolved), the rest are
-/// dropped: remembering that case too costs the XDP program stack it does not have (see the
-/// README's known limits). A hairpin flow's are not handled.
+/// whole one (`outcome`): the rest follow it, sent on by XDP, or, when the first went to the
+/// kernel untouched (its next hop out of an interface lbctl is not on, or unresolved), passed
+/// to it untouched too and reverse-NATed by TC by the same entry (the kernel may hold the first
+/// for reassembly before TC sees it). A hairpin flow's are not handled.
 ///
 /// `first` is the first fragment as a packet, `id_be` its datagram's identification (only that,
 /// not the whole `Fragment`, is kept meanwhile: the XDP program's stack is near its limit).
@@ -285,7 +289,13 @@ pub fn remember_reply_from_node(
     outcome: &Result<(u32, Reason), Reason>,
 ) {
     if reverse.client_ip_be == 0
-        && matches!(outcome, Ok((_, Reason::ReplyTx | Reason::ReplyRedirect)))
+        && matches!(
+            outcome,
+            Ok((
+                _,
+                Reason::ReplyTx | Reason::ReplyRedirect | Reason::ReplyStack
+            ))
+        )
     {
         remember(
             &datagram_key(first, id_be, TO_CLIENT),
