@@ -81,14 +81,7 @@ pub fn fib_lookup_raw(
     src_ip_be: u32,
     dst_ip_be: u32,
 ) -> (u32, NextHop) {
-    let query = FibQuery {
-        ifindex,
-        src_ip_be,
-        dst_ip_be,
-        tot_len,
-        proto,
-        _pad: 0,
-    };
+    let query = FibQuery::new(ifindex, proto, tot_len, src_ip_be, dst_ip_be);
     // SAFETY: all-zero is a valid NextHop.
     let mut hop: NextHop = unsafe { core::mem::zeroed() };
     let rc = fib_lookup_into(ctx, &query, &mut hop);
@@ -104,6 +97,20 @@ struct FibQuery {
     tot_len: u16,
     proto: u8,
     _pad: u8,
+}
+
+impl FibQuery {
+    #[inline(always)]
+    fn new(ifindex: u32, proto: u8, tot_len: u16, src_ip_be: u32, dst_ip_be: u32) -> FibQuery {
+        FibQuery {
+            ifindex,
+            src_ip_be,
+            dst_ip_be,
+            tot_len,
+            proto,
+            _pad: 0,
+        }
+    }
 }
 
 /// [`fib_lookup_raw`] in a frame of its own (a BPF-to-BPF call): its 64-byte `bpf_fib_lookup`
@@ -185,14 +192,7 @@ pub fn fib_lookup_cached(
             return (rc, hop);
         }
     }
-    let query = FibQuery {
-        ifindex: ingress_ifindex,
-        src_ip_be,
-        dst_ip_be,
-        tot_len,
-        proto,
-        _pad: 0,
-    };
+    let query = FibQuery::new(ingress_ifindex, proto, tot_len, src_ip_be, dst_ip_be);
     // SAFETY: all-zero is a valid NextHop.
     let mut hop: NextHop = unsafe { core::mem::zeroed() };
     let rc = fib_lookup_uncached(ctx, &query, &mut hop);
