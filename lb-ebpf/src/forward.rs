@@ -323,14 +323,26 @@ pub fn route(
 }
 
 /// Routes a client's packet, DNATed to `backend_ip_be`, to that backend (on this node), counted
-/// as `forward_tx`, `forward_redirect` or `forward_stack`.
+/// as `forward_tx`, `forward_redirect` or `forward_stack`. `snat_ip_be` is the source a hairpin
+/// flow's packet was given (0: none, the client's is kept): the kernel would drop a packet
+/// with its own address as the source, so such a packet XDP cannot send itself is dropped
+/// (`drop_snat_no_route`).
 #[inline(always)]
 pub fn to_backend(
     ctx: &XdpContext,
     pkt: &Packet,
     backend_ip_be: u32,
+    snat_ip_be: u32,
 ) -> Result<(u32, Reason), Reason> {
-    let egress = decide(ctx, pkt, pkt.src_ip_be, backend_ip_be);
+    let src_ip_be = if snat_ip_be != 0 {
+        snat_ip_be
+    } else {
+        pkt.src_ip_be
+    };
+    let egress = decide(ctx, pkt, src_ip_be, backend_ip_be);
+    if snat_ip_be != 0 && matches!(egress, Egress::Stack) {
+        return Ok((xdp_action::XDP_DROP, Reason::DropSnatNoRoute));
+    }
     route(
         ctx,
         &egress,

@@ -270,7 +270,7 @@ pub fn later_request(ctx: &XdpContext, frag: &Fragment) -> Result<(u32, Reason),
     if nat.node_ip_be != 0 {
         return encap::xdp_to_node(ctx, nat.tunnel_port, nat.node_ip_be);
     }
-    forward::to_backend(ctx, &later_as_packet(frag, nat.ip_be), nat.ip_be)
+    forward::to_backend(ctx, &later_as_packet(frag, nat.ip_be), nat.ip_be, 0)
 }
 
 /// After the first fragment of a reply that came back from a backend's node went the way of a

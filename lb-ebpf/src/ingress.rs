@@ -223,32 +223,18 @@ fn to_backend(
         // The kernel answers with ICMP time exceeded (to the client: the source is still its).
         return Ok((xdp_action::XDP_PASS, Reason::ForwardTtlExpired));
     }
-    let outcome = match snat {
+    let snat_ip_be = match snat {
         Some(snat) => {
             nat::rewrite(data, data_end, pkt, Side::Src, snat.ip_be, snat.port_be)
                 .ok_or(Reason::PassTruncated)?;
-            if flow.node_ip_be != 0 {
-                encap::xdp_to_node(ctx, encap::source_port(key), flow.node_ip_be)
-            } else {
-                match forward::decide(ctx, pkt, snat.ip_be, flow.backend_ip_be) {
-                    // The kernel would drop a packet with its own address as the source.
-                    Egress::Stack => Ok((xdp_action::XDP_DROP, Reason::DropSnatNoRoute)),
-                    egress => forward::route(
-                        ctx,
-                        &egress,
-                        [
-                            Reason::ForwardTx,
-                            Reason::ForwardRedirect,
-                            Reason::ForwardStack,
-                        ],
-                    ),
-                }
-            }
+            snat.ip_be
         }
-        None if flow.node_ip_be != 0 => {
-            encap::xdp_to_node(ctx, encap::source_port(key), flow.node_ip_be)
-        }
-        None => forward::to_backend(ctx, pkt, flow.backend_ip_be),
+        None => 0,
+    };
+    let outcome = if flow.node_ip_be != 0 {
+        encap::xdp_to_node(ctx, encap::source_port(key), flow.node_ip_be)
+    } else {
+        forward::to_backend(ctx, pkt, flow.backend_ip_be, snat_ip_be)
     };
     // A packet the backend will not get (no route to its node, too big once encapsulated) is
     // not counted as the backend's.

@@ -26,19 +26,19 @@ const PROBES: u32 = 8;
 
 /// The source address a new flow from `pkt`'s client to `backend` must get, or 0 when the
 /// backend answers the client through this node: it is neither the client, nor the client's
-/// node, nor on the client's subnet (where it would answer straight over its link). Towards another node, this node's underlay address (the
-/// backend's node sends the replies back to it through the mesh); towards a backend this node
-/// routes to, the address the client connected to, which routes back here. (An address, not an
-/// `Option`: LLVM stores the undefined payload of a `None` made here, which the verifier
-/// refuses to read.)
+/// node, nor on the client's subnet (where it would answer straight over its link). Towards
+/// another node, this node's underlay address (the backend's node sends the replies back to it
+/// through the mesh); towards a backend this node routes to, the address the client connected
+/// to, which routes back here. (An address, not an `Option`: LLVM stores the undefined payload
+/// of a `None` made here, which the verifier refuses to read.)
 #[inline(always)]
 pub fn hairpin_source(pkt: &Packet, backend: &Backend) -> u32 {
     if backend.node_ip_be != 0 {
         // On the backend's subnet: a task's node routes the overlay subnet to its own bridge,
         // so a client with an address in it (a task of this node calling its published port)
-        // would get the reply there, never through the tunnel back.
-        // Not the underlay's subnet (0), which every node routes alike: a client there (a
-        // host-network task's client on the LAN) is answered through the tunnel.
+        // would get the reply there, never through the tunnel back. Not so on the underlay's
+        // subnet (0), which every node routes alike: a client there (a host-network task's
+        // client on the LAN) is answered through the tunnel.
         if pkt.src_ip_be != backend.node_ip_be
             && pkt.src_ip_be != backend.ip_be
             && same_subnet(pkt.src_ip_be, backend.ip_be).is_none_or(|subnet| subnet == 0)

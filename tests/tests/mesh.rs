@@ -81,6 +81,22 @@ impl Cluster {
         }
     }
 
+    /// Adds UDP service `name` on port `published` of every node, whose one backend is port
+    /// `task_port` of n1's first task; returns that task.
+    fn udp_service_on_a_task(&self, name: &str, published: u16, task_port: u16) -> usize {
+        let task = self.mesh.tasks_on(0).start;
+        let backend = format!(
+            "{}:{task_port}@{}",
+            self.mesh.task_ip(task),
+            self.mesh.node_name(0)
+        );
+        let published = published.to_string();
+        self.on_every_node(&[
+            "service", "add", name, &published, "--proto", "udp", &backend,
+        ]);
+        task
+    }
+
     fn addr(&self, node: usize, port: u16) -> SocketAddrV4 {
         SocketAddrV4::new(self.mesh.node_ip(node), port)
     }
@@ -381,9 +397,7 @@ fn a_datagram_larger_than_the_mtu_crosses_the_mesh_as_fragments_both_ways() {
     const PORT: u16 = 7777;
     let cluster = Cluster::build(MeshSpec::default());
     let mesh = &cluster.mesh;
-    let task = mesh.tasks_on(0).start;
-    let backend = format!("{}:{PORT}@{}", mesh.task_ip(task), mesh.node_name(0));
-    cluster.on_every_node(&["service", "add", "big", "7000", "--proto", "udp", &backend]);
+    let task = cluster.udp_service_on_a_task("big", 7000, PORT);
     let overlay_mtu = mesh.spec().overlay_mtu().to_string();
     mesh.client()
         .ip(["link", "set", "eth0", "mtu", &overlay_mtu])
@@ -561,17 +575,7 @@ fn a_udp_gso_reply_crosses_the_mesh_as_its_datagrams() {
     const SEGMENTS: usize = 3;
     let cluster = Cluster::build(MeshSpec::default());
     let mesh = &cluster.mesh;
-    let task = mesh.tasks_on(0).start;
-    let backend = format!("{}:{PORT}@{}", mesh.task_ip(task), mesh.node_name(0));
-    cluster.on_every_node(&[
-        "service",
-        "add",
-        "quic",
-        &PORT.to_string(),
-        "--proto",
-        "udp",
-        &backend,
-    ]);
+    let task = cluster.udp_service_on_a_task("quic", PORT, PORT);
     // UDP GSO needs checksum offload on the sending device, as containers have it.
     let task_ns = mesh.task_ns(task);
     let out = task_ns.exec(["ethtool", "-K", "eth0", "tx", "on"]).unwrap();
