@@ -319,6 +319,56 @@ pub const MAX_ONLINK_SUBNETS: u32 = 256;
 /// beside the flow table.
 pub const SNAT_FLOW_CAPACITY: u32 = 65_536;
 
+/// Key of `SOCK_FLOWS` and `SOCK_PEERS`: a socket (its cookie, unique for the life of the
+/// kernel) and an address it sends to or hears from.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SockKey {
+    pub cookie: u64,
+    pub ip_be: u32,
+    pub port_be: u16,
+    pub proto: u8,
+    pub _pad: u8,
+}
+assert_size!(SockKey, 16);
+
+/// Value of `SOCK_FLOWS` and `SOCK_PEERS`: the backend a node's own socket was given for a
+/// service address, the address the socket really talks to for it, and the service address.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SockFlow {
+    pub backend_id: u32,
+    pub backend_ip_be: u32,
+    /// The underlay address of the backend's node when it is another node (the socket talks
+    /// to that node's address and the TC egress program sends its packets to the backend
+    /// through the tunnel); 0 when the socket talks to the backend itself.
+    pub node_ip_be: u32,
+    pub backend_port_be: u16,
+    /// The service port the socket asked for.
+    pub service_port_be: u16,
+    /// The service address the socket asked for.
+    pub service_ip_be: u32,
+    pub _pad: u32,
+}
+assert_size!(SockFlow, 24);
+
+/// Entries of each of `SOCK_FLOWS` and `SOCK_PEERS`: the node's own sockets that use a
+/// service at once (an LRU: the least recent go first).
+pub const SOCK_FLOW_CAPACITY: u32 = 65_536;
+
+/// The single entry of `SOCKET_LB`: which sockets the cgroup programs act on.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SocketLbConfig {
+    /// The network namespace cookie of the instance's namespace; 0: socket load balancing
+    /// off (the programs touch nothing).
+    pub netns_cookie: u64,
+}
+assert_size!(SocketLbConfig, 8);
+
+/// Entries of `HOST_ADDRS`: the addresses of the node's interfaces.
+pub const MAX_HOST_ADDRS: u32 = 1_024;
+
 /// Value of `TUNNEL_REPLIES`, keyed by a reply's 5-tuple (backend → client) on the node that
 /// hosts the backend: the node the flow came in on, where the reply is encapsulated back to.
 #[repr(C)]
@@ -500,6 +550,13 @@ reasons! {
     /// kernel drops it, as it drops every frame for another host. Balancing it would send the
     /// other host's traffic to the backends a second time.
     PassOtherHost = 37 => "pass_other_host",
+    /// A packet of one of the node's own sockets that was given a backend on another node
+    /// (socket load balancing): DNATed to the backend and VXLAN-encapsulated to its node by the
+    /// TC egress program.
+    SocketEncap = 38 => "socket_encap",
+    /// A backend's reply, decapsulated, to one of the node's own sockets: reverse-NATed to the
+    /// address the socket talks to and handed to the kernel, which delivers it.
+    ReplyLocal = 39 => "reply_local",
 }
 
 /// Number of counter slots in `REASON_STATS`.
@@ -525,6 +582,13 @@ pub enum Event {
     /// A new flow is a hairpin flow (`FLOW_SNAT`): its client is the chosen backend or the node
     /// hosting it, so its packets get this node's address as their source.
     FlowHairpin = 5,
+    /// A socket of the node's own (`connect`, or a UDP `sendmsg` to a new address) was given a
+    /// backend by the socket programs: no packet of it is translated on the way to a backend
+    /// this node reaches; one on another node is through TC (`socket_encap`).
+    SocketBalanced = 6,
+    /// A socket of the node's own asked for a service with no backend it can reach: left as it
+    /// was (it connects to whatever listens on that address, or is refused).
+    SocketNoBackend = 7,
 }
 
 impl Event {
@@ -535,6 +599,8 @@ impl Event {
         Event::FlowFailOpen,
         Event::FlowRecovered,
         Event::FlowHairpin,
+        Event::SocketBalanced,
+        Event::SocketNoBackend,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -545,6 +611,8 @@ impl Event {
             Event::FlowFailOpen => "flow_fail_open",
             Event::FlowRecovered => "flow_recovered",
             Event::FlowHairpin => "flow_hairpin",
+            Event::SocketBalanced => "socket_balanced",
+            Event::SocketNoBackend => "socket_no_backend",
         }
     }
 }
@@ -571,6 +639,10 @@ pub mod map_names {
     pub const SNAT_FLOWS: &str = "SNAT_FLOWS";
     pub const ONLINK_SUBNETS: &str = "ONLINK_SUBNETS";
     pub const HOST_MACS: &str = "HOST_MACS";
+    pub const HOST_ADDRS: &str = "HOST_ADDRS";
+    pub const SOCKET_LB: &str = "SOCKET_LB";
+    pub const SOCK_FLOWS: &str = "SOCK_FLOWS";
+    pub const SOCK_PEERS: &str = "SOCK_PEERS";
 
     /// Every map, so that pinning cannot forget one.
     pub const ALL: &[&str] = &[
@@ -592,6 +664,10 @@ pub mod map_names {
         SNAT_FLOWS,
         ONLINK_SUBNETS,
         HOST_MACS,
+        HOST_ADDRS,
+        SOCKET_LB,
+        SOCK_FLOWS,
+        SOCK_PEERS,
     ];
 }
 
@@ -600,6 +676,13 @@ pub mod program_names {
     pub const XDP_INGRESS: &str = "lb_xdp";
     pub const TC_EGRESS: &str = "lb_tc_egress";
     pub const TC_INGRESS: &str = "lb_tc_ingress";
+    /// The socket programs, attached to the cgroup v2 root: `connect`, unconnected UDP
+    /// `sendmsg`, UDP `recvmsg` and `getpeername`.
+    pub const SOCK_CONNECT: &str = "lb_sock_connect4";
+    pub const SOCK_SENDMSG: &str = "lb_sock_sendmsg4";
+    pub const SOCK_RECVMSG: &str = "lb_sock_recvmsg4";
+    pub const SOCK_GETPEERNAME: &str = "lb_sock_getpeername4";
+    pub const SOCKET: [&str; 4] = [SOCK_CONNECT, SOCK_SENDMSG, SOCK_RECVMSG, SOCK_GETPEERNAME];
 }
 
 #[cfg(feature = "user")]
@@ -617,6 +700,9 @@ mod pod {
     unsafe impl aya::Pod for SnatValue {}
     unsafe impl aya::Pod for RrCursor {}
     unsafe impl aya::Pod for MacKey {}
+    unsafe impl aya::Pod for SockKey {}
+    unsafe impl aya::Pod for SockFlow {}
+    unsafe impl aya::Pod for SocketLbConfig {}
     unsafe impl aya::Pod for MeshConfig {}
     unsafe impl aya::Pod for BackendStats {}
     unsafe impl aya::Pod for Counter {}

@@ -12,15 +12,16 @@ use crate::{
     conntrack, encap, frag,
     maps::TUNNEL_REPLIES,
     parse::{self, IP_CHECK_OFF, IP_SRC_OFF},
-    stats,
+    socklb, stats,
 };
 
 /// Headers the parser may need in the linear part of the skb: Ethernet, IPv4 with the largest
 /// options, TCP without options.
 const HEADERS_MAX: u32 = 14 + 60 + 20;
 
-/// Reverse-NATs the packet if it is a reply of a flow this node balanced, or encapsulates it
-/// back to the ingress node of a flow another node balanced. Returns the TC action. `Err` only
+/// Reverse-NATs the packet if it is a reply of a flow this node balanced, encapsulates it
+/// back to the ingress node of a flow another node balanced, or, for a packet of one of the
+/// node's own sockets whose backend is on another node, DNATs and encapsulates it there. Returns the TC action. `Err` only
 /// on a helper failure, which leaves the packet as the kernel built it.
 #[inline(always)]
 pub fn try_lb_tc_egress(ctx: &mut TcContext) -> Result<i32, i64> {
@@ -48,7 +49,10 @@ pub fn try_lb_tc_egress(ctx: &mut TcContext) -> Result<i32, i64> {
                 stats::count_reason(reason, u64::from(ctx.len()));
                 action
             }
-            None => TC_ACT_UNSPEC,
+            None => match socklb::tc_to_node(ctx, &pkt, &key) {
+                Some(sent) => sent?,
+                None => TC_ACT_UNSPEC,
+            },
         });
     };
     if reverse.client_ip_be != 0 {

@@ -5,7 +5,7 @@ use aya_ebpf::{
 };
 use lb_common::{
     Event, FLOW_SNAT, FlowKey, FlowValue, MacKey, PROTO_TCP, Reason, ReverseValue,
-    SCHEDULER_MAGLEV, SERVICE_FAIL_OPEN, ServiceKey, ServiceValue, SnatValue,
+    SCHEDULER_MAGLEV, SERVICE_FAIL_OPEN, ServiceValue, SnatValue,
 };
 use network_types::eth::EthHdr;
 
@@ -14,7 +14,7 @@ use crate::{
     decap, encap,
     forward::{self, Egress},
     frag,
-    maps::{HOST_MACS, SERVICES},
+    maps::{HOST_ADDRS, HOST_MACS},
     nat::{self, Side},
     parse::{self, Packet, ptr_at},
     select, snat, stats,
@@ -24,19 +24,10 @@ use crate::{
 /// any address (checked to be local before a new flow is created).
 #[inline(always)]
 fn lookup_service(pkt: &Packet) -> Option<(&'static ServiceValue, bool)> {
-    let mut key = ServiceKey {
-        vip_be: pkt.dst_ip_be,
-        port_be: pkt.dst_port_be,
-        proto: pkt.proto,
-        _pad: 0,
-    };
-    // SAFETY: service values are replaced whole by userspace, never written in place.
-    if let Some(service) = unsafe { SERVICES.get(&key) } {
+    if let Some(service) = select::service(pkt.dst_ip_be, pkt.dst_port_be, pkt.proto) {
         return Some((service, false));
     }
-    key.vip_be = 0;
-    // SAFETY: as above.
-    unsafe { SERVICES.get(&key) }.map(|service| (service, true))
+    select::service(0, pkt.dst_port_be, pkt.proto).map(|service| (service, true))
 }
 
 /// Handles a parsed packet. `Ok` carries the action and the reason it is counted under;
@@ -195,6 +186,29 @@ fn for_another_host(ctx: &XdpContext) -> bool {
     unsafe { HOST_MACS.get(&key) }.is_none()
 }
 
+/// A reply's source becomes the address its client connected to. Returns the packet's length.
+#[inline(always)]
+fn restore_source(ctx: &XdpContext, pkt: &Packet, reverse: &ReverseValue) -> Result<u64, Reason> {
+    let (data, data_end) = (ctx.data(), ctx.data_end());
+    nat::rewrite(
+        data,
+        data_end,
+        pkt,
+        Side::Src,
+        reverse.orig_ip_be,
+        reverse.orig_port_be,
+    )
+    .ok_or(Reason::PassTruncated)?;
+    Ok((data_end - data) as u64)
+}
+
+/// Whether `ip_be` is one of the node's own addresses (`HOST_ADDRS`).
+#[inline(always)]
+fn is_host_addr(ip_be: u32) -> bool {
+    // SAFETY: a set written by userspace; only presence is read.
+    unsafe { HOST_ADDRS.get(&ip_be) }.is_some()
+}
+
 /// DNATs a client's packet to its flow's backend (and gives a hairpin flow's packet its source,
 /// `snat`) and sends it on: routed to a backend this node reaches, or encapsulated to the node
 /// that hosts it.
@@ -246,9 +260,10 @@ fn to_backend(
     outcome
 }
 
-/// Reverse-NATs a backend's reply when XDP can send it on itself. Otherwise the reply goes to
-/// the kernel untouched: with the node's own address as its source the kernel would drop it as
-/// martian, so the TC egress program NATs it on its way out instead.
+/// Reverse-NATs a backend's reply when XDP can send it on itself, or when it is for one of the
+/// node's own sockets. Otherwise the reply goes to the kernel untouched: with the node's own
+/// address as its source the kernel would drop it as martian, so the TC egress program NATs it
+/// on its way out instead.
 #[inline(always)]
 pub fn reply(
     ctx: &XdpContext,
@@ -264,23 +279,28 @@ pub fn reply(
         Egress::Redirect(ref hop) => (hop, Reason::ReplyRedirect),
         // Addressed to this node, a hairpin flow's reply cannot be left to the kernel.
         Egress::Stack if hairpin => return Ok((xdp_action::XDP_DROP, Reason::DropSnatNoRoute)),
+        // To one of the node's own sockets (`socklb`), which no TC program will see: NATed
+        // here, and delivered by the kernel.
+        Egress::Stack if is_host_addr(client_ip_be) => {
+            let bytes = restore_source(ctx, pkt, reverse)?;
+            stats::count_reply(reverse.backend_id, bytes);
+            return Ok((xdp_action::XDP_PASS, Reason::ReplyLocal));
+        }
         Egress::Stack => return Ok((xdp_action::XDP_PASS, Reason::ReplyStack)),
     };
-    let (data, data_end) = (ctx.data(), ctx.data_end());
-    nat::rewrite(
-        data,
-        data_end,
-        pkt,
-        Side::Src,
-        reverse.orig_ip_be,
-        reverse.orig_port_be,
-    )
-    .ok_or(Reason::PassTruncated)?;
+    let bytes = restore_source(ctx, pkt, reverse)?;
     if hairpin {
-        nat::rewrite(data, data_end, pkt, Side::Dst, client_ip_be, client_port_be)
-            .ok_or(Reason::PassTruncated)?;
+        nat::rewrite(
+            ctx.data(),
+            ctx.data_end(),
+            pkt,
+            Side::Dst,
+            client_ip_be,
+            client_port_be,
+        )
+        .ok_or(Reason::PassTruncated)?;
     }
     forward::prepare_l2(ctx, hop).ok_or(Reason::PassTruncated)?;
-    stats::count_reply(reverse.backend_id, (data_end - data) as u64);
+    stats::count_reply(reverse.backend_id, bytes);
     Ok((forward::send(ctx, &egress), reason))
 }

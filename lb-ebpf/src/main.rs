@@ -1,6 +1,7 @@
 //! lbctl data plane: an XDP program on each attached interface (DNAT, reverse NAT,
 //! forwarding), a TC egress program beside it (reverse NAT of replies the kernel routed) and a
-//! TC ingress program that sends what XDP cannot send itself on that interface (`xmit`).
+//! TC ingress program that sends what XDP cannot send itself on that interface (`xmit`); and
+//! the socket programs on the cgroup v2 root, which balance the node's own clients (`socklb`).
 #![no_std]
 #![no_main]
 // Atomic add for the round-robin cursor: the bpf target has no core::sync::atomic RMW.
@@ -20,13 +21,14 @@ mod nat;
 mod parse;
 mod select;
 mod snat;
+mod socklb;
 mod stats;
 mod xmit;
 
 use aya_ebpf::{
     bindings::{TC_ACT_UNSPEC, xdp_action},
-    macros::{classifier, xdp},
-    programs::{TcContext, XdpContext},
+    macros::{cgroup_sock_addr, classifier, xdp},
+    programs::{SockAddrContext, TcContext, XdpContext},
 };
 
 #[xdp]
@@ -50,6 +52,32 @@ pub fn lb_tc_egress(mut ctx: TcContext) -> i32 {
 #[classifier]
 pub fn lb_tc_ingress(ctx: TcContext) -> i32 {
     xmit::try_lb_tc_ingress(&ctx)
+}
+
+// The socket programs: each lets the call go on (1), its address rewritten or not.
+
+#[cgroup_sock_addr(connect4)]
+pub fn lb_sock_connect4(ctx: SockAddrContext) -> i32 {
+    socklb::to_service(&ctx);
+    1
+}
+
+#[cgroup_sock_addr(sendmsg4)]
+pub fn lb_sock_sendmsg4(ctx: SockAddrContext) -> i32 {
+    socklb::to_service(&ctx);
+    1
+}
+
+#[cgroup_sock_addr(recvmsg4)]
+pub fn lb_sock_recvmsg4(ctx: SockAddrContext) -> i32 {
+    socklb::from_peer(&ctx);
+    1
+}
+
+#[cgroup_sock_addr(getpeername4)]
+pub fn lb_sock_getpeername4(ctx: SockAddrContext) -> i32 {
+    socklb::from_peer(&ctx);
+    1
 }
 
 #[cfg(not(test))]

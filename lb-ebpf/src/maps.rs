@@ -11,9 +11,10 @@ use aya_ebpf::{
 };
 use lb_common::{
     Backend, BackendStats, Counter, DEFAULT_FLOW_CAPACITY, EVENT_COUNT, FlowKey, FlowValue,
-    LocalBackendKey, MAX_BACKENDS, MAX_HOST_MACS, MAX_NODES, MAX_ONLINK_SUBNETS, MAX_SERVICES,
-    MacKey, MaglevTable, MeshConfig, REASON_COUNT, ReverseValue, RrCursor, SNAT_FLOW_CAPACITY,
-    ServiceKey, ServiceValue, SnatValue, TunnelValue,
+    LocalBackendKey, MAX_BACKENDS, MAX_HOST_ADDRS, MAX_HOST_MACS, MAX_NODES, MAX_ONLINK_SUBNETS,
+    MAX_SERVICES, MacKey, MaglevTable, MeshConfig, REASON_COUNT, ReverseValue, RrCursor,
+    SNAT_FLOW_CAPACITY, SOCK_FLOW_CAPACITY, ServiceKey, ServiceValue, SnatValue, SockFlow, SockKey,
+    SocketLbConfig, TunnelValue,
 };
 
 /// Published services: (VIP or 0 for every local address, protocol, port) → id and backend list.
@@ -69,6 +70,30 @@ pub static ONLINK_SUBNETS: LpmTrie<u32, u32> = LpmTrie::with_max_entries(MAX_ONL
 /// value is unused (0).
 #[map]
 pub static HOST_MACS: HashMap<MacKey, u32> = HashMap::with_max_entries(MAX_HOST_MACS, 0);
+
+/// The IPv4 addresses of this node's interfaces, written by userspace: a node's own socket
+/// that connects to one of them on a published port is given a backend (`socklb`). A set: the
+/// value is unused (0).
+#[map]
+pub static HOST_ADDRS: HashMap<u32, u32> = HashMap::with_max_entries(MAX_HOST_ADDRS, 0);
+
+/// Socket load balancing's settings, in slot 0 (`SocketLbConfig`): the namespace whose sockets
+/// the cgroup programs act on (they see every namespace's), 0 while it is off.
+#[map]
+pub static SOCKET_LB: Array<SocketLbConfig> = Array::with_max_entries(1, 0);
+
+/// A node's own socket and the service address it asked for → the backend it was given
+/// (`socklb`): a UDP socket's later datagrams to that address go to the same backend.
+#[map]
+pub static SOCK_FLOWS: LruHashMap<SockKey, SockFlow> =
+    LruHashMap::with_max_entries(SOCK_FLOW_CAPACITY, 0);
+
+/// A node's own socket and the address it really talks to (its backend, or the node of a
+/// backend on another node) → its choice: `recvmsg` and `getpeername` give the socket the
+/// service address back, and TC egress finds the backend of a packet to another node here.
+#[map]
+pub static SOCK_PEERS: LruHashMap<SockKey, SockFlow> =
+    LruHashMap::with_max_entries(SOCK_FLOW_CAPACITY, 0);
 
 /// Per-CPU packet, byte and new-flow counters of each backend, by backend id.
 #[map]

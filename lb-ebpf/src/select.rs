@@ -3,11 +3,24 @@
 use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
 use lb_common::{
-    BACKEND_ACTIVE, Backend, FlowKey, MAGLEV_TABLE_SIZE, MAX_BACKENDS_PER_SERVICE, ServiceValue,
-    flow_hash,
+    BACKEND_ACTIVE, Backend, FlowKey, MAGLEV_TABLE_SIZE, MAX_BACKENDS_PER_SERVICE, ServiceKey,
+    ServiceValue, flow_hash,
 };
 
-use crate::maps::{BACKENDS, MAGLEV, RR_CURSORS};
+use crate::maps::{BACKENDS, MAGLEV, RR_CURSORS, SERVICES};
+
+/// The service published on `vip_be` (0: on every local address), `port_be` and `proto`.
+#[inline(always)]
+pub fn service(vip_be: u32, port_be: u16, proto: u8) -> Option<&'static ServiceValue> {
+    let key = ServiceKey {
+        vip_be,
+        port_be,
+        proto,
+        _pad: 0,
+    };
+    // SAFETY: service values are replaced whole by userspace, never written in place.
+    unsafe { SERVICES.get(&key) }
+}
 
 /// The next backend of `service` in round-robin order, or `None` if it has no usable backend.
 #[inline(always)]

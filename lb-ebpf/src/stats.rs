@@ -37,6 +37,15 @@ pub fn count_to_backend(backend_id: u32, bytes: u64, new_flow: bool) {
     }
 }
 
+/// A new flow of a node's own socket (`socklb`), whose packets this node may never see.
+#[inline(always)]
+pub fn count_new_flow(backend_id: u32) {
+    if let Some(stats) = BACKEND_STATS.get_ptr_mut(backend_id) {
+        // SAFETY: per-CPU slot.
+        unsafe { (*stats).new_flows += 1 }
+    }
+}
+
 /// A backend → client reply that was reverse-NATed.
 #[inline(always)]
 pub fn count_reply(backend_id: u32, bytes: u64) {

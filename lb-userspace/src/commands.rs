@@ -16,7 +16,7 @@ use crate::{
     instance::{self, Instance},
     instances,
     model::{BackendSpec, Health, HealthUpdate, Node, Proto, Scheduler, Service, Table},
-    netdev, reserved_ports,
+    netdev, reserved_ports, socket_lb,
     state::{self, Attachment, State},
     sync, table_diff,
     table_file::TableFile,
@@ -142,9 +142,13 @@ pub fn attach(
     mode: AttachMode,
     transmit: TransmitChoice,
     flow_capacity: Option<u32>,
+    socket_lb: Option<bool>,
 ) -> Result<String> {
     let _lock = instance::lock(instance)?;
     let mut state = state::load(&instance.state_dir)?;
+    if let Some(on) = socket_lb {
+        state.no_socket_lb = !on;
+    }
     let ifindex = ifindex_of(instance, iface)?;
     let maps_exist = instance
         .maps_dir()
@@ -267,9 +271,18 @@ pub fn detach(instance: &Instance, iface: &str) -> Result<String> {
         let _ = maps.tx_via_tc.remove(&attachment.ifindex);
     }
     state.attachments.retain(|a| a.iface != iface);
+    let mut socket_note = "";
+    if state.attachments.is_empty() && socket_lb::is_installed(instance) {
+        // The last interface: the instance no longer balances, its own clients included.
+        socket_lb::remove(instance)?;
+        if let Ok(mut maps) = Maps::open_pinned(&instance.maps_dir()) {
+            maps.set_socket_lb(0)?;
+        }
+        socket_note = "; socket load balancing removed with the last interface";
+    }
     state::save(&instance.state_dir, &state)?;
     Ok(format!(
-        "detached from {iface}; the service table and flows are kept"
+        "detached from {iface}; the service table and flows are kept{socket_note}"
     ))
 }
 
@@ -281,6 +294,7 @@ pub fn purge(instance: &Instance) -> Result<String> {
     for attachment in &state.attachments {
         install::remove_links(instance, &attachment.iface)?;
     }
+    socket_lb::remove(instance)?;
     datapath::remove_pins(&instance.pin_dir)?;
     for warning in underlay::delete_all(&state.managed_neighbours) {
         eprintln!("lbctl: warning: {warning}");

@@ -21,7 +21,7 @@ use aya::{
 use lb_common::{
     BACKEND_ACTIVE, Backend, BackendStats, Counter, FlowKey, FlowValue, LocalBackendKey, MacKey,
     MaglevTable, MeshConfig, ReverseValue, RrCursor, ServiceKey, ServiceValue, SnatValue,
-    TunnelValue, map_names,
+    SocketLbConfig, TunnelValue, map_names,
 };
 
 use crate::{
@@ -99,6 +99,10 @@ pub struct Maps {
     pub onlink_subnets: LpmTrie<MapData, u32, u32>,
     /// The MAC addresses of the namespace's interfaces (see [`Maps::sync_host_macs`]).
     pub host_macs: HashMap<MapData, MacKey, u32>,
+    /// The IPv4 addresses of the namespace's interfaces (see [`Maps::sync_host_addrs`]).
+    pub host_addrs: HashMap<MapData, u32, u32>,
+    /// `SocketLbConfig` in slot 0: whose sockets the socket programs act on.
+    pub socket_lb: Array<MapData, SocketLbConfig>,
 }
 
 /// The `ONLINK_SUBNETS` value of `subnet`: 0 for the subnet of this node's `underlay` address,
@@ -153,6 +157,8 @@ impl Maps {
             snat_flows: get(map_names::SNAT_FLOWS)?.try_into()?,
             onlink_subnets: get(map_names::ONLINK_SUBNETS)?.try_into()?,
             host_macs: get(map_names::HOST_MACS)?.try_into()?,
+            host_addrs: get(map_names::HOST_ADDRS)?.try_into()?,
+            socket_lb: get(map_names::SOCKET_LB)?.try_into()?,
         })
     }
 
@@ -162,8 +168,39 @@ impl Maps {
     pub fn sync_host(&mut self, attached: &[&str], underlay: Option<Ipv4Addr>) -> Result<usize> {
         Ok(
             self.sync_subnets(&crate::underlay::local_subnets()?, underlay)?
-                + self.sync_host_macs(&crate::underlay::attached_macs(attached)?)?,
+                + self.sync_host_macs(&crate::underlay::attached_macs(attached)?)?
+                + self.sync_host_addrs(&crate::underlay::local_addrs()?)?,
         )
+    }
+
+    /// Brings `HOST_ADDRS` in line with `addrs` (the namespace's): a node's own socket that
+    /// connects to one of them on a published port is balanced. Returns the number of writes.
+    pub fn sync_host_addrs(&mut self, addrs: &BTreeSet<Ipv4Addr>) -> Result<usize> {
+        let key = |addr: &Ipv4Addr| u32::from_ne_bytes(addr.octets());
+        let wanted: BTreeSet<u32> = addrs.iter().map(key).collect();
+        let mut present = BTreeSet::new();
+        for entry in self.host_addrs.keys() {
+            present.insert(entry.context("reading HOST_ADDRS")?);
+        }
+        for stale in present.difference(&wanted) {
+            self.host_addrs
+                .remove(stale)
+                .context("removing an address from HOST_ADDRS")?;
+        }
+        for new in wanted.difference(&present) {
+            self.host_addrs
+                .insert(new, 0, 0)
+                .context("adding an address to HOST_ADDRS")?;
+        }
+        Ok(present.symmetric_difference(&wanted).count())
+    }
+
+    /// Turns socket load balancing on for the sockets of the namespace whose cookie is
+    /// `netns_cookie`, or off (0).
+    pub fn set_socket_lb(&mut self, netns_cookie: u64) -> Result<()> {
+        self.socket_lb
+            .set(0, SocketLbConfig { netns_cookie }, 0)
+            .context("writing SOCKET_LB")
     }
 
     /// Brings `HOST_MACS` in line with `macs` (see `underlay::attached_macs`): a

@@ -25,7 +25,7 @@ use crate::{
     instance::{self, Instance},
     layout::{self, Step},
     migrate::Migration,
-    netdev,
+    netdev, socket_lb,
     state::{State, Transmit, XdpMode},
     sync,
 };
@@ -214,6 +214,7 @@ fn load_and_verify(pins: &[(&str, PathBuf)], flow_capacity: u32) -> Result<Ebpf>
             .load()
             .with_context(|| format!("loading the TC program {name} (verifier)"))?;
     }
+    socket_lb::load(&mut ebpf)?;
     Ok(ebpf)
 }
 
@@ -352,6 +353,18 @@ pub fn install(instance: &Instance, state: &State, new: Option<&Target>) -> Resu
     if let Some(target) = new {
         let line = install_links(&mut ebpf, instance, target, &mut maps, &mut result)?;
         lines.push(line);
+    }
+    if state.no_socket_lb || result.is_empty() {
+        socket_lb::remove(instance)?;
+        maps.set_socket_lb(0)?;
+    } else {
+        maps.set_socket_lb(socket_lb::netns_cookie()?)?;
+        socket_lb::install(&mut ebpf, instance)?;
+        lines.push(
+            "socket load balancing: the node's own clients of 127.0.0.1, its addresses and VIPs \
+             (cgroup v2 root)"
+                .to_owned(),
+        );
     }
     Ok(Installed {
         interfaces: lines,

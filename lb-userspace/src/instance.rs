@@ -256,27 +256,32 @@ pub fn ensure_bpffs(instance: &Instance) -> Result<()> {
     if instance.pin_dir.starts_with(DEFAULT_BPFFS)
         && fs_magic(Path::new(DEFAULT_BPFFS))? != BPF_FS_MAGIC
     {
-        let src = CString::new("bpf").expect("no NUL");
-        let target = CString::new(DEFAULT_BPFFS).expect("no NUL");
-        // SAFETY: valid NUL-terminated strings; no data argument.
-        let rc = unsafe {
-            libc::mount(
-                src.as_ptr(),
-                target.as_ptr(),
-                src.as_ptr(),
-                0,
-                std::ptr::null(),
-            )
-        };
-        if rc != 0 {
-            return Err(std::io::Error::last_os_error()).context("mounting bpffs at /sys/fs/bpf");
-        }
-        return Ok(());
+        return mount_fs("bpf", Path::new(DEFAULT_BPFFS)).context("mounting bpffs at /sys/fs/bpf");
     }
     bail!(
         "{} is not on a BPF filesystem: mount one (mount -t bpf bpf DIR) or use --bpffs",
         root.display()
     )
+}
+
+/// Mounts a filesystem of type `fstype` (its source named alike) at `target`, no options.
+pub fn mount_fs(fstype: &str, target: &Path) -> Result<()> {
+    let fstype = CString::new(fstype).context("file system type with NUL")?;
+    let target = CString::new(target.as_os_str().as_encoded_bytes()).context("path with NUL")?;
+    // SAFETY: valid NUL-terminated strings; no data argument.
+    let rc = unsafe {
+        libc::mount(
+            fstype.as_ptr(),
+            target.as_ptr(),
+            fstype.as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error().into());
+    }
+    Ok(())
 }
 
 fn fs_magic(path: &Path) -> Result<i64> {

@@ -17,6 +17,7 @@ pub mod migrate;
 pub mod model;
 pub mod netdev;
 pub mod reserved_ports;
+pub mod socket_lb;
 pub mod state;
 pub mod sync;
 pub mod table_diff;

@@ -47,6 +47,13 @@ enum Command {
         /// Flows the flow table holds (only when its maps are first created).
         #[arg(long, value_name = "FLOWS")]
         flow_capacity: Option<u32>,
+        /// Do not balance the node's own clients (127.0.0.1, the node's addresses, VIPs) with
+        /// socket programs on the cgroup v2 root; kept until `--socket-lb`
+        #[arg(long, conflicts_with = "socket_lb")]
+        no_socket_lb: bool,
+        /// Balance the node's own clients again (the default)
+        #[arg(long)]
+        socket_lb: bool,
     },
     /// Replace the programs on every attached interface with this lbctl's, keeping the maps
     ///
@@ -331,7 +338,16 @@ fn run(cli: Cli) -> anyhow::Result<String> {
             mode,
             transmit,
             flow_capacity,
-        } => commands::attach(&instance, &iface, mode, transmit, flow_capacity),
+            no_socket_lb,
+            socket_lb,
+        } => {
+            let socket_lb = match (socket_lb, no_socket_lb) {
+                (true, _) => Some(true),
+                (_, true) => Some(false),
+                _ => None,
+            };
+            commands::attach(&instance, &iface, mode, transmit, flow_capacity, socket_lb)
+        }
         Command::Upgrade => commands::upgrade(&instance),
         Command::Detach { iface } => commands::detach(&instance, &iface),
         Command::Service(ServiceCommand::Add {

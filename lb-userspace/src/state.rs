@@ -96,6 +96,9 @@ pub struct State {
     /// then the merged table the node applied. `None`: the static table of `lbctl` commands.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cluster: Option<crate::cluster::Local>,
+    /// `attach --no-socket-lb`: the node's own clients are not balanced by socket programs.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub no_socket_lb: bool,
 }
 
 impl Default for State {
@@ -108,6 +111,7 @@ impl Default for State {
             managed_neighbours: Vec::new(),
             reserved_ports: BTreeSet::new(),
             cluster: None,
+            no_socket_lb: false,
         }
     }
 }

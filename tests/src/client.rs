@@ -62,6 +62,18 @@ pub fn http_get_new_connection(addr: SocketAddrV4) -> Result<Reply> {
     get_and_close(connect(addr)?, addr)
 }
 
+/// As [`http_get_new_connection`], checking first that the socket's peer
+/// (`getpeername`) is `addr`: a load balancer that gives the socket another
+/// address to talk to must give `addr` back to the application.
+pub fn http_get_checking_peer(addr: SocketAddrV4) -> Result<Reply> {
+    let stream = connect(addr)?;
+    let peer = stream.peer_addr()?;
+    if peer != SocketAddr::V4(addr) {
+        bail!("a socket connected to {addr} has {peer} as its peer");
+    }
+    get_and_close(stream, addr)
+}
+
 /// As [`http_get_new_connection`], from local address `src` (bound before
 /// connecting) instead of the one the routing table would pick: e.g. from an
 /// address outside the overlay subnet that a host keeps for its client
@@ -159,6 +171,33 @@ pub fn udp_requests(addr: SocketAddrV4, count: usize) -> Result<Vec<Reply>> {
         .enumerate()
         .map(|(i, socket)| {
             udp_exchange(socket, addr).with_context(|| format!("datagram {i} to {addr}"))
+        })
+        .collect()
+}
+
+/// `count` requests from connected UDP sockets (`connect`, `send`, `recv`),
+/// held open together; each socket's peer (`getpeername`) must be `addr`.
+pub fn udp_connected_requests(addr: SocketAddrV4, count: usize) -> Result<Vec<Reply>> {
+    let sockets: Vec<UdpSocket> = (0..count).map(|_| udp_socket()).collect::<Result<_>>()?;
+    sockets
+        .iter()
+        .enumerate()
+        .map(|(i, socket)| {
+            socket
+                .connect(addr)
+                .with_context(|| format!("cannot connect a UDP socket to {addr}"))?;
+            let peer = socket.peer_addr()?;
+            if peer != SocketAddr::V4(addr) {
+                bail!("a UDP socket connected to {addr} has {peer} as its peer");
+            }
+            socket
+                .send(b"ping\n")
+                .with_context(|| format!("cannot send datagram {i} to {addr}"))?;
+            let mut buf = vec![0; MAX_REPLY];
+            let len = socket
+                .recv(&mut buf)
+                .with_context(|| format!("no reply to datagram {i} from {addr}"))?;
+            Reply::parse(std::str::from_utf8(&buf[..len]).context("UDP reply is not UTF-8")?)
         })
         .collect()
 }

@@ -97,6 +97,20 @@ impl Cluster {
         task
     }
 
+    /// Adds a TCP and a UDP service on [`VIP`]:[`VIP_PORT`] of every node, over every task.
+    fn vip_services(&self) {
+        let vip = VIP.to_string();
+        let vip_port = VIP_PORT.to_string();
+        for (name, proto, udp) in [("vip-web", "tcp", false), ("vip-dns", "udp", true)] {
+            let mut args = vec![
+                "service", "add", name, &vip_port, "--proto", proto, "--vip", &vip,
+            ];
+            let backends = task_backends(&self.mesh, udp);
+            args.extend(backends.iter().map(String::as_str));
+            self.on_every_node(&args);
+        }
+    }
+
     fn addr(&self, node: usize, port: u16) -> SocketAddrV4 {
         SocketAddrV4::new(self.mesh.node_ip(node), port)
     }
@@ -383,6 +397,124 @@ fn a_nodes_own_clients_reach_every_task_through_another_nodes_published_port() {
     }
 }
 
+/// The VIP of the test's VIP services (`service add --vip`): no interface has it.
+const VIP: Ipv4Addr = Ipv4Addr::new(10, 254, 0, 10);
+const VIP_PORT: u16 = 8443;
+
+/// `count` requests from `from` to `addr` each way a client asks: new TCP connections,
+/// datagrams from unconnected and from connected UDP sockets (on `udp_addr`); every socket
+/// gets `addr` back as its peer, and every datagram's reply comes from the address asked.
+fn every_kind_of_client(
+    from: &NetNs,
+    addr: SocketAddrV4,
+    udp_addr: SocketAddrV4,
+    count: usize,
+) -> Vec<Reply> {
+    from.in_netns(|| {
+        let mut replies = (0..count)
+            .map(|_| client::http_get_checking_peer(addr))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        replies.extend(client::udp_requests(udp_addr, count)?);
+        replies.extend(client::udp_connected_requests(udp_addr, count)?);
+        anyhow::Ok(replies)
+    })
+    .unwrap_or_else(|err| panic!("clients of {addr} and {udp_addr}: {err:#}"))
+}
+
+/// The seeds' demo: on every node, tasks or none, `curl 127.0.0.1:PORT`, the node's own
+/// address and a VIP reach every task of the cluster, exactly evenly, over TCP and UDP
+/// (unconnected and connected sockets), through the socket programs: the node's own clients
+/// never cross its XDP hook. Each socket sees the address it asked for as its peer and its
+/// replies' source. The tasks on the calling node see the node's address on their bridge (the
+/// socket talks to them directly); the others see its underlay address (the socket talks to
+/// their node's address, and TC DNATs and encapsulates its packets there). A drained task is
+/// skipped by the node's own clients too.
+#[test]
+fn a_nodes_own_clients_reach_every_task_through_its_loopback_its_addresses_and_a_vip() {
+    let cluster = Cluster::build(MeshSpec::default());
+    let mesh = &cluster.mesh;
+    cluster.vip_services();
+    let tasks = all_tasks(mesh);
+    let per = 2;
+    let count = per * tasks.len();
+    for node in 0..mesh.node_count() {
+        let targets = [
+            (Ipv4Addr::LOCALHOST, WEB_PORT, DNS_PORT),
+            (mesh.node_ip(node), WEB_PORT, DNS_PORT),
+            (VIP, VIP_PORT, VIP_PORT),
+        ];
+        for (ip, tcp_port, udp_port) in targets {
+            let (addr, udp_addr) = (
+                SocketAddrV4::new(ip, tcp_port),
+                SocketAddrV4::new(ip, udp_port),
+            );
+            let context = format!("{} calling {addr}", mesh.node_name(node));
+            let replies = every_kind_of_client(mesh.node(node), addr, udp_addr, count);
+            for reply in &replies {
+                let on_node = (0..tasks.len())
+                    .any(|k| mesh.task_node(k) == node && reply.backend == mesh.task_name(k));
+                let expected = if on_node {
+                    mesh.overlay_gateway()
+                } else {
+                    mesh.node_ip(node)
+                };
+                assert_eq!(*reply.client_seen.ip(), expected, "{context}: {reply:?}");
+            }
+            cluster.assert_each_task_answered(&replies, 3 * per, &context);
+        }
+        let stats: serde_json::Value =
+            serde_json::from_str(&cluster.lbctl[node].run(&["stats", "--json"]).unwrap()).unwrap();
+        assert_eq!(
+            stats["events"]["socket_balanced"],
+            serde_json::json!(3 * 3 * count),
+            "{}: every socket was balanced by the socket programs",
+            mesh.node_name(node)
+        );
+        let remote = (0..tasks.len())
+            .filter(|&k| mesh.task_node(k) != node)
+            .count();
+        assert!(
+            cluster.reason(node, "socket_encap") >= (3 * 3 * per * remote) as u64,
+            "{}: the packets to other nodes' tasks were encapsulated by TC",
+            mesh.node_name(node)
+        );
+        assert!(
+            cluster.reason(node, "reply_local") >= (3 * 3 * per * remote) as u64,
+            "{}: their replies were NATed back for the node's sockets",
+            mesh.node_name(node)
+        );
+    }
+
+    // A drained task takes no new socket either; the others share its turns.
+    let drained = mesh.tasks_on(1).start;
+    cluster.on_every_node(&[
+        "backend",
+        "drain",
+        "web",
+        &task_backends(mesh, false)[drained],
+    ]);
+    let others: Vec<usize> = tasks.iter().copied().filter(|&k| k != drained).collect();
+    for node in 0..mesh.node_count() {
+        let addr = SocketAddrV4::new(Ipv4Addr::LOCALHOST, WEB_PORT);
+        let replies = mesh
+            .node(node)
+            .in_netns(|| {
+                (0..per * others.len())
+                    .map(|_| client::http_get_checking_peer(addr))
+                    .collect::<anyhow::Result<Vec<_>>>()
+            })
+            .unwrap();
+        let expected: BTreeMap<String, usize> =
+            others.iter().map(|&k| (mesh.task_name(k), per)).collect();
+        assert_eq!(
+            client::per_backend(&replies),
+            expected,
+            "{}: the drained task is skipped",
+            mesh.node_name(node)
+        );
+    }
+}
+
 /// A UDP datagram larger than the MTU crosses the mesh as fragments, both ways: a 3,000-byte
 /// query to a node without tasks, fragmented by the client's kernel, is DNATed and
 /// encapsulated fragment by fragment to the task's node, which decapsulates and delivers them
@@ -467,6 +599,65 @@ fn a_task_calling_its_own_nodes_published_port_reaches_every_task() {
             );
         }
         cluster.assert_each_task_answered(&replies, 2 * per, &context);
+    }
+}
+
+/// A container on a node (a task's namespace behind the node's bridge) reaches every task of
+/// the cluster, exactly evenly, over TCP and UDP, through its node's address, a VIP and every
+/// other node's address, with lbctl attached to the task bridge as well. Its node's address
+/// and the VIP are balanced by its node's XDP on the bridge; another node's address is
+/// balanced by that node, the container's packets masqueraded to its node's address on their
+/// way out as Docker's `docker_gwbridge` does (a task address is every node's own overlay
+/// subnet, so nothing could answer it). The rule masquerades only connections to the other
+/// nodes' published ports, not every packet leaving the uplink as Docker's does: a task of this
+/// node that another node chose is reached through the tunnel and redirected to it by XDP,
+/// past conntrack, so its replies would start new conntrack entries and be masqueraded too.
+#[test]
+fn a_container_reaches_every_task_through_its_node_a_vip_and_every_other_node() {
+    let cluster = Cluster::build(MeshSpec::default());
+    let mesh = &cluster.mesh;
+    cluster.vip_services();
+    let tasks = all_tasks(mesh);
+    let per = 2;
+    let count = per * tasks.len();
+    let node_ips: Vec<String> = (0..mesh.node_count())
+        .map(|n| mesh.node_ip(n).to_string())
+        .collect();
+    let gateway = mesh.overlay_gateway().octets();
+    let overlay = format!("{}.{}.{}.0/24", gateway[0], gateway[1], gateway[2]);
+    for node in (0..mesh.node_count()).filter(|&n| !mesh.tasks_on(n).is_empty()) {
+        cluster.lbctl[node]
+            .run(&["attach", lb_tests::topology::TASK_BRIDGE])
+            .unwrap();
+        let ruleset = format!(
+            "add table ip gwbridge; \
+             add chain ip gwbridge post {{ type nat hook postrouting priority srcnat; }}; \
+             add rule ip gwbridge post ip saddr {overlay} ip daddr {{ {ips} }} \
+             tcp dport {WEB_PORT} oifname \"{NODE_UPLINK}\" masquerade; \
+             add rule ip gwbridge post ip saddr {overlay} ip daddr {{ {ips} }} \
+             udp dport {DNS_PORT} oifname \"{NODE_UPLINK}\" masquerade",
+            ips = node_ips.join(", ")
+        );
+        let nft = mesh.node(node).exec(["nft", &ruleset]).unwrap();
+        assert!(
+            nft.status.success(),
+            "nft: {}",
+            String::from_utf8_lossy(&nft.stderr)
+        );
+        let caller = mesh.tasks_on(node).start;
+        let mut targets: Vec<(Ipv4Addr, u16, u16)> = (0..mesh.node_count())
+            .map(|n| (mesh.node_ip(n), WEB_PORT, DNS_PORT))
+            .collect();
+        targets.push((VIP, VIP_PORT, VIP_PORT));
+        for (ip, tcp_port, udp_port) in targets {
+            let (addr, udp_addr) = (
+                SocketAddrV4::new(ip, tcp_port),
+                SocketAddrV4::new(ip, udp_port),
+            );
+            let context = format!("{} calling {addr}", mesh.task_name(caller));
+            let replies = every_kind_of_client(mesh.task_ns(caller), addr, udp_addr, count);
+            cluster.assert_each_task_answered(&replies, 3 * per, &context);
+        }
     }
 }
 

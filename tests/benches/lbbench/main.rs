@@ -9,7 +9,8 @@
 //!   XDP path against nftables DNAT with `numgen inc`;
 //! - `control`: applying a large table, the first connection after `service add`, scrape time;
 //! - `transmit`: per packet on one core, with live frames through a veth, how the frames the
-//!   node's XDP sends leave it: `XDP_TX` against the TC path lbctl takes on veths.
+//!   node's XDP sends leave it: `XDP_TX` against the TC path lbctl takes on veths;
+//! - `socket`: what the socket programs add to a node's own `connect` (ns per connect).
 //!
 //! Run by `cargo bench` (which passes `--bench`) it measures in full and writes the report; run
 //! by `cargo test` (no `--bench`) it is a smoke run of a few seconds, so the benchmark cannot rot:
@@ -22,6 +23,7 @@ mod control;
 mod e2e;
 mod packet;
 mod report;
+mod socket;
 mod transmit;
 
 use std::path::PathBuf;
@@ -49,14 +51,16 @@ pub enum Section {
     E2e,
     Control,
     Transmit,
+    Socket,
 }
 
 impl Section {
-    const ALL: [Section; 4] = [
+    const ALL: [Section; 5] = [
         Section::Packet,
         Section::E2e,
         Section::Control,
         Section::Transmit,
+        Section::Socket,
     ];
 
     fn name(self) -> &'static str {
@@ -65,6 +69,7 @@ impl Section {
             Section::E2e => "e2e",
             Section::Control => "control",
             Section::Transmit => "transmit",
+            Section::Socket => "socket",
         }
     }
 
@@ -72,12 +77,14 @@ impl Section {
         Section::ALL
             .into_iter()
             .find(|s| s.name() == name)
-            .with_context(|| format!("unknown section {name:?} (packet, e2e, control, transmit)"))
+            .with_context(|| {
+                format!("unknown section {name:?} (packet, e2e, control, transmit, socket)")
+            })
     }
 }
 
 const USAGE: &str = "usage: lbbench [--bench] [--smoke] [--out DIR] [--seconds S] \
-                     [--only packet,e2e,control,transmit]";
+                     [--only packet,e2e,control,transmit,socket]";
 
 /// Parses the arguments. `cargo test` may pass libtest's own flags (`--nocapture`, a filter...):
 /// those are ignored, since this is no libtest binary.
@@ -155,6 +162,7 @@ fn main() -> Result<()> {
             Section::E2e => e2e::run(&opts),
             Section::Control => control::run(&opts),
             Section::Transmit => transmit::run(&opts),
+            Section::Socket => socket::run(&opts),
         }
         .with_context(|| format!("bench section {}", section.name()))?;
         measurements.extend(found);

@@ -1,0 +1,307 @@
+//! Socket load balancing: the node's own clients. A process on the node (a shell's `curl`, a
+//! service) that connects to a published port on 127.0.0.1, on one of the node's addresses or
+//! on a VIP never crosses the XDP hook, which sees what arrives on an interface. So, as Cilium
+//! does, cgroup programs on the cgroup v2 root give its socket a backend when it connects (or,
+//! for an unconnected UDP socket, when it sends): the socket then talks to the backend itself,
+//! and none of its packets is translated.
+//!
+//! A backend on another node is reached through that node's underlay address: the socket talks
+//! to it, and the TC egress program finds the socket's backend by its cookie, DNATs the packet
+//! to it and encapsulates it to its node ([`tc_to_node`]); the replies come back through the
+//! tunnel, and XDP reverse-NATs them to that node's address before handing them to the kernel
+//! (`ingress::reply`). Should the socket's entry be gone, its packets reach that node's
+//! published port as they are, and that node balances them.
+//!
+//! `recvmsg` and `getpeername` give the socket the address it asked for back. The programs see
+//! every namespace's sockets; they act only on those of the instance's own namespace.
+use aya_ebpf::{
+    bindings::{BPF_ANY, BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, TC_ACT_SHOT},
+    helpers::generated::{bpf_get_netns_cookie, bpf_get_socket_cookie},
+    programs::{SockAddrContext, TcContext},
+};
+use lb_common::{
+    BACKEND_ACTIVE, Event, FlowKey, PROTO_TCP, PROTO_UDP, Reason, ReverseValue, SCHEDULER_MAGLEV,
+    ServiceValue, SockFlow, SockKey,
+};
+
+use crate::{
+    encap,
+    maps::{BACKENDS, HOST_ADDRS, REVERSE_FLOWS, SOCK_FLOWS, SOCK_PEERS, SOCKET_LB},
+    parse::{IP_CHECK_OFF, IP_DST_OFF, Packet},
+    select, stats,
+};
+
+/// `IPPROTO_TCP` and `IPPROTO_UDP`, as the socket's protocol reads.
+const IPPROTO_TCP: u32 = 6;
+const IPPROTO_UDP: u32 = 17;
+
+/// `connect` of a TCP or UDP socket, and `sendmsg` with an address on an unconnected UDP
+/// socket: a service address gets the socket's backend in its place.
+#[inline(always)]
+pub fn to_service(ctx: &SockAddrContext) {
+    let Some((cookie, asked)) = own_socket(ctx) else {
+        return;
+    };
+    let Some(service) = service_of(&asked) else {
+        return;
+    };
+    let key = SockKey { cookie, ..asked };
+    // SAFETY: copied out at once.
+    let earlier = unsafe { SOCK_FLOWS.get(&key) }.copied();
+    let flow = match earlier.filter(still_usable) {
+        Some(flow) => flow,
+        None => match choose(service, &key) {
+            Some(flow) => {
+                // A full LRU evicts; an error only costs the socket its affinity.
+                let _ = SOCK_FLOWS.insert(&key, &flow, u64::from(BPF_ANY));
+                stats::count_event(Event::SocketBalanced);
+                stats::count_new_flow(flow.backend_id);
+                flow
+            }
+            None => {
+                stats::count_event(Event::SocketNoBackend);
+                return;
+            }
+        },
+    };
+    let peer = peer_of(&key, &flow);
+    // Without this entry, the replies could not be given the service address back (and a
+    // packet to another node could not find its backend): the socket is left as it asked.
+    if SOCK_PEERS.insert(&peer, &flow, u64::from(BPF_ANY)).is_err() {
+        return;
+    }
+    // SAFETY: the context's socket address, which these programs may rewrite.
+    unsafe {
+        (*ctx.sock_addr).user_ip4 = peer.ip_be;
+        (*ctx.sock_addr).user_port = u32::from(peer.port_be);
+    }
+}
+
+/// `recvmsg` of a UDP socket (the datagram's source) and `getpeername`: the address a socket
+/// talks to for a service becomes the service address again.
+#[inline(always)]
+pub fn from_peer(ctx: &SockAddrContext) {
+    let Some((cookie, peer)) = own_socket(ctx) else {
+        return;
+    };
+    let key = SockKey { cookie, ..peer };
+    // SAFETY: copied out at once.
+    if let Some(flow) = unsafe { SOCK_PEERS.get(&key) }.copied() {
+        // SAFETY: as in `to_service`.
+        unsafe {
+            (*ctx.sock_addr).user_ip4 = flow.service_ip_be;
+            (*ctx.sock_addr).user_port = u32::from(flow.service_port_be);
+        }
+    }
+}
+
+/// The socket's cookie and the address of the call (cookie 0), for a TCP or UDP socket of the
+/// instance's namespace while socket load balancing is on.
+#[inline(always)]
+fn own_socket(ctx: &SockAddrContext) -> Option<(u64, SockKey)> {
+    let config = SOCKET_LB.get(0)?;
+    let addr = ctx.sock_addr;
+    // SAFETY: plain helper calls on the program's context.
+    if config.netns_cookie == 0
+        || unsafe { bpf_get_netns_cookie(addr.cast()) } != config.netns_cookie
+    {
+        return None;
+    }
+    // SAFETY: reading the context's fields.
+    let (protocol, ip_be, port) =
+        unsafe { ((*addr).protocol, (*addr).user_ip4, (*addr).user_port) };
+    let proto = match protocol {
+        IPPROTO_TCP => PROTO_TCP,
+        IPPROTO_UDP => PROTO_UDP,
+        _ => return None,
+    };
+    // SAFETY: as above.
+    let cookie = unsafe { bpf_get_socket_cookie(addr.cast()) };
+    let asked = SockKey {
+        cookie: 0,
+        ip_be,
+        // The port is in network byte order in the field's low 16 bits.
+        port_be: port as u16,
+        proto,
+        _pad: 0,
+    };
+    Some((cookie, asked))
+}
+
+/// The service at `asked`: a VIP by its exact address, a published port on a loopback address,
+/// on 0.0.0.0 (which `connect` takes for this host) or on one of the node's addresses.
+#[inline(always)]
+fn service_of(asked: &SockKey) -> Option<&'static ServiceValue> {
+    if let Some(service) = select::service(asked.ip_be, asked.port_be, asked.proto) {
+        return Some(service);
+    }
+    let first_octet = asked.ip_be.to_ne_bytes()[0];
+    // SAFETY: a set written by userspace; only presence is read.
+    let local =
+        asked.ip_be == 0 || first_octet == 127 || unsafe { HOST_ADDRS.get(&asked.ip_be) }.is_some();
+    if !local {
+        return None;
+    }
+    select::service(0, asked.port_be, asked.proto)
+}
+
+/// A backend of `service` for the socket `key`, by the service's scheduler (maglev hashes the
+/// socket's cookie with the service address). A backend on another node needs this node in
+/// the mesh.
+#[inline(always)]
+fn choose(service: &ServiceValue, key: &SockKey) -> Option<SockFlow> {
+    let (backend_id, backend) = if service.scheduler == SCHEDULER_MAGLEV {
+        let flow = FlowKey {
+            src_ip_be: key.cookie as u32,
+            dst_ip_be: key.ip_be,
+            src_port_be: (key.cookie >> 32) as u16,
+            dst_port_be: key.port_be,
+            proto: key.proto,
+            _pad: [0; 3],
+        };
+        select::maglev(service, &flow)?
+    } else {
+        select::round_robin(service)?
+    };
+    if backend.node_ip_be != 0 && encap::mesh().is_none() {
+        return None;
+    }
+    Some(SockFlow {
+        backend_id,
+        backend_ip_be: backend.ip_be,
+        node_ip_be: backend.node_ip_be,
+        backend_port_be: backend.port_be,
+        service_port_be: key.port_be,
+        service_ip_be: key.ip_be,
+        _pad: 0,
+    })
+}
+
+/// Whether a socket's earlier backend is still the one recorded and may still be chosen.
+#[inline(always)]
+fn still_usable(flow: &SockFlow) -> bool {
+    BACKENDS.get(flow.backend_id).is_some_and(|backend| {
+        backend.flags & BACKEND_ACTIVE != 0
+            && backend.ip_be == flow.backend_ip_be
+            && backend.port_be == flow.backend_port_be
+            && backend.node_ip_be == flow.node_ip_be
+    })
+}
+
+/// The address the socket talks to for `flow`: the backend, or the published port of the node
+/// of a backend on another node.
+#[inline(always)]
+fn peer_of(key: &SockKey, flow: &SockFlow) -> SockKey {
+    let (ip_be, port_be) = if flow.node_ip_be != 0 {
+        (flow.node_ip_be, key.port_be)
+    } else {
+        (flow.backend_ip_be, flow.backend_port_be)
+    };
+    SockKey {
+        cookie: key.cookie,
+        ip_be,
+        port_be,
+        proto: key.proto,
+        _pad: 0,
+    }
+}
+
+/// TC egress: a packet of one of the node's own sockets to the node of its backend on another
+/// node is DNATed to the backend and encapsulated to that node, with a reverse entry for its
+/// replies. `None`: not such a packet.
+#[inline(always)]
+pub fn tc_to_node(ctx: &mut TcContext, pkt: &Packet, key: &FlowKey) -> Option<Result<i32, i64>> {
+    // SAFETY: plain helper call; 0 for a packet without a socket (a forwarded one).
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.skb.skb.cast()) };
+    if cookie == 0 {
+        return None;
+    }
+    let peer = SockKey {
+        cookie,
+        ip_be: pkt.dst_ip_be,
+        port_be: pkt.dst_port_be,
+        proto: pkt.proto,
+        _pad: 0,
+    };
+    // SAFETY: copied out at once.
+    let flow = unsafe { SOCK_PEERS.get(&peer) }.copied()?;
+    if flow.node_ip_be == 0 || flow.node_ip_be != pkt.dst_ip_be {
+        return None;
+    }
+    Some(send_to_node(ctx, pkt, key, &flow))
+}
+
+#[inline(always)]
+fn send_to_node(
+    ctx: &mut TcContext,
+    pkt: &Packet,
+    key: &FlowKey,
+    flow: &SockFlow,
+) -> Result<i32, i64> {
+    remember_reply(pkt, flow);
+    let udp = pkt.proto == PROTO_UDP;
+    let udp_flag = if udp {
+        u64::from(BPF_F_MARK_MANGLED_0)
+    } else {
+        0
+    };
+    ctx.l4_csum_replace(
+        pkt.l4_check_off,
+        u64::from(pkt.dst_ip_be),
+        u64::from(flow.backend_ip_be),
+        u64::from(BPF_F_PSEUDO_HDR) | udp_flag | 4,
+    )?;
+    ctx.l4_csum_replace(
+        pkt.l4_check_off,
+        u64::from(pkt.dst_port_be),
+        u64::from(flow.backend_port_be),
+        udp_flag | 2,
+    )?;
+    // The destination port follows the source port in both headers.
+    ctx.store(pkt.l4_off + 2, &flow.backend_port_be, 0)?;
+    ctx.l3_csum_replace(
+        IP_CHECK_OFF,
+        u64::from(pkt.dst_ip_be),
+        u64::from(flow.backend_ip_be),
+        4,
+    )?;
+    ctx.store(IP_DST_OFF, &flow.backend_ip_be, 0)?;
+    let bytes = u64::from(ctx.len());
+    let (action, reason) = encap::tc_to_node(ctx, pkt, flow.node_ip_be, encap::source_port(key));
+    let reason = if reason == Reason::ReplyEncap {
+        Reason::SocketEncap
+    } else {
+        reason
+    };
+    stats::count_reason(reason, bytes);
+    if action != TC_ACT_SHOT {
+        stats::count_to_backend(flow.backend_id, bytes, false);
+    }
+    Ok(action)
+}
+
+/// Makes sure the replies of the socket's flow (backend → this node) find their way back to
+/// the node's published-port address the socket talks to (`ingress::reply`).
+#[inline(always)]
+fn remember_reply(pkt: &Packet, flow: &SockFlow) {
+    let reply_key = FlowKey {
+        src_ip_be: flow.backend_ip_be,
+        dst_ip_be: pkt.src_ip_be,
+        src_port_be: flow.backend_port_be,
+        dst_port_be: pkt.src_port_be,
+        proto: pkt.proto,
+        _pad: [0; 3],
+    };
+    let reverse = ReverseValue {
+        orig_ip_be: pkt.dst_ip_be,
+        orig_port_be: pkt.dst_port_be,
+        client_port_be: 0,
+        backend_id: flow.backend_id,
+        client_ip_be: 0,
+    };
+    // SAFETY: copied out at once.
+    if unsafe { REVERSE_FLOWS.get(&reply_key) }.copied() != Some(reverse) {
+        // A full LRU evicts; an error costs this packet's reply, and the next packet tries again.
+        let _ = REVERSE_FLOWS.insert(&reply_key, &reverse, u64::from(BPF_ANY));
+    }
+}
