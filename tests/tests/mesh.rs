@@ -661,6 +661,102 @@ fn a_container_reaches_every_task_through_its_node_a_vip_and_every_other_node() 
     }
 }
 
+/// A listener on `127.0.0.1:port` (TCP and UDP) of namespace `ns` that answers every
+/// connection and datagram with `name`, for as long as the test runs.
+fn local_listener(ns: &NetNs, port: u16, name: &'static str) {
+    let (tcp, udp) = ns
+        .in_netns(|| {
+            anyhow::Ok((
+                std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, port))?,
+                UdpSocket::bind((Ipv4Addr::LOCALHOST, port))?,
+            ))
+        })
+        .unwrap();
+    std::thread::spawn(move || {
+        for mut stream in tcp.incoming().flatten() {
+            let _ = std::io::Write::write_all(&mut stream, name.as_bytes());
+        }
+    });
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 64];
+        while let Ok((_, from)) = udp.recv_from(&mut buf) {
+            let _ = udp.send_to(name.as_bytes(), from);
+        }
+    });
+}
+
+/// What `127.0.0.1:port` answers in namespace `ns`, over TCP and over UDP.
+fn local_answers(ns: &NetNs, port: u16) -> (String, String) {
+    ns.in_netns(|| {
+        let addr = SocketAddrV4::new(Ipv4Addr::LOCALHOST, port);
+        let mut stream =
+            std::net::TcpStream::connect_timeout(&addr.into(), Duration::from_secs(3))?;
+        stream.set_read_timeout(Some(Duration::from_secs(3)))?;
+        let mut tcp = String::new();
+        std::io::Read::read_to_string(&mut stream, &mut tcp)?;
+        let socket = UdpSocket::bind("127.0.0.1:0")?;
+        socket.set_read_timeout(Some(Duration::from_secs(3)))?;
+        socket.send_to(b"ping", addr)?;
+        let mut buf = [0u8; 64];
+        let (len, _) = socket.recv_from(&mut buf)?;
+        anyhow::Ok((tcp, String::from_utf8_lossy(&buf[..len]).into_owned()))
+    })
+    .unwrap()
+}
+
+/// The socket programs see every namespace's sockets and act only on their own instance's:
+/// with a service on a port in n1 only, a process of n2 (another instance, on the same machine)
+/// and one of the client's namespace (no instance) reach their own listener on 127.0.0.1 at
+/// that port, over TCP and UDP, and no instance counts them; n1's own clients are balanced.
+#[test]
+fn socket_programs_act_only_on_the_sockets_of_their_own_namespace() {
+    const PORT: u16 = 9191;
+    let cluster = Cluster::build(MeshSpec::default());
+    let mesh = &cluster.mesh;
+    let task = mesh.tasks_on(0).start;
+    let (tcp_backend, udp_backend) = (
+        format!("{}@{}", mesh.task_addr(task), mesh.node_name(0)),
+        format!("{}@{}", mesh.task_udp_addr(task), mesh.node_name(0)),
+    );
+    let port = PORT.to_string();
+    for (name, proto, backend) in [
+        ("n1-web", "tcp", &tcp_backend),
+        ("n1-dns", "udp", &udp_backend),
+    ] {
+        cluster.lbctl[0]
+            .run(&["service", "add", name, &port, "--proto", proto, backend])
+            .unwrap();
+    }
+    local_listener(mesh.node(1), PORT, "n2-local");
+    local_listener(mesh.client(), PORT, "client-local");
+    let balanced = |node: usize| -> u64 {
+        let stats: serde_json::Value =
+            serde_json::from_str(&cluster.lbctl[node].run(&["stats", "--json"]).unwrap()).unwrap();
+        stats["events"]["socket_balanced"].as_u64().unwrap()
+    };
+    let before: Vec<u64> = (0..mesh.node_count()).map(balanced).collect();
+    for (ns, name) in [(mesh.node(1), "n2-local"), (mesh.client(), "client-local")] {
+        let (tcp, udp) = local_answers(ns, PORT);
+        assert_eq!((tcp.as_str(), udp.as_str()), (name, name), "{}", ns.name());
+    }
+    let after: Vec<u64> = (0..mesh.node_count()).map(balanced).collect();
+    assert_eq!(
+        after, before,
+        "no instance balanced another namespace's sockets"
+    );
+
+    let addr = SocketAddrV4::new(Ipv4Addr::LOCALHOST, PORT);
+    let replies = every_kind_of_client(mesh.node(0), addr, addr, 2);
+    for reply in &replies {
+        assert_eq!(
+            reply.backend,
+            mesh.task_name(task),
+            "n1's own clients: {reply:?}"
+        );
+    }
+    assert_eq!(balanced(0), before[0] + 6, "n1 balanced its own sockets");
+}
+
 /// VXLAN to a node's overlay port from the client, which is no node: dropped and counted, and
 /// the task it names never sees it.
 #[test]

@@ -3,7 +3,8 @@
 //! - `setup`: install what building and testing need (idempotent, fast when
 //!   everything is there, non-interactive so CI can run it);
 //! - `test`: setup, lints, build, then the whole test suite;
-//! - `demo`: the routing mesh of a three-node swarm, shown end to end;
+//! - `demo`: the routing mesh of a three-node swarm, shown end to end (from a client, then
+//!   from each node's own shell with curl);
 //! - `bench`: the benchmarks (release build), with a table, JSON and plots.
 
 use std::ffi::OsString;
@@ -535,6 +536,43 @@ fn demo_steps(tasks_per_node: Vec<usize>) -> Result<()> {
                 mesh.client_ip()
             );
             check_interrupted()?;
+        }
+    }
+
+    // The seeds' demo: each node's own shell curls 127.0.0.1, its own address and the next
+    // node's, and gets every task in turn, wherever it runs (socket load balancing).
+    for i in 0..nodes {
+        let next = (i + 1) % nodes;
+        for target in [
+            std::net::Ipv4Addr::LOCALHOST,
+            mesh.node_ip(i),
+            mesh.node_ip(next),
+        ] {
+            let url = format!("http://{target}:{DEMO_PORT}/");
+            step(&format!(
+                "on {} itself: curl {url}, {DEMO_REQUESTS} times",
+                mesh.node_name(i)
+            ));
+            for n in 1..=DEMO_REQUESTS {
+                let out = mesh.node(i).exec(["curl", "-sS", "-m", "5", &url])?;
+                if !out.status.success() {
+                    bail!(
+                        "curl {url} on {}: {}",
+                        mesh.node_name(i),
+                        String::from_utf8_lossy(&out.stderr).trim()
+                    );
+                }
+                let reply = lb_tests::client::Reply::parse(&String::from_utf8_lossy(&out.stdout))?;
+                let task_node = (0..mesh.task_count())
+                    .find(|&k| mesh.task_name(k) == reply.backend)
+                    .map(|k| mesh.node_name(mesh.task_node(k)))
+                    .unwrap_or_else(|| "?".into());
+                println!(
+                    "curl {n}: answered by {} on {task_node:<3}, which saw the client as {}",
+                    reply.backend, reply.client_seen
+                );
+                check_interrupted()?;
+            }
         }
     }
 
