@@ -589,6 +589,15 @@ pub enum Event {
     /// A socket of the node's own asked for a service with no backend it can reach: left as it
     /// was (it connects to whatever listens on that address, or is refused).
     SocketNoBackend = 7,
+    /// A socket of the node's own, bound to a loopback address, asked for a service whose
+    /// backend it could not reach from there (the kernel refuses a route from 127/8 to
+    /// anywhere else): left as it asked.
+    SocketLoopbackBound = 8,
+    /// An unconnected UDP socket of the node's own sent to a service whose backend it would
+    /// talk to at the address it already talks to for another service (two services sharing a
+    /// backend, or with backends on one other node behind the same port): the datagram is
+    /// refused (`EPERM`), since the replies of the two could not be told apart.
+    SocketPeerTaken = 9,
 }
 
 impl Event {
@@ -601,6 +610,8 @@ impl Event {
         Event::FlowHairpin,
         Event::SocketBalanced,
         Event::SocketNoBackend,
+        Event::SocketLoopbackBound,
+        Event::SocketPeerTaken,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -613,6 +624,8 @@ impl Event {
             Event::FlowHairpin => "flow_hairpin",
             Event::SocketBalanced => "socket_balanced",
             Event::SocketNoBackend => "socket_no_backend",
+            Event::SocketLoopbackBound => "socket_loopback_bound",
+            Event::SocketPeerTaken => "socket_peer_taken",
         }
     }
 }

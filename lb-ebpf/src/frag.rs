@@ -16,6 +16,7 @@ use lb_common::{FLOW_SNAT, FlowKey, PROTO_UDP, Reason, ReverseValue};
 use crate::{
     conntrack, decap, egress, encap,
     forward::{self, Egress},
+    ingress,
     maps::{FLOWS, FRAGMENTS, TUNNEL_REPLIES},
     nat::{self, Side},
     parse::{self, Fragment, Packet},
@@ -293,7 +294,7 @@ pub fn remember_reply_from_node(
             outcome,
             Ok((
                 _,
-                Reason::ReplyTx | Reason::ReplyRedirect | Reason::ReplyStack
+                Reason::ReplyTx | Reason::ReplyRedirect | Reason::ReplyStack | Reason::ReplyLocal
             ))
         )
     {
@@ -323,6 +324,14 @@ pub fn later_from_node(ctx: &XdpContext, frag: &Fragment) -> Result<(u32, Reason
         let (hop, reason) = match egress {
             Egress::Tx(ref hop) => (hop, Reason::ReplyTx),
             Egress::Redirect(ref hop) => (hop, Reason::ReplyRedirect),
+            // For one of the node's own sockets, as its first fragment was.
+            Egress::Stack if ingress::is_host_addr(frag.dst_ip_be) => {
+                let (data, data_end) = (ctx.data(), ctx.data_end());
+                nat::rewrite_address_only(data, data_end, Side::Src, frag.src_ip_be, nat.ip_be)
+                    .ok_or(Reason::PassTruncated)?;
+                stats::count_reply(nat.backend_id, (data_end - data) as u64);
+                return Ok((xdp_action::XDP_PASS, Reason::ReplyLocal));
+            }
             // Untouched: TC rewrites it by the same entry on its way out.
             Egress::Stack => return Ok((xdp_action::XDP_PASS, Reason::ReplyStack)),
         };

@@ -204,7 +204,7 @@ fn restore_source(ctx: &XdpContext, pkt: &Packet, reverse: &ReverseValue) -> Res
 
 /// Whether `ip_be` is one of the node's own addresses (`HOST_ADDRS`).
 #[inline(always)]
-fn is_host_addr(ip_be: u32) -> bool {
+pub fn is_host_addr(ip_be: u32) -> bool {
     // SAFETY: a set written by userspace; only presence is read.
     unsafe { HOST_ADDRS.get(&ip_be) }.is_some()
 }

@@ -54,18 +54,17 @@ pub fn lb_tc_ingress(ctx: TcContext) -> i32 {
     xmit::try_lb_tc_ingress(&ctx)
 }
 
-// The socket programs: each lets the call go on (1), its address rewritten or not.
+// The socket programs: each lets the call go on (1), its address rewritten or not, or fails it
+// (0: EPERM).
 
 #[cgroup_sock_addr(connect4)]
 pub fn lb_sock_connect4(ctx: SockAddrContext) -> i32 {
-    socklb::to_service(&ctx);
-    1
+    socklb::to_service(&ctx, false)
 }
 
 #[cgroup_sock_addr(sendmsg4)]
 pub fn lb_sock_sendmsg4(ctx: SockAddrContext) -> i32 {
-    socklb::to_service(&ctx);
-    1
+    socklb::to_service(&ctx, true)
 }
 
 #[cgroup_sock_addr(recvmsg4)]

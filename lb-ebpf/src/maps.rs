@@ -82,8 +82,8 @@ pub static HOST_ADDRS: HashMap<u32, u32> = HashMap::with_max_entries(MAX_HOST_AD
 #[map]
 pub static SOCKET_LB: Array<SocketLbConfig> = Array::with_max_entries(1, 0);
 
-/// A node's own socket and the service address it asked for → the backend it was given
-/// (`socklb`): a UDP socket's later datagrams to that address go to the same backend.
+/// An unconnected UDP socket of the node's own and the service address it sent to → the
+/// backend it was given (`socklb`): its later datagrams to that address go to the same backend.
 #[map]
 pub static SOCK_FLOWS: LruHashMap<SockKey, SockFlow> =
     LruHashMap::with_max_entries(SOCK_FLOW_CAPACITY, 0);

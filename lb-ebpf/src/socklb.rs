@@ -20,8 +20,8 @@ use aya_ebpf::{
     programs::{SockAddrContext, TcContext},
 };
 use lb_common::{
-    BACKEND_ACTIVE, Event, FlowKey, PROTO_TCP, PROTO_UDP, Reason, ReverseValue, SCHEDULER_MAGLEV,
-    ServiceValue, SockFlow, SockKey,
+    BACKEND_ACTIVE, Backend, Event, FlowKey, PROTO_TCP, PROTO_UDP, Reason, ReverseValue,
+    SCHEDULER_MAGLEV, ServiceValue, SockFlow, SockKey,
 };
 
 use crate::{
@@ -31,50 +31,102 @@ use crate::{
     select, stats,
 };
 
+/// The socket's family, `AF_INET`.
+const AF_INET: u32 = 2;
 /// `IPPROTO_TCP` and `IPPROTO_UDP`, as the socket's protocol reads.
 const IPPROTO_TCP: u32 = 6;
 const IPPROTO_UDP: u32 = 17;
 
 /// `connect` of a TCP or UDP socket, and `sendmsg` with an address on an unconnected UDP
-/// socket: a service address gets the socket's backend in its place.
+/// socket: a service address gets the socket's backend in its place. With `affinity` (`sendmsg`)
+/// the socket keeps the backend it was given for that address while the backend may take new
+/// flows; a `connect` chooses afresh (a TCP socket connects once). Returns the program's
+/// verdict: 1 lets the call go on, 0 fails it with `EPERM` (a datagram this socket's replies
+/// would be confused with another service's).
 #[inline(always)]
-pub fn to_service(ctx: &SockAddrContext) {
+pub fn to_service(ctx: &SockAddrContext, affinity: bool) -> i32 {
     let Some((cookie, asked)) = own_socket(ctx) else {
-        return;
+        return 1;
     };
     let Some(service) = service_of(&asked) else {
-        return;
+        return 1;
     };
     let key = SockKey { cookie, ..asked };
-    // SAFETY: copied out at once.
-    let earlier = unsafe { SOCK_FLOWS.get(&key) }.copied();
-    let flow = match earlier.filter(still_usable) {
-        Some(flow) => flow,
-        None => match choose(service, &key) {
-            Some(flow) => {
-                // A full LRU evicts; an error only costs the socket its affinity.
-                let _ = SOCK_FLOWS.insert(&key, &flow, u64::from(BPF_ANY));
-                stats::count_event(Event::SocketBalanced);
-                stats::count_new_flow(flow.backend_id);
-                flow
-            }
-            None => {
-                stats::count_event(Event::SocketNoBackend);
-                return;
-            }
-        },
+    let earlier = if affinity {
+        // SAFETY: copied out at once.
+        unsafe { SOCK_FLOWS.get(&key) }
+            .copied()
+            .filter(still_usable)
+    } else {
+        None
+    };
+    let chosen = earlier.is_none();
+    let Some(flow) = earlier.or_else(|| choose(service, &key)) else {
+        stats::count_event(Event::SocketNoBackend);
+        return 1;
     };
     let peer = peer_of(&key, &flow);
+    if let Some(event) = cannot_talk_to(ctx, &peer, &flow, affinity) {
+        stats::count_event(event);
+        return i32::from(event != Event::SocketPeerTaken);
+    }
     // Without this entry, the replies could not be given the service address back (and a
     // packet to another node could not find its backend): the socket is left as it asked.
     if SOCK_PEERS.insert(&peer, &flow, u64::from(BPF_ANY)).is_err() {
-        return;
+        return 1;
+    }
+    if chosen {
+        if affinity {
+            // A full LRU evicts; an error only costs the socket its affinity.
+            let _ = SOCK_FLOWS.insert(&key, &flow, u64::from(BPF_ANY));
+        }
+        stats::count_event(Event::SocketBalanced);
+        stats::count_new_flow(flow.backend_id);
     }
     // SAFETY: the context's socket address, which these programs may rewrite.
     unsafe {
         (*ctx.sock_addr).user_ip4 = peer.ip_be;
         (*ctx.sock_addr).user_port = u32::from(peer.port_be);
     }
+    1
+}
+
+/// Why the socket cannot be given `peer` for `flow`, if it cannot: bound to a loopback address,
+/// it could not reach a peer elsewhere (the kernel refuses such a route: the socket is left as
+/// it asked); or, sending without a connection, it already talks to `peer` for another
+/// service, and the replies of the two could not be told apart (the datagram is refused).
+#[inline(always)]
+fn cannot_talk_to(
+    ctx: &SockAddrContext,
+    peer: &SockKey,
+    flow: &SockFlow,
+    unconnected: bool,
+) -> Option<Event> {
+    // SAFETY: the context's socket, which these programs may read.
+    let bound_be = unsafe {
+        let sk = (*ctx.sock_addr).__bindgen_anon_1.sk;
+        if sk.is_null() { 0 } else { (*sk).src_ip4 }
+    };
+    if is_loopback(bound_be) && !is_loopback(peer.ip_be) {
+        return Some(Event::SocketLoopbackBound);
+    }
+    if unconnected {
+        // SAFETY: copied out at once.
+        let taken = unsafe { SOCK_PEERS.get(peer) }.copied();
+        if taken.is_some_and(|other| {
+            (other.service_ip_be, other.service_port_be)
+                != (flow.service_ip_be, flow.service_port_be)
+        }) {
+            return Some(Event::SocketPeerTaken);
+        }
+    }
+    None
+}
+
+/// Whether `ip_be` is in 127/8.
+#[inline(always)]
+fn is_loopback(ip_be: u32) -> bool {
+    ip_be.to_ne_bytes()[0] == 127
 }
 
 /// `recvmsg` of a UDP socket (the datagram's source) and `getpeername`: the address a socket
@@ -108,8 +160,19 @@ fn own_socket(ctx: &SockAddrContext) -> Option<(u64, SockKey)> {
         return None;
     }
     // SAFETY: reading the context's fields.
-    let (protocol, ip_be, port) =
-        unsafe { ((*addr).protocol, (*addr).user_ip4, (*addr).user_port) };
+    let (family, protocol, ip_be, port) = unsafe {
+        (
+            (*addr).family,
+            (*addr).protocol,
+            (*addr).user_ip4,
+            (*addr).user_port,
+        )
+    };
+    // An IPv6 socket sending to an IPv4-mapped address reaches these IPv4 hooks too: left
+    // alone, as its connect (an IPv6 hook) is.
+    if family != AF_INET {
+        return None;
+    }
     let proto = match protocol {
         IPPROTO_TCP => PROTO_TCP,
         IPPROTO_UDP => PROTO_UDP,
@@ -180,12 +243,19 @@ fn choose(service: &ServiceValue, key: &SockKey) -> Option<SockFlow> {
 /// Whether a socket's earlier backend is still the one recorded and may still be chosen.
 #[inline(always)]
 fn still_usable(flow: &SockFlow) -> bool {
-    BACKENDS.get(flow.backend_id).is_some_and(|backend| {
-        backend.flags & BACKEND_ACTIVE != 0
-            && backend.ip_be == flow.backend_ip_be
-            && backend.port_be == flow.backend_port_be
-            && backend.node_ip_be == flow.node_ip_be
-    })
+    BACKENDS
+        .get(flow.backend_id)
+        .is_some_and(|backend| backend.flags & BACKEND_ACTIVE != 0 && is_recorded(backend, flow))
+}
+
+/// Whether `backend` (the slot of `flow.backend_id`) is still the backend `flow` was given: a
+/// removed backend's slot may hold another one since. A drained or unhealthy backend is still
+/// its established flows' backend.
+#[inline(always)]
+fn is_recorded(backend: &Backend, flow: &SockFlow) -> bool {
+    backend.ip_be == flow.backend_ip_be
+        && backend.port_be == flow.backend_port_be
+        && backend.node_ip_be == flow.node_ip_be
 }
 
 /// The address the socket talks to for `flow`: the backend, or the published port of the node
@@ -225,7 +295,14 @@ pub fn tc_to_node(ctx: &mut TcContext, pkt: &Packet, key: &FlowKey) -> Option<Re
     };
     // SAFETY: copied out at once.
     let flow = unsafe { SOCK_PEERS.get(&peer) }.copied()?;
-    if flow.node_ip_be == 0 || flow.node_ip_be != pkt.dst_ip_be {
+    // A backend removed since: the packet goes to that node's published port as it is, and
+    // that node decides (a new UDP flow is balanced there; a TCP connection is reset).
+    if flow.node_ip_be == 0
+        || flow.node_ip_be != pkt.dst_ip_be
+        || !BACKENDS
+            .get(flow.backend_id)
+            .is_some_and(|backend| is_recorded(backend, &flow))
+    {
         return None;
     }
     Some(send_to_node(ctx, pkt, key, &flow))

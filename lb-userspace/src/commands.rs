@@ -363,6 +363,10 @@ pub fn purge_gone(instance: &Instance) -> Result<String> {
             );
         }
     }
+    let socket_links = socket_lb::link_pins(instance)
+        .iter()
+        .filter(|pin| pin.exists())
+        .count();
     datapath::remove_pins(&instance.pin_dir)?;
     let folder_removed = state::remove_folder(&instance.state_dir)?;
     drop(lock);
@@ -375,7 +379,7 @@ pub fn purge_gone(instance: &Instance) -> Result<String> {
         out.push_str(&format!(
             "\nunpinned {} links and {} maps ({} of kernel memory, freed once nothing holds \
              them): removed {}",
-            found.links.len(),
+            found.links.len() + socket_links,
             found.maps.len(),
             instances::megabytes(row.kernel_memory_bytes),
             pin_dir.display()

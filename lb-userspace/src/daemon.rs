@@ -321,13 +321,18 @@ fn snapshot(shared: &Shared) -> Result<metrics::Snapshot> {
     })
 }
 
-/// Scans the flow table now and then, so that scrapes do not walk it.
+/// Scans the flow table now and then, so that scrapes do not walk it, and brings the node's
+/// addresses (`HOST_ADDRS`) up to date.
 async fn census_loop(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
     loop {
         let scanning = shared.clone();
         let started = Instant::now();
         let result = tokio::task::spawn_blocking(move || {
-            Maps::open_pinned(&scanning.instance.maps_dir())?.flow_census()
+            let mut maps = Maps::open_pinned(&scanning.instance.maps_dir())?;
+            // The node's addresses change without lbctl (DHCP, an address added by hand): the
+            // socket programs balance what `HOST_ADDRS` holds.
+            maps.sync_host_addrs(&crate::underlay::local_addrs()?)?;
+            maps.flow_census()
         })
         .await;
         match result {

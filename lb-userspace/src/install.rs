@@ -214,7 +214,6 @@ fn load_and_verify(pins: &[(&str, PathBuf)], flow_capacity: u32) -> Result<Ebpf>
             .load()
             .with_context(|| format!("loading the TC program {name} (verifier)"))?;
     }
-    socket_lb::load(&mut ebpf)?;
     Ok(ebpf)
 }
 
@@ -354,22 +353,54 @@ pub fn install(instance: &Instance, state: &State, new: Option<&Target>) -> Resu
         let line = install_links(&mut ebpf, instance, target, &mut maps, &mut result)?;
         lines.push(line);
     }
-    if state.no_socket_lb || result.is_empty() {
-        socket_lb::remove(instance)?;
-        maps.set_socket_lb(0)?;
-    } else {
-        maps.set_socket_lb(socket_lb::netns_cookie()?)?;
-        socket_lb::install(&mut ebpf, instance)?;
-        lines.push(
-            "socket load balancing: the node's own clients of 127.0.0.1, its addresses and VIPs \
-             (cgroup v2 root)"
-                .to_owned(),
-        );
+    let socket_line = set_socket_lb(&mut ebpf, instance, state, &mut maps, !result.is_empty())?;
+    if !socket_line.is_empty() {
+        lines.push(socket_line);
     }
     Ok(Installed {
         interfaces: lines,
         maps: plan.summary(&wanted),
         attached: result,
+    })
+}
+
+/// Installs the socket programs of this object (with interfaces `attached` and socket load
+/// balancing not turned off), or removes the instance's. Returns the line for the operator. A
+/// failure to install them is a warning in that line, not an error: the interfaces balance
+/// anyway, and the next `attach` tries again.
+fn set_socket_lb(
+    ebpf: &mut Ebpf,
+    instance: &Instance,
+    state: &State,
+    maps: &mut Maps,
+    attached: bool,
+) -> Result<String> {
+    if state.no_socket_lb || !attached {
+        socket_lb::remove(instance)?;
+        maps.set_socket_lb(0)?;
+        return Ok(if state.no_socket_lb {
+            "socket load balancing: off (--no-socket-lb): the node's own clients are not \
+             balanced; `lbctl attach IFACE --socket-lb` turns it on"
+                .to_owned()
+        } else {
+            String::new()
+        });
+    }
+    let installed = socket_lb::netns_cookie()
+        .and_then(|cookie| maps.set_socket_lb(cookie))
+        .and_then(|()| socket_lb::install(ebpf, instance));
+    Ok(match installed {
+        Ok(()) => "socket load balancing: the node's own clients of 127.0.0.1, its addresses and \
+                   VIPs (cgroup v2 root)"
+            .to_owned(),
+        Err(err) => {
+            maps.set_socket_lb(0)?;
+            socket_lb::remove(instance)?;
+            format!(
+                "warning: socket load balancing not set up, the node's own clients are not \
+                 balanced: {err:#}"
+            )
+        }
     })
 }
 

@@ -46,16 +46,6 @@ pub fn is_link_pin(file_name: &str) -> bool {
     PINS.iter().any(|(_, pin)| *pin == file_name)
 }
 
-/// Has the kernel verify the socket programs.
-pub fn load(ebpf: &mut Ebpf) -> Result<()> {
-    for (name, _) in PINS {
-        program(ebpf, name)?
-            .load()
-            .with_context(|| format!("loading the socket program {name} (verifier)"))?;
-    }
-    Ok(())
-}
-
 fn program<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut CgroupSockAddr> {
     Ok(ebpf
         .program_mut(name)
@@ -63,23 +53,29 @@ fn program<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut CgroupSockAddr>
         .try_into()?)
 }
 
-/// Attaches this object's socket programs to the cgroup v2 root, each link pinned in place of
-/// the instance's earlier one. The new link runs before the old one goes: for that instant a
-/// call may meet both programs, and the second sees a backend's address, which it leaves alone.
+/// Loads this object's socket programs (the kernel verifies them) and attaches them to the
+/// cgroup v2 root, each link pinned in place of the instance's earlier one. All four are
+/// attached before any is pinned: a failure leaves the earlier links (or none) as they were.
+/// The new links run before the old ones go: for that instant a call may meet both programs,
+/// and the second sees a backend's address, which it leaves alone.
 pub fn install(ebpf: &mut Ebpf, instance: &Instance) -> Result<()> {
     let root = cgroup_root()?;
-    for ((name, _), pin) in PINS.into_iter().zip(link_pins(instance)) {
+    let mut links = Vec::new();
+    for (name, _) in PINS {
         let program = program(ebpf, name)?;
+        program
+            .load()
+            .with_context(|| format!("loading the socket program {name} (verifier)"))?;
         // A link (the kernel has had them for cgroups since 5.7) takes no attach flags: its
         // programs always run beside every other program on the cgroup.
         let id = program
             .attach(&root, CgroupAttachMode::Single)
             .with_context(|| format!("attaching {name} to the cgroup v2 root"))?;
         let link: FdLink = program.take_link(id)?.try_into()?;
-        let staged = pin.with_file_name(format!(
-            "{}{NEW_SUFFIX}",
-            pin.file_name().and_then(|n| n.to_str()).unwrap_or_default()
-        ));
+        links.push(link);
+    }
+    for (link, pin) in links.into_iter().zip(link_pins(instance)) {
+        let staged = staged_pin(&pin);
         let _ = fs::remove_file(&staged);
         link.pin(&staged)
             .with_context(|| format!("pinning {}", staged.display()))?;
@@ -89,14 +85,19 @@ pub fn install(ebpf: &mut Ebpf, instance: &Instance) -> Result<()> {
     Ok(())
 }
 
+/// Where a new link is pinned before it replaces `pin`.
+fn staged_pin(pin: &Path) -> PathBuf {
+    pin.with_file_name(format!(
+        "{}{NEW_SUFFIX}",
+        pin.file_name().and_then(|n| n.to_str()).unwrap_or_default()
+    ))
+}
+
 /// Unpins the instance's socket links, which detaches the programs. Nothing to do when there
 /// are none.
 pub fn remove(instance: &Instance) -> Result<()> {
     for pin in link_pins(instance) {
-        let staged = pin.with_file_name(format!(
-            "{}{NEW_SUFFIX}",
-            pin.file_name().and_then(|n| n.to_str()).unwrap_or_default()
-        ));
+        let staged = staged_pin(&pin);
         for path in [pin, staged] {
             match PinnedLink::from_pin(&path) {
                 Ok(link) => {
@@ -114,9 +115,9 @@ pub fn remove(instance: &Instance) -> Result<()> {
     Ok(())
 }
 
-/// Whether the instance has its socket links.
+/// Whether the instance has any of its socket links.
 pub fn is_installed(instance: &Instance) -> bool {
-    link_pins(instance).iter().all(|pin| pin.exists())
+    link_pins(instance).iter().any(|pin| pin.exists())
 }
 
 /// The cookie of this thread's network namespace (`SO_NETNS_COOKIE` of a socket made in it):

@@ -757,6 +757,164 @@ fn socket_programs_act_only_on_the_sockets_of_their_own_namespace() {
     assert_eq!(balanced(0), before[0] + 6, "n1 balanced its own sockets");
 }
 
+/// The socket programs' links of `lbctl`'s instance that are pinned.
+fn socket_links(lbctl: &Lbctl) -> Vec<String> {
+    let dir = lbctl.pin_dir().join("links");
+    let mut pins: Vec<String> = std::fs::read_dir(&dir)
+        .map(|entries| {
+            entries
+                .flatten()
+                .filter_map(|e| e.file_name().into_string().ok())
+                .filter(|name| name.starts_with("socket_"))
+                .collect()
+        })
+        .unwrap_or_default();
+    pins.sort();
+    pins
+}
+
+/// Socket load balancing follows the instance: `attach --no-socket-lb` removes the programs'
+/// links and the node's `127.0.0.1:PORT` is refused again (nothing listens there), `attach
+/// --socket-lb` brings them back, and the last `detach` removes them.
+#[test]
+fn socket_load_balancing_is_turned_off_and_on_and_goes_with_the_last_interface() {
+    let cluster = Cluster::build(MeshSpec::default());
+    let mesh = &cluster.mesh;
+    let node = mesh.node_count() - 1;
+    let lbctl = &cluster.lbctl[node];
+    let local = SocketAddrV4::new(Ipv4Addr::LOCALHOST, WEB_PORT);
+    let answers = || mesh.node(node).in_netns(|| http_get_new_connection(local));
+    let all = [
+        "socket_connect4",
+        "socket_getpeername4",
+        "socket_recvmsg4",
+        "socket_sendmsg4",
+    ];
+    assert_eq!(socket_links(lbctl), all);
+    answers().expect("balanced while on");
+
+    let out = lbctl
+        .run(&["attach", NODE_UPLINK, "--no-socket-lb"])
+        .unwrap();
+    assert!(out.contains("socket load balancing: off"), "{out}");
+    assert!(socket_links(lbctl).is_empty());
+    assert!(answers().is_err(), "127.0.0.1 is refused once off");
+    // Kept by a later attach without the flag.
+    lbctl.run(&["attach", NODE_UPLINK]).unwrap();
+    assert!(socket_links(lbctl).is_empty());
+
+    lbctl.run(&["attach", NODE_UPLINK, "--socket-lb"]).unwrap();
+    assert_eq!(socket_links(lbctl), all);
+    answers().expect("balanced again");
+
+    let out = lbctl.run(&["detach", NODE_UPLINK]).unwrap();
+    assert!(out.contains("socket load balancing removed"), "{out}");
+    assert!(socket_links(lbctl).is_empty());
+    assert!(answers().is_err(), "127.0.0.1 is refused once detached");
+}
+
+/// What a node's own UDP sockets meet beyond one small datagram, from the node without tasks:
+/// a 4,000-byte answer from a task on another node crosses the tunnel as fragments and reaches
+/// the socket whole, from the address it asked; a connected socket whose task is removed is
+/// balanced by that task's node from then on (its next answer comes from another task, still
+/// from the address it asked); one unconnected socket sending to two services it would reach at
+/// the same address (two VIPs with the same port, their backends on one node) is refused the
+/// second (`EPERM`, counted), since their answers could not be told apart.
+#[test]
+fn a_nodes_own_udp_sockets_get_large_answers_survive_a_removed_task_and_refuse_ambiguity() {
+    const BIG: usize = 4000;
+    const BIG_PORT: u16 = 7100;
+    const TASK_PORT: u16 = 7777;
+    let cluster = Cluster::build(MeshSpec::default());
+    let mesh = &cluster.mesh;
+    let caller = mesh.node_count() - 1;
+    assert!(mesh.tasks_on(caller).is_empty());
+
+    // A large answer.
+    let task = cluster.udp_service_on_a_task("big", BIG_PORT, TASK_PORT);
+    let server = mesh
+        .task_ns(task)
+        .in_netns(|| UdpSocket::bind(("0.0.0.0", TASK_PORT)))
+        .unwrap();
+    let answering = std::thread::spawn(move || {
+        server
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        let mut buf = [0u8; 64];
+        let (_, from) = server.recv_from(&mut buf).unwrap();
+        let answer: Vec<u8> = (0..BIG).map(|i| (i % 251) as u8).collect();
+        server.send_to(&answer, from).unwrap();
+    });
+    let service = SocketAddrV4::new(Ipv4Addr::LOCALHOST, BIG_PORT);
+    let (answer, from) = mesh
+        .node(caller)
+        .in_netns(|| client::udp_query(service, b"big?", 2 * BIG))
+        .expect("the large answer arrives");
+    answering.join().unwrap();
+    assert_eq!(answer.len(), BIG, "whole");
+    assert_eq!(
+        from,
+        std::net::SocketAddr::V4(service),
+        "from the address asked"
+    );
+    assert!(cluster.reason(caller, "reply_local") >= 3, "as fragments");
+
+    // A connected socket whose task is removed.
+    let dns = SocketAddrV4::new(Ipv4Addr::LOCALHOST, DNS_PORT);
+    let socket = mesh
+        .node(caller)
+        .in_netns(|| {
+            let socket = UdpSocket::bind("0.0.0.0:0")?;
+            socket.connect(dns)?;
+            socket.set_read_timeout(Some(Duration::from_secs(3)))?;
+            anyhow::Ok(socket)
+        })
+        .unwrap();
+    let exchange = |socket: &UdpSocket| {
+        socket.send(b"ping\n").unwrap();
+        let mut buf = [0u8; 512];
+        let len = socket.recv(&mut buf).expect("an answer");
+        client::Reply::parse(std::str::from_utf8(&buf[..len]).unwrap()).unwrap()
+    };
+    let first = exchange(&socket);
+    let gone = (0..mesh.task_count())
+        .find(|&k| mesh.task_name(k) == first.backend)
+        .unwrap();
+    cluster.on_every_node(&["backend", "rm", "dns", &task_backends(mesh, true)[gone]]);
+    let second = exchange(&socket);
+    assert_ne!(second.backend, first.backend, "another task answers");
+    assert_eq!(socket.peer_addr().unwrap(), std::net::SocketAddr::V4(dns));
+
+    // Two services behind one address.
+    let task = mesh.tasks_on(0).start;
+    let backend = format!("{}@{}", mesh.task_udp_addr(task), mesh.node_name(0));
+    let port = VIP_PORT.to_string();
+    let vips = [VIP, Ipv4Addr::new(10, 254, 0, 11)];
+    for (i, vip) in vips.iter().enumerate() {
+        let (name, vip) = (format!("vip-{i}"), vip.to_string());
+        cluster.on_every_node(&[
+            "service", "add", &name, &port, "--proto", "udp", "--vip", &vip, &backend,
+        ]);
+    }
+    let refused = mesh
+        .node(caller)
+        .in_netns(|| {
+            let socket = UdpSocket::bind("0.0.0.0:0")?;
+            socket.set_read_timeout(Some(Duration::from_secs(3)))?;
+            let mut buf = [0u8; 512];
+            socket.send_to(b"ping\n", SocketAddrV4::new(vips[0], VIP_PORT))?;
+            let (_, from) = socket.recv_from(&mut buf)?;
+            anyhow::ensure!(from == std::net::SocketAddr::V4(SocketAddrV4::new(vips[0], VIP_PORT)));
+            anyhow::Ok(socket.send_to(b"ping\n", SocketAddrV4::new(vips[1], VIP_PORT)))
+        })
+        .unwrap();
+    let err = refused.expect_err("the second service is refused");
+    assert_eq!(err.raw_os_error(), Some(libc::EPERM), "{err}");
+    let stats: serde_json::Value =
+        serde_json::from_str(&cluster.lbctl[caller].run(&["stats", "--json"]).unwrap()).unwrap();
+    assert_eq!(stats["events"]["socket_peer_taken"], serde_json::json!(1));
+}
+
 /// VXLAN to a node's overlay port from the client, which is no node: dropped and counted, and
 /// the task it names never sees it.
 #[test]
