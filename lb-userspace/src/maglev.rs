@@ -104,6 +104,10 @@ mod tests {
 
     use super::*;
 
+    /// The most flows of backends that stay which may move when one backend is removed
+    /// (measured: 0.02% at N=3, 0.6% at 10, 1.0% at 64, 1.2% at 128, as the maglev paper finds).
+    const COLLATERAL_MAX: f64 = 0.015;
+
     /// SplitMix64: a reproducible stream of random numbers, so the measurements are the same on
     /// every run.
     struct Random(u64);
@@ -243,9 +247,24 @@ mod tests {
             let without: Vec<MaglevBackend> =
                 set.iter().filter(|b| b.id != gone).cloned().collect();
             let after_remove = choices(&build(&without).unwrap(), &flows);
-            for (was, is) in before.iter().zip(&after_remove) {
-                assert!(*was == gone || was == is || *is != gone);
-            }
+            // Every flow of the removed backend moves; of the others' flows, only the few whose
+            // slots maglev's permutations hand out anew (not zero: maglev trades a little
+            // disruption for balance).
+            let collateral = before
+                .iter()
+                .zip(&after_remove)
+                .filter(|(was, is)| **was != gone && was != is)
+                .count() as f64
+                / flows.len() as f64;
+            assert!(
+                after_remove.iter().all(|is| *is != gone),
+                "N={n}: no flow keeps the removed backend"
+            );
+            assert!(
+                collateral <= COLLATERAL_MAX,
+                "N={n}: {:.3}% of the flows of backends that stayed moved",
+                collateral * 100.0
+            );
             let removed_moved = moved(&before, &after_remove);
 
             let mut with = set.clone();
@@ -326,6 +345,12 @@ mod tests {
             assert!(flow_gap <= flow_tolerance, "{what}: {flow_gap}");
             assert!(client_gap <= client_tolerance, "{what}: {client_gap}");
             assert!(!table.backend_ids.contains(&FREE));
+            for zero in set.iter().filter(|b| b.weight == 0) {
+                assert!(
+                    !table.backend_ids.contains(&zero.id),
+                    "{what}: weight 0 holds no slot"
+                );
+            }
         }
         assert!(build(&backends(3, |_| 0)).is_none());
         assert!(build(&[]).is_none());

@@ -172,12 +172,14 @@ fn spec(backend: u8, node: Option<usize>) -> BackendSpec {
     }
 }
 
-/// Applies `edit` as lbctl would; a refused edit changes nothing.
-fn apply(table: &mut Table, edit: Edit) {
+/// Applies `edit` as lbctl would, and checks that a refused edit changed nothing. Returns
+/// whether it was applied.
+fn apply(table: &mut Table, edit: Edit) -> bool {
     let specs = |list: Vec<(u8, Option<usize>)>| -> Vec<BackendSpec> {
         list.into_iter().map(|(b, n)| spec(b, n)).collect()
     };
-    let _ = match edit {
+    let before = table.clone();
+    let result = match edit {
         Edit::AddNode(n, ip) => table
             .add_node(NAMES[n], Ipv4Addr::new(192, 168, 1, ip))
             .map(drop),
@@ -204,6 +206,13 @@ fn apply(table: &mut Table, edit: Edit) {
         }
         Edit::Mesh(vni, port) => table.set_mesh(Some(vni), Some(port)),
     };
+    if result.is_err() {
+        assert_eq!(
+            *table, before,
+            "a refused edit changed the table: {result:?}"
+        );
+    }
+    result.is_ok()
 }
 
 fn state_after(edits: Vec<Edit>) -> State {
@@ -212,6 +221,47 @@ fn state_after(edits: Vec<Edit>) -> State {
         apply(&mut state.table, edit);
     }
     state
+}
+
+/// The edits reach the tables they are meant to: of many random runs, most edits are applied
+/// (a strategy that only made refused edits would leave every table empty and the properties
+/// above vacuous), and some are refused (the refusals are exercised too).
+#[test]
+fn random_edits_are_mostly_applied_and_sometimes_refused() {
+    use proptest::{strategy::ValueTree, test_runner::TestRunner};
+    let mut runner = TestRunner::deterministic();
+    let (mut applied, mut refused, mut services) = (0, 0, 0);
+    for _ in 0..200 {
+        let edits = prop::collection::vec(edit(), 0..40)
+            .new_tree(&mut runner)
+            .unwrap()
+            .current();
+        let mut table = Table::default();
+        for edit in edits {
+            if apply(&mut table, edit) {
+                applied += 1;
+            } else {
+                refused += 1;
+            }
+        }
+        services += table.services.len();
+    }
+    let share = f64::from(applied) / f64::from(applied + refused);
+    assert!(
+        share > 0.2 && refused > 0,
+        "{applied} edits applied, {refused} refused"
+    );
+    assert!(services > 40, "the runs left {services} services in all");
+}
+
+/// The number of values in `json`, itself and every value nested in it (what [`replace_nth`]
+/// counts).
+fn count_values(json: &serde_json::Value) -> usize {
+    1 + match json {
+        serde_json::Value::Array(items) => items.iter().map(count_values).sum(),
+        serde_json::Value::Object(fields) => fields.values().map(count_values).sum(),
+        _ => 0,
+    }
 }
 
 /// A folder of its own for one property's state files, removed when dropped.
@@ -324,7 +374,7 @@ proptest! {
             prop_assert!(err.contains(&dir.file().display().to_string()), "{}", err);
         }
         let mut json = serde_json::to_value(state_after(edits)).unwrap();
-        let mut pick = pick % 64;
+        let mut pick = pick % count_values(&json);
         replace_nth(&mut json, &mut pick, &value);
         match dir.load(&serde_json::to_vec(&json).unwrap()) {
             Ok(state) => {

@@ -139,6 +139,18 @@ pub fn new_connections(addr: SocketAddrV4, count: usize) -> Result<Vec<Reply>> {
         .collect()
 }
 
+/// Checks that `result` failed because the connection was refused (a RST: nothing listens
+/// there), not for any other reason (a timeout, a reset later on, a bad reply).
+pub fn assert_refused<T: std::fmt::Debug>(result: Result<T>, what: &str) {
+    match result {
+        Ok(reply) => panic!("{what}: answered {reply:?}"),
+        Err(err) => assert!(
+            format!("{err:#}").contains("Connection refused"),
+            "{what}: failed otherwise: {err:#}"
+        ),
+    }
+}
+
 /// How many of `replies` each backend answered, by backend name.
 pub fn per_backend(replies: &[Reply]) -> BTreeMap<String, usize> {
     let mut counts = BTreeMap::new();

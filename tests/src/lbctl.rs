@@ -86,21 +86,30 @@ impl Lbctl {
         Ok(out)
     }
 
-    /// Runs `lbctl ... ARGS`, which must fail, and returns its stderr (for
-    /// the test to check the message); an error if it succeeded.
+    /// Runs `lbctl ... ARGS`, which must be refused with exit code 1 (what the README promises
+    /// for every refusal but a malformed argument); returns its stderr.
     pub fn run_expect_fail(&self, args: &[&str]) -> Result<String> {
+        self.run_expect_exit(args, 1)
+    }
+
+    /// Runs `lbctl ... ARGS`, which must fail with exit code `code` (1: refused; 2: a malformed
+    /// argument, as the argument parser says); returns its stderr.
+    pub fn run_expect_exit(&self, args: &[&str], code: i32) -> Result<String> {
         let mut cmd = self.command(args);
         let out = cmd
             .output()
             .with_context(|| format!("cannot run {}", describe(&cmd)))?;
-        if out.status.success() {
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        if out.status.code() != Some(code) {
             bail!(
-                "{} succeeded but was expected to fail; stdout: {}",
+                "{} exited with {} where {code} was expected; stdout: {}; stderr: {}",
                 describe(&cmd),
-                String::from_utf8_lossy(&out.stdout).trim()
+                out.status,
+                String::from_utf8_lossy(&out.stdout).trim(),
+                stderr.trim()
             );
         }
-        Ok(String::from_utf8_lossy(&out.stderr).into_owned())
+        Ok(stderr)
     }
 
     /// Starts `lbctl ... daemon --metrics-addr ADDR` in the background and waits until it

@@ -55,9 +55,9 @@ fn a_table_file_is_applied_whole_and_changes_keep_established_flows() {
     let dry = lbctl.run(&["apply", "--dry-run", &first]).unwrap();
     assert!(dry.contains("+ service web tcp/8080"), "{dry}");
     assert!(dry.contains("dry run, nothing changed"), "{dry}");
-    assert!(
-        http_get_result(&topo, at(8080)).is_err(),
-        "a dry run publishes nothing"
+    client::assert_refused(
+        http_get_result(&topo, at(8080)),
+        "a dry run publishes nothing",
     );
     let out = lbctl.run(&["apply", &first]).unwrap();
     assert!(
@@ -102,7 +102,7 @@ fn a_table_file_is_applied_whole_and_changes_keep_established_flows() {
         assert_eq!(web.get(&name(removed)), None, "{web:?}");
         assert_eq!(web.values().sum::<usize>(), 10);
         assert!(web.values().all(|&n| n == 5), "{web:?}");
-        assert!(http_get_new_connection(at(9090)).is_err(), "api is gone");
+        client::assert_refused(http_get_new_connection(at(9090)), "api is gone");
         assert_eq!(http_get_new_connection(at(7070)).unwrap().backend, name(2));
         assert_eq!(kept.get().unwrap().backend, pinned);
     });

@@ -158,10 +158,7 @@ fn removed_backends_and_services_get_no_new_connections() {
     lbctl.run(&["service", "rm", "web"]).unwrap();
     let addr = service_addr(&topo, 8080);
     let result = topo.client().in_netns(|| http_get_new_connection(addr));
-    assert!(
-        result.is_err(),
-        "port 8080 is no longer balanced: {result:?}"
-    );
+    client::assert_refused(result, "port 8080 is no longer balanced");
 }
 
 #[test]
@@ -202,23 +199,29 @@ fn bad_input_is_refused_with_a_clear_error_and_changes_nothing() {
     lbctl.run(&["attach", NODE_UPLINK]).unwrap();
     lbctl.run(&["service", "add", "web", "8080", &b0]).unwrap();
     let before = lbctl.run(&["service", "ls", "--json"]).unwrap();
-    let refused: [(&[&str], &str); 10] = [
-        (&["service", "add", "api", "0", &b1], "'0'"),
-        (&["service", "add", "api", "65536", &b1], "'65536'"),
+    // Exit 2 for a malformed argument (the parser's), 1 for a refused change.
+    let refused: [(&[&str], &str, i32); 10] = [
+        (&["service", "add", "api", "0", &b1], "'0'", 2),
+        (&["service", "add", "api", "65536", &b1], "'65536'", 2),
         (
             &["service", "add", "api", "9090", "10.0.0.300:80"],
             "10.0.0.300:80",
+            2,
         ),
-        (&["service", "add", "api", "9090", "10.0.0.7"], "10.0.0.7"),
-        (&["service", "add", "web", "9090", &b1], "'web'"),
-        (&["service", "add", "api", "8080", &b1], "8080"),
-        (&["service", "rm", "nosuch"], "nosuch"),
-        (&["backend", "add", "nosuch", &b1], "nosuch"),
-        (&["backend", "rm", "web", &b1], &b1),
-        (&["backend", "add", "web", &b0], &b0),
+        (
+            &["service", "add", "api", "9090", "10.0.0.7"],
+            "10.0.0.7",
+            2,
+        ),
+        (&["service", "add", "web", "9090", &b1], "'web'", 1),
+        (&["service", "add", "api", "8080", &b1], "8080", 1),
+        (&["service", "rm", "nosuch"], "nosuch", 1),
+        (&["backend", "add", "nosuch", &b1], "nosuch", 1),
+        (&["backend", "rm", "web", &b1], &b1, 1),
+        (&["backend", "add", "web", &b0], &b0, 1),
     ];
-    for (args, named) in refused {
-        let err = lbctl.run_expect_fail(args).unwrap();
+    for (args, named, code) in refused {
+        let err = lbctl.run_expect_exit(args, code).unwrap();
         assert!(
             err.contains(named),
             "{args:?}: error does not name {named}: {err}"

@@ -423,6 +423,15 @@ fn another_cluster_and_malformed_gossip_are_rejected_and_counted() {
         ),
         Some(rejected(0, "malformed"))
     );
-    // The node of the other cluster still has its own (empty) table and serves nothing.
+    // n1 still serves its own table; the node of the other cluster has its own (empty) one
+    // and serves nothing: a connection to its port is refused by its kernel (no listener).
     assert_eq!(cluster.spread(0, 2), cluster.evenly(&[0], 2));
+    let green = SocketAddrV4::new(cluster.mesh.node_ip(1), WEB_PORT);
+    client::assert_refused(
+        cluster
+            .mesh
+            .client()
+            .in_netns(|| client::http_get_new_connection(green)),
+        "the other cluster's node serves nothing",
+    );
 }

@@ -150,12 +150,24 @@ fn check(node: &Node, case: &Case) {
             assert_eq!(flow_state(node), state, "{name}: changed the flow state");
         }
         Expect::Handled(_) | Expect::Reply => {
-            assert!(
-                [XDP_TX, XDP_PASS].contains(&action),
-                "{name}: action {action}"
-            );
+            // The reason says how the frame left: sent back out (XDP_TX) or to the kernel.
+            let expected = match reason {
+                Reason::ForwardTx | Reason::DecapTx | Reason::ReplyTx => XDP_TX,
+                _ => XDP_PASS,
+            };
+            assert_eq!(action, expected, "{name}: action of {}", reason.name());
             assert!(out != case.frame, "{name}: handled, but unchanged");
             assert_checksums_valid(&out);
+            if FORWARDED.contains(&reason) {
+                let dst = destination(&out);
+                assert!(
+                    backends(node).contains(&dst),
+                    "{name}: DNATed to {dst}, which is no backend"
+                );
+            }
+            if DECAPSULATED.contains(&reason) {
+                assert_is_decapsulated(name, &case.frame, &out, reason == Reason::DecapTx);
+            }
         }
     }
 
@@ -175,6 +187,46 @@ fn check(node: &Node, case: &Case) {
         assert!(out == case.frame, "{name}: changed by TC");
         assert_eq!(counts, [], "{name}: counted by TC");
     }
+}
+
+/// The destination address and port of an IPv4 TCP or UDP frame.
+fn destination(frame: &[u8]) -> std::net::SocketAddrV4 {
+    let ip = std::net::Ipv4Addr::new(
+        frame[L3 + 16],
+        frame[L3 + 17],
+        frame[L3 + 18],
+        frame[L3 + 19],
+    );
+    std::net::SocketAddrV4::new(ip, get_u16(frame, l4_off(frame) + 2))
+}
+
+/// Every backend of the node's table.
+fn backends(node: &Node) -> Vec<std::net::SocketAddrV4> {
+    node.table
+        .services
+        .iter()
+        .flat_map(|service| &service.backends)
+        .map(|backend| backend.addr)
+        .collect()
+}
+
+/// `out` is the inner frame of the VXLAN frame `frame` from its IPv4 header on (the MACs are
+/// the node's to set), its TTL one less when the node sent it on itself (`tx`, with the header
+/// checksum updated: checked by the caller).
+fn assert_is_decapsulated(name: &str, frame: &[u8], out: &[u8], tx: bool) {
+    let outer_ihl = usize::from(frame[L3] & 0x0f) * 4;
+    let inner = &frame[L3 + outer_ihl + 8 + 8..];
+    assert_eq!(out.len(), inner.len(), "{name}: decapsulated length");
+    let ttl = L3 + 8;
+    let check = L3 + 10..L3 + 12;
+    for i in L3..out.len() {
+        if i == ttl || check.contains(&i) {
+            continue;
+        }
+        assert_eq!(out[i], inner[i], "{name}: decapsulated byte {i}");
+    }
+    let expected_ttl = if tx { inner[ttl] - 1 } else { inner[ttl] };
+    assert_eq!(out[ttl], expected_ttl, "{name}: TTL");
 }
 
 /// Checks every case, and fails naming every case that failed (each one's panic message says

@@ -784,6 +784,7 @@ fn socket_load_balancing_is_turned_off_and_on_and_goes_with_the_last_interface()
     let lbctl = &cluster.lbctl[node];
     let local = SocketAddrV4::new(Ipv4Addr::LOCALHOST, WEB_PORT);
     let answers = || mesh.node(node).in_netns(|| http_get_new_connection(local));
+    let refused = |what: &str| client::assert_refused(answers(), what);
     let all = [
         "socket_connect4",
         "socket_getpeername4",
@@ -798,7 +799,7 @@ fn socket_load_balancing_is_turned_off_and_on_and_goes_with_the_last_interface()
         .unwrap();
     assert!(out.contains("socket load balancing: off"), "{out}");
     assert!(socket_links(lbctl).is_empty());
-    assert!(answers().is_err(), "127.0.0.1 is refused once off");
+    refused("127.0.0.1 is refused once off");
     // Kept by a later attach without the flag.
     lbctl.run(&["attach", NODE_UPLINK]).unwrap();
     assert!(socket_links(lbctl).is_empty());
@@ -810,7 +811,7 @@ fn socket_load_balancing_is_turned_off_and_on_and_goes_with_the_last_interface()
     let out = lbctl.run(&["detach", NODE_UPLINK]).unwrap();
     assert!(out.contains("socket load balancing removed"), "{out}");
     assert!(socket_links(lbctl).is_empty());
-    assert!(answers().is_err(), "127.0.0.1 is refused once detached");
+    refused("127.0.0.1 is refused once detached");
 }
 
 /// What a node's own UDP sockets meet beyond one small datagram, from the node without tasks:

@@ -417,20 +417,27 @@ fn weights_and_schedulers_are_set_shown_exported_and_obeyed() {
     let before = lbctl.run(&["service", "ls", "--json"]).unwrap();
     let b0 = topo.backend_addr(0).to_string();
     let weighted = format!("{b0}*257");
-    for (args, named) in [
-        (vec!["backend", "weight", "web", &b0, "257"], "'257'"),
-        (vec!["backend", "add", "web", &weighted], "'257'"),
+    // Exit 2 for a malformed argument (the parser's), 1 for a refused change.
+    for (args, named, code) in [
+        (vec!["backend", "weight", "web", &b0, "257"], "'257'", 2),
+        (vec!["backend", "add", "web", &weighted], "'257'", 2),
         (
             vec!["backend", "weight", "web", "10.9.9.9:80", "1"],
             "10.9.9.9:80",
+            1,
         ),
-        (vec!["service", "set", "web", "--scheduler", "wrr"], "'wrr'"),
+        (
+            vec!["service", "set", "web", "--scheduler", "wrr"],
+            "'wrr'",
+            2,
+        ),
         (
             vec!["service", "set", "nosuch", "--scheduler", "rr"],
             "nosuch",
+            1,
         ),
     ] {
-        let err = lbctl.run_expect_fail(&args).unwrap();
+        let err = lbctl.run_expect_exit(&args, code).unwrap();
         assert!(err.contains(named), "{args:?}: {err}");
         assert_eq!(err.trim().lines().count(), 1, "{args:?}: {err}");
         assert_eq!(lbctl.run(&["service", "ls", "--json"]).unwrap(), before);
