@@ -535,6 +535,15 @@ fn install_links(
         if let Some(warning) = &decision.warning {
             line.push_str(&format!("\nwarning: {warning}"));
         }
+        if driver == "bridge" {
+            line.push_str(&format!(
+                "\nwarning: {} is a bridge: XDP sees its ports' frames as their senders made \
+                 them, and cannot tell a checksum left to offload (a container's default) from a \
+                 whole one; containers on it that call services must send whole checksums \
+                 (`ethtool -K eth0 tx off` in each)",
+                target.iface
+            ));
+        }
         Ok((
             line,
             Attached {

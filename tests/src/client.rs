@@ -102,11 +102,9 @@ pub struct KeepAlive {
 }
 
 impl KeepAlive {
-    /// Opens the connection, with the kernel's usual handshake
-    /// ([`Handshake::SeparateAck`]): a kept connection's later ACKs must go
-    /// out at once, as a client's normally do, not from a delayed-ACK timer.
+    /// Opens the connection (see [`connect`]).
     pub fn connect(addr: SocketAddrV4) -> Result<KeepAlive> {
-        let stream = connect_with(addr, Handshake::SeparateAck)?;
+        let stream = connect(addr)?;
         Ok(KeepAlive {
             addr,
             reader: BufReader::new(stream),
@@ -240,45 +238,16 @@ fn udp_exchange(socket: &UdpSocket, addr: SocketAddrV4) -> Result<Reply> {
     Reply::parse(body)
 }
 
-/// How a client ends the TCP handshake.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Handshake {
-    /// The last ACK of the handshake rides with the client's first data segment
-    /// (`TCP_DEFER_ACCEPT` on the client socket makes Linux hold it back).
-    ///
-    /// The tests' one-request connections are opened this way. On veths the
-    /// client's ACK (sent while its kernel handles the SYN-ACK) and its request
-    /// (sent by the test thread) may reach the backend on two CPUs at once,
-    /// and the backend's kernel (6.18) then sometimes resets the connection:
-    /// traced in the upgrade test, both segments went to the same backend,
-    /// which created the connection from the request on one CPU while its
-    /// listener answered the ACK with a reset (reason `TCP_FLAGS`) on the
-    /// other. A NIC with RSS keeps a flow on one CPU, so real clients do not
-    /// meet this; one segment avoids it here.
-    ///
-    /// The option also makes the client delay its later ACKs (about 40 ms,
-    /// from a timer), which is why kept-alive connections do without it.
-    AckWithData,
-    /// The kernel's default: the last ACK at once, on its own. The benchmark's
-    /// load connects this way, on one CPU.
-    SeparateAck,
-}
-
-/// Connects with [`CONNECT_TIMEOUT`], ending the handshake as
-/// [`Handshake::AckWithData`] says, and sets [`IO_TIMEOUT`] on reads and
-/// writes.
+/// Connects with [`CONNECT_TIMEOUT`] and the kernel's own handshake (the last ACK at once,
+/// on its own, from whatever CPU the client runs on, as every client does), and sets
+/// [`IO_TIMEOUT`] on reads and writes.
 pub fn connect(addr: SocketAddrV4) -> Result<TcpStream> {
-    open(None, addr, Handshake::AckWithData)
-}
-
-/// As [`connect`], ending the handshake as `handshake` says.
-pub fn connect_with(addr: SocketAddrV4, handshake: Handshake) -> Result<TcpStream> {
-    open(None, addr, handshake)
+    open(None, addr)
 }
 
 /// As [`connect`], from local address `src`.
 fn connect_from(src: Ipv4Addr, addr: SocketAddrV4) -> Result<TcpStream> {
-    open(Some(src), addr, Handshake::AckWithData)
+    open(Some(src), addr)
 }
 
 /// Opens a TCP connection to `addr`, from `src` if given.
@@ -288,7 +257,7 @@ fn connect_from(src: Ipv4Addr, addr: SocketAddrV4) -> Result<TcpStream> {
 /// else: from then on it owns (and closes) the fd, and its timeout setters
 /// apply. Linux bounds a blocking `connect` by the send timeout, which gives
 /// the [`CONNECT_TIMEOUT`].
-fn open(src: Option<Ipv4Addr>, addr: SocketAddrV4, handshake: Handshake) -> Result<TcpStream> {
+fn open(src: Option<Ipv4Addr>, addr: SocketAddrV4) -> Result<TcpStream> {
     let from = src.map(|src| format!(" from {src}")).unwrap_or_default();
     // SAFETY: socket has no memory preconditions; the result is checked.
     let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
@@ -299,23 +268,6 @@ fn open(src: Option<Ipv4Addr>, addr: SocketAddrV4, handshake: Handshake) -> Resu
     // owns or closes.
     let stream = TcpStream::from(unsafe { OwnedFd::from_raw_fd(fd) });
     stream.set_write_timeout(Some(CONNECT_TIMEOUT))?;
-    if handshake == Handshake::AckWithData {
-        let seconds: libc::c_int = 1;
-        // SAFETY: the option value is a c_int that outlives the call, and the
-        // length given is its size; the fd is open, owned by `stream`.
-        let rc = unsafe {
-            libc::setsockopt(
-                stream.as_raw_fd(),
-                libc::IPPROTO_TCP,
-                libc::TCP_DEFER_ACCEPT,
-                (&raw const seconds).cast(),
-                size_of::<libc::c_int>() as libc::socklen_t,
-            )
-        };
-        if rc != 0 {
-            return Err(std::io::Error::last_os_error()).context("cannot set TCP_DEFER_ACCEPT");
-        }
-    }
     if let Some(src) = src {
         sockaddr_call(&stream, libc::bind, SocketAddrV4::new(src, 0))
             .with_context(|| format!("cannot bind a TCP socket to {src}"))?;

@@ -13,6 +13,7 @@
 
 pub mod bpf;
 pub mod client;
+pub mod cpu;
 mod lbctl;
 pub mod mesh;
 pub mod netns;

@@ -121,10 +121,17 @@ impl SingleNode {
             "via",
             &self.node_uplink_ip().to_string(),
         ])?;
+        // The client's frames reach the node's XDP as the client sent them: XDP cannot tell a
+        // partial checksum (offload) from a whole one, so the client sends whole ones, as a
+        // host on a real network does. The node's uplink finishes the partial checksums of
+        // what the node sends (its backends' replies, NATed by TC) as a NIC would, so that the
+        // client's kernel checks them: a veth would hand the unfinished sum to its peer, which
+        // trusts it.
         self.client.disable_tx_offload("eth0")?;
 
         self.node
             .ip(["addr", "add", &uplink_prefix(1), "dev", NODE_UPLINK])?;
+        self.node.disable_tx_offload(NODE_UPLINK)?;
         self.node
             .ip(["link", "add", TASK_BRIDGE, "type", "bridge"])?;
         self.node
@@ -140,7 +147,9 @@ impl SingleNode {
                 .ip(["link", "set", &port, "master", TASK_BRIDGE])?;
             backend.ip(["addr", "add", &task_prefix(backend_host(i)), "dev", "eth0"])?;
             backend.ip(["route", "add", "default", "via", &gateway])?;
-            backend.disable_tx_offload("eth0")?;
+            // The backends keep their offload, as containers do; their bridge port finishes
+            // the checksums of what reaches them.
+            self.node.disable_tx_offload(&port)?;
         }
         Ok(())
     }

@@ -125,6 +125,70 @@ fn check_attached_row(row: &Value, lbctl: &Lbctl, namespace: &str) -> u64 {
     memory
 }
 
+/// The id of the BPF link pinned at `pin` (`bpftool link show pinned`).
+fn link_id(pin: &Path) -> u64 {
+    let out = Command::new("bpftool")
+        .args(["-j", "link", "show", "pinned"])
+        .arg(pin)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "bpftool: {out:?}");
+    let link: Value = serde_json::from_slice(&out.stdout).unwrap();
+    link["id"].as_u64().unwrap()
+}
+
+/// Whether the kernel still has BPF link `id`.
+fn link_exists(id: u64) -> bool {
+    Command::new("bpftool")
+        .args(["link", "show", "id", &id.to_string()])
+        .output()
+        .unwrap()
+        .status
+        .success()
+}
+
+/// `purge` in a live namespace leaves nothing: every link (XDP, TC, the socket programs') is
+/// gone from the kernel, the interface has no XDP program, and the pins and the state folder
+/// are removed. (Every test's instance is purged when it ends, where a failure can only be
+/// reported; this one checks what a purge leaves.)
+#[test]
+fn purge_detaches_every_program_and_removes_pins_and_state() {
+    lb_tests::require_root().unwrap();
+    let ns = NetNs::new("purge").unwrap();
+    ns.add_veth_pair("lbt0", "lbt1").unwrap();
+    let mut lbctl = Lbctl::new(&ns).unwrap();
+    let capacity = FLOW_CAPACITY.to_string();
+    lbctl
+        .run(&["attach", "lbt0", "--flow-capacity", &capacity])
+        .unwrap();
+    lbctl
+        .run(&["service", "add", "web", "8080", "10.0.0.6:80"])
+        .unwrap();
+    let (pin_dir, state_dir) = (lbctl.pin_dir(), lbctl.state_dir().to_owned());
+    let links: Vec<u64> = std::fs::read_dir(pin_dir.join("links"))
+        .unwrap()
+        .map(|entry| link_id(&entry.unwrap().path()))
+        .collect();
+    assert_eq!(
+        links.len(),
+        3 + 4,
+        "XDP, TC egress, TC ingress and 4 socket links"
+    );
+    assert!(ns.ip(["link", "show", "lbt0"]).unwrap().contains("xdp"));
+
+    lbctl.purge().unwrap();
+    for id in links {
+        assert!(!link_exists(id), "link {id} outlived the purge");
+    }
+    assert!(!ns.ip(["link", "show", "lbt0"]).unwrap().contains("xdp"));
+    assert!(!pin_dir.exists(), "{} is left", pin_dir.display());
+    assert!(
+        !state_dir.join("state.json").exists(),
+        "{} is left",
+        state_dir.display()
+    );
+}
+
 #[test]
 fn an_instance_whose_namespace_was_deleted_is_listed_and_purged() {
     lb_tests::require_root().unwrap();

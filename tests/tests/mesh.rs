@@ -584,6 +584,7 @@ fn a_task_calling_its_own_nodes_published_port_reaches_every_task() {
         cluster.lbctl[node]
             .run(&["attach", lb_tests::topology::TASK_BRIDGE])
             .unwrap();
+        mesh.disable_task_tx_offload(node).unwrap();
         let caller = mesh.tasks_on(node).start;
         let replies = cluster.tcp_and_udp_from(mesh.task_ns(caller), node, per * tasks.len());
         let context = format!(
@@ -629,6 +630,7 @@ fn a_container_reaches_every_task_through_its_node_a_vip_and_every_other_node() 
         cluster.lbctl[node]
             .run(&["attach", lb_tests::topology::TASK_BRIDGE])
             .unwrap();
+        mesh.disable_task_tx_offload(node).unwrap();
         let ruleset = format!(
             "add table ip gwbridge; \
              add chain ip gwbridge post {{ type nat hook postrouting priority srcnat; }}; \
@@ -941,8 +943,15 @@ fn vxlan_from_an_address_that_is_not_a_node_is_dropped_and_counted() {
             socket.send_to(&datagram, overlay).unwrap();
         }
     });
-    // The frames were dropped in XDP, counted on arrival.
-    std::thread::sleep(Duration::from_millis(200));
+    // The frames were dropped in XDP, counted on arrival (waited for, not slept on).
+    let counted = std::time::Instant::now();
+    while cluster.reason(target, "drop_vxlan_unknown_source") - before < sent as u64 {
+        assert!(
+            counted.elapsed() < Duration::from_secs(20),
+            "the frames were not all counted"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
     assert_eq!(
         cluster.reason(target, "drop_vxlan_unknown_source") - before,
         sent as u64

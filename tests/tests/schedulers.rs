@@ -85,7 +85,7 @@ fn churn_around_a_kept_connection(topo: &SingleNode, addr: SocketAddrV4) -> Chur
         .join(topo.node().name())
         .join("maps");
     topo.client().in_netns(|| {
-        run_on_cpu_0();
+        run_on_one_cpu();
         let mut kept = KeepAlive::connect(addr).unwrap();
         let first = kept.get().unwrap();
         let local = kept.local_addr().unwrap();
@@ -110,21 +110,10 @@ fn churn_around_a_kept_connection(topo: &SingleNode, addr: SocketAddrV4) -> Chur
     })
 }
 
-/// Pins the calling thread to CPU 0.
-fn run_on_cpu_0() {
-    // SAFETY: a zeroed cpu_set_t is an empty set; CPU_SET adds CPU 0 to it, and
-    // sched_setaffinity reads it for the calling thread (pid 0).
-    let rc = unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(0, &mut set);
-        libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set)
-    };
-    assert_eq!(
-        rc,
-        0,
-        "sched_setaffinity: {}",
-        std::io::Error::last_os_error()
-    );
+/// Pins the calling thread to one CPU (the first this process may run on): the LRU flow table
+/// keeps free entries per CPU, so churn from one CPU evicts in a predictable order.
+fn run_on_one_cpu() {
+    lb_tests::cpu::pin(0, lb_tests::cpu::first().unwrap()).unwrap();
 }
 
 /// Whether the flow table holds the flow of the client socket `local`.
@@ -277,7 +266,7 @@ fn under_a_syn_flood_that_fills_the_table_busy_and_maglev_connections_keep_worki
     let mg = SocketAddrV4::new(*rr.ip(), 8081);
     let flood = 200 * CAPACITY as usize;
     let outcome = topo.client().in_netns(|| {
-        run_on_cpu_0();
+        run_on_one_cpu();
         let mut idle: Vec<(&str, KeepAlive, Reply)> = [("rr", rr), ("maglev", mg)]
             .into_iter()
             .map(|(name, addr)| {
@@ -292,7 +281,7 @@ fn under_a_syn_flood_that_fills_the_table_busy_and_maglev_connections_keep_worki
             .map(|(name, addr)| {
                 let stop = stop.clone();
                 std::thread::spawn(move || {
-                    run_on_cpu_0();
+                    run_on_one_cpu();
                     let mut kept = KeepAlive::connect(addr).unwrap();
                     let first = kept.get().unwrap();
                     let (mut ok, mut failed) = (0usize, Vec::new());

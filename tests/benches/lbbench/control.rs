@@ -25,8 +25,6 @@ const MEASURED_PORT: u16 = 40_000;
 const FIRST_CONNECTION_ROUNDS: u16 = 5;
 /// Scrapes of /metrics (the median is kept).
 const SCRAPES: usize = 5;
-/// Longest wait for a new service's first answer.
-const FIRST_CONNECTION_TIMEOUT: Duration = Duration::from_secs(5);
 
 pub fn run(opts: &Options) -> Result<Vec<Measurement>> {
     let services = if opts.smoke { 50 } else { 10_000 };
@@ -64,7 +62,14 @@ pub fn run(opts: &Options) -> Result<Vec<Measurement>> {
         count == services,
         "{count} services listed after applying {services}"
     );
-    let again = timed(|| lbctl.run(&["apply", file_arg]))?;
+    let table_before = lbctl.run(&["export"])?;
+    let started = Instant::now();
+    let out = lbctl.run(&["apply", file_arg])?;
+    let again = started.elapsed();
+    ensure!(
+        out.contains("nothing changed") && lbctl.run(&["export"])? == table_before,
+        "applying the same table again changed something: {out}"
+    );
     record(
         format!("apply {size} again, unchanged"),
         again.as_secs_f64(),
@@ -89,17 +94,12 @@ pub fn run(opts: &Options) -> Result<Vec<Measurement>> {
         let returned = Instant::now();
         adds.push(returned - started);
         let vip = SocketAddrV4::new(topo.node_uplink_ip(), port);
-        let reply = topo.client().in_netns(|| -> Result<_> {
-            loop {
-                match http_get_new_connection(vip) {
-                    Ok(reply) => return Ok(reply),
-                    Err(e) if returned.elapsed() > FIRST_CONNECTION_TIMEOUT => {
-                        return Err(e.context("the new service never answered"));
-                    }
-                    Err(_) => {}
-                }
-            }
-        })?;
+        // Once `service add` returned, the data plane has the service: its very first
+        // connection is answered, with no retry.
+        let reply = topo
+            .client()
+            .in_netns(|| http_get_new_connection(vip))
+            .with_context(|| format!("the first connection to {vip} after `service add`"))?;
         firsts.push(returned.elapsed());
         ensure!(
             reply.backend.starts_with("backend-"),
@@ -126,10 +126,23 @@ pub fn run(opts: &Options) -> Result<Vec<Measurement>> {
         let started = Instant::now();
         let body = topo.node().in_netns(|| scrape(metrics_addr))?;
         scrapes.push(started.elapsed());
-        ensure!(
-            memfind(&body, b"lbctl_backend_packets_total"),
-            "/metrics has no per-backend counters"
-        );
+        // Every backend of the table has its series in each per-backend family.
+        let backends = services * BACKENDS_PER_SERVICE
+            + usize::from(FIRST_CONNECTION_ROUNDS) * topo.backend_count();
+        // (`lbctl_backend_health` has one series per state: healthy, unhealthy, unknown.)
+        for (family, per_backend) in [
+            ("lbctl_backend_packets_total", 1),
+            ("lbctl_backend_bytes_total", 1),
+            ("lbctl_backend_connections_total", 1),
+            ("lbctl_backend_drained", 1),
+            ("lbctl_backend_health", 3),
+        ] {
+            let series = count_series(&body, family);
+            ensure!(
+                series == backends * per_backend,
+                "/metrics has {series} {family} series for {backends} backends"
+            );
+        }
         bytes = body.len();
     }
     drop(daemon);
@@ -192,8 +205,12 @@ fn scrape(addr: SocketAddr) -> Result<Vec<u8>> {
     Ok(answer.split_off(header_end + 4))
 }
 
-fn memfind(haystack: &[u8], needle: &[u8]) -> bool {
-    haystack.windows(needle.len()).any(|w| w == needle)
+/// The series of `family` in a scrape: its lines that start with `family{`.
+fn count_series(body: &[u8], family: &str) -> usize {
+    let start = format!("{family}{{");
+    body.split(|&b| b == b'\n')
+        .filter(|line| line.starts_with(start.as_bytes()))
+        .count()
 }
 
 /// Runs `f` and returns how long it took.

@@ -230,7 +230,7 @@ impl Bench {
                 "missing"
             }
         );
-        let conntrack_before = self.conntrack_count()?;
+        let conntrack_before = self.conntrack_entries()?;
         let before = self.flow_counters(mode)?;
         let (tcp_replies, udp_replies) = self.topo.client().in_netns(|| -> Result<_> {
             load::pin(0, self.cpu)?;
@@ -250,11 +250,13 @@ impl Bench {
         if mode == Mode::Lbctl {
             // With the NAT table gone conntrack must be off in the node: lbctl mode must not
             // pay for nftables' machinery.
-            let conntrack_after = self.conntrack_count()?;
+            let conntrack_after = self.conntrack_entries()?;
+            let tracked: Vec<&String> = conntrack_after.difference(&conntrack_before).collect();
             ensure!(
-                conntrack_after <= conntrack_before,
-                "conntrack still tracks connections in lbctl mode ({conntrack_before} → \
-                 {conntrack_after} entries)"
+                tracked.is_empty(),
+                "conntrack still tracks connections in lbctl mode: {} new entries, such as {:?}",
+                tracked.len(),
+                tracked.first()
             );
         }
         println!(
@@ -473,17 +475,38 @@ impl Bench {
         }
     }
 
-    /// Connections conntrack tracks in the node namespace (0 while its module is not loaded).
-    fn conntrack_count(&self) -> Result<u64> {
-        let path = "/proc/sys/net/netfilter/nf_conntrack_count";
-        match self.topo.node().in_netns(|| std::fs::read_to_string(path)) {
-            Ok(text) => text
-                .trim()
-                .parse()
-                .with_context(|| format!("{path}: {text:?}")),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(0),
-            Err(e) => Err(e).context(path),
+    /// The connections conntrack tracks in the node namespace, each as its protocol and
+    /// original tuple (none while its module is not loaded): an entry the lbctl round adds
+    /// means conntrack saw its traffic.
+    fn conntrack_entries(&self) -> Result<std::collections::BTreeSet<String>> {
+        let path = "/proc/net/nf_conntrack";
+        // Read through `ip netns exec`, which mounts the namespace's own /proc/net view.
+        let out = self.topo.node().exec(["cat", path])?;
+        if !out.status.success() {
+            let err = String::from_utf8_lossy(&out.stderr);
+            if err.contains("No such file") {
+                return Ok(std::collections::BTreeSet::new());
+            }
+            anyhow::bail!("cat {path}: {err}");
         }
+        Ok(String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|line| {
+                let fields: Vec<&str> = line.split_whitespace().collect();
+                let proto = fields.get(2).copied().unwrap_or_default();
+                let tuple: Vec<&str> = fields
+                    .iter()
+                    .copied()
+                    .filter(|f| {
+                        ["src=", "dst=", "sport=", "dport="]
+                            .iter()
+                            .any(|k| f.starts_with(k))
+                    })
+                    .take(4)
+                    .collect();
+                format!("{proto} {}", tuple.join(" "))
+            })
+            .collect())
     }
 
     /// New flows `mode`'s path has balanced so far, (TCP, UDP): lbctl's per-backend
@@ -580,7 +603,7 @@ fn check_counted(
     ] {
         let counted = after.saturating_sub(before);
         ensure!(
-            counted >= opened / 2,
+            counted >= opened.div_ceil(2),
             "{}'s {proto} flow counter moved by {counted} for {opened} new flows: the traffic \
              did not take its path",
             mode.name()

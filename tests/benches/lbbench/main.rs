@@ -86,14 +86,47 @@ impl Section {
 const USAGE: &str = "usage: lbbench [--bench] [--smoke] [--out DIR] [--seconds S] \
                      [--only packet,e2e,control,transmit,socket]";
 
-/// Parses the arguments. `cargo test` may pass libtest's own flags (`--nocapture`, a filter...):
-/// those are ignored, since this is no libtest binary.
-fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Options> {
+/// libtest's own flags, which `cargo test` may pass to every test binary, this one included:
+/// ignored (this is no libtest binary). The ones that take a value take it as `--flag=VALUE`
+/// or as the next argument.
+const LIBTEST_FLAGS: &[&str] = &[
+    "--nocapture",
+    "--show-output",
+    "--quiet",
+    "-q",
+    "--exact",
+    "--ignored",
+    "--include-ignored",
+    "--test",
+    "--list",
+];
+const LIBTEST_FLAGS_WITH_VALUE: &[&str] = &[
+    "--test-threads",
+    "--color",
+    "--format",
+    "--skip",
+    "-Z",
+    "--logfile",
+    "--shuffle-seed",
+];
+
+/// What the arguments ask for: a run, or nothing (a libtest name filter this bench does not
+/// match: `cargo test -- some_test` should not run every section as root).
+enum Parsed {
+    Run(Options),
+    FilteredOut,
+}
+
+/// Parses the arguments. An unknown flag is an error (a misspelt `--only` must not run every
+/// section); libtest's flags are ignored; a bare word is a libtest name filter, which selects
+/// this bench only if it is part of `lbbench` or a section's name.
+fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Parsed> {
     let mut bench = false;
     let mut smoke = false;
     let mut out = None;
     let mut seconds = None;
     let mut sections = Section::ALL.to_vec();
+    let mut filters = Vec::new();
     let mut args = args.into_iter();
     while let Some(arg) = args.next() {
         let mut value = |flag: &str| {
@@ -124,16 +157,34 @@ fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Options> {
                 println!("{USAGE}");
                 std::process::exit(0);
             }
-            _ => {}
+            flag if LIBTEST_FLAGS.contains(&flag) => {}
+            flag if LIBTEST_FLAGS_WITH_VALUE.contains(&flag) => {
+                value(flag)?;
+            }
+            flag if LIBTEST_FLAGS_WITH_VALUE
+                .iter()
+                .any(|known| flag.starts_with(&format!("{known}="))) => {}
+            flag if flag.starts_with('-') => bail!("unknown argument {flag:?}\n{USAGE}"),
+            filter => filters.push(filter.to_owned()),
         }
     }
+    let selected = filters.is_empty()
+        || filters.iter().any(|filter| {
+            "lbbench".contains(filter.as_str())
+                || Section::ALL
+                    .iter()
+                    .any(|s| s.name().contains(filter.as_str()))
+        });
+    if !selected {
+        return Ok(Parsed::FilteredOut);
+    }
     let smoke = smoke || !bench;
-    Ok(Options {
+    Ok(Parsed::Run(Options {
         smoke,
         out: out.unwrap_or_else(default_out),
         seconds: seconds.unwrap_or(if smoke { 0.3 } else { 3.0 }),
         sections,
-    })
+    }))
 }
 
 /// `<target dir>/bench`: beside the profile folder the bench runs from.
@@ -147,7 +198,13 @@ fn default_out() -> PathBuf {
 }
 
 fn main() -> Result<()> {
-    let opts = parse_args(std::env::args().skip(1))?;
+    let opts = match parse_args(std::env::args().skip(1))? {
+        Parsed::Run(opts) => opts,
+        Parsed::FilteredOut => {
+            println!("lbbench: not selected by the name filter; nothing run");
+            return Ok(());
+        }
+    };
     lb_tests::require_root()?;
     let started = Instant::now();
     let mut measurements: Vec<Measurement> = Vec::new();

@@ -654,19 +654,10 @@ impl Loaded {
     }
 }
 
-/// Keeps the calling thread on one CPU (the last), so that the per-packet times are one
-/// core's and no run migrates.
+/// Keeps the calling thread on one CPU (the last this process may run on), so that the
+/// per-packet times are one core's and no run migrates.
 fn pin_to_one_cpu() -> Result<()> {
-    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-    // SAFETY: cpu_set_t is plain data; CPU_SET writes inside it; sched_setaffinity reads it.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(cpus - 1, &mut set);
-        if libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set) != 0 {
-            return Err(std::io::Error::last_os_error()).context("sched_setaffinity");
-        }
-    }
-    Ok(())
+    lb_tests::cpu::pin(0, lb_tests::cpu::last()?)
 }
 
 fn if_index(name: &str) -> Result<u32> {

@@ -12,7 +12,7 @@ use std::sync::Barrier;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use lb_tests::client::{Handshake, connect_with};
+use lb_tests::client::connect;
 
 /// One HTTP request on a new connection: the server answers and closes, so the client is the
 /// passive closer and leaves no TIME_WAIT behind that would exhaust its ports.
@@ -140,7 +140,7 @@ fn worker(kind: Kind, target: Target, start: &Barrier, duration: Duration) -> Re
     // others waiting forever.
     let setup = match kind {
         Kind::NewConnections => Ok(Setup::None),
-        Kind::KeptAlive => connect_with(target.addr, Handshake::SeparateAck).map(Setup::Tcp),
+        Kind::KeptAlive => connect(target.addr).map(Setup::Tcp),
         Kind::Udp => udp_sockets(target).map(Setup::Udp),
     };
     start.wait();
@@ -195,7 +195,7 @@ impl Tally {
 
 /// One connection, one request, the server's close; returns the backend that answered.
 fn new_connection(target: Target, buf: &mut Vec<u8>) -> Result<usize> {
-    let mut stream = connect_with(target.addr, Handshake::SeparateAck)?;
+    let mut stream = connect(target.addr)?;
     stream
         .write_all(GET_CLOSE)
         .with_context(|| format!("cannot send a request to {}", target.addr))?;
@@ -346,35 +346,14 @@ fn busy_time(cpu: usize) -> Result<Duration> {
     Ok(Duration::from_nanos(busy * 1_000_000_000 / hz))
 }
 
-/// The highest-numbered CPU this process may run on: the load's, leaving CPU 0 (which usually
-/// takes more of the machine's housekeeping) to the rest.
+/// The highest-numbered CPU this process may run on: the load's, leaving the first (which
+/// usually takes more of the machine's housekeeping) to the rest.
 pub fn last_cpu() -> Result<usize> {
-    // SAFETY: as in `pin`; sched_getaffinity only writes inside the set it is given.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        if libc::sched_getaffinity(0, size_of::<libc::cpu_set_t>(), &mut set) != 0 {
-            return Err(std::io::Error::last_os_error()).context("sched_getaffinity");
-        }
-        (0..libc::CPU_SETSIZE as usize)
-            .rev()
-            .find(|&cpu| libc::CPU_ISSET(cpu, &set))
-            .context("this process may run on no CPU")
-    }
+    lb_tests::cpu::last()
 }
 
 /// Pins thread `tid` (0: the calling thread) to CPU `cpu`. Threads it starts afterwards
 /// inherit the pinning.
 pub fn pin(tid: libc::pid_t, cpu: usize) -> Result<()> {
-    // SAFETY: cpu_set_t is plain data, all zeroes is the empty set; CPU_SET only writes
-    // inside it (it ignores a cpu beyond the set's size, which the kernel then refuses).
-    let rc = unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(cpu, &mut set);
-        libc::sched_setaffinity(tid, size_of::<libc::cpu_set_t>(), &set)
-    };
-    if rc != 0 {
-        return Err(std::io::Error::last_os_error())
-            .with_context(|| format!("cannot pin thread {tid} to CPU {cpu}"));
-    }
-    Ok(())
+    lb_tests::cpu::pin(tid, cpu)
 }
