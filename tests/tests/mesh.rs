@@ -1003,7 +1003,12 @@ fn a_packet_too_big_once_encapsulated_is_dropped_and_counted() {
         let mut buf = [0u8; 2048];
         let (len, from) = socket.recv_from(&mut buf).unwrap();
         assert_eq!(from, std::net::SocketAddr::V4(addr));
-        assert!(len > 0);
+        let reply = client::Reply::parse(std::str::from_utf8(&buf[..len]).unwrap()).unwrap();
+        assert_eq!(
+            *reply.client_seen.ip(),
+            cluster.mesh.client_ip(),
+            "{reply:?}"
+        );
         // One byte more than the overlay MTU: the client's own MTU lets it out, encapsulation
         // would not fit the underlay.
         let too_big = vec![b'x'; overlay_mtu - 28 + 1];
