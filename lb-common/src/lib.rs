@@ -288,6 +288,38 @@ pub struct ReverseValue {
 }
 assert_size!(ReverseValue, 16);
 
+/// The `REVERSE_FLOWS` entry of the client → service flow `key` pinned as `flow`: the reply's
+/// 5-tuple (backend → client, or for a hairpin flow backend → its source `snat`), and the
+/// address and port the client connected to (`orig`), with the client for a hairpin flow.
+#[inline(always)]
+pub fn reverse_entry(
+    key: &FlowKey,
+    flow: &FlowValue,
+    (orig_ip_be, orig_port_be): (u32, u16),
+    snat: Option<&SnatValue>,
+) -> (FlowKey, ReverseValue) {
+    let (dst_ip_be, dst_port_be, client_ip_be, client_port_be) = match snat {
+        Some(snat) => (snat.ip_be, snat.port_be, key.src_ip_be, key.src_port_be),
+        None => (key.src_ip_be, key.src_port_be, 0, 0),
+    };
+    let reverse_key = FlowKey {
+        src_ip_be: flow.backend_ip_be,
+        dst_ip_be,
+        src_port_be: flow.backend_port_be,
+        dst_port_be,
+        proto: key.proto,
+        _pad: [0; 3],
+    };
+    let reverse = ReverseValue {
+        orig_ip_be,
+        orig_port_be,
+        client_port_be,
+        backend_id: flow.backend_id,
+        client_ip_be,
+    };
+    (reverse_key, reverse)
+}
+
 /// Value of `SNAT_FLOWS`, keyed by a hairpin flow's client → service 5-tuple (`FLOW_SNAT`):
 /// the source address and port its packets get on their way to the backend.
 #[repr(C)]

@@ -8,7 +8,7 @@ use aya_ebpf::{
 };
 use lb_common::{
     BACKEND_ACTIVE, Event, FLOW_BACKEND_FIN, FLOW_CLIENT_FIN, FLOW_CLOSING,
-    FLOW_SEEN_GRANULARITY_NS, FlowKey, FlowValue, Reason, ReverseValue, SnatValue,
+    FLOW_SEEN_GRANULARITY_NS, FlowKey, FlowValue, Reason, ReverseValue, SnatValue, reverse_entry,
 };
 
 use crate::{
@@ -343,36 +343,4 @@ pub fn remove_if_present<V>(map: &LruHashMap<FlowKey, V>, key: &FlowKey) {
     if unsafe { map.get(key) }.is_some() {
         let _ = map.remove(key);
     }
-}
-
-/// The `REVERSE_FLOWS` entry of the client → service flow `key` pinned as `flow`: the reply's
-/// 5-tuple (backend → client, or for a hairpin flow backend → its source `snat`), and the
-/// address and port the client connected to (`orig`), with the client for a hairpin flow.
-#[inline(always)]
-pub fn reverse_entry(
-    key: &FlowKey,
-    flow: &FlowValue,
-    (orig_ip_be, orig_port_be): (u32, u16),
-    snat: Option<&SnatValue>,
-) -> (FlowKey, ReverseValue) {
-    let (dst_ip_be, dst_port_be, client_ip_be, client_port_be) = match snat {
-        Some(snat) => (snat.ip_be, snat.port_be, key.src_ip_be, key.src_port_be),
-        None => (key.src_ip_be, key.src_port_be, 0, 0),
-    };
-    let reverse_key = FlowKey {
-        src_ip_be: flow.backend_ip_be,
-        dst_ip_be,
-        src_port_be: flow.backend_port_be,
-        dst_port_be,
-        proto: key.proto,
-        _pad: [0; 3],
-    };
-    let reverse = ReverseValue {
-        orig_ip_be,
-        orig_port_be,
-        client_port_be,
-        backend_id: flow.backend_id,
-        client_ip_be,
-    };
-    (reverse_key, reverse)
 }

@@ -15,9 +15,10 @@ use network_types::{eth::EthHdr, udp::UdpHdr};
 use crate::{
     conntrack,
     encap::{VXLAN_FLAG_VNI, VxlanHdr},
-    forward, frag, ingress,
+    forward, frag,
     maps::{BACKENDS, LOCAL_BACKENDS, NODES, REVERSE_FLOWS, TUNNEL_REPLIES},
     parse::{self, Packet, ptr_at},
+    reply,
 };
 
 /// True for a packet to this node's overlay port: VXLAN that is this node's to handle.
@@ -101,7 +102,7 @@ pub fn xdp_from_node(
         if !hosts_backend_of(outer.src_ip_be, &reverse) {
             return drop(Reason::DropVxlanWrongNode);
         }
-        let outcome = ingress::reply(ctx, &inner, &reverse);
+        let outcome = reply::reply(ctx, &inner, &reverse);
         if let Some(id_be) = fragment {
             frag::remember_reply_from_node(&inner, id_be, &reverse, &outcome);
         }
@@ -114,7 +115,7 @@ pub fn xdp_from_node(
     if let Some(id_be) = fragment {
         frag::remember_delivery(&inner, id_be);
     }
-    deliver(ctx, &inner)
+    forward::deliver(ctx, &inner)
 }
 
 /// Only the node that hosts a flow's backend may send its replies.
@@ -170,15 +171,4 @@ pub fn remember_ingress_node(key: &FlowKey, node_ip_be: u32) {
         // Absent in all but the port-reuse case above.
         conntrack::remove_if_present(&REVERSE_FLOWS, &reply_key);
     }
-}
-
-/// Sends a decapsulated client packet on to its backend on this node.
-#[inline(always)]
-pub fn deliver(ctx: &XdpContext, inner: &Packet) -> Result<(u32, Reason), Reason> {
-    let egress = forward::decide(ctx, inner, inner.src_ip_be, inner.dst_ip_be);
-    forward::route(
-        ctx,
-        &egress,
-        [Reason::DecapTx, Reason::DecapRedirect, Reason::DecapStack],
-    )
 }

@@ -3,17 +3,12 @@
 //! replies of flows another node sent here. Checksums go through the kernel helpers, which
 //! also handle packets whose checksum is left to the NIC (CHECKSUM_PARTIAL).
 use aya_ebpf::{
-    bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, TC_ACT_SHOT, TC_ACT_UNSPEC},
+    bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC},
     programs::TcContext,
 };
-use lb_common::{PROTO_UDP, Reason, ReverseValue};
+use lb_common::{PROTO_UDP, Reason};
 
-use crate::{
-    conntrack, encap, frag,
-    maps::TUNNEL_REPLIES,
-    parse::{self, IP_CHECK_OFF, IP_SRC_OFF},
-    socklb, stats,
-};
+use crate::{conntrack, encap, frag, maps::TUNNEL_REPLIES, nat, parse, socklb, stats};
 
 /// Headers the parser may need in the linear part of the skb: Ethernet, IPv4 with the largest
 /// options, TCP without options.
@@ -62,53 +57,15 @@ pub fn try_lb_tc_egress(ctx: &mut TcContext) -> Result<i32, i64> {
         return Ok(TC_ACT_SHOT);
     }
     conntrack::note_reply(&pkt, &reverse);
-    rewrite_l4_source(
+    nat::rewrite_l4_source(
         ctx,
         (pkt.l4_off, pkt.l4_check_off, pkt.proto == PROTO_UDP),
         (pkt.src_ip_be, pkt.src_port_be),
         &reverse,
     )?;
-    rewrite_l3_source(ctx, pkt.src_ip_be, reverse.orig_ip_be)?;
+    nat::rewrite_l3_source(ctx, pkt.src_ip_be, reverse.orig_ip_be)?;
     let bytes = u64::from(ctx.len());
     stats::count_reason(Reason::ReplyEgress, bytes);
     stats::count_reply(reverse.backend_id, bytes);
     Ok(TC_ACT_UNSPEC)
-}
-
-/// The L4 half of a reply's reverse NAT: its source port (`old_port`, at `l4_off`: the first
-/// field of both headers) becomes the one the client connected to, and its checksum (at
-/// `check_off`) follows the address and the port (`old_ip` → `reverse.orig_ip_be`; the address
-/// itself is rewritten by [`rewrite_l3_source`]). UDP's checksum 0 (none) stays 0.
-#[inline(always)]
-pub fn rewrite_l4_source(
-    ctx: &mut TcContext,
-    (l4_off, check_off, udp): (usize, usize, bool),
-    (old_ip, old_port): (u32, u16),
-    reverse: &ReverseValue,
-) -> Result<(), i64> {
-    let udp_flag = if udp {
-        u64::from(BPF_F_MARK_MANGLED_0)
-    } else {
-        0
-    };
-    ctx.l4_csum_replace(
-        check_off,
-        u64::from(old_ip),
-        u64::from(reverse.orig_ip_be),
-        u64::from(BPF_F_PSEUDO_HDR) | udp_flag | 4,
-    )?;
-    ctx.l4_csum_replace(
-        check_off,
-        u64::from(old_port),
-        u64::from(reverse.orig_port_be),
-        udp_flag | 2,
-    )?;
-    ctx.store(l4_off, &reverse.orig_port_be, 0)
-}
-
-/// The L3 half of a reply's reverse NAT: the source address and the header checksum.
-#[inline(always)]
-pub fn rewrite_l3_source(ctx: &mut TcContext, old_ip: u32, new_ip: u32) -> Result<(), i64> {
-    ctx.l3_csum_replace(IP_CHECK_OFF, u64::from(old_ip), u64::from(new_ip), 4)?;
-    ctx.store(IP_SRC_OFF, &new_ip, 0)
 }

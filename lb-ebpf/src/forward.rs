@@ -15,7 +15,7 @@ use network_types::eth::EthHdr;
 
 use crate::{
     csum,
-    maps::{ROUTE_CACHE, TX_PORTS},
+    maps::{CachedRoute, ROUTE_CACHE, ROUTE_CACHE_BITS, TX_PORTS},
     nat::{load16, store16},
     parse::{IP_CHECK_OFF, IP_TTL_OFF, Packet, ptr_at},
     xmit,
@@ -32,32 +32,9 @@ pub struct NextHop {
     pub mtu: u16,
 }
 
-/// Slots of the per-CPU route cache (a power of two: the slot is a hash's top bits).
-pub const ROUTE_CACHE_SLOTS: u32 = 1 << ROUTE_CACHE_BITS;
-const ROUTE_CACHE_BITS: u32 = 10;
 /// How long a cached FIB answer is used: route and neighbour changes reach the data plane
 /// within this time.
 const ROUTE_CACHE_TTL_NS: u64 = 100_000_000;
-
-/// A FIB answer this CPU got for `dst_ip_be`, arriving on `ingress_ifindex`, at `checked_ns`
-/// (coarse monotonic clock; 0: empty slot). Only answers that do not depend on the packet are
-/// kept: a forward (with its egress MTU, so the length check still applies to every packet)
-/// and "local address".
-#[repr(C)]
-#[derive(Clone, Copy)]
-pub struct CachedRoute {
-    pub checked_ns: u64,
-    pub dst_ip_be: u32,
-    pub ingress_ifindex: u32,
-    pub ifindex: u32,
-    /// `BPF_FIB_LKUP_RET_SUCCESS` or `BPF_FIB_LKUP_RET_NOT_FWDED`.
-    pub rc: u32,
-    pub mtu: u16,
-    pub smac: [u8; 6],
-    pub dmac: [u8; 6],
-    pub _pad: [u8; 2],
-}
-const _: () = assert!(core::mem::size_of::<CachedRoute>() == 40);
 
 /// How a packet leaves XDP.
 pub enum Egress {
@@ -373,4 +350,15 @@ pub fn send(ctx: &XdpContext, egress: &Egress) -> u32 {
             .unwrap_or(xdp_action::XDP_PASS),
         Egress::Stack => xdp_action::XDP_PASS,
     }
+}
+
+/// Sends a decapsulated client packet on to its backend on this node.
+#[inline(always)]
+pub fn deliver(ctx: &XdpContext, inner: &Packet) -> Result<(u32, Reason), Reason> {
+    let egress = decide(ctx, inner, inner.src_ip_be, inner.dst_ip_be);
+    route(
+        ctx,
+        &egress,
+        [Reason::DecapTx, Reason::DecapRedirect, Reason::DecapStack],
+    )
 }

@@ -14,26 +14,13 @@ use aya_ebpf::{
 use lb_common::{FLOW_SNAT, FlowKey, PROTO_UDP, Reason, ReverseValue};
 
 use crate::{
-    conntrack, decap, egress, encap,
+    conntrack, encap,
     forward::{self, Egress},
-    ingress,
-    maps::{FLOWS, FRAGMENTS, TUNNEL_REPLIES},
+    maps::{FLOWS, FRAGMENTS, FragmentKey, FragmentNat, TUNNEL_REPLIES},
     nat::{self, Side},
     parse::{self, Fragment, Packet},
-    stats,
+    reply, stats,
 };
-
-/// Key of `FRAGMENTS`: a fragmented datagram as it arrives, and what its later fragments get.
-#[repr(C)]
-#[derive(Clone, Copy)]
-pub struct FragmentKey {
-    pub src_ip_be: u32,
-    pub dst_ip_be: u32,
-    pub id_be: u16,
-    /// [`TO_BACKEND`], [`TO_CLIENT`], [`DELIVER`] or [`TUNNEL`].
-    pub direction: u8,
-    pub _pad: u8,
-}
 
 /// A client's datagram to a service: the later fragments get the backend's address, and are
 /// encapsulated to its node if it has one.
@@ -46,22 +33,6 @@ const DELIVER: u8 = 3;
 /// A backend's reply to a flow another node balanced: the later fragments are encapsulated
 /// back to that node.
 const TUNNEL: u8 = 4;
-
-/// Value of `FRAGMENTS`: the address the later fragments get (the backend for a request, the
-/// service for a reply), the flow's backend, whose counters they add to, and where they are
-/// encapsulated to.
-#[repr(C)]
-#[derive(Clone, Copy)]
-pub struct FragmentNat {
-    pub ip_be: u32,
-    pub backend_id: u32,
-    /// The node the fragments are encapsulated to ([`TO_BACKEND`] towards another node's
-    /// backend, [`TUNNEL`]); 0 otherwise.
-    pub node_ip_be: u32,
-    /// The outer UDP source port of the datagram's flow, when encapsulated.
-    pub tunnel_port: u16,
-    pub _pad: u16,
-}
 
 impl FragmentNat {
     fn rewrite(ip_be: u32, backend_id: u32) -> FragmentNat {
@@ -158,7 +129,7 @@ pub fn tc_reply(ctx: &mut TcContext) -> Result<i32, i64> {
     let Some(pkt) = first_as_packet(&frag) else {
         if let Some(nat) = recall(&key_of(&frag, TO_CLIENT)) {
             stats::count_reply(nat.backend_id, bytes);
-            egress::rewrite_l3_source(ctx, frag.src_ip_be, nat.ip_be)?;
+            nat::rewrite_l3_source(ctx, frag.src_ip_be, nat.ip_be)?;
             stats::count_reason(Reason::ReplyEgress, bytes);
         } else if let Some(nat) = recall(&key_of(&frag, TUNNEL)) {
             let pkt = later_as_packet(&frag, frag.dst_ip_be);
@@ -189,7 +160,7 @@ pub fn tc_reply(ctx: &mut TcContext) -> Result<i32, i64> {
     if reverse.client_ip_be != 0 {
         return Ok(TC_ACT_UNSPEC);
     }
-    egress::rewrite_l4_source(
+    nat::rewrite_l4_source(
         ctx,
         (pkt.l4_off, pkt.l4_check_off, true),
         (frag.src_ip_be, pkt.src_port_be),
@@ -200,7 +171,7 @@ pub fn tc_reply(ctx: &mut TcContext) -> Result<i32, i64> {
         &FragmentNat::rewrite(reverse.orig_ip_be, reverse.backend_id),
     );
     stats::count_reply(reverse.backend_id, bytes);
-    egress::rewrite_l3_source(ctx, frag.src_ip_be, reverse.orig_ip_be)?;
+    nat::rewrite_l3_source(ctx, frag.src_ip_be, reverse.orig_ip_be)?;
     stats::count_reason(Reason::ReplyEgress, bytes);
     Ok(TC_ACT_UNSPEC)
 }
@@ -325,7 +296,7 @@ pub fn later_from_node(ctx: &XdpContext, frag: &Fragment) -> Result<(u32, Reason
             Egress::Tx(ref hop) => (hop, Reason::ReplyTx),
             Egress::Redirect(ref hop) => (hop, Reason::ReplyRedirect),
             // For one of the node's own sockets, as its first fragment was.
-            Egress::Stack if ingress::is_host_addr(frag.dst_ip_be) => {
+            Egress::Stack if reply::is_host_addr(frag.dst_ip_be) => {
                 let (data, data_end) = (ctx.data(), ctx.data_end());
                 nat::rewrite_address_only(data, data_end, Side::Src, frag.src_ip_be, nat.ip_be)
                     .ok_or(Reason::PassTruncated)?;
@@ -343,7 +314,7 @@ pub fn later_from_node(ctx: &XdpContext, frag: &Fragment) -> Result<(u32, Reason
         return Ok((forward::send(ctx, &egress), reason));
     }
     if recall(&key_of(frag, DELIVER)).is_some() {
-        return decap::deliver(ctx, &later_as_packet(frag, frag.dst_ip_be));
+        return forward::deliver(ctx, &later_as_packet(frag, frag.dst_ip_be));
     }
     Ok((xdp_action::XDP_DROP, Reason::DropVxlanNotLocalBackend))
 }

@@ -4,20 +4,18 @@ use aya_ebpf::{
     bindings::xdp_action, helpers::generated::bpf_ktime_get_coarse_ns, programs::XdpContext,
 };
 use lb_common::{
-    Event, FLOW_SNAT, FlowKey, FlowValue, MacKey, PROTO_TCP, Reason, ReverseValue,
-    SCHEDULER_MAGLEV, SERVICE_FAIL_OPEN, ServiceValue, SnatValue,
+    Event, FLOW_SNAT, FlowKey, FlowValue, MacKey, PROTO_TCP, Reason, SCHEDULER_MAGLEV,
+    SERVICE_FAIL_OPEN, ServiceValue, SnatValue,
 };
 use network_types::eth::EthHdr;
 
 use crate::{
     conntrack::{self, Lookup},
-    decap, encap,
-    forward::{self, Egress},
-    frag,
-    maps::{HOST_ADDRS, HOST_MACS},
+    decap, encap, forward, frag,
+    maps::HOST_MACS,
     nat::{self, Side},
     parse::{self, Packet, ptr_at},
-    select, snat, stats,
+    reply, select, snat, stats,
 };
 
 /// The service a packet is addressed to: first by its exact address (a VIP), then by port on
@@ -71,7 +69,7 @@ pub fn try_lb_xdp(ctx: &XdpContext) -> Result<(u32, Reason), Reason> {
         return Err(Reason::PassFragment);
     }
     match conntrack::reverse_lookup(&key) {
-        Some(reverse) => reply(ctx, &pkt, &reverse),
+        Some(reverse) => reply::reply(ctx, &pkt, &reverse),
         None => Err(Reason::PassNotService),
     }
 }
@@ -110,7 +108,7 @@ fn to_service(
     if !pkt.is_tcp_syn()
         && let Some(reverse) = conntrack::reverse_lookup(key)
     {
-        return reply(ctx, pkt, &reverse);
+        return reply::reply(ctx, pkt, &reverse);
     }
     if for_another_host(ctx) {
         return Err(Reason::PassOtherHost);
@@ -186,29 +184,6 @@ fn for_another_host(ctx: &XdpContext) -> bool {
     unsafe { HOST_MACS.get(&key) }.is_none()
 }
 
-/// A reply's source becomes the address its client connected to. Returns the packet's length.
-#[inline(always)]
-fn restore_source(ctx: &XdpContext, pkt: &Packet, reverse: &ReverseValue) -> Result<u64, Reason> {
-    let (data, data_end) = (ctx.data(), ctx.data_end());
-    nat::rewrite(
-        data,
-        data_end,
-        pkt,
-        Side::Src,
-        reverse.orig_ip_be,
-        reverse.orig_port_be,
-    )
-    .ok_or(Reason::PassTruncated)?;
-    Ok((data_end - data) as u64)
-}
-
-/// Whether `ip_be` is one of the node's own addresses (`HOST_ADDRS`).
-#[inline(always)]
-pub fn is_host_addr(ip_be: u32) -> bool {
-    // SAFETY: a set written by userspace; only presence is read.
-    unsafe { HOST_ADDRS.get(&ip_be) }.is_some()
-}
-
 /// DNATs a client's packet to its flow's backend (and gives a hairpin flow's packet its source,
 /// `snat`) and sends it on: routed to a backend this node reaches, or encapsulated to the node
 /// that hosts it.
@@ -258,49 +233,4 @@ fn to_backend(
         stats::count_to_backend(flow.backend_id, bytes, new_flow);
     }
     outcome
-}
-
-/// Reverse-NATs a backend's reply when XDP can send it on itself, or when it is for one of the
-/// node's own sockets. Otherwise the reply goes to the kernel untouched: with the node's own
-/// address as its source the kernel would drop it as martian, so the TC egress program NATs it
-/// on its way out instead.
-#[inline(always)]
-pub fn reply(
-    ctx: &XdpContext,
-    pkt: &Packet,
-    reverse: &ReverseValue,
-) -> Result<(u32, Reason), Reason> {
-    conntrack::note_reply(pkt, reverse);
-    let hairpin = reverse.client_ip_be != 0;
-    let (client_ip_be, client_port_be) = conntrack::client_of(pkt, reverse);
-    let egress = forward::decide(ctx, pkt, reverse.orig_ip_be, client_ip_be);
-    let (hop, reason) = match egress {
-        Egress::Tx(ref hop) => (hop, Reason::ReplyTx),
-        Egress::Redirect(ref hop) => (hop, Reason::ReplyRedirect),
-        // Addressed to this node, a hairpin flow's reply cannot be left to the kernel.
-        Egress::Stack if hairpin => return Ok((xdp_action::XDP_DROP, Reason::DropSnatNoRoute)),
-        // To one of the node's own sockets (`socklb`), which no TC program will see: NATed
-        // here, and delivered by the kernel.
-        Egress::Stack if is_host_addr(client_ip_be) => {
-            let bytes = restore_source(ctx, pkt, reverse)?;
-            stats::count_reply(reverse.backend_id, bytes);
-            return Ok((xdp_action::XDP_PASS, Reason::ReplyLocal));
-        }
-        Egress::Stack => return Ok((xdp_action::XDP_PASS, Reason::ReplyStack)),
-    };
-    let bytes = restore_source(ctx, pkt, reverse)?;
-    if hairpin {
-        nat::rewrite(
-            ctx.data(),
-            ctx.data_end(),
-            pkt,
-            Side::Dst,
-            client_ip_be,
-            client_port_be,
-        )
-        .ok_or(Reason::PassTruncated)?;
-    }
-    forward::prepare_l2(ctx, hop).ok_or(Reason::PassTruncated)?;
-    stats::count_reply(reverse.backend_id, bytes);
-    Ok((forward::send(ctx, &egress), reason))
 }

@@ -1,9 +1,5 @@
 //! Every map of the data plane. Userspace pins each one under the instance's bpffs folder by
 //! the same name (`lb_common::map_names`), so maps outlive the programs and `lbctl` itself.
-use crate::{
-    forward::{CachedRoute, ROUTE_CACHE_SLOTS},
-    frag::{FragmentKey, FragmentNat},
-};
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
     macros::map,
@@ -154,3 +150,58 @@ pub static FRAGMENTS: LruHashMap<FragmentKey, FragmentNat> =
 #[map]
 pub static ROUTE_CACHE: PerCpuArray<CachedRoute> =
     PerCpuArray::with_max_entries(ROUTE_CACHE_SLOTS, 0);
+
+// Value and key types of the maps that are the data plane's alone (not pinned, never read
+// by userspace); the pinned ones' live in `lb_common`.
+
+/// Slots of the per-CPU route cache (a power of two: the slot is a hash's top bits).
+pub const ROUTE_CACHE_SLOTS: u32 = 1 << ROUTE_CACHE_BITS;
+pub const ROUTE_CACHE_BITS: u32 = 10;
+
+/// A FIB answer this CPU got for `dst_ip_be`, arriving on `ingress_ifindex`, at `checked_ns`
+/// (coarse monotonic clock; 0: empty slot). Only answers that do not depend on the packet are
+/// kept: a forward (with its egress MTU, so the length check still applies to every packet)
+/// and "local address".
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct CachedRoute {
+    pub checked_ns: u64,
+    pub dst_ip_be: u32,
+    pub ingress_ifindex: u32,
+    pub ifindex: u32,
+    /// `BPF_FIB_LKUP_RET_SUCCESS` or `BPF_FIB_LKUP_RET_NOT_FWDED`.
+    pub rc: u32,
+    pub mtu: u16,
+    pub smac: [u8; 6],
+    pub dmac: [u8; 6],
+    pub _pad: [u8; 2],
+}
+const _: () = assert!(core::mem::size_of::<CachedRoute>() == 40);
+
+/// Key of `FRAGMENTS`: a fragmented datagram as it arrives, and what its later fragments get.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct FragmentKey {
+    pub src_ip_be: u32,
+    pub dst_ip_be: u32,
+    pub id_be: u16,
+    /// `frag::TO_BACKEND`, `TO_CLIENT`, `DELIVER` or `TUNNEL`.
+    pub direction: u8,
+    pub _pad: u8,
+}
+
+/// Value of `FRAGMENTS`: the address the later fragments get (the backend for a request, the
+/// service for a reply), the flow's backend, whose counters they add to, and where they are
+/// encapsulated to.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct FragmentNat {
+    pub ip_be: u32,
+    pub backend_id: u32,
+    /// The node the fragments are encapsulated to (`frag::TO_BACKEND` towards another node's
+    /// backend, `frag::TUNNEL`); 0 otherwise.
+    pub node_ip_be: u32,
+    /// The outer UDP source port of the datagram's flow, when encapsulated.
+    pub tunnel_port: u16,
+    pub _pad: u16,
+}

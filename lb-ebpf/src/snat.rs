@@ -16,7 +16,7 @@ use lb_common::{
 };
 
 use crate::{
-    conntrack, encap,
+    encap,
     maps::{FLOWS, ONLINK_SUBNETS, REVERSE_FLOWS, SNAT_FLOWS},
     parse::Packet,
 };
@@ -104,7 +104,7 @@ pub fn allocate(
     for step in 0..3 * PROBES {
         let (pass, i) = (step / PROBES, step % PROBES);
         let snat = probe(snat_ip_be, start, i);
-        let (reply_key, reverse) = conntrack::reverse_entry(key, flow, orig, Some(&snat));
+        let (reply_key, reverse) = lb_common::reverse_entry(key, flow, orig, Some(&snat));
         let claimed = match pass {
             OWN => {
                 // SAFETY: copied out at once.

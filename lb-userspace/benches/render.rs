@@ -6,7 +6,7 @@
 //! ```
 use std::{hint::black_box, time::Instant};
 
-use lb_userspace::metrics::{BackendSnapshot, Health, ServiceSnapshot, Snapshot, render};
+use lb_userspace::daemon::metrics::{BackendSnapshot, Health, ServiceSnapshot, Snapshot, render};
 
 const RUNS: usize = 50;
 

@@ -3,9 +3,10 @@ use std::{net::Ipv4Addr, path::PathBuf, process::ExitCode};
 
 use clap::{ArgGroup, Parser, Subcommand};
 use lb_userspace::{
-    commands::{self, AttachMode, TransmitChoice},
+    commands,
+    dataplane::install::{AttachMode, TransmitChoice},
     instance,
-    model::{self, BackendSpec, Proto, Scheduler},
+    table::{self, BackendSpec, Proto, Scheduler},
 };
 
 #[derive(Parser)]
@@ -114,14 +115,14 @@ enum Command {
         #[arg(long = "seed", value_name = "IP:PORT", requires = "cluster", value_parser = parse_gossip_addr)]
         seeds: Vec<std::net::SocketAddrV4>,
         /// The address other nodes send VXLAN to (default: the IP of --gossip-addr).
-        #[arg(long, value_name = "IP", requires = "cluster", value_parser = model::parse_node_ip)]
+        #[arg(long, value_name = "IP", requires = "cluster", value_parser = table::parse_node_ip)]
         underlay_ip: Option<Ipv4Addr>,
         /// Time between gossip rounds; a silent member is dead after about --phi-threshold
         /// times the mean interval between its heartbeats.
-        #[arg(long, default_value = "500ms", value_parser = model::parse_duration_ms, value_name = "DURATION")]
+        #[arg(long, default_value = "500ms", value_parser = table::parse_duration_ms, value_name = "DURATION")]
         gossip_interval: u64,
         /// The failure detector's threshold (chitchat's phi: silence / mean heartbeat interval).
-        #[arg(long, default_value_t = lb_userspace::gossip::DEFAULT_PHI_THRESHOLD, value_name = "PHI")]
+        #[arg(long, default_value_t = lb_userspace::cluster::gossip::DEFAULT_PHI_THRESHOLD, value_name = "PHI")]
         phi_threshold: f64,
     },
     /// The gossiped cluster as this node's daemon sees it.
@@ -160,7 +161,7 @@ enum ClusterCommand {
 }
 
 fn parse_node_name(s: &str) -> Result<String, String> {
-    model::validate_name("node", s).map(|()| s.to_owned())
+    table::validate_name("node", s).map(|()| s.to_owned())
 }
 
 /// A gossip address: a unicast IPv4 address other nodes can reach, and a port.
@@ -169,9 +170,9 @@ fn parse_gossip_addr(s: &str) -> Result<std::net::SocketAddrV4, String> {
         .rsplit_once(':')
         .ok_or_else(|| format!("invalid gossip address '{s}': expected IP:PORT"))?;
     let ip =
-        model::parse_node_ip(ip).map_err(|err| format!("invalid gossip address '{s}': {err}"))?;
+        table::parse_node_ip(ip).map_err(|err| format!("invalid gossip address '{s}': {err}"))?;
     let port =
-        model::parse_port(port).map_err(|err| format!("invalid gossip address '{s}': {err}"))?;
+        table::parse_port(port).map_err(|err| format!("invalid gossip address '{s}': {err}"))?;
     Ok(std::net::SocketAddrV4::new(ip, port))
 }
 
@@ -180,16 +181,16 @@ enum ServiceCommand {
     /// Publish PORT and balance new connections over the backends (round-robin by default).
     Add {
         name: String,
-        #[arg(value_parser = model::parse_port)]
+        #[arg(value_parser = table::parse_port)]
         port: u16,
         /// Backends; `@NODE` for one on another node of the mesh, reached through VXLAN; `*W`
         /// for a weight (a share of the new flows, 0 to 256; default 1; 0: none).
-        #[arg(required = true, value_name = "IP:PORT[@NODE][*W]", value_parser = model::parse_weighted_backend_spec)]
+        #[arg(required = true, value_name = "IP:PORT[@NODE][*W]", value_parser = table::parse_weighted_backend_spec)]
         backends: Vec<BackendSpec>,
         #[arg(long, default_value = "tcp", value_parser = |s: &str| s.parse::<Proto>())]
         proto: Proto,
         /// Publish on this address only, instead of every local address of the node.
-        #[arg(long, value_parser = model::parse_vip)]
+        #[arg(long, value_parser = table::parse_vip)]
         vip: Option<std::net::Ipv4Addr>,
         /// How new flows choose a backend: `rr` (round-robin; a connection whose flow-table
         /// entry was evicted is reset) or `maglev` (consistent hash of the 5-tuple; it reaches
@@ -230,10 +231,10 @@ enum ServiceCommand {
         #[arg(long, value_name = "STATUS")]
         expect_status: Option<u16>,
         /// Time between probes, e.g. 2s or 500ms.
-        #[arg(long, value_parser = model::parse_duration_ms, value_name = "DURATION")]
+        #[arg(long, value_parser = table::parse_duration_ms, value_name = "DURATION")]
         interval: Option<u64>,
         /// Time a probe may take, e.g. 1s.
-        #[arg(long, value_parser = model::parse_duration_ms, value_name = "DURATION")]
+        #[arg(long, value_parser = table::parse_duration_ms, value_name = "DURATION")]
         timeout: Option<u64>,
         /// Successes in a row that make a backend healthy.
         #[arg(long)]
@@ -250,35 +251,35 @@ enum BackendCommand {
     Add {
         service: String,
         /// `@NODE` for a backend on another node of the mesh; `*W` for a weight (0 to 256).
-        #[arg(required = true, value_name = "IP:PORT[@NODE][*W]", value_parser = model::parse_weighted_backend_spec)]
+        #[arg(required = true, value_name = "IP:PORT[@NODE][*W]", value_parser = table::parse_weighted_backend_spec)]
         backends: Vec<BackendSpec>,
     },
     /// Change a backend's weight: its share of the service's new flows against the others'
     /// (0 to 256; 0 takes no new flows, like drain). Its flows stay.
     Weight {
         service: String,
-        #[arg(value_name = "IP:PORT[@NODE]", value_parser = model::parse_backend_spec)]
+        #[arg(value_name = "IP:PORT[@NODE]", value_parser = table::parse_backend_spec)]
         backend: BackendSpec,
-        #[arg(value_parser = model::parse_weight)]
+        #[arg(value_parser = table::parse_weight)]
         weight: u32,
     },
     /// Remove backends from a service (`IP:PORT` whatever its node; with `@NODE`, it must match).
     Rm {
         service: String,
-        #[arg(required = true, value_name = "IP:PORT[@NODE]", value_parser = model::parse_backend_spec)]
+        #[arg(required = true, value_name = "IP:PORT[@NODE]", value_parser = table::parse_backend_spec)]
         backends: Vec<BackendSpec>,
     },
     /// Stop sending new flows to a backend; its existing flows continue (`service ls` shows how
     /// many are still live).
     Drain {
         service: String,
-        #[arg(value_name = "IP:PORT[@NODE]", value_parser = model::parse_backend_spec)]
+        #[arg(value_name = "IP:PORT[@NODE]", value_parser = table::parse_backend_spec)]
         backend: BackendSpec,
     },
     /// Let a drained backend take new flows again.
     Undrain {
         service: String,
-        #[arg(value_name = "IP:PORT[@NODE]", value_parser = model::parse_backend_spec)]
+        #[arg(value_name = "IP:PORT[@NODE]", value_parser = table::parse_backend_spec)]
         backend: BackendSpec,
     },
 }
@@ -289,7 +290,7 @@ enum NodeCommand {
     Add {
         name: String,
         /// The address other nodes send its VXLAN packets to.
-        #[arg(value_parser = model::parse_node_ip)]
+        #[arg(value_parser = table::parse_node_ip)]
         underlay_ip: Ipv4Addr,
     },
     /// Remove a node that hosts no backend.
@@ -312,10 +313,10 @@ enum MeshCommand {
     #[command(group(ArgGroup::new("setting").required(true).multiple(true)))]
     Set {
         /// VXLAN network identifier, 0 to 16777215 (default 4096).
-        #[arg(long, group = "setting", value_parser = model::parse_vni)]
+        #[arg(long, group = "setting", value_parser = table::parse_vni)]
         vni: Option<u32>,
         /// UDP port of the overlay (default 4789).
-        #[arg(long, group = "setting", value_parser = model::parse_port)]
+        #[arg(long, group = "setting", value_parser = table::parse_port)]
         vxlan_port: Option<u16>,
     },
 }
@@ -400,7 +401,7 @@ fn run(cli: Cli) -> anyhow::Result<String> {
         }) => commands::service_health(
             &instance,
             &name,
-            &model::HealthUpdate {
+            &table::HealthUpdate {
                 enabled: if off {
                     Some(false)
                 } else if on || tcp || http.is_some() {
@@ -444,7 +445,7 @@ fn run(cli: Cli) -> anyhow::Result<String> {
                 (Some(cluster), Some(node), Some(gossip_addr)) => {
                     Some(lb_userspace::daemon::ClusterOptions {
                         vtep: underlay_ip.unwrap_or(*gossip_addr.ip()),
-                        gossip: lb_userspace::gossip::Config {
+                        gossip: lb_userspace::cluster::gossip::Config {
                             cluster,
                             node,
                             gossip_addr: gossip_addr.into(),

@@ -10,13 +10,13 @@ use std::{
 
 use lb_common::MAX_VNI;
 use lb_userspace::{
-    model::{
+    dataplane::sync,
+    instance::state::{self, State},
+    table::{
         BackendSpec, DEFAULT_WEIGHT, HealthUpdate, MAX_DURATION_MS, Proto, Table,
         format_duration_ms, parse_backend_spec, parse_duration_ms, parse_node_ip, parse_port,
         parse_vip, parse_vni, validate_name,
     },
-    state::{self, State},
-    sync,
 };
 use proptest::prelude::*;
 

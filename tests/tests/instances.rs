@@ -258,7 +258,7 @@ fn an_instance_whose_namespace_was_deleted_is_listed_and_purged() {
     assert!(
         purged.contains(&format!(
             "({} of kernel memory",
-            lb_userspace::instances::megabytes(memory)
+            lb_userspace::dataplane::megabytes(memory)
         )),
         "{purged}"
     );

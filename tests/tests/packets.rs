@@ -12,8 +12,8 @@ use lb_common::{
     DEFAULT_VNI, DEFAULT_VXLAN_PORT, Event, FlowKey, PROTO_UDP, Reason, ReverseValue,
     SNAT_PORT_COUNT, SNAT_PORT_FIRST, VXLAN_OVERHEAD, flow_hash,
 };
-use lb_userspace::model::{Proto, Scheduler, parse_backend, parse_backend_spec};
-use lb_userspace::{datapath, sync};
+use lb_userspace::dataplane::{self as lb_dataplane, sync};
+use lb_userspace::table::{Proto, Scheduler, parse_backend, parse_backend_spec};
 
 /// The destination of a DNATed TCP/UDP frame, read back from its bytes.
 fn dst_of(frame: &[u8]) -> ([u8; 4], u16) {
@@ -32,12 +32,12 @@ fn src_of(frame: &[u8]) -> ([u8; 4], u16) {
 }
 
 /// Subnets written `NETWORK/LEN`.
-fn subnets(written: &[&str]) -> std::collections::BTreeSet<lb_userspace::underlay::Subnet> {
+fn subnets(written: &[&str]) -> std::collections::BTreeSet<lb_userspace::host::underlay::Subnet> {
     written
         .iter()
         .map(|s| {
             let (network, len) = s.split_once('/').unwrap();
-            lb_userspace::underlay::Subnet {
+            lb_userspace::host::underlay::Subnet {
                 network: network.parse().unwrap(),
                 prefix_len: len.parse().unwrap(),
             }
@@ -325,7 +325,7 @@ fn a_hairpin_flow_takes_a_free_or_ended_flows_port_and_is_dropped_when_none_is_l
         let ingress = Some(node.ifindex);
         let me = std::net::SocketAddrV4::new(Ipv4Addr::from(BACKENDS[0]), BACKEND_PORT);
         node.table
-            .add_service("self", lb_userspace::model::Proto::Tcp, 8181, None, &[me])
+            .add_service("self", lb_userspace::table::Proto::Tcp, 8181, None, &[me])
             .unwrap();
         node.apply();
         let syn = tcp(
@@ -612,7 +612,7 @@ fn a_half_close_keeps_the_flow_live_until_the_other_side_closes_too() {
                 }
                 let flow = node.maps.flows.get(&key, 0).unwrap();
                 assert_eq!(
-                    datapath::flow_is_live(&key, &flow, datapath::monotonic_ns()),
+                    lb_dataplane::flow_is_live(&key, &flow, lb_dataplane::monotonic_ns()),
                     live,
                     "row {i}, step {step}: {side} {flags}, flags {:#x}",
                     flow.flags
@@ -785,7 +785,7 @@ fn a_flow_idle_for_two_hours_keeps_its_backend_and_its_replies() {
         let reverse = reverse_key(&key, BACKENDS[0], BACKEND_PORT);
         let mut flow = node.maps.flows.get(&key, 0).unwrap();
         let two_hours_ns = 2 * 3600 * 1_000_000_000;
-        let before = datapath::monotonic_ns();
+        let before = lb_dataplane::monotonic_ns();
         // The clock starts at boot: on a machine up for less than two hours the last packet
         // goes back to boot (0, the oldest time a flow can hold), and the census looks from
         // two hours after it.

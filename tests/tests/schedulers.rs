@@ -16,7 +16,7 @@ use lb_tests::{
     client::{self, KeepAlive, Reply},
     topology::{NODE_UPLINK, SingleNode, SingleNodeSpec},
 };
-use lb_userspace::{datapath::Maps, instance};
+use lb_userspace::{dataplane::Maps, instance};
 
 /// Flows the shrunk table holds.
 const CAPACITY: u64 = 64;

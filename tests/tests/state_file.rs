@@ -9,7 +9,7 @@ use std::{
 };
 
 use lb_tests::{Lbctl, netns::NetNs};
-use lb_userspace::{datapath::Maps, sync::MapContents};
+use lb_userspace::{dataplane::Maps, dataplane::sync::MapContents};
 
 /// An attached instance: `lbctl` is declared first so that it is dropped (purged) while its
 /// namespace still exists.

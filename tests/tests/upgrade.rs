@@ -19,7 +19,7 @@ use lb_tests::{
     client::{self, KeepAlive, http_get_new_connection, per_backend},
     topology::{NODE_UPLINK, SingleNode, SingleNodeSpec},
 };
-use lb_userspace::{datapath::Maps, layout::Layout, migrate::Migration};
+use lb_userspace::{dataplane::Maps, dataplane::layout::Layout, dataplane::migrate::Migration};
 
 const WEB_PORT: u16 = 8080;
 
@@ -224,7 +224,7 @@ fn programs_are_replaced_in_place_and_the_daemon_restarts_without_losing_a_reque
 
 /// Writes a layout version into the record pinned with the maps, as a later lbctl would.
 fn record_version(lbctl: &Lbctl, map: &str, version: u32) {
-    let path = maps_dir(lbctl).join(lb_userspace::layout::VERSIONS_MAP);
+    let path = maps_dir(lbctl).join(lb_userspace::dataplane::layout::VERSIONS_MAP);
     let mut versions: BpfHashMap<MapData, [u8; 32], u32> =
         aya::maps::Map::from_map_data(MapData::from_pin(&path).unwrap())
             .unwrap()

@@ -23,9 +23,9 @@ use lb_common::{
 };
 use lb_tests::bpf::{load_xdp_pass, test_run_xdp};
 use lb_tests::netns::NetNs;
-use lb_userspace::datapath::{self, Maps};
-use lb_userspace::model::{Proto, Scheduler, Table, parse_backend_spec};
-use lb_userspace::sync;
+use lb_userspace::dataplane::sync;
+use lb_userspace::dataplane::{self as lb_dataplane, Maps};
+use lb_userspace::table::{Proto, Scheduler, Table, parse_backend_spec};
 
 #[path = "../../tests/dataplane/mod.rs"]
 mod dataplane;
@@ -189,7 +189,7 @@ impl Node {
 
 impl Loaded {
     fn load(flow_capacity: u32) -> Result<Loaded> {
-        let mut ebpf = datapath::load(None, flow_capacity)?;
+        let mut ebpf = lb_dataplane::load(None, flow_capacity)?;
         let xdp: &mut Xdp = ebpf
             .program_mut(program_names::XDP_INGRESS)
             .context("no XDP program")?

@@ -22,10 +22,10 @@ use lb_common::{
 };
 use lb_tests::netns::NetNs;
 use lb_userspace::{
-    datapath::{self, Maps},
-    maglev,
-    model::{Proto, Scheduler, Table, parse_backend_spec},
-    sync,
+    dataplane::maglev,
+    dataplane::sync,
+    dataplane::{self, Maps},
+    table::{Proto, Scheduler, Table, parse_backend_spec},
 };
 
 pub const XDP_DROP: u32 = 1;
@@ -107,7 +107,7 @@ pub fn with_node_of(flow_capacity: u32, body: impl FnOnce(&mut Node) + Send) {
     }
     ns.sysctl("net.ipv4.ip_forward", "1").unwrap();
     ns.in_netns(move || {
-        let mut ebpf = datapath::load(None, flow_capacity).unwrap();
+        let mut ebpf = dataplane::load(None, flow_capacity).unwrap();
         let xdp: &mut Xdp = ebpf
             .program_mut(program_names::XDP_INGRESS)
             .unwrap()
@@ -122,7 +122,7 @@ pub fn with_node_of(flow_capacity: u32, body: impl FnOnce(&mut Node) + Send) {
         tc.load().unwrap();
         let mut maps = Maps::take(&mut ebpf).unwrap();
         // Frames for another host's MAC start no flow: lbt0's is this node's.
-        maps.sync_host_macs(&lb_userspace::underlay::attached_macs(&["lbt0"]).unwrap())
+        maps.sync_host_macs(&lb_userspace::host::underlay::attached_macs(&["lbt0"]).unwrap())
             .unwrap();
         let ifindex = if_index("lbt0");
         let mut node = Node {

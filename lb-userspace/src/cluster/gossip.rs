@@ -38,7 +38,7 @@ use tracing::warn;
 
 use crate::{
     cluster::{BackendRecord, Local, MemberView, ServiceRecord},
-    model,
+    table,
 };
 
 pub const KEY_VTEP: &str = "vtep";
@@ -387,7 +387,7 @@ fn read_member(
             reason,
         ));
     };
-    if let Err(err) = model::validate_name("node", &name) {
+    if let Err(err) = table::validate_name("node", &name) {
         bad("", err);
         return None;
     }
@@ -401,14 +401,14 @@ fn read_member(
         digest: state.get(KEY_DIGEST).map(str::to_owned),
     };
     if let Some(vtep) = state.get(KEY_VTEP) {
-        match model::parse_node_ip(vtep) {
+        match table::parse_node_ip(vtep) {
             Ok(ip) => view.vtep = Some(ip),
             Err(err) => bad(KEY_VTEP, err),
         }
     }
     for (key, value) in state.key_values() {
         if let Some(service) = key.strip_prefix(SERVICE_PREFIX) {
-            match model::validate_name("service", service).and_then(|()| {
+            match table::validate_name("service", service).and_then(|()| {
                 serde_json::from_str::<ServiceRecord>(value).map_err(|e| e.to_string())
             }) {
                 Ok(record) => {
@@ -417,11 +417,11 @@ fn read_member(
                 Err(err) => bad(key, err),
             }
         } else if let Some(service) = key.strip_prefix(BACKENDS_PREFIX) {
-            match model::validate_name("service", service).and_then(|()| {
+            match table::validate_name("service", service).and_then(|()| {
                 let records: Vec<BackendRecord> =
                     serde_json::from_str(value).map_err(|e| e.to_string())?;
                 for record in &records {
-                    model::parse_backend(&record.addr.to_string())?;
+                    table::parse_backend(&record.addr.to_string())?;
                 }
                 Ok(records)
             }) {
@@ -444,7 +444,7 @@ mod tests {
     use super::*;
     use crate::{
         cluster::{self, ServiceDef, Version},
-        model::{Health, HealthCheck, Proto, Table},
+        table::{Health, HealthCheck, Proto, Table},
     };
 
     /// A node of the simulated cluster: its gossip, its applied table and its records.

@@ -16,7 +16,7 @@ use std::{fmt::Display, net::Ipv4Addr};
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer, de::Error as _};
 
-use crate::model::{
+use crate::table::{
     self, BackendSpec, HealthCheck, HealthUpdate, Node, Proto, Scheduler, ServiceSpec, Table,
     format_duration_ms,
 };
@@ -168,7 +168,7 @@ impl TableFile {
                     port: s.port,
                     proto: s.proto,
                     vip: s.vip,
-                    backends: s.backends.iter().map(model::Backend::spec).collect(),
+                    backends: s.backends.iter().map(table::Backend::spec).collect(),
                     scheduler: s.scheduler,
                     health: HealthEntry::of(&s.health_check),
                 })
@@ -228,18 +228,18 @@ fn checked<'de, D: Deserializer<'de>, T>(
 
 fn service_name<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
     checked(d, |s| {
-        model::validate_name("service", s).map(|()| s.to_owned())
+        table::validate_name("service", s).map(|()| s.to_owned())
     })
 }
 
 fn node_name<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
     checked(d, |s| {
-        model::validate_name("node", s).map(|()| s.to_owned())
+        table::validate_name("node", s).map(|()| s.to_owned())
     })
 }
 
 fn underlay_ip<'de, D: Deserializer<'de>>(d: D) -> Result<Ipv4Addr, D::Error> {
-    checked(d, model::parse_node_ip)
+    checked(d, table::parse_node_ip)
 }
 
 fn proto<'de, D: Deserializer<'de>>(d: D) -> Result<Proto, D::Error> {
@@ -252,26 +252,26 @@ fn scheduler<'de, D: Deserializer<'de>>(d: D) -> Result<Scheduler, D::Error> {
 
 fn vip<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Ipv4Addr>, D::Error> {
     Option::<String>::deserialize(d)?
-        .map(|s| model::parse_vip(&s).map_err(D::Error::custom))
+        .map(|s| table::parse_vip(&s).map_err(D::Error::custom))
         .transpose()
 }
 
 /// A port is a JSON number, checked as the command line checks it.
 fn port<'de, D: Deserializer<'de>>(d: D) -> Result<u16, D::Error> {
     let number = i64::deserialize(d)?;
-    model::parse_port(&number.to_string()).map_err(D::Error::custom)
+    table::parse_port(&number.to_string()).map_err(D::Error::custom)
 }
 
 fn backends<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<BackendSpec>, D::Error> {
     Vec::<String>::deserialize(d)?
         .iter()
-        .map(|s| model::parse_weighted_backend_spec(s).map_err(D::Error::custom))
+        .map(|s| table::parse_weighted_backend_spec(s).map_err(D::Error::custom))
         .collect()
 }
 
 fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
     Option::<String>::deserialize(d)?
-        .map(|s| model::parse_duration_ms(&s).map_err(D::Error::custom))
+        .map(|s| table::parse_duration_ms(&s).map_err(D::Error::custom))
         .transpose()
 }
 

@@ -1,3 +1,7 @@
+//! `lbctl daemon`: the long-running part of an instance: health checks (`health`), the
+//! Prometheus metrics (`metrics`), the flow census and the cluster loop (this file). Uses
+//! `commands` for every change it makes, so that the daemon and the CLI change the table alike.
+//!
 //! `lbctl daemon`: serves Prometheus metrics and runs the health checks of one instance, in
 //! the foreground (systemd-friendly: logs to stderr, stops cleanly on SIGTERM and SIGINT).
 //!
@@ -5,6 +9,8 @@
 //! while the daemon stops or restarts, and every counter it exposes lives in those maps, so no
 //! counter goes backwards across a restart. Health results go into the instance's state (under
 //! its lock, like any command), so `service ls` shows them and a restarted daemon resumes.
+pub mod health;
+pub mod metrics;
 use std::{
     collections::{BTreeSet, HashMap},
     net::{Ipv4Addr, SocketAddr, SocketAddrV4},
@@ -21,15 +27,15 @@ use tokio::sync::{mpsc, watch};
 use tracing::{debug, error, info, warn};
 
 use crate::{
+    cluster::gossip::{self, Gossip},
     cluster::{self, MemberView},
     commands,
-    datapath::{FlowCensus, Maps},
-    gossip::{self, Gossip},
-    health::{self, Tracker},
+    daemon::health::Tracker,
+    dataplane::{FlowCensus, Maps},
+    host::underlay,
     instance::Instance,
-    metrics,
-    model::{self, HealthCheck},
-    state, underlay,
+    instance::state,
+    table::{self, HealthCheck},
 };
 
 /// Where metrics are served unless `--metrics-addr` says otherwise: loopback only (metrics
@@ -261,9 +267,9 @@ fn snapshot(shared: &Shared) -> Result<metrics::Snapshot> {
                 addr: backend.addr.to_string(),
                 node: backend.node.clone(),
                 health: match backend.health {
-                    model::Health::Unknown => metrics::Health::Unknown,
-                    model::Health::Healthy => metrics::Health::Healthy,
-                    model::Health::Unhealthy => metrics::Health::Unhealthy,
+                    table::Health::Unknown => metrics::Health::Unknown,
+                    table::Health::Healthy => metrics::Health::Healthy,
+                    table::Health::Unhealthy => metrics::Health::Unhealthy,
                 },
                 drained: backend.drained,
                 weight_zero: backend.weight == 0,
@@ -331,7 +337,7 @@ async fn census_loop(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
             let mut maps = Maps::open_pinned(&scanning.instance.maps_dir())?;
             // The node's addresses change without lbctl (DHCP, an address added by hand): the
             // socket programs balance what `HOST_ADDRS` holds.
-            maps.sync_host_addrs(&crate::underlay::local_addrs()?)?;
+            maps.sync_host_addrs(&crate::host::underlay::local_addrs()?)?;
             maps.flow_census()
         })
         .await;

@@ -11,7 +11,7 @@ use std::{collections::HashSet, os::fd::AsFd as _};
 use anyhow::{Context as _, Result, anyhow};
 use aya::{maps::MapData, util::nr_cpus};
 
-use crate::{layout::Layout, map_ops};
+use crate::{dataplane::layout::Layout, dataplane::map_ops};
 
 /// A map being migrated: the old one, still used by the old programs until the swap, and the
 /// new one, already filled.

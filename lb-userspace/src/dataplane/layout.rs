@@ -12,7 +12,7 @@ use anyhow::{Context as _, Result, anyhow};
 use aya::maps::{HashMap, MapData, MapInfo};
 use lb_common::map_names;
 
-use crate::datapath;
+use crate::dataplane;
 
 /// The pinned map, beside the others, that records each map's layout version by name.
 pub const VERSIONS_MAP: &str = "LAYOUT_VERSIONS";
@@ -127,7 +127,7 @@ fn type_name(map_type: u32) -> String {
 /// The layout of every pinned map as this build's object declares it (the flow-sized maps
 /// with `flow_capacity` entries), by name.
 pub fn expected(flow_capacity: u32) -> Result<BTreeMap<&'static str, Layout>> {
-    let object = aya_obj::Object::parse(datapath::OBJECT).context("parsing the eBPF object")?;
+    let object = aya_obj::Object::parse(dataplane::OBJECT).context("parsing the eBPF object")?;
     map_names::ALL
         .iter()
         .map(|name| {
@@ -137,7 +137,7 @@ pub fn expected(flow_capacity: u32) -> Result<BTreeMap<&'static str, Layout>> {
                 .maps
                 .get(*name)
                 .ok_or_else(|| anyhow!("the eBPF object has no map {name}"))?;
-            let max_entries = if datapath::FLOW_SIZED.contains(name) {
+            let max_entries = if dataplane::FLOW_SIZED.contains(name) {
                 flow_capacity
             } else {
                 map.max_entries()
@@ -466,7 +466,7 @@ mod tests {
     fn the_object_declares_every_pinned_map_and_the_flow_capacity_sizes_the_flow_maps() {
         let layouts = expected(4096).unwrap();
         assert_eq!(layouts.len(), map_names::ALL.len());
-        for name in datapath::FLOW_SIZED {
+        for name in dataplane::FLOW_SIZED {
             assert_eq!(layouts[name].max_entries, 4096, "{name}");
         }
         assert_eq!(layouts[map_names::FLOWS].map_type, map_type::LRU_HASH);

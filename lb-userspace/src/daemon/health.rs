@@ -7,7 +7,7 @@ use tokio::{
     net::TcpStream,
 };
 
-use crate::model::{Health, HealthCheck};
+use crate::table::{Health, HealthCheck};
 
 /// Consecutive results of one backend's probes.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -1,5 +1,18 @@
+//! The data plane from userspace: the embedded eBPF object and its maps pinned per instance
+//! (this file), raw map operations (`map_ops`), the table's desired map contents and their
+//! delta (`sync`, with `maglev`'s lookup tables), the pinned maps' layouts and migration
+//! (`layout`, `migrate`), and installing the programs on interfaces and on the cgroup root
+//! (`install`, `socket_lb`). Used by `commands` and the daemon; uses `table` and `host`.
+//!
 //! The data plane from userspace: the embedded eBPF object, its maps (pinned per instance),
 //! and the thin layer that writes `sync::Delta`s and reads counters.
+pub mod install;
+pub mod layout;
+pub mod maglev;
+pub mod map_ops;
+pub mod migrate;
+pub mod socket_lb;
+pub mod sync;
 use std::{
     collections::{BTreeMap, BTreeSet},
     fs,
@@ -25,9 +38,8 @@ use lb_common::{
 };
 
 use crate::{
-    map_ops,
-    sync::{Delta, MapContents},
-    underlay::Subnet,
+    dataplane::sync::{Delta, MapContents},
+    host::underlay::Subnet,
 };
 
 /// The compiled data plane (lb-ebpf), built by build.rs.
@@ -167,9 +179,9 @@ impl Maps {
     /// `underlay` this node's address in the mesh. Returns the number of writes.
     pub fn sync_host(&mut self, attached: &[&str], underlay: Option<Ipv4Addr>) -> Result<usize> {
         Ok(
-            self.sync_subnets(&crate::underlay::local_subnets()?, underlay)?
-                + self.sync_host_macs(&crate::underlay::attached_macs(attached)?)?
-                + self.sync_host_addrs(&crate::underlay::local_addrs()?)?,
+            self.sync_subnets(&crate::host::underlay::local_subnets()?, underlay)?
+                + self.sync_host_macs(&crate::host::underlay::attached_macs(attached)?)?
+                + self.sync_host_addrs(&crate::host::underlay::local_addrs()?)?,
         )
     }
 
@@ -522,6 +534,11 @@ pub fn monotonic_ns() -> u64 {
     // SAFETY: a valid timespec to fill; CLOCK_MONOTONIC always exists.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// Bytes in megabytes (10^6, as `bpftool` users count them), to a tenth.
+pub fn megabytes(bytes: u64) -> String {
+    format!("{:.1} MB", bytes as f64 / 1e6)
 }
 
 #[cfg(test)]

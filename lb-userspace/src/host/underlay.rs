@@ -21,7 +21,7 @@ use std::{
 use anyhow::{Context as _, Result};
 use serde::{Deserialize, Serialize};
 
-use crate::model::Node;
+use crate::table::Node;
 
 /// The IPv4 addresses assigned to the namespace's interfaces (up or down).
 pub fn local_addrs() -> Result<BTreeSet<Ipv4Addr>> {

@@ -2,7 +2,7 @@
 //! or with `--dry-run` would do. Pure logic.
 use std::collections::{HashMap, HashSet};
 
-use crate::model::{Backend, Service, Table};
+use crate::table::{Backend, Service, Table};
 
 /// The changes, one line each (`+` added, `-` removed, `~` changed), and their counts.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -204,7 +204,7 @@ fn service_changes(diff: &mut TableDiff, was: &Service, is: &Service) -> Option<
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{
+    use crate::table::{
         HealthCheck, Node, Proto, Scheduler, ServiceSpec, parse_weighted_backend_spec,
     };
 

@@ -1,5 +1,10 @@
+//! Instances: one per network namespace, where its pins and state live and the lock that
+//! serialises commands (this file), and the saved state (`state`). Used by `dataplane`,
+//! `commands` and the daemon (the listing of every instance is `commands::instances`).
+//!
 //! One lbctl instance per network namespace: which namespace, where its pins and state live,
 //! and the lock that serialises commands against it.
+pub mod state;
 use std::{
     ffi::CString,
     fs::{self, File, OpenOptions},
@@ -12,7 +17,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use anyhow::{Context as _, Result, bail};
+use anyhow::{Context as _, Result, anyhow, bail};
 
 /// `statfs` magic of a BPF filesystem.
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
@@ -400,6 +405,19 @@ fn effective_capabilities() -> Option<u64> {
         .lines()
         .find_map(|line| line.strip_prefix("CapEff:"))?;
     u64::from_str_radix(hex.trim(), 16).ok()
+}
+
+/// The index of interface `iface` in this thread's namespace, the instance's.
+pub fn ifindex_of(instance: &Instance, iface: &str) -> Result<u32> {
+    let name = CString::new(iface).map_err(|_| anyhow!("invalid interface name '{iface}'"))?;
+    // SAFETY: valid NUL-terminated string.
+    match unsafe { libc::if_nametoindex(name.as_ptr()) } {
+        0 => bail!(
+            "interface '{iface}' not found in network namespace '{}'",
+            instance.name
+        ),
+        index => Ok(index),
+    }
 }
 
 #[cfg(test)]

@@ -218,7 +218,7 @@ mod tests {
     fn socket_link_pins_are_told_from_interface_link_pins() {
         for (_, pin) in PINS {
             assert!(is_link_pin(pin));
-            assert_eq!(crate::install::link_pin_of(pin), None, "{pin}");
+            assert_eq!(crate::dataplane::install::link_pin_of(pin), None, "{pin}");
         }
         assert!(!is_link_pin("eth0_xdp"));
     }

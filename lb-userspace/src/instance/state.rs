@@ -12,7 +12,7 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use serde::{Deserialize, Serialize};
 
-use crate::{model::Table, underlay::NextHop};
+use crate::{host::underlay::NextHop, table::Table};
 
 pub const STATE_FILE: &str = "state.json";
 const FORMAT: u32 = 1;
@@ -99,6 +99,15 @@ pub struct State {
     /// `attach --no-socket-lb`: the node's own clients are not balanced by socket programs.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub no_socket_lb: bool,
+}
+
+impl State {
+    /// The node of the table this instance is: the one whose underlay address is assigned to
+    /// an interface of the instance's namespace. Found afresh by every command, so an address
+    /// added or moved after `node add` is picked up by the next one.
+    pub fn self_node(&self) -> anyhow::Result<Option<&crate::table::Node>> {
+        Ok(self.table.self_node(&crate::host::underlay::local_addrs()?))
+    }
 }
 
 impl Default for State {
@@ -214,7 +223,7 @@ pub fn remove_folder(dir: &Path) -> Result<bool> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{Proto, parse_backend};
+    use crate::table::{Proto, parse_backend};
 
     fn temp_dir(tag: &str) -> std::path::PathBuf {
         let dir = std::env::temp_dir().join(format!("lbctl-state-{tag}-{}", std::process::id()));

@@ -1,3 +1,7 @@
+//! The gossiped cluster (`lbctl daemon --cluster`): what each node publishes and how the
+//! records merge into one table (this file), and the gossip transport (`gossip`). Used by
+//! `commands`, `instance::state` and the daemon; uses `table`.
+//!
 //! The gossiped service table: what each node publishes, how every node merges what the live
 //! members publish into one table, and how that table is applied over the one in force with
 //! stable ids. Pure logic, no I/O; `gossip` carries the records between nodes (chitchat) and
@@ -13,6 +17,7 @@
 //! - its own tasks: the backends it hosts, per service, with their drain and health state.
 //!   Only the hosting node publishes a backend, so only that node changes it, and its backends
 //!   leave every table when it leaves the cluster (fails, stops or becomes unreachable).
+pub mod gossip;
 use std::{
     collections::{BTreeMap, BTreeSet},
     fmt::Write as _,
@@ -22,9 +27,9 @@ use std::{
 use lb_common::MAX_BACKENDS_PER_SERVICE;
 use serde::{Deserialize, Serialize};
 
-use crate::model::{
+use crate::table::{
     BackendSpec, Health, HealthCheck, Node, Proto, Scheduler, ServiceSpec, Table, default_weight,
-    is_default_weight,
+    fnv1a, is_default_weight,
 };
 
 /// When a service record was written, and by which node: records are ordered by time, then by
@@ -120,7 +125,7 @@ impl Local {
     }
 }
 
-fn def_of(service: &crate::model::Service) -> ServiceDef {
+fn def_of(service: &crate::table::Service) -> ServiceDef {
     ServiceDef {
         proto: service.proto,
         port: service.port,
@@ -131,7 +136,7 @@ fn def_of(service: &crate::model::Service) -> ServiceDef {
 }
 
 /// The backends of `service` that `node` publishes: on it, or on no node.
-fn own_backends(node: &str, service: &crate::model::Service) -> Vec<BackendRecord> {
+fn own_backends(node: &str, service: &crate::table::Service) -> Vec<BackendRecord> {
     service
         .backends
         .iter()
@@ -333,7 +338,7 @@ pub fn apply(current: &Table, merged: &Merged) -> (Table, Vec<String>) {
                         .iter()
                         .any(|(r, n)| r.addr == b.addr && Some(n) == b.node.as_ref())
             })
-            .map(crate::model::Backend::spec)
+            .map(crate::table::Backend::spec)
             .collect();
         if !leaving.is_empty() {
             table
@@ -524,7 +529,7 @@ pub fn own_declaration(
     table: &Table,
     mut services: Vec<ServiceSpec>,
 ) -> Vec<ServiceSpec> {
-    let current: BTreeMap<&str, &crate::model::Service> = table
+    let current: BTreeMap<&str, &crate::table::Service> = table
         .services
         .iter()
         .map(|s| (s.name.as_str(), s))
@@ -541,7 +546,7 @@ pub fn own_declaration(
             b.node.as_ref().is_some_and(|n| *n != local.node) && !declared.contains(&b.addr)
         });
         spec.backends
-            .extend(others.map(crate::model::Backend::spec));
+            .extend(others.map(crate::table::Backend::spec));
     }
     services
 }
@@ -708,7 +713,7 @@ pub fn table_digest(table: &Table) -> String {
     for node in nodes {
         let _ = writeln!(text, "node {} {}", node.name, node.ip);
     }
-    let mut services: Vec<&crate::model::Service> = table.services.iter().collect();
+    let mut services: Vec<&crate::table::Service> = table.services.iter().collect();
     services.sort_by(|a, b| a.name.cmp(&b.name));
     for service in services {
         let check = serde_json::to_string(&service.health_check).unwrap_or_default();
@@ -724,7 +729,7 @@ pub fn table_digest(table: &Table) -> String {
             "service {} {} {} {:?} {check}{scheduler}",
             service.name, service.proto, service.port, service.vip
         );
-        let mut backends: Vec<&crate::model::Backend> = service.backends.iter().collect();
+        let mut backends: Vec<&crate::table::Backend> = service.backends.iter().collect();
         backends.sort_by_key(|b| b.addr);
         for b in backends {
             let weight = if is_default_weight(&b.weight) {
@@ -745,17 +750,10 @@ pub fn table_digest(table: &Table) -> String {
     format!("{:016x}", fnv1a(text.as_bytes()))
 }
 
-/// FNV-1a, 64 bits: a hash that is the same on every build and platform.
-pub(crate) fn fnv1a(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, &byte| {
-        (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3)
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::parse_backend;
+    use crate::table::parse_backend;
 
     fn addr(s: &str) -> SocketAddrV4 {
         parse_backend(s).unwrap()
@@ -1140,7 +1138,7 @@ mod tests {
             vip: None,
             backends: backends
                 .iter()
-                .map(|b| crate::model::parse_backend_spec(b).unwrap())
+                .map(|b| crate::table::parse_backend_spec(b).unwrap())
                 .collect(),
             health_check: HealthCheck::default(),
             scheduler: Scheduler::default(),
@@ -1214,9 +1212,9 @@ mod tests {
                 8080,
                 None,
                 &[
-                    crate::model::parse_backend_spec("10.0.0.10:80@n1").unwrap(),
-                    crate::model::parse_backend_spec("10.0.0.12:80@n2").unwrap(),
-                    crate::model::parse_backend_spec("10.9.0.1:80").unwrap(),
+                    crate::table::parse_backend_spec("10.0.0.10:80@n1").unwrap(),
+                    crate::table::parse_backend_spec("10.0.0.12:80@n2").unwrap(),
+                    crate::table::parse_backend_spec("10.9.0.1:80").unwrap(),
                 ],
             )
             .unwrap();

@@ -13,7 +13,7 @@
 //!   moves few other slots: about 1/N of the flows move when one of N backends goes.
 use lb_common::{FlowKey, MAGLEV_TABLE_SIZE, MaglevTable, flow_hash};
 
-use crate::cluster::fnv1a;
+use crate::table::fnv1a;
 
 /// M, as an index bound.
 const SIZE: usize = MAGLEV_TABLE_SIZE as usize;

@@ -16,10 +16,10 @@ use lb_common::map_names;
 use serde::Serialize;
 
 use crate::{
-    install::{self, LinkHook},
+    dataplane::install::{self, LinkHook},
+    dataplane::map_ops,
+    instance::state::{self, State},
     instance::{self, Instance},
-    map_ops,
-    state::{self, State},
 };
 
 /// Whether an instance's network namespace exists.
@@ -409,7 +409,7 @@ pub fn render(rows: &[Row]) -> String {
                 },
                 row.flow_capacity
                     .map_or_else(|| "-".to_owned(), |flows| flows.to_string()),
-                megabytes(row.kernel_memory_bytes),
+                crate::dataplane::megabytes(row.kernel_memory_bytes),
             ]
         })
         .collect();
@@ -451,12 +451,12 @@ pub fn render(rows: &[Row]) -> String {
         "{} instance{}, {} of kernel memory in pinned maps",
         rows.len(),
         if rows.len() == 1 { "" } else { "s" },
-        megabytes(total)
+        crate::dataplane::megabytes(total)
     ));
     if !gone.is_empty() {
         out.push_str(&format!(
             "; {} in {} whose namespace is gone (`lbctl --netns NAME purge` removes one)",
-            megabytes(gone.iter().map(|r| r.kernel_memory_bytes).sum()),
+            crate::dataplane::megabytes(gone.iter().map(|r| r.kernel_memory_bytes).sum()),
             if gone.len() == 1 {
                 "1 instance".to_owned()
             } else {
@@ -472,15 +472,10 @@ pub fn render(rows: &[Row]) -> String {
     out
 }
 
-/// Bytes in megabytes (10^6, as `bpftool` users count them), to a tenth.
-pub fn megabytes(bytes: u64) -> String {
-    format!("{:.1} MB", bytes as f64 / 1e6)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::state::Attachment;
+    use crate::instance::state::Attachment;
 
     /// fdinfo of a pinned LRU hash (kernel 6.18), and of an XDP link whose device is gone.
     const MAP_FDINFO: &str = "pos:\t0\nflags:\t02000002\nmnt_id:\t15\nino:\t2065\n\

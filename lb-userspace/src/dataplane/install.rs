@@ -20,15 +20,36 @@ use aya::{
 use lb_common::program_names;
 
 use crate::{
-    commands::{AttachMode, TransmitChoice},
-    datapath::{self, Maps},
+    dataplane::layout::{self, Step},
+    dataplane::migrate::Migration,
+    dataplane::socket_lb,
+    dataplane::sync,
+    dataplane::{self, Maps},
+    host::netdev,
+    instance::state::{State, Transmit, XdpMode},
     instance::{self, Instance},
-    layout::{self, Step},
-    migrate::Migration,
-    netdev, socket_lb,
-    state::{State, Transmit, XdpMode},
-    sync,
 };
+
+/// How the XDP program is attached.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum AttachMode {
+    /// Native (driver) mode, falling back to generic mode where the driver has no XDP support.
+    Auto,
+    Native,
+    Generic,
+}
+
+/// How the frames XDP sends leave an interface (`attach --transmit`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum TransmitChoice {
+    /// XDP's own transmission where the driver delivers it; through TC on veths (whose peer
+    /// takes XDP-sent frames only while it runs an XDP program) and in generic mode.
+    Auto,
+    /// Always XDP_TX and redirects: the fast path, for a veth whose peer runs an XDP program.
+    Xdp,
+    /// Always handed to the TC ingress program, which sends them the ordinary way.
+    Tc,
+}
 
 /// Where the maps being migrated are created and filled, under the instance's pin folder,
 /// before their pins replace the old ones. bpffs refuses names with a '.'.
@@ -198,14 +219,14 @@ impl Installed {
             "{}\n{} (flow table of {flow_capacity} flows; the maps hold {} of kernel memory)",
             self.interfaces.join("\n"),
             self.maps,
-            crate::instances::megabytes(maps_memory)
+            super::megabytes(maps_memory)
         )
     }
 }
 
 /// Loads the object with its maps pinned at `pins` and has the kernel verify every program.
 fn load_and_verify(pins: &[(&str, PathBuf)], flow_capacity: u32) -> Result<Ebpf> {
-    let mut ebpf = datapath::load_pinned(pins, flow_capacity)?;
+    let mut ebpf = dataplane::load_pinned(pins, flow_capacity)?;
     xdp_program(&mut ebpf)?
         .load()
         .context("loading the XDP program (verifier)")?;
@@ -231,7 +252,7 @@ pub fn install(instance: &Instance, state: &State, new: Option<&Target>) -> Resu
     let plan = layout::plan(&maps_dir, &wanted)?;
     let staging = instance.pin_dir.join(STAGING_DIR);
     // Left by an interrupted migration: no program uses them (their pins move before a swap).
-    datapath::remove_pins(&staging)?;
+    dataplane::remove_pins(&staging)?;
     if plan.migrations().next().is_some() {
         instance::create_private_dir(&staging)?;
     }
@@ -255,7 +276,7 @@ pub fn install(instance: &Instance, state: &State, new: Option<&Target>) -> Resu
                     let _ = fs::remove_file(maps_dir.join(name));
                 }
             }
-            datapath::remove_pins(&staging)?;
+            dataplane::remove_pins(&staging)?;
             return Err(err);
         }
     };
@@ -266,7 +287,7 @@ pub fn install(instance: &Instance, state: &State, new: Option<&Target>) -> Resu
         if new.is_some_and(|n| n.iface == attachment.iface) {
             continue;
         }
-        let current = crate::commands::ifindex_of(instance, &attachment.iface).ok();
+        let current = instance::ifindex_of(instance, &attachment.iface).ok();
         let linked = link_pins(instance, &attachment.iface)
             .iter()
             .any(|pin| pin.exists());
@@ -314,7 +335,7 @@ pub fn install(instance: &Instance, state: &State, new: Option<&Target>) -> Resu
     }
     // The table's map contents before the new programs run: a map this build adds (or grows)
     // is filled before a program reads it. The command's own reconcile repeats it afterwards.
-    let self_node = crate::commands::self_node(state)?.map(|node| node.name.as_str());
+    let self_node = state.self_node()?.map(|node| node.name.as_str());
     let desired = sync::desired(&state.table, self_node);
     maps.apply(&sync::delta(&desired, &maps.read_contents()?))?;
     let ifaces: Vec<&str> = attached
@@ -322,7 +343,7 @@ pub fn install(instance: &Instance, state: &State, new: Option<&Target>) -> Resu
         .chain(new)
         .map(|target| target.iface.as_str())
         .collect();
-    let underlay = crate::commands::self_node(state)?.map(|node| node.ip);
+    let underlay = state.self_node()?.map(|node| node.ip);
     maps.sync_host(&ifaces, underlay)?;
 
     let mut result = Vec::new();
@@ -344,7 +365,7 @@ pub fn install(instance: &Instance, state: &State, new: Option<&Target>) -> Resu
     for migration in migrations {
         migration.catch_up()?;
     }
-    datapath::remove_pins(&staging)?;
+    dataplane::remove_pins(&staging)?;
     for name in &plan.dropped {
         let path = maps_dir.join(name);
         fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;

@@ -10,7 +10,7 @@ use std::{collections::BTreeSet, fs};
 
 use anyhow::{Context as _, Result};
 
-use crate::model::Table;
+use crate::table::Table;
 
 const SYSCTL: &str = "/proc/sys/net/ipv4/ip_local_reserved_ports";
 

@@ -8,8 +8,8 @@ use lb_common::{
 };
 
 use crate::{
-    maglev::{self, MaglevBackend},
-    model::{self, Scheduler, Service, Table},
+    dataplane::maglev::{self, MaglevBackend},
+    table::{self, Scheduler, Service, Table},
 };
 
 /// What `MESH`, `NODES`, `SERVICES`, `BACKENDS`, `MAGLEV` and `LOCAL_BACKENDS` should hold
@@ -132,7 +132,7 @@ pub fn desired(table: &Table, self_node: Option<&str>) -> MapContents {
 /// as its share of the `MAX_BACKENDS_PER_SERVICE` slots ([`slot_counts`]), spread out as
 /// nginx's smooth weighted round-robin does (weights 3 and 1 give A A B A, not A A A B).
 /// Backends of equal weight keep their order, once each.
-fn round_robin_turns(backends: &[&model::Backend]) -> Vec<u32> {
+fn round_robin_turns(backends: &[&table::Backend]) -> Vec<u32> {
     let weights: Vec<u32> = backends.iter().map(|b| b.weight).collect();
     let slots = slot_counts(&weights);
     let total: i64 = slots.iter().map(|s| i64::from(*s)).sum();
@@ -324,7 +324,7 @@ pub fn delta(desired: &MapContents, actual: &MapContents) -> Delta {
 mod tests {
     use super::*;
     const MAGLEV_SIZE: usize = lb_common::MAGLEV_TABLE_SIZE as usize;
-    use crate::model::{Proto, parse_backend, parse_backend_spec, parse_weighted_backend_spec};
+    use crate::table::{Proto, parse_backend, parse_backend_spec, parse_weighted_backend_spec};
 
     /// A table of services whose backends are `IP:PORT` or `IP:PORT@NODE`.
     fn table(services: &[(&str, u16, &[&str])]) -> Table {
@@ -420,12 +420,12 @@ mod tests {
         t.set_drained("web", parse_backend("10.0.0.7:80").unwrap(), true)
             .unwrap();
         assert_eq!(choosable(&t), (vec![0, 2], 0));
-        assert!(t.set_health("web", 2, crate::model::Health::Unhealthy));
+        assert!(t.set_health("web", 2, crate::table::Health::Unhealthy));
         assert_eq!(choosable(&t), (vec![0], 0));
         // Unhealthy too: every undrained backend is unhealthy, the service fails open.
-        assert!(t.set_health("web", 0, crate::model::Health::Unhealthy));
+        assert!(t.set_health("web", 0, crate::table::Health::Unhealthy));
         assert_eq!(choosable(&t), (vec![0, 2], SERVICE_FAIL_OPEN));
-        assert!(t.set_health("web", 2, crate::model::Health::Healthy));
+        assert!(t.set_health("web", 2, crate::table::Health::Healthy));
         assert_eq!(choosable(&t), (vec![2], 0));
         // Everything drained: nothing to choose, and no failing open onto drained backends.
         for addr in ["10.0.0.6:80", "10.0.0.8:80"] {

@@ -1,0 +1,153 @@
+//! The gossiped cluster's operations: joining and leaving it, one round of merging what the
+//! members publish into the table (the daemon's cluster loop), and `cluster ls`.
+use super::*;
+
+/// `lbctl daemon --cluster`: makes the instance a member named `node`. The first time, the
+/// table in force becomes what the node publishes (its services, and its backends on itself or
+/// on no node). Refused when the instance joined under another name.
+pub fn cluster_join(instance: &Instance, node: &str) -> Result<()> {
+    let _lock = instance::lock(instance)?;
+    let mut state = attached_state(instance)?;
+    match &state.cluster {
+        Some(local) if local.node == node => return Ok(()),
+        Some(local) => bail!(
+            "this instance is node '{}' of its cluster, not '{node}': run the daemon with --node-name {} (or `lbctl purge` to start afresh)",
+            local.node,
+            local.node
+        ),
+        None => {}
+    }
+    state.cluster = Some(cluster::Local::from_table(node, &state.table, now_ms()));
+    state::save(&instance.state_dir, &state)
+}
+
+/// `lbctl daemon` without `--cluster` on an instance that was in a cluster: the table it
+/// applied last becomes its static table. Returns whether it was in a cluster.
+pub fn cluster_leave(instance: &Instance) -> Result<bool> {
+    let _lock = instance::lock(instance)?;
+    let mut state = attached_state(instance)?;
+    if state.cluster.take().is_none() {
+        return Ok(false);
+    }
+    state::save(&instance.state_dir, &state)?;
+    Ok(true)
+}
+
+/// One round of the cluster on this instance: under the lock, merges its records with the
+/// other members', applies the merged table to the maps when it changed, and saves the records
+/// it adopted. Returns the round's outcome (its `local` is what to publish) and whether the
+/// table changed.
+///
+/// While `warming_up` (a daemon that just started), nothing is merged until every node of the
+/// table in force is seen alive: the round then returns the table as it is, for publishing.
+pub fn cluster_step(
+    instance: &Instance,
+    vtep: Ipv4Addr,
+    others: &[cluster::MemberView],
+    warming_up: bool,
+) -> Result<(cluster::Step, bool)> {
+    let _lock = instance::lock(instance)?;
+    let mut state = attached_state(instance)?;
+    let Some(local) = &state.cluster else {
+        bail!("this instance is not in a cluster");
+    };
+    if warming_up && !cluster::not_yet_alive(&state.table, &local.node, others).is_empty() {
+        let step = cluster::Step {
+            digest: cluster::table_digest(&state.table),
+            table: state.table,
+            local: local.clone(),
+            warnings: Vec::new(),
+        };
+        return Ok((step, false));
+    }
+    let step = cluster::step(&state.table, local, vtep, others);
+    let changed = step.table != state.table;
+    if changed || Some(&step.local) != state.cluster.as_ref() {
+        state.table = step.table.clone();
+        state.cluster = Some(step.local.clone());
+        commit(instance, &mut state)?;
+    }
+    Ok((step, changed))
+}
+
+/// `lbctl cluster ls`: what the daemon last wrote in `cluster.json`.
+pub fn cluster_ls(instance: &Instance, as_json: bool) -> Result<String> {
+    let path = instance.state_dir.join(state::CLUSTER_FILE);
+    let text = match fs::read_to_string(&path) {
+        Ok(text) => text,
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => bail!(
+            "no cluster: no `lbctl daemon --cluster` runs for network namespace '{}'",
+            instance.name
+        ),
+        Err(err) => return Err(err).with_context(|| format!("reading {}", path.display())),
+    };
+    let status: cluster::Status =
+        serde_json::from_str(&text).with_context(|| format!("{} is damaged", path.display()))?;
+    if as_json {
+        return Ok(serde_json::to_string_pretty(&status)?);
+    }
+    let alive = status.alive();
+    let mut out = format!(
+        "cluster '{}': this node {} (gossip {}, underlay {}), table digest {} (generation {})\n\
+         {} of {} member(s) alive; {}\n",
+        status.cluster,
+        status.node,
+        status.gossip_addr,
+        status.vtep,
+        status.digest,
+        status.table_generation,
+        alive,
+        status.members.len(),
+        if status.converged {
+            "every live member has this table".to_owned()
+        } else {
+            format!(
+                "{} of {alive} live member(s) have this table: a change is still spreading, or \
+                 a member cannot apply it (see its log)",
+                status.agreeing()
+            )
+        }
+    );
+    let width = status
+        .members
+        .iter()
+        .map(|m| m.name.len())
+        .max()
+        .unwrap_or(0)
+        .max(4);
+    out.push_str(&format!(
+        "{:<width$}  {:<5}  {:<15}  {:<21}  {:<16}  TABLE\n",
+        "NODE", "STATE", "UNDERLAY", "GOSSIP", "DIGEST"
+    ));
+    for m in &status.members {
+        let table = if m.this {
+            "self"
+        } else if m.agrees {
+            "agrees"
+        } else if m.alive {
+            "differs"
+        } else {
+            "-"
+        };
+        out.push_str(&format!(
+            "{:<width$}  {:<5}  {:<15}  {:<21}  {:<16}  {table}\n",
+            m.name,
+            if m.alive { "alive" } else { "dead" },
+            m.vtep
+                .map(|ip| ip.to_string())
+                .unwrap_or_else(|| "?".into()),
+            m.gossip_addr,
+            m.digest.as_deref().unwrap_or("?"),
+        ));
+    }
+    let rejected: Vec<String> = status
+        .rejected
+        .iter()
+        .filter(|(_, n)| **n > 0)
+        .map(|(reason, n)| format!("{reason} {n}"))
+        .collect();
+    if !rejected.is_empty() {
+        out.push_str(&format!("rejected gossip: {}\n", rejected.join(", ")));
+    }
+    Ok(out.trim_end().to_owned())
+}

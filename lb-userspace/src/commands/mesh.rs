@@ -1,0 +1,153 @@
+//! The mesh's nodes and settings: `node add/rm/ls`, `mesh set/show`.
+use super::*;
+
+/// Adding a node that is already there with the same IP succeeds; it still applies the table,
+/// which heals an earlier interrupted command.
+pub fn node_add(instance: &Instance, name: &str, ip: Ipv4Addr) -> Result<String> {
+    static_nodes_only(&state::load(&instance.state_dir)?)?;
+    let (state, added) = change_table(instance, |table| table.add_node(name, ip))?;
+    let this = if state.self_node()?.is_some_and(|n| n.name == name) {
+        ", this node"
+    } else {
+        ""
+    };
+    Ok(if added {
+        format!("node {name} added (underlay IP {ip}{this})")
+    } else {
+        format!("node {name} already has underlay IP {ip}{this}; nothing changed")
+    })
+}
+
+pub fn node_rm(instance: &Instance, name: &str) -> Result<String> {
+    static_nodes_only(&state::load(&instance.state_dir)?)?;
+    let (_, removed) = change_table(instance, |table| table.remove_node(name))?;
+    Ok(format!("node {name} ({}) removed", removed.ip))
+}
+
+pub fn node_ls(instance: &Instance, as_json: bool) -> Result<String> {
+    let _lock = instance::lock_shared(instance)?;
+    let state = state::load(&instance.state_dir)?;
+    let self_name = state.self_node()?.map(|n| n.name.as_str());
+    if as_json {
+        let nodes: Vec<serde_json::Value> = state
+            .table
+            .nodes
+            .iter()
+            .map(|node| {
+                json!({
+                    "name": node.name,
+                    "underlay_ip": node.ip.to_string(),
+                    "self": Some(node.name.as_str()) == self_name,
+                    "services": state.table.services_on_node(&node.name),
+                })
+            })
+            .collect();
+        let doc = json!({
+            "instance": instance.name,
+            "self": self_name,
+            "nodes": nodes,
+        });
+        return Ok(serde_json::to_string_pretty(&doc)?);
+    }
+    if state.table.nodes.is_empty() {
+        return Ok("no nodes".to_owned());
+    }
+    let width = state
+        .table
+        .nodes
+        .iter()
+        .map(|n| n.name.len())
+        .max()
+        .unwrap_or(0);
+    let mut out = String::new();
+    for node in &state.table.nodes {
+        let services = state.table.services_on_node(&node.name);
+        let line = format!(
+            "{:<width$}  {:<15}  {:<4}  {}",
+            node.name,
+            node.ip.to_string(),
+            if Some(node.name.as_str()) == self_name {
+                "self"
+            } else {
+                ""
+            },
+            if services.is_empty() {
+                String::new()
+            } else {
+                format!("backends of {}", services.join(", "))
+            }
+        );
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+    Ok(out.trim_end().to_owned())
+}
+
+pub fn mesh_set(instance: &Instance, vni: Option<u32>, vxlan_port: Option<u16>) -> Result<String> {
+    let (state, ()) = change_table(instance, |table| table.set_mesh(vni, vxlan_port))?;
+    Ok(format!(
+        "mesh: VNI {}, VXLAN UDP port {} (every node of the mesh must use the same)",
+        state.table.vni, state.table.vxlan_port
+    ))
+}
+
+pub fn mesh_show(instance: &Instance, as_json: bool) -> Result<String> {
+    let _lock = instance::lock_shared(instance)?;
+    let state = state::load(&instance.state_dir)?;
+    let this = state.self_node()?;
+    // The overlay's MTU follows from each underlay interface's: encapsulation adds
+    // VXLAN_OVERHEAD bytes, and the data plane drops (never fragments) what would not fit.
+    let interfaces: Vec<(&str, Option<u32>)> = state
+        .attachments
+        .iter()
+        .map(|a| (a.iface.as_str(), underlay::mtu(&a.iface).ok()))
+        .collect();
+    if as_json {
+        let doc = json!({
+            "instance": instance.name,
+            "vni": state.table.vni,
+            "vxlan_port": state.table.vxlan_port,
+            "self": this.map(|n| json!({"name": n.name, "underlay_ip": n.ip.to_string()})),
+            "nodes": state.table.nodes.len(),
+            "vxlan_overhead": VXLAN_OVERHEAD,
+            "interfaces": interfaces
+                .iter()
+                .map(|(iface, mtu)| json!({
+                    "iface": iface,
+                    "mtu": mtu,
+                    "overlay_mtu": mtu.map(|m| m.saturating_sub(VXLAN_OVERHEAD)),
+                }))
+                .collect::<Vec<_>>(),
+        });
+        return Ok(serde_json::to_string_pretty(&doc)?);
+    }
+    let mut out = format!(
+        "VNI {}, VXLAN UDP port {}; {} node(s)\n",
+        state.table.vni,
+        state.table.vxlan_port,
+        state.table.nodes.len()
+    );
+    match this {
+        Some(node) => out.push_str(&format!("this node: {} ({})\n", node.name, node.ip)),
+        None => out.push_str(&format!(
+            "this node: none (no address of network namespace '{}' is a node's underlay IP): \
+             nothing is encapsulated or decapsulated\n",
+            instance.name
+        )),
+    }
+    out.push_str(&format!(
+        "overlay MTU = underlay MTU - {VXLAN_OVERHEAD} (VXLAN headers): give the tasks' interfaces \
+         at most this MTU, so that their TCP MSS keeps clients' packets small enough; larger \
+         packets to other nodes are dropped (drop_encap_mtu)\n"
+    ));
+    for (iface, mtu) in &interfaces {
+        match mtu {
+            Some(mtu) => out.push_str(&format!(
+                "  {iface}: MTU {mtu}, overlay MTU {}\n",
+                mtu.saturating_sub(VXLAN_OVERHEAD)
+            )),
+            None => out.push_str(&format!("  {iface}: MTU unknown (interface missing)\n")),
+        }
+    }
+    Ok(out.trim_end().to_owned())
+}
