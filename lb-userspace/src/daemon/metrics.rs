@@ -262,6 +262,16 @@ const PER_SERVICE: &[PerService] = &[
 /// `text/plain; version=0.0.4`).
 pub fn render(snapshot: &Snapshot) -> String {
     let mut out = Exposition(String::with_capacity(estimated_len(snapshot)));
+    render_instance(&mut out, snapshot);
+    render_packets(&mut out, snapshot);
+    render_services(&mut out, snapshot);
+    render_backends(&mut out, snapshot);
+    render_interfaces(&mut out, snapshot);
+    out.0
+}
+
+/// The instance: build, table generation, flow table.
+fn render_instance(out: &mut Exposition, snapshot: &Snapshot) {
     let this_node = snapshot.node.as_deref().unwrap_or("");
 
     out.family(
@@ -302,7 +312,10 @@ pub fn render(snapshot: &Snapshot) -> String {
         out.family(name, kind, help);
         out.sample(name, &[], value);
     }
+}
 
+/// Packets by reason, their sums, and flow events.
+fn render_packets(out: &mut Exposition, snapshot: &Snapshot) {
     out.family(
         "lbctl_packets_total",
         Kind::Counter,
@@ -367,7 +380,10 @@ pub fn render(snapshot: &Snapshot) -> String {
     for &(event, count) in &snapshot.events {
         out.sample("lbctl_flow_events_total", &[("event", event)], count);
     }
+}
 
+/// Per service: its frontend, its backends' counters summed, its own gauges.
+fn render_services(out: &mut Exposition, snapshot: &Snapshot) {
     out.family(
         "lbctl_service_info",
         Kind::Gauge,
@@ -394,7 +410,10 @@ pub fn render(snapshot: &Snapshot) -> String {
             out.sample(family.name, &[("service", &service.name)], value);
         }
     }
+}
 
+/// Per backend: its counters, drain and health.
+fn render_backends(out: &mut Exposition, snapshot: &Snapshot) {
     let backends = || {
         snapshot.services.iter().flat_map(|service| {
             service.backends.iter().map(|backend| {
@@ -435,7 +454,10 @@ pub fn render(snapshot: &Snapshot) -> String {
             out.sample("lbctl_backend_health", &labels, current);
         }
     }
+}
 
+/// The attached interfaces and their transmit failures.
+fn render_interfaces(out: &mut Exposition, snapshot: &Snapshot) {
     out.family(
         "lbctl_interface_info",
         Kind::Gauge,
@@ -462,7 +484,6 @@ pub fn render(snapshot: &Snapshot) -> String {
             out.sample("lbctl_interface_transmit_failures_total", &labels, count);
         }
     }
-    out.0
 }
 
 /// About the rendered size, a little over for plain names, so that `render` does not grow its

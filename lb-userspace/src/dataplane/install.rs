@@ -4,7 +4,7 @@
 //! programs use the pinned maps, kept or migrated (see `layout`), so flows, counters and round-
 //! robin cursors carry over. An instance runs one build: every install replaces the programs
 //! on all its attached interfaces.
-use std::{fs, path::PathBuf};
+use std::{collections::BTreeMap, fs, path::PathBuf};
 
 use anyhow::{Context as _, Result, anyhow};
 use aya::{
@@ -281,70 +281,11 @@ pub fn install(instance: &Instance, state: &State, new: Option<&Target>) -> Resu
         }
     };
 
-    let mut lines = Vec::new();
-    let mut attached = Vec::new();
-    for attachment in &state.attachments {
-        if new.is_some_and(|n| n.iface == attachment.iface) {
-            continue;
-        }
-        let current = instance::ifindex_of(instance, &attachment.iface).ok();
-        let linked = link_pins(instance, &attachment.iface)
-            .iter()
-            .any(|pin| pin.exists());
-        if current == Some(attachment.ifindex) && linked {
-            attached.push(Target {
-                iface: attachment.iface.clone(),
-                ifindex: attachment.ifindex,
-                mode: link_mode(attachment.xdp_mode, AttachMode::Auto),
-                transmit: match attachment.transmit {
-                    _ if attachment.transmit_auto => TransmitChoice::Auto,
-                    Some(Transmit::Xdp) => TransmitChoice::Xdp,
-                    Some(Transmit::Tc) => TransmitChoice::Tc,
-                    None => TransmitChoice::Auto,
-                },
-            });
-        } else {
-            lines.push(format!(
-                "{} in '{}' left alone: its links are gone (interface deleted or recreated?); \
-                 `lbctl attach {}` attaches it again",
-                attachment.iface, instance.name, attachment.iface
-            ));
-        }
-    }
-
-    let mut migrations = Vec::new();
-    for (name, from) in plan.migrations() {
-        let open = |path: PathBuf| {
-            MapData::from_pin(&path).with_context(|| format!("opening {}", path.display()))
-        };
-        let old = open(maps_dir.join(name))?;
-        let new_map = open(staging.join(name))?;
-        migrations.push(Migration::copy(name, old, new_map, from, wanted[name])?);
-    }
-    for migration in &migrations {
-        let (from, to) = (staging.join(migration.name), maps_dir.join(migration.name));
-        fs::rename(&from, &to)
-            .with_context(|| format!("moving {} to {}", from.display(), to.display()))?;
-    }
+    let (attached, mut lines) = live_attachments(instance, state, new);
+    let migrations = migrate_maps(&plan, &maps_dir, &staging, &wanted)?;
     layout::record_versions(&maps_dir, &wanted)?;
     let mut maps = Maps::take(&mut ebpf)?;
-    for target in attached.iter().chain(new) {
-        maps.tx_ports
-            .insert(target.ifindex, target.ifindex, None, 0)
-            .with_context(|| format!("adding {} to TX_PORTS", target.iface))?;
-    }
-    // The table's map contents before the new programs run: a map this build adds (or grows)
-    // is filled before a program reads it. The command's own reconcile repeats it afterwards.
-    let self_node = state.self_node()?.map(|node| node.name.as_str());
-    let desired = sync::desired(&state.table, self_node);
-    maps.apply(&sync::delta(&desired, &maps.read_contents()?))?;
-    let ifaces: Vec<&str> = attached
-        .iter()
-        .chain(new)
-        .map(|target| target.iface.as_str())
-        .collect();
-    let underlay = state.self_node()?.map(|node| node.ip);
-    maps.sync_host(&ifaces, underlay)?;
+    fill_maps(&mut maps, state, attached.iter().chain(new))?;
 
     let mut result = Vec::new();
     for target in &attached {
@@ -383,6 +324,94 @@ pub fn install(instance: &Instance, state: &State, new: Option<&Target>) -> Resu
         maps: plan.summary(&wanted),
         attached: result,
     })
+}
+
+/// The interfaces of `state` that still have their links (other than `new`), as targets to
+/// replace the programs of, and a line for each one whose links are gone.
+fn live_attachments(
+    instance: &Instance,
+    state: &State,
+    new: Option<&Target>,
+) -> (Vec<Target>, Vec<String>) {
+    let mut lines = Vec::new();
+    let mut attached = Vec::new();
+    for attachment in &state.attachments {
+        if new.is_some_and(|n| n.iface == attachment.iface) {
+            continue;
+        }
+        let current = instance::ifindex_of(instance, &attachment.iface).ok();
+        let linked = link_pins(instance, &attachment.iface)
+            .iter()
+            .any(|pin| pin.exists());
+        if current == Some(attachment.ifindex) && linked {
+            attached.push(Target {
+                iface: attachment.iface.clone(),
+                ifindex: attachment.ifindex,
+                mode: link_mode(attachment.xdp_mode, AttachMode::Auto),
+                transmit: match attachment.transmit {
+                    _ if attachment.transmit_auto => TransmitChoice::Auto,
+                    Some(Transmit::Xdp) => TransmitChoice::Xdp,
+                    Some(Transmit::Tc) => TransmitChoice::Tc,
+                    None => TransmitChoice::Auto,
+                },
+            });
+        } else {
+            lines.push(format!(
+                "{} in '{}' left alone: its links are gone (interface deleted or recreated?); \
+                 `lbctl attach {}` attaches it again",
+                attachment.iface, instance.name, attachment.iface
+            ));
+        }
+    }
+    (attached, lines)
+}
+
+/// Copies each map the plan migrates into its new layout (created under `staging` by the load)
+/// and moves its pin over the old one. Returns the migrations, to catch up once the new
+/// programs run.
+fn migrate_maps(
+    plan: &layout::Plan,
+    maps_dir: &std::path::Path,
+    staging: &std::path::Path,
+    wanted: &BTreeMap<&'static str, layout::Layout>,
+) -> Result<Vec<Migration>> {
+    let mut migrations = Vec::new();
+    for (name, from) in plan.migrations() {
+        let open = |path: PathBuf| {
+            MapData::from_pin(&path).with_context(|| format!("opening {}", path.display()))
+        };
+        let old = open(maps_dir.join(name))?;
+        let new_map = open(staging.join(name))?;
+        migrations.push(Migration::copy(name, old, new_map, from, wanted[name])?);
+    }
+    for migration in &migrations {
+        let (from, to) = (staging.join(migration.name), maps_dir.join(migration.name));
+        fs::rename(&from, &to)
+            .with_context(|| format!("moving {} to {}", from.display(), to.display()))?;
+    }
+    Ok(migrations)
+}
+
+/// The maps' contents before the new programs run on `targets`: their interfaces in
+/// `TX_PORTS`, the table's contents (a map this build adds, or grows, is filled before a
+/// program reads it; the command's own reconcile repeats it afterwards) and the host's.
+fn fill_maps<'a>(
+    maps: &mut Maps,
+    state: &State,
+    targets: impl Iterator<Item = &'a Target> + Clone,
+) -> Result<()> {
+    for target in targets.clone() {
+        maps.tx_ports
+            .insert(target.ifindex, target.ifindex, None, 0)
+            .with_context(|| format!("adding {} to TX_PORTS", target.iface))?;
+    }
+    let self_node = state.self_node()?.map(|node| node.name.as_str());
+    let desired = sync::desired(&state.table, self_node);
+    maps.apply(&sync::delta(&desired, &maps.read_contents()?))?;
+    let ifaces: Vec<&str> = targets.map(|target| target.iface.as_str()).collect();
+    let underlay = state.self_node()?.map(|node| node.ip);
+    maps.sync_host(&ifaces, underlay)?;
+    Ok(())
 }
 
 /// Installs the socket programs of this object (with interfaces `attached` and socket load
