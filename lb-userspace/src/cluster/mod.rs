@@ -311,7 +311,24 @@ pub fn apply(current: &Table, merged: &Merged) -> (Table, Vec<String>) {
         .map(|n| n.name.as_str())
         .collect();
 
-    // Services that left or whose frontend changed (they come back as new services).
+    remove_departed(&mut table, current, &wanted, &stable_nodes);
+    sync_nodes(&mut table, merged, &stable_nodes, &mut warnings);
+    for want in &merged.services {
+        if let Err(err) = add_or_update(&mut table, want) {
+            warnings.push(format!("service '{}': {err}", want.name));
+        }
+    }
+    (table, warnings)
+}
+
+/// Removes from `table` (a copy of `current`) the services that left or whose frontend changed
+/// (they come back as new services), and the backends that left or whose node left or moved.
+fn remove_departed(
+    table: &mut Table,
+    current: &Table,
+    wanted: &BTreeMap<&str, &MergedService>,
+    stable_nodes: &BTreeSet<&str>,
+) {
     let gone: Vec<String> = table
         .services
         .iter()
@@ -346,6 +363,16 @@ pub fn apply(current: &Table, merged: &Merged) -> (Table, Vec<String>) {
                 .expect("backends listed from the table");
         }
     }
+}
+
+/// Brings `table`'s nodes in line with the merged ones: the nodes that are not stable leave
+/// (unless they still host backends: a warning), the merged ones are added.
+fn sync_nodes(
+    table: &mut Table,
+    merged: &Merged,
+    stable_nodes: &BTreeSet<&str>,
+    warnings: &mut Vec<String>,
+) {
     let leaving_nodes: Vec<String> = table
         .nodes
         .iter()
@@ -362,68 +389,69 @@ pub fn apply(current: &Table, merged: &Merged) -> (Table, Vec<String>) {
             warnings.push(err);
         }
     }
-    for want in &merged.services {
-        let exists = table.service(&want.name).is_some();
-        let present: Vec<SocketAddrV4> = table
-            .service(&want.name)
-            .map(|s| s.backends.iter().map(|b| b.addr).collect())
-            .unwrap_or_default();
-        let new: Vec<BackendSpec> = want
-            .backends
-            .iter()
-            .filter(|(r, _)| !present.contains(&r.addr))
-            .map(|(r, node)| BackendSpec {
-                addr: r.addr,
-                node: Some(node.clone()),
-                weight: r.weight,
-            })
-            .collect();
-        let result = if exists {
-            if new.is_empty() {
-                Ok(())
-            } else {
-                table.add_backends(&want.name, &new)
-            }
+}
+
+/// Adds the merged service `want` to `table`, or its new backends to the service already
+/// there, then gives the service and its backends the merged settings (health check,
+/// scheduler, drain, weight: a change bumps the table's generation; health does not).
+fn add_or_update(table: &mut Table, want: &MergedService) -> Result<(), String> {
+    let exists = table.service(&want.name).is_some();
+    let present: Vec<SocketAddrV4> = table
+        .service(&want.name)
+        .map(|s| s.backends.iter().map(|b| b.addr).collect())
+        .unwrap_or_default();
+    let new: Vec<BackendSpec> = want
+        .backends
+        .iter()
+        .filter(|(r, _)| !present.contains(&r.addr))
+        .map(|(r, node)| BackendSpec {
+            addr: r.addr,
+            node: Some(node.clone()),
+            weight: r.weight,
+        })
+        .collect();
+    let result = if exists {
+        if new.is_empty() {
+            Ok(())
         } else {
-            table.add_service(
-                &want.name,
-                want.def.proto,
-                want.def.port,
-                want.def.vip,
-                &new,
-            )
-        };
-        if let Err(err) = result {
-            warnings.push(format!("service '{}': {err}", want.name));
-            continue;
+            table.add_backends(&want.name, &new)
         }
-        let generation = table.generation;
-        let service = table
-            .services
-            .iter_mut()
-            .find(|s| s.name == want.name)
-            .expect("present or just added");
-        let mut changed = false;
-        if service.health_check != want.def.health_check {
-            service.health_check = want.def.health_check.clone();
-            changed = true;
-        }
-        if service.scheduler != want.def.scheduler {
-            service.scheduler = want.def.scheduler;
-            changed = true;
-        }
-        for backend in &mut service.backends {
-            if let Some((record, _)) = want.backends.iter().find(|(r, _)| r.addr == backend.addr) {
-                changed |= backend.drained != record.drained || backend.weight != record.weight;
-                backend.drained = record.drained;
-                backend.weight = record.weight;
-                // Health is runtime state: it does not count as a change of the table.
-                backend.health = record.health;
-            }
-        }
-        table.generation = generation + u64::from(changed);
+    } else {
+        table.add_service(
+            &want.name,
+            want.def.proto,
+            want.def.port,
+            want.def.vip,
+            &new,
+        )
+    };
+    result?;
+    let generation = table.generation;
+    let service = table
+        .services
+        .iter_mut()
+        .find(|s| s.name == want.name)
+        .expect("present or just added");
+    let mut changed = false;
+    if service.health_check != want.def.health_check {
+        service.health_check = want.def.health_check.clone();
+        changed = true;
     }
-    (table, warnings)
+    if service.scheduler != want.def.scheduler {
+        service.scheduler = want.def.scheduler;
+        changed = true;
+    }
+    for backend in &mut service.backends {
+        if let Some((record, _)) = want.backends.iter().find(|(r, _)| r.addr == backend.addr) {
+            changed |= backend.drained != record.drained || backend.weight != record.weight;
+            backend.drained = record.drained;
+            backend.weight = record.weight;
+            // Health is runtime state: it does not count as a change of the table.
+            backend.health = record.health;
+        }
+    }
+    table.generation = generation + u64::from(changed);
+    Ok(())
 }
 
 /// Records in `local` what a command changed from `before` (the table in force) to `after`:

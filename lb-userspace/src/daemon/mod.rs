@@ -538,47 +538,9 @@ async fn cluster_loop(
         gossip.publish(&step.local, vtep, &step.digest).await;
         if changed {
             table_changes += 1;
-            info!(
-                digest = %step.digest,
-                generation = step.table.generation,
-                nodes = step.table.nodes.len(),
-                services = step.table.services.len(),
-                backends = step.table.services.iter().map(|s| s.backends.len()).sum::<usize>(),
-                "applied the cluster's merged table"
-            );
         }
-        for warning in &step.warnings {
-            if !warned.contains(warning) {
-                warn!(warning = %warning, "part of the cluster's table left out");
-            }
-        }
-        warned = step.warnings.iter().cloned().collect();
-
-        let listed: Vec<(MemberView, String)> = members
-            .into_iter()
-            .map(|m| (m.view, m.gossip_addr.to_string()))
-            .collect();
-        let mut statuses = cluster::member_statuses(
-            &listed,
-            (config.node.as_str(), config.generation),
-            &step.digest,
-        );
-        for member in statuses.iter_mut().filter(|m| m.this) {
-            member.digest = Some(step.digest.clone());
-            member.agrees = true;
-        }
-        let now_live: BTreeSet<String> = statuses
-            .iter()
-            .filter(|m| m.alive && !m.this)
-            .map(|m| m.name.clone())
-            .collect();
-        for joined in now_live.difference(&live) {
-            info!(member = %joined, "cluster member alive");
-        }
-        for left in live.difference(&now_live) {
-            warn!(member = %left, "cluster member dead (failure detector): its tasks leave the table");
-        }
-        live = now_live;
+        log_step(&step, changed, &mut warned);
+        let statuses = member_statuses(members, &config, &step.digest, &mut live);
         let status = cluster::Status {
             cluster: config.cluster.clone(),
             node: config.node.clone(),
@@ -597,30 +559,93 @@ async fn cluster_loop(
                 .map(|(reason, n)| (reason.to_owned(), n))
                 .collect(),
         };
-        // Rejection counts alone rewrite the file at most once a second.
-        let due = written.as_ref().is_none_or(|(last, at)| {
-            let mut same = last.clone();
-            same.rejected = status.rejected.clone();
-            same != status
-                || (last.rejected != status.rejected && at.elapsed() >= Duration::from_secs(1))
-        });
-        if due {
-            let text = serde_json::to_vec_pretty(&status).expect("status serialises");
-            let dir = shared.instance.state_dir.clone();
-            match tokio::task::spawn_blocking(move || {
-                state::write_atomic(&dir, state::CLUSTER_FILE, &text)
-            })
-            .await
-            {
-                Ok(Ok(())) => written = Some((status.clone(), Instant::now())),
-                Ok(Err(err)) => warn!(error = format!("{err:#}"), "cannot write cluster.json"),
-                Err(err) => warn!(error = %err, "writing cluster.json failed"),
-            }
-        }
+        write_status_if_due(&shared, &status, &mut written).await;
         *shared.cluster.lock().unwrap() = Some(status);
     }
     if let Err(err) = gossip.shutdown().await {
         warn!(error = format!("{err:#}"), "gossip did not stop cleanly");
     }
     let _ = std::fs::remove_file(shared.instance.state_dir.join(state::CLUSTER_FILE));
+}
+
+/// Logs what a round of the cluster loop changed: the merged table when it `changed`, and each
+/// warning not already logged the round before (`warned`, updated).
+fn log_step(step: &cluster::Step, changed: bool, warned: &mut BTreeSet<String>) {
+    if changed {
+        info!(
+            digest = %step.digest,
+            generation = step.table.generation,
+            nodes = step.table.nodes.len(),
+            services = step.table.services.len(),
+            backends = step.table.services.iter().map(|s| s.backends.len()).sum::<usize>(),
+            "applied the cluster's merged table"
+        );
+    }
+    for warning in &step.warnings {
+        if !warned.contains(warning) {
+            warn!(warning = %warning, "part of the cluster's table left out");
+        }
+    }
+    *warned = step.warnings.iter().cloned().collect();
+}
+
+/// Every member's status against this node's table `digest` (this node agreeing with itself),
+/// logging the members that came alive or died since the round before (`live`, updated).
+fn member_statuses(
+    members: Vec<gossip::Member>,
+    config: &gossip::Config,
+    digest: &str,
+    live: &mut BTreeSet<String>,
+) -> Vec<cluster::MemberStatus> {
+    let listed: Vec<(MemberView, String)> = members
+        .into_iter()
+        .map(|m| (m.view, m.gossip_addr.to_string()))
+        .collect();
+    let mut statuses =
+        cluster::member_statuses(&listed, (config.node.as_str(), config.generation), digest);
+    for member in statuses.iter_mut().filter(|m| m.this) {
+        member.digest = Some(digest.to_owned());
+        member.agrees = true;
+    }
+    let now_live: BTreeSet<String> = statuses
+        .iter()
+        .filter(|m| m.alive && !m.this)
+        .map(|m| m.name.clone())
+        .collect();
+    for joined in now_live.difference(live) {
+        info!(member = %joined, "cluster member alive");
+    }
+    for left in live.difference(&now_live) {
+        warn!(member = %left, "cluster member dead (failure detector): its tasks leave the table");
+    }
+    *live = now_live;
+    statuses
+}
+
+/// Writes `status` to the state folder's cluster file (for `lbctl cluster ls`) when it
+/// changed since the last write (`written`, updated); rejection counts alone rewrite it at
+/// most once a second.
+async fn write_status_if_due(
+    shared: &Arc<Shared>,
+    status: &cluster::Status,
+    written: &mut Option<(cluster::Status, Instant)>,
+) {
+    let due = written.as_ref().is_none_or(|(last, at)| {
+        let mut same = last.clone();
+        same.rejected = status.rejected.clone();
+        same != *status
+            || (last.rejected != status.rejected && at.elapsed() >= Duration::from_secs(1))
+    });
+    if !due {
+        return;
+    }
+    let text = serde_json::to_vec_pretty(status).expect("status serialises");
+    let dir = shared.instance.state_dir.clone();
+    match tokio::task::spawn_blocking(move || state::write_atomic(&dir, state::CLUSTER_FILE, &text))
+        .await
+    {
+        Ok(Ok(())) => *written = Some((status.clone(), Instant::now())),
+        Ok(Err(err)) => warn!(error = format!("{err:#}"), "cannot write cluster.json"),
+        Err(err) => warn!(error = %err, "writing cluster.json failed"),
+    }
 }
