@@ -3,7 +3,6 @@
 //! act on (its cookie, in `SOCKET_LB`); and their removal. Called by `install` (attach,
 //! upgrade) and by the commands that detach the last interface or purge.
 use std::{
-    ffi::CString,
     fs,
     os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
     path::{Path, PathBuf},
@@ -173,9 +172,8 @@ fn mount_and_open(dir: &Path) -> Result<fs::File> {
         )
     })?;
     let opened = fs::File::open(dir).with_context(|| format!("opening {}", dir.display()));
-    let path = CString::new(dir.as_os_str().as_encoded_bytes())?;
-    // SAFETY: a valid NUL-terminated string. Lazily: the descriptor keeps what it needs.
-    unsafe { libc::umount2(path.as_ptr(), libc::MNT_DETACH) };
+    // Lazily: the descriptor keeps what it needs.
+    let _ = nix::mount::umount2(dir, nix::mount::MntFlags::MNT_DETACH);
     opened
 }
 

@@ -79,38 +79,23 @@ struct InterfaceAddr {
 
 /// Every IPv4 address of the namespace's interfaces (`getifaddrs`).
 fn interface_addrs() -> Result<Vec<InterfaceAddr>> {
-    let mut list: *mut libc::ifaddrs = std::ptr::null_mut();
-    // SAFETY: getifaddrs fills `list` with a linked list we free below.
-    if unsafe { libc::getifaddrs(&mut list) } != 0 {
-        return Err(std::io::Error::last_os_error())
-            .context("listing the namespace's addresses (getifaddrs)");
-    }
-    let ipv4 = |sockaddr: *mut libc::sockaddr| {
-        // SAFETY: when set, a sockaddr whose family says its real type.
-        if sockaddr.is_null() || i32::from(unsafe { (*sockaddr).sa_family }) != libc::AF_INET {
-            return None;
-        }
-        // SAFETY: an AF_INET address is a sockaddr_in.
-        let sin = unsafe { &*sockaddr.cast::<libc::sockaddr_in>() };
-        Some(Ipv4Addr::from(sin.sin_addr.s_addr.to_ne_bytes()))
+    let list =
+        nix::ifaddrs::getifaddrs().context("listing the namespace's addresses (getifaddrs)")?;
+    let ipv4 = |addr: Option<nix::sys::socket::SockaddrStorage>| {
+        addr.and_then(|a| a.as_sockaddr_in().map(|sin| sin.ip()))
     };
-    let mut addrs = Vec::new();
-    let mut cursor = list;
-    while !cursor.is_null() {
-        // SAFETY: a non-null node of the list getifaddrs returned, not freed yet.
-        let entry = unsafe { &*cursor };
-        if let Some(addr) = ipv4(entry.ifa_addr) {
-            addrs.push(InterfaceAddr {
+    Ok(list
+        .filter_map(|entry| {
+            let addr = ipv4(entry.address)?;
+            Some(InterfaceAddr {
                 addr,
-                netmask: ipv4(entry.ifa_netmask),
-                loopback: entry.ifa_flags & libc::IFF_LOOPBACK as u32 != 0,
-            });
-        }
-        cursor = entry.ifa_next;
-    }
-    // SAFETY: the list getifaddrs allocated, freed once.
-    unsafe { libc::freeifaddrs(list) };
-    Ok(addrs)
+                netmask: ipv4(entry.netmask),
+                loopback: entry
+                    .flags
+                    .contains(nix::net::if_::InterfaceFlags::IFF_LOOPBACK),
+            })
+        })
+        .collect())
 }
 
 /// A subnet of an interface: its network address and prefix length.

@@ -6,13 +6,9 @@
 //! and the lock that serialises commands against it.
 pub mod state;
 use std::{
-    ffi::CString,
     fs::{self, File, OpenOptions},
-    os::{
-        fd::AsRawFd as _,
-        unix::fs::{
-            DirBuilderExt as _, MetadataExt as _, OpenOptionsExt as _, PermissionsExt as _,
-        },
+    os::unix::fs::{
+        DirBuilderExt as _, MetadataExt as _, OpenOptionsExt as _, PermissionsExt as _,
     },
     path::{Path, PathBuf},
 };
@@ -109,12 +105,8 @@ fn enter_netns(name: &str) -> Result<()> {
     let path = netns_handle(name).unwrap_or_else(|| Path::new(NETNS_RUN_DIR).join(name));
     let file = File::open(&path)
         .with_context(|| format!("network namespace '{name}' not found ({})", path.display()))?;
-    // SAFETY: plain syscall on a file descriptor we own.
-    if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-        return Err(std::io::Error::last_os_error())
-            .with_context(|| format!("entering network namespace '{name}'"));
-    }
-    Ok(())
+    nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET)
+        .with_context(|| format!("entering network namespace '{name}'"))
 }
 
 /// A file through which the namespace of instance `name` can be entered, if the namespace
@@ -271,33 +263,20 @@ pub fn ensure_bpffs(instance: &Instance) -> Result<()> {
 
 /// Mounts a filesystem of type `fstype` (its source named alike) at `target`, no options.
 pub fn mount_fs(fstype: &str, target: &Path) -> Result<()> {
-    let fstype = CString::new(fstype).context("file system type with NUL")?;
-    let target = CString::new(target.as_os_str().as_encoded_bytes()).context("path with NUL")?;
-    // SAFETY: valid NUL-terminated strings; no data argument.
-    let rc = unsafe {
-        libc::mount(
-            fstype.as_ptr(),
-            target.as_ptr(),
-            fstype.as_ptr(),
-            0,
-            std::ptr::null(),
-        )
-    };
-    if rc != 0 {
-        return Err(std::io::Error::last_os_error().into());
-    }
+    nix::mount::mount(
+        Some(fstype),
+        target,
+        Some(fstype),
+        nix::mount::MsFlags::empty(),
+        None::<&str>,
+    )?;
     Ok(())
 }
 
 fn fs_magic(path: &Path) -> Result<i64> {
-    let c_path = CString::new(path.as_os_str().as_encoded_bytes()).context("path with NUL")?;
-    // SAFETY: statfs fills the zeroed struct we pass.
-    let mut stat: libc::statfs = unsafe { std::mem::zeroed() };
-    if unsafe { libc::statfs(c_path.as_ptr(), &mut stat) } != 0 {
-        return Err(std::io::Error::last_os_error())
-            .with_context(|| format!("statfs {}", path.display()));
-    }
-    Ok(stat.f_type as i64)
+    let stat =
+        nix::sys::statfs::statfs(path).with_context(|| format!("statfs {}", path.display()))?;
+    Ok(stat.filesystem_type().0 as i64)
 }
 
 /// Creates a folder (and its missing parents) readable by root only. A folder that already
@@ -326,22 +305,22 @@ fn make_private(path: &Path, mode: u32) -> Result<()> {
 /// A lock on the instance, held until dropped. Changes take it exclusively, so that two lbctl
 /// commands never interleave their read-modify-write of the state and maps; listings take it
 /// shared, so that they never show a state that is saved but not yet applied to the maps.
-pub struct Lock(#[expect(dead_code, reason = "held for its flock")] File);
+pub struct Lock(#[expect(dead_code, reason = "held for its flock")] nix::fcntl::Flock<File>);
 
 /// The exclusive lock, for changes.
 pub fn lock(instance: &Instance) -> Result<Lock> {
-    lock_as(instance, libc::LOCK_EX)
+    lock_as(instance, nix::fcntl::FlockArg::LockExclusive)
 }
 
 /// The shared lock, for reading a consistent state and maps.
 pub fn lock_shared(instance: &Instance) -> Result<Lock> {
-    lock_as(instance, libc::LOCK_SH)
+    lock_as(instance, nix::fcntl::FlockArg::LockShared)
 }
 
 /// The lock file, in the state folder.
 pub const LOCK_FILE: &str = "lock";
 
-fn lock_as(instance: &Instance, operation: libc::c_int) -> Result<Lock> {
+fn lock_as(instance: &Instance, operation: nix::fcntl::FlockArg) -> Result<Lock> {
     create_private_dir(&instance.state_dir)?;
     let path = instance.state_dir.join(LOCK_FILE);
     let file = OpenOptions::new()
@@ -352,11 +331,10 @@ fn lock_as(instance: &Instance, operation: libc::c_int) -> Result<Lock> {
         .open(&path)
         .with_context(|| format!("opening {}", path.display()))?;
     make_private(&path, 0o600)?;
-    // SAFETY: flock on a descriptor we own.
-    if unsafe { libc::flock(file.as_raw_fd(), operation) } != 0 {
-        return Err(std::io::Error::last_os_error()).context("locking the instance");
-    }
-    Ok(Lock(file))
+    let locked = nix::fcntl::Flock::lock(file, operation)
+        .map_err(|(_, errno)| errno)
+        .context("locking the instance")?;
+    Ok(Lock(locked))
 }
 
 /// Capabilities lbctl uses (`include/uapi/linux/capability.h`): interfaces, XDP, TC and
@@ -369,8 +347,7 @@ const CAP_BPF: u32 = 39;
 /// rather than fail deep inside a syscall. Root without the capabilities (a container without
 /// privileges, a bounding set that dropped them) is told apart.
 pub fn require_root() -> Result<()> {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
+    if !nix::unistd::geteuid().is_root() {
         bail!("lbctl needs root (CAP_NET_ADMIN, CAP_SYS_ADMIN, CAP_BPF): run with sudo");
     }
     // The kernel takes CAP_SYS_ADMIN for CAP_BPF (before 5.8 there was no CAP_BPF).
@@ -409,15 +386,15 @@ fn effective_capabilities() -> Option<u64> {
 
 /// The index of interface `iface` in this thread's namespace, the instance's.
 pub fn ifindex_of(instance: &Instance, iface: &str) -> Result<u32> {
-    let name = CString::new(iface).map_err(|_| anyhow!("invalid interface name '{iface}'"))?;
-    // SAFETY: valid NUL-terminated string.
-    match unsafe { libc::if_nametoindex(name.as_ptr()) } {
-        0 => bail!(
+    if iface.contains('\0') {
+        bail!("invalid interface name '{iface}'");
+    }
+    nix::net::if_::if_nametoindex(iface).map_err(|_| {
+        anyhow!(
             "interface '{iface}' not found in network namespace '{}'",
             instance.name
-        ),
-        index => Ok(index),
-    }
+        )
+    })
 }
 
 #[cfg(test)]
