@@ -240,7 +240,9 @@ fn choose(service: &ServiceValue, key: &SockKey) -> Option<SockFlow> {
     })
 }
 
-/// Whether a socket's earlier backend is still the one recorded and may still be chosen.
+/// Whether a socket's earlier backend is still the one recorded and not removed: as a flow
+/// does, the socket keeps a drained or unhealthy backend (`BACKEND_ACTIVE` stays set for
+/// those; only the choice of new flows skips them).
 #[inline(always)]
 fn still_usable(flow: &SockFlow) -> bool {
     BACKENDS
