@@ -221,7 +221,11 @@ pub fn recorded_state_dir(pin_dir: &Path) -> Option<PathBuf> {
 /// `netns-<inode>`.
 fn current_netns_name() -> Result<String> {
     let ours = fs::metadata("/proc/self/ns/net").context("reading /proc/self/ns/net")?;
-    let host = fs::metadata("/proc/1/ns/net").context("reading /proc/1/ns/net")?;
+    let host = fs::metadata("/proc/1/ns/net").context(
+        "reading /proc/1/ns/net (to tell the host's namespace from others): run lbctl as root \
+         in the host's namespaces and name the instance with --netns NAME, not under \
+         `ip netns exec`, which also hides the pins by remounting /sys",
+    )?;
     if (ours.dev(), ours.ino()) == (host.dev(), host.ino()) {
         return Ok(HOST.to_owned());
     }
