@@ -288,13 +288,45 @@ pub struct ReverseValue {
 }
 assert_size!(ReverseValue, 16);
 
-/// The `REVERSE_FLOWS` entry of the client → service flow `key` pinned as `flow`: the reply's
-/// 5-tuple (backend → client, or for a hairpin flow backend → its source `snat`), and the
-/// address and port the client connected to (`orig`), with the client for a hairpin flow.
+/// The backend a flow (or a node's own socket) was given, as its reverse entry names it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Chosen {
+    pub backend_id: u32,
+    pub ip_be: u32,
+    pub port_be: u16,
+}
+
+impl FlowValue {
+    /// The backend this flow is pinned to.
+    #[inline(always)]
+    pub const fn chosen(&self) -> Chosen {
+        Chosen {
+            backend_id: self.backend_id,
+            ip_be: self.backend_ip_be,
+            port_be: self.backend_port_be,
+        }
+    }
+}
+
+impl SockFlow {
+    /// The backend this socket was given.
+    #[inline(always)]
+    pub const fn chosen(&self) -> Chosen {
+        Chosen {
+            backend_id: self.backend_id,
+            ip_be: self.backend_ip_be,
+            port_be: self.backend_port_be,
+        }
+    }
+}
+
+/// The `REVERSE_FLOWS` entry of the client → service flow `key` given the backend `flow`: the
+/// reply's 5-tuple (backend → client, or for a hairpin flow backend → its source `snat`), and
+/// the address and port the client connected to (`orig`), with the client for a hairpin flow.
 #[inline(always)]
 pub fn reverse_entry(
     key: &FlowKey,
-    flow: &FlowValue,
+    flow: Chosen,
     (orig_ip_be, orig_port_be): (u32, u16),
     snat: Option<&SnatValue>,
 ) -> (FlowKey, ReverseValue) {
@@ -303,9 +335,9 @@ pub fn reverse_entry(
         None => (key.src_ip_be, key.src_port_be, 0, 0),
     };
     let reverse_key = FlowKey {
-        src_ip_be: flow.backend_ip_be,
+        src_ip_be: flow.ip_be,
         dst_ip_be,
-        src_port_be: flow.backend_port_be,
+        src_port_be: flow.port_be,
         dst_port_be,
         proto: key.proto,
         _pad: [0; 3],

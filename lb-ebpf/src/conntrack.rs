@@ -254,7 +254,7 @@ pub fn record(
     };
     let snat = match snat_ip_be {
         0 => {
-            let (reverse_key, reverse) = reverse_entry(key, &flow, orig, None);
+            let (reverse_key, reverse) = reverse_entry(key, flow.chosen(), orig, None);
             if REVERSE_FLOWS
                 .insert(&reverse_key, reverse, u64::from(BPF_ANY))
                 .is_err()
@@ -272,7 +272,7 @@ pub fn record(
                 return Err(Reason::DropSnatPortsExhausted);
             };
             if SNAT_FLOWS.insert(key, snat, u64::from(BPF_ANY)).is_err() {
-                let (reverse_key, _) = reverse_entry(key, &flow, orig, Some(&snat));
+                let (reverse_key, _) = reverse_entry(key, flow.chosen(), orig, Some(&snat));
                 let _ = REVERSE_FLOWS.remove(&reverse_key);
                 let _ = FLOWS.remove(key);
                 return Err(Reason::DropFlowTableFull);
@@ -302,7 +302,7 @@ pub fn restore_reverse(
     orig: (u32, u16),
     snat: Option<&SnatValue>,
 ) -> bool {
-    let (reverse_key, reverse) = reverse_entry(key, flow, orig, snat);
+    let (reverse_key, reverse) = reverse_entry(key, flow.chosen(), orig, snat);
     // SAFETY: copied out at once.
     match unsafe { REVERSE_FLOWS.get(&reverse_key) }.copied() {
         Some(held) => {

@@ -8,7 +8,12 @@ use aya_ebpf::{
 };
 use lb_common::{PROTO_UDP, Reason};
 
-use crate::{conntrack, encap, frag, maps::TUNNEL_REPLIES, nat, parse, socklb, stats};
+use crate::{
+    conntrack, encap, frag,
+    maps::TUNNEL_REPLIES,
+    nat::{self, Side},
+    parse, socklb, stats,
+};
 
 /// Headers the parser may need in the linear part of the skb: Ethernet, IPv4 with the largest
 /// options, TCP without options.
@@ -57,13 +62,14 @@ pub fn try_lb_tc_egress(ctx: &mut TcContext) -> Result<i32, i64> {
         return Ok(TC_ACT_SHOT);
     }
     conntrack::note_reply(&pkt, &reverse);
-    nat::rewrite_l4_source(
+    nat::tc_rewrite_l4(
         ctx,
+        Side::Src,
         (pkt.l4_off, pkt.l4_check_off, pkt.proto == PROTO_UDP),
         (pkt.src_ip_be, pkt.src_port_be),
-        &reverse,
+        (reverse.orig_ip_be, reverse.orig_port_be),
     )?;
-    nat::rewrite_l3_source(ctx, pkt.src_ip_be, reverse.orig_ip_be)?;
+    nat::tc_rewrite_l3(ctx, Side::Src, pkt.src_ip_be, reverse.orig_ip_be)?;
     let bytes = u64::from(ctx.len());
     stats::count_reason(Reason::ReplyEgress, bytes);
     stats::count_reply(reverse.backend_id, bytes);

@@ -129,7 +129,7 @@ pub fn tc_reply(ctx: &mut TcContext) -> Result<i32, i64> {
     let Some(pkt) = first_as_packet(&frag) else {
         if let Some(nat) = recall(&key_of(&frag, TO_CLIENT)) {
             stats::count_reply(nat.backend_id, bytes);
-            nat::rewrite_l3_source(ctx, frag.src_ip_be, nat.ip_be)?;
+            nat::tc_rewrite_l3(ctx, Side::Src, frag.src_ip_be, nat.ip_be)?;
             stats::count_reason(Reason::ReplyEgress, bytes);
         } else if let Some(nat) = recall(&key_of(&frag, TUNNEL)) {
             let pkt = later_as_packet(&frag, frag.dst_ip_be);
@@ -160,18 +160,19 @@ pub fn tc_reply(ctx: &mut TcContext) -> Result<i32, i64> {
     if reverse.client_ip_be != 0 {
         return Ok(TC_ACT_UNSPEC);
     }
-    nat::rewrite_l4_source(
+    nat::tc_rewrite_l4(
         ctx,
+        Side::Src,
         (pkt.l4_off, pkt.l4_check_off, true),
         (frag.src_ip_be, pkt.src_port_be),
-        &reverse,
+        (reverse.orig_ip_be, reverse.orig_port_be),
     )?;
     remember(
         &key_of(&frag, TO_CLIENT),
         &FragmentNat::rewrite(reverse.orig_ip_be, reverse.backend_id),
     );
     stats::count_reply(reverse.backend_id, bytes);
-    nat::rewrite_l3_source(ctx, frag.src_ip_be, reverse.orig_ip_be)?;
+    nat::tc_rewrite_l3(ctx, Side::Src, frag.src_ip_be, reverse.orig_ip_be)?;
     stats::count_reason(Reason::ReplyEgress, bytes);
     Ok(TC_ACT_UNSPEC)
 }

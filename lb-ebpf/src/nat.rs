@@ -7,7 +7,7 @@ use aya_ebpf::{
     bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
     programs::TcContext,
 };
-use lb_common::{PROTO_UDP, ReverseValue};
+use lb_common::PROTO_UDP;
 
 #[inline(always)]
 pub fn load16(data: usize, data_end: usize, off: usize) -> Option<u16> {
@@ -121,16 +121,17 @@ fn rewrite_address(
 // The TC programs' rewrites go through the kernel's checksum helpers, which also handle a
 // checksum left to the NIC (CHECKSUM_PARTIAL).
 
-/// The L4 half of a reply's reverse NAT: its source port (`old_port`, at `l4_off`: the first
-/// field of both headers) becomes the one the client connected to, and its checksum (at
-/// `check_off`) follows the address and the port (`old_ip` → `reverse.orig_ip_be`; the address
-/// itself is rewritten by [`rewrite_l3_source`]). UDP's checksum 0 (none) stays 0.
+/// The L4 half of a TC rewrite of `side`: its port (`old_port` → `new_port`; the source port
+/// at `l4_off`, the destination port after it, in both headers) and the checksum (at
+/// `check_off`), which follows the address and the port (`old_ip` → `new_ip`; the address
+/// itself is rewritten by [`tc_rewrite_l3`]). UDP's checksum 0 (none) stays 0.
 #[inline(always)]
-pub fn rewrite_l4_source(
+pub fn tc_rewrite_l4(
     ctx: &mut TcContext,
+    side: Side,
     (l4_off, check_off, udp): (usize, usize, bool),
     (old_ip, old_port): (u32, u16),
-    reverse: &ReverseValue,
+    (new_ip, new_port): (u32, u16),
 ) -> Result<(), i64> {
     let udp_flag = if udp {
         u64::from(BPF_F_MARK_MANGLED_0)
@@ -140,21 +141,29 @@ pub fn rewrite_l4_source(
     ctx.l4_csum_replace(
         check_off,
         u64::from(old_ip),
-        u64::from(reverse.orig_ip_be),
+        u64::from(new_ip),
         u64::from(BPF_F_PSEUDO_HDR) | udp_flag | 4,
     )?;
     ctx.l4_csum_replace(
         check_off,
         u64::from(old_port),
-        u64::from(reverse.orig_port_be),
+        u64::from(new_port),
         udp_flag | 2,
     )?;
-    ctx.store(l4_off, &reverse.orig_port_be, 0)
+    let port_off = match side {
+        Side::Src => l4_off,
+        Side::Dst => l4_off + 2,
+    };
+    ctx.store(port_off, &new_port, 0)
 }
 
-/// The L3 half of a reply's reverse NAT: the source address and the header checksum.
+/// The L3 half of a TC rewrite of `side`: the address and the header checksum.
 #[inline(always)]
-pub fn rewrite_l3_source(ctx: &mut TcContext, old_ip: u32, new_ip: u32) -> Result<(), i64> {
+pub fn tc_rewrite_l3(ctx: &mut TcContext, side: Side, old_ip: u32, new_ip: u32) -> Result<(), i64> {
     ctx.l3_csum_replace(IP_CHECK_OFF, u64::from(old_ip), u64::from(new_ip), 4)?;
-    ctx.store(IP_SRC_OFF, &new_ip, 0)
+    let ip_off = match side {
+        Side::Src => IP_SRC_OFF,
+        Side::Dst => IP_DST_OFF,
+    };
+    ctx.store(ip_off, &new_ip, 0)
 }

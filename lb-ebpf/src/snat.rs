@@ -104,7 +104,7 @@ pub fn allocate(
     for step in 0..3 * PROBES {
         let (pass, i) = (step / PROBES, step % PROBES);
         let snat = probe(snat_ip_be, start, i);
-        let (reply_key, reverse) = lb_common::reverse_entry(key, flow, orig, Some(&snat));
+        let (reply_key, reverse) = lb_common::reverse_entry(key, flow.chosen(), orig, Some(&snat));
         let claimed = match pass {
             OWN => {
                 // SAFETY: copied out at once.

@@ -9,25 +9,26 @@
 //! to it, and the TC egress program finds the socket's backend by its cookie, DNATs the packet
 //! to it and encapsulates it to its node ([`tc_to_node`]); the replies come back through the
 //! tunnel, and XDP reverse-NATs them to that node's address before handing them to the kernel
-//! (`ingress::reply`). Should the socket's entry be gone, its packets reach that node's
+//! (`reply::reply`). Should the socket's entry be gone, its packets reach that node's
 //! published port as they are, and that node balances them.
 //!
 //! `recvmsg` and `getpeername` give the socket the address it asked for back. The programs see
 //! every namespace's sockets; they act only on those of the instance's own namespace.
 use aya_ebpf::{
-    bindings::{BPF_ANY, BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, TC_ACT_SHOT},
+    bindings::{BPF_ANY, TC_ACT_SHOT},
     helpers::generated::{bpf_get_netns_cookie, bpf_get_socket_cookie},
     programs::{SockAddrContext, TcContext},
 };
 use lb_common::{
-    BACKEND_ACTIVE, Backend, Event, FlowKey, PROTO_TCP, PROTO_UDP, Reason, ReverseValue,
-    SCHEDULER_MAGLEV, ServiceValue, SockFlow, SockKey,
+    BACKEND_ACTIVE, Backend, Event, FlowKey, PROTO_TCP, PROTO_UDP, Reason, SCHEDULER_MAGLEV,
+    ServiceValue, SockFlow, SockKey, reverse_entry,
 };
 
 use crate::{
     encap,
     maps::{BACKENDS, HOST_ADDRS, REVERSE_FLOWS, SOCK_FLOWS, SOCK_PEERS, SOCKET_LB},
-    parse::{IP_CHECK_OFF, IP_DST_OFF, Packet},
+    nat::{self, Side},
+    parse::Packet,
     select, stats,
 };
 
@@ -83,12 +84,19 @@ pub fn to_service(ctx: &SockAddrContext, affinity: bool) -> i32 {
         stats::count_event(Event::SocketBalanced);
         stats::count_new_flow(flow.backend_id);
     }
-    // SAFETY: the context's socket address, which these programs may rewrite.
-    unsafe {
-        (*ctx.sock_addr).user_ip4 = peer.ip_be;
-        (*ctx.sock_addr).user_port = u32::from(peer.port_be);
-    }
+    set_address(ctx, peer.ip_be, peer.port_be);
     1
+}
+
+/// Gives the call the address `ip_be`:`port_be` in place of the one it has.
+#[inline(always)]
+fn set_address(ctx: &SockAddrContext, ip_be: u32, port_be: u16) {
+    // SAFETY: the context's socket address, which these programs may rewrite (the port in
+    // network byte order in the field's low 16 bits).
+    unsafe {
+        (*ctx.sock_addr).user_ip4 = ip_be;
+        (*ctx.sock_addr).user_port = u32::from(port_be);
+    }
 }
 
 /// Why the socket cannot be given `peer` for `flow`, if it cannot: bound to a loopback address,
@@ -139,11 +147,7 @@ pub fn from_peer(ctx: &SockAddrContext) {
     let key = SockKey { cookie, ..peer };
     // SAFETY: copied out at once.
     if let Some(flow) = unsafe { SOCK_PEERS.get(&key) }.copied() {
-        // SAFETY: as in `to_service`.
-        unsafe {
-            (*ctx.sock_addr).user_ip4 = flow.service_ip_be;
-            (*ctx.sock_addr).user_port = u32::from(flow.service_port_be);
-        }
+        set_address(ctx, flow.service_ip_be, flow.service_port_be);
     }
 }
 
@@ -198,10 +202,10 @@ fn service_of(asked: &SockKey) -> Option<&'static ServiceValue> {
     if let Some(service) = select::service(asked.ip_be, asked.port_be, asked.proto) {
         return Some(service);
     }
-    let first_octet = asked.ip_be.to_ne_bytes()[0];
     // SAFETY: a set written by userspace; only presence is read.
-    let local =
-        asked.ip_be == 0 || first_octet == 127 || unsafe { HOST_ADDRS.get(&asked.ip_be) }.is_some();
+    let local = asked.ip_be == 0
+        || is_loopback(asked.ip_be)
+        || unsafe { HOST_ADDRS.get(&asked.ip_be) }.is_some();
     if !local {
         return None;
     }
@@ -317,34 +321,15 @@ fn send_to_node(
     key: &FlowKey,
     flow: &SockFlow,
 ) -> Result<i32, i64> {
-    remember_reply(pkt, flow);
-    let udp = pkt.proto == PROTO_UDP;
-    let udp_flag = if udp {
-        u64::from(BPF_F_MARK_MANGLED_0)
-    } else {
-        0
-    };
-    ctx.l4_csum_replace(
-        pkt.l4_check_off,
-        u64::from(pkt.dst_ip_be),
-        u64::from(flow.backend_ip_be),
-        u64::from(BPF_F_PSEUDO_HDR) | udp_flag | 4,
+    remember_reply(pkt, key, flow);
+    nat::tc_rewrite_l4(
+        ctx,
+        Side::Dst,
+        (pkt.l4_off, pkt.l4_check_off, pkt.proto == PROTO_UDP),
+        (pkt.dst_ip_be, pkt.dst_port_be),
+        (flow.backend_ip_be, flow.backend_port_be),
     )?;
-    ctx.l4_csum_replace(
-        pkt.l4_check_off,
-        u64::from(pkt.dst_port_be),
-        u64::from(flow.backend_port_be),
-        udp_flag | 2,
-    )?;
-    // The destination port follows the source port in both headers.
-    ctx.store(pkt.l4_off + 2, &flow.backend_port_be, 0)?;
-    ctx.l3_csum_replace(
-        IP_CHECK_OFF,
-        u64::from(pkt.dst_ip_be),
-        u64::from(flow.backend_ip_be),
-        4,
-    )?;
-    ctx.store(IP_DST_OFF, &flow.backend_ip_be, 0)?;
+    nat::tc_rewrite_l3(ctx, Side::Dst, pkt.dst_ip_be, flow.backend_ip_be)?;
     let bytes = u64::from(ctx.len());
     let (action, reason) = encap::tc_to_node(ctx, pkt, flow.node_ip_be, encap::source_port(key));
     let reason = if reason == Reason::ReplyEncap {
@@ -359,25 +344,12 @@ fn send_to_node(
     Ok(action)
 }
 
-/// Makes sure the replies of the socket's flow (backend → this node) find their way back to
-/// the node's published-port address the socket talks to (`ingress::reply`).
+/// Makes sure the replies of the socket's flow `key` (backend → this node) find their way back
+/// to the node's published-port address the socket talks to (`reply::reply`).
 #[inline(always)]
-fn remember_reply(pkt: &Packet, flow: &SockFlow) {
-    let reply_key = FlowKey {
-        src_ip_be: flow.backend_ip_be,
-        dst_ip_be: pkt.src_ip_be,
-        src_port_be: flow.backend_port_be,
-        dst_port_be: pkt.src_port_be,
-        proto: pkt.proto,
-        _pad: [0; 3],
-    };
-    let reverse = ReverseValue {
-        orig_ip_be: pkt.dst_ip_be,
-        orig_port_be: pkt.dst_port_be,
-        client_port_be: 0,
-        backend_id: flow.backend_id,
-        client_ip_be: 0,
-    };
+fn remember_reply(pkt: &Packet, key: &FlowKey, flow: &SockFlow) {
+    let (reply_key, reverse) =
+        reverse_entry(key, flow.chosen(), (pkt.dst_ip_be, pkt.dst_port_be), None);
     // SAFETY: copied out at once.
     if unsafe { REVERSE_FLOWS.get(&reply_key) }.copied() != Some(reverse) {
         // A full LRU evicts; an error costs this packet's reply, and the next packet tries again.
