@@ -117,6 +117,29 @@ pub struct Maps {
     pub socket_lb: Array<MapData, SocketLbConfig>,
 }
 
+/// Brings the set `map` (named `name`; its values are unused, 0) in line with `wanted`: removes
+/// the keys it holds that are not wanted and adds the wanted ones it lacks. Returns the number
+/// of writes.
+fn sync_set<K: Pod + Ord>(
+    map: &mut HashMap<MapData, K, u32>,
+    wanted: &BTreeSet<K>,
+    name: &str,
+) -> Result<usize> {
+    let mut present = BTreeSet::new();
+    for key in map.keys() {
+        present.insert(key.with_context(|| format!("reading {name}"))?);
+    }
+    for stale in present.difference(wanted) {
+        map.remove(stale)
+            .with_context(|| format!("removing an entry from {name}"))?;
+    }
+    for new in wanted.difference(&present) {
+        map.insert(new, 0, 0)
+            .with_context(|| format!("adding an entry to {name}"))?;
+    }
+    Ok(present.symmetric_difference(wanted).count())
+}
+
 /// The `ONLINK_SUBNETS` value of `subnet`: 0 for the subnet of this node's `underlay` address,
 /// `lb_common::subnet_id` for every other.
 pub fn subnet_value(subnet: &Subnet, underlay: Option<Ipv4Addr>) -> u32 {
@@ -188,23 +211,11 @@ impl Maps {
     /// Brings `HOST_ADDRS` in line with `addrs` (the namespace's): a node's own socket that
     /// connects to one of them on a published port is balanced. Returns the number of writes.
     pub fn sync_host_addrs(&mut self, addrs: &BTreeSet<Ipv4Addr>) -> Result<usize> {
-        let key = |addr: &Ipv4Addr| u32::from_ne_bytes(addr.octets());
-        let wanted: BTreeSet<u32> = addrs.iter().map(key).collect();
-        let mut present = BTreeSet::new();
-        for entry in self.host_addrs.keys() {
-            present.insert(entry.context("reading HOST_ADDRS")?);
-        }
-        for stale in present.difference(&wanted) {
-            self.host_addrs
-                .remove(stale)
-                .context("removing an address from HOST_ADDRS")?;
-        }
-        for new in wanted.difference(&present) {
-            self.host_addrs
-                .insert(new, 0, 0)
-                .context("adding an address to HOST_ADDRS")?;
-        }
-        Ok(present.symmetric_difference(&wanted).count())
+        let wanted: BTreeSet<u32> = addrs
+            .iter()
+            .map(|addr| u32::from_ne_bytes(addr.octets()))
+            .collect();
+        sync_set(&mut self.host_addrs, &wanted, map_names::HOST_ADDRS)
     }
 
     /// Turns socket load balancing on for the sockets of the namespace whose cookie is
@@ -219,25 +230,14 @@ impl Maps {
     /// flow starts only from a frame addressed to one of them (or to every host). Returns the
     /// number of writes.
     pub fn sync_host_macs(&mut self, macs: &BTreeSet<[u8; 6]>) -> Result<usize> {
-        let mut present = BTreeSet::new();
-        for key in self.host_macs.keys() {
-            present.insert(key.context("reading HOST_MACS")?.mac);
-        }
-        let key = |mac: &[u8; 6]| MacKey {
-            mac: *mac,
-            _pad: [0; 2],
-        };
-        for stale in present.difference(macs) {
-            self.host_macs
-                .remove(&key(stale))
-                .context("removing a MAC address from HOST_MACS")?;
-        }
-        for new in macs.difference(&present) {
-            self.host_macs
-                .insert(key(new), 0, 0)
-                .context("adding a MAC address to HOST_MACS")?;
-        }
-        Ok(present.symmetric_difference(macs).count())
+        let wanted: BTreeSet<MacKey> = macs
+            .iter()
+            .map(|mac| MacKey {
+                mac: *mac,
+                _pad: [0; 2],
+            })
+            .collect();
+        sync_set(&mut self.host_macs, &wanted, map_names::HOST_MACS)
     }
 
     /// Brings `ONLINK_SUBNETS` in line with `subnets` (the namespace's, see

@@ -4,7 +4,7 @@
 //! upgrade) and by the commands that detach the last interface or purge.
 use std::{
     fs,
-    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+    os::fd::AsRawFd as _,
     path::{Path, PathBuf},
 };
 
@@ -122,13 +122,7 @@ pub fn is_installed(instance: &Instance) -> bool {
 /// The cookie of this thread's network namespace (`SO_NETNS_COOKIE` of a socket made in it):
 /// what the socket programs compare a socket's namespace with.
 pub fn netns_cookie() -> Result<u64> {
-    // SAFETY: plain syscall; the descriptor is owned at once.
-    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error()).context("socket");
-    }
-    // SAFETY: a descriptor just returned by socket().
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let fd = crate::host::netdev::udp_socket()?;
     let mut cookie: u64 = 0;
     let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
     // SAFETY: writes at most `len` bytes to `cookie`.

@@ -5,7 +5,7 @@
 use std::{
     ffi::c_void,
     fs,
-    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+    os::fd::{AsRawFd as _, OwnedFd},
 };
 
 use anyhow::{Context as _, Result, bail};
@@ -59,13 +59,7 @@ fn ethtool(iface: &str, cmd: *mut c_void) -> Result<()> {
         bail!("invalid interface name '{iface}'");
     }
     req.name[..bytes.len()].copy_from_slice(bytes);
-    // SAFETY: plain syscall; the descriptor is owned below.
-    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error()).context("opening a socket for ethtool");
-    }
-    // SAFETY: a descriptor just opened and owned by no one else.
-    let socket = unsafe { OwnedFd::from_raw_fd(fd) };
+    let socket = udp_socket().context("opening a socket for ethtool")?;
     // SAFETY: `req` names the interface and points at a command struct of the size the kernel
     // expects for its number, which the caller made.
     if unsafe { libc::ioctl(socket.as_raw_fd(), SIOCETHTOOL, &mut req) } != 0 {
@@ -73,6 +67,17 @@ fn ethtool(iface: &str, cmd: *mut c_void) -> Result<()> {
             .with_context(|| format!("ethtool request on {iface}"));
     }
     Ok(())
+}
+
+/// A UDP socket of this thread's namespace, for calls about the namespace itself (ethtool,
+/// its cookie) rather than for traffic.
+pub fn udp_socket() -> Result<OwnedFd> {
+    Ok(nix::sys::socket::socket(
+        nix::sys::socket::AddressFamily::Inet,
+        nix::sys::socket::SockType::Datagram,
+        nix::sys::socket::SockFlag::SOCK_CLOEXEC,
+        None,
+    )?)
 }
 
 /// The name of `iface`'s driver (`veth`, `mlx5_core`, ...).
