@@ -47,13 +47,15 @@ use crate::{
 /// are warnings: the kernel resolves a managed entry on its own time anyway, and the data plane
 /// counts what it drops meanwhile. Returns the number of map writes.
 fn reconcile(instance: &Instance, state: &mut State) -> Result<usize> {
-    let self_name = state.self_node()?.map(|n| n.name.clone());
+    let (self_name, underlay) = match state.self_node()? {
+        Some(node) => (Some(node.name.clone()), Some(node.ip)),
+        None => (None, None),
+    };
     let mut maps = Maps::open_pinned(&instance.maps_dir())?;
     let desired = sync::desired(&state.table, self_name.as_deref());
     let delta = sync::delta(&desired, &maps.read_contents()?);
     maps.apply(&delta)?;
     let attached: Vec<&str> = state.attachments.iter().map(|a| a.iface.as_str()).collect();
-    let underlay = state.self_node()?.map(|node| node.ip);
     let host_writes = maps.sync_host(&attached, underlay)?;
 
     let others: Vec<&Node> = state

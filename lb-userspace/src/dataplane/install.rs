@@ -405,12 +405,11 @@ fn fill_maps<'a>(
             .insert(target.ifindex, target.ifindex, None, 0)
             .with_context(|| format!("adding {} to TX_PORTS", target.iface))?;
     }
-    let self_node = state.self_node()?.map(|node| node.name.as_str());
-    let desired = sync::desired(&state.table, self_node);
+    let self_node = state.self_node()?;
+    let desired = sync::desired(&state.table, self_node.map(|node| node.name.as_str()));
     maps.apply(&sync::delta(&desired, &maps.read_contents()?))?;
     let ifaces: Vec<&str> = targets.map(|target| target.iface.as_str()).collect();
-    let underlay = state.self_node()?.map(|node| node.ip);
-    maps.sync_host(&ifaces, underlay)?;
+    maps.sync_host(&ifaces, self_node.map(|node| node.ip))?;
     Ok(())
 }
 
