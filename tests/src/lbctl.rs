@@ -78,6 +78,25 @@ impl Lbctl {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
+    /// Runs `lbctl ... ARGS`, which must succeed, and returns its stdout and stderr (where
+    /// warnings go).
+    pub fn run_with_stderr(&self, args: &[&str]) -> Result<(String, String)> {
+        let mut cmd = self.command(args);
+        let out = cmd
+            .output()
+            .with_context(|| format!("cannot run {}", describe(&cmd)))?;
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        if !out.status.success() {
+            bail!(
+                "{} failed ({}): {}",
+                describe(&cmd),
+                out.status,
+                stderr.trim()
+            );
+        }
+        Ok((String::from_utf8_lossy(&out.stdout).into_owned(), stderr))
+    }
+
     /// Runs `lbctl ... purge`, which must succeed, and returns its stdout; the drop then
     /// purges nothing more.
     pub fn purge(&mut self) -> Result<String> {

@@ -1089,3 +1089,131 @@ fn a_udp_gso_reply_crosses_the_mesh_as_its_datagrams() {
     assert_eq!(cluster.reason(0, "drop_encap_no_route"), 0);
     assert_eq!(cluster.reason(0, "drop_encap_mtu"), 0);
 }
+
+/// The kernel's IPv4 neighbour entries of `ns` on `dev`: address → (managed, states, lladdr).
+fn neighbour_entries(
+    ns: &NetNs,
+    dev: &str,
+) -> BTreeMap<Ipv4Addr, (bool, Vec<String>, Option<String>)> {
+    let json = ns.ip(["-4", "-j", "neigh", "show", "dev", dev]).unwrap();
+    let entries: Vec<serde_json::Value> = serde_json::from_str(&json).unwrap();
+    entries
+        .iter()
+        .map(|entry| {
+            let addr = entry["dst"].as_str().unwrap().parse().unwrap();
+            let states = entry["state"]
+                .as_array()
+                .map(|s| s.iter().map(|v| v.as_str().unwrap().to_owned()).collect())
+                .unwrap_or_default();
+            let lladdr = entry
+                .get("lladdr")
+                .and_then(|l| l.as_str())
+                .map(str::to_owned);
+            (addr, (entry.get("managed").is_some(), states, lladdr))
+        })
+        .collect()
+}
+
+/// lbctl keeps a managed neighbour entry for each other node's next hop (the node on-link, the
+/// route's gateway otherwise), turns a learned entry into one and keeps its address, leaves an
+/// administrator's static entry alone, warns about a node without a route or one routed out of
+/// an interface it is not attached to, and deletes only the entries it made: when a node goes
+/// and on purge. The route lookups and neighbour changes are lbctl's own netlink requests; the
+/// test reads the result with iproute2.
+#[test]
+fn managed_neighbours_follow_the_node_list_and_leave_others_alone() {
+    lb_tests::require_root().unwrap();
+    let ns = NetNs::new("neigh").unwrap();
+    ns.add_veth_pair("up0", "up1").unwrap();
+    ns.add_veth_pair("side0", "side1").unwrap();
+    for (addr, dev) in [("172.29.40.1/22", "up0"), ("198.18.7.1/24", "side0")] {
+        ns.ip(["addr", "add", addr, "dev", dev]).unwrap();
+    }
+    ns.ip(["route", "add", "10.233.0.0/16", "via", "172.29.41.254"])
+        .unwrap();
+    let learned_mac = "02:5e:00:00:00:17";
+    ns.ip([
+        "neigh",
+        "add",
+        "172.29.42.17",
+        "lladdr",
+        learned_mac,
+        "dev",
+        "up0",
+        "nud",
+        "stale",
+    ])
+    .unwrap();
+    ns.ip([
+        "neigh",
+        "add",
+        "172.29.43.9",
+        "lladdr",
+        "02:5e:00:00:00:09",
+        "dev",
+        "up0",
+        "nud",
+        "permanent",
+    ])
+    .unwrap();
+    let mut lbctl = Lbctl::new(&ns).unwrap();
+    lbctl.run(&["attach", "up0"]).unwrap();
+
+    let mut warnings = String::new();
+    for (name, ip) in [
+        ("self", "172.29.40.1"),
+        ("on-link", "172.29.42.17"),
+        ("routed", "10.233.5.5"),
+        ("static", "172.29.43.9"),
+        ("unrouted", "203.0.113.77"),
+        ("aside", "198.18.7.20"),
+    ] {
+        warnings += &lbctl.run_with_stderr(&["node", "add", name, ip]).unwrap().1;
+    }
+    let entries = neighbour_entries(&ns, "up0");
+    let on_link = &entries[&"172.29.42.17".parse().unwrap()];
+    assert!(on_link.0, "the learned entry is made managed: {entries:?}");
+    assert_eq!(
+        on_link.2.as_deref(),
+        Some(learned_mac),
+        "and keeps its address"
+    );
+    assert!(
+        entries[&"172.29.41.254".parse().unwrap()].0,
+        "the gateway's: {entries:?}"
+    );
+    let fixed = &entries[&"172.29.43.9".parse().unwrap()];
+    assert!(
+        !fixed.0 && fixed.1 == ["PERMANENT"],
+        "left alone: {entries:?}"
+    );
+    assert!(
+        !entries.contains_key(&"172.29.40.1".parse().unwrap()),
+        "not this node's own"
+    );
+    assert!(
+        warnings.contains("no route to node 'unrouted' (203.0.113.77)")
+            && warnings.contains("Network is unreachable"),
+        "{warnings}"
+    );
+    assert!(
+        warnings.contains("the route to node 'aside' (198.18.7.20) leaves by side0"),
+        "{warnings}"
+    );
+
+    lbctl.run(&["node", "rm", "routed"]).unwrap();
+    let entries = neighbour_entries(&ns, "up0");
+    assert!(
+        !entries.contains_key(&"172.29.41.254".parse().unwrap()),
+        "{entries:?}"
+    );
+    assert!(entries[&"172.29.42.17".parse().unwrap()].0);
+
+    lbctl.purge().unwrap();
+    let entries = neighbour_entries(&ns, "up0");
+    assert!(
+        !entries.contains_key(&"172.29.42.17".parse().unwrap()),
+        "{entries:?}"
+    );
+    assert_eq!(entries[&"172.29.43.9".parse().unwrap()].1, ["PERMANENT"]);
+}

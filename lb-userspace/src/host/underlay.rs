@@ -7,20 +7,19 @@
 //! managed`, kernel 5.16+) is one the kernel keeps resolved by itself, probing again whenever it
 //! goes stale and retrying until the peer answers, so the data plane finds it ready.
 //!
-//! Everything runs in the namespace lbctl has entered with `setns`: `getifaddrs` opens its
-//! netlink socket there, and the `ip` commands spawned inherit the namespace. Route lookups and
-//! neighbour changes go through one `ip -batch` each, whatever the number of nodes: a process
-//! per node would cost seconds per command on a large mesh.
+//! Everything runs in the namespace lbctl has entered with `setns`: `getifaddrs` and the route
+//! netlink socket (`netlink`) are opened there. One socket serves a whole command's lookups and
+//! changes, whatever the number of nodes.
 use std::{
     collections::{BTreeMap, BTreeSet},
-    io::Write as _,
     net::Ipv4Addr,
-    process::{Command, Stdio},
 };
 
 use anyhow::{Context as _, Result};
+use netlink_packet_route::{neighbour::NeighbourState, route::RouteType};
 use serde::{Deserialize, Serialize};
 
+use super::netlink::{Link, Neighbour, Route, Rtnl};
 use crate::table::Node;
 
 /// The IPv4 addresses assigned to the namespace's interfaces (up or down).
@@ -29,45 +28,26 @@ pub fn local_addrs() -> Result<BTreeSet<Ipv4Addr>> {
 }
 
 /// The MAC addresses a frame arriving on one of the `attached` interfaces may carry to be this
-/// node's: the interface's own, and its master's (a bridge it is a port of) (`ip -j link
-/// show`). Only these: a Docker host has a veth per container, and the map is bounded.
+/// node's: the interface's own, and its master's (a bridge it is a port of). Only these: a
+/// Docker host has a veth per container, and the map is bounded.
 pub fn attached_macs(attached: &[&str]) -> Result<BTreeSet<[u8; 6]>> {
-    let json = ip(&["-j", "link", "show"]).map_err(anyhow::Error::msg)?;
-    parse_attached_macs(&json, attached)
+    let links = Rtnl::open()
+        .and_then(|mut rtnl| rtnl.links())
+        .map_err(anyhow::Error::msg)?;
+    Ok(macs_of(&links, attached))
 }
 
-fn parse_attached_macs(json: &str, attached: &[&str]) -> Result<BTreeSet<[u8; 6]>> {
-    let links: Vec<serde_json::Value> =
-        serde_json::from_str(json).context("unexpected `ip -j link show` output")?;
-    let field = |link: &serde_json::Value, name: &str| {
-        link.get(name).and_then(|v| v.as_str()).map(str::to_owned)
-    };
-    let masters: BTreeSet<String> = links
+fn macs_of(links: &[Link], attached: &[&str]) -> BTreeSet<[u8; 6]> {
+    let masters: BTreeSet<u32> = links
         .iter()
-        .filter(|l| field(l, "ifname").is_some_and(|n| attached.contains(&n.as_str())))
-        .filter_map(|l| field(l, "master"))
+        .filter(|l| attached.contains(&l.name.as_str()))
+        .filter_map(|l| l.master)
         .collect();
-    let mut macs = BTreeSet::new();
-    for link in &links {
-        let Some(name) = field(link, "ifname") else {
-            continue;
-        };
-        if !attached.contains(&name.as_str()) && !masters.contains(&name) {
-            continue;
-        }
-        let Some(address) = field(link, "address") else {
-            continue;
-        };
-        let octets: Vec<u8> = address
-            .split(':')
-            .map(|o| u8::from_str_radix(o, 16))
-            .collect::<Result<_, _>>()
-            .with_context(|| format!("unexpected address {address:?} of {name}"))?;
-        if let Ok(mac) = <[u8; 6]>::try_from(octets) {
-            macs.insert(mac);
-        }
-    }
-    Ok(macs)
+    links
+        .iter()
+        .filter(|l| attached.contains(&l.name.as_str()) || masters.contains(&l.index))
+        .filter_map(|l| l.mac)
+        .collect()
 }
 
 /// An IPv4 address of an interface, as `getifaddrs` lists it.
@@ -145,17 +125,14 @@ pub fn local_subnets() -> Result<BTreeSet<Subnet>> {
         .collect())
 }
 
-/// The MTU of an interface of the namespace (`ip -j link show`).
+/// The MTU of an interface of the namespace.
 pub fn mtu(iface: &str) -> Result<u32, String> {
-    let json = ip(&["-j", "link", "show", "dev", iface])?;
-    let links: serde_json::Value = serde_json::from_str(&json)
-        .map_err(|err| format!("unexpected `ip link show` output: {err}"))?;
-    links
-        .get(0)
-        .and_then(|link| link.get("mtu"))
-        .and_then(|mtu| mtu.as_u64())
-        .and_then(|mtu| u32::try_from(mtu).ok())
-        .ok_or_else(|| format!("`ip link show dev {iface}` gives no MTU"))
+    let links = Rtnl::open()?.links()?;
+    let link = links
+        .iter()
+        .find(|l| l.name == iface)
+        .ok_or_else(|| format!("no interface {iface}"))?;
+    link.mtu.ok_or_else(|| format!("{iface} has no MTU"))
 }
 
 /// A neighbour entry: the next hop towards a node (the node itself when on-link, else the
@@ -172,145 +149,63 @@ impl std::fmt::Display for NextHop {
     }
 }
 
-/// Runs `ip ARGS` and returns its stdout, or its stderr as a one-line error.
-fn ip(args: &[&str]) -> Result<String, String> {
-    let out = Command::new("ip")
-        .args(args)
-        .output()
-        .map_err(|err| format!("cannot run `ip {}`: {err}", args.join(" ")))?;
-    if !out.status.success() {
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        return Err(format!(
-            "`ip {}` failed: {}",
-            args.join(" "),
-            one_line(&stderr)
-        ));
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-/// iproute2's error text without its netlink prefix, on one line.
-fn one_line(stderr: &str) -> String {
-    let text: Vec<&str> = stderr
-        .lines()
-        .map(|l| l.trim().trim_start_matches("RTNETLINK answers: "))
-        .filter(|l| !l.is_empty())
-        .collect();
-    if text.is_empty() {
-        "no message".to_owned()
-    } else {
-        text.join("; ")
-    }
-}
-
-/// Runs `ip GLOBAL -force -batch -` on `commands` (one `ip` command line each). Returns the
-/// output, and the error of each command that failed by its index: `-force` goes on after a
-/// failure and reports it as `Command failed -:LINE` after the error text.
-fn ip_batch(
-    global: &[&str],
-    commands: &[String],
-) -> Result<(String, BTreeMap<usize, String>), String> {
-    if commands.is_empty() {
-        return Ok((String::new(), BTreeMap::new()));
-    }
-    let mut child = Command::new("ip")
-        .args(global)
-        .args(["-force", "-batch", "-"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|err| format!("cannot run `ip -batch`: {err}"))?;
-    let mut stdin = child.stdin.take().expect("stdin is piped");
-    let input = commands.join("\n") + "\n";
-    // Written from a thread: `ip` answers as it reads, and a large answer would fill the
-    // output pipe while lbctl still writes.
-    let writer = std::thread::spawn(move || stdin.write_all(input.as_bytes()));
-    let out = child
-        .wait_with_output()
-        .map_err(|err| format!("running `ip -batch`: {err}"))?;
-    writer
-        .join()
-        .expect("the writer does not panic")
-        .map_err(|err| format!("writing to `ip -batch`: {err}"))?;
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    let errors = batch_errors(&stderr);
-    if !out.status.success() && errors.is_empty() {
-        // Failed before running any command (an option this iproute2 lacks, ...).
-        return Err(format!("`ip -batch` failed: {}", one_line(&stderr)));
-    }
-    Ok((String::from_utf8_lossy(&out.stdout).into_owned(), errors))
-}
-
-/// The errors of an `ip -force -batch` run by the index of their command: each is the text
-/// printed since the previous failure, followed by `Command failed -:LINE`.
-fn batch_errors(stderr: &str) -> BTreeMap<usize, String> {
-    let mut errors = BTreeMap::new();
-    let mut text = String::new();
-    for line in stderr.lines() {
-        match line
-            .strip_prefix("Command failed -:")
-            .and_then(|n| n.trim().parse::<usize>().ok())
-        {
-            Some(number) => {
-                errors.insert(number.saturating_sub(1), one_line(&text));
-                text.clear();
-            }
-            None => {
-                text.push_str(line);
-                text.push('\n');
-            }
-        }
-    }
-    errors
-}
-
 /// The next hop towards each address, by the kernel's own routing decision (`ip route get`),
 /// or why there is none.
 pub fn next_hops(dsts: &[Ipv4Addr]) -> Result<BTreeMap<Ipv4Addr, Result<NextHop, String>>, String> {
-    let commands: Vec<String> = dsts.iter().map(|ip| format!("route get {ip}")).collect();
-    let (out, errors) = ip_batch(&["-4", "-j"], &commands)?;
-    let mut hops = BTreeMap::new();
-    for answer in serde_json::Deserializer::from_str(&out).into_iter::<serde_json::Value>() {
-        let answer = answer.map_err(|err| format!("unexpected `ip route get` output: {err}"))?;
-        let Some(route) = answer.get(0) else { continue };
-        let dst = route
-            .get("dst")
-            .and_then(|d| d.as_str())
-            .and_then(|d| d.parse::<Ipv4Addr>().ok())
-            .ok_or_else(|| format!("unexpected `ip route get` output: {route}"))?;
-        hops.insert(dst, parse_route(route, dst));
-    }
-    for (index, dst) in dsts.iter().enumerate() {
-        if !hops.contains_key(dst) {
-            let why = errors.get(&index).map_or("no answer", String::as_str);
-            hops.insert(*dst, Err(format!("`ip route get {dst}`: {why}")));
-        }
-    }
-    Ok(hops)
+    let mut rtnl = Rtnl::open()?;
+    let names = rtnl.link_names()?;
+    Ok(dsts
+        .iter()
+        .map(|&dst| {
+            let hop = rtnl
+                .route_get(dst)
+                .map_err(|err| format!("looking up the route to {dst}: {err}"))
+                .and_then(|route| next_hop(&route, dst, &names));
+            (dst, hop)
+        })
+        .collect())
 }
 
-/// The next hop a route (an object of `ip -j route get`) leads to.
-fn parse_route(route: &serde_json::Value, dst: Ipv4Addr) -> Result<NextHop, String> {
-    match route.get("type").and_then(|t| t.as_str()) {
-        None | Some("unicast") => {}
-        Some("local") => return Err(format!("{dst} is an address of this namespace")),
-        Some(other) => return Err(format!("the route to {dst} is of type {other}")),
+/// The next hop `route`, the kernel's route to `dst`, leads to.
+fn next_hop(
+    route: &Route,
+    dst: Ipv4Addr,
+    names: &BTreeMap<u32, String>,
+) -> Result<NextHop, String> {
+    match route.kind {
+        RouteType::Unicast | RouteType::Unspec => {}
+        RouteType::Local => return Err(format!("{dst} is an address of this namespace")),
+        other => {
+            return Err(format!(
+                "the route to {dst} is of type {}",
+                route_type_name(other)
+            ));
+        }
     }
     let dev = route
-        .get("dev")
-        .and_then(|d| d.as_str())
+        .oif
+        .and_then(|index| names.get(&index))
         .ok_or_else(|| format!("the route to {dst} names no interface"))?;
-    let addr = match route.get("gateway").and_then(|g| g.as_str()) {
-        Some(gateway) => gateway
-            .parse()
-            .map_err(|_| format!("the route to {dst} has gateway '{gateway}', not IPv4"))?,
-        None => dst,
-    };
     Ok(NextHop {
-        addr,
-        dev: dev.to_owned(),
+        addr: route.gateway.unwrap_or(dst),
+        dev: dev.clone(),
     })
+}
+
+/// A route type as iproute2 names it.
+fn route_type_name(kind: RouteType) -> String {
+    match kind {
+        RouteType::Broadcast => "broadcast".into(),
+        RouteType::Anycast => "anycast".into(),
+        RouteType::Multicast => "multicast".into(),
+        RouteType::BlackHole => "blackhole".into(),
+        RouteType::Unreachable => "unreachable".into(),
+        RouteType::Prohibit => "prohibit".into(),
+        RouteType::Throw => "throw".into(),
+        RouteType::Nat => "nat".into(),
+        RouteType::ExternalResolve => "xresolve".into(),
+        other => format!("{}", u8::from(other)),
+    }
 }
 
 /// What the kernel holds for a next hop.
@@ -325,45 +220,35 @@ pub enum Kernel {
     Learned,
 }
 
-/// The kernel's IPv4 neighbour entries (`ip -j neigh show`).
+/// The kernel's IPv4 neighbour entries (`ip neigh show`).
 pub fn neighbours() -> Result<BTreeMap<NextHop, Kernel>, String> {
-    parse_neighbours(&ip(&["-4", "-j", "neigh", "show"])?)
+    let mut rtnl = Rtnl::open()?;
+    let names = rtnl.link_names()?;
+    Ok(classify(&rtnl.neighbours()?, &names))
 }
 
-fn parse_neighbours(json: &str) -> Result<BTreeMap<NextHop, Kernel>, String> {
-    let entries: Vec<serde_json::Value> = serde_json::from_str(json)
-        .map_err(|err| format!("unexpected `ip neigh show` output: {err}"))?;
-    let mut out = BTreeMap::new();
-    for entry in entries {
-        let (Some(addr), Some(dev)) = (
-            entry.get("dst").and_then(|d| d.as_str()),
-            entry.get("dev").and_then(|d| d.as_str()),
-        ) else {
-            continue;
-        };
-        let Ok(addr) = addr.parse() else { continue };
-        let states: Vec<&str> = entry
-            .get("state")
-            .and_then(|s| s.as_array())
-            .map(|s| s.iter().filter_map(|v| v.as_str()).collect())
-            .unwrap_or_default();
-        // iproute2 prints the flag as a key with a null value: `"managed": null`.
-        let kind = if entry.get("managed").is_some() {
-            Kernel::Managed
-        } else if states.iter().any(|s| matches!(*s, "PERMANENT" | "NOARP")) {
-            Kernel::Static
-        } else {
-            Kernel::Learned
-        };
-        out.insert(
-            NextHop {
-                addr,
-                dev: dev.to_owned(),
-            },
-            kind,
-        );
-    }
-    Ok(out)
+fn classify(entries: &[Neighbour], names: &BTreeMap<u32, String>) -> BTreeMap<NextHop, Kernel> {
+    entries
+        .iter()
+        .filter_map(|entry| {
+            let dev = names.get(&entry.ifindex)?;
+            let kind = if entry.managed {
+                Kernel::Managed
+            } else if matches!(
+                entry.state,
+                NeighbourState::Permanent | NeighbourState::Noarp
+            ) {
+                Kernel::Static
+            } else {
+                Kernel::Learned
+            };
+            let hop = NextHop {
+                addr: entry.addr,
+                dev: dev.clone(),
+            };
+            Some((hop, kind))
+        })
+        .collect()
 }
 
 /// What to do to the kernel's neighbour table.
@@ -403,31 +288,42 @@ pub fn plan(
     plan
 }
 
-/// Runs one neighbour command per hop; returns the hops it failed for, with why.
-fn neigh_batch(verb: &str, hops: &[NextHop], extra: &str) -> Vec<(NextHop, String)> {
-    let commands: Vec<String> = hops
-        .iter()
-        .map(|hop| format!("neigh {verb} {} dev {}{extra}", hop.addr, hop.dev))
-        .collect();
-    match ip_batch(&[], &commands) {
-        Ok((_, errors)) => errors
-            .into_iter()
-            .filter_map(|(index, err)| hops.get(index).map(|hop| (hop.clone(), err)))
-            .collect(),
-        Err(err) => hops.iter().map(|hop| (hop.clone(), err.clone())).collect(),
+/// Runs `change` on each hop's address and interface index over one socket; returns the hops
+/// it failed for, with why.
+fn change_each(
+    hops: &[NextHop],
+    change: impl Fn(&mut Rtnl, Ipv4Addr, u32) -> Result<(), String>,
+) -> Vec<(NextHop, String)> {
+    if hops.is_empty() {
+        return Vec::new();
     }
+    let opened = Rtnl::open().and_then(|mut rtnl| Ok((rtnl.link_names()?, rtnl)));
+    let (names, mut rtnl) = match opened {
+        Ok(opened) => opened,
+        Err(err) => return hops.iter().map(|hop| (hop.clone(), err.clone())).collect(),
+    };
+    let indexes: BTreeMap<&str, u32> = names.iter().map(|(i, n)| (n.as_str(), *i)).collect();
+    hops.iter()
+        .filter_map(|hop| {
+            let result = match indexes.get(hop.dev.as_str()) {
+                Some(&index) => change(&mut rtnl, hop.addr, index),
+                None => Err(format!("no interface {}", hop.dev)),
+            };
+            result.err().map(|err| (hop.clone(), err))
+        })
+        .collect()
 }
 
-/// Makes (or turns) the entries for `hops` managed; returns the failures. `replace` turns an
+/// Makes (or turns) the entries for `hops` managed; returns the failures. Replacing turns an
 /// existing learned entry, even a REACHABLE one, into a managed one and keeps its address
-/// (checked with iproute2 6.1 on kernel 6.18).
+/// (checked on kernel 6.18).
 pub fn add_managed(hops: &[NextHop]) -> Vec<(NextHop, String)> {
-    neigh_batch("replace", hops, " managed")
+    change_each(hops, Rtnl::neighbour_replace_managed)
 }
 
 /// Deletes the entries for `hops`; returns the failures.
 pub fn delete(hops: &[NextHop]) -> Vec<(NextHop, String)> {
-    neigh_batch("del", hops, "")
+    change_each(hops, Rtnl::neighbour_delete)
 }
 
 /// Brings the managed neighbour entries in line with `nodes` (every node but this one) and the
@@ -549,23 +445,31 @@ mod tests {
     #[test]
     fn the_next_hop_is_the_gateway_or_the_node_itself() {
         let dst: Ipv4Addr = "172.30.5.5".parse().unwrap();
-        let route = |json: &str| parse_route(&serde_json::from_str(json).unwrap(), dst);
-        // Output of iproute2 6.1.
-        let via = r#"{"dst":"172.30.5.5","gateway":"192.168.77.2","dev":"v0","prefsrc":"192.168.77.1","flags":[],"uid":0,"cache":[]}"#;
-        assert_eq!(route(via), Ok(hop("192.168.77.2", "v0")));
-        let on_link = r#"{"dst":"172.30.5.5","dev":"eth1","prefsrc":"172.30.0.1","flags":[],"uid":0,"cache":[]}"#;
-        assert_eq!(route(on_link), Ok(hop("172.30.5.5", "eth1")));
-        let local = r#"{"type":"local","dst":"172.30.5.5","dev":"lo","prefsrc":"172.30.5.5","flags":[],"uid":0,"cache":["local"]}"#;
-        assert!(
-            route(local)
-                .unwrap_err()
-                .contains("address of this namespace")
+        let names = BTreeMap::from([(1, "lo".to_owned()), (4, "v0".to_owned())]);
+        let route = |kind, oif, gateway: Option<&str>| {
+            let route = Route {
+                kind,
+                oif,
+                gateway: gateway.map(|g| g.parse().unwrap()),
+            };
+            next_hop(&route, dst, &names)
+        };
+        assert_eq!(
+            route(RouteType::Unicast, Some(4), Some("192.168.77.2")),
+            Ok(hop("192.168.77.2", "v0"))
         );
-        assert!(
-            route(r#"{"dst":"172.30.5.5"}"#)
-                .unwrap_err()
-                .contains("no interface")
+        assert_eq!(
+            route(RouteType::Unicast, Some(4), None),
+            Ok(hop("172.30.5.5", "v0"))
         );
+        let local = route(RouteType::Local, Some(1), None).unwrap_err();
+        assert!(local.contains("address of this namespace"), "{local}");
+        let blackhole = route(RouteType::BlackHole, None, None).unwrap_err();
+        assert!(blackhole.ends_with("of type blackhole"), "{blackhole}");
+        for oif in [None, Some(9)] {
+            let err = route(RouteType::Unicast, oif, None).unwrap_err();
+            assert!(err.contains("no interface"), "{err}");
+        }
     }
 
     #[test]
@@ -590,48 +494,54 @@ mod tests {
 
     #[test]
     fn the_macs_of_attached_interfaces_and_their_masters_are_the_nodes() {
-        let json = r#"[
-            {"ifindex":1,"ifname":"lo","address":"00:00:00:00:00:00"},
-            {"ifindex":2,"ifname":"eth0","master":"br0","address":"02:00:00:00:00:01"},
-            {"ifindex":3,"ifname":"br0","address":"02:00:00:00:00:02"},
-            {"ifindex":4,"ifname":"veth9","master":"docker0","address":"02:00:00:00:00:03"},
-            {"ifindex":5,"ifname":"docker0","address":"02:00:00:00:00:04"},
-            {"ifindex":6,"ifname":"eth1","address":"02:00:00:00:00:05"}
-        ]"#;
-        let macs = parse_attached_macs(json, &["eth0", "eth1"]).unwrap();
+        let link = |index, name: &str, master, last: Option<u8>| Link {
+            index,
+            name: name.to_owned(),
+            master,
+            mac: last.map(|last| [2, 0, 0, 0, 0, last]),
+            mtu: Some(1500),
+        };
+        let links = [
+            link(1, "lo", None, Some(0)),
+            link(2, "eth0", Some(3), Some(1)),
+            link(3, "br0", None, Some(2)),
+            link(4, "veth9", Some(5), Some(3)),
+            link(5, "docker0", None, Some(4)),
+            link(6, "eth1", None, Some(5)),
+            link(7, "tun0", None, None),
+        ];
+        let macs = macs_of(&links, &["eth0", "eth1", "tun0"]);
         let mac = |last| [2, 0, 0, 0, 0, last];
         assert_eq!(macs, BTreeSet::from([mac(1), mac(2), mac(5)]));
-        assert!(parse_attached_macs("[", &["eth0"]).is_err());
-    }
-
-    #[test]
-    fn batch_errors_are_matched_to_their_commands() {
-        // `ip -force -batch -` of iproute2 6.1, commands 2 and 4 failing.
-        let stderr = "RTNETLINK answers: Network is unreachable\nCommand failed -:2\n\
-                      Cannot find device \"nosuch\"\nCommand failed -:4\n";
-        assert_eq!(
-            batch_errors(stderr),
-            BTreeMap::from([
-                (1, "Network is unreachable".to_owned()),
-                (3, "Cannot find device \"nosuch\"".to_owned()),
-            ])
-        );
-        assert!(batch_errors("").is_empty());
     }
 
     #[test]
     fn neighbour_entries_are_classified_by_flag_and_state() {
-        // Output of iproute2 6.1.
-        let json = r#"[{"dst":"192.168.77.10","dev":"v0","lladdr":"02:00:00:00:00:10","state":["PERMANENT"]},
-            {"dst":"192.168.77.2","dev":"v0","lladdr":"0e:ec:a8:e0:9a:1e","managed":null,"state":["REACHABLE"]},
-            {"dst":"192.168.77.9","dev":"v0","managed":null,"state":["INCOMPLETE"]},
-            {"dst":"192.168.77.3","dev":"v0","lladdr":"0e:ec:a8:e0:9a:1f","state":["STALE"]}]"#;
-        let kernel = parse_neighbours(json).unwrap();
+        let names = BTreeMap::from([(4, "v0".to_owned())]);
+        let entry = |addr: &str, state, managed| Neighbour {
+            addr: addr.parse().unwrap(),
+            ifindex: 4,
+            state,
+            managed,
+        };
+        let entries = [
+            entry("192.168.77.10", NeighbourState::Permanent, false),
+            entry("192.168.77.11", NeighbourState::Noarp, false),
+            entry("192.168.77.2", NeighbourState::Reachable, true),
+            entry("192.168.77.9", NeighbourState::Incomplete, true),
+            entry("192.168.77.3", NeighbourState::Stale, false),
+            Neighbour {
+                ifindex: 9, // an interface gone since the links were listed
+                ..entry("192.168.77.4", NeighbourState::Stale, false)
+            },
+        ];
+        let kernel = classify(&entries, &names);
         assert_eq!(kernel[&hop("192.168.77.10", "v0")], Kernel::Static);
+        assert_eq!(kernel[&hop("192.168.77.11", "v0")], Kernel::Static);
         assert_eq!(kernel[&hop("192.168.77.2", "v0")], Kernel::Managed);
         assert_eq!(kernel[&hop("192.168.77.9", "v0")], Kernel::Managed);
         assert_eq!(kernel[&hop("192.168.77.3", "v0")], Kernel::Learned);
-        assert!(parse_neighbours("[]").unwrap().is_empty());
+        assert_eq!(kernel.len(), 5);
     }
 
     #[test]
