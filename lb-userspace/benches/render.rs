@@ -6,7 +6,11 @@
 //! ```
 use std::{hint::black_box, time::Instant};
 
-use lb_userspace::daemon::metrics::{BackendSnapshot, Health, ServiceSnapshot, Snapshot, render};
+use lb_common::BackendStats;
+use lb_userspace::{
+    daemon::metrics::{BackendSnapshot, ServiceSnapshot, Snapshot, render},
+    table::{Health, Proto, Scheduler},
+};
 
 const RUNS: usize = 50;
 
@@ -19,23 +23,36 @@ fn render_1000_services_of_10_backends() {
         reasons: (lb_common::Reason::ALL.iter())
             .map(|r| (r.name(), u64::MAX / 3, u64::MAX / 2))
             .collect(),
-        services: (0..1000)
+        services: (0..1000u32)
             .map(|s| ServiceSnapshot {
                 name: format!("svc-{s:04}"),
+                id: s + 1,
+                proto: Proto::Tcp,
+                port: 10_000 + s as u16,
+                vip: None,
                 frontend: format!("tcp/{}", 10_000 + s),
+                scheduler: Scheduler::default(),
+                health_check: String::new(),
                 fail_open: false,
-                backends: (0..10)
+                backends: (0..10u32)
                     .map(|b| BackendSnapshot {
-                        addr: format!("10.{}.{}.{b}:8080", s / 256, s % 256),
+                        addr: format!("10.{}.{}.{b}:8080", s / 256, s % 256)
+                            .parse()
+                            .unwrap(),
+                        id: s * 10 + b + 1,
                         node: (b % 2 == 1).then(|| format!("node-{b}")),
-                        health: Health::ALL[b % 3],
-                        packets: 123_456_789_012,
-                        bytes: 98_765_432_109_876,
-                        reply_packets: 123_456_789,
-                        reply_bytes: 98_765_432_109,
-                        new_flows: 1_234_567,
-                        live_flows: 1234,
-                        ..BackendSnapshot::default()
+                        health: [Health::Healthy, Health::Unhealthy, Health::Unknown]
+                            [b as usize % 3],
+                        drained: false,
+                        weight: 1,
+                        stats: Some(BackendStats {
+                            packets: 123_456_789_012,
+                            bytes: 98_765_432_109_876,
+                            reply_packets: 123_456_789,
+                            reply_bytes: 98_765_432_109,
+                            new_flows: 1_234_567,
+                        }),
+                        live_flows: Some(1234),
                     })
                     .collect(),
             })

@@ -1,7 +1,7 @@
 //! `lbctl`: attach the XDP load balancer to an interface and manage its services.
 use std::{net::Ipv4Addr, path::PathBuf, process::ExitCode};
 
-use clap::{ArgGroup, Parser, Subcommand};
+use clap::{ArgGroup, Args, Parser, Subcommand};
 use lb_userspace::{
     commands,
     dataplane::install::{AttachMode, TransmitChoice},
@@ -94,37 +94,7 @@ enum Command {
     Mesh(MeshCommand),
     /// Run in the foreground: serve Prometheus metrics and run the health checks, until
     /// SIGTERM or SIGINT. The data plane does not need it to forward.
-    Daemon {
-        /// Address the metrics are served on (`/metrics`).
-        #[arg(long, default_value = lb_userspace::daemon::DEFAULT_METRICS_ADDR, value_name = "ADDR:PORT")]
-        metrics_addr: std::net::SocketAddr,
-        /// Log JSON lines instead of text.
-        #[arg(long)]
-        log_json: bool,
-        /// Join the gossiped cluster of this name: services and tasks then reach every member,
-        /// and nodes are the live members (no `node add`). Without it, the static table.
-        #[arg(long, value_name = "NAME", requires_all = ["node_name", "gossip_addr"])]
-        cluster: Option<String>,
-        /// This node's name in the cluster (as in IP:PORT@NODE).
-        #[arg(long, value_name = "NAME", requires = "cluster", value_parser = parse_node_name)]
-        node_name: Option<String>,
-        /// Where to gossip: this node's underlay IP and a UDP port (Swarm's is 7946).
-        #[arg(long, value_name = "IP:PORT", requires = "cluster", value_parser = parse_gossip_addr)]
-        gossip_addr: Option<std::net::SocketAddrV4>,
-        /// A member to join through (repeat for several); none for the first node.
-        #[arg(long = "seed", value_name = "IP:PORT", requires = "cluster", value_parser = parse_gossip_addr)]
-        seeds: Vec<std::net::SocketAddrV4>,
-        /// The address other nodes send VXLAN to (default: the IP of --gossip-addr).
-        #[arg(long, value_name = "IP", requires = "cluster", value_parser = table::parse_node_ip)]
-        underlay_ip: Option<Ipv4Addr>,
-        /// Time between gossip rounds; a silent member is dead after about --phi-threshold
-        /// times the mean interval between its heartbeats.
-        #[arg(long, default_value = "500ms", value_parser = table::parse_duration_ms, value_name = "DURATION")]
-        gossip_interval: u64,
-        /// The failure detector's threshold (chitchat's phi: silence / mean heartbeat interval).
-        #[arg(long, default_value_t = lb_userspace::cluster::gossip::DEFAULT_PHI_THRESHOLD, value_name = "PHI")]
-        phi_threshold: f64,
-    },
+    Daemon(DaemonArgs),
     /// The gossiped cluster as this node's daemon sees it.
     #[command(subcommand)]
     Cluster(ClusterCommand),
@@ -158,6 +128,40 @@ enum ClusterCommand {
         #[arg(long)]
         json: bool,
     },
+}
+
+// The daemon's options (its help is the variant's doc comment above).
+#[derive(Args)]
+struct DaemonArgs {
+    /// Address the metrics are served on (`/metrics`).
+    #[arg(long, default_value = lb_userspace::daemon::DEFAULT_METRICS_ADDR, value_name = "ADDR:PORT")]
+    metrics_addr: std::net::SocketAddr,
+    /// Log JSON lines instead of text.
+    #[arg(long)]
+    log_json: bool,
+    /// Join the gossiped cluster of this name: services and tasks then reach every member,
+    /// and nodes are the live members (no `node add`). Without it, the static table.
+    #[arg(long, value_name = "NAME", requires_all = ["node_name", "gossip_addr"])]
+    cluster: Option<String>,
+    /// This node's name in the cluster (as in IP:PORT@NODE).
+    #[arg(long, value_name = "NAME", requires = "cluster", value_parser = parse_node_name)]
+    node_name: Option<String>,
+    /// Where to gossip: this node's underlay IP and a UDP port (Swarm's is 7946).
+    #[arg(long, value_name = "IP:PORT", requires = "cluster", value_parser = parse_gossip_addr)]
+    gossip_addr: Option<std::net::SocketAddrV4>,
+    /// A member to join through (repeat for several); none for the first node.
+    #[arg(long = "seed", value_name = "IP:PORT", requires = "cluster", value_parser = parse_gossip_addr)]
+    seeds: Vec<std::net::SocketAddrV4>,
+    /// The address other nodes send VXLAN to (default: the IP of --gossip-addr).
+    #[arg(long, value_name = "IP", requires = "cluster", value_parser = table::parse_node_ip)]
+    underlay_ip: Option<Ipv4Addr>,
+    /// Time between gossip rounds; a silent member is dead after about --phi-threshold
+    /// times the mean interval between its heartbeats.
+    #[arg(long, default_value = "500ms", value_parser = table::parse_duration_ms, value_name = "DURATION")]
+    gossip_interval: u64,
+    /// The failure detector's threshold (chitchat's phi: silence / mean heartbeat interval).
+    #[arg(long, default_value_t = lb_userspace::cluster::gossip::DEFAULT_PHI_THRESHOLD, value_name = "PHI")]
+    phi_threshold: f64,
 }
 
 fn parse_node_name(s: &str) -> Result<String, String> {
@@ -214,35 +218,64 @@ enum ServiceCommand {
     },
     /// Change how a service's backends are health-checked (by `lbctl daemon`); flags not given
     /// keep their current value. Defaults: TCP connect every 2s, timeout 1s, rise 2, fall 3.
-    Health {
-        name: String,
-        /// Stop checking: every backend counts as healthy.
-        #[arg(long, conflicts_with_all = ["on", "http", "tcp"])]
-        off: bool,
-        /// Check again (after --off).
-        #[arg(long)]
-        on: bool,
-        /// Probe with a TCP connect.
-        #[arg(long, conflicts_with = "http")]
-        tcp: bool,
-        /// Probe with an HTTP GET of PATH, which must answer --expect-status.
-        #[arg(long, value_name = "PATH")]
-        http: Option<String>,
-        #[arg(long, value_name = "STATUS")]
-        expect_status: Option<u16>,
-        /// Time between probes, e.g. 2s or 500ms.
-        #[arg(long, value_parser = table::parse_duration_ms, value_name = "DURATION")]
-        interval: Option<u64>,
-        /// Time a probe may take, e.g. 1s.
-        #[arg(long, value_parser = table::parse_duration_ms, value_name = "DURATION")]
-        timeout: Option<u64>,
-        /// Successes in a row that make a backend healthy.
-        #[arg(long)]
-        rise: Option<u32>,
-        /// Failures in a row that make a backend unhealthy.
-        #[arg(long)]
-        fall: Option<u32>,
-    },
+    Health(HealthArgs),
+}
+
+// `service health`'s arguments (its help is the variant's doc comment).
+#[derive(Args)]
+struct HealthArgs {
+    name: String,
+    /// Stop checking: every backend counts as healthy.
+    #[arg(long, conflicts_with_all = ["on", "http", "tcp"])]
+    off: bool,
+    /// Check again (after --off).
+    #[arg(long)]
+    on: bool,
+    /// Probe with a TCP connect.
+    #[arg(long, conflicts_with = "http")]
+    tcp: bool,
+    /// Probe with an HTTP GET of PATH, which must answer --expect-status.
+    #[arg(long, value_name = "PATH")]
+    http: Option<String>,
+    #[arg(long, value_name = "STATUS")]
+    expect_status: Option<u16>,
+    /// Time between probes, e.g. 2s or 500ms.
+    #[arg(long, value_parser = table::parse_duration_ms, value_name = "DURATION")]
+    interval: Option<u64>,
+    /// Time a probe may take, e.g. 1s.
+    #[arg(long, value_parser = table::parse_duration_ms, value_name = "DURATION")]
+    timeout: Option<u64>,
+    /// Successes in a row that make a backend healthy.
+    #[arg(long)]
+    rise: Option<u32>,
+    /// Failures in a row that make a backend unhealthy.
+    #[arg(long)]
+    fall: Option<u32>,
+}
+
+impl HealthArgs {
+    /// The change the flags ask for; a flag not given keeps the current value.
+    fn update(&self) -> table::HealthUpdate {
+        table::HealthUpdate {
+            enabled: if self.off {
+                Some(false)
+            } else if self.on || self.tcp || self.http.is_some() {
+                Some(true)
+            } else {
+                None
+            },
+            probe: if self.tcp {
+                Some(None)
+            } else {
+                self.http.clone().map(Some)
+            },
+            expect_status: self.expect_status,
+            interval_ms: self.interval,
+            timeout_ms: self.timeout,
+            rise: self.rise,
+            fall: self.fall,
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -351,127 +384,113 @@ fn run(cli: Cli) -> anyhow::Result<String> {
         }
         Command::Upgrade => commands::upgrade(&instance),
         Command::Detach { iface } => commands::detach(&instance, &iface),
-        Command::Service(ServiceCommand::Add {
-            name,
-            port,
-            backends,
-            proto,
-            vip,
-            scheduler,
-        }) => commands::service_add(&instance, &name, port, &backends, proto, vip, scheduler),
-        Command::Service(ServiceCommand::Set { name, scheduler }) => {
-            commands::service_set(&instance, &name, scheduler)
-        }
         Command::Apply { file, dry_run } => {
             // Read (and checked) before taking the instance's lock.
             let table = commands::read_table_file(&file)?;
             commands::apply(&instance, &file, &table, dry_run)
         }
         Command::Export => commands::export(&instance),
-        Command::Service(ServiceCommand::Rm { name }) => commands::service_rm(&instance, &name),
-        Command::Service(ServiceCommand::Ls { json }) => commands::service_ls(&instance, json),
-        Command::Backend(BackendCommand::Add { service, backends }) => {
-            commands::backend_add(&instance, &service, &backends)
-        }
-        Command::Backend(BackendCommand::Rm { service, backends }) => {
-            commands::backend_rm(&instance, &service, &backends)
-        }
-        Command::Backend(BackendCommand::Weight {
-            service,
-            backend,
-            weight,
-        }) => commands::backend_weight(&instance, &service, &backend, weight),
-        Command::Backend(BackendCommand::Drain { service, backend }) => {
-            commands::backend_drain(&instance, &service, &backend, true)
-        }
-        Command::Backend(BackendCommand::Undrain { service, backend }) => {
-            commands::backend_drain(&instance, &service, &backend, false)
-        }
-        Command::Service(ServiceCommand::Health {
-            name,
-            off,
-            on,
-            tcp,
-            http,
-            expect_status,
-            interval,
-            timeout,
-            rise,
-            fall,
-        }) => commands::service_health(
-            &instance,
-            &name,
-            &table::HealthUpdate {
-                enabled: if off {
-                    Some(false)
-                } else if on || tcp || http.is_some() {
-                    Some(true)
-                } else {
-                    None
-                },
-                probe: if tcp { Some(None) } else { http.map(Some) },
-                expect_status,
-                interval_ms: interval,
-                timeout_ms: timeout,
-                rise,
-                fall,
-            },
-        ),
-        Command::Node(NodeCommand::Add { name, underlay_ip }) => {
-            commands::node_add(&instance, &name, underlay_ip)
-        }
-        Command::Node(NodeCommand::Rm { name }) => commands::node_rm(&instance, &name),
-        Command::Node(NodeCommand::Ls { json }) => commands::node_ls(&instance, json),
-        Command::Mesh(MeshCommand::Show { json }) => commands::mesh_show(&instance, json),
-        Command::Mesh(MeshCommand::Set { vni, vxlan_port }) => {
-            commands::mesh_set(&instance, vni, vxlan_port)
-        }
+        Command::Service(command) => service(&instance, command),
+        Command::Backend(command) => backend(&instance, command),
+        Command::Node(command) => node(&instance, command),
+        Command::Mesh(command) => mesh(&instance, command),
         Command::Stats { json } => commands::stats(&instance, json),
-        Command::Daemon {
-            metrics_addr,
-            log_json,
-            cluster,
-            node_name,
-            gossip_addr,
-            seeds,
-            underlay_ip,
-            gossip_interval,
-            phi_threshold,
-        } => {
-            if !(phi_threshold.is_finite() && phi_threshold > 0.0) {
-                anyhow::bail!("invalid --phi-threshold {phi_threshold}: a number above 0");
-            }
-            let cluster = match (cluster, node_name, gossip_addr) {
-                (Some(cluster), Some(node), Some(gossip_addr)) => {
-                    Some(lb_userspace::daemon::ClusterOptions {
-                        vtep: underlay_ip.unwrap_or(*gossip_addr.ip()),
-                        gossip: lb_userspace::cluster::gossip::Config {
-                            cluster,
-                            node,
-                            gossip_addr: gossip_addr.into(),
-                            seeds: seeds.into_iter().map(Into::into).collect(),
-                            generation: commands::now_ms(),
-                            gossip_interval: std::time::Duration::from_millis(gossip_interval),
-                            phi_threshold,
-                        },
-                    })
-                }
-                _ => None,
-            };
-            lb_userspace::daemon::run(
-                instance,
-                lb_userspace::daemon::Options {
-                    metrics_addr,
-                    log_json,
-                    cluster,
-                },
-            )
-            .map(|()| String::new())
-        }
+        Command::Daemon(args) => daemon(instance, args).map(|()| String::new()),
         Command::Cluster(ClusterCommand::Ls { json }) => commands::cluster_ls(&instance, json),
         Command::Purge => commands::purge(&instance),
         Command::Instances { .. } => unreachable!("listed above, without an instance"),
     }
+}
+
+fn service(instance: &instance::Instance, command: ServiceCommand) -> anyhow::Result<String> {
+    match command {
+        ServiceCommand::Add {
+            name,
+            port,
+            backends,
+            proto,
+            vip,
+            scheduler,
+        } => commands::service_add(instance, &name, port, &backends, proto, vip, scheduler),
+        ServiceCommand::Set { name, scheduler } => {
+            commands::service_set(instance, &name, scheduler)
+        }
+        ServiceCommand::Rm { name } => commands::service_rm(instance, &name),
+        ServiceCommand::Ls { json } => commands::service_ls(instance, json),
+        ServiceCommand::Health(args) => {
+            commands::service_health(instance, &args.name, &args.update())
+        }
+    }
+}
+
+fn backend(instance: &instance::Instance, command: BackendCommand) -> anyhow::Result<String> {
+    match command {
+        BackendCommand::Add { service, backends } => {
+            commands::backend_add(instance, &service, &backends)
+        }
+        BackendCommand::Rm { service, backends } => {
+            commands::backend_rm(instance, &service, &backends)
+        }
+        BackendCommand::Weight {
+            service,
+            backend,
+            weight,
+        } => commands::backend_weight(instance, &service, &backend, weight),
+        BackendCommand::Drain { service, backend } => {
+            commands::backend_drain(instance, &service, &backend, true)
+        }
+        BackendCommand::Undrain { service, backend } => {
+            commands::backend_drain(instance, &service, &backend, false)
+        }
+    }
+}
+
+fn node(instance: &instance::Instance, command: NodeCommand) -> anyhow::Result<String> {
+    match command {
+        NodeCommand::Add { name, underlay_ip } => commands::node_add(instance, &name, underlay_ip),
+        NodeCommand::Rm { name } => commands::node_rm(instance, &name),
+        NodeCommand::Ls { json } => commands::node_ls(instance, json),
+    }
+}
+
+fn mesh(instance: &instance::Instance, command: MeshCommand) -> anyhow::Result<String> {
+    match command {
+        MeshCommand::Show { json } => commands::mesh_show(instance, json),
+        MeshCommand::Set { vni, vxlan_port } => commands::mesh_set(instance, vni, vxlan_port),
+    }
+}
+
+/// Runs the daemon in the foreground, in the gossiped cluster when `--cluster` is given.
+fn daemon(instance: instance::Instance, args: DaemonArgs) -> anyhow::Result<()> {
+    let phi_threshold = args.phi_threshold;
+    if !(phi_threshold.is_finite() && phi_threshold > 0.0) {
+        anyhow::bail!("invalid --phi-threshold {phi_threshold}: a number above 0");
+    }
+    let cluster = match (args.cluster, args.node_name, args.gossip_addr) {
+        (Some(cluster), Some(node), Some(gossip_addr)) => {
+            Some(lb_userspace::daemon::ClusterOptions {
+                vtep: args.underlay_ip.unwrap_or(*gossip_addr.ip()),
+                gossip: lb_userspace::cluster::gossip::Config {
+                    cluster,
+                    node,
+                    gossip_addr: gossip_addr.into(),
+                    seeds: args.seeds.into_iter().map(Into::into).collect(),
+                    generation: commands::now_ms(),
+                    gossip_interval: std::time::Duration::from_millis(args.gossip_interval),
+                    phi_threshold,
+                },
+            })
+        }
+        _ => None,
+    };
+    lb_userspace::daemon::run(
+        instance,
+        lb_userspace::daemon::Options {
+            metrics_addr: args.metrics_addr,
+            log_json: args.log_json,
+            cluster,
+        },
+    )
 }
 
 fn main() -> ExitCode {

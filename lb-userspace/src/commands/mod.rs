@@ -12,6 +12,7 @@ pub mod membership;
 pub mod mesh;
 pub mod services;
 pub mod show;
+pub mod snapshot;
 
 pub use attach::*;
 pub use membership::*;
@@ -21,7 +22,7 @@ pub use show::*;
 use std::{collections::BTreeSet, fs, net::Ipv4Addr, path::PathBuf};
 
 use anyhow::{Context as _, Result, anyhow, bail};
-use lb_common::{Event, Reason, VXLAN_OVERHEAD};
+use lb_common::VXLAN_OVERHEAD;
 use serde::Serialize;
 use serde_json::json;
 
@@ -31,15 +32,14 @@ use crate::{
     dataplane::install::{AttachMode, TransmitChoice},
     dataplane::socket_lb,
     dataplane::sync,
-    dataplane::{self, FlowCensus, Maps},
-    host::netdev,
+    dataplane::{self, Maps},
     host::reserved_ports,
     host::underlay,
     instance::state::{self, Attachment, State},
     instance::{self, Instance},
     table::diff,
     table::file::TableFile,
-    table::{BackendSpec, Health, HealthUpdate, Node, Proto, Scheduler, Service, Table},
+    table::{BackendSpec, Health, HealthUpdate, Node, Proto, Scheduler, Table},
 };
 
 /// Brings the maps, then the managed neighbour entries towards the other nodes, in line with

@@ -1,6 +1,8 @@
-//! What the instance looks like: `service ls` and `stats`, as text or JSON, and the
-//! interfaces' reports shared with the daemon's metrics.
-use super::*;
+//! `service ls` and `stats`: the instance's [`Snapshot`] rendered as text or JSON.
+use super::{
+    snapshot::{self, InterfaceReport, ServiceSnapshot, Snapshot},
+    *,
+};
 
 /// A service as `service ls --json` and `stats --json` list it. Serialized as it is, without a
 /// `serde_json::Value` in between (which took most of a listing's half second and 300 MB with
@@ -9,7 +11,7 @@ use super::*;
 struct ServiceListing<'a> {
     backends: Vec<BackendListing<'a>>,
     fail_open: bool,
-    health_check: String,
+    health_check: &'a str,
     id: u32,
     name: &'a str,
     port: u16,
@@ -42,32 +44,6 @@ struct FlowTableListing {
     entries: u64,
 }
 
-/// An attached interface as `stats` and the metrics show it: how XDP runs and sends there, and
-/// what the kernel failed to transmit.
-#[derive(Clone, Debug, Serialize)]
-pub struct InterfaceReport {
-    pub iface: String,
-    /// `null`: attached by an lbctl that did not record it.
-    pub xdp_mode: Option<state::XdpMode>,
-    pub transmit: Option<state::Transmit>,
-    /// `null` when the interface cannot be read (gone).
-    pub tx_failures: Option<netdev::TxFailures>,
-}
-
-/// The [`InterfaceReport`] of every attached interface, in attach order.
-pub fn interface_reports(state: &State) -> Vec<InterfaceReport> {
-    state
-        .attachments
-        .iter()
-        .map(|a| InterfaceReport {
-            iface: a.iface.clone(),
-            xdp_mode: a.xdp_mode,
-            transmit: a.transmit,
-            tx_failures: netdev::tx_failures(&a.iface).ok(),
-        })
-        .collect()
-}
-
 /// The top of `service ls --json` and `stats --json` (`reasons`, `events` and `interfaces`:
 /// `stats` only).
 #[derive(Serialize)]
@@ -81,50 +57,42 @@ struct Listing<'a> {
     generation: u64,
     instance: &'a str,
     #[serde(skip_serializing_if = "Option::is_none")]
-    interfaces: Option<Vec<InterfaceReport>>,
+    interfaces: Option<&'a [InterfaceReport]>,
     #[serde(skip_serializing_if = "Option::is_none")]
     reasons: Option<serde_json::Map<String, serde_json::Value>>,
     services: Vec<ServiceListing<'a>>,
 }
 
-fn service_listing<'a>(
-    service: &'a Service,
-    maps: Option<&Maps>,
-    census: Option<&FlowCensus>,
-) -> Result<ServiceListing<'a>> {
-    let (_, fail_open) = service.selectable();
+fn service_listing(service: &ServiceSnapshot) -> ServiceListing<'_> {
     let backends = service
         .backends
         .iter()
-        .map(|backend| {
-            let stats = maps.map(|m| m.backend_totals(backend.id)).transpose()?;
-            Ok(BackendListing {
-                address: backend.addr,
-                node: backend.node.as_deref(),
-                id: backend.id,
-                health: backend.health.as_str(),
-                drained: backend.drained,
-                live_flows: census.map(|c| c.live.get(&backend.id).copied().unwrap_or(0)),
-                packets: stats.map(|s| s.packets),
-                bytes: stats.map(|s| s.bytes),
-                reply_packets: stats.map(|s| s.reply_packets),
-                reply_bytes: stats.map(|s| s.reply_bytes),
-                new_flows: stats.map(|s| s.new_flows),
-                weight: backend.weight,
-            })
+        .map(|backend| BackendListing {
+            address: backend.addr,
+            node: backend.node.as_deref(),
+            id: backend.id,
+            health: backend.health.as_str(),
+            drained: backend.drained,
+            live_flows: backend.live_flows,
+            packets: backend.stats.map(|s| s.packets),
+            bytes: backend.stats.map(|s| s.bytes),
+            reply_packets: backend.stats.map(|s| s.reply_packets),
+            reply_bytes: backend.stats.map(|s| s.reply_bytes),
+            new_flows: backend.stats.map(|s| s.new_flows),
+            weight: backend.weight,
         })
-        .collect::<Result<Vec<_>>>()?;
-    Ok(ServiceListing {
+        .collect();
+    ServiceListing {
         name: &service.name,
         id: service.id,
         proto: service.proto,
         port: service.port,
         vip: service.vip,
-        health_check: service.health_check.describe(),
+        health_check: &service.health_check,
         scheduler: service.scheduler,
-        fail_open,
+        fail_open: service.fail_open,
         backends,
-    })
+    }
 }
 
 fn open_maps_if_attached(instance: &Instance, state: &State) -> Option<Maps> {
@@ -139,48 +107,49 @@ pub fn service_ls(instance: &Instance, as_json: bool) -> Result<String> {
     let state = state::load(&instance.state_dir)?;
     let maps = open_maps_if_attached(instance, &state);
     let census = maps.as_ref().map(Maps::flow_census).transpose()?;
+    let counters = maps
+        .as_ref()
+        .zip(census.as_ref())
+        .map(|(maps, census)| snapshot::Counters { maps, census });
+    let snapshot = snapshot::read(instance, &state, None, counters)?;
     if as_json {
         let doc = Listing {
-            attached: Some(state.attachments.iter().map(|a| a.iface.as_str()).collect()),
+            attached: Some(
+                snapshot
+                    .interfaces
+                    .iter()
+                    .map(|i| i.iface.as_str())
+                    .collect(),
+            ),
             interfaces: None,
             events: None,
             flow_table: None,
-            generation: state.table.generation,
-            instance: &instance.name,
+            generation: snapshot.table_generation,
+            instance: &snapshot.instance,
             reasons: None,
-            services: state
-                .table
-                .services
-                .iter()
-                .map(|s| service_listing(s, maps.as_ref(), census.as_ref()))
-                .collect::<Result<_>>()?,
+            services: snapshot.services.iter().map(service_listing).collect(),
         };
         return Ok(serde_json::to_string_pretty(&doc)?);
     }
-    services_text(&state.table, maps.as_ref(), census.as_ref())
+    Ok(services_text(&snapshot))
 }
 
-/// The services of `table`, a line each, and their backends, a line each (with counters and
-/// live flows when the maps are there).
-fn services_text(
-    table: &Table,
-    maps: Option<&Maps>,
-    census: Option<&FlowCensus>,
-) -> Result<String> {
+/// The services of `snapshot`, a line each, and their backends, a line each (with counters and
+/// live flows when the maps were read).
+fn services_text(snapshot: &Snapshot) -> String {
     let mut out = String::new();
-    if table.services.is_empty() {
+    if snapshot.services.is_empty() {
         out.push_str("no services\n");
     }
-    for service in &table.services {
-        let (_, fail_open) = service.selectable();
+    for service in &snapshot.services {
         out.push_str(&format!(
             "{} {} ({} backends, {}; {}){}\n",
             service.name,
-            service.frontend(),
+            service.frontend,
             service.backends.len(),
             service.scheduler,
-            service.health_check.describe(),
-            if fail_open {
+            service.health_check,
+            if service.fail_open {
                 " FAILING OPEN: every backend is unhealthy, new flows go to all of them"
             } else {
                 ""
@@ -193,104 +162,100 @@ fn services_text(
                 if backend.drained { ",drained" } else { "" }
             );
             let weight = backend.weight;
-            match maps.map(|m| m.backend_totals(backend.id)).transpose()? {
+            let name = match &backend.node {
+                Some(node) => format!("{}@{node}", backend.addr),
+                None => backend.addr.to_string(),
+            };
+            match backend.stats {
                 Some(s) => out.push_str(&format!(
-                    "  {:<21} {status:<17} weight={weight} live_flows={} new_flows={} packets={} bytes={} reply_packets={} reply_bytes={}\n",
-                    backend.to_string(),
-                    census
-                        .and_then(|c| c.live.get(&backend.id).copied())
-                        .unwrap_or(0),
+                    "  {name:<21} {status:<17} weight={weight} live_flows={} new_flows={} packets={} bytes={} reply_packets={} reply_bytes={}\n",
+                    backend.live_flows.unwrap_or(0),
                     s.new_flows,
                     s.packets,
                     s.bytes,
                     s.reply_packets,
                     s.reply_bytes
                 )),
-                None => out.push_str(&format!(
-                    "  {:<21} {status:<17} weight={weight}\n",
-                    backend.to_string()
-                )),
+                None => out.push_str(&format!("  {name:<21} {status:<17} weight={weight}\n")),
             }
         }
     }
-    Ok(out.trim_end().to_owned())
+    out.trim_end().to_owned()
 }
 
 pub fn stats(instance: &Instance, as_json: bool) -> Result<String> {
     let _lock = instance::lock_shared(instance)?;
     let state = attached_state(instance)?;
     let maps = Maps::open_pinned(&instance.maps_dir())?;
-    let reasons = maps.reason_totals()?;
-    let events = maps.event_totals()?;
     let census = maps.flow_census()?;
+    let counters = snapshot::Counters {
+        maps: &maps,
+        census: &census,
+    };
+    let snapshot = snapshot::read(instance, &state, None, Some(counters))?;
     if as_json {
-        let reasons: serde_json::Map<String, serde_json::Value> = Reason::ALL
+        let reasons: serde_json::Map<String, serde_json::Value> = snapshot
+            .reasons
             .iter()
-            .zip(&reasons)
-            .map(|(r, c)| {
-                (
-                    r.name().to_owned(),
-                    json!({"packets": c.packets, "bytes": c.bytes}),
-                )
+            .map(|&(name, packets, bytes)| {
+                (name.to_owned(), json!({"packets": packets, "bytes": bytes}))
             })
             .collect();
-        let events: serde_json::Map<String, serde_json::Value> = Event::ALL
+        let events: serde_json::Map<String, serde_json::Value> = snapshot
+            .events
             .iter()
-            .zip(&events)
-            .map(|(e, n)| (e.name().to_owned(), json!(n)))
+            .map(|&(name, count)| (name.to_owned(), json!(count)))
             .collect();
         let doc = Listing {
             attached: None,
             events: Some(events),
             flow_table: Some(FlowTableListing {
                 capacity: state.flow_capacity,
-                entries: census.entries,
+                entries: snapshot.flow_entries,
             }),
-            generation: state.table.generation,
-            instance: &instance.name,
-            interfaces: Some(interface_reports(&state)),
+            generation: snapshot.table_generation,
+            instance: &snapshot.instance,
+            interfaces: Some(&snapshot.interfaces),
             reasons: Some(reasons),
-            services: state
-                .table
-                .services
-                .iter()
-                .map(|s| service_listing(s, Some(&maps), Some(&census)))
-                .collect::<Result<_>>()?,
+            services: snapshot.services.iter().map(service_listing).collect(),
         };
         return Ok(serde_json::to_string_pretty(&doc)?);
     }
+    Ok(stats_text(&snapshot))
+}
+
+/// `stats` as text: counters by reason and event, the flow table, the interfaces, the services.
+fn stats_text(snapshot: &Snapshot) -> String {
     let mut out = format!(
         "instance {} (table generation {})\n",
-        instance.name, state.table.generation
+        snapshot.instance, snapshot.table_generation
     );
     out.push_str("packets by reason:\n");
-    let width = Reason::ALL
+    let width = snapshot
+        .reasons
         .iter()
-        .map(|r| r.name().len())
+        .map(|(name, ..)| name.len())
         .max()
         .unwrap_or(0);
-    for (reason, counter) in Reason::ALL.iter().zip(&reasons) {
+    for (name, packets, bytes) in &snapshot.reasons {
         out.push_str(&format!(
-            "  {:<width$} {:>12} packets {:>14} bytes\n",
-            reason.name(),
-            counter.packets,
-            counter.bytes
+            "  {name:<width$} {packets:>12} packets {bytes:>14} bytes\n"
         ));
     }
     out.push_str("flow table events:\n");
-    for (event, count) in Event::ALL.iter().zip(&events) {
-        out.push_str(&format!("  {:<width$} {:>12}\n", event.name(), count));
+    for (name, count) in &snapshot.events {
+        out.push_str(&format!("  {name:<width$} {count:>12}\n"));
     }
     out.push_str(&format!(
         "flow table: {} of {} entries ({:.0}%); when full, the least recently used flows are \
          evicted: an evicted TCP connection that speaks again is counted as pass_flow_unknown \
          (round-robin: reset) or flow_recovered (maglev: same backend)\n",
-        census.entries,
-        state.flow_capacity,
-        census.entries as f64 * 100.0 / f64::from(state.flow_capacity.max(1))
+        snapshot.flow_entries,
+        snapshot.flow_capacity,
+        snapshot.flow_entries as f64 * 100.0 / snapshot.flow_capacity.max(1) as f64
     ));
     out.push_str("interfaces (transmit failures: kernel drops and errors, driver XDP errors):\n");
-    for report in interface_reports(&state) {
+    for report in &snapshot.interfaces {
         let mode = match report.xdp_mode {
             Some(mode) => format!("{} XDP", mode.name()),
             None => "XDP (mode not recorded)".to_owned(),
@@ -312,6 +277,6 @@ pub fn stats(instance: &Instance, as_json: bool) -> Result<String> {
             report.iface
         ));
     }
-    out.push_str(&services_text(&state.table, Some(&maps), Some(&census))?);
-    Ok(out)
+    out.push_str(&services_text(snapshot));
+    out
 }

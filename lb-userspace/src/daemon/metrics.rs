@@ -1,6 +1,7 @@
 //! The `/metrics` page: a [`Snapshot`] of the load balancer rendered in the Prometheus text
-//! exposition format, version 0.0.4. Pure logic, no I/O: the daemon fills the snapshot from the
-//! BPF maps and the service table and serves [`render`]'s output.
+//! exposition format, version 0.0.4. Pure logic, no I/O: the daemon reads the snapshot
+//! (`commands::snapshot`, the one `service ls` and `stats` render too) and serves [`render`]'s
+//! output.
 //!
 //! Conventions of the output:
 //! - Every family is prefixed `lbctl_`, has one `# HELP` and one `# TYPE` line and all its
@@ -39,116 +40,11 @@ use std::fmt::Write as _;
 
 use lb_common::Reason;
 
-/// What the load balancer looks like at one moment, as the daemon read it.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Snapshot {
-    /// The lbctl instance (its network namespace name). Rendered in `lbctl_build_info` only.
-    pub instance: String,
-    /// This node's name in the mesh; `None` outside a mesh. The `node` label of
-    /// `lbctl_build_info`.
-    pub node: Option<String>,
-    /// lbctl's version (`env!("CARGO_PKG_VERSION")` of the caller).
-    pub version: String,
-    /// Generation of the service table applied to the data plane.
-    pub table_generation: u64,
-    /// Entries in the flow table at its last scan.
-    pub flow_entries: u64,
-    /// Size of the flow table, in flows.
-    pub flow_capacity: u64,
-    /// `(Reason::name(), packets, bytes)` for every `lb_common::Reason`, summed over CPUs, in
-    /// `Reason::ALL` order.
-    pub reasons: Vec<(&'static str, u64, u64)>,
-    /// `(Event::name(), count)` for every `lb_common::Event`, summed over CPUs, in
-    /// `Event::ALL` order.
-    pub events: Vec<(&'static str, u64)>,
-    /// The services of the applied table, in table order. Names are unique.
-    pub services: Vec<ServiceSnapshot>,
-    /// The attached interfaces, in attach order.
-    pub interfaces: Vec<InterfaceSnapshot>,
-}
+pub use crate::commands::snapshot::{BackendSnapshot, InterfaceReport, ServiceSnapshot, Snapshot};
+use crate::table::Health;
 
-/// One attached interface.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct InterfaceSnapshot {
-    pub iface: String,
-    /// `native`, `generic`, or empty when not recorded.
-    pub xdp_mode: String,
-    /// How XDP's frames leave it: `xdp`, `tc`, or empty when not recorded.
-    pub transmit: String,
-    /// `(kind, count)` of its transmit failures (`dropped`, `errors`, `xdp_errors`); empty when
-    /// the interface could not be read.
-    pub tx_failures: Vec<(&'static str, u64)>,
-}
-
-/// One service of the applied table.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct ServiceSnapshot {
-    pub name: String,
-    /// How clients reach it, as `Service::frontend` prints it: `tcp/8080`, `udp/10.1.1.1:53`.
-    pub frontend: String,
-    /// No backend is eligible (see [`BackendSnapshot::eligible`]) because they are all
-    /// unhealthy, and new flows go to all of them anyway rather than being dropped.
-    pub fail_open: bool,
-    /// In the service's round-robin order. Addresses are unique within the service.
-    pub backends: Vec<BackendSnapshot>,
-}
-
-/// One backend of a service, with its counters summed over CPUs.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct BackendSnapshot {
-    /// `IP:PORT`, e.g. `10.0.0.6:80`.
-    pub addr: String,
-    /// The mesh node hosting the backend; `None` for a backend on this node or reached by plain
-    /// routing.
-    pub node: Option<String>,
-    pub health: Health,
-    /// Drained: the backend keeps the flows pinned to it but gets no new ones.
-    pub drained: bool,
-    /// Of weight 0: like drained, no new flows (a weight above 0 is a share, not shown here).
-    pub weight_zero: bool,
-    /// Client → backend packets and bytes (whole frames, as received).
-    pub packets: u64,
-    pub bytes: u64,
-    /// Backend → client replies reverse-NATed.
-    pub reply_packets: u64,
-    pub reply_bytes: u64,
-    /// Flows that chose this backend.
-    pub new_flows: u64,
-    /// Flows in the flow table pinned to this backend and still open (last scan).
-    pub live_flows: u64,
-}
-
-impl BackendSnapshot {
-    /// Whether new flows may choose the backend: not drained, not of weight 0 and not known to
-    /// be unhealthy (healthy, or not checked here). The rule of `lbctl_service_healthy_backends`.
-    pub fn eligible(&self) -> bool {
-        !self.drained && !self.weight_zero && self.health != Health::Unhealthy
-    }
-}
-
-/// A backend's health as this node knows it.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub enum Health {
-    Healthy,
-    Unhealthy,
-    /// Not checked here (no health check configured, or no result yet).
-    #[default]
-    Unknown,
-}
-
-impl Health {
-    /// Every state, in the order `lbctl_backend_health` lists them.
-    pub const ALL: [Health; 3] = [Health::Healthy, Health::Unhealthy, Health::Unknown];
-
-    /// The value of the `state` label.
-    pub const fn as_str(self) -> &'static str {
-        match self {
-            Health::Healthy => "healthy",
-            Health::Unhealthy => "unhealthy",
-            Health::Unknown => "unknown",
-        }
-    }
-}
+/// Every health state, in the order `lbctl_backend_health` lists them.
+const HEALTH_STATES: [Health; 3] = [Health::Healthy, Health::Unhealthy, Health::Unknown];
 
 /// Reasons whose packets left this node VXLAN-encapsulated.
 const ENCAP_REASONS: [&str; 3] = [
@@ -188,7 +84,7 @@ const SUMMED: &[Summed] = &[
         service: "lbctl_service_packets_total",
         service_help: "Packets from clients forwarded to the service's current backends (sum).",
         kind: Kind::Counter,
-        value: |b| b.packets,
+        value: |b| b.totals().packets,
     },
     Summed {
         backend: "lbctl_backend_bytes_total",
@@ -196,7 +92,7 @@ const SUMMED: &[Summed] = &[
         service: "lbctl_service_bytes_total",
         service_help: "Bytes from clients forwarded to the service's current backends (sum).",
         kind: Kind::Counter,
-        value: |b| b.bytes,
+        value: |b| b.totals().bytes,
     },
     Summed {
         backend: "lbctl_backend_reply_packets_total",
@@ -204,7 +100,7 @@ const SUMMED: &[Summed] = &[
         service: "lbctl_service_reply_packets_total",
         service_help: "Reply packets from the service's current backends to clients (sum).",
         kind: Kind::Counter,
-        value: |b| b.reply_packets,
+        value: |b| b.totals().reply_packets,
     },
     Summed {
         backend: "lbctl_backend_reply_bytes_total",
@@ -212,7 +108,7 @@ const SUMMED: &[Summed] = &[
         service: "lbctl_service_reply_bytes_total",
         service_help: "Bytes of the replies from the service's current backends (sum).",
         kind: Kind::Counter,
-        value: |b| b.reply_bytes,
+        value: |b| b.totals().reply_bytes,
     },
     Summed {
         backend: "lbctl_backend_connections_total",
@@ -220,7 +116,7 @@ const SUMMED: &[Summed] = &[
         service: "lbctl_service_connections_total",
         service_help: "New flows that chose one of the service's current backends (sum).",
         kind: Kind::Counter,
-        value: |b| b.new_flows,
+        value: |b| b.totals().new_flows,
     },
     Summed {
         backend: "lbctl_backend_flows",
@@ -228,7 +124,7 @@ const SUMMED: &[Summed] = &[
         service: "lbctl_service_flows",
         service_help: "Open flows pinned to the service's backends in the flow table (last scan).",
         kind: Kind::Gauge,
-        value: |b| b.live_flows,
+        value: |b| b.live_flows.unwrap_or(0),
     },
 ];
 
@@ -414,16 +310,26 @@ fn render_services(out: &mut Exposition, snapshot: &Snapshot) {
 
 /// Per backend: its counters, drain and health.
 fn render_backends(out: &mut Exposition, snapshot: &Snapshot) {
+    // Formatted once, not once per family.
+    let addrs: Vec<String> = snapshot
+        .services
+        .iter()
+        .flat_map(|service| service.backends.iter().map(|b| b.addr.to_string()))
+        .collect();
     let backends = || {
-        snapshot.services.iter().flat_map(|service| {
-            service.backends.iter().map(|backend| {
-                let labels = [
-                    ("service", service.name.as_str()),
-                    ("backend", backend.addr.as_str()),
-                    ("node", backend.node.as_deref().unwrap_or("")),
-                ];
-                (labels, backend)
-            })
+        let each = snapshot.services.iter().flat_map(|service| {
+            service
+                .backends
+                .iter()
+                .map(move |backend| (service, backend))
+        });
+        each.zip(&addrs).map(|((service, backend), addr)| {
+            let labels = [
+                ("service", service.name.as_str()),
+                ("backend", addr.as_str()),
+                ("node", backend.node.as_deref().unwrap_or("")),
+            ];
+            (labels, backend)
         })
     };
     for family in SUMMED {
@@ -448,7 +354,7 @@ fn render_backends(out: &mut Exposition, snapshot: &Snapshot) {
          here).",
     );
     for ([service, backend_label, node], backend) in backends() {
-        for state in Health::ALL {
+        for state in HEALTH_STATES {
             let labels = [service, backend_label, node, ("state", state.as_str())];
             let current = u64::from(backend.health == state);
             out.sample("lbctl_backend_health", &labels, current);
@@ -467,8 +373,8 @@ fn render_interfaces(out: &mut Exposition, snapshot: &Snapshot) {
     for interface in &snapshot.interfaces {
         let labels = [
             ("iface", interface.iface.as_str()),
-            ("xdp_mode", &interface.xdp_mode),
-            ("transmit", &interface.transmit),
+            ("xdp_mode", interface.xdp_mode.map_or("", |m| m.name())),
+            ("transmit", interface.transmit.map_or("", |t| t.name())),
         ];
         out.sample("lbctl_interface_info", &labels, 1);
     }
@@ -479,7 +385,14 @@ fn render_interfaces(out: &mut Exposition, snapshot: &Snapshot) {
          kernel's device counters), xdp_errors (the driver's XDP transmit errors).",
     );
     for interface in &snapshot.interfaces {
-        for &(kind, count) in &interface.tx_failures {
+        let Some(failures) = interface.tx_failures else {
+            continue; // The interface could not be read.
+        };
+        for (kind, count) in [
+            ("dropped", failures.dropped),
+            ("errors", failures.errors),
+            ("xdp_errors", failures.xdp_errors),
+        ] {
             let labels = [("iface", interface.iface.as_str()), ("kind", kind)];
             out.sample("lbctl_interface_transmit_failures_total", &labels, count);
         }
@@ -494,7 +407,9 @@ fn estimated_len(snapshot: &Snapshot) -> usize {
     const PER_REASON: usize = 2 * 80;
     const PER_EVENT: usize = 80;
     const PER_SERVICE_SERIES: usize = 1 + SUMMED.len() + PER_SERVICE.len();
-    const PER_BACKEND_SERIES: usize = SUMMED.len() + 1 + Health::ALL.len();
+    const PER_BACKEND_SERIES: usize = SUMMED.len() + 1 + HEALTH_STATES.len();
+    /// `255.255.255.255:65535`.
+    const ADDR_LEN: usize = 21;
     const SERIES_OVERHEAD: usize = 70;
     let mut len = FIXED
         + snapshot.instance.len()
@@ -505,9 +420,8 @@ fn estimated_len(snapshot: &Snapshot) -> usize {
     for service in &snapshot.services {
         len += PER_SERVICE_SERIES * (SERIES_OVERHEAD + service.name.len()) + service.frontend.len();
         for backend in &service.backends {
-            let labels = service.name.len()
-                + backend.addr.len()
-                + backend.node.as_ref().map_or(0, String::len);
+            let labels =
+                service.name.len() + ADDR_LEN + backend.node.as_ref().map_or(0, String::len);
             len += PER_BACKEND_SERIES * (SERIES_OVERHEAD + labels);
         }
     }
@@ -645,9 +559,23 @@ fn push_escaped(out: &mut String, value: &str) {
 mod tests {
     use std::collections::{BTreeMap, BTreeSet};
 
-    use lb_common::{Event, Reason};
+    use lb_common::{BackendStats, Event, Reason};
 
     use super::*;
+    use crate::{
+        host::netdev::TxFailures,
+        instance::state::{Transmit, XdpMode},
+        table::{Proto, Scheduler},
+    };
+
+    /// Counters of a backend whose live flows are `live`.
+    fn counted(stats: BackendStats, live: u64, backend: BackendSnapshot) -> BackendSnapshot {
+        BackendSnapshot {
+            stats: Some(stats),
+            live_flows: Some(live),
+            ..backend
+        }
+    }
 
     /// One series as read back from the page, label values unescaped.
     #[derive(Debug)]
@@ -778,18 +706,27 @@ mod tests {
 
     fn backend(addr: &str, node: Option<&str>, health: Health, drained: bool) -> BackendSnapshot {
         BackendSnapshot {
-            addr: addr.to_owned(),
+            addr: addr.parse().unwrap(),
+            id: 1,
             node: node.map(str::to_owned),
             health,
             drained,
-            ..BackendSnapshot::default()
+            weight: 1,
+            stats: None,
+            live_flows: None,
         }
     }
 
     fn service(name: &str, fail_open: bool, backends: Vec<BackendSnapshot>) -> ServiceSnapshot {
         ServiceSnapshot {
             name: name.to_owned(),
+            id: 1,
+            proto: Proto::Tcp,
+            port: 8080,
+            vip: None,
             frontend: "tcp/8080".to_owned(),
+            scheduler: Scheduler::default(),
+            health_check: "no health check".to_owned(),
             fail_open,
             backends,
         }
@@ -811,24 +748,28 @@ mod tests {
     /// One service, two backends: a local unhealthy one, and a drained one on another node
     /// that was never checked. The instance name needs escaping.
     fn small_snapshot() -> Snapshot {
-        let local = BackendSnapshot {
-            packets: 10,
-            bytes: 1000,
-            reply_packets: 8,
-            reply_bytes: 640,
-            new_flows: 3,
-            live_flows: 2,
-            ..backend("10.0.0.5:80", None, Health::Unhealthy, false)
-        };
-        let remote = BackendSnapshot {
-            packets: 4,
-            bytes: 600,
-            reply_packets: 2,
-            reply_bytes: 300,
-            new_flows: 1,
-            live_flows: 1,
-            ..backend("10.0.1.6:80", Some("node-2"), Health::Unknown, true)
-        };
+        let local = counted(
+            BackendStats {
+                packets: 10,
+                bytes: 1000,
+                reply_packets: 8,
+                reply_bytes: 640,
+                new_flows: 3,
+            },
+            2,
+            backend("10.0.0.5:80", None, Health::Unhealthy, false),
+        );
+        let remote = counted(
+            BackendStats {
+                packets: 4,
+                bytes: 600,
+                reply_packets: 2,
+                reply_bytes: 300,
+                new_flows: 1,
+            },
+            1,
+            backend("10.0.1.6:80", Some("node-2"), Health::Unknown, true),
+        );
         Snapshot {
             instance: "ns \"a\"\\b\nc".to_owned(),
             node: Some("node-1".to_owned()),
@@ -846,11 +787,15 @@ mod tests {
             ],
             events: vec![("flow_created", 4), ("flow_reselected", 1)],
             services: vec![service("web", false, vec![local, remote])],
-            interfaces: vec![InterfaceSnapshot {
+            interfaces: vec![InterfaceReport {
                 iface: "uplink".to_owned(),
-                xdp_mode: "native".to_owned(),
-                transmit: "tc".to_owned(),
-                tx_failures: vec![("dropped", 2), ("errors", 0), ("xdp_errors", 1)],
+                xdp_mode: Some(XdpMode::Native),
+                transmit: Some(Transmit::Tc),
+                tx_failures: Some(TxFailures {
+                    dropped: 2,
+                    errors: 0,
+                    xdp_errors: 1,
+                }),
             }],
         }
     }
@@ -1001,15 +946,15 @@ lbctl_interface_transmit_failures_total{iface="uplink",kind="xdp_errors"} 1
                         let node = format!("node-{}", j % 5);
                         let addr = format!("10.{}.{}.{j}:8080", i / 256, i % 256);
                         let n = i * 10 + j;
-                        BackendSnapshot {
+                        let stats = BackendStats {
                             packets: n * 1000,
                             bytes: n * 1_500_000,
                             reply_packets: n * 900,
                             reply_bytes: n * 1_000_000,
                             new_flows: n * 10,
-                            live_flows: n % 7,
-                            ..backend(&addr, (j % 2 == 1).then_some(&node), health, j == 9)
-                        }
+                        };
+                        let node = (j % 2 == 1).then_some(node.as_str());
+                        counted(stats, n % 7, backend(&addr, node, health, j == 9))
                     })
                     .collect();
                 service(&format!("service-{i:04}"), i % 4 == 0, backends)
@@ -1124,7 +1069,6 @@ lbctl_interface_transmit_failures_total{iface="uplink",kind="xdp_errors"} 1
         let service = &mut snapshot.services[0];
         service.name = odd.to_owned();
         service.frontend = odd.to_owned();
-        service.backends[0].addr = odd.to_owned();
         service.backends[1].node = Some(odd.to_owned());
         let page = render(&snapshot);
         // No raw newline slipped into a series: as many lines as the plain page.
@@ -1133,16 +1077,16 @@ lbctl_interface_transmit_failures_total{iface="uplink",kind="xdp_errors"} 1
         let mut checked = 0;
         for sample in families.iter().flat_map(|(_, samples)| samples) {
             for (label, value) in &sample.labels {
-                let plain = ["10.0.1.6:80", ""].contains(&value.as_str());
+                let plain = ["10.0.0.5:80", "10.0.1.6:80", ""].contains(&value.as_str());
                 if ["service", "frontend", "backend", "node"].contains(&label.as_str()) && !plain {
                     assert_eq!(value, odd, "{label} of {sample:?}");
                     checked += 1;
                 }
             }
         }
-        // build_info's node, service info's 2, the 9 other service families, and 2 (the service
-        // and the address or node) on each of the 10 series of each of the 2 backends.
-        assert_eq!(checked, 1 + 2 + 9 + 2 * 10 * 2);
+        // build_info's node, service info's 2, the 9 other service families, and on each of the
+        // 10 series of the 2 backends the service, and the node of the second.
+        assert_eq!(checked, 1 + 2 + 9 + 10 * 2 + 10);
         let build_info = &families[0].1[0];
         assert_eq!(build_info.label("instance"), "ns \"a\"\\b\nc");
     }
@@ -1205,7 +1149,7 @@ lbctl_interface_transmit_failures_total{iface="uplink",kind="xdp_errors"} 1
             by_service("lbctl_service_fail_open"),
         );
         let weightless = BackendSnapshot {
-            weight_zero: true,
+            weight: 0,
             ..backend("10.0.0.9:80", None, Healthy, false)
         };
         assert!(!weightless.eligible(), "weight 0 takes no new flows");

@@ -22,7 +22,6 @@ use anyhow::{Context as _, Result};
 use axum::{
     Router, extract::State as AxumState, http::header, response::IntoResponse, routing::get,
 };
-use lb_common::{Event, Reason};
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, error, info, warn};
 
@@ -35,7 +34,7 @@ use crate::{
     host::underlay,
     instance::Instance,
     instance::state,
-    table::{self, HealthCheck},
+    table::HealthCheck,
 };
 
 /// Where metrics are served unless `--metrics-addr` says otherwise: loopback only (metrics
@@ -247,7 +246,8 @@ async fn metrics_page(AxumState(shared): AxumState<Arc<Shared>>) -> impl IntoRes
     }
 }
 
-/// Everything a scrape shows, read from the state and the pinned maps at scrape time.
+/// Everything a scrape shows, read from the state and the pinned maps at scrape time (the flow
+/// census from the last scan, so that a scrape does not walk the flow table).
 fn snapshot(shared: &Shared) -> Result<metrics::Snapshot> {
     let (state, node) = commands::attached_state_and_node(&shared.instance)?;
     let maps = Maps::open_pinned(&shared.instance.maps_dir())?;
@@ -255,76 +255,11 @@ fn snapshot(shared: &Shared) -> Result<metrics::Snapshot> {
         Some(census) => census,
         None => maps.flow_census()?,
     };
-    let reasons = maps.reason_totals()?;
-    let events = maps.event_totals()?;
-    let mut services = Vec::with_capacity(state.table.services.len());
-    for service in &state.table.services {
-        let (_, fail_open) = service.selectable();
-        let mut backends = Vec::with_capacity(service.backends.len());
-        for backend in &service.backends {
-            let stats = maps.backend_totals(backend.id)?;
-            backends.push(metrics::BackendSnapshot {
-                addr: backend.addr.to_string(),
-                node: backend.node.clone(),
-                health: match backend.health {
-                    table::Health::Unknown => metrics::Health::Unknown,
-                    table::Health::Healthy => metrics::Health::Healthy,
-                    table::Health::Unhealthy => metrics::Health::Unhealthy,
-                },
-                drained: backend.drained,
-                weight_zero: backend.weight == 0,
-                packets: stats.packets,
-                bytes: stats.bytes,
-                reply_packets: stats.reply_packets,
-                reply_bytes: stats.reply_bytes,
-                new_flows: stats.new_flows,
-                live_flows: census.live.get(&backend.id).copied().unwrap_or(0),
-            });
-        }
-        services.push(metrics::ServiceSnapshot {
-            name: service.name.clone(),
-            frontend: service.frontend(),
-            fail_open,
-            backends,
-        });
-    }
-    Ok(metrics::Snapshot {
-        instance: shared.instance.name.clone(),
-        node,
-        version: env!("CARGO_PKG_VERSION").to_owned(),
-        table_generation: state.table.generation,
-        flow_entries: census.entries,
-        flow_capacity: u64::from(state.flow_capacity),
-        reasons: Reason::ALL
-            .iter()
-            .zip(&reasons)
-            .map(|(reason, c)| (reason.name(), c.packets, c.bytes))
-            .collect(),
-        events: Event::ALL
-            .iter()
-            .zip(&events)
-            .map(|(event, n)| (event.name(), *n))
-            .collect(),
-        services,
-        interfaces: commands::interface_reports(&state)
-            .into_iter()
-            .map(|report| metrics::InterfaceSnapshot {
-                xdp_mode: report.xdp_mode.map_or("", |m| m.name()).to_owned(),
-                transmit: report.transmit.map_or("", |t| t.name()).to_owned(),
-                tx_failures: report
-                    .tx_failures
-                    .map(|f| {
-                        vec![
-                            ("dropped", f.dropped),
-                            ("errors", f.errors),
-                            ("xdp_errors", f.xdp_errors),
-                        ]
-                    })
-                    .unwrap_or_default(),
-                iface: report.iface,
-            })
-            .collect(),
-    })
+    let counters = commands::snapshot::Counters {
+        maps: &maps,
+        census: &census,
+    };
+    commands::snapshot::read(&shared.instance, &state, node, Some(counters))
 }
 
 /// Scans the flow table now and then, so that scrapes do not walk it, and brings the node's
