@@ -52,6 +52,8 @@ pub const XDP_TX: u32 = 3;
 const BPF_F_TEST_XDP_LIVE_FRAMES: u32 = 1 << 1;
 /// The `bpf_redirect` helper's number.
 const BPF_FUNC_REDIRECT: i32 = 23;
+/// `bpf_get_prandom_u32`.
+const BPF_FUNC_PRANDOM: i32 = 7;
 
 /// One BPF instruction: opcode, destination and source registers, offset, immediate.
 fn insn(code: u8, dst: u8, src: u8, off: i16, imm: i32) -> [u8; 8] {
@@ -107,6 +109,13 @@ pub fn load_xdp_action(action: u32) -> Result<OwnedFd> {
 /// must be a multiple of 4) over the packet, since the kernel recycles the generator's pages
 /// with whatever a receiver wrote into them, and redirects it to `ifindex`.
 pub fn load_frame_generator(frame: &[u8], ifindex: u32) -> Result<OwnedFd> {
+    load_flows_generator(frame, ifindex, None)
+}
+
+/// [`load_frame_generator`], and with `port_at` the 16 bits at that offset of the frame (a
+/// source port) drawn at random for every frame, from 1024 to 65535: 64,512 flows. The frame's
+/// UDP checksums must be 0 (none), which a changed port leaves valid.
+pub fn load_flows_generator(frame: &[u8], ifindex: u32, port_at: Option<usize>) -> Result<OwnedFd> {
     if frame.is_empty() || !frame.len().is_multiple_of(4) || frame.len() > 1024 {
         bail!(
             "a generated frame is 4 to 1024 bytes, a multiple of 4: not {}",
@@ -123,10 +132,23 @@ pub fn load_frame_generator(frame: &[u8], ifindex: u32) -> Result<OwnedFd> {
         insn(0xbf, 4, 2, 0, 0),                  // r4 = r2
         insn(0x07, 4, 0, 0, frame.len() as i32), // r4 += len
     ];
-    let stores: Vec<[u8; 8]> = words
+    let mut stores: Vec<[u8; 8]> = words
         .enumerate()
         .map(|(i, word)| insn(0x62, 2, 0, (i * 4) as i16, word)) // *(u32 *)(r2 + 4i) = word
         .collect();
+    if let Some(at) = port_at {
+        if at + 2 > frame.len() {
+            bail!("a port at {at} is beyond a frame of {} bytes", frame.len());
+        }
+        stores.extend([
+            insn(0xbf, 7, 2, 0, 0),                // r7 = r2 (the call clobbers r2)
+            insn(0x85, 0, 0, 0, BPF_FUNC_PRANDOM), // r0 = bpf_get_prandom_u32()
+            insn(0x57, 0, 0, 0, 0xffff),           // r0 &= 0xffff
+            insn(0x35, 0, 0, 1, 1024),             // if r0 >= 1024: skip the next
+            insn(0x07, 0, 0, 0, 1024),             // r0 += 1024
+            insn(0x6b, 7, 0, at as i16, 0),        // *(u16 *)(r7 + at) = r0
+        ]);
+    }
     let tail = [
         mov_imm(1, ifindex as i32),
         mov_imm(2, 0),

@@ -21,7 +21,9 @@
 
 mod control;
 mod e2e;
+mod live;
 mod packet;
+mod pps;
 mod report;
 mod socket;
 mod transmit;
@@ -52,15 +54,17 @@ pub enum Section {
     Control,
     Transmit,
     Socket,
+    Pps,
 }
 
 impl Section {
-    const ALL: [Section; 5] = [
+    const ALL: [Section; 6] = [
         Section::Packet,
         Section::E2e,
         Section::Control,
         Section::Transmit,
         Section::Socket,
+        Section::Pps,
     ];
 
     fn name(self) -> &'static str {
@@ -70,6 +74,7 @@ impl Section {
             Section::Control => "control",
             Section::Transmit => "transmit",
             Section::Socket => "socket",
+            Section::Pps => "pps",
         }
     }
 
@@ -78,13 +83,13 @@ impl Section {
             .into_iter()
             .find(|s| s.name() == name)
             .with_context(|| {
-                format!("unknown section {name:?} (packet, e2e, control, transmit, socket)")
+                format!("unknown section {name:?} (packet, e2e, control, transmit, socket, pps)")
             })
     }
 }
 
 const USAGE: &str = "usage: lbbench [--bench] [--smoke] [--out DIR] [--seconds S] \
-                     [--only packet,e2e,control,transmit,socket]";
+                     [--only packet,e2e,control,transmit,socket,pps]";
 
 /// libtest's own flags, which `cargo test` may pass to every test binary, this one included:
 /// ignored (this is no libtest binary). The ones that take a value take it as `--flag=VALUE`
@@ -220,6 +225,7 @@ fn main() -> Result<()> {
             Section::Control => control::run(&opts),
             Section::Transmit => transmit::run(&opts),
             Section::Socket => socket::run(&opts),
+            Section::Pps => pps::run(&opts),
         }
         .with_context(|| format!("bench section {}", section.name()))?;
         measurements.extend(found);

@@ -22,9 +22,10 @@ use anyhow::{Context, Result, ensure};
 use etherparse::PacketBuilder;
 use lb_tests::Lbctl;
 use lb_tests::bpf::{self, XDP_DROP, XDP_TX};
-use lb_tests::netns::{self, NetNs, format_mac};
+use lb_tests::netns::{self, NetNs};
 
 use crate::Options;
+use crate::live::{self, PAYLOAD};
 use crate::report::Measurement;
 
 const SECTION: &str = "transmit";
@@ -37,11 +38,6 @@ const BACKEND_IP: Ipv4Addr = Ipv4Addr::new(10, 77, 1, 10);
 const SERVICE_PORT: u16 = 5300;
 const BACKEND_PORT: u16 = 53;
 const CLIENT_PORT: u16 = 40000;
-/// Bytes of UDP payload: the frame is 60 bytes, the smallest Ethernet frame without its FCS.
-const PAYLOAD: usize = 18;
-/// Frames the sink may get besides the generator's: the nodes' own (IPv6 is off in both
-/// namespaces, but the kernel may still send the odd frame while links settle).
-const STRAY_FRAMES: u64 = 8;
 /// Frames per measured call; the smoke run sends fewer.
 const FRAMES: u32 = 2_000_000;
 const SMOKE_FRAMES: u32 = 20_000;
@@ -108,10 +104,7 @@ impl Rig {
     fn build() -> Result<Rig> {
         let gen_ns = NetNs::new("gen")?;
         let node = NetNs::new("txnode")?;
-        for ns in [&gen_ns, &node] {
-            ns.sysctl("net.ipv6.conf.all.disable_ipv6", "1")?;
-            ns.sysctl("net.ipv6.conf.default.disable_ipv6", "1")?;
-        }
+        live::quiet(&[&gen_ns, &node])?;
         netns::veth(&gen_ns, GEN, &node, UPLINK)?;
         for addr in [
             format!("{NODE_IP}/24"),
@@ -123,19 +116,7 @@ impl Rig {
         let gen_mac = gen_ns.mac(GEN)?;
         // The client and the backend are both behind gen0: what the node sends comes back to
         // the sink.
-        for ip in [CLIENT_IP, BACKEND_IP] {
-            node.ip([
-                "neigh",
-                "replace",
-                &ip.to_string(),
-                "lladdr",
-                &format_mac(gen_mac),
-                "dev",
-                UPLINK,
-                "nud",
-                "permanent",
-            ])?;
-        }
+        live::behind_generator(&node, UPLINK, &[CLIENT_IP, BACKEND_IP], gen_mac)?;
         let sink = gen_ns.attach_xdp_action(GEN, XDP_DROP)?;
         let frame = frame(gen_mac, node.mac(UPLINK)?)?;
         let generator =
@@ -157,14 +138,6 @@ impl Rig {
 
     fn frame_len() -> usize {
         14 + 20 + 8 + PAYLOAD
-    }
-
-    fn reason(&self, reason: &str) -> Result<u64> {
-        let stats: serde_json::Value =
-            serde_json::from_str(&self.lbctl.run(&["stats", "--json"])?)?;
-        stats["reasons"][reason]["packets"]
-            .as_u64()
-            .with_context(|| format!("no reason {reason} in lbctl stats"))
     }
 
     /// Puts `variant` on the uplink, sends `frames` and checks they all took its path; returns
@@ -195,7 +168,10 @@ impl Rig {
         let lbctl_counts = |rig: &Rig| -> Result<(u64, u64)> {
             match node_program {
                 Some(_) => Ok((0, 0)),
-                None => Ok((rig.reason("forward_tx")?, rig.reason("xmit_tc")?)),
+                None => Ok((
+                    live::reason_packets(&rig.lbctl, "forward_tx")?,
+                    live::reason_packets(&rig.lbctl, "xmit_tc")?,
+                )),
             }
         };
         // What reached the peer: its XDP sink's drops, or without it, what its stack received.
@@ -206,7 +182,7 @@ impl Rig {
         let sink_before = received(self)?;
         let (forwarded_before, tc_before) = lbctl_counts(self)?;
         let elapsed = self.gen_ns.in_netns(|| {
-            on_one_cpu(|| bpf::live_frames(&self.generator, Rig::frame_len(), frames))
+            live::on_one_cpu(|| bpf::live_frames(&self.generator, Rig::frame_len(), frames))
         })??;
         let sunk = received(self)? - sink_before;
         let (forwarded, through_tc) = lbctl_counts(self)?;
@@ -219,14 +195,7 @@ impl Rig {
             self.sink = Some(self.gen_ns.attach_xdp_action(GEN, XDP_DROP)?);
         }
         let frames = u64::from(frames);
-        match variant {
-            Variant::Floor => ensure!(sunk <= STRAY_FRAMES, "the floor forwarded {sunk} frames"),
-            _ => ensure!(
-                (frames..=frames + STRAY_FRAMES).contains(&sunk),
-                "{}: the sink got {sunk} of {frames} frames",
-                variant.name()
-            ),
-        }
+        live::check_sunk(variant.name(), variant == Variant::Floor, sunk, frames)?;
         match variant {
             Variant::LbctlXdp => ensure!(
                 (forwarded, through_tc) == (frames, 0),
@@ -240,34 +209,6 @@ impl Rig {
         }
         Ok(elapsed as f64 / frames as f64)
     }
-}
-
-/// Runs `f` on one CPU only, the first this thread may use (the softirqs its frames raise run
-/// there too), then lets the thread run where it could before.
-fn on_one_cpu<R>(f: impl FnOnce() -> R) -> Result<R> {
-    // SAFETY: a zeroed cpu_set_t is empty; the calls only read and write it.
-    let mut before: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-    let mut only: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-    let size = std::mem::size_of::<libc::cpu_set_t>();
-    // SAFETY: as above; pid 0 is this thread.
-    unsafe {
-        ensure!(
-            libc::sched_getaffinity(0, size, &mut before) == 0,
-            "sched_getaffinity"
-        );
-        let cpu = (0..libc::CPU_SETSIZE as usize)
-            .find(|&cpu| libc::CPU_ISSET(cpu, &before))
-            .context("this thread may run on no CPU")?;
-        libc::CPU_SET(cpu, &mut only);
-        ensure!(
-            libc::sched_setaffinity(0, size, &only) == 0,
-            "sched_setaffinity"
-        );
-    }
-    let result = f();
-    // SAFETY: as above.
-    unsafe { libc::sched_setaffinity(0, size, &before) };
-    Ok(result)
 }
 
 pub fn run(opts: &Options) -> Result<Vec<Measurement>> {
