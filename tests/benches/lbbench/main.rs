@@ -10,18 +10,22 @@
 //! - `control`: applying a large table, the first connection after `service add`, scrape time;
 //! - `transmit`: per packet on one core, with live frames through a veth, how the frames the
 //!   node's XDP sends leave it: `XDP_TX` against the TC path lbctl takes on veths;
-//! - `socket`: what the socket programs add to a node's own `connect` (ns per connect).
+//! - `socket`: what the socket programs add to a node's own `connect` (ns per connect);
+//! - `metrics`: the `/metrics` page of a large table rendered in process, lbctl's hand-written
+//!   renderer against the same page encoded by the `prometheus-client` crate.
 //!
 //! Run by `cargo bench` (which passes `--bench`) it measures in full and writes the report; run
 //! by `cargo test` (no `--bench`) it is a smoke run of a few seconds, so the benchmark cannot rot:
 //! every case still checks that the data plane did what the case claims to measure.
 //! Benchmarks never fail on a slow machine: only a broken case fails.
 //!
-//! Needs root (namespaces, BPF), `lbctl` and `lb-testsrv` built in the same profile.
+//! Needs root (namespaces, BPF), `lbctl` and `lb-testsrv` built in the same profile; the
+//! `metrics` section alone needs none of them.
 
 mod control;
 mod e2e;
 mod live;
+mod metrics;
 mod packet;
 mod pps;
 mod report;
@@ -55,16 +59,18 @@ pub enum Section {
     Transmit,
     Socket,
     Pps,
+    Metrics,
 }
 
 impl Section {
-    const ALL: [Section; 6] = [
+    const ALL: [Section; 7] = [
         Section::Packet,
         Section::E2e,
         Section::Control,
         Section::Transmit,
         Section::Socket,
         Section::Pps,
+        Section::Metrics,
     ];
 
     fn name(self) -> &'static str {
@@ -75,7 +81,14 @@ impl Section {
             Section::Transmit => "transmit",
             Section::Socket => "socket",
             Section::Pps => "pps",
+            Section::Metrics => "metrics",
         }
+    }
+
+    /// Whether the section builds namespaces or loads BPF programs (all but `metrics`, which
+    /// renders pages in process).
+    fn needs_root(self) -> bool {
+        self != Section::Metrics
     }
 
     fn parse(name: &str) -> Result<Section> {
@@ -83,13 +96,15 @@ impl Section {
             .into_iter()
             .find(|s| s.name() == name)
             .with_context(|| {
-                format!("unknown section {name:?} (packet, e2e, control, transmit, socket, pps)")
+                format!(
+                    "unknown section {name:?} (packet, e2e, control, transmit, socket, pps, metrics)"
+                )
             })
     }
 }
 
 const USAGE: &str = "usage: lbbench [--bench] [--smoke] [--out DIR] [--seconds S] \
-                     [--only packet,e2e,control,transmit,socket,pps]";
+                     [--only packet,e2e,control,transmit,socket,pps,metrics]";
 
 /// libtest's own flags, which `cargo test` may pass to every test binary, this one included:
 /// ignored (this is no libtest binary). The ones that take a value take it as `--flag=VALUE`
@@ -210,7 +225,9 @@ fn main() -> Result<()> {
             return Ok(());
         }
     };
-    lb_tests::require_root()?;
+    if opts.sections.iter().any(|s| s.needs_root()) {
+        lb_tests::require_root()?;
+    }
     let started = Instant::now();
     let mut measurements: Vec<Measurement> = Vec::new();
     for section in &opts.sections {
@@ -226,6 +243,7 @@ fn main() -> Result<()> {
             Section::Transmit => transmit::run(&opts),
             Section::Socket => socket::run(&opts),
             Section::Pps => pps::run(&opts),
+            Section::Metrics => metrics::run(&opts),
         }
         .with_context(|| format!("bench section {}", section.name()))?;
         measurements.extend(found);

@@ -63,6 +63,7 @@ pub mod names {
     pub const PACKET_FLOWS: &str = "packet-flow-table";
     pub const E2E: &str = "e2e";
     pub const CONTROL: &str = "control";
+    pub const METRICS: &str = "metrics";
 
     pub const FLOOR: &str = "XDP_PASS floor";
     pub const NEW_FLOW: &str = "new flow";
