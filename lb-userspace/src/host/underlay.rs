@@ -149,21 +149,74 @@ impl std::fmt::Display for NextHop {
     }
 }
 
-/// The next hop towards each address, by the kernel's own routing decision (`ip route get`),
-/// or why there is none.
-pub fn next_hops(dsts: &[Ipv4Addr]) -> Result<BTreeMap<Ipv4Addr, Result<NextHop, String>>, String> {
-    let mut rtnl = Rtnl::open()?;
-    let names = rtnl.link_names()?;
-    Ok(dsts
-        .iter()
-        .map(|&dst| {
-            let hop = rtnl
-                .route_get(dst)
-                .map_err(|err| format!("looking up the route to {dst}: {err}"))
-                .and_then(|route| next_hop(&route, dst, &names));
-            (dst, hop)
-        })
-        .collect())
+/// The namespace's route netlink socket and its interfaces' names, opened and listed once for
+/// all the lookups and changes of a command.
+struct Netlink {
+    rtnl: Rtnl,
+    names: BTreeMap<u32, String>,
+}
+
+impl Netlink {
+    fn open() -> Result<Netlink, String> {
+        let mut rtnl = Rtnl::open()?;
+        let names = rtnl.link_names()?;
+        Ok(Netlink { rtnl, names })
+    }
+
+    /// The next hop towards each address, by the kernel's own routing decision (`ip route
+    /// get`), or why there is none.
+    fn next_hops(
+        &mut self,
+        dsts: &BTreeSet<Ipv4Addr>,
+    ) -> BTreeMap<Ipv4Addr, Result<NextHop, String>> {
+        dsts.iter()
+            .map(|&dst| {
+                let hop = self
+                    .rtnl
+                    .route_get(dst)
+                    .map_err(|err| format!("looking up the route to {dst}: {err}"))
+                    .and_then(|route| next_hop(&route, dst, &self.names));
+                (dst, hop)
+            })
+            .collect()
+    }
+
+    /// The kernel's IPv4 neighbour entries (`ip neigh show`).
+    fn neighbours(&mut self) -> Result<BTreeMap<NextHop, Kernel>, String> {
+        Ok(classify(&self.rtnl.neighbours()?, &self.names))
+    }
+
+    /// Runs `change` on each hop's address and interface index; returns the hops it failed
+    /// for, with why.
+    fn change_each(
+        &mut self,
+        hops: &[NextHop],
+        change: impl Fn(&mut Rtnl, Ipv4Addr, u32) -> Result<(), String>,
+    ) -> Vec<(NextHop, String)> {
+        let indexes: BTreeMap<&str, u32> =
+            self.names.iter().map(|(i, n)| (n.as_str(), *i)).collect();
+        hops.iter()
+            .filter_map(|hop| {
+                let result = match indexes.get(hop.dev.as_str()) {
+                    Some(&index) => change(&mut self.rtnl, hop.addr, index),
+                    None => Err(format!("no interface {}", hop.dev)),
+                };
+                result.err().map(|err| (hop.clone(), err))
+            })
+            .collect()
+    }
+
+    /// Makes (or turns) the entries for `hops` managed; returns the failures. Replacing turns
+    /// an existing learned entry, even a REACHABLE one, into a managed one and keeps its
+    /// address (checked on kernel 6.18).
+    fn add_managed(&mut self, hops: &[NextHop]) -> Vec<(NextHop, String)> {
+        self.change_each(hops, Rtnl::neighbour_replace_managed)
+    }
+
+    /// Deletes the entries for `hops`; returns the failures.
+    fn delete(&mut self, hops: &[NextHop]) -> Vec<(NextHop, String)> {
+        self.change_each(hops, Rtnl::neighbour_delete)
+    }
 }
 
 /// The next hop `route`, the kernel's route to `dst`, leads to.
@@ -218,13 +271,6 @@ pub enum Kernel {
     Static,
     /// Learned by ARP; may expire.
     Learned,
-}
-
-/// The kernel's IPv4 neighbour entries (`ip neigh show`).
-pub fn neighbours() -> Result<BTreeMap<NextHop, Kernel>, String> {
-    let mut rtnl = Rtnl::open()?;
-    let names = rtnl.link_names()?;
-    Ok(classify(&rtnl.neighbours()?, &names))
 }
 
 fn classify(entries: &[Neighbour], names: &BTreeMap<u32, String>) -> BTreeMap<NextHop, Kernel> {
@@ -288,44 +334,6 @@ pub fn plan(
     plan
 }
 
-/// Runs `change` on each hop's address and interface index over one socket; returns the hops
-/// it failed for, with why.
-fn change_each(
-    hops: &[NextHop],
-    change: impl Fn(&mut Rtnl, Ipv4Addr, u32) -> Result<(), String>,
-) -> Vec<(NextHop, String)> {
-    if hops.is_empty() {
-        return Vec::new();
-    }
-    let opened = Rtnl::open().and_then(|mut rtnl| Ok((rtnl.link_names()?, rtnl)));
-    let (names, mut rtnl) = match opened {
-        Ok(opened) => opened,
-        Err(err) => return hops.iter().map(|hop| (hop.clone(), err.clone())).collect(),
-    };
-    let indexes: BTreeMap<&str, u32> = names.iter().map(|(i, n)| (n.as_str(), *i)).collect();
-    hops.iter()
-        .filter_map(|hop| {
-            let result = match indexes.get(hop.dev.as_str()) {
-                Some(&index) => change(&mut rtnl, hop.addr, index),
-                None => Err(format!("no interface {}", hop.dev)),
-            };
-            result.err().map(|err| (hop.clone(), err))
-        })
-        .collect()
-}
-
-/// Makes (or turns) the entries for `hops` managed; returns the failures. Replacing turns an
-/// existing learned entry, even a REACHABLE one, into a managed one and keeps its address
-/// (checked on kernel 6.18).
-pub fn add_managed(hops: &[NextHop]) -> Vec<(NextHop, String)> {
-    change_each(hops, Rtnl::neighbour_replace_managed)
-}
-
-/// Deletes the entries for `hops`; returns the failures.
-pub fn delete(hops: &[NextHop]) -> Vec<(NextHop, String)> {
-    change_each(hops, Rtnl::neighbour_delete)
-}
-
 /// Brings the managed neighbour entries in line with `nodes` (every node but this one) and the
 /// `backends` this node routes to itself, given those lbctl `recorded` as made by it. Kept
 /// resolved, their next hops never send XDP's packets to the kernel for want of a neighbour (a
@@ -350,9 +358,12 @@ pub fn sync_neighbours(
         .map(|n| n.ip)
         .chain(backends.iter().copied())
         .collect();
-    let listed =
-        next_hops(&dsts.into_iter().collect::<Vec<_>>()).and_then(|hops| Ok((hops, neighbours()?)));
-    let (hops, kernel) = match listed {
+    let listed = Netlink::open().and_then(|mut netlink| {
+        let hops = netlink.next_hops(&dsts);
+        let kernel = netlink.neighbours()?;
+        Ok((netlink, hops, kernel))
+    });
+    let (mut netlink, hops, kernel) = match listed {
         Ok(listed) => listed,
         Err(err) => {
             warnings.push(format!("cannot manage neighbour entries: {err}"));
@@ -390,7 +401,7 @@ pub fn sync_neighbours(
     for hop in &plan.forget {
         record.remove(hop);
     }
-    let failed = add_managed(&plan.add);
+    let failed = netlink.add_managed(&plan.add);
     for hop in &plan.add {
         if !failed.iter().any(|(f, _)| f == hop) {
             record.insert(hop.clone());
@@ -399,7 +410,7 @@ pub fn sync_neighbours(
     for (hop, err) in failed {
         warnings.push(format!("cannot add a managed neighbour {hop}: {err}"));
     }
-    let failed = delete(&plan.delete);
+    let failed = netlink.delete(&plan.delete);
     for hop in &plan.delete {
         if !failed.iter().any(|(f, _)| f == hop) {
             record.remove(hop);
@@ -416,8 +427,9 @@ pub fn delete_all(recorded: &[NextHop]) -> Vec<String> {
     if recorded.is_empty() {
         return Vec::new();
     }
-    let kernel = match neighbours() {
-        Ok(kernel) => kernel,
+    let listed = Netlink::open().and_then(|mut netlink| Ok((netlink.neighbours()?, netlink)));
+    let (kernel, mut netlink) = match listed {
+        Ok(listed) => listed,
         Err(err) => return vec![format!("cannot list neighbour entries: {err}")],
     };
     let ours: Vec<NextHop> = recorded
@@ -425,7 +437,8 @@ pub fn delete_all(recorded: &[NextHop]) -> Vec<String> {
         .filter(|hop| kernel.get(*hop) == Some(&Kernel::Managed))
         .cloned()
         .collect();
-    delete(&ours)
+    netlink
+        .delete(&ours)
         .into_iter()
         .map(|(hop, err)| format!("cannot delete neighbour {hop}: {err}"))
         .collect()
