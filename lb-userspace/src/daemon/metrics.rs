@@ -308,22 +308,32 @@ fn render_services(out: &mut Exposition, snapshot: &Snapshot) {
     }
 }
 
-/// Per backend: its counters, drain and health.
-fn render_backends(out: &mut Exposition, snapshot: &Snapshot) {
-    // Formatted once, not once per family.
-    let addrs: Vec<String> = snapshot
-        .services
-        .iter()
-        .flat_map(|service| service.backends.iter().map(|b| b.addr.to_string()))
-        .collect();
-    let backends = || {
-        let each = snapshot.services.iter().flat_map(|service| {
+/// The per-backend series of a snapshot: each backend, in page order, with its labels
+/// `service`, `backend` and `node` (empty when there is none). The addresses are formatted
+/// once, here, not once per family.
+pub struct BackendSeries<'a> {
+    snapshot: &'a Snapshot,
+    addrs: Vec<String>,
+}
+
+impl<'a> BackendSeries<'a> {
+    pub fn new(snapshot: &'a Snapshot) -> BackendSeries<'a> {
+        let addrs = snapshot
+            .services
+            .iter()
+            .flat_map(|service| service.backends.iter().map(|b| b.addr.to_string()))
+            .collect();
+        BackendSeries { snapshot, addrs }
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = ([(&'static str, &str); 3], &'a BackendSnapshot)> {
+        let each = self.snapshot.services.iter().flat_map(|service| {
             service
                 .backends
                 .iter()
                 .map(move |backend| (service, backend))
         });
-        each.zip(&addrs).map(|((service, backend), addr)| {
+        each.zip(&self.addrs).map(|((service, backend), addr)| {
             let labels = [
                 ("service", service.name.as_str()),
                 ("backend", addr.as_str()),
@@ -331,7 +341,13 @@ fn render_backends(out: &mut Exposition, snapshot: &Snapshot) {
             ];
             (labels, backend)
         })
-    };
+    }
+}
+
+/// Per backend: its counters, drain and health.
+fn render_backends(out: &mut Exposition, snapshot: &Snapshot) {
+    let series = BackendSeries::new(snapshot);
+    let backends = || series.iter();
     for family in SUMMED {
         out.family(family.backend, family.kind, family.backend_help);
         for (labels, backend) in backends() {

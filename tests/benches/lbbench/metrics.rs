@@ -461,28 +461,8 @@ impl Collector for SnapshotCollector {
             }
         }
 
-        // Each address formatted once, as `metrics::render` does.
-        let addrs: Vec<String> = s
-            .services
-            .iter()
-            .flat_map(|service| service.backends.iter().map(|b| b.addr.to_string()))
-            .collect();
-        let backends = || {
-            let each = s.services.iter().flat_map(|service| {
-                service
-                    .backends
-                    .iter()
-                    .map(move |backend| (service, backend))
-            });
-            each.zip(&addrs).map(|((service, backend), addr)| {
-                let labels = [
-                    ("service", service.name.as_str()),
-                    ("backend", addr.as_str()),
-                    ("node", backend.node.as_deref().unwrap_or("")),
-                ];
-                (labels, backend)
-            })
-        };
+        let series = metrics::BackendSeries::new(s);
+        let backends = || series.iter();
         for (name, _, value) in SUMMED {
             let mut family = self.family(encoder, name)?;
             for (labels, backend) in backends() {
