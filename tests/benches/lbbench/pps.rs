@@ -160,8 +160,8 @@ type Case = (Path, Flows);
 
 struct Rig {
     lbctl: Lbctl,
-    /// Generators by case.
-    generators: Vec<(Case, OwnedFd)>,
+    /// Generators by case, with the length of the frame each writes.
+    generators: Vec<(Case, OwnedFd, usize)>,
     _sink: OwnedFd,
     node: NetNs,
     gen_ns: NetNs,
@@ -278,7 +278,7 @@ impl Rig {
                 let vary = (flows == Flows::Many).then_some(port_at);
                 let generator =
                     gen_ns.in_netns(|| bpf::load_flows_generator(&frame, gen_index, vary))?;
-                generators.push(((path, flows), generator));
+                generators.push(((path, flows), generator, frame.len()));
             }
         }
         let lbctl = Lbctl::new(&node)?;
@@ -413,20 +413,14 @@ impl Rig {
         Ok(())
     }
 
-    fn frame_len(path: Path) -> usize {
-        match path.port() {
-            Some(_) => 14 + 20 + 8 + PAYLOAD,
-            None => 14 + 20 + 8 + 8 + 14 + 20 + 8 + PAYLOAD + 2,
-        }
-    }
-
-    fn generator(&self, case: Case) -> &OwnedFd {
-        &self
+    /// The generator of `case` and the length of its frame.
+    fn generator(&self, case: Case) -> (&OwnedFd, usize) {
+        let (_, generator, frame_len) = self
             .generators
             .iter()
-            .find(|(c, _)| *c == case)
-            .expect("a generator for every case")
-            .1
+            .find(|(c, ..)| *c == case)
+            .expect("a generator for every case");
+        (generator, *frame_len)
     }
 
     /// Puts `path` on the uplink, sends `frames` (after `warm` more when they are many flows)
@@ -443,11 +437,10 @@ impl Rig {
                 Some(self.node.attach_xdp_action(UPLINK, XDP_PASS)?)
             }
         };
-        let generator = self.generator((path, flows));
+        let (generator, frame_len) = self.generator((path, flows));
         let send = |count: u32| {
-            self.gen_ns.in_netns(|| {
-                on_one_cpu(|| bpf::live_frames(generator, Rig::frame_len(path), count))
-            })
+            self.gen_ns
+                .in_netns(|| on_one_cpu(|| bpf::live_frames(generator, frame_len, count)))
         };
         if flows == Flows::Many {
             send(warm)??;
