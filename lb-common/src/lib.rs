@@ -66,6 +66,38 @@ pub struct ServiceKey {
 }
 assert_size!(ServiceKey, 8);
 
+/// `SERVICE_PORTS`: which (protocol, port) pairs have a service, two bits each, so that a
+/// packet to any other port (a reply, the host's own traffic) costs the data plane no hash
+/// lookup, and a packet to a service port at most the ones its bits call for. Bit
+/// [`SERVICE_PORT_VIP`]: a service on that port at some virtual IP; bit [`SERVICE_PORT_ANY`]:
+/// one on every local address. 2 protocols x 65,536 ports x 2 bits in 64-bit words.
+pub const SERVICE_PORT_WORDS: u32 = 2 * 65_536 * 2 / 64;
+pub const SERVICE_PORT_VIP: u64 = 1;
+pub const SERVICE_PORT_ANY: u64 = 2;
+
+/// Where a (protocol, port) pair's two bits sit in `SERVICE_PORTS`: the word's index and the
+/// bits' shift in it. `None` for a protocol no service can have.
+#[inline(always)]
+pub fn service_port_slot(proto: u8, port_be: u16) -> Option<(u32, u32)> {
+    let proto_slot = match proto {
+        PROTO_TCP => 0,
+        PROTO_UDP => 1,
+        _ => return None,
+    };
+    let pair = (proto_slot << 16) | u32::from(u16::from_be(port_be));
+    Some((pair / 32, (pair % 32) * 2))
+}
+
+/// The `SERVICE_PORTS` bit a service of `key` sets.
+#[inline(always)]
+pub fn service_port_bit(key: &ServiceKey) -> u64 {
+    if key.vip_be == 0 {
+        SERVICE_PORT_ANY
+    } else {
+        SERVICE_PORT_VIP
+    }
+}
+
 /// Key of `LOCAL_BACKENDS`: a backend this node reaches by plain routing (hosted here, or on no
 /// node), as a decapsulated packet addresses it.
 #[repr(C)]
@@ -720,6 +752,7 @@ pub mod map_names {
     pub const SOCKET_LB: &str = "SOCKET_LB";
     pub const SOCK_FLOWS: &str = "SOCK_FLOWS";
     pub const SOCK_PEERS: &str = "SOCK_PEERS";
+    pub const SERVICE_PORTS: &str = "SERVICE_PORTS";
 
     /// Every map, so that pinning cannot forget one.
     pub const ALL: &[&str] = &[
@@ -745,6 +778,7 @@ pub mod map_names {
         SOCKET_LB,
         SOCK_FLOWS,
         SOCK_PEERS,
+        SERVICE_PORTS,
     ];
 }
 
@@ -798,6 +832,28 @@ mod tests {
         for (slot, event) in Event::ALL.iter().enumerate() {
             assert_eq!(*event as usize, slot, "{} is out of order", event.name());
         }
+    }
+
+    #[test]
+    fn every_protocol_and_port_has_its_own_two_bits_in_service_ports() {
+        let mut taken = [0u64; SERVICE_PORT_WORDS as usize];
+        for proto in [PROTO_TCP, PROTO_UDP] {
+            for port in 0..=u16::MAX {
+                let (word, shift) = service_port_slot(proto, port.to_be()).unwrap();
+                assert!(word < SERVICE_PORT_WORDS && shift <= 62 && shift % 2 == 0);
+                let bits = &mut taken[word as usize];
+                assert_eq!(*bits >> shift & 3, 0, "{proto}/{port} shares its bits");
+                *bits |= 3 << shift;
+            }
+        }
+        assert!(taken.iter().all(|word| *word == u64::MAX));
+        assert_eq!(service_port_slot(1, 80u16.to_be()), None);
+        let vip = ServiceKey {
+            vip_be: 1,
+            ..ServiceKey::default()
+        };
+        assert_eq!(service_port_bit(&vip), SERVICE_PORT_VIP);
+        assert_eq!(service_port_bit(&ServiceKey::default()), SERVICE_PORT_ANY);
     }
 
     /// Computed by `jhash_3words` of the kernel's include/linux/jhash.h, compiled with gcc.

@@ -45,7 +45,7 @@ pub fn xdp_from_node(
     };
     // SAFETY: bounds checked by ptr_at.
     let vxlan = unsafe { *vxlan };
-    if vxlan.flags & VXLAN_FLAG_VNI == 0 {
+    if vxlan.flags[0] & VXLAN_FLAG_VNI == 0 {
         return drop(Reason::DropVxlanBadFlags);
     }
     let vni = u32::from_be_bytes([0, vxlan.vni[0], vxlan.vni[1], vxlan.vni[2]]);

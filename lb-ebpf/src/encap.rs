@@ -24,7 +24,7 @@ use network_types::{eth::EthHdr, ip::Ipv4Hdr, udp::UdpHdr};
 use crate::{
     csum,
     forward::{self, Egress, NextHop},
-    maps::{MESH, TX_PORTS},
+    maps::MESH,
     parse::{Packet, ptr_at},
 };
 
@@ -43,8 +43,9 @@ const DONT_FRAGMENT: u16 = 0x4000;
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub struct VxlanHdr {
-    pub flags: u8,
-    pub _reserved: [u8; 3],
+    /// The flags byte and 3 reserved bytes, as one array: initialised alone, the 3 bytes cost
+    /// a call to `memset`.
+    pub flags: [u8; 4],
     /// VNI, big-endian, 24 bits.
     pub vni: [u8; 3],
     pub _reserved2: u8,
@@ -138,8 +139,7 @@ fn headers(
             check: [0; 2],
         },
         vxlan: VxlanHdr {
-            flags: VXLAN_FLAG_VNI,
-            _reserved: [0; 3],
+            flags: [VXLAN_FLAG_VNI, 0, 0, 0],
             vni: [vni[1], vni[2], vni[3]],
             _reserved2: 0,
         },
@@ -171,9 +171,7 @@ fn route_to_node(
     );
     match rc {
         BPF_FIB_LKUP_RET_SUCCESS if hop.ifindex == ingress => Ok(Egress::Tx(hop)),
-        BPF_FIB_LKUP_RET_SUCCESS if TX_PORTS.get(hop.ifindex).is_some() => {
-            Ok(Egress::Redirect(hop))
-        }
+        BPF_FIB_LKUP_RET_SUCCESS if hop.redirect => Ok(Egress::Redirect(hop)),
         BPF_FIB_LKUP_RET_FRAG_NEEDED => Err(Reason::DropEncapMtu),
         BPF_FIB_LKUP_RET_NO_NEIGH => Err(Reason::DropEncapNoNeigh),
         _ => Err(Reason::DropEncapNoRoute),

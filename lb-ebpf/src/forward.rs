@@ -7,7 +7,7 @@ use aya_ebpf::{
         BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_NOT_FWDED, BPF_FIB_LKUP_RET_SUCCESS,
         bpf_fib_lookup, xdp_action,
     },
-    helpers::generated::{bpf_fib_lookup as fib_lookup_helper, bpf_ktime_get_coarse_ns},
+    helpers::generated::{bpf_fib_lookup as fib_lookup_helper, bpf_jiffies64},
     programs::XdpContext,
 };
 use lb_common::Reason;
@@ -15,7 +15,7 @@ use network_types::eth::EthHdr;
 
 use crate::{
     csum,
-    maps::{CachedRoute, ROUTE_CACHE, ROUTE_CACHE_BITS, TX_PORTS},
+    maps::{CachedRoute, ROUTE_CACHE, ROUTE_CACHE_BITS, TX_PORTS, TX_VIA_TC},
     nat::{load16, store16},
     parse::{IP_CHECK_OFF, IP_TTL_OFF, Packet, ptr_at},
     xmit,
@@ -30,11 +30,20 @@ pub struct NextHop {
     pub dmac: [u8; 6],
     /// The egress MTU, when the lookup was given a length to check and succeeded.
     pub mtu: u16,
+    /// How XDP sends to `ifindex` (filled by [`fib_lookup_cached`], XDP's lookup; false from
+    /// [`fib_lookup_raw`]): `via_tc` whether frames for it go through the TC ingress program
+    /// (`xmit`, `TX_VIA_TC`); `redirect` whether it is an lbctl interface XDP may redirect to
+    /// (`TX_PORTS`). Two flags in the struct's padding: the XDP program's stack has no room
+    /// for more.
+    pub via_tc: bool,
+    pub redirect: bool,
 }
 
-/// How long a cached FIB answer is used: route and neighbour changes reach the data plane
-/// within this time.
-const ROUTE_CACHE_TTL_NS: u64 = 100_000_000;
+/// How long a cached FIB answer is used, in ticks of the kernel's clock (`jiffies`): route and
+/// neighbour changes reach the data plane within this time, 100 ms at HZ=250 (Debian's
+/// kernels), 25 ms at HZ=1000. Ticks rather than nanoseconds because the verifier inlines
+/// `bpf_jiffies64` into a load, where a clock read is a helper call on every packet.
+const ROUTE_CACHE_TTL_JIFFIES: u64 = 25;
 
 /// How a packet leaves XDP.
 pub enum Egress {
@@ -127,13 +136,17 @@ fn fib_lookup_into(ctx: *mut c_void, query: &FibQuery, hop: &mut NextHop) -> u32
     rc as u32
 }
 
-/// [`fib_lookup_raw`] through a per-CPU cache of recent answers by destination, for XDP.
+/// [`fib_lookup_raw`] through a per-CPU cache of recent answers by destination, for XDP, with
+/// how XDP sends to the egress interface (`NextHop::via_tc`, `NextHop::redirect`).
 ///
 /// A FIB lookup costs more than all the rest of an established flow's path, and the next hop
 /// of a backend, a node or a client rarely changes: so each CPU keeps what the FIB answered
-/// for [`ROUTE_CACHE_TTL_NS`], in a direct-mapped table (a colliding destination just looks up
+/// for [`ROUTE_CACHE_TTL_JIFFIES`], in a direct-mapped table (a colliding destination just looks up
 /// again). The source address only matters to policy routing by source, which a cached answer
-/// ignores for that time. `tot_len` must not be 0: the cached MTU is checked against it.
+/// ignores for that time. So does the interface's entries in `TX_VIA_TC` and `TX_PORTS`, which
+/// change only when an interface is attached or detached (an attach loads new programs, with
+/// an empty cache; a frame redirected to an interface just detached goes to the kernel).
+/// `tot_len` must not be 0: the cached MTU is checked against it.
 #[inline(always)]
 pub fn fib_lookup_cached(
     ctx: *mut c_void,
@@ -144,16 +157,16 @@ pub fn fib_lookup_cached(
     dst_ip_be: u32,
 ) -> (u32, NextHop) {
     // SAFETY: plain helper call.
-    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    let now = unsafe { bpf_jiffies64() };
     let slot = dst_ip_be.wrapping_mul(0x9e37_79b1) >> (32 - ROUTE_CACHE_BITS);
     let cache = ROUTE_CACHE.get_ptr_mut(slot);
     if let Some(entry) = cache {
         // SAFETY: this CPU's slot; nothing else writes it while the program runs.
         let cached = unsafe { *entry };
-        if cached.checked_ns != 0
+        if cached.checked_jiffies != 0
             && cached.dst_ip_be == dst_ip_be
             && cached.ingress_ifindex == ingress_ifindex
-            && now.wrapping_sub(cached.checked_ns) < ROUTE_CACHE_TTL_NS
+            && now.wrapping_sub(cached.checked_jiffies) < ROUTE_CACHE_TTL_JIFFIES
         {
             let rc = if cached.rc == BPF_FIB_LKUP_RET_SUCCESS && tot_len > cached.mtu {
                 BPF_FIB_LKUP_RET_FRAG_NEEDED
@@ -165,6 +178,8 @@ pub fn fib_lookup_cached(
                 smac: cached.smac,
                 dmac: cached.dmac,
                 mtu: cached.mtu,
+                via_tc: cached.via_tc != 0,
+                redirect: cached.redirect != 0,
             };
             return (rc, hop);
         }
@@ -173,6 +188,11 @@ pub fn fib_lookup_cached(
     // SAFETY: all-zero is a valid NextHop.
     let mut hop: NextHop = unsafe { core::mem::zeroed() };
     let rc = fib_lookup_uncached(ctx, &query, &mut hop);
+    if rc == BPF_FIB_LKUP_RET_SUCCESS {
+        // SAFETY: copied out at once.
+        hop.via_tc = unsafe { TX_VIA_TC.get(&hop.ifindex) }.is_some();
+        hop.redirect = TX_PORTS.get(hop.ifindex).is_some();
+    }
     // A kernel that did not report the MTU left the length in its place: nothing to cache.
     let cacheable =
         rc == BPF_FIB_LKUP_RET_NOT_FWDED || (rc == BPF_FIB_LKUP_RET_SUCCESS && hop.mtu != tot_len);
@@ -180,7 +200,7 @@ pub fn fib_lookup_cached(
         && cacheable
     {
         let fresh = CachedRoute {
-            checked_ns: now,
+            checked_jiffies: now,
             dst_ip_be,
             ingress_ifindex,
             ifindex: hop.ifindex,
@@ -192,7 +212,8 @@ pub fn fib_lookup_cached(
             },
             smac: hop.smac,
             dmac: hop.dmac,
-            _pad: [0; 2],
+            via_tc: u8::from(hop.via_tc),
+            redirect: u8::from(hop.redirect),
         };
         // SAFETY: as above.
         unsafe { *entry = fresh };
@@ -237,7 +258,7 @@ pub fn decide(ctx: &XdpContext, pkt: &Packet, src_ip_be: u32, dst_ip_be: u32) ->
     }
     if hop.ifindex == ctx.ingress_ifindex() as u32 {
         Egress::Tx(hop)
-    } else if TX_PORTS.get(hop.ifindex).is_some() {
+    } else if hop.redirect {
         Egress::Redirect(hop)
     } else {
         Egress::Stack
@@ -335,12 +356,14 @@ pub fn to_backend(
 /// where those cannot deliver, through the TC ingress program (`xmit`).
 #[inline(always)]
 pub fn send(ctx: &XdpContext, egress: &Egress) -> u32 {
-    let out = match egress {
-        Egress::Tx(_) => ctx.ingress_ifindex() as u32,
-        Egress::Redirect(hop) => hop.ifindex,
+    // Out of `hop.ifindex`, which for XDP_TX is the interface the frame came in on.
+    let hop = match egress {
+        Egress::Tx(hop) | Egress::Redirect(hop) => hop,
         Egress::Stack => return xdp_action::XDP_PASS,
     };
-    if let Some(action) = xmit::through_tc(ctx, out) {
+    if hop.via_tc
+        && let Some(action) = xmit::through_tc(ctx, hop.ifindex)
+    {
         return action;
     }
     match egress {

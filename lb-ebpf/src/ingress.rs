@@ -5,7 +5,7 @@ use aya_ebpf::{
 };
 use lb_common::{
     Event, FLOW_SNAT, FlowKey, FlowValue, MacKey, PROTO_TCP, Reason, SCHEDULER_MAGLEV,
-    SERVICE_FAIL_OPEN, ServiceValue, SnatValue,
+    SERVICE_FAIL_OPEN, SERVICE_PORT_ANY, SERVICE_PORT_VIP, ServiceValue, SnatValue,
 };
 use network_types::eth::EthHdr;
 
@@ -18,12 +18,18 @@ use crate::{
     reply, select, snat, stats,
 };
 
-/// The service a packet is addressed to: first by its exact address (a VIP), then by port on
-/// any address (checked to be local before a new flow is created).
+/// The service a packet to a service port (`port`: its `SERVICE_PORTS` bits) is addressed to:
+/// first by its exact address (a VIP), then by port on any address (checked to be local
+/// before a new flow is created). Only the lookups the bits call for are made.
 #[inline(always)]
-fn lookup_service(pkt: &Packet) -> Option<(&'static ServiceValue, bool)> {
-    if let Some(service) = select::service(pkt.dst_ip_be, pkt.dst_port_be, pkt.proto) {
+fn lookup_service(pkt: &Packet, port: u64) -> Option<(&'static ServiceValue, bool)> {
+    if port & SERVICE_PORT_VIP != 0
+        && let Some(service) = select::service(pkt.dst_ip_be, pkt.dst_port_be, pkt.proto)
+    {
         return Some((service, false));
+    }
+    if port & SERVICE_PORT_ANY == 0 {
+        return None;
     }
     select::service(0, pkt.dst_port_be, pkt.proto).map(|service| (service, true))
 }
@@ -58,8 +64,10 @@ pub fn try_lb_xdp(ctx: &XdpContext) -> Result<(u32, Reason), Reason> {
         return decap::xdp_from_node(ctx, &pkt, mesh);
     }
     let key = conntrack::key_of(&pkt);
-    if let Some((service, any_address)) = lookup_service(&pkt) {
-        let outcome = to_service(ctx, &pkt, &key, service, any_address);
+    let port = select::service_port(pkt.proto, pkt.dst_port_be);
+    if port != 0
+        && let Some(outcome) = to_service_port(ctx, &pkt, &key, port)
+    {
         if let Some(fragment) = first_fragment {
             frag::remember_request(&fragment, &key, &outcome);
         }
@@ -74,16 +82,20 @@ pub fn try_lb_xdp(ctx: &XdpContext) -> Result<(u32, Reason), Reason> {
     }
 }
 
-/// A packet to a service port: an established flow, a reply that happens to come from a
-/// service port, or a new flow that picks its backend here.
+/// A packet to a service port (`port`: its `SERVICE_PORTS` bits): an established flow, a reply
+/// that happens to come from a service port, or a new flow that picks its backend here.
+/// `None`: no service is published at the packet's address after all.
+///
+/// The flow table is looked up before the service: an established flow's packet needs
+/// nothing from the service (its backend was chosen, and a removed service's backends are
+/// cleared, which makes its flows stale), so the most common packet costs one hash lookup.
 #[inline(always)]
-fn to_service(
+fn to_service_port(
     ctx: &XdpContext,
     pkt: &Packet,
     key: &FlowKey,
-    service: &ServiceValue,
-    any_address: bool,
-) -> Result<(u32, Reason), Reason> {
+    port: u64,
+) -> Option<Result<(u32, Reason), Reason>> {
     let orig = (pkt.dst_ip_be, pkt.dst_port_be);
     let (replace, event) = match conntrack::lookup(key, pkt.tcp_flags) {
         Lookup::Pinned { flow, was_idle } => match snat::of_flow(key, &flow) {
@@ -93,7 +105,7 @@ fn to_service(
             None if flow.flags & FLOW_SNAT != 0 => (true, Event::FlowReselected),
             snat => {
                 if !was_idle || conntrack::restore_reverse(key, &flow, orig, snat.as_ref()) {
-                    return to_backend(ctx, pkt, key, &flow, snat.as_ref(), false);
+                    return Some(to_backend(ctx, pkt, key, &flow, snat.as_ref(), false));
                 }
                 // Its port went to another flow while its reverse entry was evicted.
                 (true, Event::FlowReselected)
@@ -103,6 +115,30 @@ fn to_service(
         Lookup::Reused => (true, Event::FlowCreated),
         Lookup::Miss => (false, Event::FlowCreated),
     };
+    let (service, any_address) = lookup_service(pkt, port)?;
+    Some(to_service(
+        ctx,
+        pkt,
+        key,
+        service,
+        any_address,
+        (replace, event),
+    ))
+}
+
+/// A packet to `service` without a flow to follow: a reply that happens to come from a
+/// service port, or a new flow (`replace`: over a stale or ended entry; `event`: what it
+/// counts as) that picks its backend here.
+#[inline(always)]
+fn to_service(
+    ctx: &XdpContext,
+    pkt: &Packet,
+    key: &FlowKey,
+    service: &ServiceValue,
+    any_address: bool,
+    (replace, event): (bool, Event),
+) -> Result<(u32, Reason), Reason> {
+    let orig = (pkt.dst_ip_be, pkt.dst_port_be);
     // A backend's reply from a port that is also a service port; never a connection's first
     // SYN, for which the lookup (of a cold table slot) is skipped.
     if !pkt.is_tcp_syn()

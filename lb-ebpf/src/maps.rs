@@ -9,13 +9,19 @@ use lb_common::{
     Backend, BackendStats, Counter, DEFAULT_FLOW_CAPACITY, EVENT_COUNT, FlowKey, FlowValue,
     LocalBackendKey, MAX_BACKENDS, MAX_HOST_ADDRS, MAX_HOST_MACS, MAX_NODES, MAX_ONLINK_SUBNETS,
     MAX_SERVICES, MacKey, MaglevTable, MeshConfig, REASON_COUNT, ReverseValue, RrCursor,
-    SNAT_FLOW_CAPACITY, SOCK_FLOW_CAPACITY, ServiceKey, ServiceValue, SnatValue, SockFlow, SockKey,
-    SocketLbConfig, TunnelValue,
+    SERVICE_PORT_WORDS, SNAT_FLOW_CAPACITY, SOCK_FLOW_CAPACITY, ServiceKey, ServiceValue,
+    SnatValue, SockFlow, SockKey, SocketLbConfig, TunnelValue,
 };
 
 /// Published services: (VIP or 0 for every local address, protocol, port) → id and backend list.
 #[map]
 pub static SERVICES: HashMap<ServiceKey, ServiceValue> = HashMap::with_max_entries(MAX_SERVICES, 0);
+
+/// Which (protocol, port) pairs have a service, two bits each (`lb_common::service_port_slot`),
+/// written by userspace with `SERVICES`: most packets are not for a service, and an array
+/// lookup, which the verifier inlines, spares them the hash lookups of `SERVICES`.
+#[map]
+pub static SERVICE_PORTS: Array<u64> = Array::with_max_entries(SERVICE_PORT_WORDS, 0);
 
 /// Backends by id: address, port and whether they may still receive packets.
 #[map]
@@ -158,14 +164,15 @@ pub static ROUTE_CACHE: PerCpuArray<CachedRoute> =
 pub const ROUTE_CACHE_SLOTS: u32 = 1 << ROUTE_CACHE_BITS;
 pub const ROUTE_CACHE_BITS: u32 = 10;
 
-/// A FIB answer this CPU got for `dst_ip_be`, arriving on `ingress_ifindex`, at `checked_ns`
-/// (coarse monotonic clock; 0: empty slot). Only answers that do not depend on the packet are
+/// A FIB answer this CPU got for `dst_ip_be`, arriving on `ingress_ifindex`, at
+/// `checked_jiffies` (the kernel's tick count; 0: empty slot). Only answers that do not depend on the packet are
 /// kept: a forward (with its egress MTU, so the length check still applies to every packet)
-/// and "local address".
+/// and "local address". With a forward, how XDP sends to its interface: `via_tc` (1: in
+/// `TX_VIA_TC`) and `redirect` (1: in `TX_PORTS`), each a hash lookup spared.
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub struct CachedRoute {
-    pub checked_ns: u64,
+    pub checked_jiffies: u64,
     pub dst_ip_be: u32,
     pub ingress_ifindex: u32,
     pub ifindex: u32,
@@ -174,7 +181,8 @@ pub struct CachedRoute {
     pub mtu: u16,
     pub smac: [u8; 6],
     pub dmac: [u8; 6],
-    pub _pad: [u8; 2],
+    pub via_tc: u8,
+    pub redirect: u8,
 }
 const _: () = assert!(core::mem::size_of::<CachedRoute>() == 40);
 

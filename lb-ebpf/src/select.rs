@@ -3,11 +3,23 @@
 use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
 use lb_common::{
-    BACKEND_ACTIVE, Backend, FlowKey, MAGLEV_TABLE_SIZE, MAX_BACKENDS_PER_SERVICE, ServiceKey,
-    ServiceValue, flow_hash,
+    BACKEND_ACTIVE, Backend, FlowKey, MAGLEV_TABLE_SIZE, MAX_BACKENDS_PER_SERVICE,
+    SERVICE_PORT_ANY, SERVICE_PORT_VIP, ServiceKey, ServiceValue, flow_hash, service_port_slot,
 };
 
-use crate::maps::{BACKENDS, MAGLEV, RR_CURSORS, SERVICES};
+use crate::maps::{BACKENDS, MAGLEV, RR_CURSORS, SERVICE_PORTS, SERVICES};
+
+/// The `SERVICE_PORTS` bits of `proto` and `port_be` (`SERVICE_PORT_VIP`, `SERVICE_PORT_ANY`):
+/// 0 when no service listens there.
+#[inline(always)]
+pub fn service_port(proto: u8, port_be: u16) -> u64 {
+    let Some((word, shift)) = service_port_slot(proto, port_be) else {
+        return 0;
+    };
+    SERVICE_PORTS.get(word).map_or(0, |bits| {
+        (*bits >> shift) & (SERVICE_PORT_VIP | SERVICE_PORT_ANY)
+    })
+}
 
 /// The service published on `vip_be` (0: on every local address), `port_be` and `proto`.
 #[inline(always)]

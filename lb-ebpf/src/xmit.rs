@@ -28,7 +28,8 @@ const NOTE_LEN: usize = core::mem::size_of::<XmitNote>();
 
 /// When frames for `ifindex` must leave through TC: readies the hand-over and returns
 /// `XDP_PASS`. `None`: XDP sends the frame itself (or the metadata could not be made, which
-/// only a driver without metadata support refuses).
+/// only a driver without metadata support refuses). Called only for an interface the route
+/// cache found in `TX_VIA_TC` (`NextHop::via_tc`), so that XDP's own sends skip the lookup.
 #[inline(always)]
 pub fn through_tc(ctx: &XdpContext, ifindex: u32) -> Option<u32> {
     // SAFETY: copied out at once.

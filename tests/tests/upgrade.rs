@@ -329,13 +329,16 @@ fn maps_an_older_lbctl_pinned_with_fewer_entries_or_a_shorter_value_are_migrated
     }
     pin_in_place_of(&dir.join(map_names::REASON_STATS), older_reasons.map());
     pin_in_place_of(&dir.join(map_names::BACKEND_STATS), older_backends.map());
+    // And it had no SERVICE_PORTS: without it filled, no packet would find a service.
+    std::fs::remove_file(dir.join(map_names::SERVICE_PORTS)).unwrap();
 
     let out = lbctl.run(&["upgrade"]).unwrap();
     let reason_entries = format!("{} → {REASON_COUNT} entries", REASON_COUNT - 2);
-    // Every map but the two migrated ones.
-    let kept = format!("{} kept as they were", map_names::ALL.len() - 2);
+    // Every map but the two migrated ones and the created one.
+    let kept = format!("{} kept as they were", map_names::ALL.len() - 3);
     for expected in [
         kept.as_str(),
+        "created SERVICE_PORTS",
         "migrated BACKEND_STATS (value 32 → 40 B",
         &reason_entries,
     ] {

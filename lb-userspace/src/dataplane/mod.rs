@@ -82,6 +82,7 @@ pub fn load_pinned(pins: &[(&str, PathBuf)], flow_capacity: u32) -> Result<Ebpf>
 /// Typed handles on the maps userspace reads and writes.
 pub struct Maps {
     pub services: HashMap<MapData, ServiceKey, ServiceValue>,
+    pub service_ports: Array<MapData, u64>,
     pub backends: Array<MapData, Backend>,
     pub rr_cursors: Array<MapData, RrCursor>,
     pub flows: HashMap<MapData, FlowKey, FlowValue>,
@@ -175,6 +176,7 @@ impl Maps {
     fn from_maps(mut get: impl FnMut(&str) -> Result<Map>) -> Result<Self> {
         Ok(Self {
             services: get(map_names::SERVICES)?.try_into()?,
+            service_ports: get(map_names::SERVICE_PORTS)?.try_into()?,
             backends: get(map_names::BACKENDS)?.try_into()?,
             rr_cursors: get(map_names::RR_CURSORS)?.try_into()?,
             flows: get(map_names::FLOWS)?.try_into()?,
@@ -305,6 +307,12 @@ impl Maps {
             contents.services.insert(key, value);
         })
         .context("reading SERVICES")?;
+        for_each_entry(self.service_ports.map(), |word: u32, bits: u64| {
+            if bits != 0 {
+                contents.service_ports.insert(word, bits);
+            }
+        })
+        .context("reading SERVICE_PORTS")?;
         for_each_entry(self.local_backends.map(), |key, _: u32| {
             contents.local_backends.insert(key);
         })
@@ -361,6 +369,11 @@ impl Maps {
             self.services
                 .insert(key, value, 0)
                 .context("writing a service")?;
+        }
+        for (word, bits) in &delta.service_ports_to_write {
+            self.service_ports
+                .set(*word, bits, 0)
+                .with_context(|| format!("writing word {word} of SERVICE_PORTS"))?;
         }
         for key in &delta.services_to_delete {
             self.services.remove(key).context("deleting a service")?;

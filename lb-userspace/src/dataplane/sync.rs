@@ -4,7 +4,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use lb_common::{
     BACKEND_ACTIVE, Backend, LocalBackendKey, MAX_BACKENDS_PER_SERVICE, MaglevTable, MeshConfig,
-    SERVICE_FAIL_OPEN, ServiceKey, ServiceValue,
+    SERVICE_FAIL_OPEN, ServiceKey, ServiceValue, service_port_bit, service_port_slot,
 };
 
 use crate::{
@@ -12,8 +12,8 @@ use crate::{
     table::{self, Scheduler, Service, Table},
 };
 
-/// What `MESH`, `NODES`, `SERVICES`, `BACKENDS`, `MAGLEV` and `LOCAL_BACKENDS` should hold
-/// (active backends only).
+/// What `MESH`, `NODES`, `SERVICES`, `SERVICE_PORTS`, `BACKENDS`, `MAGLEV` and
+/// `LOCAL_BACKENDS` should hold (active backends only).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct MapContents {
     /// `MESH[0]`.
@@ -21,6 +21,8 @@ pub struct MapContents {
     /// Underlay addresses (network byte order) of every node but this one.
     pub nodes: BTreeSet<u32>,
     pub services: BTreeMap<ServiceKey, ServiceValue>,
+    /// The non-zero words of `SERVICE_PORTS` by index: the ports of `services`.
+    pub service_ports: BTreeMap<u32, u64>,
     pub backends: BTreeMap<u32, Backend>,
     /// The lookup table of every maglev service that has a backend to choose, by service id.
     pub maglev: BTreeMap<u32, Box<MaglevTable>>,
@@ -125,7 +127,19 @@ pub fn desired(table: &Table, self_node: Option<&str>) -> MapContents {
         }
         contents.services.insert(service_key(service), value);
     }
+    contents.service_ports = service_ports(contents.services.keys());
     contents
+}
+
+/// The non-zero words of `SERVICE_PORTS` that publish the services of `keys`.
+pub fn service_ports<'a>(keys: impl Iterator<Item = &'a ServiceKey>) -> BTreeMap<u32, u64> {
+    let mut words = BTreeMap::new();
+    for key in keys {
+        let (word, shift) =
+            service_port_slot(key.proto, key.port_be).expect("services are TCP or UDP");
+        *words.entry(word).or_default() |= service_port_bit(key) << shift;
+    }
+    words
 }
 
 /// The round-robin order of a service's selectable backends: each backend's id as many times
@@ -204,11 +218,14 @@ fn gcd(a: u32, b: u32) -> u32 {
 /// 4. `maglev_to_write` (the tables name active backends only, and a service that becomes a
 ///    maglev service finds its table);
 /// 5. `services_to_write` (new round-robin cursors start at 0 for `new_service_ids`);
-/// 6. `services_to_delete`;
-/// 7. `maglev_to_delete` (tables no service reads any more);
-/// 8. `backends_to_clear` (deactivated after the services stop listing them: flows pinned to
+/// 6. `service_ports_to_write` (a port's bit is set once its service is there to be found,
+///    and cleared before the service goes: a bit without its service, or a service without
+///    its bit, both mean "no service here");
+/// 7. `services_to_delete`;
+/// 8. `maglev_to_delete` (tables no service reads any more);
+/// 9. `backends_to_clear` (deactivated after the services stop listing them: flows pinned to
 ///    them then choose again);
-/// 9. `local_backends_to_remove`, then `nodes_to_remove` (last: once no backend sends there).
+/// 10. `local_backends_to_remove`, then `nodes_to_remove` (last: once no backend sends there).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Delta {
     pub mesh: Option<MeshConfig>,
@@ -220,6 +237,8 @@ pub struct Delta {
     pub maglev_to_write: Vec<(u32, Box<MaglevTable>)>,
     pub services_to_write: Vec<(ServiceKey, ServiceValue)>,
     pub new_service_ids: Vec<u32>,
+    /// Words of `SERVICE_PORTS` by index, with their new value (0 for a word no longer used).
+    pub service_ports_to_write: Vec<(u32, u64)>,
     pub services_to_delete: Vec<ServiceKey>,
     pub maglev_to_delete: Vec<u32>,
     pub backends_to_clear: Vec<u32>,
@@ -236,6 +255,7 @@ impl Delta {
             + self.backends_to_write.len()
             + self.maglev_to_write.len()
             + self.services_to_write.len()
+            + self.service_ports_to_write.len()
             + self.services_to_delete.len()
             + self.maglev_to_delete.len()
             + self.backends_to_clear.len()
@@ -294,6 +314,16 @@ pub fn delta(desired: &MapContents, actual: &MapContents) -> Delta {
             delta.new_service_ids.push(value.service_id);
         }
     }
+    for (word, bits) in &desired.service_ports {
+        if actual.service_ports.get(word) != Some(bits) {
+            delta.service_ports_to_write.push((*word, *bits));
+        }
+    }
+    for word in actual.service_ports.keys() {
+        if !desired.service_ports.contains_key(word) {
+            delta.service_ports_to_write.push((*word, 0));
+        }
+    }
     delta.services_to_delete = actual
         .services
         .keys()
@@ -325,6 +355,8 @@ mod tests {
     use super::*;
     const MAGLEV_SIZE: usize = lb_common::MAGLEV_TABLE_SIZE as usize;
     use crate::table::{Proto, parse_backend, parse_backend_spec, parse_weighted_backend_spec};
+    use lb_common::{PROTO_TCP, PROTO_UDP, SERVICE_PORT_ANY, SERVICE_PORT_VIP};
+    use std::net::Ipv4Addr;
 
     /// A table of services whose backends are `IP:PORT` or `IP:PORT@NODE`.
     fn table(services: &[(&str, u16, &[&str])]) -> Table {
@@ -368,6 +400,52 @@ mod tests {
 
     fn node_ips(contents: &MapContents) -> Vec<u32> {
         (0..3).map(|id| contents.backends[&id].node_ip_be).collect()
+    }
+
+    #[test]
+    fn service_ports_follow_the_services_and_clear_what_they_no_longer_use() {
+        let mut both = table(&[("web", 8080, &["10.0.0.6:80"])]);
+        let vip = Some(Ipv4Addr::new(10, 9, 0, 1));
+        both.add_service(
+            "dns",
+            Proto::Udp,
+            8080,
+            vip,
+            &[parse_backend_spec("10.0.0.7:53").unwrap()],
+        )
+        .unwrap();
+        both.add_service(
+            "api",
+            Proto::Tcp,
+            8081,
+            vip,
+            &[parse_backend_spec("10.0.0.8:80").unwrap()],
+        )
+        .unwrap();
+        let contents = desired(&both, None);
+        let bits = |proto, port: u16| {
+            let (word, shift) = service_port_slot(proto, port.to_be()).unwrap();
+            contents
+                .service_ports
+                .get(&word)
+                .map_or(0, |w| w >> shift & 3)
+        };
+        assert_eq!(bits(PROTO_TCP, 8080), SERVICE_PORT_ANY);
+        assert_eq!(bits(PROTO_UDP, 8080), SERVICE_PORT_VIP);
+        assert_eq!(bits(PROTO_TCP, 8081), SERVICE_PORT_VIP);
+        assert_eq!(bits(PROTO_TCP, 8082) | bits(PROTO_UDP, 8081), 0);
+        // 8080/tcp and 8081/tcp share a word, 8080/udp has its own.
+        assert_eq!(contents.service_ports.len(), 2);
+
+        let web_only = desired(&table(&[("web", 8080, &["10.0.0.6:80"])]), None);
+        let delta = delta(&web_only, &contents);
+        let (tcp_word, _) = service_port_slot(PROTO_TCP, 8080u16.to_be()).unwrap();
+        let (udp_word, _) = service_port_slot(PROTO_UDP, 8080u16.to_be()).unwrap();
+        assert_eq!(
+            delta.service_ports_to_write,
+            [(tcp_word, web_only.service_ports[&tcp_word]), (udp_word, 0)]
+        );
+        assert_eq!(delta.services_to_delete.len(), 2);
     }
 
     #[test]
@@ -654,10 +732,11 @@ mod tests {
     fn an_applied_mesh_yields_no_writes() {
         let want = desired(&web_on_two_nodes(), Some("n2"));
         assert!(delta(&want, &want).is_empty());
-        // The mesh, n1, three backends, the service, and the two backends n2 routes itself.
+        // The mesh, n1, three backends, the service and its port, and the two backends n2
+        // routes itself.
         assert_eq!(
             delta(&want, &MapContents::default()).writes(),
-            1 + 1 + 3 + 1 + 2
+            1 + 1 + 3 + 1 + 1 + 2
         );
     }
 
