@@ -251,6 +251,7 @@ fn main() -> Result<()> {
     let report = Report::new(opts.smoke, measurements);
     report.print();
     report.write(&opts.out)?;
+    report.check_targets()?;
     println!(
         "lbbench: {} measurements in {:.1}s; report in {}",
         report.measurements.len(),

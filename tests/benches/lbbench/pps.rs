@@ -37,8 +37,9 @@ use lb_tests::netns::{self, NetNs, format_mac};
 use crate::Options;
 use crate::live::{self, PAYLOAD, on_one_cpu};
 use crate::report::Measurement;
+use crate::report::names::{self, NODE_WORK, PIPELINE};
 
-const SECTION: &str = "pps";
+const SECTION: &str = names::PPS;
 const UPLINK: &str = "uplink";
 const GEN: &str = "gen0";
 const NODE_IP: Ipv4Addr = Ipv4Addr::new(10, 78, 0, 1);
@@ -521,7 +522,7 @@ pub fn run(opts: &Options) -> Result<Vec<Measurement>> {
         let name = format!("{}, {}", path.name(), flows.name());
         let total = best(case);
         out.push(Measurement::new(
-            SECTION, &name, "pipeline", total, "ns/frame",
+            SECTION, &name, PIPELINE, total, "ns/frame",
         ));
         if path == Path::Floor {
             println!(
@@ -536,11 +537,7 @@ pub fn run(opts: &Options) -> Result<Vec<Measurement>> {
             1e3 / node_work
         );
         out.push(Measurement::new(
-            SECTION,
-            &name,
-            "node work",
-            node_work,
-            "ns/frame",
+            SECTION, &name, NODE_WORK, node_work, "ns/frame",
         ));
         out.push(Measurement::new(
             SECTION,
@@ -560,20 +557,20 @@ pub fn run(opts: &Options) -> Result<Vec<Measurement>> {
             let ratio = work((kernel, flows)) / work((lbctl, flows));
             let name = format!("{} / {}, {}", kernel.name(), lbctl.name(), flows.name());
             println!("  {name:<80} {ratio:5.2}x");
-            out.push(Measurement::new(SECTION, name, "node work", ratio, "x"));
+            out.push(Measurement::new(SECTION, name, NODE_WORK, ratio, "x"));
         }
         for lbctl in [Path::LbctlLocal, Path::LbctlEncap, Path::LbctlDecap] {
             let ratio = work((lbctl, flows)) / bounce;
             let name = format!("{} / bounce, {}", lbctl.name(), flows.name());
             println!("  {name:<80} {ratio:5.2}x");
-            out.push(Measurement::new(SECTION, name, "node work", ratio, "x"));
+            out.push(Measurement::new(SECTION, name, NODE_WORK, ratio, "x"));
         }
     }
     for lbctl in [Path::LbctlLocal, Path::LbctlEncap, Path::LbctlDecap] {
         let ratio = work((lbctl, Flows::Many)) / work((lbctl, Flows::One));
         let name = format!("{}: 64k flows / 1 flow", lbctl.name());
         println!("  {name:<80} {ratio:5.2}x");
-        out.push(Measurement::new(SECTION, name, "node work", ratio, "x"));
+        out.push(Measurement::new(SECTION, name, NODE_WORK, ratio, "x"));
     }
     Ok(out)
 }

@@ -76,6 +76,16 @@ pub mod names {
     /// The packet section's measure: each packet run once (see packet.rs).
     pub const PER_PACKET: &str = "per packet";
 
+    pub const PPS: &str = "pps";
+    /// The pps section's cases (`pps::Path::name`, flows) and variants.
+    pub const PPS_BOUNCE: &str = "bare XDP_TX bounce, 1 flow";
+    pub const PPS_LOCAL_ONE: &str = "lbctl, backend on the node's link, 1 flow";
+    pub const PPS_LOCAL_MANY: &str = "lbctl, backend on the node's link, 64k flows";
+    pub const PPS_ENCAP_ONE: &str = "lbctl, ingress: DNAT + VXLAN encap, 1 flow";
+    pub const PPS_ENCAP_MANY: &str = "lbctl, ingress: DNAT + VXLAN encap, 64k flows";
+    pub const NODE_WORK: &str = "node work";
+    pub const PIPELINE: &str = "pipeline";
+
     pub const LBCTL: &str = "lbctl";
     pub const NFTABLES: &str = "nftables";
     pub const NEW_CONNECTIONS: &str = "new connections";
@@ -86,18 +96,18 @@ const TARGETS: &[TargetSpec] = {
     use names::*;
     &[
         TargetSpec {
-            name: "established flow within 5x the XDP_PASS floor",
+            name: "established flow within 4x the XDP_PASS floor",
             numerator: (PACKET, ESTABLISHED, PER_PACKET),
             denominator: (PACKET, FLOOR, PER_PACKET),
             at_most: true,
-            bound: 5.0,
+            bound: 4.0,
         },
         TargetSpec {
-            name: "new flow within 12x the XDP_PASS floor",
+            name: "new flow within 10x the XDP_PASS floor",
             numerator: (PACKET, NEW_FLOW, PER_PACKET),
             denominator: (PACKET, FLOOR, PER_PACKET),
             at_most: true,
-            bound: 12.0,
+            bound: 10.0,
         },
         TargetSpec {
             name: "established flow at 1M flows within 1.5x 1k (1,024 active)",
@@ -107,11 +117,46 @@ const TARGETS: &[TargetSpec] = {
             bound: 1.5,
         },
         TargetSpec {
-            name: "established flow at 1M flows within 1.5x 1k (all active)",
+            name: "established flow at 1M flows within 3x 1k (all active)",
             numerator: (PACKET_FLOWS, ESTABLISHED_ALL_ACTIVE, "1M flows"),
             denominator: (PACKET_FLOWS, ESTABLISHED_ALL_ACTIVE, "1k flows"),
             at_most: true,
-            bound: 1.5,
+            bound: 3.0,
+        },
+        TargetSpec {
+            name: "pps: lbctl local node work within 2x the XDP_TX bounce's",
+            numerator: (PPS, PPS_LOCAL_ONE, NODE_WORK),
+            denominator: (PPS, PPS_BOUNCE, NODE_WORK),
+            at_most: true,
+            bound: 2.0,
+        },
+        TargetSpec {
+            name: "pps: lbctl mesh ingress node work within 2x the bounce's",
+            numerator: (PPS, PPS_ENCAP_ONE, NODE_WORK),
+            denominator: (PPS, PPS_BOUNCE, NODE_WORK),
+            at_most: true,
+            bound: 2.0,
+        },
+        TargetSpec {
+            name: "pps: lbctl local at 75% of the bounce's frames/s or more",
+            numerator: (PPS, PPS_BOUNCE, PIPELINE),
+            denominator: (PPS, PPS_LOCAL_ONE, PIPELINE),
+            at_most: false,
+            bound: 0.75,
+        },
+        TargetSpec {
+            name: "pps: lbctl local, 64k flows within 1.3x one flow",
+            numerator: (PPS, PPS_LOCAL_MANY, NODE_WORK),
+            denominator: (PPS, PPS_LOCAL_ONE, NODE_WORK),
+            at_most: true,
+            bound: 1.3,
+        },
+        TargetSpec {
+            name: "pps: lbctl mesh ingress, 64k flows within 1.3x one flow",
+            numerator: (PPS, PPS_ENCAP_MANY, NODE_WORK),
+            denominator: (PPS, PPS_ENCAP_ONE, NODE_WORK),
+            at_most: true,
+            bound: 1.3,
         },
         TargetSpec {
             name: "at least 2x nftables' new connections per second",
@@ -157,6 +202,27 @@ impl Machine {
 }
 
 impl Report {
+    /// Fails when a section ran but a number a target reads is not among its measurements: a
+    /// case renamed in a section and not in `names` would otherwise leave its target "not
+    /// measured" for good.
+    pub fn check_targets(&self) -> Result<()> {
+        let ran = |section: &str| self.measurements.iter().any(|m| m.section == section);
+        for spec in TARGETS {
+            for wanted in [spec.numerator, spec.denominator] {
+                if ran(wanted.0) && find(&self.measurements, wanted).is_none() {
+                    anyhow::bail!(
+                        "target {:?}: section {} ran but measured no {:?} ({})",
+                        spec.name,
+                        wanted.0,
+                        wanted.1,
+                        wanted.2
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+
     pub fn new(smoke: bool, measurements: Vec<Measurement>) -> Report {
         let targets = TARGETS
             .iter()
