@@ -21,19 +21,15 @@ use crate::{
 
 pub const EEXIST: i32 = 17;
 
-/// A packet's flow key. Built on a zeroed key: LLVM zeroes the 16 aligned bytes with two
-/// stores, where the 3-byte padding alone costs a call to `memset` (a BPF-to-BPF call, whose
-/// return is dear on CPUs with return-stack mitigations).
 #[inline(always)]
 pub fn key_of(pkt: &Packet) -> FlowKey {
-    // SAFETY: FlowKey is plain integers; all-zero is a valid value.
-    let mut key: FlowKey = unsafe { core::mem::zeroed() };
-    key.src_ip_be = pkt.src_ip_be;
-    key.dst_ip_be = pkt.dst_ip_be;
-    key.src_port_be = pkt.src_port_be;
-    key.dst_port_be = pkt.dst_port_be;
-    key.proto = pkt.proto;
-    key
+    FlowKey::new(
+        pkt.src_ip_be,
+        pkt.dst_ip_be,
+        pkt.src_port_be,
+        pkt.dst_port_be,
+        pkt.proto,
+    )
 }
 
 /// How a flow stands in the table.
@@ -187,14 +183,13 @@ pub fn note_reply(pkt: &Packet, reverse: &ReverseValue) {
         return;
     }
     let (client_ip_be, client_port_be) = client_of(pkt, reverse);
-    let key = FlowKey {
-        src_ip_be: client_ip_be,
-        dst_ip_be: reverse.orig_ip_be,
-        src_port_be: client_port_be,
-        dst_port_be: reverse.orig_port_be,
-        proto: pkt.proto,
-        _pad: [0; 3],
-    };
+    let key = FlowKey::new(
+        client_ip_be,
+        reverse.orig_ip_be,
+        client_port_be,
+        reverse.orig_port_be,
+        pkt.proto,
+    );
     if let Some(entry) = FLOWS.get_ptr_mut(&key) {
         // SAFETY: a live map value, read for its flags.
         let flags = unsafe { (*entry).flags };

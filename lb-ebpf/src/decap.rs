@@ -151,14 +151,13 @@ pub fn is_local_backend(inner: &Packet) -> bool {
 /// a changed ingress node also removes that entry; `conntrack::record` does the converse.
 #[inline(always)]
 pub fn remember_ingress_node(key: &FlowKey, node_ip_be: u32) {
-    let reply_key = FlowKey {
-        src_ip_be: key.dst_ip_be,
-        dst_ip_be: key.src_ip_be,
-        src_port_be: key.dst_port_be,
-        dst_port_be: key.src_port_be,
-        proto: key.proto,
-        _pad: [0; 3],
-    };
+    let reply_key = FlowKey::new(
+        key.dst_ip_be,
+        key.src_ip_be,
+        key.dst_port_be,
+        key.src_port_be,
+        key.proto,
+    );
     // SAFETY: copied out at once.
     let known = unsafe { TUNNEL_REPLIES.get(&reply_key) }.map(|tunnel| tunnel.node_ip_be);
     if known != Some(node_ip_be) {

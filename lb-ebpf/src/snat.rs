@@ -155,14 +155,13 @@ fn held_by_live_flow(reply_key: &FlowKey) -> bool {
         // Not a hairpin flow's: a client with this node's address, which is never given away.
         return true;
     }
-    let flow_key = FlowKey {
-        src_ip_be: reverse.client_ip_be,
-        dst_ip_be: reverse.orig_ip_be,
-        src_port_be: reverse.client_port_be,
-        dst_port_be: reverse.orig_port_be,
-        proto: reply_key.proto,
-        _pad: [0; 3],
-    };
+    let flow_key = FlowKey::new(
+        reverse.client_ip_be,
+        reverse.orig_ip_be,
+        reverse.client_port_be,
+        reverse.orig_port_be,
+        reply_key.proto,
+    );
     // SAFETY: copied out at once.
     let Some(flow) = (unsafe { FLOWS.get(&flow_key) }).copied() else {
         return false;

@@ -218,14 +218,13 @@ fn service_of(asked: &SockKey) -> Option<&'static ServiceValue> {
 #[inline(always)]
 fn choose(service: &ServiceValue, key: &SockKey) -> Option<SockFlow> {
     let (backend_id, backend) = if service.scheduler == SCHEDULER_MAGLEV {
-        let flow = FlowKey {
-            src_ip_be: key.cookie as u32,
-            dst_ip_be: key.ip_be,
-            src_port_be: (key.cookie >> 32) as u16,
-            dst_port_be: key.port_be,
-            proto: key.proto,
-            _pad: [0; 3],
-        };
+        let flow = FlowKey::new(
+            key.cookie as u32,
+            key.ip_be,
+            (key.cookie >> 32) as u16,
+            key.port_be,
+            key.proto,
+        );
         select::maglev(service, &flow)?
     } else {
         select::round_robin(service)?
