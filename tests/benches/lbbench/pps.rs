@@ -17,6 +17,10 @@
 //! - lbctl on the task's node, decapsulating a mesh packet for a task it hosts;
 //! - the kernel: nftables `numgen inc` DNAT and forwarding (kube-proxy's nftables mode), and
 //!   the same DNAT into the kernel's `vxlan` device for a task on another node;
+//! - a backend behind a bridge on the node (a container on `docker0`), in its own namespace:
+//!   lbctl DNATs in XDP and hands the packet to the kernel, which routes it into the bridge
+//!   (`forward_stack`), against nftables DNAT and the same forwarding. The sink is an XDP
+//!   program on the backend's own interface, which drops what reaches it;
 //! - the Swarm routing mesh without IPVS (this kernel has none): DNAT to an ingress sandbox
 //!   namespace behind a bridge (`docker_gwbridge`), DNAT there to the task and masquerade,
 //!   then the sandbox's `vxlan` device (created in the node's namespace, as Docker does). Swarm
@@ -49,6 +53,12 @@ const PEER_NODE_IP: Ipv4Addr = Ipv4Addr::new(10, 78, 0, 3);
 const LOCAL_GATEWAY: Ipv4Addr = Ipv4Addr::new(10, 78, 1, 1);
 /// The backend on the node's other subnet (the local paths, and the decapsulated one).
 const LOCAL_BACKEND: Ipv4Addr = Ipv4Addr::new(10, 78, 1, 10);
+/// The bridge on the node with the backend behind it, in namespace `ppsback` (interface
+/// `eth0`, port `vback` on the bridge).
+const BRIDGE: &str = "brtasks";
+const BRIDGE_ADDR: &str = "10.78.2.1/24";
+const BRIDGED_BACKEND: Ipv4Addr = Ipv4Addr::new(10, 78, 2, 10);
+const BRIDGED_IFACE: &str = "eth0";
 /// The task on the other node, in the overlay subnet.
 const TASK_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 9, 5);
 const TASK_MAC: [u8; 6] = [0x02, 0, 10, 0, 9, 5];
@@ -84,10 +94,12 @@ enum Path {
     NftLocal,
     NftVxlan,
     SwarmIngress,
+    LbctlBridge,
+    NftBridge,
 }
 
 impl Path {
-    const ALL: [Path; 8] = [
+    const ALL: [Path; 10] = [
         Path::Floor,
         Path::Bounce,
         Path::LbctlLocal,
@@ -96,6 +108,8 @@ impl Path {
         Path::NftLocal,
         Path::NftVxlan,
         Path::SwarmIngress,
+        Path::LbctlBridge,
+        Path::NftBridge,
     ];
 
     fn name(self) -> &'static str {
@@ -108,6 +122,8 @@ impl Path {
             Path::NftLocal => "nftables numgen DNAT + forward",
             Path::NftVxlan => "nftables DNAT + kernel vxlan",
             Path::SwarmIngress => "Swarm mesh: sandbox DNAT+SNAT, vxlan",
+            Path::LbctlBridge => "lbctl, backend behind a bridge (stack)",
+            Path::NftBridge => "nftables DNAT, backend behind a bridge",
         }
     }
 
@@ -122,6 +138,8 @@ impl Path {
             Path::NftLocal => Some(5320),
             Path::NftVxlan => Some(5330),
             Path::SwarmIngress => Some(5340),
+            Path::LbctlBridge => Some(5350),
+            Path::NftBridge => Some(5360),
         }
     }
 
@@ -131,6 +149,7 @@ impl Path {
             Path::LbctlLocal => Some("forward_tx"),
             Path::LbctlEncap => Some("forward_encap_tx"),
             Path::LbctlDecap => Some("decap_tx"),
+            Path::LbctlBridge => Some("forward_stack"),
             _ => None,
         }
     }
@@ -138,6 +157,11 @@ impl Path {
     /// Whether many flows mean anything on it (the floor and the bounce keep no state).
     fn has_flows(self) -> bool {
         !matches!(self, Path::Floor | Path::Bounce)
+    }
+
+    /// Whether its frames end at the bridged backend's sink rather than the generator's.
+    fn bridged(self) -> bool {
+        matches!(self, Path::LbctlBridge | Path::NftBridge)
     }
 }
 
@@ -163,10 +187,11 @@ struct Rig {
     lbctl: Lbctl,
     /// Generators by case, with the length of the frame each writes.
     generators: Vec<(Case, OwnedFd, usize)>,
-    _sink: OwnedFd,
+    _sinks: [OwnedFd; 2],
     node: NetNs,
     gen_ns: NetNs,
     _sandbox: NetNs,
+    backend: NetNs,
 }
 
 /// `ethernet / IPv4 src → dst / UDP sport → dport / payload`, its UDP checksum 0 (none).
@@ -245,7 +270,8 @@ impl Rig {
         let gen_ns = NetNs::new("ppsgen")?;
         let node = NetNs::new("ppsnode")?;
         let sandbox = NetNs::new("ppssbox")?;
-        live::quiet(&[&gen_ns, &node, &sandbox])?;
+        let backend = NetNs::new("ppsback")?;
+        live::quiet(&[&gen_ns, &node, &sandbox, &backend])?;
         netns::veth(&gen_ns, GEN, &node, UPLINK)?;
         for addr in [format!("{NODE_IP}/24"), format!("{LOCAL_GATEWAY}/24")] {
             node.ip(["addr", "add", &addr, "dev", UPLINK])?;
@@ -261,7 +287,11 @@ impl Rig {
             gen_mac,
         )?;
         Rig::kernel_paths(&node, &sandbox).context("the kernel's paths")?;
-        let sink = gen_ns.attach_xdp_action(GEN, XDP_DROP)?;
+        Rig::bridged_backend(&node, &backend).context("the bridged backend")?;
+        let sinks = [
+            gen_ns.attach_xdp_action(GEN, XDP_DROP)?,
+            backend.attach_xdp_action(BRIDGED_IFACE, XDP_DROP)?,
+        ];
         let uplink_mac = node.mac(UPLINK)?;
         let gen_index = gen_ns.in_netns(|| netns::if_index(GEN))?;
         let mut generators = Vec::new();
@@ -297,6 +327,11 @@ impl Rig {
                 Path::LbctlEncap,
                 format!("{TASK_IP}:{BACKEND_PORT}@n2"),
             ),
+            (
+                "bridged",
+                Path::LbctlBridge,
+                format!("{BRIDGED_BACKEND}:{BACKEND_PORT}"),
+            ),
         ] {
             let port = path.port().expect("a service port").to_string();
             lbctl.run(&["service", "add", name, &port, &backend, "--proto", "udp"])?;
@@ -305,11 +340,42 @@ impl Rig {
         Ok(Rig {
             lbctl,
             generators,
-            _sink: sink,
+            _sinks: sinks,
             node,
             gen_ns,
             _sandbox: sandbox,
+            backend,
         })
+    }
+
+    /// The backend behind a bridge: namespace `backend`'s `eth0`, a veth whose other end is a
+    /// port of the node's bridge, its MAC known to the node (as after its first reply).
+    fn bridged_backend(node: &NetNs, backend: &NetNs) -> Result<()> {
+        node.ip(["link", "add", BRIDGE, "type", "bridge"])?;
+        node.ip(["addr", "add", BRIDGE_ADDR, "dev", BRIDGE])?;
+        node.ip(["link", "set", BRIDGE, "up"])?;
+        netns::veth(node, "vback", backend, BRIDGED_IFACE)?;
+        node.ip(["link", "set", "vback", "master", BRIDGE])?;
+        backend.ip([
+            "addr",
+            "add",
+            &format!("{BRIDGED_BACKEND}/24"),
+            "dev",
+            BRIDGED_IFACE,
+        ])?;
+        let backend_mac = format_mac(backend.mac(BRIDGED_IFACE)?);
+        node.ip([
+            "neigh",
+            "replace",
+            &BRIDGED_BACKEND.to_string(),
+            "lladdr",
+            &backend_mac,
+            "dev",
+            BRIDGE,
+            "nud",
+            "permanent",
+        ])?;
+        Ok(())
     }
 
     /// The kernel's paths: nftables DNAT on the node to the local backend and to the task
@@ -391,10 +457,12 @@ impl Rig {
                      policy accept; \
                      ip daddr {NODE_IP} udp dport {} dnat to numgen inc mod 1 map {{ 0 : {LOCAL_BACKEND} }} : {BACKEND_PORT} ; \
                      ip daddr {NODE_IP} udp dport {} dnat to numgen inc mod 1 map {{ 0 : {TASK_IP} }} : {BACKEND_PORT} ; \
-                     ip daddr {NODE_IP} udp dport {} dnat to {SANDBOX_IP} ; }} ; }}",
+                     ip daddr {NODE_IP} udp dport {} dnat to {SANDBOX_IP} ; \
+                     ip daddr {NODE_IP} udp dport {} dnat to numgen inc mod 1 map {{ 0 : {BRIDGED_BACKEND} }} : {BACKEND_PORT} ; }} ; }}",
                     port(Path::NftLocal),
                     port(Path::NftVxlan),
                     port(Path::SwarmIngress),
+                    port(Path::NftBridge),
                 ),
             )
         })?;
@@ -430,11 +498,11 @@ impl Rig {
         let node_program = match path {
             Path::Floor => Some(self.node.attach_xdp_action(UPLINK, XDP_DROP)?),
             Path::Bounce => Some(self.node.attach_xdp_action(UPLINK, XDP_TX)?),
-            Path::LbctlLocal | Path::LbctlEncap | Path::LbctlDecap => {
+            Path::LbctlLocal | Path::LbctlEncap | Path::LbctlDecap | Path::LbctlBridge => {
                 self.lbctl.run(&["attach", UPLINK, "--transmit", "xdp"])?;
                 None
             }
-            Path::NftLocal | Path::NftVxlan | Path::SwarmIngress => {
+            Path::NftLocal | Path::NftVxlan | Path::SwarmIngress | Path::NftBridge => {
                 Some(self.node.attach_xdp_action(UPLINK, XDP_PASS)?)
             }
         };
@@ -450,10 +518,17 @@ impl Rig {
             Some(reason) => live::reason_packets(&rig.lbctl, reason),
             None => Ok(0),
         };
-        let sunk_before = self.gen_ns.xdp_drops(GEN)?;
+        let sunk = |rig: &Rig| {
+            if path.bridged() {
+                rig.backend.xdp_drops(BRIDGED_IFACE)
+            } else {
+                rig.gen_ns.xdp_drops(GEN)
+            }
+        };
+        let sunk_before = sunk(self)?;
         let counted_before = counted(self)?;
         let elapsed = send(frames)??;
-        let sunk = self.gen_ns.xdp_drops(GEN)? - sunk_before;
+        let sunk = sunk(self)? - sunk_before;
         let counted = counted(self)? - counted_before;
         drop(node_program);
         if path.lbctl_reason().is_some() {
@@ -553,6 +628,7 @@ pub fn run(opts: &Options) -> Result<Vec<Measurement>> {
             (Path::NftLocal, Path::LbctlLocal),
             (Path::NftVxlan, Path::LbctlEncap),
             (Path::SwarmIngress, Path::LbctlEncap),
+            (Path::NftBridge, Path::LbctlBridge),
         ] {
             let ratio = work((kernel, flows)) / work((lbctl, flows));
             let name = format!("{} / {}, {}", kernel.name(), lbctl.name(), flows.name());
@@ -566,7 +642,12 @@ pub fn run(opts: &Options) -> Result<Vec<Measurement>> {
             out.push(Measurement::new(SECTION, name, NODE_WORK, ratio, "x"));
         }
     }
-    for lbctl in [Path::LbctlLocal, Path::LbctlEncap, Path::LbctlDecap] {
+    for lbctl in [
+        Path::LbctlLocal,
+        Path::LbctlEncap,
+        Path::LbctlDecap,
+        Path::LbctlBridge,
+    ] {
         let ratio = work((lbctl, Flows::Many)) / work((lbctl, Flows::One));
         let name = format!("{}: 64k flows / 1 flow", lbctl.name());
         println!("  {name:<80} {ratio:5.2}x");
