@@ -122,6 +122,20 @@ assert_size!(MacKey, 8);
 /// Entries of `HOST_MACS`.
 pub const MAX_HOST_MACS: u32 = 1_024;
 
+/// Key of `BRIDGE_PORTS`: a MAC address the bridge `bridge_ifindex` (on this node) learned
+/// behind one of its ports, as the FIB gives a next hop: the bridge and the neighbour's MAC.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct BridgePortKey {
+    pub bridge_ifindex: u32,
+    pub mac: [u8; 6],
+    pub _pad: [u8; 2],
+}
+assert_size!(BridgePortKey, 12);
+
+/// Entries of `BRIDGE_PORTS`.
+pub const MAX_BRIDGE_PORTS: u32 = 4_096;
+
 /// Value of the `SERVICES` map: the service's id and the backends new flows may choose.
 ///
 /// The backend list is part of the value so that userspace replaces it in one map update: the
@@ -575,7 +589,8 @@ reasons! {
     PassNotLocal = 6 => "pass_not_local",
     /// Service packet DNATed and sent back out of the receiving interface (XDP_TX).
     ForwardTx = 7 => "forward_tx",
-    /// Service packet DNATed and redirected to another lbctl interface.
+    /// Service packet DNATed and redirected to another lbctl interface, or into the namespace
+    /// of a backend behind a port of one of the node's bridges (`xmit_peer`).
     ForwardRedirect = 8 => "forward_redirect",
     /// Service packet DNATed and handed to the kernel to route (next hop not reachable by XDP).
     ForwardStack = 9 => "forward_stack",
@@ -670,6 +685,11 @@ reasons! {
     /// A backend's reply, decapsulated, to one of the node's own sockets: reverse-NATed to the
     /// address the socket talks to and handed to the kernel, which delivers it.
     ReplyLocal = 39 => "reply_local",
+    /// A packet XDP readied for a backend (or a client) behind a port of one of the node's
+    /// bridges, a veth whose other end is in that host's namespace (`BRIDGE_PORTS`): sent by
+    /// the TC ingress program with `bpf_redirect_peer` straight into that namespace, past the
+    /// node's bridge, netfilter and routing. Counted on top of its `*_redirect` reason.
+    XmitPeer = 40 => "xmit_peer",
 }
 
 /// Number of counter slots in `REASON_STATS`.
@@ -770,6 +790,7 @@ pub mod map_names {
     pub const SOCK_FLOWS: &str = "SOCK_FLOWS";
     pub const SOCK_PEERS: &str = "SOCK_PEERS";
     pub const SERVICE_PORTS: &str = "SERVICE_PORTS";
+    pub const BRIDGE_PORTS: &str = "BRIDGE_PORTS";
 
     /// Every map, so that pinning cannot forget one.
     pub const ALL: &[&str] = &[
@@ -796,6 +817,7 @@ pub mod map_names {
         SOCK_FLOWS,
         SOCK_PEERS,
         SERVICE_PORTS,
+        BRIDGE_PORTS,
     ];
 }
 
@@ -828,6 +850,7 @@ mod pod {
     unsafe impl aya::Pod for SnatValue {}
     unsafe impl aya::Pod for RrCursor {}
     unsafe impl aya::Pod for MacKey {}
+    unsafe impl aya::Pod for BridgePortKey {}
     unsafe impl aya::Pod for SockKey {}
     unsafe impl aya::Pod for SockFlow {}
     unsafe impl aya::Pod for SocketLbConfig {}

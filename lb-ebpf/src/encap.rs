@@ -171,7 +171,9 @@ fn route_to_node(
     );
     match rc {
         BPF_FIB_LKUP_RET_SUCCESS if hop.ifindex == ingress => Ok(Egress::Tx(hop)),
-        BPF_FIB_LKUP_RET_SUCCESS if hop.redirect => Ok(Egress::Redirect(hop)),
+        BPF_FIB_LKUP_RET_SUCCESS if hop.xmit & forward::XMIT_REDIRECT != 0 => {
+            Ok(Egress::Redirect(hop))
+        }
         BPF_FIB_LKUP_RET_FRAG_NEEDED => Err(Reason::DropEncapMtu),
         BPF_FIB_LKUP_RET_NO_NEIGH => Err(Reason::DropEncapNoNeigh),
         _ => Err(Reason::DropEncapNoRoute),

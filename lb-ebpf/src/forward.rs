@@ -10,12 +10,12 @@ use aya_ebpf::{
     helpers::generated::{bpf_fib_lookup as fib_lookup_helper, bpf_jiffies64},
     programs::XdpContext,
 };
-use lb_common::Reason;
+use lb_common::{BridgePortKey, Reason};
 use network_types::eth::EthHdr;
 
 use crate::{
     csum,
-    maps::{CachedRoute, ROUTE_CACHE, ROUTE_CACHE_BITS, TX_PORTS, TX_VIA_TC},
+    maps::{BRIDGE_PORTS, CachedRoute, ROUTE_CACHE, ROUTE_CACHE_BITS, TX_PORTS, TX_VIA_TC},
     nat::{load16, store16},
     parse::{IP_CHECK_OFF, IP_TTL_OFF, Packet, ptr_at},
     xmit,
@@ -30,14 +30,19 @@ pub struct NextHop {
     pub dmac: [u8; 6],
     /// The egress MTU, when the lookup was given a length to check and succeeded.
     pub mtu: u16,
-    /// How XDP sends to `ifindex` (filled by [`fib_lookup_cached`], XDP's lookup; false from
-    /// [`fib_lookup_raw`]): `via_tc` whether frames for it go through the TC ingress program
-    /// (`xmit`, `TX_VIA_TC`); `redirect` whether it is an lbctl interface XDP may redirect to
-    /// (`TX_PORTS`). Two flags in the struct's padding: the XDP program's stack has no room
-    /// for more.
-    pub via_tc: bool,
-    pub redirect: bool,
+    /// How XDP sends to `ifindex`, `XMIT_*` flags (filled by [`fib_lookup_cached`], XDP's
+    /// lookup; 0 from [`fib_lookup_raw`]). One byte in the struct's padding: the XDP program's
+    /// stack has no room for more.
+    pub xmit: u8,
 }
+
+/// `NextHop::xmit`: XDP may redirect there (an lbctl interface, `TX_PORTS`, or a bridge port).
+pub const XMIT_REDIRECT: u8 = 1;
+/// `NextHop::xmit`: frames for it go through the TC ingress program (`xmit`, `TX_VIA_TC`).
+pub const XMIT_VIA_TC: u8 = 2;
+/// `NextHop::xmit`: `ifindex` is a bridge port (`BRIDGE_PORTS`) that TC sends the frame through
+/// to its other end, into the next hop's own namespace (`bpf_redirect_peer`).
+pub const XMIT_PEER: u8 = 4;
 
 /// How long a cached FIB answer is used, in ticks of the kernel's clock (`jiffies`): route and
 /// neighbour changes reach the data plane within this time, 100 ms at HZ=250 (Debian's
@@ -178,8 +183,7 @@ pub fn fib_lookup_cached(
                 smac: cached.smac,
                 dmac: cached.dmac,
                 mtu: cached.mtu,
-                via_tc: cached.via_tc != 0,
-                redirect: cached.redirect != 0,
+                xmit: cached.xmit,
             };
             return (rc, hop);
         }
@@ -189,9 +193,7 @@ pub fn fib_lookup_cached(
     let mut hop: NextHop = unsafe { core::mem::zeroed() };
     let rc = fib_lookup_uncached(ctx, &query, &mut hop);
     if rc == BPF_FIB_LKUP_RET_SUCCESS {
-        // SAFETY: copied out at once.
-        hop.via_tc = unsafe { TX_VIA_TC.get(&hop.ifindex) }.is_some();
-        hop.redirect = TX_PORTS.get(hop.ifindex).is_some();
+        how_to_send(&mut hop);
     }
     // A kernel that did not report the MTU left the length in its place: nothing to cache.
     let cacheable =
@@ -212,13 +214,46 @@ pub fn fib_lookup_cached(
             },
             smac: hop.smac,
             dmac: hop.dmac,
-            via_tc: u8::from(hop.via_tc),
-            redirect: u8::from(hop.redirect),
+            xmit: hop.xmit,
+            _pad: 0,
         };
         // SAFETY: as above.
         unsafe { *entry = fresh };
     }
     (rc, hop)
+}
+
+/// Fills in how XDP sends to the FIB's next hop `hop` (`NextHop::xmit`): to an lbctl interface
+/// (`TX_PORTS`) by redirect, or through TC when `TX_VIA_TC` says so; behind a port of one of the
+/// node's bridges (`BRIDGE_PORTS`, by the neighbour's MAC), through TC into the port's other
+/// end, `hop.ifindex` becoming the port. Anything else goes through the kernel. In a frame of
+/// its own (a BPF-to-BPF call, made on a cache miss only), like [`fib_lookup_uncached`]: its
+/// keys would not fit on the main frame.
+#[inline(never)]
+fn how_to_send(hop: &mut NextHop) {
+    let mut xmit = 0;
+    if TX_PORTS.get(hop.ifindex).is_some() {
+        xmit = XMIT_REDIRECT;
+    } else {
+        let key = BridgePortKey {
+            bridge_ifindex: hop.ifindex,
+            mac: hop.dmac,
+            _pad: [0; 2],
+        };
+        // SAFETY: copied out at once.
+        if let Some(port) = unsafe { BRIDGE_PORTS.get(&key) }.copied() {
+            hop.ifindex = port;
+            xmit = XMIT_REDIRECT | XMIT_PEER;
+        }
+    }
+    // SAFETY: only presence is read.
+    if xmit != 0 && unsafe { TX_VIA_TC.get(&hop.ifindex) }.is_some() {
+        xmit |= XMIT_VIA_TC;
+    } else if xmit & XMIT_PEER != 0 {
+        // Only TC can send into a port's other end: without its cookie, the kernel routes.
+        xmit = 0;
+    }
+    hop.xmit = xmit;
 }
 
 /// [`fib_lookup_cached`] for the packet being handled by XDP.
@@ -258,7 +293,7 @@ pub fn decide(ctx: &XdpContext, pkt: &Packet, src_ip_be: u32, dst_ip_be: u32) ->
     }
     if hop.ifindex == ctx.ingress_ifindex() as u32 {
         Egress::Tx(hop)
-    } else if hop.redirect {
+    } else if hop.xmit & XMIT_REDIRECT != 0 {
         Egress::Redirect(hop)
     } else {
         Egress::Stack
@@ -361,8 +396,8 @@ pub fn send(ctx: &XdpContext, egress: &Egress) -> u32 {
         Egress::Tx(hop) | Egress::Redirect(hop) => hop,
         Egress::Stack => return xdp_action::XDP_PASS,
     };
-    if hop.via_tc
-        && let Some(action) = xmit::through_tc(ctx, hop.ifindex)
+    if hop.xmit & XMIT_VIA_TC != 0
+        && let Some(action) = xmit::through_tc(ctx, hop.ifindex, hop.xmit & XMIT_PEER != 0)
     {
         return action;
     }

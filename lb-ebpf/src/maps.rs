@@ -6,11 +6,11 @@ use aya_ebpf::{
     maps::{Array, DevMapHash, HashMap, LpmTrie, LruHashMap, PerCpuArray},
 };
 use lb_common::{
-    Backend, BackendStats, Counter, DEFAULT_FLOW_CAPACITY, EVENT_COUNT, FlowKey, FlowValue,
-    LocalBackendKey, MAX_BACKENDS, MAX_HOST_ADDRS, MAX_HOST_MACS, MAX_NODES, MAX_ONLINK_SUBNETS,
-    MAX_SERVICES, MacKey, MaglevTable, MeshConfig, REASON_COUNT, ReverseValue, RrCursor,
-    SERVICE_PORT_WORDS, SNAT_FLOW_CAPACITY, SOCK_FLOW_CAPACITY, ServiceKey, ServiceValue,
-    SnatValue, SockFlow, SockKey, SocketLbConfig, TunnelValue,
+    Backend, BackendStats, BridgePortKey, Counter, DEFAULT_FLOW_CAPACITY, EVENT_COUNT, FlowKey,
+    FlowValue, LocalBackendKey, MAX_BACKENDS, MAX_BRIDGE_PORTS, MAX_HOST_ADDRS, MAX_HOST_MACS,
+    MAX_NODES, MAX_ONLINK_SUBNETS, MAX_SERVICES, MacKey, MaglevTable, MeshConfig, REASON_COUNT,
+    ReverseValue, RrCursor, SERVICE_PORT_WORDS, SNAT_FLOW_CAPACITY, SOCK_FLOW_CAPACITY, ServiceKey,
+    ServiceValue, SnatValue, SockFlow, SockKey, SocketLbConfig, TunnelValue,
 };
 
 /// Published services: (VIP or 0 for every local address, protocol, port) → id and backend list.
@@ -72,6 +72,15 @@ pub static ONLINK_SUBNETS: LpmTrie<u32, u32> = LpmTrie::with_max_entries(MAX_ONL
 /// value is unused (0).
 #[map]
 pub static HOST_MACS: HashMap<MacKey, u32> = HashMap::with_max_entries(MAX_HOST_MACS, 0);
+
+/// Backends (and clients) behind a port of one of this node's bridges, written by userspace
+/// from the bridges' forwarding databases: (bridge, MAC) → the port, a veth whose other end is
+/// that host's interface. XDP sends a packet whose next hop the FIB puts behind the bridge
+/// straight into that namespace (`xmit`, `bpf_redirect_peer`) instead of through the node's
+/// stack. Each port also has its `TX_VIA_TC` cookie.
+#[map]
+pub static BRIDGE_PORTS: HashMap<BridgePortKey, u32> =
+    HashMap::with_max_entries(MAX_BRIDGE_PORTS, 0);
 
 /// The IPv4 addresses of this node's interfaces, written by userspace: a node's own socket
 /// that connects to one of them on a published port is given a backend (`socklb`). A set: the
@@ -167,8 +176,9 @@ pub const ROUTE_CACHE_BITS: u32 = 10;
 /// A FIB answer this CPU got for `dst_ip_be`, arriving on `ingress_ifindex`, at
 /// `checked_jiffies` (the kernel's tick count; 0: empty slot). Only answers that do not depend on the packet are
 /// kept: a forward (with its egress MTU, so the length check still applies to every packet)
-/// and "local address". With a forward, how XDP sends to its interface: `via_tc` (1: in
-/// `TX_VIA_TC`) and `redirect` (1: in `TX_PORTS`), each a hash lookup spared.
+/// and "local address". With a forward, how XDP sends to its next hop (`xmit`): each a hash
+/// lookup spared per packet (`TX_PORTS`, `TX_VIA_TC`, `BRIDGE_PORTS`); `ifindex` is then the
+/// bridge port a next hop behind a bridge is reached through.
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub struct CachedRoute {
@@ -181,8 +191,9 @@ pub struct CachedRoute {
     pub mtu: u16,
     pub smac: [u8; 6],
     pub dmac: [u8; 6],
-    pub via_tc: u8,
-    pub redirect: u8,
+    /// `forward::XMIT_*` flags.
+    pub xmit: u8,
+    pub _pad: u8,
 }
 const _: () = assert!(core::mem::size_of::<CachedRoute>() == 40);
 

@@ -69,16 +69,51 @@ fn stats_json(lbctl: &Lbctl) -> serde_json::Value {
     serde_json::from_str(&lbctl.run(&["stats", "--json"]).unwrap()).unwrap()
 }
 
+/// The packets the node's netfilter forward hook saw towards `backends` (an nftables counter
+/// the test put there).
+fn forwarded_by_the_kernel(topo: &SingleNode) -> u64 {
+    let out = topo
+        .node()
+        .exec([
+            "nft",
+            "-j",
+            "list",
+            "counter",
+            "ip",
+            "e2e_seen",
+            "to_backends",
+        ])
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let listed: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    listed["nftables"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find_map(|item| item["counter"]["packets"].as_u64())
+        .unwrap()
+}
+
 #[test]
 fn connections_rotate_evenly_and_backends_see_the_client_ip() {
     let (topo, lbctl) = balanced(SingleNodeSpec::default(), 8080);
+    // Counts what the node's own forwarding path (netfilter's forward hook) carries to the
+    // backends' subnet.
+    let subnet = format!("{}/24", topo.backend_addr(0).ip());
+    let rules = format!(
+        "table ip e2e_seen {{ counter to_backends {{ }} ; chain forward {{ type filter hook \
+         forward priority 0 ; policy accept ; ip daddr {subnet} counter name to_backends ; }} ; }}"
+    );
+    let out = topo.node().exec(["nft", &rules]).unwrap();
+    assert!(out.status.success(), "{out:?}");
     let per = 10;
     let replies = new_connections(&topo, 8080, per * topo.backend_count());
     assert_each_backend_served(&topo, &replies, per);
     // The counters agree with what the backends saw.
     // Each connection's packets took the path: at least its SYN, request and FIN to the
-    // backend (forwarded through the kernel to the bridge), and its SYN-ACK and response back
-    // (reverse-NATed by TC); how many ACKs ride along varies.
+    // backend (sent by TC straight into the backend's namespace, its veth's other end: the
+    // backends are behind the node's bridge), and its SYN-ACK and response back (reverse-NATed
+    // by TC); how many ACKs ride along varies.
     let stats = stats_json(&lbctl);
     let connections = (per * topo.backend_count()) as u64;
     for backend in stats["services"][0]["backends"].as_array().unwrap() {
@@ -87,11 +122,18 @@ fn connections_rotate_evenly_and_backends_see_the_client_ip() {
         assert!(replies >= 2 * per as u64, "{backend}");
     }
     let packets = |reason: &str| stats["reasons"][reason]["packets"].as_u64().unwrap();
+    // Only a backend's first packet may have gone through the kernel, sent before the node
+    // had resolved its address; every other went past the node's bridge, netfilter and
+    // routing.
+    let backends = topo.backend_count() as u64;
     assert!(
-        packets("forward_stack") >= 3 * connections,
+        packets("forward_redirect") + packets("forward_stack") >= 3 * connections
+            && packets("forward_stack") <= backends
+            && packets("xmit_peer") == packets("forward_redirect"),
         "{}",
         stats["reasons"]
     );
+    assert_eq!(forwarded_by_the_kernel(&topo), packets("forward_stack"));
     assert!(
         packets("reply_egress") >= 2 * connections,
         "{}",

@@ -263,7 +263,7 @@ fn snapshot(shared: &Shared) -> Result<metrics::Snapshot> {
 }
 
 /// Scans the flow table now and then, so that scrapes do not walk it, and brings the node's
-/// addresses (`HOST_ADDRS`) up to date.
+/// addresses (`HOST_ADDRS`) and its bridges' ports (`BRIDGE_PORTS`) up to date.
 async fn census_loop(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
     loop {
         let scanning = shared.clone();
@@ -273,6 +273,8 @@ async fn census_loop(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
             // The node's addresses change without lbctl (DHCP, an address added by hand): the
             // socket programs balance what `HOST_ADDRS` holds.
             maps.sync_host_addrs(&crate::host::underlay::local_addrs()?)?;
+            // Containers start and stop, and their bridges learn and forget their MACs.
+            maps.sync_bridge_ports(&crate::host::underlay::bridge_ports()?)?;
             maps.flow_census()
         })
         .await;

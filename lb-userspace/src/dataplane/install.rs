@@ -460,29 +460,13 @@ fn set_transmit(maps: &mut Maps, target: &Target, transmit: Transmit) -> Result<
     match transmit {
         Transmit::Tc => maps
             .tx_via_tc
-            .insert(target.ifindex, random_cookie()?, 0)
+            .insert(target.ifindex, dataplane::random_cookie()?, 0)
             .with_context(|| format!("adding {} to TX_VIA_TC", target.iface)),
         Transmit::Xdp if maps.tx_via_tc.get(&target.ifindex, 0).is_ok() => maps
             .tx_via_tc
             .remove(&target.ifindex)
             .with_context(|| format!("removing {} from TX_VIA_TC", target.iface)),
         Transmit::Xdp => Ok(()),
-    }
-}
-
-/// A random non-zero cookie, from the kernel's generator.
-fn random_cookie() -> Result<u32> {
-    loop {
-        let mut bytes = [0u8; 4];
-        // SAFETY: writes at most the 4 bytes it is given.
-        let n = unsafe { libc::getrandom(bytes.as_mut_ptr().cast(), bytes.len(), 0) };
-        if n != 4 {
-            return Err(std::io::Error::last_os_error()).context("getrandom");
-        }
-        let cookie = u32::from_ne_bytes(bytes);
-        if cookie != 0 {
-            return Ok(cookie);
-        }
     }
 }
 

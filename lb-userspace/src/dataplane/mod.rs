@@ -32,9 +32,9 @@ use aya::{
     util::nr_cpus,
 };
 use lb_common::{
-    BACKEND_ACTIVE, Backend, BackendStats, Counter, FlowKey, FlowValue, LocalBackendKey, MacKey,
-    MaglevTable, MeshConfig, ReverseValue, RrCursor, ServiceKey, ServiceValue, SnatValue,
-    SocketLbConfig, TunnelValue, map_names,
+    BACKEND_ACTIVE, Backend, BackendStats, BridgePortKey, Counter, FlowKey, FlowValue,
+    LocalBackendKey, MacKey, MaglevTable, MeshConfig, ReverseValue, RrCursor, ServiceKey,
+    ServiceValue, SnatValue, SocketLbConfig, TunnelValue, map_names,
 };
 
 use crate::{
@@ -112,6 +112,7 @@ pub struct Maps {
     pub onlink_subnets: LpmTrie<MapData, u32, u32>,
     /// The MAC addresses of the namespace's interfaces (see [`Maps::sync_host_macs`]).
     pub host_macs: HashMap<MapData, MacKey, u32>,
+    pub bridge_ports: HashMap<MapData, BridgePortKey, u32>,
     /// The IPv4 addresses of the namespace's interfaces (see [`Maps::sync_host_addrs`]).
     pub host_addrs: HashMap<MapData, u32, u32>,
     /// `SocketLbConfig` in slot 0: whose sockets the socket programs act on.
@@ -194,6 +195,7 @@ impl Maps {
             snat_flows: get(map_names::SNAT_FLOWS)?.try_into()?,
             onlink_subnets: get(map_names::ONLINK_SUBNETS)?.try_into()?,
             host_macs: get(map_names::HOST_MACS)?.try_into()?,
+            bridge_ports: get(map_names::BRIDGE_PORTS)?.try_into()?,
             host_addrs: get(map_names::HOST_ADDRS)?.try_into()?,
             socket_lb: get(map_names::SOCKET_LB)?.try_into()?,
         })
@@ -206,8 +208,75 @@ impl Maps {
         Ok(
             self.sync_subnets(&crate::host::underlay::local_subnets()?, underlay)?
                 + self.sync_host_macs(&crate::host::underlay::attached_macs(attached)?)?
-                + self.sync_host_addrs(&crate::host::underlay::local_addrs()?)?,
+                + self.sync_host_addrs(&crate::host::underlay::local_addrs()?)?
+                + self.sync_bridge_ports(&crate::host::underlay::bridge_ports()?)?,
         )
+    }
+
+    /// Brings `BRIDGE_PORTS` in line with `ports` (`underlay::bridge_ports`: (bridge, MAC) →
+    /// port), and gives each port its `TX_VIA_TC` cookie, which XDP's note to TC must carry.
+    /// A port's cookie is added before its entries and dropped after them, and `TX_VIA_TC`'s
+    /// entries of attached interfaces (`TX_PORTS`) are left to `install`. Returns the number of
+    /// writes.
+    pub fn sync_bridge_ports(&mut self, ports: &BTreeMap<(u32, [u8; 6]), u32>) -> Result<usize> {
+        let wanted: BTreeMap<BridgePortKey, u32> = ports
+            .iter()
+            .map(|(&(bridge_ifindex, mac), &port)| {
+                let key = BridgePortKey {
+                    bridge_ifindex,
+                    mac,
+                    _pad: [0; 2],
+                };
+                (key, port)
+            })
+            .collect();
+        let wanted_ports: BTreeSet<u32> = wanted.values().copied().collect();
+        let attached: BTreeSet<u32> = self
+            .tx_ports
+            .keys()
+            .collect::<Result<_, _>>()
+            .context("reading TX_PORTS")?;
+        let cookies: BTreeSet<u32> = self
+            .tx_via_tc
+            .keys()
+            .collect::<Result<_, _>>()
+            .context("reading TX_VIA_TC")?;
+        let present: BTreeMap<BridgePortKey, u32> = self
+            .bridge_ports
+            .iter()
+            .collect::<Result<_, _>>()
+            .context("reading BRIDGE_PORTS")?;
+        let mut writes = 0;
+        for port in wanted_ports.difference(&cookies) {
+            self.tx_via_tc
+                .insert(port, random_cookie()?, 0)
+                .with_context(|| format!("adding bridge port {port} to TX_VIA_TC"))?;
+            writes += 1;
+        }
+        for (key, port) in &wanted {
+            if present.get(key) != Some(port) {
+                self.bridge_ports
+                    .insert(key, port, 0)
+                    .context("writing BRIDGE_PORTS")?;
+                writes += 1;
+            }
+        }
+        for key in present.keys().filter(|key| !wanted.contains_key(key)) {
+            self.bridge_ports
+                .remove(key)
+                .context("removing an entry from BRIDGE_PORTS")?;
+            writes += 1;
+        }
+        for gone in cookies
+            .iter()
+            .filter(|index| !wanted_ports.contains(index) && !attached.contains(index))
+        {
+            self.tx_via_tc
+                .remove(gone)
+                .with_context(|| format!("removing bridge port {gone} from TX_VIA_TC"))?;
+            writes += 1;
+        }
+        Ok(writes)
     }
 
     /// Brings `HOST_ADDRS` in line with `addrs` (the namespace's): a node's own socket that
@@ -479,6 +548,22 @@ fn for_each_entry<K: Pod, V: Pod>(map: &MapData, mut f: impl FnMut(K, V)) -> Res
         };
         f(key, value);
     })
+}
+
+/// A random non-zero cookie, from the kernel's generator.
+pub(crate) fn random_cookie() -> Result<u32> {
+    loop {
+        let mut bytes = [0u8; 4];
+        // SAFETY: writes at most the 4 bytes it is given.
+        let n = unsafe { libc::getrandom(bytes.as_mut_ptr().cast(), bytes.len(), 0) };
+        if n != 4 {
+            return Err(std::io::Error::last_os_error()).context("getrandom");
+        }
+        let cookie = u32::from_ne_bytes(bytes);
+        if cookie != 0 {
+            return Ok(cookie);
+        }
+    }
 }
 
 /// An address kept in network byte order, for messages.

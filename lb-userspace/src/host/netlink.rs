@@ -12,7 +12,7 @@ use netlink_packet_core::{
 };
 use netlink_packet_route::{
     AddressFamily, RouteNetlinkMessage,
-    link::{LinkAttribute, LinkMessage},
+    link::{InfoKind, LinkAttribute, LinkInfo, LinkMessage},
     neighbour::{
         NeighbourAddress, NeighbourAttribute, NeighbourExtFlags, NeighbourMessage, NeighbourState,
     },
@@ -30,6 +30,17 @@ pub struct Link {
     /// The link-layer address, when it is an Ethernet one.
     pub mac: Option<[u8; 6]>,
     pub mtu: Option<u32>,
+    /// A veth: its other end is in some namespace, where `bpf_redirect_peer` can send.
+    pub veth: bool,
+}
+
+/// A MAC address a bridge learned (or was told) behind one of its ports, as the bridge's
+/// forwarding database lists it (`bridge fdb show`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FdbEntry {
+    pub bridge: u32,
+    pub port: u32,
+    pub mac: [u8; 6],
 }
 
 impl Link {
@@ -40,6 +51,7 @@ impl Link {
             master: None,
             mac: None,
             mtu: None,
+            veth: false,
         };
         for attribute in &message.attributes {
             match attribute {
@@ -49,6 +61,11 @@ impl Link {
                     link.mac = <[u8; 6]>::try_from(&address[..]).ok()
                 }
                 LinkAttribute::Mtu(mtu) => link.mtu = Some(*mtu),
+                LinkAttribute::LinkInfo(infos) => {
+                    link.veth = infos
+                        .iter()
+                        .any(|info| matches!(info, LinkInfo::Kind(InfoKind::Veth)))
+                }
                 _ => {}
             }
         }
@@ -250,6 +267,44 @@ impl Rtnl {
                     if entry.header.family == AddressFamily::Inet =>
                 {
                     Neighbour::of(entry)
+                }
+                _ => None,
+            })
+            .collect())
+    }
+
+    /// The bridges' forwarding databases: every unicast MAC a bridge reaches through a port,
+    /// learned or static. The bridges' own addresses (permanent, "local") are left out.
+    pub fn bridge_fdb(&mut self) -> Result<Vec<FdbEntry>, String> {
+        let mut message = NeighbourMessage::default();
+        message.header.family = AddressFamily::Bridge;
+        let answers = self
+            .request(RouteNetlinkMessage::GetNeighbour(message), NLM_F_DUMP)
+            .map_err(|err| format!("listing the bridges' forwarding entries: {err}"))?;
+        Ok(answers
+            .iter()
+            .filter_map(|answer| match answer {
+                RouteNetlinkMessage::NewNeighbour(entry)
+                    if entry.header.family == AddressFamily::Bridge
+                        && entry.header.state != NeighbourState::Permanent =>
+                {
+                    let mut bridge = None;
+                    let mut mac = None;
+                    for attribute in &entry.attributes {
+                        match attribute {
+                            NeighbourAttribute::Controller(index) => bridge = Some(*index),
+                            NeighbourAttribute::LinkLayerAddress(address) => {
+                                mac = <[u8; 6]>::try_from(&address[..]).ok()
+                            }
+                            _ => {}
+                        }
+                    }
+                    let mac = mac.filter(|mac| mac[0] & 1 == 0)?;
+                    Some(FdbEntry {
+                        bridge: bridge?,
+                        port: entry.header.ifindex,
+                        mac,
+                    })
                 }
                 _ => None,
             })

@@ -19,8 +19,29 @@ use anyhow::{Context as _, Result};
 use netlink_packet_route::{neighbour::NeighbourState, route::RouteType};
 use serde::{Deserialize, Serialize};
 
-use super::netlink::{Link, Neighbour, Route, Rtnl};
+use super::netlink::{FdbEntry, Link, Neighbour, Route, Rtnl};
 use crate::table::Node;
+
+/// The hosts behind a port of one of the namespace's bridges that the data plane can send to
+/// directly (`BRIDGE_PORTS`): (bridge, MAC) → the port, for every MAC a bridge reaches through a
+/// port that is a veth (a container's, whose other end is in the container's namespace).
+pub fn bridge_ports() -> Result<BTreeMap<(u32, [u8; 6]), u32>> {
+    let mut rtnl = Rtnl::open().map_err(anyhow::Error::msg)?;
+    let links = rtnl.links().map_err(anyhow::Error::msg)?;
+    let fdb = rtnl.bridge_fdb().map_err(anyhow::Error::msg)?;
+    Ok(veth_ports(&links, &fdb))
+}
+
+fn veth_ports(links: &[Link], fdb: &[FdbEntry]) -> BTreeMap<(u32, [u8; 6]), u32> {
+    fdb.iter()
+        .filter(|entry| {
+            links.iter().any(|link| {
+                link.index == entry.port && link.veth && link.master == Some(entry.bridge)
+            })
+        })
+        .map(|entry| ((entry.bridge, entry.mac), entry.port))
+        .collect()
+}
 
 /// The IPv4 addresses assigned to the namespace's interfaces (up or down).
 pub fn local_addrs() -> Result<BTreeSet<Ipv4Addr>> {
@@ -506,6 +527,42 @@ mod tests {
     }
 
     #[test]
+    fn bridge_ports_are_the_veth_ports_behind_which_a_bridge_reaches_a_mac() {
+        let port = |index, master, veth| Link {
+            index,
+            name: format!("if{index}"),
+            master,
+            mac: None,
+            mtu: Some(1500),
+            veth,
+        };
+        let links = [
+            port(2, Some(10), true),
+            port(3, Some(10), false),
+            port(4, Some(11), true),
+            port(5, None, true),
+        ];
+        let entry = |bridge, port, last| FdbEntry {
+            bridge,
+            port,
+            mac: [2, 0, 0, 0, 0, last],
+        };
+        let fdb = [
+            entry(10, 2, 1),
+            // Not a veth (a NIC, a VXLAN device): no namespace to send into.
+            entry(10, 3, 2),
+            entry(11, 4, 3),
+            // A port listed under a bridge it is no longer a port of.
+            entry(11, 2, 4),
+            entry(10, 5, 5),
+        ];
+        assert_eq!(
+            veth_ports(&links, &fdb),
+            [((10, [2, 0, 0, 0, 0, 1]), 2), ((11, [2, 0, 0, 0, 0, 3]), 4)].into()
+        );
+    }
+
+    #[test]
     fn the_macs_of_attached_interfaces_and_their_masters_are_the_nodes() {
         let link = |index, name: &str, master, last: Option<u8>| Link {
             index,
@@ -513,6 +570,7 @@ mod tests {
             master,
             mac: last.map(|last| [2, 0, 0, 0, 0, last]),
             mtu: Some(1500),
+            veth: false,
         };
         let links = [
             link(1, "lo", None, Some(0)),
