@@ -18,9 +18,11 @@
 //! - the kernel: nftables `numgen inc` DNAT and forwarding (kube-proxy's nftables mode), and
 //!   the same DNAT into the kernel's `vxlan` device for a task on another node;
 //! - a backend behind a bridge on the node (a container on `docker0`), in its own namespace:
-//!   lbctl DNATs in XDP and hands the packet to the kernel, which routes it into the bridge
-//!   (`forward_stack`), against nftables DNAT and the same forwarding. The sink is an XDP
-//!   program on the backend's own interface, which drops what reaches it;
+//!   lbctl DNATs in XDP and its TC program sends the packet into the backend's namespace
+//!   (`bpf_redirect_peer`, counted `forward_redirect` and `xmit_peer`), against nftables DNAT
+//!   and the kernel's forwarding into the bridge. The sink is an nftables counter that drops
+//!   what reaches the backend's own interface (its `netdev` ingress hook: a frame sent into a
+//!   namespace with `bpf_redirect_peer` is received past the interface's XDP);
 //! - the Swarm routing mesh without IPVS (this kernel has none): DNAT to an ingress sandbox
 //!   namespace behind a bridge (`docker_gwbridge`), DNAT there to the task and masquerade,
 //!   then the sandbox's `vxlan` device (created in the node's namespace, as Docker does). Swarm
@@ -122,7 +124,7 @@ impl Path {
             Path::NftLocal => "nftables numgen DNAT + forward",
             Path::NftVxlan => "nftables DNAT + kernel vxlan",
             Path::SwarmIngress => "Swarm mesh: sandbox DNAT+SNAT, vxlan",
-            Path::LbctlBridge => "lbctl, backend behind a bridge (stack)",
+            Path::LbctlBridge => "lbctl, backend behind a bridge (peer)",
             Path::NftBridge => "nftables DNAT, backend behind a bridge",
         }
     }
@@ -149,7 +151,7 @@ impl Path {
             Path::LbctlLocal => Some("forward_tx"),
             Path::LbctlEncap => Some("forward_encap_tx"),
             Path::LbctlDecap => Some("decap_tx"),
-            Path::LbctlBridge => Some("forward_stack"),
+            Path::LbctlBridge => Some("forward_redirect"),
             _ => None,
         }
     }
@@ -187,7 +189,7 @@ struct Rig {
     lbctl: Lbctl,
     /// Generators by case, with the length of the frame each writes.
     generators: Vec<(Case, OwnedFd, usize)>,
-    _sinks: [OwnedFd; 2],
+    _sink: OwnedFd,
     node: NetNs,
     gen_ns: NetNs,
     _sandbox: NetNs,
@@ -288,10 +290,7 @@ impl Rig {
         )?;
         Rig::kernel_paths(&node, &sandbox).context("the kernel's paths")?;
         Rig::bridged_backend(&node, &backend).context("the bridged backend")?;
-        let sinks = [
-            gen_ns.attach_xdp_action(GEN, XDP_DROP)?,
-            backend.attach_xdp_action(BRIDGED_IFACE, XDP_DROP)?,
-        ];
+        let sink = gen_ns.attach_xdp_action(GEN, XDP_DROP)?;
         let uplink_mac = node.mac(UPLINK)?;
         let gen_index = gen_ns.in_netns(|| netns::if_index(GEN))?;
         let mut generators = Vec::new();
@@ -340,7 +339,7 @@ impl Rig {
         Ok(Rig {
             lbctl,
             generators,
-            _sinks: sinks,
+            _sink: sink,
             node,
             gen_ns,
             _sandbox: sandbox,
@@ -349,7 +348,8 @@ impl Rig {
     }
 
     /// The backend behind a bridge: namespace `backend`'s `eth0`, a veth whose other end is a
-    /// port of the node's bridge, its MAC known to the node (as after its first reply).
+    /// port of the node's bridge, its MAC known to the node and to the bridge (as after its
+    /// first reply; static entries, so that they do not age out during the run).
     fn bridged_backend(node: &NetNs, backend: &NetNs) -> Result<()> {
         node.ip(["link", "add", BRIDGE, "type", "bridge"])?;
         node.ip(["addr", "add", BRIDGE_ADDR, "dev", BRIDGE])?;
@@ -375,7 +375,43 @@ impl Rig {
             "nud",
             "permanent",
         ])?;
+        node.bridge([
+            "fdb",
+            "replace",
+            &backend_mac,
+            "dev",
+            "vback",
+            "master",
+            "static",
+        ])?;
+        backend.in_netns(|| {
+            nft(&format!(
+                "table netdev ppssink {{ counter seen {{ }} ; chain in {{ type filter hook \
+                 ingress device {BRIDGED_IFACE} priority 0 ; counter name seen drop ; }} ; }}"
+            ))
+        })?;
         Ok(())
+    }
+
+    /// The frames the bridged backend's sink dropped.
+    fn bridged_sunk(&self) -> Result<u64> {
+        let out = self
+            .backend
+            .exec(["nft", "-j", "list", "counter", "netdev", "ppssink", "seen"])?;
+        ensure!(
+            out.status.success(),
+            "nft list counter: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+        let listed: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+        listed["nftables"]
+            .as_array()
+            .and_then(|items| {
+                items
+                    .iter()
+                    .find_map(|item| item["counter"]["packets"].as_u64())
+            })
+            .context("no packet count in nft's listing of the sink's counter")
     }
 
     /// The kernel's paths: nftables DNAT on the node to the local backend and to the task
@@ -520,7 +556,7 @@ impl Rig {
         };
         let sunk = |rig: &Rig| {
             if path.bridged() {
-                rig.backend.xdp_drops(BRIDGED_IFACE)
+                rig.bridged_sunk()
             } else {
                 rig.gen_ns.xdp_drops(GEN)
             }
