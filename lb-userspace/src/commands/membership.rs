@@ -35,8 +35,8 @@ pub fn cluster_leave(instance: &Instance) -> Result<bool> {
 
 /// One round of the cluster on this instance: under the lock, merges its records with the
 /// other members', applies the merged table to the maps when it changed, and saves the records
-/// it adopted. Returns the round's outcome (its `local` is what to publish) and whether the
-/// table changed.
+/// it adopted. Returns the round's outcome (its `local` is what to publish) and, when the table
+/// changed, what changed (for the daemon's log).
 ///
 /// While `warming_up` (a daemon that just started), nothing is merged until every node of the
 /// table in force is seen alive: the round then returns the table as it is, for publishing.
@@ -45,7 +45,7 @@ pub fn cluster_step(
     vtep: Ipv4Addr,
     others: &[cluster::MemberView],
     warming_up: bool,
-) -> Result<(cluster::Step, bool)> {
+) -> Result<(cluster::Step, Option<diff::TableDiff>)> {
     let _lock = instance::lock(instance)?;
     let mut state = attached_state(instance)?;
     let Some(local) = &state.cluster else {
@@ -58,16 +58,16 @@ pub fn cluster_step(
             local: local.clone(),
             warnings: Vec::new(),
         };
-        return Ok((step, false));
+        return Ok((step, None));
     }
     let step = cluster::step(&state.table, local, vtep, others);
-    let changed = step.table != state.table;
-    if changed || Some(&step.local) != state.cluster.as_ref() {
+    let changes = (step.table != state.table).then(|| diff::diff(&state.table, &step.table));
+    if changes.is_some() || Some(&step.local) != state.cluster.as_ref() {
         state.table = step.table.clone();
         state.cluster = Some(step.local.clone());
         commit(instance, &mut state)?;
     }
-    Ok((step, changed))
+    Ok((step, changes))
 }
 
 /// `lbctl cluster ls`: what the daemon last wrote in `cluster.json`.

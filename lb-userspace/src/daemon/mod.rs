@@ -34,7 +34,7 @@ use crate::{
     host::underlay,
     instance::Instance,
     instance::state,
-    table::HealthCheck,
+    table::{HealthCheck, diff::TableDiff},
 };
 
 /// Where metrics are served unless `--metrics-addr` says otherwise: loopback only (metrics
@@ -458,7 +458,7 @@ async fn cluster_loop(
             commands::cluster_step(&stepping.instance, vtep, &others, warming_up)
         })
         .await;
-        let (step, changed) = match result {
+        let (step, changes) = match result {
             Ok(Ok(outcome)) => outcome,
             Ok(Err(err)) => {
                 error!(
@@ -473,10 +473,10 @@ async fn cluster_loop(
             }
         };
         gossip.publish(&step.local, vtep, &step.digest).await;
-        if changed {
+        if changes.is_some() {
             table_changes += 1;
         }
-        log_step(&step, changed, &mut warned);
+        log_step(&step, changes.as_ref(), &mut warned);
         let statuses = member_statuses(members, &config, &step.digest, &mut live);
         let status = cluster::Status {
             cluster: config.cluster.clone(),
@@ -505,16 +505,32 @@ async fn cluster_loop(
     let _ = std::fs::remove_file(shared.instance.state_dir.join(state::CLUSTER_FILE));
 }
 
-/// Logs what a round of the cluster loop changed: the merged table when it `changed`, and each
-/// warning not already logged the round before (`warned`, updated).
-fn log_step(step: &cluster::Step, changed: bool, warned: &mut BTreeSet<String>) {
-    if changed {
+/// Changes named in one log line at most; the rest are counted.
+const LOGGED_CHANGES: usize = 20;
+
+/// Logs what a round of the cluster loop changed: the merged table, once its maps are written,
+/// with what changed (`changes`: services and backends added and removed, as `apply --dry-run`
+/// words them), and each warning not already logged the round before (`warned`, updated).
+fn log_step(step: &cluster::Step, changes: Option<&TableDiff>, warned: &mut BTreeSet<String>) {
+    if let Some(changes) = changes {
+        let mut lines: Vec<&str> = changes
+            .lines
+            .iter()
+            .take(LOGGED_CHANGES)
+            .map(String::as_str)
+            .collect();
+        let more = changes.lines.len().saturating_sub(LOGGED_CHANGES);
+        let more = format!("and {more} more");
+        if changes.lines.len() > LOGGED_CHANGES {
+            lines.push(&more);
+        }
         info!(
             digest = %step.digest,
             generation = step.table.generation,
             nodes = step.table.nodes.len(),
             services = step.table.services.len(),
             backends = step.table.services.iter().map(|s| s.backends.len()).sum::<usize>(),
+            changes = %lines.join("; "),
             "applied the cluster's merged table"
         );
     }
