@@ -237,11 +237,26 @@ impl Daemon {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// The daemon's process id (`/proc/PID` for its CPU time), while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(std::process::Child::id)
+    }
+
     /// Stops the daemon with SIGTERM and returns its exit status.
     pub fn stop(&mut self) -> Result<std::process::ExitStatus> {
+        self.signal(libc::SIGTERM)
+    }
+
+    /// Kills the daemon with SIGKILL, as a crash would (it says goodbye to nobody), and returns
+    /// its exit status.
+    pub fn kill(&mut self) -> Result<std::process::ExitStatus> {
+        self.signal(libc::SIGKILL)
+    }
+
+    fn signal(&mut self, signal: libc::c_int) -> Result<std::process::ExitStatus> {
         let mut child = self.child.take().context("daemon already stopped")?;
         // SAFETY: signalling our own child by its pid.
-        unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+        unsafe { libc::kill(child.id() as libc::pid_t, signal) };
         Ok(child.wait()?)
     }
 }
