@@ -12,7 +12,10 @@
 //!   node's XDP sends leave it: `XDP_TX` against the TC path lbctl takes on veths;
 //! - `socket`: what the socket programs add to a node's own `connect` (ns per connect);
 //! - `metrics`: the `/metrics` page of a large table rendered in process, lbctl's hand-written
-//!   renderer against the same page encoded by the `prometheus-client` crate.
+//!   renderer against the same page encoded by the `prometheus-client` crate;
+//! - `cluster`: N real `lbctl daemon --cluster` in namespaces on one underlay: how long a change
+//!   and a failed node take to reach every node, from each daemon's own log, and each daemon's
+//!   CPU at rest.
 //!
 //! Run by `cargo bench` (which passes `--bench`) it measures in full and writes the report; run
 //! by `cargo test` (no `--bench`) it is a smoke run of a few seconds, so the benchmark cannot rot:
@@ -22,6 +25,7 @@
 //! Needs root (namespaces, BPF), `lbctl` and `lb-testsrv` built in the same profile; the
 //! `metrics` section alone needs none of them.
 
+mod cluster;
 mod control;
 mod e2e;
 mod live;
@@ -49,6 +53,12 @@ pub struct Options {
     pub seconds: f64,
     /// Sections to run.
     pub sections: Vec<Section>,
+    /// Daemons of the `cluster` section (default: 50, 3 in a smoke run).
+    pub nodes: Option<usize>,
+    /// `--gossip-interval` and `--phi-threshold` for the `cluster` section's daemons, as
+    /// `lbctl daemon` takes them (default: the daemon's defaults).
+    pub gossip_interval: Option<String>,
+    pub phi_threshold: Option<String>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -60,10 +70,11 @@ pub enum Section {
     Socket,
     Pps,
     Metrics,
+    Cluster,
 }
 
 impl Section {
-    const ALL: [Section; 7] = [
+    const ALL: [Section; 8] = [
         Section::Packet,
         Section::E2e,
         Section::Control,
@@ -71,6 +82,7 @@ impl Section {
         Section::Socket,
         Section::Pps,
         Section::Metrics,
+        Section::Cluster,
     ];
 
     fn name(self) -> &'static str {
@@ -82,6 +94,7 @@ impl Section {
             Section::Socket => "socket",
             Section::Pps => "pps",
             Section::Metrics => "metrics",
+            Section::Cluster => "cluster",
         }
     }
 
@@ -97,14 +110,16 @@ impl Section {
             .find(|s| s.name() == name)
             .with_context(|| {
                 format!(
-                    "unknown section {name:?} (packet, e2e, control, transmit, socket, pps, metrics)"
+                    "unknown section {name:?} (packet, e2e, control, transmit, socket, pps, \
+                     metrics, cluster)"
                 )
             })
     }
 }
 
 const USAGE: &str = "usage: lbbench [--bench] [--smoke] [--out DIR] [--seconds S] \
-                     [--only packet,e2e,control,transmit,socket,pps,metrics]";
+                     [--only packet,e2e,control,transmit,socket,pps,metrics,cluster] \
+                     [--nodes N] [--gossip-interval DURATION] [--phi-threshold PHI]";
 
 /// libtest's own flags, which `cargo test` may pass to every test binary, this one included:
 /// ignored (this is no libtest binary). The ones that take a value take it as `--flag=VALUE`
@@ -146,6 +161,9 @@ fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Parsed> {
     let mut out = None;
     let mut seconds = None;
     let mut sections = Section::ALL.to_vec();
+    let mut nodes = None;
+    let mut gossip_interval = None;
+    let mut phi_threshold = None;
     let mut filters = Vec::new();
     let mut args = args.into_iter();
     while let Some(arg) = args.next() {
@@ -167,6 +185,22 @@ fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Parsed> {
                 }
                 seconds = Some(s);
             }
+            "--nodes" => {
+                let text = value("--nodes")?;
+                let n: usize = text
+                    .parse()
+                    .with_context(|| format!("--nodes {text:?} is not a number"))?;
+                if !(cluster::MIN_NODES..=cluster::MAX_NODES).contains(&n) {
+                    bail!(
+                        "--nodes must be {} to {}, not {n}",
+                        cluster::MIN_NODES,
+                        cluster::MAX_NODES
+                    );
+                }
+                nodes = Some(n);
+            }
+            "--gossip-interval" => gossip_interval = Some(value("--gossip-interval")?),
+            "--phi-threshold" => phi_threshold = Some(value("--phi-threshold")?),
             "--only" => {
                 sections = value("--only")?
                     .split(',')
@@ -204,6 +238,9 @@ fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Parsed> {
         out: out.unwrap_or_else(default_out),
         seconds: seconds.unwrap_or(if smoke { 0.3 } else { 3.0 }),
         sections,
+        nodes,
+        gossip_interval,
+        phi_threshold,
     }))
 }
 
@@ -244,6 +281,7 @@ fn main() -> Result<()> {
             Section::Socket => socket::run(&opts),
             Section::Pps => pps::run(&opts),
             Section::Metrics => metrics::run(&opts),
+            Section::Cluster => cluster::run(&opts),
         }
         .with_context(|| format!("bench section {}", section.name()))?;
         measurements.extend(found);
