@@ -539,13 +539,23 @@ impl Cluster {
         self.killed.push(victim);
         let others: Vec<usize> = self.running().collect();
         let times = self.wait_applied(&others, at, &format!("- {task}"))?;
+        let name = format!("\"{}\"", self.mesh.node_name(victim));
         for &i in &others {
             let tasks = self.web_tasks(i)?;
-            ensure!(
-                !tasks.contains(&task),
-                "{} logged {task} as removed, but its table still has it: {tasks:?}",
-                self.mesh.node_name(i)
-            );
+            if tasks.contains(&task) {
+                // Its log about the killed node says why (declared alive again?).
+                let log = self.daemon(i).log_text();
+                let about: Vec<&str> = log
+                    .lines()
+                    .filter(|l| l.contains(&name) || l.contains(&task))
+                    .collect();
+                bail!(
+                    "{} logged {task} as removed, but its table has it again; its log about {}:\n{}",
+                    self.mesh.node_name(i),
+                    self.mesh.node_name(victim),
+                    about.join("\n")
+                );
+            }
             ensure!(
                 tasks.len() == self.nodes() - self.killed.len(),
                 "{} has {} tasks of {SERVICE} with {} of {} nodes killed: {tasks:?}",
