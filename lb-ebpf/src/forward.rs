@@ -246,8 +246,9 @@ fn how_to_send(hop: &mut NextHop) {
             xmit = XMIT_REDIRECT | XMIT_PEER;
         }
     }
-    // SAFETY: only presence is read.
-    if xmit != 0 && unsafe { TX_VIA_TC.get(&hop.ifindex) }.is_some() {
+    // SAFETY: only presence is read. (Also for the interface a packet came in on, which XDP_TX
+    // sends out of: it need not be a redirect target.)
+    if unsafe { TX_VIA_TC.get(&hop.ifindex) }.is_some() {
         xmit |= XMIT_VIA_TC;
     } else if xmit & XMIT_PEER != 0 {
         // Only TC can send into a port's other end: without its cookie, the kernel routes.

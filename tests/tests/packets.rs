@@ -9,8 +9,8 @@ use dataplane::*;
 use etherparse::Ipv4Header;
 use etherparse::PacketBuilder;
 use lb_common::{
-    DEFAULT_VNI, DEFAULT_VXLAN_PORT, Event, FlowKey, PROTO_UDP, Reason, ReverseValue,
-    SNAT_PORT_COUNT, SNAT_PORT_FIRST, VXLAN_OVERHEAD, flow_hash,
+    BridgePortKey, DEFAULT_VNI, DEFAULT_VXLAN_PORT, Event, FlowKey, PROTO_UDP, Reason,
+    ReverseValue, SNAT_PORT_COUNT, SNAT_PORT_FIRST, VXLAN_OVERHEAD, flow_hash,
 };
 use lb_userspace::dataplane::{self as lb_dataplane, sync};
 use lb_userspace::table::{Proto, Scheduler, parse_backend, parse_backend_spec};
@@ -422,11 +422,13 @@ fn frames_for_an_interface_that_sends_through_tc_are_readied_and_handed_over() {
         note.extend_from_slice(&node.ifindex.to_ne_bytes());
         for (name, frame, reason) in &cases {
             node.maps.tx_via_tc.insert(node.ifindex, cookie, 0).unwrap();
+            node.forget_routes();
             let before = node.reason(*reason);
             let (action, handed_over) = node.xdp(frame, ingress);
             assert_eq!(action, XDP_PASS, "{name}: handed to TC");
             assert_eq!(node.reason(*reason), before + 1, "{name}");
             node.maps.tx_via_tc.remove(&node.ifindex).unwrap();
+            node.forget_routes();
             let (action, sent) = node.xdp(frame, ingress);
             assert_eq!(action, XDP_TX, "{name}: sent by XDP");
             assert_eq!(
@@ -441,6 +443,48 @@ fn frames_for_an_interface_that_sends_through_tc_are_readied_and_handed_over() {
             0,
             "counted by TC ingress, not run here"
         );
+    });
+}
+
+/// A backend behind a port of one of the node's bridges (`BRIDGE_PORTS`: the FIB's interface
+/// and the backend's MAC → the port; here `lbt0` stands for the bridge, and the port is made
+/// up): the frame is readied as for XDP_TX (MACs, TTL, DNAT) and handed to TC with the port's
+/// cookie and its index marked "into its other end". Without the port's cookie the kernel
+/// routes the flow's next packet.
+#[test]
+fn frames_for_a_backend_behind_a_bridge_port_are_handed_to_tc_for_its_other_end() {
+    with_node(|node| {
+        let port: u32 = 4242;
+        let cookie: u32 = 0x0b1d_9e00;
+        let key = BridgePortKey {
+            bridge_ifindex: node.ifindex,
+            mac: backend_mac(0),
+            _pad: [0; 2],
+        };
+        node.maps.bridge_ports.insert(key, port, 0).unwrap();
+        node.maps.tx_via_tc.insert(port, cookie, 0).unwrap();
+        node.forget_routes();
+        let (action, handed_over) = node.xdp(&client_syn(40201), None);
+        assert_eq!(action, XDP_PASS);
+        assert_eq!(node.reason(Reason::ForwardRedirect), 1);
+        let mut note = cookie.to_ne_bytes().to_vec();
+        note.extend_from_slice(&(port | 1 << 31).to_ne_bytes());
+        let (handed_note, frame) = handed_over.split_at(note.len());
+        assert_eq!(handed_note, note.as_slice());
+        assert_eq!(
+            (&frame[0..6], &frame[6..12]),
+            (&backend_mac(0)[..], &node.mac[..])
+        );
+        assert_eq!(frame[22], 63, "TTL");
+        assert_eq!(frame[30..34], BACKENDS[0], "DNAT");
+        assert_checksums_valid(frame);
+
+        node.maps.tx_via_tc.remove(&port).unwrap();
+        node.forget_routes();
+        let (action, _) = node.xdp(&client_tcp(40201, WEB_PORT, "A"), None);
+        assert_eq!(action, XDP_PASS);
+        assert_eq!(node.reason(Reason::ForwardStack), 1);
+        assert_eq!(node.reason(Reason::ForwardRedirect), 1);
     });
 }
 

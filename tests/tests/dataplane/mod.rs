@@ -173,6 +173,19 @@ pub fn if_index(name: &str) -> u32 {
 }
 
 impl Node {
+    /// Empties the XDP program's route cache (`ROUTE_CACHE`), as loading the programs anew does:
+    /// a test that changes how an interface sends (`TX_VIA_TC`, `TX_PORTS`, `BRIDGE_PORTS`)
+    /// in place would otherwise see the cached decision for up to 25 ticks.
+    pub fn forget_routes(&mut self) {
+        let cpus = aya::util::nr_cpus().unwrap();
+        let mut cache: aya::maps::PerCpuArray<_, [u64; 5]> =
+            aya::maps::PerCpuArray::try_from(self.ebpf.map_mut("ROUTE_CACHE").unwrap()).unwrap();
+        for slot in 0..cache.len() {
+            let empty = aya::maps::PerCpuValues::try_from(vec![[0u64; 5]; cpus]).unwrap();
+            cache.set(slot, empty, 0).unwrap();
+        }
+    }
+
     pub fn apply(&mut self) {
         let actual = self.maps.read_contents().unwrap();
         let delta = sync::delta(&sync::desired(&self.table, self.self_node), &actual);
