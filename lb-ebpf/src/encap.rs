@@ -171,7 +171,10 @@ fn route_to_node(
     );
     match rc {
         BPF_FIB_LKUP_RET_SUCCESS if hop.ifindex == ingress => Ok(Egress::Tx(hop)),
-        BPF_FIB_LKUP_RET_SUCCESS if hop.xmit & forward::XMIT_REDIRECT != 0 => {
+        // Not into a bridge port's other end: nodes are reached as before.
+        BPF_FIB_LKUP_RET_SUCCESS
+            if hop.xmit & forward::XMIT_REDIRECT != 0 && hop.xmit & forward::XMIT_PEER == 0 =>
+        {
             Ok(Egress::Redirect(hop))
         }
         BPF_FIB_LKUP_RET_FRAG_NEEDED => Err(Reason::DropEncapMtu),

@@ -60,6 +60,19 @@ pub enum Egress {
     Stack,
 }
 
+impl Egress {
+    /// The way out for a packet that must not go into a bridge port's other end (a reply, an
+    /// encapsulated packet: sent as before, through the kernel): such a redirect becomes
+    /// `Stack`.
+    #[inline(always)]
+    pub fn without_peer(self) -> Egress {
+        match self {
+            Egress::Redirect(hop) if hop.xmit & XMIT_PEER != 0 => Egress::Stack,
+            egress => egress,
+        }
+    }
+}
+
 /// Looks up the route from `src` to `dst` (network byte order) for a packet of `tot_len` bytes
 /// (IPv4 total length, 0 to skip the MTU check) as if it had arrived on `ifindex`. Works for XDP
 /// and TC contexts alike. Returns the kernel's `BPF_FIB_LKUP_RET_*` code and the next hop.
@@ -343,6 +356,16 @@ pub fn route(
 ) -> Result<(u32, Reason), Reason> {
     let [tx, redirect, stack] = reasons;
     let reason = match egress {
+        // Into a bridge port's other end, which only TC can send to: the note first, so that
+        // a driver that cannot carry it (no XDP metadata) leaves the packet to the kernel as
+        // it is, rather than readied for a next hop the kernel would take for another host.
+        Egress::Redirect(hop) if hop.xmit & XMIT_PEER != 0 => {
+            if xmit::through_tc(ctx, hop.ifindex, true).is_none() {
+                return Ok((xdp_action::XDP_PASS, stack));
+            }
+            prepare_l2(ctx, hop).ok_or(Reason::PassTruncated)?;
+            return Ok((xdp_action::XDP_PASS, redirect));
+        }
         Egress::Tx(hop) => {
             prepare_l2(ctx, hop).ok_or(Reason::PassTruncated)?;
             tx
@@ -377,7 +400,7 @@ pub fn to_backend(
     if snat_ip_be != 0 && matches!(egress, Egress::Stack) {
         return Ok((xdp_action::XDP_DROP, Reason::DropSnatNoRoute));
     }
-    route(
+    let outcome = route(
         ctx,
         &egress,
         [
@@ -385,11 +408,17 @@ pub fn to_backend(
             Reason::ForwardRedirect,
             Reason::ForwardStack,
         ],
-    )
+    );
+    // A bridge port's hand-over that could not be made: not for the kernel either.
+    if snat_ip_be != 0 && matches!(outcome, Ok((_, Reason::ForwardStack))) {
+        return Ok((xdp_action::XDP_DROP, Reason::DropSnatNoRoute));
+    }
+    outcome
 }
 
 /// Sends a prepared packet: XDP_TX, a redirect through `TX_PORTS`, or, towards an interface
-/// where those cannot deliver, through the TC ingress program (`xmit`).
+/// where those cannot deliver, through the TC ingress program (`xmit`). Never into a bridge
+/// port's other end ([`route`] does that; the other paths take [`Egress::without_peer`]).
 #[inline(always)]
 pub fn send(ctx: &XdpContext, egress: &Egress) -> u32 {
     // Out of `hop.ifindex`, which for XDP_TX is the interface the frame came in on.
@@ -398,7 +427,7 @@ pub fn send(ctx: &XdpContext, egress: &Egress) -> u32 {
         Egress::Stack => return xdp_action::XDP_PASS,
     };
     if hop.xmit & XMIT_VIA_TC != 0
-        && let Some(action) = xmit::through_tc(ctx, hop.ifindex, hop.xmit & XMIT_PEER != 0)
+        && let Some(action) = xmit::through_tc(ctx, hop.ifindex, false)
     {
         return action;
     }

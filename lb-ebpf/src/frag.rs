@@ -292,7 +292,7 @@ pub fn remember_delivery(first: &Packet, id_be: u16) {
 pub fn later_from_node(ctx: &XdpContext, frag: &Fragment) -> Result<(u32, Reason), Reason> {
     if let Some(nat) = recall(&key_of(frag, TO_CLIENT)) {
         let pkt = later_as_packet(frag, frag.dst_ip_be);
-        let egress = forward::decide(ctx, &pkt, nat.ip_be, frag.dst_ip_be);
+        let egress = forward::decide(ctx, &pkt, nat.ip_be, frag.dst_ip_be).without_peer();
         let (hop, reason) = match egress {
             Egress::Tx(ref hop) => (hop, Reason::ReplyTx),
             Egress::Redirect(ref hop) => (hop, Reason::ReplyRedirect),

@@ -25,7 +25,7 @@ pub fn reply(
     conntrack::note_reply(pkt, reverse);
     let hairpin = reverse.client_ip_be != 0;
     let (client_ip_be, client_port_be) = conntrack::client_of(pkt, reverse);
-    let egress = forward::decide(ctx, pkt, reverse.orig_ip_be, client_ip_be);
+    let egress = forward::decide(ctx, pkt, reverse.orig_ip_be, client_ip_be).without_peer();
     let (hop, reason) = match egress {
         Egress::Tx(ref hop) => (hop, Reason::ReplyTx),
         Egress::Redirect(ref hop) => (hop, Reason::ReplyRedirect),
