@@ -331,6 +331,16 @@ fn maps_an_older_lbctl_pinned_with_fewer_entries_or_a_shorter_value_are_migrated
     pin_in_place_of(&dir.join(map_names::BACKEND_STATS), older_backends.map());
     // And it had no SERVICE_PORTS: without it filled, no packet would find a service.
     std::fs::remove_file(dir.join(map_names::SERVICE_PORTS)).unwrap();
+    // This lbctl refuses to change such an instance's table before `upgrade`, and saves nothing.
+    let api = topo.backend_addr(0).to_string();
+    let refused = lbctl
+        .run(&["service", "add", "api", "8081", &api])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        refused.contains("have no SERVICE_PORTS") && refused.contains("run `lbctl upgrade`"),
+        "{refused}"
+    );
 
     let out = lbctl.run(&["upgrade"]).unwrap();
     let reason_entries = format!("{} → {REASON_COUNT} entries", REASON_COUNT - 2);
@@ -382,6 +392,7 @@ fn maps_an_older_lbctl_pinned_with_fewer_entries_or_a_shorter_value_are_migrated
         assert_eq!(now.new_flows, 3, "backend {id}");
         assert!(now.packets > totals.packets, "backend {id}: {now:?}");
     }
+    assert!(!lbctl.run(&["service", "ls"]).unwrap().contains("api"));
     // Recorded: the next upgrade keeps every map.
     let out = lbctl.run(&["upgrade"]).unwrap();
     let all = format!("{} kept as they were", map_names::ALL.len());

@@ -88,7 +88,7 @@ pub fn attach(
 /// place, keeping (or migrating) the maps.
 pub fn upgrade(instance: &Instance) -> Result<String> {
     let _lock = instance::lock(instance)?;
-    let mut state = attached_state(instance)?;
+    let mut state = attached_state_of_any_build(instance)?;
     // Pins an earlier lbctl made do not record the state folder yet.
     instance::record_state_dir(instance)?;
     let installed = install::install(instance, &state, None)?;

@@ -91,8 +91,16 @@ fn reconcile(instance: &Instance, state: &mut State) -> Result<usize> {
 }
 
 /// Loads the state of an instance that has an interface attached (service commands need the
-/// maps that attach creates).
+/// maps that attach creates), with every map this lbctl declares pinned: a change could not be
+/// applied to an older lbctl's (`lbctl upgrade` first), so none is saved.
 fn attached_state(instance: &Instance) -> Result<State> {
+    let state = attached_state_of_any_build(instance)?;
+    crate::dataplane::require_this_builds_maps(&instance.maps_dir())?;
+    Ok(state)
+}
+
+/// [`attached_state`] whichever lbctl pinned the maps (`upgrade` installs this one's).
+fn attached_state_of_any_build(instance: &Instance) -> Result<State> {
     let state = state::load(&instance.state_dir)?;
     if state.attachments.is_empty()
         || !instance

@@ -154,8 +154,30 @@ pub fn subnet_value(subnet: &Subnet, underlay: Option<Ipv4Addr>) -> u32 {
     }
 }
 
+/// Fails, naming them, when the pinned maps in `pin_dir` lack maps this lbctl declares: an
+/// instance whose programs an older lbctl installed, until `lbctl upgrade` installs this one's
+/// (and creates them).
+pub fn require_this_builds_maps(pin_dir: &Path) -> Result<()> {
+    let missing: Vec<&str> = map_names::ALL
+        .iter()
+        .copied()
+        .filter(|name| !pin_dir.join(name).exists())
+        .collect();
+    if !missing.is_empty() {
+        bail!(
+            "the instance's maps have no {}, which this lbctl adds: its programs were installed \
+             by an older lbctl; run `lbctl upgrade` to install this one's",
+            missing.join(", ")
+        );
+    }
+    Ok(())
+}
+
 fn open(pin_dir: &Path, name: &str) -> Result<Map> {
     let path = pin_dir.join(name);
+    if !path.exists() && pin_dir.join(map_names::SERVICES).exists() {
+        require_this_builds_maps(pin_dir)?;
+    }
     let data = MapData::from_pin(&path).with_context(|| format!("opening {}", path.display()))?;
     Map::from_map_data(data).with_context(|| format!("{name} has an unexpected map type"))
 }
