@@ -791,6 +791,7 @@ pub mod map_names {
     pub const SOCK_PEERS: &str = "SOCK_PEERS";
     pub const SERVICE_PORTS: &str = "SERVICE_PORTS";
     pub const BRIDGE_PORTS: &str = "BRIDGE_PORTS";
+    pub const PEER_PORTS: &str = "PEER_PORTS";
 
     /// Every map, so that pinning cannot forget one.
     pub const ALL: &[&str] = &[
@@ -818,6 +819,7 @@ pub mod map_names {
         SOCK_PEERS,
         SERVICE_PORTS,
         BRIDGE_PORTS,
+        PEER_PORTS,
     ];
 }
 

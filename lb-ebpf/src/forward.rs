@@ -15,7 +15,9 @@ use network_types::eth::EthHdr;
 
 use crate::{
     csum,
-    maps::{BRIDGE_PORTS, CachedRoute, ROUTE_CACHE, ROUTE_CACHE_BITS, TX_PORTS, TX_VIA_TC},
+    maps::{
+        BRIDGE_PORTS, CachedRoute, PEER_PORTS, ROUTE_CACHE, ROUTE_CACHE_BITS, TX_PORTS, TX_VIA_TC,
+    },
     nat::{load16, store16},
     parse::{IP_CHECK_OFF, IP_TTL_OFF, Packet, ptr_at},
     xmit,
@@ -254,7 +256,9 @@ fn how_to_send(hop: &mut NextHop) {
             _pad: [0; 2],
         };
         // SAFETY: copied out at once.
-        if let Some(port) = unsafe { BRIDGE_PORTS.get(&key) }.copied() {
+        if let Some(port) = unsafe { BRIDGE_PORTS.get(&key) }.copied()
+            && PEER_PORTS.get(port).is_some()
+        {
             hop.ifindex = port;
             xmit = XMIT_REDIRECT | XMIT_PEER;
         }

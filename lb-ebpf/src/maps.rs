@@ -82,6 +82,13 @@ pub static HOST_MACS: HashMap<MacKey, u32> = HashMap::with_max_entries(MAX_HOST_
 pub static BRIDGE_PORTS: HashMap<BridgePortKey, u32> =
     HashMap::with_max_entries(MAX_BRIDGE_PORTS, 0);
 
+/// The ports `BRIDGE_PORTS` names, as devices (index → index), written with it: the kernel
+/// takes a device out of a devmap the moment it goes away, so the port of a container deleted
+/// since userspace last looked is seen gone at once, and its packets take the kernel's path
+/// (which finds the container that replaced it) instead of vanishing into a dead port.
+#[map]
+pub static PEER_PORTS: DevMapHash = DevMapHash::with_max_entries(MAX_BRIDGE_PORTS, 0);
+
 /// The IPv4 addresses of this node's interfaces, written by userspace: a node's own socket
 /// that connects to one of them on a published port is given a backend (`socklb`). A set: the
 /// value is unused (0).

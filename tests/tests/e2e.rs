@@ -6,7 +6,8 @@ use std::{collections::BTreeMap, net::SocketAddrV4, time::Duration};
 use lb_tests::{
     Lbctl,
     client::{self, KeepAlive, Reply, http_get_new_connection, per_backend},
-    topology::{NODE_UPLINK, SingleNode, SingleNodeSpec},
+    netns,
+    topology::{NODE_UPLINK, SingleNode, SingleNodeSpec, TASK_BRIDGE},
 };
 
 /// Requests on the kept-alive connection (and new connections beside them) of the long-lived
@@ -92,6 +93,70 @@ fn forwarded_by_the_kernel(topo: &SingleNode) -> u64 {
         .iter()
         .find_map(|item| item["counter"]["packets"].as_u64())
         .unwrap()
+}
+
+/// A backend container replaced behind the node's bridge, Docker's way (a new veth, the same
+/// address and MAC), with no lbctl command and no daemon after it: the data plane sees the old
+/// port gone at once (the kernel takes it out of `PEER_PORTS`) and sends the backend's packets
+/// through the kernel, which finds the new port; the next command sends them into it again.
+#[test]
+fn a_backend_replaced_behind_the_bridge_is_served_without_a_command() {
+    let spec = SingleNodeSpec {
+        backends: 2,
+        ..SingleNodeSpec::default()
+    };
+    let (topo, lbctl) = balanced(spec, 8080);
+    assert_each_backend_served(&topo, &new_connections(&topo, 8080, 4), 2);
+    let peer_sent = |lbctl: &Lbctl| {
+        stats_json(lbctl)["reasons"]["xmit_peer"]["packets"]
+            .as_u64()
+            .unwrap()
+    };
+    assert!(peer_sent(&lbctl) > 0);
+
+    // Backend 0's veth is replaced: the server in its namespace goes on listening.
+    let (node, backend) = (topo.node(), topo.backend_ns(0));
+    let mac = backend.mac("eth0").unwrap();
+    let addr = topo.backend_addr(0);
+    node.ip(["link", "del", "vb0"]).unwrap();
+    netns::veth(backend, "eth0", node, "vb0").unwrap();
+    let mac_text = netns::format_mac(mac);
+    backend
+        .ip(["link", "set", "eth0", "address", &mac_text])
+        .unwrap();
+    node.ip(["link", "set", "vb0", "master", TASK_BRIDGE])
+        .unwrap();
+    node.disable_tx_offload("vb0").unwrap();
+    backend
+        .ip(["addr", "add", &format!("{}/24", addr.ip()), "dev", "eth0"])
+        .unwrap();
+    let gateway = format!(
+        "{}",
+        std::net::Ipv4Addr::from(u32::from(*addr.ip()) & !0xff | 1)
+    );
+    backend
+        .ip(["route", "add", "default", "via", &gateway])
+        .unwrap();
+
+    // No command since: every connection is served, backend 0's through the kernel.
+    let before = stats_json(&lbctl);
+    assert_each_backend_served(&topo, &new_connections(&topo, 8080, 10), 5);
+    let after = stats_json(&lbctl);
+    let moved = |reason: &str| {
+        after["reasons"][reason]["packets"].as_u64().unwrap()
+            - before["reasons"][reason]["packets"].as_u64().unwrap()
+    };
+    assert!(moved("forward_stack") >= 3 * 5, "{}", after["reasons"]);
+
+    // The next command reads the bridge again: into the new port, once the route cache has let
+    // its answer for backend 0 go (25 ticks: 100 ms at HZ=250, 250 ms at HZ=100).
+    lbctl
+        .run(&["service", "set", "web", "--scheduler", "rr"])
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let before = peer_sent(&lbctl);
+    assert_each_backend_served(&topo, &new_connections(&topo, 8080, 10), 5);
+    assert!(peer_sent(&lbctl) - before >= 3 * 10);
 }
 
 #[test]

@@ -447,14 +447,25 @@ fn frames_for_an_interface_that_sends_through_tc_are_readied_and_handed_over() {
 }
 
 /// A backend behind a port of one of the node's bridges (`BRIDGE_PORTS`: the FIB's interface
-/// and the backend's MAC → the port; here `lbt0` stands for the bridge, and the port is made
-/// up): the frame is readied as for XDP_TX (MACs, TTL, DNAT) and handed to TC with the port's
-/// cookie and its index marked "into its other end". Without the port's cookie the kernel
-/// routes the flow's next packet.
+/// and the backend's MAC → the port; here `lbt0` stands for the bridge, and the port is a veth
+/// of the test's): the frame is readied as for XDP_TX (MACs, TTL, DNAT) and handed to TC with
+/// the port's cookie and its index marked "into its other end". Without the port's cookie,
+/// and once the port is deleted (a container replaced: the kernel takes it out of
+/// `PEER_PORTS`), the kernel routes the flow's next packets.
 #[test]
 fn frames_for_a_backend_behind_a_bridge_port_are_handed_to_tc_for_its_other_end() {
     with_node(|node| {
-        let port: u32 = 4242;
+        let ip = |args: &[&str]| {
+            let out = std::process::Command::new("ip")
+                .args(args)
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "ip {args:?}: {out:?}");
+        };
+        ip(&[
+            "link", "add", "ptport", "type", "veth", "peer", "name", "ptpeer",
+        ]);
+        let port = if_index("ptport");
         let cookie: u32 = 0x0b1d_9e00;
         let key = BridgePortKey {
             bridge_ifindex: node.ifindex,
@@ -462,6 +473,7 @@ fn frames_for_a_backend_behind_a_bridge_port_are_handed_to_tc_for_its_other_end(
             _pad: [0; 2],
         };
         node.maps.bridge_ports.insert(key, port, 0).unwrap();
+        node.maps.peer_ports.insert(port, port, None, 0).unwrap();
         node.maps.tx_via_tc.insert(port, cookie, 0).unwrap();
         node.forget_routes();
         let (action, handed_over) = node.xdp(&client_syn(40201), None);
@@ -485,6 +497,22 @@ fn frames_for_a_backend_behind_a_bridge_port_are_handed_to_tc_for_its_other_end(
         assert_eq!(action, XDP_PASS);
         assert_eq!(node.reason(Reason::ForwardStack), 1);
         assert_eq!(node.reason(Reason::ForwardRedirect), 1);
+
+        node.maps.tx_via_tc.insert(port, cookie, 0).unwrap();
+        node.forget_routes();
+        node.xdp(&client_tcp(40201, WEB_PORT, "A"), None);
+        assert_eq!(node.reason(Reason::ForwardRedirect), 2);
+        ip(&["link", "del", "ptport"]);
+        assert!(
+            node.maps.peer_ports.get(port, 0).is_err(),
+            "the kernel took it out"
+        );
+        node.forget_routes();
+        let (action, out) = node.xdp(&client_tcp(40201, WEB_PORT, "A"), None);
+        assert_eq!(action, XDP_PASS);
+        assert_eq!(out.len(), client_tcp(40201, WEB_PORT, "A").len(), "no note");
+        assert_eq!(node.reason(Reason::ForwardStack), 2);
+        assert_eq!(node.reason(Reason::ForwardRedirect), 2);
     });
 }
 

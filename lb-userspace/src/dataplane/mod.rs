@@ -113,6 +113,7 @@ pub struct Maps {
     /// The MAC addresses of the namespace's interfaces (see [`Maps::sync_host_macs`]).
     pub host_macs: HashMap<MapData, MacKey, u32>,
     pub bridge_ports: HashMap<MapData, BridgePortKey, u32>,
+    pub peer_ports: DevMapHash<MapData>,
     /// The IPv4 addresses of the namespace's interfaces (see [`Maps::sync_host_addrs`]).
     pub host_addrs: HashMap<MapData, u32, u32>,
     /// `SocketLbConfig` in slot 0: whose sockets the socket programs act on.
@@ -218,6 +219,7 @@ impl Maps {
             onlink_subnets: get(map_names::ONLINK_SUBNETS)?.try_into()?,
             host_macs: get(map_names::HOST_MACS)?.try_into()?,
             bridge_ports: get(map_names::BRIDGE_PORTS)?.try_into()?,
+            peer_ports: get(map_names::PEER_PORTS)?.try_into()?,
             host_addrs: get(map_names::HOST_ADDRS)?.try_into()?,
             socket_lb: get(map_names::SOCKET_LB)?.try_into()?,
         })
@@ -236,10 +238,10 @@ impl Maps {
     }
 
     /// Brings `BRIDGE_PORTS` in line with `ports` (`underlay::bridge_ports`: (bridge, MAC) →
-    /// port), and gives each port its `TX_VIA_TC` cookie, which XDP's note to TC must carry.
-    /// A port's cookie is added before its entries and dropped after them, and `TX_VIA_TC`'s
-    /// entries of attached interfaces (`TX_PORTS`) are left to `install`. Returns the number of
-    /// writes.
+    /// port), and gives each port its `PEER_PORTS` entry and its `TX_VIA_TC` cookie, which
+    /// XDP's note to TC must carry. A port's entry and cookie are added before its
+    /// `BRIDGE_PORTS` entries and dropped after them, and `TX_VIA_TC`'s entries of attached
+    /// interfaces (`TX_PORTS`) are left to `install`. Returns the number of writes.
     pub fn sync_bridge_ports(&mut self, ports: &BTreeMap<(u32, [u8; 6]), u32>) -> Result<usize> {
         let wanted: BTreeMap<BridgePortKey, u32> = ports
             .iter()
@@ -268,7 +270,18 @@ impl Maps {
             .iter()
             .collect::<Result<_, _>>()
             .context("reading BRIDGE_PORTS")?;
+        let devices: BTreeSet<u32> = self
+            .peer_ports
+            .keys()
+            .collect::<Result<_, _>>()
+            .context("reading PEER_PORTS")?;
         let mut writes = 0;
+        for port in wanted_ports.difference(&devices) {
+            // A port that went away since it was listed: left out until the next sync.
+            if self.peer_ports.insert(*port, *port, None, 0).is_ok() {
+                writes += 1;
+            }
+        }
         for port in wanted_ports.difference(&cookies) {
             self.tx_via_tc
                 .insert(port, random_cookie()?, 0)
@@ -287,6 +300,11 @@ impl Maps {
             self.bridge_ports
                 .remove(key)
                 .context("removing an entry from BRIDGE_PORTS")?;
+            writes += 1;
+        }
+        for gone in devices.difference(&wanted_ports) {
+            // Gone already if the device was deleted (the kernel removes it).
+            let _ = self.peer_ports.remove(*gone);
             writes += 1;
         }
         for gone in cookies
