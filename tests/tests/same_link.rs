@@ -344,6 +344,14 @@ fn the_nodes_own_connections_never_take_a_published_port() {
     }
     lan.lbctl.run(&["service", "rm", "web"]).unwrap();
     assert_eq!(reserved(&lan), PUBLISHED.to_string(), "dns still needs it");
+    // The next port too: the kernel lists the two as one range, which stays lbctl's.
+    let echo_text = echo.to_string();
+    lan.lbctl
+        .run(&[
+            "service", "add", "near", &next, &echo_text, "--proto", "udp",
+        ])
+        .unwrap();
+    assert_eq!(reserved(&lan), format!("{PUBLISHED}-{next}"));
     lan.lbctl.run(&["purge"]).unwrap();
     assert_eq!(reserved(&lan), "");
     let state_dir = lan.lbctl.state_dir();

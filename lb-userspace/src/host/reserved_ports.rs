@@ -26,36 +26,38 @@ pub fn wanted(table: &Table) -> BTreeSet<u16> {
         .collect()
 }
 
-/// One entry of the sysctl's list: a port or an inclusive range.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-struct Entry(u16, u16);
-
-impl Entry {
-    fn contains(&self, port: u16) -> bool {
-        (self.0..=self.1).contains(&port)
-    }
-}
-
-fn parse(text: &str) -> Result<Vec<Entry>> {
-    text.split(',')
+/// The ports the sysctl's list `text` reserves. The kernel keeps a bitmap and lists runs of
+/// adjacent ports as one range (`9000,9001` reads back as `9000-9001`), so a list is a set of
+/// ports, whatever entries wrote it.
+fn parse(text: &str) -> Result<BTreeSet<u16>> {
+    let mut ports = BTreeSet::new();
+    for item in text
+        .split(',')
         .map(str::trim)
         .filter(|item| !item.is_empty())
-        .map(|item| {
-            let (first, last) = item.split_once('-').unwrap_or((item, item));
-            let port = |p: &str| {
-                p.trim()
-                    .parse::<u16>()
-                    .with_context(|| format!("{SYSCTL} holds '{item}', not a port or range"))
-            };
-            Ok(Entry(port(first)?, port(last)?))
-        })
-        .collect()
+    {
+        let (first, last) = item.split_once('-').unwrap_or((item, item));
+        let port = |p: &str| {
+            p.trim()
+                .parse::<u16>()
+                .with_context(|| format!("{SYSCTL} holds '{item}', not a port or range"))
+        };
+        ports.extend(port(first)?..=port(last)?);
+    }
+    Ok(ports)
 }
 
-fn render(entries: &[Entry]) -> String {
-    entries
-        .iter()
-        .map(|Entry(first, last)| {
+/// `ports` as the kernel lists them: runs of adjacent ports as ranges.
+fn render(ports: &BTreeSet<u16>) -> String {
+    let mut runs: Vec<(u16, u16)> = Vec::new();
+    for &port in ports {
+        match runs.last_mut() {
+            Some((_, last)) if u32::from(*last) + 1 == u32::from(port) => *last = port,
+            _ => runs.push((port, port)),
+        }
+    }
+    runs.iter()
+        .map(|&(first, last)| {
             if first == last {
                 first.to_string()
             } else {
@@ -66,31 +68,22 @@ fn render(entries: &[Entry]) -> String {
         .join(",")
 }
 
-/// The sysctl's new value and the entries lbctl owns afterwards, from its current value
-/// `current`, the entries lbctl added before (`ours`) and the ports it wants reserved now. The
-/// operator's entries stay; a wanted port they reserve already is theirs, not lbctl's.
+/// The sysctl's new value and the ports lbctl owns afterwards, from its current value
+/// `current`, the ports lbctl added before (`ours`) and the ports it wants reserved now. The
+/// operator's ports stay; a wanted port they reserve already is theirs, not lbctl's.
 fn plan(
     current: &str,
     ours: &BTreeSet<u16>,
     wanted: &BTreeSet<u16>,
 ) -> Result<(String, BTreeSet<u16>)> {
-    let theirs: Vec<Entry> = parse(current)?
-        .into_iter()
-        .filter(|entry| !(entry.0 == entry.1 && ours.contains(&entry.0)))
-        .collect();
-    let now: BTreeSet<u16> = wanted
-        .iter()
-        .copied()
-        .filter(|&port| !theirs.iter().any(|entry| entry.contains(port)))
-        .collect();
-    let mut entries: Vec<Entry> = theirs;
-    entries.extend(now.iter().map(|&port| Entry(port, port)));
-    entries.sort();
-    Ok((render(&entries), now))
+    let theirs: BTreeSet<u16> = parse(current)?.difference(ours).copied().collect();
+    let now: BTreeSet<u16> = wanted.difference(&theirs).copied().collect();
+    let all: BTreeSet<u16> = theirs.union(&now).copied().collect();
+    Ok((render(&all), now))
 }
 
-/// Reserves `wanted` in this namespace, given the entries lbctl added before (`ours`); returns
-/// the entries lbctl owns now. Writes the sysctl only when its value changes.
+/// Reserves `wanted` in this namespace, given the ports lbctl added before (`ours`); returns
+/// the ports lbctl owns now. Writes the sysctl only when its value changes.
 pub fn sync(ours: &BTreeSet<u16>, wanted: &BTreeSet<u16>) -> Result<BTreeSet<u16>> {
     let current = fs::read_to_string(SYSCTL).with_context(|| format!("reading {SYSCTL}"))?;
     let (value, now) = plan(&current, ours, wanted)?;
@@ -133,6 +126,22 @@ mod tests {
         // Later unwanted by lbctl: the operator's range is untouched.
         let (value, _) = plan(&value, &ours, &ports(&[])).unwrap();
         assert_eq!(value, "8000-8100");
+    }
+
+    #[test]
+    fn adjacent_ports_the_kernel_lists_as_one_range_are_still_lbctls() {
+        let (value, ours) = plan("", &ports(&[]), &ports(&[9000, 9001, 9003])).unwrap();
+        assert_eq!(value, "9000-9001,9003");
+        // As the kernel reads them back: one range, still lbctl's own ports.
+        let (value, ours) = plan("9000-9001,9003", &ours, &ports(&[9001])).unwrap();
+        assert_eq!((value.as_str(), ours.clone()), ("9001", ports(&[9001])));
+        let (value, ours) = plan("22,9001", &ours, &ports(&[])).unwrap();
+        assert_eq!((value.as_str(), ours), ("22", ports(&[])));
+        // The operator's range next to lbctl's ports keeps every port of its own.
+        let (value, ours) = plan("8000-8099", &ports(&[]), &ports(&[8100])).unwrap();
+        assert_eq!(value, "8000-8100");
+        let (value, _) = plan(&value, &ours, &ports(&[])).unwrap();
+        assert_eq!(value, "8000-8099");
     }
 
     #[test]
