@@ -140,6 +140,76 @@ fn an_unhealthy_backend_gets_no_new_connections_and_returns_once_healthy() {
     }
 }
 
+/// A UDP service's backends are probed with a datagram, not a TCP connect to their port (which
+/// marked every UDP backend unhealthy, and the service failed open): one whose host refuses it
+/// (nothing listens there: ICMP port unreachable) turns unhealthy and gets no new flows, one
+/// whose server takes it stays healthy.
+#[test]
+fn a_udp_service_is_probed_with_datagrams() {
+    let (topo, lbctl) = published(SingleNodeSpec {
+        backends: 2,
+        ..SingleNodeSpec::default()
+    });
+    let live = topo.backend_udp_addr(0);
+    let dead = SocketAddrV4::new(*topo.backend_udp_addr(1).ip(), live.port() + 1);
+    let (live_text, dead_text) = (live.to_string(), dead.to_string());
+    lbctl
+        .run(&[
+            "service", "add", "dns", "5400", &live_text, &dead_text, "--proto", "udp",
+        ])
+        .unwrap();
+    let set = lbctl
+        .run(&[
+            "service",
+            "health",
+            "dns",
+            "--interval",
+            "300ms",
+            "--timeout",
+            "250ms",
+            "--fall",
+            "2",
+            "--rise",
+            "2",
+        ])
+        .unwrap();
+    assert!(set.contains("UDP datagram"), "{set}");
+    let metrics: SocketAddr = "127.0.0.1:9617".parse().unwrap();
+    let _daemon = lbctl.start_daemon(metrics, topo.node()).unwrap();
+    let health_of = |addr: &str| {
+        let doc: serde_json::Value =
+            serde_json::from_str(&lbctl.run(&["service", "ls", "--json"]).unwrap()).unwrap();
+        let services = doc["services"].as_array().unwrap();
+        let dns = services.iter().find(|s| s["name"] == "dns").unwrap();
+        let backend = dns["backends"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|b| b["address"] == addr);
+        backend.unwrap()["health"].as_str().unwrap().to_owned()
+    };
+    let start = Instant::now();
+    while (health_of(&live_text), health_of(&dead_text))
+        != ("healthy".to_owned(), "unhealthy".to_owned())
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "{live_text} {}, {dead_text} {}",
+            health_of(&live_text),
+            health_of(&dead_text)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let service = SocketAddrV4::new(topo.node_uplink_ip(), 5400);
+    for _ in 0..6 {
+        let reply = topo
+            .client()
+            .in_netns(|| client::udp_request(service))
+            .unwrap();
+        assert_eq!(reply.backend, topo.backend_name(0));
+    }
+}
+
 #[test]
 fn every_backend_unhealthy_fails_open_and_is_counted() {
     let (topo, lbctl) = published(SingleNodeSpec {

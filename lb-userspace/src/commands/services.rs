@@ -199,8 +199,15 @@ pub fn backend_drain(
 
 /// Changes a service's health-check settings.
 pub fn service_health(instance: &Instance, service: &str, update: &HealthUpdate) -> Result<String> {
-    let (_, check) = change_table(instance, |table| table.update_health_check(service, update))?;
-    Ok(format!("{service}: {}", check.describe()))
+    let (state, check) =
+        change_table(instance, |table| table.update_health_check(service, update))?;
+    let proto = state
+        .table
+        .services
+        .iter()
+        .find(|s| s.name == service)
+        .map_or(Proto::Tcp, |s| s.proto);
+    Ok(format!("{service}: {}", check.describe(proto)))
 }
 
 pub fn backend_rm(instance: &Instance, service: &str, addrs: &[BackendSpec]) -> Result<String> {

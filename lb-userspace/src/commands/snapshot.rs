@@ -206,7 +206,7 @@ fn service_snapshot(service: &Service, counters: Option<&Counters<'_>>) -> Resul
         vip: service.vip,
         frontend: service.frontend(),
         scheduler: service.scheduler,
-        health_check: service.health_check.describe(),
+        health_check: service.health_check.describe(service.proto),
         fail_open,
         backends,
     })

@@ -1,13 +1,14 @@
-//! Health checks: the probe (a TCP connect, or an HTTP GET with an expected status) and the
-//! rise/fall state machine that turns probe results into a backend's health.
+//! Health checks: the probe (a TCP connect, for a UDP service a datagram that must not be
+//! refused, or an HTTP GET with an expected status) and the rise/fall state machine that turns
+//! probe results into a backend's health.
 use std::{net::SocketAddrV4, time::Duration};
 
 use tokio::{
     io::{AsyncReadExt as _, AsyncWriteExt as _},
-    net::TcpStream,
+    net::{TcpStream, UdpSocket},
 };
 
-use crate::table::{Health, HealthCheck};
+use crate::table::{Health, HealthCheck, Proto};
 
 /// Consecutive results of one backend's probes.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -52,9 +53,16 @@ impl Tracker {
 /// Why a probe failed, for the logs.
 pub type ProbeError = String;
 
-/// Probes `addr` once as `check` says, within its timeout.
-pub async fn probe(addr: SocketAddrV4, check: &HealthCheck) -> Result<(), ProbeError> {
+/// Probes `addr`, a backend of a `proto` service, once as `check` says, within its timeout.
+pub async fn probe(
+    addr: SocketAddrV4,
+    proto: Proto,
+    check: &HealthCheck,
+) -> Result<(), ProbeError> {
     let timeout = Duration::from_millis(check.timeout_ms);
+    if proto == Proto::Udp && check.http_path.is_none() {
+        return probe_udp(addr, timeout).await;
+    }
     let attempt = async {
         let mut stream = TcpStream::connect(addr)
             .await
@@ -93,6 +101,30 @@ pub async fn probe(addr: SocketAddrV4, check: &HealthCheck) -> Result<(), ProbeE
     tokio::time::timeout(timeout, attempt)
         .await
         .unwrap_or_else(|_| Err(format!("no answer within {} ms", check.timeout_ms)))
+}
+
+/// A UDP backend has no connection to open: an empty datagram is sent to it, and the probe
+/// fails if the backend's host refuses it (an ICMP port unreachable, `ECONNREFUSED`: nothing
+/// listens there) or cannot be reached; a reply, or silence for the whole timeout (the
+/// datagram was taken), passes. Keepalived's `UDP_CHECK` without a payload does the same. A TCP
+/// connect to the same port number, the probe of a TCP service, would test another server.
+async fn probe_udp(addr: SocketAddrV4, timeout: Duration) -> Result<(), ProbeError> {
+    let socket = UdpSocket::bind("0.0.0.0:0")
+        .await
+        .map_err(|err| format!("bind: {err}"))?;
+    socket
+        .connect(addr)
+        .await
+        .map_err(|err| format!("connect: {err}"))?;
+    socket
+        .send(&[])
+        .await
+        .map_err(|err| format!("send: {err}"))?;
+    let mut reply = [0u8; 1];
+    match tokio::time::timeout(timeout, socket.recv(&mut reply)).await {
+        Err(_) | Ok(Ok(_)) => Ok(()),
+        Ok(Err(err)) => Err(format!("datagram refused: {err}")),
+    }
 }
 
 /// The status code of an HTTP/1.x status line.

@@ -34,7 +34,7 @@ use crate::{
     host::underlay,
     instance::Instance,
     instance::state,
-    table::{HealthCheck, diff::TableDiff},
+    table::{HealthCheck, Proto, diff::TableDiff},
 };
 
 /// Where metrics are served unless `--metrics-addr` says otherwise: loopback only (metrics
@@ -294,6 +294,8 @@ async fn census_loop(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
 /// A backend this node probes.
 struct Probe {
     addr: SocketAddrV4,
+    /// The service's protocol: a UDP service's backends get a datagram, not a connect.
+    proto: Proto,
     check: HealthCheck,
     tracker: Tracker,
     next_due: Instant,
@@ -326,10 +328,15 @@ async fn health_loop(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
                     }
                     probe.running = true;
                     probe.next_due = now + Duration::from_millis(probe.check.interval_ms);
-                    let (key, addr, check, tx) =
-                        (key.clone(), probe.addr, probe.check.clone(), results_tx.clone());
+                    let (key, addr, proto, check, tx) = (
+                        key.clone(),
+                        probe.addr,
+                        probe.proto,
+                        probe.check.clone(),
+                        results_tx.clone(),
+                    );
                     tokio::spawn(async move {
-                        let _ = tx.send((key, health::probe(addr, &check).await));
+                        let _ = tx.send((key, health::probe(addr, proto, &check).await));
                     });
                 }
             }
@@ -398,20 +405,29 @@ async fn reload(shared: &Arc<Shared>, probes: &mut HashMap<ProbeKey, Probe>) {
             }
             wanted.insert(
                 (service.name.clone(), backend.id),
-                (backend.addr, service.health_check.clone(), backend.health),
+                (
+                    backend.addr,
+                    service.proto,
+                    service.health_check.clone(),
+                    backend.health,
+                ),
             );
         }
     }
     probes.retain(|key, _| wanted.contains_key(key));
     let now = Instant::now();
-    for (key, (addr, check, health)) in wanted {
+    for (key, (addr, proto, check, health)) in wanted {
         match probes.get_mut(&key) {
-            Some(probe) if probe.addr == addr => probe.check = check,
+            Some(probe) if probe.addr == addr => {
+                probe.check = check;
+                probe.proto = proto;
+            }
             _ => {
                 probes.insert(
                     key,
                     Probe {
                         addr,
+                        proto,
                         check,
                         tracker: Tracker::new(health),
                         next_due: now,

@@ -189,7 +189,7 @@ fn service_changes(diff: &mut TableDiff, was: &Service, is: &Service) -> Option<
         parts.push(format!("scheduler {} → {}", was.scheduler, is.scheduler));
     }
     if was.health_check != is.health_check {
-        parts.push(format!("health: {}", is.health_check.describe()));
+        parts.push(format!("health: {}", is.health_check.describe(is.proto)));
     }
     (!parts.is_empty()).then(|| {
         format!(

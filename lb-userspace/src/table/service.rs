@@ -175,13 +175,15 @@ impl HealthCheck {
     }
 
     /// One line saying how the backends are checked.
-    pub fn describe(&self) -> String {
+    /// The settings in words, for a service of `proto`.
+    pub fn describe(&self, proto: Proto) -> String {
         if !self.enabled {
             return "health checks off".to_owned();
         }
-        let probe = match &self.http_path {
-            Some(path) => format!("HTTP GET {path} expecting {}", self.expect_status),
-            None => "TCP connect".to_owned(),
+        let probe = match (&self.http_path, proto) {
+            (Some(path), _) => format!("HTTP GET {path} expecting {}", self.expect_status),
+            (None, Proto::Tcp) => "TCP connect".to_owned(),
+            (None, Proto::Udp) => "UDP datagram (port unreachable fails it)".to_owned(),
         };
         format!(
             "{probe} every {}, timeout {}, unhealthy after {} failures, healthy after {} successes",
