@@ -242,6 +242,23 @@ impl Daemon {
         self.child.as_ref().map(std::process::Child::id)
     }
 
+    /// Waits up to `timeout` for the daemon to exit on its own; its exit status if it did.
+    pub fn wait_exit(
+        &mut self,
+        timeout: std::time::Duration,
+    ) -> Result<Option<std::process::ExitStatus>> {
+        let start = std::time::Instant::now();
+        while start.elapsed() < timeout {
+            let child = self.child.as_mut().context("daemon already stopped")?;
+            if let Some(status) = child.try_wait()? {
+                self.child = None;
+                return Ok(Some(status));
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        Ok(None)
+    }
+
     /// Stops the daemon with SIGTERM and returns its exit status.
     pub fn stop(&mut self) -> Result<std::process::ExitStatus> {
         self.signal(libc::SIGTERM)

@@ -210,6 +210,26 @@ fn a_udp_service_is_probed_with_datagrams() {
     }
 }
 
+/// `purge` takes the instance away from under a running daemon: the daemon sees it and stops
+/// (exit 0, one log line) instead of warning every second until someone stops it.
+#[test]
+fn a_daemon_stops_once_its_instance_is_purged() {
+    let (topo, mut lbctl) = published(SingleNodeSpec {
+        backends: 1,
+        ..SingleNodeSpec::default()
+    });
+    let metrics: SocketAddr = "127.0.0.1:9617".parse().unwrap();
+    let mut daemon = lbctl.start_daemon(metrics, topo.node()).unwrap();
+    lbctl.purge().unwrap();
+    let status = daemon.wait_exit(Duration::from_secs(20)).unwrap();
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "{status:?}: {}",
+        daemon.log_text()
+    );
+    assert!(daemon.log_text().contains("the instance was purged"));
+}
+
 #[test]
 fn every_backend_unhealthy_fails_open_and_is_counted() {
     let (topo, lbctl) = published(SingleNodeSpec {

@@ -177,14 +177,24 @@ async fn serve(instance: Instance, options: Options) -> Result<()> {
         }
         None => None,
     };
+    let marker = shared
+        .instance
+        .maps_dir()
+        .join(lb_common::map_names::SERVICES);
     let health = tokio::spawn(health_loop(shared.clone(), stop_rx.clone()));
     let census = tokio::spawn(census_loop(shared.clone(), stop_rx));
     let app = Router::new()
         .route("/metrics", get(metrics_page))
         .route("/", get(|| async { "lbctl daemon: metrics at /metrics\n" }))
         .with_state(shared);
+    let stopped = async move {
+        tokio::select! {
+            () = stop_signal() => {}
+            () = instance_purged(marker) => {}
+        }
+    };
     let served = axum::serve(listener, app)
-        .with_graceful_shutdown(stop_signal())
+        .with_graceful_shutdown(stopped)
         .await
         .context("serving metrics");
     let _ = stop_tx.send(true);
@@ -194,6 +204,18 @@ async fn serve(instance: Instance, options: Options) -> Result<()> {
     }
     info!("lbctl daemon stopped; the data plane keeps forwarding");
     served
+}
+
+/// Resolves once the instance is purged (`marker`, one of its pinned maps, is gone): the daemon
+/// has nothing left to serve, and its loops would warn every second until stopped.
+async fn instance_purged(marker: std::path::PathBuf) {
+    loop {
+        tokio::time::sleep(RELOAD_EVERY).await;
+        if !marker.exists() {
+            info!("the instance was purged: stopping");
+            return;
+        }
+    }
 }
 
 /// Resolves on the first SIGTERM or SIGINT.
