@@ -69,6 +69,26 @@ fn wait_for_health(lbctl: &Lbctl, topo: &SingleNode, i: usize, health: &str) -> 
     }
 }
 
+/// Probes `service`'s backends every 300 ms (timeout 250 ms, fall 2, rise 2), so that the
+/// tests see health flip within seconds; returns what `service health` said.
+fn fast_checks(lbctl: &Lbctl, service: &str) -> String {
+    lbctl
+        .run(&[
+            "service",
+            "health",
+            service,
+            "--interval",
+            "300ms",
+            "--timeout",
+            "250ms",
+            "--fall",
+            "2",
+            "--rise",
+            "2",
+        ])
+        .unwrap()
+}
+
 fn expected(topo: &SingleNode, served: &[usize], per: usize) -> BTreeMap<String, usize> {
     served
         .iter()
@@ -80,21 +100,7 @@ fn expected(topo: &SingleNode, served: &[usize], per: usize) -> BTreeMap<String,
 fn an_unhealthy_backend_gets_no_new_connections_and_returns_once_healthy() {
     let (mut topo, lbctl) = published(SingleNodeSpec::default());
     let (interval_ms, timeout_ms, fall) = (300, 250, 2);
-    lbctl
-        .run(&[
-            "service",
-            "health",
-            "web",
-            "--interval",
-            "300ms",
-            "--timeout",
-            "250ms",
-            "--fall",
-            "2",
-            "--rise",
-            "2",
-        ])
-        .unwrap();
+    fast_checks(&lbctl, "web");
     let metrics: SocketAddr = "127.0.0.1:9617".parse().unwrap();
     let daemon = lbctl.start_daemon(metrics, topo.node()).unwrap();
     for i in 0..topo.backend_count() {
@@ -158,21 +164,7 @@ fn a_udp_service_is_probed_with_datagrams() {
             "service", "add", "dns", "5400", &live_text, &dead_text, "--proto", "udp",
         ])
         .unwrap();
-    let set = lbctl
-        .run(&[
-            "service",
-            "health",
-            "dns",
-            "--interval",
-            "300ms",
-            "--timeout",
-            "250ms",
-            "--fall",
-            "2",
-            "--rise",
-            "2",
-        ])
-        .unwrap();
+    let set = fast_checks(&lbctl, "dns");
     assert!(set.contains("UDP datagram"), "{set}");
     let metrics: SocketAddr = "127.0.0.1:9617".parse().unwrap();
     let _daemon = lbctl.start_daemon(metrics, topo.node()).unwrap();
