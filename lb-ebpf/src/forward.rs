@@ -157,15 +157,16 @@ fn fib_lookup_into(ctx: *mut c_void, query: &FibQuery, hop: &mut NextHop) -> u32
 }
 
 /// [`fib_lookup_raw`] through a per-CPU cache of recent answers by destination, for XDP, with
-/// how XDP sends to the egress interface (`NextHop::via_tc`, `NextHop::redirect`).
+/// how XDP sends to the next hop (`NextHop::xmit`, [`how_to_send`]).
 ///
 /// A FIB lookup costs more than all the rest of an established flow's path, and the next hop
 /// of a backend, a node or a client rarely changes: so each CPU keeps what the FIB answered
-/// for [`ROUTE_CACHE_TTL_JIFFIES`], in a direct-mapped table (a colliding destination just looks up
-/// again). The source address only matters to policy routing by source, which a cached answer
-/// ignores for that time. So does the interface's entries in `TX_VIA_TC` and `TX_PORTS`, which
+/// for [`ROUTE_CACHE_TTL_JIFFIES`], in a direct-mapped table (a colliding destination just
+/// looks up again). The source address only matters to policy routing by source, which a
+/// cached answer ignores for that time. So do the entries of `TX_VIA_TC` and `TX_PORTS`, which
 /// change only when an interface is attached or detached (an attach loads new programs, with
-/// an empty cache; a frame redirected to an interface just detached goes to the kernel).
+/// an empty cache; a frame redirected to an interface just detached goes to the kernel), and
+/// of `BRIDGE_PORTS` and `PEER_PORTS` (a port deleted meanwhile drops what TC sends into it).
 /// `tot_len` must not be 0: the cached MTU is checked against it.
 #[inline(always)]
 pub fn fib_lookup_cached(
@@ -401,9 +402,6 @@ pub fn to_backend(
         pkt.src_ip_be
     };
     let egress = decide(ctx, pkt, src_ip_be, backend_ip_be);
-    if snat_ip_be != 0 && matches!(egress, Egress::Stack) {
-        return Ok((xdp_action::XDP_DROP, Reason::DropSnatNoRoute));
-    }
     let outcome = route(
         ctx,
         &egress,
@@ -413,7 +411,8 @@ pub fn to_backend(
             Reason::ForwardStack,
         ],
     );
-    // A bridge port's hand-over that could not be made: not for the kernel either.
+    // Through the kernel (no next hop XDP sends to, or a bridge port's hand-over that could not
+    // be made), untouched but for the NAT.
     if snat_ip_be != 0 && matches!(outcome, Ok((_, Reason::ForwardStack))) {
         return Ok((xdp_action::XDP_DROP, Reason::DropSnatNoRoute));
     }

@@ -181,9 +181,9 @@ pub const ROUTE_CACHE_SLOTS: u32 = 1 << ROUTE_CACHE_BITS;
 pub const ROUTE_CACHE_BITS: u32 = 10;
 
 /// A FIB answer this CPU got for `dst_ip_be`, arriving on `ingress_ifindex`, at
-/// `checked_jiffies` (the kernel's tick count; 0: empty slot). Only answers that do not depend on the packet are
-/// kept: a forward (with its egress MTU, so the length check still applies to every packet)
-/// and "local address". With a forward, how XDP sends to its next hop (`xmit`): each a hash
+/// `checked_jiffies` (the kernel's tick count; 0: empty slot). Only answers that do not depend
+/// on the packet are kept: a forward (with its egress MTU, so the length check still applies
+/// to every packet) and "local address". With a forward, how XDP sends to its next hop (`xmit`): each a hash
 /// lookup spared per packet (`TX_PORTS`, `TX_VIA_TC`, `BRIDGE_PORTS`); `ifindex` is then the
 /// bridge port a next hop behind a bridge is reached through.
 #[repr(C)]

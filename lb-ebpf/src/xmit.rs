@@ -47,8 +47,8 @@ pub fn through_tc(ctx: &XdpContext, ifindex: u32, peer: bool) -> Option<u32> {
         return None;
     }
     let note: *mut XmitNote = ptr_at(ctx.metadata(), ctx.data(), 0)?;
-    // SAFETY: bounds checked by ptr_at against the start of the packet.
     let ifindex = if peer { ifindex | NOTE_PEER } else { ifindex };
+    // SAFETY: bounds checked by ptr_at against the start of the packet.
     unsafe { note.write_unaligned(XmitNote { cookie, ifindex }) };
     Some(xdp_action::XDP_PASS)
 }
