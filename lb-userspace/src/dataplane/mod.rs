@@ -225,16 +225,16 @@ impl Maps {
         })
     }
 
-    /// Brings what the data plane takes for this node's own (`ONLINK_SUBNETS`, `HOST_MACS`) in
-    /// line with the namespace's interfaces now, `attached` the interfaces lbctl is on and
-    /// `underlay` this node's address in the mesh. Returns the number of writes.
+    /// Brings what the data plane takes for this node's own (`ONLINK_SUBNETS`, `HOST_MACS`,
+    /// `HOST_ADDRS`, `BRIDGE_PORTS`) in line with the namespace's interfaces now
+    /// (`underlay::host_view`, read once), `attached` the interfaces lbctl is on and `underlay`
+    /// this node's address in the mesh. Returns the number of writes.
     pub fn sync_host(&mut self, attached: &[&str], underlay: Option<Ipv4Addr>) -> Result<usize> {
-        Ok(
-            self.sync_subnets(&crate::host::underlay::local_subnets()?, underlay)?
-                + self.sync_host_macs(&crate::host::underlay::attached_macs(attached)?)?
-                + self.sync_host_addrs(&crate::host::underlay::local_addrs()?)?
-                + self.sync_bridge_ports(&crate::host::underlay::bridge_ports()?)?,
-        )
+        let host = crate::host::underlay::host_view(attached)?;
+        Ok(self.sync_subnets(&host.subnets, underlay)?
+            + self.sync_host_macs(&host.attached_macs)?
+            + self.sync_host_addrs(&host.addrs)?
+            + self.sync_bridge_ports(&host.bridge_ports)?)
     }
 
     /// Brings `BRIDGE_PORTS` in line with `ports` (`underlay::bridge_ports`: (bridge, MAC) →
@@ -337,7 +337,7 @@ impl Maps {
             .context("writing SOCKET_LB")
     }
 
-    /// Brings `HOST_MACS` in line with `macs` (see `underlay::attached_macs`): a
+    /// Brings `HOST_MACS` in line with `macs` (`underlay::HostView::attached_macs`): a
     /// flow starts only from a frame addressed to one of them (or to every host). Returns the
     /// number of writes.
     pub fn sync_host_macs(&mut self, macs: &BTreeSet<[u8; 6]>) -> Result<usize> {
@@ -352,7 +352,7 @@ impl Maps {
     }
 
     /// Brings `ONLINK_SUBNETS` in line with `subnets` (the namespace's, see
-    /// `underlay::local_subnets`): a flow whose client is in its backend's subnet is a hairpin
+    /// `underlay::HostView::subnets`): a flow whose client is in its backend's subnet is a hairpin
     /// flow. The subnet of this node's `underlay` address (in a mesh) is marked 0: the other
     /// nodes route it alike, so its clients are answered through the tunnel. Returns the number
     /// of writes.

@@ -22,6 +22,33 @@ use serde::{Deserialize, Serialize};
 use super::netlink::{FdbEntry, Link, Neighbour, Route, Rtnl};
 use crate::table::Node;
 
+/// What the data plane takes from the namespace's own interfaces (`Maps::sync_host`), read in
+/// one go: one address listing, one route netlink socket, one link listing.
+pub struct HostView {
+    /// See [`local_subnets`].
+    pub subnets: BTreeSet<Subnet>,
+    /// See [`local_addrs`].
+    pub addrs: BTreeSet<Ipv4Addr>,
+    /// See [`macs_of`].
+    pub attached_macs: BTreeSet<[u8; 6]>,
+    /// See [`bridge_ports`].
+    pub bridge_ports: BTreeMap<(u32, [u8; 6]), u32>,
+}
+
+/// The namespace's [`HostView`], `attached` the interfaces lbctl is on.
+pub fn host_view(attached: &[&str]) -> Result<HostView> {
+    let addrs = interface_addrs()?;
+    let mut rtnl = Rtnl::open().map_err(anyhow::Error::msg)?;
+    let links = rtnl.links().map_err(anyhow::Error::msg)?;
+    let fdb = rtnl.bridge_fdb().map_err(anyhow::Error::msg)?;
+    Ok(HostView {
+        subnets: local_subnets(&addrs),
+        addrs: addrs.iter().map(|a| a.addr).collect(),
+        attached_macs: macs_of(&links, attached),
+        bridge_ports: veth_ports(&links, &fdb),
+    })
+}
+
 /// The hosts behind a port of one of the namespace's bridges that the data plane can send to
 /// directly (`BRIDGE_PORTS`): (bridge, MAC) → the port, for every MAC a bridge reaches through a
 /// port that is a veth (a container's, whose other end is in the container's namespace).
@@ -51,13 +78,6 @@ pub fn local_addrs() -> Result<BTreeSet<Ipv4Addr>> {
 /// The MAC addresses a frame arriving on one of the `attached` interfaces may carry to be this
 /// node's: the interface's own, and its master's (a bridge it is a port of). Only these: a
 /// Docker host has a veth per container, and the map is bounded.
-pub fn attached_macs(attached: &[&str]) -> Result<BTreeSet<[u8; 6]>> {
-    let links = Rtnl::open()
-        .and_then(|mut rtnl| rtnl.links())
-        .map_err(anyhow::Error::msg)?;
-    Ok(macs_of(&links, attached))
-}
-
 fn macs_of(links: &[Link], attached: &[&str]) -> BTreeSet<[u8; 6]> {
     let masters: BTreeSet<u32> = links
         .iter()
@@ -136,14 +156,14 @@ impl std::fmt::Display for Subnet {
     }
 }
 
-/// The subnets of the namespace's interfaces other than loopback: where a client and a backend
-/// may reach each other over a link without this node.
-pub fn local_subnets() -> Result<BTreeSet<Subnet>> {
-    Ok(interface_addrs()?
-        .into_iter()
+/// The subnets of the namespace's interfaces (`addrs`) other than loopback: where a client and
+/// a backend may reach each other over a link without this node.
+fn local_subnets(addrs: &[InterfaceAddr]) -> BTreeSet<Subnet> {
+    addrs
+        .iter()
         .filter(|a| !a.loopback)
         .filter_map(|a| Subnet::of(a.addr, a.netmask?))
-        .collect())
+        .collect()
 }
 
 /// The MTU of an interface of the namespace.

@@ -122,8 +122,8 @@ pub fn with_node_of(flow_capacity: u32, body: impl FnOnce(&mut Node) + Send) {
         tc.load().unwrap();
         let mut maps = Maps::take(&mut ebpf).unwrap();
         // Frames for another host's MAC start no flow: lbt0's is this node's.
-        maps.sync_host_macs(&lb_userspace::host::underlay::attached_macs(&["lbt0"]).unwrap())
-            .unwrap();
+        let host = lb_userspace::host::underlay::host_view(&["lbt0"]).unwrap();
+        maps.sync_host_macs(&host.attached_macs).unwrap();
         let ifindex = if_index("lbt0");
         let mut node = Node {
             ebpf,
