@@ -34,6 +34,7 @@ fn render_1000_services_of_10_backends() {
                 scheduler: Scheduler::default(),
                 health_check: String::new(),
                 fail_open: false,
+                origin: Default::default(),
                 backends: (0..10u32)
                     .map(|b| BackendSnapshot {
                         addr: format!("10.{}.{}.{b}:8080", s / 256, s % 256)

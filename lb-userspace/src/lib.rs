@@ -16,7 +16,10 @@
 //! - [`commands`]: the operations behind every `lbctl` command, called by the CLI (`main.rs`)
 //!   and by the daemon: load the state, change the table, reconcile the maps and the host,
 //!   save.
-//! - [`daemon`]: `lbctl daemon`: health checks, metrics, the flow census and the cluster loop.
+//! - [`docker`]: following the Docker Engine (`lbctl daemon --docker`): this node's Swarm
+//!   tasks and the Swarm's services, read over the Engine API on its events.
+//! - [`daemon`]: `lbctl daemon`: health checks, metrics, the flow census, the cluster loop and
+//!   the Docker watcher.
 //!
 //! A command flows through them as: parse (`main.rs`, `table` values) → load the state
 //! (`instance::state`) → change the table (`table`) → desired map contents and the delta
@@ -26,6 +29,7 @@ pub mod cluster;
 pub mod commands;
 pub mod daemon;
 pub mod dataplane;
+pub mod docker;
 pub mod host;
 pub mod instance;
 pub mod table;

@@ -162,6 +162,14 @@ struct DaemonArgs {
     /// The failure detector's threshold (chitchat's phi: silence / mean heartbeat interval).
     #[arg(long, default_value_t = lb_userspace::cluster::gossip::DEFAULT_PHI_THRESHOLD, value_name = "PHI")]
     phi_threshold: f64,
+    /// Follow the Docker Engine: this node's Swarm tasks whose service has the container label
+    /// `lbctl.publish=PORT:TARGET` become backends of the service it names (see the README's
+    /// Docker Swarm section), with or without --cluster.
+    #[arg(long)]
+    docker: bool,
+    /// Where the Docker Engine listens (unix:///PATH or tcp://HOST:PORT).
+    #[arg(long, value_name = "URL", requires = "docker", default_value = lb_userspace::docker::DEFAULT_HOST)]
+    docker_host: String,
 }
 
 fn parse_node_name(s: &str) -> Result<String, String> {
@@ -489,6 +497,7 @@ fn daemon(instance: instance::Instance, args: DaemonArgs) -> anyhow::Result<()> 
             metrics_addr: args.metrics_addr,
             log_json: args.log_json,
             cluster,
+            docker_host: args.docker.then_some(args.docker_host),
         },
     )
 }

@@ -522,6 +522,7 @@ mod tests {
                         vip: None,
                         health_check: HealthCheck::default(),
                         scheduler: Default::default(),
+                        origin: Default::default(),
                     }),
                 },
             );

@@ -28,8 +28,8 @@ use lb_common::MAX_BACKENDS_PER_SERVICE;
 use serde::{Deserialize, Serialize};
 
 use crate::table::{
-    BackendSpec, Health, HealthCheck, Node, Proto, Scheduler, ServiceSpec, Table, default_weight,
-    fnv1a, is_default_weight,
+    BackendSpec, Health, HealthCheck, Node, Origin, Proto, Scheduler, ServiceSpec, Table,
+    default_weight, fnv1a, is_default_weight,
 };
 
 /// When a service record was written, and by which node: records are ordered by time, then by
@@ -53,6 +53,9 @@ pub struct ServiceDef {
     /// before there was a choice.
     #[serde(default, skip_serializing_if = "Scheduler::is_default")]
     pub scheduler: Scheduler,
+    /// Left out for the operator's, so records read the same as before Docker services.
+    #[serde(default, skip_serializing_if = "Origin::is_operator")]
+    pub origin: Origin,
 }
 
 /// A service as gossiped: its definition, or `None` once removed.
@@ -132,6 +135,7 @@ fn def_of(service: &crate::table::Service) -> ServiceDef {
         vip: service.vip,
         health_check: service.health_check.clone(),
         scheduler: service.scheduler,
+        origin: service.origin,
     }
 }
 
@@ -439,6 +443,10 @@ fn add_or_update(table: &mut Table, want: &MergedService) -> Result<(), String> 
     }
     if service.scheduler != want.def.scheduler {
         service.scheduler = want.def.scheduler;
+        changed = true;
+    }
+    if service.origin != want.def.origin {
+        service.origin = want.def.origin;
         changed = true;
     }
     for backend in &mut service.backends {
@@ -805,6 +813,7 @@ mod tests {
             vip: None,
             health_check: HealthCheck::default(),
             scheduler: Scheduler::default(),
+            origin: Origin::default(),
         }
     }
 

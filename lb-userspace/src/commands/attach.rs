@@ -171,13 +171,18 @@ pub fn purge(instance: &Instance) -> Result<String> {
     if let Err(err) = reserved_ports::sync(&state.reserved_ports, &BTreeSet::new()) {
         eprintln!("lbctl: warning: published ports left reserved: {err:#}");
     }
+    // The routes to Docker tasks (`daemon --docker`), found by their protocol number.
+    if let Err(err) = crate::host::task_routes::remove_others(&[]) {
+        eprintln!("lbctl: warning: routes to Docker tasks left behind: {err}");
+    }
     // The state, the cluster file (a daemon still running rewrites it at its next round;
     // stopped, it would only mislead) and the lock, then the folder unless it holds anything
     // else: a purged instance leaves nothing behind.
     let folder_removed = state::remove_folder(&instance.state_dir)?;
     drop(lock);
     let mut out = format!(
-        "purged '{}': programs detached, maps, managed neighbour entries and state removed",
+        "purged '{}': programs detached, maps, managed neighbour entries, routes to Docker tasks \
+         and state removed",
         instance.name
     );
     if !folder_removed {

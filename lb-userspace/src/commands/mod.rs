@@ -7,6 +7,7 @@
 //! brings the maps in line with it (a full reconcile, so an interrupted command heals on the
 //! next one).
 pub mod attach;
+pub mod docker;
 pub mod instances;
 pub mod membership;
 pub mod mesh;
@@ -15,6 +16,7 @@ pub mod show;
 pub mod snapshot;
 
 pub use attach::*;
+pub use docker::{DockerFollowed, docker_follow, mesh_port_in_use};
 pub use membership::*;
 pub use mesh::*;
 pub use services::*;

@@ -37,7 +37,10 @@ fn describe_scheduler(scheduler: Scheduler) -> &'static str {
 /// `lbctl service set`: changes how a service's new flows choose their backend. Existing flows
 /// keep theirs.
 pub fn service_set(instance: &Instance, name: &str, scheduler: Scheduler) -> Result<String> {
-    let (_, changed) = change_table(instance, |table| table.set_scheduler(name, scheduler))?;
+    let (_, changed) = change_table(instance, |table| {
+        docker::operators_only(table, name)?;
+        table.set_scheduler(name, scheduler)
+    })?;
     Ok(if changed {
         format!(
             "{name}: new flows choose by {}; existing flows keep their backend",
@@ -68,7 +71,10 @@ pub fn backend_weight(
 }
 
 pub fn service_rm(instance: &Instance, name: &str) -> Result<String> {
-    let (_, removed) = change_table(instance, |table| table.remove_service(name))?;
+    let (_, removed) = change_table(instance, |table| {
+        docker::operators_only(table, name)?;
+        table.remove_service(name)
+    })?;
     Ok(format!(
         "service {name} removed ({} is no longer balanced)",
         removed.frontend()
@@ -130,6 +136,19 @@ pub fn apply(instance: &Instance, source: &str, file: &TableFile, dry_run: bool)
 fn apply_file(state: &mut State, label: &str, file: &TableFile) -> Result<diff::TableDiff> {
     let before = state.table.clone();
     let mut services = file.services();
+    // Docker's services stay as they are: a file may not declare one.
+    for service in &services {
+        docker::operators_only(&state.table, &service.name)
+            .map_err(|err| anyhow!("{label}: {err}"))?;
+    }
+    services.extend(
+        state
+            .table
+            .services
+            .iter()
+            .filter(|s| !s.origin.is_operator())
+            .map(|s| s.spec()),
+    );
     if let Some(local) = &state.cluster {
         if file.nodes.is_some() {
             static_nodes_only(state).with_context(|| format!("{label} declares nodes"))?;
@@ -155,7 +174,10 @@ pub fn export(instance: &Instance) -> Result<String> {
 }
 
 pub fn backend_add(instance: &Instance, service: &str, addrs: &[BackendSpec]) -> Result<String> {
-    change_table(instance, |table| table.add_backends(service, addrs))?;
+    change_table(instance, |table| {
+        docker::operators_only(table, service)?;
+        table.add_backends(service, addrs)
+    })?;
     Ok(format!("{} backend(s) added to {service}", addrs.len()))
 }
 
@@ -199,8 +221,10 @@ pub fn backend_drain(
 
 /// Changes a service's health-check settings.
 pub fn service_health(instance: &Instance, service: &str, update: &HealthUpdate) -> Result<String> {
-    let (state, check) =
-        change_table(instance, |table| table.update_health_check(service, update))?;
+    let (state, check) = change_table(instance, |table| {
+        docker::operators_only(table, service)?;
+        table.update_health_check(service, update)
+    })?;
     let proto = state
         .table
         .services
@@ -211,7 +235,10 @@ pub fn service_health(instance: &Instance, service: &str, update: &HealthUpdate)
 }
 
 pub fn backend_rm(instance: &Instance, service: &str, addrs: &[BackendSpec]) -> Result<String> {
-    change_table(instance, |table| table.remove_backends(service, addrs))?;
+    change_table(instance, |table| {
+        docker::operators_only(table, service)?;
+        table.remove_backends(service, addrs)
+    })?;
     Ok(format!(
         "{} backend(s) removed from {service}; their flows move to the remaining backends",
         addrs.len()

@@ -14,6 +14,7 @@ struct ServiceListing<'a> {
     health_check: &'a str,
     id: u32,
     name: &'a str,
+    origin: crate::table::Origin,
     port: u16,
     proto: Proto,
     scheduler: Scheduler,
@@ -91,6 +92,7 @@ fn service_listing(service: &ServiceSnapshot) -> ServiceListing<'_> {
         health_check: &service.health_check,
         scheduler: service.scheduler,
         fail_open: service.fail_open,
+        origin: service.origin,
         backends,
     }
 }
@@ -143,9 +145,13 @@ fn services_text(snapshot: &Snapshot) -> String {
     }
     for service in &snapshot.services {
         out.push_str(&format!(
-            "{} {} ({} backends, {}; {}){}\n",
+            "{} {}{} ({} backends, {}; {}){}\n",
             service.name,
             service.frontend,
+            match service.origin {
+                crate::table::Origin::Docker => " from Docker",
+                crate::table::Origin::Operator => "",
+            },
             service.backends.len(),
             service.scheduler,
             service.health_check,

@@ -60,6 +60,8 @@ pub struct ServiceSnapshot {
     /// No backend is eligible (see [`BackendSnapshot::eligible`]) because they are all
     /// unhealthy, and new flows go to all of them anyway rather than being dropped.
     pub fail_open: bool,
+    /// Who defines it: the operator, or Docker (`lbctl daemon --docker`).
+    pub origin: crate::table::Origin,
     /// In the service's round-robin order. Addresses are unique within the service.
     pub backends: Vec<BackendSnapshot>,
 }
@@ -208,6 +210,7 @@ fn service_snapshot(service: &Service, counters: Option<&Counters<'_>>) -> Resul
         scheduler: service.scheduler,
         health_check: service.health_check.describe(service.proto),
         fail_open,
+        origin: service.origin,
         backends,
     })
 }

@@ -744,6 +744,7 @@ mod tests {
             scheduler: Scheduler::default(),
             health_check: "no health check".to_owned(),
             fail_open,
+            origin: Default::default(),
             backends,
         }
     }

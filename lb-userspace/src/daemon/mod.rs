@@ -31,6 +31,7 @@ use crate::{
     commands,
     daemon::health::Tracker,
     dataplane::{FlowCensus, Maps},
+    docker,
     host::underlay,
     instance::Instance,
     instance::state,
@@ -55,6 +56,8 @@ pub struct Options {
     pub log_json: bool,
     /// Join a gossiped cluster; `None`: the static table.
     pub cluster: Option<ClusterOptions>,
+    /// Follow the Docker Engine at this address (`--docker`).
+    pub docker_host: Option<String>,
 }
 
 /// How the daemon joins a gossiped cluster.
@@ -71,6 +74,8 @@ struct Shared {
     census: Mutex<Option<FlowCensus>>,
     /// The cluster as the last gossip round saw it (`--cluster` only).
     cluster: Mutex<Option<cluster::Status>>,
+    /// The Docker Engine link (`--docker` only).
+    docker: Option<Arc<Mutex<docker::Link>>>,
 }
 
 /// Runs until SIGTERM or SIGINT.
@@ -153,6 +158,10 @@ async fn serve(instance: Instance, options: Options) -> Result<()> {
         instance,
         census: Mutex::new(None),
         cluster: Mutex::new(None),
+        docker: options
+            .docker_host
+            .as_ref()
+            .map(|_| Arc::new(Mutex::new(docker::Link::default()))),
     });
     let (stop_tx, stop_rx) = watch::channel(false);
     let gossip = match options.cluster {
@@ -181,16 +190,35 @@ async fn serve(instance: Instance, options: Options) -> Result<()> {
         .instance
         .maps_dir()
         .join(lb_common::map_names::SERVICES);
+    // Docker's watcher stops the daemon only for what a restart would not cure.
+    let (fatal_tx, mut fatal_rx) = mpsc::channel::<anyhow::Error>(1);
+    let docker = match (&options.docker_host, &shared.docker) {
+        (Some(host), Some(link)) => {
+            let (instance, host, link) = (shared.instance.clone(), host.clone(), link.clone());
+            let stop = stop_rx.clone();
+            Some(tokio::spawn(async move {
+                if let Err(err) = docker::follow(instance, host, link, stop).await {
+                    let _ = fatal_tx.send(err).await;
+                }
+            }))
+        }
+        _ => None,
+    };
     let health = tokio::spawn(health_loop(shared.clone(), stop_rx.clone()));
     let census = tokio::spawn(census_loop(shared.clone(), stop_rx));
     let app = Router::new()
         .route("/metrics", get(metrics_page))
         .route("/", get(|| async { "lbctl daemon: metrics at /metrics\n" }))
         .with_state(shared);
+    let fatal = Arc::new(Mutex::new(None));
+    let fatal_seen = fatal.clone();
     let stopped = async move {
         tokio::select! {
             () = stop_signal() => {}
             () = instance_purged(marker) => {}
+            Some(err) = fatal_rx.recv() => {
+                *fatal_seen.lock().unwrap() = Some(err);
+            }
         }
     };
     let served = axum::serve(listener, app)
@@ -201,6 +229,13 @@ async fn serve(instance: Instance, options: Options) -> Result<()> {
     let _ = tokio::join!(health, census);
     if let Some(gossip) = gossip {
         let _ = gossip.await;
+    }
+    if let Some(docker) = docker {
+        let _ = docker.await;
+    }
+    if let Some(err) = fatal.lock().unwrap().take() {
+        error!(error = format!("{err:#}"), "lbctl daemon stopped");
+        return Err(err);
     }
     info!("lbctl daemon stopped; the data plane keeps forwarding");
     served

@@ -1,9 +1,10 @@
-//! Route netlink, spoken directly: the requests `underlay` makes of the kernel (list links,
-//! look a route up, list, add and delete neighbour entries), with the kernel's own error codes.
+//! Route netlink, spoken directly: the requests `underlay` and `task_routes` make of the kernel
+//! (list links, look a route up, list, add and delete neighbour entries and host routes), with
+//! the kernel's own error codes.
 //!
 //! A socket belongs to the namespace of the thread that opens it, so one opened after lbctl
 //! entered an instance's namespace (`setns`) reads and changes that namespace, as `getifaddrs`
-//! does. Used by `underlay` only.
+//! does. Used by `underlay` and `task_routes`.
 use std::{collections::BTreeMap, net::Ipv4Addr};
 
 use netlink_packet_core::{
@@ -16,7 +17,10 @@ use netlink_packet_route::{
     neighbour::{
         NeighbourAddress, NeighbourAttribute, NeighbourExtFlags, NeighbourMessage, NeighbourState,
     },
-    route::{RouteAddress, RouteAttribute, RouteFlags, RouteMessage, RouteType},
+    route::{
+        RouteAddress, RouteAttribute, RouteFlags, RouteHeader, RouteMessage, RouteProtocol,
+        RouteScope, RouteType,
+    },
 };
 use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_ROUTE};
 
@@ -100,6 +104,14 @@ impl Route {
         }
         route
     }
+}
+
+/// A host route (`/32`) of the main table, as a dump lists it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HostRoute {
+    pub dst: Ipv4Addr,
+    pub gateway: Option<Ipv4Addr>,
+    pub oif: Option<u32>,
 }
 
 /// An IPv4 neighbour entry as `RTM_GETNEIGH` lists it.
@@ -340,6 +352,80 @@ impl Rtnl {
             NLM_F_ACK | NLM_F_CREATE | NLM_F_REPLACE,
         )
         .map(drop)
+    }
+
+    /// The main table's IPv4 host routes made with `protocol` (`ip route show proto P`):
+    /// destination, gateway and interface index.
+    pub fn host_routes_of(&mut self, protocol: u8) -> Result<Vec<HostRoute>, String> {
+        let mut message = RouteMessage::default();
+        message.header.address_family = AddressFamily::Inet;
+        let answers = self
+            .request(RouteNetlinkMessage::GetRoute(message), NLM_F_DUMP)
+            .map_err(|err| format!("listing the routes: {err}"))?;
+        Ok(answers
+            .iter()
+            .filter_map(|answer| match answer {
+                RouteNetlinkMessage::NewRoute(route)
+                    if route.header.protocol == RouteProtocol::from(protocol)
+                        && route.header.destination_prefix_length == 32
+                        && route.header.table == RouteHeader::RT_TABLE_MAIN =>
+                {
+                    let dst = route.attributes.iter().find_map(|a| match a {
+                        RouteAttribute::Destination(RouteAddress::Inet(dst)) => Some(*dst),
+                        _ => None,
+                    })?;
+                    let found = Route::of(route);
+                    Some(HostRoute {
+                        dst,
+                        gateway: found.gateway,
+                        oif: found.oif,
+                    })
+                }
+                _ => None,
+            })
+            .collect())
+    }
+
+    fn host_route_message(dst: Ipv4Addr, protocol: u8) -> RouteMessage {
+        let mut message = RouteMessage::default();
+        message.header.address_family = AddressFamily::Inet;
+        message.header.destination_prefix_length = 32;
+        message.header.table = RouteHeader::RT_TABLE_MAIN;
+        message.header.protocol = RouteProtocol::from(protocol);
+        message.header.scope = RouteScope::Universe;
+        message.header.kind = RouteType::Unicast;
+        message
+            .attributes
+            .push(RouteAttribute::Destination(RouteAddress::Inet(dst)));
+        message
+    }
+
+    /// Routes `dst` through `gateway` on `ifindex`, marked with `protocol` (`ip route replace
+    /// DST/32 via GATEWAY dev DEV proto P`).
+    pub fn host_route_replace(
+        &mut self,
+        dst: Ipv4Addr,
+        gateway: Ipv4Addr,
+        ifindex: u32,
+        protocol: u8,
+    ) -> Result<(), String> {
+        let mut message = Self::host_route_message(dst, protocol);
+        message
+            .attributes
+            .push(RouteAttribute::Gateway(RouteAddress::Inet(gateway)));
+        message.attributes.push(RouteAttribute::Oif(ifindex));
+        self.request(
+            RouteNetlinkMessage::NewRoute(message),
+            NLM_F_ACK | NLM_F_CREATE | NLM_F_REPLACE,
+        )
+        .map(drop)
+    }
+
+    /// Deletes the host route to `dst` made with `protocol`.
+    pub fn host_route_delete(&mut self, dst: Ipv4Addr, protocol: u8) -> Result<(), String> {
+        let message = Self::host_route_message(dst, protocol);
+        self.request(RouteNetlinkMessage::DelRoute(message), NLM_F_ACK)
+            .map(drop)
     }
 
     /// Deletes the entry for `addr` on `ifindex`.

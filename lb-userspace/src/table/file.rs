@@ -160,9 +160,12 @@ impl TableFile {
                     })
                     .collect()
             }),
+            // Docker's services are Docker's to declare (`lbctl daemon --docker`): a file
+            // exported here and applied elsewhere must not copy them as the operator's.
             services: table
                 .services
                 .iter()
+                .filter(|s| s.origin.is_operator())
                 .map(|s| ServiceEntry {
                     name: s.name.clone(),
                     port: s.port,

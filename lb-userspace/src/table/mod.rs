@@ -1,10 +1,12 @@
 //! The operator's model: services, backends, nodes and the mesh settings, with the checks every
 //! change passes and the parsing of every value an operator types; the table file
-//! (`lbctl apply`/`export`) and the diff between two tables. Used by every other folder; uses
+//! (`lbctl apply`/`export`), the diff between two tables, and what Docker's labels and tasks
+//! make of the table (`docker`). Used by every other folder; uses
 //! none of them.
 //!
 //! The service table: what the operator asked for, validated. Pure logic, no I/O.
 pub mod diff;
+pub mod docker;
 pub mod file;
 mod nodes;
 mod replace;
@@ -170,6 +172,7 @@ impl Table {
             backends,
             health_check: HealthCheck::default(),
             scheduler: Scheduler::default(),
+            origin: Origin::default(),
         });
         self.next_service_id = (id + 1) % MAX_SERVICES;
         self.generation += 1;
@@ -251,6 +254,17 @@ impl Table {
             return Ok(false);
         }
         service.scheduler = scheduler;
+        self.generation += 1;
+        Ok(true)
+    }
+
+    /// Says who defines a service (see `Origin`). Returns whether anything changed.
+    pub fn set_origin(&mut self, name: &str, origin: Origin) -> Result<bool, String> {
+        let service = self.service_mut(name)?;
+        if service.origin == origin {
+            return Ok(false);
+        }
+        service.origin = origin;
         self.generation += 1;
         Ok(true)
     }

@@ -229,9 +229,44 @@ pub struct Service {
     pub health_check: HealthCheck,
     #[serde(default, skip_serializing_if = "Scheduler::is_default")]
     pub scheduler: Scheduler,
+    /// Who defines the service: the operator's commands, or Docker (`lbctl daemon --docker`),
+    /// whose services only the Docker watcher changes.
+    #[serde(default, skip_serializing_if = "Origin::is_operator")]
+    pub origin: Origin,
+}
+
+/// Who defines a service and its backends.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Origin {
+    /// `lbctl service add`, `apply`, or a cluster member's.
+    #[default]
+    Operator,
+    /// A Docker Swarm service's `lbctl.publish` label: the Docker watcher adds, changes and
+    /// removes it, and gives it this node's tasks as backends.
+    Docker,
+}
+
+impl Origin {
+    pub fn is_operator(&self) -> bool {
+        *self == Origin::Operator
+    }
 }
 
 impl Service {
+    /// The service as a table file declares it.
+    pub fn spec(&self) -> ServiceSpec {
+        ServiceSpec {
+            name: self.name.clone(),
+            proto: self.proto,
+            port: self.port,
+            vip: self.vip,
+            backends: self.backends.iter().map(Backend::spec).collect(),
+            health_check: self.health_check.clone(),
+            scheduler: self.scheduler,
+        }
+    }
+
     /// The index of the backend an operator names: by its `IP:PORT` whatever its node; an
     /// `@NODE` given with it must match the backend's node.
     pub(super) fn named_backend(&self, spec: &BackendSpec) -> Result<usize, String> {

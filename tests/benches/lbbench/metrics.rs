@@ -204,6 +204,7 @@ fn large_snapshot(services: usize) -> Snapshot {
                 scheduler: Scheduler::default(),
                 health_check: "tcp every 2000 ms".to_owned(),
                 fail_open: failing,
+                origin: Default::default(),
                 backends,
             }
         })
