@@ -14,6 +14,7 @@
 pub mod bpf;
 pub mod client;
 pub mod cpu;
+pub mod docker;
 mod lbctl;
 pub mod mesh;
 pub mod netns;

@@ -365,6 +365,16 @@ pub fn sweep_stale() -> Result<usize> {
         require_root()?;
     }
     for name in &stale {
+        // A server a killed test left running there (a dockerd) would outlive the name.
+        if let Ok(pids) = run_checked(Command::new("ip").args(["netns", "pids", name])) {
+            for pid in pids
+                .split_whitespace()
+                .filter_map(|p| p.parse::<libc::pid_t>().ok())
+            {
+                // SAFETY: a plain kill(2) of a process in a namespace only the tests make.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        }
         run_checked(Command::new("ip").args(["netns", "del", name]))?;
     }
     Ok(stale.len())

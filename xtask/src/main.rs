@@ -39,6 +39,10 @@ const APT_PACKAGES: &[&str] = &[
     "curl",
     "prometheus",
     "gnuplot-nox",
+    // A real Docker Engine (20.10, API 1.41) for the Swarm test, run in a test namespace, and
+    // the busybox its task image is made of (`busybox httpd`).
+    "docker.io",
+    "busybox-static",
 ];
 
 /// Where bpffs must be mounted for lbctl to pin maps.

@@ -1,0 +1,397 @@
+//! End to end against a real Docker Swarm: Debian's dockerd runs in node n1's namespace (a
+//! one-node Swarm, its manager), with a service of `busybox httpd` tasks on an overlay network,
+//! published through lbctl by its container label `lbctl.publish`; n1's `lbctl daemon --docker
+//! --cluster` follows the Engine and gossips its tasks to n2 and n3, which run lbctl only and
+//! carry the tasks through the mesh. A client on the underlay connects to every node's published
+//! port. Checked: exact round-robin over the tasks with the client's address kept, through the
+//! Swarm node itself and through the mesh; scaling up (the time from `docker service scale` to
+//! the new tasks taking connections is printed) and down (connections to surviving tasks stay);
+//! a task killed leaves the rotation; dockerd restarted and lbctl's daemon restarted lose
+//! nothing.
+//!
+//! One Swarm node rather than several: Swarm's managers and workers each need a dockerd with a
+//! containerd, cgroups and a data root of its own, and two dockerds on one machine share the
+//! cgroup hierarchy and the kernel's overlay mounts, which Swarm's task reaper does not expect;
+//! lbctl's side of a multi-node Swarm (each node publishing its own tasks, the others reaching
+//! them through the mesh) is what n2 and n3 exercise.
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::{Ipv4Addr, SocketAddrV4},
+    time::{Duration, Instant},
+};
+
+use lb_tests::{
+    Daemon, Lbctl, client,
+    docker::{self, Dockerd, HTTPD_IMAGE, Whoami},
+    mesh::{Mesh, MeshSpec},
+    topology::NODE_UPLINK,
+};
+
+/// The port every node publishes, and the tasks' own.
+const PUBLISHED: u16 = 8181;
+const TARGET: u16 = 80;
+/// lbctl's gossip port here: Swarm's own memberlist holds 7946 on the Swarm node.
+const GOSSIP_PORT: u16 = 7947;
+const GOSSIP_INTERVAL: &str = "200ms";
+/// lbctl's VXLAN port: Docker's overlay networks hold 4789 (and VNI 4096, lbctl's default).
+const MESH_PORT: &str = "4790";
+/// The Swarm's overlay network for the service, away from Docker's default pool.
+const OVERLAY_SUBNET: &str = "10.47.3.0/24";
+const METRICS: &str = "127.0.0.1:9617";
+/// Longest any step may take here (CI machines are slow and shared).
+const WITHIN: Duration = Duration::from_secs(60);
+
+/// Fields drop in order: daemons stop, dockerd stops (its tasks with it), the instances are
+/// purged, then the namespaces go.
+struct Swarm {
+    daemons: Vec<Option<Daemon>>,
+    dockerd: Dockerd,
+    lbctl: Vec<Lbctl>,
+    mesh: Mesh,
+}
+
+impl Swarm {
+    fn build() -> Swarm {
+        lb_tests::require_root().unwrap();
+        let mesh = Mesh::build(MeshSpec {
+            nodes: 3,
+            tasks_per_node: vec![0, 0, 0],
+            underlay_subnet: [172, 29, 44],
+            overlay_subnet: [10, 201, 7],
+            ..MeshSpec::default()
+        })
+        .unwrap();
+        let lbctl: Vec<Lbctl> = (0..3)
+            .map(|i| {
+                let node = Lbctl::new(mesh.node(i)).unwrap();
+                node.run(&["attach", NODE_UPLINK]).unwrap();
+                node.run(&["mesh", "set", "--vxlan-port", MESH_PORT])
+                    .unwrap();
+                node
+            })
+            .collect();
+        let dockerd = Dockerd::start(mesh.node(0)).unwrap();
+        Swarm {
+            daemons: vec![None, None, None],
+            dockerd,
+            lbctl,
+            mesh,
+        }
+    }
+
+    fn start_daemon(&mut self, i: usize) {
+        let (node, gossip, seed, host) = (
+            self.mesh.node_name(i),
+            SocketAddrV4::new(self.mesh.node_ip(i), GOSSIP_PORT).to_string(),
+            SocketAddrV4::new(self.mesh.node_ip(0), GOSSIP_PORT).to_string(),
+            self.dockerd.host(),
+        );
+        let mut args = vec![
+            "--cluster",
+            "swarm-e2e",
+            "--node-name",
+            &node,
+            "--gossip-addr",
+            &gossip,
+            "--gossip-interval",
+            GOSSIP_INTERVAL,
+        ];
+        if i == 0 {
+            args.extend(["--docker", "--docker-host", &host]);
+        } else {
+            args.extend(["--seed", &seed]);
+        }
+        let daemon = self.lbctl[i]
+            .start_daemon_with(METRICS.parse().unwrap(), self.mesh.node(i), &args)
+            .unwrap();
+        self.daemons[i] = Some(daemon);
+    }
+
+    fn stop_daemon(&mut self, i: usize) {
+        let status = self.daemons[i].take().unwrap().stop().unwrap();
+        assert!(status.success(), "n{}'s daemon: {status}", i + 1);
+    }
+
+    fn docker(&self, args: &[&str]) -> String {
+        self.dockerd.docker(args).unwrap()
+    }
+
+    /// The published port of node `i`.
+    fn published(&self, i: usize) -> SocketAddrV4 {
+        SocketAddrV4::new(self.mesh.node_ip(i), PUBLISHED)
+    }
+
+    /// One request on a new connection from the client to node `i`.
+    fn ask(&self, i: usize) -> anyhow::Result<Whoami> {
+        let addr = self.published(i);
+        self.mesh.client().in_netns(|| docker::whoami(addr))
+    }
+
+    /// `count` requests to node `i`: answers per task, and how many failed.
+    fn spread(&self, i: usize, count: usize) -> (BTreeMap<String, usize>, usize) {
+        let mut per_task = BTreeMap::new();
+        let mut failed = 0;
+        for _ in 0..count {
+            match self.ask(i) {
+                Ok(answer) => {
+                    assert_eq!(
+                        answer.client,
+                        self.mesh.client_ip().to_string(),
+                        "the task saw the client's own address"
+                    );
+                    *per_task.entry(answer.task).or_insert(0) += 1;
+                }
+                Err(_) => failed += 1,
+            }
+        }
+        (per_task, failed)
+    }
+
+    /// `per` requests per task to every node: each task answers exactly `per`, none fails.
+    fn assert_evenly(&self, tasks: &BTreeMap<String, Ipv4Addr>, per: usize) {
+        let evenly: BTreeMap<String, usize> = tasks.keys().map(|t| (t.clone(), per)).collect();
+        for node in 0..3 {
+            let (spread, failed) = self.spread(node, per * tasks.len());
+            assert_eq!(
+                (spread, failed),
+                (evenly.clone(), 0),
+                "through n{}",
+                node + 1
+            );
+        }
+    }
+
+    /// The tasks Docker runs: hostname (short container id) → overlay address.
+    fn running_tasks(&self) -> BTreeMap<String, Ipv4Addr> {
+        let ids = self.docker(&[
+            "ps",
+            "-q",
+            "--filter",
+            "label=com.docker.swarm.service.name=web",
+        ]);
+        // A container starting or stopping has no address yet, or any more; one gone between
+        // the list and the inspect is not running.
+        ids.lines()
+            .filter_map(|id| {
+                let addr = self
+                    .dockerd
+                    .docker(&[
+                        "inspect",
+                        "--format",
+                        "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}",
+                        id,
+                    ])
+                    .ok()?;
+                Some((id[..12].to_owned(), addr.parse().ok()?))
+            })
+            .collect()
+    }
+
+    /// The backends of `web` in node `i`'s table.
+    fn backends(&self, i: usize) -> BTreeSet<Ipv4Addr> {
+        let Ok(text) = self.lbctl[i].run(&["service", "ls", "--json"]) else {
+            return BTreeSet::new();
+        };
+        let doc: serde_json::Value = serde_json::from_str(&text).unwrap();
+        doc["services"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|s| s["name"] == "web")
+            .flat_map(|s| s["backends"].as_array().unwrap().clone())
+            .map(|b| {
+                b["address"]
+                    .as_str()
+                    .unwrap()
+                    .split(':')
+                    .next()
+                    .unwrap()
+                    .parse()
+                    .unwrap()
+            })
+            .collect()
+    }
+
+    /// Waits until every node's table holds exactly the tasks Docker runs, `count` of them.
+    fn wait_for_tasks(&self, count: usize, what: &str) -> BTreeMap<String, Ipv4Addr> {
+        let mut tasks = BTreeMap::new();
+        wait(what, || {
+            tasks = self.running_tasks();
+            let addrs: BTreeSet<Ipv4Addr> = tasks.values().copied().collect();
+            tasks.len() == count && (0..3).all(|i| self.backends(i) == addrs)
+        });
+        tasks
+    }
+}
+
+fn wait(what: &str, mut done: impl FnMut() -> bool) -> Duration {
+    let start = Instant::now();
+    while !done() {
+        assert!(start.elapsed() < WITHIN, "not within {WITHIN:?}: {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    start.elapsed()
+}
+
+#[test]
+fn a_swarm_service_published_through_lbctl_follows_scaling_failures_and_restarts() {
+    let mut swarm = Swarm::build();
+    let n1 = swarm.mesh.node_ip(0).to_string();
+    swarm.docker(&["swarm", "init", "--advertise-addr", &n1]);
+    swarm.dockerd.import_httpd_image().unwrap();
+    swarm.docker(&[
+        "network",
+        "create",
+        "-d",
+        "overlay",
+        "--subnet",
+        OVERLAY_SUBNET,
+        "appnet",
+    ]);
+    let publish = format!("lbctl.publish={PUBLISHED}:{TARGET}");
+    swarm.docker(&[
+        "service",
+        "create",
+        "-d",
+        "--no-resolve-image",
+        "--name",
+        "web",
+        "--replicas",
+        "3",
+        "--network",
+        "appnet",
+        "--endpoint-mode",
+        "dnsrr",
+        "--stop-grace-period",
+        "1s",
+        "--container-label",
+        &publish,
+        HTTPD_IMAGE,
+    ]);
+    for i in 0..3 {
+        swarm.start_daemon(i);
+    }
+    let tasks = swarm.wait_for_tasks(3, "3 tasks in every node's table");
+    let listed = swarm.lbctl[1].run(&["service", "ls"]).unwrap();
+    assert!(listed.contains("web tcp/8181 from Docker"), "{listed}");
+    let refused = swarm.lbctl[0]
+        .run_expect_fail(&["service", "rm", "web"])
+        .unwrap();
+    assert!(refused.contains("follows Docker"), "{refused}");
+
+    // Exactly round-robin, the client's address kept: on the Swarm node and through the mesh.
+    swarm.assert_evenly(&tasks, 10);
+
+    // Scale to 5: new connections reach the new tasks, through the mesh too.
+    let start = Instant::now();
+    swarm.docker(&["service", "scale", "-d", "web=5"]);
+    let mut failed = 0;
+    let mut seen = BTreeSet::new();
+    wait("the 5 tasks taking connections through n2", || {
+        seen.clear();
+        for _ in 0..5 {
+            match swarm.ask(1) {
+                Ok(answer) => {
+                    seen.insert(answer.task);
+                }
+                Err(_) => failed += 1,
+            }
+        }
+        seen.len() == 5
+    });
+    let took = start.elapsed();
+    println!(
+        "docker service scale web=5 → the 5 tasks taking connections through n2: {took:?} ({failed} failed requests meanwhile)"
+    );
+    assert_eq!(failed, 0, "no request fails while the service scales up");
+    let tasks = swarm.wait_for_tasks(5, "5 tasks in every node's table");
+    swarm.assert_evenly(&tasks, 4);
+
+    // Connections open to every task (5 new flows in a row through n2: one each), idle while
+    // the service scales down to 2: those to the tasks that remain are answered by them.
+    let kept: Vec<_> = (0..5)
+        .map(|_| {
+            let addr = swarm.published(1);
+            swarm
+                .mesh
+                .client()
+                .in_netns(|| client::connect(addr))
+                .unwrap()
+        })
+        .collect();
+    swarm.docker(&["service", "scale", "-d", "web=2"]);
+    let survivors = swarm.wait_for_tasks(2, "2 tasks in every node's table");
+    let answered: Vec<String> = kept
+        .into_iter()
+        .filter_map(|stream| docker::ask(stream).ok().map(|w| w.task))
+        .collect();
+    assert_eq!(
+        answered.iter().cloned().collect::<BTreeSet<_>>(),
+        survivors.keys().cloned().collect::<BTreeSet<_>>(),
+        "each surviving task answers on the connection it had"
+    );
+    assert_eq!(answered.len(), 2, "{answered:?}");
+    swarm.assert_evenly(&survivors, 5);
+
+    // A task killed: it leaves every table, Swarm's replacement joins.
+    let victim = survivors.keys().next().unwrap().clone();
+    swarm.docker(&["kill", &victim]);
+    let took = wait("the killed task out of every table", || {
+        (0..3).all(|i| !swarm.backends(i).contains(&survivors[&victim]))
+    });
+    println!("docker kill: the task left every node's table within {took:?}");
+    let tasks = swarm.wait_for_tasks(2, "Swarm's replacement in every node's table");
+    assert!(!tasks.contains_key(&victim));
+    swarm.assert_evenly(&tasks, 5);
+
+    // dockerd restarted: while it is away the tables keep the service; once it is back, they
+    // follow the tasks Swarm starts again.
+    swarm.dockerd.stop().unwrap();
+    std::thread::sleep(Duration::from_secs(1));
+    for i in 0..3 {
+        assert_eq!(
+            swarm.backends(i).len(),
+            2,
+            "n{}'s table while dockerd is away",
+            i + 1
+        );
+    }
+    swarm.dockerd.restart().unwrap();
+    let tasks = swarm.wait_for_tasks(2, "the tasks after dockerd's restart");
+    wait("the tasks answering after dockerd's restart", || {
+        swarm.spread(1, 4).1 == 0
+    });
+    swarm.assert_evenly(&tasks, 5);
+
+    // lbctl's daemon restarted on the Swarm node: same table, same backend ids, still served.
+    let ids: Vec<String> = (0..3)
+        .map(|i| swarm.lbctl[i].run(&["service", "ls", "--json"]).unwrap())
+        .collect();
+    let ids_of = |text: &str| -> Vec<(String, u64)> {
+        let doc: serde_json::Value = serde_json::from_str(text).unwrap();
+        doc["services"][0]["backends"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|b| {
+                (
+                    b["address"].as_str().unwrap().to_owned(),
+                    b["id"].as_u64().unwrap(),
+                )
+            })
+            .collect()
+    };
+    swarm.stop_daemon(0);
+    swarm.start_daemon(0);
+    std::thread::sleep(Duration::from_secs(2));
+    for (i, before) in ids.iter().enumerate() {
+        let now = swarm.lbctl[i].run(&["service", "ls", "--json"]).unwrap();
+        assert_eq!(
+            ids_of(&now),
+            ids_of(before),
+            "n{}'s backends after the restart",
+            i + 1
+        );
+    }
+    swarm.assert_evenly(&tasks, 5);
+}
