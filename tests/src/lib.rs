@@ -14,6 +14,7 @@
 pub mod bpf;
 pub mod client;
 pub mod cpu;
+pub mod dist;
 pub mod docker;
 mod lbctl;
 pub mod mesh;

@@ -86,6 +86,13 @@ enum Task {
         #[arg(last = true)]
         bench_args: Vec<OsString>,
     },
+    /// Build the Debian package operators install on every node: the release binary, the
+    /// systemd units (attach at boot, the daemon) and /etc/lbctl/lbctl.conf.
+    Dist {
+        /// Where the .deb goes.
+        #[arg(long, default_value = "target/dist")]
+        out: PathBuf,
+    },
     /// Show the routing mesh: nodes in namespaces on one underlay, tasks behind some of them,
     /// requests to every node answered by tasks wherever they run.
     Demo {
@@ -107,6 +114,7 @@ fn main() -> Result<()> {
         } => test(no_lint, &cargo_test_args),
         Task::Demo { tasks_per_node } => demo(tasks_per_node),
         Task::Bench { bench_args } => bench(&bench_args),
+        Task::Dist { out } => dist(&out),
     }
 }
 
@@ -359,6 +367,26 @@ fn build_binaries() -> Result<()> {
 
 /// Builds everything in release and runs the `lbbench` bench target of lb-tests (see
 /// tests/benches/lbbench/main.rs), which finds the release `lbctl` and `lb-testsrv` beside it.
+/// `cargo xtask dist`: the release build of lbctl, packaged (see `lb_tests::dist`).
+fn dist(out: &Path) -> Result<()> {
+    setup()?;
+    step("build lbctl (release)");
+    run("cargo", &["build", "--release", "-p", "lb-userspace"])?;
+    step("package");
+    std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
+    let deb = lb_tests::dist::build_deb(
+        Path::new("target/release/lbctl"),
+        env!("CARGO_PKG_VERSION"),
+        out,
+    )?;
+    println!(
+        "{}\ninstall on each node: dpkg -i {}; edit /etc/lbctl/lbctl.conf; systemctl enable --now lbctl-attach lbctl-daemon",
+        deb.display(),
+        deb.file_name().unwrap_or_default().to_string_lossy()
+    );
+    Ok(())
+}
+
 fn bench(bench_args: &[OsString]) -> Result<()> {
     setup()?;
     lb_tests::require_root().context("the benchmarks build namespaces and load BPF programs")?;
