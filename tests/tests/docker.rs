@@ -9,11 +9,10 @@
 //! a task killed leaves the rotation; dockerd restarted and lbctl's daemon restarted lose
 //! nothing.
 //!
-//! One Swarm node rather than several: Swarm's managers and workers each need a dockerd with a
-//! containerd, cgroups and a data root of its own, and two dockerds on one machine share the
-//! cgroup hierarchy and the kernel's overlay mounts, which Swarm's task reaper does not expect;
-//! lbctl's side of a multi-node Swarm (each node publishing its own tasks, the others reaching
-//! them through the mesh) is what n2 and n3 exercise.
+//! One Swarm node rather than several: a second dockerd (a Swarm worker in n2's namespace, with
+//! its own data and exec roots) is not tried yet. lbctl's side of a multi-node Swarm (each node
+//! publishing its own tasks, the others reaching them through the mesh) is what n2 and n3
+//! exercise: a worker's daemon does what n1's does, without the manager's service list.
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::{Ipv4Addr, SocketAddrV4},
@@ -274,6 +273,18 @@ fn a_swarm_service_published_through_lbctl_follows_scaling_failures_and_restarts
     let tasks = swarm.wait_for_tasks(3, "3 tasks in every node's table");
     let listed = swarm.lbctl[1].run(&["service", "ls"]).unwrap();
     assert!(listed.contains("web tcp/8181 from Docker"), "{listed}");
+    let metrics: std::net::SocketAddr = METRICS.parse().unwrap();
+    let (status, page) = swarm
+        .mesh
+        .node(0)
+        .in_netns(|| lb_tests::prometheus::http_get(metrics, "/metrics"))
+        .unwrap();
+    assert_eq!(status, 200);
+    assert!(page.contains("\nlbctl_docker_engine_up 1\n"), "{page}");
+    assert!(
+        page.contains("\nlbctl_docker_table_changes_total "),
+        "{page}"
+    );
     let refused = swarm.lbctl[0]
         .run_expect_fail(&["service", "rm", "web"])
         .unwrap();

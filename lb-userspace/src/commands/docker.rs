@@ -30,8 +30,8 @@ pub fn docker_follow(
     swarm: Option<&BTreeSet<String>>,
 ) -> Result<DockerFollowed> {
     let _lock = instance::lock(instance)?;
-    task_routes::add(&desired.routes, GATEWAY_RESOLVE_WAIT).map_err(|err| anyhow!(err))?;
     let mut state = attached_state(instance)?;
+    task_routes::add(&desired.routes, GATEWAY_RESOLVE_WAIT).map_err(|err| anyhow!(err))?;
     let before = state.table.clone();
     let self_node = match &state.cluster {
         Some(local) => Some(local.node.clone()),

@@ -522,6 +522,39 @@ pub fn render_cluster(status: &crate::cluster::Status) -> String {
     out.0
 }
 
+/// The families of the Docker watcher (`lbctl daemon --docker`), appended to [`render`]'s page:
+/// - `lbctl_docker_engine_up`: 1 while the Docker Engine's event stream is followed;
+/// - `lbctl_docker_reads_total`: reads of the Engine's tasks (one per burst of events, and
+///   every 30 s);
+/// - `lbctl_docker_table_changes_total`: reads that changed the table.
+pub fn render_docker(link: &crate::docker::Link) -> String {
+    let mut out = Exposition(String::new());
+    for (name, kind, help, value) in [
+        (
+            "lbctl_docker_engine_up",
+            Kind::Gauge,
+            "1 while the daemon follows the Docker Engine's events, else 0.",
+            u64::from(link.connected),
+        ),
+        (
+            "lbctl_docker_reads_total",
+            Kind::Counter,
+            "Reads of this node's Docker tasks since the daemon started.",
+            link.reads,
+        ),
+        (
+            "lbctl_docker_table_changes_total",
+            Kind::Counter,
+            "Reads of the Docker Engine that changed the table since the daemon started.",
+            link.changes,
+        ),
+    ] {
+        out.family(name, kind, help);
+        out.sample(name, &[], value);
+    }
+    out.0
+}
+
 struct Exposition(String);
 
 impl Exposition {

@@ -277,6 +277,9 @@ async fn metrics_page(AxumState(shared): AxumState<Arc<Shared>>) -> impl IntoRes
             if let Some(status) = shared.cluster.lock().unwrap().as_ref() {
                 page.push_str(&metrics::render_cluster(status));
             }
+            if let Some(link) = &shared.docker {
+                page.push_str(&metrics::render_docker(&link.lock().unwrap()));
+            }
             page
         })
     })
