@@ -43,6 +43,8 @@ const APT_PACKAGES: &[&str] = &[
     // the busybox its task image is made of (`busybox httpd`).
     "docker.io",
     "busybox-static",
+    // `systemd-analyze verify` of the package's units (the machine need not run systemd).
+    "systemd",
 ];
 
 /// Where bpffs must be mounted for lbctl to pin maps.
