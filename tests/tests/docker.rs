@@ -1,18 +1,14 @@
-//! End to end against a real Docker Swarm: Debian's dockerd runs in node n1's namespace (a
-//! one-node Swarm, its manager), with a service of `busybox httpd` tasks on an overlay network,
-//! published through lbctl by its container label `lbctl.publish`; n1's `lbctl daemon --docker
-//! --cluster` follows the Engine and gossips its tasks to n2 and n3, which run lbctl only and
-//! carry the tasks through the mesh. A client on the underlay connects to every node's published
+//! End to end against a real two-node Docker Swarm: Debian's dockerd runs in node n1's
+//! namespace (the manager) and in n2's (a worker), each with its own data root, exec root and
+//! API socket, with a service of `busybox httpd` tasks on an overlay network, published through
+//! lbctl by its container label `lbctl.publish`. n1's and n2's `lbctl daemon --docker
+//! --cluster` follow their own Engine and gossip their own tasks; n3 runs lbctl only and carries
+//! every task through the mesh. A client on the underlay connects to every node's published
 //! port. Checked: exact round-robin over the tasks with the client's address kept, through the
 //! Swarm node itself and through the mesh; scaling up (the time from `docker service scale` to
 //! the new tasks taking connections is printed) and down (connections to surviving tasks stay);
-//! a task killed leaves the rotation; dockerd restarted and lbctl's daemon restarted lose
-//! nothing.
-//!
-//! One Swarm node rather than several: a second dockerd (a Swarm worker in n2's namespace, with
-//! its own data and exec roots) is not tried yet. lbctl's side of a multi-node Swarm (each node
-//! publishing its own tasks, the others reaching them through the mesh) is what n2 and n3
-//! exercise: a worker's daemon does what n1's does, without the manager's service list.
+//! a task killed leaves the rotation; the worker's dockerd restarted and lbctl's daemon
+//! restarted lose nothing.
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::{Ipv4Addr, SocketAddrV4},
@@ -40,11 +36,15 @@ const METRICS: &str = "127.0.0.1:9617";
 /// Longest any step may take here (CI machines are slow and shared).
 const WITHIN: Duration = Duration::from_secs(60);
 
-/// Fields drop in order: daemons stop, dockerd stops (its tasks with it), the instances are
-/// purged, then the namespaces go.
+/// The nodes that run a dockerd: n1 (the Swarm's manager) and n2 (a worker).
+const SWARM_NODES: usize = 2;
+
+/// Fields drop in order: daemons stop, the dockerds stop (their tasks with them; the worker
+/// first), the instances are purged, then the namespaces go.
 struct Swarm {
     daemons: Vec<Option<Daemon>>,
-    dockerd: Dockerd,
+    /// The worker's, then the manager's: dropped in that order.
+    dockerds: Vec<Dockerd>,
     lbctl: Vec<Lbctl>,
     mesh: Mesh,
 }
@@ -69,13 +69,47 @@ impl Swarm {
                 node
             })
             .collect();
-        let dockerd = Dockerd::start(mesh.node(0)).unwrap();
-        Swarm {
+        let mut dockerds: Vec<Dockerd> = (0..SWARM_NODES)
+            .rev()
+            .map(|i| Dockerd::start(mesh.node(i)).unwrap())
+            .collect();
+        let manager = dockerds.pop().unwrap();
+        let worker = dockerds.pop().unwrap();
+        let swarm = Swarm {
             daemons: vec![None, None, None],
-            dockerd,
+            dockerds: vec![worker, manager],
             lbctl,
             mesh,
+        };
+        let n1 = swarm.mesh.node_ip(0).to_string();
+        swarm.docker(0, &["swarm", "init", "--advertise-addr", &n1]);
+        let token = swarm.docker(0, &["swarm", "join-token", "-q", "worker"]);
+        let (n2, manager) = (swarm.mesh.node_ip(1).to_string(), format!("{n1}:2377"));
+        swarm.docker(
+            1,
+            &[
+                "swarm",
+                "join",
+                "--token",
+                &token,
+                "--advertise-addr",
+                &n2,
+                &manager,
+            ],
+        );
+        for node in 0..SWARM_NODES {
+            swarm.dockerd(node).import_httpd_image().unwrap();
         }
+        swarm
+    }
+
+    /// The dockerd of node `i` (0: the manager, 1: the worker).
+    fn dockerd(&self, i: usize) -> &Dockerd {
+        &self.dockerds[SWARM_NODES - 1 - i]
+    }
+
+    fn dockerd_mut(&mut self, i: usize) -> &mut Dockerd {
+        &mut self.dockerds[SWARM_NODES - 1 - i]
     }
 
     fn start_daemon(&mut self, i: usize) {
@@ -83,7 +117,7 @@ impl Swarm {
             self.mesh.node_name(i),
             SocketAddrV4::new(self.mesh.node_ip(i), GOSSIP_PORT).to_string(),
             SocketAddrV4::new(self.mesh.node_ip(0), GOSSIP_PORT).to_string(),
-            self.dockerd.host(),
+            (i < SWARM_NODES).then(|| self.dockerd(i).host()),
         );
         let mut args = vec![
             "--cluster",
@@ -95,9 +129,10 @@ impl Swarm {
             "--gossip-interval",
             GOSSIP_INTERVAL,
         ];
-        if i == 0 {
-            args.extend(["--docker", "--docker-host", &host]);
-        } else {
+        if let Some(host) = &host {
+            args.extend(["--docker", "--docker-host", host]);
+        }
+        if i > 0 {
             args.extend(["--seed", &seed]);
         }
         let daemon = self.lbctl[i]
@@ -111,8 +146,9 @@ impl Swarm {
         assert!(status.success(), "n{}'s daemon: {status}", i + 1);
     }
 
-    fn docker(&self, args: &[&str]) -> String {
-        self.dockerd.docker(args).unwrap()
+    /// `docker ARGS` against node `i`'s dockerd.
+    fn docker(&self, i: usize, args: &[&str]) -> String {
+        self.dockerd(i).docker(args).unwrap()
     }
 
     /// The published port of node `i`.
@@ -160,20 +196,28 @@ impl Swarm {
         }
     }
 
-    /// The tasks Docker runs: hostname (short container id) → overlay address.
+    /// The tasks Docker runs on every Swarm node: hostname (short container id) → overlay
+    /// address.
     fn running_tasks(&self) -> BTreeMap<String, Ipv4Addr> {
-        let ids = self.docker(&[
+        (0..SWARM_NODES).flat_map(|i| self.tasks_of(i)).collect()
+    }
+
+    /// The tasks node `i`'s dockerd runs.
+    fn tasks_of(&self, i: usize) -> BTreeMap<String, Ipv4Addr> {
+        let dockerd = self.dockerd(i);
+        let Ok(ids) = dockerd.docker(&[
             "ps",
             "-q",
             "--filter",
             "label=com.docker.swarm.service.name=web",
-        ]);
+        ]) else {
+            return BTreeMap::new(); // Restarting.
+        };
         // A container starting or stopping has no address yet, or any more; one gone between
         // the list and the inspect is not running.
         ids.lines()
             .filter_map(|id| {
-                let addr = self
-                    .dockerd
+                let addr = dockerd
                     .docker(&[
                         "inspect",
                         "--format",
@@ -235,42 +279,71 @@ fn wait(what: &str, mut done: impl FnMut() -> bool) -> Duration {
 #[test]
 fn a_swarm_service_published_through_lbctl_follows_scaling_failures_and_restarts() {
     let mut swarm = Swarm::build();
-    let n1 = swarm.mesh.node_ip(0).to_string();
-    swarm.docker(&["swarm", "init", "--advertise-addr", &n1]);
-    swarm.dockerd.import_httpd_image().unwrap();
-    swarm.docker(&[
-        "network",
-        "create",
-        "-d",
-        "overlay",
-        "--subnet",
-        OVERLAY_SUBNET,
-        "appnet",
-    ]);
+    swarm.docker(
+        0,
+        &[
+            "network",
+            "create",
+            "-d",
+            "overlay",
+            "--subnet",
+            OVERLAY_SUBNET,
+            "appnet",
+        ],
+    );
     let publish = format!("lbctl.publish={PUBLISHED}:{TARGET}");
-    swarm.docker(&[
-        "service",
-        "create",
-        "-d",
-        "--no-resolve-image",
-        "--name",
-        "web",
-        "--replicas",
-        "3",
-        "--network",
-        "appnet",
-        "--endpoint-mode",
-        "dnsrr",
-        "--stop-grace-period",
-        "1s",
-        "--container-label",
-        &publish,
-        HTTPD_IMAGE,
-    ]);
+    swarm.docker(
+        0,
+        &[
+            "service",
+            "create",
+            "-d",
+            "--no-resolve-image",
+            "--name",
+            "web",
+            "--replicas",
+            "3",
+            "--network",
+            "appnet",
+            "--endpoint-mode",
+            "dnsrr",
+            "--stop-grace-period",
+            "1s",
+            "--container-label",
+            &publish,
+            HTTPD_IMAGE,
+        ],
+    );
     for i in 0..3 {
         swarm.start_daemon(i);
     }
     let tasks = swarm.wait_for_tasks(3, "3 tasks in every node's table");
+    // Tasks on both Swarm nodes, each published by its own node's daemon (`ADDR@NODE`).
+    let listed: serde_json::Value =
+        serde_json::from_str(&swarm.lbctl[2].run(&["service", "ls", "--json"]).unwrap()).unwrap();
+    let node_of: BTreeMap<String, String> = listed["services"][0]["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| {
+            (
+                b["address"].as_str().unwrap().to_owned(),
+                b["node"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    for node in 0..SWARM_NODES {
+        let own = swarm.tasks_of(node);
+        assert!(!own.is_empty(), "Swarm placed no task on n{}", node + 1);
+        for addr in own.values() {
+            let name = format!("n{}", node + 1);
+            assert_eq!(
+                node_of.get(&format!("{addr}:{TARGET}")),
+                Some(&name),
+                "{node_of:?}"
+            );
+        }
+    }
     let listed = swarm.lbctl[1].run(&["service", "ls"]).unwrap();
     assert!(listed.contains("web tcp/8181 from Docker"), "{listed}");
     let metrics: std::net::SocketAddr = METRICS.parse().unwrap();
@@ -295,7 +368,7 @@ fn a_swarm_service_published_through_lbctl_follows_scaling_failures_and_restarts
 
     // Scale to 5: new connections reach the new tasks, through the mesh too.
     let start = Instant::now();
-    swarm.docker(&["service", "scale", "-d", "web=5"]);
+    swarm.docker(0, &["service", "scale", "-d", "web=5"]);
     let mut failed = 0;
     let mut seen = BTreeSet::new();
     wait("the 5 tasks taking connections through n2", || {
@@ -330,7 +403,7 @@ fn a_swarm_service_published_through_lbctl_follows_scaling_failures_and_restarts
                 .unwrap()
         })
         .collect();
-    swarm.docker(&["service", "scale", "-d", "web=2"]);
+    swarm.docker(0, &["service", "scale", "-d", "web=2"]);
     let survivors = swarm.wait_for_tasks(2, "2 tasks in every node's table");
     let answered: Vec<String> = kept
         .into_iter()
@@ -346,7 +419,10 @@ fn a_swarm_service_published_through_lbctl_follows_scaling_failures_and_restarts
 
     // A task killed: it leaves every table, Swarm's replacement joins.
     let victim = survivors.keys().next().unwrap().clone();
-    swarm.docker(&["kill", &victim]);
+    let host = (0..SWARM_NODES)
+        .find(|&i| swarm.tasks_of(i).contains_key(&victim))
+        .unwrap();
+    swarm.docker(host, &["kill", &victim]);
     let took = wait("the killed task out of every table", || {
         (0..3).all(|i| !swarm.backends(i).contains(&survivors[&victim]))
     });
@@ -355,19 +431,20 @@ fn a_swarm_service_published_through_lbctl_follows_scaling_failures_and_restarts
     assert!(!tasks.contains_key(&victim));
     swarm.assert_evenly(&tasks, 5);
 
-    // dockerd restarted: while it is away the tables keep the service; once it is back, they
-    // follow the tasks Swarm starts again.
-    swarm.dockerd.stop().unwrap();
+    // The worker's dockerd restarted: while it is away the tables keep what they had; once it
+    // is back, they follow the tasks Swarm runs then.
+    let before = swarm.backends(2);
+    swarm.dockerd_mut(1).stop().unwrap();
     std::thread::sleep(Duration::from_secs(1));
     for i in 0..3 {
         assert_eq!(
-            swarm.backends(i).len(),
-            2,
+            swarm.backends(i),
+            before,
             "n{}'s table while dockerd is away",
             i + 1
         );
     }
-    swarm.dockerd.restart().unwrap();
+    swarm.dockerd_mut(1).restart().unwrap();
     let tasks = swarm.wait_for_tasks(2, "the tasks after dockerd's restart");
     wait("the tasks answering after dockerd's restart", || {
         swarm.spread(1, 4).1 == 0
