@@ -144,7 +144,9 @@ impl Dockerd {
         std::fs::create_dir_all(root.join("bin"))?;
         std::fs::create_dir_all(root.join("www/cgi-bin"))?;
         std::fs::copy(&busybox, root.join("bin/busybox"))?;
-        for applet in ["sh", "httpd", "hostname", "echo", "sleep", "cat"] {
+        for applet in [
+            "sh", "httpd", "hostname", "echo", "sleep", "cat", "test", "touch", "rm",
+        ] {
             std::os::unix::fs::symlink("busybox", root.join("bin").join(applet))?;
         }
         std::fs::write(root.join("www/index.html"), "lbctl test task\n")?;

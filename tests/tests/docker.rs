@@ -8,7 +8,8 @@
 //! Swarm node itself and through the mesh; scaling up (the time from `docker service scale` to
 //! the new tasks taking connections is printed) and down (connections to surviving tasks stay);
 //! a task killed leaves the rotation; the worker's dockerd restarted and lbctl's daemon
-//! restarted lose nothing.
+//! restarted lose nothing; a second service's Docker health checks decide which of its tasks
+//! take new flows.
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::{Ipv4Addr, SocketAddrV4},
@@ -25,6 +26,9 @@ use lb_tests::{
 /// The port every node publishes, and the tasks' own.
 const PUBLISHED: u16 = 8181;
 const TARGET: u16 = 80;
+/// The second service's port, whose tasks have a Docker health check.
+const API_PORT: u16 = 8282;
+const API_PUBLISH: &str = "lbctl.publish=8282:80";
 /// lbctl's gossip port here: Swarm's own memberlist holds 7946 on the Swarm node.
 const GOSSIP_PORT: u16 = 7947;
 const GOSSIP_INTERVAL: &str = "200ms";
@@ -199,18 +203,26 @@ impl Swarm {
     /// The tasks Docker runs on every Swarm node: hostname (short container id) → overlay
     /// address.
     fn running_tasks(&self) -> BTreeMap<String, Ipv4Addr> {
-        (0..SWARM_NODES).flat_map(|i| self.tasks_of(i)).collect()
+        self.running("web")
     }
 
-    /// The tasks node `i`'s dockerd runs.
+    /// The tasks of Swarm service `service` on every Swarm node.
+    fn running(&self, service: &str) -> BTreeMap<String, Ipv4Addr> {
+        (0..SWARM_NODES)
+            .flat_map(|i| self.service_tasks_of(i, service))
+            .collect()
+    }
+
+    /// The tasks of `web` node `i`'s dockerd runs.
     fn tasks_of(&self, i: usize) -> BTreeMap<String, Ipv4Addr> {
+        self.service_tasks_of(i, "web")
+    }
+
+    /// The tasks of Swarm service `service` node `i`'s dockerd runs.
+    fn service_tasks_of(&self, i: usize, service: &str) -> BTreeMap<String, Ipv4Addr> {
         let dockerd = self.dockerd(i);
-        let Ok(ids) = dockerd.docker(&[
-            "ps",
-            "-q",
-            "--filter",
-            "label=com.docker.swarm.service.name=web",
-        ]) else {
+        let filter = format!("label=com.docker.swarm.service.name={service}");
+        let Ok(ids) = dockerd.docker(&["ps", "-q", "--filter", &filter]) else {
             return BTreeMap::new(); // Restarting.
         };
         // A container starting or stopping has no address yet, or any more; one gone between
@@ -232,25 +244,27 @@ impl Swarm {
 
     /// The backends of `web` in node `i`'s table.
     fn backends(&self, i: usize) -> BTreeSet<Ipv4Addr> {
+        self.health(i, "web").into_keys().collect()
+    }
+
+    /// The backends of `service` in node `i`'s table, with their health as lbctl has it.
+    fn health(&self, i: usize, service: &str) -> BTreeMap<Ipv4Addr, String> {
         let Ok(text) = self.lbctl[i].run(&["service", "ls", "--json"]) else {
-            return BTreeSet::new();
+            return BTreeMap::new();
         };
         let doc: serde_json::Value = serde_json::from_str(&text).unwrap();
         doc["services"]
             .as_array()
             .unwrap()
             .iter()
-            .filter(|s| s["name"] == "web")
+            .filter(|s| s["name"] == service)
             .flat_map(|s| s["backends"].as_array().unwrap().clone())
             .map(|b| {
-                b["address"]
-                    .as_str()
-                    .unwrap()
-                    .split(':')
-                    .next()
-                    .unwrap()
-                    .parse()
-                    .unwrap()
+                let addr = b["address"].as_str().unwrap().split(':').next().unwrap();
+                (
+                    addr.parse().unwrap(),
+                    b["health"].as_str().unwrap().to_owned(),
+                )
             })
             .collect()
     }
@@ -277,7 +291,7 @@ fn wait(what: &str, mut done: impl FnMut() -> bool) -> Duration {
 }
 
 #[test]
-fn a_swarm_service_published_through_lbctl_follows_scaling_failures_and_restarts() {
+fn a_swarm_service_published_through_lbctl_follows_scaling_failures_health_and_restarts() {
     let mut swarm = Swarm::build();
     swarm.docker(
         0,
@@ -482,4 +496,102 @@ fn a_swarm_service_published_through_lbctl_follows_scaling_failures_and_restarts
         );
     }
     swarm.assert_evenly(&tasks, 5);
+
+    // Docker's health checks decide when lbctl's are off (the default for a task with a
+    // HEALTHCHECK): both tasks of `api` start failing theirs (no /ok yet, within the start
+    // period, so Swarm keeps them: `starting`), and lbctl fails open; each task then made
+    // healthy takes new flows, the other none, on every node.
+    swarm.docker(
+        0,
+        &[
+            "service",
+            "create",
+            "-d",
+            "--no-resolve-image",
+            "--name",
+            "api",
+            "--replicas",
+            "2",
+            "--network",
+            "appnet",
+            "--endpoint-mode",
+            "dnsrr",
+            "--stop-grace-period",
+            "1s",
+            "--health-cmd",
+            "test -f /ok",
+            "--health-interval",
+            "500ms",
+            "--health-retries",
+            "1",
+            "--health-start-period",
+            "5m",
+            "--container-label",
+            API_PUBLISH,
+            HTTPD_IMAGE,
+        ],
+    );
+    let mut api = BTreeMap::new();
+    wait(
+        "api's 2 starting tasks unhealthy in every node's table",
+        || {
+            api = swarm.running("api");
+            let addrs: BTreeSet<Ipv4Addr> = api.values().copied().collect();
+            api.len() == 2
+                && (0..3).all(|i| {
+                    let health = swarm.health(i, "api");
+                    health.keys().copied().collect::<BTreeSet<_>>() == addrs
+                        && health.values().all(|h| h == "unhealthy")
+                })
+        },
+    );
+    let listed = swarm.lbctl[2].run(&["service", "ls"]).unwrap();
+    assert!(listed.contains("api tcp/8282 from Docker"), "{listed}");
+    assert!(listed.contains("FAILING OPEN"), "{listed}");
+    let (first, second) = {
+        let mut tasks = api.iter();
+        (tasks.next().unwrap(), tasks.next().unwrap())
+    };
+    let exec_touch = |task: &str| {
+        let host = (0..SWARM_NODES)
+            .find(|&i| swarm.service_tasks_of(i, "api").contains_key(task))
+            .unwrap();
+        swarm.docker(host, &["exec", task, "touch", "/ok"]);
+    };
+    let start = Instant::now();
+    exec_touch(first.0);
+    wait("the healthy task healthy in every node's table", || {
+        (0..3).all(|i| swarm.health(i, "api").get(first.1).map(String::as_str) == Some("healthy"))
+    });
+    println!(
+        "docker exec touch /ok → the task healthy in every node's table: {:?}",
+        start.elapsed()
+    );
+    let api_port = SocketAddrV4::new(swarm.mesh.node_ip(2), API_PORT);
+    for _ in 0..6 {
+        let answer = swarm
+            .mesh
+            .client()
+            .in_netns(|| docker::whoami(api_port))
+            .unwrap();
+        assert_eq!(
+            &answer.task, first.0,
+            "only the healthy task takes new flows"
+        );
+    }
+    exec_touch(second.0);
+    wait("both tasks healthy in every node's table", || {
+        (0..3).all(|i| swarm.health(i, "api").values().all(|h| h == "healthy"))
+    });
+    let answers: BTreeSet<String> = (0..6)
+        .map(|_| {
+            swarm
+                .mesh
+                .client()
+                .in_netns(|| docker::whoami(api_port))
+                .unwrap()
+                .task
+        })
+        .collect();
+    assert_eq!(answers, api.keys().cloned().collect::<BTreeSet<_>>());
 }
