@@ -214,6 +214,7 @@ pub fn desired(tasks: &[Task]) -> Desired {
     }
     let mut out = Desired::default();
     let mut routes = BTreeSet::new();
+    let mut taken: BTreeMap<String, &str> = BTreeMap::new();
     for (swarm_service, mut tasks) in by_service {
         tasks.sort_by(|a, b| (&b.created, &b.container).cmp(&(&a.created, &a.container)));
         let def = match definition(&tasks[0].labels) {
@@ -236,6 +237,19 @@ pub fn desired(tasks: &[Task]) -> Desired {
             ));
             continue;
         }
+        // Services come in name order, so every node keeps the same one of two that would
+        // make the same lbctl service (`web` publishing two ports and a service `web-8080`).
+        if let Some((name, other)) = names
+            .iter()
+            .find_map(|n| taken.get(n.as_str()).map(|other| (n, *other)))
+        {
+            out.problems.push(format!(
+                "Swarm service '{swarm_service}' is not published: Swarm service '{other}' \
+                 already makes lbctl service '{name}'"
+            ));
+            continue;
+        }
+        taken.extend(names.iter().map(|n| (n.clone(), swarm_service)));
         let mut addresses = Vec::new();
         for task in &tasks {
             match address_of(task, def.network.as_deref()) {
@@ -623,6 +637,21 @@ mod tests {
         assert!(bad.services.is_empty() && bad.problems[0].contains("lbctl.publish"));
         let bad = desired_of_labels(&[(PUBLISH_LABEL, "80:80"), (CHECK_LABEL, "ping")]);
         assert!(bad.problems[0].contains("lbctl.check"));
+    }
+
+    #[test]
+    fn two_swarm_services_making_one_lbctl_service_keep_the_first_by_name() {
+        let two = [(PUBLISH_LABEL, "8080:80,8443:443")];
+        let one = [(PUBLISH_LABEL, "9090:80")];
+        let desired = desired(&[task("web", 2, "t", &two), task("web-8080", 3, "t", &one)]);
+        let names: Vec<&str> = desired.services.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(names, ["web-8080", "web-8443"]);
+        assert_eq!(desired.services[0].port, 8080, "web's");
+        assert!(
+            desired.problems[0].contains("'web-8080' is not published"),
+            "{:?}",
+            desired.problems
+        );
     }
 
     fn desired_of_labels(labels: &[(&str, &str)]) -> Desired {
