@@ -29,6 +29,9 @@ const TARGET: u16 = 80;
 /// The second service's port, whose tasks have a Docker health check.
 const API_PORT: u16 = 8282;
 const API_PUBLISH: &str = "lbctl.publish=8282:80";
+/// The port `web` moves to.
+const NEW_PORT: u16 = 8383;
+const NEW_PUBLISH: &str = "lbctl.publish=8383:80";
 /// lbctl's gossip port here: Swarm's own memberlist holds 7946 on the Swarm node.
 const GOSSIP_PORT: u16 = 7947;
 const GOSSIP_INTERVAL: &str = "200ms";
@@ -417,8 +420,21 @@ fn a_swarm_service_published_through_lbctl_follows_scaling_failures_health_and_r
                 .unwrap()
         })
         .collect();
+    // Meanwhile new connections keep coming through n3: Swarm's stop signal drains a task
+    // before it exits, so none of them fails.
     swarm.docker(0, &["service", "scale", "-d", "web=2"]);
-    let survivors = swarm.wait_for_tasks(2, "2 tasks in every node's table");
+    let mut failed = 0;
+    let mut survivors = BTreeMap::new();
+    wait("2 tasks in every node's table", || {
+        failed += swarm.spread(2, 3).1;
+        survivors = swarm.running_tasks();
+        let addrs: BTreeSet<Ipv4Addr> = survivors.values().copied().collect();
+        survivors.len() == 2 && (0..3).all(|i| swarm.backends(i) == addrs)
+    });
+    assert_eq!(
+        failed, 0,
+        "no new connection fails while the service scales down"
+    );
     let answered: Vec<String> = kept
         .into_iter()
         .filter_map(|stream| docker::ask(stream).ok().map(|w| w.task))
@@ -445,19 +461,27 @@ fn a_swarm_service_published_through_lbctl_follows_scaling_failures_health_and_r
     assert!(!tasks.contains_key(&victim));
     swarm.assert_evenly(&tasks, 5);
 
-    // The worker's dockerd restarted: while it is away the tables keep what they had; once it
-    // is back, they follow the tasks Swarm runs then.
-    let before = swarm.backends(2);
+    // The worker's dockerd stopped: its tasks stop with it (no live-restore) and leave every
+    // table, though its Engine cannot say so, while the manager's serve on; once it is back,
+    // the tables follow the tasks Swarm runs then.
+    assert!(
+        !swarm.tasks_of(1).is_empty(),
+        "a task on the worker: {tasks:?}"
+    );
     swarm.dockerd_mut(1).stop().unwrap();
-    std::thread::sleep(Duration::from_secs(1));
-    for i in 0..3 {
-        assert_eq!(
-            swarm.backends(i),
-            before,
-            "n{}'s table while dockerd is away",
-            i + 1
-        );
-    }
+    let managers: BTreeMap<String, Ipv4Addr> = swarm.tasks_of(0);
+    let took = wait("the worker's exited tasks out of every table", || {
+        let addrs: BTreeSet<Ipv4Addr> = swarm.tasks_of(0).values().copied().collect();
+        (0..3).all(|i| swarm.backends(i) == addrs)
+    });
+    println!("the worker's dockerd stopped: its tasks left every table within {took:?}");
+    let (spread, failed) = swarm.spread(2, 6);
+    assert_eq!(failed, 0, "{spread:?}");
+    assert!(
+        spread
+            .keys()
+            .all(|t| managers.contains_key(t) || swarm.tasks_of(0).contains_key(t))
+    );
     swarm.dockerd_mut(1).restart().unwrap();
     let tasks = swarm.wait_for_tasks(2, "the tasks after dockerd's restart");
     wait("the tasks answering after dockerd's restart", || {
@@ -594,4 +618,55 @@ fn a_swarm_service_published_through_lbctl_follows_scaling_failures_health_and_r
         })
         .collect();
     assert_eq!(answers, api.keys().cloned().collect::<BTreeSet<_>>());
+
+    // A new published port through the label (a rolling update): every node follows, the old
+    // port is free again.
+    swarm.docker(
+        0,
+        &[
+            "service",
+            "update",
+            "-d",
+            "--container-label-add",
+            NEW_PUBLISH,
+            "web",
+        ],
+    );
+    let new_port = |i: usize| SocketAddrV4::new(swarm.mesh.node_ip(i), NEW_PORT);
+    let took = wait("every node answering on the new port", || {
+        (0..3).all(|i| {
+            swarm
+                .mesh
+                .client()
+                .in_netns(|| docker::whoami(new_port(i)))
+                .is_ok()
+        }) && (0..3).all(|i| {
+            let listed = swarm.lbctl[i].run(&["service", "ls"]).unwrap_or_default();
+            listed.contains(&format!("web tcp/{NEW_PORT} from Docker"))
+        })
+    });
+    println!(
+        "docker service update --container-label-add {NEW_PUBLISH}: every node on the new port within {took:?}"
+    );
+    let tasks = swarm.wait_for_tasks(2, "the updated tasks in every node's table");
+    wait("the updated tasks answering on the new port", || {
+        let answers: BTreeSet<String> = (0..4)
+            .filter_map(|_| {
+                swarm
+                    .mesh
+                    .client()
+                    .in_netns(|| docker::whoami(new_port(2)))
+                    .ok()
+            })
+            .map(|w| w.task)
+            .collect();
+        answers == tasks.keys().cloned().collect()
+    });
+    for i in 0..3 {
+        let old = swarm.published(i);
+        client::assert_refused(
+            swarm.mesh.client().in_netns(|| client::connect(old)),
+            &format!("the old port through n{}", i + 1),
+        );
+    }
 }

@@ -523,6 +523,7 @@ mod tests {
                         health_check: HealthCheck::default(),
                         scheduler: Default::default(),
                         origin: Default::default(),
+                        defined_at: String::new(),
                     }),
                 },
             );

@@ -56,6 +56,8 @@ pub struct ServiceDef {
     /// Left out for the operator's, so records read the same as before Docker services.
     #[serde(default, skip_serializing_if = "Origin::is_operator")]
     pub origin: Origin,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub defined_at: String,
 }
 
 /// A service as gossiped: its definition, or `None` once removed.
@@ -136,6 +138,7 @@ fn def_of(service: &crate::table::Service) -> ServiceDef {
         health_check: service.health_check.clone(),
         scheduler: service.scheduler,
         origin: service.origin,
+        defined_at: service.defined_at.clone(),
     }
 }
 
@@ -445,8 +448,9 @@ fn add_or_update(table: &mut Table, want: &MergedService) -> Result<(), String> 
         service.scheduler = want.def.scheduler;
         changed = true;
     }
-    if service.origin != want.def.origin {
+    if (service.origin, &service.defined_at) != (want.def.origin, &want.def.defined_at) {
         service.origin = want.def.origin;
+        service.defined_at = want.def.defined_at.clone();
         changed = true;
     }
     for backend in &mut service.backends {
@@ -814,6 +818,7 @@ mod tests {
             health_check: HealthCheck::default(),
             scheduler: Scheduler::default(),
             origin: Origin::default(),
+            defined_at: String::new(),
         }
     }
 

@@ -83,6 +83,15 @@ pub fn run(instance: Instance, options: Options) -> Result<()> {
     init_logging(options.log_json);
     // Fail early, before serving anything, if there is nothing to serve.
     commands::attached_state_and_node(&instance)?;
+    // Before the cluster makes this node a member on that port.
+    if options.docker_host.is_some() {
+        let (port, nodes) = commands::mesh_port_in_use(&instance)?;
+        docker::check_mesh_port(
+            port,
+            nodes || options.cluster.is_some(),
+            Some(docker::DOCKER_DATA_PATH_PORT),
+        )?;
+    }
     match &options.cluster {
         Some(cluster) => {
             if !underlay::local_addrs()?.contains(&cluster.vtep) {

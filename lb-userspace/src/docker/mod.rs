@@ -8,7 +8,7 @@
 //! (dockerd restarting, an API error), the table keeps its Docker services as they are and the
 //! daemon reconnects; once back, one read brings the table up to date.
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     net::Ipv4Addr,
     time::Duration,
 };
@@ -36,12 +36,13 @@ pub const DEFAULT_HOST: &str = "unix:///var/run/docker.sock";
 const RESYNC_EVERY: Duration = Duration::from_secs(30);
 /// Events arriving within this long of each other make one read.
 const DEBOUNCE: Duration = Duration::from_millis(20);
-/// Reconnection attempts back off up to this.
-const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// Reconnection attempts back off up to this; meanwhile each attempt also looks for tasks
+/// that exited.
+const MAX_BACKOFF: Duration = Duration::from_secs(1);
 /// Every API request's timeout, in seconds.
 const REQUEST_TIMEOUT_S: u64 = 10;
 /// Docker's VXLAN port for overlay networks unless `docker swarm init --data-path-port`.
-const DOCKER_DATA_PATH_PORT: u16 = 4789;
+pub const DOCKER_DATA_PATH_PORT: u16 = 4789;
 
 /// Connects to the Engine at `host` (`unix:///path`, `tcp://host:port` or `http://...`) and
 /// settles on the API version both speak (this machine's Debian dockerd speaks 1.41).
@@ -77,7 +78,8 @@ pub struct View {
 
 /// Reads this node's running containers that carry `lbctl.publish`, their addresses and
 /// health, and on a manager the Swarm's services.
-pub async fn read(docker: &Docker) -> Result<View> {
+/// `stopping`: the containers Docker signalled to stop (from the event stream).
+pub async fn read(docker: &Docker, stopping: &HashSet<String>) -> Result<View> {
     let filters = HashMap::from([
         ("label".to_owned(), vec![labels::PUBLISH_LABEL.to_owned()]),
         ("status".to_owned(), vec!["running".to_owned()]),
@@ -123,7 +125,8 @@ pub async fn read(docker: &Docker) -> Result<View> {
         };
         let health = match container
             .state
-            .and_then(|s| s.health)
+            .as_ref()
+            .and_then(|s| s.health.as_ref())
             .and_then(|h| h.status)
         {
             Some(HealthStatusEnum::HEALTHY) => DockerHealth::Healthy,
@@ -141,8 +144,17 @@ pub async fn read(docker: &Docker) -> Result<View> {
                 Some((name, addr))
             })
             .collect();
+        let process = container
+            .state
+            .as_ref()
+            .and_then(|s| s.pid)
+            .and_then(|pid| u32::try_from(pid).ok())
+            .filter(|&pid| pid > 0)
+            .and_then(|pid| process_start(pid).map(|start| (pid, start)));
         tasks.push(Task {
             gateway: gateways.get(&id).copied(),
+            stopping: stopping.contains(&id),
+            process,
             container: id,
             service,
             created: container.created.unwrap_or_default(),
@@ -179,6 +191,15 @@ pub async fn read(docker: &Docker) -> Result<View> {
     })
 }
 
+/// When process `pid` started (clock ticks since boot, field 22 of `/proc/PID/stat`), if this
+/// namespace sees it.
+fn process_start(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // After the command name, which may hold spaces but ends with the last ')'.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_whitespace().nth(19)?.parse().ok()
+}
+
 /// Each container's address on `docker_gwbridge`, by container id.
 async fn gateway_addresses(docker: &Docker) -> Result<HashMap<String, Ipv4Addr>> {
     let network = match docker.inspect_network(GATEWAY_BRIDGE, None).await {
@@ -210,9 +231,16 @@ async fn swarm_services(docker: &Docker) -> Result<BTreeSet<String>> {
     for service in services {
         let Some(spec) = service.spec else { continue };
         let Some(name) = spec.name else { continue };
-        let publish = spec
-            .task_template
-            .and_then(|t| t.container_spec)
+        let Some(template) = spec.task_template else {
+            continue;
+        };
+        // A service on no network has no task address lbctl could reach from other nodes
+        // (`table::docker::desired` leaves its tasks out).
+        if template.networks.unwrap_or_default().is_empty() {
+            continue;
+        }
+        let publish = template
+            .container_spec
             .and_then(|c| c.labels)
             .and_then(|l| l.get(labels::PUBLISH_LABEL).cloned());
         if let Some(Ok(publish)) = publish.map(|p| labels::parse_publish(&p)) {
@@ -225,8 +253,9 @@ async fn swarm_services(docker: &Docker) -> Result<BTreeSet<String>> {
 /// Refuses a mesh whose VXLAN port is Docker's overlay port: Docker's overlay networks use the
 /// same VNIs lbctl's mesh does (its `ingress` network has VNI 4096, lbctl's default), and lbctl
 /// would take their packets.
-pub fn check_mesh_port(mesh_port: u16, mesh_in_use: bool, view: &View) -> Result<()> {
-    if let Some(docker_port) = view.data_path_port
+/// `docker_port`: the Swarm's data path port, `None` outside a Swarm.
+pub fn check_mesh_port(mesh_port: u16, mesh_in_use: bool, docker_port: Option<u16>) -> Result<()> {
+    if let Some(docker_port) = docker_port
         && mesh_in_use
         && docker_port == mesh_port
     {
@@ -258,7 +287,7 @@ pub async fn follow(
 ) -> Result<()> {
     let mut backoff = Duration::from_millis(200);
     let mut last_error: Option<String> = None;
-    let mut said = BTreeSet::new();
+    let mut memory = Memory::default();
     loop {
         let docker = tokio::select! {
             _ = stop.changed() => return Ok(()),
@@ -277,6 +306,7 @@ pub async fn follow(
                     () = tokio::time::sleep(backoff) => {}
                 }
                 backoff = (backoff * 2).min(MAX_BACKOFF);
+                prune_exited(&instance, &mut memory).await;
                 continue;
             }
         };
@@ -284,7 +314,7 @@ pub async fn follow(
         last_error = None;
         backoff = Duration::from_millis(200);
         link.lock().unwrap().connected = true;
-        let outcome = follow_connected(&instance, &docker, &link, &mut stop, &mut said).await;
+        let outcome = follow_connected(&instance, &docker, &link, &mut stop, &mut memory).await;
         link.lock().unwrap().connected = false;
         match outcome {
             Ok(true) => return Ok(()),
@@ -300,13 +330,49 @@ pub async fn follow(
 
 struct Fatal(anyhow::Error);
 
+/// What the watcher keeps between reads, and across reconnections.
+#[derive(Default)]
+struct Memory {
+    /// The problems logged, each once while it lasts.
+    said: BTreeSet<String>,
+    /// Containers Docker signalled to stop: drained until they exit.
+    stopping: HashSet<String>,
+    /// This node's tasks at the last read.
+    tasks: Vec<Task>,
+}
+
+/// While the Engine is away: the tasks whose process exited since the last read (dockerd
+/// stopping without live-restore stops its containers) leave the table, so that their
+/// service's new flows go to the tasks still running.
+async fn prune_exited(instance: &Instance, memory: &mut Memory) {
+    let (running, gone) = labels::exited(&memory.tasks, process_start);
+    if gone.is_empty() {
+        return;
+    }
+    let names: Vec<String> = gone
+        .iter()
+        .map(|t| t.container[..12.min(t.container.len())].to_owned())
+        .collect();
+    warn!(tasks = %names.join(" "), "tasks of this node exited while the Docker Engine is away: out of the table");
+    memory.tasks = running;
+    let desired = labels::desired(&memory.tasks);
+    let applying = instance.clone();
+    match tokio::task::spawn_blocking(move || commands::docker_follow(&applying, &desired, None))
+        .await
+    {
+        Ok(Ok(_)) => {}
+        Ok(Err(err)) => error!(error = format!("{err:#}"), "cannot apply Docker's services"),
+        Err(err) => error!(error = %err, "applying Docker's services failed"),
+    }
+}
+
 /// Follows one connection: `Ok(true)` when stopped, `Ok(false)` when the Engine went away.
 async fn follow_connected(
     instance: &Instance,
     docker: &Docker,
     link: &std::sync::Arc<std::sync::Mutex<Link>>,
     stop: &mut watch::Receiver<bool>,
-    said: &mut BTreeSet<String>,
+    memory: &mut Memory,
 ) -> Result<bool, Fatal> {
     let filters = HashMap::from([(
         "type".to_owned(),
@@ -331,7 +397,10 @@ async fn follow_connected(
             _ = stop.changed() => return Ok(true),
             event = events.next() => match event {
                 Some(Ok(event)) => {
-                    let action = event.action.unwrap_or_default();
+                    let action = event.action.clone().unwrap_or_default();
+                    if let Some(id) = stop_signalled(&event) {
+                        memory.stopping.insert(id);
+                    }
                     if !action.starts_with("exec_") && due.is_none() {
                         due = Some(tokio::time::Instant::now() + DEBOUNCE);
                     }
@@ -347,12 +416,12 @@ async fn follow_connected(
             },
             () = wait_due => {
                 due = None;
-                if !sync_once(instance, docker, link, said).await? {
+                if !sync_once(instance, docker, link, memory).await? {
                     return Ok(false);
                 }
             }
             _ = resync.tick() => {
-                if !sync_once(instance, docker, link, said).await? {
+                if !sync_once(instance, docker, link, memory).await? {
                     return Ok(false);
                 }
             }
@@ -360,14 +429,28 @@ async fn follow_connected(
     }
 }
 
+/// The container a `kill` event signals to stop (SIGTERM, SIGKILL, SIGINT or SIGQUIT: how
+/// Docker stops a container, and Swarm a task), not a reload (SIGHUP) or a user signal.
+fn stop_signalled(event: &bollard::models::EventMessage) -> Option<String> {
+    if event.action.as_deref() != Some("kill") {
+        return None;
+    }
+    let actor = event.actor.as_ref()?;
+    let signal = actor.attributes.as_ref()?.get("signal")?;
+    ["15", "9", "2", "3"]
+        .contains(&signal.as_str())
+        .then(|| actor.id.clone())
+        .flatten()
+}
+
 /// One read and table change; `Ok(false)` when the Engine could not be read.
 async fn sync_once(
     instance: &Instance,
     docker: &Docker,
     link: &std::sync::Arc<std::sync::Mutex<Link>>,
-    said: &mut BTreeSet<String>,
+    memory: &mut Memory,
 ) -> Result<bool, Fatal> {
-    let view = match read(docker).await {
+    let view = match read(docker, &memory.stopping).await {
         Ok(view) => view,
         Err(err) => {
             warn!(
@@ -383,7 +466,12 @@ async fn sync_once(
             .await
             .map_err(|err| Fatal(anyhow!(err)))?
             .map_err(Fatal)?;
-    check_mesh_port(mesh_port, mesh_in_use, &view).map_err(Fatal)?;
+    check_mesh_port(mesh_port, mesh_in_use, view.data_path_port).map_err(Fatal)?;
+    // Forget the stopped containers that are gone.
+    memory
+        .stopping
+        .retain(|id| view.tasks.iter().any(|t| t.container == *id));
+    memory.tasks = view.tasks.clone();
     let desired = labels::desired(&view.tasks);
     let swarm = view.swarm.clone();
     let applying = instance.clone();
@@ -408,10 +496,10 @@ async fn sync_once(
                 .chain(&followed.refused)
                 .cloned()
                 .collect();
-            for problem in now.difference(said) {
+            for problem in now.difference(&memory.said) {
                 warn!("{problem}");
             }
-            *said = now;
+            memory.said = now;
         }
         Err(err) => error!(error = format!("{err:#}"), "cannot apply Docker's services"),
     }

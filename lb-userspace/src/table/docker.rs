@@ -111,6 +111,22 @@ pub struct Task {
     /// Its address on `docker_gwbridge`, which this node's own namespace reaches.
     pub gateway: Option<Ipv4Addr>,
     pub health: DockerHealth,
+    /// Docker signalled it to stop (Swarm's shutdown of a task: scale-down, update, removal),
+    /// seen in the event stream; it serves on until it exits.
+    pub stopping: bool,
+    /// Its main process as this namespace sees it (pid, start time in clock ticks), when it
+    /// does: while the Engine is away, a task whose process is gone has exited.
+    pub process: Option<(u32, u64)>,
+}
+
+/// Splits `tasks` into those still running and those whose main process is gone (`start_of`
+/// gives a pid's start time, `None` for no such process): a pid reused by another process
+/// has another start time. Tasks whose process this namespace cannot see are kept.
+pub fn exited(tasks: &[Task], start_of: impl Fn(u32) -> Option<u64>) -> (Vec<Task>, Vec<Task>) {
+    tasks.iter().cloned().partition(|task| match task.process {
+        Some((pid, start)) => start_of(pid) == Some(start),
+        None => true,
+    })
 }
 
 /// A service as Docker's labels define it, with this node's tasks.
@@ -118,13 +134,26 @@ pub struct Task {
 pub struct DockerService {
     pub name: String,
     pub swarm_service: String,
+    /// When the task whose labels define it was created (see `Service::defined_at`).
+    pub defined_at: String,
     pub proto: Proto,
     pub port: u16,
     pub vip: Option<Ipv4Addr>,
     pub scheduler: Scheduler,
     pub check: HealthCheck,
-    /// This node's tasks: address, and health when Docker's verdict decides it.
-    pub tasks: Vec<(SocketAddrV4, Option<Health>)>,
+    /// This node's tasks.
+    pub tasks: Vec<TaskBackend>,
+}
+
+/// A task of this node as a backend of a Docker service.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TaskBackend {
+    pub addr: SocketAddrV4,
+    /// Docker's health verdict, when it decides (lbctl's checks off).
+    pub health: Option<Health>,
+    /// Being stopped by Docker: drained (no new flows; its connections finish while it lives),
+    /// as Swarm's own balancer does not (moby #38841).
+    pub stopping: bool,
 }
 
 /// A host route this node needs to reach a task: its overlay address through its
@@ -216,7 +245,9 @@ pub fn desired(tasks: &[Task]) -> Desired {
     let mut routes = BTreeSet::new();
     let mut taken: BTreeMap<String, &str> = BTreeMap::new();
     for (swarm_service, mut tasks) in by_service {
-        tasks.sort_by(|a, b| (&b.created, &b.container).cmp(&(&a.created, &a.container)));
+        tasks.sort_by_cached_key(|t| {
+            std::cmp::Reverse((sortable_time(&t.created), t.container.clone()))
+        });
         let def = match definition(&tasks[0].labels) {
             Ok(def) => def,
             Err(err) => {
@@ -251,22 +282,36 @@ pub fn desired(tasks: &[Task]) -> Desired {
         }
         taken.extend(names.iter().map(|n| (n.clone(), swarm_service)));
         let mut addresses = Vec::new();
+        let mut refused = 0;
         for task in &tasks {
+            // A container Docker is taking down (or still setting up) has left its networks (or
+            // not joined them yet): not a task to publish, nor a problem to report.
+            if task.networks.is_empty() {
+                continue;
+            }
             match address_of(task, def.network.as_deref()) {
                 Ok(addr) => {
                     routes.insert(TaskRoute {
                         task: addr,
                         gateway: task.gateway.expect("checked by address_of"),
                     });
-                    addresses.push((addr, task.health));
+                    addresses.push((addr, task.health, task.stopping));
                 }
-                Err(err) => out.problems.push(format!(
-                    "task {} of Swarm service '{swarm_service}' is left out: {err}",
-                    short(&task.container)
-                )),
+                Err(err) => {
+                    refused += 1;
+                    out.problems.push(format!(
+                        "task {} of Swarm service '{swarm_service}' is left out: {err}",
+                        short(&task.container)
+                    ));
+                }
             }
         }
-        addresses.sort_by_key(|&(addr, _)| addr);
+        // A service none of whose tasks here can be reached is not published from here: it
+        // would hold its port on every node and drop what comes to it.
+        if addresses.is_empty() && refused > 0 {
+            continue;
+        }
+        addresses.sort_by_key(|&(addr, _, _)| addr);
         let docker_health = tasks.iter().any(|t| t.health != DockerHealth::None);
         let check = def.check.clone().unwrap_or_else(|| {
             let enabled = !docker_health;
@@ -279,6 +324,7 @@ pub fn desired(tasks: &[Task]) -> Desired {
             out.services.push(DockerService {
                 name,
                 swarm_service: swarm_service.to_owned(),
+                defined_at: sortable_time(&tasks[0].created),
                 proto: publish.proto,
                 port: publish.port,
                 vip: def.vip,
@@ -286,13 +332,14 @@ pub fn desired(tasks: &[Task]) -> Desired {
                 check: check.clone(),
                 tasks: addresses
                     .iter()
-                    .map(|&(addr, health)| {
-                        let verdict = (!check.enabled).then_some(match health {
+                    .map(|&(addr, health, stopping)| TaskBackend {
+                        addr: SocketAddrV4::new(addr, publish.target),
+                        health: (!check.enabled).then_some(match health {
                             DockerHealth::None => Health::Unknown,
                             DockerHealth::Healthy => Health::Healthy,
                             DockerHealth::Starting | DockerHealth::Unhealthy => Health::Unhealthy,
-                        });
-                        (SocketAddrV4::new(addr, publish.target), verdict)
+                        }),
+                        stopping,
                     })
                     .collect(),
             });
@@ -300,6 +347,16 @@ pub fn desired(tasks: &[Task]) -> Desired {
     }
     out.routes = routes.into_iter().collect();
     out
+}
+
+/// Docker's RFC 3339 time (`2026-12-02T14:02:50.9287731Z`: Go trims the fraction's trailing
+/// zeros) with nine fractional digits, so that times sort as text.
+pub fn sortable_time(rfc3339: &str) -> String {
+    let Some(body) = rfc3339.strip_suffix('Z') else {
+        return rfc3339.to_owned();
+    };
+    let (seconds, fraction) = body.split_once('.').unwrap_or((body, ""));
+    format!("{seconds}.{fraction:0<9}Z")
 }
 
 fn short(container: &str) -> &str {
@@ -408,20 +465,40 @@ fn follow_service(
 ) -> Result<(), String> {
     let name = want.name.as_str();
     let frontend = (want.proto, want.port, want.vip);
-    if let Some(service) = table.service(name) {
-        if service.origin != Origin::Docker {
-            return Err(format!(
-                "an lbctl service of that name exists that is not Docker's (`lbctl service rm \
-                 {name}` lets Docker's take its place)"
-            ));
-        }
-        if (service.proto, service.port, service.vip) != frontend {
-            table.remove_service(name).expect("present");
-            changes.push(format!(
-                "service {name} published anew on {}/{}",
-                want.proto, want.port
-            ));
-        }
+    if let Some(service) = table.service(name)
+        && service.origin != Origin::Docker
+    {
+        return Err(format!(
+            "an lbctl service of that name exists that is not Docker's (`lbctl service rm \
+             {name}` lets Docker's take its place)"
+        ));
+    }
+    let wanted: BTreeSet<SocketAddrV4> = want.tasks.iter().map(|t| t.addr).collect();
+    // Tasks older than those that define the service (another node's, which a rolling update
+    // of the labels reached first) leave its definition alone: two generations of labels must
+    // not take turns.
+    let defines = table
+        .service(name)
+        .is_none_or(|s| s.defined_at.as_str() <= want.defined_at.as_str());
+    // A new frontend is a new service; the other nodes' tasks stay in it (theirs to change:
+    // their daemons follow the same labels).
+    let mut elsewhere_kept = Vec::new();
+    if let Some(service) = table.service(name)
+        && defines
+        && (service.proto, service.port, service.vip) != frontend
+    {
+        elsewhere_kept = service
+            .backends
+            .iter()
+            .filter(|b| !(b.node.as_deref() == self_node || b.node.is_none()))
+            .filter(|b| !wanted.contains(&b.addr))
+            .map(|b| b.spec())
+            .collect();
+        table.remove_service(name).expect("present");
+        changes.push(format!(
+            "service {name} published anew on {}/{}",
+            want.proto, want.port
+        ));
     }
     let spec = |addr: SocketAddrV4| BackendSpec {
         addr,
@@ -429,14 +506,19 @@ fn follow_service(
         weight: default_weight(),
     };
     if table.service(name).is_none() {
-        let backends: Vec<BackendSpec> = want.tasks.iter().map(|&(a, _)| spec(a)).collect();
+        let mut backends: Vec<BackendSpec> = want
+            .tasks
+            .iter()
+            .filter(|t| !t.stopping)
+            .map(|t| spec(t.addr))
+            .collect();
+        backends.extend(elsewhere_kept);
         table.add_service(name, want.proto, want.port, want.vip, &backends)?;
-        table.set_origin(name, Origin::Docker)?;
         changes.push(format!(
             "service {name} added: {}/{} → {} task(s) of this node",
             want.proto,
             want.port,
-            backends.len()
+            want.tasks.len()
         ));
     } else {
         let service = table.service(name).expect("present");
@@ -452,13 +534,18 @@ fn follow_service(
             .filter(|b| !(b.node.as_deref() == self_node || b.node.is_none()))
             .map(|b| b.addr)
             .collect();
-        let wanted: BTreeSet<SocketAddrV4> = want.tasks.iter().map(|&(a, _)| a).collect();
         let leaving: Vec<SocketAddrV4> = present.difference(&wanted).copied().collect();
         // An address another node still publishes is a task that moved here: it comes once
         // that node's record goes (the gossip's next rounds).
+        let stopping: BTreeSet<SocketAddrV4> = want
+            .tasks
+            .iter()
+            .filter(|t| t.stopping)
+            .map(|t| t.addr)
+            .collect();
         let arriving: Vec<BackendSpec> = wanted
             .difference(&present)
-            .filter(|a| !elsewhere.contains(a))
+            .filter(|a| !elsewhere.contains(a) && !stopping.contains(a))
             .map(|&a| spec(a))
             .collect();
         if !leaving.is_empty() {
@@ -470,6 +557,10 @@ fn follow_service(
             changes.push(format!("service {name}: {} task(s) added", arriving.len()));
         }
     }
+    if !defines {
+        return follow_tasks(table, want, spec, changes);
+    }
+    table.set_origin(name, Origin::Docker, &want.defined_at)?;
     if table.set_scheduler(name, want.scheduler)? {
         changes.push(format!("service {name}: scheduler {}", want.scheduler));
     }
@@ -490,18 +581,43 @@ fn follow_service(
             want.check.describe(want.proto)
         ));
     }
+    follow_tasks(table, want, spec, changes)
+}
+
+/// Docker's health verdicts and stop signals on this node's tasks of `want`.
+fn follow_tasks(
+    table: &mut Table,
+    want: &DockerService,
+    spec: impl Fn(SocketAddrV4) -> BackendSpec,
+    changes: &mut Vec<String>,
+) -> Result<(), String> {
+    let name = want.name.as_str();
     let ids: Vec<(u32, Health)> = {
         let service = table.service(name).expect("present");
         want.tasks
             .iter()
-            .filter_map(|&(addr, health)| {
-                let backend = service.backends.iter().find(|b| b.addr == addr)?;
-                Some((backend.id, health?))
+            .filter_map(|task| {
+                let backend = service.backends.iter().find(|b| b.addr == task.addr)?;
+                Some((backend.id, task.health?))
             })
             .collect()
     };
     for (id, health) in ids {
         table.set_health(name, id, health);
+    }
+    for task in want.tasks.iter().filter(|t| t.stopping) {
+        let present = table
+            .service(name)
+            .expect("present")
+            .backends
+            .iter()
+            .any(|b| b.addr == task.addr);
+        if present && table.set_drained(name, spec(task.addr), true)? {
+            changes.push(format!(
+                "service {name}: task {} stopping: no new flows",
+                task.addr
+            ));
+        }
     }
     Ok(())
 }
@@ -527,6 +643,8 @@ mod tests {
             .collect(),
             gateway: Some(Ipv4Addr::new(172, 18, 0, n)),
             health: DockerHealth::None,
+            stopping: false,
+            process: None,
         }
     }
 
@@ -581,7 +699,10 @@ mod tests {
             ("web", 8080, Scheduler::Maglev)
         );
         assert_eq!(
-            web.tasks,
+            web.tasks
+                .iter()
+                .map(|t| (t.addr, t.health))
+                .collect::<Vec<_>>(),
             vec![(addr("10.0.1.2:80"), None), (addr("10.0.1.3:80"), None)]
         );
         assert!(
@@ -633,6 +754,17 @@ mod tests {
                 .iter()
                 .any(|p| p.contains("docker_gwbridge"))
         );
+        // Tasks that left their networks (stopping) are skipped without a word; a service whose
+        // every task here is unreachable is not published.
+        let mut stopping = task("web", 6, "t3", &new);
+        stopping.networks.clear();
+        let mut lonely = task("api", 7, "t", &old);
+        lonely.networks = [("bridge".to_owned(), Ipv4Addr::new(172, 17, 0, 7))].into();
+        let second = super::desired(&[stopping, task("web", 2, "t1", &new), lonely]);
+        assert_eq!(second.services.len(), 1, "{:?}", second.services);
+        assert_eq!(second.services[0].tasks.len(), 1);
+        assert_eq!(second.problems.len(), 1, "{:?}", second.problems);
+        assert!(second.problems[0].contains("'api'"));
         let bad = desired_of_labels(&[(PUBLISH_LABEL, "80")]);
         assert!(bad.services.is_empty() && bad.problems[0].contains("lbctl.publish"));
         let bad = desired_of_labels(&[(PUBLISH_LABEL, "80:80"), (CHECK_LABEL, "ping")]);
@@ -671,7 +803,7 @@ mod tests {
         tasks[2].health = DockerHealth::Unhealthy;
         let web = &desired(&tasks).services[0];
         assert!(!web.check.enabled);
-        let healths: Vec<_> = web.tasks.iter().map(|t| t.1).collect();
+        let healths: Vec<_> = web.tasks.iter().map(|t| t.health).collect();
         assert_eq!(
             healths,
             [
@@ -690,7 +822,7 @@ mod tests {
         let web = &desired(&tasks).services[0];
         assert_eq!(web.check.http_path.as_deref(), Some("/health"));
         assert!(
-            web.tasks.iter().all(|t| t.1.is_none()),
+            web.tasks.iter().all(|t| t.health.is_none()),
             "lbctl's checks decide"
         );
     }
@@ -755,6 +887,126 @@ mod tests {
         assert!(table.service("web").is_some());
         let (changes, _) = follow(&mut table, &desired(&[]), Some("a"), Some(&BTreeSet::new()));
         assert!(table.service("web").is_none(), "{changes:?}");
+    }
+
+    #[test]
+    fn a_new_port_keeps_the_other_nodes_tasks_and_this_nodes_ids_change() {
+        let mut table = Table::default();
+        table.add_node("a", "192.0.2.1".parse().unwrap()).unwrap();
+        table.add_node("b", "192.0.2.2".parse().unwrap()).unwrap();
+        let old = [(PUBLISH_LABEL, "8080:80")];
+        follow(
+            &mut table,
+            &desired(&[task("web", 2, "t", &old)]),
+            Some("a"),
+            None,
+        );
+        table
+            .add_backends(
+                "web",
+                &[BackendSpec {
+                    addr: addr("10.0.1.9:80"),
+                    node: Some("b".into()),
+                    weight: 1,
+                }],
+            )
+            .unwrap();
+        let new = [(PUBLISH_LABEL, "9191:80")];
+        let (changes, refused) = follow(
+            &mut table,
+            &desired(&[task("web", 3, "t", &new)]),
+            Some("a"),
+            None,
+        );
+        assert!(refused.is_empty(), "{refused:?}");
+        assert!(changes[0].contains("published anew"), "{changes:?}");
+        let web = table.service("web").unwrap();
+        assert_eq!(web.port, 9191);
+        let backends: Vec<(SocketAddrV4, Option<&str>)> = web
+            .backends
+            .iter()
+            .map(|b| (b.addr, b.node.as_deref()))
+            .collect();
+        assert_eq!(
+            backends,
+            [
+                (addr("10.0.1.3:80"), Some("a")),
+                (addr("10.0.1.9:80"), Some("b"))
+            ]
+        );
+    }
+
+    #[test]
+    fn a_stopping_task_is_drained_not_added_and_exited_ones_are_found_by_their_process() {
+        let labels = [(PUBLISH_LABEL, "8080:80")];
+        let mut table = Table::default();
+        let mut tasks: Vec<Task> = (2..4).map(|n| task("web", n, "t", &labels)).collect();
+        follow(&mut table, &desired(&tasks), None, None);
+        tasks[0].stopping = true;
+        let mut late = task("web", 4, "t", &labels);
+        late.stopping = true;
+        tasks.push(late);
+        let (changes, _) = follow(&mut table, &desired(&tasks), None, None);
+        let web = table.service("web").unwrap();
+        let drained: Vec<(SocketAddrV4, bool)> =
+            web.backends.iter().map(|b| (b.addr, b.drained)).collect();
+        assert_eq!(
+            drained,
+            [(addr("10.0.1.2:80"), true), (addr("10.0.1.3:80"), false)],
+            "{changes:?}"
+        );
+        // While the Engine is away: a process gone, or its pid reused, is an exited task.
+        tasks[0].process = Some((100, 7));
+        tasks[1].process = Some((101, 8));
+        tasks[2].process = Some((102, 9));
+        let (running, gone) = exited(&tasks, |pid| match pid {
+            100 => Some(7),
+            102 => Some(99),
+            _ => None,
+        });
+        assert_eq!(running.len(), 1);
+        assert_eq!(running[0].process, Some((100, 7)));
+        assert_eq!(gone.len(), 2);
+    }
+
+    #[test]
+    fn older_tasks_leave_the_definition_to_newer_ones_whose_times_sort_as_text() {
+        assert_eq!(
+            sortable_time("2026-12-02T14:02:50.9287731Z"),
+            "2026-12-02T14:02:50.928773100Z"
+        );
+        assert_eq!(
+            sortable_time("2026-12-02T14:02:50Z"),
+            "2026-12-02T14:02:50.000000000Z"
+        );
+        let mut table = Table::default();
+        let new = [(PUBLISH_LABEL, "9191:80")];
+        let old = [(PUBLISH_LABEL, "8080:80")];
+        // Another node's newer task defined the service on 9191; this node's older tasks,
+        // still labelled 8080, join it without redefining it.
+        follow(
+            &mut table,
+            &desired(&[task("web", 2, "2026-12-02T10:00:01.5Z", &new)]),
+            None,
+            None,
+        );
+        let (changes, refused) = follow(
+            &mut table,
+            &desired(&[
+                task("web", 2, "2026-12-02T10:00:01.5Z", &new),
+                task("web", 3, "2026-12-02T09:00:00Z", &old),
+            ]),
+            None,
+            None,
+        );
+        assert!(refused.is_empty(), "{refused:?}");
+        let web = table.service("web").unwrap();
+        assert_eq!(web.port, 9191, "{changes:?}");
+        let older = desired(&[task("web", 3, "2026-12-02T09:00:00Z", &old)]);
+        follow(&mut table, &older, None, None);
+        let web = table.service("web").unwrap();
+        assert_eq!((web.port, web.backends.len()), (9191, 1));
+        assert_eq!(web.defined_at, "2026-12-02T10:00:01.500000000Z");
     }
 
     #[test]

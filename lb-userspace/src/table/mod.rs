@@ -173,6 +173,7 @@ impl Table {
             health_check: HealthCheck::default(),
             scheduler: Scheduler::default(),
             origin: Origin::default(),
+            defined_at: String::new(),
         });
         self.next_service_id = (id + 1) % MAX_SERVICES;
         self.generation += 1;
@@ -258,13 +259,20 @@ impl Table {
         Ok(true)
     }
 
-    /// Says who defines a service (see `Origin`). Returns whether anything changed.
-    pub fn set_origin(&mut self, name: &str, origin: Origin) -> Result<bool, String> {
+    /// Says who defines a service (see `Origin`), and for Docker's since when (see
+    /// `Service::defined_at`). Returns whether anything changed.
+    pub fn set_origin(
+        &mut self,
+        name: &str,
+        origin: Origin,
+        defined_at: &str,
+    ) -> Result<bool, String> {
         let service = self.service_mut(name)?;
-        if service.origin == origin {
+        if (service.origin, service.defined_at.as_str()) == (origin, defined_at) {
             return Ok(false);
         }
         service.origin = origin;
+        service.defined_at = defined_at.to_owned();
         self.generation += 1;
         Ok(true)
     }

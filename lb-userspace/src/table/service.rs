@@ -233,6 +233,11 @@ pub struct Service {
     /// whose services only the Docker watcher changes.
     #[serde(default, skip_serializing_if = "Origin::is_operator")]
     pub origin: Origin,
+    /// For a Docker service: when the task whose labels define it was created (RFC 3339 with
+    /// nine fractional digits, so that it sorts as text). A node whose tasks are older (a
+    /// rolling update has not reached them) leaves the definition to the newer one.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub defined_at: String,
 }
 
 /// Who defines a service and its backends.
