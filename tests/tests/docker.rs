@@ -284,6 +284,35 @@ impl Swarm {
     }
 }
 
+/// Seconds since the Unix epoch of Docker's RFC 3339 UTC time (`2026-12-02T14:02:50.92Z`).
+fn unix_seconds(rfc3339: &str) -> f64 {
+    let (date, time) = rfc3339
+        .trim()
+        .trim_end_matches('Z')
+        .split_once('T')
+        .unwrap();
+    let mut ymd = date.split('-').map(|v| v.parse::<i64>().unwrap());
+    let (y, m, d) = (
+        ymd.next().unwrap(),
+        ymd.next().unwrap(),
+        ymd.next().unwrap(),
+    );
+    // Days from the civil date (Howard Hinnant's algorithm).
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let doy = (153 * (if m > 2 { m - 3 } else { m + 9 }) + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    let mut hms = time.split(':');
+    let (h, min) = (
+        hms.next().unwrap().parse::<f64>().unwrap(),
+        hms.next().unwrap().parse::<f64>().unwrap(),
+    );
+    let sec: f64 = hms.next().unwrap().parse().unwrap();
+    days as f64 * 86_400.0 + h * 3_600.0 + min * 60.0 + sec
+}
+
 fn wait(what: &str, mut done: impl FnMut() -> bool) -> Duration {
     let start = Instant::now();
     while !done() {
@@ -295,6 +324,7 @@ fn wait(what: &str, mut done: impl FnMut() -> bool) -> Duration {
 
 #[test]
 fn a_swarm_service_published_through_lbctl_follows_scaling_failures_health_and_restarts() {
+    assert!((unix_seconds("2026-12-02T14:02:50.92Z") - 1_796_220_170.92).abs() < 1e-3);
     let mut swarm = Swarm::build();
     swarm.docker(
         0,
@@ -401,8 +431,28 @@ fn a_swarm_service_published_through_lbctl_follows_scaling_failures_health_and_r
         seen.len() == 5
     });
     let took = start.elapsed();
+    let all_answering = std::time::SystemTime::now();
+    // lbctl's share: from the last of the new containers starting (Docker's own clock) to
+    // every task answering through another node.
+    let last_started = (0..SWARM_NODES)
+        .flat_map(|i| {
+            swarm
+                .tasks_of(i)
+                .into_keys()
+                .map(move |task| (i, task))
+                .collect::<Vec<_>>()
+        })
+        .map(|(i, task)| {
+            unix_seconds(&swarm.docker(i, &["inspect", "--format", "{{.State.StartedAt}}", &task]))
+        })
+        .fold(0.0, f64::max);
+    let since_start = all_answering
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64()
+        - last_started;
     println!(
-        "docker service scale web=5 → the 5 tasks taking connections through n2: {took:?} ({failed} failed requests meanwhile)"
+        "docker service scale web=5 → the 5 tasks taking connections through n2: {took:?} ({failed} failed requests meanwhile); {since_start:.2} s after the last new container started"
     );
     assert_eq!(failed, 0, "no request fails while the service scales up");
     let tasks = swarm.wait_for_tasks(5, "5 tasks in every node's table");
