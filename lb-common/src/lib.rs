@@ -332,6 +332,15 @@ pub const FLOW_BACKEND_FIN: u8 = 4;
 /// as their source on the way to the backend (`SNAT_FLOWS` holds which), because the backend
 /// could not answer the client itself: the client is the backend, or the node hosting it.
 pub const FLOW_SNAT: u8 = 8;
+/// Flow flag: a TCP flow whose first SYN was forwarded and whose backend has not answered yet
+/// (no SYN-ACK seen). A RST from the backend then is a refusal (`drop_backend_refused`), and
+/// the client's SYN again after `FLOW_UNANSWERED_NS` an unanswered connection
+/// (`flow_unanswered`): either way the flow is forgotten, and the client's next SYN chooses
+/// again.
+pub const FLOW_AWAITING_REPLY: u8 = 16;
+/// A client's SYN on a flow still awaiting its backend's SYN-ACK this long after the first is a
+/// retransmission: the backend left it unanswered (Linux retransmits a SYN after 1 s).
+pub const FLOW_UNANSWERED_NS: u64 = 500_000_000;
 /// A TCP flow idle this long without a FIN or RST is taken for abandoned (its client vanished):
 /// no longer live, and its hairpin source port may be given to another flow.
 pub const FLOW_IDLE_TCP_NS: u64 = 3_600 * 1_000_000_000;
@@ -690,6 +699,10 @@ reasons! {
     /// the TC ingress program with `bpf_redirect_peer` straight into that namespace, past the
     /// node's bridge, netfilter and routing. Counted on top of its `*_redirect` reason.
     XmitPeer = 40 => "xmit_peer",
+    /// A backend's RST answering a SYN the data plane forwarded (the connection refused: its
+    /// server is gone): dropped, not passed to the client, and the flow forgotten, so that
+    /// the client's retransmitted SYN (about a second later) is balanced again.
+    DropBackendRefused = 41 => "drop_backend_refused",
 }
 
 /// Number of counter slots in `REASON_STATS`.
@@ -731,6 +744,10 @@ pub enum Event {
     /// backend, or with backends on one other node behind the same port): the datagram is
     /// refused (`EPERM`), since the replies of the two could not be told apart.
     SocketPeerTaken = 9,
+    /// A client sent its SYN again (`FLOW_UNANSWERED_NS` or more after the first) while its
+    /// flow's backend had not answered: the flow chose again, so a vanished backend costs the
+    /// connection one retransmission rather than all of them.
+    FlowUnanswered = 10,
 }
 
 impl Event {
@@ -745,6 +762,7 @@ impl Event {
         Event::SocketNoBackend,
         Event::SocketLoopbackBound,
         Event::SocketPeerTaken,
+        Event::FlowUnanswered,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -759,6 +777,7 @@ impl Event {
             Event::SocketNoBackend => "socket_no_backend",
             Event::SocketLoopbackBound => "socket_loopback_bound",
             Event::SocketPeerTaken => "socket_peer_taken",
+            Event::FlowUnanswered => "flow_unanswered",
         }
     }
 }

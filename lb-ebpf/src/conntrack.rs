@@ -1,5 +1,5 @@
 //! The flow table: which backend each connection is pinned to, and how to reverse-NAT replies.
-use core::intrinsics::{AtomicOrdering, atomic_or};
+use core::intrinsics::{AtomicOrdering, atomic_and, atomic_or};
 
 use aya_ebpf::{
     bindings::{BPF_ANY, BPF_NOEXIST},
@@ -7,8 +7,9 @@ use aya_ebpf::{
     maps::LruHashMap,
 };
 use lb_common::{
-    BACKEND_ACTIVE, Event, FLOW_BACKEND_FIN, FLOW_CLIENT_FIN, FLOW_CLOSING,
-    FLOW_SEEN_GRANULARITY_NS, FlowKey, FlowValue, Reason, ReverseValue, SnatValue, reverse_entry,
+    BACKEND_ACTIVE, Event, FLOW_AWAITING_REPLY, FLOW_BACKEND_FIN, FLOW_CLIENT_FIN, FLOW_CLOSING,
+    FLOW_SEEN_GRANULARITY_NS, FLOW_SNAT, FLOW_UNANSWERED_NS, FlowKey, FlowValue, Reason,
+    ReverseValue, SnatValue, reverse_entry,
 };
 
 use crate::{
@@ -46,6 +47,9 @@ pub enum Lookup {
     Stale,
     /// A new connection (a SYN) on the 5-tuple of one that ended: a new flow.
     Reused,
+    /// The client's SYN again, on a flow whose backend has not answered its first one for
+    /// `FLOW_UNANSWERED_NS`: the backend is gone (or too slow); the flow chooses again.
+    Unanswered,
     Miss,
 }
 
@@ -78,6 +82,15 @@ pub fn lookup(key: &FlowKey, tcp_flags: u8) -> Lookup {
             // The coarse clock (the last tick's time) is enough for liveness measured in seconds,
             // and costs a load where reading the clock source costs tens of ns in a VM.
             let now = unsafe { bpf_ktime_get_coarse_ns() };
+            if flow.flags & FLOW_AWAITING_REPLY != 0 {
+                if tcp_flags & (TCP_SYN | TCP_ACK) != TCP_SYN {
+                    // The client's part of the handshake: its backend answered, whether or not
+                    // this node saw the answer.
+                    clear_flags(entry, FLOW_AWAITING_REPLY);
+                } else if now.wrapping_sub(flow.last_seen_ns) >= FLOW_UNANSWERED_NS {
+                    return Lookup::Unanswered;
+                }
+            }
             let was_idle = now.wrapping_sub(flow.last_seen_ns) >= FLOW_SEEN_GRANULARITY_NS;
             if was_idle {
                 unsafe { (*entry).last_seen_ns = now };
@@ -111,13 +124,16 @@ enum Side {
 }
 
 /// The flags a flow starts with when its first packet seen is `tcp_flags` from the client (a
-/// connection found again after its entry was evicted may be ending already).
+/// connection found again after its entry was evicted may be ending already; a SYN awaits its
+/// backend's answer). 0 for UDP, whose flags are 0.
 #[inline(always)]
 pub fn first_flags(tcp_flags: u8) -> u8 {
     if aborts(tcp_flags, Side::Client) {
         FLOW_CLOSING
     } else if tcp_flags & TCP_FIN != 0 {
         FLOW_CLIENT_FIN
+    } else if tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
+        FLOW_AWAITING_REPLY
     } else {
         0
     }
@@ -142,6 +158,16 @@ fn set_flags(entry: *mut FlowValue, bits: u8) -> u8 {
         atomic_or::<u64, u64, { AtomicOrdering::AcqRel }>(word, u64::from(bits) << FLAGS_SHIFT)
     };
     (old >> FLAGS_SHIFT) as u8
+}
+
+/// Clears `bits` in a flow's flags, atomically as `set_flags` sets them.
+#[inline(always)]
+fn clear_flags(entry: *mut FlowValue, bits: u8) {
+    // SAFETY: as in `set_flags`.
+    unsafe {
+        let word = entry.cast::<u8>().add(FLAGS_WORD).cast::<u64>();
+        atomic_and::<u64, u64, { AtomicOrdering::AcqRel }>(word, !(u64::from(bits) << FLAGS_SHIFT));
+    }
 }
 
 /// Notes a segment of `side` in its flow's entry (whose flags were `flags`): a RST that aborts
@@ -175,12 +201,23 @@ pub fn client_of(pkt: &Packet, reverse: &ReverseValue) -> (u32, u16) {
     }
 }
 
-/// A backend's FIN or RST counts for its flow too: noted in the client → service entry the reply
-/// belongs to.
+/// What a backend's reply says of its flow.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Heard {
+    /// Pass it on to the client.
+    Pass,
+    /// A RST answering the flow's SYN: the backend refused the connection. The flow is
+    /// forgotten and the RST must be dropped (`drop_backend_refused`), so that the client's
+    /// retransmitted SYN chooses again rather than fail.
+    Refused,
+}
+
+/// A backend's SYN-ACK, FIN or RST counts for its flow too: noted in the client → service entry
+/// the reply belongs to. Data segments cost nothing here.
 #[inline(always)]
-pub fn note_reply(pkt: &Packet, reverse: &ReverseValue) {
-    if pkt.tcp_flags & (TCP_FIN | TCP_RST) == 0 {
-        return;
+pub fn note_reply(pkt: &Packet, reverse: &ReverseValue) -> Heard {
+    if pkt.tcp_flags & (TCP_FIN | TCP_RST | TCP_SYN) == 0 {
+        return Heard::Pass;
     }
     let (client_ip_be, client_port_be) = client_of(pkt, reverse);
     let key = FlowKey::new(
@@ -190,11 +227,24 @@ pub fn note_reply(pkt: &Packet, reverse: &ReverseValue) {
         reverse.orig_port_be,
         pkt.proto,
     );
-    if let Some(entry) = FLOWS.get_ptr_mut(&key) {
-        // SAFETY: a live map value, read for its flags.
-        let flags = unsafe { (*entry).flags };
-        note_end(entry, flags, pkt.tcp_flags, Side::Backend);
+    let Some(entry) = FLOWS.get_ptr_mut(&key) else {
+        return Heard::Pass;
+    };
+    // SAFETY: a live map value, read for its flags.
+    let flags = unsafe { (*entry).flags };
+    if flags & FLOW_AWAITING_REPLY != 0 {
+        // A hairpin flow keeps its port through a refusal: its RST goes on (not yet here).
+        if pkt.tcp_flags & TCP_RST != 0 && flags & FLOW_SNAT == 0 {
+            let _ = FLOWS.remove(&key);
+            let _ = REVERSE_FLOWS.remove(&key_of(pkt));
+            return Heard::Refused;
+        }
+        if pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN | TCP_ACK {
+            clear_flags(entry, FLOW_AWAITING_REPLY);
+        }
     }
+    note_end(entry, flags, pkt.tcp_flags, Side::Backend);
+    Heard::Pass
 }
 
 #[inline(always)]

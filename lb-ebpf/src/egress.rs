@@ -61,7 +61,10 @@ pub fn try_lb_tc_egress(ctx: &mut TcContext) -> Result<i32, i64> {
         stats::count_reason(Reason::DropSnatNoRoute, u64::from(ctx.len()));
         return Ok(TC_ACT_SHOT);
     }
-    conntrack::note_reply(&pkt, &reverse);
+    if conntrack::note_reply(&pkt, &reverse) == conntrack::Heard::Refused {
+        stats::count_reason(Reason::DropBackendRefused, u64::from(ctx.len()));
+        return Ok(TC_ACT_SHOT);
+    }
     nat::tc_rewrite_l4(
         ctx,
         Side::Src,

@@ -113,6 +113,7 @@ fn to_service_port(
         },
         Lookup::Stale => (true, Event::FlowReselected),
         Lookup::Reused => (true, Event::FlowCreated),
+        Lookup::Unanswered => (true, Event::FlowUnanswered),
         Lookup::Miss => (false, Event::FlowCreated),
     };
     let (service, any_address) = lookup_service(pkt, port)?;

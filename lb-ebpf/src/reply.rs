@@ -22,7 +22,9 @@ pub fn reply(
     pkt: &Packet,
     reverse: &ReverseValue,
 ) -> Result<(u32, Reason), Reason> {
-    conntrack::note_reply(pkt, reverse);
+    if conntrack::note_reply(pkt, reverse) == conntrack::Heard::Refused {
+        return Ok((xdp_action::XDP_DROP, Reason::DropBackendRefused));
+    }
     let hairpin = reverse.client_ip_be != 0;
     let (client_ip_be, client_port_be) = conntrack::client_of(pkt, reverse);
     let egress = forward::decide(ctx, pkt, reverse.orig_ip_be, client_ip_be).without_peer();

@@ -3,7 +3,7 @@
 //! some task namespaces (or none). A client may connect to the published port of any node and
 //! reach every task, wherever it runs, through VXLAN done by the XDP and TC programs.
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     net::{Ipv4Addr, SocketAddrV4, UdpSocket},
     time::Duration,
 };
@@ -11,7 +11,7 @@ use std::{
 use lb_tests::{
     Lbctl,
     client::{self, KeepAlive, Reply, http_get_new_connection},
-    mesh::{Mesh, MeshSpec},
+    mesh::{HOST_IF, Mesh, MeshSpec},
     netns::NetNs,
     topology::NODE_UPLINK,
 };
@@ -348,6 +348,66 @@ fn a_removed_backend_is_avoided_by_new_connections_on_every_node() {
             cluster.mesh.node_name(node)
         );
         cluster.assert_spread(&replies, &remaining, per, &context);
+    }
+}
+
+/// A task whose server is gone (its kernel answers SYNs with a RST), then a task whose link is
+/// down (SYNs go unanswered): new connections through every node still all succeed, each one
+/// that met the dead task a second late (the client's retransmitted SYN chooses again), the
+/// refusal dropped where the flow was balanced (the RST crossing the mesh back to it), and the
+/// client's address kept.
+#[test]
+fn a_task_that_refuses_or_vanishes_fails_no_connection_on_any_node() {
+    let mut cluster = Cluster::build(MeshSpec::default());
+    let check = |cluster: &Cluster, dead: usize, what: &str| {
+        let alive: BTreeSet<String> = (0..cluster.mesh.task_count())
+            .filter(|&k| k != dead)
+            .map(|k| cluster.mesh.task_name(k))
+            .collect();
+        for node in 0..cluster.mesh.node_count() {
+            let replies = cluster.new_connections(node, 2 * cluster.mesh.task_count());
+            let answered: BTreeSet<String> = replies.iter().map(|r| r.backend.clone()).collect();
+            assert_eq!(
+                answered,
+                alive,
+                "{what}, through {}",
+                cluster.mesh.node_name(node)
+            );
+            assert!(
+                replies
+                    .iter()
+                    .all(|r| *r.client_seen.ip() == cluster.mesh.client_ip()),
+                "{replies:?}"
+            );
+        }
+    };
+    // Refusing: on n1 (its RST dropped on n1 itself, and on n2 and n3 after crossing back).
+    cluster.mesh.stop_task(0).unwrap();
+    check(&cluster, 0, "task 0 refusing");
+    for node in 0..cluster.mesh.node_count() {
+        assert!(
+            cluster.reason(node, "drop_backend_refused") >= 1,
+            "n{}",
+            node + 1
+        );
+    }
+    cluster.mesh.start_task(0).unwrap();
+    // Vanished: task 2 on n2, its link down.
+    cluster
+        .mesh
+        .task_ns(2)
+        .ip(["link", "set", HOST_IF, "down"])
+        .unwrap();
+    check(&cluster, 2, "task 2 unreachable");
+    for node in 0..cluster.mesh.node_count() {
+        let stats: serde_json::Value =
+            serde_json::from_str(&cluster.lbctl[node].run(&["stats", "--json"]).unwrap()).unwrap();
+        assert!(
+            stats["events"]["flow_unanswered"].as_u64().unwrap() >= 1,
+            "n{}: {}",
+            node + 1,
+            stats["events"]
+        );
     }
 }
 

@@ -649,6 +649,108 @@ fn a_syn_after_a_fin_or_an_abort_takes_a_new_turn_and_a_syn_after_a_bare_rst_doe
     });
 }
 
+/// A backend that refuses a connection (its server is gone: the kernel answers the SYN with a
+/// RST) is not heard by the client: the RST is dropped, in XDP and in TC, with the flow and its
+/// reverse entry, and the client's retransmitted SYN chooses again. A RST once the backend has
+/// answered (or from the client) ends the connection as before.
+#[test]
+fn a_backend_refusing_a_syn_is_not_heard_and_the_retransmission_chooses_again() {
+    with_node(|node| {
+        let refused = |port: u16, backend: [u8; 4]| {
+            tcp(
+                (node.mac, CLIENT_MAC),
+                (backend, BACKEND_PORT),
+                (CLIENT_IP, port),
+                63,
+                "RA",
+                b"",
+            )
+        };
+        // Through TC (a backend the kernel routes to) and through XDP (one on an lbctl link).
+        for (i, through_xdp) in [(0u16, false), (1, true)] {
+            let port = 45000 + i;
+            let key = tcp_key((CLIENT_IP, port), (NODE_IP, WEB_PORT));
+            let (first, _) = dst_of(&node.xdp(&client_syn(port), None).1);
+            let reverse = reverse_key(&key, first, BACKEND_PORT);
+            let dropped_before = node.reason(Reason::DropBackendRefused);
+            if through_xdp {
+                let (action, _) = node.xdp(&refused(port, first), None);
+                assert_eq!(action, XDP_DROP);
+            } else {
+                let (action, _) = node.tc_on(&refused(port, first), None);
+                assert_eq!(action, TC_ACT_SHOT);
+            }
+            assert_eq!(node.reason(Reason::DropBackendRefused), dropped_before + 1);
+            assert!(
+                node.maps.flows.get(&key, 0).is_err(),
+                "the flow is forgotten"
+            );
+            assert!(node.maps.reverse_flows.get(&reverse, 0).is_err());
+            let (again, _) = dst_of(&node.xdp(&client_syn(port), None).1);
+            assert_ne!(again, first, "the retransmitted SYN takes the next turn");
+        }
+        // Answered first: a later RST is the connection's end, passed on and reverse-NATed.
+        let port = 45010;
+        let (backend, _) = dst_of(&node.xdp(&client_syn(port), None).1);
+        let syn_ack = tcp(
+            (node.mac, CLIENT_MAC),
+            (backend, BACKEND_PORT),
+            (CLIENT_IP, port),
+            63,
+            "SA",
+            b"",
+        );
+        assert_eq!(src_of(&node.tc(&syn_ack)), (NODE_IP, WEB_PORT));
+        assert_eq!(
+            src_of(&node.tc(&refused(port, backend))),
+            (NODE_IP, WEB_PORT)
+        );
+        let key = tcp_key((CLIENT_IP, port), (NODE_IP, WEB_PORT));
+        let flow = node.maps.flows.get(&key, 0).unwrap();
+        assert_eq!(
+            flow.flags & lb_common::FLOW_CLOSING,
+            lb_common::FLOW_CLOSING
+        );
+        // A client's RST is not its backend's refusal.
+        let port = 45011;
+        node.xdp(&client_syn(port), None);
+        node.xdp(&client_tcp(port, WEB_PORT, "RA"), None);
+        assert_eq!(node.reason(Reason::DropBackendRefused), 2);
+    });
+}
+
+/// A client that sends its SYN again half a second or more after the first, while the backend
+/// has not answered (a vanished host), gets another backend for it; a duplicate SYN at once,
+/// or a SYN after the backend answered, stays with its backend.
+#[test]
+fn a_syn_its_backend_left_unanswered_chooses_again_when_the_client_sends_it_again() {
+    with_node(|node| {
+        let port = 46000;
+        let key = tcp_key((CLIENT_IP, port), (NODE_IP, WEB_PORT));
+        let (first, _) = dst_of(&node.xdp(&client_syn(port), None).1);
+        assert_eq!(
+            dst_of(&node.xdp(&client_syn(port), None).1).0,
+            first,
+            "a duplicate"
+        );
+        assert_eq!(node.event(Event::FlowUnanswered), 0);
+        let age = |node: &mut Node| {
+            let mut flow = node.maps.flows.get(&key, 0).unwrap();
+            flow.last_seen_ns -= lb_common::FLOW_UNANSWERED_NS;
+            node.maps.flows.insert(key, flow, 0).unwrap();
+        };
+        age(node);
+        let (again, _) = dst_of(&node.xdp(&client_syn(port), None).1);
+        assert_ne!(again, first, "unanswered: the SYN chooses again");
+        assert_eq!(node.event(Event::FlowUnanswered), 1);
+        // Once its backend answered (the client's ACK says so), a late SYN stays.
+        node.xdp(&client_tcp(port, WEB_PORT, "A"), None);
+        age(node);
+        assert_eq!(dst_of(&node.xdp(&client_syn(port), None).1).0, again);
+        assert_eq!(node.event(Event::FlowUnanswered), 1);
+    });
+}
+
 /// A connection ends when both sides have sent their FIN, or either aborts: one FIN is a
 /// half-close (`shutdown(SHUT_WR)`), after which the other side may stream on for as long as it
 /// likes, and the flow stays live (`backend drain` waits for it). Each row is a connection's

@@ -381,6 +381,7 @@ pub fn tcp(
         .tcp(src.1, dst.1, 1000, 64240);
     let builder = match flags {
         "S" => builder.syn(),
+        "SA" => builder.syn().ack(1001),
         "A" => builder.ack(1),
         "PA" => builder.psh().ack(1),
         "FA" => builder.fin().ack(1),
