@@ -334,13 +334,15 @@ pub const FLOW_BACKEND_FIN: u8 = 4;
 pub const FLOW_SNAT: u8 = 8;
 /// Flow flag: a TCP flow whose first SYN was forwarded and whose backend has not answered yet
 /// (no SYN-ACK seen). A RST from the backend then is a refusal (`drop_backend_refused`), and
-/// the client's SYN again after `FLOW_UNANSWERED_NS` an unanswered connection
+/// the client's SYN again `FLOW_UNANSWERED_NS` after the first an unanswered connection
 /// (`flow_unanswered`): either way the flow is forgotten, and the client's next SYN chooses
 /// again.
 pub const FLOW_AWAITING_REPLY: u8 = 16;
-/// A client's SYN on a flow still awaiting its backend's SYN-ACK this long after the first is a
-/// retransmission: the backend left it unanswered (Linux retransmits a SYN after 1 s).
-pub const FLOW_UNANSWERED_NS: u64 = 500_000_000;
+/// A client's SYN on a flow still awaiting its backend's SYN-ACK this long after the first is
+/// a second retransmission (Linux sends a SYN at 0, 1, 3, 7 s): the backend left it
+/// unanswered. Not the first retransmission: a SYN lost once (a neighbour being resolved, a
+/// busy host) or a backend slow to accept is not a vanished one, and the flow keeps its backend.
+pub const FLOW_UNANSWERED_NS: u64 = 2_500_000_000;
 /// A TCP flow idle this long without a FIN or RST is taken for abandoned (its client vanished):
 /// no longer live, and its hairpin source port may be given to another flow.
 pub const FLOW_IDLE_TCP_NS: u64 = 3_600 * 1_000_000_000;
@@ -744,9 +746,9 @@ pub enum Event {
     /// backend, or with backends on one other node behind the same port): the datagram is
     /// refused (`EPERM`), since the replies of the two could not be told apart.
     SocketPeerTaken = 9,
-    /// A client sent its SYN again (`FLOW_UNANSWERED_NS` or more after the first) while its
-    /// flow's backend had not answered: the flow chose again, so a vanished backend costs the
-    /// connection one retransmission rather than all of them.
+    /// A client sent its SYN again (`FLOW_UNANSWERED_NS` or more after the first: its second
+    /// retransmission) while its flow's backend had not answered: the flow chose again, so a
+    /// vanished backend costs the connection about three seconds rather than all of them.
     FlowUnanswered = 10,
 }
 

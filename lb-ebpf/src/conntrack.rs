@@ -48,8 +48,11 @@ pub enum Lookup {
     /// A new connection (a SYN) on the 5-tuple of one that ended: a new flow.
     Reused,
     /// The client's SYN again, on a flow whose backend has not answered its first one for
-    /// `FLOW_UNANSWERED_NS`: the backend is gone (or too slow); the flow chooses again.
-    Unanswered,
+    /// `FLOW_UNANSWERED_NS`: the backend is gone (or too slow); the flow chooses again, once
+    /// [`forget_reply`] has made sure the old backend's late answer cannot reach the client.
+    Unanswered {
+        flow: FlowValue,
+    },
     Miss,
 }
 
@@ -87,12 +90,18 @@ pub fn lookup(key: &FlowKey, tcp_flags: u8) -> Lookup {
                     // The client's part of the handshake: its backend answered, whether or not
                     // this node saw the answer.
                     clear_flags(entry, FLOW_AWAITING_REPLY);
-                } else if now.wrapping_sub(flow.last_seen_ns) >= FLOW_UNANSWERED_NS {
-                    return Lookup::Unanswered;
+                } else if now.wrapping_sub(flow.last_seen_ns) >= FLOW_UNANSWERED_NS
+                    && flow.flags & FLOW_SNAT == 0
+                {
+                    return Lookup::Unanswered { flow };
                 }
             }
             let was_idle = now.wrapping_sub(flow.last_seen_ns) >= FLOW_SEEN_GRANULARITY_NS;
-            if was_idle {
+            // A SYN retransmitted while the backend has not answered leaves the time of the
+            // first: the time the backend has had to answer.
+            let retransmitted =
+                flow.flags & FLOW_AWAITING_REPLY != 0 && tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+            if was_idle && !retransmitted {
                 unsafe { (*entry).last_seen_ns = now };
             }
             note_end(entry, flow.flags, tcp_flags, Side::Client);
@@ -199,6 +208,16 @@ pub fn client_of(pkt: &Packet, reverse: &ReverseValue) -> (u32, u16) {
     } else {
         (pkt.dst_ip_be, pkt.dst_port_be)
     }
+}
+
+/// Forgets the reverse-NAT entry of `flow`, keyed by the client → service 5-tuple `key`: the
+/// backend's SYN-ACK, should it come after all, must not reach the client as the answer to the
+/// SYN that goes to another backend now.
+#[inline(always)]
+pub fn forget_reply(key: &FlowKey, flow: &FlowValue) {
+    let (reverse_key, _) =
+        reverse_entry(key, flow.chosen(), (key.dst_ip_be, key.dst_port_be), None);
+    let _ = REVERSE_FLOWS.remove(&reverse_key);
 }
 
 /// What a backend's reply says of its flow.

@@ -113,7 +113,10 @@ fn to_service_port(
         },
         Lookup::Stale => (true, Event::FlowReselected),
         Lookup::Reused => (true, Event::FlowCreated),
-        Lookup::Unanswered => (true, Event::FlowUnanswered),
+        Lookup::Unanswered { flow } => {
+            conntrack::forget_reply(key, &flow);
+            (true, Event::FlowUnanswered)
+        }
         Lookup::Miss => (false, Event::FlowCreated),
     };
     let (service, any_address) = lookup_service(pkt, port)?;

@@ -62,6 +62,16 @@ pub fn http_get_new_connection(addr: SocketAddrV4) -> Result<Reply> {
     get_and_close(connect(addr)?, addr)
 }
 
+/// As [`http_get_new_connection`], waiting up to `connect_timeout` for the connection, as a
+/// patient client does: long enough for the kernel to retransmit its SYN a few times.
+pub fn http_get_patient(addr: SocketAddrV4, connect_timeout: Duration) -> Result<Reply> {
+    let stream = TcpStream::connect_timeout(&SocketAddr::V4(addr), connect_timeout)
+        .with_context(|| format!("cannot connect to {addr} within {connect_timeout:?}"))?;
+    stream.set_read_timeout(Some(IO_TIMEOUT))?;
+    stream.set_write_timeout(Some(IO_TIMEOUT))?;
+    get_and_close(stream, addr)
+}
+
 /// As [`http_get_new_connection`], checking first that the socket's peer
 /// (`getpeername`) is `addr`: a load balancer that gives the socket another
 /// address to talk to must give `addr` back to the application.

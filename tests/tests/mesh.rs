@@ -353,9 +353,9 @@ fn a_removed_backend_is_avoided_by_new_connections_on_every_node() {
 
 /// A task whose server is gone (its kernel answers SYNs with a RST), then a task whose link is
 /// down (SYNs go unanswered): new connections through every node still all succeed, each one
-/// that met the dead task a second late (the client's retransmitted SYN chooses again), the
-/// refusal dropped where the flow was balanced (the RST crossing the mesh back to it), and the
-/// client's address kept.
+/// that met the dead task a second late (refused: the client's retransmitted SYN chooses
+/// again) or three (unanswered: its second retransmission does), the refusal dropped where the
+/// flow was balanced (the RST crossing the mesh back to it), and the client's address kept.
 #[test]
 fn a_task_that_refuses_or_vanishes_fails_no_connection_on_any_node() {
     let mut cluster = Cluster::build(MeshSpec::default());
@@ -365,7 +365,16 @@ fn a_task_that_refuses_or_vanishes_fails_no_connection_on_any_node() {
             .map(|k| cluster.mesh.task_name(k))
             .collect();
         for node in 0..cluster.mesh.node_count() {
-            let replies = cluster.new_connections(node, 2 * cluster.mesh.task_count());
+            let addr = cluster.addr(node, WEB_PORT);
+            let replies: Vec<Reply> = (0..cluster.mesh.task_count() + 1)
+                .map(|i| {
+                    cluster
+                        .mesh
+                        .client()
+                        .in_netns(|| client::http_get_patient(addr, Duration::from_secs(10)))
+                        .unwrap_or_else(|err| panic!("{what}, request {i} to {addr}: {err:#}"))
+                })
+                .collect();
             let answered: BTreeSet<String> = replies.iter().map(|r| r.backend.clone()).collect();
             assert_eq!(
                 answered,
