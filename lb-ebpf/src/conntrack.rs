@@ -86,9 +86,11 @@ pub fn lookup(key: &FlowKey, tcp_flags: u8) -> Lookup {
             // and costs a load where reading the clock source costs tens of ns in a VM.
             let now = unsafe { bpf_ktime_get_coarse_ns() };
             if flow.flags & FLOW_AWAITING_REPLY != 0 {
-                if tcp_flags & (TCP_SYN | TCP_ACK) != TCP_SYN {
+                if tcp_flags & (TCP_SYN | TCP_ACK | TCP_RST) == TCP_ACK {
                     // The client's part of the handshake: its backend answered, whether or not
-                    // this node saw the answer.
+                    // this node saw the answer. Not a bare RST: that is how the client refuses
+                    // a backend's ACK to its SYN from TIME_WAIT (see `aborts`), after which it
+                    // sends the SYN again, still awaiting an answer.
                     clear_flags(entry, FLOW_AWAITING_REPLY);
                 } else if now.wrapping_sub(flow.last_seen_ns) >= FLOW_UNANSWERED_NS
                     && flow.flags & FLOW_SNAT == 0

@@ -537,8 +537,11 @@ fn main() -> ExitCode {
     }
     match run(cli) {
         Ok(output) => {
+            // A reader that closed its end (`lbctl service ls | grep -q web`) has what it
+            // wanted: not an error, and no panic.
+            use std::io::Write as _;
             if !output.is_empty() {
-                println!("{output}");
+                let _ = writeln!(std::io::stdout(), "{output}");
             }
             ExitCode::SUCCESS
         }

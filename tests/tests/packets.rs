@@ -711,11 +711,31 @@ fn a_backend_refusing_a_syn_is_not_heard_and_the_retransmission_chooses_again() 
             flow.flags & lb_common::FLOW_CLOSING,
             lb_common::FLOW_CLOSING
         );
+        // A backend whose server is gone but which holds the client port's last connection in
+        // TIME_WAIT answers the SYN with an ACK; the client resets that (a bare RST) and sends
+        // the SYN again, to the same backend, still awaiting: the backend's RST to it is a
+        // refusal too.
+        let port = 45012;
+        let (backend, _) = dst_of(&node.xdp(&client_syn(port), None).1);
+        let time_wait_ack = tcp(
+            (node.mac, CLIENT_MAC),
+            (backend, BACKEND_PORT),
+            (CLIENT_IP, port),
+            63,
+            "A",
+            b"",
+        );
+        node.tc(&time_wait_ack);
+        node.xdp(&client_tcp(port, WEB_PORT, "R"), None);
+        assert_eq!(dst_of(&node.xdp(&client_syn(port), None).1).0, backend);
+        let (action, _) = node.tc_on(&refused(port, backend), None);
+        assert_eq!(action, TC_ACT_SHOT, "refused after the TIME_WAIT exchange");
+        assert_eq!(node.reason(Reason::DropBackendRefused), 3);
         // A client's RST is not its backend's refusal.
         let port = 45011;
         node.xdp(&client_syn(port), None);
         node.xdp(&client_tcp(port, WEB_PORT, "RA"), None);
-        assert_eq!(node.reason(Reason::DropBackendRefused), 2);
+        assert_eq!(node.reason(Reason::DropBackendRefused), 3);
     });
 }
 
