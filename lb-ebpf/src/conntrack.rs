@@ -85,24 +85,25 @@ pub fn lookup(key: &FlowKey, tcp_flags: u8) -> Lookup {
             // The coarse clock (the last tick's time) is enough for liveness measured in seconds,
             // and costs a load where reading the clock source costs tens of ns in a VM.
             let now = unsafe { bpf_ktime_get_coarse_ns() };
-            if flow.flags & FLOW_AWAITING_REPLY != 0 {
-                if tcp_flags & (TCP_SYN | TCP_ACK | TCP_RST) == TCP_ACK {
-                    // The client's part of the handshake: its backend answered, whether or not
-                    // this node saw the answer. Not a bare RST: that is how the client refuses
-                    // a backend's ACK to its SYN from TIME_WAIT (see `aborts`), after which it
-                    // sends the SYN again, still awaiting an answer.
-                    clear_flags(entry, FLOW_AWAITING_REPLY);
-                } else if now.wrapping_sub(flow.last_seen_ns) >= FLOW_UNANSWERED_NS
+            let awaiting = flow.flags & FLOW_AWAITING_REPLY != 0;
+            // The client's SYN again while its backend has not answered.
+            let retransmitted = awaiting && tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+            if retransmitted {
+                if now.wrapping_sub(flow.last_seen_ns) >= FLOW_UNANSWERED_NS
                     && flow.flags & FLOW_SNAT == 0
                 {
                     return Lookup::Unanswered { flow };
                 }
+            } else if awaiting && tcp_flags & (TCP_SYN | TCP_ACK | TCP_RST) == TCP_ACK {
+                // The client's part of the handshake: its backend answered, whether or not
+                // this node saw the answer. Not a bare RST: that is how the client refuses a
+                // backend's ACK to its SYN from TIME_WAIT (see `aborts`), after which it sends
+                // the SYN again, still awaiting an answer.
+                clear_flags(entry, FLOW_AWAITING_REPLY);
             }
             let was_idle = now.wrapping_sub(flow.last_seen_ns) >= FLOW_SEEN_GRANULARITY_NS;
-            // A SYN retransmitted while the backend has not answered leaves the time of the
-            // first: the time the backend has had to answer.
-            let retransmitted =
-                flow.flags & FLOW_AWAITING_REPLY != 0 && tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+            // A retransmitted SYN leaves the time of the first: the time the backend has had
+            // to answer.
             if was_idle && !retransmitted {
                 unsafe { (*entry).last_seen_ns = now };
             }
@@ -161,12 +162,13 @@ const _: () = assert!(FLAGS_WORD + 8 <= core::mem::size_of::<FlowValue>());
 /// word that holds the flags changes nothing else in it.
 #[inline(always)]
 fn set_flags(entry: *mut FlowValue, bits: u8) -> u8 {
-    // SAFETY: `entry` is a live map value, 8-aligned like every map value; the word lies
-    // within it (asserted above).
+    // SAFETY: `flags_word` is within the live entry.
     let old = unsafe {
-        let word = entry.cast::<u8>().add(FLAGS_WORD).cast::<u64>();
         // AcqRel, not Relaxed: LLVM lowers a relaxed OR to the non-fetching BPF instruction.
-        atomic_or::<u64, u64, { AtomicOrdering::AcqRel }>(word, u64::from(bits) << FLAGS_SHIFT)
+        atomic_or::<u64, u64, { AtomicOrdering::AcqRel }>(
+            flags_word(entry),
+            u64::from(bits) << FLAGS_SHIFT,
+        )
     };
     (old >> FLAGS_SHIFT) as u8
 }
@@ -174,11 +176,21 @@ fn set_flags(entry: *mut FlowValue, bits: u8) -> u8 {
 /// Clears `bits` in a flow's flags, atomically as `set_flags` sets them.
 #[inline(always)]
 fn clear_flags(entry: *mut FlowValue, bits: u8) {
-    // SAFETY: as in `set_flags`.
+    // SAFETY: `flags_word` is within the live entry.
     unsafe {
-        let word = entry.cast::<u8>().add(FLAGS_WORD).cast::<u64>();
-        atomic_and::<u64, u64, { AtomicOrdering::AcqRel }>(word, !(u64::from(bits) << FLAGS_SHIFT));
+        atomic_and::<u64, u64, { AtomicOrdering::AcqRel }>(
+            flags_word(entry),
+            !(u64::from(bits) << FLAGS_SHIFT),
+        );
     }
+}
+
+/// The aligned word of a flow's entry that holds its flags (see `FLAGS_WORD`).
+#[inline(always)]
+fn flags_word(entry: *mut FlowValue) -> *mut u64 {
+    // SAFETY: `entry` is a live map value, 8-aligned like every map value; the word lies
+    // within it (asserted above).
+    unsafe { entry.cast::<u8>().add(FLAGS_WORD).cast::<u64>() }
 }
 
 /// Notes a segment of `side` in its flow's entry (whose flags were `flags`): a RST that aborts

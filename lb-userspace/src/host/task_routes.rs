@@ -47,10 +47,10 @@ fn bridge_index(rtnl: &mut Rtnl) -> Result<u32, String> {
 /// Adds (or corrects) the routes `wanted` asks for and makes their gateways' neighbour entries
 /// managed; then waits up to `wait` for those entries to resolve, so that XDP can send to the
 /// tasks at once (the kernel's own path may be closed to them: Docker's FORWARD policy is
-/// DROP). Returns the routes it added or changed.
-pub fn add(wanted: &[TaskRoute], wait: Duration) -> Result<Vec<TaskRoute>, String> {
+/// DROP).
+pub fn add(wanted: &[TaskRoute], wait: Duration) -> Result<(), String> {
     if wanted.is_empty() {
-        return Ok(Vec::new());
+        return Ok(());
     }
     let mut rtnl = Rtnl::open()?;
     let bridge = bridge_index(&mut rtnl)?;
@@ -97,18 +97,16 @@ pub fn add(wanted: &[TaskRoute], wait: Duration) -> Result<Vec<TaskRoute>, Strin
         }
         std::thread::sleep(Duration::from_millis(10));
     }
-    Ok(added)
+    Ok(())
 }
 
 /// Deletes the routes lbctl made that `wanted` no longer lists, and their gateways' neighbour
-/// entries (unless a wanted route uses the address again). Returns the task addresses no longer
-/// routed.
-pub fn remove_others(wanted: &[TaskRoute]) -> Result<Vec<Ipv4Addr>, String> {
+/// entries (unless a wanted route uses the address again).
+pub fn remove_others(wanted: &[TaskRoute]) -> Result<(), String> {
     let mut rtnl = Rtnl::open()?;
     let made = made(&mut rtnl)?;
     let keep: BTreeSet<Ipv4Addr> = wanted.iter().map(|r| r.task).collect();
     let gateways: BTreeSet<Ipv4Addr> = wanted.iter().map(|r| r.gateway).collect();
-    let mut removed = Vec::new();
     for (dst, HostRoute { gateway, oif, .. }) in made {
         if keep.contains(&dst) {
             continue;
@@ -121,7 +119,6 @@ pub fn remove_others(wanted: &[TaskRoute]) -> Result<Vec<Ipv4Addr>, String> {
             // Gone already with its container's veth, or someone else's: not an error.
             let _ = rtnl.neighbour_delete(gateway, oif);
         }
-        removed.push(dst);
     }
-    Ok(removed)
+    Ok(())
 }
