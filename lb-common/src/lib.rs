@@ -40,7 +40,7 @@ pub const PROTO_UDP: u8 = 17;
 
 /// Backend flag: the backend may receive packets. A flow pinned to a backend without this flag
 /// (removed, or its slot reused) is treated as new and chooses again.
-pub const BACKEND_ACTIVE: u16 = 1;
+pub const BACKEND_ACTIVE: u8 = 1;
 
 // The types below are the keys and values of pinned maps, which outlive the build that made
 // them: appending a field to a value (zero meaning "not known yet") or growing a map is migrated
@@ -236,7 +236,11 @@ pub struct Backend {
     pub ip_be: u32,
     pub port_be: u16,
     /// `BACKEND_*` flags.
-    pub flags: u16,
+    pub flags: u8,
+    /// Connections in a row the backend may fail (refuse or leave unanswered) before the data
+    /// plane ejects it (`PASSIVE_HEALTH`); 0: never ejected. Its service's setting. (A zero
+    /// byte in values pinned before it existed: off until userspace writes the backend again.)
+    pub eject_after: u8,
     pub service_id: u32,
     /// Underlay address of the node that hosts the backend when that is another node: packets
     /// to the backend are VXLAN-encapsulated to it. 0 for a backend this node reaches by
@@ -549,6 +553,50 @@ pub struct BackendStats {
 }
 assert_size!(BackendStats, 40);
 
+/// Value of `PASSIVE_HEALTH`, by backend id: what the data plane saw of the backend's
+/// connections (passive health checking, or outlier detection). Written by the data plane,
+/// each field atomically: the events are rare (a refused or unanswered connection, the first
+/// answer after one), so one value shared by every CPU costs nothing on a flow's packets.
+/// Userspace writes it whole only to end an ejection (`returns`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PassiveHealth {
+    /// Connections in a row the backend refused or left unanswered; an answered one (its
+    /// SYN-ACK) sets it back to 0.
+    pub failures: u32,
+    /// What the last failure was: `PASSIVE_REFUSED` or `PASSIVE_UNANSWERED` (0: none yet).
+    pub last_failure: u32,
+    /// When the data plane ejected the backend (`bpf_ktime_get_coarse_ns`, CLOCK_MONOTONIC);
+    /// 0: not ejected. An ejected backend takes no new flows for `PASSIVE_EJECTION_NS` (unless
+    /// every backend of its turn is ejected: the flow fails open); after that it is on
+    /// probation, and its next failure ejects it again at once.
+    pub ejected_ns: u64,
+    /// Ejections so far.
+    pub ejections: u64,
+    /// Connections the backend refused: a RST, or an ICMP destination unreachable, answering
+    /// a SYN the data plane forwarded.
+    pub refused: u64,
+    /// Connections the backend left unanswered: the client's SYN again
+    /// `FLOW_UNANSWERED_NS` after the first, with no SYN-ACK between.
+    pub unanswered: u64,
+    /// Ejections userspace ended because the active checks found the backend healthy again.
+    pub returns: u64,
+}
+assert_size!(PassiveHealth, 48);
+
+/// `PassiveHealth::last_failure`: a RST or an ICMP destination unreachable answered the SYN.
+pub const PASSIVE_REFUSED: u32 = 1;
+/// `PassiveHealth::last_failure`: no SYN-ACK came before the client sent its SYN again.
+pub const PASSIVE_UNANSWERED: u32 = 2;
+/// How long an ejection keeps a backend from new flows when nothing ends it sooner (`lbctl
+/// daemon` hands the backend to its active checks, and ends the ejection when they find it
+/// healthy): with no daemon, or for a backend another node checks, the backend gets new flows
+/// again after this, and one more failure ejects it again.
+pub const PASSIVE_EJECTION_NS: u64 = 10_000_000_000;
+/// Consecutive failures after which a service's backend is ejected unless the service says
+/// otherwise (`lbctl service health --eject-after`).
+pub const DEFAULT_EJECT_AFTER: u8 = 3;
+
 /// Per-CPU packet and byte counter of one [`Reason`] (`REASON_STATS`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -705,6 +753,11 @@ reasons! {
     /// server is gone): dropped, not passed to the client, and the flow forgotten, so that
     /// the client's retransmitted SYN (about a second later) is balanced again.
     DropBackendRefused = 41 => "drop_backend_refused",
+    /// An ICMP destination unreachable (network, host, protocol or port unreachable,
+    /// administratively prohibited) about a SYN the data plane forwarded, from the backend or
+    /// a router on its way: the connection refused. Dropped, its flow forgotten, as for
+    /// `drop_backend_refused`: the client's retransmitted SYN is balanced again.
+    DropBackendUnreachable = 42 => "drop_backend_unreachable",
 }
 
 /// Number of counter slots in `REASON_STATS`.
@@ -750,6 +803,12 @@ pub enum Event {
     /// retransmission) while its flow's backend had not answered: the flow chose again, so a
     /// vanished backend costs the connection about three seconds rather than all of them.
     FlowUnanswered = 10,
+    /// A backend refused or left unanswered its `eject_after`-th connection in a row: the data
+    /// plane ejected it (`PASSIVE_HEALTH`), and new flows pass it by.
+    BackendEjected = 11,
+    /// A new flow's turn fell on an ejected backend and went to the next backend in the
+    /// service's order that is not ejected.
+    FlowPassedEjected = 12,
 }
 
 impl Event {
@@ -765,6 +824,8 @@ impl Event {
         Event::SocketLoopbackBound,
         Event::SocketPeerTaken,
         Event::FlowUnanswered,
+        Event::BackendEjected,
+        Event::FlowPassedEjected,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -780,6 +841,8 @@ impl Event {
             Event::SocketLoopbackBound => "socket_loopback_bound",
             Event::SocketPeerTaken => "socket_peer_taken",
             Event::FlowUnanswered => "flow_unanswered",
+            Event::BackendEjected => "backend_ejected",
+            Event::FlowPassedEjected => "flow_passed_ejected",
         }
     }
 }
@@ -813,6 +876,7 @@ pub mod map_names {
     pub const SERVICE_PORTS: &str = "SERVICE_PORTS";
     pub const BRIDGE_PORTS: &str = "BRIDGE_PORTS";
     pub const PEER_PORTS: &str = "PEER_PORTS";
+    pub const PASSIVE_HEALTH: &str = "PASSIVE_HEALTH";
 
     /// Every map, so that pinning cannot forget one.
     pub const ALL: &[&str] = &[
@@ -841,6 +905,7 @@ pub mod map_names {
         SERVICE_PORTS,
         BRIDGE_PORTS,
         PEER_PORTS,
+        PASSIVE_HEALTH,
     ];
 }
 
@@ -879,6 +944,7 @@ mod pod {
     unsafe impl aya::Pod for SocketLbConfig {}
     unsafe impl aya::Pod for MeshConfig {}
     unsafe impl aya::Pod for BackendStats {}
+    unsafe impl aya::Pod for PassiveHealth {}
     unsafe impl aya::Pod for Counter {}
     unsafe impl aya::Pod for MaglevTable {}
 }

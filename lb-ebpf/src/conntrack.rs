@@ -8,15 +8,15 @@ use aya_ebpf::{
 };
 use lb_common::{
     BACKEND_ACTIVE, Event, FLOW_AWAITING_REPLY, FLOW_BACKEND_FIN, FLOW_CLIENT_FIN, FLOW_CLOSING,
-    FLOW_SEEN_GRANULARITY_NS, FLOW_SNAT, FLOW_UNANSWERED_NS, FlowKey, FlowValue, Reason,
-    ReverseValue, SnatValue, reverse_entry,
+    FLOW_SEEN_GRANULARITY_NS, FLOW_SNAT, FLOW_UNANSWERED_NS, FlowKey, FlowValue, PASSIVE_REFUSED,
+    PROTO_TCP, Reason, ReverseValue, SnatValue, reverse_entry,
 };
 
 use crate::{
     encap,
     maps::{BACKENDS, FLOWS, REVERSE_FLOWS, SNAT_FLOWS, TUNNEL_REPLIES},
-    parse::{Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
-    snat,
+    parse::{Packet, Quoted, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
+    passive, snat,
     stats::count_event,
 };
 
@@ -270,14 +270,59 @@ pub fn note_reply(pkt: &Packet, reverse: &ReverseValue) -> Heard {
         if pkt.tcp_flags & TCP_RST != 0 && flags & FLOW_SNAT == 0 {
             let _ = FLOWS.remove(&key);
             let _ = REVERSE_FLOWS.remove(&key_of(pkt));
+            passive::failed(reverse.backend_id, PASSIVE_REFUSED);
             return Heard::Refused;
         }
         if pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN | TCP_ACK {
             clear_flags(entry, FLOW_AWAITING_REPLY);
+            passive::answered(reverse.backend_id);
         }
     }
     note_end(entry, flags, pkt.tcp_flags, Side::Backend);
     Heard::Pass
+}
+
+/// An ICMP destination unreachable about `quoted`, a packet of a flow this node balanced
+/// (client → backend, as it was forwarded), counts as the backend's refusal while the flow
+/// awaits its backend's SYN-ACK: the flow and its reverse entry are forgotten, as for a RST
+/// (`Heard::Refused`), and the ICMP message must be dropped. Returns whether it was so. A
+/// hairpin flow's packets had another source, and are never matched here.
+#[inline(always)]
+pub fn note_unreachable(quoted: &Quoted) -> bool {
+    let reverse_key = FlowKey::new(
+        quoted.dst_ip_be,
+        quoted.src_ip_be,
+        quoted.dst_port_be,
+        quoted.src_port_be,
+        PROTO_TCP,
+    );
+    let Some(reverse) = reverse_lookup(&reverse_key) else {
+        return false;
+    };
+    if reverse.client_ip_be != 0 {
+        return false;
+    }
+    let key = FlowKey::new(
+        quoted.src_ip_be,
+        reverse.orig_ip_be,
+        quoted.src_port_be,
+        reverse.orig_port_be,
+        PROTO_TCP,
+    );
+    // SAFETY: copied out at once.
+    let Some(flow) = (unsafe { FLOWS.get(&key) }).copied() else {
+        return false;
+    };
+    if flow.flags & (FLOW_AWAITING_REPLY | FLOW_SNAT) != FLOW_AWAITING_REPLY
+        || flow.backend_ip_be != quoted.dst_ip_be
+        || flow.backend_port_be != quoted.dst_port_be
+    {
+        return false;
+    }
+    let _ = FLOWS.remove(&key);
+    let _ = REVERSE_FLOWS.remove(&reverse_key);
+    passive::failed(reverse.backend_id, PASSIVE_REFUSED);
+    true
 }
 
 #[inline(always)]

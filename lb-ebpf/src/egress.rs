@@ -37,6 +37,18 @@ pub fn try_lb_tc_egress(ctx: &mut TcContext) -> Result<i32, i64> {
     let pkt = match parsed {
         Ok(pkt) => pkt,
         Err(Reason::PassFragment) => return frag::tc_reply(ctx),
+        // The node's own ICMP destination unreachable about a SYN it forwarded (its neighbour
+        // for the backend never answered, no route): the backend's refusal, as in XDP.
+        Err(Reason::PassNotTcpUdp) => {
+            let data = (ctx.data(), ctx.data_end());
+            return Ok(match parse::parse_icmp_unreachable(data.0, data.1, len) {
+                Some(quoted) if conntrack::note_unreachable(&quoted) => {
+                    stats::count_reason(Reason::DropBackendUnreachable, len as u64);
+                    TC_ACT_SHOT
+                }
+                _ => TC_ACT_UNSPEC,
+            });
+        }
         Err(_) => return Ok(TC_ACT_UNSPEC),
     };
     let key = conntrack::key_of(&pkt);

@@ -4,8 +4,9 @@ use aya_ebpf::{
     bindings::xdp_action, helpers::generated::bpf_ktime_get_coarse_ns, programs::XdpContext,
 };
 use lb_common::{
-    Event, FLOW_SNAT, FlowKey, FlowValue, MacKey, PROTO_TCP, Reason, SCHEDULER_MAGLEV,
-    SERVICE_FAIL_OPEN, SERVICE_PORT_ANY, SERVICE_PORT_VIP, ServiceValue, SnatValue,
+    Event, FLOW_SNAT, FlowKey, FlowValue, MacKey, PASSIVE_UNANSWERED, PROTO_TCP, Reason,
+    SCHEDULER_MAGLEV, SERVICE_FAIL_OPEN, SERVICE_PORT_ANY, SERVICE_PORT_VIP, ServiceValue,
+    SnatValue,
 };
 use network_types::eth::EthHdr;
 
@@ -15,7 +16,7 @@ use crate::{
     maps::HOST_MACS,
     nat::{self, Side},
     parse::{self, Packet, ptr_at},
-    reply, select, snat, stats,
+    passive, reply, select, snat, stats,
 };
 
 /// The service a packet to a service port (`port`: its `SERVICE_PORTS` bits) is addressed to:
@@ -55,6 +56,7 @@ pub fn try_lb_xdp(ctx: &XdpContext) -> Result<(u32, Reason), Reason> {
                     None => return frag::later_request(ctx, &fragment),
                 }
             }
+            Err(Reason::PassNotTcpUdp) => return unreachable(ctx),
             Err(reason) => return Err(reason),
         };
     if first_fragment.is_none()
@@ -79,6 +81,19 @@ pub fn try_lb_xdp(ctx: &XdpContext) -> Result<(u32, Reason), Reason> {
     match conntrack::reverse_lookup(&key) {
         Some(reverse) => reply::reply(ctx, &pkt, &reverse),
         None => Err(Reason::PassNotService),
+    }
+}
+
+/// A packet that is neither TCP nor UDP: an ICMP destination unreachable about a SYN this
+/// node forwarded (from the backend, or a router on its way) is the backend's refusal, and is
+/// dropped (`conntrack::note_unreachable`); anything else passes untouched.
+#[inline(always)]
+fn unreachable(ctx: &XdpContext) -> Result<(u32, Reason), Reason> {
+    match parse::parse_icmp_unreachable(ctx.data(), ctx.data_end(), ctx.data_end() - ctx.data()) {
+        Some(quoted) if conntrack::note_unreachable(&quoted) => {
+            Ok((xdp_action::XDP_DROP, Reason::DropBackendUnreachable))
+        }
+        _ => Err(Reason::PassNotTcpUdp),
     }
 }
 
@@ -115,6 +130,7 @@ fn to_service_port(
         Lookup::Reused => (true, Event::FlowCreated),
         Lookup::Unanswered { flow } => {
             conntrack::forget_reply(key, &flow);
+            passive::failed(flow.backend_id, PASSIVE_UNANSWERED);
             (true, Event::FlowUnanswered)
         }
         Lookup::Miss => (false, Event::FlowCreated),

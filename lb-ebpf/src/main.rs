@@ -19,6 +19,7 @@ mod ingress;
 mod maps;
 mod nat;
 mod parse;
+mod passive;
 mod reply;
 mod select;
 mod snat;

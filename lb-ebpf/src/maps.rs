@@ -8,9 +8,10 @@ use aya_ebpf::{
 use lb_common::{
     Backend, BackendStats, BridgePortKey, Counter, DEFAULT_FLOW_CAPACITY, EVENT_COUNT, FlowKey,
     FlowValue, LocalBackendKey, MAX_BACKENDS, MAX_BRIDGE_PORTS, MAX_HOST_ADDRS, MAX_HOST_MACS,
-    MAX_NODES, MAX_ONLINK_SUBNETS, MAX_SERVICES, MacKey, MaglevTable, MeshConfig, REASON_COUNT,
-    ReverseValue, RrCursor, SERVICE_PORT_WORDS, SNAT_FLOW_CAPACITY, SOCK_FLOW_CAPACITY, ServiceKey,
-    ServiceValue, SnatValue, SockFlow, SockKey, SocketLbConfig, TunnelValue,
+    MAX_NODES, MAX_ONLINK_SUBNETS, MAX_SERVICES, MacKey, MaglevTable, MeshConfig, PassiveHealth,
+    REASON_COUNT, ReverseValue, RrCursor, SERVICE_PORT_WORDS, SNAT_FLOW_CAPACITY,
+    SOCK_FLOW_CAPACITY, ServiceKey, ServiceValue, SnatValue, SockFlow, SockKey, SocketLbConfig,
+    TunnelValue,
 };
 
 /// Published services: (VIP or 0 for every local address, protocol, port) → id and backend list.
@@ -117,6 +118,12 @@ pub static SOCK_PEERS: LruHashMap<SockKey, SockFlow> =
 #[map]
 pub static BACKEND_STATS: PerCpuArray<BackendStats> =
     PerCpuArray::with_max_entries(MAX_BACKENDS, 0);
+
+/// What the data plane saw of each backend's connections, by backend id (`passive`): failures
+/// in a row, refused and unanswered connections, ejections. Shared by every CPU (the events
+/// are rare); userspace reads it, and writes an entry only to end an ejection.
+#[map]
+pub static PASSIVE_HEALTH: Array<PassiveHealth> = Array::with_max_entries(MAX_BACKENDS, 0);
 
 /// Per-CPU packet and byte counters of each `lb_common::Reason`.
 #[map]

@@ -258,3 +258,63 @@ pub fn parse_udp_fragment(data: usize, data_end: usize, frame_len: usize) -> Opt
         first,
     })
 }
+
+/// IPv4's protocol number of ICMP.
+const PROTO_ICMP: u8 = 1;
+/// ICMP destination unreachable.
+const ICMP_DEST_UNREACH: u8 = 3;
+
+/// The packet an ICMP error quotes (its IPv4 header and the first 8 bytes after it: the ports),
+/// addresses and ports in network byte order, as that packet carried them.
+#[derive(Clone, Copy)]
+pub struct Quoted {
+    pub src_ip_be: u32,
+    pub dst_ip_be: u32,
+    pub src_port_be: u16,
+    pub dst_port_be: u16,
+}
+
+/// Parses an ICMP destination unreachable that says a connection cannot be made (network,
+/// host, protocol or port unreachable; network, host or communication administratively
+/// prohibited) and quotes a TCP segment; `None` for anything else, including other codes
+/// (fragmentation needed is about a path's MTU, not about the host), fragments and truncated
+/// quotes.
+#[inline(always)]
+pub fn parse_icmp_unreachable(data: usize, data_end: usize, frame_len: usize) -> Option<Quoted> {
+    let (ip, ihl, l3_len) = ipv4_header(data, data_end, frame_len, false).ok()?;
+    if ip.proto != PROTO_ICMP || u16::from_be_bytes(ip.frags) & IP_MF_OR_OFFSET != 0 {
+        return None;
+    }
+    let icmp_off = L3_OFF + ihl;
+    let icmp: *const [u8; 2] = ptr_at(data, data_end, icmp_off)?;
+    // SAFETY: bounds checked above.
+    let [kind, code] = unsafe { *icmp };
+    if kind != ICMP_DEST_UNREACH || !matches!(code, 0..=3 | 9 | 10 | 13) {
+        return None;
+    }
+    let quoted_off = icmp_off + 8;
+    let quoted: *const Ipv4Hdr = ptr_at(data, data_end, quoted_off)?;
+    // SAFETY: as above.
+    let quoted = unsafe { &*quoted };
+    let quoted_ihl = usize::from(quoted.ihl());
+    if quoted.version() != 4
+        || quoted_ihl < Ipv4Hdr::LEN
+        || quoted.proto != PROTO_TCP
+        || u16::from_be_bytes(quoted.frags) & IP_OFFSET != 0
+    {
+        return None;
+    }
+    let ports_off = quoted_off + quoted_ihl;
+    if ports_off + 4 > L3_OFF + l3_len {
+        return None;
+    }
+    let ports: *const [u16; 2] = ptr_at(data, data_end, ports_off)?;
+    // SAFETY: as above.
+    let [src_port_be, dst_port_be] = unsafe { ports.read_unaligned() };
+    Some(Quoted {
+        src_ip_be: u32::from_ne_bytes(quoted.src_addr),
+        dst_ip_be: u32::from_ne_bytes(quoted.dst_addr),
+        src_port_be,
+        dst_port_be,
+    })
+}

@@ -1,13 +1,18 @@
 //! Backend selection for new flows: round-robin over the service's backend list, or a lookup
-//! in the service's maglev table by the hash of the flow's 5-tuple.
+//! in the service's maglev table by the hash of the flow's 5-tuple; either passes backends the
+//! data plane ejected (`passive`) by.
 use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
 use lb_common::{
-    BACKEND_ACTIVE, Backend, FlowKey, MAGLEV_TABLE_SIZE, MAX_BACKENDS_PER_SERVICE,
+    BACKEND_ACTIVE, Backend, Event, FlowKey, MAGLEV_TABLE_SIZE, MAX_BACKENDS_PER_SERVICE,
     SERVICE_PORT_ANY, SERVICE_PORT_VIP, ServiceKey, ServiceValue, flow_hash, service_port_slot,
 };
 
-use crate::maps::{BACKENDS, MAGLEV, RR_CURSORS, SERVICE_PORTS, SERVICES};
+use crate::{
+    maps::{BACKENDS, MAGLEV, RR_CURSORS, SERVICE_PORTS, SERVICES},
+    passive,
+    stats::count_event,
+};
 
 /// The `SERVICE_PORTS` bits of `proto` and `port_be` (`SERVICE_PORT_VIP`, `SERVICE_PORT_ANY`):
 /// 0 when no service listens there.
@@ -34,7 +39,14 @@ pub fn service(vip_be: u32, port_be: u16, proto: u8) -> Option<&'static ServiceV
     unsafe { SERVICES.get(&key) }
 }
 
-/// The next backend of `service` in round-robin order, or `None` if it has no usable backend.
+/// Backends a new flow tries past an ejected one (`passive`) before it fails open and takes
+/// the backend its turn gave it: enough for a service to lose a few backends at once, few
+/// enough to keep the program small. Userspace takes an ejected backend out of the service's
+/// list (through its active checks) soon after, so the scan rarely runs.
+const EJECTED_TRIES: u32 = 8;
+
+/// The next backend of `service` in round-robin order, passing ejected backends by, or `None`
+/// if it has no usable backend.
 #[inline(always)]
 pub fn round_robin(service: &ServiceValue) -> Option<(u32, Backend)> {
     let count = service.backend_count;
@@ -46,33 +58,70 @@ pub fn round_robin(service: &ServiceValue) -> Option<(u32, Backend)> {
     // BPF_FETCH) rather than core::sync::atomic, which the bpf target does not offer. Not
     // Relaxed: LLVM lowers a relaxed add to the non-fetching BPF instruction.
     let turn = unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::AcqRel }>(cursor, 1) };
-    let slot = turn % u64::from(count);
-    // The verifier does not bound the result of a modulo; LLVM knows it is below `count` and
-    // would drop a plain mask, so the mask is applied to a value read back opaquely.
+    let first = (turn % u64::from(count)) as u32;
+    let mut slot = first;
+    for tried in 0..EJECTED_TRIES {
+        // The verifier does not bound the result of a modulo; LLVM knows it is below `count`
+        // and would drop a plain mask, so the mask is applied to a value read back opaquely.
+        // SAFETY: reading a local.
+        let index =
+            unsafe { core::ptr::read_volatile(&slot) } as usize & (MAX_BACKENDS_PER_SERVICE - 1);
+        let backend_id = service.backend_ids[index];
+        if !passive::is_ejected(backend_id) {
+            if tried > 0 {
+                count_event(Event::FlowPassedEjected);
+            }
+            return active(backend_id);
+        }
+        slot = if slot + 1 >= count { 0 } else { slot + 1 };
+    }
+    // Every backend tried is ejected: fail open.
     // SAFETY: reading a local.
-    let slot = unsafe { core::ptr::read_volatile(&slot) } as usize & (MAX_BACKENDS_PER_SERVICE - 1);
-    active(service.backend_ids[slot])
+    let index =
+        unsafe { core::ptr::read_volatile(&first) } as usize & (MAX_BACKENDS_PER_SERVICE - 1);
+    active(service.backend_ids[index])
 }
 
 /// The backend the maglev table of `service` gives the flow `key`: the same for every packet
-/// of the flow, on every node, for as long as the table is the same.
+/// of the flow, on every node, for as long as the table is the same. An ejected backend's flows
+/// take the next slots of the table, the same for every packet of the flow too.
 #[inline(always)]
 pub fn maglev(service: &ServiceValue, key: &FlowKey) -> Option<(u32, Backend)> {
     if service.backend_count == 0 {
         return None;
     }
     let table = MAGLEV.get_ptr(service.service_id)?;
-    let slot = flow_hash(key) % MAGLEV_TABLE_SIZE;
-    // As in `round_robin`: the bound is checked on a value LLVM cannot see through, so that
-    // the check reaches the verifier.
+    let first = flow_hash(key) % MAGLEV_TABLE_SIZE;
+    let mut slot = first;
+    for tried in 0..EJECTED_TRIES {
+        // As in `round_robin`: the bound is checked on a value LLVM cannot see through, so
+        // that the check reaches the verifier.
+        // SAFETY: reading a local.
+        let index = unsafe { core::ptr::read_volatile(&slot) };
+        if index >= MAGLEV_TABLE_SIZE {
+            return None;
+        }
+        // SAFETY: a live map value, replaced whole by userspace; one aligned u32 is read.
+        let backend_id = unsafe { (*table).backend_ids[index as usize] };
+        if !passive::is_ejected(backend_id) {
+            if tried > 0 {
+                count_event(Event::FlowPassedEjected);
+            }
+            return active(backend_id);
+        }
+        slot = if index + 1 >= MAGLEV_TABLE_SIZE {
+            0
+        } else {
+            index + 1
+        };
+    }
     // SAFETY: reading a local.
-    let slot = unsafe { core::ptr::read_volatile(&slot) };
-    if slot >= MAGLEV_TABLE_SIZE {
+    let index = unsafe { core::ptr::read_volatile(&first) };
+    if index >= MAGLEV_TABLE_SIZE {
         return None;
     }
-    // SAFETY: a live map value, replaced whole by userspace; one aligned u32 is read.
-    let backend_id = unsafe { (*table).backend_ids[slot as usize] };
-    active(backend_id)
+    // SAFETY: as above.
+    active(unsafe { (*table).backend_ids[index as usize] })
 }
 
 /// The backend of `backend_id` if it may receive packets.

@@ -54,6 +54,14 @@ fn render_1000_services_of_10_backends() {
                             new_flows: 1_234_567,
                         }),
                         live_flows: Some(1234),
+                        passive: Some(lb_common::PassiveHealth {
+                            refused: 12_345,
+                            unanswered: 678,
+                            ejections: 9,
+                            returns: 8,
+                            ..Default::default()
+                        }),
+                        ejected: Some(b == 3),
                     })
                     .collect(),
             })

@@ -225,7 +225,8 @@ enum ServiceCommand {
         json: bool,
     },
     /// Change how a service's backends are health-checked (by `lbctl daemon`); flags not given
-    /// keep their current value. Defaults: TCP connect every 2s, timeout 1s, rise 2, fall 3.
+    /// keep their current value. Defaults: TCP connect every 2s, timeout 1s, rise 2, fall 3;
+    /// the data plane ejects a backend after 3 refused or unanswered connections in a row.
     Health(HealthArgs),
 }
 
@@ -259,6 +260,10 @@ struct HealthArgs {
     /// Failures in a row that make a backend unhealthy.
     #[arg(long)]
     fall: Option<u32>,
+    /// Connections in a row a backend may refuse or leave unanswered before the data plane
+    /// ejects it (0: never). Whether or not the probes are on.
+    #[arg(long, value_name = "N")]
+    eject_after: Option<u32>,
 }
 
 impl HealthArgs {
@@ -282,6 +287,7 @@ impl HealthArgs {
             timeout_ms: self.timeout,
             rise: self.rise,
             fall: self.fall,
+            eject_after: self.eject_after,
         }
     }
 }

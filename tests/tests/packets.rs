@@ -736,6 +736,17 @@ fn a_backend_refusing_a_syn_is_not_heard_and_the_retransmission_chooses_again() 
         node.xdp(&client_syn(port), None);
         node.xdp(&client_tcp(port, WEB_PORT, "RA"), None);
         assert_eq!(node.reason(Reason::DropBackendRefused), 3);
+        // Passive health counted the three refusals, and neither the RST that ended an
+        // answered connection nor the client's.
+        let refused: u64 = (0..BACKENDS.len())
+            .map(|i| {
+                node.maps
+                    .passive_health(node.backend_id("web", i))
+                    .unwrap()
+                    .refused
+            })
+            .sum();
+        assert_eq!(refused, 3);
     });
 }
 
@@ -768,6 +779,206 @@ fn a_syn_its_backend_left_unanswered_chooses_again_when_the_client_sends_it_agai
         age(node);
         assert_eq!(dst_of(&node.xdp(&client_syn(port), None).1).0, again);
         assert_eq!(node.event(Event::FlowUnanswered), 1);
+        // Counted against the backend that left it unanswered: one failure, no ejection yet.
+        let index = BACKENDS.iter().position(|b| *b == first).unwrap();
+        let health = node
+            .maps
+            .passive_health(node.backend_id("web", index))
+            .unwrap();
+        assert_eq!(
+            (health.unanswered, health.failures, health.ejections),
+            (1, 1, 0)
+        );
+        assert_eq!(health.last_failure, lb_common::PASSIVE_UNANSWERED);
+    });
+}
+
+/// Opens a connection from client port `port` to `web`; the backend it is given answers with a
+/// SYN-ACK (through TC), unless it is `refusing`, whose RST refuses it. Returns the backend.
+fn connect(node: &Node, port: u16, refusing: [u8; 4]) -> [u8; 4] {
+    let (backend, _) = dst_of(&node.xdp(&client_syn(port), None).1);
+    let flags = if backend == refusing { "RA" } else { "SA" };
+    let reply = tcp(
+        (node.mac, CLIENT_MAC),
+        (backend, BACKEND_PORT),
+        (CLIENT_IP, port),
+        63,
+        flags,
+        b"",
+    );
+    node.tc_on(&reply, None);
+    backend
+}
+
+/// Passive health checking: a backend that refuses `eject_after` connections in a row (3, the
+/// default) is ejected in the data plane at once: new flows pass it by, while its established
+/// connections stay with it. A connection it answers in between starts its count over. With
+/// every backend ejected, new flows fail open; once an ejection ends, one more refusal ejects
+/// the backend again.
+#[test]
+fn a_backend_that_refuses_connections_in_a_row_is_ejected_and_new_flows_pass_it_by() {
+    with_node(|node| {
+        let dead = BACKENDS[0];
+        let id = node.backend_id("web", 0);
+        let passive = |node: &Node| node.maps.passive_health(id).unwrap();
+        let mut port = 48000;
+        let mut next_port = || {
+            port += 1;
+            port
+        };
+        // An established connection to the backend, before it fails.
+        let established = next_port();
+        assert_eq!(connect(node, established, [0; 4]), dead);
+        node.xdp(&client_tcp(established, WEB_PORT, "A"), None);
+        let refused_until = |node: &Node, next_port: &mut dyn FnMut() -> u16, refusals: u64| {
+            while passive(node).refused < refusals {
+                connect(node, next_port(), dead);
+            }
+        };
+        refused_until(node, &mut next_port, 2);
+        assert_eq!(passive(node).failures, 2);
+        // It answers one: its count starts over.
+        while connect(node, next_port(), [0; 4]) != dead {}
+        assert_eq!(passive(node).failures, 0);
+        refused_until(node, &mut next_port, 4);
+        assert_eq!((passive(node).failures, passive(node).ejections), (2, 0));
+        refused_until(node, &mut next_port, 5);
+        let health = passive(node);
+        assert_eq!((health.failures, health.ejections), (3, 1));
+        assert_eq!(health.last_failure, lb_common::PASSIVE_REFUSED);
+        assert_ne!(health.ejected_ns, 0);
+        assert_eq!(node.event(Event::BackendEjected), 1);
+        // Ejected: nine new flows, three of whose turns fall on it, go to the other two.
+        let passed = node.event(Event::FlowPassedEjected);
+        for _ in 0..9 {
+            assert_ne!(connect(node, next_port(), dead), dead);
+        }
+        assert_eq!(node.event(Event::FlowPassedEjected), passed + 3);
+        // Its established connection is left alone.
+        let ack = client_tcp(established, WEB_PORT, "A");
+        assert_eq!(dst_of(&node.xdp(&ack, None).1).0, dead);
+        // The ejection ends: the backend takes new flows again, on probation: one more
+        // refusal ejects it again.
+        let mut ended = passive(node);
+        ended.ejected_ns -= lb_common::PASSIVE_EJECTION_NS;
+        node.maps.passive_health.set(id, ended, 0).unwrap();
+        let mut chosen = false;
+        for _ in 0..3 {
+            chosen |= connect(node, next_port(), dead) == dead;
+        }
+        assert!(chosen, "back in the turns");
+        assert_eq!(passive(node).ejections, 2, "ejected again at once");
+        // Every backend ejected (one refusal each, at eject-after 1): new flows fail open.
+        node.table
+            .update_health_check(
+                "web",
+                &lb_userspace::table::HealthUpdate {
+                    eject_after: Some(1),
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+        node.apply();
+        for other in [BACKENDS[1], BACKENDS[2]] {
+            while connect(node, next_port(), other) != other {}
+        }
+        assert_eq!(node.event(Event::BackendEjected), 4);
+        let (action, out) = node.xdp(&client_syn(next_port()), None);
+        assert_ne!(action, XDP_DROP, "fails open");
+        assert!(BACKENDS.contains(&dst_of(&out).0));
+        // A userspace write ends an ejection (as the daemon's active checks do) and counts
+        // the return.
+        lb_dataplane::end_ejection(&mut node.maps.passive_health, id).unwrap();
+        let returned = passive(node);
+        assert_eq!(
+            (returned.ejected_ns, returned.failures, returned.returns),
+            (0, 0, 1)
+        );
+        assert_eq!(returned.refused, health.refused + 1, "totals kept");
+    });
+}
+
+/// An ICMP destination unreachable about a SYN the data plane forwarded, from the backend's
+/// host or a router on its way (through XDP) or from the node's own stack when the backend's
+/// neighbour does not answer (through TC egress), is the backend's refusal: dropped, its flow
+/// forgotten, and counted. About an answered connection, of another code (fragmentation
+/// needed), or any other ICMP, it passes untouched.
+#[test]
+fn an_icmp_unreachable_about_a_forwarded_syn_is_the_backends_refusal() {
+    use etherparse::{Icmpv4Type, icmpv4::DestUnreachableHeader};
+    with_node(|node| {
+        let unreachable = |forwarded: &[u8], code: DestUnreachableHeader| {
+            let mut frame = Vec::new();
+            PacketBuilder::ethernet2(backend_mac(0), node.mac)
+                .ipv4([10, 0, 0, 254], CLIENT_IP, 64)
+                .icmpv4(Icmpv4Type::DestinationUnreachable(code))
+                // The IPv4 header and the start of the TCP header, as a router quotes them.
+                .write(&mut frame, &forwarded[14..14 + 20 + 8])
+                .unwrap();
+            frame
+        };
+        let refused =
+            |node: &Node, backend: u32| node.maps.passive_health(backend).unwrap().refused;
+        for (i, through_tc) in [(0u16, false), (1, true)] {
+            let port = 49000 + i;
+            let key = tcp_key((CLIENT_IP, port), (NODE_IP, WEB_PORT));
+            let (_, forwarded) = node.xdp(&client_syn(port), None);
+            let (backend, _) = dst_of(&forwarded);
+            let index = BACKENDS.iter().position(|b| *b == backend).unwrap();
+            let id = node.backend_id("web", index);
+            let icmp = unreachable(&forwarded, DestUnreachableHeader::Host);
+            let before = node.reason(Reason::DropBackendUnreachable);
+            if through_tc {
+                assert_eq!(node.tc_on(&icmp, None).0, TC_ACT_SHOT);
+            } else {
+                assert_eq!(node.xdp(&icmp, None).0, XDP_DROP);
+            }
+            assert_eq!(node.reason(Reason::DropBackendUnreachable), before + 1);
+            assert!(
+                node.maps.flows.get(&key, 0).is_err(),
+                "the flow is forgotten"
+            );
+            assert_eq!(refused(node, id), 1);
+            let (again, _) = dst_of(&node.xdp(&client_syn(port), None).1);
+            assert_ne!(again, backend, "the retransmitted SYN takes the next turn");
+        }
+        // Awaiting, but fragmentation needed: about the path, not the host.
+        let port = 49010;
+        let (_, forwarded) = node.xdp(&client_syn(port), None);
+        let frag_needed = DestUnreachableHeader::FragmentationNeeded { next_hop_mtu: 1400 };
+        let frag_needed = unreachable(&forwarded, frag_needed);
+        assert_eq!(
+            node.xdp(&frag_needed, None),
+            (XDP_PASS, frag_needed.clone()),
+            "untouched"
+        );
+        // Answered: the connection is the client's to lose.
+        let (backend, _) = dst_of(&forwarded);
+        let syn_ack = tcp(
+            (node.mac, CLIENT_MAC),
+            (backend, BACKEND_PORT),
+            (CLIENT_IP, port),
+            63,
+            "SA",
+            b"",
+        );
+        node.tc(&syn_ack);
+        let port_unreachable = unreachable(&forwarded, DestUnreachableHeader::Port);
+        assert_eq!(node.xdp(&port_unreachable, None).0, XDP_PASS);
+        assert_eq!(node.tc_on(&port_unreachable, None).0, TC_ACT_UNSPEC);
+        let key = tcp_key((CLIENT_IP, port), (NODE_IP, WEB_PORT));
+        assert!(node.maps.flows.get(&key, 0).is_ok());
+        assert_eq!(node.reason(Reason::DropBackendUnreachable), 2);
+        // Echo requests and replies are never looked at.
+        let mut echo = Vec::new();
+        PacketBuilder::ethernet2(CLIENT_MAC, node.mac)
+            .ipv4(CLIENT_IP, NODE_IP, 64)
+            .icmpv4_echo_request(7, 1)
+            .write(&mut echo, b"ping")
+            .unwrap();
+        let passed = node.reason(Reason::PassNotTcpUdp);
+        assert_eq!(node.xdp(&echo, None), (XDP_PASS, echo.clone()));
+        assert_eq!(node.reason(Reason::PassNotTcpUdp), passed + 1);
     });
 }
 

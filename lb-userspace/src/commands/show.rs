@@ -27,14 +27,21 @@ struct BackendListing<'a> {
     address: std::net::SocketAddrV4,
     bytes: Option<u64>,
     drained: bool,
+    /// Ejected by the data plane now (passive health checking).
+    ejected: Option<bool>,
+    ejections: Option<u64>,
     health: &'static str,
     id: u32,
     live_flows: Option<u64>,
     new_flows: Option<u64>,
     node: Option<&'a str>,
     packets: Option<u64>,
+    /// Connections the backend refused (a RST or an ICMP unreachable answering the SYN).
+    refused: Option<u64>,
     reply_bytes: Option<u64>,
     reply_packets: Option<u64>,
+    /// Connections the backend left unanswered.
+    unanswered: Option<u64>,
     weight: u32,
 }
 
@@ -80,6 +87,10 @@ fn service_listing(service: &ServiceSnapshot) -> ServiceListing<'_> {
             reply_packets: backend.stats.map(|s| s.reply_packets),
             reply_bytes: backend.stats.map(|s| s.reply_bytes),
             new_flows: backend.stats.map(|s| s.new_flows),
+            ejected: backend.ejected,
+            ejections: backend.passive.map(|p| p.ejections),
+            refused: backend.passive.map(|p| p.refused),
+            unanswered: backend.passive.map(|p| p.unanswered),
             weight: backend.weight,
         })
         .collect();
@@ -163,9 +174,14 @@ fn services_text(snapshot: &Snapshot) -> String {
         ));
         for backend in &service.backends {
             let status = format!(
-                "{}{}",
+                "{}{}{}",
                 backend.health.as_str(),
-                if backend.drained { ",drained" } else { "" }
+                if backend.drained { ",drained" } else { "" },
+                if backend.ejected == Some(true) {
+                    ",ejected"
+                } else {
+                    ""
+                }
             );
             let weight = backend.weight;
             let name = match &backend.node {
@@ -173,15 +189,21 @@ fn services_text(snapshot: &Snapshot) -> String {
                 None => backend.addr.to_string(),
             };
             match backend.stats {
-                Some(s) => out.push_str(&format!(
-                    "  {name:<21} {status:<17} weight={weight} live_flows={} new_flows={} packets={} bytes={} reply_packets={} reply_bytes={}\n",
-                    backend.live_flows.unwrap_or(0),
-                    s.new_flows,
-                    s.packets,
-                    s.bytes,
-                    s.reply_packets,
-                    s.reply_bytes
-                )),
+                Some(s) => {
+                    let p = backend.passive_totals();
+                    out.push_str(&format!(
+                        "  {name:<21} {status:<17} weight={weight} live_flows={} new_flows={} packets={} bytes={} reply_packets={} reply_bytes={} refused={} unanswered={} ejections={}\n",
+                        backend.live_flows.unwrap_or(0),
+                        s.new_flows,
+                        s.packets,
+                        s.bytes,
+                        s.reply_packets,
+                        s.reply_bytes,
+                        p.refused,
+                        p.unanswered,
+                        p.ejections
+                    ));
+                }
                 None => out.push_str(&format!("  {name:<21} {status:<17} weight={weight}\n")),
             }
         }

@@ -4,7 +4,7 @@
 use std::net::SocketAddrV4;
 
 use anyhow::Result;
-use lb_common::{BackendStats, Event, Reason};
+use lb_common::{BackendStats, Event, PassiveHealth, Reason};
 use serde::Serialize;
 
 use crate::{
@@ -84,6 +84,11 @@ pub struct BackendSnapshot {
     /// Flows in the flow table pinned to this backend and still open (last scan); `None` when
     /// the maps were not read.
     pub live_flows: Option<u64>,
+    /// What the data plane saw of its connections (`PASSIVE_HEALTH`); `None` when the maps
+    /// were not read.
+    pub passive: Option<PassiveHealth>,
+    /// Whether the data plane has it ejected now; `None` when the maps were not read.
+    pub ejected: Option<bool>,
 }
 
 impl BackendSnapshot {
@@ -96,6 +101,11 @@ impl BackendSnapshot {
     /// Its counters, zero when the maps were not read.
     pub fn totals(&self) -> BackendStats {
         self.stats.unwrap_or_default()
+    }
+
+    /// What the data plane saw of its connections, zero when the maps were not read.
+    pub fn passive_totals(&self) -> PassiveHealth {
+        self.passive.unwrap_or_default()
     }
 }
 
@@ -186,6 +196,9 @@ fn service_snapshot(service: &Service, counters: Option<&Counters<'_>>) -> Resul
         .backends
         .iter()
         .map(|backend| {
+            let passive = counters
+                .map(|c| c.maps.passive_health(backend.id))
+                .transpose()?;
             Ok(BackendSnapshot {
                 addr: backend.addr,
                 id: backend.id,
@@ -197,6 +210,12 @@ fn service_snapshot(service: &Service, counters: Option<&Counters<'_>>) -> Resul
                     .map(|c| c.maps.backend_totals(backend.id))
                     .transpose()?,
                 live_flows: counters.map(|c| c.census.live.get(&backend.id).copied().unwrap_or(0)),
+                passive,
+                ejected: passive.map(|p| {
+                    p.ejected_ns != 0
+                        && crate::dataplane::monotonic_ns().wrapping_sub(p.ejected_ns)
+                            < lb_common::PASSIVE_EJECTION_NS
+                }),
             })
         })
         .collect::<Result<_>>()?;

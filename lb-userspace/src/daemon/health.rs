@@ -28,6 +28,17 @@ impl Tracker {
         }
     }
 
+    /// The data plane ejected the backend (`passive`): unhealthy now, and healthy again only
+    /// after `rise` probes in a row pass. Returns the new health when it flips.
+    pub fn eject(&mut self) -> Option<Health> {
+        self.successes = 0;
+        self.failures = 0;
+        (self.health != Health::Unhealthy).then(|| {
+            self.health = Health::Unhealthy;
+            Health::Unhealthy
+        })
+    }
+
     /// Takes a probe result; returns the new health when it flips: `rise` successes in a row
     /// make a backend healthy, `fall` failures in a row unhealthy.
     pub fn observe(&mut self, ok: bool, check: &HealthCheck) -> Option<Health> {
@@ -157,6 +168,23 @@ mod tests {
         assert_eq!(tracker.observe(false, &check), None);
         assert_eq!(tracker.observe(false, &check), Some(Health::Unhealthy));
         assert_eq!(tracker.observe(false, &check), None);
+        assert_eq!(tracker.observe(true, &check), None);
+        assert_eq!(tracker.observe(true, &check), Some(Health::Healthy));
+    }
+
+    #[test]
+    fn an_ejected_backend_needs_rise_successes_to_be_healthy_again() {
+        let check = HealthCheck {
+            rise: 2,
+            ..HealthCheck::default()
+        };
+        let mut tracker = Tracker::new(Health::Healthy);
+        assert_eq!(tracker.observe(true, &check), None);
+        assert_eq!(tracker.eject(), Some(Health::Unhealthy));
+        assert_eq!(tracker.eject(), None, "already unhealthy");
+        assert_eq!(tracker.observe(true, &check), None);
+        assert_eq!(tracker.eject(), None);
+        // The success before the second ejection does not count.
         assert_eq!(tracker.observe(true, &check), None);
         assert_eq!(tracker.observe(true, &check), Some(Health::Healthy));
     }

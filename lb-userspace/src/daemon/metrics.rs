@@ -34,7 +34,10 @@
 //!   `lbctl_service_fail_open`.
 //! - With labels `service,backend,node`:
 //!   `lbctl_backend_{packets,bytes,reply_packets,reply_bytes,connections}_total`,
-//!   `lbctl_backend_flows`, `lbctl_backend_drained`, and `lbctl_backend_health` with one more
+//!   `lbctl_backend_flows`, `lbctl_backend_drained`, passive health checking's
+//!   `lbctl_backend_{refused,unanswered}_connections_total`, `lbctl_backend_ejections_total`,
+//!   `lbctl_backend_ejection_returns_total` and `lbctl_backend_ejected` (each with its
+//!   `lbctl_service_*` sum), and `lbctl_backend_health` with one more
 //!   label `state` (`healthy`, `unhealthy`, `unknown`): the current state is 1, the others 0.
 use std::fmt::Write as _;
 
@@ -117,6 +120,46 @@ const SUMMED: &[Summed] = &[
         service_help: "New flows that chose one of the service's current backends (sum).",
         kind: Kind::Counter,
         value: |b| b.totals().new_flows,
+    },
+    Summed {
+        backend: "lbctl_backend_refused_connections_total",
+        backend_help: "Connections the backend refused: a RST or an ICMP destination unreachable answering a SYN the data plane forwarded.",
+        service: "lbctl_service_refused_connections_total",
+        service_help: "Connections the service's current backends refused (sum).",
+        kind: Kind::Counter,
+        value: |b| b.passive_totals().refused,
+    },
+    Summed {
+        backend: "lbctl_backend_unanswered_connections_total",
+        backend_help: "Connections the backend left unanswered: the client sent its SYN again with no SYN-ACK between.",
+        service: "lbctl_service_unanswered_connections_total",
+        service_help: "Connections the service's current backends left unanswered (sum).",
+        kind: Kind::Counter,
+        value: |b| b.passive_totals().unanswered,
+    },
+    Summed {
+        backend: "lbctl_backend_ejections_total",
+        backend_help: "Times the data plane ejected the backend after connections in a row failed.",
+        service: "lbctl_service_ejections_total",
+        service_help: "Ejections of the service's current backends (sum).",
+        kind: Kind::Counter,
+        value: |b| b.passive_totals().ejections,
+    },
+    Summed {
+        backend: "lbctl_backend_ejection_returns_total",
+        backend_help: "Ejections of the backend ended by the active checks finding it healthy.",
+        service: "lbctl_service_ejection_returns_total",
+        service_help: "Ejections of the service's current backends ended by the active checks (sum).",
+        kind: Kind::Counter,
+        value: |b| b.passive_totals().returns,
+    },
+    Summed {
+        backend: "lbctl_backend_ejected",
+        backend_help: "1 while the data plane has the backend ejected (new flows pass it by).",
+        service: "lbctl_service_ejected",
+        service_help: "The service's backends the data plane has ejected now.",
+        kind: Kind::Gauge,
+        value: |b| u64::from(b.ejected == Some(true)),
     },
     Summed {
         backend: "lbctl_backend_flows",
@@ -763,6 +806,8 @@ mod tests {
             weight: 1,
             stats: None,
             live_flows: None,
+            passive: None,
+            ejected: None,
         }
     }
 
@@ -820,6 +865,17 @@ mod tests {
             1,
             backend("10.0.1.6:80", Some("node-2"), Health::Unknown, true),
         );
+        let local = BackendSnapshot {
+            passive: Some(lb_common::PassiveHealth {
+                refused: 5,
+                unanswered: 2,
+                ejections: 2,
+                returns: 1,
+                ..Default::default()
+            }),
+            ejected: Some(true),
+            ..local
+        };
         Snapshot {
             instance: "ns \"a\"\\b\nc".to_owned(),
             node: Some("node-1".to_owned()),
@@ -921,6 +977,21 @@ lbctl_service_reply_bytes_total{service="web"} 940
 # HELP lbctl_service_connections_total New flows that chose one of the service's current backends (sum).
 # TYPE lbctl_service_connections_total counter
 lbctl_service_connections_total{service="web"} 4
+# HELP lbctl_service_refused_connections_total Connections the service's current backends refused (sum).
+# TYPE lbctl_service_refused_connections_total counter
+lbctl_service_refused_connections_total{service="web"} 5
+# HELP lbctl_service_unanswered_connections_total Connections the service's current backends left unanswered (sum).
+# TYPE lbctl_service_unanswered_connections_total counter
+lbctl_service_unanswered_connections_total{service="web"} 2
+# HELP lbctl_service_ejections_total Ejections of the service's current backends (sum).
+# TYPE lbctl_service_ejections_total counter
+lbctl_service_ejections_total{service="web"} 2
+# HELP lbctl_service_ejection_returns_total Ejections of the service's current backends ended by the active checks (sum).
+# TYPE lbctl_service_ejection_returns_total counter
+lbctl_service_ejection_returns_total{service="web"} 1
+# HELP lbctl_service_ejected The service's backends the data plane has ejected now.
+# TYPE lbctl_service_ejected gauge
+lbctl_service_ejected{service="web"} 1
 # HELP lbctl_service_flows Open flows pinned to the service's backends in the flow table (last scan).
 # TYPE lbctl_service_flows gauge
 lbctl_service_flows{service="web"} 3
@@ -953,6 +1024,26 @@ lbctl_backend_reply_bytes_total{service="web",backend="10.0.1.6:80",node="node-2
 # TYPE lbctl_backend_connections_total counter
 lbctl_backend_connections_total{service="web",backend="10.0.0.5:80",node=""} 3
 lbctl_backend_connections_total{service="web",backend="10.0.1.6:80",node="node-2"} 1
+# HELP lbctl_backend_refused_connections_total Connections the backend refused: a RST or an ICMP destination unreachable answering a SYN the data plane forwarded.
+# TYPE lbctl_backend_refused_connections_total counter
+lbctl_backend_refused_connections_total{service="web",backend="10.0.0.5:80",node=""} 5
+lbctl_backend_refused_connections_total{service="web",backend="10.0.1.6:80",node="node-2"} 0
+# HELP lbctl_backend_unanswered_connections_total Connections the backend left unanswered: the client sent its SYN again with no SYN-ACK between.
+# TYPE lbctl_backend_unanswered_connections_total counter
+lbctl_backend_unanswered_connections_total{service="web",backend="10.0.0.5:80",node=""} 2
+lbctl_backend_unanswered_connections_total{service="web",backend="10.0.1.6:80",node="node-2"} 0
+# HELP lbctl_backend_ejections_total Times the data plane ejected the backend after connections in a row failed.
+# TYPE lbctl_backend_ejections_total counter
+lbctl_backend_ejections_total{service="web",backend="10.0.0.5:80",node=""} 2
+lbctl_backend_ejections_total{service="web",backend="10.0.1.6:80",node="node-2"} 0
+# HELP lbctl_backend_ejection_returns_total Ejections of the backend ended by the active checks finding it healthy.
+# TYPE lbctl_backend_ejection_returns_total counter
+lbctl_backend_ejection_returns_total{service="web",backend="10.0.0.5:80",node=""} 1
+lbctl_backend_ejection_returns_total{service="web",backend="10.0.1.6:80",node="node-2"} 0
+# HELP lbctl_backend_ejected 1 while the data plane has the backend ejected (new flows pass it by).
+# TYPE lbctl_backend_ejected gauge
+lbctl_backend_ejected{service="web",backend="10.0.0.5:80",node=""} 1
+lbctl_backend_ejected{service="web",backend="10.0.1.6:80",node="node-2"} 0
 # HELP lbctl_backend_flows Open flows pinned to the backend in the flow table (last scan).
 # TYPE lbctl_backend_flows gauge
 lbctl_backend_flows{service="web",backend="10.0.0.5:80",node=""} 2
@@ -1024,7 +1115,7 @@ lbctl_interface_transmit_failures_total{iface="uplink",kind="xdp_errors"} 1
         }
     }
 
-    const FAMILIES: usize = 31;
+    const FAMILIES: usize = 41;
 
     #[test]
     fn thousand_services_of_ten_backends_render_every_family_once_and_every_series_once() {
@@ -1037,13 +1128,13 @@ lbctl_interface_transmit_failures_total{iface="uplink",kind="xdp_errors"} 1
             let of_prefix = families.iter().filter(|(name, _)| name.starts_with(prefix));
             of_prefix.map(|(_, samples)| samples.len()).sum()
         };
-        // 7 families with a series per backend, and the health with 3.
-        assert_eq!(series("lbctl_backend_"), 10_000 * (7 + 3));
-        // Info, 6 sums, backends, healthy backends, fail open.
-        assert_eq!(series("lbctl_service_"), 1000 * 10);
+        // 12 families with a series per backend, and the health with 3.
+        assert_eq!(series("lbctl_backend_"), 10_000 * (12 + 3));
+        // Info, 11 sums, backends, healthy backends, fail open.
+        assert_eq!(series("lbctl_service_"), 1000 * 15);
         let data_plane = 4 + 2 * Reason::ALL.len() + 4 + Event::ALL.len();
         let all = series("");
-        assert_eq!(all, 10_000 * 10 + 1000 * 10 + data_plane);
+        assert_eq!(all, 10_000 * 15 + 1000 * 15 + data_plane);
         assert_eq!(page.lines().count(), 2 * FAMILIES + all);
         // Pre-sized: the buffer never grew, and was not much too large.
         let estimate = estimated_len(&snapshot);
@@ -1087,7 +1178,7 @@ lbctl_interface_transmit_failures_total{iface="uplink",kind="xdp_errors"} 1
             );
             summed += 1;
         }
-        assert_eq!(summed, 6);
+        assert_eq!(summed, 11);
 
         let backends = series("lbctl_backend_drained");
         let counts = sum_by_service(backends.iter().map(|s| (s, 1)));
@@ -1134,9 +1225,9 @@ lbctl_interface_transmit_failures_total{iface="uplink",kind="xdp_errors"} 1
                 }
             }
         }
-        // build_info's node, service info's 2, the 9 other service families, and on each of the
-        // 10 series of the 2 backends the service, and the node of the second.
-        assert_eq!(checked, 1 + 2 + 9 + 10 * 2 + 10);
+        // build_info's node, service info's 2, the 14 other service families, and on each of the
+        // 15 series of the 2 backends the service, and the node of the second.
+        assert_eq!(checked, 1 + 2 + 14 + 15 * 2 + 15);
         let build_info = &families[0].1[0];
         assert_eq!(build_info.label("instance"), "ns \"a\"\\b\nc");
     }
@@ -1225,8 +1316,8 @@ lbctl_interface_transmit_failures_total{iface="uplink",kind="xdp_errors"} 1
         let total = |name: &str| family(&families, name).iter().map(|s| s.value).sum::<u64>();
         let slots = |slots: &[u32]| slots.iter().map(|n| 1u64 << n).sum::<u64>();
         // drop_no_backend, drop_flow_table_full, drop_vxlan_*, drop_encap_*, drop_mesh_*,
-        // drop_snat_*, drop_backend_refused.
-        let dropped = slots(&[15, 16, 24, 25, 26, 27, 28, 29, 30, 31, 34, 35, 36, 41]);
+        // drop_snat_*, drop_backend_refused, drop_backend_unreachable.
+        let dropped = slots(&[15, 16, 24, 25, 26, 27, 28, 29, 30, 31, 34, 35, 36, 41, 42]);
         assert_eq!(total("lbctl_dropped_packets_total"), dropped);
         // pass_not_ipv4 ... pass_not_local, pass_vxlan_other_vni, pass_flow_unknown,
         // pass_other_host.

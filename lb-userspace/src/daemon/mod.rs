@@ -11,6 +11,7 @@
 //! its lock, like any command), so `service ls` shows them and a restarted daemon resumes.
 pub mod health;
 pub mod metrics;
+pub mod passive;
 use std::{
     collections::{BTreeSet, HashMap},
     net::{Ipv4Addr, SocketAddr, SocketAddrV4},
@@ -35,7 +36,7 @@ use crate::{
     host::underlay,
     instance::Instance,
     instance::state,
-    table::{HealthCheck, Proto, diff::TableDiff},
+    table::{Health, HealthCheck, Proto, diff::TableDiff},
 };
 
 /// Where metrics are served unless `--metrics-addr` says otherwise: loopback only (metrics
@@ -50,6 +51,9 @@ const CENSUS_EVERY: Duration = Duration::from_secs(2);
 const CENSUS_DUTY_DIVISOR: u32 = 10;
 /// Resolution of the probe scheduler.
 const TICK: Duration = Duration::from_millis(50);
+/// How often the data plane's ejections are looked for: the data plane acts at once; this is
+/// only how soon they are told and handed to the active checks.
+const PASSIVE_EVERY: Duration = Duration::from_millis(200);
 
 pub struct Options {
     pub metrics_addr: SocketAddr,
@@ -378,6 +382,8 @@ type ProbeKey = (String, u32);
 /// checks are on, each at its service's interval, and records health flips.
 async fn health_loop(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
     let mut probes: HashMap<ProbeKey, Probe> = HashMap::new();
+    let mut ejections = passive::Watcher::default();
+    let mut last_passive = Instant::now();
     let (results_tx, mut results) = mpsc::unbounded_channel::<(ProbeKey, Result<(), String>)>();
     let mut tick = tokio::time::interval(TICK);
     let mut last_reload: Option<Instant> = None;
@@ -388,9 +394,15 @@ async fn health_loop(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
             _ = tick.tick() => {
                 if last_reload.is_none_or(|at| at.elapsed() >= RELOAD_EVERY) {
                     last_reload = Some(Instant::now());
-                    reload(&shared, &mut probes).await;
+                    reload(&shared, &mut probes, &mut ejections).await;
                 }
                 let now = Instant::now();
+                if now.duration_since(last_passive) >= PASSIVE_EVERY {
+                    last_passive = now;
+                    for ejection in ejections.ejections() {
+                        take_ejection(&ejection, &mut probes, &mut flips, now);
+                    }
+                }
                 for (key, probe) in probes.iter_mut() {
                     if probe.running || probe.next_due > now {
                         continue;
@@ -425,6 +437,20 @@ async fn health_loop(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
                             "backend health changed"
                         );
                         flips.push((key.0.clone(), key.1, health));
+                        if health == Health::Healthy {
+                            match ejections.end(key.1) {
+                                Ok(true) => info!(
+                                    service = %key.0,
+                                    backend = %probe.addr,
+                                    "ejection ended: the active checks found the backend healthy"
+                                ),
+                                Ok(false) => {}
+                                Err(err) => warn!(
+                                    error = format!("{err:#}"),
+                                    "cannot end a backend's ejection"
+                                ),
+                            }
+                        }
                     }
                 }
             }
@@ -444,9 +470,52 @@ async fn health_loop(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
     }
 }
 
+/// An ejection the data plane made: told, and for a backend this node probes, handed to its
+/// active checks (unhealthy until `rise` probes pass; probed at once).
+fn take_ejection(
+    ejection: &passive::Ejection,
+    probes: &mut HashMap<ProbeKey, Probe>,
+    flips: &mut Vec<(String, u32, Health)>,
+    now: Instant,
+) {
+    let key = (ejection.backend.service.clone(), ejection.id);
+    let reason = ejection.reason();
+    let Some(probe) = probes.get_mut(&key) else {
+        warn!(
+            service = %key.0,
+            backend = %ejection.backend.addr,
+            reason,
+            "backend ejected; no active checks here: it takes new flows again in {} s, and one more failure ejects it again",
+            lb_common::PASSIVE_EJECTION_NS / 1_000_000_000
+        );
+        return;
+    };
+    warn!(
+        service = %key.0,
+        backend = %ejection.backend.addr,
+        reason,
+        "backend ejected; the active checks bring it back"
+    );
+    if let Some(health) = probe.tracker.eject() {
+        info!(
+            service = %key.0,
+            backend = %probe.addr,
+            health = health.as_str(),
+            reason,
+            "backend health changed"
+        );
+        flips.push((key.0.clone(), key.1, health));
+    }
+    probe.next_due = now;
+}
+
 /// Brings the probe set in line with the table: new backends are probed at once, removed ones
-/// forgotten, changed settings taken.
-async fn reload(shared: &Arc<Shared>, probes: &mut HashMap<ProbeKey, Probe>) {
+/// forgotten, changed settings taken; and the backends whose ejections are watched.
+async fn reload(
+    shared: &Arc<Shared>,
+    probes: &mut HashMap<ProbeKey, Probe>,
+    ejections: &mut passive::Watcher,
+) {
     let reading = shared.clone();
     let loaded =
         tokio::task::spawn_blocking(move || commands::attached_state_and_node(&reading.instance))
@@ -462,6 +531,26 @@ async fn reload(shared: &Arc<Shared>, probes: &mut HashMap<ProbeKey, Probe>) {
             return;
         }
     };
+    let watched = state
+        .table
+        .services
+        .iter()
+        .flat_map(|service| {
+            service.backends.iter().map(|backend| {
+                let watched = passive::Watched {
+                    service: service.name.clone(),
+                    addr: backend.addr,
+                };
+                (backend.id, watched)
+            })
+        })
+        .collect();
+    if let Err(err) = ejections.reload(&shared.instance.maps_dir(), watched) {
+        warn!(
+            error = format!("{err:#}"),
+            "cannot watch the data plane's ejections"
+        );
+    }
     let mut wanted = HashMap::new();
     for service in &state.table.services {
         if !service.health_check.enabled {

@@ -33,8 +33,8 @@ use aya::{
 };
 use lb_common::{
     BACKEND_ACTIVE, Backend, BackendStats, BridgePortKey, Counter, FlowKey, FlowValue,
-    LocalBackendKey, MacKey, MaglevTable, MeshConfig, ReverseValue, RrCursor, ServiceKey,
-    ServiceValue, SnatValue, SocketLbConfig, TunnelValue, map_names,
+    LocalBackendKey, MacKey, MaglevTable, MeshConfig, PassiveHealth, ReverseValue, RrCursor,
+    ServiceKey, ServiceValue, SnatValue, SocketLbConfig, TunnelValue, map_names,
 };
 
 use crate::{
@@ -118,6 +118,8 @@ pub struct Maps {
     pub host_addrs: HashMap<MapData, u32, u32>,
     /// `SocketLbConfig` in slot 0: whose sockets the socket programs act on.
     pub socket_lb: Array<MapData, SocketLbConfig>,
+    /// What the data plane saw of each backend's connections, and its ejections (`passive`).
+    pub passive_health: Array<MapData, PassiveHealth>,
 }
 
 /// Brings the set `map` (named `name`; its values are unused, 0) in line with `wanted`: removes
@@ -222,6 +224,7 @@ impl Maps {
             peer_ports: get(map_names::PEER_PORTS)?.try_into()?,
             host_addrs: get(map_names::HOST_ADDRS)?.try_into()?,
             socket_lb: get(map_names::SOCKET_LB)?.try_into()?,
+            passive_health: get(map_names::PASSIVE_HEALTH)?.try_into()?,
         })
     }
 
@@ -458,6 +461,10 @@ impl Maps {
             self.backend_stats
                 .set(*id, per_cpu(BackendStats::default())?, 0)
                 .with_context(|| format!("resetting counters of backend slot {id}"))?;
+            // A slot's new backend inherits neither the failures nor the ejection of the old.
+            self.passive_health
+                .set(*id, PassiveHealth::default(), 0)
+                .with_context(|| format!("resetting passive health of backend slot {id}"))?;
         }
         for (id, backend) in &delta.backends_to_write {
             self.backends
@@ -555,6 +562,13 @@ impl Maps {
     }
 
     /// One backend's counters summed over CPUs.
+    /// What the data plane saw of backend `id`'s connections (`PASSIVE_HEALTH`).
+    pub fn passive_health(&self, id: u32) -> Result<PassiveHealth> {
+        self.passive_health
+            .get(&id, 0)
+            .with_context(|| format!("reading passive health of backend slot {id}"))
+    }
+
     pub fn backend_totals(&self, id: u32) -> Result<BackendStats> {
         let values = self.backend_stats.get(&id, 0)?;
         Ok(values
@@ -567,6 +581,23 @@ impl Maps {
                 new_flows: s.new_flows + v.new_flows,
             }))
     }
+}
+
+/// Ends the data plane's ejection of backend `id` in `PASSIVE_HEALTH` (`map`): its failures
+/// start over, and a return is counted. A failure the data plane counts between the read and
+/// the write is lost, as a probe result between two probes would be.
+pub fn end_ejection(map: &mut Array<MapData, PassiveHealth>, id: u32) -> Result<()> {
+    let health = map
+        .get(&id, 0)
+        .with_context(|| format!("reading passive health of backend slot {id}"))?;
+    let ended = PassiveHealth {
+        failures: 0,
+        ejected_ns: 0,
+        returns: health.returns + 1,
+        ..health
+    };
+    map.set(id, ended, 0)
+        .with_context(|| format!("ending the ejection of backend slot {id}"))
 }
 
 /// Calls `f` with every entry of `map` (an array or a hash whose keys and values are `K` and

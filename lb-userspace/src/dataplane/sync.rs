@@ -116,6 +116,8 @@ pub fn desired(table: &Table, self_node: Option<&str>) -> MapContents {
                     ip_be: be(*backend.addr.ip()),
                     port_be: backend.addr.port().to_be(),
                     flags: BACKEND_ACTIVE,
+                    // Validated to fit (`MAX_EJECT_AFTER`).
+                    eject_after: u8::try_from(service.health_check.eject_after).unwrap_or(u8::MAX),
                     service_id: service.id,
                     node_ip_be: backend
                         .node

@@ -271,7 +271,7 @@ mod tests {
                 "~ service api tcp/9091: replaced (tcp/9090 → tcp/9091): its flows start afresh; \
                  + 10.0.0.9:80; - 10.0.0.9:80",
                 "~ service dns tcp/53: health: TCP connect every 2s, timeout 1s, \
-                 unhealthy after 3 failures, healthy after 5 successes",
+                 unhealthy after 3 failures, healthy after 5 successes; ejected after 3 refused or unanswered connections in a row",
                 "+ service new tcp/5000: 10.0.0.4:80, 10.0.0.3:80",
                 "- service gone tcp/6000 (2 backends)",
             ]

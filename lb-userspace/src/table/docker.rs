@@ -574,6 +574,7 @@ fn follow_service(
             timeout_ms: Some(want.check.timeout_ms),
             rise: Some(want.check.rise),
             fall: Some(want.check.fall),
+            eject_after: Some(want.check.eject_after),
         };
         table.update_health_check(name, &update)?;
         changes.push(format!(

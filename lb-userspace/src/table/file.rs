@@ -102,6 +102,9 @@ pub struct HealthEntry {
     pub rise: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fall: Option<u32>,
+    /// Refused or unanswered connections in a row that eject a backend (0: never).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eject_after: Option<u32>,
 }
 
 impl HealthEntry {
@@ -119,6 +122,7 @@ impl HealthEntry {
             timeout_ms: self.timeout,
             rise: self.rise,
             fall: self.fall,
+            eject_after: self.eject_after,
         }
         .apply(&HealthCheck::default())
     }
@@ -137,6 +141,7 @@ impl HealthEntry {
             timeout: unless_default(check.timeout_ms, default.timeout_ms),
             rise: unless_default(check.rise, default.rise),
             fall: unless_default(check.fall, default.fall),
+            eject_after: unless_default(check.eject_after, default.eject_after),
         }
     }
 }
@@ -428,6 +433,7 @@ mod tests {
                 timeout_ms: 250,
                 rise: 1,
                 fall: 5,
+                eject_after: 0,
             },
         ] {
             assert_eq!(HealthEntry::of(&check).check(), check);

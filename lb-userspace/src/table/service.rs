@@ -91,7 +91,27 @@ pub struct HealthCheck {
     pub rise: u32,
     /// Failures in a row that make a healthy (or unknown) backend unhealthy.
     pub fall: u32,
+    /// Connections in a row a backend may refuse or leave unanswered before the data plane
+    /// ejects it (passive checking, on whether or not the probes are); 0: never. Left out
+    /// when it is the default, so that a table's digest and gossiped records are those of the
+    /// builds before it (a mixed cluster converges).
+    #[serde(
+        default = "default_eject_after",
+        skip_serializing_if = "is_default_eject_after"
+    )]
+    pub eject_after: u32,
 }
+
+fn default_eject_after() -> u32 {
+    u32::from(lb_common::DEFAULT_EJECT_AFTER)
+}
+
+fn is_default_eject_after(eject_after: &u32) -> bool {
+    *eject_after == default_eject_after()
+}
+
+/// Most failures in a row `eject_after` may ask for (the data plane keeps it in a byte).
+pub const MAX_EJECT_AFTER: u32 = 100;
 
 impl Default for HealthCheck {
     fn default() -> Self {
@@ -103,6 +123,7 @@ impl Default for HealthCheck {
             timeout_ms: 1_000,
             rise: 2,
             fall: 3,
+            eject_after: default_eject_after(),
         }
     }
 }
@@ -118,6 +139,7 @@ pub struct HealthUpdate {
     pub timeout_ms: Option<u64>,
     pub rise: Option<u32>,
     pub fall: Option<u32>,
+    pub eject_after: Option<u32>,
 }
 
 impl HealthUpdate {
@@ -133,6 +155,7 @@ impl HealthUpdate {
             timeout_ms: self.timeout_ms.unwrap_or(current.timeout_ms),
             rise: self.rise.unwrap_or(current.rise),
             fall: self.fall.unwrap_or(current.fall),
+            eject_after: self.eject_after.unwrap_or(current.eject_after),
         }
     }
 }
@@ -158,6 +181,12 @@ impl HealthCheck {
                 self.rise, self.fall
             ));
         }
+        if self.eject_after > MAX_EJECT_AFTER {
+            return Err(format!(
+                "invalid eject-after {}: between 0 (never) and {MAX_EJECT_AFTER}",
+                self.eject_after
+            ));
+        }
         if !(100..=599).contains(&self.expect_status) {
             return Err(format!(
                 "invalid expected status {}: an HTTP status between 100 and 599",
@@ -177,8 +206,12 @@ impl HealthCheck {
     /// One line saying how the backends are checked.
     /// The settings in words, for a service of `proto`.
     pub fn describe(&self, proto: Proto) -> String {
+        let passive = match self.eject_after {
+            0 => "no passive ejection".to_owned(),
+            n => format!("ejected after {n} refused or unanswered connections in a row"),
+        };
         if !self.enabled {
-            return "health checks off".to_owned();
+            return format!("health checks off; {passive}");
         }
         let probe = match (&self.http_path, proto) {
             (Some(path), _) => format!("HTTP GET {path} expecting {}", self.expect_status),
@@ -186,7 +219,7 @@ impl HealthCheck {
             (None, Proto::Udp) => "UDP datagram (port unreachable fails it)".to_owned(),
         };
         format!(
-            "{probe} every {}, timeout {}, unhealthy after {} failures, healthy after {} successes",
+            "{probe} every {}, timeout {}, unhealthy after {} failures, healthy after {} successes; {passive}",
             format_duration_ms(self.interval_ms),
             format_duration_ms(self.timeout_ms),
             self.fall,

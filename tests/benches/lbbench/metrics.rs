@@ -181,6 +181,13 @@ fn large_snapshot(services: usize) -> Snapshot {
                         weight: if j == 0 && i % 11 == 0 { 0 } else { 1 },
                         stats: Some(stats),
                         live_flows: Some(rng.below(5000)),
+                        passive: Some(lb_common::PassiveHealth {
+                            refused: rng.below(50),
+                            unanswered: rng.below(10),
+                            ejections: rng.below(3),
+                            ..Default::default()
+                        }),
+                        ejected: Some(j == 1 && i % 13 == 0),
                     }
                 })
                 .collect();
