@@ -17,6 +17,7 @@ pub mod cpu;
 pub mod dist;
 pub mod docker;
 mod lbctl;
+pub mod load;
 pub mod mesh;
 pub mod netns;
 pub mod prometheus;

@@ -43,6 +43,9 @@ const APT_PACKAGES: &[&str] = &[
     // the busybox its task image is made of (`busybox httpd`).
     "docker.io",
     "busybox-static",
+    // The HTTP load generator of the failover tests (new connections under load) and the
+    // benchmarks.
+    "hey",
     // `systemd-analyze verify` of the package's units (the machine need not run systemd).
     "systemd",
 ];

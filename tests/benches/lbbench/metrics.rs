@@ -351,7 +351,7 @@ impl SnapshotCollector {
 
 /// Per-backend families with a per-service sum: (backend family, service family, value).
 type Summed = (&'static str, &'static str, fn(&BackendSnapshot) -> u64);
-const SUMMED: [Summed; 6] = [
+const SUMMED: [Summed; 11] = [
     (
         "lbctl_backend_packets_total",
         "lbctl_service_packets_total",
@@ -377,6 +377,29 @@ const SUMMED: [Summed; 6] = [
         "lbctl_service_connections_total",
         |b| b.totals().new_flows,
     ),
+    (
+        "lbctl_backend_refused_connections_total",
+        "lbctl_service_refused_connections_total",
+        |b| b.passive_totals().refused,
+    ),
+    (
+        "lbctl_backend_unanswered_connections_total",
+        "lbctl_service_unanswered_connections_total",
+        |b| b.passive_totals().unanswered,
+    ),
+    (
+        "lbctl_backend_ejections_total",
+        "lbctl_service_ejections_total",
+        |b| b.passive_totals().ejections,
+    ),
+    (
+        "lbctl_backend_ejection_returns_total",
+        "lbctl_service_ejection_returns_total",
+        |b| b.passive_totals().returns,
+    ),
+    ("lbctl_backend_ejected", "lbctl_service_ejected", |b| {
+        u64::from(b.ejected == Some(true))
+    }),
     ("lbctl_backend_flows", "lbctl_service_flows", |b| {
         b.live_flows.unwrap_or(0)
     }),
@@ -580,7 +603,7 @@ fn families(page: &str) -> Result<BTreeMap<String, Shape>> {
 fn check_pages(hand: &str, openmetrics: &str, text: &str, backends: usize) -> Result<()> {
     let expected = families(hand).context("the hand-written page")?;
     ensure!(
-        expected.len() == 31,
+        expected.len() == 41,
         "the hand-written page has {} families",
         expected.len()
     );
