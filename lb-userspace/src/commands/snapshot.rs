@@ -196,6 +196,7 @@ fn service_snapshot(service: &Service, counters: Option<&Counters<'_>>) -> Resul
         .backends
         .iter()
         .map(|backend| {
+            let now_ns = crate::dataplane::monotonic_ns();
             let passive = counters
                 .map(|c| c.maps.passive_health(backend.id))
                 .transpose()?;
@@ -211,11 +212,7 @@ fn service_snapshot(service: &Service, counters: Option<&Counters<'_>>) -> Resul
                     .transpose()?,
                 live_flows: counters.map(|c| c.census.live.get(&backend.id).copied().unwrap_or(0)),
                 passive,
-                ejected: passive.map(|p| {
-                    p.ejected_ns != 0
-                        && crate::dataplane::monotonic_ns().wrapping_sub(p.ejected_ns)
-                            < lb_common::PASSIVE_EJECTION_NS
-                }),
+                ejected: passive.map(|p| crate::dataplane::is_ejected(&p, now_ns)),
             })
         })
         .collect::<Result<_>>()?;

@@ -71,6 +71,7 @@ impl Watcher {
     /// The ejections made since the last look. A backend seen for the first time counts only
     /// if it is ejected now (a restarted daemon takes over an ejection in force).
     pub fn ejections(&mut self) -> Vec<Ejection> {
+        let now_ns = dataplane::monotonic_ns();
         let Some(map) = &self.map else {
             return Vec::new();
         };
@@ -81,7 +82,7 @@ impl Watcher {
             };
             let new = match self.seen.insert(id, health.ejections) {
                 Some(seen) => health.ejections > seen,
-                None => health.ejected_ns != 0,
+                None => dataplane::is_ejected(&health, now_ns),
             };
             if new {
                 found.push(Ejection {

@@ -583,6 +583,13 @@ impl Maps {
     }
 }
 
+/// Whether the data plane has a backend whose `PASSIVE_HEALTH` entry is `health` ejected at
+/// `now_ns` ([`monotonic_ns`]), as `passive::is_ejected` decides it.
+pub fn is_ejected(health: &PassiveHealth, now_ns: u64) -> bool {
+    health.ejected_ns != 0
+        && now_ns.wrapping_sub(health.ejected_ns) < lb_common::PASSIVE_EJECTION_NS
+}
+
 /// Ends the data plane's ejection of backend `id` in `PASSIVE_HEALTH` (`map`): its failures
 /// start over, and a return is counted. A failure the data plane counts between the read and
 /// the write is lost, as a probe result between two probes would be.

@@ -14,6 +14,8 @@
 //! - `lbctl.check=tcp | http:/PATH | off`: lbctl's active checks. The default is `tcp`, or `off`
 //!   when the image has a Docker `HEALTHCHECK`: then Docker's verdict is the task's health
 //!   (`starting` and `unhealthy` take no new flows, as Swarm's own balancer does).
+//! - `lbctl.eject-after=N`: passive checks, the failed connections in a row after which the data
+//!   plane ejects a task (default 3; 0: never).
 //! - `lbctl.network=NAME`: the overlay network whose address is the task's (default: the first
 //!   by name other than `ingress`).
 //!
@@ -36,6 +38,7 @@ pub const SCHEDULER_LABEL: &str = "lbctl.scheduler";
 pub const VIP_LABEL: &str = "lbctl.vip";
 pub const CHECK_LABEL: &str = "lbctl.check";
 pub const NETWORK_LABEL: &str = "lbctl.network";
+pub const EJECT_AFTER_LABEL: &str = "lbctl.eject-after";
 /// Swarm's own label naming a container's service.
 pub const SWARM_SERVICE_LABEL: &str = "com.docker.swarm.service.name";
 
@@ -179,6 +182,7 @@ struct Definition {
     vip: Option<Ipv4Addr>,
     scheduler: Scheduler,
     check: Option<HealthCheck>,
+    eject_after: Option<u32>,
     network: Option<String>,
 }
 
@@ -199,11 +203,27 @@ fn definition(labels: &BTreeMap<String, String>) -> Result<Definition, String> {
         .map(parse_check)
         .transpose()
         .map_err(|err| format!("{CHECK_LABEL}: {err}"))?;
+    let eject_after = label(EJECT_AFTER_LABEL)
+        .map(|value| {
+            value
+                .parse::<u32>()
+                .ok()
+                .filter(|n| *n <= super::MAX_EJECT_AFTER)
+                .ok_or_else(|| {
+                    format!(
+                        "{EJECT_AFTER_LABEL}: '{value}' is not a number of connections from 0 \
+                         (never) to {}",
+                        super::MAX_EJECT_AFTER
+                    )
+                })
+        })
+        .transpose()?;
     Ok(Definition {
         publish,
         vip,
         scheduler,
         check,
+        eject_after,
         network: label(NETWORK_LABEL).map(str::to_owned),
     })
 }
@@ -313,13 +333,16 @@ pub fn desired(tasks: &[Task]) -> Desired {
         }
         addresses.sort_by_key(|&(addr, _, _)| addr);
         let docker_health = tasks.iter().any(|t| t.health != DockerHealth::None);
-        let check = def.check.clone().unwrap_or_else(|| {
+        let mut check = def.check.clone().unwrap_or_else(|| {
             let enabled = !docker_health;
             HealthCheck {
                 enabled,
                 ..HealthCheck::default()
             }
         });
+        if let Some(eject_after) = def.eject_after {
+            check.eject_after = eject_after;
+        }
         for (publish, name) in def.publish.iter().zip(names) {
             out.services.push(DockerService {
                 name,
@@ -770,6 +793,15 @@ mod tests {
         assert!(bad.services.is_empty() && bad.problems[0].contains("lbctl.publish"));
         let bad = desired_of_labels(&[(PUBLISH_LABEL, "80:80"), (CHECK_LABEL, "ping")]);
         assert!(bad.problems[0].contains("lbctl.check"));
+        for value in ["-1", "101", "three"] {
+            let bad = desired_of_labels(&[(PUBLISH_LABEL, "80:80"), (EJECT_AFTER_LABEL, value)]);
+            assert!(bad.services.is_empty(), "{value}");
+            assert!(bad.problems[0].contains("lbctl.eject-after"), "{value}");
+        }
+        let five = desired_of_labels(&[(PUBLISH_LABEL, "80:80"), (EJECT_AFTER_LABEL, "5")]);
+        assert_eq!(five.services[0].check.eject_after, 5);
+        let default = desired_of_labels(&[(PUBLISH_LABEL, "80:80")]);
+        assert_eq!(default.services[0].check.eject_after, 3);
     }
 
     #[test]
