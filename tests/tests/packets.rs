@@ -898,6 +898,39 @@ fn a_backend_that_refuses_connections_in_a_row_is_ejected_and_new_flows_pass_it_
     });
 }
 
+/// On a maglev service, the flows whose slot names an ejected backend take the next slots of
+/// the table: another backend, the same one for every packet of the flow and every node.
+#[test]
+fn on_a_maglev_service_an_ejected_backends_flows_take_the_next_slot() {
+    with_node(|node| {
+        node.set_scheduler("web", Scheduler::Maglev);
+        let ejected = BACKENDS[1];
+        let id = node.backend_id("web", 1);
+        let health = lb_common::PassiveHealth {
+            // A second ago, on the data plane's clock (its coarse reading may lag a tick).
+            ejected_ns: lb_dataplane::monotonic_ns() - 1_000_000_000,
+            ..Default::default()
+        };
+        node.maps.passive_health.set(id, health, 0).unwrap();
+        let mut moved = 0;
+        for port in 50000..50030 {
+            let key = tcp_key((CLIENT_IP, port), (NODE_IP, WEB_PORT));
+            let (chosen, _) = dst_of(&node.xdp(&client_syn(port), None).1);
+            assert_ne!(chosen, ejected, "port {port}");
+            if node.maglev_choice("web", &key).0 == ejected {
+                moved += 1;
+                // The same choice again for the same flow.
+                node.evict(&key, chosen);
+                assert_eq!(dst_of(&node.xdp(&client_syn(port), None).1).0, chosen);
+            } else {
+                assert_eq!(chosen, node.maglev_choice("web", &key).0, "port {port}");
+            }
+        }
+        assert!(moved > 0, "some flows were the ejected backend's");
+        assert_eq!(node.event(Event::FlowPassedEjected), 2 * moved);
+    });
+}
+
 /// An ICMP destination unreachable about a SYN the data plane forwarded, from the backend's
 /// host or a router on its way (through XDP) or from the node's own stack when the backend's
 /// neighbour does not answer (through TC egress), is the backend's refusal: dropped, its flow
