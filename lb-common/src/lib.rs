@@ -347,6 +347,10 @@ pub const FLOW_AWAITING_REPLY: u8 = 16;
 /// unanswered. Not the first retransmission: a SYN lost once (a neighbour being resolved, a
 /// busy host) or a backend slow to accept is not a vanished one, and the flow keeps its backend.
 pub const FLOW_UNANSWERED_NS: u64 = 2_500_000_000;
+/// A TCP flow still awaiting its backend's SYN-ACK this long after its first SYN was given up by
+/// its client (Linux stops retransmitting a SYN after about 127 s, `tcp_syn_retries` 6): no
+/// longer live, whatever its backend.
+pub const FLOW_ABANDONED_NS: u64 = 180 * 1_000_000_000;
 /// A TCP flow idle this long without a FIN or RST is taken for abandoned (its client vanished):
 /// no longer live, and its hairpin source port may be given to another flow.
 pub const FLOW_IDLE_TCP_NS: u64 = 3_600 * 1_000_000_000;

@@ -262,7 +262,12 @@ struct HealthArgs {
     fall: Option<u32>,
     /// Connections in a row a backend may refuse or leave unanswered before the data plane
     /// ejects it (0: never). Whether or not the probes are on.
-    #[arg(long, value_name = "N")]
+    #[arg(
+        long,
+        value_name = "N",
+        allow_negative_numbers = true,
+        value_parser = clap::value_parser!(u32).range(0..=i64::from(table::MAX_EJECT_AFTER))
+    )]
     eject_after: Option<u32>,
 }
 

@@ -97,6 +97,20 @@ impl Lbctl {
         Ok((String::from_utf8_lossy(&out.stdout).into_owned(), stderr))
     }
 
+    /// Backend `addr` (`IP:PORT`) of service `service` as `service ls --json` lists it.
+    pub fn listed_backend(&self, service: &str, addr: &str) -> Result<serde_json::Value> {
+        let doc: serde_json::Value =
+            serde_json::from_str(&self.run(&["service", "ls", "--json"])?)?;
+        let listed = doc["services"]
+            .as_array()
+            .and_then(|services| services.iter().find(|s| s["name"] == service))
+            .and_then(|s| s["backends"].as_array())
+            .and_then(|backends| backends.iter().find(|b| b["address"] == addr));
+        listed
+            .cloned()
+            .with_context(|| format!("no backend {addr} of {service} in {doc}"))
+    }
+
     /// Runs `lbctl ... purge`, which must succeed, and returns its stdout; the drop then
     /// purges nothing more.
     pub fn purge(&mut self) -> Result<String> {

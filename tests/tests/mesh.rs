@@ -438,25 +438,8 @@ fn tasks_that_die_under_load_through_the_mesh_fail_almost_no_request() {
     let ingress = 0;
     let url = format!("http://{}/", cluster.addr(ingress, WEB_PORT));
     let backend_json = |cluster: &Cluster, task: usize| -> serde_json::Value {
-        let doc: serde_json::Value = serde_json::from_str(
-            &cluster.lbctl[ingress]
-                .run(&["service", "ls", "--json"])
-                .unwrap(),
-        )
-        .unwrap();
         let addr = cluster.mesh.task_addr(task).to_string();
-        let web = doc["services"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|s| s["name"] == "web");
-        web.unwrap()["backends"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|b| b["address"] == addr.as_str())
-            .cloned()
-            .unwrap_or_else(|| panic!("no backend {addr} in {doc}"))
+        cluster.lbctl[ingress].listed_backend("web", &addr).unwrap()
     };
     let load_while = |cluster: &mut Cluster, what: &str, fail: &dyn Fn(&mut Cluster)| {
         let hey = spawn_hey(cluster.mesh.client(), &url, Duration::from_secs(9), 16).unwrap();

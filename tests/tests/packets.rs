@@ -656,16 +656,7 @@ fn a_syn_after_a_fin_or_an_abort_takes_a_new_turn_and_a_syn_after_a_bare_rst_doe
 #[test]
 fn a_backend_refusing_a_syn_is_not_heard_and_the_retransmission_chooses_again() {
     with_node(|node| {
-        let refused = |port: u16, backend: [u8; 4]| {
-            tcp(
-                (node.mac, CLIENT_MAC),
-                (backend, BACKEND_PORT),
-                (CLIENT_IP, port),
-                63,
-                "RA",
-                b"",
-            )
-        };
+        let refused = |port: u16, backend: [u8; 4]| from_backend(node, backend, port, "RA");
         // Through TC (a backend the kernel routes to) and through XDP (one on an lbctl link).
         for (i, through_xdp) in [(0u16, false), (1, true)] {
             let port = 45000 + i;
@@ -692,14 +683,7 @@ fn a_backend_refusing_a_syn_is_not_heard_and_the_retransmission_chooses_again() 
         // Answered first: a later RST is the connection's end, passed on and reverse-NATed.
         let port = 45010;
         let (backend, _) = dst_of(&node.xdp(&client_syn(port), None).1);
-        let syn_ack = tcp(
-            (node.mac, CLIENT_MAC),
-            (backend, BACKEND_PORT),
-            (CLIENT_IP, port),
-            63,
-            "SA",
-            b"",
-        );
+        let syn_ack = from_backend(node, backend, port, "SA");
         assert_eq!(src_of(&node.tc(&syn_ack)), (NODE_IP, WEB_PORT));
         assert_eq!(
             src_of(&node.tc(&refused(port, backend))),
@@ -717,14 +701,7 @@ fn a_backend_refusing_a_syn_is_not_heard_and_the_retransmission_chooses_again() 
         // refusal too.
         let port = 45012;
         let (backend, _) = dst_of(&node.xdp(&client_syn(port), None).1);
-        let time_wait_ack = tcp(
-            (node.mac, CLIENT_MAC),
-            (backend, BACKEND_PORT),
-            (CLIENT_IP, port),
-            63,
-            "A",
-            b"",
-        );
+        let time_wait_ack = from_backend(node, backend, port, "A");
         node.tc(&time_wait_ack);
         node.xdp(&client_tcp(port, WEB_PORT, "R"), None);
         assert_eq!(dst_of(&node.xdp(&client_syn(port), None).1).0, backend);
@@ -793,19 +770,25 @@ fn a_syn_its_backend_left_unanswered_chooses_again_when_the_client_sends_it_agai
     });
 }
 
-/// Opens a connection from client port `port` to `web`; the backend it is given answers with a
-/// SYN-ACK (through TC), unless it is `refusing`, whose RST refuses it. Returns the backend.
-fn connect(node: &Node, port: u16, refusing: [u8; 4]) -> [u8; 4] {
-    let (backend, _) = dst_of(&node.xdp(&client_syn(port), None).1);
-    let flags = if backend == refusing { "RA" } else { "SA" };
-    let reply = tcp(
+/// A segment without payload from `backend`:80 to the client's port `port`, as the node
+/// sees it on its way back (`flags` as `tcp` takes them).
+fn from_backend(node: &Node, backend: [u8; 4], port: u16, flags: &str) -> Vec<u8> {
+    tcp(
         (node.mac, CLIENT_MAC),
         (backend, BACKEND_PORT),
         (CLIENT_IP, port),
         63,
         flags,
         b"",
-    );
+    )
+}
+
+/// Opens a connection from client port `port` to `web`; the backend it is given answers with a
+/// SYN-ACK (through TC), unless it is `refusing`, whose RST refuses it. Returns the backend.
+fn connect(node: &Node, port: u16, refusing: [u8; 4]) -> [u8; 4] {
+    let (backend, _) = dst_of(&node.xdp(&client_syn(port), None).1);
+    let flags = if backend == refusing { "RA" } else { "SA" };
+    let reply = from_backend(node, backend, port, flags);
     node.tc_on(&reply, None);
     backend
 }
@@ -987,14 +970,7 @@ fn an_icmp_unreachable_about_a_forwarded_syn_is_the_backends_refusal() {
         );
         // Answered: the connection is the client's to lose.
         let (backend, _) = dst_of(&forwarded);
-        let syn_ack = tcp(
-            (node.mac, CLIENT_MAC),
-            (backend, BACKEND_PORT),
-            (CLIENT_IP, port),
-            63,
-            "SA",
-            b"",
-        );
+        let syn_ack = from_backend(node, backend, port, "SA");
         node.tc(&syn_ack);
         let port_unreachable = unreachable(&forwarded, DestUnreachableHeader::Port);
         assert_eq!(node.xdp(&port_unreachable, None).0, XDP_PASS);
@@ -1219,6 +1195,8 @@ fn on_a_maglev_service_an_evicted_flow_returns_to_its_backend() {
 fn a_flow_idle_for_two_hours_keeps_its_backend_and_its_replies() {
     with_node(|node| {
         assert_eq!(dst_of(&node.xdp(&client_syn(48500), None).1).0, BACKENDS[0]);
+        // Established (a handshake left unanswered that long would be abandoned).
+        node.tc(&from_backend(node, BACKENDS[0], 48500, "SA"));
         let key = tcp_key((CLIENT_IP, 48500), (NODE_IP, WEB_PORT));
         let reverse = reverse_key(&key, BACKENDS[0], BACKEND_PORT);
         let mut flow = node.maps.flows.get(&key, 0).unwrap();

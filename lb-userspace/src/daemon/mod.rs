@@ -203,6 +203,7 @@ async fn serve(instance: Instance, options: Options) -> Result<()> {
         .instance
         .maps_dir()
         .join(lb_common::map_names::SERVICES);
+    let purged = marker.clone();
     // Docker's watcher stops the daemon only for what a restart would not cure.
     let (fatal_tx, mut fatal_rx) = mpsc::channel::<anyhow::Error>(1);
     let docker = match (&options.docker_host, &shared.docker) {
@@ -250,7 +251,11 @@ async fn serve(instance: Instance, options: Options) -> Result<()> {
         error!(error = format!("{err:#}"), "lbctl daemon stopped");
         return Err(err);
     }
-    info!("lbctl daemon stopped; the data plane keeps forwarding");
+    if purged.exists() {
+        info!("lbctl daemon stopped; the data plane keeps forwarding");
+    } else {
+        info!("lbctl daemon stopped: its instance was purged");
+    }
     served
 }
 
@@ -400,7 +405,7 @@ async fn health_loop(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
                 if now.duration_since(last_passive) >= PASSIVE_EVERY {
                     last_passive = now;
                     for ejection in ejections.ejections() {
-                        take_ejection(&ejection, &mut probes, &mut flips, now);
+                        take_ejection(&ejection, &mut ejections, &mut probes, &mut flips, now);
                     }
                 }
                 for (key, probe) in probes.iter_mut() {
@@ -429,14 +434,7 @@ async fn health_loop(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
                     }
                     if let Some(health) = probe.tracker.observe(result.is_ok(), &probe.check) {
                         let reason = result.err().unwrap_or_default();
-                        info!(
-                            service = %key.0,
-                            backend = %probe.addr,
-                            health = health.as_str(),
-                            reason,
-                            "backend health changed"
-                        );
-                        flips.push((key.0.clone(), key.1, health));
+                        flipped(&mut flips, &key, probe.addr, health, &reason);
                         if health == Health::Healthy {
                             match ejections.end(key.1) {
                                 Ok(true) => info!(
@@ -474,6 +472,7 @@ async fn health_loop(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
 /// active checks (unhealthy until `rise` probes pass; probed at once).
 fn take_ejection(
     ejection: &passive::Ejection,
+    ejections: &mut passive::Watcher,
     probes: &mut HashMap<ProbeKey, Probe>,
     flips: &mut Vec<(String, u32, Health)>,
     now: Instant,
@@ -496,17 +495,29 @@ fn take_ejection(
         reason,
         "backend ejected; the active checks bring it back"
     );
+    ejections.hold(ejection.id);
     if let Some(health) = probe.tracker.eject() {
-        info!(
-            service = %key.0,
-            backend = %probe.addr,
-            health = health.as_str(),
-            reason,
-            "backend health changed"
-        );
-        flips.push((key.0.clone(), key.1, health));
+        flipped(flips, &key, probe.addr, health, &reason);
     }
     probe.next_due = now;
+}
+
+/// A backend's health flipped: logged, and queued to be recorded.
+fn flipped(
+    flips: &mut Vec<(String, u32, Health)>,
+    key: &ProbeKey,
+    addr: SocketAddrV4,
+    health: Health,
+    reason: &str,
+) {
+    info!(
+        service = %key.0,
+        backend = %addr,
+        health = health.as_str(),
+        reason,
+        "backend health changed"
+    );
+    flips.push((key.0.clone(), key.1, health));
 }
 
 /// Brings the probe set in line with the table: new backends are probed at once, removed ones

@@ -1,12 +1,21 @@
 //! The daemon's side of passive health checking: it reads what the data plane saw of each
 //! backend's connections (`PASSIVE_HEALTH`), tells of every ejection the data plane made on its
 //! own, and hands an ejected backend this node probes to its active checks, which keep it
-//! unhealthy until `rise` probes in a row pass; the ejection then ends (`end_ejection`).
-use std::{collections::HashMap, net::SocketAddrV4, path::Path};
+//! unhealthy until `rise` probes in a row pass; the ejection then ends (`end_ejection`). Until
+//! then the daemon holds the ejection (the data plane's would run out after
+//! `PASSIVE_EJECTION_NS`), so that `service ls` and the metrics say the backend is ejected for as
+//! long as it is out.
+use std::{
+    collections::{HashMap, HashSet},
+    net::SocketAddrV4,
+    path::Path,
+};
 
 use anyhow::{Context as _, Result};
 use aya::maps::{Array, Map, MapData};
-use lb_common::{PASSIVE_REFUSED, PASSIVE_UNANSWERED, PassiveHealth, map_names};
+use lb_common::{
+    PASSIVE_EJECTION_NS, PASSIVE_REFUSED, PASSIVE_UNANSWERED, PassiveHealth, map_names,
+};
 
 use crate::dataplane;
 
@@ -48,6 +57,8 @@ pub struct Watcher {
     backends: HashMap<u32, Watched>,
     /// Each watched backend's ejection count when last looked at.
     seen: HashMap<u32, u64>,
+    /// Ejections handed to the active checks, held until they end them.
+    held: HashSet<u32>,
 }
 
 impl Watcher {
@@ -64,6 +75,7 @@ impl Watcher {
                 .get(id)
                 .is_some_and(|b| self.backends.get(id) == Some(b))
         });
+        self.held.retain(|id| self.seen.contains_key(id));
         self.backends = backends;
         Ok(())
     }
@@ -72,6 +84,7 @@ impl Watcher {
     /// if it is ejected now (a restarted daemon takes over an ejection in force).
     pub fn ejections(&mut self) -> Vec<Ejection> {
         let now_ns = dataplane::monotonic_ns();
+        self.renew_held();
         let Some(map) = &self.map else {
             return Vec::new();
         };
@@ -96,8 +109,39 @@ impl Watcher {
         found
     }
 
+    /// Holds backend `id`'s ejection until [`Watcher::end`].
+    pub fn hold(&mut self, id: u32) {
+        self.held.insert(id);
+    }
+
+    /// Renews the held ejections that have run half their course: the data plane's time of
+    /// ejection becomes now (on its own clock). One that ended meanwhile is let go.
+    fn renew_held(&mut self) {
+        let Some(map) = &mut self.map else {
+            return;
+        };
+        let now_ns = dataplane::monotonic_coarse_ns();
+        self.held.retain(|&id| {
+            let Ok(health) = map.get(&id, 0) else {
+                return false;
+            };
+            if health.ejected_ns == 0 {
+                return false;
+            }
+            if now_ns.wrapping_sub(health.ejected_ns) >= PASSIVE_EJECTION_NS / 2 {
+                let renewed = PassiveHealth {
+                    ejected_ns: now_ns,
+                    ..health
+                };
+                let _ = map.set(id, renewed, 0);
+            }
+            true
+        });
+    }
+
     /// Ends backend `id`'s ejection if it has one; returns whether it had.
     pub fn end(&mut self, id: u32) -> Result<bool> {
+        self.held.remove(&id);
         let Some(map) = &mut self.map else {
             return Ok(false);
         };

@@ -696,8 +696,13 @@ pub fn flow_is_live(key: &FlowKey, flow: &FlowValue, now_ns: u64) -> bool {
     } else {
         UDP_IDLE_NS
     };
+    let age = now_ns.saturating_sub(flow.last_seen_ns);
+    // A handshake its backend never answered keeps the time of its first SYN.
+    let abandoned =
+        flow.flags & lb_common::FLOW_AWAITING_REPLY != 0 && age >= lb_common::FLOW_ABANDONED_NS;
     flow.flags & lb_common::FLOW_CLOSING == 0
-        && now_ns.saturating_sub(flow.last_seen_ns) < idle + lb_common::FLOW_SEEN_GRANULARITY_NS
+        && !abandoned
+        && age < idle + lb_common::FLOW_SEEN_GRANULARITY_NS
 }
 
 /// CLOCK_MONOTONIC in nanoseconds: the clock `bpf_ktime_get_coarse_ns` reads (at tick
@@ -705,6 +710,14 @@ pub fn flow_is_live(key: &FlowKey, flow: &FlowValue, now_ns: u64) -> bool {
 pub fn monotonic_ns() -> u64 {
     let ts = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
         .expect("CLOCK_MONOTONIC always exists");
+    ts.tv_sec() as u64 * 1_000_000_000 + ts.tv_nsec() as u64
+}
+
+/// CLOCK_MONOTONIC_COARSE in nanoseconds: exactly what `bpf_ktime_get_coarse_ns` reads, so a
+/// time written for the data plane to compare with its own clock is never ahead of it.
+pub fn monotonic_coarse_ns() -> u64 {
+    let ts = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC_COARSE)
+        .expect("CLOCK_MONOTONIC_COARSE always exists");
     ts.tv_sec() as u64 * 1_000_000_000 + ts.tv_nsec() as u64
 }
 
@@ -739,6 +752,14 @@ mod tests {
         assert!(!flow_is_live(&tcp, &seen(2 * TCP_IDLE_NS, 0), now));
         assert!(flow_is_live(&udp, &seen(UDP_IDLE_NS / 2, 0), now));
         assert!(!flow_is_live(&udp, &seen(2 * UDP_IDLE_NS, 0), now));
+        // A handshake its backend never answered, given up by its client.
+        let awaiting = lb_common::FLOW_AWAITING_REPLY;
+        assert!(flow_is_live(&tcp, &seen(60 * 1_000_000_000, awaiting), now));
+        assert!(!flow_is_live(
+            &tcp,
+            &seen(lb_common::FLOW_ABANDONED_NS, awaiting),
+            now
+        ));
     }
 
     /// The clock starts at boot, so the oldest time a flow can hold is 0, and a census may read

@@ -206,9 +206,13 @@ impl HealthCheck {
     /// One line saying how the backends are checked.
     /// The settings in words, for a service of `proto`.
     pub fn describe(&self, proto: Proto) -> String {
-        let passive = match self.eject_after {
-            0 => "no passive ejection".to_owned(),
-            n => format!("ejected after {n} refused or unanswered connections in a row"),
+        let passive = match (proto, self.eject_after) {
+            // Passive checks watch TCP handshakes.
+            (Proto::Udp, _) => "no passive checks (UDP)".to_owned(),
+            (Proto::Tcp, 0) => "no passive ejection".to_owned(),
+            (Proto::Tcp, n) => {
+                format!("ejected after {n} refused or unanswered connections in a row")
+            }
         };
         if !self.enabled {
             return format!("health checks off; {passive}");
