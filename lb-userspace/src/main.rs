@@ -128,6 +128,15 @@ enum ClusterCommand {
         #[arg(long)]
         json: bool,
     },
+    /// The cluster's gossip keys (`lbctl daemon --cluster-key-file`).
+    #[command(subcommand)]
+    Key(KeyCommand),
+}
+
+#[derive(Subcommand)]
+enum KeyCommand {
+    /// Write a new key file (mode 600; refused if PATH exists): copy it to every node.
+    Generate { path: std::path::PathBuf },
 }
 
 // The daemon's options (its help is the variant's doc comment above).
@@ -143,6 +152,15 @@ struct DaemonArgs {
     /// and nodes are the live members (no `node add`). Without it, the static table.
     #[arg(long, value_name = "NAME", requires_all = ["node_name", "gossip_addr"])]
     cluster: Option<String>,
+    /// The cluster's keyring (`lbctl cluster key generate`; only root may read it): every
+    /// gossip datagram is sealed with its first key and opened with any of them. Reloaded when
+    /// the file changes, or on SIGHUP.
+    #[arg(long, value_name = "PATH", requires = "cluster")]
+    cluster_key_file: Option<std::path::PathBuf>,
+    /// Gossip in clear, without a key file: anyone who can reach the gossip port can join the
+    /// cluster and steer its clients.
+    #[arg(long, requires = "cluster", conflicts_with = "cluster_key_file")]
+    insecure: bool,
     /// This node's name in the cluster (as in IP:PORT@NODE).
     #[arg(long, value_name = "NAME", requires = "cluster", value_parser = parse_node_name)]
     node_name: Option<String>,
@@ -416,6 +434,16 @@ fn run(cli: Cli) -> anyhow::Result<String> {
         Command::Stats { json } => commands::stats(&instance, json),
         Command::Daemon(args) => daemon(instance, args).map(|()| String::new()),
         Command::Cluster(ClusterCommand::Ls { json }) => commands::cluster_ls(&instance, json),
+        Command::Cluster(ClusterCommand::Key(KeyCommand::Generate { path })) => {
+            lb_userspace::cluster::transport::generate_key_file(&path).map(|id| {
+                format!(
+                    "wrote {} (key {id}, mode 600): copy it to every node, and start each \
+                     daemon with --cluster-key-file {}",
+                    path.display(),
+                    path.display()
+                )
+            })
+        }
         Command::Purge => commands::purge(&instance),
         Command::Instances { .. } => unreachable!("listed above, without an instance"),
     }
@@ -487,7 +515,18 @@ fn daemon(instance: instance::Instance, args: DaemonArgs) -> anyhow::Result<()> 
     }
     let cluster = match (args.cluster, args.node_name, args.gossip_addr) {
         (Some(cluster), Some(node), Some(gossip_addr)) => {
+            let keys = match (&args.cluster_key_file, args.insecure) {
+                (Some(path), _) => Some(std::sync::Arc::new(
+                    lb_userspace::cluster::transport::KeyFile::load(path)?,
+                )),
+                (None, true) => None,
+                (None, false) => anyhow::bail!(
+                    "--cluster needs --cluster-key-file PATH (make one with `lbctl cluster key \
+                     generate PATH` and copy it to every node), or --insecure to gossip in clear"
+                ),
+            };
             Some(lb_userspace::daemon::ClusterOptions {
+                keys,
                 vtep: args.underlay_ip.unwrap_or(*gossip_addr.ip()),
                 gossip: lb_userspace::cluster::gossip::Config {
                     cluster,

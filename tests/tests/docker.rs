@@ -115,11 +115,23 @@ impl Swarm {
         &self.dockerds[SWARM_NODES - 1 - i]
     }
 
+    /// The cluster's key file, made by `lbctl cluster key generate` in n1's state folder.
+    fn key_file(&self) -> String {
+        let path = self.lbctl[0].state_dir().join("cluster.key");
+        if !path.exists() {
+            self.lbctl[0]
+                .run(&["cluster", "key", "generate", path.to_str().unwrap()])
+                .unwrap();
+        }
+        path.to_str().unwrap().to_owned()
+    }
+
     fn dockerd_mut(&mut self, i: usize) -> &mut Dockerd {
         &mut self.dockerds[SWARM_NODES - 1 - i]
     }
 
     fn start_daemon(&mut self, i: usize) {
+        let key_file = self.key_file();
         let (node, gossip, seed, host) = (
             self.mesh.node_name(i),
             SocketAddrV4::new(self.mesh.node_ip(i), GOSSIP_PORT).to_string(),
@@ -129,6 +141,8 @@ impl Swarm {
         let mut args = vec![
             "--cluster",
             "swarm-e2e",
+            "--cluster-key-file",
+            &key_file,
             "--node-name",
             &node,
             "--gossip-addr",

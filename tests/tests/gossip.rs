@@ -35,6 +35,8 @@ struct Cluster {
     lbctl: Vec<Lbctl>,
     mesh: Mesh,
     name: &'static str,
+    /// The cluster's key file (`lbctl cluster key generate`), in n1's state folder.
+    key_file: String,
 }
 
 impl Cluster {
@@ -48,10 +50,12 @@ impl Cluster {
                 node
             })
             .collect();
+        let key_file = new_key_file(&lbctl[0], "cluster.key");
         Cluster {
             daemons: (0..mesh.node_count()).map(|_| None).collect(),
             lbctl,
             mesh,
+            key_file,
             name,
         }
     }
@@ -62,6 +66,12 @@ impl Cluster {
 
     /// Starts node `i`'s daemon in cluster `cluster`, seeded with n1.
     fn start_in(&mut self, i: usize, cluster: &str) {
+        let key_file = self.key_file.clone();
+        self.start_with_key(i, cluster, &key_file);
+    }
+
+    /// Starts node `i`'s daemon in cluster `cluster` with the keyring `key_file`, seeded with n1.
+    fn start_with_key(&mut self, i: usize, cluster: &str, key_file: &str) {
         let (node, gossip, seed) = (
             self.mesh.node_name(i),
             self.gossip_addr(i).to_string(),
@@ -70,6 +80,8 @@ impl Cluster {
         let args = [
             "--cluster",
             cluster,
+            "--cluster-key-file",
+            key_file,
             "--node-name",
             &node,
             "--gossip-addr",
@@ -132,6 +144,11 @@ impl Cluster {
     fn wait_for_tasks(&self, nodes: &[usize], tasks: &[usize], what: &str) -> Duration {
         let want = self.tasks(tasks);
         wait(what, || nodes.iter().all(|&i| self.web_backends(i) == want))
+    }
+
+    /// Gossip messages node `i` rejected for `reason`.
+    fn rejected(&self, i: usize, reason: &str) -> u64 {
+        self.cluster_json(i)["rejected"][reason].as_u64().unwrap()
     }
 
     fn cluster_json(&self, i: usize) -> serde_json::Value {
@@ -379,14 +396,11 @@ fn another_cluster_and_malformed_gossip_are_rejected_and_counted() {
         .unwrap();
     // n2 is in cluster "green" and seeds itself with n1.
     cluster.start_in(1, "green");
-    let rejected = |i: usize, reason: &str| {
-        cluster.cluster_json(i)["rejected"][reason]
-            .as_u64()
-            .unwrap()
-    };
-    wait("n1 counts n2's SYNs", || rejected(0, "wrong_cluster") > 0);
+    wait("n1 counts n2's SYNs", || {
+        cluster.rejected(0, "wrong_cluster") > 0
+    });
     wait("n2 counts n1's refusals", || {
-        rejected(1, "rejected_by_peer") > 0
+        cluster.rejected(1, "rejected_by_peer") > 0
     });
     let before = cluster.cluster_json(0);
     assert_eq!(before["members"].as_array().unwrap().len(), 1, "{before}");
@@ -399,7 +413,7 @@ fn another_cluster_and_malformed_gossip_are_rejected_and_counted() {
         "green got nothing from blue"
     );
 
-    // Garbage at n1's gossip port, from the client.
+    // Garbage at n1's gossip port, from the client: not sealed with the cluster's key.
     let target = cluster.gossip_addr(0);
     cluster.mesh.client().in_netns(|| {
         let socket = UdpSocket::bind("0.0.0.0:0").unwrap();
@@ -407,8 +421,8 @@ fn another_cluster_and_malformed_gossip_are_rejected_and_counted() {
             socket.send_to(junk, target).unwrap();
         }
     });
-    wait("n1 counts the malformed datagrams", || {
-        rejected(0, "malformed") >= 3
+    wait("n1 counts the unauthenticated datagrams", || {
+        cluster.rejected(0, "unauthenticated") >= 3
     });
     let after = cluster.cluster_json(0);
     assert_eq!(after["digest"], before["digest"]);
@@ -417,9 +431,9 @@ fn another_cluster_and_malformed_gossip_are_rejected_and_counted() {
     assert_eq!(
         series(
             &scrape(cluster.mesh.node(0)),
-            "lbctl_gossip_rejected_messages_total{reason=\"malformed\"}"
+            "lbctl_gossip_rejected_messages_total{reason=\"unauthenticated\"}"
         ),
-        Some(rejected(0, "malformed"))
+        Some(cluster.rejected(0, "unauthenticated"))
     );
     // n1 still serves its own table; the node of the other cluster has its own (empty) one
     // and serves nothing: a connection to its port is refused by its kernel (no listener).
@@ -432,4 +446,312 @@ fn another_cluster_and_malformed_gossip_are_rejected_and_counted() {
             .in_netns(|| client::http_get_new_connection(green)),
         "the other cluster's node serves nothing",
     );
+}
+
+/// A new key file in `lbctl`'s state folder, as `lbctl cluster key generate` writes it.
+fn new_key_file(lbctl: &Lbctl, name: &str) -> String {
+    let path = lbctl.state_dir().join(name);
+    let said = lbctl
+        .run(&["cluster", "key", "generate", path.to_str().unwrap()])
+        .unwrap();
+    assert!(said.contains("mode 600"), "{said}");
+    path.to_str().unwrap().to_owned()
+}
+
+/// A node whose keyring is not the cluster's does not join: the members drop its datagrams
+/// (counted as unauthenticated), it gets no service, and the cluster goes on serving. A key
+/// file others may read is refused at start, and a cluster needs a key file or `--insecure`.
+#[test]
+fn a_node_without_the_clusters_key_does_not_join() {
+    let mut cluster = Cluster::build(
+        MeshSpec {
+            nodes: 3,
+            tasks_per_node: vec![1, 1, 0],
+            ..MeshSpec::default()
+        },
+        "sealed",
+    );
+    cluster.start(0);
+    cluster.start(1);
+    let port = WEB_PORT.to_string();
+    let t0 = cluster.mesh.task_addr(0).to_string();
+    cluster.lbctl[0]
+        .run(&["service", "add", "web", &port, &t0])
+        .unwrap();
+    wait("n2 gets web through sealed gossip", || {
+        !cluster.web_backends(1).is_empty()
+    });
+    let other_key = new_key_file(&cluster.lbctl[2], "other.key");
+    cluster.start_with_key(2, "sealed", &other_key);
+    wait("n1 drops n3's datagrams", || {
+        cluster.rejected(0, "unauthenticated") > 0
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    for i in 0..2 {
+        let members = cluster.cluster_json(i)["members"].as_array().unwrap().len();
+        assert_eq!(members, 2, "n{}: n3 is not a member", i + 1);
+    }
+    assert!(cluster.web_backends(2).is_empty(), "n3 got nothing");
+    assert_eq!(cluster.spread(1, 2), cluster.evenly(&[0], 2));
+    let log = cluster.daemons[0].as_ref().unwrap().log_text();
+    let lines = log
+        .lines()
+        .filter(|l| l.contains("no key of this node's keyring opens"))
+        .count();
+    assert_eq!(lines, 1, "logged once for n3: {log}");
+
+    // Refused at start: a key file others may read; no key file and no --insecure.
+    cluster.stop(2);
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::set_permissions(&other_key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let gossip = cluster.gossip_addr(2).to_string();
+    let base = [
+        "daemon",
+        "--cluster",
+        "sealed",
+        "--node-name",
+        "n3",
+        "--gossip-addr",
+        &gossip,
+    ];
+    let err = cluster.lbctl[2]
+        .run_expect_fail(&[&base[..], &["--cluster-key-file", &other_key]].concat())
+        .unwrap();
+    assert!(err.contains("chmod 600"), "{err}");
+    let err = cluster.lbctl[2].run_expect_fail(&base).unwrap();
+    assert!(
+        err.contains("--cluster-key-file") && err.contains("--insecure"),
+        "{err}"
+    );
+    // `cluster key generate` does not overwrite.
+    let err = cluster.lbctl[2]
+        .run_expect_fail(&["cluster", "key", "generate", &other_key])
+        .unwrap();
+    assert!(err.contains("exists"), "{err}");
+}
+
+/// The hex keys of a key file, in order.
+fn keys_in(path: &str) -> Vec<String> {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .filter(|l| !l.trim().is_empty() && !l.starts_with('#'))
+        .map(|l| l.trim().to_owned())
+        .collect()
+}
+
+/// Replaces the key file at `path` with `keys`, at once (a rename), mode 600.
+fn write_keys(path: &str, keys: &[&str]) {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let staged = format!("{path}.new");
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&staged)
+        .unwrap();
+    std::io::Write::write_all(&mut file, format!("{}\n", keys.join("\n")).as_bytes()).unwrap();
+    std::fs::rename(&staged, path).unwrap();
+}
+
+/// The UDP payloads of the datagrams in the classic pcap file `path` (as `tcpdump -w` writes).
+fn udp_payloads(path: &std::path::Path) -> Vec<Vec<u8>> {
+    let bytes = std::fs::read(path).unwrap();
+    let mut payloads = Vec::new();
+    let mut at = 24;
+    while at + 16 <= bytes.len() {
+        let len = u32::from_le_bytes(bytes[at + 8..at + 12].try_into().unwrap()) as usize;
+        let frame = &bytes[at + 16..at + 16 + len];
+        if let Ok(sliced) = etherparse::SlicedPacket::from_ethernet(frame)
+            && let Some(etherparse::TransportSlice::Udp(udp)) = sliced.transport
+        {
+            payloads.push(udp.payload().to_vec());
+        }
+        at += 16 + len;
+    }
+    payloads
+}
+
+/// Sealed gossip holds against what a host on the underlay can do: datagrams captured from a
+/// member and sent again change nothing (counted as replayed); a node gossiping in clear
+/// (`--insecure`) that knows the cluster's name and publishes `web` pointing to its own
+/// address is not heard (unauthenticated). And the keys rotate without a partition while a
+/// client keeps connecting: a new key added on every node, then made first, then the old one
+/// removed; every step converged, no connection failed.
+#[test]
+fn replays_and_clear_gossip_change_nothing_and_keys_rotate_without_a_partition() {
+    let mut cluster = Cluster::build(
+        MeshSpec {
+            nodes: 3,
+            tasks_per_node: vec![1, 1, 0],
+            ..MeshSpec::default()
+        },
+        "rotating",
+    );
+    // Each node its own copy of the keyring, as on real hosts.
+    let key_files: Vec<String> = (0..2)
+        .map(|i| {
+            let path = cluster.lbctl[i].state_dir().join("node.key");
+            let path = path.to_str().unwrap().to_owned();
+            write_keys(&path, &[&keys_in(&cluster.key_file)[0]]);
+            path
+        })
+        .collect();
+    for (i, key_file) in key_files.iter().enumerate() {
+        cluster.start_with_key(i, "rotating", key_file);
+    }
+    let port = WEB_PORT.to_string();
+    let t0 = cluster.mesh.task_addr(0).to_string();
+    cluster.lbctl[0]
+        .run(&["service", "add", "web", &port, &t0])
+        .unwrap();
+    let want = cluster.tasks(&[0]);
+    wait("web reaches n2", || cluster.web_backends(1) == want);
+    wait("converged", || {
+        cluster.converged(0, 2) && cluster.converged(1, 2)
+    });
+
+    // Replays: n2's datagrams to n1, captured on the underlay and sent again.
+    let capture = cluster.lbctl[0].state_dir().join("gossip.pcap");
+    let n2 = cluster.mesh.node_ip(1).to_string();
+    let filter = format!("udp and src host {n2} and dst port {GOSSIP_PORT}");
+    let tcpdump = cluster
+        .mesh
+        .underlay()
+        .exec([
+            "timeout",
+            "10",
+            "tcpdump",
+            "-i",
+            lb_tests::mesh::UNDERLAY_BRIDGE,
+            "-c",
+            "5",
+            "-w",
+            capture.to_str().unwrap(),
+            &filter,
+        ])
+        .unwrap();
+    assert!(tcpdump.status.success(), "{tcpdump:?}");
+    let captured = udp_payloads(&capture);
+    assert_eq!(captured.len(), 5);
+    let before = cluster.cluster_json(0);
+    let target = cluster.gossip_addr(0);
+    cluster.mesh.client().in_netns(|| {
+        let socket = UdpSocket::bind("0.0.0.0:0").unwrap();
+        for datagram in &captured {
+            socket.send_to(datagram, target).unwrap();
+        }
+    });
+    wait("n1 counts the replays", || {
+        cluster.rejected(0, "replayed") >= 5
+    });
+    let after = cluster.cluster_json(0);
+    assert_eq!(after["table_generation"], before["table_generation"]);
+    assert_eq!(cluster.web_backends(0), want);
+
+    // In clear, with the cluster's name and a `web` of its own.
+    let evil = format!("{}:80", cluster.mesh.node_ip(2));
+    cluster.lbctl[2]
+        .run(&["service", "add", "web", &port, &evil])
+        .unwrap();
+    let (node, gossip, seed) = (
+        cluster.mesh.node_name(2),
+        cluster.gossip_addr(2).to_string(),
+        cluster.gossip_addr(0).to_string(),
+    );
+    let args = [
+        "--cluster",
+        "rotating",
+        "--insecure",
+        "--node-name",
+        &node,
+        "--gossip-addr",
+        &gossip,
+        "--seed",
+        &seed,
+        "--gossip-interval",
+        GOSSIP_INTERVAL,
+    ];
+    let unauthenticated = cluster.rejected(0, "unauthenticated");
+    let daemon = cluster.lbctl[2]
+        .start_daemon_with(METRICS.parse().unwrap(), cluster.mesh.node(2), &args)
+        .unwrap();
+    cluster.daemons[2] = Some(daemon);
+    wait("n1 drops the clear gossip", || {
+        cluster.rejected(0, "unauthenticated") > unauthenticated
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    for i in 0..2 {
+        assert_eq!(cluster.web_backends(i), want, "n{}", i + 1);
+        let members = cluster.cluster_json(i)["members"].as_array().unwrap().len();
+        assert_eq!(members, 2, "n{}", i + 1);
+    }
+    let insecure = cluster.cluster_json(2);
+    assert!(insecure["keys"].is_null(), "{insecure}");
+    assert!(
+        cluster.lbctl[2]
+            .run(&["cluster", "ls"])
+            .unwrap()
+            .contains("IN CLEAR")
+    );
+    cluster.stop(2);
+
+    // Rotation under load: connections through n2 to n1's task all along.
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let addr = SocketAddrV4::new(cluster.mesh.node_ip(1), WEB_PORT);
+    let old = keys_in(&key_files[0])[0].clone();
+    let new = keys_in(&new_key_file(&cluster.lbctl[1], "new.key"))[0].clone();
+    let steps: [&[&str]; 3] = [&[&old, &new], &[&new, &old], &[&new]];
+    let (ok, failed) = std::thread::scope(|scope| {
+        let load = scope.spawn(|| {
+            let (mut ok, mut failed) = (0u64, Vec::new());
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let reply = cluster
+                    .mesh
+                    .client()
+                    .in_netns(|| client::http_get_new_connection(addr));
+                match reply {
+                    Ok(_) => ok += 1,
+                    Err(err) => failed.push(format!("{err:#}")),
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            (ok, failed)
+        });
+        for (step, keys) in steps.iter().enumerate() {
+            for key_file in &key_files {
+                write_keys(key_file, keys);
+                // Each node reloads within a second; the next node's file changes after.
+                std::thread::sleep(Duration::from_millis(1500));
+            }
+            wait("converged after the step", || {
+                cluster.converged(0, 2) && cluster.converged(1, 2)
+            });
+            let status = cluster.cluster_json(0);
+            assert_eq!(
+                status["keys"].as_array().unwrap().len(),
+                keys.len(),
+                "step {step}"
+            );
+            println!("rotation step {step}: keys {}", status["keys"]);
+        }
+        // Both seal with the new key now, as each sees the other's datagrams.
+        let new_id = cluster.cluster_json(0)["keys"][0].clone();
+        wait("n2 is seen sealing with the new key", || {
+            let status = cluster.cluster_json(0);
+            status["members"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|m| m["key"] == new_id)
+        });
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        load.join().unwrap()
+    });
+    println!(
+        "rotation under load: {ok} connections, {} failed",
+        failed.len()
+    );
+    assert!(ok > 50, "{ok}");
+    assert!(failed.is_empty(), "{failed:?}");
 }

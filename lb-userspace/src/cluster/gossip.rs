@@ -37,7 +37,11 @@ use chitchat::{
 use tracing::warn;
 
 use crate::{
-    cluster::{BackendRecord, Local, MemberView, ServiceRecord},
+    cluster::{
+        BackendRecord, Local, MemberView, ServiceRecord,
+        seal::{Rejection, key_id_text},
+        transport::{KeyFile, PeerKeys, SealedTransport},
+    },
     table,
 };
 
@@ -90,6 +94,8 @@ pub struct Rejections {
     wrong_cluster: AtomicU64,
     rejected_by_peer: AtomicU64,
     malformed_value: AtomicU64,
+    unauthenticated: AtomicU64,
+    replayed: AtomicU64,
 }
 
 /// Datagrams chitchat's UDP transport could not decode, in this process. A process runs one
@@ -110,7 +116,24 @@ impl Rejections {
                 "malformed_value",
                 self.malformed_value.load(Ordering::Relaxed),
             ),
+            (
+                Rejection::Unauthenticated.name(),
+                self.unauthenticated.load(Ordering::Relaxed),
+            ),
+            (
+                Rejection::Replayed.name(),
+                self.replayed.load(Ordering::Relaxed),
+            ),
         ]
+    }
+
+    /// A datagram the sealed transport dropped (`transport`).
+    pub fn count_sealing(&self, rejection: Rejection) {
+        let counter = match rejection {
+            Rejection::Unauthenticated => &self.unauthenticated,
+            Rejection::Replayed => &self.replayed,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
     }
 }
 
@@ -231,17 +254,50 @@ pub struct Gossip {
     rejections: Arc<Rejections>,
     /// Keys already counted as unreadable: (node, generation, key, version).
     unreadable: Mutex<HashSet<(String, u64, String, u64)>>,
+    /// The cluster's key file; `None`: gossip in clear.
+    keys: Option<Arc<KeyFile>>,
+    peer_keys: PeerKeys,
 }
 
 impl Gossip {
-    /// Starts gossiping over UDP on `config.gossip_addr`.
-    pub async fn start(config: Config) -> Result<Gossip> {
-        Self::start_with(config, Box::new(UdpTransport)).await
+    /// Starts gossiping over UDP on `config.gossip_addr`: sealed with `keys` (the cluster's
+    /// key file), or in clear without.
+    pub async fn start(config: Config, keys: Option<Arc<KeyFile>>) -> Result<Gossip> {
+        let rejections = Arc::new(Rejections::default());
+        let peer_keys = PeerKeys::default();
+        let transport: Box<dyn Transport> = match &keys {
+            Some(keys) => Box::new(SealedTransport {
+                keys: keys.clone(),
+                rejections: rejections.clone(),
+                peer_keys: peer_keys.clone(),
+            }),
+            None => Box::new(UdpTransport),
+        };
+        let mut gossip = Self::start_with(config, transport, rejections).await?;
+        gossip.keys = keys;
+        gossip.peer_keys = peer_keys;
+        Ok(gossip)
     }
 
-    /// Starts gossiping over `transport` (chitchat's in-memory one in tests).
-    pub async fn start_with(config: Config, transport: Box<dyn Transport>) -> Result<Gossip> {
-        let rejections = Arc::new(Rejections::default());
+    /// The ids of the keyring in force, the sealing one first; `None`: gossip in clear.
+    pub fn key_ids(&self) -> Option<Vec<String>> {
+        let keys = self.keys.as_ref()?;
+        Some(keys.ring().ids().into_iter().map(key_id_text).collect())
+    }
+
+    /// The id of the key the peer at `addr` sealed its last datagram with.
+    pub fn peer_key(&self, addr: &SocketAddr) -> Option<String> {
+        let peer_keys = self.peer_keys.lock().expect("not poisoned");
+        peer_keys.get(addr).copied().map(key_id_text)
+    }
+
+    /// Starts gossiping over `transport` (chitchat's in-memory one in tests), counting what it
+    /// rejects in `rejections`.
+    pub async fn start_with(
+        config: Config,
+        transport: Box<dyn Transport>,
+        rejections: Arc<Rejections>,
+    ) -> Result<Gossip> {
         let counting = CountingTransport {
             inner: transport,
             cluster: config.cluster.clone(),
@@ -271,6 +327,8 @@ impl Gossip {
             config,
             rejections,
             unreadable: Mutex::new(HashSet::new()),
+            keys: None,
+            peer_keys: PeerKeys::default(),
         })
     }
 
@@ -498,7 +556,7 @@ mod tests {
             gossip_interval: Duration::from_millis(100),
             phi_threshold: DEFAULT_PHI_THRESHOLD,
         };
-        let gossip = Gossip::start_with(config, Box::new(transport.clone()))
+        let gossip = Gossip::start_with(config, Box::new(transport.clone()), Default::default())
             .await
             .unwrap();
         let mut local = Local {

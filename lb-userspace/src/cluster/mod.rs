@@ -18,6 +18,8 @@
 //!   Only the hosting node publishes a backend, so only that node changes it, and its backends
 //!   leave every table when it leaves the cluster (fails, stops or becomes unreachable).
 pub mod gossip;
+pub mod seal;
+pub mod transport;
 use std::{
     collections::{BTreeMap, BTreeSet},
     fmt::Write as _,
@@ -628,6 +630,10 @@ pub struct Status {
     pub members: Vec<MemberStatus>,
     /// Gossip messages rejected, by reason.
     pub rejected: BTreeMap<String, u64>,
+    /// The ids of the keyring in force, the sealing one first; `None`: gossip in clear
+    /// (`--insecure`).
+    #[serde(default)]
+    pub keys: Option<Vec<String>>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -644,6 +650,10 @@ pub struct MemberStatus {
     /// It is this node.
     #[serde(rename = "self")]
     pub this: bool,
+    /// The id of the key it seals its gossip with (as its last datagram said; this node's
+    /// own: its first key); `None` in clear, or not heard from directly yet.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
 }
 
 impl Status {
@@ -683,6 +693,7 @@ pub fn member_statuses(
             digest: m.digest.clone(),
             agrees: m.alive && m.digest.as_deref() == Some(digest),
             this: (m.name.as_str(), m.generation) == this,
+            key: None,
         })
         .collect()
 }

@@ -108,6 +108,15 @@ pub fn cluster_ls(instance: &Instance, as_json: bool) -> Result<String> {
             )
         }
     );
+    out.push_str(&match &status.keys {
+        Some(keys) => format!(
+            "gossip sealed with the cluster's keyring: {} (the first seals)\n",
+            keys.join(", ")
+        ),
+        None => "gossip IN CLEAR (--insecure): anyone who can reach the gossip port can join \
+                 and steer the cluster\n"
+            .to_owned(),
+    });
     let width = status
         .members
         .iter()
@@ -116,8 +125,8 @@ pub fn cluster_ls(instance: &Instance, as_json: bool) -> Result<String> {
         .unwrap_or(0)
         .max(4);
     out.push_str(&format!(
-        "{:<width$}  {:<5}  {:<15}  {:<21}  {:<16}  TABLE\n",
-        "NODE", "STATE", "UNDERLAY", "GOSSIP", "DIGEST"
+        "{:<width$}  {:<5}  {:<15}  {:<21}  {:<16}  {:<8}  TABLE\n",
+        "NODE", "STATE", "UNDERLAY", "GOSSIP", "DIGEST", "KEY"
     ));
     for m in &status.members {
         let table = if m.this {
@@ -130,7 +139,7 @@ pub fn cluster_ls(instance: &Instance, as_json: bool) -> Result<String> {
             "-"
         };
         out.push_str(&format!(
-            "{:<width$}  {:<5}  {:<15}  {:<21}  {:<16}  {table}\n",
+            "{:<width$}  {:<5}  {:<15}  {:<21}  {:<16}  {:<8}  {table}\n",
             m.name,
             if m.alive { "alive" } else { "dead" },
             m.vtep
@@ -138,6 +147,7 @@ pub fn cluster_ls(instance: &Instance, as_json: bool) -> Result<String> {
                 .unwrap_or_else(|| "?".into()),
             m.gossip_addr,
             m.digest.as_deref().unwrap_or("?"),
+            m.key.as_deref().unwrap_or("-"),
         ));
     }
     let rejected: Vec<String> = status

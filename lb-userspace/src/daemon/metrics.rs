@@ -496,7 +496,9 @@ fn estimated_len(snapshot: &Snapshot) -> usize {
 /// - `lbctl_cluster_members_agreeing`: live members that published this node's digest (this
 ///   node included); `lbctl_cluster_converged`: 1 when every live member did;
 /// - `lbctl_cluster_table_changes_total`: merged tables applied since the daemon started;
-/// - `lbctl_gossip_rejected_messages_total{reason}`: see `gossip` for the reasons.
+/// - `lbctl_gossip_rejected_messages_total{reason}`: see `gossip` for the reasons;
+/// - `lbctl_gossip_sealed`: 1 when gossip is sealed with a key file, 0 in clear (`--insecure`);
+///   `lbctl_gossip_key_info{key,seals}` (always 1): each key of the keyring in force.
 pub fn render_cluster(status: &crate::cluster::Status) -> String {
     let mut out = Exposition(String::new());
     out.family(
@@ -553,13 +555,32 @@ pub fn render_cluster(status: &crate::cluster::Status) -> String {
         "lbctl_gossip_rejected_messages_total",
         Kind::Counter,
         "Gossip messages rejected, by reason: wrong_cluster, rejected_by_peer, malformed, \
-         malformed_value.",
+         malformed_value, unauthenticated (no key of the keyring opens it), replayed.",
     );
     for (reason, count) in &status.rejected {
         out.sample(
             "lbctl_gossip_rejected_messages_total",
             &[("reason", reason)],
             *count,
+        );
+    }
+    out.family(
+        "lbctl_gossip_sealed",
+        Kind::Gauge,
+        "1 when gossip is sealed with the cluster's keyring, 0 when it goes in clear (--insecure).",
+    );
+    out.sample("lbctl_gossip_sealed", &[], u64::from(status.keys.is_some()));
+    out.family(
+        "lbctl_gossip_key_info",
+        Kind::Gauge,
+        "Each key of the keyring in force, by id; seals=true for the one that seals; always 1.",
+    );
+    for (i, key) in status.keys.iter().flatten().enumerate() {
+        let seals = if i == 0 { "true" } else { "false" };
+        out.sample(
+            "lbctl_gossip_key_info",
+            &[("key", key), ("seals", seals)],
+            1,
         );
     }
     out.0
@@ -1388,6 +1409,7 @@ lbctl_interface_transmit_failures_total{iface="uplink",kind="xdp_errors"} 1
             digest: None,
             agrees,
             this: name == "n1",
+            key: None,
         };
         let status = Status {
             cluster: "prod".into(),
@@ -1407,8 +1429,18 @@ lbctl_interface_transmit_failures_total{iface="uplink",kind="xdp_errors"} 1
             rejected: [("malformed".to_owned(), 4), ("wrong_cluster".to_owned(), 0)]
                 .into_iter()
                 .collect(),
+            keys: Some(vec!["1a2b3c4d".into(), "5e6f7a8b".into()]),
         };
         let page = render_cluster(&status);
+        let insecure = render_cluster(&Status {
+            keys: None,
+            ..status.clone()
+        });
+        assert!(
+            insecure.lines().any(|l| l == "lbctl_gossip_sealed 0"),
+            "{insecure}"
+        );
+        assert!(!insecure.contains("lbctl_gossip_key_info{"), "{insecure}");
         for line in [
             "lbctl_cluster_info{cluster=\"prod\",node=\"n1\",digest=\"00112233aabbccdd\"} 1",
             "lbctl_cluster_members{state=\"alive\"} 2",
@@ -1419,6 +1451,9 @@ lbctl_interface_transmit_failures_total{iface="uplink",kind="xdp_errors"} 1
             "# TYPE lbctl_gossip_rejected_messages_total counter",
             "lbctl_gossip_rejected_messages_total{reason=\"malformed\"} 4",
             "lbctl_gossip_rejected_messages_total{reason=\"wrong_cluster\"} 0",
+            "lbctl_gossip_sealed 1",
+            "lbctl_gossip_key_info{key=\"1a2b3c4d\",seals=\"true\"} 1",
+            "lbctl_gossip_key_info{key=\"5e6f7a8b\",seals=\"false\"} 1",
         ] {
             assert!(page.lines().any(|l| l == line), "no {line:?} in\n{page}");
         }

@@ -67,6 +67,8 @@ pub struct Options {
 /// How the daemon joins a gossiped cluster.
 pub struct ClusterOptions {
     pub gossip: gossip::Config,
+    /// The cluster's key file; `None`: gossip in clear (`--insecure`).
+    pub keys: Option<Arc<crate::cluster::transport::KeyFile>>,
     /// This node's underlay address (VTEP), published to the others.
     pub vtep: Ipv4Addr,
 }
@@ -180,7 +182,21 @@ async fn serve(instance: Instance, options: Options) -> Result<()> {
     let gossip = match options.cluster {
         Some(cluster) => {
             let config = cluster.gossip.clone();
-            let gossip = Gossip::start(cluster.gossip).await?;
+            match &cluster.keys {
+                Some(keys) => info!(
+                    key_file = %keys.path().display(),
+                    keys = ?keys.ring(),
+                    "gossip sealed with the cluster's keyring (the first key seals)"
+                ),
+                None => warn!(
+                    "gossip in clear (--insecure): anyone who can reach the gossip port can join the cluster, publish services and read the table"
+                ),
+            }
+            let keys = cluster.keys.clone();
+            let gossip = Gossip::start(cluster.gossip, cluster.keys).await?;
+            if let Some(keys) = keys {
+                tokio::spawn(reload_keys(keys, stop_rx.clone()));
+            }
             info!(
                 cluster = %config.cluster,
                 node = %config.node,
@@ -257,6 +273,57 @@ async fn serve(instance: Instance, options: Options) -> Result<()> {
         info!("lbctl daemon stopped: its instance was purged");
     }
     served
+}
+
+/// Reads the key file again every second when it changed, and on SIGHUP: a rotation takes
+/// effect without a restart. A file that cannot be read or is refused leaves the keys in force.
+async fn reload_keys(
+    keys: Arc<crate::cluster::transport::KeyFile>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut hangups = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        Ok(hangups) => Some(hangups),
+        Err(err) => {
+            warn!(error = %err, "cannot watch SIGHUP: the key file is still read when it changes");
+            None
+        }
+    };
+    let mut tick = tokio::time::interval(RELOAD_EVERY);
+    // The last refusal, logged once until the file changes again.
+    let mut refused: Option<String> = None;
+    loop {
+        let force = tokio::select! {
+            _ = stop.changed() => return,
+            _ = tick.tick() => false,
+            Some(()) = async {
+                match hangups.as_mut() {
+                    Some(hangups) => hangups.recv().await,
+                    None => std::future::pending().await,
+                }
+            } => true,
+        };
+        match keys.reload(force) {
+            Ok(Some(ring)) => {
+                refused = None;
+                info!(
+                    key_file = %keys.path().display(),
+                    keys = ?ring,
+                    "keyring reloaded (the first key seals)"
+                );
+            }
+            Ok(None) => {}
+            Err(err) => {
+                let error = format!("{err:#}");
+                if refused.as_ref() != Some(&error) {
+                    warn!(
+                        error,
+                        "cannot reload the key file: the keys in force are kept"
+                    );
+                    refused = Some(error);
+                }
+            }
+        }
+    }
 }
 
 /// Resolves once the instance is purged (`marker`, one of its pinned maps, is gone): the daemon
@@ -662,7 +729,19 @@ async fn cluster_loop(
             table_changes += 1;
         }
         log_step(&step, changes.as_ref(), &mut warned);
-        let statuses = member_statuses(members, &config, &step.digest, &mut live);
+        let mut statuses = member_statuses(members, &config, &step.digest, &mut live);
+        let own_key = gossip.key_ids().and_then(|ids| ids.into_iter().next());
+        for member in &mut statuses {
+            member.key = if member.this {
+                own_key.clone()
+            } else {
+                member
+                    .gossip_addr
+                    .parse()
+                    .ok()
+                    .and_then(|addr| gossip.peer_key(&addr))
+            };
+        }
         let status = cluster::Status {
             cluster: config.cluster.clone(),
             node: config.node.clone(),
@@ -680,6 +759,7 @@ async fn cluster_loop(
                 .into_iter()
                 .map(|(reason, n)| (reason.to_owned(), n))
                 .collect(),
+            keys: gossip.key_ids(),
         };
         write_status_if_due(&shared, &status, &mut written).await;
         *shared.cluster.lock().unwrap() = Some(status);

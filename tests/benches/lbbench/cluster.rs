@@ -346,11 +346,23 @@ impl Cluster {
     /// Starts every node's daemon, seeded with the first node, logging JSON.
     fn start_daemons(&mut self, settings: &[String]) -> Result<()> {
         let seed = self.gossip_addr(0);
+        // Sealed gossip, as a production cluster runs it.
+        let key_file = self.lbctl[0].state_dir().join("cluster.key");
+        if !key_file.exists() {
+            let path = key_file.to_str().context("a UTF-8 state folder")?;
+            self.lbctl[0].run(&["cluster", "key", "generate", path])?;
+        }
+        let key_file = key_file
+            .to_str()
+            .context("a UTF-8 state folder")?
+            .to_owned();
         for i in 0..self.nodes() {
             let (node, gossip) = (self.mesh.node_name(i), self.gossip_addr(i));
             let mut args: Vec<&str> = vec![
                 "--cluster",
                 CLUSTER,
+                "--cluster-key-file",
+                &key_file,
                 "--node-name",
                 &node,
                 "--gossip-addr",
