@@ -9,58 +9,13 @@ use std::{
 use lb_tests::{
     Lbctl,
     client::{self, KeepAlive, Reply, http_get_new_connection, per_backend},
-    load::{HeyRun, spawn_hey, wait_hey},
     prometheus::{Prometheus, Sample, http_get},
-    topology::{NODE_UPLINK, SingleNode, SingleNodeSpec},
+    topology::{SingleNode, SingleNodeSpec},
 };
 
-const WEB_PORT: u16 = 8080;
+mod single_node;
 
-fn published(spec: SingleNodeSpec) -> (SingleNode, Lbctl) {
-    lb_tests::require_root().unwrap();
-    let topo = SingleNode::build(spec).unwrap();
-    let lbctl = Lbctl::new(topo.node()).unwrap();
-    lbctl.run(&["attach", NODE_UPLINK]).unwrap();
-    let backends: Vec<String> = (0..topo.backend_count())
-        .map(|i| topo.backend_addr(i).to_string())
-        .collect();
-    let port = WEB_PORT.to_string();
-    let mut args = vec!["service", "add", "web", port.as_str()];
-    args.extend(backends.iter().map(String::as_str));
-    lbctl.run(&args).unwrap();
-    (topo, lbctl)
-}
-
-fn new_connections(topo: &SingleNode, count: usize) -> Vec<Reply> {
-    let addr = SocketAddrV4::new(topo.node_uplink_ip(), WEB_PORT);
-    topo.client()
-        .in_netns(|| client::new_connections(addr, count))
-        .unwrap()
-}
-
-/// `service ls --json`'s view of backend `i` of `web`.
-fn backend_json(lbctl: &Lbctl, topo: &SingleNode, i: usize) -> serde_json::Value {
-    let addr = topo.backend_addr(i).to_string();
-    lbctl.listed_backend("web", &addr).unwrap()
-}
-
-/// Polls `service ls` until backend `i` has `health`; returns how long it took.
-fn wait_for_health(lbctl: &Lbctl, topo: &SingleNode, i: usize, health: &str) -> Duration {
-    let start = Instant::now();
-    loop {
-        let backend = backend_json(lbctl, topo, i);
-        if backend["health"] == health {
-            return start.elapsed();
-        }
-        // Generous: a loaded 2-core machine slows probes down; the time taken is reported.
-        assert!(
-            start.elapsed() < Duration::from_secs(60),
-            "backend {i} is still {} instead of {health}",
-            backend["health"]
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
+use single_node::*;
 
 /// Probes `service`'s backends every 300 ms (timeout 250 ms, fall 2, rise 2), so that the
 /// tests see health flip within seconds; returns what `service health` said.
@@ -80,13 +35,6 @@ fn fast_checks(lbctl: &Lbctl, service: &str) -> String {
             "2",
         ])
         .unwrap()
-}
-
-fn expected(topo: &SingleNode, served: &[usize], per: usize) -> BTreeMap<String, usize> {
-    served
-        .iter()
-        .map(|&i| (topo.backend_name(i), per))
-        .collect()
 }
 
 #[test]
@@ -388,93 +336,4 @@ fn prometheus_sees_each_backends_connections() {
         .unwrap();
     assert_eq!(drained_now.len(), 1);
     assert_eq!(drained_now[0].value, 1.0);
-}
-
-/// `hey` (16 workers, a new connection per request) through the node for `duration`, with
-/// `fail` done to a backend two seconds in; returns hey's report, printed.
-fn load_while(
-    topo: &mut SingleNode,
-    what: &str,
-    duration: Duration,
-    fail: impl FnOnce(&mut SingleNode),
-) -> HeyRun {
-    let url = format!("http://{}:{WEB_PORT}/", topo.node_uplink_ip());
-    let hey = spawn_hey(topo.client(), &url, duration, 16).unwrap();
-    std::thread::sleep(Duration::from_secs(2));
-    fail(topo);
-    let run = wait_hey(hey).unwrap();
-    println!("{what}: {}; errors: {:?}", run.summary(), run.errors);
-    run
-}
-
-/// A backend that dies under load costs almost no request, with the default settings (checks
-/// every 2 s, fall 3; ejection after 3 failed connections): the data plane drops the dead
-/// backend's refusals (the clients' retransmitted SYNs choose again) and ejects it on the third
-/// failure, before the active checks would notice; the daemon hands it to them, and it is back
-/// once its server is. A backend whose link goes down (its SYNs unanswered) likewise.
-#[test]
-fn a_backend_that_dies_under_load_fails_almost_no_request() {
-    let spec = SingleNodeSpec {
-        backends: 4,
-        uplink_subnet: [192, 168, 141],
-        task_subnet: [10, 41, 0],
-        ..SingleNodeSpec::default()
-    };
-    let (mut topo, lbctl) = published(spec);
-    let metrics: SocketAddr = "127.0.0.1:9641".parse().unwrap();
-    let daemon = lbctl.start_daemon(metrics, topo.node()).unwrap();
-    for i in 0..topo.backend_count() {
-        wait_for_health(&lbctl, &topo, i, "healthy");
-    }
-    let killed = 1;
-    let run = load_while(&mut topo, "server killed", Duration::from_secs(8), |topo| {
-        topo.stop_backend(killed).unwrap()
-    });
-    assert!(run.failed() <= 10, "{run:?}");
-    assert!(run.ok >= 1000, "{run:?}");
-    let backend = backend_json(&lbctl, &topo, killed);
-    assert!(backend["refused"].as_u64().unwrap() >= 3, "{backend}");
-    assert!(backend["ejections"].as_u64().unwrap() >= 1, "{backend}");
-    assert_eq!(
-        backend["health"], "unhealthy",
-        "handed to the active checks"
-    );
-    let log = daemon.log_text();
-    let addr = topo.backend_addr(killed).to_string();
-    assert!(
-        log.lines()
-            .any(|l| l.contains("backend ejected") && l.contains(&addr)),
-        "{log}"
-    );
-    // The daemon holds the ejection past the data plane's own 10 s while the checks fail.
-    std::thread::sleep(Duration::from_secs(5));
-    let backend = backend_json(&lbctl, &topo, killed);
-    assert_eq!(backend["ejected"], true, "held: {backend}");
-    // Back with its server: healthy after `rise` probes, the ejection ended and counted.
-    topo.start_backend(killed).unwrap();
-    wait_for_health(&lbctl, &topo, killed, "healthy");
-    let backend = backend_json(&lbctl, &topo, killed);
-    assert_eq!(backend["ejected"], false, "{backend}");
-    let (_, page) = topo
-        .node()
-        .in_netns(|| http_get(metrics, "/metrics"))
-        .unwrap();
-    let returns = format!(
-        "lbctl_backend_ejection_returns_total{{service=\"web\",backend=\"{addr}\",node=\"\"}} 1"
-    );
-    assert!(page.contains(&returns), "{page}");
-    let replies = new_connections(&topo, 8);
-    assert_eq!(per_backend(&replies), expected(&topo, &[0, 1, 2, 3], 2));
-
-    // Its link down: SYNs unanswered, each connection that met it about 3 s late.
-    let vanished = 2;
-    let run = load_while(&mut topo, "link down", Duration::from_secs(10), |topo| {
-        topo.backend_ns(vanished)
-            .ip(["link", "set", "eth0", "down"])
-            .unwrap();
-    });
-    assert!(run.failed() <= 10, "{run:?}");
-    let backend = backend_json(&lbctl, &topo, vanished);
-    assert!(backend["unanswered"].as_u64().unwrap() >= 3, "{backend}");
-    assert!(backend["ejections"].as_u64().unwrap() >= 1, "{backend}");
 }

@@ -11,7 +11,6 @@ use std::{
 use lb_tests::{
     Lbctl,
     client::{self, KeepAlive, Reply, http_get_new_connection},
-    load::{spawn_hey, wait_hey},
     mesh::{HOST_IF, Mesh, MeshSpec},
     netns::NetNs,
     topology::NODE_UPLINK,
@@ -419,80 +418,6 @@ fn a_task_that_refuses_or_vanishes_fails_no_connection_on_any_node() {
             stats["events"]
         );
     }
-}
-
-/// Under load through one node (`hey`, 16 workers, a new connection per request), a task on
-/// another node whose server is killed, then one whose link goes down on a third, costs almost
-/// no request: the refusals cross the mesh back to the node that balanced them, whose data
-/// plane drops them and ejects the task on its third failure, as it does unanswered SYNs (no
-/// daemon, no gossip needed). The killed task is back in the turns once its server is and its
-/// ejection has run out.
-#[test]
-fn tasks_that_die_under_load_through_the_mesh_fail_almost_no_request() {
-    let mut cluster = Cluster::build(MeshSpec {
-        tasks_per_node: vec![1, 2, 2],
-        underlay_subnet: [192, 168, 143],
-        overlay_subnet: [10, 43, 0],
-        ..MeshSpec::default()
-    });
-    let ingress = 0;
-    let url = format!("http://{}/", cluster.addr(ingress, WEB_PORT));
-    let backend_json = |cluster: &Cluster, task: usize| -> serde_json::Value {
-        let addr = cluster.mesh.task_addr(task).to_string();
-        cluster.lbctl[ingress].listed_backend("web", &addr).unwrap()
-    };
-    let load_while = |cluster: &mut Cluster, what: &str, fail: &dyn Fn(&mut Cluster)| {
-        let hey = spawn_hey(cluster.mesh.client(), &url, Duration::from_secs(9), 16).unwrap();
-        std::thread::sleep(Duration::from_secs(2));
-        fail(cluster);
-        let run = wait_hey(hey).unwrap();
-        println!(
-            "through the mesh, {what}: {}; errors: {:?}",
-            run.summary(),
-            run.errors
-        );
-        assert!(run.failed() <= 10, "{what}: {run:?}");
-        assert!(run.ok >= 500, "{what}: {run:?}");
-    };
-    let killed = cluster.mesh.tasks_on(1).start;
-    load_while(&mut cluster, "a task's server killed", &|cluster| {
-        cluster.mesh.stop_task(killed).unwrap()
-    });
-    let backend = backend_json(&cluster, killed);
-    assert!(backend["refused"].as_u64().unwrap() >= 3, "{backend}");
-    assert!(backend["ejections"].as_u64().unwrap() >= 1, "{backend}");
-    assert!(cluster.reason(ingress, "drop_backend_refused") >= 3);
-    cluster.mesh.start_task(killed).unwrap();
-    let back = std::time::Instant::now();
-    let name = cluster.mesh.task_name(killed);
-    while !cluster
-        .new_connections(ingress, cluster.mesh.task_count())
-        .iter()
-        .any(|reply| reply.backend == name)
-    {
-        assert!(
-            back.elapsed() < Duration::from_secs(30),
-            "{name} is not back: {}",
-            backend_json(&cluster, killed)
-        );
-        std::thread::sleep(Duration::from_millis(500));
-    }
-    println!(
-        "{name} back in the turns {:?} after its server",
-        back.elapsed()
-    );
-
-    let vanished = cluster.mesh.tasks_on(2).start;
-    load_while(&mut cluster, "a task's link down", &|cluster| {
-        cluster
-            .mesh
-            .task_ns(vanished)
-            .ip(["link", "set", HOST_IF, "down"])
-            .unwrap();
-    });
-    let backend = backend_json(&cluster, vanished);
-    assert!(backend["unanswered"].as_u64().unwrap() >= 3, "{backend}");
-    assert!(backend["ejections"].as_u64().unwrap() >= 1, "{backend}");
 }
 
 #[test]
