@@ -146,6 +146,27 @@ impl Cluster {
         wait(what, || nodes.iter().all(|&i| self.web_backends(i) == want))
     }
 
+    /// Three nodes, one task on each of n1 and n2, none on n3.
+    fn small(name: &'static str) -> Cluster {
+        Cluster::build(
+            MeshSpec {
+                nodes: 3,
+                tasks_per_node: vec![1, 1, 0],
+                ..MeshSpec::default()
+            },
+            name,
+        )
+    }
+
+    /// `web` on n1, its one backend n1's task.
+    fn add_web_on_n1(&self) {
+        let port = WEB_PORT.to_string();
+        let t0 = self.mesh.task_addr(0).to_string();
+        self.lbctl[0]
+            .run(&["service", "add", "web", &port, &t0])
+            .unwrap();
+    }
+
     /// Gossip messages node `i` rejected for `reason`.
     fn rejected(&self, i: usize, reason: &str) -> u64 {
         self.cluster_json(i)["rejected"][reason].as_u64().unwrap()
@@ -380,20 +401,9 @@ fn the_table_is_gossiped_nodes_fail_and_return_and_late_joiners_get_everything()
 /// nothing.
 #[test]
 fn another_cluster_and_malformed_gossip_are_rejected_and_counted() {
-    let mut cluster = Cluster::build(
-        MeshSpec {
-            nodes: 3,
-            tasks_per_node: vec![1, 1, 0],
-            ..MeshSpec::default()
-        },
-        "blue",
-    );
+    let mut cluster = Cluster::small("blue");
     cluster.start(0);
-    let port = WEB_PORT.to_string();
-    let t0 = cluster.mesh.task_addr(0).to_string();
-    cluster.lbctl[0]
-        .run(&["service", "add", "web", &port, &t0])
-        .unwrap();
+    cluster.add_web_on_n1();
     // n2 is in cluster "green" and seeds itself with n1.
     cluster.start_in(1, "green");
     wait("n1 counts n2's SYNs", || {
@@ -463,21 +473,10 @@ fn new_key_file(lbctl: &Lbctl, name: &str) -> String {
 /// file others may read is refused at start, and a cluster needs a key file or `--insecure`.
 #[test]
 fn a_node_without_the_clusters_key_does_not_join() {
-    let mut cluster = Cluster::build(
-        MeshSpec {
-            nodes: 3,
-            tasks_per_node: vec![1, 1, 0],
-            ..MeshSpec::default()
-        },
-        "sealed",
-    );
+    let mut cluster = Cluster::small("sealed");
     cluster.start(0);
     cluster.start(1);
-    let port = WEB_PORT.to_string();
-    let t0 = cluster.mesh.task_addr(0).to_string();
-    cluster.lbctl[0]
-        .run(&["service", "add", "web", &port, &t0])
-        .unwrap();
+    cluster.add_web_on_n1();
     wait("n2 gets web through sealed gossip", || {
         !cluster.web_backends(1).is_empty()
     });
@@ -580,14 +579,7 @@ fn udp_payloads(path: &std::path::Path) -> Vec<Vec<u8>> {
 /// removed; every step converged, no connection failed.
 #[test]
 fn replays_and_clear_gossip_change_nothing_and_keys_rotate_without_a_partition() {
-    let mut cluster = Cluster::build(
-        MeshSpec {
-            nodes: 3,
-            tasks_per_node: vec![1, 1, 0],
-            ..MeshSpec::default()
-        },
-        "rotating",
-    );
+    let mut cluster = Cluster::small("rotating");
     // Each node its own copy of the keyring, as on real hosts.
     let key_files: Vec<String> = (0..2)
         .map(|i| {
@@ -600,11 +592,7 @@ fn replays_and_clear_gossip_change_nothing_and_keys_rotate_without_a_partition()
     for (i, key_file) in key_files.iter().enumerate() {
         cluster.start_with_key(i, "rotating", key_file);
     }
-    let port = WEB_PORT.to_string();
-    let t0 = cluster.mesh.task_addr(0).to_string();
-    cluster.lbctl[0]
-        .run(&["service", "add", "web", &port, &t0])
-        .unwrap();
+    cluster.add_web_on_n1();
     let want = cluster.tasks(&[0]);
     wait("web reaches n2", || cluster.web_backends(1) == want);
     wait("converged", || {
@@ -652,7 +640,7 @@ fn replays_and_clear_gossip_change_nothing_and_keys_rotate_without_a_partition()
     // In clear, with the cluster's name and a `web` of its own.
     let evil = format!("{}:80", cluster.mesh.node_ip(2));
     cluster.lbctl[2]
-        .run(&["service", "add", "web", &port, &evil])
+        .run(&["service", "add", "web", &WEB_PORT.to_string(), &evil])
         .unwrap();
     let (node, gossip, seed) = (
         cluster.mesh.node_name(2),
