@@ -498,6 +498,11 @@ fn a_node_without_the_clusters_key_does_not_join() {
         .filter(|l| l.contains("no key of this node's keyring opens"))
         .count();
     assert_eq!(lines, 1, "logged once for n3: {log}");
+    // n3 hears nobody, and says what to check.
+    wait("n3 says it hears from no member", || {
+        let log = cluster.daemons[2].as_ref().unwrap().log_text();
+        log.contains("no member heard from") && log.contains("cluster's key")
+    });
 
     // Refused at start: a key file others may read; no key file and no --insecure.
     cluster.stop(2);

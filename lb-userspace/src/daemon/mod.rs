@@ -51,6 +51,8 @@ const CENSUS_EVERY: Duration = Duration::from_secs(2);
 const CENSUS_DUTY_DIVISOR: u32 = 10;
 /// Resolution of the probe scheduler.
 const TICK: Duration = Duration::from_millis(50);
+/// How long a node that has seeds may hear from no member before it says so.
+const ALONE_AFTER: Duration = Duration::from_secs(10);
 /// How often the data plane's ejections are looked for: the data plane acts at once; this is
 /// only how soon they are told and handed to the active checks.
 const PASSIVE_EVERY: Duration = Duration::from_millis(200);
@@ -697,6 +699,9 @@ async fn cluster_loop(
     // wait to hear from them before merging: a restart must not drop their tasks (and reset
     // the flows pinned to them) for want of news.
     let warm_until = Instant::now() + config.gossip_interval.mul_f64(config.phi_threshold);
+    // A node that hears from no member for this long is told why that may be, once.
+    let alone_after = Instant::now() + ALONE_AFTER;
+    let mut told_alone = false;
     loop {
         tokio::select! {
             _ = stop.changed() => break,
@@ -729,6 +734,18 @@ async fn cluster_loop(
             table_changes += 1;
         }
         log_step(&step, changes.as_ref(), &mut warned);
+        if !told_alone
+            && !config.seeds.is_empty()
+            && live.is_empty()
+            && Instant::now() > alone_after
+        {
+            told_alone = true;
+            warn!(
+                seeds = ?config.seeds,
+                "no member heard from after {} s: check the seeds and the cluster name, and that this node has the cluster's key (members drop what they cannot open, and say so in their own log)",
+                ALONE_AFTER.as_secs()
+            );
+        }
         let mut statuses = member_statuses(members, &config, &step.digest, &mut live);
         let own_key = gossip.key_ids().and_then(|ids| ids.into_iter().next());
         for member in &mut statuses {
