@@ -531,7 +531,14 @@ fn a_node_without_the_clusters_key_does_not_join() {
     let err = cluster.lbctl[2]
         .run_expect_fail(&["cluster", "key", "generate", &other_key])
         .unwrap();
-    assert!(err.contains("exists"), "{err}");
+    assert!(err.contains("never overwrites"), "{err}");
+    // A key file the daemon's user does not own is refused too.
+    std::fs::set_permissions(&other_key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    std::os::unix::fs::chown(&other_key, Some(65534), None).unwrap();
+    let err = cluster.lbctl[2]
+        .run_expect_fail(&[&base[..], &["--cluster-key-file", &other_key]].concat())
+        .unwrap();
+    assert!(err.contains("owned by uid 65534"), "{err}");
 }
 
 /// The hex keys of a key file, in order.
@@ -687,6 +694,22 @@ fn replays_and_clear_gossip_change_nothing_and_keys_rotate_without_a_partition()
             .unwrap()
             .contains("IN CLEAR")
     );
+    // SIGHUP reloads nothing here, and stops nothing (stop below wants exit 0).
+    let pid = cluster.daemons[2]
+        .as_ref()
+        .unwrap()
+        .pid()
+        .unwrap()
+        .to_string();
+    let hup = std::process::Command::new("kill")
+        .args(["-HUP", &pid])
+        .status()
+        .unwrap();
+    assert!(hup.success());
+    wait("the insecure daemon takes SIGHUP", || {
+        let log = cluster.daemons[2].as_ref().unwrap().log_text();
+        log.contains("SIGHUP: nothing to reload")
+    });
     cluster.stop(2);
 
     // Rotation under load: connections through n2 to n1's task all along.

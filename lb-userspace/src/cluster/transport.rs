@@ -10,7 +10,7 @@
 //! sender's own (one per peer), so that the address it reports maps back to the peer.
 use std::{
     collections::{HashMap, HashSet},
-    net::{Ipv4Addr, SocketAddr},
+    net::{IpAddr, Ipv4Addr, SocketAddr},
     path::{Path, PathBuf},
     sync::{Arc, Mutex, RwLock},
     time::{SystemTime, UNIX_EPOCH},
@@ -30,6 +30,9 @@ use crate::cluster::{
     seal::{Keyring, MAX_DATAGRAM, Opener, Rejection, Sealer, key_id_text},
 };
 
+/// Sources whose dropped datagrams are logged (once each); past this, only counted.
+const MAX_REPORTED: usize = 1024;
+
 /// Peers whose loopback socket is kept; past this, the oldest is closed (a peer that comes
 /// back gets a new one).
 const MAX_PEERS: usize = 4096;
@@ -38,8 +41,8 @@ const MAX_PEERS: usize = 4096;
 pub struct KeyFile {
     path: PathBuf,
     ring: RwLock<Arc<Keyring>>,
-    /// The file's modification time and length when last read.
-    stamp: Mutex<(SystemTime, u64)>,
+    /// The file's modification time, length, mode and owner when last read.
+    stamp: Mutex<Stamp>,
 }
 
 impl KeyFile {
@@ -65,7 +68,7 @@ impl KeyFile {
     pub fn reload(&self, force: bool) -> Result<Option<Arc<Keyring>>> {
         let meta = std::fs::metadata(&self.path)
             .with_context(|| format!("reading {}", self.path.display()))?;
-        let stamp = (meta.modified()?, meta.len());
+        let stamp = stamp_of(&meta)?;
         if !force && *self.stamp.lock().expect("not poisoned") == stamp {
             return Ok(None);
         }
@@ -81,11 +84,29 @@ impl KeyFile {
     }
 }
 
-fn read_key_file(path: &Path) -> Result<(Keyring, (SystemTime, u64))> {
-    use std::os::unix::fs::PermissionsExt as _;
+/// What a change of the key file changes: its modification time, length, mode and owner.
+type Stamp = (SystemTime, u64, u32, u32);
+
+fn stamp_of(meta: &std::fs::Metadata) -> Result<Stamp> {
+    use std::os::unix::fs::MetadataExt as _;
+    Ok((meta.modified()?, meta.len(), meta.mode(), meta.uid()))
+}
+
+fn read_key_file(path: &Path) -> Result<(Keyring, Stamp)> {
+    use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
     let meta = std::fs::metadata(path).with_context(|| format!("reading {}", path.display()))?;
     if !meta.is_file() {
         bail!("{} is not a file", path.display());
+    }
+    let owner = nix::unistd::geteuid().as_raw();
+    if meta.uid() != owner {
+        bail!(
+            "{} is owned by uid {}, not by the daemon's user (uid {owner}): it holds the \
+             cluster's secret; `chown {owner} {}`",
+            path.display(),
+            meta.uid(),
+            path.display()
+        );
     }
     let mode = meta.permissions().mode();
     if mode & 0o077 != 0 {
@@ -100,7 +121,7 @@ fn read_key_file(path: &Path) -> Result<(Keyring, (SystemTime, u64))> {
     let text =
         std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     let ring = Keyring::parse(&text).map_err(|err| anyhow::anyhow!("{}: {err}", path.display()))?;
-    Ok((ring, (meta.modified()?, meta.len())))
+    Ok((ring, stamp_of(&meta)?))
 }
 
 /// Writes a new key file at `path` (mode 600), which must not exist yet.
@@ -112,7 +133,14 @@ pub fn generate_key_file(path: &Path) -> Result<String> {
         .create_new(true)
         .mode(0o600)
         .open(path)
-        .with_context(|| format!("creating {}", path.display()))?;
+        .map_err(|err| match err.kind() {
+            std::io::ErrorKind::AlreadyExists => anyhow::anyhow!(
+                "{} exists: lbctl never overwrites a key file (remove it first, or choose \
+                 another path)",
+                path.display()
+            ),
+            _ => anyhow::Error::new(err).context(format!("creating {}", path.display())),
+        })?;
     file.write_all(text.as_bytes())
         .and_then(|()| file.sync_all())
         .with_context(|| format!("writing {}", path.display()))?;
@@ -140,6 +168,10 @@ impl Transport for SealedTransport {
         let loopback = SocketAddr::from((Ipv4Addr::LOCALHOST, 0));
         let encoder = ChitchatUdpSocket::open(loopback).await?;
         let sink = UdpSocket::bind(loopback).await?;
+        // Connected: the sink takes datagrams from the encoder only. Any process on the node
+        // can send to a loopback port; what reached the sink from another would be sealed with
+        // the cluster's key.
+        sink.connect(encoder.local_addr()?).await?;
         let decoder = ChitchatUdpSocket::open(loopback).await?;
         let decoder_addr = decoder.local_addr()?;
         Ok(Box::new(SealedSocket {
@@ -176,8 +208,8 @@ struct SealedSocket {
     opener: Opener,
     rejections: Arc<Rejections>,
     peer_keys: PeerKeys,
-    /// (source, reason) pairs already logged.
-    reported: HashSet<(SocketAddr, Rejection)>,
+    /// (source address, reason) pairs already logged; at most [`MAX_REPORTED`].
+    reported: HashSet<(IpAddr, Rejection)>,
     buf: Box<[u8]>,
 }
 
@@ -212,7 +244,18 @@ impl SealedSocket {
 
     fn reject(&mut self, from: SocketAddr, rejection: Rejection) {
         self.rejections.count_sealing(rejection);
-        if self.reported.insert((from, rejection)) {
+        if self.reported.len() >= MAX_REPORTED {
+            if self
+                .reported
+                .insert((IpAddr::from(Ipv4Addr::UNSPECIFIED), rejection))
+            {
+                warn!(
+                    "gossip datagrams from more than {MAX_REPORTED} sources dropped: further sources are counted, not logged"
+                );
+            }
+            return;
+        }
+        if self.reported.insert((from.ip(), rejection)) {
             let ring = self.keys.ring();
             let ids: Vec<String> = ring.ids().into_iter().map(key_id_text).collect();
             match rejection {

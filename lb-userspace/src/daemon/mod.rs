@@ -181,6 +181,11 @@ async fn serve(instance: Instance, options: Options) -> Result<()> {
             .map(|_| Arc::new(Mutex::new(docker::Link::default()))),
     });
     let (stop_tx, stop_rx) = watch::channel(false);
+    // SIGHUP reloads the key file; without one it must still not stop the daemon (its
+    // default action), as a reflexive `kill -HUP` or a unit's ExecReload would.
+    if options.cluster.as_ref().is_none_or(|c| c.keys.is_none()) {
+        tokio::spawn(ignore_hangups(stop_rx.clone()));
+    }
     let gossip = match options.cluster {
         Some(cluster) => {
             let config = cluster.gossip.clone();
@@ -275,6 +280,20 @@ async fn serve(instance: Instance, options: Options) -> Result<()> {
         info!("lbctl daemon stopped: its instance was purged");
     }
     served
+}
+
+/// Takes SIGHUP on a daemon with no key file to reload: logged, nothing else.
+async fn ignore_hangups(mut stop: watch::Receiver<bool>) {
+    let Ok(mut hangups) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+    else {
+        return;
+    };
+    loop {
+        tokio::select! {
+            _ = stop.changed() => return,
+            Some(()) = hangups.recv() => info!("SIGHUP: nothing to reload (no --cluster-key-file)"),
+        }
+    }
 }
 
 /// Reads the key file again every second when it changed, and on SIGHUP: a rotation takes
