@@ -429,6 +429,17 @@ impl Mesh {
         self.overlay_ip(host_range(FIRST_TASK_HOST, k).end)
     }
 
+    /// Task `k` as `service add` takes a backend on another node: `IP:PORT@NODE`, its HTTP
+    /// address or (`udp`) its UDP one.
+    pub fn task_backend(&self, k: usize, udp: bool) -> String {
+        let addr = if udp {
+            self.task_udp_addr(k)
+        } else {
+            self.task_addr(k)
+        };
+        format!("{addr}@{}", self.node_name(self.task_node(k)))
+    }
+
     /// Task `k`'s HTTP address, O.(10+k):http_port.
     pub fn task_addr(&self, k: usize) -> SocketAddrV4 {
         SocketAddrV4::new(self.task_ip(k), self.spec.http_port)

@@ -37,13 +37,7 @@ impl Cluster {
         lb_tests::require_root().unwrap();
         let mesh = Mesh::build(spec).unwrap();
         let tasks: Vec<String> = (0..mesh.task_count())
-            .map(|k| {
-                format!(
-                    "{}@{}",
-                    mesh.task_addr(k),
-                    mesh.node_name(mesh.task_node(k))
-                )
-            })
+            .map(|k| mesh.task_backend(k, false))
             .collect();
         let port = WEB_PORT.to_string();
         let lbctl = (0..mesh.node_count())

@@ -72,16 +72,20 @@ impl Cluster {
 
     /// Starts node `i`'s daemon in cluster `cluster` with the keyring `key_file`, seeded with n1.
     fn start_with_key(&mut self, i: usize, cluster: &str, key_file: &str) {
+        self.start_sealing(i, cluster, &["--cluster-key-file", key_file]);
+    }
+
+    /// Starts node `i`'s daemon in cluster `cluster`, seeded with n1, its gossip sealed as
+    /// `sealing` says (`--cluster-key-file PATH`, or `--insecure`).
+    fn start_sealing(&mut self, i: usize, cluster: &str, sealing: &[&str]) {
         let (node, gossip, seed) = (
             self.mesh.node_name(i),
             self.gossip_addr(i).to_string(),
             self.gossip_addr(0).to_string(),
         );
-        let args = [
-            "--cluster",
-            cluster,
-            "--cluster-key-file",
-            key_file,
+        let mut args = vec!["--cluster", cluster];
+        args.extend_from_slice(sealing);
+        args.extend([
             "--node-name",
             &node,
             "--gossip-addr",
@@ -90,7 +94,7 @@ impl Cluster {
             &seed,
             "--gossip-interval",
             GOSSIP_INTERVAL,
-        ];
+        ]);
         let daemon = self.lbctl[i]
             .start_daemon_with(METRICS.parse().unwrap(), self.mesh.node(i), &args)
             .unwrap();
@@ -654,29 +658,8 @@ fn replays_and_clear_gossip_change_nothing_and_keys_rotate_without_a_partition()
     cluster.lbctl[2]
         .run(&["service", "add", "web", &WEB_PORT.to_string(), &evil])
         .unwrap();
-    let (node, gossip, seed) = (
-        cluster.mesh.node_name(2),
-        cluster.gossip_addr(2).to_string(),
-        cluster.gossip_addr(0).to_string(),
-    );
-    let args = [
-        "--cluster",
-        "rotating",
-        "--insecure",
-        "--node-name",
-        &node,
-        "--gossip-addr",
-        &gossip,
-        "--seed",
-        &seed,
-        "--gossip-interval",
-        GOSSIP_INTERVAL,
-    ];
     let unauthenticated = cluster.rejected(0, "unauthenticated");
-    let daemon = cluster.lbctl[2]
-        .start_daemon_with(METRICS.parse().unwrap(), cluster.mesh.node(2), &args)
-        .unwrap();
-    cluster.daemons[2] = Some(daemon);
+    cluster.start_sealing(2, "rotating", &["--insecure"]);
     wait("n1 drops the clear gossip", || {
         cluster.rejected(0, "unauthenticated") > unauthenticated
     });

@@ -30,14 +30,7 @@ struct Cluster {
 /// `IP:PORT@NODE` of every task, for `service add`.
 fn task_backends(mesh: &Mesh, udp: bool) -> Vec<String> {
     (0..mesh.task_count())
-        .map(|k| {
-            let addr = if udp {
-                mesh.task_udp_addr(k)
-            } else {
-                mesh.task_addr(k)
-            };
-            format!("{addr}@{}", mesh.node_name(mesh.task_node(k)))
-        })
+        .map(|k| mesh.task_backend(k, udp))
         .collect()
 }
 

@@ -514,13 +514,7 @@ fn demo_steps(tasks_per_node: Vec<usize>) -> Result<()> {
     check_interrupted()?;
 
     let backends: Vec<String> = (0..mesh.task_count())
-        .map(|k| {
-            format!(
-                "{}@{}",
-                mesh.task_addr(k),
-                mesh.node_name(mesh.task_node(k))
-            )
-        })
+        .map(|k| mesh.task_backend(k, false))
         .collect();
     let port = DEMO_PORT.to_string();
     let mut service_add = vec!["service", "add", "web", port.as_str()];

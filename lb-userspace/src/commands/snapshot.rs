@@ -192,11 +192,11 @@ pub fn read(
 
 fn service_snapshot(service: &Service, counters: Option<&Counters<'_>>) -> Result<ServiceSnapshot> {
     let (_, fail_open) = service.selectable();
+    let now_ns = crate::dataplane::monotonic_ns();
     let backends = service
         .backends
         .iter()
         .map(|backend| {
-            let now_ns = crate::dataplane::monotonic_ns();
             let passive = counters
                 .map(|c| c.maps.passive_health(backend.id))
                 .transpose()?;
