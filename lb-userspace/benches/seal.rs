@@ -10,6 +10,10 @@ use std::{hint::black_box, time::Instant};
 use lb_userspace::cluster::seal::{Keyring, Opener, Sealer};
 
 const NOW_MS: u64 = 1_780_000_000_000;
+const RECIPIENT: std::net::SocketAddr = std::net::SocketAddr::new(
+    std::net::IpAddr::V4(std::net::Ipv4Addr::new(10, 0, 0, 2)),
+    7946,
+);
 
 /// Seals and opens `size`-byte messages `runs` times; returns ns per seal and per open.
 fn time(size: usize, runs: usize) -> (f64, f64) {
@@ -18,14 +22,14 @@ fn time(size: usize, runs: usize) -> (f64, f64) {
     let mut sealer = Sealer::default();
     let started = Instant::now();
     let sealed: Vec<Vec<Vec<u8>>> = (0..runs)
-        .map(|_| sealer.seal(&ring, NOW_MS, black_box(&message)))
+        .map(|_| sealer.seal(&ring, NOW_MS, RECIPIENT, black_box(&message)))
         .collect();
     let seal_ns = started.elapsed().as_nanos() as f64 / runs as f64;
     let mut opener = Opener::default();
     let started = Instant::now();
     for parts in &sealed {
         for part in parts {
-            black_box(opener.open(&ring, NOW_MS, part).unwrap());
+            black_box(opener.open(&ring, NOW_MS, RECIPIENT, part).unwrap());
         }
     }
     let open_ns = started.elapsed().as_nanos() as f64 / runs as f64;

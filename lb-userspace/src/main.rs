@@ -402,6 +402,16 @@ fn run(cli: Cli) -> anyhow::Result<String> {
         let instance = instance::locate_without_entering(name, cli.state_dir, cli.bpffs)?;
         return commands::purge_gone(&instance);
     }
+    // A key file is a file of the operator's: no instance, no namespace, no bpffs.
+    if let Command::Cluster(ClusterCommand::Key(KeyCommand::Generate { path })) = &cli.command {
+        let id = lb_userspace::cluster::transport::generate_key_file(path)?;
+        return Ok(format!(
+            "wrote {} (key {id}, mode 600): copy it to every node, and start each daemon with \
+             --cluster-key-file {}",
+            path.display(),
+            path.display()
+        ));
+    }
     let instance = instance::resolve(cli.netns.as_deref(), cli.state_dir, cli.bpffs)?;
     match cli.command {
         Command::Attach {
@@ -434,15 +444,8 @@ fn run(cli: Cli) -> anyhow::Result<String> {
         Command::Stats { json } => commands::stats(&instance, json),
         Command::Daemon(args) => daemon(instance, args).map(|()| String::new()),
         Command::Cluster(ClusterCommand::Ls { json }) => commands::cluster_ls(&instance, json),
-        Command::Cluster(ClusterCommand::Key(KeyCommand::Generate { path })) => {
-            lb_userspace::cluster::transport::generate_key_file(&path).map(|id| {
-                format!(
-                    "wrote {} (key {id}, mode 600): copy it to every node, and start each \
-                     daemon with --cluster-key-file {}",
-                    path.display(),
-                    path.display()
-                )
-            })
+        Command::Cluster(ClusterCommand::Key(KeyCommand::Generate { .. })) => {
+            unreachable!("written above, without an instance")
         }
         Command::Purge => commands::purge(&instance),
         Command::Instances { .. } => unreachable!("listed above, without an instance"),

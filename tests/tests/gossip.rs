@@ -569,8 +569,9 @@ fn write_keys(path: &str, keys: &[&str]) {
     std::fs::rename(&staged, path).unwrap();
 }
 
-/// The UDP payloads of the datagrams in the classic pcap file `path` (as `tcpdump -w` writes).
-fn udp_payloads(path: &std::path::Path) -> Vec<Vec<u8>> {
+/// The IPv4 UDP datagrams in the classic pcap file `path` (as `tcpdump -w` writes): each
+/// one's destination and payload.
+fn udp_datagrams(path: &std::path::Path) -> Vec<(std::net::Ipv4Addr, Vec<u8>)> {
     let bytes = std::fs::read(path).unwrap();
     let mut payloads = Vec::new();
     let mut at = 24;
@@ -578,17 +579,19 @@ fn udp_payloads(path: &std::path::Path) -> Vec<Vec<u8>> {
         let len = u32::from_le_bytes(bytes[at + 8..at + 12].try_into().unwrap()) as usize;
         let frame = &bytes[at + 16..at + 16 + len];
         if let Ok(sliced) = etherparse::SlicedPacket::from_ethernet(frame)
+            && let Some(etherparse::NetSlice::Ipv4(ip)) = sliced.net
             && let Some(etherparse::TransportSlice::Udp(udp)) = sliced.transport
         {
-            payloads.push(udp.payload().to_vec());
+            payloads.push((ip.header().destination_addr(), udp.payload().to_vec()));
         }
         at += 16 + len;
     }
     payloads
 }
 
-/// Sealed gossip holds against what a host on the underlay can do: datagrams captured from a
-/// member and sent again change nothing (counted as replayed); a node gossiping in clear
+/// Sealed gossip holds against what a host on the underlay can do: datagrams captured between
+/// two members and sent again, to the member they were for or to the other one (each is
+/// sealed for its receiver's address), change nothing and are counted as replayed; a node gossiping in clear
 /// (`--insecure`) that knows the cluster's name and publishes `web` pointing to its own
 /// address is not heard (unauthenticated). And the keys rotate without a partition while a
 /// client keeps connecting: a new key added on every node, then made first, then the old one
@@ -615,10 +618,11 @@ fn replays_and_clear_gossip_change_nothing_and_keys_rotate_without_a_partition()
         cluster.converged(0, 2) && cluster.converged(1, 2)
     });
 
-    // Replays: n2's datagrams to n1, captured on the underlay and sent again.
+    // Replays: datagrams between n1 and n2 captured on the underlay, each sent again to both:
+    // to the member it was for (a counter already taken) and to the other one (sealed for
+    // another address; a counter that member never saw, so only the recipient refuses it).
     let capture = cluster.lbctl[0].state_dir().join("gossip.pcap");
-    let n2 = cluster.mesh.node_ip(1).to_string();
-    let filter = format!("udp and src host {n2} and dst port {GOSSIP_PORT}");
+    let filter = format!("udp and dst port {GOSSIP_PORT}");
     let tcpdump = cluster
         .mesh
         .underlay()
@@ -629,29 +633,58 @@ fn replays_and_clear_gossip_change_nothing_and_keys_rotate_without_a_partition()
             "-i",
             lb_tests::mesh::UNDERLAY_BRIDGE,
             "-c",
-            "5",
+            "10",
             "-w",
             capture.to_str().unwrap(),
             &filter,
         ])
         .unwrap();
     assert!(tcpdump.status.success(), "{tcpdump:?}");
-    let captured = udp_payloads(&capture);
-    assert_eq!(captured.len(), 5);
-    let before = cluster.cluster_json(0);
-    let target = cluster.gossip_addr(0);
+    let captured = udp_datagrams(&capture);
+    assert_eq!(captured.len(), 10);
+    let members = [cluster.gossip_addr(0), cluster.gossip_addr(1)];
+    for (to, _) in &captured {
+        assert!(members.iter().any(|m| m.ip() == to), "{to}");
+    }
+    let before: Vec<_> = (0..2).map(|i| cluster.cluster_json(i)).collect();
+    let replayed_before: Vec<u64> = (0..2).map(|i| cluster.rejected(i, "replayed")).collect();
     cluster.mesh.client().in_netns(|| {
         let socket = UdpSocket::bind("0.0.0.0:0").unwrap();
-        for datagram in &captured {
-            socket.send_to(datagram, target).unwrap();
+        for (_, datagram) in &captured {
+            for member in members {
+                socket.send_to(datagram, member).unwrap();
+            }
         }
     });
-    wait("n1 counts the replays", || {
-        cluster.rejected(0, "replayed") >= 5
-    });
-    let after = cluster.cluster_json(0);
-    assert_eq!(after["table_generation"], before["table_generation"]);
-    assert_eq!(cluster.web_backends(0), want);
+    for (i, replayed) in replayed_before.iter().enumerate() {
+        wait(&format!("n{} counts all 10 replays", i + 1), || {
+            cluster.rejected(i, "replayed") == replayed + 10
+        });
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    for (i, (replayed, before)) in replayed_before.iter().zip(&before).enumerate() {
+        assert_eq!(
+            cluster.rejected(i, "replayed"),
+            replayed + 10,
+            "n{}: each replay counted once",
+            i + 1
+        );
+        let after = cluster.cluster_json(i);
+        assert_eq!(after["table_generation"], before["table_generation"]);
+        assert_eq!(cluster.web_backends(i), want);
+    }
+    // n1 took the datagrams sealed for n2 (if the capture holds any; else n2 those for n1),
+    // and says why it dropped them.
+    let misdirected_to = if captured.iter().any(|(to, _)| to != members[0].ip()) {
+        0
+    } else {
+        1
+    };
+    let log = cluster.daemons[misdirected_to].as_ref().unwrap().log_text();
+    assert!(
+        log.contains("gossip datagram sealed for another address dropped"),
+        "{log}"
+    );
 
     // In clear, with the cluster's name and a `web` of its own.
     let evil = format!("{}:80", cluster.mesh.node_ip(2));

@@ -131,7 +131,7 @@ impl Rejections {
     pub fn count_sealing(&self, rejection: Rejection) {
         let counter = match rejection {
             Rejection::Unauthenticated => &self.unauthenticated,
-            Rejection::Replayed => &self.replayed,
+            Rejection::Replayed | Rejection::Misdirected => &self.replayed,
         };
         counter.fetch_add(1, Ordering::Relaxed);
     }

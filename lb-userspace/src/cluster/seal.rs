@@ -8,18 +8,21 @@
 //! CPU (no AES-NI needed), and its 24-byte nonce can be drawn at random for every datagram with
 //! no risk of reuse, so no nonce state has to survive a restart.
 //!
-//! A sealed datagram: `LBG1` (magic), key id (4 bytes: the start of the key's SHA-256), sender
+//! A sealed datagram: `LBG2` (magic), key id (4 bytes: the start of the key's SHA-256), sender
 //! (8: random for each daemon run), counter (8: from 1, per sender), time (8: Unix
-//! milliseconds at sealing), part (1: index << 4 | count, a chitchat message too large for one
-//! datagram once sealed travels in two or more), nonce (24), then the ciphertext and its
-//! 16-byte tag. Replays are refused in two steps: a datagram whose time is more than
-//! [`MAX_SKEW_MS`] from the receiver's clock is stale (a capture replayed minutes or days
-//! later), and within that window each sender's counters are remembered (the highest, and a
-//! bitmap of the 128 before it) so that a datagram is taken once. A sender silent for twice the
-//! window is forgotten: anything it sent is stale by then.
+//! milliseconds at sealing), recipient (18: the gossip address it is sent to, IPv6 or
+//! IPv4-mapped, then the port), part (1: index << 4 | count, a chitchat message too large for
+//! one datagram once sealed travels in two or more), nonce (24), then the ciphertext and its
+//! 16-byte tag. Replays are refused in three steps: a datagram sealed for another node's
+//! address is refused by every other node (a capture of what n2 sent n3, replayed to n1); a
+//! datagram whose time is more than [`MAX_SKEW_MS`] from the receiver's clock is stale (a
+//! capture replayed minutes or days later); and within that window each sender's counters are
+//! remembered (the highest, and a bitmap of the 128 before it) so that a datagram is taken
+//! once. A sender silent for twice the window is forgotten: anything it sent is stale by then.
 use std::{
     collections::{HashMap, VecDeque},
     fmt,
+    net::{IpAddr, Ipv6Addr, SocketAddr},
 };
 
 use chacha20poly1305::{
@@ -28,12 +31,17 @@ use chacha20poly1305::{
 };
 use sha2::{Digest as _, Sha256};
 
-const MAGIC: &[u8; 4] = b"LBG1";
+const MAGIC: &[u8; 4] = b"LBG2";
 const KEY_LEN: usize = 32;
 const NONCE_LEN: usize = 24;
 const TAG_LEN: usize = 16;
 /// Bytes before the ciphertext, all of them authenticated.
-pub const HEADER_LEN: usize = 4 + 4 + 8 + 8 + 8 + 1 + NONCE_LEN;
+pub const HEADER_LEN: usize = 4 + 4 + 8 + 8 + 8 + RECIPIENT_LEN + 1 + NONCE_LEN;
+/// The recipient's address in the header: 16 bytes of IPv6 (IPv4-mapped for IPv4), the port.
+const RECIPIENT_LEN: usize = 16 + 2;
+/// Where the fields after the recipient start.
+const PART_AT: usize = 32 + RECIPIENT_LEN;
+const NONCE_AT: usize = PART_AT + 1;
 /// Bytes sealing adds to each datagram.
 pub const OVERHEAD: usize = HEADER_LEN + TAG_LEN;
 /// The largest UDP payload over IPv4.
@@ -142,13 +150,17 @@ pub enum Rejection {
     Unauthenticated,
     /// Opened, but seen before, or sealed too long ago (or too far ahead): `replayed`.
     Replayed,
+    /// Opened, but sealed for another recipient: what a node sent another node, replayed
+    /// here, or a peer that reaches this node through an address translation (its gossip
+    /// address is not the one it is reached at). Counted as `replayed`.
+    Misdirected,
 }
 
 impl Rejection {
     pub const fn name(self) -> &'static str {
         match self {
             Rejection::Unauthenticated => "unauthenticated",
-            Rejection::Replayed => "replayed",
+            Rejection::Replayed | Rejection::Misdirected => "replayed",
         }
     }
 }
@@ -169,9 +181,16 @@ impl Default for Sealer {
 }
 
 impl Sealer {
-    /// Seals `message` with `keyring`'s first key at `now_ms`: one datagram, or several
-    /// (parts) when it would not fit in one once sealed.
-    pub fn seal(&mut self, keyring: &Keyring, now_ms: u64, message: &[u8]) -> Vec<Vec<u8>> {
+    /// Seals `message` for `recipient` (the gossip address it is sent to) with `keyring`'s
+    /// first key at `now_ms`: one datagram, or several (parts) when it would not fit in one once
+    /// sealed.
+    pub fn seal(
+        &mut self,
+        keyring: &Keyring,
+        now_ms: u64,
+        recipient: SocketAddr,
+        message: &[u8],
+    ) -> Vec<Vec<u8>> {
         let room = MAX_DATAGRAM - OVERHEAD;
         let count = message.len().div_ceil(room).max(1);
         assert!(
@@ -193,6 +212,7 @@ impl Sealer {
                 datagram.extend_from_slice(&self.sender.to_be_bytes());
                 datagram.extend_from_slice(&self.counter.to_be_bytes());
                 datagram.extend_from_slice(&now_ms.to_be_bytes());
+                datagram.extend_from_slice(&recipient_bytes(recipient));
                 datagram.push(((index as u8) << 4) | count as u8);
                 datagram.extend_from_slice(&nonce);
                 let sealed = key
@@ -210,6 +230,30 @@ impl Sealer {
             })
             .collect()
     }
+}
+
+/// `addr` as the header carries it.
+fn recipient_bytes(addr: SocketAddr) -> [u8; RECIPIENT_LEN] {
+    let ip = match addr.ip() {
+        IpAddr::V4(v4) => v4.to_ipv6_mapped(),
+        IpAddr::V6(v6) => v6,
+    };
+    let mut bytes = [0u8; RECIPIENT_LEN];
+    bytes[..16].copy_from_slice(&ip.octets());
+    bytes[16..].copy_from_slice(&addr.port().to_be_bytes());
+    bytes
+}
+
+/// The recipient a sealed datagram names (whether or not it opens), for the logs.
+pub fn recipient_of(datagram: &[u8]) -> Option<SocketAddr> {
+    let bytes = datagram.get(32..PART_AT)?;
+    let octets: [u8; 16] = bytes[..16].try_into().expect("16");
+    let ip = Ipv6Addr::from(octets);
+    let port = u16::from_be_bytes([bytes[16], bytes[17]]);
+    Some(match ip.to_ipv4_mapped() {
+        Some(v4) => SocketAddr::from((v4, port)),
+        None => SocketAddr::from((ip, port)),
+    })
 }
 
 /// What a sender has been seen to send: its highest counter, the counters below it already
@@ -269,11 +313,12 @@ pub struct Opened {
 }
 
 impl Opener {
-    /// Opens `datagram` at `now_ms`.
+    /// Opens `datagram`, received at `local` (this node's gossip address), at `now_ms`.
     pub fn open(
         &mut self,
         keyring: &Keyring,
         now_ms: u64,
+        local: SocketAddr,
         datagram: &[u8],
     ) -> Result<Opened, Rejection> {
         if datagram.len() < OVERHEAD || &datagram[..4] != MAGIC {
@@ -288,8 +333,8 @@ impl Opener {
             .ok_or(Rejection::Unauthenticated)?;
         let field = |at: usize| u64::from_be_bytes(header[at..at + 8].try_into().expect("8"));
         let (sender, counter, sent_ms) = (field(8), field(16), field(24));
-        let part = header[32];
-        let nonce = XNonce::from_slice(&header[33..33 + NONCE_LEN]);
+        let part = header[PART_AT];
+        let nonce = XNonce::from_slice(&header[NONCE_AT..NONCE_AT + NONCE_LEN]);
         let chunk = key
             .cipher
             .decrypt(
@@ -300,7 +345,11 @@ impl Opener {
                 },
             )
             .map_err(|_| Rejection::Unauthenticated)?;
-        // Authentic from here on: the sender holds the key.
+        // Authentic from here on: the sender holds the key. Checked before the counters, so
+        // that a datagram meant for another node takes nothing of its sender's window here.
+        if header[32..PART_AT] != recipient_bytes(local) {
+            return Err(Rejection::Misdirected);
+        }
         self.senders
             .retain(|_, seen| now_ms.saturating_sub(seen.heard_ms) <= 2 * MAX_SKEW_MS);
         if now_ms.abs_diff(sent_ms) > MAX_SKEW_MS || counter == 0 {
@@ -377,6 +426,9 @@ mod tests {
     use super::*;
 
     const NOW: u64 = 1_780_000_000_000;
+    /// The gossip addresses of two nodes.
+    const N1: SocketAddr = SocketAddr::new(IpAddr::V4(std::net::Ipv4Addr::new(10, 9, 0, 1)), 7946);
+    const N3: SocketAddr = SocketAddr::new(IpAddr::V4(std::net::Ipv4Addr::new(10, 9, 0, 3)), 7946);
 
     fn ring(keys: &[&str]) -> Keyring {
         Keyring::parse(&keys.join("\n")).unwrap()
@@ -392,23 +444,23 @@ mod tests {
         let old = ring(&[&a]);
         let both = ring(&[&b, &a]);
         let mut sealer = Sealer::default();
-        let sealed = sealer.seal(&old, NOW, b"a chitchat message");
+        let sealed = sealer.seal(&old, NOW, N1, b"a chitchat message");
         assert_eq!(sealed.len(), 1);
         assert_eq!(sealed[0].len(), OVERHEAD + 18);
         let mut opener = Opener::default();
-        let opened = opener.open(&both, NOW + 5, &sealed[0]).unwrap();
+        let opened = opener.open(&both, NOW + 5, N1, &sealed[0]).unwrap();
         assert_eq!(opened.message.as_deref(), Some(&b"a chitchat message"[..]));
         assert_eq!(opened.key_id, old.sealing_id());
         assert_eq!(
-            opener.open(&both, NOW + 6, &sealed[0]),
+            opener.open(&both, NOW + 6, N1, &sealed[0]),
             Err(Rejection::Replayed),
             "the same datagram again"
         );
         // Sealed with the new first key, opened by a node that has only the old one: refused.
-        let newer = sealer.seal(&both, NOW, b"x");
+        let newer = sealer.seal(&both, NOW, N1, b"x");
         let mut stale_node = Opener::default();
         assert_eq!(
-            stale_node.open(&old, NOW, &newer[0]),
+            stale_node.open(&old, NOW, N1, &newer[0]),
             Err(Rejection::Unauthenticated)
         );
     }
@@ -417,39 +469,39 @@ mod tests {
     fn forged_altered_or_foreign_datagrams_are_unauthenticated() {
         let ring_a = ring(&[&key('a')]);
         let mut sealer = Sealer::default();
-        let sealed = sealer.seal(&ring_a, NOW, b"records").remove(0);
+        let sealed = sealer.seal(&ring_a, NOW, N1, b"records").remove(0);
         let mut opener = Opener::default();
         // Every byte flipped in turn: header (bound as associated data), nonce, text, tag.
         for at in 0..sealed.len() {
             let mut altered = sealed.clone();
             altered[at] ^= 0x01;
             assert_eq!(
-                opener.open(&ring_a, NOW, &altered),
+                opener.open(&ring_a, NOW, N1, &altered),
                 Err(Rejection::Unauthenticated),
                 "byte {at}"
             );
         }
         // Another cluster's key, a plain chitchat datagram, truncations.
         let other = Sealer::default()
-            .seal(&ring(&[&key('c')]), NOW, b"records")
+            .seal(&ring(&[&key('c')]), NOW, N1, b"records")
             .remove(0);
         assert_eq!(
-            opener.open(&ring_a, NOW, &other),
+            opener.open(&ring_a, NOW, N1, &other),
             Err(Rejection::Unauthenticated)
         );
         assert_eq!(
-            opener.open(&ring_a, NOW, b"\x00\x01plain"),
+            opener.open(&ring_a, NOW, N1, b"\x00\x01plain"),
             Err(Rejection::Unauthenticated)
         );
         for len in 0..sealed.len() {
             assert_eq!(
-                opener.open(&ring_a, NOW, &sealed[..len]),
+                opener.open(&ring_a, NOW, N1, &sealed[..len]),
                 Err(Rejection::Unauthenticated),
                 "{len} bytes"
             );
         }
         // The untouched datagram still opens: nothing above was taken.
-        assert!(opener.open(&ring_a, NOW, &sealed).is_ok());
+        assert!(opener.open(&ring_a, NOW, N1, &sealed).is_ok());
     }
 
     #[test]
@@ -457,46 +509,95 @@ mod tests {
         let ring_a = ring(&[&key('a')]);
         let mut sealer = Sealer::default();
         let sealed: Vec<Vec<u8>> = (0..200)
-            .map(|i| sealer.seal(&ring_a, NOW, &[i as u8]).remove(0))
+            .map(|i| sealer.seal(&ring_a, NOW, N1, &[i as u8]).remove(0))
             .collect();
         let mut opener = Opener::default();
         // Out of order within the window: each taken once.
         for i in [5, 3, 4, 0, 1, 2] {
-            assert!(opener.open(&ring_a, NOW, &sealed[i]).is_ok(), "{i}");
+            assert!(opener.open(&ring_a, NOW, N1, &sealed[i]).is_ok(), "{i}");
         }
         for i in [3, 5, 0] {
             assert_eq!(
-                opener.open(&ring_a, NOW, &sealed[i]),
+                opener.open(&ring_a, NOW, N1, &sealed[i]),
                 Err(Rejection::Replayed)
             );
         }
-        assert!(opener.open(&ring_a, NOW, &sealed[199]).is_ok());
+        assert!(opener.open(&ring_a, NOW, N1, &sealed[199]).is_ok());
         // Counters start at 1: the highest is 200, and 71 (`sealed[70]`) is 129 below it.
         assert_eq!(
-            opener.open(&ring_a, NOW, &sealed[70]),
+            opener.open(&ring_a, NOW, N1, &sealed[70]),
             Err(Rejection::Replayed)
         );
-        assert!(opener.open(&ring_a, NOW, &sealed[72]).is_ok());
+        assert!(opener.open(&ring_a, NOW, N1, &sealed[72]).is_ok());
         // A capture replayed to a node that never saw it (or forgot its sender): by time.
         let mut fresh = Opener::default();
         let later = NOW + MAX_SKEW_MS + 1;
         assert_eq!(
-            fresh.open(&ring_a, later, &sealed[10]),
+            fresh.open(&ring_a, later, N1, &sealed[10]),
             Err(Rejection::Replayed)
         );
         let earlier = NOW - MAX_SKEW_MS - 1;
         assert_eq!(
-            fresh.open(&ring_a, earlier, &sealed[10]),
+            fresh.open(&ring_a, earlier, N1, &sealed[10]),
             Err(Rejection::Replayed)
         );
-        assert!(fresh.open(&ring_a, NOW + MAX_SKEW_MS, &sealed[10]).is_ok());
+        assert!(
+            fresh
+                .open(&ring_a, NOW + MAX_SKEW_MS, N1, &sealed[10])
+                .is_ok()
+        );
         // A day later, to the node that saw it: stale, and its sender forgotten.
         let day = NOW + 86_400_000;
         assert_eq!(
-            opener.open(&ring_a, day, &sealed[150]),
+            opener.open(&ring_a, day, N1, &sealed[150]),
             Err(Rejection::Replayed)
         );
         assert!(opener.senders.is_empty());
+    }
+
+    #[test]
+    fn a_datagram_sealed_for_another_node_is_refused_and_takes_nothing() {
+        let ring_a = ring(&[&key('a')]);
+        let mut sealer = Sealer::default();
+        // What n2 sent n3, and then n1 (counters 1 and 2).
+        let to_n3 = sealer.seal(&ring_a, NOW, N3, b"to n3").remove(0);
+        let to_n1 = sealer.seal(&ring_a, NOW, N1, b"to n1").remove(0);
+        assert_eq!(recipient_of(&to_n3), Some(N3));
+        let mut n1 = Opener::default();
+        assert!(n1.open(&ring_a, NOW, N1, &to_n1).is_ok());
+        // n3's datagram replayed to n1: its counter was never taken at n1, but it is not for n1.
+        assert_eq!(
+            n1.open(&ring_a, NOW, N1, &to_n3),
+            Err(Rejection::Misdirected)
+        );
+        assert_eq!(Rejection::Misdirected.name(), "replayed");
+        // Another port on the same address is another recipient; so is the same address over
+        // IPv6.
+        let other_port = SocketAddr::new(N1.ip(), 7947);
+        let to_port = sealer.seal(&ring_a, NOW, other_port, b"x").remove(0);
+        assert_eq!(
+            n1.open(&ring_a, NOW, N1, &to_port),
+            Err(Rejection::Misdirected)
+        );
+        let v6: SocketAddr = "[2001:db8::1]:7946".parse().unwrap();
+        let to_v6 = sealer.seal(&ring_a, NOW, v6, b"x").remove(0);
+        assert_eq!(recipient_of(&to_v6), Some(v6));
+        assert_eq!(
+            n1.open(&ring_a, NOW, N1, &to_v6),
+            Err(Rejection::Misdirected)
+        );
+        // It took nothing of the sender's window at n1, and opens at n3 once.
+        let mut n3 = Opener::default();
+        assert!(n3.open(&ring_a, NOW, N3, &to_n3).is_ok());
+        assert_eq!(n3.open(&ring_a, NOW, N3, &to_n3), Err(Rejection::Replayed));
+        assert_eq!(n1.senders.values().next().map(|s| s.highest), Some(2));
+        // The recipient is authenticated: rewriting it to n1 breaks the seal.
+        let mut rewritten = to_n3.clone();
+        rewritten[32..PART_AT].copy_from_slice(&recipient_bytes(N1));
+        assert_eq!(
+            n1.open(&ring_a, NOW, N1, &rewritten),
+            Err(Rejection::Unauthenticated)
+        );
     }
 
     #[test]
@@ -504,20 +605,31 @@ mod tests {
         let ring_a = ring(&[&key('a')]);
         let message: Vec<u8> = (0..65_507u32).map(|i| (i * 7) as u8).collect();
         let mut sealer = Sealer::default();
-        let parts = sealer.seal(&ring_a, NOW, &message);
+        let parts = sealer.seal(&ring_a, NOW, N1, &message);
         assert_eq!(parts.len(), 2);
         assert!(parts.iter().all(|p| p.len() <= MAX_DATAGRAM));
         let mut opener = Opener::default();
         // In reverse order, with another sender's message in between.
-        assert_eq!(opener.open(&ring_a, NOW, &parts[1]).unwrap().message, None);
-        let small = Sealer::default().seal(&ring_a, NOW, b"between").remove(0);
-        assert!(opener.open(&ring_a, NOW, &small).unwrap().message.is_some());
-        let whole = opener.open(&ring_a, NOW, &parts[0]).unwrap().message;
+        assert_eq!(
+            opener.open(&ring_a, NOW, N1, &parts[1]).unwrap().message,
+            None
+        );
+        let small = Sealer::default()
+            .seal(&ring_a, NOW, N1, b"between")
+            .remove(0);
+        assert!(
+            opener
+                .open(&ring_a, NOW, N1, &small)
+                .unwrap()
+                .message
+                .is_some()
+        );
+        let whole = opener.open(&ring_a, NOW, N1, &parts[0]).unwrap().message;
         assert_eq!(whole.as_deref(), Some(&message[..]));
         assert!(opener.pending.is_empty());
         // A part replayed does not start the message again.
         assert_eq!(
-            opener.open(&ring_a, NOW, &parts[1]),
+            opener.open(&ring_a, NOW, N1, &parts[1]),
             Err(Rejection::Replayed)
         );
     }

@@ -27,7 +27,7 @@ use tracing::warn;
 
 use crate::cluster::{
     gossip::Rejections,
-    seal::{Keyring, MAX_DATAGRAM, Opener, Rejection, Sealer, key_id_text},
+    seal::{Keyring, MAX_DATAGRAM, Opener, Rejection, Sealer, key_id_text, recipient_of},
 };
 
 /// Sources whose dropped datagrams are logged (once each); past this, only counted.
@@ -162,6 +162,12 @@ pub type PeerKeys = Arc<Mutex<HashMap<SocketAddr, [u8; 4]>>>;
 #[async_trait]
 impl Transport for SealedTransport {
     async fn open(&self, listen_addr: SocketAddr) -> Result<Box<dyn Socket>> {
+        Ok(Box::new(self.open_sealed(listen_addr).await?))
+    }
+}
+
+impl SealedTransport {
+    async fn open_sealed(&self, listen_addr: SocketAddr) -> Result<SealedSocket> {
         let wire = UdpSocket::bind(listen_addr)
             .await
             .with_context(|| format!("failed to bind to {listen_addr}/UDP for gossip"))?;
@@ -174,7 +180,7 @@ impl Transport for SealedTransport {
         sink.connect(encoder.local_addr()?).await?;
         let decoder = ChitchatUdpSocket::open(loopback).await?;
         let decoder_addr = decoder.local_addr()?;
-        Ok(Box::new(SealedSocket {
+        Ok(SealedSocket {
             wire,
             encoder,
             sink,
@@ -189,7 +195,7 @@ impl Transport for SealedTransport {
             peer_keys: self.peer_keys.clone(),
             reported: HashSet::new(),
             buf: vec![0u8; MAX_DATAGRAM + 1].into_boxed_slice(),
-        }))
+        })
     }
 }
 
@@ -242,7 +248,15 @@ impl SealedSocket {
         }
     }
 
-    fn reject(&mut self, from: SocketAddr, rejection: Rejection) {
+    /// Counts a datagram from `from` dropped at `local`, sealed for `recipient`, and logs the
+    /// first from each source for each reason.
+    fn reject(
+        &mut self,
+        from: SocketAddr,
+        rejection: Rejection,
+        local: SocketAddr,
+        recipient: Option<SocketAddr>,
+    ) {
         self.rejections.count_sealing(rejection);
         if self.reported.len() >= MAX_REPORTED {
             if self
@@ -268,6 +282,12 @@ impl SealedSocket {
                     from = %from,
                     "gossip datagram seen before, or sealed too long ago, dropped: a replay, or clocks more than 30 s apart (counted; logged once per source)"
                 ),
+                Rejection::Misdirected => warn!(
+                    from = %from,
+                    sealed_for = %recipient.map_or_else(|| "?".to_owned(), |r| r.to_string()),
+                    here = %local,
+                    "gossip datagram sealed for another address dropped: another node's traffic replayed here, or a peer that reaches this node at an address that is not its --gossip-addr (through NAT: not supported) (counted as replayed; logged once per source)"
+                ),
             }
         }
     }
@@ -289,7 +309,7 @@ impl Socket for SealedSocket {
         let len = self.sink.recv(&mut self.buf).await?;
         let ring = self.keys.ring();
         let mut sent = 0;
-        for datagram in self.sealer.seal(&ring, now_ms(), &self.buf[..len]) {
+        for datagram in self.sealer.seal(&ring, now_ms(), to, &self.buf[..len]) {
             sent += self
                 .wire
                 .send_to(&datagram, to)
@@ -324,8 +344,12 @@ impl Socket for SealedSocket {
                         Err(err) => return Err(err).context("fatal UDP recv error"),
                     };
                     let ring = self.keys.ring();
-                    match self.opener.open(&ring, now_ms(), &self.buf[..len]) {
-                        Err(rejection) => self.reject(from, rejection),
+                    let local = self.wire.local_addr()?;
+                    match self.opener.open(&ring, now_ms(), local, &self.buf[..len]) {
+                        Err(rejection) => {
+                            let recipient = recipient_of(&self.buf[..len]);
+                            self.reject(from, rejection, local, recipient);
+                        }
                         Ok(opened) => {
                             self.note_key(from, opened.key_id);
                             if let Some(message) = opened.message {
@@ -338,5 +362,103 @@ impl Socket for SealedSocket {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use chitchat::{ChitchatMessage, ProtocolVersion};
+
+    use super::*;
+
+    fn bad_cluster() -> ChitchatEnvelope {
+        ChitchatEnvelope {
+            version: ProtocolVersion::V0,
+            message: ChitchatMessage::BadCluster,
+        }
+    }
+
+    async fn open(transport: &SealedTransport) -> (SealedSocket, SocketAddr) {
+        let socket = transport
+            .open_sealed(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)))
+            .await
+            .unwrap();
+        let addr = socket.local_addr().unwrap();
+        (socket, addr)
+    }
+
+    /// The loopback sockets that lend chitchat's codec take nothing from another process on
+    /// the node: what reaches the encoder's sink from elsewhere would otherwise be sealed with
+    /// the cluster's key and sent (a rogue node or backend injected by any local user), and what
+    /// reaches the decoder from elsewhere would be taken as a peer's message.
+    #[tokio::test]
+    async fn local_processes_cannot_get_messages_sealed_or_delivered() {
+        let dir = std::env::temp_dir().join(format!("lbctl-transport-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let key_path = dir.join("cluster.key");
+        let _ = std::fs::remove_file(&key_path);
+        generate_key_file(&key_path).unwrap();
+        let transport = SealedTransport {
+            keys: Arc::new(KeyFile::load(&key_path).unwrap()),
+            rejections: Arc::new(Rejections::default()),
+            peer_keys: PeerKeys::default(),
+        };
+        let (mut a, a_addr) = open(&transport).await;
+        let (mut b, b_addr) = open(&transport).await;
+        // A legitimate message first, so that b has a's loopback socket and a decoder to find.
+        a.send(b_addr, bad_cluster()).await.unwrap();
+        let received = b.recv().await.unwrap();
+        assert_eq!(received.from_addr, a_addr);
+
+        // Every loopback UDP port of the two sockets, as `ss` would list them to a local user.
+        let lent = |sealed: &SealedSocket| -> Vec<SocketAddr> {
+            let mut ports = vec![
+                sealed.encoder.local_addr().unwrap(),
+                sealed.sink.local_addr().unwrap(),
+                sealed.decoder_addr,
+            ];
+            ports.extend(
+                sealed
+                    .peers
+                    .keys()
+                    .map(|p| sealed.peers[p].local_addr().unwrap()),
+            );
+            ports
+        };
+        let targets: Vec<SocketAddr> = lent(&a).into_iter().chain(lent(&b)).collect();
+        assert!(targets.len() >= 7, "{targets:?}");
+        let mut local = ChitchatUdpSocket::open(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)))
+            .await
+            .unwrap();
+        for target in &targets {
+            for _ in 0..50 {
+                local.send(*target, bad_cluster()).await.unwrap();
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        // The sink was sent 50 messages by another socket: the kernel kept none.
+        let mut buf = [0u8; 2048];
+        assert!(
+            a.sink.try_recv(&mut buf).is_err(),
+            "the sink took a local process's datagram"
+        );
+        // What a sends now is its own message only, once.
+        a.send(b_addr, bad_cluster()).await.unwrap();
+        let received = b.recv().await.unwrap();
+        assert_eq!(received.from_addr, a_addr);
+        // Nothing else reaches b's chitchat: not what the decoder was sent by the local socket.
+        let more = tokio::time::timeout(Duration::from_millis(300), b.recv()).await;
+        assert!(
+            more.is_err(),
+            "b delivered a local process's message: {more:?}"
+        );
+        let more = tokio::time::timeout(Duration::from_millis(300), a.recv()).await;
+        assert!(
+            more.is_err(),
+            "a delivered a local process's message: {more:?}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -555,7 +555,8 @@ pub fn render_cluster(status: &crate::cluster::Status) -> String {
         "lbctl_gossip_rejected_messages_total",
         Kind::Counter,
         "Gossip messages rejected, by reason: wrong_cluster, rejected_by_peer, malformed, \
-         malformed_value, unauthenticated (no key of the keyring opens it), replayed.",
+         malformed_value, unauthenticated (no key of the keyring opens it), replayed (seen \
+         before, sealed too long ago, or sealed for another node).",
     );
     for (reason, count) in &status.rejected {
         out.sample(
