@@ -288,16 +288,14 @@ fn fib_lookup(ctx: &XdpContext, pkt: &Packet, src_ip_be: u32, dst_ip_be: u32) ->
     )
 }
 
-/// True when `dst` is one of this node's own addresses (not broadcast or multicast).
+/// True when the packet's destination is one of this node's own addresses: one its interfaces
+/// have (`HOST_ADDRS`: written at attach, kept current by the daemon). Not the FIB's answer:
+/// it says "not forwarded" for a subnet's broadcast address as for a local one, and a
+/// datagram to 192.168.1.255 would start a flow whose replies come from the broadcast address
+/// (found by `cargo xtask fuzz`).
 #[inline(always)]
-pub fn is_local(ctx: &XdpContext, pkt: &Packet) -> bool {
-    let first_octet = pkt.dst_ip_be.to_ne_bytes()[0];
-    if pkt.dst_ip_be == u32::MAX || first_octet & 0xf0 == 0xe0 {
-        return false;
-    }
-    let (rc, _) = fib_lookup(ctx, pkt, pkt.src_ip_be, pkt.dst_ip_be);
-    // The FIB answers "not forwarded" for routes of type local (and broadcast, excluded above).
-    rc == BPF_FIB_LKUP_RET_NOT_FWDED
+pub fn is_local(pkt: &Packet) -> bool {
+    crate::reply::is_host_addr(pkt.dst_ip_be)
 }
 
 /// Decides how a packet from `src` to `dst` leaves, without touching it.

@@ -169,7 +169,7 @@ fn to_service(
     if for_another_host(ctx) {
         return Err(Reason::PassOtherHost);
     }
-    if any_address && !replace && !forward::is_local(ctx, pkt) {
+    if any_address && !replace && !forward::is_local(pkt) {
         return Err(Reason::PassNotLocal);
     }
     // A TCP packet that is not a SYN and has no entry belongs to a connection whose entry was

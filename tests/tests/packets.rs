@@ -958,6 +958,32 @@ fn an_icmp_unreachable_about_a_forwarded_syn_is_the_backends_refusal() {
             let (again, _) = dst_of(&node.xdp(&client_syn(port), None).1);
             assert_ne!(again, backend, "the retransmitted SYN takes the next turn");
         }
+        // Awaiting, but quoting fewer than the 8 bytes of the TCP header an error must quote
+        // (RFC 792), which the kernel ignores (found by `cargo xtask fuzz`): cut after the
+        // ports, or within the sequence number.
+        let port = 49005;
+        let (_, forwarded) = node.xdp(&client_syn(port), None);
+        for cut in [4, 7] {
+            let mut frame = Vec::new();
+            PacketBuilder::ethernet2(backend_mac(0), node.mac)
+                .ipv4([10, 0, 0, 254], CLIENT_IP, 64)
+                .icmpv4(Icmpv4Type::DestinationUnreachable(
+                    DestUnreachableHeader::Host,
+                ))
+                .write(&mut frame, &forwarded[14..14 + 20 + cut])
+                .unwrap();
+            assert_eq!(node.xdp(&frame, None), (XDP_PASS, frame.clone()), "{cut}");
+            assert_eq!(
+                node.tc_on(&frame, None),
+                (TC_ACT_UNSPEC, frame.clone()),
+                "{cut}"
+            );
+        }
+        let key = tcp_key((CLIENT_IP, port), (NODE_IP, WEB_PORT));
+        assert!(
+            node.maps.flows.get(&key, 0).is_ok(),
+            "not taken for a refusal"
+        );
         // Awaiting, but fragmentation needed: about the path, not the host.
         let port = 49010;
         let (_, forwarded) = node.xdp(&client_syn(port), None);

@@ -91,6 +91,17 @@ enum Task {
         #[arg(last = true)]
         bench_args: Vec<OsString>,
     },
+    /// Run mutated frames of every kind through the real XDP and TC programs (BPF_PROG_RUN),
+    /// checking the data plane's invariants after each (tests/tests/fuzz.rs). A failing frame
+    /// is printed in hex and saved under target/fuzz-failures/.
+    Fuzz {
+        /// How many frames.
+        #[arg(long, default_value_t = 10_000_000)]
+        frames: u64,
+        /// The seed of the mutations (default: from the clock; printed, to run it again).
+        #[arg(long)]
+        seed: Option<u64>,
+    },
     /// Build the Debian package operators install on every node: the release binary, the
     /// systemd units (attach at boot, the daemon) and /etc/lbctl/lbctl.conf.
     Dist {
@@ -120,6 +131,7 @@ fn main() -> Result<()> {
         Task::Demo { tasks_per_node } => demo(tasks_per_node),
         Task::Bench { bench_args } => bench(&bench_args),
         Task::Dist { out } => dist(&out),
+        Task::Fuzz { frames, seed } => fuzz(frames, seed),
     }
 }
 
@@ -390,6 +402,30 @@ fn dist(out: &Path) -> Result<()> {
         deb.file_name().unwrap_or_default().to_string_lossy()
     );
     Ok(())
+}
+
+fn fuzz(frames: u64, seed: Option<u64>) -> Result<()> {
+    setup()?;
+    lb_tests::require_root().context("the fuzzer loads the data plane's programs")?;
+    let seed = seed.unwrap_or_else(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(1, |d| d.as_nanos() as u64)
+    });
+    step(&format!("fuzz: {frames} frames, seed {seed}"));
+    let mut cmd = Command::new("cargo");
+    cmd.args([
+        "test",
+        "-p",
+        "lb-tests",
+        "--test",
+        "fuzz",
+        "--",
+        "--nocapture",
+    ])
+    .env("LBCTL_FUZZ_FRAMES", frames.to_string())
+    .env("LBCTL_FUZZ_SEED", seed.to_string());
+    run_cmd(&mut cmd)
 }
 
 fn bench(bench_args: &[OsString]) -> Result<()> {

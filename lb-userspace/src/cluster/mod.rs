@@ -92,9 +92,31 @@ pub struct Local {
     /// This node's tasks, by service name, in round-robin order.
     #[serde(default)]
     pub backends: BTreeMap<String, Vec<BackendRecord>>,
+    /// A daemon ran this instance with `--insecure`: the records it adopted were learned in
+    /// clear, from anyone who could reach the gossip port. A daemon started with a key file
+    /// drops them (`forget_clear_records`) rather than publish them to the sealed cluster.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub learned_in_clear: bool,
 }
 
 impl Local {
+    /// Drops the service records other nodes wrote (this node's own stay): what a sealed
+    /// daemon does with records learned in clear. Returns the names of those dropped; the
+    /// sealed cluster's members give this node their records again.
+    pub fn forget_clear_records(&mut self) -> Vec<String> {
+        let node = self.node.clone();
+        let dropped: Vec<String> = self
+            .services
+            .iter()
+            .filter(|(_, record)| record.version.node != node)
+            .map(|(name, _)| name.clone())
+            .collect();
+        self.services
+            .retain(|_, record| record.version.node == node);
+        self.learned_in_clear = false;
+        dropped
+    }
+
     /// The node's own definitions taken from a table in force before it joined a cluster: its
     /// services, and its backends on no node or on itself (another node's are that node's to
     /// publish).
@@ -1128,6 +1150,44 @@ mod tests {
             },
         );
         local
+    }
+
+    #[test]
+    fn records_learned_in_clear_are_forgotten_but_this_nodes_own() {
+        let mut local = n2_with_web_from_n1();
+        // A tombstone another node wrote (in clear: anyone could have), and n2's own record.
+        local.services.insert(
+            "api".into(),
+            ServiceRecord {
+                version: version(20, "evil"),
+                def: None,
+            },
+        );
+        local.services.insert(
+            "dns".into(),
+            ServiceRecord {
+                version: version(5, "n2"),
+                def: Some(web(53)),
+            },
+        );
+        local.learned_in_clear = true;
+        let dropped = local.forget_clear_records();
+        assert_eq!(dropped, ["api", "web"]);
+        assert_eq!(local.services.keys().collect::<Vec<_>>(), ["dns"]);
+        assert!(!local.learned_in_clear);
+        // Saved without the flag once cleared, with it while set.
+        assert!(
+            !serde_json::to_string(&local)
+                .unwrap()
+                .contains("learned_in_clear")
+        );
+        local.learned_in_clear = true;
+        let json = serde_json::to_string(&local).unwrap();
+        assert!(
+            serde_json::from_str::<Local>(&json)
+                .unwrap()
+                .learned_in_clear
+        );
     }
 
     #[test]

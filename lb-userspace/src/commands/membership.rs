@@ -5,11 +5,27 @@ use super::*;
 /// `lbctl daemon --cluster`: makes the instance a member named `node`. The first time, the
 /// table in force becomes what the node publishes (its services, and its backends on itself or
 /// on no node). Refused when the instance joined under another name.
-pub fn cluster_join(instance: &Instance, node: &str) -> Result<()> {
+///
+/// `sealed`: the daemon gossips with a key file. Records this instance adopted while a daemon
+/// gossiped in clear (`--insecure`) are then dropped: anyone could have written them (a
+/// tombstone of a service, a service pointing elsewhere), and the sealed cluster would take
+/// them from this node. Returns the names of the services whose records were dropped.
+pub fn cluster_join(instance: &Instance, node: &str, sealed: bool) -> Result<Vec<String>> {
     let _lock = instance::lock(instance)?;
     let mut state = attached_state(instance)?;
-    match &state.cluster {
-        Some(local) if local.node == node => return Ok(()),
+    match &mut state.cluster {
+        Some(local) if local.node == node => {
+            let dropped = match (sealed, local.learned_in_clear) {
+                (true, true) => local.forget_clear_records(),
+                (false, false) => {
+                    local.learned_in_clear = true;
+                    Vec::new()
+                }
+                _ => return Ok(Vec::new()),
+            };
+            state::save(&instance.state_dir, &state)?;
+            return Ok(dropped);
+        }
         Some(local) => bail!(
             "this instance is node '{}' of its cluster, not '{node}': run the daemon with --node-name {} (or `lbctl purge` to start afresh)",
             local.node,
@@ -17,8 +33,11 @@ pub fn cluster_join(instance: &Instance, node: &str) -> Result<()> {
         ),
         None => {}
     }
-    state.cluster = Some(cluster::Local::from_table(node, &state.table, now_ms()));
-    state::save(&instance.state_dir, &state)
+    let mut local = cluster::Local::from_table(node, &state.table, now_ms());
+    local.learned_in_clear = !sealed;
+    state.cluster = Some(local);
+    state::save(&instance.state_dir, &state)?;
+    Ok(Vec::new())
 }
 
 /// `lbctl daemon` without `--cluster` on an instance that was in a cluster: the table it

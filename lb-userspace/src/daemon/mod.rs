@@ -110,7 +110,14 @@ pub fn run(instance: Instance, options: Options) -> Result<()> {
                     instance.name
                 );
             }
-            commands::cluster_join(&instance, &cluster.gossip.node)?;
+            let dropped =
+                commands::cluster_join(&instance, &cluster.gossip.node, cluster.keys.is_some())?;
+            if !dropped.is_empty() {
+                warn!(
+                    services = ?dropped,
+                    "sealed gossip after a run with --insecure: the service records other nodes wrote, learned in clear, are dropped (the cluster's members give them again); check `lbctl service ls` once converged"
+                );
+            }
         }
         None => {
             if commands::cluster_leave(&instance)? {

@@ -198,6 +198,7 @@ impl Loaded {
         let mut maps = Maps::take(&mut ebpf)?;
         // The frames are addressed to lbt0, this node's.
         maps.sync_host_macs(&[NODE_MAC].into())?;
+        maps.sync_host_addrs(&[Ipv4Addr::from(NODE_IP)].into())?;
         let mut table = Table::default();
         for (name, ip) in [("n1", NODE_IP), ("n2", N2_IP)] {
             table

@@ -124,6 +124,8 @@ pub fn with_node_of(flow_capacity: u32, body: impl FnOnce(&mut Node) + Send) {
         // Frames for another host's MAC start no flow: lbt0's is this node's.
         let host = lb_userspace::host::underlay::host_view(&["lbt0"]).unwrap();
         maps.sync_host_macs(&host.attached_macs).unwrap();
+        // A service on every address is balanced at the node's own addresses.
+        maps.sync_host_addrs(&host.addrs).unwrap();
         let ifindex = if_index("lbt0");
         let mut node = Node {
             ebpf,
@@ -424,6 +426,29 @@ pub fn client_tcp(port: u16, service_port: u16, flags: &str) -> Vec<u8> {
         flags,
         b"",
     )
+}
+
+/// The Internet checksum (RFC 1071) of `parts`, concatenated.
+pub fn internet_checksum(parts: &[&[u8]]) -> u16 {
+    let bytes: Vec<u8> = parts.concat();
+    let mut sum: u32 = bytes
+        .chunks(2)
+        .map(|pair| u32::from(u16::from_be_bytes([pair[0], *pair.get(1).unwrap_or(&0)])))
+        .sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+/// The reasons whose counters moved between two readings, and by how much.
+pub fn counted(before: &[u64], after: &[u64]) -> Vec<(Reason, u64)> {
+    Reason::ALL
+        .iter()
+        .zip(before.iter().zip(after))
+        .filter(|(_, (before, after))| before != after)
+        .map(|(reason, (before, after))| (*reason, after - before))
+        .collect()
 }
 
 /// Checks the IPv4 and TCP/UDP checksums of a frame by recomputing them.

@@ -1,0 +1,1344 @@
+//! Mutated frames, millions of them, through the real XDP and TC programs with BPF_PROG_RUN, in
+//! the node of `dataplane` (services on this node and on n2, flows established, a tunnel
+//! reply entry): where `hostile.rs` enumerates the defects of a few frames, this keeps going.
+//!
+//! Valid frames of every kind the data plane handles (clients' TCP and UDP to a service, the
+//! backends' replies, VXLAN from n2 for a local backend and with a reply, an ICMP error quoting
+//! a forwarded SYN, UDP fragments, IP and TCP options, and frames it passes: ARP, IPv6, VLAN)
+//! are mutated, one to four edits each: bits flipped, header fields set to edge values (lengths,
+//! IHL, data offset, flags, addresses, ports, VNI, the embedded header of an ICMP error),
+//! truncated, extended, spliced with another frame, bytes inserted or removed in the headers,
+//! the inner frame of a VXLAN packet mutated and wrapped again; then, half the time, lengths
+//! and checksums are made consistent again so that the edit is the frame's only defect.
+//!
+//! After every frame, XDP then TC:
+//! - the frame is counted once, under one reason (XDP: plus `xmit_tc` when it said so), and
+//!   the action is the one its reason stands for;
+//! - a frame passed (a `pass_*` reason; nothing counted by TC) leaves unchanged, and changes no
+//!   flow, reverse-NAT, hairpin, tunnel or fragment entry, no event counter, no backend
+//!   counter and no passive-health entry;
+//! - a frame handled or dropped for a reason of its own is one the reference parser here takes
+//!   for a well-formed packet of that kind (the data plane must not act on a malformed one);
+//! - a frame sent on is well formed: lengths consistent, IPv4 checksum valid, TCP/UDP
+//!   checksum valid whenever the input's was, only the bytes NAT may change changed, and
+//!   addressed to a configured backend (DNAT), a mesh node (VXLAN), or from a service's
+//!   address (reverse NAT).
+//!
+//! `cargo xtask fuzz --frames N --seed S` runs it at length (`LBCTL_FUZZ_FRAMES`,
+//! `LBCTL_FUZZ_SEED`); the suite runs 100,000 frames of seed 1. A failing frame is printed in
+//! hex with the seed and its number, and saved under `target/fuzz-failures/`; it then belongs
+//! in the hostile table.
+mod dataplane;
+
+use std::{
+    collections::HashMap,
+    net::Ipv4Addr,
+    os::fd::{AsFd as _, AsRawFd as _, RawFd},
+    time::Instant,
+};
+
+use aya::maps::{HashMap as BpfHashMap, IterableMap as _, MapData};
+use dataplane::*;
+use lb_common::{
+    BackendStats, Counter, DEFAULT_VXLAN_PORT, FlowKey, PROTO_TCP, PROTO_UDP, PassiveHealth, Reason,
+};
+
+const L3: usize = 14;
+const PROTO_ICMP: u8 = 1;
+/// TC's actions: let it go on (TC_ACT_OK, TC_ACT_UNSPEC), dropped, redirected.
+const TC_ACT_OK: i32 = 0;
+const TC_ACT_REDIRECT: i32 = 7;
+/// Flows created since the last reset past which the tables are emptied and the base flows
+/// made again: the state compared after every frame stays small.
+const RESET_AFTER_FLOWS: u64 = 8;
+
+// ------------------------------------------------------------------------------- randomness
+
+/// SplitMix64: small, fast, and the same sequence for the same seed everywhere.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n.max(1) as u64) as usize
+    }
+
+    fn chance(&mut self, percent: u64) -> bool {
+        self.next() % 100 < percent
+    }
+
+    fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
+        &items[self.below(items.len())]
+    }
+}
+
+// ---------------------------------------------------------------------------- frame helpers
+
+fn get_u16(frame: &[u8], at: usize) -> u16 {
+    u16::from_be_bytes([frame[at], frame[at + 1]])
+}
+
+fn set_u16(frame: &mut [u8], at: usize, value: u16) {
+    if at + 2 <= frame.len() {
+        frame[at..at + 2].copy_from_slice(&value.to_be_bytes());
+    }
+}
+
+fn ipv4_at(frame: &[u8], at: usize) -> Ipv4Addr {
+    Ipv4Addr::new(frame[at], frame[at + 1], frame[at + 2], frame[at + 3])
+}
+
+// ------------------------------------------------------------------------ reference parser
+
+/// What the reference parser makes of the IPv4 packet at `l3` in `frame` (an untagged
+/// Ethernet frame's or a VXLAN packet's inner frame's), by the rules the data plane states:
+/// version 4, IHL of 5 or more, a total length that covers the header and lies in the frame,
+/// no martian address; TCP with a data offset of 5 or more within the packet and flags a
+/// connection may carry; UDP with a length of 8 or more within the packet.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Ipv4 {
+    /// Not an untagged IPv4 frame, or its headers cut short or contradicting each other.
+    Malformed,
+    /// A fragment (with a whole IPv4 header).
+    Fragment { proto: u8 },
+    /// A whole TCP or UDP packet. `l4_valid`: its TCP/UDP checksum is right.
+    TcpUdp {
+        proto: u8,
+        l4: usize,
+        end: usize,
+        l4_valid: bool,
+    },
+    /// Another protocol (ICMP...), the header well formed.
+    Other { proto: u8, l4: usize, end: usize },
+}
+
+fn reference(frame: &[u8], l3: usize) -> Ipv4 {
+    if frame.len() < l3 + 20 || frame[l3 - 2..l3] != [0x08, 0x00] {
+        return Ipv4::Malformed;
+    }
+    let ihl = usize::from(frame[l3] & 0x0f) * 4;
+    let total = usize::from(get_u16(frame, l3 + 2));
+    if frame[l3] >> 4 != 4 || ihl < 20 || total < ihl || l3 + total > frame.len() {
+        return Ipv4::Malformed;
+    }
+    let (src, dst) = (&frame[l3 + 12..l3 + 16], &frame[l3 + 16..l3 + 20]);
+    if matches!(src[0], 0 | 127 | 224..=239) || src == [255; 4] || matches!(dst[0], 0 | 127) {
+        return Ipv4::Malformed;
+    }
+    let proto = frame[l3 + 9];
+    if get_u16(frame, l3 + 6) & 0x3fff != 0 {
+        return Ipv4::Fragment { proto };
+    }
+    let (l4, end) = (l3 + ihl, l3 + total);
+    let pseudo = |len: usize| {
+        [
+            &frame[l3 + 12..l3 + 20],
+            &[0, proto],
+            &(len as u16).to_be_bytes(),
+        ]
+        .concat()
+    };
+    match proto {
+        PROTO_TCP => {
+            if l4 + 20 > end {
+                return Ipv4::Malformed;
+            }
+            let doff = usize::from(frame[l4 + 12] >> 4) * 4;
+            let flags = frame[l4 + 13];
+            let flags_valid = flags & 0x16 != 0 && (flags & 0x02 == 0 || flags & 0x05 == 0);
+            if doff < 20 || l4 + doff > end || !flags_valid {
+                return Ipv4::Malformed;
+            }
+            let l4_valid = internet_checksum(&[&pseudo(end - l4), &frame[l4..end]]) == 0;
+            Ipv4::TcpUdp {
+                proto,
+                l4,
+                end,
+                l4_valid,
+            }
+        }
+        PROTO_UDP => {
+            if l4 + 8 > end {
+                return Ipv4::Malformed;
+            }
+            let udp_len = usize::from(get_u16(frame, l4 + 4));
+            if udp_len < 8 || l4 + udp_len > end {
+                return Ipv4::Malformed;
+            }
+            let l4_valid = get_u16(frame, l4 + 6) == 0
+                || internet_checksum(&[&pseudo(udp_len), &frame[l4..l4 + udp_len]]) == 0;
+            Ipv4::TcpUdp {
+                proto,
+                l4,
+                end,
+                l4_valid,
+            }
+        }
+        _ => Ipv4::Other { proto, l4, end },
+    }
+}
+
+/// The IPv4 header checksum of the packet at `l3` is right.
+fn ip_checksum_valid(frame: &[u8], l3: usize) -> bool {
+    let ihl = usize::from(frame[l3] & 0x0f) * 4;
+    frame.len() >= l3 + ihl && internet_checksum(&[&frame[l3..l3 + ihl]]) == 0
+}
+
+/// Where the inner frame of a well-formed VXLAN packet to this node starts.
+fn vxlan_inner(frame: &[u8]) -> Option<usize> {
+    match reference(frame, L3) {
+        Ipv4::TcpUdp {
+            proto: PROTO_UDP,
+            l4,
+            end,
+            ..
+        } if get_u16(frame, l4 + 2) == DEFAULT_VXLAN_PORT && end >= l4 + 16 => Some(l4 + 16),
+        _ => None,
+    }
+}
+
+// ----------------------------------------------------------------------------- the checks
+
+/// How a reason's frame leaves XDP.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Leaves {
+    /// Passed unchanged: `pass_*`.
+    Untouched,
+    /// Dropped.
+    Dropped,
+    /// Sent on changed, with this XDP action.
+    Sent(u32),
+    /// Never an XDP reason (TC's alone).
+    NotXdp,
+}
+
+fn leaves(reason: Reason) -> Leaves {
+    use Reason::*;
+    match reason {
+        PassNotIpv4 | PassNotTcpUdp | PassFragment | PassTruncated | PassMalformed
+        | PassNotService | PassNotLocal | PassVxlanOtherVni | PassFlowUnknown | PassOtherHost => {
+            Leaves::Untouched
+        }
+        ForwardTx | ReplyTx | ForwardEncapTx | DecapTx => Leaves::Sent(XDP_TX),
+        ForwardRedirect | ReplyRedirect | ForwardEncapRedirect | DecapRedirect | XmitPeer => {
+            Leaves::Sent(XDP_REDIRECT)
+        }
+        ForwardStack | ReplyStack | ForwardTtlExpired | DecapStack | ReplyLocal => {
+            Leaves::Sent(XDP_PASS)
+        }
+        DropNoBackend
+        | DropFlowTableFull
+        | DropVxlanUnknownSource
+        | DropVxlanBadFlags
+        | DropVxlanMalformed
+        | DropEncapMtu
+        | DropEncapNoRoute
+        | DropEncapNoNeigh
+        | DropMeshUnconfigured
+        | DropVxlanWrongNode
+        | DropVxlanNotLocalBackend
+        | DropSnatPortsExhausted
+        | DropSnatNoRoute
+        | DropBackendRefused
+        | DropBackendUnreachable => Leaves::Dropped,
+        ReplyEgress | ReplyEncap | SocketEncap | XmitTc => Leaves::NotXdp,
+    }
+}
+
+/// Every entry and counter a frame may change: the entries of the flow, reverse-NAT, hairpin,
+/// tunnel and fragment tables (bytes), the events, the backends' counters and passive health.
+#[derive(Debug, PartialEq)]
+struct State {
+    tables: Vec<HashMap<Vec<u8>, Vec<u8>>>,
+    events: Vec<u64>,
+    backends: Vec<BackendStats>,
+    passive: Vec<PassiveHealth>,
+}
+
+/// A map read whole with one `BPF_MAP_LOOKUP_BATCH` (rather than a system call or two per
+/// entry): its descriptor, and its key and value sizes (a per-CPU value: every CPU's, each
+/// rounded up to 8 bytes) and capacity.
+struct Batch {
+    fd: RawFd,
+    key_size: usize,
+    value_size: usize,
+    max_entries: usize,
+}
+
+impl Batch {
+    fn of(map: &MapData, per_cpu: bool) -> Batch {
+        let info = map.info().unwrap();
+        let value_size = info.value_size() as usize;
+        let value_size = if per_cpu {
+            value_size.div_ceil(8) * 8 * aya::util::nr_cpus().unwrap()
+        } else {
+            value_size
+        };
+        Batch {
+            fd: map.fd().as_fd().as_raw_fd(),
+            key_size: info.key_size() as usize,
+            value_size,
+            max_entries: info.max_entries() as usize,
+        }
+    }
+
+    /// Every entry of a hash map, as (key, value) bytes, key by key: the tables hold a few
+    /// dozen entries, and a batch lookup walks every bucket of their capacity.
+    fn entries(&self) -> Vec<(Vec<u8>, Vec<u8>)> {
+        const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
+        const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
+        // union bpf_attr's element commands: map_fd, key, value or next_key, flags.
+        #[repr(C)]
+        struct Attr {
+            map_fd: u32,
+            _pad: u32,
+            key: u64,
+            value: u64,
+            flags: u64,
+        }
+        let bpf = |cmd: libc::c_long, key: Option<&[u8]>, out: &mut [u8]| -> bool {
+            let attr = Attr {
+                map_fd: self.fd as u32,
+                _pad: 0,
+                key: key.map_or(0, |k| k.as_ptr() as u64),
+                value: out.as_mut_ptr() as u64,
+                flags: 0,
+            };
+            // SAFETY: the key and out buffers have the map's sizes and outlive the call.
+            unsafe {
+                libc::syscall(
+                    libc::SYS_bpf,
+                    cmd,
+                    &attr as *const Attr,
+                    std::mem::size_of::<Attr>(),
+                ) == 0
+            }
+        };
+        let mut entries = Vec::new();
+        let mut key: Option<Vec<u8>> = None;
+        loop {
+            let mut next = vec![0u8; self.key_size];
+            if !bpf(BPF_MAP_GET_NEXT_KEY, key.as_deref(), &mut next) {
+                return entries;
+            }
+            let mut value = vec![0u8; self.value_size];
+            // An entry deleted in between (an LRU eviction) is skipped.
+            if bpf(BPF_MAP_LOOKUP_ELEM, Some(&next), &mut value) {
+                entries.push((next.clone(), value));
+            }
+            key = Some(next);
+        }
+    }
+
+    /// Every entry, as (key, value) bytes, in one `BPF_MAP_LOOKUP_BATCH`.
+    fn read(&self) -> Vec<(Vec<u8>, Vec<u8>)> {
+        const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
+        let mut keys = vec![0u8; self.key_size * self.max_entries];
+        let mut values = vec![0u8; self.value_size * self.max_entries];
+        let mut out_batch = [0u8; 8];
+        // union bpf_attr's batch: in_batch, out_batch, keys, values, count, map_fd, elem_flags,
+        // flags.
+        #[repr(C)]
+        struct Attr {
+            in_batch: u64,
+            out_batch: u64,
+            keys: u64,
+            values: u64,
+            count: u32,
+            map_fd: u32,
+            elem_flags: u64,
+            flags: u64,
+        }
+        let mut attr = Attr {
+            in_batch: 0,
+            out_batch: out_batch.as_mut_ptr() as u64,
+            keys: keys.as_mut_ptr() as u64,
+            values: values.as_mut_ptr() as u64,
+            count: self.max_entries as u32,
+            map_fd: self.fd as u32,
+            elem_flags: 0,
+            flags: 0,
+        };
+        // SAFETY: the buffers hold `count` keys and values and outlive the call.
+        let ret = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_MAP_LOOKUP_BATCH,
+                &mut attr as *mut Attr,
+                std::mem::size_of::<Attr>(),
+            )
+        };
+        let err = std::io::Error::last_os_error();
+        // ENOENT: the end was reached (every entry read).
+        assert!(
+            ret == 0 || err.raw_os_error() == Some(libc::ENOENT),
+            "batch lookup: {err}"
+        );
+        (0..attr.count as usize)
+            .map(|i| {
+                (
+                    keys[i * self.key_size..(i + 1) * self.key_size].to_vec(),
+                    values[i * self.value_size..(i + 1) * self.value_size].to_vec(),
+                )
+            })
+            .collect()
+    }
+
+    /// A per-CPU array of counters of `words` u64s each, summed over the CPUs: the first word
+    /// of each entry.
+    fn first_words(&self, words: usize) -> Vec<u64> {
+        let mut entries = self.read();
+        entries.sort_by_key(|(key, _)| u32::from_ne_bytes(key[..4].try_into().unwrap()));
+        entries
+            .iter()
+            .map(|(_, value)| {
+                value
+                    .chunks(words * 8)
+                    .map(|cpu| u64::from_ne_bytes(cpu[..8].try_into().unwrap()))
+                    .sum()
+            })
+            .collect()
+    }
+}
+
+struct Fuzzer<'a> {
+    node: &'a mut Node,
+    /// The flow, reverse-NAT, hairpin, tunnel and fragment tables; the reason and event
+    /// counters.
+    tables: Vec<Batch>,
+    reasons: Batch,
+    events: Batch,
+    backend_ids: Vec<u32>,
+    /// Where DNAT may send: every backend, as (address, port).
+    backends: Vec<(Ipv4Addr, u16)>,
+    /// Where VXLAN may go: the other nodes.
+    nodes: Vec<Ipv4Addr>,
+    /// What replies may come from: the services' (address, port).
+    frontends: Vec<(Ipv4Addr, u16)>,
+}
+
+impl Fuzzer<'_> {
+    fn state(&self) -> State {
+        let maps = &self.node.maps;
+        State {
+            tables: self
+                .tables
+                .iter()
+                .map(|table| {
+                    // A flow-sized table (small here) in one call; the others, mostly empty
+                    // but large, key by key.
+                    let entries = if table.max_entries <= 1024 {
+                        table.read()
+                    } else {
+                        table.entries()
+                    };
+                    entries.into_iter().collect()
+                })
+                .collect(),
+            events: self.events.first_words(1),
+            backends: self
+                .backend_ids
+                .iter()
+                .map(|id| maps.backend_totals(*id).unwrap())
+                .collect(),
+            passive: self
+                .backend_ids
+                .iter()
+                .map(|id| maps.passive_health.get(id, 0).unwrap())
+                .collect(),
+        }
+    }
+
+    /// Packets counted under each reason.
+    fn reasons(&self) -> Vec<u64> {
+        self.reasons.first_words(std::mem::size_of::<Counter>() / 8)
+    }
+
+    /// Empties every table a frame may fill, and counts nothing of it.
+    fn reset(&mut self) {
+        let maps = &mut self.node.maps;
+        for key in maps.flows.keys().map(Result::unwrap).collect::<Vec<_>>() {
+            maps.flows.remove(&key).unwrap();
+        }
+        for key in maps
+            .reverse_flows
+            .keys()
+            .map(Result::unwrap)
+            .collect::<Vec<_>>()
+        {
+            maps.reverse_flows.remove(&key).unwrap();
+        }
+        for key in maps
+            .snat_flows
+            .keys()
+            .map(Result::unwrap)
+            .collect::<Vec<_>>()
+        {
+            maps.snat_flows.remove(&key).unwrap();
+        }
+        for key in maps
+            .tunnel_replies
+            .keys()
+            .map(Result::unwrap)
+            .collect::<Vec<_>>()
+        {
+            maps.tunnel_replies.remove(&key).unwrap();
+        }
+        let mut fragments: BpfHashMap<&mut MapData, [u8; 12], [u8; 16]> =
+            BpfHashMap::try_from(self.node.ebpf.map_mut("FRAGMENTS").unwrap()).unwrap();
+        for key in fragments.keys().map(Result::unwrap).collect::<Vec<_>>() {
+            fragments.remove(&key).unwrap();
+        }
+        for id in &self.backend_ids {
+            self.node
+                .maps
+                .passive_health
+                .set(*id, PassiveHealth::default(), 0)
+                .unwrap();
+        }
+    }
+
+    /// Checks what XDP and TC did with `frame`, from `state` (the state now); `Err` says which
+    /// invariant it broke. Returns the state after.
+    fn check(&self, frame: &[u8], state: State) -> Result<State, String> {
+        let before = self.reasons();
+        // The kernel never runs XDP on less than an Ethernet header (nor TC).
+        if frame.len() < L3 {
+            if self.node.try_xdp(frame, Some(self.node.ifindex)).is_ok() {
+                return Err("XDP ran on less than an Ethernet header".into());
+            }
+            if self.reasons() != before {
+                return Err("a frame the kernel refused was counted".into());
+            }
+            return Ok(state);
+        }
+        let (action, out) = self
+            .node
+            .try_xdp(frame, Some(self.node.ifindex))
+            .map_err(|err| format!("XDP test run refused: {err}"))?;
+        let after = self.reasons();
+        let state_after = self.state();
+        let mut counted = counted(&before, &after);
+        counted.retain(|(reason, n)| !(*reason == Reason::XmitTc && *n == 1));
+        let [(reason, 1)] = counted[..] else {
+            return Err(format!(
+                "XDP counted {counted:?}, not once under one reason"
+            ));
+        };
+        let what = format!("XDP {} (action {action})", reason.name());
+        match leaves(reason) {
+            Leaves::NotXdp => return Err(format!("{what}: a reason XDP never counts")),
+            Leaves::Untouched => {
+                if action != XDP_PASS || out != frame {
+                    return Err(format!("{what}: passed, but action or frame changed"));
+                }
+                if state_after != state {
+                    return Err(format!("{what}: passed, but the state changed"));
+                }
+            }
+            Leaves::Dropped => {
+                if action != XDP_DROP {
+                    return Err(format!("{what}: a drop reason"));
+                }
+                self.acted_on_well_formed(frame, reason)
+                    .map_err(|e| format!("{what}: {e}"))?;
+            }
+            Leaves::Sent(expected) => {
+                if action != expected {
+                    return Err(format!("{what}: expected action {expected}"));
+                }
+                self.acted_on_well_formed(frame, reason)
+                    .map_err(|e| format!("{what}: {e}"))?;
+                // A reply XDP cannot send on itself (its TTL runs out here, or the next hop
+                // needs the kernel) goes to the kernel untouched: TC reverse-NATs it on its way
+                // out, if the kernel sends it.
+                // (Decapsulated first, when it came from another node.)
+                let inner = vxlan_inner(frame).unwrap_or(0);
+                let untouched_reply = reason == Reason::ReplyStack && out == frame[inner..];
+                if !untouched_reply {
+                    self.sent_well_formed(frame, &out, reason)
+                        .map_err(|e| format!("{what}: {e}"))?;
+                }
+            }
+        }
+        self.check_tc(frame, state_after, after)
+    }
+
+    /// [`Fuzzer::check`] of TC, from the `state` and reason counts XDP left.
+    fn check_tc(&self, frame: &[u8], state: State, before: Vec<u64>) -> Result<State, String> {
+        // BPF_PROG_RUN takes for TC only a frame with an Ethernet header, a whole IPv4 or IPv6
+        // header if it says IPv4 or IPv6, and within a page.
+        let network_header = match frame.get(12..14) {
+            Some([0x08, 0x00]) => 20,
+            Some([0x86, 0xdd]) => 40,
+            _ => 0,
+        };
+        if !(L3..=4096 - 64 - 320).contains(&frame.len()) || frame.len() < L3 + network_header {
+            return Ok(state);
+        }
+        let (action, out) = self
+            .node
+            .try_tc_on(frame, Some(self.node.ifindex))
+            .map_err(|err| format!("TC test run refused: {err}"))?;
+        let counted = counted(&before, &self.reasons());
+        match counted[..] {
+            [] => {
+                if action != TC_ACT_UNSPEC || out != frame {
+                    return Err(format!(
+                        "TC counted nothing, but action {action} or the frame changed"
+                    ));
+                }
+                let now = self.state();
+                if now != state {
+                    return Err("TC counted nothing, but the state changed".into());
+                }
+                Ok(now)
+            }
+            [(reason, 1)] => {
+                let what = format!("TC {} (action {action})", reason.name());
+                self.acted_on_well_formed(frame, reason)
+                    .map_err(|e| format!("{what}: {e}"))?;
+                if action == TC_ACT_SHOT {
+                    if leaves(reason) != Leaves::Dropped {
+                        return Err(format!("{what}: dropped under a reason that is no drop"));
+                    }
+                    return Ok(self.state());
+                }
+                if !matches!(action, TC_ACT_UNSPEC | TC_ACT_OK | TC_ACT_REDIRECT)
+                    || !matches!(
+                        reason,
+                        Reason::ReplyEgress | Reason::ReplyEncap | Reason::SocketEncap
+                    )
+                {
+                    return Err(format!("{what}: not a way TC sends a packet on"));
+                }
+                self.sent_well_formed(frame, &out, reason)
+                    .map_err(|e| format!("{what}: {e}"))?;
+                Ok(self.state())
+            }
+            _ => Err(format!("TC counted {counted:?}, not once under one reason")),
+        }
+    }
+
+    /// A frame the data plane acted on (sent on changed, or dropped for a reason of its own)
+    /// must be well formed for the reference parser, of a kind that reason is about.
+    fn acted_on_well_formed(&self, frame: &[u8], reason: Reason) -> Result<(), String> {
+        use Reason::*;
+        let outer = reference(frame, L3);
+        let ok = match reason {
+            // About the VXLAN packet itself (its inner frame may be what is wrong).
+            DropVxlanUnknownSource | DropVxlanBadFlags | DropVxlanMalformed => matches!(
+                outer,
+                Ipv4::TcpUdp { proto: PROTO_UDP, l4, .. } if get_u16(frame, l4 + 2) == DEFAULT_VXLAN_PORT
+            ),
+            DecapTx
+            | DecapRedirect
+            | DecapStack
+            | DropVxlanWrongNode
+            | DropVxlanNotLocalBackend
+            | ReplyLocal => vxlan_inner(frame)
+                .is_some_and(|inner| matches!(reference(frame, inner + L3), Ipv4::TcpUdp { .. })),
+            // An ICMP error quoting an IPv4 header and the 8 bytes after it.
+            DropBackendUnreachable => match outer {
+                Ipv4::Other {
+                    proto: PROTO_ICMP,
+                    l4,
+                    end,
+                } if end >= l4 + 8 + 20 => {
+                    let quoted_ihl = usize::from(frame[l4 + 8] & 0x0f) * 4;
+                    end >= l4 + 8 + quoted_ihl + 8
+                }
+                _ => false,
+            },
+            // A UDP datagram's fragments, or a whole packet; or a VXLAN reply of a flow
+            // decapsulated, reverse-NATed and sent (the inner packet is then checked).
+            _ => match outer {
+                Ipv4::TcpUdp { .. } => true,
+                Ipv4::Fragment { proto } => proto == PROTO_UDP,
+                _ => false,
+            },
+        };
+        if ok {
+            Ok(())
+        } else {
+            Err(format!(
+                "acted on a frame the reference takes for {outer:?}"
+            ))
+        }
+    }
+
+    /// A frame sent on is well formed, changed only where NAT may change it, and addressed
+    /// where its reason says.
+    fn sent_well_formed(&self, input: &[u8], out: &[u8], reason: Reason) -> Result<(), String> {
+        use Reason::*;
+        // The packet that was NATed: in a VXLAN input, its inner packet (decapsulated); in an
+        // encapsulated output, the inner packet.
+        let l3_in = vxlan_inner(input).map_or(L3, |inner| inner + L3);
+        let l3_out = if matches!(
+            reason,
+            ForwardEncapTx | ForwardEncapRedirect | ReplyEncap | SocketEncap
+        ) {
+            let outer = reference(out, L3);
+            let Some(inner) = vxlan_inner(out) else {
+                return Err(format!("encapsulated, but the outer packet is {outer:?}"));
+            };
+            if !ip_checksum_valid(out, L3) {
+                return Err("outer IPv4 checksum wrong".into());
+            }
+            let node = ipv4_at(out, L3 + 16);
+            if !self.nodes.contains(&node) {
+                return Err(format!("encapsulated to {node}, which is no node"));
+            }
+            inner + L3
+        } else {
+            L3
+        };
+        let got = reference(out, l3_out);
+        let want = reference(input, l3_in);
+        if !ip_checksum_valid(out, l3_out) && ip_checksum_valid(input, l3_in) {
+            return Err("IPv4 checksum wrong".into());
+        }
+        let (src, dst) = (ipv4_at(out, l3_out + 12), ipv4_at(out, l3_out + 16));
+        match (want, got) {
+            (
+                Ipv4::TcpUdp {
+                    l4_valid: valid_in,
+                    l4: l4_in,
+                    ..
+                },
+                Ipv4::TcpUdp {
+                    l4_valid: valid_out,
+                    l4,
+                    end,
+                    ..
+                },
+            ) => {
+                if valid_in && !valid_out {
+                    return Err("TCP/UDP checksum wrong".into());
+                }
+                if end - l3_out != usize::from(get_u16(input, l3_in + 2))
+                    || l4 - l3_out != l4_in - l3_in
+                {
+                    return Err("lengths changed".into());
+                }
+                let (sport, dport) = (get_u16(out, l4), get_u16(out, l4 + 2));
+                // Only addresses, ports, TTL and checksums may change.
+                let check_at = if out[l3_out + 9] == PROTO_TCP { 16 } else { 6 };
+                for i in 0..end - l3_out {
+                    let may_change = matches!(i, 8 | 10 | 11 | 12..=19)
+                        || (i >= l4 - l3_out
+                            && matches!(i - (l4 - l3_out), 0..=3)
+                                | (i - (l4 - l3_out) == check_at)
+                                | (i - (l4 - l3_out) == check_at + 1));
+                    if !may_change && out[l3_out + i] != input[l3_in + i] {
+                        return Err(format!("byte {i} of the IPv4 packet changed"));
+                    }
+                }
+                if reason == ReplyEncap {
+                    // Sent back to the node that balanced it, which reverse-NATs it.
+                    if !self.backends.contains(&(src, sport)) {
+                        return Err(format!(
+                            "tunnel reply from {src}:{sport}, which is no backend"
+                        ));
+                    }
+                } else if is_reply(reason) {
+                    if !self.frontends.contains(&(src, sport)) {
+                        return Err(format!("reply from {src}:{sport}, which is no service"));
+                    }
+                } else if !self.backends.contains(&(dst, dport)) {
+                    return Err(format!("sent to {dst}:{dport}, which is no backend"));
+                }
+                Ok(())
+            }
+            (Ipv4::Fragment { .. }, Ipv4::Fragment { .. }) => {
+                let addresses: Vec<Ipv4Addr> = self.backends.iter().map(|b| b.0).collect();
+                let service_addresses: Vec<Ipv4Addr> = self.frontends.iter().map(|f| f.0).collect();
+                if is_reply(reason) && reason != ReplyEncap && !service_addresses.contains(&src) {
+                    return Err(format!("reply fragment from {src}, which is no service"));
+                }
+                if !is_reply(reason) && !addresses.contains(&dst) {
+                    return Err(format!("fragment sent to {dst}, which is no backend"));
+                }
+                Ok(())
+            }
+            (want, got) => Err(format!("sent {got:?} for {want:?}")),
+        }
+    }
+}
+
+fn is_reply(reason: Reason) -> bool {
+    use Reason::*;
+    matches!(
+        reason,
+        ReplyTx | ReplyRedirect | ReplyStack | ReplyEgress | ReplyEncap | ReplyLocal
+    )
+}
+
+// ------------------------------------------------------------------------------ the frames
+
+/// A client port of the base flows, each kind its own.
+const WEB_CLIENT: u16 = 41000;
+const DNS_CLIENT: u16 = 41001;
+const MESH_CLIENT: u16 = 41002;
+const AWAITING_CLIENT: u16 = 41003;
+
+/// Makes the base flows (a web connection, a DNS exchange, a connection to n2's task, a SYN
+/// awaiting its answer, a flow n2 balanced to this node's backend) and returns the valid
+/// frames the mutations start from.
+fn base(fuzzer: &mut Fuzzer) -> Vec<(&'static str, Vec<u8>)> {
+    let node = &*fuzzer.node;
+    let send = |frame: &[u8]| {
+        let (action, _) = node.xdp(frame, Some(node.ifindex));
+        assert_ne!(action, XDP_DROP, "a base frame was dropped");
+    };
+    let chosen = |key: &FlowKey| -> [u8; 4] {
+        let flow = node.maps.flows.get(key, 0).unwrap();
+        flow.backend_ip_be.to_ne_bytes()
+    };
+    let web_syn = client_tcp(WEB_CLIENT, WEB_PORT, "S");
+    send(&web_syn);
+    let web_backend = chosen(&tcp_key((CLIENT_IP, WEB_CLIENT), (NODE_IP, WEB_PORT)));
+    let query = client_query(DNS_CLIENT);
+    send(&query);
+    let mut dns_key = tcp_key((CLIENT_IP, DNS_CLIENT), (NODE_IP, DNS_PORT));
+    dns_key.proto = PROTO_UDP;
+    let dns_backend = chosen(&dns_key);
+    send(&client_tcp(MESH_CLIENT, MESH_PORT, "S"));
+    let awaiting_syn = client_tcp(AWAITING_CLIENT, WEB_PORT, "S");
+    send(&awaiting_syn);
+    let awaiting_backend = chosen(&tcp_key((CLIENT_IP, AWAITING_CLIENT), (NODE_IP, WEB_PORT)));
+    let from_n2 = Tunnel::from_n2().wrap(&syn_from_n2_for_a_local_backend());
+    send(&from_n2);
+    let mac_of = |ip: [u8; 4]| [0x02, 0, 0, 0, 0, ip[3]];
+
+    let web_reply = tcp(
+        (mac_of(web_backend), INGRESS_MAC),
+        (web_backend, BACKEND_PORT),
+        (CLIENT_IP, WEB_CLIENT),
+        64,
+        "SA",
+        b"",
+    );
+    let dns_answer = udp(
+        (mac_of(dns_backend), INGRESS_MAC),
+        (dns_backend, DNS_BACKEND_PORT),
+        (CLIENT_IP, DNS_CLIENT),
+        64,
+        b"an answer of some length",
+    );
+    let mesh_reply = Tunnel::from_n2().wrap(&tcp(
+        (N2_MAC, INGRESS_MAC),
+        (REMOTE_BACKEND, BACKEND_PORT),
+        (CLIENT_IP, MESH_CLIENT),
+        63,
+        "SA",
+        b"",
+    ));
+    let local_reply_for_n2 = tcp(
+        (backend_mac(0), INGRESS_MAC),
+        (BACKENDS[0], BACKEND_PORT),
+        (CLIENT_IP, 40000),
+        64,
+        "SA",
+        b"",
+    );
+    // The forwarded SYN as the node sent it, quoted by the backend's ICMP port unreachable.
+    let forwarded = to_backend(
+        (INGRESS_MAC, mac_of(awaiting_backend)),
+        AWAITING_CLIENT,
+        awaiting_backend,
+        63,
+        "S",
+    );
+    let unreachable = icmp_unreachable(awaiting_backend, &forwarded[L3..L3 + 28]);
+    let big_query = udp(
+        (CLIENT_MAC, INGRESS_MAC),
+        (CLIENT_IP, DNS_CLIENT + 10),
+        (NODE_IP, DNS_PORT),
+        64,
+        &[0x5a; 64],
+    );
+    let [first, later] = fragments(&big_query, 0x4242, 32);
+    let with_options = {
+        let mut f = client_tcp(WEB_CLIENT, WEB_PORT, "A");
+        f.splice(L3 + 20..L3 + 20, [1, 1, 1, 0]);
+        f[L3] = 0x46;
+        let total = get_u16(&f, L3 + 2) + 4;
+        set_u16(&mut f, L3 + 2, total);
+        refresh(&mut f, L3);
+        f
+    };
+    let tcp_options = {
+        let mut f = client_tcp(WEB_CLIENT, WEB_PORT, "PA");
+        f.splice(L3 + 40..L3 + 40, [2, 4, 5, 0xb4, 1, 1, 4, 2]);
+        f[L3 + 32] = 0x70;
+        let total = get_u16(&f, L3 + 2) + 8;
+        set_u16(&mut f, L3 + 2, total);
+        refresh(&mut f, L3);
+        f
+    };
+    let mut vlan = web_syn.clone();
+    vlan.splice(12..12, [0x81, 0x00, 0x00, 0x05]);
+    let mut ipv6 = vec![0u8; 14 + 40 + 20];
+    ipv6[12..14].copy_from_slice(&[0x86, 0xdd]);
+    ipv6[14] = 0x60;
+    ipv6[19] = 20;
+    ipv6[20] = PROTO_TCP;
+    let mut arp = vec![0xff; 6];
+    arp.extend_from_slice(&CLIENT_MAC);
+    arp.extend_from_slice(&[0x08, 0x06, 0, 1, 8, 0, 6, 4, 0, 1]);
+    arp.extend_from_slice(&[0; 28 - 8]);
+    vec![
+        ("web SYN", client_tcp(WEB_CLIENT + 20, WEB_PORT, "S")),
+        ("web ACK", client_tcp(WEB_CLIENT, WEB_PORT, "A")),
+        (
+            "web data",
+            tcp(
+                (CLIENT_MAC, INGRESS_MAC),
+                (CLIENT_IP, WEB_CLIENT),
+                (NODE_IP, WEB_PORT),
+                64,
+                "PA",
+                b"GET / HTTP/1.1\r\n\r\n",
+            ),
+        ),
+        ("web FIN", client_tcp(WEB_CLIENT, WEB_PORT, "FA")),
+        ("web RST", client_tcp(WEB_CLIENT, WEB_PORT, "RA")),
+        ("web reply", web_reply),
+        ("dns query", query),
+        ("dns answer", dns_answer),
+        ("mesh SYN", client_tcp(MESH_CLIENT + 20, MESH_PORT, "S")),
+        ("mesh ACK", client_tcp(MESH_CLIENT, MESH_PORT, "A")),
+        ("mesh dns query", {
+            let mut q = client_query(DNS_CLIENT + 20);
+            set_u16(&mut q, L3 + 22, MESH_DNS_PORT);
+            refresh(&mut q, L3);
+            q
+        }),
+        ("VXLAN SYN from n2", from_n2),
+        ("VXLAN reply from n2", mesh_reply),
+        ("reply to n2's flow", local_reply_for_n2),
+        ("ICMP unreachable", unreachable),
+        ("first fragment", first),
+        ("later fragment", later),
+        ("IP options", with_options),
+        ("TCP options", tcp_options),
+        ("VLAN", vlan),
+        ("IPv6", ipv6),
+        ("ARP", arp),
+        ("other port", client_tcp(WEB_CLIENT, 22, "S")),
+    ]
+}
+
+/// An ICMP destination unreachable (port) from `from` to the client, quoting `quoted` (an IPv4
+/// header and 8 bytes).
+fn icmp_unreachable(from: [u8; 4], quoted: &[u8]) -> Vec<u8> {
+    let mut icmp = vec![3, 3, 0, 0, 0, 0, 0, 0];
+    icmp.extend_from_slice(quoted);
+    let check = internet_checksum(&[&icmp]);
+    icmp[2..4].copy_from_slice(&check.to_be_bytes());
+    let mut ip = etherparse::Ipv4Header::new(
+        icmp.len() as u16,
+        64,
+        etherparse::IpNumber::ICMP,
+        from,
+        CLIENT_IP,
+    )
+    .unwrap();
+    ip.header_checksum = ip.calc_header_checksum();
+    let mut frame = Vec::new();
+    frame.extend_from_slice(&INGRESS_MAC);
+    frame.extend_from_slice(&[0x02, 0, 0, 0, 0, from[3]]);
+    frame.extend_from_slice(&[0x08, 0x00]);
+    frame.extend_from_slice(&ip.to_bytes());
+    frame.extend_from_slice(&icmp);
+    frame
+}
+
+/// Splits an IPv4 frame without options into two fragments, the first with `at` bytes.
+fn fragments(frame: &[u8], id: u16, at: usize) -> [Vec<u8>; 2] {
+    let (eth, ip, payload) = (&frame[..L3], &frame[L3..L3 + 20], &frame[L3 + 20..]);
+    let fragment = |data: &[u8], offset: usize, more: bool| {
+        let mut f = [eth, ip, data].concat();
+        set_u16(&mut f, L3 + 2, (20 + data.len()) as u16);
+        set_u16(&mut f, L3 + 4, id);
+        set_u16(
+            &mut f,
+            L3 + 6,
+            (u16::from(more) << 13) | (offset / 8) as u16,
+        );
+        refresh_ip(&mut f, L3);
+        f
+    };
+    [
+        fragment(&payload[..at], 0, true),
+        fragment(&payload[at..], at, false),
+    ]
+}
+
+fn refresh_ip(frame: &mut [u8], l3: usize) {
+    if frame.len() < l3 + 20 {
+        return;
+    }
+    let ihl = (usize::from(frame[l3] & 0x0f) * 4).max(20);
+    if frame.len() < l3 + ihl {
+        return;
+    }
+    set_u16(frame, l3 + 10, 0);
+    let check = internet_checksum(&[&frame[l3..l3 + ihl]]);
+    set_u16(frame, l3 + 10, check);
+}
+
+/// Makes the IPv4 checksum, and the TCP/UDP checksum where the segment is whole, right.
+fn refresh(frame: &mut [u8], l3: usize) {
+    refresh_ip(frame, l3);
+    if let Ipv4::TcpUdp { proto, l4, end, .. } = reference(frame, l3) {
+        let (at, len) = if proto == PROTO_TCP {
+            (l4 + 16, end - l4)
+        } else {
+            (l4 + 6, usize::from(get_u16(frame, l4 + 4)))
+        };
+        set_u16(frame, at, 0);
+        let pseudo = [
+            &frame[l3 + 12..l3 + 20],
+            &[0, proto],
+            &(len as u16).to_be_bytes(),
+        ]
+        .concat();
+        let check = match internet_checksum(&[&pseudo, &frame[l4..l4 + len]]) {
+            0 if proto == PROTO_UDP => 0xffff,
+            check => check,
+        };
+        set_u16(frame, at, check);
+    }
+}
+
+/// Makes the IPv4 total length (and the UDP length) fill the frame from `l3`.
+fn fit_lengths(frame: &mut [u8], l3: usize) {
+    if frame.len() < l3 + 20 {
+        return;
+    }
+    let total = (frame.len() - l3).min(0xffff) as u16;
+    set_u16(frame, l3 + 2, total);
+    let l4 = l3 + usize::from(frame[l3] & 0x0f) * 4;
+    if frame[l3 + 9] == PROTO_UDP && frame.len() >= l4 + 8 {
+        set_u16(frame, l4 + 4, (frame.len() - l4).min(0xffff) as u16);
+    }
+}
+
+/// Header offsets worth editing in a frame whose IPv4 header starts at `l3`.
+fn fields(frame: &[u8], l3: usize) -> Vec<usize> {
+    let mut at: Vec<usize> = (0..20).map(|i| l3 + i).collect();
+    at.extend([12, 13]);
+    if frame.len() > l3 {
+        let l4 = l3 + usize::from(frame[l3] & 0x0f) * 4;
+        at.extend((0..20).map(|i| l4 + i));
+        // An ICMP error's embedded header, a VXLAN header.
+        at.extend((8..36).map(|i| l4 + i));
+    }
+    at.retain(|&i| i < frame.len());
+    at
+}
+
+const EDGE_BYTES: &[u8] = &[
+    0, 1, 2, 4, 5, 6, 0x0f, 0x10, 0x11, 0x12, 0x3f, 0x40, 0x45, 0x7f, 0x80, 0xff,
+];
+
+fn edge_u16(rng: &mut Rng, frame_len: usize) -> u16 {
+    let len = frame_len as u16;
+    let random = rng.next() as u16;
+    *rng.pick(&[
+        0,
+        1,
+        7,
+        8,
+        19,
+        20,
+        21,
+        40,
+        len.wrapping_sub(14),
+        len.wrapping_sub(13),
+        len.wrapping_sub(15),
+        len.wrapping_sub(34),
+        len.wrapping_sub(33),
+        len,
+        0x7fff,
+        0x8000,
+        0xffff,
+        random,
+    ])
+}
+
+/// One edit of `frame` (IPv4 header at `l3`); `other` is another seed, for splices.
+fn mutate_once(rng: &mut Rng, frame: &mut Vec<u8>, l3: usize, other: &[u8]) {
+    if frame.is_empty() {
+        frame.push(rng.next() as u8);
+        return;
+    }
+    match rng.below(9) {
+        0 => {
+            for _ in 0..=rng.below(3) {
+                let at = rng.below(frame.len());
+                frame[at] ^= 1 << rng.below(8);
+            }
+        }
+        1 | 2 => {
+            let fields = fields(frame, l3);
+            if let Some(&at) = fields.get(rng.below(fields.len().max(1))) {
+                frame[at] = if rng.chance(70) {
+                    *rng.pick(EDGE_BYTES)
+                } else {
+                    rng.next() as u8
+                };
+            }
+        }
+        3 => {
+            let fields = fields(frame, l3);
+            if let Some(&at) = fields.get(rng.below(fields.len().max(1))) {
+                let value = edge_u16(rng, frame.len());
+                set_u16(frame, at, value);
+            }
+        }
+        4 => {
+            let len = rng.below(frame.len());
+            frame.truncate(len);
+        }
+        5 => {
+            let extra = 1 + rng.below(64);
+            let zeros = rng.chance(50);
+            frame.extend((0..extra).map(|_| if zeros { 0 } else { rng.next() as u8 }));
+        }
+        6 => {
+            let cut = rng.below(frame.len());
+            let from = rng.below(other.len().max(1));
+            frame.truncate(cut);
+            frame.extend_from_slice(&other[from.min(other.len())..]);
+        }
+        7 => {
+            let limit = frame.len().min(l3 + 80);
+            let at = rng.below(limit);
+            if rng.chance(50) {
+                let n = 1 + rng.below(8);
+                for _ in 0..n {
+                    frame.insert(at, rng.next() as u8);
+                }
+            } else {
+                let n = (1 + rng.below(8)).min(frame.len() - at);
+                frame.drain(at..at + n);
+            }
+        }
+        _ => {
+            // Options: IHL or data offset grown or shrunk by whole words.
+            if frame.len() > l3 + 20 {
+                let l4 = l3 + usize::from(frame[l3] & 0x0f) * 4;
+                if rng.chance(50) || frame.len() < l4 + 13 {
+                    frame[l3] = (frame[l3] & 0xf0) | (rng.below(16) as u8);
+                } else {
+                    frame[l4 + 12] = ((rng.below(16) as u8) << 4) | (frame[l4 + 12] & 0x0f);
+                }
+            }
+        }
+    }
+}
+
+/// A mutant of `seed`: one to four edits, of the VXLAN packet's inner frame when it has one
+/// (and then wrapped again, its lengths right) or of the frame; then, half the time, lengths
+/// and checksums made consistent.
+fn mutant(rng: &mut Rng, seed: &[u8], other: &[u8]) -> Vec<u8> {
+    let mut frame = seed.to_vec();
+    let inner = vxlan_inner(seed).filter(|_| rng.chance(60));
+    let l3 = inner.map_or(L3, |inner| inner + L3);
+    for _ in 0..=rng.below(4) {
+        mutate_once(rng, &mut frame, l3, other);
+    }
+    if rng.chance(30) {
+        fit_lengths(&mut frame, l3);
+    }
+    if let Some(inner) = inner
+        && frame.len() > inner
+        && rng.chance(70)
+    {
+        // The outer lengths fit the new inner frame.
+        let outer_l4 = inner - 16;
+        let total = (frame.len() - L3) as u16;
+        set_u16(&mut frame, L3 + 2, total);
+        let udp_len = (frame.len() - outer_l4) as u16;
+        set_u16(&mut frame, outer_l4 + 4, udp_len);
+        if rng.chance(50) {
+            refresh(&mut frame, l3);
+        }
+        refresh_ip(&mut frame, L3);
+    } else if rng.chance(50) {
+        refresh(&mut frame, l3);
+    }
+    frame
+}
+
+fn hex(frame: &[u8]) -> String {
+    frame.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn env_u64(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .map(|v| {
+            v.parse()
+                .unwrap_or_else(|_| panic!("{name}={v}: not a number"))
+        })
+        .unwrap_or(default)
+}
+
+#[test]
+fn mutated_frames_of_every_kind_keep_the_data_planes_invariants() {
+    let frames = env_u64("LBCTL_FUZZ_FRAMES", 100_000);
+    let seed = env_u64("LBCTL_FUZZ_SEED", 1);
+    // A small flow table: the state compared after every frame is read whole.
+    with_node_of(256, |node| {
+        let backend_ids: Vec<u32> = node
+            .table
+            .services
+            .iter()
+            .flat_map(|s| s.backends.iter().map(|b| b.id))
+            .collect();
+        let backends = node
+            .table
+            .services
+            .iter()
+            .flat_map(|s| s.backends.iter().map(|b| (*b.addr.ip(), b.addr.port())))
+            .collect();
+        let frontends = node
+            .table
+            .services
+            .iter()
+            .map(|s| (Ipv4Addr::from(NODE_IP), s.port))
+            .collect();
+        // Descriptors of maps the node keeps open for the whole run.
+        let fragments: BpfHashMap<&MapData, [u8; 12], [u8; 16]> =
+            BpfHashMap::try_from(node.ebpf.map("FRAGMENTS").unwrap()).unwrap();
+        let maps = &node.maps;
+        let tables = vec![
+            Batch::of(maps.flows.map(), false),
+            Batch::of(maps.reverse_flows.map(), false),
+            Batch::of(maps.snat_flows.map(), false),
+            Batch::of(maps.tunnel_replies.map(), false),
+            Batch::of(fragments.map(), false),
+        ];
+        let reasons = Batch::of(maps.reason_stats.map(), true);
+        let events = Batch::of(maps.event_stats.map(), true);
+        let mut fuzzer = Fuzzer {
+            node,
+            tables,
+            reasons,
+            events,
+            backend_ids,
+            backends,
+            nodes: vec![Ipv4Addr::from(N2_IP), Ipv4Addr::from(N3_IP)],
+            frontends,
+        };
+        let mut rng = Rng(seed);
+        let mut seeds = base(&mut fuzzer);
+        // Every seed keeps the invariants as it is.
+        let mut state = fuzzer.state();
+        for (name, frame) in &seeds {
+            state = fuzzer
+                .check(frame, state)
+                .unwrap_or_else(|err| panic!("seed frame {name}: {err}"));
+        }
+        let failures_dir =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/fuzz-failures");
+        let created = |state: &State| state.events[lb_common::Event::FlowCreated as usize];
+        let mut created_at_reset = created(&state);
+        let mut failures: Vec<String> = Vec::new();
+        let reasons_at_start = fuzzer.reasons();
+        let started = Instant::now();
+        let mut checked = 0;
+        for n in 0..frames {
+            let (_, seed_frame) = &seeds[rng.below(seeds.len())];
+            let (_, other) = &seeds[rng.below(seeds.len())];
+            let frame = mutant(&mut rng, seed_frame, other);
+            checked += 1;
+            match fuzzer.check(&frame, state) {
+                Ok(after) if created(&after) - created_at_reset > RESET_AFTER_FLOWS => {
+                    fuzzer.reset();
+                    seeds = base(&mut fuzzer);
+                    state = fuzzer.state();
+                    created_at_reset = created(&state);
+                }
+                Ok(after) => state = after,
+                Err(err) => {
+                    let line = format!("seed {seed} frame {n}: {err}\n  {}", hex(&frame));
+                    eprintln!("FAILED {line}");
+                    std::fs::create_dir_all(&failures_dir).unwrap();
+                    std::fs::write(
+                        failures_dir.join(format!("seed-{seed}-frame-{n}.hex")),
+                        format!("# {err}\n{}\n", hex(&frame)),
+                    )
+                    .unwrap();
+                    failures.push(line);
+                    if failures.len() >= 20 {
+                        break;
+                    }
+                    // Start again from a known state.
+                    fuzzer.reset();
+                    seeds = base(&mut fuzzer);
+                    state = fuzzer.state();
+                    created_at_reset = created(&state);
+                }
+            }
+            if n > 0 && n % 1_000_000 == 0 {
+                let secs = started.elapsed().as_secs_f64();
+                println!("{n} frames, {:.0} frames/s", n as f64 / secs);
+            }
+        }
+        let counted: Vec<u64> = fuzzer
+            .reasons()
+            .iter()
+            .zip(&reasons_at_start)
+            .map(|(after, before)| after - before)
+            .collect();
+        let frames = checked;
+        let secs = started.elapsed().as_secs_f64();
+        println!(
+            "fuzz: seed {seed}, {frames} frames in {secs:.1} s ({:.0} frames/s), {} failed",
+            frames as f64 / secs,
+            failures.len()
+        );
+        let mut by_reason: Vec<(u64, &str)> = Reason::ALL
+            .iter()
+            .zip(&counted)
+            .filter(|(_, n)| **n > 0)
+            .map(|(reason, n)| (*n, reason.name()))
+            .collect();
+        by_reason.sort_unstable_by(|a, b| b.cmp(a));
+        println!("counted (XDP and TC): {by_reason:?}");
+        assert!(
+            failures.is_empty(),
+            "{} frames broke an invariant:\n{}",
+            failures.len(),
+            failures.join("\n")
+        );
+        // The frames reached past the parser: forwarded, replied, decapsulated and dropped
+        // for reasons of their own, not only passed.
+        for reason in [
+            Reason::ForwardTx,
+            Reason::ReplyTx,
+            Reason::DecapTx,
+            Reason::ForwardEncapTx,
+            Reason::PassMalformed,
+            Reason::PassTruncated,
+        ] {
+            assert!(
+                counted[reason as usize] > 0 || frames < 10_000,
+                "no frame counted as {}",
+                reason.name()
+            );
+        }
+    });
+}
