@@ -59,6 +59,14 @@ impl Lbctl {
         Path::new("/sys/fs/bpf/lbctl").join(&self.netns)
     }
 
+    /// Packets this instance counted under `reason` (`lbctl stats --json`).
+    pub fn reason_packets(&self, reason: &str) -> Result<u64> {
+        let stats: serde_json::Value = serde_json::from_str(&self.run(&["stats", "--json"])?)?;
+        stats["reasons"][reason]["packets"]
+            .as_u64()
+            .with_context(|| format!("no reason {reason} in {stats}"))
+    }
+
     /// Runs `lbctl ... ARGS` and returns its stdout; fails with the command
     /// line, stderr and stdout if it exits non-zero.
     pub fn run(&self, args: &[&str]) -> Result<String> {

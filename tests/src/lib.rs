@@ -21,6 +21,7 @@ pub mod load;
 pub mod mesh;
 pub mod netns;
 pub mod prometheus;
+pub mod rng;
 pub mod topology;
 
 use std::path::{Path, PathBuf};

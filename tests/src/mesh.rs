@@ -355,6 +355,19 @@ impl Mesh {
         &self.client
     }
 
+    /// `count` HTTP requests from the client to `port` of node `node`, each on a new
+    /// connection.
+    pub fn new_connections(
+        &self,
+        node: usize,
+        port: u16,
+        count: usize,
+    ) -> Result<Vec<crate::client::Reply>> {
+        let addr = SocketAddrV4::new(self.node_ip(node), port);
+        self.client
+            .in_netns(|| crate::client::new_connections(addr, count))
+    }
+
     /// The client's address (U.100).
     pub fn client_ip(&self) -> Ipv4Addr {
         self.underlay_ip(CLIENT_HOST)

@@ -33,7 +33,7 @@ mod dataplane;
 use std::{
     collections::HashMap,
     net::Ipv4Addr,
-    os::fd::{AsFd as _, AsRawFd as _, RawFd},
+    os::fd::{AsFd as _, AsRawFd as _, BorrowedFd, RawFd},
     time::Instant,
 };
 
@@ -42,6 +42,8 @@ use dataplane::*;
 use lb_common::{
     BackendStats, Counter, DEFAULT_VXLAN_PORT, FlowKey, PROTO_TCP, PROTO_UDP, PassiveHealth, Reason,
 };
+use lb_tests::rng::SplitMix;
+use lb_userspace::dataplane::map_ops;
 
 const L3: usize = 14;
 const PROTO_ICMP: u8 = 1;
@@ -53,31 +55,6 @@ const TC_ACT_REDIRECT: i32 = 7;
 const RESET_AFTER_FLOWS: u64 = 8;
 
 // ------------------------------------------------------------------------------- randomness
-
-/// SplitMix64: small, fast, and the same sequence for the same seed everywhere.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n.max(1) as u64) as usize
-    }
-
-    fn chance(&mut self, percent: u64) -> bool {
-        self.next() % 100 < percent
-    }
-
-    fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
-        &items[self.below(items.len())]
-    }
-}
 
 // ---------------------------------------------------------------------------- frame helpers
 
@@ -262,9 +239,9 @@ struct State {
     passive: Vec<PassiveHealth>,
 }
 
-/// A map read whole with one `BPF_MAP_LOOKUP_BATCH` (rather than a system call or two per
-/// entry): its descriptor, and its key and value sizes (a per-CPU value: every CPU's, each
-/// rounded up to 8 bytes) and capacity.
+/// A map the fuzzer reads whole after every frame, as bytes (`lb_userspace`'s `map_ops`): its
+/// descriptor, and its key and value sizes (a per-CPU value: every CPU's, each rounded up to 8
+/// bytes) and capacity.
 struct Batch {
     fd: RawFd,
     key_size: usize,
@@ -289,106 +266,19 @@ impl Batch {
         }
     }
 
-    /// Every entry of a hash map, as (key, value) bytes, key by key: the tables hold a few
-    /// dozen entries, and a batch lookup walks every bucket of their capacity.
-    fn entries(&self) -> Vec<(Vec<u8>, Vec<u8>)> {
-        const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
-        const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
-        // union bpf_attr's element commands: map_fd, key, value or next_key, flags.
-        #[repr(C)]
-        struct Attr {
-            map_fd: u32,
-            _pad: u32,
-            key: u64,
-            value: u64,
-            flags: u64,
-        }
-        let bpf = |cmd: libc::c_long, key: Option<&[u8]>, out: &mut [u8]| -> bool {
-            let attr = Attr {
-                map_fd: self.fd as u32,
-                _pad: 0,
-                key: key.map_or(0, |k| k.as_ptr() as u64),
-                value: out.as_mut_ptr() as u64,
-                flags: 0,
-            };
-            // SAFETY: the key and out buffers have the map's sizes and outlive the call.
-            unsafe {
-                libc::syscall(
-                    libc::SYS_bpf,
-                    cmd,
-                    &attr as *const Attr,
-                    std::mem::size_of::<Attr>(),
-                ) == 0
-            }
-        };
-        let mut entries = Vec::new();
-        let mut key: Option<Vec<u8>> = None;
-        loop {
-            let mut next = vec![0u8; self.key_size];
-            if !bpf(BPF_MAP_GET_NEXT_KEY, key.as_deref(), &mut next) {
-                return entries;
-            }
-            let mut value = vec![0u8; self.value_size];
-            // An entry deleted in between (an LRU eviction) is skipped.
-            if bpf(BPF_MAP_LOOKUP_ELEM, Some(&next), &mut value) {
-                entries.push((next.clone(), value));
-            }
-            key = Some(next);
-        }
-    }
-
-    /// Every entry, as (key, value) bytes, in one `BPF_MAP_LOOKUP_BATCH`.
+    /// Every entry, as (key, value) bytes: a small map in batches, a large one key by key (it
+    /// holds a few entries here, and a batch lookup walks every bucket of its capacity).
     fn read(&self) -> Vec<(Vec<u8>, Vec<u8>)> {
-        const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
-        let mut keys = vec![0u8; self.key_size * self.max_entries];
-        let mut values = vec![0u8; self.value_size * self.max_entries];
-        let mut out_batch = [0u8; 8];
-        // union bpf_attr's batch: in_batch, out_batch, keys, values, count, map_fd, elem_flags,
-        // flags.
-        #[repr(C)]
-        struct Attr {
-            in_batch: u64,
-            out_batch: u64,
-            keys: u64,
-            values: u64,
-            count: u32,
-            map_fd: u32,
-            elem_flags: u64,
-            flags: u64,
+        // SAFETY: the descriptor belongs to a map the node keeps open for the whole run.
+        let fd = unsafe { BorrowedFd::borrow_raw(self.fd) };
+        let mut entries = Vec::new();
+        let collect = |key: &[u8], value: &[u8]| entries.push((key.to_vec(), value.to_vec()));
+        if self.max_entries <= 1024 {
+            map_ops::for_each_raw(fd, self.key_size, self.value_size, collect).unwrap();
+        } else {
+            map_ops::for_each_by_key(fd, self.key_size, self.value_size, collect).unwrap();
         }
-        let mut attr = Attr {
-            in_batch: 0,
-            out_batch: out_batch.as_mut_ptr() as u64,
-            keys: keys.as_mut_ptr() as u64,
-            values: values.as_mut_ptr() as u64,
-            count: self.max_entries as u32,
-            map_fd: self.fd as u32,
-            elem_flags: 0,
-            flags: 0,
-        };
-        // SAFETY: the buffers hold `count` keys and values and outlive the call.
-        let ret = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                BPF_MAP_LOOKUP_BATCH,
-                &mut attr as *mut Attr,
-                std::mem::size_of::<Attr>(),
-            )
-        };
-        let err = std::io::Error::last_os_error();
-        // ENOENT: the end was reached (every entry read).
-        assert!(
-            ret == 0 || err.raw_os_error() == Some(libc::ENOENT),
-            "batch lookup: {err}"
-        );
-        (0..attr.count as usize)
-            .map(|i| {
-                (
-                    keys[i * self.key_size..(i + 1) * self.key_size].to_vec(),
-                    values[i * self.value_size..(i + 1) * self.value_size].to_vec(),
-                )
-            })
-            .collect()
+        entries
     }
 
     /// A per-CPU array of counters of `words` u64s each, summed over the CPUs: the first word
@@ -431,16 +321,7 @@ impl Fuzzer<'_> {
             tables: self
                 .tables
                 .iter()
-                .map(|table| {
-                    // A flow-sized table (small here) in one call; the others, mostly empty
-                    // but large, key by key.
-                    let entries = if table.max_entries <= 1024 {
-                        table.read()
-                    } else {
-                        table.entries()
-                    };
-                    entries.into_iter().collect()
-                })
+                .map(|table| table.read().into_iter().collect())
                 .collect(),
             events: self.events.first_words(1),
             backends: self
@@ -464,38 +345,13 @@ impl Fuzzer<'_> {
     /// Empties every table a frame may fill, and counts nothing of it.
     fn reset(&mut self) {
         let maps = &mut self.node.maps;
-        for key in maps.flows.keys().map(Result::unwrap).collect::<Vec<_>>() {
-            maps.flows.remove(&key).unwrap();
-        }
-        for key in maps
-            .reverse_flows
-            .keys()
-            .map(Result::unwrap)
-            .collect::<Vec<_>>()
-        {
-            maps.reverse_flows.remove(&key).unwrap();
-        }
-        for key in maps
-            .snat_flows
-            .keys()
-            .map(Result::unwrap)
-            .collect::<Vec<_>>()
-        {
-            maps.snat_flows.remove(&key).unwrap();
-        }
-        for key in maps
-            .tunnel_replies
-            .keys()
-            .map(Result::unwrap)
-            .collect::<Vec<_>>()
-        {
-            maps.tunnel_replies.remove(&key).unwrap();
-        }
+        empty(&mut maps.flows);
+        empty(&mut maps.reverse_flows);
+        empty(&mut maps.snat_flows);
+        empty(&mut maps.tunnel_replies);
         let mut fragments: BpfHashMap<&mut MapData, [u8; 12], [u8; 16]> =
             BpfHashMap::try_from(self.node.ebpf.map_mut("FRAGMENTS").unwrap()).unwrap();
-        for key in fragments.keys().map(Result::unwrap).collect::<Vec<_>>() {
-            fragments.remove(&key).unwrap();
-        }
+        empty(&mut fragments);
         for id in &self.backend_ids {
             self.node
                 .maps
@@ -770,6 +626,18 @@ impl Fuzzer<'_> {
             }
             (want, got) => Err(format!("sent {got:?} for {want:?}")),
         }
+    }
+}
+
+/// Removes every entry of `map`.
+fn empty<T, K, V>(map: &mut BpfHashMap<T, K, V>)
+where
+    T: std::borrow::BorrowMut<MapData>,
+    K: aya::Pod,
+    V: aya::Pod,
+{
+    for key in map.keys().map(Result::unwrap).collect::<Vec<_>>() {
+        map.remove(&key).unwrap();
     }
 }
 
@@ -1051,9 +919,9 @@ const EDGE_BYTES: &[u8] = &[
     0, 1, 2, 4, 5, 6, 0x0f, 0x10, 0x11, 0x12, 0x3f, 0x40, 0x45, 0x7f, 0x80, 0xff,
 ];
 
-fn edge_u16(rng: &mut Rng, frame_len: usize) -> u16 {
+fn edge_u16(rng: &mut SplitMix, frame_len: usize) -> u16 {
     let len = frame_len as u16;
-    let random = rng.next() as u16;
+    let random = rng.next_u64() as u16;
     *rng.pick(&[
         0,
         1,
@@ -1077,60 +945,60 @@ fn edge_u16(rng: &mut Rng, frame_len: usize) -> u16 {
 }
 
 /// One edit of `frame` (IPv4 header at `l3`); `other` is another seed, for splices.
-fn mutate_once(rng: &mut Rng, frame: &mut Vec<u8>, l3: usize, other: &[u8]) {
+fn mutate_once(rng: &mut SplitMix, frame: &mut Vec<u8>, l3: usize, other: &[u8]) {
     if frame.is_empty() {
-        frame.push(rng.next() as u8);
+        frame.push(rng.next_u64() as u8);
         return;
     }
-    match rng.below(9) {
+    match rng.index(9) {
         0 => {
-            for _ in 0..=rng.below(3) {
-                let at = rng.below(frame.len());
-                frame[at] ^= 1 << rng.below(8);
+            for _ in 0..=rng.index(3) {
+                let at = rng.index(frame.len());
+                frame[at] ^= 1 << rng.index(8);
             }
         }
         1 | 2 => {
             let fields = fields(frame, l3);
-            if let Some(&at) = fields.get(rng.below(fields.len().max(1))) {
+            if let Some(&at) = fields.get(rng.index(fields.len())) {
                 frame[at] = if rng.chance(70) {
                     *rng.pick(EDGE_BYTES)
                 } else {
-                    rng.next() as u8
+                    rng.next_u64() as u8
                 };
             }
         }
         3 => {
             let fields = fields(frame, l3);
-            if let Some(&at) = fields.get(rng.below(fields.len().max(1))) {
+            if let Some(&at) = fields.get(rng.index(fields.len())) {
                 let value = edge_u16(rng, frame.len());
                 set_u16(frame, at, value);
             }
         }
         4 => {
-            let len = rng.below(frame.len());
+            let len = rng.index(frame.len());
             frame.truncate(len);
         }
         5 => {
-            let extra = 1 + rng.below(64);
+            let extra = 1 + rng.index(64);
             let zeros = rng.chance(50);
-            frame.extend((0..extra).map(|_| if zeros { 0 } else { rng.next() as u8 }));
+            frame.extend((0..extra).map(|_| if zeros { 0 } else { rng.next_u64() as u8 }));
         }
         6 => {
-            let cut = rng.below(frame.len());
-            let from = rng.below(other.len().max(1));
+            let cut = rng.index(frame.len());
+            let from = rng.index(other.len().max(1));
             frame.truncate(cut);
             frame.extend_from_slice(&other[from.min(other.len())..]);
         }
         7 => {
             let limit = frame.len().min(l3 + 80);
-            let at = rng.below(limit);
+            let at = rng.index(limit);
             if rng.chance(50) {
-                let n = 1 + rng.below(8);
+                let n = 1 + rng.index(8);
                 for _ in 0..n {
-                    frame.insert(at, rng.next() as u8);
+                    frame.insert(at, rng.next_u64() as u8);
                 }
             } else {
-                let n = (1 + rng.below(8)).min(frame.len() - at);
+                let n = (1 + rng.index(8)).min(frame.len() - at);
                 frame.drain(at..at + n);
             }
         }
@@ -1139,9 +1007,9 @@ fn mutate_once(rng: &mut Rng, frame: &mut Vec<u8>, l3: usize, other: &[u8]) {
             if frame.len() > l3 + 20 {
                 let l4 = l3 + usize::from(frame[l3] & 0x0f) * 4;
                 if rng.chance(50) || frame.len() < l4 + 13 {
-                    frame[l3] = (frame[l3] & 0xf0) | (rng.below(16) as u8);
+                    frame[l3] = (frame[l3] & 0xf0) | (rng.index(16) as u8);
                 } else {
-                    frame[l4 + 12] = ((rng.below(16) as u8) << 4) | (frame[l4 + 12] & 0x0f);
+                    frame[l4 + 12] = ((rng.index(16) as u8) << 4) | (frame[l4 + 12] & 0x0f);
                 }
             }
         }
@@ -1151,11 +1019,11 @@ fn mutate_once(rng: &mut Rng, frame: &mut Vec<u8>, l3: usize, other: &[u8]) {
 /// A mutant of `seed`: one to four edits, of the VXLAN packet's inner frame when it has one
 /// (and then wrapped again, its lengths right) or of the frame; then, half the time, lengths
 /// and checksums made consistent.
-fn mutant(rng: &mut Rng, seed: &[u8], other: &[u8]) -> Vec<u8> {
+fn mutant(rng: &mut SplitMix, seed: &[u8], other: &[u8]) -> Vec<u8> {
     let mut frame = seed.to_vec();
     let inner = vxlan_inner(seed).filter(|_| rng.chance(60));
     let l3 = inner.map_or(L3, |inner| inner + L3);
-    for _ in 0..=rng.below(4) {
+    for _ in 0..=rng.index(4) {
         mutate_once(rng, &mut frame, l3, other);
     }
     if rng.chance(30) {
@@ -1242,7 +1110,7 @@ fn mutated_frames_of_every_kind_keep_the_data_planes_invariants() {
             nodes: vec![Ipv4Addr::from(N2_IP), Ipv4Addr::from(N3_IP)],
             frontends,
         };
-        let mut rng = Rng(seed);
+        let mut rng = SplitMix(seed);
         let mut seeds = base(&mut fuzzer);
         // Every seed keeps the invariants as it is.
         let mut state = fuzzer.state();
@@ -1260,8 +1128,8 @@ fn mutated_frames_of_every_kind_keep_the_data_planes_invariants() {
         let started = Instant::now();
         let mut checked = 0;
         for n in 0..frames {
-            let (_, seed_frame) = &seeds[rng.below(seeds.len())];
-            let (_, other) = &seeds[rng.below(seeds.len())];
+            let (_, seed_frame) = &seeds[rng.index(seeds.len())];
+            let (_, other) = &seeds[rng.index(seeds.len())];
             let frame = mutant(&mut rng, seed_frame, other);
             checked += 1;
             match fuzzer.check(&frame, state) {

@@ -22,9 +22,7 @@ const WEB_PORT: u16 = 8080;
 const TASKS_PORT: u16 = 8081;
 
 fn reason(lbctl: &Lbctl, reason: &str) -> u64 {
-    let stats: serde_json::Value =
-        serde_json::from_str(&lbctl.run(&["stats", "--json"]).unwrap()).unwrap();
-    stats["reasons"][reason]["packets"].as_u64().unwrap()
+    lbctl.reason_packets(reason).unwrap()
 }
 
 #[test]

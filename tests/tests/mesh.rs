@@ -110,19 +110,11 @@ impl Cluster {
 
     /// `count` HTTP requests to `node`'s published port, each on a new connection.
     fn new_connections(&self, node: usize, count: usize) -> Vec<Reply> {
-        let addr = self.addr(node, WEB_PORT);
-        self.mesh
-            .client()
-            .in_netns(|| client::new_connections(addr, count))
-            .unwrap()
+        self.mesh.new_connections(node, WEB_PORT, count).unwrap()
     }
 
     fn reason(&self, node: usize, reason: &str) -> u64 {
-        let stats: serde_json::Value =
-            serde_json::from_str(&self.lbctl[node].run(&["stats", "--json"]).unwrap()).unwrap();
-        stats["reasons"][reason]["packets"]
-            .as_u64()
-            .unwrap_or_else(|| panic!("no reason {reason} in {stats}"))
+        self.lbctl[node].reason_packets(reason).unwrap()
     }
 
     /// `count` new TCP connections to `node`'s web port, then `count` datagrams to its DNS

@@ -111,11 +111,7 @@ impl Lan {
     }
 
     fn reason(&self, reason: &str) -> u64 {
-        let stats: serde_json::Value =
-            serde_json::from_str(&self.lbctl.run(&["stats", "--json"]).unwrap()).unwrap();
-        stats["reasons"][reason]["packets"]
-            .as_u64()
-            .unwrap_or_else(|| panic!("no reason {reason} in {stats}"))
+        self.lbctl.reason_packets(reason).unwrap()
     }
 
     /// Each backend answered `per` of `replies` and saw the client's own address.

@@ -180,8 +180,10 @@ impl SealedTransport {
         sink.connect(encoder.local_addr()?).await?;
         let decoder = ChitchatUdpSocket::open(loopback).await?;
         let decoder_addr = decoder.local_addr()?;
+        let local = wire.local_addr()?;
         Ok(SealedSocket {
             wire,
+            local,
             encoder,
             sink,
             decoder,
@@ -201,6 +203,8 @@ impl SealedTransport {
 
 struct SealedSocket {
     wire: UdpSocket,
+    /// The wire's address, which every datagram received must be sealed for.
+    local: SocketAddr,
     /// Chitchat's encoder, and where it sends what it encodes.
     encoder: ChitchatUdpSocket,
     sink: UdpSocket,
@@ -344,7 +348,7 @@ impl Socket for SealedSocket {
                         Err(err) => return Err(err).context("fatal UDP recv error"),
                     };
                     let ring = self.keys.ring();
-                    let local = self.wire.local_addr()?;
+                    let local = self.local;
                     match self.opener.open(&ring, now_ms(), local, &self.buf[..len]) {
                         Err(rejection) => {
                             let recipient = recipient_of(&self.buf[..len]);

@@ -178,8 +178,9 @@ pub fn for_each_raw(
 }
 
 /// [`for_each_raw`] with `BPF_MAP_GET_NEXT_KEY` and a lookup per entry. An entry deleted
-/// between the two is skipped.
-fn for_each_by_key(
+/// between the two is skipped. Also the cheaper way to read a large hash map that holds few
+/// entries: a batch lookup walks every bucket.
+pub fn for_each_by_key(
     map: BorrowedFd<'_>,
     key_size: usize,
     value_len: usize,

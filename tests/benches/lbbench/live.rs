@@ -3,7 +3,6 @@
 use std::net::Ipv4Addr;
 
 use anyhow::{Context, Result, ensure};
-use lb_tests::Lbctl;
 use lb_tests::netns::{NetNs, format_mac};
 
 /// Bytes of UDP payload: the client's frame is 60 bytes, the smallest Ethernet frame without
@@ -44,14 +43,6 @@ pub fn behind_generator(
         ])?;
     }
     Ok(())
-}
-
-/// Packets lbctl counted under `reason`.
-pub fn reason_packets(lbctl: &Lbctl, reason: &str) -> Result<u64> {
-    let stats: serde_json::Value = serde_json::from_str(&lbctl.run(&["stats", "--json"])?)?;
-    stats["reasons"][reason]["packets"]
-        .as_u64()
-        .with_context(|| format!("no reason {reason} in lbctl stats"))
 }
 
 /// Checks that the sink got every one of `frames` (give or take stray frames), or for the

@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
 use lb_common::{BackendStats, Event, Reason};
+use lb_tests::rng::SplitMix;
 use lb_userspace::daemon::metrics::{
     self, BackendSnapshot, InterfaceReport, ServiceSnapshot, Snapshot,
 };
@@ -160,7 +161,7 @@ fn large_snapshot(services: usize) -> Snapshot {
                         _ => Health::Healthy,
                     };
                     // Up to 10^11 packets, bytes of 64 to 1,500-byte frames.
-                    let packets = rng.magnitude(1, 11);
+                    let packets = magnitude(&mut rng, 1, 11);
                     let reply_packets = 1 + packets / (1 + rng.below(4));
                     let stats = BackendStats {
                         packets,
@@ -217,12 +218,12 @@ fn large_snapshot(services: usize) -> Snapshot {
         })
         .collect();
     let reasons = Reason::ALL.iter().map(|r| {
-        let packets = rng.magnitude(2, 12);
+        let packets = magnitude(&mut rng, 2, 12);
         (r.name(), packets, packets * (64 + rng.below(1437)))
     });
     let reasons = reasons.collect();
     let events = Event::ALL.iter().map(|e| {
-        let count = rng.magnitude(1, 10);
+        let count = magnitude(&mut rng, 1, 10);
         (e.name(), count)
     });
     let events = events.collect();
@@ -257,28 +258,10 @@ fn large_snapshot(services: usize) -> Snapshot {
     }
 }
 
-/// SplitMix64: a small fixed-seed generator, so every run measures the same snapshot.
-struct SplitMix(u64);
-
-impl SplitMix {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    /// In `0..n`.
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-
-    /// Above 0 and below 10^d, d drawn from `min..=max`: counters of every magnitude.
-    fn magnitude(&mut self, min: u32, max: u32) -> u64 {
-        let digits = min + self.below(u64::from(max - min + 1)) as u32;
-        1 + self.below(10u64.pow(digits))
-    }
+/// Above 0 and below 10^d, d drawn from `min..=max`: counters of every magnitude.
+fn magnitude(rng: &mut SplitMix, min: u32, max: u32) -> u64 {
+    let digits = min + rng.below(u64::from(max - min + 1)) as u32;
+    1 + rng.below(10u64.pow(digits))
 }
 
 /// The families of a page as `# HELP` gives them: name → help text. The collector takes its

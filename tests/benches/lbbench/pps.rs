@@ -551,7 +551,7 @@ impl Rig {
             send(warm)??;
         }
         let counted = |rig: &Rig| match path.lbctl_reason() {
-            Some(reason) => live::reason_packets(&rig.lbctl, reason),
+            Some(reason) => rig.lbctl.reason_packets(reason),
             None => Ok(0),
         };
         let sunk = |rig: &Rig| {

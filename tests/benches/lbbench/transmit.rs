@@ -169,8 +169,8 @@ impl Rig {
             match node_program {
                 Some(_) => Ok((0, 0)),
                 None => Ok((
-                    live::reason_packets(&rig.lbctl, "forward_tx")?,
-                    live::reason_packets(&rig.lbctl, "xmit_tc")?,
+                    rig.lbctl.reason_packets("forward_tx")?,
+                    rig.lbctl.reason_packets("xmit_tc")?,
                 )),
             }
         };
