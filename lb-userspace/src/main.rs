@@ -123,8 +123,17 @@ enum Command {
 
 #[derive(Subcommand)]
 enum ClusterCommand {
-    /// Members, their state, underlay IP and whether their table agrees with this node's.
+    /// Members, their state, underlay IP, gossip key, and whether their table agrees with this
+    /// node's
+    ///
+    /// A member is listed from the first time it is heard until an hour after it died (the
+    /// failure detector's grace period: a member back within the hour keeps its place). CUT
+    /// OFF: datagrams still arrive, but one of the two cannot open what the other seals (key
+    /// files that differ: the line says which key is missing where); the cluster is not
+    /// converged until it is fixed.
     Ls {
+        /// The daemon's whole view as JSON: each member's generation, digest, key and cut_off
+        /// reason, the keyring in force and the gossip rejected by reason.
         #[arg(long)]
         json: bool,
     },
@@ -135,7 +144,13 @@ enum ClusterCommand {
 
 #[derive(Subcommand)]
 enum KeyCommand {
-    /// Write a new key file (mode 600; refused if PATH exists): copy it to every node.
+    /// Write a new key file with one random key (mode 600; refused if PATH exists) and print
+    /// its id
+    ///
+    /// A new cluster: copy the file to every node (owned by the daemon's user, mode 600). A
+    /// rotation: add the new key's line to every node's key file, then move it first on every
+    /// node, then remove the old line (each step once every node has the one before; `cluster
+    /// ls` shows every member's key). Needs no daemon or instance.
     Generate { path: std::path::PathBuf },
 }
 
@@ -150,7 +165,7 @@ struct DaemonArgs {
     log_json: bool,
     /// Join the gossiped cluster of this name: services and tasks then reach every member,
     /// and nodes are the live members (no `node add`). Without it, the static table.
-    #[arg(long, value_name = "NAME", requires_all = ["node_name", "gossip_addr"])]
+    #[arg(long, value_name = "NAME", requires_all = ["node_name", "gossip_addr"], value_parser = parse_cluster_name)]
     cluster: Option<String>,
     /// The cluster's keyring (`lbctl cluster key generate`; only root may read it): every
     /// gossip datagram is sealed with its first key and opened with any of them. Reloaded when
@@ -188,6 +203,10 @@ struct DaemonArgs {
     /// Where the Docker Engine listens (unix:///PATH or tcp://HOST:PORT).
     #[arg(long, value_name = "URL", requires = "docker", default_value = lb_userspace::docker::DEFAULT_HOST)]
     docker_host: String,
+}
+
+fn parse_cluster_name(s: &str) -> Result<String, String> {
+    table::validate_name("cluster", s).map(|()| s.to_owned())
 }
 
 fn parse_node_name(s: &str) -> Result<String, String> {

@@ -176,6 +176,13 @@ impl Cluster {
         self.cluster_json(i)["rejected"][reason].as_u64().unwrap()
     }
 
+    /// Member `name` as node `i`'s daemon lists it (`cluster ls --json`), if listed.
+    fn member(&self, i: usize, name: &str) -> Option<serde_json::Value> {
+        let status = self.cluster_json(i);
+        let members = status["members"].as_array()?;
+        members.iter().find(|m| m["name"] == name).cloned()
+    }
+
     fn cluster_json(&self, i: usize) -> serde_json::Value {
         serde_json::from_str(&self.lbctl[i].run(&["cluster", "ls", "--json"]).unwrap()).unwrap()
     }
@@ -323,14 +330,8 @@ fn the_table_is_gossiped_nodes_fail_and_return_and_late_joiners_get_everything()
     for node in [0, 2] {
         assert_eq!(cluster.spread(node, 20), cluster.evenly(&[0, 1], 10));
     }
-    let n1 = cluster.cluster_json(0);
-    let n2 = n1["members"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|m| m["name"] == "n2")
-        .unwrap();
-    assert_eq!(n2["alive"], false, "{n1}");
+    let n2 = cluster.member(0, "n2").unwrap();
+    assert_eq!(n2["alive"], false, "{n2}");
 
     // Restarted, n2 brings its tasks back.
     cluster.start(1);
@@ -531,6 +532,12 @@ fn a_node_without_the_clusters_key_does_not_join() {
         err.contains("--cluster-key-file") && err.contains("--insecure"),
         "{err}"
     );
+    // Names are checked like every name lbctl takes (they end up in logs and metric labels).
+    let mut bad_name = base.to_vec();
+    bad_name[2] = "blue cluster\n";
+    bad_name.push("--insecure");
+    let err = cluster.lbctl[2].run_expect_exit(&bad_name, 2).unwrap();
+    assert!(err.contains("invalid cluster name"), "{err}");
     // `cluster key generate` does not overwrite.
     let err = cluster.lbctl[2]
         .run_expect_fail(&["cluster", "key", "generate", &other_key])
@@ -786,4 +793,58 @@ fn replays_and_clear_gossip_change_nothing_and_keys_rotate_without_a_partition()
     );
     assert!(ok > 50, "{ok}");
     assert!(failed.is_empty(), "{failed:?}");
+
+    // A member that misses a step is cut off, and each side says so: n1 makes a newer key first
+    // while n2's file still lacks it. n2's datagrams still open at n1 (so the failure detector
+    // keeps n2 alive there, with the digest it last published), but n2 opens nothing of n1's.
+    let newer = keys_in(&new_key_file(&cluster.lbctl[1], "newer.key"))[0].clone();
+    let new_id = cluster.cluster_json(0)["keys"][0].clone();
+    write_keys(&key_files[0], &[&newer, &new]);
+    let newer_id = {
+        let mut id = serde_json::Value::Null;
+        wait("n1 seals with the newer key", || {
+            id = cluster.cluster_json(0)["keys"][0].clone();
+            id != new_id
+        });
+        id
+    };
+    let cut_off = |i: usize, member: &str| -> Option<String> {
+        cluster.member(i, member)?["cut_off"]
+            .as_str()
+            .map(str::to_owned)
+    };
+    wait("n1 sees n2 cut off", || {
+        cut_off(0, "n2").is_some_and(|why| why.contains("cannot open this node's gossip"))
+    });
+    wait("n2 sees n1 cut off", || {
+        cut_off(1, "n1").is_some_and(|why| why.contains(newer_id.as_str().unwrap()))
+    });
+    for i in 0..2 {
+        let status = cluster.cluster_json(i);
+        assert_eq!(status["converged"], false, "n{}: {status}", i + 1);
+        let text = cluster.lbctl[i].run(&["cluster", "ls"]).unwrap();
+        assert!(text.contains("CUT OFF"), "{text}");
+    }
+    let n2 = cluster.member(0, "n2").unwrap();
+    assert_eq!(n2["alive"], true, "n1 still hears n2: {n2}");
+    assert_eq!(n2["agrees"], false, "{n2}");
+    let page = scrape(cluster.mesh.node(0));
+    assert_eq!(series(&page, "lbctl_cluster_converged"), Some(0), "{page}");
+    assert_eq!(
+        series(&page, "lbctl_cluster_members_cut_off"),
+        Some(1),
+        "{page}"
+    );
+    let log = cluster.daemons[0].as_ref().unwrap().log_text();
+    let said = log.matches("cluster member cut off").count();
+    assert_eq!(said, 1, "said once: {log}");
+    // n2 gets the newer key: converged again, and said.
+    write_keys(&key_files[1], &[&newer, &new]);
+    wait("converged once n2 has the newer key", || {
+        cluster.converged(0, 2) && cluster.converged(1, 2)
+    });
+    assert_eq!(cut_off(0, "n2"), None);
+    assert_eq!(cut_off(1, "n1"), None);
+    let log = cluster.daemons[0].as_ref().unwrap().log_text();
+    assert!(log.contains("no longer cut off"), "{log}");
 }

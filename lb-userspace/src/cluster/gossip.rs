@@ -14,7 +14,10 @@
 //!   takes nothing from it; the transport wrapper here sees it pass and counts it.
 //! - `rejected_by_peer`: a `BadCluster` answer: a node of another cluster refused our SYN.
 //! - `malformed`: a datagram chitchat's UDP transport could not decode; chitchat drops it and
-//!   logs the `invalid-chitchat-payload` event, which a tracing layer here counts.
+//!   logs the `invalid-chitchat-payload` event, which a tracing layer here counts. With a key
+//!   file, chitchat decodes only what the sealed transport opened and hands it on a loopback
+//!   port, so `malformed` there counts what another local process sent to that port (dropped:
+//!   it comes from none of the peers' loopback sockets).
 //! - `malformed_value`: a well-formed message carrying a key this node cannot read (bad JSON,
 //!   a bad name or address): the key is ignored, counted once per key version.
 use std::{
@@ -40,7 +43,7 @@ use crate::{
     cluster::{
         BackendRecord, Local, MemberView, ServiceRecord,
         seal::{Rejection, key_id_text},
-        transport::{KeyFile, PeerKeys, SealedTransport},
+        transport::{CutOff, KeyFile, PeerLinks, SealedTransport},
     },
     table,
 };
@@ -256,7 +259,7 @@ pub struct Gossip {
     unreadable: Mutex<HashSet<(String, u64, String, u64)>>,
     /// The cluster's key file; `None`: gossip in clear.
     keys: Option<Arc<KeyFile>>,
-    peer_keys: PeerKeys,
+    links: PeerLinks,
 }
 
 impl Gossip {
@@ -264,18 +267,18 @@ impl Gossip {
     /// key file), or in clear without.
     pub async fn start(config: Config, keys: Option<Arc<KeyFile>>) -> Result<Gossip> {
         let rejections = Arc::new(Rejections::default());
-        let peer_keys = PeerKeys::default();
+        let links = PeerLinks::default();
         let transport: Box<dyn Transport> = match &keys {
             Some(keys) => Box::new(SealedTransport {
                 keys: keys.clone(),
                 rejections: rejections.clone(),
-                peer_keys: peer_keys.clone(),
+                links: links.clone(),
             }),
             None => Box::new(UdpTransport),
         };
         let mut gossip = Self::start_with(config, transport, rejections).await?;
         gossip.keys = keys;
-        gossip.peer_keys = peer_keys;
+        gossip.links = links;
         Ok(gossip)
     }
 
@@ -285,10 +288,22 @@ impl Gossip {
         Some(keys.ring().ids().into_iter().map(key_id_text).collect())
     }
 
-    /// The id of the key the peer at `addr` sealed its last datagram with.
-    pub fn peer_key(&self, addr: &SocketAddr) -> Option<String> {
-        let peer_keys = self.peer_keys.lock().expect("not poisoned");
-        peer_keys.get(addr).copied().map(key_id_text)
+    /// The id of the key the peer at `addr` sealed its last datagram with, and why gossip
+    /// with it is broken at `now_ms` (Unix milliseconds), if it is (`cluster ls`).
+    pub fn peer_link(&self, addr: &SocketAddr, now_ms: u64) -> (Option<String>, Option<String>) {
+        let Some(keys) = &self.keys else {
+            return (None, None);
+        };
+        let links = self.links.lock().expect("not poisoned");
+        let Some(link) = links.get(addr) else {
+            return (None, None);
+        };
+        let sealing = keys.ring().sealing_id();
+        (
+            link.key.map(key_id_text),
+            link.cut_off(now_ms)
+                .map(|cut| CutOff::describe(cut, sealing)),
+        )
     }
 
     /// Starts gossiping over `transport` (chitchat's in-memory one in tests), counting what it
@@ -328,7 +343,7 @@ impl Gossip {
             rejections,
             unreadable: Mutex::new(HashSet::new()),
             keys: None,
-            peer_keys: PeerKeys::default(),
+            links: PeerLinks::default(),
         })
     }
 

@@ -646,7 +646,8 @@ pub struct Status {
     pub table_generation: u64,
     /// Merged tables applied since the daemon started.
     pub table_changes: u64,
-    /// Every live member published this node's digest.
+    /// Every live member published this node's digest, and no member is cut off (see
+    /// [`MemberStatus::cut_off`]).
     pub converged: bool,
     /// One per node name (its newest live run, else its newest run), by name.
     pub members: Vec<MemberStatus>,
@@ -667,7 +668,7 @@ pub struct MemberStatus {
     pub alive: bool,
     /// The digest of the table it applied, as it published it.
     pub digest: Option<String>,
-    /// It is alive and its digest is this node's.
+    /// It is alive, its digest is this node's, and it is not cut off.
     pub agrees: bool,
     /// It is this node.
     #[serde(rename = "self")]
@@ -676,6 +677,11 @@ pub struct MemberStatus {
     /// own: its first key); `None` in clear, or not heard from directly yet.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub key: Option<String>,
+    /// Why gossip between it and this node is broken though datagrams still arrive (keys that
+    /// do not match one way or the other): then it does not agree, whatever digest it last
+    /// published, since it cannot learn this node's table (or this node its).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cut_off: Option<String>,
 }
 
 impl Status {
@@ -685,6 +691,20 @@ impl Status {
 
     pub fn agreeing(&self) -> usize {
         self.members.iter().filter(|m| m.agrees).count()
+    }
+
+    pub fn cut_off(&self) -> usize {
+        self.members.iter().filter(|m| m.cut_off.is_some()).count()
+    }
+
+    /// Whether `members` converged: every live member agrees, and none (live or dead) is cut
+    /// off: a member that sends what this node cannot open looks dead here, but it is there,
+    /// serving a table of its own.
+    pub fn converged_of(members: &[MemberStatus]) -> bool {
+        members
+            .iter()
+            .filter(|m| m.alive || m.cut_off.is_some())
+            .all(|m| m.agrees)
     }
 }
 
@@ -716,6 +736,7 @@ pub fn member_statuses(
             agrees: m.alive && m.digest.as_deref() == Some(digest),
             this: (m.name.as_str(), m.generation) == this,
             key: None,
+            cut_off: None,
         })
         .collect()
 }

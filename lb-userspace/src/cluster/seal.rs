@@ -8,12 +8,18 @@
 //! CPU (no AES-NI needed), and its 24-byte nonce can be drawn at random for every datagram with
 //! no risk of reuse, so no nonce state has to survive a restart.
 //!
-//! A sealed datagram: `LBG2` (magic), key id (4 bytes: the start of the key's SHA-256), sender
+//! A sealed datagram: `LBG3` (magic), key id (4 bytes: the start of the key's SHA-256), sender
 //! (8: random for each daemon run), counter (8: from 1, per sender), time (8: Unix
-//! milliseconds at sealing), recipient (18: the gossip address it is sent to, IPv6 or
-//! IPv4-mapped, then the port), part (1: index << 4 | count, a chitchat message too large for
-//! one datagram once sealed travels in two or more), nonce (24), then the ciphertext and its
-//! 16-byte tag. Replays are refused in three steps: a datagram sealed for another node's
+//! milliseconds at sealing), echo (8: the time of the newest datagram the sender opened from
+//! the recipient, as the recipient sealed it; 0 if none), recipient (18: the gossip address it
+//! is sent to, IPv6 or IPv4-mapped, then the port), part (1: index << 4 | count, a chitchat
+//! message too large for one datagram once sealed travels in two or more), nonce (24), then the
+//! ciphertext and its 16-byte tag.
+//!
+//! The echo tells a node that a peer opens what it sends: a peer that keeps sending without
+//! ever echoing a datagram of this node's newer than a second cannot open them (its keyring
+//! lacks this node's sealing key), which chitchat alone cannot see (the peer's own datagrams
+//! still arrive, so it looks alive, with the table it had before it was cut off). Replays are refused in three steps: a datagram sealed for another node's
 //! address is refused by every other node (a capture of what n2 sent n3, replayed to n1); a
 //! datagram whose time is more than [`MAX_SKEW_MS`] from the receiver's clock is stale (a
 //! capture replayed minutes or days later); and within that window each sender's counters are
@@ -31,16 +37,22 @@ use chacha20poly1305::{
 };
 use sha2::{Digest as _, Sha256};
 
-const MAGIC: &[u8; 4] = b"LBG2";
+const MAGIC: &[u8; 4] = b"LBG3";
 const KEY_LEN: usize = 32;
 const NONCE_LEN: usize = 24;
 const TAG_LEN: usize = 16;
 /// Bytes before the ciphertext, all of them authenticated.
-pub const HEADER_LEN: usize = 4 + 4 + 8 + 8 + 8 + RECIPIENT_LEN + 1 + NONCE_LEN;
+pub const HEADER_LEN: usize = 4 + 4 + 8 + 8 + 8 + 8 + RECIPIENT_LEN + 1 + NONCE_LEN;
 /// The recipient's address in the header: 16 bytes of IPv6 (IPv4-mapped for IPv4), the port.
 const RECIPIENT_LEN: usize = 16 + 2;
-/// Where the fields after the recipient start.
-const PART_AT: usize = 32 + RECIPIENT_LEN;
+/// Where the header's fields start: the sender's, its counter, time, echo, the recipient's
+/// address, the part.
+const SENDER_AT: usize = 8;
+const COUNTER_AT: usize = 16;
+const TIME_AT: usize = 24;
+const ECHO_AT: usize = 32;
+const RECIPIENT_AT: usize = 40;
+const PART_AT: usize = RECIPIENT_AT + RECIPIENT_LEN;
 const NONCE_AT: usize = PART_AT + 1;
 /// Bytes sealing adds to each datagram.
 pub const OVERHEAD: usize = HEADER_LEN + TAG_LEN;
@@ -182,13 +194,15 @@ impl Default for Sealer {
 
 impl Sealer {
     /// Seals `message` for `recipient` (the gossip address it is sent to) with `keyring`'s
-    /// first key at `now_ms`: one datagram, or several (parts) when it would not fit in one once
+    /// first key at `now_ms`, echoing `echo_ms` (the time of the newest datagram opened from
+    /// the recipient): one datagram, or several (parts) when it would not fit in one once
     /// sealed.
     pub fn seal(
         &mut self,
         keyring: &Keyring,
         now_ms: u64,
         recipient: SocketAddr,
+        echo_ms: u64,
         message: &[u8],
     ) -> Vec<Vec<u8>> {
         let room = MAX_DATAGRAM - OVERHEAD;
@@ -212,6 +226,7 @@ impl Sealer {
                 datagram.extend_from_slice(&self.sender.to_be_bytes());
                 datagram.extend_from_slice(&self.counter.to_be_bytes());
                 datagram.extend_from_slice(&now_ms.to_be_bytes());
+                datagram.extend_from_slice(&echo_ms.to_be_bytes());
                 datagram.extend_from_slice(&recipient_bytes(recipient));
                 datagram.push(((index as u8) << 4) | count as u8);
                 datagram.extend_from_slice(&nonce);
@@ -246,7 +261,7 @@ fn recipient_bytes(addr: SocketAddr) -> [u8; RECIPIENT_LEN] {
 
 /// The recipient a sealed datagram names (whether or not it opens), for the logs.
 pub fn recipient_of(datagram: &[u8]) -> Option<SocketAddr> {
-    let bytes = datagram.get(32..PART_AT)?;
+    let bytes = datagram.get(RECIPIENT_AT..PART_AT)?;
     let octets: [u8; 16] = bytes[..16].try_into().expect("16");
     let ip = Ipv6Addr::from(octets);
     let port = u16::from_be_bytes([bytes[16], bytes[17]]);
@@ -254,6 +269,15 @@ pub fn recipient_of(datagram: &[u8]) -> Option<SocketAddr> {
         Some(v4) => SocketAddr::from((v4, port)),
         None => SocketAddr::from((ip, port)),
     })
+}
+
+/// The key a sealed datagram names (whether or not this node has it): what a peer that this
+/// node cannot open seals with.
+pub fn key_id_of(datagram: &[u8]) -> Option<[u8; 4]> {
+    if datagram.len() < OVERHEAD || &datagram[..4] != MAGIC {
+        return None;
+    }
+    Some([datagram[4], datagram[5], datagram[6], datagram[7]])
 }
 
 /// What a sender has been seen to send: its highest counter, the counters below it already
@@ -305,11 +329,14 @@ pub struct Opener {
     pending: VecDeque<Pending>,
 }
 
-/// An opened datagram: the message, once whole, and the id of the key that opened it.
+/// An opened datagram: the message, once whole, the id of the key that opened it, when its
+/// sender sealed it (the sender's clock) and what it echoes (this node's clock).
 #[derive(Debug, PartialEq, Eq)]
 pub struct Opened {
     pub message: Option<Vec<u8>>,
     pub key_id: [u8; 4],
+    pub sent_ms: u64,
+    pub echo_ms: u64,
 }
 
 impl Opener {
@@ -332,7 +359,12 @@ impl Opener {
             .find(|k| k.id == key_id)
             .ok_or(Rejection::Unauthenticated)?;
         let field = |at: usize| u64::from_be_bytes(header[at..at + 8].try_into().expect("8"));
-        let (sender, counter, sent_ms) = (field(8), field(16), field(24));
+        let (sender, counter, sent_ms, echo_ms) = (
+            field(SENDER_AT),
+            field(COUNTER_AT),
+            field(TIME_AT),
+            field(ECHO_AT),
+        );
         let part = header[PART_AT];
         let nonce = XNonce::from_slice(&header[NONCE_AT..NONCE_AT + NONCE_LEN]);
         let chunk = key
@@ -347,7 +379,7 @@ impl Opener {
             .map_err(|_| Rejection::Unauthenticated)?;
         // Authentic from here on: the sender holds the key. Checked before the counters, so
         // that a datagram meant for another node takes nothing of its sender's window here.
-        if header[32..PART_AT] != recipient_bytes(local) {
+        if header[RECIPIENT_AT..PART_AT] != recipient_bytes(local) {
             return Err(Rejection::Misdirected);
         }
         self.senders
@@ -381,7 +413,12 @@ impl Opener {
         } else {
             self.add_part(sender, counter - index as u64, index, count, chunk)
         };
-        Ok(Opened { message, key_id })
+        Ok(Opened {
+            message,
+            key_id,
+            sent_ms,
+            echo_ms,
+        })
     }
 
     /// Adds part `index` of `count` of the message whose first part has counter `first`;
@@ -444,20 +481,23 @@ mod tests {
         let old = ring(&[&a]);
         let both = ring(&[&b, &a]);
         let mut sealer = Sealer::default();
-        let sealed = sealer.seal(&old, NOW, N1, b"a chitchat message");
+        let sealed = sealer.seal(&old, NOW, N1, NOW - 700, b"a chitchat message");
         assert_eq!(sealed.len(), 1);
         assert_eq!(sealed[0].len(), OVERHEAD + 18);
         let mut opener = Opener::default();
         let opened = opener.open(&both, NOW + 5, N1, &sealed[0]).unwrap();
         assert_eq!(opened.message.as_deref(), Some(&b"a chitchat message"[..]));
         assert_eq!(opened.key_id, old.sealing_id());
+        assert_eq!((opened.sent_ms, opened.echo_ms), (NOW, NOW - 700));
+        assert_eq!(key_id_of(&sealed[0]), Some(old.sealing_id()));
+        assert_eq!(key_id_of(b"\x00\x01plain"), None);
         assert_eq!(
             opener.open(&both, NOW + 6, N1, &sealed[0]),
             Err(Rejection::Replayed),
             "the same datagram again"
         );
         // Sealed with the new first key, opened by a node that has only the old one: refused.
-        let newer = sealer.seal(&both, NOW, N1, b"x");
+        let newer = sealer.seal(&both, NOW, N1, 0, b"x");
         let mut stale_node = Opener::default();
         assert_eq!(
             stale_node.open(&old, NOW, N1, &newer[0]),
@@ -469,7 +509,7 @@ mod tests {
     fn forged_altered_or_foreign_datagrams_are_unauthenticated() {
         let ring_a = ring(&[&key('a')]);
         let mut sealer = Sealer::default();
-        let sealed = sealer.seal(&ring_a, NOW, N1, b"records").remove(0);
+        let sealed = sealer.seal(&ring_a, NOW, N1, 0, b"records").remove(0);
         let mut opener = Opener::default();
         // Every byte flipped in turn: header (bound as associated data), nonce, text, tag.
         for at in 0..sealed.len() {
@@ -483,7 +523,7 @@ mod tests {
         }
         // Another cluster's key, a plain chitchat datagram, truncations.
         let other = Sealer::default()
-            .seal(&ring(&[&key('c')]), NOW, N1, b"records")
+            .seal(&ring(&[&key('c')]), NOW, N1, 0, b"records")
             .remove(0);
         assert_eq!(
             opener.open(&ring_a, NOW, N1, &other),
@@ -509,7 +549,7 @@ mod tests {
         let ring_a = ring(&[&key('a')]);
         let mut sealer = Sealer::default();
         let sealed: Vec<Vec<u8>> = (0..200)
-            .map(|i| sealer.seal(&ring_a, NOW, N1, &[i as u8]).remove(0))
+            .map(|i| sealer.seal(&ring_a, NOW, N1, 0, &[i as u8]).remove(0))
             .collect();
         let mut opener = Opener::default();
         // Out of order within the window: each taken once.
@@ -560,8 +600,8 @@ mod tests {
         let ring_a = ring(&[&key('a')]);
         let mut sealer = Sealer::default();
         // What n2 sent n3, and then n1 (counters 1 and 2).
-        let to_n3 = sealer.seal(&ring_a, NOW, N3, b"to n3").remove(0);
-        let to_n1 = sealer.seal(&ring_a, NOW, N1, b"to n1").remove(0);
+        let to_n3 = sealer.seal(&ring_a, NOW, N3, 0, b"to n3").remove(0);
+        let to_n1 = sealer.seal(&ring_a, NOW, N1, 0, b"to n1").remove(0);
         assert_eq!(recipient_of(&to_n3), Some(N3));
         let mut n1 = Opener::default();
         assert!(n1.open(&ring_a, NOW, N1, &to_n1).is_ok());
@@ -574,13 +614,13 @@ mod tests {
         // Another port on the same address is another recipient; so is the same address over
         // IPv6.
         let other_port = SocketAddr::new(N1.ip(), 7947);
-        let to_port = sealer.seal(&ring_a, NOW, other_port, b"x").remove(0);
+        let to_port = sealer.seal(&ring_a, NOW, other_port, 0, b"x").remove(0);
         assert_eq!(
             n1.open(&ring_a, NOW, N1, &to_port),
             Err(Rejection::Misdirected)
         );
         let v6: SocketAddr = "[2001:db8::1]:7946".parse().unwrap();
-        let to_v6 = sealer.seal(&ring_a, NOW, v6, b"x").remove(0);
+        let to_v6 = sealer.seal(&ring_a, NOW, v6, 0, b"x").remove(0);
         assert_eq!(recipient_of(&to_v6), Some(v6));
         assert_eq!(
             n1.open(&ring_a, NOW, N1, &to_v6),
@@ -593,7 +633,7 @@ mod tests {
         assert_eq!(n1.senders.values().next().map(|s| s.highest), Some(2));
         // The recipient is authenticated: rewriting it to n1 breaks the seal.
         let mut rewritten = to_n3.clone();
-        rewritten[32..PART_AT].copy_from_slice(&recipient_bytes(N1));
+        rewritten[RECIPIENT_AT..PART_AT].copy_from_slice(&recipient_bytes(N1));
         assert_eq!(
             n1.open(&ring_a, NOW, N1, &rewritten),
             Err(Rejection::Unauthenticated)
@@ -605,7 +645,7 @@ mod tests {
         let ring_a = ring(&[&key('a')]);
         let message: Vec<u8> = (0..65_507u32).map(|i| (i * 7) as u8).collect();
         let mut sealer = Sealer::default();
-        let parts = sealer.seal(&ring_a, NOW, N1, &message);
+        let parts = sealer.seal(&ring_a, NOW, N1, 0, &message);
         assert_eq!(parts.len(), 2);
         assert!(parts.iter().all(|p| p.len() <= MAX_DATAGRAM));
         let mut opener = Opener::default();
@@ -615,7 +655,7 @@ mod tests {
             None
         );
         let small = Sealer::default()
-            .seal(&ring_a, NOW, N1, b"between")
+            .seal(&ring_a, NOW, N1, 0, b"between")
             .remove(0);
         assert!(
             opener

@@ -9,7 +9,7 @@
 //! and sent; the decoder receives each opened message from a loopback socket of the message's
 //! sender's own (one per peer), so that the address it reports maps back to the peer.
 use std::{
-    collections::{HashMap, HashSet},
+    collections::HashMap,
     net::{IpAddr, Ipv4Addr, SocketAddr},
     path::{Path, PathBuf},
     sync::{Arc, Mutex, RwLock},
@@ -27,11 +27,18 @@ use tracing::warn;
 
 use crate::cluster::{
     gossip::Rejections,
-    seal::{Keyring, MAX_DATAGRAM, Opener, Rejection, Sealer, key_id_text, recipient_of},
+    seal::{
+        Keyring, MAX_DATAGRAM, Opened, Opener, Rejection, Sealer, key_id_of, key_id_text,
+        recipient_of,
+    },
 };
 
-/// Sources whose dropped datagrams are logged (once each); past this, only counted.
+/// Sources whose dropped datagrams are logged; past this, only counted.
 const MAX_REPORTED: usize = 1024;
+/// A source still sending what is dropped is logged again this long after (with how many were
+/// dropped in between): once per source, not once per datagram, but not once for the daemon's
+/// life either.
+const REPORT_EVERY_MS: u64 = 600_000;
 
 /// Peers whose loopback socket is kept; past this, the oldest is closed (a peer that comes
 /// back gets a new one).
@@ -148,16 +155,156 @@ pub fn generate_key_file(path: &Path) -> Result<String> {
     Ok(key_id_text(ring.sealing_id()))
 }
 
+/// When each (source address, reason) of dropped datagrams was last logged, and how many were
+/// dropped since; at most [`MAX_REPORTED`] of them.
+#[derive(Default)]
+struct Reported {
+    last: HashMap<(IpAddr, Rejection), (u64, u64)>,
+    overflow_logged: bool,
+}
+
+/// Why a dropped datagram is logged.
+#[derive(Debug, PartialEq, Eq)]
+enum Due {
+    /// The first from its source for its reason.
+    First,
+    /// [`REPORT_EVERY_MS`] after the last logged; this many were dropped in between.
+    Again(u64),
+    /// The first from a source past [`MAX_REPORTED`]: said once, then nothing more is.
+    TooManySources,
+}
+
+impl Reported {
+    /// Whether a datagram dropped at `now_ms` for `key` is logged.
+    fn due(&mut self, key: (IpAddr, Rejection), now_ms: u64) -> Option<Due> {
+        if let Some((at, dropped)) = self.last.get_mut(&key) {
+            if now_ms.saturating_sub(*at) < REPORT_EVERY_MS {
+                *dropped += 1;
+                return None;
+            }
+            let between = *dropped;
+            (*at, *dropped) = (now_ms, 0);
+            return Some(Due::Again(between));
+        }
+        if self.last.len() >= MAX_REPORTED {
+            return (!std::mem::replace(&mut self.overflow_logged, true))
+                .then_some(Due::TooManySources);
+        }
+        self.last.insert(key, (now_ms, 0));
+        Some(Due::First)
+    }
+}
+
 /// Opens sealed gossip sockets.
 pub struct SealedTransport {
     pub keys: Arc<KeyFile>,
     pub rejections: Arc<Rejections>,
-    /// The key that opened each peer's last datagram, by the peer's gossip address.
-    pub peer_keys: PeerKeys,
+    /// What each peer's datagrams said, by the peer's gossip address.
+    pub links: PeerLinks,
 }
 
-/// The key id each peer seals with, by its address, as its datagrams say (`cluster ls`).
-pub type PeerKeys = Arc<Mutex<HashMap<SocketAddr, [u8; 4]>>>;
+/// Each peer's [`PeerLink`], by its gossip address (`cluster ls`).
+pub type PeerLinks = Arc<Mutex<HashMap<SocketAddr, PeerLink>>>;
+
+/// A peer whose datagrams keep arriving without echoing one of this node's sent at least this
+/// long before does not open them (a LAN delivers in milliseconds; chitchat answers at once).
+const ECHO_SLACK_MS: u64 = 1_000;
+/// ... this many times in a row: a datagram lost now and then is not a broken link.
+const MISSES_CUT_OFF: u32 = 3;
+/// What a peer's datagrams said is taken as current for this long; after that a silent peer is
+/// the failure detector's business (dead), not the keys'.
+const LINK_CURRENT_MS: u64 = 30_000;
+
+/// What this node knows of its gossip with one peer, from the datagrams each way.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PeerLink {
+    /// The key the peer's last opened datagram was sealed with.
+    pub key: Option<[u8; 4]>,
+    /// The time of the newest datagram opened from the peer, on the peer's clock: echoed back
+    /// to it in what this node sends it.
+    pub newest_opened_ms: u64,
+    /// When this node last opened a datagram from the peer (this node's clock).
+    opened_at_ms: u64,
+    /// The first datagram sent to the peer (this node's clock) since its last echo covered
+    /// what this node had sent.
+    unechoed_since_ms: Option<u64>,
+    /// Datagrams opened from the peer, in a row, that still echo something older than
+    /// `unechoed_since_ms` though they arrived more than [`ECHO_SLACK_MS`] after it.
+    misses: u32,
+    /// When a datagram from the peer's address last failed to open, and the key it named.
+    refused: Option<(u64, Option<[u8; 4]>)>,
+}
+
+/// Why gossip with a peer is broken, though both may still be sending.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CutOff {
+    /// Its datagrams open here, but it never echoes this node's: it cannot open them (its
+    /// keyring lacks this node's sealing key).
+    CannotOpenOurs,
+    /// Its datagrams do not open here: sealed with this key (`None`: not sealed at all).
+    UnknownKey(Option<[u8; 4]>),
+}
+
+impl CutOff {
+    /// For `cluster ls` and the logs; `sealing`: this node's sealing key.
+    pub fn describe(self, sealing: [u8; 4]) -> String {
+        match self {
+            CutOff::CannotOpenOurs => format!(
+                "cannot open this node's gossip (sealed with key {}): add it to its key file",
+                key_id_text(sealing)
+            ),
+            CutOff::UnknownKey(Some(key)) => format!(
+                "seals with key {}, which this node's key file lacks",
+                key_id_text(key)
+            ),
+            CutOff::UnknownKey(None) => {
+                "sends gossip this node cannot open (not sealed: --insecure?)".to_owned()
+            }
+        }
+    }
+}
+
+impl PeerLink {
+    /// A datagram sealed at `now_ms` was sent to the peer.
+    fn sent(&mut self, now_ms: u64) {
+        self.unechoed_since_ms.get_or_insert(now_ms);
+    }
+
+    /// A datagram from the peer opened at `now_ms`.
+    fn opened(&mut self, now_ms: u64, opened: &Opened) {
+        self.key = Some(opened.key_id);
+        self.opened_at_ms = now_ms;
+        self.newest_opened_ms = self.newest_opened_ms.max(opened.sent_ms);
+        match self.unechoed_since_ms {
+            Some(since) if opened.echo_ms >= since => {
+                self.unechoed_since_ms = None;
+                self.misses = 0;
+            }
+            Some(since) if now_ms >= since + ECHO_SLACK_MS => {
+                self.misses = self.misses.saturating_add(1);
+            }
+            _ => {}
+        }
+    }
+
+    /// A datagram from the peer's address that did not open, at `now_ms`.
+    fn refused(&mut self, now_ms: u64, key: Option<[u8; 4]>) {
+        self.refused = Some((now_ms, key));
+    }
+
+    /// Whether gossip with the peer is broken at `now_ms`, by what its recent datagrams said.
+    pub fn cut_off(&self, now_ms: u64) -> Option<CutOff> {
+        let current = |at: u64| now_ms.saturating_sub(at) <= LINK_CURRENT_MS;
+        match self.refused {
+            Some((at, key)) if at > self.opened_at_ms && current(at) => {
+                return Some(CutOff::UnknownKey(key));
+            }
+            _ => {}
+        }
+        (self.misses >= MISSES_CUT_OFF && current(self.opened_at_ms))
+            .then_some(CutOff::CannotOpenOurs)
+    }
+}
 
 #[async_trait]
 impl Transport for SealedTransport {
@@ -194,8 +341,8 @@ impl SealedTransport {
             sealer: Sealer::default(),
             opener: Opener::default(),
             rejections: self.rejections.clone(),
-            peer_keys: self.peer_keys.clone(),
-            reported: HashSet::new(),
+            links: self.links.clone(),
+            reported: Reported::default(),
             buf: vec![0u8; MAX_DATAGRAM + 1].into_boxed_slice(),
         })
     }
@@ -217,9 +364,8 @@ struct SealedSocket {
     sealer: Sealer,
     opener: Opener,
     rejections: Arc<Rejections>,
-    peer_keys: PeerKeys,
-    /// (source address, reason) pairs already logged; at most [`MAX_REPORTED`].
-    reported: HashSet<(IpAddr, Rejection)>,
+    links: PeerLinks,
+    reported: Reported,
     buf: Box<[u8]>,
 }
 
@@ -244,55 +390,66 @@ impl SealedSocket {
         Ok(&self.peers[&peer])
     }
 
-    /// `peer` sealed with the key `key_id`.
-    fn note_key(&self, peer: SocketAddr, key_id: [u8; 4]) {
-        let mut peer_keys = self.peer_keys.lock().expect("not poisoned");
-        if peer_keys.len() < MAX_PEERS || peer_keys.contains_key(&peer) {
-            peer_keys.insert(peer, key_id);
+    /// Updates what this node knows of its link with `peer` (at most [`MAX_PEERS`] of them:
+    /// past that, a new address is not followed).
+    fn note(&self, peer: SocketAddr, update: impl FnOnce(&mut PeerLink)) {
+        let mut links = self.links.lock().expect("not poisoned");
+        if links.len() < MAX_PEERS || links.contains_key(&peer) {
+            update(links.entry(peer).or_default());
         }
     }
 
-    /// Counts a datagram from `from` dropped at `local`, sealed for `recipient`, and logs the
-    /// first from each source for each reason.
+    /// The time of the newest datagram opened from `peer`, to echo to it.
+    fn echo_for(&self, peer: SocketAddr) -> u64 {
+        let links = self.links.lock().expect("not poisoned");
+        links.get(&peer).map_or(0, |link| link.newest_opened_ms)
+    }
+
+    /// Counts a datagram from `from` dropped at `local` at `now_ms`, sealed for `recipient`,
+    /// and logs it when [`Reported::due`] says so.
     fn reject(
         &mut self,
         from: SocketAddr,
         rejection: Rejection,
         local: SocketAddr,
         recipient: Option<SocketAddr>,
+        now_ms: u64,
     ) {
         self.rejections.count_sealing(rejection);
-        if self.reported.len() >= MAX_REPORTED {
-            if self
-                .reported
-                .insert((IpAddr::from(Ipv4Addr::UNSPECIFIED), rejection))
-            {
+        let Some(due) = self.reported.due((from.ip(), rejection), now_ms) else {
+            return;
+        };
+        let since = match due {
+            Due::First => "first".to_owned(),
+            Due::Again(dropped) => format!("{dropped} more dropped since last logged"),
+            Due::TooManySources => {
                 warn!(
                     "gossip datagrams from more than {MAX_REPORTED} sources dropped: further sources are counted, not logged"
                 );
+                return;
             }
-            return;
-        }
-        if self.reported.insert((from.ip(), rejection)) {
-            let ring = self.keys.ring();
-            let ids: Vec<String> = ring.ids().into_iter().map(key_id_text).collect();
-            match rejection {
-                Rejection::Unauthenticated => warn!(
-                    from = %from,
-                    keys = ?ids,
-                    "gossip datagram that no key of this node's keyring opens dropped: a node with another or no key, or forged (counted; logged once per source)"
-                ),
-                Rejection::Replayed => warn!(
-                    from = %from,
-                    "gossip datagram seen before, or sealed too long ago, dropped: a replay, or clocks more than 30 s apart (counted; logged once per source)"
-                ),
-                Rejection::Misdirected => warn!(
-                    from = %from,
-                    sealed_for = %recipient.map_or_else(|| "?".to_owned(), |r| r.to_string()),
-                    here = %local,
-                    "gossip datagram sealed for another address dropped: another node's traffic replayed here, or a peer that reaches this node at an address that is not its --gossip-addr (through NAT: not supported) (counted as replayed; logged once per source)"
-                ),
-            }
+        };
+        let ring = self.keys.ring();
+        let ids: Vec<String> = ring.ids().into_iter().map(key_id_text).collect();
+        match rejection {
+            Rejection::Unauthenticated => warn!(
+                from = %from,
+                keys = ?ids,
+                since,
+                "gossip datagram that no key of this node's keyring opens dropped: a node with another or no key, or forged (counted; logged once per source every 10 minutes)"
+            ),
+            Rejection::Replayed => warn!(
+                from = %from,
+                since,
+                "gossip datagram seen before, or sealed too long ago, dropped: a replay, or clocks more than 30 s apart (counted; logged once per source every 10 minutes)"
+            ),
+            Rejection::Misdirected => warn!(
+                from = %from,
+                sealed_for = %recipient.map_or_else(|| "?".to_owned(), |r| r.to_string()),
+                here = %local,
+                since,
+                "gossip datagram sealed for another address dropped: another node's traffic replayed here, or a peer that reaches this node at an address that is not its --gossip-addr (through NAT: not supported) (counted as replayed; logged once per source every 10 minutes)"
+            ),
         }
     }
 }
@@ -312,8 +469,11 @@ impl Socket for SealedSocket {
         self.encoder.send(sink_addr, envelope).await?;
         let len = self.sink.recv(&mut self.buf).await?;
         let ring = self.keys.ring();
+        let now = now_ms();
+        let echo = self.echo_for(to);
+        self.note(to, |link| link.sent(now));
         let mut sent = 0;
-        for datagram in self.sealer.seal(&ring, now_ms(), to, &self.buf[..len]) {
+        for datagram in self.sealer.seal(&ring, now, to, echo, &self.buf[..len]) {
             sent += self
                 .wire
                 .send_to(&datagram, to)
@@ -349,13 +509,19 @@ impl Socket for SealedSocket {
                     };
                     let ring = self.keys.ring();
                     let local = self.local;
-                    match self.opener.open(&ring, now_ms(), local, &self.buf[..len]) {
+                    let now = now_ms();
+                    match self.opener.open(&ring, now, local, &self.buf[..len]) {
                         Err(rejection) => {
-                            let recipient = recipient_of(&self.buf[..len]);
-                            self.reject(from, rejection, local, recipient);
+                            let datagram = &self.buf[..len];
+                            let recipient = recipient_of(datagram);
+                            if rejection == Rejection::Unauthenticated {
+                                let key = key_id_of(datagram);
+                                self.note(from, |link| link.refused(now, key));
+                            }
+                            self.reject(from, rejection, local, recipient, now);
                         }
                         Ok(opened) => {
-                            self.note_key(from, opened.key_id);
+                            self.note(from, |link| link.opened(now, &opened));
                             if let Some(message) = opened.message {
                                 let decoder_addr = self.decoder_addr;
                                 let socket = self.peer_socket(from).await?;
@@ -384,6 +550,133 @@ mod tests {
         }
     }
 
+    const NOW: u64 = 1_780_000_000_000;
+
+    /// A datagram from the peer, sealed at `sent_ms` (the peer's clock), echoing `echo_ms`.
+    fn from_peer(sent_ms: u64, echo_ms: u64) -> Opened {
+        Opened {
+            message: None,
+            key_id: [1, 2, 3, 4],
+            sent_ms,
+            echo_ms,
+        }
+    }
+
+    #[test]
+    fn dropped_datagrams_are_logged_once_per_source_and_reason_every_ten_minutes() {
+        let mut reported = Reported::default();
+        let a = (IpAddr::from([10, 0, 0, 1]), Rejection::Unauthenticated);
+        let b = (IpAddr::from([10, 0, 0, 1]), Rejection::Replayed);
+        assert_eq!(reported.due(a, NOW), Some(Due::First));
+        assert_eq!(reported.due(b, NOW), Some(Due::First), "another reason");
+        for i in 1..=500 {
+            assert_eq!(reported.due(a, NOW + i), None);
+        }
+        assert_eq!(reported.due(a, NOW + REPORT_EVERY_MS - 1), None);
+        assert_eq!(
+            reported.due(a, NOW + REPORT_EVERY_MS),
+            Some(Due::Again(501))
+        );
+        assert_eq!(reported.due(a, NOW + REPORT_EVERY_MS + 1), None);
+        // Past MAX_REPORTED sources: said once, then only counted.
+        for i in 0..MAX_REPORTED as u32 - 2 {
+            let source = (
+                IpAddr::from(((i + 1) << 8).to_be_bytes()),
+                Rejection::Replayed,
+            );
+            assert_eq!(reported.due(source, NOW), Some(Due::First));
+        }
+        let more = |i: u8| (IpAddr::from([192, 0, 2, i]), Rejection::Replayed);
+        assert_eq!(reported.due(more(1), NOW), Some(Due::TooManySources));
+        assert_eq!(reported.due(more(2), NOW), None);
+        assert_eq!(
+            reported.due(a, NOW + 2 * REPORT_EVERY_MS),
+            Some(Due::Again(1))
+        );
+    }
+
+    /// A healthy exchange: each datagram from the peer echoes the newest of this node's it
+    /// opened; a loss now and then, and the datagrams that cross in flight, cut nothing off.
+    #[test]
+    fn a_peer_that_echoes_what_this_node_sends_is_not_cut_off() {
+        let mut link = PeerLink::default();
+        assert_eq!(link.cut_off(NOW), None, "never heard from");
+        for round in 0..20u64 {
+            let at = NOW + round * 500;
+            link.sent(at);
+            // Round 7's datagram is lost: the answer echoes round 6's; the peer's next one
+            // echoes round 8's.
+            let echo = if round == 7 { at - 500 } else { at };
+            link.opened(at + 2, &from_peer(at + 1, echo));
+            assert_eq!(link.cut_off(at + 2), None, "round {round}");
+        }
+        assert_eq!(link.key, Some([1, 2, 3, 4]));
+        assert_eq!(
+            link.newest_opened_ms,
+            NOW + 19 * 500 + 1,
+            "echoed back to it"
+        );
+        // Its datagram crossed this node's in flight (sent before ours arrived): no miss.
+        link.sent(NOW + 20_000);
+        link.opened(NOW + 20_001, &from_peer(NOW + 20_000, NOW + 19_500));
+        assert_eq!(link.misses, 0);
+    }
+
+    /// A peer whose keyring lacks this node's sealing key keeps sending (its datagrams open
+    /// here) but never echoes anything newer: cut off after three such datagrams, and no
+    /// longer once it echoes again. One that goes silent is the failure detector's business.
+    #[test]
+    fn a_peer_that_never_echoes_this_nodes_datagrams_is_cut_off() {
+        let mut link = PeerLink::default();
+        link.sent(NOW);
+        link.opened(NOW + 2, &from_peer(NOW + 1, NOW));
+        let mut at = NOW + 1_000;
+        for miss in 1..=3 {
+            link.sent(at);
+            at += 1_500;
+            // It still echoes NOW: it opened nothing sent since.
+            link.opened(at, &from_peer(at, NOW));
+            let expected = (miss == 3).then_some(CutOff::CannotOpenOurs);
+            assert_eq!(link.cut_off(at), expected, "miss {miss}");
+        }
+        assert_eq!(
+            link.cut_off(at + LINK_CURRENT_MS + 1),
+            None,
+            "silent for longer than a link is current"
+        );
+        link.sent(at + 100);
+        link.opened(at + 200, &from_peer(at + 200, at + 100));
+        assert_eq!(link.cut_off(at + 200), None, "it opens ours again");
+    }
+
+    /// A peer whose datagrams do not open here (another key, or none) is cut off until one
+    /// opens again.
+    #[test]
+    fn a_peer_whose_datagrams_do_not_open_is_cut_off_until_one_does() {
+        let mut link = PeerLink::default();
+        link.opened(NOW, &from_peer(NOW, 0));
+        link.refused(NOW + 10, Some([9, 9, 9, 9]));
+        assert_eq!(
+            link.cut_off(NOW + 10),
+            Some(CutOff::UnknownKey(Some([9, 9, 9, 9])))
+        );
+        assert!(
+            CutOff::UnknownKey(Some([9, 9, 9, 9]))
+                .describe([1, 2, 3, 4])
+                .contains("09090909")
+        );
+        assert!(
+            CutOff::CannotOpenOurs
+                .describe([1, 2, 3, 4])
+                .contains("01020304")
+        );
+        link.opened(NOW + 20, &from_peer(NOW + 20, 0));
+        assert_eq!(link.cut_off(NOW + 20), None);
+        link.refused(NOW + 30, None);
+        assert_eq!(link.cut_off(NOW + 30), Some(CutOff::UnknownKey(None)));
+        assert_eq!(link.cut_off(NOW + 30 + LINK_CURRENT_MS + 1), None);
+    }
+
     async fn open(transport: &SealedTransport) -> (SealedSocket, SocketAddr) {
         let socket = transport
             .open_sealed(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)))
@@ -407,7 +700,7 @@ mod tests {
         let transport = SealedTransport {
             keys: Arc::new(KeyFile::load(&key_path).unwrap()),
             rejections: Arc::new(Rejections::default()),
-            peer_keys: PeerKeys::default(),
+            links: PeerLinks::default(),
         };
         let (mut a, a_addr) = open(&transport).await;
         let (mut b, b_addr) = open(&transport).await;

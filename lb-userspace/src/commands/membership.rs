@@ -119,6 +119,13 @@ pub fn cluster_ls(instance: &Instance, as_json: bool) -> Result<String> {
         status.members.len(),
         if status.converged {
             "every live member has this table".to_owned()
+        } else if status.cut_off() > 0 {
+            format!(
+                "{} member(s) CUT OFF: gossip with them is broken by key files that do not \
+                 match (see below); {} of {alive} live member(s) have this table",
+                status.cut_off(),
+                status.agreeing()
+            )
         } else {
             format!(
                 "{} of {alive} live member(s) have this table: a change is still spreading, or \
@@ -150,6 +157,8 @@ pub fn cluster_ls(instance: &Instance, as_json: bool) -> Result<String> {
     for m in &status.members {
         let table = if m.this {
             "self"
+        } else if m.cut_off.is_some() {
+            "cut-off"
         } else if m.agrees {
             "agrees"
         } else if m.alive {
@@ -168,6 +177,11 @@ pub fn cluster_ls(instance: &Instance, as_json: bool) -> Result<String> {
             m.digest.as_deref().unwrap_or("?"),
             m.key.as_deref().unwrap_or("-"),
         ));
+    }
+    for m in &status.members {
+        if let Some(why) = &m.cut_off {
+            out.push_str(&format!("{}: CUT OFF: {why}\n", m.name));
+        }
     }
     let rejected: Vec<String> = status
         .rejected

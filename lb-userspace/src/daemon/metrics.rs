@@ -494,7 +494,9 @@ fn estimated_len(snapshot: &Snapshot) -> usize {
 ///   node applied;
 /// - `lbctl_cluster_members{state}` (`alive`, `dead`): members by name, this node included;
 /// - `lbctl_cluster_members_agreeing`: live members that published this node's digest (this
-///   node included); `lbctl_cluster_converged`: 1 when every live member did;
+///   node included) and are not cut off; `lbctl_cluster_members_cut_off`: members whose gossip
+///   with this node is broken by keys that do not match; `lbctl_cluster_converged`: 1 when
+///   every live member agrees and none is cut off;
 /// - `lbctl_cluster_table_changes_total`: merged tables applied since the daemon started;
 /// - `lbctl_gossip_rejected_messages_total{reason}`: see `gossip` for the reasons;
 /// - `lbctl_gossip_sealed`: 1 when gossip is sealed with a key file, 0 in clear (`--insecure`);
@@ -532,13 +534,22 @@ pub fn render_cluster(status: &crate::cluster::Status) -> String {
         (
             "lbctl_cluster_members_agreeing",
             Kind::Gauge,
-            "Live members whose published table digest is this node's, this node included.",
+            "Live members whose published table digest is this node's, this node included, \
+             and that are not cut off.",
             status.agreeing() as u64,
+        ),
+        (
+            "lbctl_cluster_members_cut_off",
+            Kind::Gauge,
+            "Members whose gossip with this node is broken though datagrams arrive: one of the \
+             two cannot open what the other seals (key files that do not match).",
+            status.cut_off() as u64,
         ),
         (
             "lbctl_cluster_converged",
             Kind::Gauge,
-            "1 when every live member published this node's table digest, else 0.",
+            "1 when every live member published this node's table digest and none is cut off, \
+             else 0.",
             u64::from(status.converged),
         ),
         (
@@ -1411,6 +1422,7 @@ lbctl_interface_transmit_failures_total{iface="uplink",kind="xdp_errors"} 1
             agrees,
             this: name == "n1",
             key: None,
+            cut_off: (name == "n3").then(|| "cannot open this node's gossip".to_owned()),
         };
         let status = Status {
             cluster: "prod".into(),
@@ -1447,6 +1459,7 @@ lbctl_interface_transmit_failures_total{iface="uplink",kind="xdp_errors"} 1
             "lbctl_cluster_members{state=\"alive\"} 2",
             "lbctl_cluster_members{state=\"dead\"} 1",
             "lbctl_cluster_members_agreeing 1",
+            "lbctl_cluster_members_cut_off 1",
             "lbctl_cluster_converged 0",
             "lbctl_cluster_table_changes_total 2",
             "# TYPE lbctl_gossip_rejected_messages_total counter",

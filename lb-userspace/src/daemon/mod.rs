@@ -16,7 +16,7 @@ use std::{
     collections::{BTreeSet, HashMap},
     net::{Ipv4Addr, SocketAddr, SocketAddrV4},
     sync::{Arc, Mutex},
-    time::{Duration, Instant},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
 use anyhow::{Context as _, Result};
@@ -339,10 +339,20 @@ async fn reload_keys(
                     "keyring reloaded (the first key seals)"
                 );
             }
-            Ok(None) => {}
+            // Unchanged since the keyring in force was read: if it was refused since, it was
+            // put back as it was (a mode or owner fixed back).
+            Ok(None) => {
+                if refused.take().is_some() {
+                    info!(
+                        key_file = %keys.path().display(),
+                        "the key file is as it was when its keys were loaded: the keys in force stay"
+                    );
+                }
+            }
+            // Logged once until the file changes, and on every SIGHUP (an operator asking).
             Err(err) => {
                 let error = format!("{err:#}");
-                if refused.as_ref() != Some(&error) {
+                if force || refused.as_ref() != Some(&error) {
                     warn!(
                         error,
                         "cannot reload the key file: the keys in force are kept"
@@ -720,6 +730,7 @@ async fn cluster_loop(
     let mut table_changes = 0u64;
     let mut warned = BTreeSet::new();
     let mut live = BTreeSet::new();
+    let mut cut_off = BTreeSet::new();
     let mut written: Option<(cluster::Status, Instant)> = None;
     // Until the failure detector could have declared the members of the table in force dead,
     // wait to hear from them before merging: a restart must not drop their tasks (and reset
@@ -774,24 +785,30 @@ async fn cluster_loop(
         }
         let mut statuses = member_statuses(members, &config, &step.digest, &mut live);
         let own_key = gossip.key_ids().and_then(|ids| ids.into_iter().next());
+        let now_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
         for member in &mut statuses {
-            member.key = if member.this {
-                own_key.clone()
-            } else {
-                member
-                    .gossip_addr
-                    .parse()
-                    .ok()
-                    .and_then(|addr| gossip.peer_key(&addr))
+            if member.this {
+                member.key = own_key.clone();
+                continue;
+            }
+            let Ok(addr) = member.gossip_addr.parse() else {
+                continue;
             };
+            (member.key, member.cut_off) = gossip.peer_link(&addr, now_ms);
+            if member.cut_off.is_some() {
+                member.agrees = false;
+            }
         }
+        log_cut_off(&statuses, &mut cut_off);
         let status = cluster::Status {
             cluster: config.cluster.clone(),
             node: config.node.clone(),
             gossip_addr: config.gossip_addr.to_string(),
             vtep,
             generation: config.generation,
-            converged: statuses.iter().filter(|m| m.alive).all(|m| m.agrees),
+            converged: cluster::Status::converged_of(&statuses),
             digest: step.digest.clone(),
             table_generation: step.table.generation,
             table_changes,
@@ -848,6 +865,25 @@ fn log_step(step: &cluster::Step, changes: Option<&TableDiff>, warned: &mut BTre
         }
     }
     *warned = step.warnings.iter().cloned().collect();
+}
+
+/// Logs each member that became cut off, or was cut off and no longer is, since the round
+/// before (`cut_off`, updated: member names).
+fn log_cut_off(statuses: &[cluster::MemberStatus], cut_off: &mut BTreeSet<String>) {
+    let now: BTreeSet<String> = statuses
+        .iter()
+        .filter(|m| m.cut_off.is_some())
+        .map(|m| m.name.clone())
+        .collect();
+    for member in statuses.iter().filter(|m| !cut_off.contains(&m.name)) {
+        if let Some(why) = &member.cut_off {
+            warn!(member = %member.name, why = %why, "cluster member cut off: gossip with it is broken, its table and this node's no longer follow each other");
+        }
+    }
+    for name in cut_off.difference(&now) {
+        info!(member = %name, "cluster member no longer cut off: gossip with it works again");
+    }
+    *cut_off = now;
 }
 
 /// Every member's status against this node's table `digest` (this node agreeing with itself),
