@@ -557,6 +557,19 @@ pub struct BackendStats {
 }
 assert_size!(BackendStats, 40);
 
+/// Value of `ICMP_RATE`, by the address an ICMP error the data plane makes goes to: a token
+/// bucket in nanoseconds of `bpf_ktime_get_coarse_ns` (a token is one second's worth).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct IcmpBucket {
+    pub tokens_ns: u64,
+    pub last_ns: u64,
+}
+assert_size!(IcmpBucket, 16);
+
+/// Entries of `ICMP_RATE`: the clients that recently drew an error (LRU).
+pub const ICMP_RATE_CAPACITY: u32 = 16_384;
+
 /// Value of `PASSIVE_HEALTH`, by backend id: what the data plane saw of the backend's
 /// connections (passive health checking, or outlier detection). Written by the data plane,
 /// each field atomically: the events are rare (a refused or unanswered connection, the first
@@ -762,6 +775,31 @@ reasons! {
     /// a router on its way: the connection refused. Dropped, its flow forgotten, as for
     /// `drop_backend_refused`: the client's retransmitted SYN is balanced again.
     DropBackendUnreachable = 42 => "drop_backend_unreachable",
+    /// An ICMP error (destination unreachable, time exceeded, parameter problem) about a packet
+    /// the data plane forwarded to a backend, from the backend or a router on its way:
+    /// translated (the quoted destination becomes the address the client connected to) and
+    /// sent on to the client by XDP.
+    IcmpToClient = 43 => "icmp_to_client",
+    /// An ICMP error about a reply the client got, from a router on the client's way (and
+    /// addressed to the service): translated (the quoted source becomes the backend) and sent
+    /// to the flow's backend, routed or encapsulated to its node.
+    IcmpToBackend = 44 => "icmp_to_backend",
+    /// An ICMP error about a forwarded packet that XDP cannot send on itself: handed to the
+    /// kernel untouched, and translated by the TC egress program on its way out
+    /// (`icmp_egress`).
+    IcmpStack = 45 => "icmp_stack",
+    /// An ICMP error about a forwarded packet, routed by the kernel (or made by it: time
+    /// exceeded, fragmentation needed), translated by the TC egress program on its way to the
+    /// client.
+    IcmpEgress = 46 => "icmp_egress",
+    /// An ICMP error about a flow another node balanced, made by or routed through this node
+    /// (the backend's): VXLAN-encapsulated back to the flow's ingress node, which translates it.
+    IcmpEncap = 47 => "icmp_encap",
+    /// A client's packet that would exceed the underlay MTU once encapsulated, with DF set:
+    /// turned into an ICMP "fragmentation needed" back to the client, next-hop MTU the
+    /// underlay's less the VXLAN overhead (path MTU discovery), rate-limited per client as the
+    /// kernel's errors are (one a second, six at once); past the limit, `drop_encap_mtu`.
+    FragNeededSent = 48 => "frag_needed_sent",
 }
 
 /// Number of counter slots in `REASON_STATS`.
@@ -881,6 +919,7 @@ pub mod map_names {
     pub const BRIDGE_PORTS: &str = "BRIDGE_PORTS";
     pub const PEER_PORTS: &str = "PEER_PORTS";
     pub const PASSIVE_HEALTH: &str = "PASSIVE_HEALTH";
+    pub const ICMP_RATE: &str = "ICMP_RATE";
 
     /// Every map, so that pinning cannot forget one.
     pub const ALL: &[&str] = &[
@@ -910,6 +949,7 @@ pub mod map_names {
         BRIDGE_PORTS,
         PEER_PORTS,
         PASSIVE_HEALTH,
+        ICMP_RATE,
     ];
 }
 
@@ -932,6 +972,7 @@ mod pod {
     use super::*;
     // SAFETY: every type is repr(C), made of integers only, with all padding explicit.
     unsafe impl aya::Pod for ServiceKey {}
+    unsafe impl aya::Pod for IcmpBucket {}
     unsafe impl aya::Pod for LocalBackendKey {}
     unsafe impl aya::Pod for ServiceValue {}
     unsafe impl aya::Pod for Backend {}

@@ -15,7 +15,7 @@ use network_types::{eth::EthHdr, udp::UdpHdr};
 use crate::{
     conntrack,
     encap::{VXLAN_FLAG_VNI, VxlanHdr},
-    forward, frag,
+    forward, frag, icmp,
     maps::{BACKENDS, LOCAL_BACKENDS, NODES, REVERSE_FLOWS, TUNNEL_REPLIES},
     parse::{self, Packet, ptr_at},
     reply,
@@ -89,6 +89,13 @@ pub fn xdp_from_node(
                 Some(first) => (first, Some(fragment.id_be)),
                 None => return frag::later_from_node(ctx, &fragment),
             }
+        }
+        // An ICMP error about a flow: back from the backend's node, or for a backend here.
+        Err(Reason::PassNotTcpUdp) => {
+            return match parse::parse_icmp_error(data, data_end, data_end - data) {
+                Some(error) => icmp::xdp_from_node(ctx, &error, outer.src_ip_be),
+                None => drop(Reason::DropVxlanMalformed),
+            };
         }
         Err(_) => return drop(Reason::DropVxlanMalformed),
     };

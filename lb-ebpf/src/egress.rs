@@ -10,10 +10,16 @@ use lb_common::{PROTO_UDP, Reason};
 
 use crate::{
     conntrack, encap, frag,
+    icmp::{self, About},
     maps::TUNNEL_REPLIES,
     nat::{self, Side},
     parse, socklb, stats,
 };
+use lb_common::FlowKey;
+
+/// The longest ICMP error the kernel makes (RFC 1812: 576 bytes of IPv4) and its Ethernet
+/// header: pulled whole into the linear part of the skb to be translated.
+const ICMP_ERROR_MAX: u32 = 14 + 576;
 
 /// Headers the parser may need in the linear part of the skb: Ethernet, IPv4 with the largest
 /// options, TCP without options.
@@ -37,18 +43,7 @@ pub fn try_lb_tc_egress(ctx: &mut TcContext) -> Result<i32, i64> {
     let pkt = match parsed {
         Ok(pkt) => pkt,
         Err(Reason::PassFragment) => return frag::tc_reply(ctx),
-        // The node's own ICMP destination unreachable about a SYN it forwarded (its neighbour
-        // for the backend never answered, no route): the backend's refusal, as in XDP.
-        Err(Reason::PassNotTcpUdp) => {
-            let data = (ctx.data(), ctx.data_end());
-            return Ok(match parse::parse_icmp_unreachable(data.0, data.1, len) {
-                Some(quoted) if conntrack::note_unreachable(&quoted) => {
-                    stats::count_reason(Reason::DropBackendUnreachable, len as u64);
-                    TC_ACT_SHOT
-                }
-                _ => TC_ACT_UNSPEC,
-            });
-        }
+        Err(Reason::PassNotTcpUdp) => return icmp_error(ctx, len),
         Err(_) => return Ok(TC_ACT_UNSPEC),
     };
     let key = conntrack::key_of(&pkt);
@@ -89,4 +84,59 @@ pub fn try_lb_tc_egress(ctx: &mut TcContext) -> Result<i32, i64> {
     stats::count_reason(Reason::ReplyEgress, bytes);
     stats::count_reply(reverse.backend_id, bytes);
     Ok(TC_ACT_UNSPEC)
+}
+
+/// An ICMP error on its way out. The node's own destination unreachable about a SYN it
+/// forwarded (its neighbour for the backend never answered, no route) is the backend's
+/// refusal, as in XDP. Any other error about a packet this node forwarded (the kernel's own:
+/// time exceeded, fragmentation needed; or one it routed) is translated for the client; one
+/// about a flow another node balanced (this node hosts the backend) is encapsulated back to
+/// that node, which translates it. Anything else goes on untouched.
+#[inline(always)]
+fn icmp_error(ctx: &mut TcContext, len: usize) -> Result<i32, i64> {
+    if ctx.data_end() - ctx.data() < len {
+        ctx.pull_data(ctx.len().min(ICMP_ERROR_MAX))?;
+    }
+    let (data, data_end) = (ctx.data(), ctx.data_end());
+    let Some(error) = parse::parse_icmp_error(data, data_end, len) else {
+        return Ok(TC_ACT_UNSPEC);
+    };
+    if parse::is_refusal(&error) && conntrack::note_unreachable(&error.quoted) {
+        stats::count_reason(Reason::DropBackendUnreachable, len as u64);
+        return Ok(TC_ACT_SHOT);
+    }
+    if let Some(About::Forwarded(reverse)) = icmp::about(&error) {
+        if icmp::translate_for_client(data, data_end, &error, &reverse).is_some() {
+            stats::count_reason(Reason::IcmpEgress, len as u64);
+        }
+        return Ok(TC_ACT_UNSPEC);
+    }
+    let q = &error.quoted;
+    let reply_key = FlowKey::new(
+        q.dst_ip_be,
+        q.src_ip_be,
+        q.dst_port_be,
+        q.src_port_be,
+        q.proto,
+    );
+    // SAFETY: copied out at once.
+    let Some(tunnel) = (unsafe { TUNNEL_REPLIES.get(&reply_key) }).copied() else {
+        return Ok(TC_ACT_UNSPEC);
+    };
+    if error.dst_ip_be != q.src_ip_be {
+        return Ok(TC_ACT_UNSPEC);
+    }
+    let (action, reason) = encap::tc_to_node(
+        ctx,
+        &error.as_packet(),
+        tunnel.node_ip_be,
+        encap::source_port(&reply_key),
+    );
+    let reason = if reason == Reason::ReplyEncap {
+        Reason::IcmpEncap
+    } else {
+        reason
+    };
+    stats::count_reason(reason, u64::from(ctx.len()));
+    Ok(action)
 }

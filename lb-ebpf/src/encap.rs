@@ -24,6 +24,7 @@ use network_types::{eth::EthHdr, ip::Ipv4Hdr, udp::UdpHdr};
 use crate::{
     csum,
     forward::{self, Egress, NextHop},
+    icmp,
     maps::MESH,
     parse::{Packet, ptr_at},
 };
@@ -64,6 +65,10 @@ struct EncapHeaders {
 }
 const _: () =
     assert!(core::mem::size_of::<EncapHeaders>() == VXLAN_OVERHEAD as usize + EthHdr::LEN);
+
+/// The smallest path MTU a "fragmentation needed" names: IPv4's minimum (RFC 791: every host
+/// takes 576-byte datagrams); an underlay narrower than that plus the overhead gets no error.
+const MIN_PATH_MTU: u16 = 576;
 
 /// Bytes the outer IPv4 header, UDP and VXLAN add to the inner frame's length.
 const OUTER_L3_OVERHEAD: usize = 20 + 8 + 8;
@@ -152,14 +157,15 @@ fn headers(
 }
 
 /// How a packet of `outer_len` bytes (outer IPv4 total length) reaches `node_ip_be`, or the
-/// reason it cannot. XDP cannot resolve neighbours or fragment, so both are drops.
+/// reason it cannot, with the underlay's MTU when it is too big (else 0). XDP cannot resolve
+/// neighbours or fragment, so both are drops.
 #[inline(always)]
 fn route_to_node(
     ctx: &XdpContext,
     mesh: &MeshConfig,
     node_ip_be: u32,
     outer_len: u16,
-) -> Result<Egress, Reason> {
+) -> Result<Egress, (Reason, u16)> {
     let ingress = ctx.ingress_ifindex() as u32;
     let (rc, hop) = forward::fib_lookup_cached(
         ctx.ctx.cast(),
@@ -177,21 +183,24 @@ fn route_to_node(
         {
             Ok(Egress::Redirect(hop))
         }
-        BPF_FIB_LKUP_RET_FRAG_NEEDED => Err(Reason::DropEncapMtu),
-        BPF_FIB_LKUP_RET_NO_NEIGH => Err(Reason::DropEncapNoNeigh),
-        _ => Err(Reason::DropEncapNoRoute),
+        BPF_FIB_LKUP_RET_FRAG_NEEDED => Err((Reason::DropEncapMtu, hop.mtu)),
+        BPF_FIB_LKUP_RET_NO_NEIGH => Err((Reason::DropEncapNoNeigh, 0)),
+        _ => Err((Reason::DropEncapNoRoute, 0)),
     }
 }
 
 /// Encapsulates a DNATed client packet to the node that hosts its backend and sends it. The
 /// inner TTL drops by one, as on any router. `Ok` carries the action and its reason; a packet
 /// that cannot be sent is dropped (`Ok((XDP_DROP, reason))`): passing it to the kernel would
-/// deliver a DNATed packet to the wrong place.
+/// deliver a DNATed packet to the wrong place. `client`: the packet as the client sent it, for
+/// a client's packet too big once encapsulated, which is answered with an ICMP "fragmentation
+/// needed" (`icmp::frag_needed`) when it can be.
 #[inline(always)]
 pub fn xdp_to_node(
     ctx: &XdpContext,
     src_port: u16,
     node_ip_be: u32,
+    client: Option<&Packet>,
 ) -> Result<(u32, Reason), Reason> {
     let drop = |reason| Ok((xdp_action::XDP_DROP, reason));
     let Some(mesh) = mesh() else {
@@ -204,7 +213,19 @@ pub fn xdp_to_node(
     }
     let egress = match route_to_node(ctx, mesh, node_ip_be, outer_len as u16) {
         Ok(egress) => egress,
-        Err(reason) => return drop(reason),
+        Err((Reason::DropEncapMtu, mtu)) => {
+            let fits = mtu.saturating_sub(VXLAN_OVERHEAD as u16);
+            if let Some(client) = client
+                && fits >= MIN_PATH_MTU
+            {
+                let action = icmp::frag_needed(ctx, client, fits);
+                if action != 0 {
+                    return Ok((action, Reason::FragNeededSent));
+                }
+            }
+            return drop(Reason::DropEncapMtu);
+        }
+        Err((reason, _)) => return drop(reason),
     };
     let (hop, reason) = match egress {
         Egress::Tx(ref hop) => (hop, Reason::ForwardEncapTx),

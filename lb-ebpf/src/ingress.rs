@@ -12,7 +12,7 @@ use network_types::eth::EthHdr;
 
 use crate::{
     conntrack::{self, Lookup},
-    decap, encap, forward, frag,
+    decap, encap, forward, frag, icmp,
     maps::HOST_MACS,
     nat::{self, Side},
     parse::{self, Packet, ptr_at},
@@ -86,15 +86,19 @@ pub fn try_lb_xdp(ctx: &XdpContext) -> Result<(u32, Reason), Reason> {
 
 /// A packet that is neither TCP nor UDP: an ICMP destination unreachable about a SYN this
 /// node forwarded (from the backend, or a router on its way) is the backend's refusal, and is
-/// dropped (`conntrack::note_unreachable`); anything else passes untouched.
+/// dropped (`conntrack::note_unreachable`); any other ICMP error about a balanced flow is
+/// translated and sent on (`icmp`); anything else passes untouched.
 #[inline(always)]
 fn unreachable(ctx: &XdpContext) -> Result<(u32, Reason), Reason> {
-    match parse::parse_icmp_unreachable(ctx.data(), ctx.data_end(), ctx.data_end() - ctx.data()) {
-        Some(quoted) if conntrack::note_unreachable(&quoted) => {
-            Ok((xdp_action::XDP_DROP, Reason::DropBackendUnreachable))
-        }
-        _ => Err(Reason::PassNotTcpUdp),
+    let Some(error) =
+        parse::parse_icmp_error(ctx.data(), ctx.data_end(), ctx.data_end() - ctx.data())
+    else {
+        return Err(Reason::PassNotTcpUdp);
+    };
+    if parse::is_refusal(&error) && conntrack::note_unreachable(&error.quoted) {
+        return Ok((xdp_action::XDP_DROP, Reason::DropBackendUnreachable));
     }
+    icmp::xdp_from_wire(ctx, &error).unwrap_or(Err(Reason::PassNotTcpUdp))
 }
 
 /// A packet to a service port (`port`: its `SERVICE_PORTS` bits): an established flow, a reply
@@ -277,14 +281,18 @@ fn to_backend(
         None => 0,
     };
     let outcome = if flow.node_ip_be != 0 {
-        encap::xdp_to_node(ctx, encap::source_port(key), flow.node_ip_be)
+        // Too big once encapsulated: the client is told the size that fits (not for a hairpin
+        // flow's packet, whose source is no longer the client's).
+        let client = if snat.is_none() { Some(pkt) } else { None };
+        encap::xdp_to_node(ctx, encap::source_port(key), flow.node_ip_be, client)
     } else {
         forward::to_backend(ctx, pkt, flow.backend_ip_be, snat_ip_be)
     };
-    // A packet the backend will not get (no route to its node, too big once encapsulated) is
-    // not counted as the backend's.
-    if let Ok((action, _)) = outcome
+    // A packet the backend will not get (no route to its node, too big once encapsulated: then
+    // dropped, or turned into an error back to the client) is not counted as the backend's.
+    if let Ok((action, reason)) = outcome
         && action != xdp_action::XDP_DROP
+        && reason != Reason::FragNeededSent
     {
         stats::count_to_backend(flow.backend_id, bytes, new_flow);
     }

@@ -15,6 +15,7 @@ mod egress;
 mod encap;
 mod forward;
 mod frag;
+mod icmp;
 mod ingress;
 mod maps;
 mod nat;

@@ -7,11 +7,11 @@ use aya_ebpf::{
 };
 use lb_common::{
     Backend, BackendStats, BridgePortKey, Counter, DEFAULT_FLOW_CAPACITY, EVENT_COUNT, FlowKey,
-    FlowValue, LocalBackendKey, MAX_BACKENDS, MAX_BRIDGE_PORTS, MAX_HOST_ADDRS, MAX_HOST_MACS,
-    MAX_NODES, MAX_ONLINK_SUBNETS, MAX_SERVICES, MacKey, MaglevTable, MeshConfig, PassiveHealth,
-    REASON_COUNT, ReverseValue, RrCursor, SERVICE_PORT_WORDS, SNAT_FLOW_CAPACITY,
-    SOCK_FLOW_CAPACITY, ServiceKey, ServiceValue, SnatValue, SockFlow, SockKey, SocketLbConfig,
-    TunnelValue,
+    FlowValue, ICMP_RATE_CAPACITY, IcmpBucket, LocalBackendKey, MAX_BACKENDS, MAX_BRIDGE_PORTS,
+    MAX_HOST_ADDRS, MAX_HOST_MACS, MAX_NODES, MAX_ONLINK_SUBNETS, MAX_SERVICES, MacKey,
+    MaglevTable, MeshConfig, PassiveHealth, REASON_COUNT, ReverseValue, RrCursor,
+    SERVICE_PORT_WORDS, SNAT_FLOW_CAPACITY, SOCK_FLOW_CAPACITY, ServiceKey, ServiceValue,
+    SnatValue, SockFlow, SockKey, SocketLbConfig, TunnelValue,
 };
 
 /// Published services: (VIP or 0 for every local address, protocol, port) → id and backend list.
@@ -124,6 +124,12 @@ pub static BACKEND_STATS: PerCpuArray<BackendStats> =
 /// are rare); userspace reads it, and writes an entry only to end an ejection.
 #[map]
 pub static PASSIVE_HEALTH: Array<PassiveHealth> = Array::with_max_entries(MAX_BACKENDS, 0);
+
+/// The ICMP errors the data plane made ("fragmentation needed", `icmp`), rate-limited by the
+/// address they go to: a token bucket each, as the kernel keeps for its own errors.
+#[map]
+pub static ICMP_RATE: LruHashMap<u32, IcmpBucket> =
+    LruHashMap::with_max_entries(ICMP_RATE_CAPACITY, 0);
 
 /// Per-CPU packet and byte counters of each `lb_common::Reason`.
 #[map]

@@ -34,7 +34,7 @@ fn store32(data: usize, data_end: usize, off: usize, value: u32) -> Option<()> {
 
 /// `value`, which LLVM can no longer reason about (the verifier still can).
 #[inline(always)]
-fn opaque(value: usize) -> usize {
+pub fn opaque(value: usize) -> usize {
     // SAFETY: reading a local.
     unsafe { core::ptr::read_volatile(&value) }
 }

@@ -260,9 +260,14 @@ pub fn parse_udp_fragment(data: usize, data_end: usize, frame_len: usize) -> Opt
 }
 
 /// IPv4's protocol number of ICMP.
-const PROTO_ICMP: u8 = 1;
-/// ICMP destination unreachable.
-const ICMP_DEST_UNREACH: u8 = 3;
+pub const PROTO_ICMP: u8 = 1;
+/// ICMP destination unreachable, time exceeded and parameter problem: the errors a packet of a
+/// flow can draw (RFC 792), which the kernel hands to the socket the quoted packet belongs to.
+pub const ICMP_DEST_UNREACH: u8 = 3;
+pub const ICMP_TIME_EXCEEDED: u8 = 11;
+pub const ICMP_PARAMETER_PROBLEM: u8 = 12;
+/// Destination unreachable's code "fragmentation needed and DF set" (RFC 1191).
+pub const ICMP_FRAG_NEEDED: u8 = 4;
 
 /// The packet an ICMP error quotes (its IPv4 header and the first 8 bytes after it: the ports),
 /// addresses and ports in network byte order, as that packet carried them.
@@ -272,24 +277,72 @@ pub struct Quoted {
     pub dst_ip_be: u32,
     pub src_port_be: u16,
     pub dst_port_be: u16,
+    pub proto: u8,
 }
 
-/// Parses an ICMP destination unreachable that says a connection cannot be made (network,
-/// host, protocol or port unreachable; network, host or communication administratively
-/// prohibited) and quotes a TCP segment; `None` for anything else, including other codes
-/// (fragmentation needed is about a path's MTU, not about the host), fragments and truncated
-/// quotes.
+/// An ICMP error about a TCP or UDP packet: the error's own addresses and where its parts
+/// sit, and the packet it quotes.
+#[derive(Clone, Copy)]
+pub struct IcmpError {
+    pub kind: u8,
+    pub code: u8,
+    pub ttl: u8,
+    /// The error's IPv4 total length, in host byte order.
+    pub tot_len: u16,
+    pub src_ip_be: u32,
+    pub dst_ip_be: u32,
+    /// Offsets of the ICMP header, of the quoted IPv4 header and of the quoted transport
+    /// header, and the end of the error's IPv4 packet.
+    pub icmp_off: usize,
+    pub quoted_off: usize,
+    pub quoted_l4_off: usize,
+    pub l3_end: usize,
+    pub quoted: Quoted,
+}
+
+impl IcmpError {
+    /// The error as a [`Packet`] for the FIB lookups and TTL of the way it is sent on (its own
+    /// addresses; no ports).
+    #[inline(always)]
+    pub fn as_packet(&self) -> Packet {
+        Packet {
+            l4_off: self.icmp_off,
+            proto: PROTO_ICMP,
+            ttl: self.ttl,
+            tot_len: self.tot_len,
+            src_ip_be: self.src_ip_be,
+            dst_ip_be: self.dst_ip_be,
+            src_port_be: 0,
+            dst_port_be: 0,
+            l4_check_off: self.icmp_off + 2,
+            tcp_flags: 0,
+        }
+    }
+}
+
+/// Parses an ICMP error (destination unreachable, time exceeded, parameter problem) that
+/// quotes a TCP or UDP packet with at least the 8 bytes of its transport header an error must
+/// quote (RFC 792; the kernel ignores one that quotes fewer, `icmp_unreach`, and so does the
+/// data plane: found by `cargo xtask fuzz`, a quote cut after the ports was taken for a
+/// refusal); `None` for anything else (echo, fragments, a quoted later fragment, truncated or
+/// malformed quotes, martian addresses).
 #[inline(always)]
-pub fn parse_icmp_unreachable(data: usize, data_end: usize, frame_len: usize) -> Option<Quoted> {
+pub fn parse_icmp_error(data: usize, data_end: usize, frame_len: usize) -> Option<IcmpError> {
     let (ip, ihl, l3_len) = ipv4_header(data, data_end, frame_len, false).ok()?;
-    if ip.proto != PROTO_ICMP || u16::from_be_bytes(ip.frags) & IP_MF_OR_OFFSET != 0 {
+    if ip.proto != PROTO_ICMP
+        || u16::from_be_bytes(ip.frags) & IP_MF_OR_OFFSET != 0
+        || is_martian(ip.src_addr, ip.dst_addr)
+    {
         return None;
     }
     let icmp_off = L3_OFF + ihl;
     let icmp: *const [u8; 2] = ptr_at(data, data_end, icmp_off)?;
     // SAFETY: bounds checked above.
     let [kind, code] = unsafe { *icmp };
-    if kind != ICMP_DEST_UNREACH || !matches!(code, 0..=3 | 9 | 10 | 13) {
+    if !matches!(
+        kind,
+        ICMP_DEST_UNREACH | ICMP_TIME_EXCEEDED | ICMP_PARAMETER_PROBLEM
+    ) {
         return None;
     }
     let quoted_off = icmp_off + 8;
@@ -299,25 +352,47 @@ pub fn parse_icmp_unreachable(data: usize, data_end: usize, frame_len: usize) ->
     let quoted_ihl = usize::from(quoted.ihl());
     if quoted.version() != 4
         || quoted_ihl < Ipv4Hdr::LEN
-        || quoted.proto != PROTO_TCP
+        || !matches!(quoted.proto, PROTO_TCP | PROTO_UDP)
         || u16::from_be_bytes(quoted.frags) & IP_OFFSET != 0
     {
         return None;
     }
-    let ports_off = quoted_off + quoted_ihl;
-    // The 8 bytes of the transport header an error must quote (RFC 792): the kernel ignores
-    // one that quotes fewer (`icmp_unreach`), and so does the data plane (found by
-    // `cargo xtask fuzz`: a quote cut after the ports was taken for a refusal).
-    if ports_off + 8 > L3_OFF + l3_len {
+    let quoted_l4_off = quoted_off + quoted_ihl;
+    let l3_end = L3_OFF + l3_len;
+    if quoted_l4_off + 8 > l3_end {
         return None;
     }
-    let ports: *const [u16; 2] = ptr_at(data, data_end, ports_off)?;
+    let ports: *const [u16; 2] = ptr_at(data, data_end, quoted_l4_off)?;
     // SAFETY: as above.
     let [src_port_be, dst_port_be] = unsafe { ports.read_unaligned() };
-    Some(Quoted {
-        src_ip_be: u32::from_ne_bytes(quoted.src_addr),
-        dst_ip_be: u32::from_ne_bytes(quoted.dst_addr),
-        src_port_be,
-        dst_port_be,
+    Some(IcmpError {
+        kind,
+        code,
+        ttl: ip.ttl,
+        tot_len: l3_len as u16,
+        src_ip_be: u32::from_ne_bytes(ip.src_addr),
+        dst_ip_be: u32::from_ne_bytes(ip.dst_addr),
+        icmp_off,
+        quoted_off,
+        quoted_l4_off,
+        l3_end,
+        quoted: Quoted {
+            src_ip_be: u32::from_ne_bytes(quoted.src_addr),
+            dst_ip_be: u32::from_ne_bytes(quoted.dst_addr),
+            src_port_be,
+            dst_port_be,
+            proto: quoted.proto,
+        },
     })
+}
+
+/// Whether an ICMP error says a connection cannot be made (destination unreachable: network,
+/// host, protocol or port unreachable; network, host or communication administratively
+/// prohibited) about a TCP segment. Other codes (fragmentation needed is about a path's MTU,
+/// not about the host) and other errors are not.
+#[inline(always)]
+pub fn is_refusal(error: &IcmpError) -> bool {
+    error.kind == ICMP_DEST_UNREACH
+        && matches!(error.code, 0..=3 | 9 | 10 | 13)
+        && error.quoted.proto == PROTO_TCP
 }

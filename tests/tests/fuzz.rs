@@ -192,6 +192,9 @@ enum Leaves {
     Dropped,
     /// Sent on changed, with this XDP action.
     Sent(u32),
+    /// An ICMP error sent on (translated, or made here): sent back out, redirected, or handed
+    /// to the kernel (to be encapsulated by TC, or through the TC hand-over).
+    SentIcmp,
     /// Never an XDP reason (TC's alone).
     NotXdp,
 }
@@ -200,9 +203,9 @@ fn leaves(reason: Reason) -> Leaves {
     use Reason::*;
     match reason {
         PassNotIpv4 | PassNotTcpUdp | PassFragment | PassTruncated | PassMalformed
-        | PassNotService | PassNotLocal | PassVxlanOtherVni | PassFlowUnknown | PassOtherHost => {
-            Leaves::Untouched
-        }
+        | PassNotService | PassNotLocal | PassVxlanOtherVni | PassFlowUnknown | PassOtherHost
+        | IcmpStack => Leaves::Untouched,
+        IcmpToClient | IcmpToBackend | FragNeededSent => Leaves::SentIcmp,
         ForwardTx | ReplyTx | ForwardEncapTx | DecapTx => Leaves::Sent(XDP_TX),
         ForwardRedirect | ReplyRedirect | ForwardEncapRedirect | DecapRedirect | XmitPeer => {
             Leaves::Sent(XDP_REDIRECT)
@@ -225,7 +228,7 @@ fn leaves(reason: Reason) -> Leaves {
         | DropSnatNoRoute
         | DropBackendRefused
         | DropBackendUnreachable => Leaves::Dropped,
-        ReplyEgress | ReplyEncap | SocketEncap | XmitTc => Leaves::NotXdp,
+        ReplyEgress | ReplyEncap | SocketEncap | XmitTc | IcmpEgress | IcmpEncap => Leaves::NotXdp,
     }
 }
 
@@ -406,6 +409,15 @@ impl Fuzzer<'_> {
                 self.acted_on_well_formed(frame, reason)
                     .map_err(|e| format!("{what}: {e}"))?;
             }
+            Leaves::SentIcmp => {
+                if !matches!(action, XDP_TX | XDP_REDIRECT | XDP_PASS) {
+                    return Err(format!("{what}: not a way XDP sends a packet on"));
+                }
+                self.acted_on_well_formed(frame, reason)
+                    .map_err(|e| format!("{what}: {e}"))?;
+                self.icmp_sent_well_formed(frame, &out, reason)
+                    .map_err(|e| format!("{what}: {e}"))?;
+            }
             Leaves::Sent(expected) => {
                 if action != expected {
                     return Err(format!("{what}: expected action {expected}"));
@@ -470,13 +482,21 @@ impl Fuzzer<'_> {
                 if !matches!(action, TC_ACT_UNSPEC | TC_ACT_OK | TC_ACT_REDIRECT)
                     || !matches!(
                         reason,
-                        Reason::ReplyEgress | Reason::ReplyEncap | Reason::SocketEncap
+                        Reason::ReplyEgress
+                            | Reason::ReplyEncap
+                            | Reason::SocketEncap
+                            | Reason::IcmpEgress
+                            | Reason::IcmpEncap
                     )
                 {
                     return Err(format!("{what}: not a way TC sends a packet on"));
                 }
-                self.sent_well_formed(frame, &out, reason)
-                    .map_err(|e| format!("{what}: {e}"))?;
+                if matches!(reason, Reason::IcmpEgress | Reason::IcmpEncap) {
+                    self.icmp_sent_well_formed(frame, &out, reason)
+                } else {
+                    self.sent_well_formed(frame, &out, reason)
+                }
+                .map_err(|e| format!("{what}: {e}"))?;
                 Ok(self.state())
             }
             _ => Err(format!("TC counted {counted:?}, not once under one reason")),
@@ -499,20 +519,18 @@ impl Fuzzer<'_> {
             | DecapStack
             | DropVxlanWrongNode
             | DropVxlanNotLocalBackend
-            | ReplyLocal => vxlan_inner(frame)
-                .is_some_and(|inner| matches!(reference(frame, inner + L3), Ipv4::TcpUdp { .. })),
+            | ReplyLocal => vxlan_inner(frame).is_some_and(|inner| {
+                matches!(reference(frame, inner + L3), Ipv4::TcpUdp { .. })
+                    || icmp_error_at(frame, inner + L3).is_some()
+            }),
             // An ICMP error quoting an IPv4 header and the 8 bytes after it.
-            DropBackendUnreachable => match outer {
-                Ipv4::Other {
-                    proto: PROTO_ICMP,
-                    l4,
-                    end,
-                } if end >= l4 + 8 + 20 => {
-                    let quoted_ihl = usize::from(frame[l4 + 8] & 0x0f) * 4;
-                    end >= l4 + 8 + quoted_ihl + 8
-                }
-                _ => false,
-            },
+            DropBackendUnreachable | IcmpEgress => icmp_error_at(frame, L3).is_some(),
+            // ... or one decapsulated from another node.
+            IcmpToClient | IcmpToBackend | IcmpEncap => {
+                icmp_error_at(frame, L3).is_some()
+                    || vxlan_inner(frame)
+                        .is_some_and(|inner| icmp_error_at(frame, inner + L3).is_some())
+            }
             // A UDP datagram's fragments, or a whole packet; or a VXLAN reply of a flow
             // decapsulated, reverse-NATed and sent (the inner packet is then checked).
             _ => match outer {
@@ -641,6 +659,110 @@ where
     }
 }
 
+/// Where the ICMP error at `l3` has its ICMP header and quoted IPv4 header, and where it ends,
+/// if it is one that quotes an IPv4 header and the 8 bytes after it (of a TCP or UDP packet).
+fn icmp_error_at(frame: &[u8], l3: usize) -> Option<(usize, usize, usize)> {
+    let Ipv4::Other {
+        proto: PROTO_ICMP,
+        l4,
+        end,
+    } = reference(frame, l3)
+    else {
+        return None;
+    };
+    if end < l4 + 8 + 20 || !matches!(frame[l4], 3 | 11 | 12) {
+        return None;
+    }
+    let quoted = l4 + 8;
+    let quoted_ihl = usize::from(frame[quoted] & 0x0f) * 4;
+    (end >= quoted + quoted_ihl + 8 && quoted_ihl >= 20).then_some((l4, quoted, end))
+}
+
+impl Fuzzer<'_> {
+    /// An ICMP error sent on (translated, or "fragmentation needed" made here) is well formed:
+    /// valid IPv4 and ICMP checksums (and the quoted header's, if it was valid), and it is
+    /// about a service's flow: its quote names a service as the client knows it (to a client)
+    /// or a backend (to a backend, or back to the node that balanced the flow).
+    fn icmp_sent_well_formed(
+        &self,
+        input: &[u8],
+        out: &[u8],
+        reason: Reason,
+    ) -> Result<(), String> {
+        use Reason::*;
+        let l3_out = match vxlan_inner(out) {
+            Some(inner) if reference(out, L3) != Ipv4::Malformed => {
+                let node = ipv4_at(out, L3 + 16);
+                if !self.nodes.contains(&node) {
+                    return Err(format!("encapsulated to {node}, which is no node"));
+                }
+                if !ip_checksum_valid(out, L3) {
+                    return Err("outer IPv4 checksum wrong".into());
+                }
+                inner + L3
+            }
+            _ => L3,
+        };
+        let Some((icmp, quoted, end)) = icmp_error_at(out, l3_out) else {
+            return Err(format!(
+                "sent {:?}, not an ICMP error",
+                reference(out, l3_out)
+            ));
+        };
+        let l3_in = icmp_error_at(input, L3)
+            .map(|_| L3)
+            .or_else(|| vxlan_inner(input).map(|inner| inner + L3));
+        let valid_in =
+            |check: &dyn Fn(&[u8], usize) -> bool| l3_in.is_none_or(|l3_in| check(input, l3_in));
+        let icmp_valid = |frame: &[u8], l3: usize| {
+            icmp_error_at(frame, l3)
+                .is_some_and(|(icmp, _, end)| internet_checksum(&[&frame[icmp..end]]) == 0)
+        };
+        let quoted_valid = |frame: &[u8], l3: usize| {
+            icmp_error_at(frame, l3).is_some_and(|(_, quoted, _)| ip_checksum_valid(frame, quoted))
+        };
+        let made_here = reason == FragNeededSent;
+        if !ip_checksum_valid(out, l3_out) && (made_here || valid_in(&ip_checksum_valid)) {
+            return Err("IPv4 checksum wrong".into());
+        }
+        if internet_checksum(&[&out[icmp..end]]) != 0 && (made_here || valid_in(&icmp_valid)) {
+            return Err("ICMP checksum wrong".into());
+        }
+        // A quote is the packet's header as it came: right if it was.
+        let quote_was_valid = if made_here {
+            ip_checksum_valid(input, L3)
+        } else {
+            valid_in(&quoted_valid)
+        };
+        if !ip_checksum_valid(out, quoted) && quote_was_valid {
+            return Err("quoted IPv4 checksum wrong".into());
+        }
+        let quoted_l4 = quoted + usize::from(out[quoted] & 0x0f) * 4;
+        let q_src = (ipv4_at(out, quoted + 12), get_u16(out, quoted_l4));
+        let q_dst = (ipv4_at(out, quoted + 16), get_u16(out, quoted_l4 + 2));
+        let dst = ipv4_at(out, l3_out + 16);
+        let ok = match reason {
+            FragNeededSent => {
+                out[icmp] == 3
+                    && out[icmp + 1] == 4
+                    && self.frontends.contains(&q_dst)
+                    && dst == ipv4_at(input, L3 + 12)
+            }
+            IcmpToClient | IcmpEgress => self.frontends.contains(&q_dst) && dst == q_src.0,
+            IcmpToBackend => self.backends.contains(&q_src) && dst == q_src.0,
+            IcmpEncap => self.backends.contains(&q_dst) && dst == q_src.0,
+            _ => false,
+        };
+        if ok {
+            Ok(())
+        } else {
+            Err(format!(
+                "an ICMP error to {dst} quoting {q_src:?} → {q_dst:?}: not about a service's flow"
+            ))
+        }
+    }
+}
+
 fn is_reply(reason: Reason) -> bool {
     use Reason::*;
     matches!(
@@ -726,6 +848,60 @@ fn base(fuzzer: &mut Fuzzer) -> Vec<(&'static str, Vec<u8>)> {
         "S",
     );
     let unreachable = icmp_unreachable(awaiting_backend, &forwarded[L3..L3 + 28]);
+    // ICMP errors about balanced flows, each way: a router before the web backend cannot take
+    // the forwarded segment whole; one before the client saw the DNS answer's TTL run out; n2's
+    // task cannot take a mesh flow's segment. And a datagram too big to encapsulate.
+    let web_forwarded = to_backend(
+        (INGRESS_MAC, mac_of(web_backend)),
+        WEB_CLIENT,
+        web_backend,
+        63,
+        "PA",
+    );
+    let frag_needed = icmp_error(
+        (mac_of(web_backend), INGRESS_MAC),
+        ([10, 0, 0, 254], CLIENT_IP, 64),
+        (3, 4, [0, 0, 0x05, 0x78]),
+        &web_forwarded[L3..L3 + 28],
+    );
+    let answer_as_sent = udp(
+        (INGRESS_MAC, CLIENT_MAC),
+        (NODE_IP, DNS_PORT),
+        (CLIENT_IP, DNS_CLIENT),
+        63,
+        b"answer",
+    );
+    let time_exceeded = icmp_error(
+        (CLIENT_MAC, INGRESS_MAC),
+        ([192, 168, 100, 254], NODE_IP, 64),
+        (11, 0, [0; 4]),
+        &answer_as_sent[L3..],
+    );
+    let mesh_forwarded = to_backend((N2_MAC, N2_MAC), MESH_CLIENT, REMOTE_BACKEND, 62, "PA");
+    let icmp_from_n2 = Tunnel::from_n2().wrap(&icmp_error(
+        (N2_MAC, INGRESS_MAC),
+        (REMOTE_BACKEND, CLIENT_IP, 63),
+        (3, 4, [0, 0, 0x05, 0x00]),
+        &mesh_forwarded[L3..],
+    ));
+    let icmp_about_n2s_flow = icmp_error(
+        (backend_mac(0), INGRESS_MAC),
+        (BACKENDS[0], CLIENT_IP, 64),
+        (3, 3, [0; 4]),
+        &syn_from_n2_for_a_local_backend()[L3..],
+    );
+    let too_big = {
+        let mut q = udp(
+            (CLIENT_MAC, INGRESS_MAC),
+            (CLIENT_IP, DNS_CLIENT + 30),
+            (NODE_IP, MESH_DNS_PORT),
+            64,
+            &[0x5a; 1460],
+        );
+        set_u16(&mut q, L3 + 6, 0x4000);
+        refresh(&mut q, L3);
+        q
+    };
     let big_query = udp(
         (CLIENT_MAC, INGRESS_MAC),
         (CLIENT_IP, DNS_CLIENT + 10),
@@ -794,6 +970,11 @@ fn base(fuzzer: &mut Fuzzer) -> Vec<(&'static str, Vec<u8>)> {
         ("VXLAN reply from n2", mesh_reply),
         ("reply to n2's flow", local_reply_for_n2),
         ("ICMP unreachable", unreachable),
+        ("ICMP fragmentation needed", frag_needed),
+        ("ICMP time exceeded", time_exceeded),
+        ("ICMP from n2", icmp_from_n2),
+        ("ICMP about n2's flow", icmp_about_n2s_flow),
+        ("too big to encapsulate", too_big),
         ("first fragment", first),
         ("later fragment", later),
         ("IP options", with_options),
@@ -808,26 +989,12 @@ fn base(fuzzer: &mut Fuzzer) -> Vec<(&'static str, Vec<u8>)> {
 /// An ICMP destination unreachable (port) from `from` to the client, quoting `quoted` (an IPv4
 /// header and 8 bytes).
 fn icmp_unreachable(from: [u8; 4], quoted: &[u8]) -> Vec<u8> {
-    let mut icmp = vec![3, 3, 0, 0, 0, 0, 0, 0];
-    icmp.extend_from_slice(quoted);
-    let check = internet_checksum(&[&icmp]);
-    icmp[2..4].copy_from_slice(&check.to_be_bytes());
-    let mut ip = etherparse::Ipv4Header::new(
-        icmp.len() as u16,
-        64,
-        etherparse::IpNumber::ICMP,
-        from,
-        CLIENT_IP,
+    icmp_error(
+        ([0x02, 0, 0, 0, 0, from[3]], INGRESS_MAC),
+        (from, CLIENT_IP, 64),
+        (3, 3, [0; 4]),
+        quoted,
     )
-    .unwrap();
-    ip.header_checksum = ip.calc_header_checksum();
-    let mut frame = Vec::new();
-    frame.extend_from_slice(&INGRESS_MAC);
-    frame.extend_from_slice(&[0x02, 0, 0, 0, 0, from[3]]);
-    frame.extend_from_slice(&[0x08, 0x00]);
-    frame.extend_from_slice(&ip.to_bytes());
-    frame.extend_from_slice(&icmp);
-    frame
 }
 
 /// Splits an IPv4 frame without options into two fragments, the first with `at` bytes.

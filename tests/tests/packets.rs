@@ -2396,7 +2396,7 @@ fn vxlan_that_is_not_this_nodes_to_decapsulate_is_dropped_or_passed_untouched() 
 }
 
 #[test]
-fn a_packet_that_would_exceed_the_underlay_mtu_once_encapsulated_is_dropped() {
+fn a_packet_that_would_exceed_the_underlay_mtu_once_encapsulated_is_answered_or_dropped() {
     with_node(|node| {
         // The encapsulated packet's IPv4 length is the inner one plus VXLAN_OVERHEAD.
         let datagram = |port, outer_ip_len: usize| {
@@ -2412,10 +2412,39 @@ fn a_packet_that_would_exceed_the_underlay_mtu_once_encapsulated_is_dropped() {
             (frame, payload)
         };
         let ingress = Some(node.ifindex);
-        let (too_big, _) = datagram(50000, UNDERLAY_MTU + 1);
+        // Without DF (the client lets routers fragment it): dropped.
+        let (mut too_big, _) = datagram(50000, UNDERLAY_MTU + 1);
+        too_big[14 + 6] = 0;
+        too_big[14 + 10..14 + 12].copy_from_slice(&[0, 0]);
+        let check = internet_checksum(&[&too_big[14..34]]);
+        too_big[14 + 10..14 + 12].copy_from_slice(&check.to_be_bytes());
         let (action, _) = node.xdp(&too_big, ingress);
         assert_eq!(action, XDP_DROP, "never truncated, never fragmented");
         assert_eq!(node.reason(Reason::DropEncapMtu), 1);
+        // With DF: answered with "fragmentation needed" from the address it was sent to, the
+        // next-hop MTU the underlay's less the VXLAN overhead, quoting the datagram as sent.
+        let (too_big, _) = datagram(50002, UNDERLAY_MTU + 1);
+        let mtu = ((UNDERLAY_MTU - VXLAN_OVERHEAD as usize) as u16).to_be_bytes();
+        let mut error = icmp_error(
+            (INGRESS_MAC, CLIENT_MAC),
+            (NODE_IP, CLIENT_IP, 64),
+            (3, 4, [0, 0, mtu[0], mtu[1]]),
+            &too_big[14..14 + 28],
+        );
+        // IP precedence "internetwork control", as the kernel's errors (and a new checksum).
+        error[14 + 1] = 0xc0;
+        error[14 + 10..14 + 12].copy_from_slice(&[0, 0]);
+        let check = internet_checksum(&[&error[14..34]]);
+        error[14 + 10..14 + 12].copy_from_slice(&check.to_be_bytes());
+        assert_eq!(node.xdp(&too_big, ingress), (XDP_TX, error));
+        assert_eq!(node.reason(Reason::FragNeededSent), 1);
+        // Rate-limited per client as the kernel's errors are: six at once, then dropped.
+        for _ in 0..5 {
+            assert_eq!(node.xdp(&too_big, ingress).0, XDP_TX);
+        }
+        assert_eq!(node.xdp(&too_big, ingress).0, XDP_DROP);
+        assert_eq!(node.reason(Reason::FragNeededSent), 6);
+        assert_eq!(node.reason(Reason::DropEncapMtu), 2);
         let stats = node.backend("meshdns", 0);
         assert_eq!(
             (stats.packets, stats.bytes),
@@ -2437,7 +2466,7 @@ fn a_packet_that_would_exceed_the_underlay_mtu_once_encapsulated_is_dropped() {
         );
         assert_eq!(out, Tunnel::to_n2(port).wrap(&inner));
         assert_eq!(node.reason(Reason::ForwardEncapTx), 1);
-        assert_eq!(node.reason(Reason::DropEncapMtu), 1);
+        assert_eq!(node.reason(Reason::DropEncapMtu), 2);
         let stats = node.backend("meshdns", 0);
         assert_eq!((stats.packets, stats.bytes), (1, fits.len() as u64));
     });
@@ -2466,5 +2495,261 @@ fn without_this_node_in_the_node_table_nothing_is_encapsulated_or_decapsulated()
         let (action, _) = node.xdp(&client_syn(40001), ingress);
         assert_eq!(action, XDP_TX);
         assert_eq!(node.reason(Reason::ForwardTx), 1);
+    });
+}
+
+/// `frame` with its IPv4 TTL set to `ttl` (the header checksum recomputed).
+fn with_ttl(frame: &[u8], ttl: u8) -> Vec<u8> {
+    let mut frame = frame.to_vec();
+    frame[14 + 8] = ttl;
+    frame[14 + 10..14 + 12].copy_from_slice(&[0, 0]);
+    let check = internet_checksum(&[&frame[14..14 + 20]]);
+    frame[14 + 10..14 + 12].copy_from_slice(&check.to_be_bytes());
+    frame
+}
+
+/// "Fragmentation needed" with a next-hop MTU of 1400, and "time exceeded".
+const FRAG_NEEDED_1400: (u8, u8, [u8; 4]) = (3, 4, [0, 0, 0x05, 0x78]);
+const TIME_EXCEEDED: (u8, u8, [u8; 4]) = (11, 0, [0; 4]);
+/// A router between the node and the backends, and one before the client.
+const BACKEND_SIDE_ROUTER: [u8; 4] = [10, 0, 0, 254];
+const CLIENT_SIDE_ROUTER: [u8; 4] = [192, 168, 100, 254];
+
+/// ICMP errors about a balanced flow reach the socket they are about, translated. About a
+/// segment forwarded to the backend (from a router on its way, from the backend itself, or
+/// made by the node's own stack and seen by TC on its way out): to the client, the quote's
+/// destination (and the error's source when the backend sent it) what the client connected
+/// to. About a reply the client got (from a router before the client, addressed to the
+/// service): to the backend, the quote's source the backend. Exact frames: the checksums of the
+/// error, of its quoted header and of a quoted UDP datagram are updated incrementally. Errors
+/// about no flow pass untouched.
+#[test]
+fn icmp_errors_about_a_balanced_flow_reach_its_client_and_its_backend_translated() {
+    with_node(|node| {
+        let ingress = Some(node.ifindex);
+        let port = 49100;
+        let (_, forwarded) = node.xdp(&client_syn(port), ingress);
+        let (backend, _) = dst_of(&forwarded);
+        let index = BACKENDS.iter().position(|b| *b == backend).unwrap();
+        // The SYN as the client sent it, with the TTL the forwarded one has: the quote the
+        // client's stack must find.
+        let as_client_sent = with_ttl(&client_syn(port), 63);
+        let quote = |frame: &[u8]| frame[14..14 + 28].to_vec();
+
+        // From a router before the backend.
+        let error = icmp_error(
+            (backend_mac(index), node.mac),
+            (BACKEND_SIDE_ROUTER, CLIENT_IP, 64),
+            FRAG_NEEDED_1400,
+            &quote(&forwarded),
+        );
+        let expected = icmp_error(
+            (node.mac, CLIENT_MAC),
+            (BACKEND_SIDE_ROUTER, CLIENT_IP, 63),
+            FRAG_NEEDED_1400,
+            &quote(&as_client_sent),
+        );
+        assert_eq!(node.xdp(&error, ingress), (XDP_TX, expected));
+        assert_eq!(node.reason(Reason::IcmpToClient), 1);
+
+        // From the backend itself: its address becomes the service's too.
+        let error = icmp_error(
+            (backend_mac(index), node.mac),
+            (backend, CLIENT_IP, 64),
+            TIME_EXCEEDED,
+            &quote(&forwarded),
+        );
+        let expected = icmp_error(
+            (node.mac, CLIENT_MAC),
+            (NODE_IP, CLIENT_IP, 63),
+            TIME_EXCEEDED,
+            &quote(&as_client_sent),
+        );
+        assert_eq!(node.xdp(&error, ingress), (XDP_TX, expected));
+        assert_eq!(node.reason(Reason::IcmpToClient), 2);
+
+        // Made by the node's own stack (the forwarded segment too big for its next hop), seen
+        // by TC on its way to the client: the whole segment quoted, TCP checksum included.
+        let error = icmp_error(
+            (node.mac, CLIENT_MAC),
+            (NODE_IP, CLIENT_IP, 64),
+            FRAG_NEEDED_1400,
+            &forwarded[14..],
+        );
+        let expected = icmp_error(
+            (node.mac, CLIENT_MAC),
+            (NODE_IP, CLIENT_IP, 64),
+            FRAG_NEEDED_1400,
+            &as_client_sent[14..],
+        );
+        assert_eq!(node.tc_on(&error, ingress), (TC_ACT_UNSPEC, expected));
+        assert_eq!(node.reason(Reason::IcmpEgress), 1);
+
+        // About the reply the client got, from a router before the client: to the backend.
+        let syn_ack = from_backend(node, backend, port, "SA");
+        let (_, got) = node.xdp(&syn_ack, ingress);
+        let error = icmp_error(
+            (CLIENT_MAC, node.mac),
+            (CLIENT_SIDE_ROUTER, NODE_IP, 64),
+            TIME_EXCEEDED,
+            &quote(&got),
+        );
+        let reply_as_sent = with_ttl(&syn_ack, got[14 + 8]);
+        let expected = icmp_error(
+            (node.mac, backend_mac(index)),
+            (CLIENT_SIDE_ROUTER, backend, 63),
+            TIME_EXCEEDED,
+            &quote(&reply_as_sent),
+        );
+        assert_eq!(node.xdp(&error, ingress), (XDP_TX, expected));
+        assert_eq!(node.reason(Reason::IcmpToBackend), 1);
+
+        // A UDP exchange: the quoted datagram's checksum follows the NAT.
+        let (_, query) = node.xdp(&client_query(49101), ingress);
+        let (dns_backend, _) = dst_of(&query);
+        let dns_index = BACKENDS.iter().position(|b| *b == dns_backend).unwrap();
+        let error = icmp_error(
+            (backend_mac(dns_index), node.mac),
+            (BACKEND_SIDE_ROUTER, CLIENT_IP, 64),
+            FRAG_NEEDED_1400,
+            &query[14..],
+        );
+        let (action, out) = node.xdp(&error, ingress);
+        assert_eq!(action, XDP_TX);
+        let expected = icmp_error(
+            (node.mac, CLIENT_MAC),
+            (BACKEND_SIDE_ROUTER, CLIENT_IP, 63),
+            FRAG_NEEDED_1400,
+            &with_ttl(&client_query(49101), 63)[14..],
+        );
+        assert_eq!(out, expected);
+
+        // About no flow: untouched, XDP and TC.
+        let stranger = client_tcp(49102, WEB_PORT, "A");
+        let error = icmp_error(
+            (backend_mac(0), node.mac),
+            (BACKEND_SIDE_ROUTER, CLIENT_IP, 64),
+            FRAG_NEEDED_1400,
+            &stranger[14..14 + 28],
+        );
+        assert_eq!(node.xdp(&error, ingress), (XDP_PASS, error.clone()));
+        assert_eq!(node.tc_on(&error, ingress), (TC_ACT_UNSPEC, error.clone()));
+        assert_eq!(node.reason(Reason::IcmpToClient), 3);
+        assert_eq!(node.reason(Reason::IcmpEgress), 1);
+    });
+}
+
+/// Through the mesh an ICMP error follows its flow: about a reply of a flow whose backend is on
+/// n2, translated and encapsulated to n2; from n2 about a flow this node balanced, decapsulated,
+/// translated and sent to the client; from a backend here about a flow n2 balanced, encapsulated
+/// back to n2 by TC (n2 translates it).
+#[test]
+fn icmp_errors_follow_their_flow_through_the_mesh() {
+    with_node(|node| {
+        let ingress = Some(node.ifindex);
+        let port = 49200;
+        let (_, out) = node.xdp(&client_tcp(port, MESH_PORT, "S"), ingress);
+        let tunnel_port = encap_source_port(&out);
+        // n2's task answers; the reply comes back over VXLAN and goes to the client.
+        let reply = tcp(
+            (N2_MAC, INGRESS_MAC),
+            (REMOTE_BACKEND, BACKEND_PORT),
+            (CLIENT_IP, port),
+            63,
+            "SA",
+            b"",
+        );
+        let (_, got) = node.xdp(&Tunnel::from_n2().wrap(&reply), ingress);
+        let quote = |frame: &[u8]| frame[14..14 + 28].to_vec();
+        let error = icmp_error(
+            (CLIENT_MAC, node.mac),
+            (CLIENT_SIDE_ROUTER, NODE_IP, 64),
+            FRAG_NEEDED_1400,
+            &quote(&got),
+        );
+        let inner = icmp_error(
+            (node.mac, N2_MAC),
+            (CLIENT_SIDE_ROUTER, REMOTE_BACKEND, 63),
+            FRAG_NEEDED_1400,
+            &quote(&with_ttl(&reply, got[14 + 8])),
+        );
+        assert_eq!(
+            node.xdp(&error, ingress),
+            (XDP_TX, Tunnel::to_n2(tunnel_port).wrap(&inner))
+        );
+        assert_eq!(node.reason(Reason::IcmpToBackend), 1);
+
+        // From n2's task, about the segment n2 delivered to it: back here, to the client.
+        let delivered = to_backend((N2_MAC, N2_MAC), port, REMOTE_BACKEND, 62, "A");
+        let error = icmp_error(
+            (N2_MAC, INGRESS_MAC),
+            (REMOTE_BACKEND, CLIENT_IP, 63),
+            FRAG_NEEDED_1400,
+            &quote(&delivered),
+        );
+        let as_client_sent = with_ttl(&client_tcp(port, MESH_PORT, "A"), 62);
+        let expected = icmp_error(
+            (node.mac, CLIENT_MAC),
+            (NODE_IP, CLIENT_IP, 62),
+            FRAG_NEEDED_1400,
+            &quote(&as_client_sent),
+        );
+        assert_eq!(
+            node.xdp(&Tunnel::from_n2().wrap(&error), ingress),
+            (XDP_TX, expected)
+        );
+        assert_eq!(node.reason(Reason::IcmpToClient), 1);
+        // The same from n3, which does not host the flow's backend: dropped.
+        let mut from_n3 = Tunnel::from_n2();
+        from_n3.src.0 = N3_IP;
+        let (action, _) = node.xdp(&from_n3.wrap(&error), ingress);
+        assert_eq!(action, XDP_DROP);
+        assert_eq!(node.reason(Reason::DropVxlanWrongNode), 1);
+
+        // A flow n2 balanced to this node's backend: the backend's error, routed by the kernel
+        // towards the client, goes back to n2 whole (but for its MACs).
+        let from_n2 = Tunnel::from_n2().wrap(&syn_from_n2_for_a_local_backend());
+        assert_eq!(node.xdp(&from_n2, ingress).0, XDP_TX);
+        let delivered = to_backend((node.mac, backend_mac(0)), 40000, BACKENDS[0], 62, "S");
+        let error = |macs| {
+            icmp_error(
+                macs,
+                (BACKENDS[0], CLIENT_IP, 63),
+                (3, 3, [0; 4]),
+                &quote(&delivered),
+            )
+        };
+        let (action, out) = node.tc_on(&error((node.mac, CLIENT_MAC)), ingress);
+        assert_eq!(action, TC_ACT_UNSPEC);
+        let port = encap_source_port(&out);
+        assert_eq!(out, Tunnel::to_n2(port).wrap(&error((node.mac, N2_MAC))));
+        assert_eq!(node.reason(Reason::IcmpEncap), 1);
+
+        // Translated by n2 for this node's backend (about the reply as the client got it from
+        // n2): decapsulated and delivered.
+        let reply_quote = tcp(
+            (backend_mac(0), N2_MAC),
+            (BACKENDS[0], BACKEND_PORT),
+            (CLIENT_IP, 40000),
+            63,
+            "SA",
+            b"",
+        );
+        let for_backend = icmp_error(
+            (N2_MAC, INGRESS_MAC),
+            (CLIENT_SIDE_ROUTER, BACKENDS[0], 63),
+            FRAG_NEEDED_1400,
+            &quote(&reply_quote),
+        );
+        let (action, out) = node.xdp(&Tunnel::from_n2().wrap(&for_backend), ingress);
+        assert_eq!(action, XDP_TX);
+        let expected = icmp_error(
+            (node.mac, backend_mac(0)),
+            (CLIENT_SIDE_ROUTER, BACKENDS[0], 62),
+            FRAG_NEEDED_1400,
+            &quote(&reply_quote),
+        );
+        assert_eq!(out, expected);
+        assert_eq!(node.reason(Reason::IcmpToBackend), 2);
     });
 }

@@ -441,6 +441,33 @@ pub fn internet_checksum(parts: &[&[u8]]) -> u16 {
     !(sum as u16)
 }
 
+/// An ICMP error frame (`macs`: source, destination) from `from` to `to` (TTL `ttl`): `kind` and `code`, then the 4 bytes
+/// after the checksum (`rest`: a "fragmentation needed" has the next-hop MTU in the last two),
+/// quoting `quoted`; both checksums valid, no DF.
+pub fn icmp_error(
+    macs: ([u8; 6], [u8; 6]),
+    (from, to, ttl): ([u8; 4], [u8; 4], u8),
+    (kind, code, rest): (u8, u8, [u8; 4]),
+    quoted: &[u8],
+) -> Vec<u8> {
+    let mut icmp = vec![kind, code, 0, 0];
+    icmp.extend_from_slice(&rest);
+    icmp.extend_from_slice(quoted);
+    let check = internet_checksum(&[&icmp]);
+    icmp[2..4].copy_from_slice(&check.to_be_bytes());
+    let mut ip = Ipv4Header::new(icmp.len() as u16, ttl, IpNumber::ICMP, from, to).unwrap();
+    ip.dont_fragment = false;
+    ip.header_checksum = ip.calc_header_checksum();
+    // (source, destination), as `PacketBuilder::ethernet2` takes them.
+    let mut frame = Vec::new();
+    frame.extend_from_slice(&macs.1);
+    frame.extend_from_slice(&macs.0);
+    frame.extend_from_slice(&[0x08, 0x00]);
+    frame.extend_from_slice(&ip.to_bytes());
+    frame.extend_from_slice(&icmp);
+    frame
+}
+
 /// The reasons whose counters moved between two readings, and by how much.
 pub fn counted(before: &[u64], after: &[u64]) -> Vec<(Reason, u64)> {
     Reason::ALL
