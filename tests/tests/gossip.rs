@@ -183,6 +183,11 @@ impl Cluster {
         members.iter().find(|m| m["name"] == name).cloned()
     }
 
+    /// Why node `i` says member `name` is cut off, if it does.
+    fn cut_off(&self, i: usize, name: &str) -> Option<String> {
+        self.member(i, name)?["cut_off"].as_str().map(str::to_owned)
+    }
+
     fn cluster_json(&self, i: usize) -> serde_json::Value {
         serde_json::from_str(&self.lbctl[i].run(&["cluster", "ls", "--json"]).unwrap()).unwrap()
     }
@@ -808,16 +813,15 @@ fn replays_and_clear_gossip_change_nothing_and_keys_rotate_without_a_partition()
         });
         id
     };
-    let cut_off = |i: usize, member: &str| -> Option<String> {
-        cluster.member(i, member)?["cut_off"]
-            .as_str()
-            .map(str::to_owned)
-    };
     wait("n1 sees n2 cut off", || {
-        cut_off(0, "n2").is_some_and(|why| why.contains("cannot open this node's gossip"))
+        cluster
+            .cut_off(0, "n2")
+            .is_some_and(|why| why.contains("cannot open this node's gossip"))
     });
     wait("n2 sees n1 cut off", || {
-        cut_off(1, "n1").is_some_and(|why| why.contains(newer_id.as_str().unwrap()))
+        cluster
+            .cut_off(1, "n1")
+            .is_some_and(|why| why.contains(newer_id.as_str().unwrap()))
     });
     for i in 0..2 {
         let status = cluster.cluster_json(i);
@@ -838,13 +842,58 @@ fn replays_and_clear_gossip_change_nothing_and_keys_rotate_without_a_partition()
     let log = cluster.daemons[0].as_ref().unwrap().log_text();
     let said = log.matches("cluster member cut off").count();
     assert_eq!(said, 1, "said once: {log}");
+    // n2 restarted still without it: it opens nothing, so it lists no member, but it is not
+    // alone: its seed (n1) is listed as cut off and it is not converged.
+    cluster.stop(1);
+    cluster.start_with_key(1, "rotating", &key_files[1]);
+    let seed = cluster.gossip_addr(0).to_string();
+    wait("the restarted n2 lists its seed as cut off", || {
+        cluster.lbctl[1]
+            .run(&["cluster", "ls", "--json"])
+            .ok()
+            .and_then(|text| serde_json::from_str::<serde_json::Value>(&text).ok())
+            .is_some_and(|status| {
+                status["cut_off_peers"][0]["gossip_addr"] == seed.as_str()
+                    && status["converged"] == false
+            })
+    });
+    let text = cluster.lbctl[1].run(&["cluster", "ls"]).unwrap();
+    assert!(text.contains("(not a member here): CUT OFF"), "{text}");
     // n2 gets the newer key: converged again, and said.
     write_keys(&key_files[1], &[&newer, &new]);
     wait("converged once n2 has the newer key", || {
         cluster.converged(0, 2) && cluster.converged(1, 2)
     });
-    assert_eq!(cut_off(0, "n2"), None);
-    assert_eq!(cut_off(1, "n1"), None);
+    assert_eq!(cluster.cut_off(0, "n2"), None);
+    assert_eq!(cluster.cut_off(1, "n1"), None);
     let log = cluster.daemons[0].as_ref().unwrap().log_text();
     assert!(log.contains("no longer cut off"), "{log}");
+
+    // A key file made readable by others is refused on reload: the keys in force stay, and
+    // `cluster ls` and the metrics say so until it is put back.
+    use std::os::unix::fs::PermissionsExt as _;
+    let mode = |m| std::fs::set_permissions(&key_files[0], std::fs::Permissions::from_mode(m));
+    mode(0o644).unwrap();
+    wait("n1 says its key file is refused", || {
+        cluster.cluster_json(0)["key_file_refused"]
+            .as_str()
+            .is_some_and(|why| why.contains("chmod 600"))
+    });
+    assert!(
+        cluster.lbctl[0]
+            .run(&["cluster", "ls"])
+            .unwrap()
+            .contains("KEY FILE REFUSED")
+    );
+    let page = scrape(cluster.mesh.node(0));
+    assert_eq!(
+        series(&page, "lbctl_gossip_key_file_refused"),
+        Some(1),
+        "{page}"
+    );
+    mode(0o600).unwrap();
+    wait("n1's key file is fine again", || {
+        cluster.cluster_json(0)["key_file_refused"].is_null()
+    });
+    assert!(cluster.converged(0, 2));
 }

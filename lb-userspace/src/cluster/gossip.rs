@@ -288,8 +288,9 @@ impl Gossip {
         Some(keys.ring().ids().into_iter().map(key_id_text).collect())
     }
 
-    /// The id of the key the peer at `addr` sealed its last datagram with, and why gossip
-    /// with it is broken at `now_ms` (Unix milliseconds), if it is (`cluster ls`).
+    /// The id of the key the peer at `addr` seals with (as its last datagram said: the one
+    /// opened, or the one a datagram this node cannot open names), and why gossip with it is
+    /// broken at `now_ms` (Unix milliseconds), if it is (`cluster ls`).
     pub fn peer_link(&self, addr: &SocketAddr, now_ms: u64) -> (Option<String>, Option<String>) {
         let Some(keys) = &self.keys else {
             return (None, None);
@@ -299,11 +300,36 @@ impl Gossip {
             return (None, None);
         };
         let sealing = keys.ring().sealing_id();
+        let cut_off = link.cut_off(now_ms, keys.loaded_ms());
+        let key = match cut_off {
+            Some(CutOff::UnknownKey(Some(key))) => Some(key),
+            _ => link.key,
+        };
         (
-            link.key.map(key_id_text),
-            link.cut_off(now_ms)
-                .map(|cut| CutOff::describe(cut, sealing)),
+            key.map(key_id_text),
+            cut_off.map(|cut| CutOff::describe(cut, sealing)),
         )
+    }
+
+    /// Every peer address whose gossip with this node is broken at `now_ms`, with why.
+    pub fn cut_off_peers(&self, now_ms: u64) -> Vec<(SocketAddr, String)> {
+        let Some(keys) = &self.keys else {
+            return Vec::new();
+        };
+        let sealing = keys.ring().sealing_id();
+        let links = self.links.lock().expect("not poisoned");
+        links
+            .iter()
+            .filter_map(|(addr, link)| {
+                let cut = link.cut_off(now_ms, keys.loaded_ms())?;
+                Some((*addr, CutOff::describe(cut, sealing)))
+            })
+            .collect()
+    }
+
+    /// Why the key file on disk is refused, if it is (the keys in force are older).
+    pub fn key_file_refused(&self) -> Option<String> {
+        self.keys.as_ref()?.refused()
     }
 
     /// Starts gossiping over `transport` (chitchat's in-memory one in tests), counting what it

@@ -657,6 +657,22 @@ pub struct Status {
     /// (`--insecure`).
     #[serde(default)]
     pub keys: Option<Vec<String>>,
+    /// Seeds and nodes of the table that are not listed as members (this node never opened
+    /// what they send) but whose gossip with this node is broken: a node restarted without
+    /// the cluster's current key knows no member, yet it is not alone.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cut_off_peers: Vec<PeerCutOff>,
+    /// Why the key file on disk is refused (its keys in force were read earlier; a restart
+    /// would fail).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_file_refused: Option<String>,
+}
+
+/// A peer that is not a listed member, cut off (see [`MemberStatus::cut_off`]).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerCutOff {
+    pub gossip_addr: String,
+    pub why: String,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -693,18 +709,21 @@ impl Status {
         self.members.iter().filter(|m| m.agrees).count()
     }
 
+    /// Members and other peers cut off.
     pub fn cut_off(&self) -> usize {
-        self.members.iter().filter(|m| m.cut_off.is_some()).count()
+        self.members.iter().filter(|m| m.cut_off.is_some()).count() + self.cut_off_peers.len()
     }
 
     /// Whether `members` converged: every live member agrees, and none (live or dead) is cut
     /// off: a member that sends what this node cannot open looks dead here, but it is there,
-    /// serving a table of its own.
-    pub fn converged_of(members: &[MemberStatus]) -> bool {
+    /// serving a table of its own. Nor while `warming_up` (just started) with a member not
+    /// heard from yet: it is dead only for want of news.
+    pub fn converged_of(members: &[MemberStatus], warming_up: bool) -> bool {
         members
             .iter()
             .filter(|m| m.alive || m.cut_off.is_some())
             .all(|m| m.agrees)
+            && !(warming_up && members.iter().any(|m| !m.alive))
     }
 }
 

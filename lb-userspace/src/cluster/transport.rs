@@ -12,7 +12,10 @@ use std::{
     collections::HashMap,
     net::{IpAddr, Ipv4Addr, SocketAddr},
     path::{Path, PathBuf},
-    sync::{Arc, Mutex, RwLock},
+    sync::{
+        Arc, Mutex, RwLock,
+        atomic::{AtomicU64, Ordering},
+    },
     time::{SystemTime, UNIX_EPOCH},
 };
 
@@ -50,6 +53,11 @@ pub struct KeyFile {
     ring: RwLock<Arc<Keyring>>,
     /// The file's modification time, length, mode and owner when last read.
     stamp: Mutex<Stamp>,
+    /// When the keyring in force was read (Unix milliseconds): what peers' datagrams said of
+    /// the keys before it is void (`PeerLink`).
+    loaded_ms: AtomicU64,
+    /// Why the file on disk was last refused, while it still is (the keys in force are older).
+    refused: Mutex<Option<String>>,
 }
 
 impl KeyFile {
@@ -61,7 +69,20 @@ impl KeyFile {
             path: path.to_owned(),
             ring: RwLock::new(Arc::new(ring)),
             stamp: Mutex::new(stamp),
+            loaded_ms: AtomicU64::new(now_ms()),
+            refused: Mutex::new(None),
         })
+    }
+
+    /// When the keyring in force was read (Unix milliseconds).
+    pub fn loaded_ms(&self) -> u64 {
+        self.loaded_ms.load(Ordering::Relaxed)
+    }
+
+    /// Why the file on disk is refused, if it is (the keys in force then come from an
+    /// earlier read, and a restart would fail).
+    pub fn refused(&self) -> Option<String> {
+        self.refused.lock().expect("not poisoned").clone()
     }
 
     /// The keyring in force.
@@ -73,6 +94,13 @@ impl KeyFile {
     /// keyring when it did. A file that cannot be read or is refused leaves the keyring in
     /// force as it was.
     pub fn reload(&self, force: bool) -> Result<Option<Arc<Keyring>>> {
+        let outcome = self.try_reload(force);
+        *self.refused.lock().expect("not poisoned") =
+            outcome.as_ref().err().map(|err| format!("{err:#}"));
+        outcome
+    }
+
+    fn try_reload(&self, force: bool) -> Result<Option<Arc<Keyring>>> {
         let meta = std::fs::metadata(&self.path)
             .with_context(|| format!("reading {}", self.path.display()))?;
         let stamp = stamp_of(&meta)?;
@@ -83,6 +111,7 @@ impl KeyFile {
         let ring = Arc::new(ring);
         *self.ring.write().expect("not poisoned") = ring.clone();
         *self.stamp.lock().expect("not poisoned") = stamp;
+        self.loaded_ms.store(now_ms(), Ordering::Relaxed);
         Ok(Some(ring))
     }
 
@@ -265,8 +294,16 @@ impl CutOff {
 }
 
 impl PeerLink {
-    /// A datagram sealed at `now_ms` was sent to the peer.
-    fn sent(&mut self, now_ms: u64) {
+    /// A datagram sealed at `now_ms` was sent to the peer, under a keyring read at
+    /// `keys_loaded_ms`: what its echoes said of the keys before is void (a rotation step just
+    /// taken starts a new count).
+    fn sent(&mut self, now_ms: u64, keys_loaded_ms: u64) {
+        if self
+            .unechoed_since_ms
+            .is_some_and(|since| since < keys_loaded_ms)
+        {
+            (self.unechoed_since_ms, self.misses) = (None, 0);
+        }
         self.unechoed_since_ms.get_or_insert(now_ms);
     }
 
@@ -292,11 +329,13 @@ impl PeerLink {
         self.refused = Some((now_ms, key));
     }
 
-    /// Whether gossip with the peer is broken at `now_ms`, by what its recent datagrams said.
-    pub fn cut_off(&self, now_ms: u64) -> Option<CutOff> {
+    /// Whether gossip with the peer is broken at `now_ms`, by what its recent datagrams said
+    /// since the keyring in force was read (at `keys_loaded_ms`: a datagram refused before
+    /// might open now).
+    pub fn cut_off(&self, now_ms: u64, keys_loaded_ms: u64) -> Option<CutOff> {
         let current = |at: u64| now_ms.saturating_sub(at) <= LINK_CURRENT_MS;
         match self.refused {
-            Some((at, key)) if at > self.opened_at_ms && current(at) => {
+            Some((at, key)) if at > self.opened_at_ms && at >= keys_loaded_ms && current(at) => {
                 return Some(CutOff::UnknownKey(key));
             }
             _ => {}
@@ -471,7 +510,8 @@ impl Socket for SealedSocket {
         let ring = self.keys.ring();
         let now = now_ms();
         let echo = self.echo_for(to);
-        self.note(to, |link| link.sent(now));
+        let loaded = self.keys.loaded_ms();
+        self.note(to, |link| link.sent(now, loaded));
         let mut sent = 0;
         for datagram in self.sealer.seal(&ring, now, to, echo, &self.buf[..len]) {
             sent += self
@@ -600,15 +640,15 @@ mod tests {
     #[test]
     fn a_peer_that_echoes_what_this_node_sends_is_not_cut_off() {
         let mut link = PeerLink::default();
-        assert_eq!(link.cut_off(NOW), None, "never heard from");
+        assert_eq!(link.cut_off(NOW, 0), None, "never heard from");
         for round in 0..20u64 {
             let at = NOW + round * 500;
-            link.sent(at);
+            link.sent(at, 0);
             // Round 7's datagram is lost: the answer echoes round 6's; the peer's next one
             // echoes round 8's.
             let echo = if round == 7 { at - 500 } else { at };
             link.opened(at + 2, &from_peer(at + 1, echo));
-            assert_eq!(link.cut_off(at + 2), None, "round {round}");
+            assert_eq!(link.cut_off(at + 2, 0), None, "round {round}");
         }
         assert_eq!(link.key, Some([1, 2, 3, 4]));
         assert_eq!(
@@ -617,7 +657,7 @@ mod tests {
             "echoed back to it"
         );
         // Its datagram crossed this node's in flight (sent before ours arrived): no miss.
-        link.sent(NOW + 20_000);
+        link.sent(NOW + 20_000, 0);
         link.opened(NOW + 20_001, &from_peer(NOW + 20_000, NOW + 19_500));
         assert_eq!(link.misses, 0);
     }
@@ -628,25 +668,30 @@ mod tests {
     #[test]
     fn a_peer_that_never_echoes_this_nodes_datagrams_is_cut_off() {
         let mut link = PeerLink::default();
-        link.sent(NOW);
+        link.sent(NOW, 0);
         link.opened(NOW + 2, &from_peer(NOW + 1, NOW));
         let mut at = NOW + 1_000;
         for miss in 1..=3 {
-            link.sent(at);
+            link.sent(at, 0);
             at += 1_500;
             // It still echoes NOW: it opened nothing sent since.
             link.opened(at, &from_peer(at, NOW));
             let expected = (miss == 3).then_some(CutOff::CannotOpenOurs);
-            assert_eq!(link.cut_off(at), expected, "miss {miss}");
+            assert_eq!(link.cut_off(at, 0), expected, "miss {miss}");
         }
         assert_eq!(
-            link.cut_off(at + LINK_CURRENT_MS + 1),
+            link.cut_off(at + LINK_CURRENT_MS + 1, 0),
             None,
             "silent for longer than a link is current"
         );
-        link.sent(at + 100);
+        // A new keyring here: the count starts again with what is sent under it.
+        let mut reloaded = link.clone();
+        reloaded.sent(at + 50, at + 40);
+        assert_eq!(reloaded.misses, 0);
+        assert_eq!(reloaded.unechoed_since_ms, Some(at + 50));
+        link.sent(at + 100, 0);
         link.opened(at + 200, &from_peer(at + 200, at + 100));
-        assert_eq!(link.cut_off(at + 200), None, "it opens ours again");
+        assert_eq!(link.cut_off(at + 200, 0), None, "it opens ours again");
     }
 
     /// A peer whose datagrams do not open here (another key, or none) is cut off until one
@@ -657,7 +702,7 @@ mod tests {
         link.opened(NOW, &from_peer(NOW, 0));
         link.refused(NOW + 10, Some([9, 9, 9, 9]));
         assert_eq!(
-            link.cut_off(NOW + 10),
+            link.cut_off(NOW + 10, 0),
             Some(CutOff::UnknownKey(Some([9, 9, 9, 9])))
         );
         assert!(
@@ -671,10 +716,12 @@ mod tests {
                 .contains("01020304")
         );
         link.opened(NOW + 20, &from_peer(NOW + 20, 0));
-        assert_eq!(link.cut_off(NOW + 20), None);
+        assert_eq!(link.cut_off(NOW + 20, 0), None);
         link.refused(NOW + 30, None);
-        assert_eq!(link.cut_off(NOW + 30), Some(CutOff::UnknownKey(None)));
-        assert_eq!(link.cut_off(NOW + 30 + LINK_CURRENT_MS + 1), None);
+        assert_eq!(link.cut_off(NOW + 30, 0), Some(CutOff::UnknownKey(None)));
+        assert_eq!(link.cut_off(NOW + 30 + LINK_CURRENT_MS + 1, 0), None);
+        // Refused under a keyring since replaced: it may open now.
+        assert_eq!(link.cut_off(NOW + 40, NOW + 35), None);
     }
 
     async fn open(transport: &SealedTransport) -> (SealedSocket, SocketAddr) {

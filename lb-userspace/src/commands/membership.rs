@@ -118,18 +118,19 @@ pub fn cluster_ls(instance: &Instance, as_json: bool) -> Result<String> {
         alive,
         status.members.len(),
         if status.converged {
-            "every live member has this table".to_owned()
+            "converged: every live member has this table".to_owned()
         } else if status.cut_off() > 0 {
             format!(
-                "{} member(s) CUT OFF: gossip with them is broken by key files that do not \
-                 match (see below); {} of {alive} live member(s) have this table",
+                "NOT converged: {} member(s) CUT OFF, gossip with them broken by key files \
+                 that do not match (see below); {} of {alive} live member(s) have this table",
                 status.cut_off(),
                 status.agreeing()
             )
         } else {
             format!(
-                "{} of {alive} live member(s) have this table: a change is still spreading, or \
-                 a member cannot apply it (see its log)",
+                "NOT converged: {} of {alive} live member(s) have this table: a change is \
+                 still spreading, a member was not heard from yet, or a member cannot apply it \
+                 (see its log)",
                 status.agreeing()
             )
         }
@@ -182,6 +183,18 @@ pub fn cluster_ls(instance: &Instance, as_json: bool) -> Result<String> {
         if let Some(why) = &m.cut_off {
             out.push_str(&format!("{}: CUT OFF: {why}\n", m.name));
         }
+    }
+    for peer in &status.cut_off_peers {
+        out.push_str(&format!(
+            "{} (not a member here): CUT OFF: {}\n",
+            peer.gossip_addr, peer.why
+        ));
+    }
+    if let Some(refused) = &status.key_file_refused {
+        out.push_str(&format!(
+            "KEY FILE REFUSED (the keys in force were read before; a restart would fail): \
+             {refused}\n"
+        ));
     }
     let rejected: Vec<String> = status
         .rejected

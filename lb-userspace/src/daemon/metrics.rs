@@ -499,6 +499,8 @@ fn estimated_len(snapshot: &Snapshot) -> usize {
 ///   every live member agrees and none is cut off;
 /// - `lbctl_cluster_table_changes_total`: merged tables applied since the daemon started;
 /// - `lbctl_gossip_rejected_messages_total{reason}`: see `gossip` for the reasons;
+/// - `lbctl_gossip_key_file_refused`: 1 while the key file on disk is refused (the keys in
+///   force were read before; a restart would fail);
 /// - `lbctl_gossip_sealed`: 1 when gossip is sealed with a key file, 0 in clear (`--insecure`);
 ///   `lbctl_gossip_key_info{key,seals}` (always 1): each key of the keyring in force.
 pub fn render_cluster(status: &crate::cluster::Status) -> String {
@@ -582,6 +584,17 @@ pub fn render_cluster(status: &crate::cluster::Status) -> String {
         "1 when gossip is sealed with the cluster's keyring, 0 when it goes in clear (--insecure).",
     );
     out.sample("lbctl_gossip_sealed", &[], u64::from(status.keys.is_some()));
+    out.family(
+        "lbctl_gossip_key_file_refused",
+        Kind::Gauge,
+        "1 while the key file on disk is refused (the keys in force were read before it; a \
+         restart would fail), else 0.",
+    );
+    out.sample(
+        "lbctl_gossip_key_file_refused",
+        &[],
+        u64::from(status.key_file_refused.is_some()),
+    );
     out.family(
         "lbctl_gossip_key_info",
         Kind::Gauge,
@@ -1443,6 +1456,11 @@ lbctl_interface_transmit_failures_total{iface="uplink",kind="xdp_errors"} 1
                 .into_iter()
                 .collect(),
             keys: Some(vec!["1a2b3c4d".into(), "5e6f7a8b".into()]),
+            cut_off_peers: vec![crate::cluster::PeerCutOff {
+                gossip_addr: "192.168.1.9:7946".into(),
+                why: "seals with key 09090909, which this node's key file lacks".into(),
+            }],
+            key_file_refused: Some("mode 644".into()),
         };
         let page = render_cluster(&status);
         let insecure = render_cluster(&Status {
@@ -1459,7 +1477,8 @@ lbctl_interface_transmit_failures_total{iface="uplink",kind="xdp_errors"} 1
             "lbctl_cluster_members{state=\"alive\"} 2",
             "lbctl_cluster_members{state=\"dead\"} 1",
             "lbctl_cluster_members_agreeing 1",
-            "lbctl_cluster_members_cut_off 1",
+            "lbctl_cluster_members_cut_off 2",
+            "lbctl_gossip_key_file_refused 1",
             "lbctl_cluster_converged 0",
             "lbctl_cluster_table_changes_total 2",
             "# TYPE lbctl_gossip_rejected_messages_total counter",

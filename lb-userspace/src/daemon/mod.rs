@@ -14,7 +14,7 @@ pub mod metrics;
 pub mod passive;
 use std::{
     collections::{BTreeSet, HashMap},
-    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
+    net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4},
     sync::{Arc, Mutex},
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
@@ -736,8 +736,8 @@ async fn cluster_loop(
     // wait to hear from them before merging: a restart must not drop their tasks (and reset
     // the flows pinned to them) for want of news.
     let warm_until = Instant::now() + config.gossip_interval.mul_f64(config.phi_threshold);
-    // A node that hears from no member for this long is told why that may be, once.
-    let alone_after = Instant::now() + ALONE_AFTER;
+    // A node that hears from no member for this long is told why that may be, once each time.
+    let mut heard_at = Instant::now();
     let mut told_alone = false;
     loop {
         tokio::select! {
@@ -771,15 +771,13 @@ async fn cluster_loop(
             table_changes += 1;
         }
         log_step(&step, changes.as_ref(), &mut warned);
-        if !told_alone
-            && !config.seeds.is_empty()
-            && live.is_empty()
-            && Instant::now() > alone_after
-        {
+        if !live.is_empty() {
+            (heard_at, told_alone) = (Instant::now(), false);
+        } else if !told_alone && !config.seeds.is_empty() && heard_at.elapsed() > ALONE_AFTER {
             told_alone = true;
             warn!(
                 seeds = ?config.seeds,
-                "no member heard from after {} s: check the seeds and the cluster name, and that this node has the cluster's key (members drop what they cannot open, and say so in their own log)",
+                "no member heard from for {} s: check the seeds and the cluster name, and that this node has the cluster's key (members drop what they cannot open, and say so in their own log)",
                 ALONE_AFTER.as_secs()
             );
         }
@@ -801,14 +799,34 @@ async fn cluster_loop(
                 member.agrees = false;
             }
         }
-        log_cut_off(&statuses, &mut cut_off);
+        // Seeds and nodes of the table this node lists not as members, yet cut off.
+        let listed: BTreeSet<&str> = statuses.iter().map(|m| m.gossip_addr.as_str()).collect();
+        let cut_off_peers: Vec<cluster::PeerCutOff> = gossip
+            .cut_off_peers(now_ms)
+            .into_iter()
+            .filter(|(addr, _)| {
+                !listed.contains(addr.to_string().as_str())
+                    && (config.seeds.contains(addr)
+                        || step
+                            .table
+                            .nodes
+                            .iter()
+                            .any(|n| IpAddr::V4(n.ip) == addr.ip()))
+            })
+            .map(|(addr, why)| cluster::PeerCutOff {
+                gossip_addr: addr.to_string(),
+                why,
+            })
+            .collect();
+        log_cut_off(&statuses, &cut_off_peers, &mut cut_off);
         let status = cluster::Status {
             cluster: config.cluster.clone(),
             node: config.node.clone(),
             gossip_addr: config.gossip_addr.to_string(),
             vtep,
             generation: config.generation,
-            converged: cluster::Status::converged_of(&statuses),
+            converged: cluster::Status::converged_of(&statuses, warming_up)
+                && cut_off_peers.is_empty(),
             digest: step.digest.clone(),
             table_generation: step.table.generation,
             table_changes,
@@ -820,6 +838,8 @@ async fn cluster_loop(
                 .map(|(reason, n)| (reason.to_owned(), n))
                 .collect(),
             keys: gossip.key_ids(),
+            cut_off_peers,
+            key_file_refused: gossip.key_file_refused(),
         };
         write_status_if_due(&shared, &status, &mut written).await;
         *shared.cluster.lock().unwrap() = Some(status);
@@ -867,19 +887,28 @@ fn log_step(step: &cluster::Step, changes: Option<&TableDiff>, warned: &mut BTre
     *warned = step.warnings.iter().cloned().collect();
 }
 
-/// Logs each member that became cut off, or was cut off and no longer is, since the round
-/// before (`cut_off`, updated: member names).
-fn log_cut_off(statuses: &[cluster::MemberStatus], cut_off: &mut BTreeSet<String>) {
-    let now: BTreeSet<String> = statuses
+/// Logs each member (or other peer, by address) that became cut off, or was cut off and no
+/// longer is, since the round before (`cut_off`, updated: member names and peer addresses).
+fn log_cut_off(
+    statuses: &[cluster::MemberStatus],
+    peers: &[cluster::PeerCutOff],
+    cut_off: &mut BTreeSet<String>,
+) {
+    let now_cut: Vec<(&str, &str)> = statuses
         .iter()
-        .filter(|m| m.cut_off.is_some())
-        .map(|m| m.name.clone())
+        .filter_map(|m| Some((m.name.as_str(), m.cut_off.as_deref()?)))
+        .chain(
+            peers
+                .iter()
+                .map(|p| (p.gossip_addr.as_str(), p.why.as_str())),
+        )
         .collect();
-    for member in statuses.iter().filter(|m| !cut_off.contains(&m.name)) {
-        if let Some(why) = &member.cut_off {
-            warn!(member = %member.name, why = %why, "cluster member cut off: gossip with it is broken, its table and this node's no longer follow each other");
+    for (member, why) in &now_cut {
+        if !cut_off.contains(*member) {
+            warn!(member = %member, why = %why, "cluster member cut off: gossip with it is broken, its table and this node's no longer follow each other");
         }
     }
+    let now: BTreeSet<String> = now_cut.iter().map(|(m, _)| (*m).to_owned()).collect();
     for name in cut_off.difference(&now) {
         info!(member = %name, "cluster member no longer cut off: gossip with it works again");
     }
