@@ -137,8 +137,10 @@ pub fn mesh_show(instance: &Instance, as_json: bool) -> Result<String> {
     }
     out.push_str(&format!(
         "overlay MTU = underlay MTU - {VXLAN_OVERHEAD} (VXLAN headers): give the tasks' interfaces \
-         at most this MTU, so that their TCP MSS keeps clients' packets small enough; larger \
-         packets to other nodes are dropped (drop_encap_mtu)\n"
+         at most this MTU, so that their TCP MSS keeps clients' packets small enough; a client's \
+         larger packet to another node is answered with ICMP fragmentation needed \
+         (frag_needed_sent; dropped without DF or past the rate limit: drop_encap_mtu), a \
+         task's larger reply is dropped (drop_encap_mtu)\n"
     ));
     for (iface, mtu) in &interfaces {
         match mtu {

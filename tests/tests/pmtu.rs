@@ -1,0 +1,380 @@
+//! Path MTU discovery through the load balancer, end to end: a narrower hop behind the node
+//! (towards the backend) and one in front of it (towards the client), each answering a
+//! full-size segment with the kernel's own ICMP "fragmentation needed". The node translates
+//! the error for the socket it is about, so a large upload and a large download both complete;
+//! with the routers' errors dropped (the black hole an untranslated error is to the socket it
+//! does not match), the same transfers hang.
+//!
+//! ```text
+//!  client ── rc ──────────── node ───────── rb ──────────── backend
+//!  .1.2   .1.1  .2.1      .2.2  .3.1     .3.2  .4.1         .4.10
+//!         (route to the        (lbctl on     (route to the backend:
+//!          client: mtu 1400)    uplink)       mtu 1300)
+//! ```
+//! Every interface has an MTU of 1500, so each end advertises an MSS of 1460 and sends
+//! full-size segments: only path MTU discovery can make them fit.
+use std::time::Duration;
+
+use lb_tests::{
+    Lbctl,
+    netns::{self, NetNs},
+};
+
+const CLIENT: &str = "172.16.1.2";
+const NODE: &str = "172.16.2.2";
+const BACKEND: &str = "172.16.4.10";
+/// The route MTUs of the narrow hops.
+const CLIENT_SIDE_MTU: &str = "1400";
+const BACKEND_SIDE_MTU: &str = "1300";
+const FILE_LEN: usize = 2 << 20;
+
+struct Path {
+    client: NetNs,
+    rc: NetNs,
+    node: NetNs,
+    rb: NetNs,
+    backend: NetNs,
+    dir: std::path::PathBuf,
+}
+
+impl Path {
+    fn build() -> Path {
+        lb_tests::require_root().unwrap();
+        let path = Path {
+            client: NetNs::new("client").unwrap(),
+            rc: NetNs::new("rc").unwrap(),
+            node: NetNs::new("node").unwrap(),
+            rb: NetNs::new("rb").unwrap(),
+            backend: NetNs::new("backend").unwrap(),
+            dir: std::env::temp_dir().join(format!("lbt-pmtu-{}", std::process::id())),
+        };
+        let link = |a: &NetNs, a_if: &str, a_ip: &str, b: &NetNs, b_if: &str, b_ip: &str| {
+            netns::veth(a, a_if, b, b_if).unwrap();
+            a.ip(["addr", "add", a_ip, "dev", a_if]).unwrap();
+            b.ip(["addr", "add", b_ip, "dev", b_if]).unwrap();
+            // Whole checksums on the wire, as real hosts send them (see `disable_tx_offload`).
+            a.disable_tx_offload(a_if).unwrap();
+            b.disable_tx_offload(b_if).unwrap();
+        };
+        link(
+            &path.client,
+            "eth0",
+            "172.16.1.2/24",
+            &path.rc,
+            "rc0",
+            "172.16.1.1/24",
+        );
+        link(
+            &path.rc,
+            "rc1",
+            "172.16.2.1/24",
+            &path.node,
+            "uplink",
+            "172.16.2.2/24",
+        );
+        link(
+            &path.node,
+            "tasks",
+            "172.16.3.1/24",
+            &path.rb,
+            "rb0",
+            "172.16.3.2/24",
+        );
+        link(
+            &path.rb,
+            "rb1",
+            "172.16.4.1/24",
+            &path.backend,
+            "eth0",
+            "172.16.4.10/24",
+        );
+        let route = |ns: &NetNs, args: &[&str]| {
+            let mut all = vec!["route", "add"];
+            all.extend_from_slice(args);
+            ns.ip(all).unwrap();
+        };
+        route(&path.client, &["default", "via", "172.16.1.1"]);
+        route(&path.rc, &["default", "via", "172.16.2.2"]);
+        route(&path.node, &["172.16.1.0/24", "via", "172.16.2.1"]);
+        route(&path.node, &["172.16.4.0/24", "via", "172.16.3.2"]);
+        route(&path.rb, &["default", "via", "172.16.3.1"]);
+        route(&path.backend, &["default", "via", "172.16.4.1"]);
+        // The narrow hops: each router's route to the far end takes no more.
+        let narrow = |ns: &NetNs, to: &str, dev: &str, mtu: &str| {
+            ns.ip([
+                "route",
+                "add",
+                &format!("{to}/32"),
+                "dev",
+                dev,
+                "mtu",
+                "lock",
+                mtu,
+            ])
+            .unwrap();
+        };
+        narrow(&path.rc, CLIENT, "rc0", CLIENT_SIDE_MTU);
+        narrow(&path.rb, BACKEND, "rb1", BACKEND_SIDE_MTU);
+        for ns in [&path.rc, &path.node, &path.rb] {
+            ns.sysctl("net.ipv4.ip_forward", "1").unwrap();
+        }
+        std::fs::create_dir_all(&path.dir).unwrap();
+        write_file(&path.dir.join("big"));
+        path
+    }
+
+    /// Forgets every path MTU the ends learned, so that each transfer discovers it again.
+    fn forget_path_mtus(&self) {
+        for ns in [&self.client, &self.backend] {
+            ns.ip(["route", "flush", "cache"]).unwrap();
+        }
+    }
+
+    /// Drops (or lets through again) the routers' own ICMP errors.
+    fn drop_router_errors(&self, drop: bool) {
+        let commands: &[&str] = if drop {
+            &[
+                "add table ip pmtu",
+                "add chain ip pmtu out { type filter hook output priority 0; }",
+                "add rule ip pmtu out icmp type destination-unreachable drop",
+            ]
+        } else {
+            &["delete table ip pmtu"]
+        };
+        for router in [&self.rc, &self.rb] {
+            for command in commands {
+                let out = router.exec(["nft", command]).unwrap();
+                assert!(out.status.success(), "{out:?}");
+            }
+        }
+    }
+
+    /// Downloads the file from the backend through the node; its length if it came whole
+    /// within `within`.
+    fn download(&self, within: Duration) -> Option<usize> {
+        let url = format!("http://{NODE}:8080/big");
+        let out = self
+            .client
+            .exec([
+                "curl",
+                "-s",
+                "-o",
+                "/dev/null",
+                "-m",
+                &within.as_secs().to_string(),
+                "-w",
+                "%{size_download}",
+                &url,
+            ])
+            .unwrap();
+        whole_file(&out)
+    }
+
+    /// Uploads the file to the backend through the node (which counts what it receives and
+    /// answers the count); the count if it came whole within `within`.
+    fn upload(&self, within: Duration) -> Option<usize> {
+        upload(
+            &self.client,
+            &format!("{NODE}:8081"),
+            &self.dir.join("big"),
+            within,
+        )
+    }
+}
+
+/// Uploads `file` from `client` to `to` (`IP:PORT`, a service whose backend counts what it
+/// receives and answers the count); the count if it came whole within `within`.
+fn upload(client: &NetNs, to: &str, file: &std::path::Path, within: Duration) -> Option<usize> {
+    // The file on socat's standard input, the count it gets back on its standard output.
+    let command = format!("socat -t 30 - TCP:{to} < {}", file.display());
+    let out = client
+        .exec([
+            "timeout",
+            &within.as_secs().to_string(),
+            "sh",
+            "-c",
+            &command,
+        ])
+        .unwrap();
+    whole_file(&out)
+}
+
+/// The length a transfer printed, if it succeeded with the whole file.
+fn whole_file(out: &std::process::Output) -> Option<usize> {
+    let got: usize = String::from_utf8_lossy(&out.stdout).trim().parse().ok()?;
+    (out.status.success() && got == FILE_LEN).then_some(got)
+}
+
+/// Writes the file the transfers carry at `path`.
+fn write_file(path: &std::path::Path) {
+    let content: Vec<u8> = (0..FILE_LEN).map(|i| (i * 31 % 251) as u8).collect();
+    std::fs::write(path, content).unwrap();
+}
+
+/// A server process, killed when dropped (a failed assertion included: it holds the test's
+/// output open).
+struct Server(std::process::Child);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Drop for Path {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[test]
+fn a_large_upload_and_download_complete_through_path_mtu_discovery() {
+    let path = Path::build();
+    let dir = path.dir.to_str().unwrap().to_owned();
+    let _httpd = Server(
+        path.backend
+            .spawn(["busybox", "httpd", "-f", "-p", "80", "-h", &dir])
+            .unwrap(),
+    );
+    let _counter = Server(
+        path.backend
+            .spawn(["socat", "TCP-LISTEN:81,reuseaddr,fork", "SYSTEM:wc -c"])
+            .unwrap(),
+    );
+    let mut lbctl = Lbctl::new(&path.node).unwrap();
+    lbctl.run(&["attach", "uplink"]).unwrap();
+    lbctl
+        .run(&["service", "add", "web", "8080", &format!("{BACKEND}:80")])
+        .unwrap();
+    lbctl
+        .run(&["service", "add", "upload", "8081", &format!("{BACKEND}:81")])
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+
+    // The black hole first: the routers' errors dropped, full-size segments never arrive.
+    path.drop_router_errors(true);
+    assert_eq!(
+        path.download(Duration::from_secs(4)),
+        None,
+        "the download completed without path MTU discovery: the topology does not test it"
+    );
+    assert_eq!(
+        path.upload(Duration::from_secs(4)),
+        None,
+        "the upload completed"
+    );
+    path.drop_router_errors(false);
+    path.forget_path_mtus();
+
+    // Through the node: each error translated for the end that must hear it.
+    let to_backend = lbctl.reason_packets("icmp_to_backend").unwrap();
+    let download = path.download(Duration::from_secs(30));
+    println!(
+        "download: {download:?} bytes; icmp_to_backend +{}",
+        lbctl.reason_packets("icmp_to_backend").unwrap() - to_backend
+    );
+    assert_eq!(download, Some(FILE_LEN));
+    assert!(lbctl.reason_packets("icmp_to_backend").unwrap() > to_backend);
+
+    let to_client = lbctl.reason_packets("icmp_egress").unwrap()
+        + lbctl.reason_packets("icmp_to_client").unwrap();
+    let upload = path.upload(Duration::from_secs(30));
+    let translated = lbctl.reason_packets("icmp_egress").unwrap()
+        + lbctl.reason_packets("icmp_to_client").unwrap()
+        - to_client;
+    println!("upload: {upload:?} bytes; errors translated for the client +{translated}");
+    assert_eq!(upload, Some(FILE_LEN));
+    assert!(translated > 0);
+
+    lbctl.purge().unwrap();
+}
+
+/// Between nodes: a task whose interface takes full-size segments (MTU 1500, as the client's)
+/// behind n2, a client uploading through n1, whose underlay (MTU 1500) cannot carry such a
+/// segment once encapsulated. n1 answers each with "fragmentation needed" (next-hop MTU 1450),
+/// so the upload completes; with those errors dropped before the client, it hangs.
+#[test]
+fn a_large_upload_through_the_mesh_completes_through_path_mtu_discovery() {
+    use lb_tests::{
+        mesh::{HOST_IF, Mesh, MeshSpec},
+        topology::{NODE_UPLINK, TASK_BRIDGE},
+    };
+    lb_tests::require_root().unwrap();
+    let mesh = Mesh::build(MeshSpec {
+        nodes: 2,
+        tasks_per_node: vec![0, 1],
+        ..MeshSpec::default()
+    })
+    .unwrap();
+    let task = mesh.tasks_on(1).start;
+    // The task's link at the client's MTU: it advertises a full-size MSS.
+    let n2 = mesh.node(1);
+    n2.ip(["link", "set", TASK_BRIDGE, "mtu", "1500"]).unwrap();
+    n2.ip(["link", "set", &format!("vt{task}"), "mtu", "1500"])
+        .unwrap();
+    mesh.task_ns(task)
+        .ip(["link", "set", HOST_IF, "mtu", "1500"])
+        .unwrap();
+    let _counter = Server(
+        mesh.task_ns(task)
+            .spawn(["socat", "TCP-LISTEN:81,reuseaddr,fork", "SYSTEM:wc -c"])
+            .unwrap(),
+    );
+    let backend = format!("{}:81@{}", mesh.task_ip(task), mesh.node_name(1));
+    let mut nodes: Vec<Lbctl> = (0..2)
+        .map(|i| {
+            let lbctl = Lbctl::new(mesh.node(i)).unwrap();
+            lbctl.run(&["attach", NODE_UPLINK]).unwrap();
+            for j in 0..2 {
+                let ip = mesh.node_ip(j).to_string();
+                lbctl
+                    .run(&["node", "add", &mesh.node_name(j), &ip])
+                    .unwrap();
+            }
+            lbctl
+                .run(&["service", "add", "upload", "8081", &backend])
+                .unwrap();
+            lbctl
+        })
+        .collect();
+    let dir = std::env::temp_dir().join(format!("lbt-pmtu-mesh-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("big");
+    write_file(&file);
+    let client = mesh.client();
+    let to = format!("{}:8081", mesh.node_ip(0));
+    let upload = |within: u64| upload(client, &to, &file, Duration::from_secs(within));
+    let nft = |command: &str| {
+        let out = client.exec(["nft", command]).unwrap();
+        assert!(out.status.success(), "{out:?}");
+    };
+    client.disable_tx_offload(HOST_IF).unwrap();
+
+    // The errors dropped before the client's stack: a black hole.
+    nft("add table ip pmtu");
+    nft("add chain ip pmtu in { type filter hook input priority 0; }");
+    nft("add rule ip pmtu in icmp type destination-unreachable drop");
+    assert_eq!(
+        upload(4),
+        None,
+        "the upload completed without path MTU discovery"
+    );
+    nft("delete table ip pmtu");
+    client.ip(["route", "flush", "cache"]).unwrap();
+
+    let sent = nodes[0].reason_packets("frag_needed_sent").unwrap();
+    let got = upload(30);
+    let errors = nodes[0].reason_packets("frag_needed_sent").unwrap() - sent;
+    println!("upload through the mesh: {got:?} bytes; fragmentation needed sent: {errors}");
+    assert_eq!(got, Some(FILE_LEN));
+    assert!(errors > 0);
+    let route = client
+        .ip(["route", "get", &mesh.node_ip(0).to_string()])
+        .unwrap();
+    assert!(route.contains("mtu 1450"), "{route}");
+    let _ = std::fs::remove_dir_all(&dir);
+    for node in &mut nodes {
+        node.purge().unwrap();
+    }
+}
