@@ -1046,9 +1046,11 @@ fn inner_udp_frame(src: Ipv4Addr, dst: Ipv4Addr, dst_port: u16) -> Vec<u8> {
 }
 
 /// The overlay MTU rule: a datagram that fits the overlay MTU crosses nodes; one that fits
-/// the underlay only without encapsulation is dropped and counted, never sent truncated.
+/// the underlay only without encapsulation is never sent truncated: sent with DF (as a UDP
+/// socket does by default), it draws an ICMP "fragmentation needed" that brings the client's
+/// path MTU to the overlay's.
 #[test]
-fn a_packet_too_big_once_encapsulated_is_dropped_and_counted() {
+fn a_packet_too_big_once_encapsulated_is_answered_with_fragmentation_needed() {
     let cluster = Cluster::build(MeshSpec::default());
     let idle = cluster.mesh.node_count() - 1;
     let addr = cluster.addr(idle, DNS_PORT);
@@ -1080,7 +1082,17 @@ fn a_packet_too_big_once_encapsulated_is_dropped_and_counted() {
             "no reply to a datagram that cannot cross"
         );
     });
-    assert_eq!(cluster.reason(idle, "drop_encap_mtu"), 1);
+    assert_eq!(cluster.reason(idle, "frag_needed_sent"), 1);
+    assert_eq!(cluster.reason(idle, "drop_encap_mtu"), 0);
+    let route = cluster
+        .mesh
+        .client()
+        .ip(["route", "get", &addr.ip().to_string()])
+        .unwrap();
+    assert!(
+        route.contains(&format!("mtu {overlay_mtu}")),
+        "the client learned the overlay MTU: {route}"
+    );
 }
 
 /// `setsockopt(SOL_UDP, UDP_SEGMENT)` (linux/udp.h): datagrams larger than this are sent as one
