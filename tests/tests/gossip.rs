@@ -511,7 +511,7 @@ fn a_node_without_the_clusters_key_does_not_join() {
     // n3 hears nobody, and says what to check.
     wait("n3 says it hears from no member", || {
         let log = cluster.daemons[2].as_ref().unwrap().log_text();
-        log.contains("no member heard from") && log.contains("cluster's key")
+        log.contains("no member alive for") && log.contains("cluster's key")
     });
 
     // Refused at start: a key file others may read; no key file and no --insecure.

@@ -291,7 +291,12 @@ impl Gossip {
     /// The id of the key the peer at `addr` seals with (as its last datagram said: the one
     /// opened, or the one a datagram this node cannot open names), and why gossip with it is
     /// broken at `now_ms` (Unix milliseconds), if it is (`cluster ls`).
-    pub fn peer_link(&self, addr: &SocketAddr, now_ms: u64) -> (Option<String>, Option<String>) {
+    pub fn peer_link(
+        &self,
+        addr: &SocketAddr,
+        now_ms: u64,
+        alive: bool,
+    ) -> (Option<String>, Option<String>) {
         let Some(keys) = &self.keys else {
             return (None, None);
         };
@@ -300,7 +305,11 @@ impl Gossip {
             return (None, None);
         };
         let sealing = keys.ring().sealing_id();
-        let cut_off = link.cut_off(now_ms, keys.loaded_ms());
+        let cut_off = if alive {
+            link.cut_off_alive(now_ms, keys.loaded_ms())
+        } else {
+            link.cut_off(now_ms, keys.loaded_ms())
+        };
         let key = match cut_off {
             Some(CutOff::UnknownKey(Some(key))) => Some(key),
             _ => link.key,
@@ -325,6 +334,16 @@ impl Gossip {
                 Some((*addr, CutOff::describe(cut, sealing)))
             })
             .collect()
+    }
+
+    /// Whether anything came from `addr` (opened or not) within `window_ms` of `now_ms`: a
+    /// member the failure detector calls dead that is still sending is not gone, it is not
+    /// heard yet (a key just fixed) or not heard at all (cut off).
+    pub fn heard_within(&self, addr: &SocketAddr, now_ms: u64, window_ms: u64) -> bool {
+        let links = self.links.lock().expect("not poisoned");
+        links
+            .get(addr)
+            .is_some_and(|link| link.heard_within(now_ms, window_ms))
     }
 
     /// Why the key file on disk is refused, if it is (the keys in force are older).

@@ -262,6 +262,11 @@ pub struct PeerLink {
     misses: u32,
     /// When a datagram from the peer's address last failed to open, and the key it named.
     refused: Option<(u64, Option<[u8; 4]>)>,
+    /// Datagrams sent to the peer since the last one opened from it, the first and the last
+    /// of them (this node's clock).
+    unanswered: u32,
+    unanswered_since_ms: u64,
+    last_sent_ms: u64,
 }
 
 /// Why gossip with a peer is broken, though both may still be sending.
@@ -272,6 +277,9 @@ pub enum CutOff {
     CannotOpenOurs,
     /// Its datagrams do not open here: sealed with this key (`None`: not sealed at all).
     UnknownKey(Option<[u8; 4]>),
+    /// It is alive (others hear it) but answers nothing this node sends it: it cannot open
+    /// this node's datagrams, and talks only to members that it can (or sends nothing here).
+    NoAnswer,
 }
 
 impl CutOff {
@@ -289,6 +297,11 @@ impl CutOff {
             CutOff::UnknownKey(None) => {
                 "sends gossip this node cannot open (not sealed: --insecure?)".to_owned()
             }
+            CutOff::NoAnswer => format!(
+                "alive, but answers none of this node's gossip (sealed with key {}): its key file \
+                 lacks it?",
+                key_id_text(sealing)
+            ),
         }
     }
 }
@@ -305,12 +318,18 @@ impl PeerLink {
             (self.unechoed_since_ms, self.misses) = (None, 0);
         }
         self.unechoed_since_ms.get_or_insert(now_ms);
+        if self.unanswered == 0 || self.unanswered_since_ms < keys_loaded_ms {
+            (self.unanswered, self.unanswered_since_ms) = (0, now_ms);
+        }
+        self.unanswered = self.unanswered.saturating_add(1);
+        self.last_sent_ms = now_ms;
     }
 
     /// A datagram from the peer opened at `now_ms`.
     fn opened(&mut self, now_ms: u64, opened: &Opened) {
         self.key = Some(opened.key_id);
         self.opened_at_ms = now_ms;
+        self.unanswered = 0;
         self.newest_opened_ms = self.newest_opened_ms.max(opened.sent_ms);
         match self.unechoed_since_ms {
             Some(since) if opened.echo_ms >= since => {
@@ -342,6 +361,27 @@ impl PeerLink {
         }
         (self.misses >= MISSES_CUT_OFF && current(self.opened_at_ms))
             .then_some(CutOff::CannotOpenOurs)
+    }
+
+    /// [`PeerLink::cut_off`] of a peer the failure detector says is alive: one that answered
+    /// nothing of the last [`MISSES_CUT_OFF`] datagrams or more sent to it over more than two
+    /// [`ECHO_SLACK_MS`] is cut off too. (A dead one answers nothing either: it is just dead.)
+    pub fn cut_off_alive(&self, now_ms: u64, keys_loaded_ms: u64) -> Option<CutOff> {
+        self.cut_off(now_ms, keys_loaded_ms).or_else(|| {
+            (self.unanswered >= MISSES_CUT_OFF
+                && self.last_sent_ms.saturating_sub(self.unanswered_since_ms) >= 2 * ECHO_SLACK_MS
+                && now_ms.saturating_sub(self.last_sent_ms) <= LINK_CURRENT_MS)
+                .then_some(CutOff::NoAnswer)
+        })
+    }
+
+    /// Whether anything came from the peer's address (opened or not) within `window_ms` of
+    /// `now_ms`.
+    pub fn heard_within(&self, now_ms: u64, window_ms: u64) -> bool {
+        let last = self
+            .refused
+            .map_or(self.opened_at_ms, |(at, _)| at.max(self.opened_at_ms));
+        last != 0 && now_ms.saturating_sub(last) <= window_ms
     }
 }
 
@@ -722,6 +762,28 @@ mod tests {
         assert_eq!(link.cut_off(NOW + 30 + LINK_CURRENT_MS + 1, 0), None);
         // Refused under a keyring since replaced: it may open now.
         assert_eq!(link.cut_off(NOW + 40, NOW + 35), None);
+        assert!(link.heard_within(NOW + 40, 1_000));
+        assert!(!link.heard_within(NOW + 5_000, 1_000));
+    }
+
+    /// A peer others hear (alive) that answers nothing this node sends it is cut off; a dead
+    /// one is just dead; one answer clears it.
+    #[test]
+    fn a_live_peer_that_answers_nothing_is_cut_off() {
+        let mut link = PeerLink::default();
+        for i in 0..3 {
+            link.sent(NOW + i * 1_000, 0);
+        }
+        assert_eq!(link.cut_off_alive(NOW + 2_000, 0), Some(CutOff::NoAnswer));
+        assert_eq!(link.cut_off(NOW + 2_000, 0), None, "dead: just dead");
+        assert_eq!(link.cut_off_alive(NOW + 40_000, 0), None, "not current");
+        link.opened(NOW + 2_100, &from_peer(NOW + 2_100, NOW + 2_000));
+        assert_eq!(link.cut_off_alive(NOW + 2_100, 0), None);
+        // Two sends, or three within two seconds: not yet.
+        link.sent(NOW + 3_000, 0);
+        link.sent(NOW + 3_500, 0);
+        link.sent(NOW + 4_000, 0);
+        assert_eq!(link.cut_off_alive(NOW + 4_000, 0), None);
     }
 
     async fn open(transport: &SealedTransport) -> (SealedSocket, SocketAddr) {

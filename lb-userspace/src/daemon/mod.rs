@@ -777,7 +777,7 @@ async fn cluster_loop(
             told_alone = true;
             warn!(
                 seeds = ?config.seeds,
-                "no member heard from for {} s: check the seeds and the cluster name, and that this node has the cluster's key (members drop what they cannot open, and say so in their own log)",
+                "no member alive for {} s: check the seeds and the cluster name, and that this node has the cluster's key (members drop what they cannot open, and say so in their own log)",
                 ALONE_AFTER.as_secs()
             );
         }
@@ -794,7 +794,7 @@ async fn cluster_loop(
             let Ok(addr) = member.gossip_addr.parse() else {
                 continue;
             };
-            (member.key, member.cut_off) = gossip.peer_link(&addr, now_ms);
+            (member.key, member.cut_off) = gossip.peer_link(&addr, now_ms, member.alive);
             if member.cut_off.is_some() {
                 member.agrees = false;
             }
@@ -819,6 +819,24 @@ async fn cluster_loop(
             })
             .collect();
         log_cut_off(&statuses, &cut_off_peers, &mut cut_off);
+        // Not converged while a node of the table is not heard yet: just started (its members
+        // not alive yet), or a member dead to the failure detector that still sends (a key
+        // just fixed: alive within a round or two).
+        let detection_ms =
+            (config.gossip_interval.as_millis() as f64 * config.phi_threshold) as u64;
+        let unheard_yet = (warming_up
+            && step
+                .table
+                .nodes
+                .iter()
+                .any(|n| n.name != config.node && !live.contains(&n.name)))
+            || statuses.iter().any(|m| {
+                !m.alive
+                    && !m.this
+                    && m.gossip_addr
+                        .parse()
+                        .is_ok_and(|addr| gossip.heard_within(&addr, now_ms, detection_ms))
+            });
         let status = cluster::Status {
             cluster: config.cluster.clone(),
             node: config.node.clone(),
@@ -826,7 +844,8 @@ async fn cluster_loop(
             vtep,
             generation: config.generation,
             converged: cluster::Status::converged_of(&statuses, warming_up)
-                && cut_off_peers.is_empty(),
+                && cut_off_peers.is_empty()
+                && !unheard_yet,
             digest: step.digest.clone(),
             table_generation: step.table.generation,
             table_changes,
