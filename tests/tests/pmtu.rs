@@ -215,8 +215,23 @@ fn write_file(path: &std::path::Path) {
 /// output open).
 struct Server(std::process::Child);
 
+/// The byte counter the uploads go to: a socat process per connection, each ending after 10 s
+/// without data (the black-holed uploads leave theirs waiting).
+const COUNTER: [&str; 5] = [
+    "socat",
+    "-T",
+    "10",
+    "TCP-LISTEN:81,reuseaddr,fork",
+    "SYSTEM:wc -c",
+];
+
 impl Drop for Server {
+    /// Kills the server and the processes it forked (one per connection), which would outlive
+    /// the namespace.
     fn drop(&mut self) {
+        let _ = std::process::Command::new("pkill")
+            .args(["-KILL", "-P", &self.0.id().to_string()])
+            .status();
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
@@ -237,11 +252,7 @@ fn a_large_upload_and_download_complete_through_path_mtu_discovery() {
             .spawn(["busybox", "httpd", "-f", "-p", "80", "-h", &dir])
             .unwrap(),
     );
-    let _counter = Server(
-        path.backend
-            .spawn(["socat", "TCP-LISTEN:81,reuseaddr,fork", "SYSTEM:wc -c"])
-            .unwrap(),
-    );
+    let _counter = Server(path.backend.spawn(COUNTER).unwrap());
     let mut lbctl = Lbctl::new(&path.node).unwrap();
     lbctl.run(&["attach", "uplink"]).unwrap();
     lbctl
@@ -316,11 +327,7 @@ fn a_large_upload_through_the_mesh_completes_through_path_mtu_discovery() {
     mesh.task_ns(task)
         .ip(["link", "set", HOST_IF, "mtu", "1500"])
         .unwrap();
-    let _counter = Server(
-        mesh.task_ns(task)
-            .spawn(["socat", "TCP-LISTEN:81,reuseaddr,fork", "SYSTEM:wc -c"])
-            .unwrap(),
-    );
+    let _counter = Server(mesh.task_ns(task).spawn(COUNTER).unwrap());
     let backend = format!("{}:81@{}", mesh.task_ip(task), mesh.node_name(1));
     let mut nodes: Vec<Lbctl> = (0..2)
         .map(|i| {
