@@ -15,7 +15,7 @@ use lb_common::{
 use crate::{
     encap,
     maps::{BACKENDS, FLOWS, REVERSE_FLOWS, SNAT_FLOWS, TUNNEL_REPLIES},
-    parse::{Packet, Quoted, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
+    parse::{self, IcmpError, Packet, Quoted, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
     passive, snat,
     stats::count_event,
 };
@@ -282,20 +282,31 @@ pub fn note_reply(pkt: &Packet, reverse: &ReverseValue) -> Heard {
     Heard::Pass
 }
 
-/// An ICMP destination unreachable about `quoted`, a packet of a flow this node balanced
-/// (client → backend, as it was forwarded), counts as the backend's refusal while the flow
-/// awaits its backend's SYN-ACK: the flow and its reverse entry are forgotten, as for a RST
-/// (`Heard::Refused`), and the ICMP message must be dropped. Returns whether it was so. A
-/// hairpin flow's packets had another source, and are never matched here.
+/// The 5-tuple of the answers to the packet an ICMP error quotes (the quote reversed): the
+/// reply key of a forwarded packet, the flow key of a reply.
 #[inline(always)]
-pub fn note_unreachable(quoted: &Quoted) -> bool {
-    let reverse_key = FlowKey::new(
+pub fn reply_key_of(quoted: &Quoted) -> FlowKey {
+    FlowKey::new(
         quoted.dst_ip_be,
         quoted.src_ip_be,
         quoted.dst_port_be,
         quoted.src_port_be,
-        PROTO_TCP,
-    );
+        quoted.proto,
+    )
+}
+
+/// An ICMP error that refuses a connection (`parse::is_refusal`) about a packet of a flow this
+/// node balanced (client → backend, as it was forwarded) counts as the backend's refusal while
+/// the flow awaits its backend's SYN-ACK: the flow and its reverse entry are forgotten, as for
+/// a RST (`Heard::Refused`), and the ICMP message must be dropped. Returns whether it was so.
+/// A hairpin flow's packets had another source, and are never matched here.
+#[inline(always)]
+pub fn note_unreachable(error: &IcmpError) -> bool {
+    if !parse::is_refusal(error) {
+        return false;
+    }
+    let quoted = &error.quoted;
+    let reverse_key = reply_key_of(quoted);
     let Some(reverse) = reverse_lookup(&reverse_key) else {
         return false;
     };

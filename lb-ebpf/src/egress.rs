@@ -15,7 +15,6 @@ use crate::{
     nat::{self, Side},
     parse, socklb, stats,
 };
-use lb_common::FlowKey;
 
 /// The longest ICMP error the kernel makes (RFC 1812: 576 bytes of IPv4) and its Ethernet
 /// header: pulled whole into the linear part of the skb to be translated.
@@ -101,7 +100,7 @@ fn icmp_error(ctx: &mut TcContext, len: usize) -> Result<i32, i64> {
     let Some(error) = parse::parse_icmp_error(data, data_end, len) else {
         return Ok(TC_ACT_UNSPEC);
     };
-    if parse::is_refusal(&error) && conntrack::note_unreachable(&error.quoted) {
+    if conntrack::note_unreachable(&error) {
         stats::count_reason(Reason::DropBackendUnreachable, len as u64);
         return Ok(TC_ACT_SHOT);
     }
@@ -111,21 +110,15 @@ fn icmp_error(ctx: &mut TcContext, len: usize) -> Result<i32, i64> {
         }
         return Ok(TC_ACT_UNSPEC);
     }
-    let q = &error.quoted;
-    let reply_key = FlowKey::new(
-        q.dst_ip_be,
-        q.src_ip_be,
-        q.dst_port_be,
-        q.src_port_be,
-        q.proto,
-    );
+    // An error goes to the quoted packet's source; anything else is not about that packet.
+    if error.dst_ip_be != error.quoted.src_ip_be {
+        return Ok(TC_ACT_UNSPEC);
+    }
+    let reply_key = conntrack::reply_key_of(&error.quoted);
     // SAFETY: copied out at once.
     let Some(tunnel) = (unsafe { TUNNEL_REPLIES.get(&reply_key) }).copied() else {
         return Ok(TC_ACT_UNSPEC);
     };
-    if error.dst_ip_be != q.src_ip_be {
-        return Ok(TC_ACT_UNSPEC);
-    }
     let (action, reason) = encap::tc_to_node(
         ctx,
         &error.as_packet(),

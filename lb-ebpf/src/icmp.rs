@@ -56,17 +56,11 @@ pub fn about(error: &IcmpError) -> Option<About> {
     if error.dst_ip_be != q.src_ip_be {
         return None;
     }
-    let reverse_key = FlowKey::new(
-        q.dst_ip_be,
-        q.src_ip_be,
-        q.dst_port_be,
-        q.src_port_be,
-        q.proto,
-    );
-    if let Some(reverse) = conntrack::reverse_lookup(&reverse_key) {
+    // The quote reversed: a forwarded packet's reply key, or a reply's flow key.
+    let key = conntrack::reply_key_of(q);
+    if let Some(reverse) = conntrack::reverse_lookup(&key) {
         return (reverse.client_ip_be == 0).then_some(About::Forwarded(reverse));
     }
-    let key = reverse_key;
     // SAFETY: copied out at once.
     let flow = unsafe { FLOWS.get(&key) }.copied()?;
     (flow.flags & FLOW_SNAT == 0).then_some(About::Reply(key, flow))
@@ -269,7 +263,7 @@ pub fn xdp_from_node(
     let drop = |reason| Ok((xdp_action::XDP_DROP, reason));
     // A remote backend's refusal (its host, or a router before it), encapsulated back here by
     // its node: the flow forgotten, as for a local backend's.
-    if parse::is_refusal(error) && conntrack::note_unreachable(&error.quoted) {
+    if conntrack::note_unreachable(error) {
         return drop(Reason::DropBackendUnreachable);
     }
     if let Some(About::Forwarded(reverse)) = about(error) {

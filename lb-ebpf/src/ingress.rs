@@ -95,7 +95,7 @@ fn unreachable(ctx: &XdpContext) -> Result<(u32, Reason), Reason> {
     else {
         return Err(Reason::PassNotTcpUdp);
     };
-    if parse::is_refusal(&error) && conntrack::note_unreachable(&error.quoted) {
+    if conntrack::note_unreachable(&error) {
         return Ok((xdp_action::XDP_DROP, Reason::DropBackendUnreachable));
     }
     icmp::xdp_from_wire(ctx, &error).unwrap_or(Err(Reason::PassNotTcpUdp))
