@@ -470,18 +470,11 @@ impl SealedSocket {
     }
 
     /// Updates what this node knows of its link with `peer` (at most [`MAX_PEERS`] of them:
-    /// past that, a new address is not followed).
-    fn note(&self, peer: SocketAddr, update: impl FnOnce(&mut PeerLink)) {
+    /// past that, a new address is not followed, and `None` is returned).
+    fn note<R>(&self, peer: SocketAddr, update: impl FnOnce(&mut PeerLink) -> R) -> Option<R> {
         let mut links = self.links.lock().expect("not poisoned");
-        if links.len() < MAX_PEERS || links.contains_key(&peer) {
-            update(links.entry(peer).or_default());
-        }
-    }
-
-    /// The time of the newest datagram opened from `peer`, to echo to it.
-    fn echo_for(&self, peer: SocketAddr) -> u64 {
-        let links = self.links.lock().expect("not poisoned");
-        links.get(&peer).map_or(0, |link| link.newest_opened_ms)
+        (links.len() < MAX_PEERS || links.contains_key(&peer))
+            .then(|| update(links.entry(peer).or_default()))
     }
 
     /// Counts a datagram from `from` dropped at `local` at `now_ms`, sealed for `recipient`,
@@ -549,9 +542,14 @@ impl Socket for SealedSocket {
         let len = self.sink.recv(&mut self.buf).await?;
         let ring = self.keys.ring();
         let now = now_ms();
-        let echo = self.echo_for(to);
         let loaded = self.keys.loaded_ms();
-        self.note(to, |link| link.sent(now, loaded));
+        // What to echo to it: the newest of its datagrams opened here (0: none).
+        let echo = self
+            .note(to, |link| {
+                link.sent(now, loaded);
+                link.newest_opened_ms
+            })
+            .unwrap_or(0);
         let mut sent = 0;
         for datagram in self.sealer.seal(&ring, now, to, echo, &self.buf[..len]) {
             sent += self
