@@ -26,6 +26,7 @@ use crate::{
     forward::{self, Egress, NextHop},
     icmp,
     maps::MESH,
+    mss,
     parse::{Packet, ptr_at},
 };
 
@@ -192,15 +193,17 @@ fn route_to_node(
 /// Encapsulates a DNATed client packet to the node that hosts its backend and sends it. The
 /// inner TTL drops by one, as on any router. `Ok` carries the action and its reason; a packet
 /// that cannot be sent is dropped (`Ok((XDP_DROP, reason))`): passing it to the kernel would
-/// deliver a DNATed packet to the wrong place. `client`: the packet as the client sent it, for
-/// a client's packet too big once encapsulated, which is answered with an ICMP "fragmentation
-/// needed" (`icmp::frag_needed`) when it can be.
+/// deliver a DNATed packet to the wrong place. `inner`: the packet as parsed (its offsets hold
+/// after the DNAT), for MSS clamping (`mss`) and, when `from_client` (its source is still the
+/// client's), for a packet too big once encapsulated, which is answered with an ICMP
+/// "fragmentation needed" (`icmp::frag_needed`) when it can be.
 #[inline(always)]
 pub fn xdp_to_node(
     ctx: &XdpContext,
     src_port: u16,
     node_ip_be: u32,
-    client: Option<&Packet>,
+    inner: Option<&Packet>,
+    from_client: bool,
 ) -> Result<(u32, Reason), Reason> {
     let drop = |reason| Ok((xdp_action::XDP_DROP, reason));
     let Some(mesh) = mesh() else {
@@ -215,7 +218,8 @@ pub fn xdp_to_node(
         Ok(egress) => egress,
         Err((Reason::DropEncapMtu, mtu)) => {
             let fits = mtu.saturating_sub(VXLAN_OVERHEAD as u16);
-            if let Some(client) = client
+            if let Some(client) = inner
+                && from_client
                 && fits >= MIN_PATH_MTU
             {
                 let action = icmp::frag_needed(ctx, client, fits);
@@ -232,6 +236,9 @@ pub fn xdp_to_node(
         Egress::Redirect(ref hop) => (hop, Reason::ForwardEncapRedirect),
         Egress::Stack => return drop(Reason::DropEncapNoRoute),
     };
+    if let Some(pkt) = inner {
+        mss::xdp_clamp(ctx.data(), ctx.data_end(), pkt, hop.mtu, outer_len as u16);
+    }
     // The inner packet is routed by this node (the caller made sure its TTL is above 1).
     forward::decrement_ttl(ctx.data(), ctx.data_end()).ok_or(Reason::PassTruncated)?;
     let encap = headers(mesh, node_ip_be, hop, src_port, inner_len);
@@ -300,7 +307,10 @@ pub fn tc_to_node(
         node_ip_be,
     );
     match rc {
-        BPF_FIB_LKUP_RET_SUCCESS | BPF_FIB_LKUP_RET_NO_NEIGH => {}
+        // The MTU is known only once the neighbour is: a SYN-ACK then goes unclamped, and the
+        // client learns the size from this node's "fragmentation needed" instead.
+        BPF_FIB_LKUP_RET_SUCCESS => mss::tc_clamp(ctx, pkt, hop.mtu, checked_len),
+        BPF_FIB_LKUP_RET_NO_NEIGH => {}
         BPF_FIB_LKUP_RET_FRAG_NEEDED => return shot(Reason::DropEncapMtu),
         _ => return shot(Reason::DropEncapNoRoute),
     }

@@ -241,7 +241,7 @@ pub fn later_request(ctx: &XdpContext, frag: &Fragment) -> Result<(u32, Reason),
         return Ok((xdp_action::XDP_PASS, Reason::ForwardTtlExpired));
     }
     if nat.node_ip_be != 0 {
-        return encap::xdp_to_node(ctx, nat.tunnel_port, nat.node_ip_be, None);
+        return encap::xdp_to_node(ctx, nat.tunnel_port, nat.node_ip_be, None, false);
     }
     forward::to_backend(ctx, &later_as_packet(frag, nat.ip_be), nat.ip_be, 0)
 }

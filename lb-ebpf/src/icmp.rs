@@ -230,7 +230,7 @@ fn to_backend(
     }
     translate_for_backend(ctx.data(), ctx.data_end(), error, flow).ok_or(Reason::PassTruncated)?;
     let outcome = if flow.node_ip_be != 0 {
-        encap::xdp_to_node(ctx, encap::source_port(key), flow.node_ip_be, None)
+        encap::xdp_to_node(ctx, encap::source_port(key), flow.node_ip_be, None, false)
     } else {
         let mut pkt = error.as_packet();
         pkt.dst_ip_be = flow.backend_ip_be;

@@ -283,8 +283,13 @@ fn to_backend(
     let outcome = if flow.node_ip_be != 0 {
         // Too big once encapsulated: the client is told the size that fits (not for a hairpin
         // flow's packet, whose source is no longer the client's).
-        let client = if snat.is_none() { Some(pkt) } else { None };
-        encap::xdp_to_node(ctx, encap::source_port(key), flow.node_ip_be, client)
+        encap::xdp_to_node(
+            ctx,
+            encap::source_port(key),
+            flow.node_ip_be,
+            Some(pkt),
+            snat.is_none(),
+        )
     } else {
         forward::to_backend(ctx, pkt, flow.backend_ip_be, snat_ip_be)
     };

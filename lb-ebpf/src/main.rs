@@ -18,6 +18,7 @@ mod frag;
 mod icmp;
 mod ingress;
 mod maps;
+mod mss;
 mod nat;
 mod parse;
 mod passive;

@@ -2472,6 +2472,116 @@ fn a_packet_that_would_exceed_the_underlay_mtu_once_encapsulated_is_answered_or_
     });
 }
 
+/// `frame` (Ethernet, IPv4 without options, TCP without options) with TCP `options` (a
+/// multiple of 4 bytes) after its header: data offset, lengths and both checksums made right.
+fn with_tcp_options(frame: &[u8], options: &[u8]) -> Vec<u8> {
+    assert_eq!(options.len() % 4, 0);
+    let mut out = frame[..14 + 40].to_vec();
+    out.extend_from_slice(options);
+    out.extend_from_slice(&frame[14 + 40..]);
+    let ip_len = (out.len() - 14) as u16;
+    out[14 + 2..14 + 4].copy_from_slice(&ip_len.to_be_bytes());
+    out[14 + 10..14 + 12].copy_from_slice(&[0, 0]);
+    let check = internet_checksum(&[&out[14..34]]);
+    out[14 + 10..14 + 12].copy_from_slice(&check.to_be_bytes());
+    out[34 + 12] = (((20 + options.len()) / 4) << 4) as u8;
+    out[34 + 16..34 + 18].copy_from_slice(&[0, 0]);
+    let tcp_len = ((out.len() - 34) as u16).to_be_bytes();
+    let pseudo = [&out[26..34], &[0, 6], &tcp_len[..]].concat();
+    let check = internet_checksum(&[&pseudo, &out[34..]]);
+    out[34 + 16..34 + 18].copy_from_slice(&check.to_be_bytes());
+    out
+}
+
+/// An MSS option of `mss`, in wire order.
+fn mss_option(mss: u16) -> [u8; 4] {
+    let [high, low] = mss.to_be_bytes();
+    [2, 4, high, low]
+}
+
+/// A connection through the mesh announces at most what fits the tunnel: the client's SYN (in
+/// XDP, on the ingress node) and the backend's SYN-ACK (in TC, on the backend's node) carry an
+/// MSS of the underlay MTU less 90 (VXLAN 50, IPv4 and TCP 40), wherever the option sits among
+/// the others, with the TCP checksum updated; a smaller MSS, and segments without SYN, are left
+/// as they are.
+#[test]
+fn syns_through_the_mesh_announce_at_most_the_segment_that_fits_the_tunnel() {
+    let limit = (UNDERLAY_MTU - VXLAN_OVERHEAD as usize - 40) as u16;
+    const SACK_OK: [u8; 2] = [4, 2];
+    // Kind 8, length 10, then the two 32-bit timestamps.
+    const TIMESTAMPS: [u8; 10] = [8, 10, 0, 0, 0, 1, 0, 0, 0, 0];
+    // Linux's order: MSS first; an odd offset after one NOP (the value straddles two words of
+    // the checksum); and after other options.
+    type Options = fn(u16) -> Vec<u8>;
+    let layouts: [(&str, Options); 3] = [
+        ("first", |mss| {
+            [&mss_option(mss)[..], &SACK_OK, &TIMESTAMPS, &[1, 3, 3, 7]].concat()
+        }),
+        ("after a NOP", |mss| {
+            [&[1u8][..], &mss_option(mss), &[1, 1, 1]].concat()
+        }),
+        ("after timestamps", |mss| {
+            [&[1u8, 1][..], &TIMESTAMPS, &mss_option(mss), &[1, 1, 4, 2]].concat()
+        }),
+    ];
+    with_node(|node| {
+        let ingress = Some(node.ifindex);
+        for (i, (layout, options)) in layouts.iter().enumerate() {
+            let port = 41000 + i as u16;
+            let syn = with_tcp_options(&client_tcp(port, MESH_PORT, "S"), &options(1460));
+            let (action, out) = node.xdp(&syn, ingress);
+            assert_eq!(action, XDP_TX, "{layout}");
+            let inner = to_backend((node.mac, N2_MAC), port, REMOTE_BACKEND, 63, "S");
+            let expected = with_tcp_options(&inner, &options(limit));
+            let source_port = encap_source_port(&out);
+            assert_eq!(
+                out,
+                Tunnel::to_n2(source_port).wrap(&expected),
+                "MSS {layout}"
+            );
+            assert_checksums_valid(&out[50..]);
+        }
+        // Already small enough: untouched (but for the DNAT).
+        let syn = with_tcp_options(&client_tcp(41010, MESH_PORT, "S"), &mss_option(1200));
+        let (_, out) = node.xdp(&syn, ingress);
+        let inner = to_backend((node.mac, N2_MAC), 41010, REMOTE_BACKEND, 63, "S");
+        let expected = with_tcp_options(&inner, &mss_option(1200));
+        assert_eq!(out, Tunnel::to_n2(encap_source_port(&out)).wrap(&expected));
+        // Not a SYN: an MSS option there means nothing and stays.
+        let ack = with_tcp_options(&client_tcp(41010, MESH_PORT, "A"), &mss_option(1460));
+        let (_, out) = node.xdp(&ack, ingress);
+        let inner = to_backend((node.mac, N2_MAC), 41010, REMOTE_BACKEND, 63, "A");
+        let expected = with_tcp_options(&inner, &mss_option(1460));
+        assert_eq!(out, Tunnel::to_n2(encap_source_port(&out)).wrap(&expected));
+
+        // The backend's SYN-ACK, encapsulated back to the ingress node by TC.
+        let frame = Tunnel::from_n2().wrap(&syn_from_n2_for_a_local_backend());
+        assert_eq!(node.xdp(&frame, ingress).0, XDP_TX);
+        let syn_ack = |macs| {
+            tcp(
+                macs,
+                (BACKENDS[0], BACKEND_PORT),
+                (CLIENT_IP, 40000),
+                63,
+                "SA",
+                b"",
+            )
+        };
+        for (layout, options) in &layouts {
+            let reply = with_tcp_options(&syn_ack((node.mac, CLIENT_MAC)), &options(1460));
+            let (action, out) = node.tc_on(&reply, ingress);
+            assert_eq!(action, TC_ACT_UNSPEC, "{layout}");
+            let expected = with_tcp_options(&syn_ack((node.mac, N2_MAC)), &options(limit));
+            assert_eq!(
+                out,
+                Tunnel::to_n2(encap_source_port(&out)).wrap(&expected),
+                "MSS {layout}"
+            );
+            assert_checksums_valid(&out[50..]);
+        }
+    });
+}
+
 #[test]
 fn without_this_node_in_the_node_table_nothing_is_encapsulated_or_decapsulated() {
     with_node(|node| {

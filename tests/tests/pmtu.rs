@@ -152,22 +152,7 @@ impl Path {
     /// Downloads the file from the backend through the node; its length if it came whole
     /// within `within`.
     fn download(&self, within: Duration) -> Option<usize> {
-        let url = format!("http://{NODE}:8080/big");
-        let out = self
-            .client
-            .exec([
-                "curl",
-                "-s",
-                "-o",
-                "/dev/null",
-                "-m",
-                &within.as_secs().to_string(),
-                "-w",
-                "%{size_download}",
-                &url,
-            ])
-            .unwrap();
-        whole_file(&out)
+        download(&self.client, NODE, within)
     }
 
     /// Uploads the file to the backend through the node (which counts what it receives and
@@ -180,6 +165,26 @@ impl Path {
             within,
         )
     }
+}
+
+/// Downloads the file from `from` through `host`:8080 (a service whose backend serves it);
+/// its length if it came whole within `within`.
+fn download(from: &NetNs, host: &str, within: Duration) -> Option<usize> {
+    let url = format!("http://{host}:8080/big");
+    let out = from
+        .exec([
+            "curl",
+            "-s",
+            "-o",
+            "/dev/null",
+            "-m",
+            &within.as_secs().to_string(),
+            "-w",
+            "%{size_download}",
+            &url,
+        ])
+        .unwrap();
+    whole_file(&out)
 }
 
 /// Uploads `file` from `client` to `to` (`IP:PORT`, a service whose backend counts what it
@@ -301,12 +306,16 @@ fn a_large_upload_and_download_complete_through_path_mtu_discovery() {
     lbctl.purge().unwrap();
 }
 
-/// Between nodes: a task whose interface takes full-size segments (MTU 1500, as the client's)
-/// behind n2, a client uploading through n1, whose underlay (MTU 1500) cannot carry such a
-/// segment once encapsulated. n1 answers each with "fragmentation needed" (next-hop MTU 1450),
-/// so the upload completes; with those errors dropped before the client, it hangs.
+/// Between nodes: a task on a plain veth at the client's MTU (1500) behind n2, a client
+/// reaching it through n1, whose underlay (MTU 1500) cannot carry a full-size segment once
+/// encapsulated. The SYN and the SYN-ACK crossing the tunnel announce the segment that fits
+/// (1410), so neither end sends one too big: a 2 MiB download and a 2 MiB upload complete with
+/// every "destination unreachable" to the client dropped, and neither node has a packet too big
+/// to encapsulate. So does a download by n1's own `curl 127.0.0.1:8080` (its socket is
+/// balanced and its SYN encapsulated by TC). Before the clamp, the task's full-size segments
+/// were dropped on n2 (`drop_encap_mtu`: TC cannot answer them) and downloads hung.
 #[test]
-fn a_large_upload_through_the_mesh_completes_through_path_mtu_discovery() {
+fn a_large_download_and_upload_through_the_mesh_complete_at_the_size_the_tunnel_fits() {
     use lb_tests::{
         mesh::{HOST_IF, Mesh, MeshSpec},
         topology::{NODE_UPLINK, TASK_BRIDGE},
@@ -327,8 +336,27 @@ fn a_large_upload_through_the_mesh_completes_through_path_mtu_discovery() {
     mesh.task_ns(task)
         .ip(["link", "set", HOST_IF, "mtu", "1500"])
         .unwrap();
+    let dir = std::env::temp_dir().join(format!("lbt-pmtu-mesh-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("big");
+    write_file(&file);
+    // The task's own server is on port 80: the file is served on 82.
+    let _httpd = Server(
+        mesh.task_ns(task)
+            .spawn([
+                "busybox",
+                "httpd",
+                "-f",
+                "-p",
+                "82",
+                "-h",
+                dir.to_str().unwrap(),
+            ])
+            .unwrap(),
+    );
     let _counter = Server(mesh.task_ns(task).spawn(COUNTER).unwrap());
-    let backend = format!("{}:81@{}", mesh.task_ip(task), mesh.node_name(1));
+    let task_ip = mesh.task_ip(task);
+    let n2_name = mesh.node_name(1);
     let mut nodes: Vec<Lbctl> = (0..2)
         .map(|i| {
             let lbctl = Lbctl::new(mesh.node(i)).unwrap();
@@ -339,47 +367,63 @@ fn a_large_upload_through_the_mesh_completes_through_path_mtu_discovery() {
                     .run(&["node", "add", &mesh.node_name(j), &ip])
                     .unwrap();
             }
-            lbctl
-                .run(&["service", "add", "upload", "8081", &backend])
-                .unwrap();
+            for (name, port, backend_port) in [("web", "8080", 82), ("upload", "8081", 81)] {
+                let backend = format!("{task_ip}:{backend_port}@{n2_name}");
+                lbctl
+                    .run(&["service", "add", name, port, &backend])
+                    .unwrap();
+            }
             lbctl
         })
         .collect();
-    let dir = std::env::temp_dir().join(format!("lbt-pmtu-mesh-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let file = dir.join("big");
-    write_file(&file);
     let client = mesh.client();
-    let to = format!("{}:8081", mesh.node_ip(0));
-    let upload = |within: u64| upload(client, &to, &file, Duration::from_secs(within));
+    client.disable_tx_offload(HOST_IF).unwrap();
     let nft = |command: &str| {
         let out = client.exec(["nft", command]).unwrap();
         assert!(out.status.success(), "{out:?}");
     };
-    client.disable_tx_offload(HOST_IF).unwrap();
-
-    // The errors dropped before the client's stack: a black hole.
+    // No path MTU discovery to lean on: the client hears no "destination unreachable".
     nft("add table ip pmtu");
     nft("add chain ip pmtu in { type filter hook input priority 0; }");
     nft("add rule ip pmtu in icmp type destination-unreachable drop");
-    assert_eq!(
-        upload(4),
-        None,
-        "the upload completed without path MTU discovery"
-    );
-    nft("delete table ip pmtu");
-    client.ip(["route", "flush", "cache"]).unwrap();
+    let too_big = |nodes: &[Lbctl]| -> u64 {
+        nodes
+            .iter()
+            .map(|node| {
+                node.reason_packets("frag_needed_sent").unwrap()
+                    + node.reason_packets("drop_encap_mtu").unwrap()
+            })
+            .sum()
+    };
+    let before = too_big(&nodes);
 
-    let sent = nodes[0].reason_packets("frag_needed_sent").unwrap();
-    let got = upload(30);
-    let errors = nodes[0].reason_packets("frag_needed_sent").unwrap() - sent;
-    println!("upload through the mesh: {got:?} bytes; fragmentation needed sent: {errors}");
+    let n1 = mesh.node_ip(0).to_string();
+    let got = download(client, &n1, Duration::from_secs(30));
+    println!("download through the mesh: {got:?} bytes");
     assert_eq!(got, Some(FILE_LEN));
-    assert!(errors > 0);
-    let route = client
-        .ip(["route", "get", &mesh.node_ip(0).to_string()])
-        .unwrap();
-    assert!(route.contains("mtu 1450"), "{route}");
+    let got = upload(
+        client,
+        &format!("{n1}:8081"),
+        &file,
+        Duration::from_secs(30),
+    );
+    println!("upload through the mesh: {got:?} bytes");
+    assert_eq!(got, Some(FILE_LEN));
+    let got = download(mesh.node(0), "127.0.0.1", Duration::from_secs(30));
+    println!("download by n1's own socket: {got:?} bytes");
+    assert_eq!(got, Some(FILE_LEN));
+    assert_eq!(
+        too_big(&nodes),
+        before,
+        "a packet too big to encapsulate: the MSS was not clamped"
+    );
+    let route = client.ip(["route", "get", &n1]).unwrap();
+    assert!(
+        !route.contains("mtu"),
+        "the client learnt a path MTU: {route}"
+    );
+
+    nft("delete table ip pmtu");
     let _ = std::fs::remove_dir_all(&dir);
     for node in &mut nodes {
         node.purge().unwrap();
