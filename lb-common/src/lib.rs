@@ -795,10 +795,11 @@ reasons! {
     /// An ICMP error about a flow another node balanced, made by or routed through this node
     /// (the backend's): VXLAN-encapsulated back to the flow's ingress node, which translates it.
     IcmpEncap = 47 => "icmp_encap",
-    /// A client's packet that would exceed the underlay MTU once encapsulated, with DF set:
-    /// turned into an ICMP "fragmentation needed" back to the client, next-hop MTU the
-    /// underlay's less the VXLAN overhead (path MTU discovery), rate-limited per client as the
-    /// kernel's errors are (one a second, six at once); past the limit, `drop_encap_mtu`.
+    /// A client's packet (XDP) or a task's UDP reply (TC) that would exceed the underlay MTU
+    /// once encapsulated, with DF set: turned into an ICMP "fragmentation needed" back to its
+    /// sender, next-hop MTU the underlay's less the VXLAN overhead (path MTU discovery),
+    /// rate-limited per sender as the kernel's errors are (one a second, six at once); past
+    /// the limit, `drop_encap_mtu`.
     FragNeededSent = 48 => "frag_needed_sent",
 }
 

@@ -51,7 +51,7 @@ pub fn try_lb_tc_egress(ctx: &mut TcContext) -> Result<i32, i64> {
         return Ok(match unsafe { TUNNEL_REPLIES.get(&key) }.copied() {
             Some(tunnel) => {
                 let (action, reason) =
-                    encap::tc_to_node(ctx, &pkt, tunnel.node_ip_be, encap::source_port(&key));
+                    encap::tc_to_node(ctx, &pkt, tunnel.node_ip_be, encap::source_port(&key), true);
                 stats::count_reason(reason, u64::from(ctx.len()));
                 action
             }
@@ -124,6 +124,7 @@ fn icmp_error(ctx: &mut TcContext, len: usize) -> Result<i32, i64> {
         &error.as_packet(),
         tunnel.node_ip_be,
         encap::source_port(&reply_key),
+        false,
     );
     let reason = if reason == Reason::ReplyEncap {
         Reason::IcmpEncap

@@ -18,7 +18,7 @@ use aya_ebpf::{
     helpers::generated::{bpf_redirect, bpf_redirect_neigh, bpf_xdp_adjust_head},
     programs::{TcContext, XdpContext},
 };
-use lb_common::{FlowKey, MeshConfig, PROTO_UDP, Reason, VXLAN_OVERHEAD};
+use lb_common::{FlowKey, MeshConfig, PROTO_TCP, PROTO_UDP, Reason, VXLAN_OVERHEAD};
 use network_types::{eth::EthHdr, ip::Ipv4Hdr, udp::UdpHdr};
 
 use crate::{
@@ -253,6 +253,16 @@ pub fn xdp_to_node(
     Ok((forward::send(ctx, &egress), reason))
 }
 
+/// The outer IPv4 length of one segment of a TCP GSO packet once encapsulated: outer headers,
+/// the inner frame's headers (TCP's with its options), `gso_size` bytes of payload.
+#[inline(always)]
+fn tcp_segment_len(ctx: &TcContext, pkt: &Packet, gso_size: u32) -> Option<u16> {
+    let data_offset: u8 = ctx.load(pkt.l4_off + 12).ok()?;
+    let segment =
+        OUTER_L3_OVERHEAD + pkt.l4_off + usize::from(data_offset >> 4) * 4 + gso_size as usize;
+    u16::try_from(segment).ok()
+}
+
 /// The skb fields TC reads here that `TcContext` does not expose: the interface, and the GSO
 /// segment size (0: not a GSO packet; `gso_segs` is no guide, tap and VM backends send GSO
 /// packets with it 0).
@@ -266,13 +276,16 @@ fn skb_ifindex_and_gso_size(ctx: &TcContext) -> (u32, u32) {
 /// node). Returns the TC action: `TC_ACT_UNSPEC` to let the encapsulated packet leave through
 /// this interface, `TC_ACT_REDIRECT` towards another one, `TC_ACT_SHOT` when it cannot be sent.
 /// The outer MACs come from the FIB; an unresolved neighbour is left to the kernel
-/// (`bpf_redirect_neigh`), which TC, unlike XDP, can ask for.
+/// (`bpf_redirect_neigh`), which TC, unlike XDP, can ask for. A UDP datagram too big once
+/// encapsulated is answered with "fragmentation needed" when `answer_too_big` (a task's reply:
+/// `icmp::tc_frag_needed`), and is otherwise dropped.
 #[inline(always)]
 pub fn tc_to_node(
     ctx: &mut TcContext,
     pkt: &Packet,
     node_ip_be: u32,
     src_port: u16,
+    answer_too_big: bool,
 ) -> (i32, Reason) {
     let shot = |reason| (TC_ACT_SHOT, reason);
     let Some(mesh) = mesh() else {
@@ -283,10 +296,17 @@ pub fn tc_to_node(
     let (ifindex, gso_size) = skb_ifindex_and_gso_size(ctx);
     // UDP GSO (`UDP_SEGMENT`: QUIC servers) keeps its segment size: adjust_room takes non-TCP
     // GSO only as fixed-size, so each segment grows by the overhead and must fit as it is. TCP
-    // GSO is checked segment by segment when it is split: adjust_room shrinks its segment size
-    // by the overhead.
+    // GSO keeps its segment size too when its segments fit once encapsulated (its connection's
+    // MSS was clamped, `mss`); otherwise adjust_room shrinks it by the overhead.
     let udp_gso = gso_size != 0 && pkt.proto == PROTO_UDP;
-    let checked_len = if udp_gso {
+    let tcp_gso_segment = if gso_size != 0 && pkt.proto == PROTO_TCP {
+        tcp_segment_len(ctx, pkt, gso_size)
+    } else {
+        None
+    };
+    let checked_len = if let Some(segment) = tcp_gso_segment {
+        segment
+    } else if udp_gso {
         // Outer headers, inner Ethernet, inner IPv4 and UDP headers, one segment's payload.
         let segment = OUTER_L3_OVERHEAD + pkt.l4_off + UdpHdr::LEN + gso_size as usize;
         if segment > usize::from(u16::MAX) {
@@ -298,24 +318,49 @@ pub fn tc_to_node(
     } else {
         outer_len as u16
     };
-    let (rc, hop) = forward::fib_lookup_raw(
-        ctx.skb.skb.cast(),
-        ifindex,
-        PROTO_UDP,
-        checked_len,
-        mesh.local_ip_be,
-        node_ip_be,
-    );
+    let lookup = |checked_len| {
+        forward::fib_lookup_raw(
+            ctx.skb.skb.cast(),
+            ifindex,
+            PROTO_UDP,
+            checked_len,
+            mesh.local_ip_be,
+            node_ip_be,
+        )
+    };
+    let (mut rc, mut hop) = lookup(checked_len);
+    let mut fixed_gso = udp_gso;
+    if tcp_gso_segment.is_some() {
+        if rc == BPF_FIB_LKUP_RET_FRAG_NEEDED {
+            (rc, hop) = lookup(0);
+        } else {
+            fixed_gso = true;
+        }
+    }
     match rc {
         // The MTU is known only once the neighbour is: a SYN-ACK then goes unclamped, and the
         // client learns the size from this node's "fragmentation needed" instead.
         BPF_FIB_LKUP_RET_SUCCESS => mss::tc_clamp(ctx, pkt, hop.mtu, checked_len),
         BPF_FIB_LKUP_RET_NO_NEIGH => {}
-        BPF_FIB_LKUP_RET_FRAG_NEEDED => return shot(Reason::DropEncapMtu),
+        BPF_FIB_LKUP_RET_FRAG_NEEDED => {
+            let fits = hop.mtu.saturating_sub(VXLAN_OVERHEAD as u16);
+            if answer_too_big
+                && gso_size == 0
+                && fits >= MIN_PATH_MTU
+                && icmp::tc_frag_needed(ctx, pkt, fits)
+            {
+                return (TC_ACT_REDIRECT, Reason::FragNeededSent);
+            }
+            return shot(Reason::DropEncapMtu);
+        }
         _ => return shot(Reason::DropEncapNoRoute),
     }
     let encap = headers(mesh, node_ip_be, &hop, src_port, inner_len);
-    let fixed_gso = if udp_gso { BPF_F_ADJ_ROOM_FIXED_GSO } else { 0 };
+    let fixed_gso = if fixed_gso {
+        BPF_F_ADJ_ROOM_FIXED_GSO
+    } else {
+        0
+    };
     let flags = u64::from(
         BPF_F_ADJ_ROOM_ENCAP_L3_IPV4
             | BPF_F_ADJ_ROOM_ENCAP_L4_UDP

@@ -41,7 +41,7 @@ impl FragmentNat {
             backend_id,
             node_ip_be: 0,
             tunnel_port: 0,
-            _pad: 0,
+            dropped_as: 0,
         }
     }
 }
@@ -132,8 +132,14 @@ pub fn tc_reply(ctx: &mut TcContext) -> Result<i32, i64> {
             nat::tc_rewrite_l3(ctx, Side::Src, frag.src_ip_be, nat.ip_be)?;
             stats::count_reason(Reason::ReplyEgress, bytes);
         } else if let Some(nat) = recall(&key_of(&frag, TUNNEL)) {
+            if nat.dropped_as != 0 {
+                // Its first fragment was dropped: so is the rest, rather than let out with the
+                // backend's address onto a network that cannot route it back.
+                stats::count_reason_slot(u32::from(nat.dropped_as) - 1, bytes);
+                return Ok(TC_ACT_SHOT);
+            }
             let pkt = later_as_packet(&frag, frag.dst_ip_be);
-            return Ok(to_node(ctx, &pkt, &nat, bytes));
+            return Ok(to_node(ctx, &pkt, &nat, bytes).0);
         }
         return Ok(TC_ACT_UNSPEC);
     };
@@ -148,12 +154,15 @@ pub fn tc_reply(ctx: &mut TcContext) -> Result<i32, i64> {
             backend_id: 0,
             node_ip_be: tunnel.node_ip_be,
             tunnel_port: encap::source_port(&flow),
-            _pad: 0,
+            dropped_as: 0,
         };
-        let action = to_node(ctx, &pkt, &nat, bytes);
-        if action != TC_ACT_SHOT {
-            remember(&key_of(&frag, TUNNEL), &nat);
-        }
+        let (action, reason) = to_node(ctx, &pkt, &nat, bytes);
+        let dropped_as = if action == TC_ACT_SHOT {
+            reason as u16 + 1
+        } else {
+            0
+        };
+        remember(&key_of(&frag, TUNNEL), &FragmentNat { dropped_as, ..nat });
         return Ok(action);
     };
     // A hairpin flow's replies come back to this node, through XDP.
@@ -177,12 +186,13 @@ pub fn tc_reply(ctx: &mut TcContext) -> Result<i32, i64> {
     Ok(TC_ACT_UNSPEC)
 }
 
-/// Encapsulates a reply fragment back to the node `nat` names, counted; returns the TC action.
+/// Encapsulates a reply fragment back to the node `nat` names, counted; returns the TC action
+/// and its reason.
 #[inline(always)]
-fn to_node(ctx: &mut TcContext, pkt: &Packet, nat: &FragmentNat, bytes: u64) -> i32 {
-    let (action, reason) = encap::tc_to_node(ctx, pkt, nat.node_ip_be, nat.tunnel_port);
+fn to_node(ctx: &mut TcContext, pkt: &Packet, nat: &FragmentNat, bytes: u64) -> (i32, Reason) {
+    let (action, reason) = encap::tc_to_node(ctx, pkt, nat.node_ip_be, nat.tunnel_port, false);
     stats::count_reason(reason, bytes);
-    action
+    (action, reason)
 }
 
 /// The first fragment of a UDP datagram as `ingress` handles a whole one (it carries the

@@ -1,6 +1,6 @@
 //! ICMP errors about balanced flows (destination unreachable, time exceeded, parameter
 //! problem), translated so that they reach the socket they are about, and "fragmentation
-//! needed" sent for a client's packet too big to encapsulate. Without them path MTU discovery
+//! needed" sent for a client's packet, or a task's datagram, too big to encapsulate. Without them path MTU discovery
 //! breaks: a client whose packets are too big for the backend's path, or a backend whose
 //! replies are too big for the client's, waits for an answer that never comes.
 //!
@@ -20,9 +20,12 @@
 //! ICMP checksum over all of them (ICMP has no pseudo-header, so the error's own addresses
 //! change only its IPv4 header checksum).
 use aya_ebpf::{
-    bindings::xdp_action,
-    helpers::generated::{bpf_ktime_get_coarse_ns, bpf_xdp_adjust_head, bpf_xdp_adjust_tail},
-    programs::XdpContext,
+    bindings::{BPF_FIB_LKUP_RET_SUCCESS, TC_ACT_REDIRECT, xdp_action},
+    helpers::generated::{
+        bpf_ktime_get_coarse_ns, bpf_redirect, bpf_skb_change_tail, bpf_skb_load_bytes,
+        bpf_xdp_adjust_head, bpf_xdp_adjust_tail,
+    },
+    programs::{TcContext, XdpContext},
 };
 use lb_common::{FLOW_SNAT, FlowKey, FlowValue, IcmpBucket, PROTO_UDP, Reason, ReverseValue};
 use network_types::{eth::EthHdr, ip::Ipv4Hdr};
@@ -32,9 +35,7 @@ use crate::{
     forward::{self, Egress},
     maps::{FLOWS, ICMP_RATE, TX_VIA_TC},
     nat::{self, Side, load16, store16},
-    parse::{
-        self, ICMP_DEST_UNREACH, ICMP_FRAG_NEEDED, IcmpError, L3_OFF, PROTO_ICMP, Packet, ptr_at,
-    },
+    parse::{ICMP_DEST_UNREACH, ICMP_FRAG_NEEDED, IcmpError, L3_OFF, PROTO_ICMP, Packet, ptr_at},
     reply, xmit,
 };
 
@@ -471,4 +472,162 @@ fn checksum(message: &[u8; ICMP_LEN]) -> u16 {
     sum = (sum & 0xffff) + (sum >> 16);
     sum = (sum & 0xffff) + (sum >> 16);
     !(sum as u16)
+}
+
+/// The IPv4 option the TC error carries (RFC 4727's experiment number 30, not copied, class 0:
+/// receivers ignore it), whose two data bytes balance the ICMP checksum; see [`tc_frag_needed`].
+const OPTION_EXPERIMENT: u8 = 0x1e;
+/// The TC error's IPv4 header: 20 bytes and the 4-byte option.
+const TC_ERROR_IP_LEN: usize = Ipv4Hdr::LEN + 4;
+/// The TC error's IPv4 packet: its header, the ICMP header and the quote.
+const TC_ERROR_L3_LEN: usize = TC_ERROR_IP_LEN + ICMP_LEN;
+/// Offset of the UDP checksum field in a UDP header.
+const UDP_CHECK_OFF: usize = 6;
+
+/// Turns a task's UDP datagram that is too big to encapsulate back to its ingress node (`pkt`,
+/// DF set, no IP options, not GSO) into an ICMP "fragmentation needed" to the task, next-hop
+/// MTU `mtu`, from this node's underlay address, and redirects it to the task (TC egress, on
+/// the task's node). The task's kernel then fragments its later datagrams to that size, and
+/// those cross the tunnel. Returns whether it was sent (counted `frag_needed_sent` by the
+/// caller); if not (no DF, options, rate-limited, no neighbour for the task), the caller drops
+/// the datagram.
+///
+/// The skb becomes the error: the datagram's checksum may be left for the kernel to finish
+/// (CHECKSUM_PARTIAL: a sum over everything from the UDP header's offset, stored 6 bytes
+/// further), a state TC can neither read nor clear. So the error is laid out for both cases:
+/// the 4-byte option sits where the UDP header began, putting the ICMP checksum field where
+/// the UDP one was. The field holds the right checksum; the option's data make its own sum the
+/// complement of that checksum, so a sum finished from the option on gives the same value. A
+/// kernel that leaves the checksum unfinished (delivery to a local task) also takes the packet
+/// without checking it.
+///
+/// In a frame of its own: see [`frag_needed`].
+#[inline(never)]
+pub fn tc_frag_needed(ctx: &mut TcContext, pkt: &Packet, mtu: u16) -> bool {
+    tc_frag_needed_inner(ctx, pkt, mtu).is_some()
+}
+
+#[inline(always)]
+fn tc_frag_needed_inner(ctx: &mut TcContext, pkt: &Packet, mtu: u16) -> Option<()> {
+    let frags: u16 = ctx.load(L3_OFF + 6).ok()?;
+    if pkt.proto != PROTO_UDP
+        || u16::from_be(frags) & DONT_FRAGMENT == 0
+        || pkt.l4_off != L3_OFF + Ipv4Hdr::LEN
+    {
+        return None;
+    }
+    let node_ip_be = encap::mesh()?.local_ip_be;
+    // SAFETY: the context points at the program's __sk_buff for the whole run.
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    let (rc, hop) = forward::fib_lookup_raw(
+        ctx.skb.skb.cast(),
+        ifindex,
+        PROTO_ICMP,
+        0,
+        node_ip_be,
+        pkt.src_ip_be,
+    );
+    if rc != BPF_FIB_LKUP_RET_SUCCESS || !rate_allows(pkt.src_ip_be) {
+        return None;
+    }
+    // Built whole here (the checksums need it), the quote loaded straight into it; the frame's
+    // stack is short (it adds to the TC program's 512 bytes), so nothing is copied twice.
+    let mut error = [0u8; TC_ERROR_L3_LEN];
+    let quote = error[TC_ERROR_IP_LEN + 8..].as_mut_ptr();
+    // SAFETY: the helper writes exactly QUOTED_LEN bytes, the length of the slice at `quote`
+    // (a constant length: aya's `load_bytes` clamps it, which the verifier refuses here).
+    if unsafe {
+        bpf_skb_load_bytes(
+            ctx.skb.skb.cast(),
+            L3_OFF as u32,
+            quote.cast(),
+            QUOTED_LEN as u32,
+        )
+    } != 0
+    {
+        return None;
+    }
+    // SAFETY: plain helper call; the skb is shortened to the error's length.
+    if unsafe { bpf_skb_change_tail(ctx.skb.skb.cast(), (L3_OFF + TC_ERROR_L3_LEN) as u32, 0) } != 0
+    {
+        return None;
+    }
+    let mtu = mtu.to_be_bytes();
+    let src = node_ip_be.to_ne_bytes();
+    let dst = pkt.src_ip_be.to_ne_bytes();
+    let tot_len = (TC_ERROR_L3_LEN as u16).to_be_bytes();
+    error[..TC_ERROR_IP_LEN].copy_from_slice(&[
+        0x46,
+        TOS_INTERNET_CONTROL,
+        tot_len[0],
+        tot_len[1],
+        0,
+        0,
+        0,
+        0,
+        64,
+        PROTO_ICMP,
+        0,
+        0,
+        src[0],
+        src[1],
+        src[2],
+        src[3],
+        dst[0],
+        dst[1],
+        dst[2],
+        dst[3],
+        OPTION_EXPERIMENT,
+        4,
+        0,
+        0,
+    ]);
+    let icmp = TC_ERROR_IP_LEN;
+    error[icmp..icmp + 8].copy_from_slice(&[
+        ICMP_DEST_UNREACH,
+        ICMP_FRAG_NEEDED,
+        0,
+        0,
+        0,
+        0,
+        mtu[0],
+        mtu[1],
+    ]);
+    let check = !sum16(&error[icmp..]);
+    error[icmp + 2..icmp + 4].copy_from_slice(&check.to_ne_bytes());
+    // The option's words: its kind and length, then what makes their sum !check.
+    let head = u16::from_ne_bytes([OPTION_EXPERIMENT, 4]);
+    let balance = !fold_add(u32::from(check), u32::from(head));
+    error[Ipv4Hdr::LEN + 2..Ipv4Hdr::LEN + 4].copy_from_slice(&balance.to_ne_bytes());
+    let ip_check = !sum16(&error[..TC_ERROR_IP_LEN]);
+    error[10..12].copy_from_slice(&ip_check.to_ne_bytes());
+    // Where the finished sum would land: the ICMP checksum, as laid out above.
+    const _: () = assert!(TC_ERROR_IP_LEN - Ipv4Hdr::LEN + 2 == UDP_CHECK_OFF);
+    // The Ethernet type stays IPv4.
+    ctx.store(0, &hop.dmac, 0).ok()?;
+    ctx.store(6, &hop.smac, 0).ok()?;
+    ctx.store(L3_OFF, &error, 0).ok()?;
+    // SAFETY: plain helper call.
+    (unsafe { bpf_redirect(hop.ifindex, 0) } as i32 == TC_ACT_REDIRECT).then_some(())
+}
+
+/// The one's-complement sum of `bytes` (an even count) as 16-bit words, folded.
+#[inline(always)]
+fn sum16(bytes: &[u8]) -> u16 {
+    let mut sum = 0u32;
+    let mut i = 0;
+    while i + 1 < bytes.len() {
+        sum += u32::from(u16::from_ne_bytes([bytes[i], bytes[i + 1]]));
+        i += 2;
+    }
+    fold_add(sum, 0)
+}
+
+/// `a + b` in one's-complement arithmetic, folded to 16 bits.
+#[inline(always)]
+fn fold_add(a: u32, b: u32) -> u16 {
+    let mut sum = a + b;
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum as u16
 }

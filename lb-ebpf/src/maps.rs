@@ -242,5 +242,7 @@ pub struct FragmentNat {
     pub node_ip_be: u32,
     /// The outer UDP source port of the datagram's flow, when encapsulated.
     pub tunnel_port: u16,
-    pub _pad: u16,
+    /// 1 + the reason the datagram's first fragment was dropped for (`frag::TUNNEL`): its
+    /// later fragments are dropped as it was, not let out untouched. 0: it was sent.
+    pub dropped_as: u16,
 }

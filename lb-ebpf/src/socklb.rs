@@ -330,7 +330,8 @@ fn send_to_node(
     )?;
     nat::tc_rewrite_l3(ctx, Side::Dst, pkt.dst_ip_be, flow.backend_ip_be)?;
     let bytes = u64::from(ctx.len());
-    let (action, reason) = encap::tc_to_node(ctx, pkt, flow.node_ip_be, encap::source_port(key));
+    let (action, reason) =
+        encap::tc_to_node(ctx, pkt, flow.node_ip_be, encap::source_port(key), false);
     let reason = if reason == Reason::ReplyEncap {
         Reason::SocketEncap
     } else {

@@ -5,7 +5,14 @@ use crate::maps::{BACKEND_STATS, EVENT_STATS, REASON_STATS};
 
 #[inline(always)]
 pub fn count_reason(reason: Reason, bytes: u64) {
-    if let Some(counter) = REASON_STATS.get_ptr_mut(reason as u32) {
+    count_reason_slot(reason as u32, bytes);
+}
+
+/// [`count_reason`] by the reason's number, as recorded in a map (a number that is no reason's
+/// counts nowhere).
+#[inline(always)]
+pub fn count_reason_slot(slot: u32, bytes: u64) {
+    if let Some(counter) = REASON_STATS.get_ptr_mut(slot) {
         // SAFETY: per-CPU slot, only this CPU writes it while the program runs.
         unsafe {
             (*counter).packets += 1;

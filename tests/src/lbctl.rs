@@ -61,10 +61,18 @@ impl Lbctl {
 
     /// Packets this instance counted under `reason` (`lbctl stats --json`).
     pub fn reason_packets(&self, reason: &str) -> Result<u64> {
+        Ok(self.reason(reason)?.0)
+    }
+
+    /// The packets and bytes counted under `reason` (`lbctl stats --json`).
+    pub fn reason(&self, reason: &str) -> Result<(u64, u64)> {
         let stats: serde_json::Value = serde_json::from_str(&self.run(&["stats", "--json"])?)?;
-        stats["reasons"][reason]["packets"]
-            .as_u64()
-            .with_context(|| format!("no reason {reason} in {stats}"))
+        let count = |field: &str| {
+            stats["reasons"][reason][field]
+                .as_u64()
+                .with_context(|| format!("no reason {reason} in {stats}"))
+        };
+        Ok((count("packets")?, count("bytes")?))
     }
 
     /// Runs `lbctl ... ARGS` and returns its stdout; fails with the command

@@ -1973,6 +1973,98 @@ fn a_udp_gso_reply_whose_segments_would_not_fit_once_encapsulated_is_dropped_as_
     });
 }
 
+/// A task's UDP reply (DF set, as Linux sends them) too big to encapsulate back to the node
+/// its flow came from is answered with an ICMP "fragmentation needed" to the task (next-hop
+/// MTU the underlay's less 50, from this node's underlay address, quoting the reply), redirected
+/// to it; the task's kernel then fragments its later replies, whose fragments cross the tunnel.
+/// The error carries a 4-byte IPv4 option whose sum balances the ICMP checksum: should the
+/// kernel finish the checksum the reply left to it (CHECKSUM_PARTIAL, from the offset where the
+/// UDP header was, into the field 6 bytes further), it writes the same checksum again.
+/// Rate-limited as the client's errors; without DF the reply is dropped.
+#[test]
+fn a_tasks_udp_reply_too_big_to_encapsulate_is_answered_with_fragmentation_needed() {
+    with_node(|node| {
+        let query = udp(
+            (N2_MAC, INGRESS_MAC),
+            (CLIENT_IP, 40500),
+            (BACKENDS[0], DNS_BACKEND_PORT),
+            63,
+            b"q",
+        );
+        let (action, _) = node.xdp(&Tunnel::from_n2().wrap(&query), Some(node.ifindex));
+        assert_ne!(action, XDP_DROP, "delivered to the local backend");
+        let overlay_mtu = UNDERLAY_MTU - VXLAN_OVERHEAD as usize;
+        let reply = udp(
+            (node.mac, CLIENT_MAC),
+            (BACKENDS[0], DNS_BACKEND_PORT),
+            (CLIENT_IP, 40500),
+            64,
+            &vec![b'r'; overlay_mtu - 28 + 1],
+        );
+        let (action, out) = node.tc_on(&reply, Some(node.ifindex));
+        assert_eq!(action, TC_ACT_REDIRECT, "sent back to the task");
+        assert_eq!(out.len(), 14 + 24 + 8 + 28);
+        let mtu = (overlay_mtu as u16).to_be_bytes();
+        let mut expected = [&backend_mac(0)[..], &node.mac, &[0x08, 0x00]].concat();
+        expected.extend_from_slice(&[0x46, 0xc0, 0, 60, 0, 0, 0, 0, 64, 1, 0, 0]);
+        expected.extend_from_slice(&NODE_IP);
+        expected.extend_from_slice(&BACKENDS[0]);
+        // The option: experiment 30 (ignored by receivers), length 4, two balancing bytes.
+        expected.extend_from_slice(&[0x1e, 4, out[36], out[37]]);
+        let mut icmp = vec![3, 4, 0, 0, 0, 0, mtu[0], mtu[1]];
+        icmp.extend_from_slice(&reply[14..14 + 28]);
+        let check = internet_checksum(&[&icmp]);
+        icmp[2..4].copy_from_slice(&check.to_be_bytes());
+        expected.extend_from_slice(&icmp);
+        let ip_check = internet_checksum(&[&expected[14..38]]);
+        expected[14 + 10..14 + 12].copy_from_slice(&ip_check.to_be_bytes());
+        assert_eq!(out, expected);
+        // The kernel finishing a checksum from offset 34 into offset 40 (summing all that
+        // follows, the field's value as its seed) writes what is there.
+        assert_eq!(
+            internet_checksum(&[&out[34..]]).to_be_bytes(),
+            [out[40], out[41]],
+            "a checksum finished from the option on differs"
+        );
+        assert_eq!(node.reason(Reason::FragNeededSent), 1);
+        for _ in 0..5 {
+            assert_eq!(node.tc_on(&reply, Some(node.ifindex)).0, TC_ACT_REDIRECT);
+        }
+        assert_eq!(
+            node.tc_on(&reply, Some(node.ifindex)).0,
+            TC_ACT_SHOT,
+            "rate-limited"
+        );
+        assert_eq!(node.reason(Reason::FragNeededSent), 6);
+        assert_eq!(node.reason(Reason::DropEncapMtu), 1);
+        // Without DF (the task lets routers fragment it): dropped.
+        let mut no_df = reply.clone();
+        no_df[14 + 6] = 0;
+        no_df[14 + 10..14 + 12].copy_from_slice(&[0, 0]);
+        let check = internet_checksum(&[&no_df[14..34]]);
+        no_df[14 + 10..14 + 12].copy_from_slice(&check.to_be_bytes());
+        assert_eq!(node.tc_on(&no_df, Some(node.ifindex)).0, TC_ACT_SHOT);
+        assert_eq!(node.reason(Reason::DropEncapMtu), 2);
+        assert_eq!(node.reason(Reason::ReplyEncap), 0);
+
+        // A reply the task fragmented at its own MTU (1500; fragments carry no DF): its first
+        // fragment cannot be encapsulated and is dropped, and so is the rest, rather than let
+        // out with the task's address onto the underlay.
+        let big = udp(
+            (node.mac, CLIENT_MAC),
+            (BACKENDS[0], DNS_BACKEND_PORT),
+            (CLIENT_IP, 40500),
+            64,
+            &vec![b'f'; 2000],
+        );
+        let [first, rest] = fragments(&big, 0x6161, 1480);
+        assert_eq!(node.tc_on(&first, Some(node.ifindex)).0, TC_ACT_SHOT);
+        assert_eq!(node.tc_on(&rest, Some(node.ifindex)).0, TC_ACT_SHOT);
+        assert_eq!(node.reason(Reason::DropEncapMtu), 4);
+        assert_eq!(node.reason(Reason::FragNeededSent), 6, "no DF: no error");
+    });
+}
+
 /// A client that reuses a source port can reach one backend of this node through this node and
 /// through another node in turn; the backend sees the same 5-tuple both times. Its replies must
 /// follow the newest of those flows: reverse-NATed here after a flow this node balanced,

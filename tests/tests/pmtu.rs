@@ -167,6 +167,65 @@ impl Path {
     }
 }
 
+/// A UDP answer larger than the overlay MTU (1450), within the task's link MTU (1500).
+const UDP_ANSWER_LEN: usize = 1472;
+
+/// Answers every datagram to `port` in `ns` with `len` bytes, from a thread, until dropped.
+struct UdpAnswers {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+fn udp_answers(ns: &NetNs, port: u16, len: usize) -> UdpAnswers {
+    let socket = ns
+        .in_netns(|| std::net::UdpSocket::bind(("0.0.0.0", port)))
+        .unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stopped = stop.clone();
+    let thread = std::thread::spawn(move || {
+        let mut buf = [0u8; 2048];
+        while !stopped.load(std::sync::atomic::Ordering::Relaxed) {
+            if let Ok((_, from)) = socket.recv_from(&mut buf) {
+                let _ = socket.send_to(&vec![b'a'; len], from);
+            }
+        }
+    });
+    UdpAnswers {
+        stop,
+        thread: Some(thread),
+    }
+}
+
+impl Drop for UdpAnswers {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Asks `service` up to `attempts` times, a second apart, from one socket; the attempt that
+/// was answered, the answer's length and source.
+fn ask_until_answered(
+    service: std::net::SocketAddr,
+    attempts: usize,
+) -> anyhow::Result<Option<(usize, usize, std::net::SocketAddr)>> {
+    let socket = std::net::UdpSocket::bind("0.0.0.0:0")?;
+    socket.set_read_timeout(Some(Duration::from_secs(1)))?;
+    let mut buf = [0u8; 4096];
+    for attempt in 1..=attempts {
+        socket.send_to(b"big?", service)?;
+        if let Ok((len, from)) = socket.recv_from(&mut buf) {
+            return Ok(Some((attempt, len, from)));
+        }
+    }
+    Ok(None)
+}
+
 /// Downloads the file from `from` through `host`:8080 (a service whose backend serves it);
 /// its length if it came whole within `within`.
 fn download(from: &NetNs, host: &str, within: Duration) -> Option<usize> {
@@ -313,9 +372,11 @@ fn a_large_upload_and_download_complete_through_path_mtu_discovery() {
 /// every "destination unreachable" to the client dropped, and neither node has a packet too big
 /// to encapsulate. So does a download by n1's own `curl 127.0.0.1:8080` (its socket is
 /// balanced and its SYN encapsulated by TC). Before the clamp, the task's full-size segments
-/// were dropped on n2 (`drop_encap_mtu`: TC cannot answer them) and downloads hung.
+/// were dropped on n2 (`drop_encap_mtu`) and downloads hung. UDP has no MSS: the task's first
+/// answer too big once encapsulated is answered by n2's "fragmentation needed", after which its
+/// kernel fragments its answers and they come through (before, each was dropped).
 #[test]
-fn a_large_download_and_upload_through_the_mesh_complete_at_the_size_the_tunnel_fits() {
+fn large_transfers_through_the_mesh_complete_at_the_size_the_tunnel_fits() {
     use lb_tests::{
         mesh::{HOST_IF, Mesh, MeshSpec},
         topology::{NODE_UPLINK, TASK_BRIDGE},
@@ -367,10 +428,14 @@ fn a_large_download_and_upload_through_the_mesh_complete_at_the_size_the_tunnel_
                     .run(&["node", "add", &mesh.node_name(j), &ip])
                     .unwrap();
             }
-            for (name, port, backend_port) in [("web", "8080", 82), ("upload", "8081", 81)] {
+            for (name, port, backend_port, proto) in [
+                ("web", "8080", 82, "tcp"),
+                ("upload", "8081", 81, "tcp"),
+                ("big-answers", "7000", 7000, "udp"),
+            ] {
                 let backend = format!("{task_ip}:{backend_port}@{n2_name}");
                 lbctl
-                    .run(&["service", "add", name, port, &backend])
+                    .run(&["service", "add", name, port, "--proto", proto, &backend])
                     .unwrap();
             }
             lbctl
@@ -398,9 +463,35 @@ fn a_large_download_and_upload_through_the_mesh_complete_at_the_size_the_tunnel_
     let before = too_big(&nodes);
 
     let n1 = mesh.node_ip(0).to_string();
+    let shown = nodes[0].run(&["mesh", "show"]).unwrap();
+    let path = format!(
+        "to {} ({}): path MTU 1500, overlay MTU 1450, TCP MSS at most 1410",
+        n2_name,
+        mesh.node_ip(1)
+    );
+    assert!(shown.contains(&path), "{shown}");
+    // Segments of the largest size the tunnel carries (IPv4 length 1450) that reach the
+    // client: the task's GSO segments keep their clamped size when encapsulated, rather than
+    // lose another 50 bytes.
+    nft("add rule ip pmtu in tcp sport 8080 ip length 1450 counter");
     let got = download(client, &n1, Duration::from_secs(30));
     println!("download through the mesh: {got:?} bytes");
     assert_eq!(got, Some(FILE_LEN));
+    let rules = client
+        .exec(["nft", "list", "chain", "ip", "pmtu", "in"])
+        .unwrap();
+    let rules = String::from_utf8_lossy(&rules.stdout).into_owned();
+    let full_size: u64 = rules
+        .split("counter packets ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|count| count.parse().ok())
+        .unwrap_or_else(|| panic!("no counter in {rules}"));
+    println!("segments of 1450 bytes: {full_size}");
+    assert!(
+        full_size > (FILE_LEN / 1398 / 2) as u64,
+        "segments smaller than the tunnel carries: {rules}"
+    );
     let got = upload(
         client,
         &format!("{n1}:8081"),
@@ -422,6 +513,25 @@ fn a_large_download_and_upload_through_the_mesh_complete_at_the_size_the_tunnel_
         !route.contains("mtu"),
         "the client learnt a path MTU: {route}"
     );
+
+    // UDP has no MSS: the task's first answer too big to encapsulate draws n2's "fragmentation
+    // needed", and its kernel fragments the next ones to the overlay MTU.
+    let answers = udp_answers(mesh.task_ns(task), 7000, UDP_ANSWER_LEN);
+    let sent = nodes[1].reason_packets("frag_needed_sent").unwrap();
+    let service: std::net::SocketAddr = format!("{n1}:7000").parse().unwrap();
+    let got = client.in_netns(|| ask_until_answered(service, 5)).unwrap();
+    let errors = nodes[1].reason_packets("frag_needed_sent").unwrap() - sent;
+    println!(
+        "UDP answer of {UDP_ANSWER_LEN} bytes: {got:?}; fragmentation needed sent by n2: {errors}"
+    );
+    let (attempts, len, from) = got.expect("a large UDP answer came through the mesh");
+    assert_eq!((len, from), (UDP_ANSWER_LEN, service));
+    assert!(
+        attempts >= 2,
+        "the first answer fitted: the topology does not test this"
+    );
+    assert!(errors >= 1);
+    drop(answers);
 
     nft("delete table ip pmtu");
     let _ = std::fs::remove_dir_all(&dir);

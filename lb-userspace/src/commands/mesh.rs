@@ -102,6 +102,17 @@ pub fn mesh_show(instance: &Instance, as_json: bool) -> Result<String> {
         .iter()
         .map(|a| (a.iface.as_str(), underlay::mtu(&a.iface).ok()))
         .collect();
+    // Each other node's path, as the data plane's FIB lookups see it: its MTU bounds what is
+    // encapsulated to that node and the MSS of connections through it.
+    let paths: Vec<(&Node, Option<u32>)> = state
+        .table
+        .nodes
+        .iter()
+        .filter(|node| this.is_none_or(|me| me.name != node.name))
+        .map(|node| (node, underlay::path_mtu(node.ip).ok().flatten()))
+        .collect();
+    let overlay = |mtu: u32| mtu.saturating_sub(VXLAN_OVERHEAD);
+    let mss = |mtu: u32| mtu.saturating_sub(VXLAN_OVERHEAD + 40);
     if as_json {
         let doc = json!({
             "instance": instance.name,
@@ -115,7 +126,17 @@ pub fn mesh_show(instance: &Instance, as_json: bool) -> Result<String> {
                 .map(|(iface, mtu)| json!({
                     "iface": iface,
                     "mtu": mtu,
-                    "overlay_mtu": mtu.map(|m| m.saturating_sub(VXLAN_OVERHEAD)),
+                    "overlay_mtu": mtu.map(overlay),
+                }))
+                .collect::<Vec<_>>(),
+            "paths": paths
+                .iter()
+                .map(|(node, mtu)| json!({
+                    "node": node.name,
+                    "underlay_ip": node.ip.to_string(),
+                    "mtu": mtu,
+                    "overlay_mtu": mtu.map(overlay),
+                    "tcp_mss": mtu.map(mss),
                 }))
                 .collect::<Vec<_>>(),
         });
@@ -136,19 +157,34 @@ pub fn mesh_show(instance: &Instance, as_json: bool) -> Result<String> {
         )),
     }
     out.push_str(&format!(
-        "overlay MTU = underlay MTU - {VXLAN_OVERHEAD} (VXLAN headers): give the tasks' interfaces \
-         at most this MTU, so that their TCP MSS keeps clients' packets small enough; a client's \
-         larger packet to another node is answered with ICMP fragmentation needed \
-         (frag_needed_sent; dropped without DF or past the rate limit: drop_encap_mtu), a \
-         task's larger reply is dropped (drop_encap_mtu)\n"
+        "overlay MTU = path MTU to the other node - {VXLAN_OVERHEAD} (VXLAN headers); the MSS of \
+         TCP connections through it is clamped to the path MTU - {}; a larger packet with DF is \
+         answered with ICMP fragmentation needed (frag_needed_sent), one without DF is dropped \
+         (drop_encap_mtu)\n",
+        VXLAN_OVERHEAD + 40
     ));
     for (iface, mtu) in &interfaces {
         match mtu {
             Some(mtu) => out.push_str(&format!(
                 "  {iface}: MTU {mtu}, overlay MTU {}\n",
-                mtu.saturating_sub(VXLAN_OVERHEAD)
+                overlay(*mtu)
             )),
             None => out.push_str(&format!("  {iface}: MTU unknown (interface missing)\n")),
+        }
+    }
+    for (node, mtu) in &paths {
+        match mtu {
+            Some(mtu) => out.push_str(&format!(
+                "  to {} ({}): path MTU {mtu}, overlay MTU {}, TCP MSS at most {}\n",
+                node.name,
+                node.ip,
+                overlay(*mtu),
+                mss(*mtu)
+            )),
+            None => out.push_str(&format!(
+                "  to {} ({}): no route (its packets are dropped: drop_encap_no_route)\n",
+                node.name, node.ip
+            )),
         }
     }
     Ok(out.trim_end().to_owned())

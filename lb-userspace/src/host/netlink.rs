@@ -18,8 +18,8 @@ use netlink_packet_route::{
         NeighbourAddress, NeighbourAttribute, NeighbourExtFlags, NeighbourMessage, NeighbourState,
     },
     route::{
-        RouteAddress, RouteAttribute, RouteFlags, RouteHeader, RouteMessage, RouteProtocol,
-        RouteScope, RouteType,
+        RouteAddress, RouteAttribute, RouteFlags, RouteHeader, RouteMessage, RouteMetric,
+        RouteProtocol, RouteScope, RouteType,
     },
 };
 use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_ROUTE};
@@ -84,6 +84,9 @@ pub struct Route {
     /// The interface it leaves by.
     pub oif: Option<u32>,
     pub gateway: Option<Ipv4Addr>,
+    /// The route's own MTU (`mtu [lock] N`, or one path MTU discovery learnt), if it has one:
+    /// otherwise its interface's applies.
+    pub mtu: Option<u32>,
 }
 
 impl Route {
@@ -92,12 +95,19 @@ impl Route {
             kind: message.header.kind,
             oif: None,
             gateway: None,
+            mtu: None,
         };
         for attribute in &message.attributes {
             match attribute {
                 RouteAttribute::Oif(index) => route.oif = Some(*index),
                 RouteAttribute::Gateway(RouteAddress::Inet(gateway)) => {
                     route.gateway = Some(*gateway)
+                }
+                RouteAttribute::Metrics(metrics) => {
+                    route.mtu = metrics.iter().find_map(|metric| match metric {
+                        RouteMetric::Mtu(mtu) => Some(*mtu),
+                        _ => None,
+                    })
                 }
                 _ => {}
             }

@@ -176,6 +176,29 @@ pub fn mtu(iface: &str) -> Result<u32, String> {
     link.mtu.ok_or_else(|| format!("{iface} has no MTU"))
 }
 
+/// The MTU of the path to `dst` as the data plane's FIB lookups see it: the route's own (`mtu
+/// lock 1400`, or one path MTU discovery learnt), else its interface's. `None` without a
+/// route.
+pub fn path_mtu(dst: Ipv4Addr) -> Result<Option<u32>, String> {
+    let mut rtnl = Rtnl::open()?;
+    let Ok(route) = rtnl.route_get(dst) else {
+        return Ok(None);
+    };
+    let link_mtus: BTreeMap<u32, u32> = rtnl
+        .links()?
+        .into_iter()
+        .filter_map(|link| Some((link.index, link.mtu?)))
+        .collect();
+    Ok(path_mtu_of(&route, &link_mtus))
+}
+
+fn path_mtu_of(route: &Route, link_mtus: &BTreeMap<u32, u32>) -> Option<u32> {
+    if route.kind != RouteType::Unicast {
+        return None;
+    }
+    route.mtu.or_else(|| link_mtus.get(&route.oif?).copied())
+}
+
 /// A neighbour entry: the next hop towards a node (the node itself when on-link, else the
 /// route's gateway) on the interface the route leaves by.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
@@ -497,6 +520,35 @@ mod tests {
     }
 
     #[test]
+    fn a_paths_mtu_is_its_routes_else_its_interfaces() {
+        let link_mtus = BTreeMap::from([(4, 1500), (5, 9000)]);
+        let route = |kind, oif, mtu| Route {
+            kind,
+            oif,
+            gateway: None,
+            mtu,
+        };
+        assert_eq!(
+            path_mtu_of(&route(RouteType::Unicast, Some(4), None), &link_mtus),
+            Some(1500)
+        );
+        assert_eq!(
+            path_mtu_of(&route(RouteType::Unicast, Some(5), Some(1400)), &link_mtus),
+            Some(1400),
+            "mtu lock 1400 on a 9000 link"
+        );
+        assert_eq!(
+            path_mtu_of(&route(RouteType::Unreachable, None, None), &link_mtus),
+            None
+        );
+        assert_eq!(
+            path_mtu_of(&route(RouteType::Unicast, Some(9), None), &link_mtus),
+            None,
+            "an interface gone since"
+        );
+    }
+
+    #[test]
     fn the_next_hop_is_the_gateway_or_the_node_itself() {
         let dst: Ipv4Addr = "172.30.5.5".parse().unwrap();
         let names = BTreeMap::from([(1, "lo".to_owned()), (4, "v0".to_owned())]);
@@ -505,6 +557,7 @@ mod tests {
                 kind,
                 oif,
                 gateway: gateway.map(|g| g.parse().unwrap()),
+                mtu: None,
             };
             next_hop(&route, dst, &names)
         };

@@ -36,6 +36,8 @@ pub const XDP_REDIRECT: u32 = 4;
 pub const TC_ACT_UNSPEC: i32 = -1;
 /// TC_ACT_SHOT: the program drops the packet.
 pub const TC_ACT_SHOT: i32 = 2;
+/// `TC_ACT_REDIRECT`: the program redirected the packet (`bpf_redirect`).
+pub const TC_ACT_REDIRECT: i32 = 7;
 
 pub const NODE_IP: [u8; 4] = [192, 168, 100, 1];
 pub const CLIENT_IP: [u8; 4] = [192, 168, 100, 2];
