@@ -240,7 +240,7 @@ enum ServiceCommand {
         proto: Proto,
         /// Publish on this address only, instead of every local address of the node.
         #[arg(long, value_parser = table::parse_vip)]
-        vip: Option<std::net::Ipv4Addr>,
+        vip: Option<std::net::IpAddr>,
         /// How new flows choose a backend: `rr` (round-robin; a connection whose flow-table
         /// entry was evicted is reset) or `maglev` (consistent hash of the 5-tuple; it reaches
         /// the same backend).

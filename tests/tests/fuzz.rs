@@ -1264,7 +1264,12 @@ fn mutated_frames_of_every_kind_keep_the_data_planes_invariants() {
             .table
             .services
             .iter()
-            .flat_map(|s| s.backends.iter().map(|b| (*b.addr.ip(), b.addr.port())))
+            .flat_map(|s| {
+                s.backends.iter().filter_map(|b| match b.addr {
+                    std::net::SocketAddr::V4(addr) => Some((*addr.ip(), addr.port())),
+                    std::net::SocketAddr::V6(_) => None,
+                })
+            })
             .collect();
         let frontends = node
             .table

@@ -196,7 +196,10 @@ fn backends(node: &Node) -> Vec<std::net::SocketAddrV4> {
         .services
         .iter()
         .flat_map(|service| &service.backends)
-        .map(|backend| backend.addr)
+        .filter_map(|backend| match backend.addr {
+            std::net::SocketAddr::V4(addr) => Some(addr),
+            std::net::SocketAddr::V6(_) => None,
+        })
         .collect()
 }
 

@@ -704,7 +704,7 @@ mod tests {
                 Proto::Tcp,
                 9090,
                 None,
-                &["10.0.7.99:80".parse::<std::net::SocketAddrV4>().unwrap()],
+                &["10.0.7.99:80".parse::<std::net::SocketAddr>().unwrap()],
             )
             .unwrap();
         let before = sims[changer].table.clone();

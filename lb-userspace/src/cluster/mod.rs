@@ -23,7 +23,7 @@ pub mod transport;
 use std::{
     collections::{BTreeMap, BTreeSet},
     fmt::Write as _,
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{IpAddr, Ipv4Addr, SocketAddr},
 };
 
 use lb_common::MAX_BACKENDS_PER_SERVICE;
@@ -49,7 +49,7 @@ pub struct Version {
 pub struct ServiceDef {
     pub proto: Proto,
     pub port: u16,
-    pub vip: Option<Ipv4Addr>,
+    pub vip: Option<IpAddr>,
     pub health_check: HealthCheck,
     /// Left out when round-robin, so records of services that do not use it read the same as
     /// before there was a choice.
@@ -72,7 +72,7 @@ pub struct ServiceRecord {
 /// A task of the publishing node.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BackendRecord {
-    pub addr: SocketAddrV4,
+    pub addr: SocketAddr,
     #[serde(default)]
     pub drained: bool,
     #[serde(default)]
@@ -427,7 +427,7 @@ fn sync_nodes(
 /// scheduler, drain, weight: a change bumps the table's generation; health does not).
 fn add_or_update(table: &mut Table, want: &MergedService) -> Result<(), String> {
     let exists = table.service(&want.name).is_some();
-    let present: Vec<SocketAddrV4> = table
+    let present: Vec<SocketAddr> = table
         .service(&want.name)
         .map(|s| s.backends.iter().map(|b| b.addr).collect())
         .unwrap_or_default();
@@ -502,7 +502,7 @@ pub fn record_edit(
     now_ms: u64,
 ) -> Result<Table, String> {
     let node = local.node.clone();
-    let others = |table: &Table, service: &str| -> BTreeSet<(SocketAddrV4, String, bool)> {
+    let others = |table: &Table, service: &str| -> BTreeSet<(SocketAddr, String, bool)> {
         table
             .service(service)
             .into_iter()
@@ -605,7 +605,7 @@ pub fn own_declaration(
         let Some(service) = current.get(spec.name.as_str()) else {
             continue;
         };
-        let declared: BTreeSet<SocketAddrV4> = spec.backends.iter().map(|b| b.addr).collect();
+        let declared: BTreeSet<SocketAddr> = spec.backends.iter().map(|b| b.addr).collect();
         let others = service.backends.iter().filter(|b| {
             b.node.as_ref().is_some_and(|n| *n != local.node) && !declared.contains(&b.addr)
         });
@@ -868,7 +868,7 @@ mod tests {
     use super::*;
     use crate::table::parse_backend;
 
-    fn addr(s: &str) -> SocketAddrV4 {
+    fn addr(s: &str) -> SocketAddr {
         parse_backend(s).unwrap()
     }
 

@@ -8,7 +8,7 @@ pub fn service_add(
     port: u16,
     backends: &[BackendSpec],
     proto: Proto,
-    vip: Option<std::net::Ipv4Addr>,
+    vip: Option<std::net::IpAddr>,
     scheduler: Scheduler,
 ) -> Result<String> {
     let (state, _) = change_table(instance, |table| {

@@ -18,13 +18,13 @@ struct ServiceListing<'a> {
     port: u16,
     proto: Proto,
     scheduler: Scheduler,
-    vip: Option<std::net::Ipv4Addr>,
+    vip: Option<std::net::IpAddr>,
 }
 
 /// A backend of a [`ServiceListing`]; counters are `null` when the maps are not there.
 #[derive(Serialize)]
 struct BackendListing<'a> {
-    address: std::net::SocketAddrV4,
+    address: std::net::SocketAddr,
     bytes: Option<u64>,
     drained: bool,
     /// Ejected by the data plane now (passive health checking).

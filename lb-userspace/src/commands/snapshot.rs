@@ -1,7 +1,7 @@
 //! What the instance looks like at one moment, read once from the state and the pinned maps:
 //! the one type that `service ls` and `stats` (text and JSON, in `show`) and the daemon's
 //! metrics page (`daemon::metrics`) each render at their edge.
-use std::net::SocketAddrV4;
+use std::net::SocketAddr;
 
 use anyhow::Result;
 use lb_common::{BackendStats, Event, PassiveHealth, Reason};
@@ -51,7 +51,7 @@ pub struct ServiceSnapshot {
     pub id: u32,
     pub proto: Proto,
     pub port: u16,
-    pub vip: Option<std::net::Ipv4Addr>,
+    pub vip: Option<std::net::IpAddr>,
     /// How clients reach it, as `Service::frontend` prints it: `tcp/8080`, `udp/10.1.1.1:53`.
     pub frontend: String,
     pub scheduler: Scheduler,
@@ -69,7 +69,7 @@ pub struct ServiceSnapshot {
 /// One backend of a service, with its counters summed over CPUs when the maps were read.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BackendSnapshot {
-    pub addr: SocketAddrV4,
+    pub addr: SocketAddr,
     pub id: u32,
     /// The mesh node hosting the backend; `None` for a backend on this node or reached by plain
     /// routing.

@@ -1,7 +1,7 @@
 //! Health checks: the probe (a TCP connect, for a UDP service a datagram that must not be
 //! refused, or an HTTP GET with an expected status) and the rise/fall state machine that turns
 //! probe results into a backend's health.
-use std::{net::SocketAddrV4, time::Duration};
+use std::{net::SocketAddr, time::Duration};
 
 use tokio::{
     io::{AsyncReadExt as _, AsyncWriteExt as _},
@@ -65,11 +65,7 @@ impl Tracker {
 pub type ProbeError = String;
 
 /// Probes `addr`, a backend of a `proto` service, once as `check` says, within its timeout.
-pub async fn probe(
-    addr: SocketAddrV4,
-    proto: Proto,
-    check: &HealthCheck,
-) -> Result<(), ProbeError> {
+pub async fn probe(addr: SocketAddr, proto: Proto, check: &HealthCheck) -> Result<(), ProbeError> {
     let timeout = Duration::from_millis(check.timeout_ms);
     if proto == Proto::Udp && check.http_path.is_none() {
         return probe_udp(addr, timeout).await;
@@ -119,8 +115,13 @@ pub async fn probe(
 /// listens there) or cannot be reached; a reply, or silence for the whole timeout (the
 /// datagram was taken), passes. Keepalived's `UDP_CHECK` without a payload does the same. A TCP
 /// connect to the same port number, the probe of a TCP service, would test another server.
-async fn probe_udp(addr: SocketAddrV4, timeout: Duration) -> Result<(), ProbeError> {
-    let socket = UdpSocket::bind("0.0.0.0:0")
+async fn probe_udp(addr: SocketAddr, timeout: Duration) -> Result<(), ProbeError> {
+    let any = if addr.is_ipv4() {
+        "0.0.0.0:0"
+    } else {
+        "[::]:0"
+    };
+    let socket = UdpSocket::bind(any)
         .await
         .map_err(|err| format!("bind: {err}"))?;
     socket

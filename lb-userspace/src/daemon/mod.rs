@@ -14,7 +14,7 @@ pub mod metrics;
 pub mod passive;
 use std::{
     collections::{BTreeSet, HashMap},
-    net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4},
+    net::{IpAddr, Ipv4Addr, SocketAddr},
     sync::{Arc, Mutex},
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
@@ -476,7 +476,7 @@ async fn census_loop(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
 
 /// A backend this node probes.
 struct Probe {
-    addr: SocketAddrV4,
+    addr: SocketAddr,
     /// The service's protocol: a UDP service's backends get a datagram, not a connect.
     proto: Proto,
     check: HealthCheck,
@@ -611,7 +611,7 @@ fn take_ejection(
 fn flipped(
     flips: &mut Vec<(String, u32, Health)>,
     key: &ProbeKey,
-    addr: SocketAddrV4,
+    addr: SocketAddr,
     health: Health,
     reason: &str,
 ) {

@@ -7,7 +7,7 @@
 //! long as it is out.
 use std::{
     collections::{HashMap, HashSet},
-    net::SocketAddrV4,
+    net::SocketAddr,
     path::Path,
 };
 
@@ -23,7 +23,7 @@ use crate::dataplane;
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Watched {
     pub service: String,
-    pub addr: SocketAddrV4,
+    pub addr: SocketAddr,
 }
 
 /// An ejection the data plane made since the last look.

@@ -1,6 +1,9 @@
 //! Service table → map contents → the smallest set of map writes. Pure logic; `datapath`
 //! applies the result.
-use std::collections::{BTreeMap, BTreeSet};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::{IpAddr, SocketAddr},
+};
 
 use lb_common::{
     BACKEND_ACTIVE, Backend, LocalBackendKey, MAX_BACKENDS_PER_SERVICE, MaglevTable, MeshConfig,
@@ -31,15 +34,20 @@ pub struct MapContents {
     pub local_backends: BTreeSet<LocalBackendKey>,
 }
 
-pub fn service_key(service: &Service) -> ServiceKey {
-    ServiceKey {
-        vip_be: service
-            .vip
-            .map_or(0, |vip| u32::from_ne_bytes(vip.octets())),
+/// The service's key in `SERVICES`; `None` for a service on an IPv6 VIP, which the IPv4 maps
+/// cannot hold (the table refuses one, `parse_vip`, until the data plane balances IPv6).
+pub fn service_key(service: &Service) -> Option<ServiceKey> {
+    let vip_be = match service.vip {
+        None => 0,
+        Some(IpAddr::V4(vip)) => u32::from_ne_bytes(vip.octets()),
+        Some(IpAddr::V6(_)) => return None,
+    };
+    Some(ServiceKey {
+        vip_be,
         port_be: service.port.to_be(),
         proto: service.proto.number(),
         _pad: 0,
-    }
+    })
 }
 
 /// The map contents `table` implies on the node named `self_node` (`None`: this instance is
@@ -71,6 +79,9 @@ pub fn desired(table: &Table, self_node: Option<&str>) -> MapContents {
         .collect();
     contents.nodes = remote.values().copied().collect();
     for service in &table.services {
+        let Some(key) = service_key(service) else {
+            continue;
+        };
         assert!(
             service.backends.len() <= MAX_BACKENDS_PER_SERVICE,
             "model enforces the limit"
@@ -101,11 +112,16 @@ pub fn desired(table: &Table, self_node: Option<&str>) -> MapContents {
             }
         }
         for backend in &service.backends {
+            // The IPv4 maps hold IPv4 backends; the table refuses others (`parse_backend`)
+            // until the data plane balances IPv6.
+            let SocketAddr::V4(addr) = backend.addr else {
+                continue;
+            };
             let routed_here = backend.node.is_none() || backend.node.as_deref() == self_node;
             if routed_here {
                 contents.local_backends.insert(LocalBackendKey {
-                    ip_be: be(*backend.addr.ip()),
-                    port_be: backend.addr.port().to_be(),
+                    ip_be: be(*addr.ip()),
+                    port_be: addr.port().to_be(),
                     proto: service.proto.number(),
                     _pad: 0,
                 });
@@ -113,8 +129,8 @@ pub fn desired(table: &Table, self_node: Option<&str>) -> MapContents {
             contents.backends.insert(
                 backend.id,
                 Backend {
-                    ip_be: be(*backend.addr.ip()),
-                    port_be: backend.addr.port().to_be(),
+                    ip_be: be(*addr.ip()),
+                    port_be: addr.port().to_be(),
                     flags: BACKEND_ACTIVE,
                     // Validated to fit (`MAX_EJECT_AFTER`).
                     eject_after: u8::try_from(service.health_check.eject_after).unwrap_or(u8::MAX),
@@ -127,7 +143,7 @@ pub fn desired(table: &Table, self_node: Option<&str>) -> MapContents {
                 },
             );
         }
-        contents.services.insert(service_key(service), value);
+        contents.services.insert(key, value);
     }
     contents.service_ports = service_ports(contents.services.keys());
     contents
@@ -407,7 +423,7 @@ mod tests {
     #[test]
     fn service_ports_follow_the_services_and_clear_what_they_no_longer_use() {
         let mut both = table(&[("web", 8080, &["10.0.0.6:80"])]);
-        let vip = Some(Ipv4Addr::new(10, 9, 0, 1));
+        let vip = Some(Ipv4Addr::new(10, 9, 0, 1).into());
         both.add_service(
             "dns",
             Proto::Udp,

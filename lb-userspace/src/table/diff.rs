@@ -48,7 +48,7 @@ impl TableDiff {
 
 /// A backend as it stays: same address, node and id (a new id is a new backend to the data
 /// plane, whose flows choose again).
-fn identity(backend: &Backend) -> (std::net::SocketAddrV4, Option<&str>, u32) {
+fn identity(backend: &Backend) -> (std::net::SocketAddr, Option<&str>, u32) {
     (backend.addr, backend.node.as_deref(), backend.id)
 }
 

@@ -24,7 +24,7 @@
 //! other nodes send its flows there through the mesh.
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4},
 };
 
 use super::{
@@ -141,7 +141,7 @@ pub struct DockerService {
     pub defined_at: String,
     pub proto: Proto,
     pub port: u16,
-    pub vip: Option<Ipv4Addr>,
+    pub vip: Option<IpAddr>,
     pub scheduler: Scheduler,
     pub check: HealthCheck,
     /// This node's tasks.
@@ -151,7 +151,7 @@ pub struct DockerService {
 /// A task of this node as a backend of a Docker service.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct TaskBackend {
-    pub addr: SocketAddrV4,
+    pub addr: SocketAddr,
     /// Docker's health verdict, when it decides (lbctl's checks off).
     pub health: Option<Health>,
     /// Being stopped by Docker: drained (no new flows; its connections finish while it lives),
@@ -179,7 +179,7 @@ pub struct Desired {
 /// What the labels of a service's newest task say, apart from its address.
 struct Definition {
     publish: Vec<Publish>,
-    vip: Option<Ipv4Addr>,
+    vip: Option<IpAddr>,
     scheduler: Scheduler,
     check: Option<HealthCheck>,
     eject_after: Option<u32>,
@@ -356,7 +356,7 @@ pub fn desired(tasks: &[Task]) -> Desired {
                 tasks: addresses
                     .iter()
                     .map(|&(addr, health, stopping)| TaskBackend {
-                        addr: SocketAddrV4::new(addr, publish.target),
+                        addr: SocketAddr::V4(SocketAddrV4::new(addr, publish.target)),
                         health: (!check.enabled).then_some(match health {
                             DockerHealth::None => Health::Unknown,
                             DockerHealth::Healthy => Health::Healthy,
@@ -496,7 +496,7 @@ fn follow_service(
              {name}` lets Docker's take its place)"
         ));
     }
-    let wanted: BTreeSet<SocketAddrV4> = want.tasks.iter().map(|t| t.addr).collect();
+    let wanted: BTreeSet<SocketAddr> = want.tasks.iter().map(|t| t.addr).collect();
     // Tasks older than those that define the service (another node's, which a rolling update
     // of the labels reached first) leave its definition alone: two generations of labels must
     // not take turns.
@@ -523,7 +523,7 @@ fn follow_service(
             want.proto, want.port
         ));
     }
-    let spec = |addr: SocketAddrV4| BackendSpec {
+    let spec = |addr: SocketAddr| BackendSpec {
         addr,
         node: spec_node.map(str::to_owned),
         weight: default_weight(),
@@ -545,22 +545,22 @@ fn follow_service(
         ));
     } else {
         let service = table.service(name).expect("present");
-        let present: BTreeSet<SocketAddrV4> = service
+        let present: BTreeSet<SocketAddr> = service
             .backends
             .iter()
             .filter(|b| b.node.as_deref() == self_node || b.node.is_none())
             .map(|b| b.addr)
             .collect();
-        let elsewhere: BTreeSet<SocketAddrV4> = service
+        let elsewhere: BTreeSet<SocketAddr> = service
             .backends
             .iter()
             .filter(|b| !(b.node.as_deref() == self_node || b.node.is_none()))
             .map(|b| b.addr)
             .collect();
-        let leaving: Vec<SocketAddrV4> = present.difference(&wanted).copied().collect();
+        let leaving: Vec<SocketAddr> = present.difference(&wanted).copied().collect();
         // An address another node still publishes is a task that moved here: it comes once
         // that node's record goes (the gossip's next rounds).
-        let stopping: BTreeSet<SocketAddrV4> = want
+        let stopping: BTreeSet<SocketAddr> = want
             .tasks
             .iter()
             .filter(|t| t.stopping)
@@ -612,7 +612,7 @@ fn follow_service(
 fn follow_tasks(
     table: &mut Table,
     want: &DockerService,
-    spec: impl Fn(SocketAddrV4) -> BackendSpec,
+    spec: impl Fn(SocketAddr) -> BackendSpec,
     changes: &mut Vec<String>,
 ) -> Result<(), String> {
     let name = want.name.as_str();
@@ -672,7 +672,7 @@ mod tests {
         }
     }
 
-    fn addr(s: &str) -> SocketAddrV4 {
+    fn addr(s: &str) -> SocketAddr {
         s.parse().unwrap()
     }
 
@@ -955,7 +955,7 @@ mod tests {
         assert!(changes[0].contains("published anew"), "{changes:?}");
         let web = table.service("web").unwrap();
         assert_eq!(web.port, 9191);
-        let backends: Vec<(SocketAddrV4, Option<&str>)> = web
+        let backends: Vec<(SocketAddr, Option<&str>)> = web
             .backends
             .iter()
             .map(|b| (b.addr, b.node.as_deref()))
@@ -981,7 +981,7 @@ mod tests {
         tasks.push(late);
         let (changes, _) = follow(&mut table, &desired(&tasks), None, None);
         let web = table.service("web").unwrap();
-        let drained: Vec<(SocketAddrV4, bool)> =
+        let drained: Vec<(SocketAddr, bool)> =
             web.backends.iter().map(|b| (b.addr, b.drained)).collect();
         assert_eq!(
             drained,

@@ -12,7 +12,10 @@
 //!   ]
 //! }
 //! ```
-use std::{fmt::Display, net::Ipv4Addr};
+use std::{
+    fmt::Display,
+    net::{IpAddr, Ipv4Addr},
+};
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer, de::Error as _};
 
@@ -55,7 +58,7 @@ pub struct ServiceEntry {
         skip_serializing_if = "Option::is_none",
         deserialize_with = "vip"
     )]
-    pub vip: Option<Ipv4Addr>,
+    pub vip: Option<IpAddr>,
     /// `IP:PORT` or `IP:PORT@NODE`, then `*WEIGHT` unless 1, in round-robin order.
     #[serde(deserialize_with = "backends", serialize_with = "display_each")]
     pub backends: Vec<BackendSpec>,
@@ -258,7 +261,7 @@ fn scheduler<'de, D: Deserializer<'de>>(d: D) -> Result<Scheduler, D::Error> {
     checked(d, str::parse)
 }
 
-fn vip<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Ipv4Addr>, D::Error> {
+fn vip<'de, D: Deserializer<'de>>(d: D) -> Result<Option<IpAddr>, D::Error> {
     Option::<String>::deserialize(d)?
         .map(|s| table::parse_vip(&s).map_err(D::Error::custom))
         .transpose()

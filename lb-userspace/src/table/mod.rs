@@ -19,7 +19,7 @@ pub use values::*;
 
 use std::{
     collections::{BTreeSet, HashMap, HashSet},
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{IpAddr, Ipv4Addr, SocketAddr},
 };
 
 use lb_common::{
@@ -125,7 +125,7 @@ impl Table {
         name: &str,
         proto: Proto,
         port: u16,
-        vip: Option<Ipv4Addr>,
+        vip: Option<IpAddr>,
         backends: &[impl Clone + Into<BackendSpec>],
     ) -> Result<(), String> {
         let mut index = self.index();
@@ -434,7 +434,7 @@ fn check_backend_list(
     existing: &[Backend],
     new: &[BackendSpec],
 ) -> Result<(), String> {
-    let mut seen: BTreeSet<SocketAddrV4> = existing.iter().map(|b| b.addr).collect();
+    let mut seen: BTreeSet<SocketAddr> = existing.iter().map(|b| b.addr).collect();
     for spec in new {
         if !seen.insert(spec.addr) {
             return Err(match existing.iter().find(|b| b.addr == spec.addr) {
@@ -462,8 +462,9 @@ pub fn fnv1a(bytes: &[u8]) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::net::SocketAddrV4;
 
-    fn addr(s: &str) -> SocketAddrV4 {
+    fn addr(s: &str) -> SocketAddr {
         parse_backend(s).unwrap()
     }
 
@@ -492,22 +493,46 @@ mod tests {
     }
 
     #[test]
-    fn backends_must_be_usable_ipv4_socket_addresses() {
+    fn backends_must_be_usable_socket_addresses() {
         assert_eq!(
             addr("10.0.0.6:80"),
-            SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, 6), 80)
+            SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, 6), 80))
         );
-        for bad in [
-            "10.0.0.6",
-            "10.0.0.256:80",
-            "10.0.0.6:0",
-            "0.0.0.0:80",
-            "224.0.0.1:80",
-            "[::1]:80",
-            "x:80",
+        for (bad, why) in [
+            ("10.0.0.6", "expected IPv4:PORT or [IPv6]:PORT"),
+            ("10.0.0.256:80", "not an IPv4 address"),
+            ("10.0.0.6:0", "between 1 and 65535"),
+            ("0.0.0.0:80", "not a host's"),
+            ("255.255.255.255:80", "not a host's"),
+            ("224.0.0.1:80", "multicast"),
+            ("x:80", "not an IPv4 address"),
+            (
+                "2001:db8::6:80",
+                "brackets before its port: [2001:db8::6]:80",
+            ),
+            ("[2001:db8::6]", "expected [IPv6]:PORT"),
+            ("[2001:db8::6]:x", "not a number"),
+            ("[fe80::1%eth0]:80", "scope"),
+            ("[fe80::1]:80", "link-local"),
+            ("[ff02::1]:80", "multicast"),
+            ("[::]:80", "not a host's"),
+            ("[::ffff:10.0.0.6]:80", "write it as IPv4"),
+            ("[2001:db8::zz]:80", "not an IPv6 address"),
+            // A well-formed IPv6 backend, until the data plane balances IPv6.
+            ("[2001:db8::6]:80", "IPv6 is not balanced yet"),
         ] {
             let err = parse_backend(bad).unwrap_err();
-            assert!(err.contains(bad), "{err}");
+            assert!(err.contains(bad) && err.contains(why), "{bad}: {err}");
+        }
+        for (bad, why) in [
+            ("::", "not a host's"),
+            ("ff02::1", "multicast"),
+            ("fe80::1", "link-local"),
+            ("2001:db8::6", "IPv6 is not balanced yet"),
+            ("10.0.0.300", "not an IPv4 or IPv6 address"),
+        ] {
+            let err = parse_vip(bad).unwrap_err();
+            assert!(err.contains(bad) && err.contains(why), "{bad}: {err}");
         }
     }
 
@@ -549,7 +574,7 @@ mod tests {
                 "vip",
                 Proto::Tcp,
                 8080,
-                Some(Ipv4Addr::new(10, 9, 9, 9)),
+                Some(Ipv4Addr::new(10, 9, 9, 9).into()),
                 &[addr("10.0.0.8:80")],
             )
             .unwrap();

@@ -70,7 +70,7 @@ impl Table {
                 .is_some_and(|w| w.frontend() == s.frontend_key())
         });
         for service in &mut self.services {
-            let declared: HashSet<(SocketAddrV4, Option<&str>)> = wanted[service.name.as_str()]
+            let declared: HashSet<(SocketAddr, Option<&str>)> = wanted[service.name.as_str()]
                 .backends
                 .iter()
                 .map(|b| (b.addr, b.node.as_deref()))
@@ -97,7 +97,7 @@ impl Table {
         for spec in services {
             let position = match positions.get(&spec.name) {
                 Some(&position) => {
-                    let present: HashSet<SocketAddrV4> = self.services[position]
+                    let present: HashSet<SocketAddr> = self.services[position]
                         .backends
                         .iter()
                         .map(|b| b.addr)
@@ -128,7 +128,7 @@ impl Table {
             let service = &mut self.services[position];
             service.set_health_check(&spec.health_check)?;
             service.scheduler = spec.scheduler;
-            let declared: HashMap<SocketAddrV4, (usize, u32)> = spec
+            let declared: HashMap<SocketAddr, (usize, u32)> = spec
                 .backends
                 .iter()
                 .enumerate()

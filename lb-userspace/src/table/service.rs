@@ -2,7 +2,7 @@
 //! the health check settings, and a service as a table file declares it (`ServiceSpec`).
 use std::{
     fmt,
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{IpAddr, Ipv4Addr, SocketAddr},
 };
 
 use serde::{Deserialize, Serialize};
@@ -11,7 +11,7 @@ use super::values::*;
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Backend {
-    pub addr: SocketAddrV4,
+    pub addr: SocketAddr,
     /// Slot in the data plane's backend array; stable for the backend's lifetime.
     pub id: u32,
     /// The mesh node the backend runs on; `None` for a backend reached by plain routing. Part
@@ -259,7 +259,7 @@ pub struct Service {
     pub proto: Proto,
     pub port: u16,
     /// Published only on this address; `None` publishes on every local address of the node.
-    pub vip: Option<Ipv4Addr>,
+    pub vip: Option<IpAddr>,
     /// In round-robin order.
     pub backends: Vec<Backend>,
     #[serde(default)]
@@ -381,7 +381,7 @@ impl Service {
 
 /// A service's frontend, what clients reach it by: protocol, port and VIP. Two services cannot
 /// share one.
-pub(super) type Frontend = (Proto, u16, Option<Ipv4Addr>);
+pub(super) type Frontend = (Proto, u16, Option<IpAddr>);
 
 /// A service as the operator declares it in a table file (`lbctl apply`): its identity is its
 /// name; ids, drain and health are the table's business.
@@ -390,7 +390,7 @@ pub struct ServiceSpec {
     pub name: String,
     pub proto: Proto,
     pub port: u16,
-    pub vip: Option<Ipv4Addr>,
+    pub vip: Option<IpAddr>,
     /// In round-robin order.
     pub backends: Vec<BackendSpec>,
     pub health_check: HealthCheck,

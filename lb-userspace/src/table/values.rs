@@ -3,7 +3,7 @@
 //! parser returns the value or a one-line error naming it; `main.rs` and the table file use them.
 use std::{
     fmt,
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4},
     str::FromStr,
 };
 
@@ -56,23 +56,79 @@ pub fn parse_port(s: &str) -> Result<u16, String> {
     }
 }
 
-/// Parses a backend `IPv4:PORT`, rejecting addresses no backend can have.
-pub fn parse_backend(s: &str) -> Result<SocketAddrV4, String> {
+/// Parses a backend `IPv4:PORT` or `[IPv6]:PORT`, rejecting addresses no backend can have.
+pub fn parse_backend(s: &str) -> Result<SocketAddr, String> {
     backend_addr(s).map_err(|why| format!("invalid backend '{s}': {why}"))
 }
 
 /// `parse_backend` without naming the argument: why `s` is no backend address.
-fn backend_addr(s: &str) -> Result<SocketAddrV4, String> {
+fn backend_addr(s: &str) -> Result<SocketAddr, String> {
+    let addr = socket_addr(s)?;
+    check_unicast(addr.ip())
+        .map_err(|why| format!("{} cannot be a backend address: {why}", addr.ip()))?;
+    balanced_family(addr.ip())?;
+    Ok(addr)
+}
+
+/// `IPv4:PORT` or `[IPv6]:PORT` (brackets, as in URLs and `ss`, so that the port cannot be
+/// read as part of the address), without a scope (`%eth0`): a backend is routed to, not
+/// reached on one link.
+fn socket_addr(s: &str) -> Result<SocketAddr, String> {
+    if let Some(bracketed) = s.strip_prefix('[') {
+        let (ip, port) = bracketed
+            .split_once("]:")
+            .ok_or_else(|| "expected [IPv6]:PORT".to_owned())?;
+        if ip.contains('%') {
+            return Err(format!(
+                "'{ip}' has a scope: a backend is routed to, not reached on one link"
+            ));
+        }
+        let ip: Ipv6Addr = ip
+            .parse()
+            .map_err(|_| format!("'{ip}' is not an IPv6 address"))?;
+        return Ok(SocketAddr::new(IpAddr::V6(ip), parse_port(port)?));
+    }
     let (ip, port) = s
         .rsplit_once(':')
-        .ok_or_else(|| "expected IPv4:PORT".to_owned())?;
+        .ok_or_else(|| "expected IPv4:PORT or [IPv6]:PORT".to_owned())?;
+    if ip.contains(':') {
+        return Err(format!(
+            "an IPv6 address takes brackets before its port: [{ip}]:{port}"
+        ));
+    }
     let ip: Ipv4Addr = ip
         .parse()
         .map_err(|_| format!("'{ip}' is not an IPv4 address"))?;
-    if ip.is_unspecified() || ip.is_broadcast() || ip.is_multicast() {
-        return Err(format!("{ip} cannot be a backend address"));
+    Ok(SocketAddr::V4(SocketAddrV4::new(ip, parse_port(port)?)))
+}
+
+/// Why `ip` cannot be where a service is published or balanced to, if it cannot: an address of
+/// no host, a group, a link's own, or an IPv4 address written as IPv6.
+fn check_unicast(ip: IpAddr) -> Result<(), &'static str> {
+    match ip {
+        IpAddr::V4(ip) if ip.is_unspecified() || ip.is_broadcast() => Err("not a host's"),
+        IpAddr::V4(ip) if ip.is_multicast() => Err("multicast"),
+        IpAddr::V4(_) => Ok(()),
+        IpAddr::V6(ip) if ip.is_unspecified() => Err("not a host's"),
+        IpAddr::V6(ip) if ip.is_multicast() => Err("multicast"),
+        IpAddr::V6(ip) if ip.is_unicast_link_local() => Err("link-local, valid on one link only"),
+        IpAddr::V6(ip) if ip.to_ipv4_mapped().is_some() => {
+            Err("an IPv4 address in IPv6 form: write it as IPv4")
+        }
+        IpAddr::V6(_) => Ok(()),
     }
-    Ok(SocketAddrV4::new(ip, parse_port(port)?))
+}
+
+/// Whether the data plane balances `ip`'s family: IPv4 only, until it has its IPv6 tables. The
+/// one place an IPv6 backend or VIP is refused for its family, so that none is accepted and
+/// then left unserved.
+fn balanced_family(ip: IpAddr) -> Result<(), String> {
+    match ip {
+        IpAddr::V4(_) => Ok(()),
+        IpAddr::V6(_) => Err(format!(
+            "{ip}: IPv6 is not balanced yet, the data plane handles IPv4 only (see docs/limits.md)"
+        )),
+    }
 }
 
 /// How new flows of a service choose their backend.
@@ -153,22 +209,28 @@ pub fn parse_weight(s: &str) -> Result<u32, String> {
 }
 
 /// A backend as the operator names it: `IP:PORT`, or `IP:PORT@NODE` for a task on a node of the
-/// mesh, with its weight (`*W` where a backend is added). A plain `SocketAddrV4` converts to a
+/// mesh, with its weight (`*W` where a backend is added). A plain `SocketAddr` converts to a
 /// backend on no node (local or plainly routed) of the default weight.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BackendSpec {
-    pub addr: SocketAddrV4,
+    pub addr: SocketAddr,
     pub node: Option<String>,
     pub weight: u32,
 }
 
-impl From<SocketAddrV4> for BackendSpec {
-    fn from(addr: SocketAddrV4) -> Self {
+impl From<SocketAddr> for BackendSpec {
+    fn from(addr: SocketAddr) -> Self {
         Self {
             addr,
             node: None,
             weight: DEFAULT_WEIGHT,
         }
+    }
+}
+
+impl From<SocketAddrV4> for BackendSpec {
+    fn from(addr: SocketAddrV4) -> Self {
+        SocketAddr::V4(addr).into()
     }
 }
 
@@ -186,7 +248,7 @@ impl fmt::Display for BackendSpec {
 
 pub(super) fn fmt_backend(
     f: &mut fmt::Formatter<'_>,
-    addr: &SocketAddrV4,
+    addr: &SocketAddr,
     node: Option<&str>,
 ) -> fmt::Result {
     match node {
@@ -251,15 +313,13 @@ pub fn parse_vni(s: &str) -> Result<u32, String> {
 }
 
 /// Parses a virtual IP a service may be published on instead of every local address.
-pub fn parse_vip(s: &str) -> Result<Ipv4Addr, String> {
-    let ip: Ipv4Addr = s
+pub fn parse_vip(s: &str) -> Result<IpAddr, String> {
+    let ip: IpAddr = s
         .parse()
-        .map_err(|_| format!("invalid VIP '{s}': not an IPv4 address"))?;
-    if ip.is_unspecified() || ip.is_broadcast() || ip.is_multicast() {
-        return Err(format!(
-            "invalid VIP '{s}': {ip} cannot be a service address"
-        ));
-    }
+        .map_err(|_| format!("invalid VIP '{s}': not an IPv4 or IPv6 address"))?;
+    check_unicast(ip)
+        .map_err(|why| format!("invalid VIP '{s}': {ip} cannot be a service address: {why}"))?;
+    balanced_family(ip).map_err(|why| format!("invalid VIP '{s}': {why}"))?;
     Ok(ip)
 }
 

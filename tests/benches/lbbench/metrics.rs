@@ -171,10 +171,10 @@ fn large_snapshot(services: usize) -> Snapshot {
                         new_flows: 1 + packets / (1 + rng.below(1000)),
                     };
                     BackendSnapshot {
-                        addr: std::net::SocketAddrV4::new(
+                        addr: std::net::SocketAddr::from((
                             std::net::Ipv4Addr::new(10, (n >> 16) as u8, (n >> 8) as u8, n as u8),
                             80,
-                        ),
+                        )),
                         id: n as u32,
                         node: (i % 3 != 0 && j % 2 == 1).then(|| format!("node-{}", (i + j) % 8)),
                         health,
@@ -207,7 +207,7 @@ fn large_snapshot(services: usize) -> Snapshot {
                 id: i as u32 + 1,
                 proto,
                 port,
-                vip,
+                vip: vip.map(std::net::IpAddr::V4),
                 frontend,
                 scheduler: Scheduler::default(),
                 health_check: "tcp every 2000 ms".to_owned(),

@@ -627,8 +627,10 @@ impl Loaded {
             .first()
             .context("web has no backend")?
             .clone();
-        let backend_ip = backend.addr.ip().octets();
-        let backend_port = backend.addr.port();
+        let std::net::SocketAddr::V4(addr) = backend.addr else {
+            bail!("web's backend {backend} is not IPv4");
+        };
+        let (backend_ip, backend_port) = (addr.ip().octets(), addr.port());
         for i in 0..size {
             let client = filler_client(i);
             let key = tcp_key(client, (NODE_IP, WEB_PORT));

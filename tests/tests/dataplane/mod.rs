@@ -346,7 +346,10 @@ impl Node {
         let contents = sync::desired(&self.table, self.self_node);
         let id = maglev::backend_of(&contents.maglev[&service.id], key);
         let backend = service.backends.iter().find(|b| b.id == id).unwrap();
-        (backend.addr.ip().octets(), backend.addr.port())
+        let std::net::SocketAddr::V4(addr) = backend.addr else {
+            panic!("{backend} is not an IPv4 backend");
+        };
+        (addr.ip().octets(), addr.port())
     }
 
     /// Forgets a flow as the LRU does when the table is full: its entry and its reverse-NAT
