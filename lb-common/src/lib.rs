@@ -41,6 +41,8 @@ pub const PROTO_UDP: u8 = 17;
 /// Backend flag: the backend may receive packets. A flow pinned to a backend without this flag
 /// (removed, or its slot reused) is treated as new and chooses again.
 pub const BACKEND_ACTIVE: u8 = 1;
+/// Backend flag: an IPv6 backend, whose address is in `BACKEND_ADDRS6` (`Backend::ip_be` is 0).
+pub const BACKEND_IPV6: u8 = 2;
 
 // The types below are the keys and values of pinned maps, which outlive the build that made
 // them: appending a field to a value (zero meaning "not known yet") or growing a map is migrated
@@ -51,6 +53,9 @@ macro_rules! assert_size {
         const _: () = assert!(core::mem::size_of::<$ty>() == $size);
     };
 }
+
+pub mod v6;
+pub use v6::{Addr6, FlowKey6, FlowValue6, ReverseValue6, ServiceKey6, flow_hash6};
 
 /// Key of the `SERVICES` map.
 ///
@@ -162,6 +167,10 @@ assert_size!(ServiceValue, 16 + 4 * MAX_BACKENDS_PER_SERVICE);
 /// anyway (failing open, as cloud load balancers do: the checks may be what is broken). Each
 /// new flow chosen so is counted as the `flow_fail_open` event.
 pub const SERVICE_FAIL_OPEN: u32 = 1;
+/// Service flag: the service has backends, but none of this table's family (an IPv4-only
+/// service in `SERVICES6`, an IPv6-only one in `SERVICES`): its new flows of this family are
+/// dropped as `drop_no_backend_of_family`.
+pub const SERVICE_OTHER_FAMILY_ONLY: u32 = 2;
 
 /// `ServiceValue::scheduler`: new flows take the service's backends in turn (one atomic cursor
 /// per service). A TCP packet that is not a SYN and has no flow entry (evicted) is not given a
@@ -646,7 +655,8 @@ macro_rules! reasons {
 }
 
 reasons! {
-    /// Not IPv4 (ARP, IPv6, VLAN, ...): passed untouched.
+    /// Neither IPv4 nor IPv6 (ARP, VLAN-tagged, ...): passed untouched. (IPv6 counted here
+    /// too before the data plane balanced it: the name stays, for the metrics' sake.)
     PassNotIpv4 = 0 => "pass_not_ipv4",
     /// IPv4 but neither TCP nor UDP (ICMP, ...): passed untouched.
     PassNotTcpUdp = 1 => "pass_not_tcp_udp",
@@ -801,6 +811,14 @@ reasons! {
     /// rate-limited per sender as the kernel's errors are (one a second, six at once); past
     /// the limit, `drop_encap_mtu`.
     FragNeededSent = 48 => "frag_needed_sent",
+    /// A new flow to a service that has backends, but none of the client's address family (an
+    /// IPv6 client of an IPv4-only service, or the reverse): dropped. lbctl does not translate
+    /// between families.
+    DropNoBackendOfFamily = 49 => "drop_no_backend_of_family",
+    /// An IPv6 packet whose routing header has segments left (its destination is not its
+    /// final one), or with an extension header the data plane does not walk: passed to the
+    /// kernel untouched.
+    PassIpv6Extension = 50 => "pass_ipv6_extension",
 }
 
 /// Number of counter slots in `REASON_STATS`.
@@ -921,6 +939,17 @@ pub mod map_names {
     pub const PEER_PORTS: &str = "PEER_PORTS";
     pub const PASSIVE_HEALTH: &str = "PASSIVE_HEALTH";
     pub const ICMP_RATE: &str = "ICMP_RATE";
+    pub const SERVICES6: &str = "SERVICES6";
+    pub const RR_CURSORS6: &str = "RR_CURSORS6";
+    pub const MAGLEV6: &str = "MAGLEV6";
+    pub const BACKEND_ADDRS6: &str = "BACKEND_ADDRS6";
+    pub const FLOWS6: &str = "FLOWS6";
+    pub const REVERSE_FLOWS6: &str = "REVERSE_FLOWS6";
+    pub const HOST_ADDRS6: &str = "HOST_ADDRS6";
+    /// The IPv6 programs the IPv4 ones tail-call, one map per program type (a program array
+    /// takes programs of one type): the object's own, never pinned (they hold its programs).
+    pub const IPV6_XDP_PROGRAM: &str = "IPV6_XDP_PROGRAM";
+    pub const IPV6_TC_PROGRAM: &str = "IPV6_TC_PROGRAM";
 
     /// Every map, so that pinning cannot forget one.
     pub const ALL: &[&str] = &[
@@ -951,6 +980,13 @@ pub mod map_names {
         PEER_PORTS,
         PASSIVE_HEALTH,
         ICMP_RATE,
+        SERVICES6,
+        RR_CURSORS6,
+        MAGLEV6,
+        BACKEND_ADDRS6,
+        FLOWS6,
+        REVERSE_FLOWS6,
+        HOST_ADDRS6,
     ];
 }
 
@@ -958,6 +994,9 @@ pub mod map_names {
 pub mod program_names {
     pub const XDP_INGRESS: &str = "lb_xdp";
     pub const TC_EGRESS: &str = "lb_tc_egress";
+    /// The IPv6 halves of `lb_xdp` and `lb_tc_egress`, which they tail-call.
+    pub const XDP_INGRESS6: &str = "lb_xdp6";
+    pub const TC_EGRESS6: &str = "lb_tc_egress6";
     pub const TC_INGRESS: &str = "lb_tc_ingress";
     /// The socket programs, attached to the cgroup v2 root: `connect`, unconnected UDP
     /// `sendmsg`, UDP `recvmsg` and `getpeername`.
@@ -993,6 +1032,10 @@ mod pod {
     unsafe impl aya::Pod for PassiveHealth {}
     unsafe impl aya::Pod for Counter {}
     unsafe impl aya::Pod for MaglevTable {}
+    unsafe impl aya::Pod for ServiceKey6 {}
+    unsafe impl aya::Pod for FlowKey6 {}
+    unsafe impl aya::Pod for FlowValue6 {}
+    unsafe impl aya::Pod for ReverseValue6 {}
 }
 
 #[cfg(test)]

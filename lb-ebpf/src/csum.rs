@@ -23,6 +23,19 @@ pub fn replace32(check: u16, old: u32, new: u32) -> u16 {
     !fold(sum)
 }
 
+/// `check` after a 16-byte field (an IPv6 address) changed from `old` to `new`.
+#[inline(always)]
+pub fn replace128(check: u16, old: &[u8; 16], new: &[u8; 16]) -> u16 {
+    let mut sum = u32::from(!check);
+    let mut i = 0;
+    while i < 16 {
+        sum += u32::from(!u16::from_ne_bytes([old[i], old[i + 1]]));
+        sum += u32::from(u16::from_ne_bytes([new[i], new[i + 1]]));
+        i += 2;
+    }
+    !fold(sum)
+}
+
 /// Applies `update` to a TCP or UDP checksum. A UDP checksum of zero means "none" and stays
 /// zero; a computed zero is sent as 0xffff (RFC 768).
 #[inline(always)]

@@ -11,6 +11,7 @@ use lb_common::{PROTO_UDP, Reason};
 use crate::{
     conntrack, encap, frag,
     icmp::{self, About},
+    ingress6,
     maps::TUNNEL_REPLIES,
     nat::{self, Side},
     parse, socklb, stats,

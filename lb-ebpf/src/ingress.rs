@@ -5,8 +5,8 @@ use aya_ebpf::{
 };
 use lb_common::{
     Event, FLOW_SNAT, FlowKey, FlowValue, MacKey, PASSIVE_UNANSWERED, PROTO_TCP, Reason,
-    SCHEDULER_MAGLEV, SERVICE_FAIL_OPEN, SERVICE_PORT_ANY, SERVICE_PORT_VIP, ServiceValue,
-    SnatValue,
+    SCHEDULER_MAGLEV, SERVICE_FAIL_OPEN, SERVICE_OTHER_FAMILY_ONLY, SERVICE_PORT_ANY,
+    SERVICE_PORT_VIP, ServiceValue, SnatValue,
 };
 use network_types::eth::EthHdr;
 
@@ -188,7 +188,12 @@ fn to_service(
         select::round_robin(service)
     };
     let Some((backend_id, backend)) = chosen else {
-        return Ok((xdp_action::XDP_DROP, Reason::DropNoBackend));
+        let reason = if service.flags & SERVICE_OTHER_FAMILY_ONLY != 0 {
+            Reason::DropNoBackendOfFamily
+        } else {
+            Reason::DropNoBackend
+        };
+        return Ok((xdp_action::XDP_DROP, reason));
     };
     let snat_ip_be = snat::hairpin_source(pkt, &backend);
     let snat_flag = if snat_ip_be != 0 { FLOW_SNAT } else { 0 };
@@ -229,7 +234,7 @@ fn to_service(
 /// the backends as well. Checked where a flow would start, not on every packet: a frame for
 /// another host finds no flow of this node's to follow.
 #[inline(always)]
-fn for_another_host(ctx: &XdpContext) -> bool {
+pub fn for_another_host(ctx: &XdpContext) -> bool {
     let Some(eth) = ptr_at::<EthHdr>(ctx.data(), ctx.data_end(), 0) else {
         return false;
     };

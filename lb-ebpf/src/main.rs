@@ -9,6 +9,7 @@
 #![allow(internal_features)]
 
 mod conntrack;
+mod conntrack6;
 mod csum;
 mod decap;
 mod egress;
@@ -17,10 +18,12 @@ mod forward;
 mod frag;
 mod icmp;
 mod ingress;
+mod ingress6;
 mod maps;
 mod mss;
 mod nat;
 mod parse;
+mod parse6;
 mod passive;
 mod reply;
 mod select;
@@ -38,6 +41,13 @@ use aya_ebpf::{
 #[xdp]
 pub fn lb_xdp(ctx: XdpContext) -> u32 {
     let bytes = (ctx.data_end() - ctx.data()) as u64;
+    if parse6::is_ipv6(ctx.data(), ctx.data_end()) {
+        // SAFETY: the index names an XDP program, as the tail call requires.
+        let _ = unsafe { maps::IPV6_XDP_PROGRAM.tail_call(&ctx, 0) };
+        // No IPv6 program loaded: IPv6 passes untouched.
+        stats::count_reason(lb_common::Reason::PassNotIpv4, bytes);
+        return xdp_action::XDP_PASS;
+    }
     let (action, reason) = match ingress::try_lb_xdp(&ctx) {
         Ok(outcome) => outcome,
         Err(reason) => (xdp_action::XDP_PASS, reason),
@@ -46,8 +56,29 @@ pub fn lb_xdp(ctx: XdpContext) -> u32 {
     action
 }
 
+/// The IPv6 half of `lb_xdp`, tail-called by it (`maps::IPV6_PROGRAMS`).
+#[xdp]
+pub fn lb_xdp6(ctx: XdpContext) -> u32 {
+    let bytes = (ctx.data_end() - ctx.data()) as u64;
+    let (action, reason) =
+        ingress6::try_xdp(&ctx).unwrap_or_else(|reason| (xdp_action::XDP_PASS, reason));
+    stats::count_reason(reason, bytes);
+    action
+}
+
+/// The IPv6 half of `lb_tc_egress`, tail-called by it.
+#[classifier]
+pub fn lb_tc_egress6(mut ctx: TcContext) -> i32 {
+    ingress6::try_tc_reply(&mut ctx).unwrap_or(TC_ACT_UNSPEC)
+}
+
 #[classifier]
 pub fn lb_tc_egress(mut ctx: TcContext) -> i32 {
+    if parse6::is_ipv6(ctx.data(), ctx.data_end()) {
+        // SAFETY: the index names a TC program, as the tail call requires.
+        let _ = unsafe { maps::IPV6_TC_PROGRAM.tail_call(&ctx, 0) };
+        return TC_ACT_UNSPEC;
+    }
     // Unless the packet was redirected or must be dropped, let the next program or the default
     // action decide (TC_ACT_UNSPEC is TCX_NEXT).
     egress::try_lb_tc_egress(&mut ctx).unwrap_or(TC_ACT_UNSPEC)

@@ -3,7 +3,7 @@
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
     macros::map,
-    maps::{Array, DevMapHash, HashMap, LpmTrie, LruHashMap, PerCpuArray},
+    maps::{Array, DevMapHash, HashMap, LpmTrie, LruHashMap, PerCpuArray, ProgramArray},
 };
 use lb_common::{
     Backend, BackendStats, BridgePortKey, Counter, DEFAULT_FLOW_CAPACITY, EVENT_COUNT, FlowKey,
@@ -12,6 +12,7 @@ use lb_common::{
     MaglevTable, MeshConfig, PassiveHealth, REASON_COUNT, ReverseValue, RrCursor,
     SERVICE_PORT_WORDS, SNAT_FLOW_CAPACITY, SOCK_FLOW_CAPACITY, ServiceKey, ServiceValue,
     SnatValue, SockFlow, SockKey, SocketLbConfig, TunnelValue,
+    v6::{Addr6, FlowKey6, FlowValue6, ReverseValue6, ServiceKey6},
 };
 
 /// Published services: (VIP or 0 for every local address, protocol, port) → id and backend list.
@@ -50,6 +51,53 @@ pub static FLOWS: LruHashMap<FlowKey, FlowValue> =
 #[map]
 pub static REVERSE_FLOWS: LruHashMap<FlowKey, ReverseValue> =
     LruHashMap::with_max_entries(DEFAULT_FLOW_CAPACITY, 0);
+
+/// The IPv6 XDP program (`lb_xdp6`, slot 0), which `lb_xdp` tail-calls for every IPv6 frame:
+/// verified on its own, with a stack of its own, so that the IPv6 path adds nothing to the IPv4
+/// one's verification or stack. Filled by userspace at load; not pinned (it holds this object's
+/// program). Empty, IPv6 passes untouched.
+#[map]
+pub static IPV6_XDP_PROGRAM: ProgramArray = ProgramArray::with_max_entries(1, 0);
+
+/// The IPv6 TC egress program (`lb_tc_egress6`, slot 0), which `lb_tc_egress` tail-calls; a map
+/// of its own, since a program array takes programs of one type.
+#[map]
+pub static IPV6_TC_PROGRAM: ProgramArray = ProgramArray::with_max_entries(1, 0);
+
+/// IPv6 services: (IPv6 VIP or all zero for every local address, port, protocol) → id and the
+/// service's IPv6 backends. `SERVICE_PORTS` covers both families.
+#[map]
+pub static SERVICES6: HashMap<ServiceKey6, ServiceValue> =
+    HashMap::with_max_entries(MAX_SERVICES, 0);
+
+/// Round-robin cursor of each service's IPv6 backends, by service id: each family takes its
+/// backends in turn on its own.
+#[map]
+pub static RR_CURSORS6: Array<RrCursor> = Array::with_max_entries(MAX_SERVICES, 0);
+
+/// Maglev lookup table of each maglev service's IPv6 backends, by service id (as `MAGLEV`).
+#[map]
+pub static MAGLEV6: HashMap<u32, MaglevTable> =
+    HashMap::with_max_entries(MAX_SERVICES, BPF_F_NO_PREALLOC);
+
+/// The address of each IPv6 backend (`BACKEND_IPV6`), by backend id; `BACKENDS` holds the rest.
+#[map]
+pub static BACKEND_ADDRS6: Array<Addr6> = Array::with_max_entries(MAX_BACKENDS, 0);
+
+/// IPv6 flow table: client → service 5-tuple → chosen backend. Resized with `FLOWS`.
+#[map]
+pub static FLOWS6: LruHashMap<FlowKey6, FlowValue6> =
+    LruHashMap::with_max_entries(DEFAULT_FLOW_CAPACITY, 0);
+
+/// IPv6 reverse-NAT table: backend → client 5-tuple → the address the client connected to.
+#[map]
+pub static REVERSE_FLOWS6: LruHashMap<FlowKey6, ReverseValue6> =
+    LruHashMap::with_max_entries(DEFAULT_FLOW_CAPACITY, 0);
+
+/// The IPv6 addresses of this node's interfaces (not link-local), written by userspace: a new
+/// IPv6 flow to a service published on every local address must be addressed to one. A set.
+#[map]
+pub static HOST_ADDRS6: HashMap<Addr6, u32> = HashMap::with_max_entries(MAX_HOST_ADDRS, 0);
 
 /// Hairpin flows (`FLOW_SNAT`): client → service 5-tuple → the source address and port its
 /// packets get towards the backend (`snat`). Their replies come back to that address and port,

@@ -2,12 +2,14 @@
 use crate::{
     csum,
     parse::{IP_CHECK_OFF, IP_DST_OFF, IP_SRC_OFF, Packet, ptr_at},
+    parse6::{IP6_DST_OFF, IP6_SRC_OFF, Packet6},
 };
 use aya_ebpf::{
     bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
+    helpers::generated::bpf_csum_diff,
     programs::TcContext,
 };
-use lb_common::PROTO_UDP;
+use lb_common::{Addr6, FlowKey6, PROTO_UDP};
 
 #[inline(always)]
 pub fn load16(data: usize, data_end: usize, off: usize) -> Option<u16> {
@@ -166,4 +168,80 @@ pub fn tc_rewrite_l3(ctx: &mut TcContext, side: Side, old_ip: u32, new_ip: u32) 
         Side::Dst => IP_DST_OFF,
     };
     ctx.store(ip_off, &new_ip, 0)
+}
+
+/// Rewrites one end of an IPv6 packet (XDP): its address and port, with the TCP/UDP checksum
+/// updated incrementally (IPv6 has no header checksum; the pseudo-header covers the addresses).
+#[inline(always)]
+pub fn rewrite6(
+    (data, data_end): (usize, usize),
+    pkt: &Packet6,
+    key: &FlowKey6,
+    side: Side,
+    (new_ip, new_port_be): (&Addr6, u16),
+) -> Option<()> {
+    let (ip_off, port_off, old_ip, old_port) = match side {
+        Side::Dst => (IP6_DST_OFF, pkt.l4_off + 2, &key.dst, pkt.dst_port_be),
+        Side::Src => (IP6_SRC_OFF, pkt.l4_off, &key.src, pkt.src_port_be),
+    };
+    let check = load16(data, data_end, pkt.l4_check_off)?;
+    let address: *mut Addr6 = ptr_at(data, data_end, ip_off)?;
+    // SAFETY: bounds checked by ptr_at; a byte array needs no alignment.
+    unsafe { *address = *new_ip };
+    store16(data, data_end, port_off, new_port_be)?;
+    let check = csum::replace16(
+        csum::replace128(check, old_ip, new_ip),
+        old_port,
+        new_port_be,
+    );
+    // A computed zero goes out as 0xffff: zero means "no checksum", invalid for IPv6 UDP.
+    let check = if check == 0 && pkt.proto == PROTO_UDP {
+        0xffff
+    } else {
+        check
+    };
+    store16(data, data_end, pkt.l4_check_off, check)
+}
+
+/// [`rewrite6`] in TC, through the kernel's helpers (which also keep a checksum left to the
+/// NIC right): the address's checksum difference as one pseudo-header change, then the port.
+#[inline(always)]
+pub fn tc_rewrite6(
+    ctx: &mut TcContext,
+    pkt: &Packet6,
+    key: &FlowKey6,
+    side: Side,
+    (new_ip, new_port_be): (&Addr6, u16),
+) -> Result<(), i64> {
+    let (ip_off, port_off, old_ip, old_port) = match side {
+        Side::Dst => (IP6_DST_OFF, pkt.l4_off + 2, &key.dst, pkt.dst_port_be),
+        Side::Src => (IP6_SRC_OFF, pkt.l4_off, &key.src, pkt.src_port_be),
+    };
+    let udp_flag = if pkt.proto == PROTO_UDP {
+        u64::from(BPF_F_MARK_MANGLED_0)
+    } else {
+        0
+    };
+    let mut old = *old_ip;
+    let mut new = *new_ip;
+    // SAFETY: both buffers are 16 bytes, as given; the helper only reads them.
+    let diff =
+        unsafe { bpf_csum_diff(old.as_mut_ptr().cast(), 16, new.as_mut_ptr().cast(), 16, 0) };
+    if diff < 0 {
+        return Err(diff);
+    }
+    ctx.l4_csum_replace(
+        pkt.l4_check_off,
+        0,
+        diff as u64,
+        u64::from(BPF_F_PSEUDO_HDR) | udp_flag,
+    )?;
+    ctx.l4_csum_replace(
+        pkt.l4_check_off,
+        u64::from(old_port),
+        u64::from(new_port_be),
+        udp_flag | 2,
+    )?;
+    ctx.store(ip_off, new_ip, 0)?;
+    ctx.store(port_off, &new_port_be, 0)
 }

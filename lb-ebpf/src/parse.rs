@@ -59,7 +59,7 @@ pub const TCP_ACK: u8 = 0x10;
 /// netfilter's conntrack calls them invalid): they are scans and evasion attempts, and are
 /// never worth a flow.
 #[inline(always)]
-fn tcp_flags_valid(flags: u8) -> bool {
+pub fn tcp_flags_valid(flags: u8) -> bool {
     flags & (TCP_SYN | TCP_ACK | TCP_RST) != 0
         && (flags & TCP_SYN == 0 || flags & (TCP_FIN | TCP_RST) == 0)
 }

@@ -204,7 +204,7 @@ fn leaves(reason: Reason) -> Leaves {
     match reason {
         PassNotIpv4 | PassNotTcpUdp | PassFragment | PassTruncated | PassMalformed
         | PassNotService | PassNotLocal | PassVxlanOtherVni | PassFlowUnknown | PassOtherHost
-        | IcmpStack => Leaves::Untouched,
+        | PassIpv6Extension | IcmpStack => Leaves::Untouched,
         IcmpToClient | IcmpToBackend | FragNeededSent => Leaves::SentIcmp,
         ForwardTx | ReplyTx | ForwardEncapTx | DecapTx => Leaves::Sent(XDP_TX),
         ForwardRedirect | ReplyRedirect | ForwardEncapRedirect | DecapRedirect | XmitPeer => {
@@ -227,7 +227,8 @@ fn leaves(reason: Reason) -> Leaves {
         | DropSnatPortsExhausted
         | DropSnatNoRoute
         | DropBackendRefused
-        | DropBackendUnreachable => Leaves::Dropped,
+        | DropBackendUnreachable
+        | DropNoBackendOfFamily => Leaves::Dropped,
         ReplyEgress | ReplyEncap | SocketEncap | XmitTc | IcmpEgress | IcmpEncap => Leaves::NotXdp,
     }
 }

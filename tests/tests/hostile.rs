@@ -80,7 +80,7 @@ fn flow_state(node: &Node) -> FlowState {
         .map(|backend| node.maps.backend_totals(backend.id).unwrap())
         .collect();
     FlowState {
-        flows: node.maps.flows.keys().count(),
+        flows: node.maps.flows.keys().count() + node.maps.flows6.keys().count(),
         events: node.maps.event_totals().unwrap(),
         tunnel_replies: node.tunnel_replies().len(),
         backends,
@@ -101,10 +101,16 @@ fn reason_packets(node: &Node) -> Vec<u64> {
 const LARGEST_TC_TEST_RUN_FRAME: usize = 4096 - 64 - 320;
 
 /// BPF_PROG_RUN runs a TC program only on a frame with an Ethernet header, and with a whole
-/// IPv4 header if it says IPv4 (as every skb on the kernel's egress path has), in one page.
+/// IPv4 or IPv6 header if it says so (as every skb on the kernel's egress path has), in one
+/// page.
 fn tc_test_run_takes(frame: &[u8]) -> bool {
-    let ipv4 = frame.len() > 13 && frame[12..14] == [0x08, 0x00];
-    (L3..=LARGEST_TC_TEST_RUN_FRAME).contains(&frame.len()) && (!ipv4 || frame.len() >= L3 + 20)
+    // The kernel pulls the IP header of an IPv4 or IPv6 frame into the skb it builds.
+    let l3_header = match frame.get(12..14) {
+        Some([0x08, 0x00]) => 20,
+        Some([0x86, 0xdd]) => 40,
+        _ => 0,
+    };
+    (L3..=LARGEST_TC_TEST_RUN_FRAME).contains(&frame.len()) && frame.len() >= L3 + l3_header
 }
 
 /// Runs `case` through XDP, then TC, and checks what each did with it.
@@ -751,11 +757,15 @@ fn frames_that_are_not_untagged_ipv4_are_passed_untouched() {
     with_node(|node| {
         let syn = client_syn(40000);
         let mut cases = Vec::new();
-        for ether_type in [0x0000u16, 0x002e, 0x0806, 0x86dd, 0x8847, 0x88cc, 0xffff] {
+        for ether_type in [0x0000u16, 0x002e, 0x0806, 0x8847, 0x88cc, 0xffff] {
             let frame = edited(&syn, |f| set_u16(f, 12, ether_type));
             let expect = Expect::Passed(&[Reason::PassNotIpv4]);
             cases.push(case(format!("ethertype {ether_type:#06x}"), frame, expect));
         }
+        // An IPv4 packet labelled IPv6: the IPv6 parser finds version 4.
+        let frame = edited(&syn, |f| set_u16(f, 12, 0x86dd));
+        let expect = Expect::Passed(&[Reason::PassMalformed]);
+        cases.push(case("ethertype 0x86dd over IPv4".to_owned(), frame, expect));
         for (what, tags) in [
             ("802.1Q VLAN 100", &[0x81, 0x00, 0x00, 0x64][..]),
             (
@@ -770,6 +780,77 @@ fn frames_that_are_not_untagged_ipv4_are_passed_untouched() {
             cases.push(case(format!("a SYN tagged {what}"), frame, expect));
         }
         check_all(node, &cases);
+    });
+}
+
+/// IPv6 frames that are no well-formed packet for a service pass untouched, counted once, with
+/// no flow made: every truncation of a SYN that carries a hop-by-hop header, and a wrong
+/// version, payload lengths past the frame and of zero, a second hop-by-hop header, martian
+/// addresses, a TCP header shorter than 20 bytes, flags no connection takes.
+#[test]
+fn malformed_ipv6_frames_are_passed_untouched() {
+    with_node(|node| {
+        const PORT: u16 = 8086;
+        let backend = "[2001:db8:10::6]:80"
+            .parse::<std::net::SocketAddr>()
+            .unwrap();
+        node.table
+            .add_service(
+                "web6",
+                lb_userspace::table::Proto::Tcp,
+                PORT,
+                None,
+                &[backend],
+            )
+            .unwrap();
+        node.apply();
+        let mut plain = Vec::new();
+        etherparse::PacketBuilder::ethernet2(CLIENT_MAC, INGRESS_MAC)
+            .ipv6(CLIENT_IP6, NODE_IP6, 64)
+            .tcp(40000, PORT, 1000, 64240)
+            .syn()
+            .write(&mut plain, b"")
+            .unwrap();
+        // A hop-by-hop header (PadN) before the TCP header.
+        let mut syn = plain[..54].to_vec();
+        syn[14 + 6] = 0;
+        syn[14 + 5] += 8;
+        syn.extend_from_slice(&[6, 0, 1, 4, 0, 0, 0, 0]);
+        syn.extend_from_slice(&plain[54..]);
+        let malformed = Expect::Passed(&[Reason::PassMalformed]);
+        let mut cases = Vec::new();
+        for len in L3..syn.len() {
+            let expect = Expect::Passed(&[Reason::PassTruncated, Reason::PassMalformed]);
+            cases.push(case(
+                format!("cut to {len} bytes"),
+                syn[..len].to_vec(),
+                expect,
+            ));
+        }
+        type Edit = fn(&mut Vec<u8>);
+        let edits: [(&str, Edit); 8] = [
+            ("version 4", |f| f[14] = 0x40),
+            ("payload length past the frame", |f| f[14 + 5] += 1),
+            ("payload length 0", |f| {
+                f[14 + 4..14 + 6].copy_from_slice(&[0, 0])
+            }),
+            ("a second hop-by-hop header", |f| f[14 + 40] = 0),
+            ("multicast source", |f| f[14 + 8] = 0xff),
+            ("loopback destination", |f| {
+                f[14 + 24..14 + 40]
+                    .copy_from_slice(&[0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1])
+            }),
+            ("TCP header of 16 bytes", |f| f[14 + 48 + 12] = 0x40),
+            ("SYN and FIN", |f| f[14 + 48 + 13] = 0x03),
+        ];
+        for (what, edit) in edits {
+            cases.push(case(what, edited(&syn, edit), malformed));
+        }
+        check_all(node, &cases);
+        assert_eq!(node.maps.flows6.keys().count(), 0);
+        // The frame itself is a service's.
+        let (action, _) = node.xdp(&syn, Some(node.ifindex));
+        assert_eq!(action, XDP_TX);
     });
 }
 

@@ -1362,12 +1362,14 @@ lbctl_interface_transmit_failures_total{iface="uplink",kind="xdp_errors"} 1
         let total = |name: &str| family(&families, name).iter().map(|s| s.value).sum::<u64>();
         let slots = |slots: &[u32]| slots.iter().map(|n| 1u64 << n).sum::<u64>();
         // drop_no_backend, drop_flow_table_full, drop_vxlan_*, drop_encap_*, drop_mesh_*,
-        // drop_snat_*, drop_backend_refused, drop_backend_unreachable.
-        let dropped = slots(&[15, 16, 24, 25, 26, 27, 28, 29, 30, 31, 34, 35, 36, 41, 42]);
+        // drop_snat_*, drop_backend_refused, drop_backend_unreachable, drop_no_backend_of_family.
+        let dropped = slots(&[
+            15, 16, 24, 25, 26, 27, 28, 29, 30, 31, 34, 35, 36, 41, 42, 49,
+        ]);
         assert_eq!(total("lbctl_dropped_packets_total"), dropped);
         // pass_not_ipv4 ... pass_not_local, pass_vxlan_other_vni, pass_flow_unknown,
-        // pass_other_host.
-        let passed = slots(&[0, 1, 2, 3, 4, 5, 6, 23, 32, 37]);
+        // pass_other_host, pass_ipv6_extension.
+        let passed = slots(&[0, 1, 2, 3, 4, 5, 6, 23, 32, 37, 50]);
         assert_eq!(total("lbctl_passed_packets_total"), passed);
         // forward_encap_tx, forward_encap_redirect, reply_encap.
         let encapsulated = slots(&[17, 18, 22]);

@@ -456,6 +456,7 @@ async fn census_loop(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
             // The node's addresses change without lbctl (DHCP, an address added by hand): the
             // socket programs balance what `HOST_ADDRS` holds.
             maps.sync_host_addrs(&crate::host::underlay::local_addrs()?)?;
+            maps.sync_host_addrs6(&crate::host::underlay::local_addrs6()?)?;
             // Containers start and stop, and their bridges learn and forget their MACs.
             maps.sync_bridge_ports(&crate::host::underlay::bridge_ports()?)?;
             maps.flow_census()

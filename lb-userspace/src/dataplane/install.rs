@@ -235,6 +235,7 @@ fn load_and_verify(pins: &[(&str, PathBuf)], flow_capacity: u32) -> Result<Ebpf>
             .load()
             .with_context(|| format!("loading the TC program {name} (verifier)"))?;
     }
+    dataplane::load_ipv6_programs(&mut ebpf)?;
     Ok(ebpf)
 }
 

@@ -32,9 +32,10 @@ use aya::{
     util::nr_cpus,
 };
 use lb_common::{
-    BACKEND_ACTIVE, Backend, BackendStats, BridgePortKey, Counter, FlowKey, FlowValue,
-    LocalBackendKey, MacKey, MaglevTable, MeshConfig, PassiveHealth, ReverseValue, RrCursor,
-    ServiceKey, ServiceValue, SnatValue, SocketLbConfig, TunnelValue, map_names,
+    Addr6, BACKEND_ACTIVE, BACKEND_IPV6, Backend, BackendStats, BridgePortKey, Counter, FlowKey,
+    FlowKey6, FlowValue, FlowValue6, LocalBackendKey, MacKey, MaglevTable, MeshConfig,
+    PassiveHealth, ReverseValue, RrCursor, ServiceKey, ServiceKey6, ServiceValue, SnatValue,
+    SocketLbConfig, TunnelValue, map_names, program_names,
 };
 
 use crate::{
@@ -79,8 +80,47 @@ pub fn load_pinned(pins: &[(&str, PathBuf)], flow_capacity: u32) -> Result<Ebpf>
     loader.load(OBJECT).context("loading the eBPF object")
 }
 
+/// Loads the IPv6 programs (the kernel verifies them) and puts them where the IPv4 programs
+/// tail-call them for IPv6 frames (`IPV6_XDP_PROGRAM`, `IPV6_TC_PROGRAM`). Until this runs, IPv6 passes untouched.
+pub fn load_ipv6_programs(ebpf: &mut Ebpf) -> Result<()> {
+    let xdp: &mut aya::programs::Xdp = ebpf
+        .program_mut(program_names::XDP_INGRESS6)
+        .ok_or_else(|| anyhow!("object has no IPv6 XDP program"))?
+        .try_into()?;
+    xdp.load()
+        .context("loading the IPv6 XDP program (verifier)")?;
+    let xdp = xdp.fd()?.try_clone()?;
+    let tc: &mut aya::programs::SchedClassifier = ebpf
+        .program_mut(program_names::TC_EGRESS6)
+        .ok_or_else(|| anyhow!("object has no IPv6 TC program"))?
+        .try_into()?;
+    tc.load()
+        .context("loading the IPv6 TC egress program (verifier)")?;
+    let tc = tc.fd()?.try_clone()?;
+    for (name, program) in [
+        (map_names::IPV6_XDP_PROGRAM, &xdp),
+        (map_names::IPV6_TC_PROGRAM, &tc),
+    ] {
+        let mut slot: aya::maps::ProgramArray<&mut MapData> = ebpf
+            .map_mut(name)
+            .ok_or_else(|| anyhow!("object has no map {name}"))?
+            .try_into()?;
+        slot.set(0, program, 0)
+            .with_context(|| format!("putting its IPv6 program in {name}"))?;
+    }
+    Ok(())
+}
+
 /// Typed handles on the maps userspace reads and writes.
 pub struct Maps {
+    /// The IPv6 halves of `services`, `rr_cursors`, `maglev`; IPv6 backends' addresses; the
+    /// node's IPv6 addresses (a set); and the IPv6 flow table (for inspection).
+    pub services6: HashMap<MapData, ServiceKey6, ServiceValue>,
+    pub rr_cursors6: Array<MapData, RrCursor>,
+    pub maglev6: HashMap<MapData, u32, MaglevTable>,
+    pub backend_addrs6: Array<MapData, Addr6>,
+    pub host_addrs6: HashMap<MapData, Addr6, u32>,
+    pub flows6: HashMap<MapData, FlowKey6, FlowValue6>,
     pub services: HashMap<MapData, ServiceKey, ServiceValue>,
     pub service_ports: Array<MapData, u64>,
     pub backends: Array<MapData, Backend>,
@@ -225,6 +265,12 @@ impl Maps {
             host_addrs: get(map_names::HOST_ADDRS)?.try_into()?,
             socket_lb: get(map_names::SOCKET_LB)?.try_into()?,
             passive_health: get(map_names::PASSIVE_HEALTH)?.try_into()?,
+            services6: get(map_names::SERVICES6)?.try_into()?,
+            rr_cursors6: get(map_names::RR_CURSORS6)?.try_into()?,
+            maglev6: get(map_names::MAGLEV6)?.try_into()?,
+            backend_addrs6: get(map_names::BACKEND_ADDRS6)?.try_into()?,
+            host_addrs6: get(map_names::HOST_ADDRS6)?.try_into()?,
+            flows6: get(map_names::FLOWS6)?.try_into()?,
         })
     }
 
@@ -237,6 +283,7 @@ impl Maps {
         Ok(self.sync_subnets(&host.subnets, underlay)?
             + self.sync_host_macs(&host.attached_macs)?
             + self.sync_host_addrs(&host.addrs)?
+            + self.sync_host_addrs6(&crate::host::underlay::local_addrs6()?)?
             + self.sync_bridge_ports(&host.bridge_ports)?)
     }
 
@@ -330,6 +377,12 @@ impl Maps {
             .map(|addr| u32::from_ne_bytes(addr.octets()))
             .collect();
         sync_set(&mut self.host_addrs, &wanted, map_names::HOST_ADDRS)
+    }
+
+    /// Brings `HOST_ADDRS6` in line with `addrs` (`underlay::local_addrs6`): a new IPv6 flow
+    /// to a service on every address must be addressed to one of them.
+    pub fn sync_host_addrs6(&mut self, addrs: &BTreeSet<Addr6>) -> Result<usize> {
+        sync_set(&mut self.host_addrs6, addrs, map_names::HOST_ADDRS6)
     }
 
     /// Turns socket load balancing on for the sockets of the namespace whose cookie is
@@ -439,6 +492,23 @@ impl Maps {
             contents.maglev.insert(id, Box::new(table));
         })
         .context("reading MAGLEV")?;
+        for_each_entry(self.services6.map(), |key, value| {
+            contents.services6.insert(key, value);
+        })
+        .context("reading SERVICES6")?;
+        for_each_entry(self.maglev6.map(), |id, table: MaglevTable| {
+            contents.maglev6.insert(id, Box::new(table));
+        })
+        .context("reading MAGLEV6")?;
+        for (id, backend) in &contents.backends {
+            if backend.flags & BACKEND_IPV6 != 0 {
+                let addr = self
+                    .backend_addrs6
+                    .get(id, 0)
+                    .with_context(|| format!("reading BACKEND_ADDRS6 slot {id}"))?;
+                contents.backend_addrs6.insert(*id, addr);
+            }
+        }
         Ok(contents)
     }
 
@@ -466,6 +536,11 @@ impl Maps {
                 .set(*id, PassiveHealth::default(), 0)
                 .with_context(|| format!("resetting passive health of backend slot {id}"))?;
         }
+        for (id, addr) in &delta.backend_addrs6_to_write {
+            self.backend_addrs6
+                .set(*id, addr, 0)
+                .with_context(|| format!("writing BACKEND_ADDRS6 slot {id}"))?;
+        }
         for (id, backend) in &delta.backends_to_write {
             self.backends
                 .set(*id, backend, 0)
@@ -486,6 +561,21 @@ impl Maps {
                 .insert(key, value, 0)
                 .context("writing a service")?;
         }
+        for id in &delta.new_service_ids6 {
+            self.rr_cursors6
+                .set(*id, RrCursor::default(), 0)
+                .with_context(|| format!("resetting IPv6 round-robin cursor {id}"))?;
+        }
+        for (id, table) in &delta.maglev6_to_write {
+            self.maglev6
+                .insert(id, table.as_ref(), 0)
+                .with_context(|| format!("writing the IPv6 maglev table of service {id}"))?;
+        }
+        for (key, value) in &delta.services6_to_write {
+            self.services6
+                .insert(key, value, 0)
+                .context("writing an IPv6 service")?;
+        }
         for (word, bits) in &delta.service_ports_to_write {
             self.service_ports
                 .set(*word, bits, 0)
@@ -493,6 +583,16 @@ impl Maps {
         }
         for key in &delta.services_to_delete {
             self.services.remove(key).context("deleting a service")?;
+        }
+        for key in &delta.services6_to_delete {
+            self.services6
+                .remove(key)
+                .context("deleting an IPv6 service")?;
+        }
+        for id in &delta.maglev6_to_delete {
+            self.maglev6
+                .remove(id)
+                .with_context(|| format!("deleting the IPv6 maglev table of service {id}"))?;
         }
         for id in &delta.maglev_to_delete {
             self.maglev

@@ -6,8 +6,9 @@ use std::{
 };
 
 use lb_common::{
-    BACKEND_ACTIVE, Backend, LocalBackendKey, MAX_BACKENDS_PER_SERVICE, MaglevTable, MeshConfig,
-    SERVICE_FAIL_OPEN, ServiceKey, ServiceValue, service_port_bit, service_port_slot,
+    Addr6, BACKEND_ACTIVE, BACKEND_IPV6, Backend, LocalBackendKey, MAX_BACKENDS_PER_SERVICE,
+    MaglevTable, MeshConfig, SERVICE_FAIL_OPEN, SERVICE_OTHER_FAMILY_ONLY, ServiceKey, ServiceKey6,
+    ServiceValue, service_port_bit, service_port_slot,
 };
 
 use crate::{
@@ -32,10 +33,16 @@ pub struct MapContents {
     /// The backends this node reaches by plain routing (on this node or on none), by address,
     /// port and protocol: where decapsulated client packets may go.
     pub local_backends: BTreeSet<LocalBackendKey>,
+    /// `SERVICES6`: each service published on every address or on an IPv6 VIP, with its IPv6
+    /// backends.
+    pub services6: BTreeMap<ServiceKey6, ServiceValue>,
+    /// `MAGLEV6`: the lookup table of every maglev service's IPv6 backends, by service id.
+    pub maglev6: BTreeMap<u32, Box<MaglevTable>>,
+    /// `BACKEND_ADDRS6`: the address of every IPv6 backend, by id.
+    pub backend_addrs6: BTreeMap<u32, Addr6>,
 }
 
-/// The service's key in `SERVICES`; `None` for a service on an IPv6 VIP, which the IPv4 maps
-/// cannot hold (the table refuses one, `parse_vip`, until the data plane balances IPv6).
+/// The service's key in `SERVICES` (its IPv4 half); `None` for a service on an IPv6 VIP.
 pub fn service_key(service: &Service) -> Option<ServiceKey> {
     let vip_be = match service.vip {
         None => 0,
@@ -79,43 +86,47 @@ pub fn desired(table: &Table, self_node: Option<&str>) -> MapContents {
         .collect();
     contents.nodes = remote.values().copied().collect();
     for service in &table.services {
-        let Some(key) = service_key(service) else {
-            continue;
-        };
         assert!(
             service.backends.len() <= MAX_BACKENDS_PER_SERVICE,
             "model enforces the limit"
         );
-        // Drained and unhealthy backends stay active in BACKENDS (their flows continue) but
-        // leave the list new flows choose from.
-        let (selectable, fail_open) = service.selectable();
-        let turns = round_robin_turns(&selectable);
-        let mut value = ServiceValue {
-            service_id: service.id,
-            backend_count: turns.len() as u32,
-            flags: if fail_open { SERVICE_FAIL_OPEN } else { 0 },
-            scheduler: service.scheduler.number(),
-            ..ServiceValue::default()
-        };
-        value.backend_ids[..turns.len()].copy_from_slice(&turns);
-        if service.scheduler == Scheduler::Maglev {
-            let backends: Vec<MaglevBackend> = selectable
-                .iter()
-                .map(|b| MaglevBackend {
-                    identity: b.to_string(),
-                    id: b.id,
-                    weight: b.weight,
-                })
-                .collect();
-            if let Some(table) = maglev::build(&backends) {
+        // Each family's half: its own backend list, cursor and maglev table.
+        if let Some(key) = service_key(service) {
+            let (value, maglev) = family_value(service, false);
+            contents.services.insert(key, value);
+            if let Some(table) = maglev {
                 contents.maglev.insert(service.id, table);
             }
         }
+        if let Some(key) = service_key6(service) {
+            let (value, maglev) = family_value(service, true);
+            contents.services6.insert(key, value);
+            if let Some(table) = maglev {
+                contents.maglev6.insert(service.id, table);
+            }
+        }
         for backend in &service.backends {
-            // The IPv4 maps hold IPv4 backends; the table refuses others (`parse_backend`)
-            // until the data plane balances IPv6.
-            let SocketAddr::V4(addr) = backend.addr else {
-                continue;
+            let addr = match backend.addr {
+                SocketAddr::V4(addr) => addr,
+                SocketAddr::V6(addr) => {
+                    // On no node (the table refuses IPv6 backends in the mesh): routed.
+                    contents
+                        .backend_addrs6
+                        .insert(backend.id, addr.ip().octets());
+                    contents.backends.insert(
+                        backend.id,
+                        Backend {
+                            ip_be: 0,
+                            port_be: addr.port().to_be(),
+                            flags: BACKEND_ACTIVE | BACKEND_IPV6,
+                            eject_after: u8::try_from(service.health_check.eject_after)
+                                .unwrap_or(u8::MAX),
+                            service_id: service.id,
+                            node_ip_be: 0,
+                        },
+                    );
+                    continue;
+                }
             };
             let routed_here = backend.node.is_none() || backend.node.as_deref() == self_node;
             if routed_here {
@@ -143,19 +154,79 @@ pub fn desired(table: &Table, self_node: Option<&str>) -> MapContents {
                 },
             );
         }
-        contents.services.insert(key, value);
     }
-    contents.service_ports = service_ports(contents.services.keys());
+    contents.service_ports = service_ports(contents.services.keys().copied().chain(
+        contents.services6.keys().map(|key| ServiceKey {
+            // Only which bit matters: a VIP's or every address's.
+            vip_be: u32::from(key.vip != [0; 16]),
+            port_be: key.port_be,
+            proto: key.proto,
+            _pad: 0,
+        }),
+    ));
     contents
 }
 
+/// The service's key in `SERVICES6` (its IPv6 half); `None` for a service on an IPv4 VIP.
+pub fn service_key6(service: &Service) -> Option<ServiceKey6> {
+    let vip = match service.vip {
+        None => [0; 16],
+        Some(IpAddr::V6(vip)) => vip.octets(),
+        Some(IpAddr::V4(_)) => return None,
+    };
+    Some(ServiceKey6 {
+        vip,
+        port_be: service.port.to_be(),
+        proto: service.proto.number(),
+        _pad: 0,
+    })
+}
+
+/// The value of one family's half of `service` (`ipv6`), and its maglev table: the family's
+/// backends new flows may choose. Drained and unhealthy backends stay active in BACKENDS (their
+/// flows continue) but leave the list. A service whose backends are all of the other family
+/// says so, for its own drop reason.
+fn family_value(service: &Service, ipv6: bool) -> (ServiceValue, Option<Box<MaglevTable>>) {
+    let (selectable, fail_open) = service.selectable_in(ipv6);
+    let turns = round_robin_turns(&selectable);
+    let other_family_only =
+        !service.backends.is_empty() && service.backends.iter().all(|b| b.addr.is_ipv6() != ipv6);
+    let mut value = ServiceValue {
+        service_id: service.id,
+        backend_count: turns.len() as u32,
+        flags: if fail_open { SERVICE_FAIL_OPEN } else { 0 }
+            | if other_family_only {
+                SERVICE_OTHER_FAMILY_ONLY
+            } else {
+                0
+            },
+        scheduler: service.scheduler.number(),
+        ..ServiceValue::default()
+    };
+    value.backend_ids[..turns.len()].copy_from_slice(&turns);
+    let maglev = (service.scheduler == Scheduler::Maglev)
+        .then(|| {
+            let backends: Vec<MaglevBackend> = selectable
+                .iter()
+                .map(|b| MaglevBackend {
+                    identity: b.to_string(),
+                    id: b.id,
+                    weight: b.weight,
+                })
+                .collect();
+            maglev::build(&backends)
+        })
+        .flatten();
+    (value, maglev)
+}
+
 /// The non-zero words of `SERVICE_PORTS` that publish the services of `keys`.
-pub fn service_ports<'a>(keys: impl Iterator<Item = &'a ServiceKey>) -> BTreeMap<u32, u64> {
+pub fn service_ports(keys: impl Iterator<Item = ServiceKey>) -> BTreeMap<u32, u64> {
     let mut words = BTreeMap::new();
     for key in keys {
         let (word, shift) =
             service_port_slot(key.proto, key.port_be).expect("services are TCP or UDP");
-        *words.entry(word).or_default() |= service_port_bit(key) << shift;
+        *words.entry(word).or_default() |= service_port_bit(&key) << shift;
     }
     words
 }
@@ -262,6 +333,14 @@ pub struct Delta {
     pub backends_to_clear: Vec<u32>,
     pub local_backends_to_remove: Vec<LocalBackendKey>,
     pub nodes_to_remove: Vec<u32>,
+    /// The IPv6 halves, written and deleted with their IPv4 counterparts: addresses before the
+    /// backends that use them, tables before the services.
+    pub backend_addrs6_to_write: Vec<(u32, Addr6)>,
+    pub maglev6_to_write: Vec<(u32, Box<MaglevTable>)>,
+    pub services6_to_write: Vec<(ServiceKey6, ServiceValue)>,
+    pub new_service_ids6: Vec<u32>,
+    pub services6_to_delete: Vec<ServiceKey6>,
+    pub maglev6_to_delete: Vec<u32>,
 }
 
 impl Delta {
@@ -279,6 +358,11 @@ impl Delta {
             + self.backends_to_clear.len()
             + self.local_backends_to_remove.len()
             + self.nodes_to_remove.len()
+            + self.backend_addrs6_to_write.len()
+            + self.maglev6_to_write.len()
+            + self.services6_to_write.len()
+            + self.services6_to_delete.len()
+            + self.maglev6_to_delete.len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -309,7 +393,9 @@ pub fn delta(desired: &MapContents, actual: &MapContents) -> Delta {
             // Same backend reached another way (this instance became, or stopped being, its
             // node): rewritten in place, its counters kept.
             Some(current)
-                if current.ip_be == backend.ip_be && current.port_be == backend.port_be =>
+                if current.ip_be == backend.ip_be
+                    && current.port_be == backend.port_be
+                    && actual.backend_addrs6.get(id) == desired.backend_addrs6.get(id) =>
             {
                 delta.backends_to_write.push((*id, *backend));
             }
@@ -363,6 +449,41 @@ pub fn delta(desired: &MapContents, actual: &MapContents) -> Delta {
         .backends
         .keys()
         .filter(|id| !desired.backends.contains_key(id))
+        .copied()
+        .collect();
+    for (id, addr) in &desired.backend_addrs6 {
+        if actual.backend_addrs6.get(id) != Some(addr) {
+            delta.backend_addrs6_to_write.push((*id, *addr));
+        }
+    }
+    let actual_service_ids6: BTreeMap<u32, &ServiceKey6> = actual
+        .services6
+        .iter()
+        .map(|(key, value)| (value.service_id, key))
+        .collect();
+    for (key, value) in &desired.services6 {
+        if actual.services6.get(key) != Some(value) {
+            delta.services6_to_write.push((*key, *value));
+        }
+        if actual_service_ids6.get(&value.service_id) != Some(&key) {
+            delta.new_service_ids6.push(value.service_id);
+        }
+    }
+    delta.services6_to_delete = actual
+        .services6
+        .keys()
+        .filter(|key| !desired.services6.contains_key(key))
+        .copied()
+        .collect();
+    for (id, table) in &desired.maglev6 {
+        if actual.maglev6.get(id) != Some(table) {
+            delta.maglev6_to_write.push((*id, table.clone()));
+        }
+    }
+    delta.maglev6_to_delete = actual
+        .maglev6
+        .keys()
+        .filter(|id| !desired.maglev6.contains_key(id))
         .copied()
         .collect();
     delta
@@ -464,6 +585,46 @@ mod tests {
             [(tcp_word, web_only.service_ports[&tcp_word]), (udp_word, 0)]
         );
         assert_eq!(delta.services_to_delete.len(), 2);
+    }
+
+    #[test]
+    fn each_family_has_its_half_of_a_service() {
+        let t = table(&[(
+            "web",
+            8080,
+            &["10.0.0.6:80", "[2001:db8::6]:80", "[2001:db8::7]:80"],
+        )]);
+        let contents = desired(&t, None);
+        let (_, v4) = contents.services.iter().next().unwrap();
+        let (key6, v6) = contents.services6.iter().next().unwrap();
+        assert_eq!((v4.backend_count, v4.backend_ids[0]), (1, 0));
+        assert_eq!(
+            (v6.backend_count, &v6.backend_ids[..2]),
+            (2, &[1u32, 2][..])
+        );
+        assert_eq!((key6.vip, u16::from_be(key6.port_be)), ([0; 16], 8080));
+        assert_eq!(v4.flags | v6.flags, 0);
+        let addr6: [u8; 16] = "2001:db8::7"
+            .parse::<std::net::Ipv6Addr>()
+            .unwrap()
+            .octets();
+        assert_eq!(contents.backend_addrs6[&2], addr6);
+        assert_eq!(contents.backends[&2].flags, BACKEND_ACTIVE | BACKEND_IPV6);
+        assert_eq!(contents.backends[&2].ip_be, 0);
+        // One service port word, whatever the families.
+        assert_eq!(contents.service_ports.len(), 1);
+
+        // A family without backends says the service has the other's only.
+        let v4_only = desired(&table(&[("web", 8080, &["10.0.0.6:80"])]), None);
+        let (_, v6) = v4_only.services6.iter().next().unwrap();
+        assert_eq!((v6.backend_count, v6.flags), (0, SERVICE_OTHER_FAMILY_ONLY));
+        let empty = desired(&table(&[("web", 8080, &[])]), None);
+        assert_eq!(empty.services6.values().next().unwrap().flags, 0);
+        // The IPv6 half's writes: addresses, then the service.
+        let delta = delta(&contents, &v4_only);
+        assert_eq!(delta.backend_addrs6_to_write.len(), 2);
+        assert_eq!(delta.services6_to_write.len(), 1);
+        assert!(super::delta(&contents, &contents).is_empty());
     }
 
     #[test]
@@ -598,7 +759,9 @@ mod tests {
         let delta = delta(&maglev, &round_robin);
         assert_eq!(delta.maglev_to_write.len(), 1);
         assert_eq!(delta.services_to_write.len(), 1);
-        assert_eq!(delta.writes(), 2);
+        // The IPv6 half (no IPv6 backend: no table) changes its scheduler too.
+        assert_eq!(delta.services6_to_write.len(), 1);
+        assert_eq!(delta.writes(), 3);
         t.set_drained("web", parse_backend("10.0.0.7:80").unwrap(), true)
             .unwrap();
         let drained = desired(&t, None);
@@ -750,11 +913,11 @@ mod tests {
     fn an_applied_mesh_yields_no_writes() {
         let want = desired(&web_on_two_nodes(), Some("n2"));
         assert!(delta(&want, &want).is_empty());
-        // The mesh, n1, three backends, the service and its port, and the two backends n2
-        // routes itself.
+        // The mesh, n1, three backends, the service (both halves: the IPv6 one says it has
+        // none of its family) and its port, and the two backends n2 routes itself.
         assert_eq!(
             delta(&want, &MapContents::default()).writes(),
-            1 + 1 + 3 + 1 + 1 + 2
+            1 + 1 + 3 + 2 + 1 + 2
         );
     }
 

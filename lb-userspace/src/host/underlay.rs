@@ -75,6 +75,19 @@ pub fn local_addrs() -> Result<BTreeSet<Ipv4Addr>> {
     Ok(interface_addrs()?.into_iter().map(|a| a.addr).collect())
 }
 
+/// The IPv6 addresses of the namespace's interfaces that a client may reach a service on
+/// every address at: not link-local (valid on one link only, with a scope a flow key does not
+/// carry) and not loopback (no client comes from the wire to it).
+pub fn local_addrs6() -> Result<BTreeSet<[u8; 16]>> {
+    let list =
+        nix::ifaddrs::getifaddrs().context("listing the namespace's addresses (getifaddrs)")?;
+    Ok(list
+        .filter_map(|entry| entry.address?.as_sockaddr_in6().map(|sin6| sin6.ip()))
+        .filter(|ip| !ip.is_unicast_link_local() && !ip.is_loopback())
+        .map(|ip| ip.octets())
+        .collect())
+}
+
 /// The MAC addresses a frame arriving on one of the `attached` interfaces may carry to be this
 /// node's: the interface's own, and its master's (a bridge it is a port of). Only these: a
 /// Docker host has a veth per container, and the map is bounded.

@@ -150,7 +150,7 @@ impl Table {
                 vip.map(|v| format!(" on {v}")).unwrap_or_default(),
             ));
         }
-        check_backend_list(name, &[], backends)?;
+        check_backend_list(name, vip, &[], backends)?;
         self.check_nodes_known(backends)?;
         if index.service_ids.len() >= MAX_SERVICES as usize {
             return Err(format!(
@@ -206,7 +206,7 @@ impl Table {
     ) -> Result<(), String> {
         let service = &self.services[position];
         let name = service.name.clone();
-        check_backend_list(&name, &service.backends, backends)?;
+        check_backend_list(&name, service.vip, &service.backends, backends)?;
         self.check_nodes_known(backends)?;
         let new = self.allocate_backends(index, &name, backends)?;
         self.services[position].backends.extend(new);
@@ -428,12 +428,35 @@ fn next_free(start: u32, limit: u32, used: &BTreeSet<u32>) -> Option<u32> {
     (start..limit).chain(0..start).find(|id| !used.contains(id))
 }
 
-/// Within a service an `IP:PORT` appears once, whatever its node.
+/// Within a service an `IP:PORT` appears once, whatever its node. A service on a VIP has
+/// backends of its VIP's family only (lbctl does not translate between families); an IPv6
+/// backend is on no node (the mesh carries IPv4 only).
 fn check_backend_list(
     service: &str,
+    vip: Option<IpAddr>,
     existing: &[Backend],
     new: &[BackendSpec],
 ) -> Result<(), String> {
+    for spec in new {
+        if let Some(vip) = vip
+            && vip.is_ipv6() != spec.addr.is_ipv6()
+        {
+            return Err(format!(
+                "service '{service}' is on {vip}: backend {} is of the other address family \
+                 (lbctl does not translate between IPv4 and IPv6)",
+                spec.addr
+            ));
+        }
+        if spec.addr.is_ipv6()
+            && let Some(node) = &spec.node
+        {
+            return Err(format!(
+                "backend {}@{node}: IPv6 backends are not balanced through the mesh yet; \
+                 give it without @NODE on the node that reaches it",
+                spec.addr
+            ));
+        }
+    }
     let mut seen: BTreeSet<SocketAddr> = existing.iter().map(|b| b.addr).collect();
     for spec in new {
         if !seen.insert(spec.addr) {
@@ -518,8 +541,6 @@ mod tests {
             ("[::]:80", "not a host's"),
             ("[::ffff:10.0.0.6]:80", "write it as IPv4"),
             ("[2001:db8::zz]:80", "not an IPv6 address"),
-            // A well-formed IPv6 backend, until the data plane balances IPv6.
-            ("[2001:db8::6]:80", "IPv6 is not balanced yet"),
         ] {
             let err = parse_backend(bad).unwrap_err();
             assert!(err.contains(bad) && err.contains(why), "{bad}: {err}");
@@ -528,12 +549,49 @@ mod tests {
             ("::", "not a host's"),
             ("ff02::1", "multicast"),
             ("fe80::1", "link-local"),
-            ("2001:db8::6", "IPv6 is not balanced yet"),
             ("10.0.0.300", "not an IPv4 or IPv6 address"),
         ] {
             let err = parse_vip(bad).unwrap_err();
             assert!(err.contains(bad) && err.contains(why), "{bad}: {err}");
         }
+        assert_eq!(
+            addr("[2001:db8::6]:80"),
+            "[2001:db8::6]:80".parse::<SocketAddr>().unwrap()
+        );
+        assert_eq!(
+            parse_vip("2001:db8::6"),
+            Ok("2001:db8::6".parse::<IpAddr>().unwrap())
+        );
+    }
+
+    #[test]
+    fn a_vip_takes_backends_of_its_family_and_ipv6_backends_are_on_no_node() {
+        let mut table = table_with_web();
+        table.add_node("n2", ip("192.168.1.2")).unwrap();
+        let before = table.clone();
+        let v6 = addr("[2001:db8::6]:80");
+        let vip4 = Some(IpAddr::from(ip("10.9.9.9")));
+        let vip6 = Some("2001:db8::99".parse::<IpAddr>().unwrap());
+        for (vip, backend, why) in [
+            (vip4, v6, "other address family"),
+            (vip6, addr("10.0.0.8:80"), "other address family"),
+        ] {
+            let err = table
+                .add_service("api", Proto::Tcp, 9090, vip, &[backend])
+                .unwrap_err();
+            assert!(err.contains(why), "{err}");
+        }
+        let err = table
+            .add_backends("web", &[parse_backend_spec("[2001:db8::6]:80@n2").unwrap()])
+            .unwrap_err();
+        assert!(err.contains("not balanced through the mesh"), "{err}");
+        assert_eq!(table, before);
+        // Both families behind one published port, and an IPv6 VIP with IPv6 backends.
+        table.add_backends("web", &[v6]).unwrap();
+        table
+            .add_service("api", Proto::Tcp, 9090, vip6, &[v6])
+            .unwrap();
+        table.validate().unwrap();
     }
 
     #[test]

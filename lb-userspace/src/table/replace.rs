@@ -40,7 +40,7 @@ impl Table {
             if wanted.insert(&spec.name, spec).is_some() {
                 return Err(format!("service '{}' is declared twice", spec.name));
             }
-            check_backend_list(&spec.name, &[], &spec.backends)
+            check_backend_list(&spec.name, spec.vip, &[], &spec.backends)
                 .map_err(|err| naming_service(&spec.name, err))?;
             spec.health_check
                 .validate()

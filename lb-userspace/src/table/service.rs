@@ -336,14 +336,28 @@ impl Service {
     /// undrained backend (of a weight above 0) is unhealthy, new flows go to all of them rather
     /// than nowhere (the checks themselves may be what is broken).
     pub fn selectable(&self) -> (Vec<&Backend>, bool) {
-        let eligible: Vec<&Backend> = self.backends.iter().filter(|b| b.eligible()).collect();
+        self.selectable_of(|_| true)
+    }
+
+    /// [`Service::selectable`] among the backends of one address family (`ipv6`): each family's
+    /// clients are balanced over that family's backends, and fail open on their own.
+    pub fn selectable_in(&self, ipv6: bool) -> (Vec<&Backend>, bool) {
+        self.selectable_of(|b| b.addr.is_ipv6() == ipv6)
+    }
+
+    fn selectable_of(&self, of: impl Fn(&Backend) -> bool) -> (Vec<&Backend>, bool) {
+        let eligible: Vec<&Backend> = self
+            .backends
+            .iter()
+            .filter(|b| of(b) && b.eligible())
+            .collect();
         if !eligible.is_empty() {
             return (eligible, false);
         }
         let undrained: Vec<&Backend> = self
             .backends
             .iter()
-            .filter(|b| b.takes_new_flows())
+            .filter(|b| of(b) && b.takes_new_flows())
             .collect();
         let fail_open = !undrained.is_empty();
         (undrained, fail_open)

@@ -72,7 +72,7 @@ impl Table {
                     weight: b.weight,
                 })
                 .collect();
-            check_backend_list(name, &[], &specs)?;
+            check_backend_list(name, service.vip, &[], &specs)?;
             self.check_nodes_known(&specs)?;
             for backend in &service.backends {
                 parse_backend(&backend.addr.to_string())?;

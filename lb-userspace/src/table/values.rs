@@ -66,7 +66,6 @@ fn backend_addr(s: &str) -> Result<SocketAddr, String> {
     let addr = socket_addr(s)?;
     check_unicast(addr.ip())
         .map_err(|why| format!("{} cannot be a backend address: {why}", addr.ip()))?;
-    balanced_family(addr.ip())?;
     Ok(addr)
 }
 
@@ -116,18 +115,6 @@ fn check_unicast(ip: IpAddr) -> Result<(), &'static str> {
             Err("an IPv4 address in IPv6 form: write it as IPv4")
         }
         IpAddr::V6(_) => Ok(()),
-    }
-}
-
-/// Whether the data plane balances `ip`'s family: IPv4 only, until it has its IPv6 tables. The
-/// one place an IPv6 backend or VIP is refused for its family, so that none is accepted and
-/// then left unserved.
-fn balanced_family(ip: IpAddr) -> Result<(), String> {
-    match ip {
-        IpAddr::V4(_) => Ok(()),
-        IpAddr::V6(_) => Err(format!(
-            "{ip}: IPv6 is not balanced yet, the data plane handles IPv4 only (see docs/limits.md)"
-        )),
     }
 }
 
@@ -319,7 +306,6 @@ pub fn parse_vip(s: &str) -> Result<IpAddr, String> {
         .map_err(|_| format!("invalid VIP '{s}': not an IPv4 or IPv6 address"))?;
     check_unicast(ip)
         .map_err(|why| format!("invalid VIP '{s}': {ip} cannot be a service address: {why}"))?;
-    balanced_family(ip).map_err(|why| format!("invalid VIP '{s}': {why}"))?;
     Ok(ip)
 }
 

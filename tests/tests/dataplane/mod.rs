@@ -40,6 +40,21 @@ pub const TC_ACT_SHOT: i32 = 2;
 pub const TC_ACT_REDIRECT: i32 = 7;
 
 pub const NODE_IP: [u8; 4] = [192, 168, 100, 1];
+/// The node's and the client's IPv6 addresses, and the IPv6 backends (neighbours on `lbt0`).
+pub const NODE_IP6: [u8; 16] = [
+    0x20, 0x01, 0x0d, 0xb8, 0x01, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1,
+];
+pub const CLIENT_IP6: [u8; 16] = [
+    0x20, 0x01, 0x0d, 0xb8, 0x01, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2,
+];
+pub const BACKENDS6: [[u8; 16]; 2] = [
+    [
+        0x20, 0x01, 0x0d, 0xb8, 0, 0x10, 0, 0, 0, 0, 0, 0, 0, 0, 0, 6,
+    ],
+    [
+        0x20, 0x01, 0x0d, 0xb8, 0, 0x10, 0, 0, 0, 0, 0, 0, 0, 0, 0, 7,
+    ],
+];
 pub const CLIENT_IP: [u8; 4] = [192, 168, 100, 2];
 pub const OTHER_IP: [u8; 4] = [192, 168, 100, 77];
 pub const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];
@@ -104,10 +119,17 @@ pub fn with_node_of(flow_capacity: u32, body: impl FnOnce(&mut Node) + Send) {
         "neigh add 10.0.0.7 lladdr 02:00:00:00:00:07 dev lbt0 nud permanent",
         "neigh add 10.0.0.8 lladdr 02:00:00:00:00:08 dev lbt0 nud permanent",
         "neigh add 192.168.100.11 lladdr 02:00:00:00:00:0b dev lbt0 nud permanent",
+        // IPv6: the node 2001:db8:100::1 beside its client, its backends on 2001:db8:10::/64.
+        "addr add 2001:db8:100::1/64 dev lbt0 nodad",
+        "addr add 2001:db8:10::1/64 dev lbt0 nodad",
+        "neigh add 2001:db8:100::2 lladdr 02:00:00:00:00:02 dev lbt0 nud permanent",
+        "neigh add 2001:db8:10::6 lladdr 02:00:00:00:00:06 dev lbt0 nud permanent",
+        "neigh add 2001:db8:10::7 lladdr 02:00:00:00:00:07 dev lbt0 nud permanent",
     ] {
         ns.ip(args.split(' ')).unwrap();
     }
     ns.sysctl("net.ipv4.ip_forward", "1").unwrap();
+    ns.sysctl("net.ipv6.conf.all.forwarding", "1").unwrap();
     ns.in_netns(move || {
         let mut ebpf = dataplane::load(None, flow_capacity).unwrap();
         let xdp: &mut Xdp = ebpf
@@ -122,12 +144,15 @@ pub fn with_node_of(flow_capacity: u32, body: impl FnOnce(&mut Node) + Send) {
             .try_into()
             .unwrap();
         tc.load().unwrap();
+        dataplane::load_ipv6_programs(&mut ebpf).unwrap();
         let mut maps = Maps::take(&mut ebpf).unwrap();
         // Frames for another host's MAC start no flow: lbt0's is this node's.
         let host = lb_userspace::host::underlay::host_view(&["lbt0"]).unwrap();
         maps.sync_host_macs(&host.attached_macs).unwrap();
         // A service on every address is balanced at the node's own addresses.
         maps.sync_host_addrs(&host.addrs).unwrap();
+        maps.sync_host_addrs6(&lb_userspace::host::underlay::local_addrs6().unwrap())
+            .unwrap();
         let ifindex = if_index("lbt0");
         let mut node = Node {
             ebpf,

@@ -1,0 +1,203 @@
+//! The XDP and TC programs' IPv6 path: DNAT of new and established IPv6 flows to a service's
+//! IPv6 backends, reverse NAT of their replies, and forwarding of both, as `ingress`, `reply`
+//! and `egress` do for IPv4. A client of one family is balanced over that family's backends
+//! only. Not (yet) for IPv6: the mesh (IPv6 backends are on no node), hairpin flows, passive
+//! health, fragments, ICMPv6 errors (all passed to the kernel), the node's own sockets.
+use aya_ebpf::{
+    bindings::{TC_ACT_UNSPEC, xdp_action},
+    programs::{TcContext, XdpContext},
+};
+use lb_common::{
+    Event, FlowKey6, FlowValue6, PROTO_TCP, Reason, ReverseValue6, SCHEDULER_MAGLEV,
+    SERVICE_OTHER_FAMILY_ONLY, SERVICE_PORT_ANY, SERVICE_PORT_VIP, ServiceValue,
+};
+
+use crate::{
+    conntrack6::{self as flows},
+    forward::{self, Egress},
+    ingress,
+    maps::HOST_ADDRS6,
+    nat::{self, Side},
+    parse6::{self, Packet6},
+    select, stats,
+};
+
+/// The XDP program's IPv6 path (`lb_xdp6`, tail-called by `lb_xdp` for every IPv6 frame).
+#[inline(always)]
+pub fn try_xdp(ctx: &XdpContext) -> Result<(u32, Reason), Reason> {
+    let mut key = FlowKey6::default();
+    let pkt = parse6::parse6(
+        ctx.data(),
+        ctx.data_end(),
+        ctx.data_end() - ctx.data(),
+        &mut key,
+    )?;
+    let port = select::service_port(pkt.proto, pkt.dst_port_be);
+    if port != 0 {
+        if let Some(flow) = flows::pinned(&key, &pkt) {
+            flows::note(&key, pkt.tcp_flags, true);
+            return to_backend(ctx, &pkt, &key, &flow, false);
+        }
+        if let Some(outcome) = to_service(ctx, &pkt, &key, port) {
+            return outcome;
+        }
+    }
+    match flows::reverse_lookup(&key) {
+        Some(reverse) => reply(ctx, &pkt, &key, &reverse),
+        None => Err(Reason::PassNotService),
+    }
+}
+
+/// The service a packet to a service port is addressed to: by its exact address, then by port
+/// on any address.
+#[inline(always)]
+fn lookup_service(key: &FlowKey6, port: u64) -> Option<(&'static ServiceValue, bool)> {
+    if port & SERVICE_PORT_VIP != 0
+        && let Some(service) = flows::service(&key.dst, key.dst_port_be, key.proto)
+    {
+        return Some((service, false));
+    }
+    if port & SERVICE_PORT_ANY == 0 {
+        return None;
+    }
+    flows::service(&[0; 16], key.dst_port_be, key.proto).map(|service| (service, true))
+}
+
+/// A packet to a service port without a flow to follow: a reply from a port that is also a
+/// service port, or a new flow that chooses its backend here. `None`: no IPv6 service there.
+#[inline(always)]
+fn to_service(
+    ctx: &XdpContext,
+    pkt: &Packet6,
+    key: &FlowKey6,
+    port: u64,
+) -> Option<Result<(u32, Reason), Reason>> {
+    let (service, any_address) = lookup_service(key, port)?;
+    if !pkt.is_tcp_syn()
+        && let Some(reverse) = flows::reverse_lookup(key)
+    {
+        return Some(reply(ctx, pkt, key, &reverse));
+    }
+    if ingress::for_another_host(ctx) {
+        return Some(Err(Reason::PassOtherHost));
+    }
+    // SAFETY: only presence is read.
+    if any_address && unsafe { HOST_ADDRS6.get(&key.dst) }.is_none() {
+        return Some(Err(Reason::PassNotLocal));
+    }
+    if service.backend_count == 0 {
+        let reason = if service.flags & SERVICE_OTHER_FAMILY_ONLY != 0 {
+            Reason::DropNoBackendOfFamily
+        } else {
+            Reason::DropNoBackend
+        };
+        return Some(Ok((xdp_action::XDP_DROP, reason)));
+    }
+    // A TCP segment of a connection this node has no entry for: maglev finds its backend
+    // again; round-robin would pick one that never saw it, so the kernel resets it.
+    let recovered = pkt.proto == PROTO_TCP && !pkt.is_tcp_syn();
+    let chosen = if service.scheduler == SCHEDULER_MAGLEV {
+        flows::maglev(service, key)
+    } else if recovered {
+        return Some(Err(Reason::PassFlowUnknown));
+    } else {
+        flows::round_robin(service)
+    };
+    let Some((backend_id, backend, addr)) = chosen else {
+        return Some(Ok((xdp_action::XDP_DROP, Reason::DropNoBackend)));
+    };
+    let flow = flows::new_flow(backend_id, &backend, addr, pkt.tcp_flags);
+    let event = if recovered {
+        Event::FlowRecovered
+    } else {
+        Event::FlowCreated
+    };
+    if !flows::record(key, &flow, event) {
+        return Some(Ok((xdp_action::XDP_DROP, Reason::DropFlowTableFull)));
+    }
+    Some(to_backend(ctx, pkt, key, &flow, !recovered))
+}
+
+/// DNATs a client's packet to its flow's backend and routes it there.
+#[inline(always)]
+fn to_backend(
+    ctx: &XdpContext,
+    pkt: &Packet6,
+    key: &FlowKey6,
+    flow: &FlowValue6,
+    new_flow: bool,
+) -> Result<(u32, Reason), Reason> {
+    let (data, data_end) = (ctx.data(), ctx.data_end());
+    let to = (&flow.backend_ip, flow.backend_port_be);
+    nat::rewrite6((data, data_end), pkt, key, Side::Dst, to).ok_or(Reason::PassTruncated)?;
+    stats::count_to_backend(flow.backend_id, (data_end - data) as u64, new_flow);
+    if pkt.hop_limit <= 1 {
+        // The kernel answers with ICMPv6 time exceeded, to the client.
+        return Ok((xdp_action::XDP_PASS, Reason::ForwardTtlExpired));
+    }
+    let egress = forward::decide6(ctx, pkt, &key.src, &flow.backend_ip);
+    forward::route6(
+        ctx,
+        &egress,
+        [
+            Reason::ForwardTx,
+            Reason::ForwardRedirect,
+            Reason::ForwardStack,
+        ],
+    )
+}
+
+/// Reverse-NATs a backend's IPv6 reply when XDP sends it on itself; otherwise it goes to the
+/// kernel untouched, and TC egress NATs it on its way out ([`try_tc_reply`]).
+#[inline(always)]
+fn reply(
+    ctx: &XdpContext,
+    pkt: &Packet6,
+    key: &FlowKey6,
+    reverse: &ReverseValue6,
+) -> Result<(u32, Reason), Reason> {
+    flows::note_reply(key, reverse, pkt.tcp_flags);
+    let egress = forward::decide6(ctx, pkt, &reverse.orig_ip, &key.dst).without_peer();
+    let (hop, reason) = match egress {
+        Egress::Tx(ref hop) => (hop, Reason::ReplyTx),
+        Egress::Redirect(ref hop) => (hop, Reason::ReplyRedirect),
+        Egress::Stack => return Ok((xdp_action::XDP_PASS, Reason::ReplyStack)),
+    };
+    let (data, data_end) = (ctx.data(), ctx.data_end());
+    let to = (&reverse.orig_ip, reverse.orig_port_be);
+    nat::rewrite6((data, data_end), pkt, key, Side::Src, to).ok_or(Reason::PassTruncated)?;
+    forward::prepare_l2_6(ctx, hop).ok_or(Reason::PassTruncated)?;
+    stats::count_reply(reverse.backend_id, (data_end - data) as u64);
+    Ok((forward::send(ctx, &egress), reason))
+}
+
+/// TC egress's IPv6 path (`lb_tc_egress6`, tail-called by `lb_tc_egress`): reverse-NATs a
+/// backend's reply the kernel routed out of an lbctl interface. Returns the TC action.
+#[inline(always)]
+pub fn try_tc_reply(ctx: &mut TcContext) -> Result<i32, i64> {
+    let len = ctx.len() as usize;
+    let mut key = FlowKey6::default();
+    let mut parsed = parse6::parse6(ctx.data(), ctx.data_end(), len, &mut key);
+    if parsed == Err(Reason::PassTruncated) && len > ctx.data_end() - ctx.data() {
+        // Headers may sit outside the linear part of the skb: pull them in and look again.
+        ctx.pull_data(ctx.len().min(TC_HEADERS_MAX))?;
+        parsed = parse6::parse6(ctx.data(), ctx.data_end(), len, &mut key);
+    }
+    let Ok(pkt) = parsed else {
+        return Ok(TC_ACT_UNSPEC);
+    };
+    let Some(reverse) = flows::reverse_lookup(&key) else {
+        return Ok(TC_ACT_UNSPEC);
+    };
+    flows::note_reply(&key, &reverse, pkt.tcp_flags);
+    let to = (&reverse.orig_ip, reverse.orig_port_be);
+    nat::tc_rewrite6(ctx, &pkt, &key, Side::Src, to)?;
+    let bytes = u64::from(ctx.len());
+    stats::count_reason(Reason::ReplyEgress, bytes);
+    stats::count_reply(reverse.backend_id, bytes);
+    Ok(TC_ACT_UNSPEC)
+}
+
+/// Headers the IPv6 parser may need in the skb's linear part: Ethernet, IPv6, two extension
+/// headers of 64 bytes, TCP with options.
+const TC_HEADERS_MAX: u32 = 14 + 40 + 128 + 60;

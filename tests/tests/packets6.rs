@@ -1,0 +1,361 @@
+//! IPv6 packet tests: crafted IPv6 frames run through the real data plane with BPF_PROG_RUN
+//! (the IPv4 programs tail-call the IPv6 ones), checked against the exact frame expected back,
+//! the action and the counters.
+mod dataplane;
+
+use std::net::{Ipv6Addr, SocketAddr};
+
+use dataplane::*;
+use etherparse::PacketBuilder;
+use lb_common::{Event, Reason};
+use lb_userspace::table::{Proto, Scheduler};
+
+/// The IPv6 services the tests add: TCP on every address, UDP on every address.
+const WEB6_PORT: u16 = 8086;
+const DNS6_PORT: u16 = 5356;
+
+fn backend6(i: usize, port: u16) -> SocketAddr {
+    SocketAddr::new(Ipv6Addr::from(BACKENDS6[i]).into(), port)
+}
+
+/// `web6` (TCP, both IPv6 backends) and `dns6` (UDP, the first) on every address.
+fn with_ipv6_services(node: &mut Node) {
+    let web: Vec<SocketAddr> = (0..2).map(|i| backend6(i, BACKEND_PORT)).collect();
+    node.table
+        .add_service("web6", Proto::Tcp, WEB6_PORT, None, &web)
+        .unwrap();
+    node.table
+        .add_service(
+            "dns6",
+            Proto::Udp,
+            DNS6_PORT,
+            None,
+            &[backend6(0, DNS_BACKEND_PORT)],
+        )
+        .unwrap();
+    node.apply();
+}
+
+/// An IPv6 TCP frame; `flags` as `dataplane::tcp` takes them.
+fn tcp6(
+    macs: ([u8; 6], [u8; 6]),
+    src: ([u8; 16], u16),
+    dst: ([u8; 16], u16),
+    hop_limit: u8,
+    flags: &str,
+) -> Vec<u8> {
+    let builder = PacketBuilder::ethernet2(macs.0, macs.1)
+        .ipv6(src.0, dst.0, hop_limit)
+        .tcp(src.1, dst.1, 1000, 64240);
+    let builder = match flags {
+        "S" => builder.syn(),
+        "SA" => builder.syn().ack(1001),
+        "A" => builder.ack(1),
+        "FA" => builder.fin().ack(1),
+        "R" => builder.rst(),
+        other => panic!("unknown flags {other}"),
+    };
+    let mut frame = Vec::new();
+    builder.write(&mut frame, b"").unwrap();
+    frame
+}
+
+fn udp6(
+    macs: ([u8; 6], [u8; 6]),
+    src: ([u8; 16], u16),
+    dst: ([u8; 16], u16),
+    hop_limit: u8,
+    payload: &[u8],
+) -> Vec<u8> {
+    let mut frame = Vec::new();
+    PacketBuilder::ethernet2(macs.0, macs.1)
+        .ipv6(src.0, dst.0, hop_limit)
+        .udp(src.1, dst.1)
+        .write(&mut frame, payload)
+        .unwrap();
+    frame
+}
+
+/// The client's TCP frame to the node's `port`.
+fn client6(port: u16, service_port: u16, flags: &str) -> Vec<u8> {
+    tcp6(
+        (CLIENT_MAC, INGRESS_MAC),
+        (CLIENT_IP6, port),
+        (NODE_IP6, service_port),
+        64,
+        flags,
+    )
+}
+
+/// Checks the TCP or UDP checksum of an IPv6 frame by recomputing it.
+fn assert_checksum_valid6(frame: &[u8]) {
+    let sliced = etherparse::SlicedPacket::from_ethernet(frame).unwrap();
+    let Some(etherparse::NetSlice::Ipv6(ip)) = sliced.net else {
+        panic!("not IPv6")
+    };
+    let header = ip.header().to_header();
+    match sliced.transport {
+        Some(etherparse::TransportSlice::Tcp(tcp)) => {
+            let expected = tcp
+                .to_header()
+                .calc_checksum_ipv6(&header, tcp.payload())
+                .unwrap();
+            assert_eq!(tcp.checksum(), expected, "TCP checksum");
+        }
+        Some(etherparse::TransportSlice::Udp(udp)) => {
+            let expected = udp
+                .to_header()
+                .calc_checksum_ipv6(&header, udp.payload())
+                .unwrap();
+            assert_eq!(udp.checksum(), expected, "UDP checksum");
+        }
+        other => panic!("no transport: {other:?}"),
+    }
+}
+
+/// `frame` with an IPv6 extension header of `kind` (8 bytes: the next header, length 0, then
+/// `body`) between the IPv6 header and what followed it.
+fn with_extension(frame: &[u8], kind: u8, body: [u8; 6]) -> Vec<u8> {
+    let mut out = frame[..54].to_vec();
+    let next = out[14 + 6];
+    out[14 + 6] = kind;
+    let payload_len = u16::from_be_bytes([out[18], out[19]]) + 8;
+    out[18..20].copy_from_slice(&payload_len.to_be_bytes());
+    out.extend_from_slice(&[next, 0]);
+    out.extend_from_slice(&body);
+    out.extend_from_slice(&frame[54..]);
+    out
+}
+
+/// A new IPv6 connection is DNATed to the service's next IPv6 backend in round-robin order and
+/// sent back out of the interface it came in on, hop limit one less, TCP checksum updated; its
+/// later packets follow it; the backend's reply is reverse-NATed to the address and port the
+/// client reached, by XDP and by TC egress (as the kernel routed it).
+#[test]
+fn ipv6_flows_are_balanced_and_their_replies_reverse_nated() {
+    with_node(|node| {
+        with_ipv6_services(node);
+        let ingress = Some(node.ifindex);
+        let backend_mac = |i: u8| [0x02, 0, 0, 0, 0, 0x06 + i];
+        for (port, i) in [(40000, 0), (40001, 1), (40002, 0)] {
+            let (action, out) = node.xdp(&client6(port, WEB6_PORT, "S"), ingress);
+            assert_eq!(action, XDP_TX, "port {port}");
+            let expected = tcp6(
+                (node.mac, backend_mac(i as u8)),
+                (CLIENT_IP6, port),
+                (BACKENDS6[i], BACKEND_PORT),
+                63,
+                "S",
+            );
+            assert_eq!(out, expected, "port {port}");
+            assert_checksum_valid6(&out);
+        }
+        assert_eq!(node.reason(Reason::ForwardTx), 3);
+        assert_eq!(node.event(Event::FlowCreated), 3);
+        let (first, second) = (node.backend("web6", 0), node.backend("web6", 1));
+        assert_eq!((first.new_flows, second.new_flows), (2, 1));
+
+        // The flow's next packet goes where its SYN went.
+        let (action, out) = node.xdp(&client6(40001, WEB6_PORT, "A"), ingress);
+        assert_eq!(action, XDP_TX);
+        let expected = tcp6(
+            (node.mac, backend_mac(1)),
+            (CLIENT_IP6, 40001),
+            (BACKENDS6[1], BACKEND_PORT),
+            63,
+            "A",
+        );
+        assert_eq!(out, expected);
+
+        // The reply, through XDP and through TC.
+        let reply = |macs| {
+            tcp6(
+                macs,
+                (BACKENDS6[1], BACKEND_PORT),
+                (CLIENT_IP6, 40001),
+                64,
+                "SA",
+            )
+        };
+        let (action, out) = node.xdp(&reply((backend_mac(1), INGRESS_MAC)), ingress);
+        assert_eq!(action, XDP_TX);
+        let to_client = tcp6(
+            (node.mac, CLIENT_MAC),
+            (NODE_IP6, WEB6_PORT),
+            (CLIENT_IP6, 40001),
+            63,
+            "SA",
+        );
+        assert_eq!(out, to_client);
+        assert_checksum_valid6(&out);
+        assert_eq!(node.reason(Reason::ReplyTx), 1);
+        let routed = reply((node.mac, CLIENT_MAC));
+        let (action, out) = node.tc_on(&routed, ingress);
+        assert_eq!(action, TC_ACT_UNSPEC);
+        let expected = tcp6(
+            (node.mac, CLIENT_MAC),
+            (NODE_IP6, WEB6_PORT),
+            (CLIENT_IP6, 40001),
+            64,
+            "SA",
+        );
+        assert_eq!(out, expected);
+        assert_checksum_valid6(&out);
+        assert_eq!(node.reason(Reason::ReplyEgress), 1);
+        assert_eq!(node.backend("web6", 1).reply_packets, 2);
+    });
+}
+
+/// A datagram to an IPv6 UDP service is DNATed with its checksum updated; one with the zero
+/// checksum IPv6 forbids goes to the kernel, which drops it.
+#[test]
+fn ipv6_datagrams_are_balanced_and_a_zero_checksum_is_refused() {
+    with_node(|node| {
+        with_ipv6_services(node);
+        let ingress = Some(node.ifindex);
+        let query = udp6(
+            (CLIENT_MAC, INGRESS_MAC),
+            (CLIENT_IP6, 50000),
+            (NODE_IP6, DNS6_PORT),
+            64,
+            b"query",
+        );
+        let (action, out) = node.xdp(&query, ingress);
+        assert_eq!(action, XDP_TX);
+        let expected = udp6(
+            (node.mac, [0x02, 0, 0, 0, 0, 0x06]),
+            (CLIENT_IP6, 50000),
+            (BACKENDS6[0], DNS_BACKEND_PORT),
+            63,
+            b"query",
+        );
+        assert_eq!(out, expected);
+        assert_checksum_valid6(&out);
+        let mut zero = query.clone();
+        let check = zero.len() - 5 - 2;
+        zero[check..check + 2].copy_from_slice(&[0, 0]);
+        let (action, out) = node.xdp(&zero, ingress);
+        assert_eq!((action, out), (XDP_PASS, zero));
+        assert_eq!(node.reason(Reason::PassMalformed), 1);
+    });
+}
+
+/// A client of one family is balanced over that family's backends only: an IPv6 client of an
+/// IPv4-only service, and an IPv4 client of an IPv6-only one, are dropped with their own
+/// reason; IPv6 to another host's address, to no service, or ICMPv6, passes untouched.
+#[test]
+fn a_client_without_backends_of_its_family_is_dropped_and_other_ipv6_passes() {
+    with_node(|node| {
+        with_ipv6_services(node);
+        let ingress = Some(node.ifindex);
+        // `web` has IPv4 backends only.
+        let (action, _) = node.xdp(&client6(40000, WEB_PORT, "S"), ingress);
+        assert_eq!(action, XDP_DROP);
+        assert_eq!(node.reason(Reason::DropNoBackendOfFamily), 1);
+        let (action, _) = node.xdp(&client_tcp(40000, WEB6_PORT, "S"), ingress);
+        assert_eq!(action, XDP_DROP);
+        assert_eq!(node.reason(Reason::DropNoBackendOfFamily), 2);
+        assert_eq!(node.reason(Reason::DropNoBackend), 0);
+
+        let mut elsewhere = NODE_IP6;
+        elsewhere[15] = 0x99;
+        let other_host = tcp6(
+            (CLIENT_MAC, INGRESS_MAC),
+            (CLIENT_IP6, 40000),
+            (elsewhere, WEB6_PORT),
+            64,
+            "S",
+        );
+        assert_eq!(
+            node.xdp(&other_host, ingress),
+            (XDP_PASS, other_host.clone())
+        );
+        assert_eq!(node.reason(Reason::PassNotLocal), 1);
+        let no_service = client6(40000, 9999, "S");
+        assert_eq!(
+            node.xdp(&no_service, ingress),
+            (XDP_PASS, no_service.clone())
+        );
+        assert_eq!(node.reason(Reason::PassNotService), 1);
+        // A neighbour solicitation: ICMPv6, never looked into.
+        let mut solicitation = Vec::new();
+        PacketBuilder::ethernet2(CLIENT_MAC, [0x33, 0x33, 0xff, 0, 0, 1])
+            .ipv6(
+                CLIENT_IP6,
+                [0xff, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0xff, 0, 0, 1],
+                255,
+            )
+            .icmpv6(etherparse::Icmpv6Type::Unknown {
+                type_u8: 135,
+                code_u8: 0,
+                bytes5to8: [0; 4],
+            })
+            .write(&mut solicitation, &NODE_IP6)
+            .unwrap();
+        assert_eq!(
+            node.xdp(&solicitation, ingress),
+            (XDP_PASS, solicitation.clone())
+        );
+        assert_eq!(node.reason(Reason::PassNotTcpUdp), 1);
+        assert_eq!(node.event(Event::FlowCreated), 0);
+    });
+}
+
+/// Extension headers: hop-by-hop and destination options are walked to the TCP header (and
+/// kept); a fragment header, and a routing header with segments left (the destination is a
+/// waypoint), send the packet to the kernel untouched.
+#[test]
+fn ipv6_extension_headers_are_walked_or_left_to_the_kernel() {
+    with_node(|node| {
+        with_ipv6_services(node);
+        let ingress = Some(node.ifindex);
+        // PadN options filling the 8 bytes.
+        let pad = [1, 4, 0, 0, 0, 0];
+        for (kind, name) in [(0u8, "hop-by-hop"), (60, "destination options")] {
+            let syn = with_extension(&client6(41000 + u16::from(kind), WEB6_PORT, "S"), kind, pad);
+            let (action, out) = node.xdp(&syn, ingress);
+            assert_eq!(action, XDP_TX, "{name}");
+            assert_eq!(out[14 + 6], kind, "{name}: kept");
+            assert_eq!(
+                &out[14 + 40 + 8 + 2..14 + 40 + 8 + 4],
+                &BACKEND_PORT.to_be_bytes()
+            );
+            assert_eq!(&out[14 + 24..14 + 40], &BACKENDS6[usize::from(kind == 60)]);
+            assert_eq!(out[14 + 7], 63);
+        }
+        let fragment = with_extension(&client6(41100, WEB6_PORT, "S"), 44, [0, 0, 0, 0, 0, 1]);
+        assert_eq!(node.xdp(&fragment, ingress), (XDP_PASS, fragment.clone()));
+        assert_eq!(node.reason(Reason::PassFragment), 1);
+        // Routing type 4 (segment routing), one segment left.
+        let routed = with_extension(&client6(41101, WEB6_PORT, "S"), 43, [4, 1, 0, 0, 0, 0]);
+        assert_eq!(node.xdp(&routed, ingress), (XDP_PASS, routed.clone()));
+        assert_eq!(node.reason(Reason::PassIpv6Extension), 1);
+        // Truncated inside the extension header.
+        let syn = with_extension(&client6(41102, WEB6_PORT, "S"), 0, pad);
+        let short = syn[..14 + 40 + 4].to_vec();
+        assert_eq!(node.xdp(&short, ingress).0, XDP_PASS);
+        assert_eq!(node.event(Event::FlowCreated), 2);
+    });
+}
+
+/// Maglev for IPv6 backends: a flow whose entry was lost finds its backend again.
+#[test]
+fn an_ipv6_maglev_flow_finds_its_backend_again() {
+    with_node(|node| {
+        with_ipv6_services(node);
+        node.set_scheduler("web6", Scheduler::Maglev);
+        let ingress = Some(node.ifindex);
+        let (action, out) = node.xdp(&client6(42000, WEB6_PORT, "S"), ingress);
+        assert_eq!(action, XDP_TX);
+        let backend = out[14 + 24..14 + 40].to_vec();
+        // Forget every IPv6 flow, as an LRU eviction would.
+        let keys: Vec<_> = node.maps.flows6.keys().map(|k| k.unwrap()).collect();
+        for key in keys {
+            node.maps.flows6.remove(&key).unwrap();
+        }
+        let (action, out) = node.xdp(&client6(42000, WEB6_PORT, "A"), ingress);
+        assert_eq!(action, XDP_TX);
+        assert_eq!(out[14 + 24..14 + 40], backend[..]);
+        assert_eq!(node.event(Event::FlowRecovered), 1);
+    });
+}
