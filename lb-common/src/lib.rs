@@ -947,7 +947,9 @@ pub mod map_names {
     pub const REVERSE_FLOWS6: &str = "REVERSE_FLOWS6";
     pub const HOST_ADDRS6: &str = "HOST_ADDRS6";
     /// The IPv6 programs the IPv4 ones tail-call, one map per program type (a program array
-    /// takes programs of one type): the object's own, never pinned (they hold its programs).
+    /// takes programs of one type). Pinned like the others: the kernel empties a program array
+    /// when no process or pin holds it any more, even while a program still tail-calls through
+    /// it.
     pub const IPV6_XDP_PROGRAM: &str = "IPV6_XDP_PROGRAM";
     pub const IPV6_TC_PROGRAM: &str = "IPV6_TC_PROGRAM";
 
@@ -987,6 +989,8 @@ pub mod map_names {
         FLOWS6,
         REVERSE_FLOWS6,
         HOST_ADDRS6,
+        IPV6_XDP_PROGRAM,
+        IPV6_TC_PROGRAM,
     ];
 }
 

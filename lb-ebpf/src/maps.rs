@@ -54,8 +54,8 @@ pub static REVERSE_FLOWS: LruHashMap<FlowKey, ReverseValue> =
 
 /// The IPv6 XDP program (`lb_xdp6`, slot 0), which `lb_xdp` tail-calls for every IPv6 frame:
 /// verified on its own, with a stack of its own, so that the IPv6 path adds nothing to the IPv4
-/// one's verification or stack. Filled by userspace at load; not pinned (it holds this object's
-/// program). Empty, IPv6 passes untouched.
+/// one's verification or stack. Filled by userspace at load, and pinned (the kernel empties a
+/// program array no process or pin holds). Empty, IPv6 passes untouched.
 #[map]
 pub static IPV6_XDP_PROGRAM: ProgramArray = ProgramArray::with_max_entries(1, 0);
 

@@ -1408,7 +1408,9 @@ fn traffic_that_is_not_for_a_service_passes_unchanged() {
         fragment[21] = 0x01; // a later fragment (offset 8) whose first was never seen
         let cases: Vec<(&str, Vec<u8>, Reason)> = vec![
             ("arp", arp, Reason::PassNotIpv4),
-            ("ipv6 to the service port", ipv6, Reason::PassNotIpv4),
+            // Link-local addresses are not among those a service on every address is
+            // published on (a flow key carries no scope).
+            ("ipv6 to a link-local address", ipv6, Reason::PassNotLocal),
             ("icmp", icmp, Reason::PassNotTcpUdp),
             (
                 "ssh to the node",
