@@ -65,6 +65,16 @@ const REVERSE_NAT_ALL_ACTIVE: &str = "reverse NAT, every flow active";
 /// The payload of data packets: a small HTTP request, as on a kept-alive connection.
 const REQUEST: &[u8] = b"GET / HTTP/1.1\r\nHost: bench\r\n\r\n";
 
+/// The IPv6 service `web6 tcp/8086`, balanced over `LOCAL_BACKENDS` IPv6 tasks
+/// fd00:10::10.. on this node, reached at the node's IPv6 address from the client's.
+const WEB6_PORT: u16 = 8086;
+const NODE_IP6: [u8; 16] = [0xfd, 0, 0x01, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
+const CLIENT_IP6: [u8; 16] = [0xfd, 0, 0x01, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2];
+/// The IPv6 cases, beside their IPv4 counterparts.
+const NEW_FLOW6: &str = "new flow (IPv6)";
+const ESTABLISHED6: &str = "established (IPv6)";
+const REVERSE_NAT6: &str = "reverse NAT of a reply (IPv6)";
+
 /// Distinct flows the established cases cycle over, so that their table entries are spread
 /// over the table as a real mix of connections would be, not one hot entry.
 const FLOWS_CYCLED: usize = 1024;
@@ -155,6 +165,10 @@ impl Node {
             // The other clients (new flows, table fillers) are reached through the client.
             "route add 198.18.0.0/15 via 192.168.100.2".into(),
             "route add 100.64.0.0/10 via 192.168.100.2".into(),
+            "addr add fd00:100::1/64 dev lbt0 nodad".into(),
+            "addr add fd00:10::1/64 dev lbt0 nodad".into(),
+            // New IPv6 flows come from all over fd00:c000::/34, through the client.
+            "-6 route add fd00:c000::/34 via fd00:100::2".into(),
         ];
         let neighbours = [(CLIENT_IP, CLIENT_MAC), (N2_IP, N2_MAC)]
             .into_iter()
@@ -166,10 +180,21 @@ impl Node {
                 lb_tests::netns::format_mac(mac)
             ));
         }
+        let neighbours6 = [(CLIENT_IP6, CLIENT_MAC)]
+            .into_iter()
+            .chain((0..LOCAL_BACKENDS).map(|i| (local_backend6(i), backend_mac(i))));
+        for (ip, mac) in neighbours6 {
+            commands.push(format!(
+                "neigh add {} lladdr {} dev lbt0 nud permanent",
+                std::net::Ipv6Addr::from(ip),
+                lb_tests::netns::format_mac(mac)
+            ));
+        }
         for args in &commands {
             ns.ip(args.split(' '))?;
         }
         ns.sysctl("net.ipv4.ip_forward", "1")?;
+        ns.sysctl("net.ipv6.conf.all.forwarding", "1")?;
         Ok(Node {
             ns,
             flow_capacity: u32::try_from(flow_capacity).context("flow capacity")?,
@@ -195,10 +220,12 @@ impl Loaded {
             .context("no XDP program")?
             .try_into()?;
         xdp.load()?;
+        lb_dataplane::load_ipv6_programs(&mut ebpf)?;
         let mut maps = Maps::take(&mut ebpf)?;
         // The frames are addressed to lbt0, this node's.
         maps.sync_host_macs(&[NODE_MAC].into())?;
         maps.sync_host_addrs(&[Ipv4Addr::from(NODE_IP)].into())?;
+        maps.sync_host_addrs6(&[NODE_IP6].into())?;
         let mut table = Table::default();
         for (name, ip) in [("n1", NODE_IP), ("n2", N2_IP)] {
             table
@@ -210,6 +237,12 @@ impl Loaded {
             .collect();
         table
             .add_service("web", Proto::Tcp, WEB_PORT, None, &web)
+            .map_err(anyhow::Error::msg)?;
+        let web6: Vec<std::net::SocketAddr> = (0..LOCAL_BACKENDS)
+            .map(|i| (std::net::Ipv6Addr::from(local_backend6(i)), BACKEND_PORT).into())
+            .collect();
+        table
+            .add_service("web6", Proto::Tcp, WEB6_PORT, None, &web6)
             .map_err(anyhow::Error::msg)?;
         table
             .add_service("hashed", Proto::Tcp, HASHED_PORT, None, &web)
@@ -244,6 +277,23 @@ impl Loaded {
 
     fn reason_packets(&self, reason: Reason) -> Result<u64> {
         Ok(self.maps.reason_totals()?[reason as usize].packets)
+    }
+
+    /// [`Loaded::established_flows`] over IPv6, to `web6`.
+    fn established_flows6(&self) -> Result<Vec<Vec<u8>>> {
+        let prog = self.program()?;
+        for i in 0..FLOWS_CYCLED {
+            let syn = client_tcp6((CLIENT_IP6, 10_000 + i as u16), WEB6_PORT, "S", b"");
+            let run = test_run_xdp(prog, &syn, Some(self.ifindex), 1)?;
+            ensure!(
+                run.action == XDP_TX,
+                "priming IPv6: action {} instead of XDP_TX",
+                run.action
+            );
+        }
+        Ok((0..FLOWS_CYCLED)
+            .map(|i| client_tcp6((CLIENT_IP6, 10_000 + i as u16), WEB6_PORT, "PA", REQUEST))
+            .collect())
     }
 
     /// Creates [`FLOWS_CYCLED`] flows of the client to `port` (their SYNs run once each,
@@ -401,6 +451,17 @@ impl Loaded {
             self.time(prog, &case, samples)?,
         );
 
+        // New IPv6 flows, from clients never seen.
+        let new_flow6 = |i: usize| client_tcp6(new_flow_client6(i), WEB6_PORT, "S", b"");
+        let case = Case {
+            name: NEW_FLOW6,
+            frame: &new_flow6,
+            action: XDP_TX,
+            reason: Some(Reason::ForwardTx),
+            check: &check_dnat6,
+        };
+        record(NEW_FLOW6, PER_PACKET, self.time(prog, &case, samples)?);
+
         for (name, ns) in self.established_cases(samples)? {
             record(name, PER_PACKET, ns);
         }
@@ -458,6 +519,65 @@ impl Loaded {
             check: &check_reverse_nat,
         };
         found.push((name, self.time(prog, &case, samples)?));
+
+        // The same over IPv6: established packets, and the replies of those flows.
+        let requests6 = self.established_flows6()?;
+        let case = Case {
+            name: ESTABLISHED6,
+            frame: &|i| requests6[i % FLOWS_CYCLED].clone(),
+            action: XDP_TX,
+            reason: Some(Reason::ForwardTx),
+            check: &check_dnat6,
+        };
+        found.push((ESTABLISHED6, self.time(prog, &case, samples)?));
+        let replies6 = (0..FLOWS_CYCLED)
+            .map(|i| {
+                let client = (CLIENT_IP6, 10_000 + i as u16);
+                let key = lb_common::FlowKey6::new(
+                    client.0,
+                    NODE_IP6,
+                    client.1.to_be(),
+                    WEB6_PORT.to_be(),
+                    lb_common::PROTO_TCP,
+                );
+                let flow = self
+                    .maps
+                    .flows6
+                    .get(&key, 0)
+                    .context("primed IPv6 flow missing")?;
+                let backend = flow.backend_ip;
+                Ok(tcp6(
+                    (backend_mac(backend[15] - 0x10), NODE_MAC),
+                    (backend, BACKEND_PORT),
+                    client,
+                    "PA",
+                    REPLY,
+                ))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let case = Case {
+            name: REVERSE_NAT6,
+            frame: &|i| replies6[i % FLOWS_CYCLED].clone(),
+            action: XDP_TX,
+            reason: Some(Reason::ReplyTx),
+            check: &|input: &[u8], out: &[u8]| {
+                ensure!(
+                    out[14 + 8..14 + 24] == NODE_IP6,
+                    "reply source not the service's"
+                );
+                ensure!(
+                    out[54..56] == WEB6_PORT.to_be_bytes(),
+                    "reply port not the service's"
+                );
+                ensure!(
+                    out[14 + 24..14 + 40] == input[14 + 24..14 + 40],
+                    "not to the client"
+                );
+                ensure!(out[0..6] == CLIENT_MAC, "not to the client's MAC");
+                Ok(())
+            },
+        };
+        found.push((REVERSE_NAT6, self.time(prog, &case, samples)?));
 
         let mesh_requests = self.established_flows(MESH_PORT)?;
         let name = "VXLAN encapsulation";
@@ -720,6 +840,76 @@ fn client_tcp(client: ([u8; 4], u16), port: u16, flags: &str, payload: &[u8]) ->
         flags,
         payload,
     )
+}
+
+/// IPv6 task `i` of this node (fd00:10::10 + i).
+fn local_backend6(i: u8) -> [u8; 16] {
+    [0xfd, 0, 0, 0x10, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x10 + i]
+}
+
+/// The client end of the i-th new IPv6 flow: addresses of fd00:c000::/34, every port from 1024.
+fn new_flow_client6(i: usize) -> ([u8; 16], u16) {
+    let ports = 65_536 - 1024;
+    let host = (i / ports) as u32;
+    let mut ip = [0xfd, 0, 0xc0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+    ip[12..16].copy_from_slice(&host.to_be_bytes());
+    (ip, 1024 + (i % ports) as u16)
+}
+
+/// An IPv6 TCP frame.
+fn tcp6(
+    macs: ([u8; 6], [u8; 6]),
+    src: ([u8; 16], u16),
+    dst: ([u8; 16], u16),
+    flags: &str,
+    payload: &[u8],
+) -> Vec<u8> {
+    let builder = PacketBuilder::ethernet2(macs.0, macs.1)
+        .ipv6(src.0, dst.0, 64)
+        .tcp(src.1, dst.1, 1000, 64240);
+    let builder = match flags {
+        "S" => builder.syn(),
+        _ => builder.psh().ack(1),
+    };
+    let mut frame = Vec::new();
+    builder
+        .write(&mut frame, payload)
+        .expect("writing to a Vec cannot fail");
+    frame
+}
+
+/// The client's IPv6 frame to the node's `port`.
+fn client_tcp6(client: ([u8; 16], u16), port: u16, flags: &str, payload: &[u8]) -> Vec<u8> {
+    tcp6(
+        (CLIENT_MAC, NODE_MAC),
+        client,
+        (NODE_IP6, port),
+        flags,
+        payload,
+    )
+}
+
+/// The output went to one of the node's IPv6 tasks, port 80, from the client.
+fn check_dnat6(input: &[u8], out: &[u8]) -> Result<()> {
+    ensure!(out.len() >= 58, "frame of {} bytes", out.len());
+    ensure!(
+        out[14 + 8..14 + 24] == input[14 + 8..14 + 24],
+        "source changed"
+    );
+    let dst = &out[14 + 24..14 + 40];
+    ensure!(
+        dst[..15] == local_backend6(0)[..15] && (0x10..0x10 + LOCAL_BACKENDS).contains(&dst[15]),
+        "not DNATed to an IPv6 task: {dst:?}"
+    );
+    ensure!(
+        out[56..58] == BACKEND_PORT.to_be_bytes(),
+        "not to the backend port"
+    );
+    ensure!(
+        out[0..6] == backend_mac(dst[15] - 0x10),
+        "not to the task's MAC"
+    );
+    Ok(())
 }
 
 /// `inner` in VXLAN from n2 to this node (VNI and port the defaults).
