@@ -16,7 +16,8 @@ use network_types::eth::EthHdr;
 use crate::{
     csum,
     maps::{
-        BRIDGE_PORTS, CachedRoute, PEER_PORTS, ROUTE_CACHE, ROUTE_CACHE_BITS, TX_PORTS, TX_VIA_TC,
+        BRIDGE_PORTS, CachedRoute, CachedRoute6, PEER_PORTS, ROUTE_CACHE, ROUTE_CACHE_BITS,
+        ROUTE_CACHE6, TX_PORTS, TX_VIA_TC,
     },
     nat::{load16, store16},
     parse::{IP_CHECK_OFF, IP_TTL_OFF, Packet, ptr_at},
@@ -351,20 +352,66 @@ fn set_macs(data: usize, data_end: usize, hop: &NextHop) -> Option<()> {
     Some(())
 }
 
-/// [`decide`] for an IPv6 packet from `src` to `dst`: the FIB's next hop (uncached: the route
-/// cache is keyed by IPv4 address) and how XDP sends there. In a frame of its own, which holds
-/// the lookup's 64-byte parameters: the IPv6 path's stack is short.
-#[inline(never)]
+/// [`decide`] for an IPv6 packet from `src` to `dst`: the FIB's next hop, through the per-CPU
+/// cache `ROUTE_CACHE6` (as [`fib_lookup_cached`] for IPv4: answers kept for
+/// [`ROUTE_CACHE_TTL_JIFFIES`], the length checked against the cached MTU), and how XDP sends
+/// there. In a frame of its own, which holds the lookup's 64-byte parameters: the IPv6 path's
+/// stack is short.
+#[inline(always)]
 pub fn decide6(ctx: &XdpContext, pkt: &Packet6, src: &[u8; 16], dst: &[u8; 16]) -> Egress {
+    let mut egress = Egress::Stack;
+    decide6_into(ctx, pkt, src, dst, &mut egress);
+    egress
+}
+
+/// [`decide6`]'s work, written to `egress` (a BPF function returns one register: an `Egress`
+/// returned by value would be a pointer into this frame).
+#[inline(never)]
+fn decide6_into(
+    ctx: &XdpContext,
+    pkt: &Packet6,
+    src: &[u8; 16],
+    dst: &[u8; 16],
+    egress: &mut Egress,
+) {
     if pkt.hop_limit <= 1 {
-        return Egress::Stack;
+        return;
     }
     let ingress = ctx.ingress_ifindex() as u32;
+    let tot_len = pkt.payload_len.saturating_add(40);
+    // SAFETY: plain helper call.
+    let now = unsafe { bpf_jiffies64() };
+    let words = |at: usize| u32::from_ne_bytes([dst[at], dst[at + 1], dst[at + 2], dst[at + 3]]);
+    let mixed = words(0) ^ words(4) ^ words(8) ^ words(12);
+    let slot = mixed.wrapping_mul(0x9e37_79b1) >> (32 - ROUTE_CACHE_BITS);
+    let cache = ROUTE_CACHE6.get_ptr_mut(slot);
+    if let Some(entry) = cache {
+        // SAFETY: this CPU's slot; nothing else writes it while the program runs.
+        let cached = unsafe { &*entry };
+        if cached.checked_jiffies != 0
+            && cached.dst == *dst
+            && cached.ingress_ifindex == ingress
+            && now.wrapping_sub(cached.checked_jiffies) < ROUTE_CACHE_TTL_JIFFIES
+        {
+            if tot_len > cached.mtu {
+                return;
+            }
+            let hop = NextHop {
+                ifindex: cached.ifindex,
+                smac: cached.smac,
+                dmac: cached.dmac,
+                mtu: cached.mtu,
+                xmit: cached.xmit,
+            };
+            *egress = egress_of(hop, ingress);
+            return;
+        }
+    }
     // SAFETY: bpf_fib_lookup is plain data; all-zero is a valid value.
     let mut params: bpf_fib_lookup = unsafe { core::mem::zeroed() };
     params.family = AF_INET6;
     params.l4_protocol = pkt.proto;
-    params.__bindgen_anon_1.tot_len = pkt.payload_len.saturating_add(40);
+    params.__bindgen_anon_1.tot_len = tot_len;
     params.ifindex = ingress;
     // SAFETY: 16 bytes of address into the 16 bytes of the unions' IPv6 members.
     unsafe {
@@ -381,7 +428,7 @@ pub fn decide6(ctx: &XdpContext, pkt: &Packet6, src: &[u8; 16], dst: &[u8; 16]) 
         )
     } as u32;
     if rc != BPF_FIB_LKUP_RET_SUCCESS {
-        return Egress::Stack;
+        return;
     }
     let mut hop = NextHop {
         ifindex: params.ifindex,
@@ -392,6 +439,31 @@ pub fn decide6(ctx: &XdpContext, pkt: &Packet6, src: &[u8; 16], dst: &[u8; 16]) 
         xmit: 0,
     };
     how_to_send(&mut hop);
+    // A kernel that did not report the MTU left the length in its place: nothing to cache.
+    if let Some(entry) = cache
+        && hop.mtu != tot_len
+    {
+        // SAFETY: as above.
+        unsafe {
+            *entry = CachedRoute6 {
+                checked_jiffies: now,
+                dst: *dst,
+                ingress_ifindex: ingress,
+                ifindex: hop.ifindex,
+                mtu: hop.mtu,
+                smac: hop.smac,
+                dmac: hop.dmac,
+                xmit: hop.xmit,
+                _pad: [0; 5],
+            };
+        }
+    }
+    *egress = egress_of(hop, ingress);
+}
+
+/// How a packet leaves by `hop`, having come in on `ingress`.
+#[inline(always)]
+fn egress_of(hop: NextHop, ingress: u32) -> Egress {
     if hop.ifindex == ingress {
         Egress::Tx(hop)
     } else if hop.xmit & XMIT_REDIRECT != 0 {

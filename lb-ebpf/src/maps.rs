@@ -234,6 +234,12 @@ pub static FRAGMENTS: LruHashMap<FragmentKey, FragmentNat> =
 pub static ROUTE_CACHE: PerCpuArray<CachedRoute> =
     PerCpuArray::with_max_entries(ROUTE_CACHE_SLOTS, 0);
 
+/// The IPv6 path's per-CPU route cache, as `ROUTE_CACHE` for IPv4: what the FIB answered for
+/// an IPv6 destination (`CachedRoute6`), by a hash of it.
+#[map]
+pub static ROUTE_CACHE6: PerCpuArray<CachedRoute6> =
+    PerCpuArray::with_max_entries(ROUTE_CACHE_SLOTS, 0);
+
 // Value and key types of the maps that are the data plane's alone (not pinned, never read
 // by userspace); the pinned ones' live in `lb_common`.
 
@@ -264,6 +270,22 @@ pub struct CachedRoute {
     pub _pad: u8,
 }
 const _: () = assert!(core::mem::size_of::<CachedRoute>() == 40);
+
+/// [`CachedRoute`] for an IPv6 destination: a forward only (successful lookups).
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct CachedRoute6 {
+    pub checked_jiffies: u64,
+    pub dst: [u8; 16],
+    pub ingress_ifindex: u32,
+    pub ifindex: u32,
+    pub mtu: u16,
+    pub smac: [u8; 6],
+    pub dmac: [u8; 6],
+    pub xmit: u8,
+    pub _pad: [u8; 5],
+}
+const _: () = assert!(core::mem::size_of::<CachedRoute6>() == 56);
 
 /// Key of `FRAGMENTS`: a fragmented datagram as it arrives, and what its later fragments get.
 #[repr(C)]
