@@ -819,6 +819,11 @@ reasons! {
     /// final one), or with an extension header the data plane does not walk: passed to the
     /// kernel untouched.
     PassIpv6Extension = 50 => "pass_ipv6_extension",
+    /// A new IPv6 flow whose backend would answer its client without the node: the client is
+    /// the backend itself, on the backend's own /64, or the node. IPv4 gives such flows the
+    /// node's address (hairpin flows); IPv6 does not yet, and drops them rather than leave
+    /// the client waiting on an answer it would discard.
+    DropIpv6Hairpin = 51 => "drop_ipv6_hairpin",
 }
 
 /// Number of counter slots in `REASON_STATS`.

@@ -106,6 +106,11 @@ fn to_service(
     let Some((backend_id, backend, addr)) = chosen else {
         return Some(Ok((xdp_action::XDP_DROP, Reason::DropNoBackend)));
     };
+    // The backend would answer this client directly, from its own address.
+    // SAFETY: only presence is read.
+    if key.src[..8] == addr[..8] || unsafe { HOST_ADDRS6.get(&key.src) }.is_some() {
+        return Some(Ok((xdp_action::XDP_DROP, Reason::DropIpv6Hairpin)));
+    }
     let flow = flows::new_flow(backend_id, &backend, addr, pkt.tcp_flags);
     let event = if recovered {
         Event::FlowRecovered

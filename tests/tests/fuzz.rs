@@ -228,7 +228,8 @@ fn leaves(reason: Reason) -> Leaves {
         | DropSnatNoRoute
         | DropBackendRefused
         | DropBackendUnreachable
-        | DropNoBackendOfFamily => Leaves::Dropped,
+        | DropNoBackendOfFamily
+        | DropIpv6Hairpin => Leaves::Dropped,
         ReplyEgress | ReplyEncap | SocketEncap | XmitTc | IcmpEgress | IcmpEncap => Leaves::NotXdp,
     }
 }

@@ -298,6 +298,21 @@ fn a_client_without_backends_of_its_family_is_dropped_and_other_ipv6_passes() {
         );
         assert_eq!(node.reason(Reason::PassNotTcpUdp), 1);
         assert_eq!(node.event(Event::FlowCreated), 0);
+
+        // A client on the backends' own /64 would get its answer straight from the backend:
+        // dropped, counted, no flow (IPv6 flows are not given the node's address yet).
+        let mut neighbour = BACKENDS6[0];
+        neighbour[15] = 0x99;
+        let hairpin = tcp6(
+            (CLIENT_MAC, INGRESS_MAC),
+            (neighbour, 40000),
+            (NODE_IP6, WEB6_PORT),
+            64,
+            "S",
+        );
+        assert_eq!(node.xdp(&hairpin, ingress).0, XDP_DROP);
+        assert_eq!(node.reason(Reason::DropIpv6Hairpin), 1);
+        assert_eq!(node.maps.flows6.keys().count(), 0);
     });
 }
 

@@ -1362,9 +1362,10 @@ lbctl_interface_transmit_failures_total{iface="uplink",kind="xdp_errors"} 1
         let total = |name: &str| family(&families, name).iter().map(|s| s.value).sum::<u64>();
         let slots = |slots: &[u32]| slots.iter().map(|n| 1u64 << n).sum::<u64>();
         // drop_no_backend, drop_flow_table_full, drop_vxlan_*, drop_encap_*, drop_mesh_*,
-        // drop_snat_*, drop_backend_refused, drop_backend_unreachable, drop_no_backend_of_family.
+        // drop_snat_*, drop_backend_refused, drop_backend_unreachable, drop_no_backend_of_family,
+        // drop_ipv6_hairpin.
         let dropped = slots(&[
-            15, 16, 24, 25, 26, 27, 28, 29, 30, 31, 34, 35, 36, 41, 42, 49,
+            15, 16, 24, 25, 26, 27, 28, 29, 30, 31, 34, 35, 36, 41, 42, 49, 51,
         ]);
         assert_eq!(total("lbctl_dropped_packets_total"), dropped);
         // pass_not_ipv4 ... pass_not_local, pass_vxlan_other_vni, pass_flow_unknown,

@@ -52,6 +52,8 @@ pub const FLOW_SIZED: &[&str] = &[
     map_names::FLOWS,
     map_names::REVERSE_FLOWS,
     map_names::TUNNEL_REPLIES,
+    map_names::FLOWS6,
+    map_names::REVERSE_FLOWS6,
 ];
 
 /// Loads the object. With `pin_dir`, every map is reused from (or created and pinned at)
@@ -655,6 +657,25 @@ impl Maps {
             let Ok((key, flow)) = entry else { continue };
             census.entries += 1;
             if flow_is_live(&key, &flow, now) {
+                *census.live.entry(flow.backend_id).or_default() += 1;
+            }
+        }
+        for entry in self.flows6.iter() {
+            let Ok((key, flow)) = entry else { continue };
+            census.entries += 1;
+            // The IPv6 flow's state as an IPv4 one's: the same flags and clock.
+            let as_ipv4 = (
+                FlowKey {
+                    proto: key.proto,
+                    ..FlowKey::default()
+                },
+                FlowValue {
+                    flags: flow.flags,
+                    last_seen_ns: flow.last_seen_ns,
+                    ..FlowValue::default()
+                },
+            );
+            if flow_is_live(&as_ipv4.0, &as_ipv4.1, now) {
                 *census.live.entry(flow.backend_id).or_default() += 1;
             }
         }

@@ -539,6 +539,7 @@ mod tests {
             ("[fe80::1]:80", "link-local"),
             ("[ff02::1]:80", "multicast"),
             ("[::]:80", "not a host's"),
+            ("[::1]:80", "loopback"),
             ("[::ffff:10.0.0.6]:80", "write it as IPv4"),
             ("[2001:db8::zz]:80", "not an IPv6 address"),
         ] {

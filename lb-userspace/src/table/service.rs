@@ -387,7 +387,8 @@ impl Service {
     /// How the service appears to clients, e.g. `tcp/8080` or `tcp/10.1.1.1:8080`.
     pub fn frontend(&self) -> String {
         match self.vip {
-            Some(vip) => format!("{}/{vip}:{}", self.proto, self.port),
+            // `[2001:db8::1]:80`, as a backend is written.
+            Some(vip) => format!("{}/{}", self.proto, SocketAddr::new(vip, self.port)),
             None => format!("{}/{}", self.proto, self.port),
         }
     }

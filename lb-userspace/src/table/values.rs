@@ -109,6 +109,9 @@ fn check_unicast(ip: IpAddr) -> Result<(), &'static str> {
         IpAddr::V4(ip) if ip.is_multicast() => Err("multicast"),
         IpAddr::V4(_) => Ok(()),
         IpAddr::V6(ip) if ip.is_unspecified() => Err("not a host's"),
+        // IPv4's 127.0.0.1 is served to the node's own sockets (socket load balancing), which
+        // IPv6 has not yet; from the wire, the kernel drops what is addressed to ::1.
+        IpAddr::V6(ip) if ip.is_loopback() => Err("IPv6 loopback, which nothing balanced reaches"),
         IpAddr::V6(ip) if ip.is_multicast() => Err("multicast"),
         IpAddr::V6(ip) if ip.is_unicast_link_local() => Err("link-local, valid on one link only"),
         IpAddr::V6(ip) if ip.to_ipv4_mapped().is_some() => {
