@@ -207,23 +207,11 @@ pub fn flow_hash(key: &FlowKey) -> u32 {
     let init = JHASH_INITVAL
         .wrapping_add(u32::from(key.proto))
         .wrapping_add(3 << 2);
-    let mut a = u32::from_be(key.src_ip_be).wrapping_add(init);
-    let mut b = u32::from_be(key.dst_ip_be).wrapping_add(init);
-    let mut c = ports.wrapping_add(init);
-    c ^= b;
-    c = c.wrapping_sub(b.rotate_left(14));
-    a ^= c;
-    a = a.wrapping_sub(c.rotate_left(11));
-    b ^= a;
-    b = b.wrapping_sub(a.rotate_left(25));
-    c ^= b;
-    c = c.wrapping_sub(b.rotate_left(16));
-    a ^= c;
-    a = a.wrapping_sub(c.rotate_left(4));
-    b ^= a;
-    b = b.wrapping_sub(a.rotate_left(14));
-    c ^= b;
-    c.wrapping_sub(b.rotate_left(24))
+    v6::jhash_final(
+        u32::from_be(key.src_ip_be).wrapping_add(init),
+        u32::from_be(key.dst_ip_be).wrapping_add(init),
+        ports.wrapping_add(init),
+    )
 }
 
 impl Default for ServiceValue {

@@ -122,9 +122,9 @@ fn mix(mut a: u32, mut b: u32, mut c: u32) -> (u32, u32, u32) {
     (a, b, c)
 }
 
-/// Bob Jenkins' final mix (the kernel's `__jhash_final`).
+/// Bob Jenkins' final mix (the kernel's `__jhash_final`), shared with `flow_hash`.
 #[inline(always)]
-fn final_mix(mut a: u32, mut b: u32, mut c: u32) -> u32 {
+pub(crate) fn jhash_final(mut a: u32, mut b: u32, mut c: u32) -> u32 {
     c ^= b;
     c = c.wrapping_sub(b.rotate_left(14));
     a ^= c;
@@ -163,7 +163,7 @@ pub fn flow_hash6(key: &FlowKey6) -> u32 {
         b.wrapping_add(d[0]),
         c.wrapping_add(d[1]),
     );
-    final_mix(
+    jhash_final(
         a.wrapping_add(d[2]),
         b.wrapping_add(d[3]),
         c.wrapping_add(ports),

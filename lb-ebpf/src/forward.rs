@@ -311,13 +311,7 @@ pub fn decide(ctx: &XdpContext, pkt: &Packet, src_ip_be: u32, dst_ip_be: u32) ->
     if rc != BPF_FIB_LKUP_RET_SUCCESS {
         return Egress::Stack;
     }
-    if hop.ifindex == ctx.ingress_ifindex() as u32 {
-        Egress::Tx(hop)
-    } else if hop.xmit & XMIT_REDIRECT != 0 {
-        Egress::Redirect(hop)
-    } else {
-        Egress::Stack
-    }
+    egress_of(hop, ctx.ingress_ifindex() as u32)
 }
 
 /// Readies a packet for its next hop, as a router does: new MAC addresses, TTL one less.
