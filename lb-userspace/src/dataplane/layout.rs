@@ -138,7 +138,7 @@ pub fn expected(flow_capacity: u32) -> Result<BTreeMap<&'static str, Layout>> {
                 .get(*name)
                 .ok_or_else(|| anyhow!("the eBPF object has no map {name}"))?;
             let max_entries = if dataplane::FLOW_SIZED.contains(name) {
-                flow_capacity
+                dataplane::flow_sized_entries(name, flow_capacity)
             } else {
                 map.max_entries()
             };
@@ -469,6 +469,11 @@ mod tests {
         for name in dataplane::FLOW_SIZED {
             assert_eq!(layouts[name].max_entries, 4096, "{name}");
         }
+        // The IPv6 tables take an eighth of a larger flow table.
+        let layouts = expected(1 << 20).unwrap();
+        assert_eq!(layouts[map_names::FLOWS].max_entries, 1 << 20);
+        assert_eq!(layouts[map_names::FLOWS6].max_entries, 1 << 17);
+        assert_eq!(layouts[map_names::REVERSE_FLOWS6].max_entries, 1 << 17);
         assert_eq!(layouts[map_names::FLOWS].map_type, map_type::LRU_HASH);
         assert_eq!(
             layouts[map_names::FLOWS].value_size as usize,

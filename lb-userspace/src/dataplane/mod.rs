@@ -56,6 +56,21 @@ pub const FLOW_SIZED: &[&str] = &[
     map_names::REVERSE_FLOWS6,
 ];
 
+/// The IPv6 flow tables hold this fraction of `--flow-capacity` (at least
+/// [`MIN_IPV6_FLOWS`]): their 40-byte keys would otherwise double the memory an instance takes
+/// for the flow table, on every node, whether it serves IPv6 or not.
+pub const IPV6_FLOW_SHARE: u32 = 8;
+pub const MIN_IPV6_FLOWS: u32 = 4096;
+
+/// The entries of the flow-sized map `name` for a flow table of `flow_capacity`.
+pub fn flow_sized_entries(name: &str, flow_capacity: u32) -> u32 {
+    if name == map_names::FLOWS6 || name == map_names::REVERSE_FLOWS6 {
+        (flow_capacity / IPV6_FLOW_SHARE).max(MIN_IPV6_FLOWS)
+    } else {
+        flow_capacity
+    }
+}
+
 /// Loads the object. With `pin_dir`, every map is reused from (or created and pinned at)
 /// `pin_dir/<MAP>`, so that all programs of an instance share them and they outlive `lbctl`.
 pub fn load(pin_dir: Option<&Path>, flow_capacity: u32) -> Result<Ebpf> {
@@ -74,7 +89,7 @@ pub fn load(pin_dir: Option<&Path>, flow_capacity: u32) -> Result<Ebpf> {
 pub fn load_pinned(pins: &[(&str, PathBuf)], flow_capacity: u32) -> Result<Ebpf> {
     let mut loader = EbpfLoader::new();
     for name in FLOW_SIZED {
-        loader.map_max_entries(name, flow_capacity);
+        loader.map_max_entries(name, flow_sized_entries(name, flow_capacity));
     }
     for (name, path) in pins {
         loader.map_pin_path(name, path.as_path());
