@@ -11,7 +11,6 @@ use lb_common::{PROTO_UDP, Reason};
 use crate::{
     conntrack, encap, frag,
     icmp::{self, About},
-    ingress6,
     maps::TUNNEL_REPLIES,
     nat::{self, Side},
     parse, socklb, stats,
