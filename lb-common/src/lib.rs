@@ -55,7 +55,9 @@ macro_rules! assert_size {
 }
 
 pub mod v6;
-pub use v6::{Addr6, FlowKey6, FlowValue6, ReverseValue6, ServiceKey6, flow_hash6};
+pub use v6::{
+    Addr6, FlowKey6, FlowValue6, LocalBackendKey6, ReverseValue6, ServiceKey6, flow_hash6,
+};
 
 /// Key of the `SERVICES` map.
 ///
@@ -939,12 +941,19 @@ pub mod map_names {
     pub const FLOWS6: &str = "FLOWS6";
     pub const REVERSE_FLOWS6: &str = "REVERSE_FLOWS6";
     pub const HOST_ADDRS6: &str = "HOST_ADDRS6";
+    pub const LOCAL_BACKENDS6: &str = "LOCAL_BACKENDS6";
+    pub const TUNNEL_REPLIES6: &str = "TUNNEL_REPLIES6";
+    pub const DECAPSULATED_FROM: &str = "DECAPSULATED_FROM";
     /// The IPv6 programs the IPv4 ones tail-call, one map per program type (a program array
     /// takes programs of one type). Pinned like the others: the kernel empties a program array
     /// when no process or pin holds it any more, even while a program still tail-calls through
     /// it.
     pub const IPV6_XDP_PROGRAM: &str = "IPV6_XDP_PROGRAM";
     pub const IPV6_TC_PROGRAM: &str = "IPV6_TC_PROGRAM";
+    /// The IPv6 encapsulation program (`lb_xdp6_encap`), which `lb_xdp6` tail-calls, and the
+    /// decapsulation program (`lb_xdp6_decap`), which `lb_xdp` tail-calls.
+    pub const IPV6_DECAP_PROGRAM: &str = "IPV6_DECAP_PROGRAM";
+    pub const IPV6_ENCAP_PROGRAM: &str = "IPV6_ENCAP_PROGRAM";
 
     /// Every map, so that pinning cannot forget one.
     pub const ALL: &[&str] = &[
@@ -982,8 +991,13 @@ pub mod map_names {
         FLOWS6,
         REVERSE_FLOWS6,
         HOST_ADDRS6,
+        LOCAL_BACKENDS6,
+        TUNNEL_REPLIES6,
+        DECAPSULATED_FROM,
         IPV6_XDP_PROGRAM,
         IPV6_TC_PROGRAM,
+        IPV6_ENCAP_PROGRAM,
+        IPV6_DECAP_PROGRAM,
     ];
 }
 
@@ -994,6 +1008,11 @@ pub mod program_names {
     /// The IPv6 halves of `lb_xdp` and `lb_tc_egress`, which they tail-call.
     pub const XDP_INGRESS6: &str = "lb_xdp6";
     pub const TC_EGRESS6: &str = "lb_tc_egress6";
+    /// VXLAN encapsulation of DNATed IPv6 packets, tail-called by `lb_xdp6` with a stack of its
+    /// own.
+    pub const XDP_ENCAP6: &str = "lb_xdp6_encap";
+    /// What `lb_xdp` decapsulated when it is IPv6, tail-called by it.
+    pub const XDP_DECAP6: &str = "lb_xdp6_decap";
     pub const TC_INGRESS: &str = "lb_tc_ingress";
     /// The socket programs, attached to the cgroup v2 root: `connect`, unconnected UDP
     /// `sendmsg`, UDP `recvmsg` and `getpeername`.
@@ -1033,6 +1052,7 @@ mod pod {
     unsafe impl aya::Pod for FlowKey6 {}
     unsafe impl aya::Pod for FlowValue6 {}
     unsafe impl aya::Pod for ReverseValue6 {}
+    unsafe impl aya::Pod for LocalBackendKey6 {}
 }
 
 #[cfg(test)]

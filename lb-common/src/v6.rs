@@ -60,6 +60,18 @@ pub struct ReverseValue6 {
 }
 assert_size!(ReverseValue6, 24);
 
+/// Key of `LOCAL_BACKENDS6`: an IPv6 backend this node reaches by plain routing (hosted here, or
+/// on no node), as a decapsulated packet addresses it (`LocalBackendKey` for IPv6).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct LocalBackendKey6 {
+    pub addr: Addr6,
+    pub port_be: u16,
+    pub proto: u8,
+    pub _pad: u8,
+}
+assert_size!(LocalBackendKey6, 20);
+
 impl FlowKey6 {
     /// The key of this 5-tuple, its padding zero.
     #[inline(always)]

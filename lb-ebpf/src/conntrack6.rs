@@ -7,12 +7,17 @@ use core::intrinsics::{AtomicOrdering, atomic_xadd};
 use aya_ebpf::helpers::generated::bpf_ktime_get_coarse_ns;
 use lb_common::{
     Addr6, BACKEND_ACTIVE, BACKEND_IPV6, Backend, Event, FLOW_BACKEND_FIN, FLOW_CLIENT_FIN,
-    FLOW_CLOSING, FLOW_SEEN_GRANULARITY_NS, FlowKey6, FlowValue6, MAGLEV_TABLE_SIZE,
-    MAX_BACKENDS_PER_SERVICE, ReverseValue6, ServiceKey6, ServiceValue, flow_hash6,
+    FLOW_CLOSING, FLOW_SEEN_GRANULARITY_NS, FlowKey6, FlowValue6, LocalBackendKey6,
+    MAGLEV_TABLE_SIZE, MAX_BACKENDS_PER_SERVICE, ReverseValue6, ServiceKey6, ServiceValue,
+    flow_hash6,
 };
 
 use crate::{
-    maps::{BACKEND_ADDRS6, BACKENDS, FLOWS6, MAGLEV6, REVERSE_FLOWS6, RR_CURSORS6, SERVICES6},
+    decap,
+    maps::{
+        BACKEND_ADDRS6, BACKENDS, FLOWS6, LOCAL_BACKENDS6, MAGLEV6, REVERSE_FLOWS6, RR_CURSORS6,
+        SERVICES6, TUNNEL_REPLIES6,
+    },
     parse::{TCP_FIN, TCP_RST},
     parse6::Packet6,
     stats::count_event,
@@ -45,7 +50,8 @@ fn active(backend_id: u32) -> Option<(u32, Backend, Addr6)> {
 /// The flow's entry when its backend is still the one it chose and in service, and the packet
 /// does not start a new connection on an ended one. `None`: it must choose (again).
 #[inline(always)]
-pub fn pinned(key: &FlowKey6, pkt: &Packet6) -> Option<FlowValue6> {
+/// With it, the underlay address of the node that hosts the backend (0: routed from here).
+pub fn pinned(key: &FlowKey6, pkt: &Packet6) -> Option<(FlowValue6, u32)> {
     // SAFETY: copied out at once.
     let flow = unsafe { FLOWS6.get(key) }.copied()?;
     let (_, backend, addr) = active(flow.backend_id)?;
@@ -57,7 +63,7 @@ pub fn pinned(key: &FlowKey6, pkt: &Packet6) -> Option<FlowValue6> {
     if ended && pkt.is_tcp_syn() {
         return None;
     }
-    Some(flow)
+    Some((flow, backend.node_ip_be))
 }
 
 /// Notes what a packet of the flow `key` says about its connection: a FIN closes its sender's
@@ -144,6 +150,11 @@ pub fn record(key: &FlowKey6, flow: &FlowValue6, event: Event) -> bool {
     {
         return false;
     }
+    // The converse of `remember_ingress_node`: replies follow the newest flow of their 5-tuple.
+    // SAFETY: only presence is read.
+    if unsafe { TUNNEL_REPLIES6.get(&reply_key) }.is_some() {
+        let _ = TUNNEL_REPLIES6.remove(&reply_key);
+    }
     count_event(event);
     true
 }
@@ -173,6 +184,43 @@ pub fn new_flow(backend_id: u32, backend: &Backend, addr: Addr6, tcp_flags: u8) 
 pub fn reverse_lookup(key: &FlowKey6) -> Option<ReverseValue6> {
     // SAFETY: copied out at once.
     unsafe { REVERSE_FLOWS6.get(key) }.copied()
+}
+
+/// Whether a decapsulated packet (`key`) is for an IPv6 backend this node reaches itself
+/// (`LOCAL_BACKENDS6`): anything else would be relayed out un-NATed, anywhere.
+#[inline(always)]
+pub fn is_local_backend(key: &FlowKey6) -> bool {
+    let local = LocalBackendKey6 {
+        addr: key.dst,
+        port_be: key.dst_port_be,
+        proto: key.proto,
+        _pad: 0,
+    };
+    // SAFETY: a set written by userspace; only presence is read.
+    unsafe { LOCAL_BACKENDS6.get(&local) }.is_some()
+}
+
+/// Records the node a client → backend flow (`key`) came in on, where TC encapsulates its
+/// replies back to; as `decap::remember_ingress_node`, the reverse-NAT entry of an older flow
+/// of the same 5-tuple through this node goes.
+#[inline(never)]
+pub fn remember_ingress_node(key: &FlowKey6, node_ip_be: u32) {
+    let reply_key = FlowKey6::new(
+        key.dst,
+        key.src,
+        key.dst_port_be,
+        key.src_port_be,
+        key.proto,
+    );
+    decap::remember_tunnel(&TUNNEL_REPLIES6, &REVERSE_FLOWS6, &reply_key, node_ip_be);
+}
+
+/// The node a reply (`key`, backend → client) goes back to, encapsulated: the one its flow came
+/// in on, if another node balanced it.
+#[inline(always)]
+pub fn ingress_node_of(key: &FlowKey6) -> Option<u32> {
+    // SAFETY: copied out at once.
+    unsafe { TUNNEL_REPLIES6.get(key) }.map(|tunnel| tunnel.node_ip_be)
 }
 
 /// Notes what a backend's reply (`key`, reverse-NATed by `reverse`) says about its flow.

@@ -1,24 +1,27 @@
 //! VXLAN decapsulation in XDP. Overlay packets are accepted only from known nodes, with this
-//! node's VNI; the inner frame is then either a backend's reply coming back to the node its
+//! node's VNI; an inner IPv6 frame goes on to the IPv6 program (`ingress6`); an inner IPv4 frame
+//! is then either a backend's reply coming back to the node its
 //! flow came in on (reverse-NATed and sent to the client) or a client's packet for a backend
 //! on this node (delivered, and remembered so that TC encapsulates the replies back).
 use aya_ebpf::{
     bindings::{BPF_ANY, xdp_action},
     helpers::generated::bpf_xdp_adjust_head,
+    maps::LruHashMap,
     programs::XdpContext,
 };
-use lb_common::{
-    FlowKey, LocalBackendKey, MeshConfig, PROTO_UDP, Reason, ReverseValue, TunnelValue,
-};
+use lb_common::{FlowKey, LocalBackendKey, MeshConfig, PROTO_UDP, Reason, TunnelValue};
 use network_types::{eth::EthHdr, udp::UdpHdr};
 
 use crate::{
     conntrack,
     encap::{VXLAN_FLAG_VNI, VxlanHdr},
     forward, frag, icmp,
-    maps::{BACKENDS, LOCAL_BACKENDS, NODES, REVERSE_FLOWS, TUNNEL_REPLIES},
+    maps::{
+        BACKENDS, DECAPSULATED_FROM, IPV6_DECAP_PROGRAM, LOCAL_BACKENDS, NODES, REVERSE_FLOWS,
+        TUNNEL_REPLIES,
+    },
     parse::{self, Packet, ptr_at},
-    reply,
+    parse6, reply,
 };
 
 /// True for a packet to this node's overlay port: VXLAN that is this node's to handle.
@@ -79,6 +82,9 @@ pub fn xdp_from_node(
         (*inner_eth).dst_addr = own_mac;
         (*inner_eth).src_addr = peer_mac;
     }
+    if parse6::is_ipv6(data, data_end) {
+        return to_ipv6_program(ctx, outer.src_ip_be);
+    }
     let (inner, fragment) = match parse::parse(data, data_end, data_end - data) {
         Ok(inner) => (inner, None),
         Err(Reason::PassFragment) => {
@@ -106,7 +112,7 @@ pub fn xdp_from_node(
     }
     let key = conntrack::key_of(&inner);
     if let Some(reverse) = conntrack::reverse_lookup(&key) {
-        if !hosts_backend_of(outer.src_ip_be, &reverse) {
+        if !hosts_backend_of(outer.src_ip_be, reverse.backend_id) {
             return drop(Reason::DropVxlanWrongNode);
         }
         let outcome = reply::reply(ctx, &inner, &reverse);
@@ -125,13 +131,28 @@ pub fn xdp_from_node(
     forward::deliver(ctx, &inner)
 }
 
-/// Only the node that hosts a flow's backend may send its replies.
+/// Hands a decapsulated IPv6 frame from the node `node_ip_be` to the IPv6 decapsulation
+/// program (`lb_xdp6_decap`: `ingress6::try_xdp_from_node`), which handles it as this module
+/// does an IPv4 one; the node goes through `DECAPSULATED_FROM`. Returns only if the tail call failed (no IPv6 program): then
+/// the frame is dropped.
 #[inline(always)]
-pub fn hosts_backend_of(node_ip_be: u32, reverse: &ReverseValue) -> bool {
-    BACKENDS
-        .get(reverse.backend_id)
-        .map(|backend| backend.node_ip_be)
-        == Some(node_ip_be)
+fn to_ipv6_program(ctx: &XdpContext, node_ip_be: u32) -> Result<(u32, Reason), Reason> {
+    let Some(from) = DECAPSULATED_FROM.get_ptr_mut(0) else {
+        return Ok((xdp_action::XDP_DROP, Reason::DropVxlanMalformed));
+    };
+    // SAFETY: this CPU's slot; nothing else runs on this CPU until the packet is done.
+    unsafe { *from = node_ip_be };
+    // SAFETY: the index names an XDP program, as the tail call requires.
+    let _ = unsafe { IPV6_DECAP_PROGRAM.tail_call(ctx, 0) };
+    // SAFETY: as above.
+    unsafe { *from = 0 };
+    Ok((xdp_action::XDP_DROP, Reason::DropVxlanMalformed))
+}
+
+/// Only the node that hosts a flow's backend (`backend_id`) may send its replies.
+#[inline(always)]
+pub fn hosts_backend_of(node_ip_be: u32, backend_id: u32) -> bool {
+    BACKENDS.get(backend_id).map(|backend| backend.node_ip_be) == Some(node_ip_be)
 }
 
 /// Whether a decapsulated packet is for a backend this node reaches itself: anything else (a
@@ -165,16 +186,31 @@ pub fn remember_ingress_node(key: &FlowKey, node_ip_be: u32) {
         key.src_port_be,
         key.proto,
     );
+    remember_tunnel(&TUNNEL_REPLIES, &REVERSE_FLOWS, &reply_key, node_ip_be);
+}
+
+/// [`remember_ingress_node`]'s work on either family's tables: `tunnels` (the reply key → the
+/// ingress node) and `reverse` (this node's own reverse-NAT entries).
+#[inline(always)]
+pub fn remember_tunnel<K, V>(
+    tunnels: &LruHashMap<K, TunnelValue>,
+    reverse: &LruHashMap<K, V>,
+    reply_key: &K,
+    node_ip_be: u32,
+) {
     // SAFETY: copied out at once.
-    let known = unsafe { TUNNEL_REPLIES.get(&reply_key) }.map(|tunnel| tunnel.node_ip_be);
+    let known = unsafe { tunnels.get(reply_key) }.map(|tunnel| tunnel.node_ip_be);
     if known != Some(node_ip_be) {
         let tunnel = TunnelValue {
             node_ip_be,
             _pad: 0,
         };
         // A full LRU evicts; an error leaves the reply to plain routing, nothing worse.
-        let _ = TUNNEL_REPLIES.insert(&reply_key, &tunnel, u64::from(BPF_ANY));
+        let _ = tunnels.insert(reply_key, &tunnel, u64::from(BPF_ANY));
         // Absent in all but the port-reuse case above.
-        conntrack::remove_if_present(&REVERSE_FLOWS, &reply_key);
+        // SAFETY: only presence is read.
+        if unsafe { reverse.get(reply_key) }.is_some() {
+            let _ = reverse.remove(reply_key);
+        }
     }
 }

@@ -18,16 +18,18 @@ use aya_ebpf::{
     helpers::generated::{bpf_redirect, bpf_redirect_neigh, bpf_xdp_adjust_head},
     programs::{TcContext, XdpContext},
 };
-use lb_common::{FlowKey, MeshConfig, PROTO_TCP, PROTO_UDP, Reason, VXLAN_OVERHEAD};
+use lb_common::{FlowKey, FlowKey6, MeshConfig, PROTO_TCP, PROTO_UDP, Reason, VXLAN_OVERHEAD};
 use network_types::{eth::EthHdr, ip::Ipv4Hdr, udp::UdpHdr};
 
 use crate::{
     csum,
     forward::{self, Egress, NextHop},
     icmp,
-    maps::MESH,
-    mss,
+    maps::{ENCAP6_HANDOFF, IPV6_ENCAP_PROGRAM, MESH},
+    mss, nat,
     parse::{Packet, ptr_at},
+    parse6::{self, Packet6},
+    stats,
 };
 
 /// VXLAN flags byte with the I bit: the VNI is valid.
@@ -38,6 +40,7 @@ const OUTER_TTL: u8 = 64;
 const SOURCE_PORT_BASE: u16 = 0xc000;
 const SOURCE_PORT_MASK: u32 = 0x3fff;
 const ETH_P_IP_BE: u16 = 0x0800u16.to_be();
+const ETH_P_IPV6_BE: u16 = 0x86ddu16.to_be();
 /// The IPv4 DF flag in the flags and fragment offset field.
 const DONT_FRAGMENT: u16 = 0x4000;
 
@@ -99,7 +102,65 @@ pub fn source_port(key: &FlowKey) -> u16 {
     SOURCE_PORT_BASE | (flow_hash(key) & SOURCE_PORT_MASK) as u16
 }
 
-/// Builds the headers for an inner frame of `inner_len` bytes (Ethernet included).
+/// The outer UDP source port of an IPv6 flow, as [`source_port`].
+#[inline(always)]
+pub fn source_port6(key: &FlowKey6) -> u16 {
+    let word = |addr: &[u8; 16], at: usize| {
+        u32::from_ne_bytes([addr[at], addr[at + 1], addr[at + 2], addr[at + 3]])
+    };
+    let folded = FlowKey::new(
+        word(&key.src, 0) ^ word(&key.src, 4) ^ word(&key.src, 8) ^ word(&key.src, 12),
+        word(&key.dst, 0) ^ word(&key.dst, 4) ^ word(&key.dst, 8) ^ word(&key.dst, 12),
+        key.src_port_be,
+        key.dst_port_be,
+        key.proto,
+    );
+    source_port(&folded)
+}
+
+/// What encapsulation needs of the inner packet, of either family: its transport header (for
+/// MSS clamping and GSO segment sizes) and its Ethernet type.
+#[derive(Clone, Copy)]
+pub struct Inner {
+    pub l4_off: usize,
+    pub l4_check_off: usize,
+    pub proto: u8,
+    pub tcp_flags: u8,
+    /// The inner frame's Ethernet type, as the frame carries it.
+    pub ether_type: u16,
+    /// The inner IP header and TCP header without options or extensions: what an MSS leaves
+    /// out of the MTU (40 for IPv4, 60 for IPv6).
+    pub tcp_ip_headers: u16,
+}
+
+impl Inner {
+    #[inline(always)]
+    pub fn of(pkt: &Packet) -> Inner {
+        Inner {
+            l4_off: pkt.l4_off,
+            l4_check_off: pkt.l4_check_off,
+            proto: pkt.proto,
+            tcp_flags: pkt.tcp_flags,
+            ether_type: ETH_P_IP_BE,
+            tcp_ip_headers: 40,
+        }
+    }
+
+    #[inline(always)]
+    pub fn of6(pkt: &Packet6) -> Inner {
+        Inner {
+            l4_off: pkt.l4_off,
+            l4_check_off: pkt.l4_check_off,
+            proto: pkt.proto,
+            tcp_flags: pkt.tcp_flags,
+            ether_type: ETH_P_IPV6_BE,
+            tcp_ip_headers: 60,
+        }
+    }
+}
+
+/// Builds the headers for an inner frame of `inner_len` bytes (Ethernet included) whose
+/// Ethernet type is `inner_ether_type`.
 #[inline(always)]
 fn headers(
     mesh: &MeshConfig,
@@ -107,13 +168,32 @@ fn headers(
     hop: &NextHop,
     src_port: u16,
     inner_len: usize,
+    inner_ether_type: u16,
 ) -> EncapHeaders {
-    // A GSO packet may not fit the 16-bit lengths: 0 then, the kernel's own convention for a GSO
-    // packet beyond 64 KiB (`iph_totlen`). Segmentation writes each segment's lengths.
-    let (ip_len, udp_len) = match u16::try_from(OUTER_L3_OVERHEAD + inner_len) {
+    let (ip_len, udp_len) = outer_lengths(inner_len);
+    EncapHeaders {
+        outer_eth: eth(hop, ETH_P_IP_BE),
+        outer_ip: outer_ip(mesh, node_ip_be, ip_len),
+        udp: outer_udp(mesh, src_port, udp_len),
+        vxlan: vxlan(mesh),
+        inner_eth: eth(hop, inner_ether_type),
+    }
+}
+
+/// The outer IPv4 and UDP lengths for an inner frame of `inner_len` bytes. A GSO packet may
+/// not fit the 16-bit lengths: 0 then, the kernel's own convention for a GSO packet beyond
+/// 64 KiB (`iph_totlen`). Segmentation writes each segment's lengths.
+#[inline(always)]
+fn outer_lengths(inner_len: usize) -> (u16, u16) {
+    match u16::try_from(OUTER_L3_OVERHEAD + inner_len) {
         Ok(ip_len) => (ip_len, ip_len - 20),
         Err(_) => (0, 0),
-    };
+    }
+}
+
+/// The outer IPv4 header, this node → `node_ip_be`, checksum included.
+#[inline(always)]
+fn outer_ip(mesh: &MeshConfig, node_ip_be: u32, ip_len: u16) -> Ipv4Hdr {
     let mut outer_ip = Ipv4Hdr {
         vihl: 0x45,
         tos: 0,
@@ -130,30 +210,36 @@ fn headers(
         dst_addr: node_ip_be.to_ne_bytes(),
     };
     outer_ip.check = csum::ipv4_header(&outer_ip).to_ne_bytes();
+    outer_ip
+}
+
+/// The outer UDP header: checksum 0, as RFC 7348 allows over IPv4.
+#[inline(always)]
+fn outer_udp(mesh: &MeshConfig, src_port: u16, udp_len: u16) -> UdpHdr {
+    UdpHdr {
+        src: src_port.to_be_bytes(),
+        dst: mesh.vxlan_port_be.to_ne_bytes(),
+        len: udp_len.to_be_bytes(),
+        check: [0; 2],
+    }
+}
+
+#[inline(always)]
+fn vxlan(mesh: &MeshConfig) -> VxlanHdr {
     let vni = mesh.vni.to_be_bytes();
-    EncapHeaders {
-        outer_eth: EthHdr {
-            dst_addr: hop.dmac,
-            src_addr: hop.smac,
-            ether_type: ETH_P_IP_BE,
-        },
-        outer_ip,
-        udp: UdpHdr {
-            src: src_port.to_be_bytes(),
-            dst: mesh.vxlan_port_be.to_ne_bytes(),
-            len: udp_len.to_be_bytes(),
-            check: [0; 2],
-        },
-        vxlan: VxlanHdr {
-            flags: [VXLAN_FLAG_VNI, 0, 0, 0],
-            vni: [vni[1], vni[2], vni[3]],
-            _reserved2: 0,
-        },
-        inner_eth: EthHdr {
-            dst_addr: hop.dmac,
-            src_addr: hop.smac,
-            ether_type: ETH_P_IP_BE,
-        },
+    VxlanHdr {
+        flags: [VXLAN_FLAG_VNI, 0, 0, 0],
+        vni: [vni[1], vni[2], vni[3]],
+        _reserved2: 0,
+    }
+}
+
+#[inline(always)]
+fn eth(hop: &NextHop, ether_type: u16) -> EthHdr {
+    EthHdr {
+        dst_addr: hop.dmac,
+        src_addr: hop.smac,
+        ether_type,
     }
 }
 
@@ -206,15 +292,11 @@ pub fn xdp_to_node(
     from_client: bool,
 ) -> Result<(u32, Reason), Reason> {
     let drop = |reason| Ok((xdp_action::XDP_DROP, reason));
-    let Some(mesh) = mesh() else {
-        return drop(Reason::DropMeshUnconfigured);
+    let (mesh, inner_len, outer_len) = match xdp_lengths(ctx) {
+        Ok(found) => found,
+        Err(reason) => return drop(reason),
     };
-    let inner_len = ctx.data_end() - ctx.data();
-    let outer_len = OUTER_L3_OVERHEAD + inner_len;
-    if outer_len > usize::from(u16::MAX) {
-        return drop(Reason::DropEncapMtu);
-    }
-    let egress = match route_to_node(ctx, mesh, node_ip_be, outer_len as u16) {
+    let egress = match route_to_node(ctx, mesh, node_ip_be, outer_len) {
         Ok(egress) => egress,
         Err((Reason::DropEncapMtu, mtu)) => {
             let fits = mtu.saturating_sub(VXLAN_OVERHEAD as u16);
@@ -237,26 +319,204 @@ pub fn xdp_to_node(
         Egress::Stack => return drop(Reason::DropEncapNoRoute),
     };
     if let Some(pkt) = inner {
-        mss::xdp_clamp(ctx.data(), ctx.data_end(), pkt, hop.mtu, outer_len as u16);
+        mss::xdp_clamp(
+            ctx.data(),
+            ctx.data_end(),
+            &Inner::of(pkt),
+            hop.mtu,
+            outer_len,
+        );
     }
     // The inner packet is routed by this node (the caller made sure its TTL is above 1).
     forward::decrement_ttl(ctx.data(), ctx.data_end()).ok_or(Reason::PassTruncated)?;
-    let encap = headers(mesh, node_ip_be, hop, src_port, inner_len);
+    let encap = headers(mesh, node_ip_be, hop, src_port, inner_len, ETH_P_IP_BE);
+    xdp_push(ctx, encap, &egress, reason)
+}
+
+/// This node's overlay settings, and the frame's length and its outer IPv4 length once
+/// encapsulated; `Err`: why it cannot be.
+#[inline(always)]
+fn xdp_lengths(ctx: &XdpContext) -> Result<(&'static MeshConfig, usize, u16), Reason> {
+    let mesh = mesh().ok_or(Reason::DropMeshUnconfigured)?;
+    let inner_len = ctx.data_end() - ctx.data();
+    let outer_len =
+        u16::try_from(OUTER_L3_OVERHEAD + inner_len).map_err(|_| Reason::DropEncapMtu)?;
+    Ok((mesh, inner_len, outer_len))
+}
+
+/// Puts `encap` in front of the frame and sends it by `egress`, counted as `reason`.
+#[inline(always)]
+fn xdp_push(
+    ctx: &XdpContext,
+    encap: EncapHeaders,
+    egress: &Egress,
+    reason: Reason,
+) -> Result<(u32, Reason), Reason> {
     // SAFETY: the helper only moves ctx->data; every pointer is re-derived below.
     if unsafe { bpf_xdp_adjust_head(ctx.ctx.cast(), -(VXLAN_OVERHEAD as i32)) } != 0 {
-        return drop(Reason::DropEncapNoRoute);
+        return Ok((xdp_action::XDP_DROP, Reason::DropEncapNoRoute));
     }
     let at: *mut EncapHeaders =
         ptr_at(ctx.data(), ctx.data_end(), 0).ok_or(Reason::PassTruncated)?;
     // SAFETY: bounds checked by ptr_at; packet data need not be aligned.
     unsafe { ptr::write_unaligned(at, encap) };
-    Ok((forward::send(ctx, &egress), reason))
+    Ok((forward::send(ctx, egress), reason))
+}
+
+/// The largest transport offset `lb_xdp6_encap` takes from `lb_xdp6`: Ethernet, IPv6 and four
+/// extension headers of at most 2,048 bytes each fit.
+const MAX_HANDOFF_OFF: u16 = 0x3fff;
+
+/// What `lb_xdp6` hands to `lb_xdp6_encap` with a DNATed IPv6 packet (`ENCAP6_HANDOFF`).
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct Handoff6 {
+    pub node_ip_be: u32,
+    /// The flow's backend, counted once the packet is sent.
+    pub backend_id: u32,
+    pub src_port: u16,
+    pub l4_off: u16,
+    pub l4_check_off: u16,
+    pub proto: u8,
+    pub tcp_flags: u8,
+    /// Whether the packet opens a new flow of the backend.
+    pub new_flow: u8,
+    pub _pad: u8,
+}
+
+/// [`xdp_to_node`] for a DNATed IPv6 client packet (`pkt`, parsed before the DNAT; its offsets
+/// hold) of the flow `key`, pinned to `backend_id`: handed to `lb_xdp6_encap`
+/// ([`xdp6_from_handoff`]), which sends it and counts it. Returns only if that program is not
+/// there: the packet is dropped then.
+#[inline(always)]
+pub fn xdp6_to_node(
+    ctx: &XdpContext,
+    key: &FlowKey6,
+    pkt: &Packet6,
+    node_ip_be: u32,
+    backend_id: u32,
+    new_flow: bool,
+) -> Result<(u32, Reason), Reason> {
+    let Some(handoff) = ENCAP6_HANDOFF.get_ptr_mut(0) else {
+        return Ok((xdp_action::XDP_DROP, Reason::DropEncapNoRoute));
+    };
+    // SAFETY: this CPU's slot, read by the program tail-called next on this CPU. Field by
+    // field: a whole value built first would take its bytes of `lb_xdp6`'s short stack.
+    unsafe {
+        (*handoff).node_ip_be = node_ip_be;
+        (*handoff).backend_id = backend_id;
+        (*handoff).src_port = source_port6(key);
+        (*handoff).l4_off = pkt.l4_off as u16;
+        (*handoff).l4_check_off = pkt.l4_check_off as u16;
+        (*handoff).proto = pkt.proto;
+        (*handoff).tcp_flags = pkt.tcp_flags;
+        (*handoff).new_flow = u8::from(new_flow);
+    }
+    // SAFETY: the index names an XDP program, as the tail call requires.
+    let _ = unsafe { IPV6_ENCAP_PROGRAM.tail_call(ctx, 0) };
+    Ok((xdp_action::XDP_DROP, Reason::DropEncapNoRoute))
+}
+
+/// `lb_xdp6_encap`: encapsulates the DNATed IPv6 packet `lb_xdp6` handed over to its backend's
+/// node and sends it, as [`xdp_to_node`] does an IPv4 one; its hop limit drops by one, its MSS
+/// is clamped. A packet too big once encapsulated is dropped (`drop_encap_mtu`): ICMPv6
+/// "packet too big" is not sent yet. The backend's counters count it once it is sent.
+#[inline(always)]
+pub fn xdp6_from_handoff(ctx: &XdpContext) -> (u32, Reason) {
+    let drop = |reason| (xdp_action::XDP_DROP, reason);
+    let Some(handoff) = ENCAP6_HANDOFF.get(0).copied() else {
+        return drop(Reason::DropEncapNoRoute);
+    };
+    let (mesh, inner_len, outer_len) = match xdp_lengths(ctx) {
+        Ok(found) => found,
+        Err(reason) => return drop(reason),
+    };
+    let egress = match route_to_node(ctx, mesh, handoff.node_ip_be, outer_len) {
+        Ok(egress) => egress,
+        Err((reason, _)) => return drop(reason),
+    };
+    let (hop, reason) = match egress {
+        Egress::Tx(ref hop) => (hop, Reason::ForwardEncapTx),
+        Egress::Redirect(ref hop) => (hop, Reason::ForwardEncapRedirect),
+        Egress::Stack => return drop(Reason::DropEncapNoRoute),
+    };
+    // Offsets the verifier can bound (it checks nothing against a packet pointer whose offset
+    // may pass 64 KiB); the parser's never come near.
+    if handoff.l4_off > MAX_HANDOFF_OFF || handoff.l4_check_off > MAX_HANDOFF_OFF {
+        return drop(Reason::PassTruncated);
+    }
+    let (data, data_end) = (ctx.data(), ctx.data_end());
+    // Masked behind a barrier (`nat::opaque`): a no-op after the test above, but one LLVM
+    // cannot fold away, which gives the verifier its bound on every copy.
+    let bounded = |off: u16| nat::opaque(usize::from(off)) & usize::from(MAX_HANDOFF_OFF);
+    let inner = Inner {
+        l4_off: bounded(handoff.l4_off),
+        l4_check_off: bounded(handoff.l4_check_off),
+        proto: handoff.proto,
+        tcp_flags: handoff.tcp_flags,
+        ether_type: ETH_P_IPV6_BE,
+        tcp_ip_headers: 60,
+    };
+    mss::xdp_clamp(data, data_end, &inner, hop.mtu, outer_len);
+    let Some(hop_limit) = ptr_at::<u8>(data, data_end, parse6::IP6_HOP_LIMIT_OFF) else {
+        return (xdp_action::XDP_PASS, Reason::PassTruncated);
+    };
+    // SAFETY: bounds checked by ptr_at (`lb_xdp6` made sure the hop limit is above 1).
+    unsafe { *hop_limit = (*hop_limit).saturating_sub(1) };
+    // SAFETY: the helper only moves ctx->data; every pointer is re-derived below.
+    if unsafe { bpf_xdp_adjust_head(ctx.ctx.cast(), -(VXLAN_OVERHEAD as i32)) } != 0 {
+        return drop(Reason::DropEncapNoRoute);
+    }
+    let Some(at) = ptr_at::<EncapHeaders>(ctx.data(), ctx.data_end(), 0) else {
+        return drop(Reason::DropEncapNoRoute);
+    };
+    write_headers(
+        at,
+        mesh,
+        handoff.node_ip_be,
+        hop,
+        handoff.src_port,
+        inner_len,
+    );
+    let action = forward::send(ctx, &egress);
+    if action != xdp_action::XDP_DROP {
+        stats::count_to_backend(handoff.backend_id, inner_len as u64, handoff.new_flow != 0);
+    }
+    (action, reason)
+}
+
+/// [`headers`] for an inner IPv6 frame, written in place piece by piece: the whole set built
+/// on the stack first would not fit the IPv6 path's.
+#[inline(always)]
+fn write_headers(
+    at: *mut EncapHeaders,
+    mesh: &MeshConfig,
+    node_ip_be: u32,
+    hop: &NextHop,
+    src_port: u16,
+    inner_len: usize,
+) {
+    let (ip_len, udp_len) = outer_lengths(inner_len);
+    // SAFETY: `at` was bounds checked for the whole set; packet data need not be aligned.
+    unsafe {
+        ptr::write_unaligned(ptr::addr_of_mut!((*at).outer_eth), eth(hop, ETH_P_IP_BE));
+        ptr::write_unaligned(
+            ptr::addr_of_mut!((*at).outer_ip),
+            outer_ip(mesh, node_ip_be, ip_len),
+        );
+        ptr::write_unaligned(
+            ptr::addr_of_mut!((*at).udp),
+            outer_udp(mesh, src_port, udp_len),
+        );
+        ptr::write_unaligned(ptr::addr_of_mut!((*at).vxlan), vxlan(mesh));
+        ptr::write_unaligned(ptr::addr_of_mut!((*at).inner_eth), eth(hop, ETH_P_IPV6_BE));
+    }
 }
 
 /// The outer IPv4 length of one segment of a TCP GSO packet once encapsulated: outer headers,
 /// the inner frame's headers (TCP's with its options), `gso_size` bytes of payload.
 #[inline(always)]
-fn tcp_segment_len(ctx: &TcContext, pkt: &Packet, gso_size: u32) -> Option<u16> {
+fn tcp_segment_len(ctx: &TcContext, pkt: &Inner, gso_size: u32) -> Option<u16> {
     let data_offset: u8 = ctx.load(pkt.l4_off + 12).ok()?;
     let segment =
         OUTER_L3_OVERHEAD + pkt.l4_off + usize::from(data_offset >> 4) * 4 + gso_size as usize;
@@ -286,6 +546,32 @@ pub fn tc_to_node(
     node_ip_be: u32,
     src_port: u16,
     answer_too_big: bool,
+) -> (i32, Reason) {
+    let too_big = if answer_too_big { Some(pkt) } else { None };
+    tc_encap(ctx, &Inner::of(pkt), node_ip_be, src_port, too_big)
+}
+
+/// [`tc_to_node`] for an IPv6 packet (a task's reply). One too big once encapsulated is
+/// dropped (`drop_encap_mtu`): ICMPv6 "packet too big" is not sent yet.
+#[inline(always)]
+pub fn tc6_to_node(
+    ctx: &mut TcContext,
+    pkt: &Packet6,
+    node_ip_be: u32,
+    src_port: u16,
+) -> (i32, Reason) {
+    tc_encap(ctx, &Inner::of6(pkt), node_ip_be, src_port, None)
+}
+
+/// [`tc_to_node`]'s work for an inner packet of either family; `too_big`: the IPv4 packet to
+/// answer with "fragmentation needed" if it does not fit.
+#[inline(always)]
+fn tc_encap(
+    ctx: &mut TcContext,
+    pkt: &Inner,
+    node_ip_be: u32,
+    src_port: u16,
+    too_big: Option<&Packet>,
 ) -> (i32, Reason) {
     let shot = |reason| (TC_ACT_SHOT, reason);
     let Some(mesh) = mesh() else {
@@ -344,7 +630,7 @@ pub fn tc_to_node(
         BPF_FIB_LKUP_RET_NO_NEIGH => {}
         BPF_FIB_LKUP_RET_FRAG_NEEDED => {
             let fits = hop.mtu.saturating_sub(VXLAN_OVERHEAD as u16);
-            if answer_too_big
+            if let Some(pkt) = too_big
                 && gso_size == 0
                 && fits >= MIN_PATH_MTU
                 && icmp::tc_frag_needed(ctx, pkt, fits)
@@ -355,7 +641,7 @@ pub fn tc_to_node(
         }
         _ => return shot(Reason::DropEncapNoRoute),
     }
-    let encap = headers(mesh, node_ip_be, &hop, src_port, inner_len);
+    let encap = headers(mesh, node_ip_be, &hop, src_port, inner_len, pkt.ether_type);
     let fixed_gso = if fixed_gso {
         BPF_F_ADJ_ROOM_FIXED_GSO
     } else {

@@ -16,8 +16,8 @@ use network_types::eth::EthHdr;
 use crate::{
     csum,
     maps::{
-        BRIDGE_PORTS, CachedRoute, CachedRoute6, PEER_PORTS, ROUTE_CACHE, ROUTE_CACHE_BITS,
-        ROUTE_CACHE6, TX_PORTS, TX_VIA_TC,
+        BRIDGE_PORTS, CachedRoute, PEER_PORTS, ROUTE_CACHE, ROUTE_CACHE_BITS, ROUTE_CACHE6,
+        TX_PORTS, TX_VIA_TC,
     },
     nat::{load16, store16},
     parse::{IP_CHECK_OFF, IP_TTL_OFF, Packet, ptr_at},
@@ -437,19 +437,17 @@ fn decide6_into(
     if let Some(entry) = cache
         && hop.mtu != tot_len
     {
-        // SAFETY: as above.
+        // SAFETY: as above. Field by field: a whole entry built first would take its 56 bytes
+        // of the IPv6 path's stack.
         unsafe {
-            *entry = CachedRoute6 {
-                checked_jiffies: now,
-                dst: *dst,
-                ingress_ifindex: ingress,
-                ifindex: hop.ifindex,
-                mtu: hop.mtu,
-                smac: hop.smac,
-                dmac: hop.dmac,
-                xmit: hop.xmit,
-                _pad: [0; 5],
-            };
+            (*entry).checked_jiffies = now;
+            (*entry).dst = *dst;
+            (*entry).ingress_ifindex = ingress;
+            (*entry).ifindex = hop.ifindex;
+            (*entry).mtu = hop.mtu;
+            (*entry).smac = hop.smac;
+            (*entry).dmac = hop.dmac;
+            (*entry).xmit = hop.xmit;
         }
     }
     *egress = egress_of(hop, ingress);

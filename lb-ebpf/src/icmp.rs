@@ -268,7 +268,7 @@ pub fn xdp_from_node(
         return drop(Reason::DropBackendUnreachable);
     }
     if let Some(About::Forwarded(reverse)) = about(error) {
-        if !decap::hosts_backend_of(node_ip_be, &reverse) {
+        if !decap::hosts_backend_of(node_ip_be, reverse.backend_id) {
             return drop(Reason::DropVxlanWrongNode);
         }
         return to_client(ctx, error, &reverse);

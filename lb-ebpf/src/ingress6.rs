@@ -1,8 +1,10 @@
 //! The XDP and TC programs' IPv6 path: DNAT of new and established IPv6 flows to a service's
 //! IPv6 backends, reverse NAT of their replies, and forwarding of both, as `ingress`, `reply`
 //! and `egress` do for IPv4. A client of one family is balanced over that family's backends
-//! only. Not (yet) for IPv6: the mesh (IPv6 backends are on no node), hairpin flows, passive
-//! health, fragments, ICMPv6 errors (all passed to the kernel), the node's own sockets.
+//! only. Backends on other nodes are reached through the mesh, VXLAN over the IPv4 underlay
+//! (`encap`; `decap` hands the decapsulated frames back here). Not (yet) for IPv6: hairpin
+//! flows, passive health, fragments, ICMPv6 errors (all passed to the kernel), the node's own
+//! sockets.
 use aya_ebpf::{
     bindings::{TC_ACT_UNSPEC, xdp_action},
     programs::{TcContext, XdpContext},
@@ -14,9 +16,10 @@ use lb_common::{
 
 use crate::{
     conntrack6::{self as flows},
+    decap, encap,
     forward::{self, Egress},
     ingress,
-    maps::HOST_ADDRS6,
+    maps::{DECAPSULATED_FROM, HOST_ADDRS6},
     nat::{self, Side},
     parse6::{self, Packet6},
     select, stats,
@@ -34,9 +37,9 @@ pub fn try_xdp(ctx: &XdpContext) -> Result<(u32, Reason), Reason> {
     )?;
     let port = select::service_port(pkt.proto, pkt.dst_port_be);
     if port != 0 {
-        if let Some(flow) = flows::pinned(&key, &pkt) {
+        if let Some((flow, node_ip_be)) = flows::pinned(&key, &pkt) {
             flows::note(&key, pkt.tcp_flags, true);
-            return to_backend(ctx, &pkt, &key, &flow, false);
+            return to_backend(ctx, &pkt, &key, &flow, node_ip_be, false);
         }
         if let Some(outcome) = to_service(ctx, &pkt, &key, port) {
             return outcome;
@@ -120,7 +123,83 @@ fn to_service(
     if !flows::record(key, &flow, event) {
         return Some(Ok((xdp_action::XDP_DROP, Reason::DropFlowTableFull)));
     }
-    Some(to_backend(ctx, pkt, key, &flow, !recovered))
+    Some(to_backend(
+        ctx,
+        pkt,
+        key,
+        &flow,
+        backend.node_ip_be,
+        !recovered,
+    ))
+}
+
+/// The node a decapsulated frame came from (`decap`, through `DECAPSULATED_FROM`), reset for
+/// the next packet; 0: none (not called by `decap`).
+#[inline(always)]
+fn decapsulated_from() -> u32 {
+    let Some(from) = DECAPSULATED_FROM.get_ptr_mut(0) else {
+        return 0;
+    };
+    // SAFETY: this CPU's slot, written by `lb_xdp` for this packet or left 0.
+    unsafe {
+        let node_ip_be = *from;
+        if node_ip_be != 0 {
+            *from = 0;
+        }
+        node_ip_be
+    }
+}
+
+/// The IPv6 decapsulation program's work (`lb_xdp6_decap`, tail-called by `decap` with an
+/// inner IPv6 frame, the node it came from in `DECAPSULATED_FROM`). Whatever the frame is, it
+/// is not the kernel's: it was inside a tunnel.
+#[inline(always)]
+pub fn try_xdp_from_node(ctx: &XdpContext) -> (u32, Reason) {
+    let node_ip_be = decapsulated_from();
+    let mut key = FlowKey6::default();
+    let parsed = parse6::parse6(
+        ctx.data(),
+        ctx.data_end(),
+        ctx.data_end() - ctx.data(),
+        &mut key,
+    );
+    let outcome = match parsed {
+        Ok(pkt) if node_ip_be != 0 => from_node6(ctx, &pkt, &key, node_ip_be),
+        _ => return (xdp_action::XDP_DROP, Reason::DropVxlanMalformed),
+    };
+    outcome.unwrap_or_else(|reason| (xdp_action::XDP_PASS, reason))
+}
+
+/// A decapsulated IPv6 packet from the node `node_ip_be` (its VNI and source checked by
+/// `decap`): the reply of a flow this node balanced, from the node that hosts its backend
+/// (reverse-NATed and sent to the client), or a client's packet for a backend on this node
+/// (delivered, and remembered so that TC encapsulates the replies back). As `decap` for IPv4.
+#[inline(always)]
+fn from_node6(
+    ctx: &XdpContext,
+    pkt: &Packet6,
+    key: &FlowKey6,
+    node_ip_be: u32,
+) -> Result<(u32, Reason), Reason> {
+    if let Some(reverse) = flows::reverse_lookup(key) {
+        if !decap::hosts_backend_of(node_ip_be, reverse.backend_id) {
+            return Ok((xdp_action::XDP_DROP, Reason::DropVxlanWrongNode));
+        }
+        return reply(ctx, pkt, key, &reverse);
+    }
+    if !flows::is_local_backend(key) {
+        return Ok((xdp_action::XDP_DROP, Reason::DropVxlanNotLocalBackend));
+    }
+    flows::remember_ingress_node(key, node_ip_be);
+    if pkt.hop_limit <= 1 {
+        return Ok((xdp_action::XDP_DROP, Reason::ForwardTtlExpired));
+    }
+    let egress = forward::decide6(ctx, pkt, &key.src, &key.dst);
+    forward::route6(
+        ctx,
+        &egress,
+        [Reason::DecapTx, Reason::DecapRedirect, Reason::DecapStack],
+    )
 }
 
 /// DNATs a client's packet to its flow's backend and routes it there.
@@ -130,16 +209,23 @@ fn to_backend(
     pkt: &Packet6,
     key: &FlowKey6,
     flow: &FlowValue6,
+    node_ip_be: u32,
     new_flow: bool,
 ) -> Result<(u32, Reason), Reason> {
     let (data, data_end) = (ctx.data(), ctx.data_end());
     let to = (&flow.backend_ip, flow.backend_port_be);
     nat::rewrite6((data, data_end), pkt, key, Side::Dst, to).ok_or(Reason::PassTruncated)?;
-    stats::count_to_backend(flow.backend_id, (data_end - data) as u64, new_flow);
+    let bytes = (data_end - data) as u64;
     if pkt.hop_limit <= 1 {
+        stats::count_to_backend(flow.backend_id, bytes, new_flow);
         // The kernel answers with ICMPv6 time exceeded, to the client.
         return Ok((xdp_action::XDP_PASS, Reason::ForwardTtlExpired));
     }
+    if node_ip_be != 0 {
+        // Counted as the backend's by the encapsulation program, once sent.
+        return encap::xdp6_to_node(ctx, key, pkt, node_ip_be, flow.backend_id, new_flow);
+    }
+    stats::count_to_backend(flow.backend_id, bytes, new_flow);
     let egress = forward::decide6(ctx, pkt, &key.src, &flow.backend_ip);
     forward::route6(
         ctx,
@@ -192,7 +278,13 @@ pub fn try_tc_reply(ctx: &mut TcContext) -> Result<i32, i64> {
         return Ok(TC_ACT_UNSPEC);
     };
     let Some(reverse) = flows::reverse_lookup(&key) else {
-        return Ok(TC_ACT_UNSPEC);
+        // The reply of a flow another node balanced: back to that node.
+        let Some(node_ip_be) = flows::ingress_node_of(&key) else {
+            return Ok(TC_ACT_UNSPEC);
+        };
+        let (action, reason) = encap::tc6_to_node(ctx, &pkt, node_ip_be, encap::source_port6(&key));
+        stats::count_reason(reason, u64::from(ctx.len()));
+        return Ok(action);
     };
     flows::note_reply(&key, &reverse, pkt.tcp_flags);
     let to = (&reverse.orig_ip, reverse.orig_port_be);

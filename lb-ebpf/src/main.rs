@@ -66,6 +66,26 @@ pub fn lb_xdp6(ctx: XdpContext) -> u32 {
     action
 }
 
+/// An IPv6 frame decapsulated by `lb_xdp` (a client's packet for a backend here, or the reply
+/// of a flow this node balanced), tail-called by it (`maps::IPV6_DECAP_PROGRAM`).
+#[xdp]
+pub fn lb_xdp6_decap(ctx: XdpContext) -> u32 {
+    let bytes = (ctx.data_end() - ctx.data()) as u64;
+    let (action, reason) = ingress6::try_xdp_from_node(&ctx);
+    stats::count_reason(reason, bytes);
+    action
+}
+
+/// VXLAN encapsulation of a DNATed IPv6 packet to its backend's node, tail-called by `lb_xdp6`
+/// (`maps::IPV6_ENCAP_PROGRAM`) with a stack of its own.
+#[xdp]
+pub fn lb_xdp6_encap(ctx: XdpContext) -> u32 {
+    let bytes = (ctx.data_end() - ctx.data()) as u64;
+    let (action, reason) = encap::xdp6_from_handoff(&ctx);
+    stats::count_reason(reason, bytes);
+    action
+}
+
 /// The IPv6 half of `lb_tc_egress`, tail-called by it.
 #[classifier]
 pub fn lb_tc_egress6(mut ctx: TcContext) -> i32 {

@@ -12,7 +12,7 @@ use lb_common::{
     MaglevTable, MeshConfig, PassiveHealth, REASON_COUNT, ReverseValue, RrCursor,
     SERVICE_PORT_WORDS, SNAT_FLOW_CAPACITY, SOCK_FLOW_CAPACITY, ServiceKey, ServiceValue,
     SnatValue, SockFlow, SockKey, SocketLbConfig, TunnelValue,
-    v6::{Addr6, FlowKey6, FlowValue6, ReverseValue6, ServiceKey6},
+    v6::{Addr6, FlowKey6, FlowValue6, LocalBackendKey6, ReverseValue6, ServiceKey6},
 };
 
 /// Published services: (VIP or 0 for every local address, protocol, port) → id and backend list.
@@ -64,6 +64,23 @@ pub static IPV6_XDP_PROGRAM: ProgramArray = ProgramArray::with_max_entries(1, 0)
 #[map]
 pub static IPV6_TC_PROGRAM: ProgramArray = ProgramArray::with_max_entries(1, 0);
 
+/// The IPv6 decapsulation program (`lb_xdp6_decap`, slot 0), which `lb_xdp` tail-calls for a
+/// VXLAN packet from a node whose inner frame is IPv6. Pinned, as `IPV6_XDP_PROGRAM`.
+#[map]
+pub static IPV6_DECAP_PROGRAM: ProgramArray = ProgramArray::with_max_entries(1, 0);
+
+/// The IPv6 encapsulation program (`lb_xdp6_encap`, slot 0), which `lb_xdp6` tail-calls for a
+/// packet to a backend on another node: encapsulation needs more stack than `lb_xdp6` has
+/// left. What it needs of the packet goes through `ENCAP6_HANDOFF`.
+#[map]
+pub static IPV6_ENCAP_PROGRAM: ProgramArray = ProgramArray::with_max_entries(1, 0);
+
+/// Per CPU, what `lb_xdp6` hands to `lb_xdp6_encap` with the packet it tail-calls it for
+/// (`encap::Handoff6`), as `DECAPSULATED_FROM`. Not pinned: both programs come from one load.
+#[map]
+pub static ENCAP6_HANDOFF: PerCpuArray<crate::encap::Handoff6> =
+    PerCpuArray::with_max_entries(1, 0);
+
 /// IPv6 services: (IPv6 VIP or all zero for every local address, port, protocol) → id and the
 /// service's IPv6 backends. `SERVICE_PORTS` covers both families.
 #[map]
@@ -98,6 +115,25 @@ pub static REVERSE_FLOWS6: LruHashMap<FlowKey6, ReverseValue6> =
 /// IPv6 flow to a service published on every local address must be addressed to one. A set.
 #[map]
 pub static HOST_ADDRS6: HashMap<Addr6, u32> = HashMap::with_max_entries(MAX_HOST_ADDRS, 0);
+
+/// The IPv6 backends this node reaches by plain routing, as `LOCAL_BACKENDS`: the only IPv6
+/// destinations a decapsulated client packet is delivered to. A set.
+#[map]
+pub static LOCAL_BACKENDS6: HashMap<LocalBackendKey6, u32> =
+    HashMap::with_max_entries(MAX_BACKENDS, BPF_F_NO_PREALLOC);
+
+/// On a backend's node, as `TUNNEL_REPLIES` for IPv6 flows: an IPv6 reply's 5-tuple (backend →
+/// client) → the node the flow came in on. Sized like `FLOWS6`.
+#[map]
+pub static TUNNEL_REPLIES6: LruHashMap<FlowKey6, TunnelValue> =
+    LruHashMap::with_max_entries(DEFAULT_FLOW_CAPACITY, 0);
+
+/// Per CPU, the underlay address of the node a decapsulated IPv6 frame came from, set by
+/// `lb_xdp` just before it tail-calls `lb_xdp6_decap` with that frame and taken (reset to 0)
+/// there: a tail call carries no arguments, and both run on one CPU without preemption, so no
+/// other packet sees the value. Pinned, as the program array.
+#[map]
+pub static DECAPSULATED_FROM: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);
 
 /// Hairpin flows (`FLOW_SNAT`): client → service 5-tuple → the source address and port its
 /// packets get towards the backend (`snat`). Their replies come back to that address and port,

@@ -1,6 +1,6 @@
 //! MSS clamping of the TCP connections that cross the mesh. A SYN or SYN-ACK encapsulated to
 //! another node announces at most the segment that fits the tunnel (underlay MTU − 50 bytes of
-//! encapsulation − 40 of IPv4 and TCP headers), as `iptables -j TCPMSS --clamp-mss-to-pmtu`
+//! encapsulation − 40 of IPv4 and TCP headers, 60 of IPv6 and TCP), as `iptables -j TCPMSS --clamp-mss-to-pmtu`
 //! does for tunnels. Without it, a task whose link has the underlay's MTU (a plain veth at
 //! 1500) sends full-size segments that cannot be encapsulated, and TC, which cannot answer them
 //! with an ICMP error, drops them: a download would hang. Clients learn the same limit from the
@@ -10,7 +10,8 @@ use lb_common::{PROTO_TCP, VXLAN_OVERHEAD};
 
 use crate::{
     csum,
-    parse::{Packet, TCP_SYN, ptr_at},
+    encap::Inner,
+    parse::{TCP_SYN, ptr_at},
 };
 
 const TCPOPT_EOL: u8 = 0;
@@ -18,21 +19,20 @@ const TCPOPT_NOP: u8 = 1;
 const TCPOPT_MSS: u8 = 2;
 /// Options looked at before giving up: every stack puts the MSS first or after a few NOPs.
 const MAX_OPTIONS: usize = 8;
-/// IPv4 and TCP headers without options: the MSS is the MTU less these.
-const TCP_IP_HEADERS: u16 = 40;
 /// Linux's smallest MSS it sends with (`tcp_min_snd_mss`): no clamp goes below it.
 const MIN_MSS: u16 = 48;
 
-/// The largest MSS a connection through a tunnel over `underlay_mtu` can use. `checked_len`
-/// is the length the FIB lookup was asked about: a kernel that does not report the MTU
-/// leaves it in its place, and then nothing is clamped.
+/// The largest MSS a connection of `pkt`'s family through a tunnel over `underlay_mtu` can use:
+/// the MTU less the encapsulation and the IP and TCP headers without options (40 bytes for
+/// IPv4, 60 for IPv6). `checked_len` is the length the FIB lookup was asked about: a kernel
+/// that does not report the MTU leaves it in its place, and then nothing is clamped.
 #[inline(always)]
-fn limit(underlay_mtu: u16, checked_len: u16) -> Option<u16> {
+fn limit(pkt: &Inner, underlay_mtu: u16, checked_len: u16) -> Option<u16> {
     if underlay_mtu <= checked_len {
         return None;
     }
     underlay_mtu
-        .checked_sub(VXLAN_OVERHEAD as u16 + TCP_IP_HEADERS)
+        .checked_sub(VXLAN_OVERHEAD as u16 + pkt.tcp_ip_headers)
         .filter(|limit| *limit >= MIN_MSS)
 }
 
@@ -77,18 +77,18 @@ fn as_summed(value: u16, off: usize, l4_off: usize) -> u16 {
 }
 
 #[inline(always)]
-fn is_tcp_syn_or_syn_ack(pkt: &Packet) -> bool {
+fn is_tcp_syn_or_syn_ack(pkt: &Inner) -> bool {
     pkt.proto == PROTO_TCP && pkt.tcp_flags & TCP_SYN != 0
 }
 
 /// Clamps the MSS of a SYN or SYN-ACK (XDP: the frame between `data` and `data_end`, checksum
 /// complete) about to be encapsulated through an underlay of `underlay_mtu`.
 #[inline(always)]
-pub fn xdp_clamp(data: usize, data_end: usize, pkt: &Packet, underlay_mtu: u16, checked_len: u16) {
+pub fn xdp_clamp(data: usize, data_end: usize, pkt: &Inner, underlay_mtu: u16, checked_len: u16) {
     if !is_tcp_syn_or_syn_ack(pkt) {
         return;
     }
-    let Some(limit) = limit(underlay_mtu, checked_len) else {
+    let Some(limit) = limit(pkt, underlay_mtu, checked_len) else {
         return;
     };
     let load = |off| {
@@ -124,11 +124,11 @@ pub fn xdp_clamp(data: usize, data_end: usize, pkt: &Packet, underlay_mtu: u16, 
 /// Clamps the MSS of a SYN or SYN-ACK in an skb about to be encapsulated through an underlay
 /// of `underlay_mtu` (TC). The kernel's checksum helper keeps a checksum left to the NIC right.
 #[inline(always)]
-pub fn tc_clamp(ctx: &mut TcContext, pkt: &Packet, underlay_mtu: u16, checked_len: u16) {
+pub fn tc_clamp(ctx: &mut TcContext, pkt: &Inner, underlay_mtu: u16, checked_len: u16) {
     if !is_tcp_syn_or_syn_ack(pkt) {
         return;
     }
-    let Some(limit) = limit(underlay_mtu, checked_len) else {
+    let Some(limit) = limit(pkt, underlay_mtu, checked_len) else {
         return;
     };
     let Some(off) = mss_value_off(|off| ctx.load::<[u8; 2]>(off).ok(), pkt.l4_off) else {

@@ -411,6 +411,34 @@ pub fn udp_query(service: SocketAddrV4, query: &[u8], max: usize) -> Result<(Vec
     Ok((buf[..len].to_vec(), from))
 }
 
+/// `count` HTTP requests to `url` (IPv6 addresses in brackets) from namespace `ns`, each on a
+/// new connection, by `curl`: each lb-testsrv answer as (server name, the client address it
+/// saw, without its port). A failed request fails the caller.
+pub fn curl_answers(ns: &crate::netns::NetNs, url: &str, count: usize) -> Vec<(String, String)> {
+    (0..count)
+        .map(|_| {
+            let out = ns.exec(["curl", "-s", "-g", "-m", "5", url]).unwrap();
+            let body = String::from_utf8_lossy(&out.stdout).into_owned();
+            assert!(out.status.success(), "curl {url}: {out:?}");
+            let (name, peer) = body
+                .trim()
+                .split_once(' ')
+                .unwrap_or_else(|| panic!("{body:?}"));
+            let (address, _port) = peer.rsplit_once(':').unwrap();
+            (name.to_owned(), address.to_owned())
+        })
+        .collect()
+}
+
+/// How many of `answers` ([`curl_answers`]) each server gave.
+pub fn spread_by_name(answers: &[(String, String)]) -> BTreeMap<String, usize> {
+    let mut counts = BTreeMap::new();
+    for (name, _) in answers {
+        *counts.entry(name.clone()).or_default() += 1;
+    }
+    counts
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

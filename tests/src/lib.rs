@@ -31,6 +31,19 @@ use anyhow::{Context, Result, bail};
 
 pub use lbctl::{Daemon, Lbctl};
 
+/// Processes a test started (servers in its namespaces), killed and reaped when it ends,
+/// however it ends: a namespace only really goes away once no process is left in it.
+pub struct Processes(pub Vec<std::process::Child>);
+
+impl Drop for Processes {
+    fn drop(&mut self) {
+        for child in &mut self.0 {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
 /// Fails with an explanation unless this process runs as root.
 ///
 /// Creating network namespaces, veths and bridges and loading XDP programs

@@ -9,27 +9,17 @@
 //!  172.20.1.2         172.20.1.1     172.20.2.1        172.20.2.10/11/12
 //!                     (lbctl on "uplink")
 //! ```
-use std::{collections::BTreeMap, process::Child, time::Duration};
+use std::{collections::BTreeMap, time::Duration};
 
 use lb_tests::{
-    Lbctl,
+    Lbctl, Processes,
+    client::{curl_answers as get, spread_by_name as spread},
     netns::{self, NetNs},
 };
 
 const NODE6: &str = "2001:db8:a::1";
 const CLIENT6: &str = "2001:db8:a::2";
 const NODE4: &str = "172.20.1.1";
-
-struct Servers(Vec<Child>);
-
-impl Drop for Servers {
-    fn drop(&mut self) {
-        for child in &mut self.0 {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
 
 struct Net {
     client: NetNs,
@@ -39,7 +29,7 @@ struct Net {
 }
 
 /// Builds the namespaces and starts a server on every backend, on both families.
-fn build() -> (Net, Servers) {
+fn build() -> (Net, Processes) {
     lb_tests::require_root().unwrap();
     let client = NetNs::new("c6").unwrap();
     let node = NetNs::new("n6").unwrap();
@@ -112,33 +102,7 @@ fn build() -> (Net, Servers) {
         backends,
         _bridge: bridge,
     };
-    (net, Servers(servers))
-}
-
-/// `count` requests from the client to `url`, each on a new connection (`curl`): the servers'
-/// answers, "NAME CLIENT-ADDRESS:PORT".
-fn get(client: &NetNs, url: &str, count: usize) -> Vec<(String, String)> {
-    (0..count)
-        .map(|_| {
-            let out = client.exec(["curl", "-s", "-g", "-m", "5", url]).unwrap();
-            let body = String::from_utf8_lossy(&out.stdout).into_owned();
-            assert!(out.status.success(), "curl {url}: {out:?}");
-            let (name, peer) = body
-                .trim()
-                .split_once(' ')
-                .unwrap_or_else(|| panic!("{body:?}"));
-            let (address, _port) = peer.rsplit_once(':').unwrap();
-            (name.to_owned(), address.to_owned())
-        })
-        .collect()
-}
-
-fn spread(answers: &[(String, String)]) -> BTreeMap<String, usize> {
-    let mut counts = BTreeMap::new();
-    for (name, _) in answers {
-        *counts.entry(name.clone()).or_default() += 1;
-    }
-    counts
+    (net, Processes(servers))
 }
 
 /// An IPv6 service on every address of the node: new connections take the three IPv6

@@ -374,3 +374,233 @@ fn an_ipv6_maglev_flow_finds_its_backend_again() {
         assert_eq!(node.event(Event::FlowRecovered), 1);
     });
 }
+
+/// `mesh6 tcp/9096`: one IPv6 backend on n2, reached through VXLAN over the IPv4 underlay; and
+/// `local6 tcp/9097`: the first IPv6 backend, on this node (n1), where n2 may send flows.
+const MESH6_PORT: u16 = 9096;
+const LOCAL6_PORT: u16 = 9097;
+const REMOTE6: [u8; 16] = [
+    0x20, 0x01, 0x0d, 0xb8, 0, 0x20, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x20,
+];
+
+fn with_ipv6_mesh_services(node: &mut Node) {
+    for (name, port, backend) in [
+        ("mesh6", MESH6_PORT, "[2001:db8:20::20]:80@n2"),
+        ("local6", LOCAL6_PORT, "[2001:db8:10::6]:80@n1"),
+    ] {
+        let backend = lb_userspace::table::parse_backend_spec(backend).unwrap();
+        node.table
+            .add_service(name, Proto::Tcp, port, None, &[backend])
+            .unwrap();
+    }
+    node.apply();
+}
+
+/// An IPv6 SYN (or SYN-ACK, `flags` "SA") announcing `mss`.
+fn syn6_with_mss(
+    macs: ([u8; 6], [u8; 6]),
+    src: ([u8; 16], u16),
+    dst: ([u8; 16], u16),
+    hop_limit: u8,
+    flags: &str,
+    mss: u16,
+) -> Vec<u8> {
+    let builder = PacketBuilder::ethernet2(macs.0, macs.1)
+        .ipv6(src.0, dst.0, hop_limit)
+        .tcp(src.1, dst.1, 1000, 64240)
+        .syn();
+    let builder = if flags == "SA" {
+        builder.ack(1001)
+    } else {
+        builder
+    };
+    let mut frame = Vec::new();
+    builder
+        .options(&[etherparse::TcpOptionElement::MaximumSegmentSize(mss)])
+        .unwrap()
+        .write(&mut frame, b"")
+        .unwrap();
+    frame
+}
+
+/// The outer UDP source port of an encapsulated frame, its outer IPv4 header and inner IPv6
+/// transport checksums checked.
+fn encap_source_port6(frame: &[u8]) -> u16 {
+    assert_checksums_valid(frame);
+    assert_eq!(&frame[40..42], &[0, 0], "outer UDP checksum is 0 (none)");
+    assert_checksum_valid6(&frame[50..]);
+    let port = u16::from_be_bytes([frame[34], frame[35]]);
+    assert!((49152..=65535).contains(&port), "outer source port {port}");
+    port
+}
+
+/// A new IPv6 flow whose backend is on n2 is DNATed and VXLAN-encapsulated over the IPv4
+/// underlay (inner Ethernet type IPv6, hop limit one less), its SYN's MSS clamped to what fits
+/// the tunnel (1500 − 50 − 60); its later packets keep the flow's outer source port; the
+/// backend counts them.
+#[test]
+fn an_ipv6_flow_to_a_backend_on_another_node_is_encapsulated_over_the_ipv4_underlay() {
+    with_node(|node| {
+        with_ipv6_mesh_services(node);
+        let ingress = Some(node.ifindex);
+        let syn = syn6_with_mss(
+            (CLIENT_MAC, INGRESS_MAC),
+            (CLIENT_IP6, 40000),
+            (NODE_IP6, MESH6_PORT),
+            64,
+            "S",
+            1460,
+        );
+        let (action, out) = node.xdp(&syn, ingress);
+        assert_eq!(action, XDP_TX, "n2 is out of the receiving interface");
+        let port = encap_source_port6(&out);
+        let inner = syn6_with_mss(
+            (node.mac, N2_MAC),
+            (CLIENT_IP6, 40000),
+            (REMOTE6, BACKEND_PORT),
+            63,
+            "S",
+            1390,
+        );
+        assert_eq!(out, Tunnel::to_n2(port).wrap(&inner));
+
+        let ack = client6(40000, MESH6_PORT, "A");
+        let (action, out) = node.xdp(&ack, ingress);
+        assert_eq!(action, XDP_TX);
+        assert_eq!(encap_source_port6(&out), port, "a flow keeps its port");
+        let inner = tcp6(
+            (node.mac, N2_MAC),
+            (CLIENT_IP6, 40000),
+            (REMOTE6, BACKEND_PORT),
+            63,
+            "A",
+        );
+        assert_eq!(out, Tunnel::to_n2(port).wrap(&inner));
+        let (action, out) = node.xdp(&client6(40001, MESH6_PORT, "S"), ingress);
+        assert_eq!(action, XDP_TX);
+        assert_ne!(encap_source_port6(&out), port, "another flow, another port");
+        assert_eq!(node.reason(Reason::ForwardEncapTx), 3);
+        let stats = node.backend("mesh6", 0);
+        assert_eq!(
+            (stats.new_flows, stats.packets, stats.bytes),
+            (2, 3, (syn.len() + ack.len() + 74) as u64)
+        );
+    });
+}
+
+/// On the backend's node: n2's VXLAN carrying an IPv6 client's SYN for a backend here is
+/// decapsulated and delivered (hop limit one less), its ingress node remembered, so that TC
+/// encapsulates the backend's reply back to n2 (its SYN-ACK's MSS clamped). What may not be
+/// delivered is dropped: a destination that is no backend here, an inner ICMPv6 packet, VXLAN
+/// from a node that does not host a flow's backend.
+#[test]
+fn ipv6_inside_vxlan_is_delivered_and_its_replies_go_back_through_the_tunnel() {
+    with_node(|node| {
+        with_ipv6_mesh_services(node);
+        let ingress = Some(node.ifindex);
+        let syn = |dst: [u8; 16]| {
+            tcp6(
+                (N2_MAC, INGRESS_MAC),
+                (CLIENT_IP6, 40000),
+                (dst, BACKEND_PORT),
+                63,
+                "S",
+            )
+        };
+        let (action, out) = node.xdp(&Tunnel::from_n2().wrap(&syn(BACKENDS6[0])), ingress);
+        assert_eq!(
+            action, XDP_TX,
+            "the backend is out of the receiving interface"
+        );
+        let expected = tcp6(
+            (node.mac, [0x02, 0, 0, 0, 0, 0x06]),
+            (CLIENT_IP6, 40000),
+            (BACKENDS6[0], BACKEND_PORT),
+            62,
+            "S",
+        );
+        assert_eq!(out, expected);
+        assert_eq!(node.reason(Reason::DecapTx), 1);
+        assert_eq!(node.event(Event::FlowCreated), 0, "n2 balanced the flow");
+
+        let reply = syn6_with_mss(
+            (node.mac, CLIENT_MAC),
+            (BACKENDS6[0], BACKEND_PORT),
+            (CLIENT_IP6, 40000),
+            64,
+            "SA",
+            1460,
+        );
+        let (action, out) = node.tc_on(&reply, Some(node.ifindex));
+        assert_eq!(action, TC_ACT_UNSPEC, "n2 is out of the same interface");
+        let port = encap_source_port6(&out);
+        let inner = syn6_with_mss(
+            (node.mac, N2_MAC),
+            (BACKENDS6[0], BACKEND_PORT),
+            (CLIENT_IP6, 40000),
+            64,
+            "SA",
+            1390,
+        );
+        assert_eq!(out, Tunnel::to_n2(port).wrap(&inner));
+        assert_eq!(node.reason(Reason::ReplyEncap), 1);
+
+        // Not a backend here (the second IPv6 backend is no service's on n1 in the mesh).
+        let (action, _) = node.xdp(&Tunnel::from_n2().wrap(&syn(BACKENDS6[1])), ingress);
+        assert_eq!(action, XDP_DROP);
+        assert_eq!(node.reason(Reason::DropVxlanNotLocalBackend), 1);
+        // An ICMPv6 echo inside the tunnel.
+        let mut echo = Vec::new();
+        PacketBuilder::ethernet2(N2_MAC, INGRESS_MAC)
+            .ipv6(CLIENT_IP6, BACKENDS6[0], 63)
+            .icmpv6_echo_request(1, 1)
+            .write(&mut echo, b"ping")
+            .unwrap();
+        let (action, _) = node.xdp(&Tunnel::from_n2().wrap(&echo), ingress);
+        assert_eq!(action, XDP_DROP);
+        assert_eq!(node.reason(Reason::DropVxlanMalformed), 1);
+    });
+}
+
+/// On the ingress node: the reply of an IPv6 flow it encapsulated to n2 comes back inside VXLAN
+/// from n2 and is reverse-NATed to the address and port the client reached and sent to it; the
+/// same reply from n3, which does not host the backend, is dropped.
+#[test]
+fn an_ipv6_reply_from_the_backends_node_is_reverse_nated_to_the_client() {
+    with_node(|node| {
+        with_ipv6_mesh_services(node);
+        let ingress = Some(node.ifindex);
+        let (action, _) = node.xdp(&client6(40000, MESH6_PORT, "S"), ingress);
+        assert_eq!(action, XDP_TX);
+        let reply = tcp6(
+            (N2_MAC, INGRESS_MAC),
+            (REMOTE6, BACKEND_PORT),
+            (CLIENT_IP6, 40000),
+            63,
+            "SA",
+        );
+        let from_n3 = Tunnel {
+            src: (N3_IP, N2_SOURCE_PORT),
+            ..Tunnel::from_n2()
+        };
+        let (action, _) = node.xdp(&from_n3.wrap(&reply), ingress);
+        assert_eq!(action, XDP_DROP, "n3 does not host the backend");
+        assert_eq!(node.reason(Reason::DropVxlanWrongNode), 1);
+
+        let (action, out) = node.xdp(&Tunnel::from_n2().wrap(&reply), ingress);
+        assert_eq!(
+            action, XDP_TX,
+            "the client is out of the receiving interface"
+        );
+        let expected = tcp6(
+            (node.mac, CLIENT_MAC),
+            (NODE_IP6, MESH6_PORT),
+            (CLIENT_IP6, 40000),
+            62,
+            "SA",
+        );
+        assert_eq!(out, expected);
+        assert_eq!(node.reason(Reason::ReplyTx), 1);
+        assert_eq!(node.backend("mesh6", 0).reply_packets, 1);
+    });
+}

@@ -91,6 +91,9 @@ pub fn mesh_set(instance: &Instance, vni: Option<u32>, vxlan_port: Option<u16>) 
     ))
 }
 
+/// The smallest MTU of an IPv6 link (RFC 8200 5).
+const MIN_IPV6_MTU: u32 = 1280;
+
 pub fn mesh_show(instance: &Instance, as_json: bool) -> Result<String> {
     let _lock = instance::lock_shared(instance)?;
     let state = state::load(&instance.state_dir)?;
@@ -113,6 +116,16 @@ pub fn mesh_show(instance: &Instance, as_json: bool) -> Result<String> {
         .collect();
     let overlay = |mtu: u32| mtu.saturating_sub(VXLAN_OVERHEAD);
     let mss = |mtu: u32| mtu.saturating_sub(VXLAN_OVERHEAD + 40);
+    // An IPv6 packet crosses the same IPv4 underlay with the same overhead; its MSS leaves out
+    // 20 more bytes of header. IPv6 needs links of 1280 bytes at least (RFC 8200).
+    let mss6 = |mtu: u32| mtu.saturating_sub(VXLAN_OVERHEAD + 60);
+    let ipv6_note = |mtu: u32| {
+        if overlay(mtu) < MIN_IPV6_MTU {
+            format!(" (below IPv6's minimum of {MIN_IPV6_MTU}: large IPv6 packets are dropped)")
+        } else {
+            String::new()
+        }
+    };
     if as_json {
         let doc = json!({
             "instance": instance.name,
@@ -137,6 +150,7 @@ pub fn mesh_show(instance: &Instance, as_json: bool) -> Result<String> {
                     "mtu": mtu,
                     "overlay_mtu": mtu.map(overlay),
                     "tcp_mss": mtu.map(mss),
+                    "tcp_mss6": mtu.map(mss6),
                 }))
                 .collect::<Vec<_>>(),
         });
@@ -160,8 +174,10 @@ pub fn mesh_show(instance: &Instance, as_json: bool) -> Result<String> {
         "overlay MTU = path MTU to the other node - {VXLAN_OVERHEAD} (VXLAN headers); the MSS of \
          TCP connections through it is clamped to the path MTU - {}; a larger packet with DF is \
          answered with ICMP fragmentation needed (frag_needed_sent), one without DF is dropped \
-         (drop_encap_mtu)\n",
-        VXLAN_OVERHEAD + 40
+         (drop_encap_mtu); IPv6 crosses the same IPv4 underlay, its MSS clamped to the path MTU - \
+         {}, a larger IPv6 packet dropped (drop_encap_mtu: no ICMPv6 packet too big yet)\n",
+        VXLAN_OVERHEAD + 40,
+        VXLAN_OVERHEAD + 60
     ));
     for (iface, mtu) in &interfaces {
         match mtu {
@@ -175,11 +191,13 @@ pub fn mesh_show(instance: &Instance, as_json: bool) -> Result<String> {
     for (node, mtu) in &paths {
         match mtu {
             Some(mtu) => out.push_str(&format!(
-                "  to {} ({}): path MTU {mtu}, overlay MTU {}, TCP MSS at most {}\n",
+                "  to {} ({}): path MTU {mtu}, overlay MTU {}{}, TCP MSS at most {} (IPv6 {})\n",
                 node.name,
                 node.ip,
                 overlay(*mtu),
-                mss(*mtu)
+                ipv6_note(*mtu),
+                mss(*mtu),
+                mss6(*mtu)
             )),
             None => out.push_str(&format!(
                 "  to {} ({}): no route (its packets are dropped: drop_encap_no_route)\n",

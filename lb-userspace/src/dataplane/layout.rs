@@ -474,6 +474,7 @@ mod tests {
         assert_eq!(layouts[map_names::FLOWS].max_entries, 1 << 20);
         assert_eq!(layouts[map_names::FLOWS6].max_entries, 1 << 17);
         assert_eq!(layouts[map_names::REVERSE_FLOWS6].max_entries, 1 << 17);
+        assert_eq!(layouts[map_names::TUNNEL_REPLIES6].max_entries, 1 << 17);
         assert_eq!(layouts[map_names::FLOWS].map_type, map_type::LRU_HASH);
         assert_eq!(
             layouts[map_names::FLOWS].value_size as usize,

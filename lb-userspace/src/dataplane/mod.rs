@@ -33,9 +33,9 @@ use aya::{
 };
 use lb_common::{
     Addr6, BACKEND_ACTIVE, BACKEND_IPV6, Backend, BackendStats, BridgePortKey, Counter, FlowKey,
-    FlowKey6, FlowValue, FlowValue6, LocalBackendKey, MacKey, MaglevTable, MeshConfig,
-    PassiveHealth, ReverseValue, RrCursor, ServiceKey, ServiceKey6, ServiceValue, SnatValue,
-    SocketLbConfig, TunnelValue, map_names, program_names,
+    FlowKey6, FlowValue, FlowValue6, LocalBackendKey, LocalBackendKey6, MacKey, MaglevTable,
+    MeshConfig, PassiveHealth, ReverseValue, RrCursor, ServiceKey, ServiceKey6, ServiceValue,
+    SnatValue, SocketLbConfig, TunnelValue, map_names, program_names,
 };
 
 use crate::{
@@ -54,6 +54,7 @@ pub const FLOW_SIZED: &[&str] = &[
     map_names::TUNNEL_REPLIES,
     map_names::FLOWS6,
     map_names::REVERSE_FLOWS6,
+    map_names::TUNNEL_REPLIES6,
 ];
 
 /// The IPv6 flow tables hold this fraction of `--flow-capacity` (at least
@@ -64,7 +65,10 @@ pub const MIN_IPV6_FLOWS: u32 = 4096;
 
 /// The entries of the flow-sized map `name` for a flow table of `flow_capacity`.
 pub fn flow_sized_entries(name: &str, flow_capacity: u32) -> u32 {
-    if name == map_names::FLOWS6 || name == map_names::REVERSE_FLOWS6 {
+    if name == map_names::FLOWS6
+        || name == map_names::REVERSE_FLOWS6
+        || name == map_names::TUNNEL_REPLIES6
+    {
         (flow_capacity / IPV6_FLOW_SHARE).max(MIN_IPV6_FLOWS)
     } else {
         flow_capacity
@@ -98,7 +102,10 @@ pub fn load_pinned(pins: &[(&str, PathBuf)], flow_capacity: u32) -> Result<Ebpf>
 }
 
 /// Loads the IPv6 programs (the kernel verifies them) and puts them where the IPv4 programs
-/// tail-call them for IPv6 frames (`IPV6_XDP_PROGRAM`, `IPV6_TC_PROGRAM`). Until this runs, IPv6 passes untouched.
+/// tail-call them for IPv6 frames (`IPV6_XDP_PROGRAM`, `IPV6_TC_PROGRAM`), and the IPv6
+/// mesh programs where they are tail-called (`IPV6_ENCAP_PROGRAM`, `IPV6_DECAP_PROGRAM`). Until
+/// this runs,
+/// IPv6 passes untouched.
 pub fn load_ipv6_programs(ebpf: &mut Ebpf) -> Result<()> {
     let xdp: &mut aya::programs::Xdp = ebpf
         .program_mut(program_names::XDP_INGRESS6)
@@ -107,6 +114,17 @@ pub fn load_ipv6_programs(ebpf: &mut Ebpf) -> Result<()> {
     xdp.load()
         .context("loading the IPv6 XDP program (verifier)")?;
     let xdp = xdp.fd()?.try_clone()?;
+    let mut mesh_programs = Vec::new();
+    for name in [program_names::XDP_ENCAP6, program_names::XDP_DECAP6] {
+        let program: &mut aya::programs::Xdp = ebpf
+            .program_mut(name)
+            .ok_or_else(|| anyhow!("object has no program {name}"))?
+            .try_into()?;
+        program
+            .load()
+            .with_context(|| format!("loading the IPv6 mesh program {name} (verifier)"))?;
+        mesh_programs.push(program.fd()?.try_clone()?);
+    }
     let tc: &mut aya::programs::SchedClassifier = ebpf
         .program_mut(program_names::TC_EGRESS6)
         .ok_or_else(|| anyhow!("object has no IPv6 TC program"))?
@@ -117,6 +135,8 @@ pub fn load_ipv6_programs(ebpf: &mut Ebpf) -> Result<()> {
     for (name, program) in [
         (map_names::IPV6_XDP_PROGRAM, &xdp),
         (map_names::IPV6_TC_PROGRAM, &tc),
+        (map_names::IPV6_ENCAP_PROGRAM, &mesh_programs[0]),
+        (map_names::IPV6_DECAP_PROGRAM, &mesh_programs[1]),
     ] {
         let mut slot: aya::maps::ProgramArray<&mut MapData> = ebpf
             .map_mut(name)
@@ -138,6 +158,8 @@ pub struct Maps {
     pub backend_addrs6: Array<MapData, Addr6>,
     pub host_addrs6: HashMap<MapData, Addr6, u32>,
     pub flows6: HashMap<MapData, FlowKey6, FlowValue6>,
+    /// IPv6 backends this node reaches by plain routing; the value is unused (0).
+    pub local_backends6: HashMap<MapData, LocalBackendKey6, u32>,
     pub services: HashMap<MapData, ServiceKey, ServiceValue>,
     pub service_ports: Array<MapData, u64>,
     pub backends: Array<MapData, Backend>,
@@ -288,6 +310,7 @@ impl Maps {
             backend_addrs6: get(map_names::BACKEND_ADDRS6)?.try_into()?,
             host_addrs6: get(map_names::HOST_ADDRS6)?.try_into()?,
             flows6: get(map_names::FLOWS6)?.try_into()?,
+            local_backends6: get(map_names::LOCAL_BACKENDS6)?.try_into()?,
         })
     }
 
@@ -499,6 +522,10 @@ impl Maps {
             contents.local_backends.insert(key);
         })
         .context("reading LOCAL_BACKENDS")?;
+        for_each_entry(self.local_backends6.map(), |key, _: u32| {
+            contents.local_backends6.insert(key);
+        })
+        .context("reading LOCAL_BACKENDS6")?;
         for_each_entry(self.backends.map(), |id, backend: Backend| {
             if backend.flags & BACKEND_ACTIVE != 0 {
                 contents.backends.insert(id, backend);
@@ -543,6 +570,11 @@ impl Maps {
             self.local_backends
                 .insert(key, 0, 0)
                 .with_context(|| format!("adding {} to LOCAL_BACKENDS", show_local(key)))?;
+        }
+        for key in &delta.local_backends6_to_add {
+            self.local_backends6
+                .insert(key, 0, 0)
+                .with_context(|| format!("adding {} to LOCAL_BACKENDS6", show_local6(key)))?;
         }
         for id in &delta.new_backend_ids {
             self.backend_stats
@@ -625,6 +657,11 @@ impl Maps {
             self.local_backends
                 .remove(key)
                 .with_context(|| format!("removing {} from LOCAL_BACKENDS", show_local(key)))?;
+        }
+        for key in &delta.local_backends6_to_remove {
+            self.local_backends6
+                .remove(key)
+                .with_context(|| format!("removing {} from LOCAL_BACKENDS6", show_local6(key)))?;
         }
         for ip in &delta.nodes_to_remove {
             self.nodes
@@ -786,6 +823,15 @@ fn show_ip(ip_be: u32) -> std::net::Ipv4Addr {
 }
 
 /// A `LOCAL_BACKENDS` key, for messages: `IP:PORT/PROTO`.
+fn show_local6(key: &LocalBackendKey6) -> String {
+    format!(
+        "[{}]:{}/{}",
+        std::net::Ipv6Addr::from(key.addr),
+        u16::from_be(key.port_be),
+        key.proto
+    )
+}
+
 fn show_local(key: &LocalBackendKey) -> String {
     format!(
         "{}:{}/{}",

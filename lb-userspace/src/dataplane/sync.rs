@@ -6,9 +6,10 @@ use std::{
 };
 
 use lb_common::{
-    Addr6, BACKEND_ACTIVE, BACKEND_IPV6, Backend, LocalBackendKey, MAX_BACKENDS_PER_SERVICE,
-    MaglevTable, MeshConfig, SERVICE_FAIL_OPEN, SERVICE_OTHER_FAMILY_ONLY, ServiceKey, ServiceKey6,
-    ServiceValue, service_port_bit, service_port_slot,
+    Addr6, BACKEND_ACTIVE, BACKEND_IPV6, Backend, LocalBackendKey, LocalBackendKey6,
+    MAX_BACKENDS_PER_SERVICE, MaglevTable, MeshConfig, SERVICE_FAIL_OPEN,
+    SERVICE_OTHER_FAMILY_ONLY, ServiceKey, ServiceKey6, ServiceValue, service_port_bit,
+    service_port_slot,
 };
 
 use crate::{
@@ -16,8 +17,8 @@ use crate::{
     table::{self, Scheduler, Service, Table},
 };
 
-/// What `MESH`, `NODES`, `SERVICES`, `SERVICE_PORTS`, `BACKENDS`, `MAGLEV` and
-/// `LOCAL_BACKENDS` should hold (active backends only).
+/// What `MESH`, `NODES`, `SERVICES`, `SERVICE_PORTS`, `BACKENDS`, `MAGLEV`, `LOCAL_BACKENDS`
+/// and their IPv6 counterparts should hold (active backends only).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct MapContents {
     /// `MESH[0]`.
@@ -40,6 +41,8 @@ pub struct MapContents {
     pub maglev6: BTreeMap<u32, Box<MaglevTable>>,
     /// `BACKEND_ADDRS6`: the address of every IPv6 backend, by id.
     pub backend_addrs6: BTreeMap<u32, Addr6>,
+    /// `LOCAL_BACKENDS6`: the IPv6 backends this node reaches by plain routing.
+    pub local_backends6: BTreeSet<LocalBackendKey6>,
 }
 
 /// The service's key in `SERVICES` (its IPv4 half); `None` for a service on an IPv6 VIP.
@@ -106,10 +109,23 @@ pub fn desired(table: &Table, self_node: Option<&str>) -> MapContents {
             }
         }
         for backend in &service.backends {
+            let routed_here = backend.node.is_none() || backend.node.as_deref() == self_node;
+            let node_ip_be = backend
+                .node
+                .as_deref()
+                .and_then(|node| remote.get(node).copied())
+                .unwrap_or(0);
             let addr = match backend.addr {
                 SocketAddr::V4(addr) => addr,
                 SocketAddr::V6(addr) => {
-                    // On no node (the table refuses IPv6 backends in the mesh): routed.
+                    if routed_here {
+                        contents.local_backends6.insert(LocalBackendKey6 {
+                            addr: addr.ip().octets(),
+                            port_be: addr.port().to_be(),
+                            proto: service.proto.number(),
+                            _pad: 0,
+                        });
+                    }
                     contents
                         .backend_addrs6
                         .insert(backend.id, addr.ip().octets());
@@ -122,13 +138,12 @@ pub fn desired(table: &Table, self_node: Option<&str>) -> MapContents {
                             eject_after: u8::try_from(service.health_check.eject_after)
                                 .unwrap_or(u8::MAX),
                             service_id: service.id,
-                            node_ip_be: 0,
+                            node_ip_be,
                         },
                     );
                     continue;
                 }
             };
-            let routed_here = backend.node.is_none() || backend.node.as_deref() == self_node;
             if routed_here {
                 contents.local_backends.insert(LocalBackendKey {
                     ip_be: be(*addr.ip()),
@@ -146,11 +161,7 @@ pub fn desired(table: &Table, self_node: Option<&str>) -> MapContents {
                     // Validated to fit (`MAX_EJECT_AFTER`).
                     eject_after: u8::try_from(service.health_check.eject_after).unwrap_or(u8::MAX),
                     service_id: service.id,
-                    node_ip_be: backend
-                        .node
-                        .as_deref()
-                        .and_then(|node| remote.get(node).copied())
-                        .unwrap_or(0),
+                    node_ip_be,
                 },
             );
         }
@@ -333,6 +344,9 @@ pub struct Delta {
     pub backends_to_clear: Vec<u32>,
     pub local_backends_to_remove: Vec<LocalBackendKey>,
     pub nodes_to_remove: Vec<u32>,
+    /// `LOCAL_BACKENDS6`, added and removed with `LOCAL_BACKENDS`.
+    pub local_backends6_to_add: Vec<LocalBackendKey6>,
+    pub local_backends6_to_remove: Vec<LocalBackendKey6>,
     /// The IPv6 halves, written and deleted with their IPv4 counterparts: addresses before the
     /// backends that use them, tables before the services.
     pub backend_addrs6_to_write: Vec<(u32, Addr6)>,
@@ -358,6 +372,8 @@ impl Delta {
             + self.backends_to_clear.len()
             + self.local_backends_to_remove.len()
             + self.nodes_to_remove.len()
+            + self.local_backends6_to_add.len()
+            + self.local_backends6_to_remove.len()
             + self.backend_addrs6_to_write.len()
             + self.maglev6_to_write.len()
             + self.services6_to_write.len()
@@ -383,6 +399,16 @@ pub fn delta(desired: &MapContents, actual: &MapContents) -> Delta {
         local_backends_to_remove: actual
             .local_backends
             .difference(&desired.local_backends)
+            .copied()
+            .collect(),
+        local_backends6_to_add: desired
+            .local_backends6
+            .difference(&actual.local_backends6)
+            .copied()
+            .collect(),
+        local_backends6_to_remove: actual
+            .local_backends6
+            .difference(&desired.local_backends6)
             .copied()
             .collect(),
         ..Delta::default()
@@ -947,6 +973,44 @@ mod tests {
         let delta = delta(&desired(&moved, Some("n1")), &desired(&table, Some("n1")));
         assert_eq!(delta.local_backends_to_remove, [local([10, 0, 0, 7], 80)]);
         assert!(delta.local_backends_to_add.is_empty());
+    }
+
+    /// IPv6 backends on another node carry its underlay address (the data plane encapsulates
+    /// to it over the IPv4 underlay); those on this node, or on none, are in `LOCAL_BACKENDS6`.
+    #[test]
+    fn ipv6_backends_are_placed_on_their_nodes_as_ipv4_ones() {
+        let table = mesh_table(
+            &[("n1", "192.168.1.1"), ("n2", "192.168.1.2")],
+            &[(
+                "web",
+                8080,
+                &[
+                    "[2001:db8::6]:80@n1",
+                    "[2001:db8::7]:80@n2",
+                    "[2001:db8::8]:80",
+                ],
+            )],
+        );
+        let local = |last: u8| {
+            let mut addr = [0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+            addr[15] = last;
+            LocalBackendKey6 {
+                addr,
+                port_be: 80u16.to_be(),
+                proto: lb_common::PROTO_TCP,
+                _pad: 0,
+            }
+        };
+        let n1 = desired(&table, Some("n1"));
+        assert_eq!(n1.local_backends6, [local(6), local(8)].into());
+        assert!(n1.local_backends.is_empty());
+        let nodes: Vec<u32> = n1.backends.values().map(|b| b.node_ip_be).collect();
+        assert_eq!(nodes, [0, u32::from_ne_bytes([192, 168, 1, 2]), 0]);
+        let n2 = desired(&table, Some("n2"));
+        assert_eq!(n2.local_backends6, [local(7), local(8)].into());
+        let delta = delta(&n2, &n1);
+        assert_eq!(delta.local_backends6_to_add, [local(7)]);
+        assert_eq!(delta.local_backends6_to_remove, [local(6)]);
     }
 
     #[test]

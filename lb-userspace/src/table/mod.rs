@@ -447,15 +447,6 @@ fn check_backend_list(
                 spec.addr
             ));
         }
-        if spec.addr.is_ipv6()
-            && let Some(node) = &spec.node
-        {
-            return Err(format!(
-                "backend {}@{node}: IPv6 backends are not balanced through the mesh yet; \
-                 give it without @NODE on the node that reaches it",
-                spec.addr
-            ));
-        }
     }
     let mut seen: BTreeSet<SocketAddr> = existing.iter().map(|b| b.addr).collect();
     for spec in new {
@@ -566,7 +557,7 @@ mod tests {
     }
 
     #[test]
-    fn a_vip_takes_backends_of_its_family_and_ipv6_backends_are_on_no_node() {
+    fn a_vip_takes_backends_of_its_family_only() {
         let mut table = table_with_web();
         table.add_node("n2", ip("192.168.1.2")).unwrap();
         let before = table.clone();
@@ -582,13 +573,18 @@ mod tests {
                 .unwrap_err();
             assert!(err.contains(why), "{err}");
         }
-        let err = table
-            .add_backends("web", &[parse_backend_spec("[2001:db8::6]:80@n2").unwrap()])
-            .unwrap_err();
-        assert!(err.contains("not balanced through the mesh"), "{err}");
         assert_eq!(table, before);
-        // Both families behind one published port, and an IPv6 VIP with IPv6 backends.
-        table.add_backends("web", &[v6]).unwrap();
+        // Both families behind one published port (one IPv6 backend on another node), and an
+        // IPv6 VIP with IPv6 backends.
+        table
+            .add_backends(
+                "web",
+                &[
+                    BackendSpec::from(v6),
+                    parse_backend_spec("[2001:db8::7]:80@n2").unwrap(),
+                ],
+            )
+            .unwrap();
         table
             .add_service("api", Proto::Tcp, 9090, vip6, &[v6])
             .unwrap();
