@@ -1,25 +1,25 @@
 //! The IPv6 flow table: which backend each IPv6 connection is pinned to, how its replies are
 //! reverse-NATed, and the choice of a backend for a new one. The IPv4 table's rules, on keys of
 //! their own: a flow keeps its backend while the backend is in service; a SYN after the
-//! connection ended (a FIN each way, or a reset) chooses again.
-use core::intrinsics::{AtomicOrdering, atomic_xadd};
-
+//! connection ended (a FIN each way, or a reset) chooses again; a backend's refusals and
+//! unanswered SYNs count against it (`passive`).
 use aya_ebpf::helpers::generated::bpf_ktime_get_coarse_ns;
 use lb_common::{
-    Addr6, BACKEND_ACTIVE, BACKEND_IPV6, Backend, Event, FLOW_BACKEND_FIN, FLOW_CLIENT_FIN,
-    FLOW_CLOSING, FLOW_SEEN_GRANULARITY_NS, FlowKey6, FlowValue6, LocalBackendKey6,
-    MAGLEV_TABLE_SIZE, MAX_BACKENDS_PER_SERVICE, ReverseValue6, ServiceKey6, ServiceValue,
-    flow_hash6,
+    Addr6, BACKEND_ACTIVE, BACKEND_IPV6, Backend, Event, FLOW_AWAITING_REPLY, FLOW_BACKEND_FIN,
+    FLOW_CLIENT_FIN, FLOW_CLOSING, FLOW_SEEN_GRANULARITY_NS, FLOW_UNANSWERED_NS, FlowKey6,
+    FlowValue6, LocalBackendKey6, PASSIVE_REFUSED, PASSIVE_UNANSWERED, ReverseValue6,
+    SCHEDULER_MAGLEV, ServiceKey6, ServiceValue, flow_hash6,
 };
 
 use crate::{
-    decap,
+    conntrack, decap,
     maps::{
         BACKEND_ADDRS6, BACKENDS, FLOWS6, LOCAL_BACKENDS6, MAGLEV6, REVERSE_FLOWS6, RR_CURSORS6,
         SERVICES6, TUNNEL_REPLIES6,
     },
-    parse::{TCP_FIN, TCP_RST},
+    parse::{TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
     parse6::Packet6,
+    passive, select,
     stats::count_event,
 };
 
@@ -48,89 +48,144 @@ fn active(backend_id: u32) -> Option<(u32, Backend, Addr6)> {
 }
 
 /// The flow's entry when its backend is still the one it chose and in service, and the packet
-/// does not start a new connection on an ended one. `None`: it must choose (again).
+/// does not start a new connection on an ended one, with the underlay address of the node that
+/// hosts the backend (0: routed from here). `Err`: the flow must choose (again), counted as the
+/// event given: a new flow, a flow whose backend went (`FlowReselected`), or the client's SYN
+/// again while its backend has not answered the first for `FLOW_UNANSWERED_NS`
+/// (`FlowUnanswered`: a failure of the backend's, `passive`; its late answer can no longer
+/// reach the client).
 #[inline(always)]
-/// With it, the underlay address of the node that hosts the backend (0: routed from here).
-pub fn pinned(key: &FlowKey6, pkt: &Packet6) -> Option<(FlowValue6, u32)> {
+pub fn pinned(key: &FlowKey6, pkt: &Packet6) -> Result<(FlowValue6, u32), Event> {
     // SAFETY: copied out at once.
-    let flow = unsafe { FLOWS6.get(key) }.copied()?;
-    let (_, backend, addr) = active(flow.backend_id)?;
+    let Some(flow) = unsafe { FLOWS6.get(key) }.copied() else {
+        return Err(Event::FlowCreated);
+    };
+    let Some((_, backend, addr)) = active(flow.backend_id) else {
+        return Err(Event::FlowReselected);
+    };
     if backend.port_be != flow.backend_port_be || addr != flow.backend_ip {
-        return None;
+        return Err(Event::FlowReselected);
     }
-    let ended = flow.flags & FLOW_CLOSING != 0
-        || flow.flags & (FLOW_CLIENT_FIN | FLOW_BACKEND_FIN) == FLOW_CLIENT_FIN | FLOW_BACKEND_FIN;
-    if ended && pkt.is_tcp_syn() {
-        return None;
+    if pkt.is_tcp_syn() {
+        let ended = flow.flags & FLOW_CLOSING != 0
+            || flow.flags & (FLOW_CLIENT_FIN | FLOW_BACKEND_FIN)
+                == FLOW_CLIENT_FIN | FLOW_BACKEND_FIN;
+        if ended {
+            return Err(Event::FlowCreated);
+        }
+        if flow.flags & FLOW_AWAITING_REPLY != 0 && unanswered(key, &flow) {
+            return Err(Event::FlowUnanswered);
+        }
     }
-    Some((flow, backend.node_ip_be))
+    Ok((flow, backend.node_ip_be))
 }
 
-/// Notes what a packet of the flow `key` says about its connection: a FIN closes its sender's
-/// half, a reset the whole; the client's packets also refresh when it was last seen.
+/// Whether the client's SYN again (on `flow`, awaiting its backend's answer) comes
+/// `FLOW_UNANSWERED_NS` or more after the first: then the backend failed (`passive`) and its
+/// reply entry goes. In a frame of its own: the IPv6 path's stack is short.
+#[inline(never)]
+fn unanswered(key: &FlowKey6, flow: &FlowValue6) -> bool {
+    // SAFETY: plain helper call.
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    if now.wrapping_sub(flow.last_seen_ns) < FLOW_UNANSWERED_NS {
+        return false;
+    }
+    let reply_key = key.reply_of(flow.backend_ip, flow.backend_port_be);
+    let _ = REVERSE_FLOWS6.remove(&reply_key);
+    passive::failed(flow.backend_id, PASSIVE_UNANSWERED);
+    true
+}
+
+/// Notes what a client's packet of the flow `key` says about its connection: a FIN closes its
+/// half, a RST with ACK the whole (`conntrack::first_flags`' rules), an ACK answers the
+/// handshake; it also refreshes when the client was last seen, but for its SYN again, which
+/// leaves the time of the first: the time the backend has had to answer.
 #[inline(always)]
-pub fn note(key: &FlowKey6, tcp_flags: u8, from_client: bool) {
+pub fn note(key: &FlowKey6, tcp_flags: u8) {
     let Some(flow) = FLOWS6.get_ptr_mut(key) else {
         return;
     };
-    let bits = if tcp_flags & TCP_RST != 0 {
-        FLOW_CLOSING
-    } else if tcp_flags & TCP_FIN != 0 {
-        if from_client {
-            FLOW_CLIENT_FIN
-        } else {
-            FLOW_BACKEND_FIN
-        }
-    } else {
-        0
-    };
+    let bits = conntrack::first_flags(tcp_flags) & (FLOW_CLOSING | FLOW_CLIENT_FIN);
     // SAFETY: a live map value; a race between CPUs loses at most a refresh or a flag that the
-    // next packet sets again.
+    // next packet sets (or clears) again.
     unsafe {
-        if bits != 0 && (*flow).flags & bits != bits {
+        let flags = (*flow).flags;
+        if bits != 0 && flags & bits != bits {
             (*flow).flags |= bits;
         }
-        if from_client {
-            let now = bpf_ktime_get_coarse_ns();
-            if now.wrapping_sub((*flow).last_seen_ns) >= FLOW_SEEN_GRANULARITY_NS {
-                (*flow).last_seen_ns = now;
-            }
+        let awaiting = flags & FLOW_AWAITING_REPLY != 0;
+        if awaiting && tcp_flags & (TCP_SYN | TCP_ACK | TCP_RST) == TCP_ACK {
+            (*flow).flags &= !FLOW_AWAITING_REPLY;
+        }
+        if awaiting && tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
+            return;
+        }
+        let now = bpf_ktime_get_coarse_ns();
+        if now.wrapping_sub((*flow).last_seen_ns) >= FLOW_SEEN_GRANULARITY_NS {
+            (*flow).last_seen_ns = now;
         }
     }
 }
 
-/// The next IPv6 backend of `service` in round-robin order (its own cursor, `RR_CURSORS6`).
+/// What [`choose`] returns when `service` has no backend to give.
+pub const NO_BACKEND: u64 = u64::MAX;
+
+/// Chooses the backend of the new flow `key` of `service` (its maglev table's, or the next in
+/// round-robin order), writes the flow's entry (`new_flow`, whose first packet has `tcp_flags`)
+/// to `flow` and returns the underlay address of the backend's node (0: routed from here), or
+/// [`NO_BACKEND`].
 #[inline(always)]
-pub fn round_robin(service: &ServiceValue) -> Option<(u32, Backend, Addr6)> {
-    let count = service.backend_count;
-    if count == 0 || count as usize > MAX_BACKENDS_PER_SERVICE {
-        return None;
+pub fn choose(service: &ServiceValue, key: &FlowKey6, tcp_flags: u8, flow: &mut FlowValue6) -> u64 {
+    if service.scheduler == SCHEDULER_MAGLEV {
+        choose_by_maglev(service, key, tcp_flags, flow)
+    } else {
+        choose_in_turn(service, tcp_flags, flow)
     }
-    let cursor = RR_CURSORS6.get_ptr_mut(service.service_id)?.cast::<u64>();
-    // SAFETY: a live, aligned u64 in the map; see `select::round_robin`.
-    let turn = unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::AcqRel }>(cursor, 1) };
-    let slot = (turn % u64::from(count)) as u32;
-    // SAFETY: reading a local (a bound the verifier sees, as in `select::round_robin`).
-    let index =
-        unsafe { core::ptr::read_volatile(&slot) } as usize & (MAX_BACKENDS_PER_SERVICE - 1);
-    active(service.backend_ids[index])
 }
 
-/// The IPv6 backend the service's maglev table (`MAGLEV6`) gives the flow `key`.
+/// Whether `backend_id` is an IPv6 backend that may receive packets, as the scans of `select`
+/// take it: by id only, a backend copied out on every try would take the stack.
 #[inline(always)]
-pub fn maglev(service: &ServiceValue, key: &FlowKey6) -> Option<(u32, Backend, Addr6)> {
-    if service.backend_count == 0 {
-        return None;
-    }
-    let table = MAGLEV6.get_ptr(service.service_id)?;
-    let slot = flow_hash6(key) % MAGLEV_TABLE_SIZE;
+fn usable(backend_id: u32) -> Option<u32> {
+    BACKENDS
+        .get(backend_id)
+        .filter(|b| b.flags & (BACKEND_ACTIVE | BACKEND_IPV6) == BACKEND_ACTIVE | BACKEND_IPV6)
+        .map(|_| backend_id)
+}
+
+/// [`choose`] for a maglev service (`MAGLEV6`), ejected backends passed by. Each way in a frame
+/// of its own: the IPv6 path's stack is short.
+#[inline(never)]
+fn choose_by_maglev(
+    service: &ServiceValue,
+    key: &FlowKey6,
+    tcp_flags: u8,
+    flow: &mut FlowValue6,
+) -> u64 {
+    // Hashed before the table's lookup, not around it: LLVM would otherwise load the key's
+    // bytes first and keep them on the stack across the call.
+    let hash = flow_hash6(key);
     // SAFETY: reading a local.
-    let index = unsafe { core::ptr::read_volatile(&slot) };
-    if index >= MAGLEV_TABLE_SIZE {
-        return None;
-    }
-    // SAFETY: a live map value, replaced whole by userspace.
-    active(unsafe { (*table).backend_ids[index as usize] })
+    let hash = unsafe { core::ptr::read_volatile(&hash) };
+    let chosen = select::maglev_over(service, &MAGLEV6, hash, usable);
+    write_chosen(chosen, tcp_flags, flow)
+}
+
+/// [`choose`] for a round-robin service (its own cursor, `RR_CURSORS6`), ejected backends
+/// passed by.
+#[inline(never)]
+fn choose_in_turn(service: &ServiceValue, tcp_flags: u8, flow: &mut FlowValue6) -> u64 {
+    let chosen = select::round_robin_over(service, &RR_CURSORS6, usable);
+    write_chosen(chosen, tcp_flags, flow)
+}
+
+#[inline(always)]
+fn write_chosen(chosen: Option<u32>, tcp_flags: u8, flow: &mut FlowValue6) -> u64 {
+    let Some((backend_id, backend, addr)) = chosen.and_then(active) else {
+        return NO_BACKEND;
+    };
+    *flow = new_flow(backend_id, &backend, addr, tcp_flags);
+    u64::from(backend.node_ip_be)
 }
 
 /// Pins the flow `key` to `flow`'s backend and records how its replies are reverse-NATed (to
@@ -165,13 +220,8 @@ pub fn new_flow(backend_id: u32, backend: &Backend, addr: Addr6, tcp_flags: u8) 
     FlowValue6 {
         backend_id,
         backend_port_be: backend.port_be,
-        flags: if tcp_flags & TCP_RST != 0 {
-            FLOW_CLOSING
-        } else if tcp_flags & TCP_FIN != 0 {
-            FLOW_CLIENT_FIN
-        } else {
-            0
-        },
+        // A SYN awaits its backend's answer (passive health).
+        flags: conntrack::first_flags(tcp_flags),
         _pad: 0,
         backend_ip: addr,
         // SAFETY: plain helper call.
@@ -223,18 +273,51 @@ pub fn ingress_node_of(key: &FlowKey6) -> Option<u32> {
     unsafe { TUNNEL_REPLIES6.get(key) }.map(|tunnel| tunnel.node_ip_be)
 }
 
-/// Notes what a backend's reply (`key`, reverse-NATed by `reverse`) says about its flow.
+/// Notes what a backend's reply (`key`, reverse-NATed by `reverse`) says about its flow: a FIN
+/// closes its half, a RST the whole; while the flow awaits the backend's answer, a SYN-ACK is
+/// one (`passive::answered`) and a RST refuses the connection: the flow is forgotten and `true`
+/// returned, the RST must be dropped (`drop_backend_refused`) so that the client's
+/// retransmitted SYN chooses again (`passive::failed`).
 #[inline(never)]
-pub fn note_reply(key: &FlowKey6, reverse: &ReverseValue6, tcp_flags: u8) {
-    if tcp_flags & (TCP_FIN | TCP_RST) == 0 {
-        return;
+pub fn note_reply(key: &FlowKey6, reverse: &ReverseValue6, tcp_flags: u8) -> bool {
+    if tcp_flags & (TCP_FIN | TCP_RST | TCP_SYN) == 0 {
+        return false;
     }
-    let flow = FlowKey6::new(
+    let flow_key = FlowKey6::new(
         key.dst,
         reverse.orig_ip,
         key.dst_port_be,
         reverse.orig_port_be,
         key.proto,
     );
-    note(&flow, tcp_flags, false);
+    let Some(flow) = FLOWS6.get_ptr_mut(&flow_key) else {
+        return false;
+    };
+    // SAFETY: a live map value, as in `note`.
+    unsafe {
+        let flags = (*flow).flags;
+        if flags & FLOW_AWAITING_REPLY != 0 {
+            if tcp_flags & TCP_RST != 0 {
+                let _ = FLOWS6.remove(&flow_key);
+                let _ = REVERSE_FLOWS6.remove(key);
+                passive::failed(reverse.backend_id, PASSIVE_REFUSED);
+                return true;
+            }
+            if tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN | TCP_ACK {
+                (*flow).flags &= !FLOW_AWAITING_REPLY;
+                passive::answered(reverse.backend_id);
+            }
+        }
+        let bits = if tcp_flags & TCP_RST != 0 {
+            FLOW_CLOSING
+        } else if tcp_flags & TCP_FIN != 0 {
+            FLOW_BACKEND_FIN
+        } else {
+            0
+        };
+        if bits != 0 && flags & bits != bits {
+            (*flow).flags |= bits;
+        }
+    }
+    false
 }

@@ -6,7 +6,7 @@
 //! flows, passive health, fragments, ICMPv6 errors (all passed to the kernel), the node's own
 //! sockets.
 use aya_ebpf::{
-    bindings::{TC_ACT_UNSPEC, xdp_action},
+    bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC, xdp_action},
     programs::{TcContext, XdpContext},
 };
 use lb_common::{
@@ -37,11 +37,14 @@ pub fn try_xdp(ctx: &XdpContext) -> Result<(u32, Reason), Reason> {
     )?;
     let port = select::service_port(pkt.proto, pkt.dst_port_be);
     if port != 0 {
-        if let Some((flow, node_ip_be)) = flows::pinned(&key, &pkt) {
-            flows::note(&key, pkt.tcp_flags, true);
-            return to_backend(ctx, &pkt, &key, &flow, node_ip_be, false);
-        }
-        if let Some(outcome) = to_service(ctx, &pkt, &key, port) {
+        let event = match flows::pinned(&key, &pkt) {
+            Ok((flow, node_ip_be)) => {
+                flows::note(&key, pkt.tcp_flags);
+                return to_backend(ctx, &pkt, &key, &flow, node_ip_be, false);
+            }
+            Err(event) => event,
+        };
+        if let Some(outcome) = to_service(ctx, &pkt, &key, port, event) {
             return outcome;
         }
     }
@@ -67,13 +70,15 @@ fn lookup_service(key: &FlowKey6, port: u64) -> Option<(&'static ServiceValue, b
 }
 
 /// A packet to a service port without a flow to follow: a reply from a port that is also a
-/// service port, or a new flow that chooses its backend here. `None`: no IPv6 service there.
+/// service port, or a new flow that chooses its backend here, counted as `event` (why it
+/// chooses: `conntrack6::pinned`). `None`: no IPv6 service there.
 #[inline(always)]
 fn to_service(
     ctx: &XdpContext,
     pkt: &Packet6,
     key: &FlowKey6,
     port: u64,
+    event: Event,
 ) -> Option<Result<(u32, Reason), Reason>> {
     let (service, any_address) = lookup_service(key, port)?;
     if !pkt.is_tcp_syn()
@@ -99,26 +104,23 @@ fn to_service(
     // A TCP segment of a connection this node has no entry for: maglev finds its backend
     // again; round-robin would pick one that never saw it, so the kernel resets it.
     let recovered = pkt.proto == PROTO_TCP && !pkt.is_tcp_syn();
-    let chosen = if service.scheduler == SCHEDULER_MAGLEV {
-        flows::maglev(service, key)
-    } else if recovered {
+    if recovered && service.scheduler != SCHEDULER_MAGLEV {
         return Some(Err(Reason::PassFlowUnknown));
-    } else {
-        flows::round_robin(service)
-    };
-    let Some((backend_id, backend, addr)) = chosen else {
+    }
+    let mut flow = FlowValue6::default();
+    let node_ip_be = flows::choose(service, key, pkt.tcp_flags, &mut flow);
+    if node_ip_be == flows::NO_BACKEND {
         return Some(Ok((xdp_action::XDP_DROP, Reason::DropNoBackend)));
-    };
+    }
     // The backend would answer this client directly, from its own address.
     // SAFETY: only presence is read.
-    if key.src[..8] == addr[..8] || unsafe { HOST_ADDRS6.get(&key.src) }.is_some() {
+    if key.src[..8] == flow.backend_ip[..8] || unsafe { HOST_ADDRS6.get(&key.src) }.is_some() {
         return Some(Ok((xdp_action::XDP_DROP, Reason::DropIpv6Hairpin)));
     }
-    let flow = flows::new_flow(backend_id, &backend, addr, pkt.tcp_flags);
     let event = if recovered {
         Event::FlowRecovered
     } else {
-        Event::FlowCreated
+        event
     };
     if !flows::record(key, &flow, event) {
         return Some(Ok((xdp_action::XDP_DROP, Reason::DropFlowTableFull)));
@@ -128,7 +130,7 @@ fn to_service(
         pkt,
         key,
         &flow,
-        backend.node_ip_be,
+        node_ip_be as u32,
         !recovered,
     ))
 }
@@ -247,7 +249,9 @@ fn reply(
     key: &FlowKey6,
     reverse: &ReverseValue6,
 ) -> Result<(u32, Reason), Reason> {
-    flows::note_reply(key, reverse, pkt.tcp_flags);
+    if flows::note_reply(key, reverse, pkt.tcp_flags) {
+        return Ok((xdp_action::XDP_DROP, Reason::DropBackendRefused));
+    }
     let egress = forward::decide6(ctx, pkt, &reverse.orig_ip, &key.dst).without_peer();
     let (hop, reason) = match egress {
         Egress::Tx(ref hop) => (hop, Reason::ReplyTx),
@@ -286,7 +290,10 @@ pub fn try_tc_reply(ctx: &mut TcContext) -> Result<i32, i64> {
         stats::count_reason(reason, u64::from(ctx.len()));
         return Ok(action);
     };
-    flows::note_reply(&key, &reverse, pkt.tcp_flags);
+    if flows::note_reply(&key, &reverse, pkt.tcp_flags) {
+        stats::count_reason(Reason::DropBackendRefused, u64::from(ctx.len()));
+        return Ok(TC_ACT_SHOT);
+    }
     let to = (&reverse.orig_ip, reverse.orig_port_be);
     nat::tc_rewrite6(ctx, &pkt, &key, Side::Src, to)?;
     let bytes = u64::from(ctx.len());

@@ -1,11 +1,14 @@
 //! Backend selection for new flows: round-robin over the service's backend list, or a lookup
 //! in the service's maglev table by the hash of the flow's 5-tuple; either passes backends the
-//! data plane ejected (`passive`) by.
+//! data plane ejected (`passive`) by. For both families: IPv6 (`conntrack6`) gives its own
+//! cursors, tables and backends.
 use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
+use aya_ebpf::maps::{Array, HashMap};
 use lb_common::{
     BACKEND_ACTIVE, Backend, Event, FlowKey, MAGLEV_TABLE_SIZE, MAX_BACKENDS_PER_SERVICE,
-    SERVICE_PORT_ANY, SERVICE_PORT_VIP, ServiceKey, ServiceValue, flow_hash, service_port_slot,
+    MaglevTable, RrCursor, SERVICE_PORT_ANY, SERVICE_PORT_VIP, ServiceKey, ServiceValue, flow_hash,
+    service_port_slot,
 };
 
 use crate::{
@@ -49,11 +52,22 @@ const EJECTED_TRIES: u32 = 8;
 /// if it has no usable backend.
 #[inline(always)]
 pub fn round_robin(service: &ServiceValue) -> Option<(u32, Backend)> {
+    round_robin_over(service, &RR_CURSORS, active)
+}
+
+/// [`round_robin`] for either family: its cursors in `cursors`, and `active` giving a backend
+/// id's backend (with what the family needs of it) if it may receive packets.
+#[inline(always)]
+pub fn round_robin_over<T>(
+    service: &ServiceValue,
+    cursors: &Array<RrCursor>,
+    active: impl Fn(u32) -> Option<T>,
+) -> Option<T> {
     let count = service.backend_count;
     if count == 0 || count as usize > MAX_BACKENDS_PER_SERVICE {
         return None;
     }
-    let cursor = RR_CURSORS.get_ptr_mut(service.service_id)?.cast::<u64>();
+    let cursor = cursors.get_ptr_mut(service.service_id)?.cast::<u64>();
     // SAFETY: the pointer is a live, aligned u64 in the map. An atomic add (BPF_ATOMIC with
     // BPF_FETCH) rather than core::sync::atomic, which the bpf target does not offer. Not
     // Relaxed: LLVM lowers a relaxed add to the non-fetching BPF instruction.
@@ -87,11 +101,23 @@ pub fn round_robin(service: &ServiceValue) -> Option<(u32, Backend)> {
 /// take the next slots of the table, the same for every packet of the flow too.
 #[inline(always)]
 pub fn maglev(service: &ServiceValue, key: &FlowKey) -> Option<(u32, Backend)> {
+    maglev_over(service, &MAGLEV, flow_hash(key), active)
+}
+
+/// [`maglev`] for either family: its tables in `tables`, the flow's hash `hash`, `active` as
+/// for [`round_robin_over`].
+#[inline(always)]
+pub fn maglev_over<T>(
+    service: &ServiceValue,
+    tables: &HashMap<u32, MaglevTable>,
+    hash: u32,
+    active: impl Fn(u32) -> Option<T>,
+) -> Option<T> {
     if service.backend_count == 0 {
         return None;
     }
-    let table = MAGLEV.get_ptr(service.service_id)?;
-    let first = flow_hash(key) % MAGLEV_TABLE_SIZE;
+    let table = tables.get_ptr(service.service_id)?;
+    let first = hash % MAGLEV_TABLE_SIZE;
     let mut slot = first;
     for tried in 0..EJECTED_TRIES {
         // As in `round_robin`: the bound is checked on a value LLVM cannot see through, so

@@ -604,3 +604,106 @@ fn an_ipv6_reply_from_the_backends_node_is_reverse_nated_to_the_client() {
         assert_eq!(node.backend("mesh6", 0).reply_packets, 1);
     });
 }
+
+/// The IPv6 backend (index into `BACKENDS6`) a DNATed frame goes to.
+fn backend_of(frame: &[u8]) -> usize {
+    BACKENDS6
+        .iter()
+        .position(|b| frame[38..54] == b[..])
+        .unwrap_or_else(|| panic!("not to an IPv6 backend: {frame:02x?}"))
+}
+
+/// Passive health for IPv6 backends, as for IPv4: a backend's RST to a SYN is dropped (the
+/// client's retransmitted SYN chooses again) and counts as a refusal; three in a row eject the
+/// backend, whose turns new flows then pass by, while a SYN-ACK starts the count over; the
+/// client's SYN again, a while after its backend left the first unanswered, chooses another
+/// backend and counts against the first.
+#[test]
+fn ipv6_backends_that_refuse_or_leave_syns_unanswered_fail_and_are_ejected() {
+    with_node(|node| {
+        with_ipv6_services(node);
+        let dead = 0;
+        let id = node.backend_id("web6", dead);
+        let passive = |node: &Node| node.maps.passive_health(id).unwrap();
+        // Opens a connection from `port`; the dead backend refuses it (if `refuses`), the
+        // other answers.
+        let connect_with = |node: &Node, port: u16, refuses: bool| {
+            let (action, out) = node.xdp(&client6(port, WEB6_PORT, "S"), Some(node.ifindex));
+            assert_eq!(action, XDP_TX);
+            let backend = backend_of(&out);
+            let refused = backend == dead && refuses;
+            let flags = if refused { "R" } else { "SA" };
+            let reply = tcp6(
+                (node.mac, CLIENT_MAC),
+                (BACKENDS6[backend], BACKEND_PORT),
+                (CLIENT_IP6, port),
+                64,
+                flags,
+            );
+            let (action, _) = node.tc_on(&reply, Some(node.ifindex));
+            let expected = if refused { TC_ACT_SHOT } else { TC_ACT_UNSPEC };
+            assert_eq!(action, expected, "port {port}");
+            backend
+        };
+        let connect = |node: &Node, port: u16| connect_with(node, port, true);
+        let mut port = 41000;
+        while passive(node).refused < 2 {
+            port += 1;
+            connect(node, port);
+        }
+        assert_eq!(node.reason(Reason::DropBackendRefused), 2);
+        // The refused flow is forgotten: its retransmitted SYN chooses again (the other one).
+        assert_eq!(connect(node, port), 1 - dead);
+        // An answer in between starts the count over.
+        while connect_with(
+            node,
+            {
+                port += 1;
+                port
+            },
+            false,
+        ) != dead
+        {}
+        assert_eq!(passive(node).failures, 0);
+        while passive(node).failures < 3 {
+            port += 1;
+            connect(node, port);
+        }
+        assert_eq!(passive(node).ejections, 1);
+        assert_eq!(node.event(Event::BackendEjected), 1);
+        let passed = node.event(Event::FlowPassedEjected);
+        for _ in 0..4 {
+            port += 1;
+            assert_eq!(connect(node, port), 1 - dead, "ejected: passed by");
+        }
+        assert_eq!(node.event(Event::FlowPassedEjected), passed + 2);
+
+        // Unanswered: the other backend's turn now, then its SYN again after a while.
+        let mut ended = passive(node);
+        ended.ejected_ns = 0;
+        node.maps.passive_health.set(id, ended, 0).unwrap();
+        port += 1;
+        let (_, out) = node.xdp(&client6(port, WEB6_PORT, "S"), Some(node.ifindex));
+        let first = backend_of(&out);
+        let key = lb_common::FlowKey6::new(
+            CLIENT_IP6,
+            NODE_IP6,
+            port.to_be(),
+            WEB6_PORT.to_be(),
+            lb_common::PROTO_TCP,
+        );
+        let (_, out) = node.xdp(&client6(port, WEB6_PORT, "S"), Some(node.ifindex));
+        assert_eq!(backend_of(&out), first, "a duplicate SYN at once stays");
+        let mut flow = node.maps.flows6.get(&key, 0).unwrap();
+        flow.last_seen_ns -= lb_common::FLOW_UNANSWERED_NS;
+        node.maps.flows6.insert(key, flow, 0).unwrap();
+        let (_, out) = node.xdp(&client6(port, WEB6_PORT, "S"), Some(node.ifindex));
+        assert_ne!(backend_of(&out), first, "unanswered: chooses again");
+        assert_eq!(node.event(Event::FlowUnanswered), 1);
+        let health = node
+            .maps
+            .passive_health(node.backend_id("web6", first))
+            .unwrap();
+        assert!(health.unanswered >= 1, "{health:?}");
+    });
+}
