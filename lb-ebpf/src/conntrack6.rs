@@ -48,7 +48,7 @@ fn active(backend_id: u32) -> Option<(u32, Backend, Addr6)> {
 }
 
 /// The flow's entry when its backend is still the one it chose and in service, and the packet
-/// does not start a new connection on an ended one, with the underlay address of the node that
+/// does not start a new connection on an ended one (its notes taken, `note`), with the underlay address of the node that
 /// hosts the backend (0: routed from here). `Err`: the flow must choose (again), counted as the
 /// event given: a new flow, a flow whose backend went (`FlowReselected`), or the client's SYN
 /// again while its backend has not answered the first for `FLOW_UNANSWERED_NS`
@@ -56,10 +56,13 @@ fn active(backend_id: u32) -> Option<(u32, Backend, Addr6)> {
 /// reach the client).
 #[inline(always)]
 pub fn pinned(key: &FlowKey6, pkt: &Packet6) -> Result<(FlowValue6, u32), Event> {
-    // SAFETY: copied out at once.
-    let Some(flow) = unsafe { FLOWS6.get(key) }.copied() else {
+    // One lookup for the choice and the notes (`note`): the 40-byte key's hash is what an
+    // established IPv6 flow's packet costs most.
+    let Some(entry) = FLOWS6.get_ptr_mut(key) else {
         return Err(Event::FlowCreated);
     };
+    // SAFETY: a live map value, copied out.
+    let flow = unsafe { *entry };
     let Some((_, backend, addr)) = active(flow.backend_id) else {
         return Err(Event::FlowReselected);
     };
@@ -77,6 +80,7 @@ pub fn pinned(key: &FlowKey6, pkt: &Packet6) -> Result<(FlowValue6, u32), Event>
             return Err(Event::FlowUnanswered);
         }
     }
+    note(entry, flow.flags, pkt.tcp_flags);
     Ok((flow, backend.node_ip_be))
 }
 
@@ -96,20 +100,17 @@ fn unanswered(key: &FlowKey6, flow: &FlowValue6) -> bool {
     true
 }
 
-/// Notes what a client's packet of the flow `key` says about its connection: a FIN closes its
-/// half, a RST with ACK the whole (`conntrack::first_flags`' rules), an ACK answers the
-/// handshake; it also refreshes when the client was last seen, but for its SYN again, which
-/// leaves the time of the first: the time the backend has had to answer.
+/// Notes what a client's packet of the flow whose entry is `flow` (its flags `flags`) says
+/// about its connection: a FIN closes its half, a RST with ACK the whole
+/// (`conntrack::first_flags`' rules), an ACK answers the handshake; it also refreshes when the
+/// client was last seen, but for its SYN again, which leaves the time of the first: the time
+/// the backend has had to answer.
 #[inline(always)]
-pub fn note(key: &FlowKey6, tcp_flags: u8) {
-    let Some(flow) = FLOWS6.get_ptr_mut(key) else {
-        return;
-    };
+fn note(flow: *mut FlowValue6, flags: u8, tcp_flags: u8) {
     let bits = conntrack::first_flags(tcp_flags) & (FLOW_CLOSING | FLOW_CLIENT_FIN);
     // SAFETY: a live map value; a race between CPUs loses at most a refresh or a flag that the
     // next packet sets (or clears) again.
     unsafe {
-        let flags = (*flow).flags;
         if bits != 0 && flags & bits != bits {
             (*flow).flags |= bits;
         }

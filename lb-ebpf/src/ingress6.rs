@@ -39,7 +39,6 @@ pub fn try_xdp(ctx: &XdpContext) -> Result<(u32, Reason), Reason> {
     if port != 0 {
         let event = match flows::pinned(&key, &pkt) {
             Ok((flow, node_ip_be)) => {
-                flows::note(&key, pkt.tcp_flags);
                 return to_backend(ctx, &pkt, &key, &flow, node_ip_be, false);
             }
             Err(event) => event,
