@@ -980,6 +980,31 @@ mod tests {
         assert_eq!(table.node("n3").unwrap().ip, ip("192.168.1.3"));
     }
 
+    /// IPv6 tasks are gossiped as IPv4 ones are: each lands on its node, both families in one
+    /// service (the data plane reaches the other node's over the IPv4 underlay).
+    #[test]
+    fn ipv6_tasks_are_merged_onto_their_nodes() {
+        let members = vec![
+            with_tasks(
+                with_service(member(1), "web", version(10, "n1"), Some(web(8080))),
+                "web",
+                &["10.0.0.10:80", "[fd00::10]:80"],
+            ),
+            with_tasks(member(2), "web", &["[fd00::12]:80"]),
+        ];
+        let (table, warnings) = apply(&Table::default(), &merge(&members));
+        assert!(warnings.is_empty(), "{warnings:?}");
+        assert_eq!(
+            backends_of(&table, "web"),
+            [
+                ("10.0.0.10:80@n1".into(), 0),
+                ("[fd00::10]:80@n1".into(), 1),
+                ("[fd00::12]:80@n2".into(), 2)
+            ]
+        );
+        table.validate().unwrap();
+    }
+
     #[test]
     fn a_dead_member_counts_for_nothing_and_comes_back_with_new_ids() {
         let mut members = three();
