@@ -953,6 +953,8 @@ pub mod map_names {
     /// The IPv6 encapsulation program (`lb_xdp6_encap`), which `lb_xdp6` tail-calls, and the
     /// decapsulation program (`lb_xdp6_decap`), which `lb_xdp` tail-calls.
     pub const IPV6_DECAP_PROGRAM: &str = "IPV6_DECAP_PROGRAM";
+    /// The ICMPv6 translation program (`lb_tc_icmp6`), which `lb_tc_egress6` tail-calls.
+    pub const IPV6_TC_ICMP_PROGRAM: &str = "IPV6_TC_ICMP_PROGRAM";
     pub const IPV6_ENCAP_PROGRAM: &str = "IPV6_ENCAP_PROGRAM";
 
     /// Every map, so that pinning cannot forget one.
@@ -998,6 +1000,7 @@ pub mod map_names {
         IPV6_TC_PROGRAM,
         IPV6_ENCAP_PROGRAM,
         IPV6_DECAP_PROGRAM,
+        IPV6_TC_ICMP_PROGRAM,
     ];
 }
 
@@ -1013,6 +1016,8 @@ pub mod program_names {
     pub const XDP_ENCAP6: &str = "lb_xdp6_encap";
     /// What `lb_xdp` decapsulated when it is IPv6, tail-called by it.
     pub const XDP_DECAP6: &str = "lb_xdp6_decap";
+    /// ICMPv6 errors translated for their clients, tail-called by `lb_tc_egress6`.
+    pub const TC_ICMP6: &str = "lb_tc_icmp6";
     pub const TC_INGRESS: &str = "lb_tc_ingress";
     /// The socket programs, attached to the cgroup v2 root: `connect`, unconnected UDP
     /// `sendmsg`, UDP `recvmsg` and `getpeername`.

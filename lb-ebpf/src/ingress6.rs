@@ -18,7 +18,7 @@ use crate::{
     conntrack6::{self as flows},
     decap, encap,
     forward::{self, Egress},
-    ingress,
+    icmp6, ingress,
     maps::{DECAPSULATED_FROM, HOST_ADDRS6},
     nat::{self, Side},
     parse6::{self, Packet6},
@@ -277,8 +277,11 @@ pub fn try_tc_reply(ctx: &mut TcContext) -> Result<i32, i64> {
         ctx.pull_data(ctx.len().min(TC_HEADERS_MAX))?;
         parsed = parse6::parse6(ctx.data(), ctx.data_end(), len, &mut key);
     }
-    let Ok(pkt) = parsed else {
-        return Ok(TC_ACT_UNSPEC);
+    let pkt = match parsed {
+        Ok(pkt) => pkt,
+        // ICMPv6: an error about a flow is translated for its client.
+        Err(Reason::PassNotTcpUdp) => return Ok(icmp6::to_translation(ctx)),
+        Err(_) => return Ok(TC_ACT_UNSPEC),
     };
     let Some(reverse) = flows::reverse_lookup(&key) else {
         // The reply of a flow another node balanced: back to that node.

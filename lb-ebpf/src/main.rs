@@ -17,6 +17,7 @@ mod encap;
 mod forward;
 mod frag;
 mod icmp;
+mod icmp6;
 mod ingress;
 mod ingress6;
 mod maps;
@@ -90,6 +91,13 @@ pub fn lb_xdp6_encap(ctx: XdpContext) -> u32 {
 #[classifier]
 pub fn lb_tc_egress6(mut ctx: TcContext) -> i32 {
     ingress6::try_tc_reply(&mut ctx).unwrap_or(TC_ACT_UNSPEC)
+}
+
+/// ICMPv6 errors about IPv6 flows on their way out, translated for their clients; tail-called
+/// by `lb_tc_egress6` (`maps::IPV6_TC_ICMP_PROGRAM`).
+#[classifier]
+pub fn lb_tc_icmp6(mut ctx: TcContext) -> i32 {
+    icmp6::tc_translate(&mut ctx)
 }
 
 #[classifier]

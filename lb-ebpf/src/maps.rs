@@ -69,6 +69,11 @@ pub static IPV6_TC_PROGRAM: ProgramArray = ProgramArray::with_max_entries(1, 0);
 #[map]
 pub static IPV6_DECAP_PROGRAM: ProgramArray = ProgramArray::with_max_entries(1, 0);
 
+/// The ICMPv6 translation program (`lb_tc_icmp6`, slot 0), which `lb_tc_egress6` tail-calls for
+/// an ICMPv6 frame. Pinned, as `IPV6_TC_PROGRAM`.
+#[map]
+pub static IPV6_TC_ICMP_PROGRAM: ProgramArray = ProgramArray::with_max_entries(1, 0);
+
 /// The IPv6 encapsulation program (`lb_xdp6_encap`, slot 0), which `lb_xdp6` tail-calls for a
 /// packet to a backend on another node: encapsulation needs more stack than `lb_xdp6` has
 /// left. What it needs of the packet goes through `ENCAP6_HANDOFF`.

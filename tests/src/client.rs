@@ -430,6 +430,21 @@ pub fn curl_answers(ns: &crate::netns::NetNs, url: &str, count: usize) -> Vec<(S
         .collect()
 }
 
+/// Waits until `url` answers a `curl` from namespace `ns` (servers up, neighbours known), for
+/// up to 10 seconds; panics if it never does.
+pub fn wait_for_url(ns: &crate::netns::NetNs, url: &str) {
+    for _ in 0..50 {
+        let out = ns
+            .exec(["curl", "-s", "-g", "-m", "1", "-o", "/dev/null", url])
+            .unwrap();
+        if out.status.success() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    panic!("{url} never answered");
+}
+
 /// How many of `answers` ([`curl_answers`]) each server gave.
 pub fn spread_by_name(answers: &[(String, String)]) -> BTreeMap<String, usize> {
     let mut counts = BTreeMap::new();

@@ -9,11 +9,11 @@
 //!  172.20.1.2         172.20.1.1     172.20.2.1        172.20.2.10/11/12
 //!                     (lbctl on "uplink")
 //! ```
-use std::{collections::BTreeMap, time::Duration};
+use std::collections::BTreeMap;
 
 use lb_tests::{
     Lbctl, Processes,
-    client::{curl_answers as get, spread_by_name as spread},
+    client::{curl_answers as get, spread_by_name as spread, wait_for_url},
     netns::{self, NetNs},
 };
 
@@ -120,18 +120,7 @@ fn ipv6_clients_are_balanced_over_ipv6_backends_and_keep_their_address() {
     lbctl.run(&args).unwrap();
     // Wait for the servers.
     let url6 = format!("http://[{NODE6}]:8080/");
-    for _ in 0..50 {
-        if net
-            .client
-            .exec(["curl", "-s", "-g", "-m", "1", &url6])
-            .unwrap()
-            .status
-            .success()
-        {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_for_url(&net.client, &url6);
     let answers = get(&net.client, &url6, 9);
     println!("IPv6 spread: {:?}", spread(&answers));
     // The warm-up request took a turn: the spread is exact either way.
@@ -192,6 +181,65 @@ fn ipv6_clients_are_balanced_over_ipv6_backends_and_keep_their_address() {
         "b1"
     );
     drop(net.backends);
+    let mut lbctl = lbctl;
+    lbctl.purge().unwrap();
+}
+
+/// A path to the backends narrower than the client's (a route with a locked MTU of 1,400 on the
+/// node): the kernel's "packet too big" about the client's forwarded segments is translated on
+/// its way out (TC), so the client's stack matches it to its connection, lowers its path MTU
+/// and a 2 MiB upload arrives whole. Untranslated, it quotes a packet to the backend, which the
+/// client never sent, and the upload stalls on full-size segments.
+#[test]
+fn an_ipv6_client_learns_a_narrower_path_to_its_backend_and_its_upload_arrives() {
+    let (net, _servers) = build();
+    let lbctl = Lbctl::new(&net.node).unwrap();
+    lbctl.run(&["attach", "uplink"]).unwrap();
+    lbctl
+        .run(&["service", "add", "up6", "8080", "[2001:db8:b::10]:80"])
+        .unwrap();
+    net.node
+        .ip([
+            "-6",
+            "route",
+            "add",
+            "2001:db8:b::10/128",
+            "dev",
+            "down0",
+            "mtu",
+            "lock",
+            "1400",
+        ])
+        .unwrap();
+    let url = format!("http://[{NODE6}]:8080/");
+    wait_for_url(&net.client, &url);
+    let file = std::env::temp_dir().join(format!("lbctl-ipv6-upload-{}", std::process::id()));
+    std::fs::write(&file, vec![0x5a; 2 << 20]).unwrap();
+    let out = net
+        .client
+        .exec([
+            "curl",
+            "-s",
+            "-g",
+            "-m",
+            "20",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code} %{size_upload}",
+            "--data-binary",
+            &format!("@{}", file.display()),
+            &url,
+        ])
+        .unwrap();
+    let _ = std::fs::remove_file(&file);
+    let answer = String::from_utf8_lossy(&out.stdout).into_owned();
+    println!("upload: {answer}");
+    // lb-testsrv reads the whole body, then refuses anything but GET.
+    assert_eq!(answer, format!("405 {}", 2 << 20), "{out:?}");
+    let translated = lbctl.reason_packets("icmp_egress").unwrap();
+    println!("ICMPv6 errors translated: {translated}");
+    assert!(translated >= 1);
     let mut lbctl = lbctl;
     lbctl.purge().unwrap();
 }

@@ -17,11 +17,10 @@
 //!
 //! Every node has the same task gateway and forwards, but knows no route to the other nodes'
 //! tasks: only the mesh reaches them.
-use std::time::Duration;
 
 use lb_tests::{
     Lbctl, Processes,
-    client::{curl_answers as get, spread_by_name as spread},
+    client::{curl_answers as get, spread_by_name as spread, wait_for_url},
     netns::{self, NetNs},
 };
 
@@ -163,22 +162,6 @@ fn build() -> Net {
     }
 }
 
-/// Waits until `url` answers through the mesh (the servers are up, the neighbours known).
-fn wait_for(client: &NetNs, url: &str) {
-    for _ in 0..50 {
-        if client
-            .exec(["curl", "-s", "-g", "-m", "1", "-o", "/dev/null", url])
-            .unwrap()
-            .status
-            .success()
-        {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    panic!("{url} never answered");
-}
-
 /// An IPv6 service whose tasks run on n1 and n2, published on every node: new connections
 /// through each node take the four tasks in turn, exactly, wherever they run, and every task
 /// sees the client's own IPv6 address. A UDP service answers through the node without tasks. A
@@ -217,7 +200,7 @@ fn ipv6_clients_reach_every_task_through_every_node_over_an_ipv4_underlay() {
     }
     for i in 0..NODES {
         let url = format!("http://[{}]:8080/", node_ip6(i));
-        wait_for(&net.client, &url);
+        wait_for_url(&net.client, &url);
         let answers = get(&net.client, &url, 8);
         println!("through n{}: {:?}", i + 1, spread(&answers));
         assert_eq!(

@@ -707,3 +707,61 @@ fn ipv6_backends_that_refuse_or_leave_syns_unanswered_fail_and_are_ejected() {
         assert!(health.unanswered >= 1, "{health:?}");
     });
 }
+
+/// An ICMPv6 "packet too big" from `src` to the client, quoting `quote` (an IPv6 packet).
+fn too_big6(macs: ([u8; 6], [u8; 6]), src: [u8; 16], quote: &[u8]) -> Vec<u8> {
+    let mut frame = Vec::new();
+    PacketBuilder::ethernet2(macs.0, macs.1)
+        .ipv6(src, CLIENT_IP6, 64)
+        .icmpv6(etherparse::Icmpv6Type::PacketTooBig { mtu: 1400 })
+        .write(&mut frame, quote)
+        .unwrap();
+    frame
+}
+
+/// An ICMPv6 error about a client's packet the node forwarded (the kernel's "packet too big"
+/// as it routed it, or one the backend sent) is translated on its way to the client by TC: the
+/// quoted packet is the one the client sent (to the service's address and port, its checksum
+/// right), and an error from the backend itself comes from the service's address; ICMPv6
+/// checksum right. An error about no flow is left alone.
+#[test]
+fn icmpv6_errors_about_forwarded_packets_are_translated_for_their_client() {
+    with_node(|node| {
+        with_ipv6_services(node);
+        let ingress = Some(node.ifindex);
+        let (action, out) = node.xdp(&client6(40000, WEB6_PORT, "S"), ingress);
+        assert_eq!(action, XDP_TX);
+        let backend = BACKENDS6[backend_of(&out)];
+        let forwarded = out[14..].to_vec();
+        let sent = tcp6(
+            (CLIENT_MAC, INGRESS_MAC),
+            (CLIENT_IP6, 40000),
+            (NODE_IP6, WEB6_PORT),
+            63,
+            "S",
+        );
+        let macs = (node.mac, CLIENT_MAC);
+        // The node's address on the backends' side: the kernel's own error as it routed.
+        let mut router = BACKENDS6[0];
+        router[15] = 1;
+        let (action, out) = node.tc_on(&too_big6(macs, router, &forwarded), ingress);
+        assert_eq!(action, TC_ACT_UNSPEC);
+        assert_eq!(out, too_big6(macs, router, &sent[14..]));
+        assert_eq!(node.reason(Reason::IcmpEgress), 1);
+        // From the backend itself.
+        let (_, out) = node.tc_on(&too_big6(macs, backend, &forwarded), ingress);
+        assert_eq!(out, too_big6(macs, NODE_IP6, &sent[14..]));
+        assert_eq!(node.reason(Reason::IcmpEgress), 2);
+        // About a packet of no flow.
+        let stray = tcp6(
+            (node.mac, [0x02, 0, 0, 0, 0, 0x06]),
+            (CLIENT_IP6, 40009),
+            (backend, BACKEND_PORT),
+            63,
+            "S",
+        );
+        let frame = too_big6(macs, router, &stray[14..]);
+        assert_eq!(node.tc_on(&frame, ingress), (TC_ACT_UNSPEC, frame));
+        assert_eq!(node.reason(Reason::IcmpEgress), 2);
+    });
+}

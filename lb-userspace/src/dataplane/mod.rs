@@ -132,11 +132,19 @@ pub fn load_ipv6_programs(ebpf: &mut Ebpf) -> Result<()> {
     tc.load()
         .context("loading the IPv6 TC egress program (verifier)")?;
     let tc = tc.fd()?.try_clone()?;
+    let icmp: &mut aya::programs::SchedClassifier = ebpf
+        .program_mut(program_names::TC_ICMP6)
+        .ok_or_else(|| anyhow!("object has no ICMPv6 TC program"))?
+        .try_into()?;
+    icmp.load()
+        .context("loading the ICMPv6 TC program (verifier)")?;
+    let icmp = icmp.fd()?.try_clone()?;
     for (name, program) in [
         (map_names::IPV6_XDP_PROGRAM, &xdp),
         (map_names::IPV6_TC_PROGRAM, &tc),
         (map_names::IPV6_ENCAP_PROGRAM, &mesh_programs[0]),
         (map_names::IPV6_DECAP_PROGRAM, &mesh_programs[1]),
+        (map_names::IPV6_TC_ICMP_PROGRAM, &icmp),
     ] {
         let mut slot: aya::maps::ProgramArray<&mut MapData> = ebpf
             .map_mut(name)

@@ -1,0 +1,138 @@
+//! ICMPv6 errors about the IPv6 flows this node balanced, on their way out (TC egress): an
+//! error about a client's packet the node forwarded to its backend (the kernel's own "packet
+//! too big" or "time exceeded", made as it routed the DNATed packet, or one a router on the
+//! backend's side sent and the kernel routes to the client) quotes the packet as it was
+//! forwarded, to the backend. The client's stack matches an error to its socket by the quote,
+//! so the quote is given back the address and port the client connected to (and the error
+//! the service's address as its source, when the backend itself sent it), checksums updated:
+//! without it, a path to the backend narrower than the client's is a black hole for IPv6
+//! (path MTU discovery never converges), as `icmp` prevents for IPv4.
+use aya_ebpf::{bindings::TC_ACT_UNSPEC, programs::TcContext};
+use lb_common::{Addr6, FlowKey6, PROTO_TCP, PROTO_UDP, Reason};
+
+use crate::{
+    conntrack6, csum,
+    maps::IPV6_TC_ICMP_PROGRAM,
+    nat::{load16, store16},
+    parse::{L3_OFF, ptr_at},
+    parse6::{IP6_DST_OFF, IP6_SRC_OFF, IPV6_LEN},
+    stats,
+};
+
+/// ICMPv6 in the IPv6 next-header field.
+const PROTO_ICMPV6: u8 = 58;
+/// ICMPv6 error types (RFC 4443): destination unreachable, packet too big, time exceeded,
+/// parameter problem.
+const ERROR_TYPES: core::ops::RangeInclusive<u8> = 1..=4;
+/// Where the parts of an error without extension headers sit, from the frame's start.
+const ICMP_OFF: usize = L3_OFF + IPV6_LEN;
+const ICMP_CHECK_OFF: usize = ICMP_OFF + 2;
+const QUOTED_OFF: usize = ICMP_OFF + 8;
+const QUOTED_SRC_OFF: usize = QUOTED_OFF + 8;
+const QUOTED_DST_OFF: usize = QUOTED_OFF + 24;
+const QUOTED_L4_OFF: usize = QUOTED_OFF + IPV6_LEN;
+/// The longest ICMPv6 error (RFC 4443: it fits the minimum MTU, 1280 bytes) and its Ethernet
+/// header: pulled whole into the linear part of the skb.
+const ICMP6_ERROR_MAX: u32 = 14 + 1280;
+
+/// Hands an ICMPv6 frame to `lb_tc_icmp6` ([`tc_translate`]; `IPV6_TC_ICMP_PROGRAM`), which
+/// has a stack of its own: `lb_tc_egress6` has too little left. Returns only if that program is
+/// not there: the frame then goes on untouched.
+#[inline(always)]
+pub fn to_translation(ctx: &TcContext) -> i32 {
+    // SAFETY: the index names a TC program, as the tail call requires.
+    let _ = unsafe { IPV6_TC_ICMP_PROGRAM.tail_call(ctx, 0) };
+    TC_ACT_UNSPEC
+}
+
+/// `lb_tc_icmp6`: translates an ICMPv6 error about a forwarded packet for its client (TC
+/// egress, for a frame `lb_tc_egress6`'s parser left as not TCP or UDP). Returns the TC
+/// action: the error goes on, translated or untouched.
+#[inline(always)]
+pub fn tc_translate(ctx: &mut TcContext) -> i32 {
+    let len = ctx.len();
+    if ((ctx.data_end() - ctx.data()) as u32) < len
+        && ctx.pull_data(len.min(ICMP6_ERROR_MAX)).is_err()
+    {
+        return TC_ACT_UNSPEC;
+    }
+    if translate(ctx.data(), ctx.data_end()).is_some() {
+        stats::count_reason(Reason::IcmpEgress, u64::from(len));
+    }
+    TC_ACT_UNSPEC
+}
+
+/// The 16-byte address at `off`.
+#[inline(always)]
+fn addr_at(data: usize, data_end: usize, off: usize) -> Option<Addr6> {
+    let at: *const Addr6 = ptr_at(data, data_end, off)?;
+    // SAFETY: bounds checked by ptr_at; a byte array needs no alignment.
+    Some(unsafe { *at })
+}
+
+/// Rewrites the error between `data` and `data_end` if it is one about a packet this node
+/// forwarded to a backend, going to that packet's client. `None`: not such an error (left as
+/// it is).
+#[inline(always)]
+fn translate(data: usize, data_end: usize) -> Option<()> {
+    let header: *const [u8; 8] = ptr_at(data, data_end, L3_OFF)?;
+    // SAFETY: bounds checked by ptr_at.
+    let [version, _, _, _, _, _, next, _] = unsafe { *header };
+    let icmp: *const [u8; 2] = ptr_at(data, data_end, ICMP_OFF)?;
+    // SAFETY: as above.
+    let [kind, _] = unsafe { *icmp };
+    if version >> 4 != 6 || next != PROTO_ICMPV6 || !ERROR_TYPES.contains(&kind) {
+        return None;
+    }
+    let quoted: *const [u8; 8] = ptr_at(data, data_end, QUOTED_OFF)?;
+    // SAFETY: as above.
+    let [quoted_version, _, _, _, _, _, proto, _] = unsafe { *quoted };
+    if quoted_version >> 4 != 6 || (proto != PROTO_TCP && proto != PROTO_UDP) {
+        return None;
+    }
+    let client = addr_at(data, data_end, QUOTED_SRC_OFF)?;
+    // An error goes to the quoted packet's source; anything else is not about that packet.
+    if addr_at(data, data_end, IP6_DST_OFF)? != client {
+        return None;
+    }
+    let backend = addr_at(data, data_end, QUOTED_DST_OFF)?;
+    let client_port = load16(data, data_end, QUOTED_L4_OFF)?;
+    let backend_port = load16(data, data_end, QUOTED_L4_OFF + 2)?;
+    let reply_key = FlowKey6::new(backend, client, backend_port, client_port, proto);
+    let reverse = conntrack6::reverse_lookup(&reply_key)?;
+    let (orig, orig_port) = (reverse.orig_ip, reverse.orig_port_be);
+
+    let mut icmp_check = load16(data, data_end, ICMP_CHECK_OFF)?;
+    // The quote's destination, and its transport checksum when the quote holds it (its
+    // pseudo-header covers the address).
+    let quoted_check_off = QUOTED_L4_OFF + if proto == PROTO_TCP { 16 } else { 6 };
+    if let Some(old_check) = load16(data, data_end, quoted_check_off) {
+        let new_check = csum::update_l4(old_check, proto == PROTO_UDP, |check| {
+            csum::replace16(
+                csum::replace128(check, &backend, &orig),
+                backend_port,
+                orig_port,
+            )
+        });
+        store16(data, data_end, quoted_check_off, new_check)?;
+        icmp_check = csum::replace16(icmp_check, old_check, new_check);
+    }
+    let at: *mut Addr6 = ptr_at(data, data_end, QUOTED_DST_OFF)?;
+    // SAFETY: bounds checked by ptr_at.
+    unsafe { *at = orig };
+    store16(data, data_end, QUOTED_L4_OFF + 2, orig_port)?;
+    icmp_check = csum::replace16(
+        csum::replace128(icmp_check, &backend, &orig),
+        backend_port,
+        orig_port,
+    );
+    // Sent by the backend itself: from the address the client knows (the pseudo-header, which
+    // the ICMPv6 checksum covers, changes with it).
+    if addr_at(data, data_end, IP6_SRC_OFF)? == backend {
+        let at: *mut Addr6 = ptr_at(data, data_end, IP6_SRC_OFF)?;
+        // SAFETY: bounds checked by ptr_at.
+        unsafe { *at = orig };
+        icmp_check = csum::replace128(icmp_check, &backend, &orig);
+    }
+    store16(data, data_end, ICMP_CHECK_OFF, icmp_check)
+}
