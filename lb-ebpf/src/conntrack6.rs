@@ -3,7 +3,7 @@
 //! their own: a flow keeps its backend while the backend is in service; a SYN after the
 //! connection ended (a FIN each way, or a reset) chooses again; a backend's refusals and
 //! unanswered SYNs count against it (`passive`).
-use aya_ebpf::helpers::generated::bpf_ktime_get_coarse_ns;
+use aya_ebpf::{bindings::BPF_NOEXIST, helpers::generated::bpf_ktime_get_coarse_ns};
 use lb_common::{
     Addr6, BACKEND_ACTIVE, BACKEND_IPV6, Backend, Event, FLOW_AWAITING_REPLY, FLOW_BACKEND_FIN,
     FLOW_CLIENT_FIN, FLOW_CLOSING, FLOW_SEEN_GRANULARITY_NS, FLOW_UNANSWERED_NS, FlowKey6,
@@ -80,8 +80,22 @@ pub fn pinned(key: &FlowKey6, pkt: &Packet6) -> Result<(FlowValue6, u32), Event>
             return Err(Event::FlowUnanswered);
         }
     }
-    note(entry, flow.flags, pkt.tcp_flags);
+    if note(entry, flow.flags, pkt.tcp_flags) {
+        restore_reverse(key, &flow);
+    }
     Ok((flow, backend.node_ip_be))
+}
+
+/// Puts a flow's reverse-NAT entry back if it is gone: called for a client's packet after a
+/// second or more of silence, long enough for a full table to have evicted the entry (as
+/// `conntrack::restore_reverse` for IPv4), so that the backend's replies, routed or coming back
+/// through the tunnel, are reverse-NATed rather than dropped or leaked. In a frame of its own:
+/// the IPv6 path's stack is short.
+#[inline(never)]
+fn restore_reverse(key: &FlowKey6, flow: &FlowValue6) {
+    let (reply_key, reverse) = reverse_entry(key, flow);
+    // Present, as it almost always is: left as it is.
+    let _ = REVERSE_FLOWS6.insert(&reply_key, &reverse, u64::from(BPF_NOEXIST));
 }
 
 /// Whether the client's SYN again (on `flow`, awaiting its backend's answer) comes
@@ -105,9 +119,10 @@ fn unanswered(key: &FlowKey6, flow: &FlowValue6) -> bool {
 /// (`conntrack::first_flags`' rules), an ACK answers the handshake; it also refreshes when the
 /// client was last seen, but for its SYN again, which leaves the time of the first: the time
 /// the backend has had to answer.
+/// Returns whether the client had been silent for `FLOW_SEEN_GRANULARITY_NS` or more.
 #[inline(always)]
-fn note(flow: *mut FlowValue6, flags: u8, tcp_flags: u8) {
-    let bits = conntrack::first_flags(tcp_flags) & (FLOW_CLOSING | FLOW_CLIENT_FIN);
+fn note(flow: *mut FlowValue6, flags: u8, tcp_flags: u8) -> bool {
+    let bits = ended_by(conntrack::first_flags(tcp_flags), flags, FLOW_CLIENT_FIN);
     // SAFETY: a live map value; a race between CPUs loses at most a refresh or a flag that the
     // next packet sets (or clears) again.
     unsafe {
@@ -118,13 +133,27 @@ fn note(flow: *mut FlowValue6, flags: u8, tcp_flags: u8) {
         if awaiting && tcp_flags & (TCP_SYN | TCP_ACK | TCP_RST) == TCP_ACK {
             (*flow).flags &= !FLOW_AWAITING_REPLY;
         }
-        if awaiting && tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
-            return;
-        }
         let now = bpf_ktime_get_coarse_ns();
-        if now.wrapping_sub((*flow).last_seen_ns) >= FLOW_SEEN_GRANULARITY_NS {
+        let was_idle = now.wrapping_sub((*flow).last_seen_ns) >= FLOW_SEEN_GRANULARITY_NS;
+        if was_idle && !(awaiting && tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN) {
             (*flow).last_seen_ns = now;
         }
+        was_idle
+    }
+}
+
+/// The end flags a segment sets (`seen`: its `FLOW_CLOSING` and its side's FIN, `own_fin`) on a
+/// flow whose flags are `flags`: a FIN that closes the second half ends the flow too
+/// (`FLOW_CLOSING`, as `conntrack::note_end` for IPv4), so that a connection closed both ways
+/// is no longer live.
+#[inline(always)]
+fn ended_by(seen: u8, flags: u8, own_fin: u8) -> u8 {
+    let bits = seen & (FLOW_CLOSING | own_fin);
+    let both = FLOW_CLIENT_FIN | FLOW_BACKEND_FIN;
+    if bits & own_fin != 0 && (flags | own_fin) & both == both {
+        bits | FLOW_CLOSING
+    } else {
+        bits
     }
 }
 
@@ -189,18 +218,25 @@ fn write_chosen(chosen: Option<u32>, tcp_flags: u8, flow: &mut FlowValue6) -> u6
     u64::from(backend.node_ip_be)
 }
 
-/// Pins the flow `key` to `flow`'s backend and records how its replies are reverse-NATed (to
-/// the address and port the client reached, `key`'s destination). `false` if the tables
-/// refused it.
-#[inline(never)]
-pub fn record(key: &FlowKey6, flow: &FlowValue6, event: Event) -> bool {
-    let reply_key = key.reply_of(flow.backend_ip, flow.backend_port_be);
+/// The reverse-NAT entry of the flow `key` pinned to `flow`'s backend: its replies' 5-tuple,
+/// and the address and port the client reached (`key`'s destination) they must come from.
+#[inline(always)]
+fn reverse_entry(key: &FlowKey6, flow: &FlowValue6) -> (FlowKey6, ReverseValue6) {
     let reverse = ReverseValue6 {
         orig_ip: key.dst,
         orig_port_be: key.dst_port_be,
         _pad: 0,
         backend_id: flow.backend_id,
     };
+    (key.reply_of(flow.backend_ip, flow.backend_port_be), reverse)
+}
+
+/// Pins the flow `key` to `flow`'s backend and records how its replies are reverse-NATed (to
+/// the address and port the client reached, `key`'s destination). `false` if the tables
+/// refused it.
+#[inline(never)]
+pub fn record(key: &FlowKey6, flow: &FlowValue6, event: Event) -> bool {
+    let (reply_key, reverse) = reverse_entry(key, flow);
     if REVERSE_FLOWS6.insert(&reply_key, &reverse, 0).is_err()
         || FLOWS6.insert(key, flow, 0).is_err()
     {
@@ -309,13 +345,14 @@ pub fn note_reply(key: &FlowKey6, reverse: &ReverseValue6, tcp_flags: u8) -> boo
                 passive::answered(reverse.backend_id);
             }
         }
-        let bits = if tcp_flags & TCP_RST != 0 {
+        let seen = if tcp_flags & TCP_RST != 0 {
             FLOW_CLOSING
         } else if tcp_flags & TCP_FIN != 0 {
             FLOW_BACKEND_FIN
         } else {
             0
         };
+        let bits = ended_by(seen, flags, FLOW_BACKEND_FIN);
         if bits != 0 && flags & bits != bits {
             (*flow).flags |= bits;
         }

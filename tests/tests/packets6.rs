@@ -765,3 +765,67 @@ fn icmpv6_errors_about_forwarded_packets_are_translated_for_their_client() {
         assert_eq!(node.reason(Reason::IcmpEgress), 2);
     });
 }
+
+/// An IPv6 flow's life as an IPv4 one's: a FIN each way ends it (no longer live in the census);
+/// the client's bare RST (how it refuses a backend's stale ACK to its SYN) ends nothing, and its
+/// SYN again goes to the same backend; a reverse-NAT entry a full table evicted is put back when
+/// the client speaks after a second of silence.
+#[test]
+fn ipv6_flows_end_on_fins_survive_a_bare_rst_and_get_their_reverse_entry_back() {
+    with_node(|node| {
+        with_ipv6_services(node);
+        let ingress = Some(node.ifindex);
+        let key = |port: u16| {
+            lb_common::FlowKey6::new(
+                CLIENT_IP6,
+                NODE_IP6,
+                port.to_be(),
+                WEB6_PORT.to_be(),
+                lb_common::PROTO_TCP,
+            )
+        };
+        let live = |node: &Node| node.maps.flow_census().unwrap().live.values().sum::<u64>();
+        // A FIN each way.
+        let (_, out) = node.xdp(&client6(40100, WEB6_PORT, "S"), ingress);
+        let backend = BACKENDS6[backend_of(&out)];
+        assert_eq!(live(node), 1);
+        node.xdp(&client6(40100, WEB6_PORT, "FA"), ingress);
+        let fin = tcp6(
+            (node.mac, CLIENT_MAC),
+            (backend, BACKEND_PORT),
+            (CLIENT_IP6, 40100),
+            64,
+            "FA",
+        );
+        assert_eq!(node.tc_on(&fin, ingress).0, TC_ACT_UNSPEC);
+        let flags = node.maps.flows6.get(&key(40100), 0).unwrap().flags;
+        assert_ne!(flags & lb_common::FLOW_CLOSING, 0, "flags {flags:#x}");
+        assert_eq!(live(node), 0, "a connection closed both ways is not live");
+
+        // A bare RST, then the same SYN: the same backend.
+        let (_, out) = node.xdp(&client6(40200, WEB6_PORT, "S"), ingress);
+        let first = backend_of(&out);
+        node.xdp(&client6(40200, WEB6_PORT, "R"), ingress);
+        let (_, out) = node.xdp(&client6(40200, WEB6_PORT, "S"), ingress);
+        assert_eq!(backend_of(&out), first, "a bare RST ends nothing");
+
+        // The reverse entry evicted, the client silent for a second: put back.
+        let reply_key = lb_common::FlowKey6::new(
+            BACKENDS6[first],
+            CLIENT_IP6,
+            BACKEND_PORT.to_be(),
+            40200u16.to_be(),
+            lb_common::PROTO_TCP,
+        );
+        let reverse = node.maps.reverse_flows6.get(&reply_key, 0).unwrap();
+        node.maps.reverse_flows6.remove(&reply_key).unwrap();
+        let mut flow = node.maps.flows6.get(&key(40200), 0).unwrap();
+        flow.last_seen_ns -= lb_common::FLOW_SEEN_GRANULARITY_NS;
+        node.maps.flows6.insert(key(40200), flow, 0).unwrap();
+        node.xdp(&client6(40200, WEB6_PORT, "A"), ingress);
+        assert_eq!(
+            node.maps.reverse_flows6.get(&reply_key, 0).unwrap(),
+            reverse
+        );
+    });
+}

@@ -50,6 +50,9 @@ struct BackendListing<'a> {
 struct FlowTableListing {
     capacity: u32,
     entries: u64,
+    /// The IPv6 flow table's.
+    capacity6: u64,
+    entries6: u64,
 }
 
 /// The top of `service ls --json` and `stats --json` (`reasons`, `events` and `interfaces`:
@@ -240,6 +243,8 @@ pub fn stats(instance: &Instance, as_json: bool) -> Result<String> {
             flow_table: Some(FlowTableListing {
                 capacity: state.flow_capacity,
                 entries: snapshot.flow_entries,
+                capacity6: snapshot.flow_capacity6,
+                entries6: snapshot.flow_entries6,
             }),
             generation: snapshot.table_generation,
             instance: &snapshot.instance,
@@ -275,12 +280,15 @@ fn stats_text(snapshot: &Snapshot) -> String {
         out.push_str(&format!("  {name:<width$} {count:>12}\n"));
     }
     out.push_str(&format!(
-        "flow table: {} of {} entries ({:.0}%); when full, the least recently used flows are \
-         evicted: an evicted TCP connection that speaks again is counted as pass_flow_unknown \
-         (round-robin: reset) or flow_recovered (maglev: same backend)\n",
+        "flow table: {} of {} entries ({:.0}%), IPv6 {} of {} ({:.0}%); when full, the least \
+         recently used flows are evicted: an evicted TCP connection that speaks again is counted \
+         as pass_flow_unknown (round-robin: reset) or flow_recovered (maglev: same backend)\n",
         snapshot.flow_entries,
         snapshot.flow_capacity,
-        snapshot.flow_entries as f64 * 100.0 / snapshot.flow_capacity.max(1) as f64
+        snapshot.flow_entries as f64 * 100.0 / snapshot.flow_capacity.max(1) as f64,
+        snapshot.flow_entries6,
+        snapshot.flow_capacity6,
+        snapshot.flow_entries6 as f64 * 100.0 / snapshot.flow_capacity6.max(1) as f64
     ));
     out.push_str("interfaces (transmit failures: kernel drops and errors, driver XDP errors):\n");
     for report in &snapshot.interfaces {

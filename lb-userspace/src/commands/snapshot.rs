@@ -32,6 +32,10 @@ pub struct Snapshot {
     pub flow_entries: u64,
     /// Size of the flow table, in flows.
     pub flow_capacity: u64,
+    /// The same of the IPv6 flow table (`FLOWS6`: an eighth of `flow_capacity`, at least
+    /// 4,096).
+    pub flow_entries6: u64,
+    pub flow_capacity6: u64,
     /// `(Reason::name(), packets, bytes)` for every `lb_common::Reason`, summed over CPUs, in
     /// `Reason::ALL` order; empty when the maps were not read.
     pub reasons: Vec<(&'static str, u64, u64)>,
@@ -156,12 +160,13 @@ pub fn read(
         .iter()
         .map(|service| service_snapshot(service, counters.as_ref()))
         .collect::<Result<_>>()?;
-    let (flow_entries, reasons, events) = match &counters {
+    let (flow_entries, flow_entries6, reasons, events) = match &counters {
         Some(counters) => {
             let reasons = counters.maps.reason_totals()?;
             let events = counters.maps.event_totals()?;
             (
                 counters.census.entries,
+                counters.census.entries6,
                 Reason::ALL
                     .iter()
                     .zip(&reasons)
@@ -174,7 +179,7 @@ pub fn read(
                     .collect(),
             )
         }
-        None => (0, Vec::new(), Vec::new()),
+        None => (0, 0, Vec::new(), Vec::new()),
     };
     Ok(Snapshot {
         instance: instance.name.clone(),
@@ -183,6 +188,11 @@ pub fn read(
         table_generation: state.table.generation,
         flow_entries,
         flow_capacity: u64::from(state.flow_capacity),
+        flow_entries6,
+        flow_capacity6: u64::from(crate::dataplane::flow_sized_entries(
+            lb_common::map_names::FLOWS6,
+            state.flow_capacity,
+        )),
         reasons,
         events,
         services,

@@ -23,7 +23,8 @@
 //!
 //! Families (labels in braces):
 //! - `lbctl_build_info{version,instance,node}` (always 1), `lbctl_table_generation`,
-//!   `lbctl_flow_table_entries`, `lbctl_flow_table_capacity`.
+//!   `lbctl_flow_table_entries`, `lbctl_flow_table_capacity`, `lbctl_flow_table_ipv6_entries`,
+//!   `lbctl_flow_table_ipv6_capacity`.
 //! - `lbctl_packets_total{reason}`, `lbctl_packet_bytes_total{reason}`,
 //!   `lbctl_dropped_packets_total` (the `drop_*` reasons), `lbctl_passed_packets_total` (the
 //!   `pass_*` reasons), `lbctl_vxlan_encapsulated_packets_total`,
@@ -246,6 +247,18 @@ fn render_instance(out: &mut Exposition, snapshot: &Snapshot) {
             Kind::Gauge,
             "Size of the flow table, in flows.",
             snapshot.flow_capacity,
+        ),
+        (
+            "lbctl_flow_table_ipv6_entries",
+            Kind::Gauge,
+            "Entries in the IPv6 flow table at its last scan.",
+            snapshot.flow_entries6,
+        ),
+        (
+            "lbctl_flow_table_ipv6_capacity",
+            Kind::Gauge,
+            "Size of the IPv6 flow table, in flows.",
+            snapshot.flow_capacity6,
         ),
     ] {
         out.family(name, kind, help);
@@ -929,6 +942,8 @@ mod tests {
             table_generation: 7,
             flow_entries: 3,
             flow_capacity: 1024,
+            flow_entries6: 2,
+            flow_capacity6: 4096,
             reasons: vec![
                 ("forward_tx", 10, 1000),
                 ("forward_encap_tx", 4, 600),
@@ -973,6 +988,12 @@ lbctl_flow_table_entries 3
 # HELP lbctl_flow_table_capacity Size of the flow table, in flows.
 # TYPE lbctl_flow_table_capacity gauge
 lbctl_flow_table_capacity 1024
+# HELP lbctl_flow_table_ipv6_entries Entries in the IPv6 flow table at its last scan.
+# TYPE lbctl_flow_table_ipv6_entries gauge
+lbctl_flow_table_ipv6_entries 2
+# HELP lbctl_flow_table_ipv6_capacity Size of the IPv6 flow table, in flows.
+# TYPE lbctl_flow_table_ipv6_capacity gauge
+lbctl_flow_table_ipv6_capacity 4096
 # HELP lbctl_packets_total Packets the data plane handled, by what it did with them; each packet counts under exactly one reason, and xmit_tc on top when TC sent it for XDP.
 # TYPE lbctl_packets_total counter
 lbctl_packets_total{reason="forward_tx"} 10
@@ -1154,6 +1175,8 @@ lbctl_interface_transmit_failures_total{iface="uplink",kind="xdp_errors"} 1
             table_generation: 12_345,
             flow_entries: 300_000,
             flow_capacity: u64::from(lb_common::DEFAULT_FLOW_CAPACITY),
+            flow_entries6: 30_000,
+            flow_capacity6: u64::from(lb_common::DEFAULT_FLOW_CAPACITY / 8),
             reasons: all_reasons(|r| (r as u64 * 1_000_003, r as u64 * 90_000_000)),
             events: all_events(),
             services,
@@ -1161,7 +1184,7 @@ lbctl_interface_transmit_failures_total{iface="uplink",kind="xdp_errors"} 1
         }
     }
 
-    const FAMILIES: usize = 41;
+    const FAMILIES: usize = 43;
 
     #[test]
     fn thousand_services_of_ten_backends_render_every_family_once_and_every_series_once() {
@@ -1178,7 +1201,7 @@ lbctl_interface_transmit_failures_total{iface="uplink",kind="xdp_errors"} 1
         assert_eq!(series("lbctl_backend_"), 10_000 * (12 + 3));
         // Info, 11 sums, backends, healthy backends, fail open.
         assert_eq!(series("lbctl_service_"), 1000 * 15);
-        let data_plane = 4 + 2 * Reason::ALL.len() + 4 + Event::ALL.len();
+        let data_plane = 6 + 2 * Reason::ALL.len() + 4 + Event::ALL.len();
         let all = series("");
         assert_eq!(all, 10_000 * 15 + 1000 * 15 + data_plane);
         assert_eq!(page.lines().count(), 2 * FAMILIES + all);
@@ -1197,8 +1220,9 @@ lbctl_interface_transmit_failures_total{iface="uplink",kind="xdp_errors"} 1
         let families = parse(&render(&Snapshot::default()));
         assert_eq!(families.len(), FAMILIES);
         let series: usize = families.iter().map(|(_, samples)| samples.len()).sum();
-        // build info, generation, flow table entries and capacity, the 4 data plane sums.
-        assert_eq!(series, 8);
+        // build info, generation, both flow tables' entries and capacity, the 4 data plane
+        // sums.
+        assert_eq!(series, 10);
     }
 
     /// For every backend family with a per-service sum, the service's value is the sum of its

@@ -34,8 +34,8 @@ use aya::{
 use lb_common::{
     Addr6, BACKEND_ACTIVE, BACKEND_IPV6, Backend, BackendStats, BridgePortKey, Counter, FlowKey,
     FlowKey6, FlowValue, FlowValue6, LocalBackendKey, LocalBackendKey6, MacKey, MaglevTable,
-    MeshConfig, PassiveHealth, ReverseValue, RrCursor, ServiceKey, ServiceKey6, ServiceValue,
-    SnatValue, SocketLbConfig, TunnelValue, map_names, program_names,
+    MeshConfig, PassiveHealth, ReverseValue, ReverseValue6, RrCursor, ServiceKey, ServiceKey6,
+    ServiceValue, SnatValue, SocketLbConfig, TunnelValue, map_names, program_names,
 };
 
 use crate::{
@@ -168,6 +168,8 @@ pub struct Maps {
     pub flows6: HashMap<MapData, FlowKey6, FlowValue6>,
     /// IPv6 backends this node reaches by plain routing; the value is unused (0).
     pub local_backends6: HashMap<MapData, LocalBackendKey6, u32>,
+    /// Filled by the data plane only; opened for inspection (and tests).
+    pub reverse_flows6: HashMap<MapData, FlowKey6, ReverseValue6>,
     pub services: HashMap<MapData, ServiceKey, ServiceValue>,
     pub service_ports: Array<MapData, u64>,
     pub backends: Array<MapData, Backend>,
@@ -319,6 +321,7 @@ impl Maps {
             host_addrs6: get(map_names::HOST_ADDRS6)?.try_into()?,
             flows6: get(map_names::FLOWS6)?.try_into()?,
             local_backends6: get(map_names::LOCAL_BACKENDS6)?.try_into()?,
+            reverse_flows6: get(map_names::REVERSE_FLOWS6)?.try_into()?,
         })
     }
 
@@ -722,7 +725,7 @@ impl Maps {
         }
         for entry in self.flows6.iter() {
             let Ok((key, flow)) = entry else { continue };
-            census.entries += 1;
+            census.entries6 += 1;
             // The IPv6 flow's state as an IPv4 one's: the same flags and clock.
             let as_ipv4 = (
                 FlowKey {
@@ -866,7 +869,9 @@ pub fn remove_pins(dir: &Path) -> Result<()> {
 /// What a scan of the flow table found.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct FlowCensus {
+    /// Entries of the IPv4 flow table (`FLOWS`) and of the IPv6 one (`FLOWS6`).
     pub entries: u64,
+    pub entries6: u64,
     /// Live flows by backend id.
     pub live: BTreeMap<u32, u64>,
 }

@@ -234,6 +234,8 @@ fn large_snapshot(services: usize) -> Snapshot {
         table_generation: 12_345,
         flow_entries: 312_456,
         flow_capacity: u64::from(lb_common::DEFAULT_FLOW_CAPACITY),
+        flow_entries6: 31_245,
+        flow_capacity6: u64::from(lb_common::DEFAULT_FLOW_CAPACITY / 8),
         reasons,
         events,
         services,
