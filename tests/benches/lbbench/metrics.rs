@@ -418,6 +418,10 @@ impl Collector for SnapshotCollector {
             .single(s.flow_entries)?;
         self.family(encoder, "lbctl_flow_table_capacity")?
             .single(s.flow_capacity)?;
+        self.family(encoder, "lbctl_flow_table_ipv6_entries")?
+            .single(s.flow_entries6)?;
+        self.family(encoder, "lbctl_flow_table_ipv6_capacity")?
+            .single(s.flow_capacity6)?;
 
         let mut packets = self.family(encoder, "lbctl_packets_total")?;
         for &(reason, count, _) in &s.reasons {
@@ -588,7 +592,7 @@ fn families(page: &str) -> Result<BTreeMap<String, Shape>> {
 fn check_pages(hand: &str, openmetrics: &str, text: &str, backends: usize) -> Result<()> {
     let expected = families(hand).context("the hand-written page")?;
     ensure!(
-        expected.len() == 41,
+        expected.len() == 43,
         "the hand-written page has {} families",
         expected.len()
     );
