@@ -192,9 +192,8 @@ fn from_node6(
         return Ok((xdp_action::XDP_DROP, Reason::DropVxlanNotLocalBackend));
     }
     flows::remember_ingress_node(key, node_ip_be);
-    if pkt.hop_limit <= 1 {
-        return Ok((xdp_action::XDP_DROP, Reason::ForwardTtlExpired));
-    }
+    // A hop limit that runs out here goes to the kernel (`decide6`: `decap_stack`), which
+    // answers with time exceeded, as for IPv4.
     let egress = forward::decide6(ctx, pkt, &key.src, &key.dst);
     forward::route6(
         ctx,

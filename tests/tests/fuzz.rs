@@ -36,8 +36,7 @@
 //! `cargo xtask fuzz --frames N --seed S` runs it at length (`LBCTL_FUZZ_FRAMES`,
 //! `LBCTL_FUZZ_SEED`); the suite runs 100,000 frames of seed 1. A failing frame is printed in
 //! hex with the seed and its number, and saved under `target/fuzz-failures/`; it then belongs
-//! in the hostile table. A known defect not fixed yet ([`known_defect`]) is counted and printed
-//! with its first frame instead (`LBCTL_FUZZ_STRICT=1`: it fails the run too).
+//! in the hostile table.
 mod dataplane;
 
 use std::{
@@ -53,7 +52,7 @@ use dataplane::*;
 use etherparse::PacketBuilder;
 use lb_common::{
     BackendStats, Counter, DEFAULT_VXLAN_PORT, FlowKey, FlowKey6, PROTO_TCP, PROTO_UDP,
-    PassiveHealth, Reason, ReverseValue6, TunnelValue,
+    PassiveHealth, Reason, TunnelValue,
 };
 use lb_tests::rng::SplitMix;
 use lb_userspace::{
@@ -565,9 +564,7 @@ impl Fuzzer<'_> {
             BpfHashMap::try_from(self.node.ebpf.map_mut("FRAGMENTS").unwrap()).unwrap();
         empty(&mut fragments);
         empty(&mut self.node.maps.flows6);
-        let mut reverse6: BpfHashMap<&mut MapData, FlowKey6, ReverseValue6> =
-            BpfHashMap::try_from(self.node.ebpf.map_mut("REVERSE_FLOWS6").unwrap()).unwrap();
-        empty(&mut reverse6);
+        empty(&mut self.node.maps.reverse_flows6);
         let mut tunnels6: BpfHashMap<&mut MapData, FlowKey6, TunnelValue> =
             BpfHashMap::try_from(self.node.ebpf.map_mut("TUNNEL_REPLIES6").unwrap()).unwrap();
         empty(&mut tunnels6);
@@ -2081,28 +2078,6 @@ fn mutant(rng: &mut SplitMix, seed: &[u8], other: &[u8]) -> Vec<u8> {
     frame
 }
 
-/// The data plane's defects this fuzzer found that are not fixed yet, each recognised by its
-/// error and its frame, no wider: a frame that meets one is counted under it, and every run
-/// prints each one met with its count and first frame, instead of failing on it;
-/// `LBCTL_FUZZ_STRICT=1` fails on them too. Remove an entry once its defect is fixed.
-fn known_defect(frame: &[u8], err: &str) -> Option<&'static str> {
-    let inner6 = vxlan_inner(frame)
-        .map(|inner| inner + L3)
-        .filter(|&l3| is_ipv6_at(frame, l3) && frame.len() >= l3 + 40);
-    // ingress6::from_node6: a decapsulated IPv6 packet for a local backend whose hop limit
-    // runs out is dropped, but counted as forward_ttl_expired, which stands for "handed to the
-    // kernel" (which answers with time exceeded); IPv4's goes to the kernel (decap_stack).
-    if err == "XDP forward_ttl_expired (action 1): expected action 2"
-        && inner6.is_some_and(|l3| frame[l3 + 7] <= 1)
-    {
-        return Some(
-            "decapsulated IPv6 with hop limit <= 1 dropped (XDP_DROP) under forward_ttl_expired, \
-             a reason that stands for XDP_PASS (ingress6::from_node6)",
-        );
-    }
-    None
-}
-
 fn hex(frame: &[u8]) -> String {
     frame.iter().map(|b| format!("{b:02x}")).collect()
 }
@@ -2153,8 +2128,6 @@ fn mutated_frames_of_every_kind_keep_the_data_planes_invariants() {
         // Descriptors of maps the node keeps open for the whole run.
         let fragments: BpfHashMap<&MapData, [u8; 12], [u8; 16]> =
             BpfHashMap::try_from(node.ebpf.map("FRAGMENTS").unwrap()).unwrap();
-        let reverse6: BpfHashMap<&MapData, FlowKey6, ReverseValue6> =
-            BpfHashMap::try_from(node.ebpf.map("REVERSE_FLOWS6").unwrap()).unwrap();
         let tunnels6: BpfHashMap<&MapData, FlowKey6, TunnelValue> =
             BpfHashMap::try_from(node.ebpf.map("TUNNEL_REPLIES6").unwrap()).unwrap();
         let maps = &node.maps;
@@ -2165,7 +2138,7 @@ fn mutated_frames_of_every_kind_keep_the_data_planes_invariants() {
             Batch::of(maps.tunnel_replies.map(), false),
             Batch::of(fragments.map(), false),
             Batch::of(maps.flows6.map(), false),
-            Batch::of(reverse6.map(), false),
+            Batch::of(maps.reverse_flows6.map(), false),
             Batch::of(tunnels6.map(), false),
         ];
         let reasons = Batch::of(maps.reason_stats.map(), true);
@@ -2195,9 +2168,6 @@ fn mutated_frames_of_every_kind_keep_the_data_planes_invariants() {
         let created = |state: &State| state.events[lb_common::Event::FlowCreated as usize];
         let mut created_at_reset = created(&state);
         let mut failures: Vec<String> = Vec::new();
-        // Known defects met: how many frames, and the first.
-        let strict = env_u64("LBCTL_FUZZ_STRICT", 0) != 0;
-        let mut known: std::collections::BTreeMap<&str, (u64, String)> = Default::default();
         let reasons_at_start = fuzzer.reasons();
         fuzzer.counted6.borrow_mut().fill(0);
         let started = Instant::now();
@@ -2217,14 +2187,6 @@ fn mutated_frames_of_every_kind_keep_the_data_planes_invariants() {
                 Ok(after) => state = after,
                 Err(err) => {
                     let line = format!("seed {seed} frame {n}: {err}\n  {}", hex(&frame));
-                    if let Some(defect) = known_defect(&frame, &err).filter(|_| !strict) {
-                        known.entry(defect).or_insert((0, line)).0 += 1;
-                        fuzzer.reset();
-                        seeds = base(&mut fuzzer);
-                        state = fuzzer.state();
-                        created_at_reset = created(&state);
-                        continue;
-                    }
                     eprintln!("FAILED {line}");
                     std::fs::create_dir_all(&failures_dir).unwrap();
                     std::fs::write(
@@ -2279,9 +2241,6 @@ fn mutated_frames_of_every_kind_keep_the_data_planes_invariants() {
             .collect();
         by_reason6.sort_unstable_by(|a, b| b.cmp(a));
         println!("of which IPv6 (or IPv6 in VXLAN), {frames6} counts: {by_reason6:?}");
-        for (defect, (count, first)) in &known {
-            println!("KNOWN DEFECT, {count} frames: {defect}; the first: {first}");
-        }
         assert!(
             failures.is_empty(),
             "{} frames broke an invariant:\n{}",

@@ -559,6 +559,13 @@ fn ipv6_inside_vxlan_is_delivered_and_its_replies_go_back_through_the_tunnel() {
         let (action, _) = node.xdp(&Tunnel::from_n2().wrap(&echo), ingress);
         assert_eq!(action, XDP_DROP);
         assert_eq!(node.reason(Reason::DropVxlanMalformed), 1);
+        // Its hop limit runs out here: to the kernel, which answers with time exceeded (found by
+        // the fuzzer: it was dropped, counted as forward_ttl_expired).
+        let mut last_hop = syn(BACKENDS6[0]);
+        last_hop[14 + 7] = 1;
+        let (action, _) = node.xdp(&Tunnel::from_n2().wrap(&last_hop), ingress);
+        assert_eq!(action, XDP_PASS);
+        assert_eq!(node.reason(Reason::DecapStack), 1);
     });
 }
 
