@@ -171,9 +171,14 @@ impl Cluster {
             .unwrap();
     }
 
-    /// Gossip messages node `i` rejected for `reason`.
+    /// Gossip messages node `i` rejected for `reason` (0 until its daemon has written its first
+    /// view: under load that comes a while after it started).
     fn rejected(&self, i: usize, reason: &str) -> u64 {
-        self.cluster_json(i)["rejected"][reason].as_u64().unwrap()
+        let Ok(text) = self.lbctl[i].run(&["cluster", "ls", "--json"]) else {
+            return 0;
+        };
+        let status: serde_json::Value = serde_json::from_str(&text).unwrap();
+        status["rejected"][reason].as_u64().unwrap()
     }
 
     /// Member `name` as node `i`'s daemon lists it (`cluster ls --json`), if listed.
