@@ -3,7 +3,9 @@
 //! their own: a flow keeps its backend while the backend is in service; a SYN after the
 //! connection ended (a FIN each way, or a reset) chooses again; a backend's refusals and
 //! unanswered SYNs count against it (`passive`).
-use aya_ebpf::{bindings::BPF_NOEXIST, helpers::generated::bpf_ktime_get_coarse_ns};
+use core::intrinsics::{AtomicOrdering, atomic_and, atomic_or};
+
+use aya_ebpf::helpers::generated::bpf_ktime_get_coarse_ns;
 use lb_common::{
     Addr6, BACKEND_ACTIVE, BACKEND_IPV6, Backend, Event, FLOW_AWAITING_REPLY, FLOW_BACKEND_FIN,
     FLOW_CLIENT_FIN, FLOW_CLOSING, FLOW_SEEN_GRANULARITY_NS, FLOW_UNANSWERED_NS, FlowKey6,
@@ -80,22 +82,29 @@ pub fn pinned(key: &FlowKey6, pkt: &Packet6) -> Result<(FlowValue6, u32), Event>
             return Err(Event::FlowUnanswered);
         }
     }
-    if note(entry, flow.flags, pkt.tcp_flags) {
+    // A new connection's SYN on a flow that did not end (its ends were never seen) may find its
+    // reply 5-tuple taken by another service's flow from the same client port meanwhile.
+    if note(entry, flow.flags, pkt.tcp_flags) || pkt.is_tcp_syn() {
         restore_reverse(key, &flow);
     }
     Ok((flow, backend.node_ip_be))
 }
 
-/// Puts a flow's reverse-NAT entry back if it is gone: called for a client's packet after a
+/// Makes sure a flow's reverse-NAT entry is its own: called for a client's packet after a
 /// second or more of silence, long enough for a full table to have evicted the entry (as
-/// `conntrack::restore_reverse` for IPv4), so that the backend's replies, routed or coming back
-/// through the tunnel, are reverse-NATed rather than dropped or leaked. In a frame of its own:
-/// the IPv6 path's stack is short.
+/// `conntrack::restore_reverse` for IPv4), and for a SYN, whose reply 5-tuple another flow of
+/// the same client port and backend may have taken since. The backend's replies, routed or
+/// coming back through the tunnel, are then reverse-NATed to what this client reached rather
+/// than dropped, leaked or sent from another service's port. In a frame of its own: the IPv6
+/// path's stack is short.
 #[inline(never)]
 fn restore_reverse(key: &FlowKey6, flow: &FlowValue6) {
     let (reply_key, reverse) = reverse_entry(key, flow);
-    // Present, as it almost always is: left as it is.
-    let _ = REVERSE_FLOWS6.insert(&reply_key, &reverse, u64::from(BPF_NOEXIST));
+    // SAFETY: copied out at once.
+    if unsafe { REVERSE_FLOWS6.get(&reply_key) }.copied() != Some(reverse) {
+        // A full table evicts another entry; an error leaves the replies as they were.
+        let _ = REVERSE_FLOWS6.insert(&reply_key, &reverse, 0);
+    }
 }
 
 /// Whether the client's SYN again (on `flow`, awaiting its backend's answer) comes
@@ -116,23 +125,24 @@ fn unanswered(key: &FlowKey6, flow: &FlowValue6) -> bool {
 
 /// Notes what a client's packet of the flow whose entry is `flow` (its flags `flags`) says
 /// about its connection: a FIN closes its half, a RST with ACK the whole
-/// (`conntrack::first_flags`' rules), an ACK answers the handshake; it also refreshes when the
-/// client was last seen, but for its SYN again, which leaves the time of the first: the time
-/// the backend has had to answer.
-/// Returns whether the client had been silent for `FLOW_SEEN_GRANULARITY_NS` or more.
+/// (`conntrack::first_flags`' rules), a FIN that closes the second half the whole too; an ACK
+/// answers the handshake. It also refreshes when the client was last seen, but for its SYN
+/// again, which leaves the time of the first: the time the backend has had to answer. Returns
+/// whether the client had been silent for `FLOW_SEEN_GRANULARITY_NS` or more.
 #[inline(always)]
 fn note(flow: *mut FlowValue6, flags: u8, tcp_flags: u8) -> bool {
-    let bits = ended_by(conntrack::first_flags(tcp_flags), flags, FLOW_CLIENT_FIN);
-    // SAFETY: a live map value; a race between CPUs loses at most a refresh or a flag that the
-    // next packet sets (or clears) again.
+    note_end(
+        flow,
+        flags,
+        conntrack::first_flags(tcp_flags),
+        (FLOW_CLIENT_FIN, FLOW_BACKEND_FIN),
+    );
+    let awaiting = flags & FLOW_AWAITING_REPLY != 0;
+    if awaiting && tcp_flags & (TCP_SYN | TCP_ACK | TCP_RST) == TCP_ACK {
+        clear_flags(flow, FLOW_AWAITING_REPLY);
+    }
+    // SAFETY: a live map value; a race between CPUs loses at most a refresh.
     unsafe {
-        if bits != 0 && flags & bits != bits {
-            (*flow).flags |= bits;
-        }
-        let awaiting = flags & FLOW_AWAITING_REPLY != 0;
-        if awaiting && tcp_flags & (TCP_SYN | TCP_ACK | TCP_RST) == TCP_ACK {
-            (*flow).flags &= !FLOW_AWAITING_REPLY;
-        }
         let now = bpf_ktime_get_coarse_ns();
         let was_idle = now.wrapping_sub((*flow).last_seen_ns) >= FLOW_SEEN_GRANULARITY_NS;
         if was_idle && !(awaiting && tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN) {
@@ -142,18 +152,53 @@ fn note(flow: *mut FlowValue6, flags: u8, tcp_flags: u8) -> bool {
     }
 }
 
-/// The end flags a segment sets (`seen`: its `FLOW_CLOSING` and its side's FIN, `own_fin`) on a
-/// flow whose flags are `flags`: a FIN that closes the second half ends the flow too
-/// (`FLOW_CLOSING`, as `conntrack::note_end` for IPv4), so that a connection closed both ways
-/// is no longer live.
+/// Sets the end flags `seen` says (`FLOW_CLOSING`, or the sender's FIN, `own_fin`) in a flow
+/// whose flags were `flags`; a FIN that closes the second half (the other side's, `other_fin`,
+/// already set) ends the flow (`FLOW_CLOSING`), as `conntrack::note_end` does for IPv4. Atomic:
+/// the client's FIN (XDP) and the backend's (TC) may cross on two CPUs, and each must see the
+/// other's.
 #[inline(always)]
-fn ended_by(seen: u8, flags: u8, own_fin: u8) -> u8 {
-    let bits = seen & (FLOW_CLOSING | own_fin);
-    let both = FLOW_CLIENT_FIN | FLOW_BACKEND_FIN;
-    if bits & own_fin != 0 && (flags | own_fin) & both == both {
-        bits | FLOW_CLOSING
-    } else {
-        bits
+fn note_end(flow: *mut FlowValue6, flags: u8, seen: u8, (own_fin, other_fin): (u8, u8)) {
+    if seen & FLOW_CLOSING != 0 {
+        if flags & FLOW_CLOSING == 0 {
+            set_flags(flow, FLOW_CLOSING);
+        }
+    } else if seen & own_fin != 0
+        && flags & own_fin == 0
+        && set_flags(flow, own_fin) & other_fin != 0
+    {
+        set_flags(flow, FLOW_CLOSING);
+    }
+}
+
+/// Where the flags sit in a `FlowValue6`: a byte of the aligned 8-byte word at `FLAGS_WORD`.
+const FLAGS_WORD: usize = core::mem::offset_of!(FlowValue6, flags) & !7;
+const FLAGS_SHIFT: u32 = ((core::mem::offset_of!(FlowValue6, flags) - FLAGS_WORD) * 8) as u32;
+
+/// Sets `bits` in a flow's flags atomically (the word they share with the backend's id and
+/// port is or-ed with them alone); returns the flags before.
+#[inline(always)]
+fn set_flags(flow: *mut FlowValue6, bits: u8) -> u8 {
+    // SAFETY: a live map value, 8-aligned like every map value; the word lies within it.
+    let old = unsafe {
+        // AcqRel, not Relaxed: LLVM lowers a relaxed OR to the non-fetching BPF instruction.
+        atomic_or::<u64, u64, { AtomicOrdering::AcqRel }>(
+            flow.cast::<u8>().add(FLAGS_WORD).cast::<u64>(),
+            u64::from(bits) << FLAGS_SHIFT,
+        )
+    };
+    (old >> FLAGS_SHIFT) as u8
+}
+
+/// Clears `bits` in a flow's flags, atomically as `set_flags` sets them.
+#[inline(always)]
+fn clear_flags(flow: *mut FlowValue6, bits: u8) {
+    // SAFETY: as in `set_flags`.
+    unsafe {
+        atomic_and::<u64, u64, { AtomicOrdering::AcqRel }>(
+            flow.cast::<u8>().add(FLAGS_WORD).cast::<u64>(),
+            !(u64::from(bits) << FLAGS_SHIFT),
+        );
     }
 }
 
@@ -330,32 +375,27 @@ pub fn note_reply(key: &FlowKey6, reverse: &ReverseValue6, tcp_flags: u8) -> boo
     let Some(flow) = FLOWS6.get_ptr_mut(&flow_key) else {
         return false;
     };
-    // SAFETY: a live map value, as in `note`.
-    unsafe {
-        let flags = (*flow).flags;
-        if flags & FLOW_AWAITING_REPLY != 0 {
-            if tcp_flags & TCP_RST != 0 {
-                let _ = FLOWS6.remove(&flow_key);
-                let _ = REVERSE_FLOWS6.remove(key);
-                passive::failed(reverse.backend_id, PASSIVE_REFUSED);
-                return true;
-            }
-            if tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN | TCP_ACK {
-                (*flow).flags &= !FLOW_AWAITING_REPLY;
-                passive::answered(reverse.backend_id);
-            }
+    // SAFETY: a live map value, read for its flags.
+    let flags = unsafe { (*flow).flags };
+    if flags & FLOW_AWAITING_REPLY != 0 {
+        if tcp_flags & TCP_RST != 0 {
+            let _ = FLOWS6.remove(&flow_key);
+            let _ = REVERSE_FLOWS6.remove(key);
+            passive::failed(reverse.backend_id, PASSIVE_REFUSED);
+            return true;
         }
-        let seen = if tcp_flags & TCP_RST != 0 {
-            FLOW_CLOSING
-        } else if tcp_flags & TCP_FIN != 0 {
-            FLOW_BACKEND_FIN
-        } else {
-            0
-        };
-        let bits = ended_by(seen, flags, FLOW_BACKEND_FIN);
-        if bits != 0 && flags & bits != bits {
-            (*flow).flags |= bits;
+        if tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN | TCP_ACK {
+            clear_flags(flow, FLOW_AWAITING_REPLY);
+            passive::answered(reverse.backend_id);
         }
     }
+    let seen = if tcp_flags & TCP_RST != 0 {
+        FLOW_CLOSING
+    } else if tcp_flags & TCP_FIN != 0 {
+        FLOW_BACKEND_FIN
+    } else {
+        0
+    };
+    note_end(flow, flags, seen, (FLOW_BACKEND_FIN, FLOW_CLIENT_FIN));
     false
 }

@@ -836,3 +836,38 @@ fn ipv6_flows_end_on_fins_survive_a_bare_rst_and_get_their_reverse_entry_back() 
         );
     });
 }
+
+/// A flow that never ended (its ends were not seen) and a newer flow from the same client port
+/// to another service of the same backend share a reply 5-tuple: the newer one's SYN takes the
+/// reverse entry, and the older one's SYN again gives it back, so the backend's SYN-ACK leaves
+/// from the service that client reached (it left from the other's port, and the client reset
+/// it).
+#[test]
+fn a_syn_takes_its_reverse_entry_back_from_another_services_flow() {
+    with_node(|node| {
+        let backend = vec![backend6(0, BACKEND_PORT)];
+        for (name, port) in [("one6", 8088), ("two6", 8089)] {
+            node.table
+                .add_service(name, Proto::Tcp, port, None, &backend)
+                .unwrap();
+        }
+        node.apply();
+        let ingress = Some(node.ifindex);
+        let reply_key = lb_common::FlowKey6::new(
+            BACKENDS6[0],
+            CLIENT_IP6,
+            BACKEND_PORT.to_be(),
+            40300u16.to_be(),
+            lb_common::PROTO_TCP,
+        );
+        let held = |node: &Node| {
+            let reverse = node.maps.reverse_flows6.get(&reply_key, 0).unwrap();
+            u16::from_be(reverse.orig_port_be)
+        };
+        for port in [8088, 8089, 8088] {
+            let (action, _) = node.xdp(&client6(40300, port, "S"), ingress);
+            assert_eq!(action, XDP_TX);
+            assert_eq!(held(node), port);
+        }
+    });
+}
