@@ -340,28 +340,20 @@ pub fn format_mac(mac: [u8; 6]) -> String {
     mac.map(|b| format!("{b:02x}")).join(":")
 }
 
-/// Deletes the namespaces named `lbt-<pid>-*` whose process is gone
-/// (leftovers of test runs that were killed before their Drop ran) and
-/// returns how many it deleted. Namespaces of live processes, including
-/// this one, are left alone.
+/// Where lbctl pins each instance's maps and links, by namespace name (see
+/// [`Lbctl::pin_dir`](crate::Lbctl::pin_dir)).
+const LBCTL_PIN_ROOT: &str = "/sys/fs/bpf/lbctl";
+
+/// Deletes what test runs that were killed before their Drop ran left behind:
+/// the namespaces named `lbt-<pid>-*` whose process is gone, then the lbctl
+/// instances pinned for such namespaces (`lbctl purge`: their maps, links and
+/// state folder; a killed mesh test leaves about 400 MB of kernel memory per
+/// node). Returns how many namespaces and instances it removed. Those of live
+/// processes, including this one, are left alone.
 pub fn sweep_stale() -> Result<usize> {
-    let entries = match std::fs::read_dir(NETNS_RUN_DIR) {
-        Ok(entries) => entries,
-        // No namespace was ever created on this machine.
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
-        Err(e) => return Err(e).context(format!("cannot list {NETNS_RUN_DIR}")),
-    };
-    let mut stale = Vec::new();
-    for entry in entries {
-        let entry = entry.with_context(|| format!("cannot list {NETNS_RUN_DIR}"))?;
-        let name = entry.file_name().to_string_lossy().into_owned();
-        if let Some(pid) = owner_pid(&name)
-            && !process_alive(pid)
-        {
-            stale.push(name);
-        }
-    }
-    if !stale.is_empty() {
+    let stale = stale_names(NETNS_RUN_DIR)?;
+    let instances = stale_names(LBCTL_PIN_ROOT)?;
+    if !stale.is_empty() || !instances.is_empty() {
         require_root()?;
     }
     for name in &stale {
@@ -377,7 +369,33 @@ pub fn sweep_stale() -> Result<usize> {
         }
         run_checked(Command::new("ip").args(["netns", "del", name]))?;
     }
-    Ok(stale.len())
+    for name in &instances {
+        let lbctl = crate::lbctl_path()?;
+        run_checked(Command::new(lbctl).args(["--netns", name, "purge"]))?;
+    }
+    Ok(stale.len() + instances.len())
+}
+
+/// The entries of folder `dir` named for a harness process that is gone
+/// (`lbt-<pid>-*`, see [`owner_pid`]); none if the folder does not exist.
+fn stale_names(dir: &str) -> Result<Vec<String>> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        // Nothing of the kind was ever created on this machine.
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e).context(format!("cannot list {dir}")),
+    };
+    let mut stale = Vec::new();
+    for entry in entries {
+        let entry = entry.with_context(|| format!("cannot list {dir}"))?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if let Some(pid) = owner_pid(&name)
+            && !process_alive(pid)
+        {
+            stale.push(name);
+        }
+    }
+    Ok(stale)
 }
 
 /// The pid in a harness namespace name `lbt-<pid>-<counter>-<role>`, or
@@ -503,10 +521,11 @@ mod tests {
         }
     }
 
-    /// A namespace left by a dead process goes; this process's stay.
-    /// Needs root.
+    /// A namespace left by a dead process goes, and so does the lbctl
+    /// instance attached in it (pinned maps and state folder); this
+    /// process's stay. Needs root and the built lbctl.
     #[test]
-    fn sweep_stale_deletes_only_namespaces_of_dead_processes() {
+    fn sweep_stale_deletes_only_namespaces_and_instances_of_dead_processes() {
         let mine = NetNs::new("sweep").unwrap();
         // A pid that was alive a moment ago and is not any more.
         let mut child = Command::new("true").spawn().unwrap();
@@ -514,13 +533,34 @@ mod tests {
         child.wait().unwrap();
         let stale = format!("{PREFIX}-{dead_pid}-0-sweep");
         run_checked(Command::new("ip").args(["netns", "add", &stale])).unwrap();
+        run_checked(Command::new("ip").args([
+            "-n", &stale, "link", "add", "v0", "type", "veth", "peer", "name", "v1",
+        ]))
+        .unwrap();
+        run_checked(Command::new("ip").args(["-n", &stale, "link", "set", "v0", "up"])).unwrap();
+        let state_dir = std::env::temp_dir().join(format!("{PREFIX}-{dead_pid}-1-state"));
+        run_checked(Command::new(crate::lbctl_path().unwrap()).args([
+            "--netns",
+            &stale,
+            "--state-dir",
+            state_dir.to_str().unwrap(),
+            "attach",
+            "v0",
+            "--flow-capacity",
+            "4096",
+        ]))
+        .unwrap();
+        let pins = std::path::Path::new(LBCTL_PIN_ROOT).join(&stale);
+        assert!(pins.exists());
 
-        assert!(sweep_stale().unwrap() >= 1);
+        assert!(sweep_stale().unwrap() >= 2);
         let left: Vec<String> = std::fs::read_dir(NETNS_RUN_DIR)
             .unwrap()
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
             .collect();
         assert!(!left.contains(&stale), "{stale} survived: {left:?}");
         assert!(left.iter().any(|n| n == mine.name()), "{left:?}");
+        assert!(!pins.exists(), "{} survived", pins.display());
+        assert!(!state_dir.exists(), "{} survived", state_dir.display());
     }
 }

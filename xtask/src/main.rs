@@ -324,9 +324,9 @@ fn test(no_lint: bool, cargo_test_args: &[OsString]) -> Result<()> {
     step("build lbctl and the test binaries");
     build_binaries()?;
 
-    step("remove namespaces left by killed test runs");
+    step("remove namespaces and lbctl instances left by killed test runs");
     let swept = lb_tests::netns::sweep_stale()?;
-    println!("{swept} stale namespace(s) removed");
+    println!("{swept} stale namespace(s) and instance(s) removed");
 
     step("cargo test");
     let mut cmd = Command::new("cargo");
@@ -449,7 +449,7 @@ fn bench(bench_args: &[OsString]) -> Result<()> {
     )?;
     let swept = lb_tests::netns::sweep_stale()?;
     if swept > 0 {
-        println!("{swept} stale namespace(s) removed");
+        println!("{swept} stale namespace(s) and instance(s) removed");
     }
     step("cargo bench");
     let mut cmd = Command::new("cargo");
