@@ -475,7 +475,7 @@ fn supersede_tunnel(reverse_key: &FlowKey, flow: &FlowValue) {
 /// Removes `key` from `map` if it is there. Looked up first: a lookup is lock-free, a removal
 /// locks its bucket even when the key is absent, as it almost always is where this is called.
 #[inline(always)]
-pub fn remove_if_present<V>(map: &LruHashMap<FlowKey, V>, key: &FlowKey) {
+pub fn remove_if_present<K, V>(map: &LruHashMap<K, V>, key: &K) {
     // SAFETY: only presence is read.
     if unsafe { map.get(key) }.is_some() {
         let _ = map.remove(key);

@@ -42,16 +42,13 @@ pub fn service(vip: &Addr6, port_be: u16, proto: u8) -> Option<&'static ServiceV
 /// The IPv6 backend `backend_id`, with its address, if it may receive packets.
 #[inline(always)]
 fn active(backend_id: u32) -> Option<(u32, Backend, Addr6)> {
-    let backend = BACKENDS.get(backend_id)?;
-    if backend.flags & (BACKEND_ACTIVE | BACKEND_IPV6) != BACKEND_ACTIVE | BACKEND_IPV6 {
-        return None;
-    }
+    let backend = BACKENDS.get(backend_id).filter(|b| is_usable(b))?;
     Some((backend_id, *backend, *BACKEND_ADDRS6.get(backend_id)?))
 }
 
 /// The flow's entry when its backend is still the one it chose and in service, and the packet
-/// does not start a new connection on an ended one (its notes taken, `note`), with the underlay address of the node that
-/// hosts the backend (0: routed from here). `Err`: the flow must choose (again), counted as the
+/// does not start a new connection on an ended one (its notes taken, `note`), with the
+/// underlay address of the node that hosts the backend (0: routed from here). `Err`: the flow must choose (again), counted as the
 /// event given: a new flow, a flow whose backend went (`FlowReselected`), or the client's SYN
 /// again while its backend has not answered the first for `FLOW_UNANSWERED_NS`
 /// (`FlowUnanswered`: a failure of the backend's, `passive`; its late answer can no longer
@@ -224,8 +221,14 @@ pub fn choose(service: &ServiceValue, key: &FlowKey6, tcp_flags: u8, flow: &mut 
 fn usable(backend_id: u32) -> Option<u32> {
     BACKENDS
         .get(backend_id)
-        .filter(|b| b.flags & (BACKEND_ACTIVE | BACKEND_IPV6) == BACKEND_ACTIVE | BACKEND_IPV6)
+        .filter(|b| is_usable(b))
         .map(|_| backend_id)
+}
+
+/// Whether `backend` is an IPv6 one that may receive packets.
+#[inline(always)]
+fn is_usable(backend: &Backend) -> bool {
+    backend.flags & (BACKEND_ACTIVE | BACKEND_IPV6) == BACKEND_ACTIVE | BACKEND_IPV6
 }
 
 /// [`choose`] for a maglev service (`MAGLEV6`), ejected backends passed by. Each way in a frame
@@ -288,10 +291,7 @@ pub fn record(key: &FlowKey6, flow: &FlowValue6, event: Event) -> bool {
         return false;
     }
     // The converse of `remember_ingress_node`: replies follow the newest flow of their 5-tuple.
-    // SAFETY: only presence is read.
-    if unsafe { TUNNEL_REPLIES6.get(&reply_key) }.is_some() {
-        let _ = TUNNEL_REPLIES6.remove(&reply_key);
-    }
+    conntrack::remove_if_present(&TUNNEL_REPLIES6, &reply_key);
     count_event(event);
     true
 }

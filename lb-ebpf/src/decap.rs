@@ -1,8 +1,8 @@
 //! VXLAN decapsulation in XDP. Overlay packets are accepted only from known nodes, with this
 //! node's VNI; an inner IPv6 frame goes on to the IPv6 program (`ingress6`); an inner IPv4 frame
-//! is then either a backend's reply coming back to the node its
-//! flow came in on (reverse-NATed and sent to the client) or a client's packet for a backend
-//! on this node (delivered, and remembered so that TC encapsulates the replies back).
+//! is then either a backend's reply coming back to the node its flow came in on (reverse-NATed
+//! and sent to the client) or a client's packet for a backend on this node (delivered, and
+//! remembered so that TC encapsulates the replies back).
 use aya_ebpf::{
     bindings::{BPF_ANY, xdp_action},
     helpers::generated::bpf_xdp_adjust_head,
@@ -133,8 +133,8 @@ pub fn xdp_from_node(
 
 /// Hands a decapsulated IPv6 frame from the node `node_ip_be` to the IPv6 decapsulation
 /// program (`lb_xdp6_decap`: `ingress6::try_xdp_from_node`), which handles it as this module
-/// does an IPv4 one; the node goes through `DECAPSULATED_FROM`. Returns only if the tail call failed (no IPv6 program): then
-/// the frame is dropped.
+/// does an IPv4 one; the node goes through `DECAPSULATED_FROM`. Returns only if the tail call
+/// failed (no IPv6 program): then the frame is dropped.
 #[inline(always)]
 fn to_ipv6_program(ctx: &XdpContext, node_ip_be: u32) -> Result<(u32, Reason), Reason> {
     let Some(from) = DECAPSULATED_FROM.get_ptr_mut(0) else {
@@ -208,9 +208,6 @@ pub fn remember_tunnel<K, V>(
         // A full LRU evicts; an error leaves the reply to plain routing, nothing worse.
         let _ = tunnels.insert(reply_key, &tunnel, u64::from(BPF_ANY));
         // Absent in all but the port-reuse case above.
-        // SAFETY: only presence is read.
-        if unsafe { reverse.get(reply_key) }.is_some() {
-            let _ = reverse.remove(reply_key);
-        }
+        conntrack::remove_if_present(reverse, reply_key);
     }
 }

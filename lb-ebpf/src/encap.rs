@@ -330,7 +330,12 @@ pub fn xdp_to_node(
     // The inner packet is routed by this node (the caller made sure its TTL is above 1).
     forward::decrement_ttl(ctx.data(), ctx.data_end()).ok_or(Reason::PassTruncated)?;
     let encap = headers(mesh, node_ip_be, hop, src_port, inner_len, ETH_P_IP_BE);
-    xdp_push(ctx, encap, &egress, reason)
+    let Some(at) = make_room(ctx) else {
+        return drop(Reason::DropEncapNoRoute);
+    };
+    // SAFETY: bounds checked by `make_room`; packet data need not be aligned.
+    unsafe { ptr::write_unaligned(at, encap) };
+    Ok((forward::send(ctx, &egress), reason))
 }
 
 /// This node's overlay settings, and the frame's length and its outer IPv4 length once
@@ -344,23 +349,15 @@ fn xdp_lengths(ctx: &XdpContext) -> Result<(&'static MeshConfig, usize, u16), Re
     Ok((mesh, inner_len, outer_len))
 }
 
-/// Puts `encap` in front of the frame and sends it by `egress`, counted as `reason`.
+/// Room in front of the frame for the encapsulation's headers, bounds checked; `None` if the
+/// driver has no headroom for them.
 #[inline(always)]
-fn xdp_push(
-    ctx: &XdpContext,
-    encap: EncapHeaders,
-    egress: &Egress,
-    reason: Reason,
-) -> Result<(u32, Reason), Reason> {
-    // SAFETY: the helper only moves ctx->data; every pointer is re-derived below.
+fn make_room(ctx: &XdpContext) -> Option<*mut EncapHeaders> {
+    // SAFETY: the helper only moves ctx->data; the pointer is derived after it.
     if unsafe { bpf_xdp_adjust_head(ctx.ctx.cast(), -(VXLAN_OVERHEAD as i32)) } != 0 {
-        return Ok((xdp_action::XDP_DROP, Reason::DropEncapNoRoute));
+        return None;
     }
-    let at: *mut EncapHeaders =
-        ptr_at(ctx.data(), ctx.data_end(), 0).ok_or(Reason::PassTruncated)?;
-    // SAFETY: bounds checked by ptr_at; packet data need not be aligned.
-    unsafe { ptr::write_unaligned(at, encap) };
-    Ok((forward::send(ctx, egress), reason))
+    ptr_at(ctx.data(), ctx.data_end(), 0)
 }
 
 /// The largest transport offset `lb_xdp6_encap` takes from `lb_xdp6`: Ethernet, IPv6 and four
@@ -463,11 +460,7 @@ pub fn xdp6_from_handoff(ctx: &XdpContext) -> (u32, Reason) {
     };
     // SAFETY: bounds checked by ptr_at (`lb_xdp6` made sure the hop limit is above 1).
     unsafe { *hop_limit = (*hop_limit).saturating_sub(1) };
-    // SAFETY: the helper only moves ctx->data; every pointer is re-derived below.
-    if unsafe { bpf_xdp_adjust_head(ctx.ctx.cast(), -(VXLAN_OVERHEAD as i32)) } != 0 {
-        return drop(Reason::DropEncapNoRoute);
-    }
-    let Some(at) = ptr_at::<EncapHeaders>(ctx.data(), ctx.data_end(), 0) else {
+    let Some(at) = make_room(ctx) else {
         return drop(Reason::DropEncapNoRoute);
     };
     write_headers(

@@ -1,7 +1,7 @@
 //! MSS clamping of the TCP connections that cross the mesh. A SYN or SYN-ACK encapsulated to
 //! another node announces at most the segment that fits the tunnel (underlay MTU − 50 bytes of
-//! encapsulation − 40 of IPv4 and TCP headers, 60 of IPv6 and TCP), as `iptables -j TCPMSS --clamp-mss-to-pmtu`
-//! does for tunnels. Without it, a task whose link has the underlay's MTU (a plain veth at
+//! encapsulation − 40 of IPv4 and TCP headers, 60 of IPv6 and TCP), as
+//! `iptables -j TCPMSS --clamp-mss-to-pmtu` does for tunnels. Without it, a task whose link has the underlay's MTU (a plain veth at
 //! 1500) sends full-size segments that cannot be encapsulated, and TC, which cannot answer them
 //! with an ICMP error, drops them: a download would hang. Clients learn the same limit from the
 //! task's SYN-ACK, before their first large segment, instead of from a "fragmentation needed".
