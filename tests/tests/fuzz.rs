@@ -1300,65 +1300,6 @@ fn add_ipv6_services(node: &mut Node) {
     node.apply();
 }
 
-/// An IPv6 TCP frame; `flags` as `dataplane::tcp` takes them; `mss`: a SYN's MSS option.
-fn tcp6(
-    macs: ([u8; 6], [u8; 6]),
-    src: ([u8; 16], u16),
-    dst: ([u8; 16], u16),
-    hop_limit: u8,
-    (flags, mss): (&str, Option<u16>),
-    payload: &[u8],
-) -> Vec<u8> {
-    let builder = PacketBuilder::ethernet2(macs.0, macs.1)
-        .ipv6(src.0, dst.0, hop_limit)
-        .tcp(src.1, dst.1, 1000, 64240);
-    let builder = match flags {
-        "S" => builder.syn(),
-        "SA" => builder.syn().ack(1001),
-        "A" => builder.ack(1),
-        "PA" => builder.psh().ack(1),
-        "FA" => builder.fin().ack(1),
-        other => panic!("unknown flags {other}"),
-    };
-    let builder = match mss {
-        Some(mss) => builder
-            .options(&[etherparse::TcpOptionElement::MaximumSegmentSize(mss)])
-            .unwrap(),
-        None => builder,
-    };
-    let mut frame = Vec::new();
-    builder.write(&mut frame, payload).unwrap();
-    frame
-}
-
-fn udp6(
-    macs: ([u8; 6], [u8; 6]),
-    src: ([u8; 16], u16),
-    dst: ([u8; 16], u16),
-    hop_limit: u8,
-    payload: &[u8],
-) -> Vec<u8> {
-    let mut frame = Vec::new();
-    PacketBuilder::ethernet2(macs.0, macs.1)
-        .ipv6(src.0, dst.0, hop_limit)
-        .udp(src.1, dst.1)
-        .write(&mut frame, payload)
-        .unwrap();
-    frame
-}
-
-/// The IPv6 client's TCP frame without payload to the node's `service_port`.
-fn client6(port: u16, service_port: u16, flags: &str) -> Vec<u8> {
-    tcp6(
-        (CLIENT_MAC, INGRESS_MAC),
-        (CLIENT_IP6, port),
-        (NODE_IP6, service_port),
-        64,
-        (flags, None),
-        b"",
-    )
-}
-
 /// `frame` (IPv6, no extension header) with an extension header of `kind` (8 bytes: the next
 /// header, length 0, then `body`) after the IPv6 header; or before the first one it has.
 fn with_extension(frame: &[u8], kind: u8, body: [u8; 6]) -> Vec<u8> {

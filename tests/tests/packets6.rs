@@ -36,55 +36,15 @@ fn with_ipv6_services(node: &mut Node) {
     node.apply();
 }
 
-/// An IPv6 TCP frame; `flags` as `dataplane::tcp` takes them.
-fn tcp6(
+/// An IPv6 TCP frame without payload or options; `flags` as `dataplane::with_flags` takes them.
+fn segment6(
     macs: ([u8; 6], [u8; 6]),
     src: ([u8; 16], u16),
     dst: ([u8; 16], u16),
     hop_limit: u8,
     flags: &str,
 ) -> Vec<u8> {
-    let builder = PacketBuilder::ethernet2(macs.0, macs.1)
-        .ipv6(src.0, dst.0, hop_limit)
-        .tcp(src.1, dst.1, 1000, 64240);
-    let builder = match flags {
-        "S" => builder.syn(),
-        "SA" => builder.syn().ack(1001),
-        "A" => builder.ack(1),
-        "FA" => builder.fin().ack(1),
-        "R" => builder.rst(),
-        other => panic!("unknown flags {other}"),
-    };
-    let mut frame = Vec::new();
-    builder.write(&mut frame, b"").unwrap();
-    frame
-}
-
-fn udp6(
-    macs: ([u8; 6], [u8; 6]),
-    src: ([u8; 16], u16),
-    dst: ([u8; 16], u16),
-    hop_limit: u8,
-    payload: &[u8],
-) -> Vec<u8> {
-    let mut frame = Vec::new();
-    PacketBuilder::ethernet2(macs.0, macs.1)
-        .ipv6(src.0, dst.0, hop_limit)
-        .udp(src.1, dst.1)
-        .write(&mut frame, payload)
-        .unwrap();
-    frame
-}
-
-/// The client's TCP frame to the node's `port`.
-fn client6(port: u16, service_port: u16, flags: &str) -> Vec<u8> {
-    tcp6(
-        (CLIENT_MAC, INGRESS_MAC),
-        (CLIENT_IP6, port),
-        (NODE_IP6, service_port),
-        64,
-        flags,
-    )
+    tcp6(macs, src, dst, hop_limit, (flags, None), b"")
 }
 
 /// Checks the TCP or UDP checksum of an IPv6 frame by recomputing it.
@@ -140,7 +100,7 @@ fn ipv6_flows_are_balanced_and_their_replies_reverse_nated() {
         for (port, i) in [(40000, 0), (40001, 1), (40002, 0)] {
             let (action, out) = node.xdp(&client6(port, WEB6_PORT, "S"), ingress);
             assert_eq!(action, XDP_TX, "port {port}");
-            let expected = tcp6(
+            let expected = segment6(
                 (node.mac, backend_mac(i as u8)),
                 (CLIENT_IP6, port),
                 (BACKENDS6[i], BACKEND_PORT),
@@ -158,7 +118,7 @@ fn ipv6_flows_are_balanced_and_their_replies_reverse_nated() {
         // The flow's next packet goes where its SYN went.
         let (action, out) = node.xdp(&client6(40001, WEB6_PORT, "A"), ingress);
         assert_eq!(action, XDP_TX);
-        let expected = tcp6(
+        let expected = segment6(
             (node.mac, backend_mac(1)),
             (CLIENT_IP6, 40001),
             (BACKENDS6[1], BACKEND_PORT),
@@ -169,7 +129,7 @@ fn ipv6_flows_are_balanced_and_their_replies_reverse_nated() {
 
         // The reply, through XDP and through TC.
         let reply = |macs| {
-            tcp6(
+            segment6(
                 macs,
                 (BACKENDS6[1], BACKEND_PORT),
                 (CLIENT_IP6, 40001),
@@ -179,7 +139,7 @@ fn ipv6_flows_are_balanced_and_their_replies_reverse_nated() {
         };
         let (action, out) = node.xdp(&reply((backend_mac(1), INGRESS_MAC)), ingress);
         assert_eq!(action, XDP_TX);
-        let to_client = tcp6(
+        let to_client = segment6(
             (node.mac, CLIENT_MAC),
             (NODE_IP6, WEB6_PORT),
             (CLIENT_IP6, 40001),
@@ -192,7 +152,7 @@ fn ipv6_flows_are_balanced_and_their_replies_reverse_nated() {
         let routed = reply((node.mac, CLIENT_MAC));
         let (action, out) = node.tc_on(&routed, ingress);
         assert_eq!(action, TC_ACT_UNSPEC);
-        let expected = tcp6(
+        let expected = segment6(
             (node.mac, CLIENT_MAC),
             (NODE_IP6, WEB6_PORT),
             (CLIENT_IP6, 40001),
@@ -259,7 +219,7 @@ fn a_client_without_backends_of_its_family_is_dropped_and_other_ipv6_passes() {
 
         let mut elsewhere = NODE_IP6;
         elsewhere[15] = 0x99;
-        let other_host = tcp6(
+        let other_host = segment6(
             (CLIENT_MAC, INGRESS_MAC),
             (CLIENT_IP6, 40000),
             (elsewhere, WEB6_PORT),
@@ -303,7 +263,7 @@ fn a_client_without_backends_of_its_family_is_dropped_and_other_ipv6_passes() {
         // dropped, counted, no flow (IPv6 flows are not given the node's address yet).
         let mut neighbour = BACKENDS6[0];
         neighbour[15] = 0x99;
-        let hairpin = tcp6(
+        let hairpin = segment6(
             (CLIENT_MAC, INGRESS_MAC),
             (neighbour, 40000),
             (NODE_IP6, WEB6_PORT),
@@ -405,22 +365,7 @@ fn syn6_with_mss(
     flags: &str,
     mss: u16,
 ) -> Vec<u8> {
-    let builder = PacketBuilder::ethernet2(macs.0, macs.1)
-        .ipv6(src.0, dst.0, hop_limit)
-        .tcp(src.1, dst.1, 1000, 64240)
-        .syn();
-    let builder = if flags == "SA" {
-        builder.ack(1001)
-    } else {
-        builder
-    };
-    let mut frame = Vec::new();
-    builder
-        .options(&[etherparse::TcpOptionElement::MaximumSegmentSize(mss)])
-        .unwrap()
-        .write(&mut frame, b"")
-        .unwrap();
-    frame
+    tcp6(macs, src, dst, hop_limit, (flags, Some(mss)), b"")
 }
 
 /// The outer UDP source port of an encapsulated frame, its outer IPv4 header and inner IPv6
@@ -468,7 +413,7 @@ fn an_ipv6_flow_to_a_backend_on_another_node_is_encapsulated_over_the_ipv4_under
         let (action, out) = node.xdp(&ack, ingress);
         assert_eq!(action, XDP_TX);
         assert_eq!(encap_source_port6(&out), port, "a flow keeps its port");
-        let inner = tcp6(
+        let inner = segment6(
             (node.mac, N2_MAC),
             (CLIENT_IP6, 40000),
             (REMOTE6, BACKEND_PORT),
@@ -499,7 +444,7 @@ fn ipv6_inside_vxlan_is_delivered_and_its_replies_go_back_through_the_tunnel() {
         with_ipv6_mesh_services(node);
         let ingress = Some(node.ifindex);
         let syn = |dst: [u8; 16]| {
-            tcp6(
+            segment6(
                 (N2_MAC, INGRESS_MAC),
                 (CLIENT_IP6, 40000),
                 (dst, BACKEND_PORT),
@@ -512,7 +457,7 @@ fn ipv6_inside_vxlan_is_delivered_and_its_replies_go_back_through_the_tunnel() {
             action, XDP_TX,
             "the backend is out of the receiving interface"
         );
-        let expected = tcp6(
+        let expected = segment6(
             (node.mac, [0x02, 0, 0, 0, 0, 0x06]),
             (CLIENT_IP6, 40000),
             (BACKENDS6[0], BACKEND_PORT),
@@ -579,7 +524,7 @@ fn an_ipv6_reply_from_the_backends_node_is_reverse_nated_to_the_client() {
         let ingress = Some(node.ifindex);
         let (action, _) = node.xdp(&client6(40000, MESH6_PORT, "S"), ingress);
         assert_eq!(action, XDP_TX);
-        let reply = tcp6(
+        let reply = segment6(
             (N2_MAC, INGRESS_MAC),
             (REMOTE6, BACKEND_PORT),
             (CLIENT_IP6, 40000),
@@ -599,7 +544,7 @@ fn an_ipv6_reply_from_the_backends_node_is_reverse_nated_to_the_client() {
             action, XDP_TX,
             "the client is out of the receiving interface"
         );
-        let expected = tcp6(
+        let expected = segment6(
             (node.mac, CLIENT_MAC),
             (NODE_IP6, MESH6_PORT),
             (CLIENT_IP6, 40000),
@@ -640,7 +585,7 @@ fn ipv6_backends_that_refuse_or_leave_syns_unanswered_fail_and_are_ejected() {
             let backend = backend_of(&out);
             let refused = backend == dead && refuses;
             let flags = if refused { "R" } else { "SA" };
-            let reply = tcp6(
+            let reply = segment6(
                 (node.mac, CLIENT_MAC),
                 (BACKENDS6[backend], BACKEND_PORT),
                 (CLIENT_IP6, port),
@@ -740,7 +685,7 @@ fn icmpv6_errors_about_forwarded_packets_are_translated_for_their_client() {
         assert_eq!(action, XDP_TX);
         let backend = BACKENDS6[backend_of(&out)];
         let forwarded = out[14..].to_vec();
-        let sent = tcp6(
+        let sent = segment6(
             (CLIENT_MAC, INGRESS_MAC),
             (CLIENT_IP6, 40000),
             (NODE_IP6, WEB6_PORT),
@@ -760,7 +705,7 @@ fn icmpv6_errors_about_forwarded_packets_are_translated_for_their_client() {
         assert_eq!(out, too_big6(macs, NODE_IP6, &sent[14..]));
         assert_eq!(node.reason(Reason::IcmpEgress), 2);
         // About a packet of no flow.
-        let stray = tcp6(
+        let stray = segment6(
             (node.mac, [0x02, 0, 0, 0, 0, 0x06]),
             (CLIENT_IP6, 40009),
             (backend, BACKEND_PORT),
@@ -797,7 +742,7 @@ fn ipv6_flows_end_on_fins_survive_a_bare_rst_and_get_their_reverse_entry_back() 
         let backend = BACKENDS6[backend_of(&out)];
         assert_eq!(live(node), 1);
         node.xdp(&client6(40100, WEB6_PORT, "FA"), ingress);
-        let fin = tcp6(
+        let fin = segment6(
             (node.mac, CLIENT_MAC),
             (backend, BACKEND_PORT),
             (CLIENT_IP6, 40100),

@@ -398,7 +398,7 @@ impl Node {
     }
 }
 
-/// A TCP frame. `flags` is "S" (SYN), "A" (ACK) or "PA" (data).
+/// A TCP frame; `flags` as [`with_flags`] takes them.
 #[allow(clippy::too_many_arguments)]
 pub fn tcp(
     macs: ([u8; 6], [u8; 6]),
@@ -411,7 +411,19 @@ pub fn tcp(
     let builder = PacketBuilder::ethernet2(macs.0, macs.1)
         .ipv4(src.0, dst.0, ttl)
         .tcp(src.1, dst.1, 1000, 64240);
-    let builder = match flags {
+    let mut frame = Vec::new();
+    with_flags(builder, flags)
+        .write(&mut frame, payload)
+        .unwrap();
+    frame
+}
+
+/// `builder`'s segment with the TCP flags `flags`: "S", "SA", "A", "PA", "FA", "R" or "RA".
+fn with_flags(
+    builder: etherparse::PacketBuilderStep<etherparse::TcpHeader>,
+    flags: &str,
+) -> etherparse::PacketBuilderStep<etherparse::TcpHeader> {
+    match flags {
         "S" => builder.syn(),
         "SA" => builder.syn().ack(1001),
         "A" => builder.ack(1),
@@ -420,10 +432,7 @@ pub fn tcp(
         "R" => builder.rst(),
         "RA" => builder.rst().ack(1),
         other => panic!("unknown flags {other}"),
-    };
-    let mut frame = Vec::new();
-    builder.write(&mut frame, payload).unwrap();
-    frame
+    }
 }
 
 pub fn udp(
@@ -665,5 +674,58 @@ pub fn client_query(port: u16) -> Vec<u8> {
         (NODE_IP, DNS_PORT),
         64,
         b"query",
+    )
+}
+
+/// An IPv6 TCP frame; `flags` as [`with_flags`] takes them; `mss`: a SYN's MSS option.
+pub fn tcp6(
+    macs: ([u8; 6], [u8; 6]),
+    src: ([u8; 16], u16),
+    dst: ([u8; 16], u16),
+    hop_limit: u8,
+    (flags, mss): (&str, Option<u16>),
+    payload: &[u8],
+) -> Vec<u8> {
+    let builder = PacketBuilder::ethernet2(macs.0, macs.1)
+        .ipv6(src.0, dst.0, hop_limit)
+        .tcp(src.1, dst.1, 1000, 64240);
+    let builder = with_flags(builder, flags);
+    let builder = match mss {
+        Some(mss) => builder
+            .options(&[etherparse::TcpOptionElement::MaximumSegmentSize(mss)])
+            .unwrap(),
+        None => builder,
+    };
+    let mut frame = Vec::new();
+    builder.write(&mut frame, payload).unwrap();
+    frame
+}
+
+/// An IPv6 UDP frame.
+pub fn udp6(
+    macs: ([u8; 6], [u8; 6]),
+    src: ([u8; 16], u16),
+    dst: ([u8; 16], u16),
+    hop_limit: u8,
+    payload: &[u8],
+) -> Vec<u8> {
+    let mut frame = Vec::new();
+    PacketBuilder::ethernet2(macs.0, macs.1)
+        .ipv6(src.0, dst.0, hop_limit)
+        .udp(src.1, dst.1)
+        .write(&mut frame, payload)
+        .unwrap();
+    frame
+}
+
+/// The IPv6 client's TCP frame without payload to the node's `service_port`.
+pub fn client6(port: u16, service_port: u16, flags: &str) -> Vec<u8> {
+    tcp6(
+        (CLIENT_MAC, INGRESS_MAC),
+        (CLIENT_IP6, port),
+        (NODE_IP6, service_port),
+        64,
+        (flags, None),
+        b"",
     )
 }
