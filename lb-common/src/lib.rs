@@ -31,8 +31,34 @@ pub const DEFAULT_VXLAN_PORT: u16 = 4789;
 /// VXLAN (8) and the inner Ethernet header (14). An overlay MTU of underlay MTU − 50 (1450 on a
 /// 1500 underlay, as Swarm uses) keeps every encapsulated packet within the underlay MTU.
 pub const VXLAN_OVERHEAD: u32 = 50;
+/// Bytes VXLAN over an IPv6 underlay adds: outer IPv6 (40), UDP (8), VXLAN (8) and the inner
+/// Ethernet header (14).
+pub const VXLAN6_OVERHEAD: u32 = 70;
 /// Most nodes one instance knows (entries of `NODES`).
 pub const MAX_NODES: u32 = 4096;
+
+/// Whether a node key (`Backend::node_ip_be`, `TunnelValue`, `NODES`...) names a node of an
+/// IPv6 underlay rather than an IPv4 node's address. Every table keeps a node as 32 bits: an
+/// IPv4 node by its address, an IPv6 one by a key in 0.0.0.0/8 ([`ipv6_node_key`]), a block no
+/// underlay address comes from (RFC 1122: "this network"); `NODE_ADDRS6` gives its address.
+#[inline(always)]
+pub fn is_ipv6_node_key(node_ip_be: u32) -> bool {
+    node_ip_be != 0 && node_ip_be.to_ne_bytes()[0] == 0
+}
+
+/// The key of an IPv6 underlay node (see [`is_ipv6_node_key`]): 0 then 24 bits of an FNV-1a
+/// hash of its address, never 0.0.0.0, the same on every node. Two nodes of one mesh with the
+/// same key cannot both be served: the node table refuses the second.
+pub fn ipv6_node_key(addr: &[u8; 16]) -> u32 {
+    let mut hash: u32 = 0x811c_9dc5;
+    for byte in addr {
+        hash = (hash ^ u32::from(*byte)).wrapping_mul(0x0100_0193);
+    }
+    let folded = (hash >> 24) ^ (hash & 0x00ff_ffff);
+    let low = if folded == 0 { 1 } else { folded };
+    let bytes = low.to_be_bytes();
+    u32::from_ne_bytes([0, bytes[1], bytes[2], bytes[3]])
+}
 
 /// IANA protocol numbers, as they appear in the IPv4 header.
 pub const PROTO_TCP: u8 = 6;
@@ -944,6 +970,13 @@ pub mod map_names {
     pub const LOCAL_BACKENDS6: &str = "LOCAL_BACKENDS6";
     pub const TUNNEL_REPLIES6: &str = "TUNNEL_REPLIES6";
     pub const DECAPSULATED_FROM: &str = "DECAPSULATED_FROM";
+    /// An IPv6 underlay: node address → key, key → address, and this node's own address.
+    pub const NODES6: &str = "NODES6";
+    pub const NODE_ADDRS6: &str = "NODE_ADDRS6";
+    pub const MESH6: &str = "MESH6";
+    /// The decapsulation program of VXLAN over IPv6 (`lb_xdp6_overlay`), which `lb_xdp6`
+    /// tail-calls.
+    pub const OVERLAY6_PROGRAM: &str = "OVERLAY6_PROGRAM";
     /// The IPv6 programs the IPv4 ones tail-call, one map per program type (a program array
     /// takes programs of one type). Pinned like the others: the kernel empties a program array
     /// when no process or pin holds it any more, even while a program still tail-calls through
@@ -996,6 +1029,10 @@ pub mod map_names {
         LOCAL_BACKENDS6,
         TUNNEL_REPLIES6,
         DECAPSULATED_FROM,
+        NODES6,
+        NODE_ADDRS6,
+        MESH6,
+        OVERLAY6_PROGRAM,
         IPV6_XDP_PROGRAM,
         IPV6_TC_PROGRAM,
         IPV6_ENCAP_PROGRAM,
@@ -1016,6 +1053,8 @@ pub mod program_names {
     pub const XDP_ENCAP6: &str = "lb_xdp6_encap";
     /// What `lb_xdp` decapsulated when it is IPv6, tail-called by it.
     pub const XDP_DECAP6: &str = "lb_xdp6_decap";
+    /// VXLAN over an IPv6 underlay, decapsulated, tail-called by `lb_xdp6`.
+    pub const XDP_OVERLAY6: &str = "lb_xdp6_overlay";
     /// ICMPv6 errors translated for their clients, tail-called by `lb_tc_egress6`.
     pub const TC_ICMP6: &str = "lb_tc_icmp6";
     pub const TC_INGRESS: &str = "lb_tc_ingress";
@@ -1063,6 +1102,25 @@ mod pod {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ipv6_node_keys_are_in_this_network_and_spread() {
+        extern crate std;
+        let mut seen = std::collections::HashSet::new();
+        for i in 0..4096u32 {
+            let mut addr = [0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+            addr[14..].copy_from_slice(&(i as u16).to_be_bytes());
+            let key = ipv6_node_key(&addr);
+            assert!(is_ipv6_node_key(key), "{key:#x}");
+            assert_eq!(key, ipv6_node_key(&addr), "deterministic");
+            seen.insert(key);
+        }
+        // 4,096 addresses in 2^24 keys: a collision or two is possible, not more.
+        assert!(seen.len() >= 4090, "{}", seen.len());
+        let ipv4_node = u32::from_ne_bytes([10, 0, 0, 1]);
+        assert!(!is_ipv6_node_key(ipv4_node));
+        assert!(!is_ipv6_node_key(0));
+    }
 
     #[test]
     fn reasons_fill_their_slots_in_order() {

@@ -140,6 +140,26 @@ pub static TUNNEL_REPLIES6: LruHashMap<FlowKey6, TunnelValue> =
 #[map]
 pub static DECAPSULATED_FROM: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);
 
+/// An IPv6 underlay's nodes VXLAN packets are accepted from: address → the node's key
+/// (`lb_common::ipv6_node_key`), what every other table names the node by. As `NODES`.
+#[map]
+pub static NODES6: HashMap<Addr6, u32> = HashMap::with_max_entries(MAX_NODES, 0);
+
+/// An IPv6 underlay's nodes by key → address: where encapsulation sends a node's packets.
+#[map]
+pub static NODE_ADDRS6: HashMap<u32, Addr6> = HashMap::with_max_entries(MAX_NODES, 0);
+
+/// This node's own address on an IPv6 underlay, in slot 0 (all zero on an IPv4 underlay; then
+/// `MeshConfig::local_ip_be` is the address, and otherwise this node's key).
+#[map]
+pub static MESH6: Array<Addr6> = Array::with_max_entries(1, 0);
+
+/// The decapsulation program of VXLAN over IPv6 (`lb_xdp6_overlay`, slot 0), which `lb_xdp6`
+/// tail-calls for a packet to this node's overlay port on its IPv6 underlay address. Pinned,
+/// as `IPV6_XDP_PROGRAM`.
+#[map]
+pub static OVERLAY6_PROGRAM: ProgramArray = ProgramArray::with_max_entries(1, 0);
+
 /// Hairpin flows (`FLOW_SNAT`): client → service 5-tuple → the source address and port its
 /// packets get towards the backend (`snat`). Their replies come back to that address and port,
 /// and `REVERSE_FLOWS` holds the client for them. LRU: an evicted entry makes its flow choose
