@@ -1,5 +1,6 @@
-//! VXLAN decapsulation in XDP. Overlay packets are accepted only from known nodes, with this
-//! node's VNI; an inner IPv6 frame goes on to the IPv6 program (`ingress6`); an inner IPv4 frame
+//! VXLAN decapsulation in XDP, over an IPv4 underlay (in `lb_xdp`) or an IPv6 one (in
+//! `lb_xdp6_overlay`). Overlay packets are accepted only from known nodes, with this node's
+//! VNI; an inner IPv6 frame goes on to the IPv6 program (`ingress6`); an inner IPv4 frame
 //! is then either a backend's reply coming back to the node its flow came in on (reverse-NATed
 //! and sent to the client) or a client's packet for a backend on this node (delivered, and
 //! remembered so that TC encapsulates the replies back).
@@ -9,16 +10,16 @@ use aya_ebpf::{
     maps::LruHashMap,
     programs::XdpContext,
 };
-use lb_common::{FlowKey, LocalBackendKey, MeshConfig, PROTO_UDP, Reason, TunnelValue};
+use lb_common::{FlowKey, FlowKey6, LocalBackendKey, MeshConfig, PROTO_UDP, Reason, TunnelValue};
 use network_types::{eth::EthHdr, udp::UdpHdr};
 
 use crate::{
     conntrack,
-    encap::{VXLAN_FLAG_VNI, VxlanHdr},
+    encap::{self, VXLAN_FLAG_VNI, VxlanHdr},
     forward, frag, icmp,
     maps::{
-        BACKENDS, DECAPSULATED_FROM, IPV6_DECAP_PROGRAM, LOCAL_BACKENDS, NODES, REVERSE_FLOWS,
-        TUNNEL_REPLIES,
+        BACKENDS, DECAPSULATED_FROM, IPV6_DECAP_PROGRAM, LOCAL_BACKENDS, MESH6, NODES, NODES6,
+        REVERSE_FLOWS, TUNNEL_REPLIES,
     },
     parse::{self, Packet, ptr_at},
     parse6, reply,
@@ -40,10 +41,55 @@ pub fn xdp_from_node(
     outer: &Packet,
     mesh: &MeshConfig,
 ) -> Result<(u32, Reason), Reason> {
-    let drop = |reason| Ok((xdp_action::XDP_DROP, reason));
-    let (data, data_end) = (ctx.data(), ctx.data_end());
     let vxlan_off = outer.l4_off + UdpHdr::LEN;
-    let Some(vxlan) = ptr_at::<VxlanHdr>(data, data_end, vxlan_off) else {
+    if let Some(outcome) = check_vxlan(ctx, vxlan_off, mesh) {
+        return outcome;
+    }
+    // SAFETY: NODES is a set written by userspace; only presence is read.
+    if unsafe { NODES.get(&outer.src_ip_be) }.is_none() {
+        return Ok((xdp_action::XDP_DROP, Reason::DropVxlanUnknownSource));
+    }
+    from_node(ctx, vxlan_off, mesh, outer.src_ip_be)
+}
+
+/// VXLAN over an IPv6 underlay (`lb_xdp6_overlay`, tail-called by `lb_xdp6` for a UDP packet
+/// to this node's IPv6 underlay address and overlay port), as [`xdp_from_node`]: from a node
+/// of `NODES6`, known from then on by its key.
+#[inline(always)]
+pub fn xdp_from_node6(ctx: &XdpContext) -> Result<(u32, Reason), Reason> {
+    let drop = |reason| Ok((xdp_action::XDP_DROP, reason));
+    let Some(mesh) = encap::mesh() else {
+        return drop(Reason::DropMeshUnconfigured);
+    };
+    let mut key = FlowKey6::default();
+    let (data, data_end) = (ctx.data(), ctx.data_end());
+    let Ok(outer) = parse6::parse6(data, data_end, data_end - data, &mut key) else {
+        return drop(Reason::DropVxlanMalformed);
+    };
+    if outer.proto != PROTO_UDP || outer.dst_port_be != mesh.vxlan_port_be {
+        return drop(Reason::DropVxlanMalformed);
+    }
+    let vxlan_off = outer.l4_off + UdpHdr::LEN;
+    if let Some(outcome) = check_vxlan(ctx, vxlan_off, mesh) {
+        return outcome;
+    }
+    // SAFETY: copied out at once.
+    let Some(node_ip_be) = unsafe { NODES6.get(&key.src) }.copied() else {
+        return drop(Reason::DropVxlanUnknownSource);
+    };
+    from_node(ctx, vxlan_off, mesh, node_ip_be)
+}
+
+/// The VXLAN header at `vxlan_off`: `None` if it carries this node's VNI, else what becomes of
+/// the packet (dropped if malformed; another VNI's traffic is the kernel's).
+#[inline(always)]
+fn check_vxlan(
+    ctx: &XdpContext,
+    vxlan_off: usize,
+    mesh: &MeshConfig,
+) -> Option<Result<(u32, Reason), Reason>> {
+    let drop = |reason| Some(Ok((xdp_action::XDP_DROP, reason)));
+    let Some(vxlan) = ptr_at::<VxlanHdr>(ctx.data(), ctx.data_end(), vxlan_off) else {
         return drop(Reason::DropVxlanMalformed);
     };
     // SAFETY: bounds checked by ptr_at.
@@ -55,12 +101,22 @@ pub fn xdp_from_node(
     // The VNI first: overlay traffic of another VNI (Docker's own overlay networks, from Swarm
     // nodes lbctl does not know) is the kernel's, whoever sends it.
     if vni != mesh.vni {
-        return Err(Reason::PassVxlanOtherVni);
+        return Some(Err(Reason::PassVxlanOtherVni));
     }
-    // SAFETY: NODES is a set written by userspace; only presence is read.
-    if unsafe { NODES.get(&outer.src_ip_be) }.is_none() {
-        return drop(Reason::DropVxlanUnknownSource);
-    }
+    None
+}
+
+/// Strips the outer headers of a VXLAN packet from the node `node_ip_be` (its VNI and source
+/// checked) and handles the inner frame: see the module's comment.
+#[inline(always)]
+fn from_node(
+    ctx: &XdpContext,
+    vxlan_off: usize,
+    mesh: &MeshConfig,
+    node_ip_be: u32,
+) -> Result<(u32, Reason), Reason> {
+    let drop = |reason| Ok((xdp_action::XDP_DROP, reason));
+    let (data, data_end) = (ctx.data(), ctx.data_end());
     let Some(outer_eth) = ptr_at::<EthHdr>(data, data_end, 0) else {
         return drop(Reason::DropVxlanMalformed);
     };
@@ -83,7 +139,7 @@ pub fn xdp_from_node(
         (*inner_eth).src_addr = peer_mac;
     }
     if parse6::is_ipv6(data, data_end) {
-        return to_ipv6_program(ctx, outer.src_ip_be);
+        return to_ipv6_program(ctx, node_ip_be);
     }
     let (inner, fragment) = match parse::parse(data, data_end, data_end - data) {
         Ok(inner) => (inner, None),
@@ -99,7 +155,7 @@ pub fn xdp_from_node(
         // An ICMP error about a flow: back from the backend's node, or for a backend here.
         Err(Reason::PassNotTcpUdp) => {
             return match parse::parse_icmp_error(data, data_end, data_end - data) {
-                Some(error) => icmp::xdp_from_node(ctx, &error, outer.src_ip_be),
+                Some(error) => icmp::xdp_from_node(ctx, &error, node_ip_be),
                 None => drop(Reason::DropVxlanMalformed),
             };
         }
@@ -112,7 +168,7 @@ pub fn xdp_from_node(
     }
     let key = conntrack::key_of(&inner);
     if let Some(reverse) = conntrack::reverse_lookup(&key) {
-        if !hosts_backend_of(outer.src_ip_be, reverse.backend_id) {
+        if !hosts_backend_of(node_ip_be, reverse.backend_id) {
             return drop(Reason::DropVxlanWrongNode);
         }
         let outcome = reply::reply(ctx, &inner, &reverse);
@@ -124,11 +180,23 @@ pub fn xdp_from_node(
     if !is_local_backend(&inner) {
         return drop(Reason::DropVxlanNotLocalBackend);
     }
-    remember_ingress_node(&key, outer.src_ip_be);
+    remember_ingress_node(&key, node_ip_be);
     if let Some(id_be) = fragment {
         frag::remember_delivery(&inner, id_be);
     }
     forward::deliver(ctx, &inner)
+}
+
+/// Whether an IPv6 packet (`key`, to `dst_port_be` over UDP) is VXLAN to this node on its IPv6
+/// underlay: this node's address there (`MESH6`) and its overlay port.
+#[inline(always)]
+pub fn is_overlay6(key: &FlowKey6, dst_port_be: u16) -> bool {
+    let Some(mesh) = encap::mesh() else {
+        return false;
+    };
+    mesh.vxlan_port_be == dst_port_be
+        && lb_common::is_ipv6_node_key(mesh.local_ip_be)
+        && MESH6.get(0) == Some(&key.dst)
 }
 
 /// Hands a decapsulated IPv6 frame from the node `node_ip_be` to the IPv6 decapsulation

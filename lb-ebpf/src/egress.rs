@@ -50,8 +50,14 @@ pub fn try_lb_tc_egress(ctx: &mut TcContext) -> Result<i32, i64> {
         // SAFETY: copied out at once.
         return Ok(match unsafe { TUNNEL_REPLIES.get(&key) }.copied() {
             Some(tunnel) => {
-                let (action, reason) =
-                    encap::tc_to_node(ctx, &pkt, tunnel.node_ip_be, encap::source_port(&key), true);
+                let (action, reason) = encap::tc_to_node(
+                    ctx,
+                    &pkt,
+                    tunnel.node_ip_be,
+                    encap::source_port(&key),
+                    true,
+                    Reason::ReplyEncap,
+                );
                 stats::count_reason(reason, u64::from(ctx.len()));
                 action
             }
@@ -125,12 +131,8 @@ fn icmp_error(ctx: &mut TcContext, len: usize) -> Result<i32, i64> {
         tunnel.node_ip_be,
         encap::source_port(&reply_key),
         false,
+        Reason::IcmpEncap,
     );
-    let reason = if reason == Reason::ReplyEncap {
-        Reason::IcmpEncap
-    } else {
-        reason
-    };
     stats::count_reason(reason, u64::from(ctx.len()));
     Ok(action)
 }

@@ -97,6 +97,55 @@ pub fn fib_lookup_raw(
     (rc, hop)
 }
 
+/// What [`fib_lookup6`] asks the FIB: the route from `src` to `dst` for a packet of `tot_len`
+/// bytes (IPv6 header included, 0 to skip the MTU check) arriving on `ifindex`.
+pub struct Fib6Query<'a> {
+    pub ifindex: u32,
+    pub tot_len: u16,
+    pub src: &'a [u8; 16],
+    pub dst: &'a [u8; 16],
+}
+
+/// [`fib_lookup_raw`] for IPv6 (`query`), the next hop written to `hop`. For the encapsulation
+/// to a node of an IPv6 underlay, in XDP and TC. Not cached (an underlay node's route is looked
+/// up per packet), in a frame of its own: its 64-byte parameters.
+#[inline(never)]
+pub fn fib_lookup6(ctx: *mut c_void, query: &Fib6Query, hop: &mut NextHop) -> u32 {
+    let Fib6Query {
+        ifindex,
+        tot_len,
+        src,
+        dst,
+    } = *query;
+    // SAFETY: bpf_fib_lookup is plain data; all-zero is a valid value.
+    let mut params: bpf_fib_lookup = unsafe { core::mem::zeroed() };
+    params.family = AF_INET6;
+    params.l4_protocol = lb_common::PROTO_UDP;
+    params.__bindgen_anon_1.tot_len = tot_len;
+    params.ifindex = ifindex;
+    // SAFETY: 16 bytes of address into the 16 bytes of the unions' IPv6 members.
+    unsafe {
+        params.__bindgen_anon_3.ipv6_src = core::mem::transmute::<[u8; 16], [u32; 4]>(*src);
+        params.__bindgen_anon_4.ipv6_dst = core::mem::transmute::<[u8; 16], [u32; 4]>(*dst);
+    }
+    // SAFETY: the helper reads and writes only `params`, whose size it is given.
+    let rc = unsafe {
+        fib_lookup_helper(
+            ctx,
+            &mut params,
+            core::mem::size_of::<bpf_fib_lookup>() as i32,
+            0,
+        )
+    };
+    hop.ifindex = params.ifindex;
+    hop.smac = params.smac;
+    hop.dmac = params.dmac;
+    // SAFETY: a plain u16 either way (the kernel writes the MTU over the length).
+    hop.mtu = unsafe { params.__bindgen_anon_1.mtu_result };
+    hop.xmit = 0;
+    rc as u32
+}
+
 /// What [`fib_lookup_uncached`] asks the FIB.
 #[repr(C)]
 struct FibQuery {

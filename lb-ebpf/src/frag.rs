@@ -190,7 +190,14 @@ pub fn tc_reply(ctx: &mut TcContext) -> Result<i32, i64> {
 /// and its reason.
 #[inline(always)]
 fn to_node(ctx: &mut TcContext, pkt: &Packet, nat: &FragmentNat, bytes: u64) -> (i32, Reason) {
-    let (action, reason) = encap::tc_to_node(ctx, pkt, nat.node_ip_be, nat.tunnel_port, false);
+    let (action, reason) = encap::tc_to_node(
+        ctx,
+        pkt,
+        nat.node_ip_be,
+        nat.tunnel_port,
+        false,
+        Reason::ReplyEncap,
+    );
     stats::count_reason(reason, bytes);
     (action, reason)
 }
@@ -251,7 +258,7 @@ pub fn later_request(ctx: &XdpContext, frag: &Fragment) -> Result<(u32, Reason),
         return Ok((xdp_action::XDP_PASS, Reason::ForwardTtlExpired));
     }
     if nat.node_ip_be != 0 {
-        return encap::xdp_to_node(ctx, nat.tunnel_port, nat.node_ip_be, None, false);
+        return encap::xdp_to_node(ctx, nat.tunnel_port, nat.node_ip_be, None, false, None);
     }
     forward::to_backend(ctx, &later_as_packet(frag, nat.ip_be), nat.ip_be, 0)
 }

@@ -27,7 +27,9 @@ use aya_ebpf::{
     },
     programs::{TcContext, XdpContext},
 };
-use lb_common::{FLOW_SNAT, FlowKey, FlowValue, IcmpBucket, PROTO_UDP, Reason, ReverseValue};
+use lb_common::{
+    FLOW_SNAT, FlowKey, FlowValue, IcmpBucket, PROTO_UDP, Reason, ReverseValue, is_ipv6_node_key,
+};
 use network_types::{eth::EthHdr, ip::Ipv4Hdr};
 
 use crate::{
@@ -231,7 +233,14 @@ fn to_backend(
     }
     translate_for_backend(ctx.data(), ctx.data_end(), error, flow).ok_or(Reason::PassTruncated)?;
     let outcome = if flow.node_ip_be != 0 {
-        encap::xdp_to_node(ctx, encap::source_port(key), flow.node_ip_be, None, false)
+        encap::xdp_to_node(
+            ctx,
+            encap::source_port(key),
+            flow.node_ip_be,
+            None,
+            false,
+            None,
+        )
     } else {
         let mut pkt = error.as_packet();
         pkt.dst_ip_be = flow.backend_ip_be;
@@ -404,10 +413,13 @@ fn frag_needed_inner(ctx: &XdpContext, pkt: &Packet, mtu: u16) -> Option<u32> {
         ((*quoted).src_addr, (*quoted).dst_addr)
     };
     let service = u32::from_ne_bytes(service);
-    let src_ip_be = if reply::is_host_addr(service) {
+    // On an IPv6 underlay this node has no underlay IPv4 address (its key stands in for one):
+    // the service address then, VIP or not.
+    let local_ip_be = encap::mesh()?.local_ip_be;
+    let src_ip_be = if reply::is_host_addr(service) || is_ipv6_node_key(local_ip_be) {
         service
     } else {
-        encap::mesh()?.local_ip_be
+        local_ip_be
     };
     let (data, data_end) = (ctx.data(), ctx.data_end());
     let ip: *mut Ipv4Hdr = ptr_at(data, data_end, L3_OFF)?;

@@ -294,6 +294,7 @@ fn to_backend(
             flow.node_ip_be,
             Some(pkt),
             snat.is_none(),
+            Some((flow.backend_id, new_flow)),
         )
     } else {
         forward::to_backend(ctx, pkt, flow.backend_ip_be, snat_ip_be)

@@ -10,7 +10,7 @@ use aya_ebpf::{
     programs::{TcContext, XdpContext},
 };
 use lb_common::{
-    Event, FlowKey6, FlowValue6, PROTO_TCP, Reason, ReverseValue6, SCHEDULER_MAGLEV,
+    Event, FlowKey6, FlowValue6, PROTO_TCP, PROTO_UDP, Reason, ReverseValue6, SCHEDULER_MAGLEV,
     SERVICE_OTHER_FAMILY_ONLY, SERVICE_PORT_ANY, SERVICE_PORT_VIP, ServiceValue,
 };
 
@@ -19,7 +19,7 @@ use crate::{
     decap, encap,
     forward::{self, Egress},
     icmp6, ingress,
-    maps::{DECAPSULATED_FROM, HOST_ADDRS6},
+    maps::{DECAPSULATED_FROM, HOST_ADDRS6, OVERLAY6_PROGRAM},
     nat::{self, Side},
     parse6::{self, Packet6},
     select, stats,
@@ -35,6 +35,11 @@ pub fn try_xdp(ctx: &XdpContext) -> Result<(u32, Reason), Reason> {
         ctx.data_end() - ctx.data(),
         &mut key,
     )?;
+    if pkt.proto == PROTO_UDP && decap::is_overlay6(&key, pkt.dst_port_be) {
+        // SAFETY: the index names an XDP program, as the tail call requires.
+        let _ = unsafe { OVERLAY6_PROGRAM.tail_call(ctx, 0) };
+        return Ok((xdp_action::XDP_DROP, Reason::DropVxlanMalformed));
+    }
     let port = select::service_port(pkt.proto, pkt.dst_port_be);
     if port != 0 {
         let event = match flows::pinned(&key, &pkt) {

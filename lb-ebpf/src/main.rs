@@ -77,14 +77,33 @@ pub fn lb_xdp6_decap(ctx: XdpContext) -> u32 {
     action
 }
 
-/// VXLAN encapsulation of a DNATed IPv6 packet to its backend's node, tail-called by `lb_xdp6`
-/// (`maps::IPV6_ENCAP_PROGRAM`) with a stack of its own.
+/// VXLAN encapsulation of a DNATed packet to its backend's node, tail-called with a stack of
+/// its own (`maps::IPV6_ENCAP_PROGRAM`) by `lb_xdp6` (an IPv6 packet) and by `lb_xdp` (an IPv4
+/// packet to a node of an IPv6 underlay).
 #[xdp]
 pub fn lb_xdp6_encap(ctx: XdpContext) -> u32 {
     let bytes = (ctx.data_end() - ctx.data()) as u64;
-    let (action, reason) = encap::xdp6_from_handoff(&ctx);
+    let (action, reason) = encap::xdp_from_handoff(&ctx);
     stats::count_reason(reason, bytes);
     action
+}
+
+/// VXLAN over an IPv6 underlay to this node, decapsulated (`decap::xdp_from_node6`),
+/// tail-called by `lb_xdp6` (`maps::OVERLAY6_PROGRAM`).
+#[xdp]
+pub fn lb_xdp6_overlay(ctx: XdpContext) -> u32 {
+    let bytes = (ctx.data_end() - ctx.data()) as u64;
+    let (action, reason) =
+        decap::xdp_from_node6(&ctx).unwrap_or_else(|reason| (xdp_action::XDP_PASS, reason));
+    stats::count_reason(reason, bytes);
+    action
+}
+
+/// VXLAN encapsulation over an IPv6 underlay of a reply TC sends back to its ingress node,
+/// tail-called by `lb_tc_egress` and `lb_tc_egress6` (`maps::TC_ENCAP6_PROGRAM`).
+#[classifier]
+pub fn lb_tc_encap6(mut ctx: TcContext) -> i32 {
+    encap::tc_from_handoff(&mut ctx)
 }
 
 /// The IPv6 half of `lb_tc_egress`, tail-called by it.

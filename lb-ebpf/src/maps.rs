@@ -74,16 +74,28 @@ pub static IPV6_DECAP_PROGRAM: ProgramArray = ProgramArray::with_max_entries(1, 
 #[map]
 pub static IPV6_TC_ICMP_PROGRAM: ProgramArray = ProgramArray::with_max_entries(1, 0);
 
-/// The IPv6 encapsulation program (`lb_xdp6_encap`, slot 0), which `lb_xdp6` tail-calls for a
-/// packet to a backend on another node: encapsulation needs more stack than `lb_xdp6` has
-/// left. What it needs of the packet goes through `ENCAP6_HANDOFF`.
+/// The encapsulation program (`lb_xdp6_encap`, slot 0), which `lb_xdp6` tail-calls for a
+/// packet to a backend on another node (encapsulation needs more stack than `lb_xdp6` has
+/// left), and `lb_xdp` for one to a node of an IPv6 underlay (the IPv4 program is at the
+/// verifier's limits). What it needs of the packet goes through `ENCAP_HANDOFF`.
 #[map]
 pub static IPV6_ENCAP_PROGRAM: ProgramArray = ProgramArray::with_max_entries(1, 0);
 
-/// Per CPU, what `lb_xdp6` hands to `lb_xdp6_encap` with the packet it tail-calls it for
-/// (`encap::Handoff6`), as `DECAPSULATED_FROM`. Not pinned: both programs come from one load.
+/// Per CPU, what `lb_xdp6` or `lb_xdp` hands to `lb_xdp6_encap` with the packet it tail-calls
+/// it for (`encap::Handoff`), as `DECAPSULATED_FROM`. Not pinned: the programs come from one
+/// load.
 #[map]
-pub static ENCAP6_HANDOFF: PerCpuArray<crate::encap::Handoff6> =
+pub static ENCAP_HANDOFF: PerCpuArray<crate::encap::Handoff> = PerCpuArray::with_max_entries(1, 0);
+
+/// The TC encapsulation program over an IPv6 underlay (`lb_tc_encap6`, slot 0), which
+/// `lb_tc_egress` and `lb_tc_egress6` tail-call for a reply to a node of an IPv6 underlay
+/// (their stacks have no room for it). Pinned, as `IPV6_TC_PROGRAM`.
+#[map]
+pub static TC_ENCAP6_PROGRAM: ProgramArray = ProgramArray::with_max_entries(1, 0);
+
+/// Per CPU, what a TC program hands to `lb_tc_encap6` (`encap::TcHandoff`). Not pinned.
+#[map]
+pub static TC_ENCAP_HANDOFF: PerCpuArray<crate::encap::TcHandoff> =
     PerCpuArray::with_max_entries(1, 0);
 
 /// IPv6 services: (IPv6 VIP or all zero for every local address, port, protocol) → id and the

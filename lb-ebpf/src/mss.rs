@@ -1,12 +1,12 @@
 //! MSS clamping of the TCP connections that cross the mesh. A SYN or SYN-ACK encapsulated to
 //! another node announces at most the segment that fits the tunnel (underlay MTU − 50 bytes of
-//! encapsulation − 40 of IPv4 and TCP headers, 60 of IPv6 and TCP), as
+//! encapsulation, 70 over an IPv6 underlay, − 40 of IPv4 and TCP headers, 60 of IPv6 and TCP), as
 //! `iptables -j TCPMSS --clamp-mss-to-pmtu` does for tunnels. Without it, a task whose link has the underlay's MTU (a plain veth at
 //! 1500) sends full-size segments that cannot be encapsulated, and TC, which cannot answer them
 //! with an ICMP error, drops them: a download would hang. Clients learn the same limit from the
 //! task's SYN-ACK, before their first large segment, instead of from a "fragmentation needed".
 use aya_ebpf::programs::TcContext;
-use lb_common::{PROTO_TCP, VXLAN_OVERHEAD};
+use lb_common::PROTO_TCP;
 
 use crate::{
     csum,
@@ -23,8 +23,8 @@ const MAX_OPTIONS: usize = 8;
 const MIN_MSS: u16 = 48;
 
 /// The largest MSS a connection of `pkt`'s family through a tunnel over `underlay_mtu` can use:
-/// the MTU less the encapsulation and the IP and TCP headers without options (40 bytes for
-/// IPv4, 60 for IPv6). `checked_len` is the length the FIB lookup was asked about: a kernel
+/// the MTU less the encapsulation and the IP and TCP headers without options
+/// (`Inner::mss_overhead`). `checked_len` is the length the FIB lookup was asked about: a kernel
 /// that does not report the MTU leaves it in its place, and then nothing is clamped.
 #[inline(always)]
 fn limit(pkt: &Inner, underlay_mtu: u16, checked_len: u16) -> Option<u16> {
@@ -32,7 +32,7 @@ fn limit(pkt: &Inner, underlay_mtu: u16, checked_len: u16) -> Option<u16> {
         return None;
     }
     underlay_mtu
-        .checked_sub(VXLAN_OVERHEAD as u16 + pkt.tcp_ip_headers)
+        .checked_sub(pkt.mss_overhead)
         .filter(|limit| *limit >= MIN_MSS)
 }
 

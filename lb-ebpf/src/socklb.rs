@@ -229,7 +229,12 @@ fn choose(service: &ServiceValue, key: &SockKey) -> Option<SockFlow> {
     } else {
         select::round_robin(service)?
     };
-    if backend.node_ip_be != 0 && encap::mesh().is_none() {
+    // A socket of this node reaches a backend on another node through that node's IPv4
+    // address (TC encapsulates what it sends there, `tc_to_node`): a node of an IPv6 underlay
+    // has none, so its backends are not chosen for sockets (`socket_no_backend`).
+    if backend.node_ip_be != 0
+        && (encap::mesh().is_none() || lb_common::is_ipv6_node_key(backend.node_ip_be))
+    {
         return None;
     }
     Some(SockFlow {
@@ -330,13 +335,14 @@ fn send_to_node(
     )?;
     nat::tc_rewrite_l3(ctx, Side::Dst, pkt.dst_ip_be, flow.backend_ip_be)?;
     let bytes = u64::from(ctx.len());
-    let (action, reason) =
-        encap::tc_to_node(ctx, pkt, flow.node_ip_be, encap::source_port(key), false);
-    let reason = if reason == Reason::ReplyEncap {
-        Reason::SocketEncap
-    } else {
-        reason
-    };
+    let (action, reason) = encap::tc_to_node(
+        ctx,
+        pkt,
+        flow.node_ip_be,
+        encap::source_port(key),
+        false,
+        Reason::SocketEncap,
+    );
     stats::count_reason(reason, bytes);
     if action != TC_ACT_SHOT {
         stats::count_to_backend(flow.backend_id, bytes, false);

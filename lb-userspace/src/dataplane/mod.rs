@@ -102,10 +102,10 @@ pub fn load_pinned(pins: &[(&str, PathBuf)], flow_capacity: u32) -> Result<Ebpf>
 }
 
 /// Loads the IPv6 programs (the kernel verifies them) and puts them where the IPv4 programs
-/// tail-call them for IPv6 frames (`IPV6_XDP_PROGRAM`, `IPV6_TC_PROGRAM`), and the IPv6
-/// mesh programs where they are tail-called (`IPV6_ENCAP_PROGRAM`, `IPV6_DECAP_PROGRAM`). Until
-/// this runs,
-/// IPv6 passes untouched.
+/// tail-call them for IPv6 frames (`IPV6_XDP_PROGRAM`, `IPV6_TC_PROGRAM`), and the mesh
+/// programs where they are tail-called (`IPV6_ENCAP_PROGRAM`, `IPV6_DECAP_PROGRAM`,
+/// `OVERLAY6_PROGRAM`: encapsulation, and decapsulation of inner IPv6 and of VXLAN over an
+/// IPv6 underlay). Until this runs, IPv6 passes untouched.
 pub fn load_ipv6_programs(ebpf: &mut Ebpf) -> Result<()> {
     let xdp: &mut aya::programs::Xdp = ebpf
         .program_mut(program_names::XDP_INGRESS6)
@@ -115,7 +115,11 @@ pub fn load_ipv6_programs(ebpf: &mut Ebpf) -> Result<()> {
         .context("loading the IPv6 XDP program (verifier)")?;
     let xdp = xdp.fd()?.try_clone()?;
     let mut mesh_programs = Vec::new();
-    for name in [program_names::XDP_ENCAP6, program_names::XDP_DECAP6] {
+    for name in [
+        program_names::XDP_ENCAP6,
+        program_names::XDP_DECAP6,
+        program_names::XDP_OVERLAY6,
+    ] {
         let program: &mut aya::programs::Xdp = ebpf
             .program_mut(name)
             .ok_or_else(|| anyhow!("object has no program {name}"))?
@@ -139,12 +143,22 @@ pub fn load_ipv6_programs(ebpf: &mut Ebpf) -> Result<()> {
     icmp.load()
         .context("loading the ICMPv6 TC program (verifier)")?;
     let icmp = icmp.fd()?.try_clone()?;
+    let tc_encap: &mut aya::programs::SchedClassifier = ebpf
+        .program_mut(program_names::TC_ENCAP6)
+        .ok_or_else(|| anyhow!("object has no TC encapsulation program over IPv6"))?
+        .try_into()?;
+    tc_encap
+        .load()
+        .context("loading the TC encapsulation program over IPv6 (verifier)")?;
+    let tc_encap = tc_encap.fd()?.try_clone()?;
     for (name, program) in [
         (map_names::IPV6_XDP_PROGRAM, &xdp),
         (map_names::IPV6_TC_PROGRAM, &tc),
         (map_names::IPV6_ENCAP_PROGRAM, &mesh_programs[0]),
         (map_names::IPV6_DECAP_PROGRAM, &mesh_programs[1]),
+        (map_names::OVERLAY6_PROGRAM, &mesh_programs[2]),
         (map_names::IPV6_TC_ICMP_PROGRAM, &icmp),
+        (map_names::TC_ENCAP6_PROGRAM, &tc_encap),
     ] {
         let mut slot: aya::maps::ProgramArray<&mut MapData> = ebpf
             .map_mut(name)
