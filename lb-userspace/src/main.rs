@@ -1,5 +1,5 @@
 //! `lbctl`: attach the XDP load balancer to an interface and manage its services.
-use std::{net::Ipv4Addr, path::PathBuf, process::ExitCode};
+use std::{net::IpAddr, path::PathBuf, process::ExitCode};
 
 use clap::{ArgGroup, Args, Parser, Subcommand};
 use lb_userspace::{
@@ -185,9 +185,9 @@ struct DaemonArgs {
     /// A member to join through (repeat for several); none for the first node.
     #[arg(long = "seed", value_name = "IP:PORT", requires = "cluster", value_parser = parse_gossip_addr)]
     seeds: Vec<std::net::SocketAddrV4>,
-    /// The address other nodes send VXLAN to (default: the IP of --gossip-addr).
+    /// The address other nodes send VXLAN to, IPv4 or IPv6 (default: the IP of --gossip-addr).
     #[arg(long, value_name = "IP", requires = "cluster", value_parser = table::parse_node_ip)]
-    underlay_ip: Option<Ipv4Addr>,
+    underlay_ip: Option<IpAddr>,
     /// Time between gossip rounds; a silent member is dead after about --phi-threshold
     /// times the mean interval between its heartbeats.
     #[arg(long, default_value = "500ms", value_parser = table::parse_duration_ms, value_name = "DURATION")]
@@ -213,13 +213,22 @@ fn parse_node_name(s: &str) -> Result<String, String> {
     table::validate_name("node", s).map(|()| s.to_owned())
 }
 
-/// A gossip address: a unicast IPv4 address other nodes can reach, and a port.
+/// A gossip address: a unicast IPv4 address other nodes can reach, and a port. (Gossip is
+/// IPv4; on an IPv6 underlay, --underlay-ip gives the node's IPv6 address.)
 fn parse_gossip_addr(s: &str) -> Result<std::net::SocketAddrV4, String> {
     let (ip, port) = s
         .rsplit_once(':')
         .ok_or_else(|| format!("invalid gossip address '{s}': expected IP:PORT"))?;
-    let ip =
-        table::parse_node_ip(ip).map_err(|err| format!("invalid gossip address '{s}': {err}"))?;
+    let ip = match table::parse_node_ip(ip) {
+        Ok(IpAddr::V4(ip)) => ip,
+        Ok(IpAddr::V6(_)) => {
+            return Err(format!(
+                "invalid gossip address '{s}': gossip runs over IPv4 (an IPv6 underlay's \
+                 address goes to --underlay-ip)"
+            ));
+        }
+        Err(err) => return Err(format!("invalid gossip address '{s}': {err}")),
+    };
     let port =
         table::parse_port(port).map_err(|err| format!("invalid gossip address '{s}': {err}"))?;
     Ok(std::net::SocketAddrV4::new(ip, port))
@@ -380,7 +389,7 @@ enum NodeCommand {
         name: String,
         /// The address other nodes send its VXLAN packets to.
         #[arg(value_parser = table::parse_node_ip)]
-        underlay_ip: Ipv4Addr,
+        underlay_ip: IpAddr,
     },
     /// Remove a node that hosts no backend.
     Rm { name: String },
@@ -549,7 +558,7 @@ fn daemon(instance: instance::Instance, args: DaemonArgs) -> anyhow::Result<()> 
             };
             Some(lb_userspace::daemon::ClusterOptions {
                 keys,
-                vtep: args.underlay_ip.unwrap_or(*gossip_addr.ip()),
+                vtep: args.underlay_ip.unwrap_or(IpAddr::V4(*gossip_addr.ip())),
                 gossip: lb_userspace::cluster::gossip::Config {
                     cluster,
                     node,

@@ -183,7 +183,7 @@ fn apply(table: &mut Table, edit: Edit) -> bool {
     let before = table.clone();
     let result = match edit {
         Edit::AddNode(n, ip) => table
-            .add_node(NAMES[n], Ipv4Addr::new(192, 168, 1, ip))
+            .add_node(NAMES[n], Ipv4Addr::new(192, 168, 1, ip).into())
             .map(drop),
         Edit::RemoveNode(n) => table.remove_node(NAMES[n]).map(drop),
         Edit::AddService(n, udp, port, vip, backends) => {

@@ -22,7 +22,7 @@
 //!   a bad name or address): the key is ignored, counted once per key version.
 use std::{
     collections::{BTreeMap, BTreeSet, HashSet},
-    net::{Ipv4Addr, SocketAddr},
+    net::{IpAddr, SocketAddr},
     sync::{
         Arc, Mutex,
         atomic::{AtomicU64, Ordering},
@@ -403,7 +403,7 @@ impl Gossip {
     /// Publishes this node's records, underlay IP and table digest: keys that changed are set,
     /// keys no longer wanted deleted. Unchanged keys are left alone (chitchat then sends
     /// nothing new).
-    pub async fn publish(&self, local: &Local, vtep: Ipv4Addr, digest: &str) {
+    pub async fn publish(&self, local: &Local, vtep: IpAddr, digest: &str) {
         let wanted = keys_of(local, vtep, digest);
         self.handle
             .with_chitchat(|chitchat| {
@@ -468,7 +468,7 @@ impl Gossip {
 }
 
 /// The keys a node with `local` publishes.
-pub fn keys_of(local: &Local, vtep: Ipv4Addr, digest: &str) -> BTreeMap<String, String> {
+pub fn keys_of(local: &Local, vtep: IpAddr, digest: &str) -> BTreeMap<String, String> {
     let mut keys = BTreeMap::new();
     keys.insert(KEY_VTEP.to_owned(), vtep.to_string());
     keys.insert(KEY_DIGEST.to_owned(), digest.to_owned());
@@ -555,7 +555,7 @@ fn read_member(
 
 #[cfg(test)]
 mod tests {
-    use std::time::Instant;
+    use std::{net::Ipv4Addr, time::Instant};
 
     use chitchat::transport::ChannelTransport;
 
@@ -568,7 +568,7 @@ mod tests {
     /// A node of the simulated cluster: its gossip, its applied table and its records.
     struct Sim {
         gossip: Gossip,
-        vtep: Ipv4Addr,
+        vtep: IpAddr,
         table: Table,
         local: Local,
     }
@@ -648,7 +648,7 @@ mod tests {
         }
         Sim {
             gossip,
-            vtep: Ipv4Addr::new(192, 168, 1, 1 + i as u8),
+            vtep: Ipv4Addr::new(192, 168, 1, 1 + i as u8).into(),
             table: Table::default(),
             local,
         }

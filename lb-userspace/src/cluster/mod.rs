@@ -23,7 +23,7 @@ pub mod transport;
 use std::{
     collections::{BTreeMap, BTreeSet},
     fmt::Write as _,
-    net::{IpAddr, Ipv4Addr, SocketAddr},
+    net::{IpAddr, SocketAddr},
 };
 
 use lb_common::MAX_BACKENDS_PER_SERVICE;
@@ -190,7 +190,7 @@ pub struct MemberView {
     pub generation: u64,
     /// Whether the failure detector holds it alive (this node always is).
     pub alive: bool,
-    pub vtep: Option<Ipv4Addr>,
+    pub vtep: Option<IpAddr>,
     pub services: BTreeMap<String, ServiceRecord>,
     pub backends: BTreeMap<String, Vec<BackendRecord>>,
     /// The digest of the table it applied, as it published it.
@@ -638,7 +638,7 @@ pub struct Status {
     pub cluster: String,
     pub node: String,
     pub gossip_addr: String,
-    pub vtep: Ipv4Addr,
+    pub vtep: IpAddr,
     /// This run of the node (milliseconds at the daemon's start).
     pub generation: u64,
     /// The digest of the table this node applied.
@@ -680,7 +680,7 @@ pub struct MemberStatus {
     pub name: String,
     pub generation: u64,
     pub gossip_addr: String,
-    pub vtep: Option<Ipv4Addr>,
+    pub vtep: Option<IpAddr>,
     pub alive: bool,
     /// The digest of the table it applied, as it published it.
     pub digest: Option<String>,
@@ -787,7 +787,7 @@ pub struct Step {
 
 /// See [`Step`]. Members named like this node (its earlier runs, or an impostor) are ignored:
 /// this node speaks for itself.
-pub fn step(table: &Table, local: &Local, vtep: Ipv4Addr, others: &[MemberView]) -> Step {
+pub fn step(table: &Table, local: &Local, vtep: IpAddr, others: &[MemberView]) -> Step {
     let mut members: Vec<MemberView> = others
         .iter()
         .filter(|m| m.name != local.node)
@@ -867,12 +867,13 @@ pub fn table_digest(table: &Table) -> String {
 mod tests {
     use super::*;
     use crate::table::parse_backend;
+    use std::net::Ipv4Addr;
 
     fn addr(s: &str) -> SocketAddr {
         parse_backend(s).unwrap()
     }
 
-    fn ip(s: &str) -> Ipv4Addr {
+    fn ip(s: &str) -> IpAddr {
         s.parse().unwrap()
     }
 
@@ -910,7 +911,7 @@ mod tests {
             name: format!("n{i}"),
             generation: 1,
             alive: true,
-            vtep: Some(Ipv4Addr::new(192, 168, 1, i)),
+            vtep: Some(Ipv4Addr::new(192, 168, 1, i).into()),
             services: BTreeMap::new(),
             backends: BTreeMap::new(),
             digest: None,

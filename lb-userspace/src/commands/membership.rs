@@ -61,7 +61,7 @@ pub fn cluster_leave(instance: &Instance) -> Result<bool> {
 /// table in force is seen alive: the round then returns the table as it is, for publishing.
 pub fn cluster_step(
     instance: &Instance,
-    vtep: Ipv4Addr,
+    vtep: IpAddr,
     others: &[cluster::MemberView],
     warming_up: bool,
 ) -> Result<(cluster::Step, Option<diff::TableDiff>)> {

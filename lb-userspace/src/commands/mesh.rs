@@ -3,7 +3,7 @@ use super::*;
 
 /// Adding a node that is already there with the same IP succeeds; it still applies the table,
 /// which heals an earlier interrupted command.
-pub fn node_add(instance: &Instance, name: &str, ip: Ipv4Addr) -> Result<String> {
+pub fn node_add(instance: &Instance, name: &str, ip: IpAddr) -> Result<String> {
     static_nodes_only(&state::load(&instance.state_dir)?)?;
     let (state, added) = change_table(instance, |table| table.add_node(name, ip))?;
     let this = if state.self_node()?.is_some_and(|n| n.name == name) {
@@ -59,11 +59,19 @@ pub fn node_ls(instance: &Instance, as_json: bool) -> Result<String> {
         .map(|n| n.name.len())
         .max()
         .unwrap_or(0);
+    let ip_width = state
+        .table
+        .nodes
+        .iter()
+        .map(|n| n.ip.to_string().len())
+        .max()
+        .unwrap_or(0)
+        .max(15);
     let mut out = String::new();
     for node in &state.table.nodes {
         let services = state.table.services_on_node(&node.name);
         let line = format!(
-            "{:<width$}  {:<15}  {:<4}  {}",
+            "{:<width$}  {:<ip_width$}  {:<4}  {}",
             node.name,
             node.ip.to_string(),
             if Some(node.name.as_str()) == self_name {
@@ -94,12 +102,57 @@ pub fn mesh_set(instance: &Instance, vni: Option<u32>, vxlan_port: Option<u16>) 
 /// The smallest MTU of an IPv6 link (RFC 8200 5).
 const MIN_IPV6_MTU: u32 = 1280;
 
+/// What the mesh's MTUs follow from: the bytes encapsulation adds on its underlay.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MeshMtu {
+    /// Whether the underlay is IPv6 (every node's address is; one family per mesh).
+    pub ipv6_underlay: bool,
+}
+
+impl MeshMtu {
+    pub fn of(table: &Table) -> MeshMtu {
+        MeshMtu {
+            ipv6_underlay: table.nodes.iter().any(|n| n.ip.is_ipv6()),
+        }
+    }
+
+    /// Outer IP, UDP, VXLAN and inner Ethernet headers: 50 bytes over IPv4, 70 over IPv6.
+    pub fn overhead(self) -> u32 {
+        if self.ipv6_underlay {
+            VXLAN6_OVERHEAD
+        } else {
+            VXLAN_OVERHEAD
+        }
+    }
+
+    /// The largest inner IP packet a path of `mtu` carries.
+    pub fn overlay(self, mtu: u32) -> u32 {
+        mtu.saturating_sub(self.overhead())
+    }
+
+    /// The largest TCP MSS of an IPv4 connection through it (20 bytes of IPv4 and 20 of TCP).
+    pub fn mss(self, mtu: u32) -> u32 {
+        self.overlay(mtu).saturating_sub(40)
+    }
+
+    /// The same for IPv6 (40 bytes of IPv6 header).
+    pub fn mss6(self, mtu: u32) -> u32 {
+        self.overlay(mtu).saturating_sub(60)
+    }
+
+    pub fn underlay_name(self) -> &'static str {
+        if self.ipv6_underlay { "IPv6" } else { "IPv4" }
+    }
+}
+
 pub fn mesh_show(instance: &Instance, as_json: bool) -> Result<String> {
     let _lock = instance::lock_shared(instance)?;
     let state = state::load(&instance.state_dir)?;
     let this = state.self_node()?;
     // The overlay's MTU follows from each underlay interface's: encapsulation adds
-    // VXLAN_OVERHEAD bytes, and the data plane drops (never fragments) what would not fit.
+    // VXLAN_OVERHEAD bytes (VXLAN6_OVERHEAD over IPv6), and the data plane drops (never
+    // fragments) what would not fit.
+    let sizes = MeshMtu::of(&state.table);
     let interfaces: Vec<(&str, Option<u32>)> = state
         .attachments
         .iter()
@@ -114,11 +167,11 @@ pub fn mesh_show(instance: &Instance, as_json: bool) -> Result<String> {
         .filter(|node| this.is_none_or(|me| me.name != node.name))
         .map(|node| (node, underlay::path_mtu(node.ip).ok().flatten()))
         .collect();
-    let overlay = |mtu: u32| mtu.saturating_sub(VXLAN_OVERHEAD);
-    let mss = |mtu: u32| mtu.saturating_sub(VXLAN_OVERHEAD + 40);
-    // An IPv6 packet crosses the same IPv4 underlay with the same overhead; its MSS leaves out
-    // 20 more bytes of header. IPv6 needs links of 1280 bytes at least (RFC 8200).
-    let mss6 = |mtu: u32| mtu.saturating_sub(VXLAN_OVERHEAD + 60);
+    let overlay = |mtu: u32| sizes.overlay(mtu);
+    let mss = |mtu: u32| sizes.mss(mtu);
+    // An IPv6 packet crosses the same underlay with the same overhead; its MSS leaves out 20
+    // more bytes of header. IPv6 needs links of 1280 bytes at least (RFC 8200).
+    let mss6 = |mtu: u32| sizes.mss6(mtu);
     let ipv6_note = |mtu: u32| {
         if overlay(mtu) < MIN_IPV6_MTU {
             format!(" (below IPv6's minimum of {MIN_IPV6_MTU}: large IPv6 packets are dropped)")
@@ -133,7 +186,8 @@ pub fn mesh_show(instance: &Instance, as_json: bool) -> Result<String> {
             "vxlan_port": state.table.vxlan_port,
             "self": this.map(|n| json!({"name": n.name, "underlay_ip": n.ip.to_string()})),
             "nodes": state.table.nodes.len(),
-            "vxlan_overhead": VXLAN_OVERHEAD,
+            "underlay": if sizes.ipv6_underlay { "ipv6" } else { "ipv4" },
+            "vxlan_overhead": sizes.overhead(),
             "interfaces": interfaces
                 .iter()
                 .map(|(iface, mtu)| json!({
@@ -170,15 +224,28 @@ pub fn mesh_show(instance: &Instance, as_json: bool) -> Result<String> {
             instance.name
         )),
     }
-    out.push_str(&format!(
-        "overlay MTU = path MTU to the other node - {VXLAN_OVERHEAD} (VXLAN headers); the MSS of \
-         TCP connections through it is clamped to the path MTU - {}; a larger packet with DF is \
-         answered with ICMP fragmentation needed (frag_needed_sent), one without DF is dropped \
-         (drop_encap_mtu); IPv6 crosses the same IPv4 underlay, its MSS clamped to the path MTU - \
-         {}, a larger IPv6 packet dropped (drop_encap_mtu: no ICMPv6 packet too big yet)\n",
-        VXLAN_OVERHEAD + 40,
-        VXLAN_OVERHEAD + 60
-    ));
+    if sizes.ipv6_underlay {
+        // What the data plane does with a packet too large for it is its own to say (docs).
+        out.push_str(&format!(
+            "IPv6 underlay: overlay MTU = path MTU to the other node - {} (outer IPv6, UDP, VXLAN \
+             and inner Ethernet headers); TCP connections through it fit an MSS of the path MTU \
+             - {} (IPv6: - {})\n",
+            sizes.overhead(),
+            sizes.overhead() + 40,
+            sizes.overhead() + 60
+        ));
+    } else {
+        out.push_str(&format!(
+            "overlay MTU = path MTU to the other node - {VXLAN_OVERHEAD} (VXLAN headers); the MSS \
+             of TCP connections through it is clamped to the path MTU - {}; a larger packet with \
+             DF is answered with ICMP fragmentation needed (frag_needed_sent), one without DF is \
+             dropped (drop_encap_mtu); IPv6 crosses the same IPv4 underlay, its MSS clamped to the \
+             path MTU - {}, a larger IPv6 packet dropped (drop_encap_mtu: no ICMPv6 packet too \
+             big yet)\n",
+            VXLAN_OVERHEAD + 40,
+            VXLAN_OVERHEAD + 60
+        ));
+    }
     for (iface, mtu) in &interfaces {
         match mtu {
             Some(mtu) => out.push_str(&format!(

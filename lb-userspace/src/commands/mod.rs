@@ -21,10 +21,10 @@ pub use membership::*;
 pub use mesh::*;
 pub use services::*;
 pub use show::*;
-use std::{collections::BTreeSet, fs, net::Ipv4Addr, path::PathBuf};
+use std::{collections::BTreeSet, fs, net::IpAddr, path::PathBuf};
 
 use anyhow::{Context as _, Result, anyhow, bail};
-use lb_common::VXLAN_OVERHEAD;
+use lb_common::{VXLAN_OVERHEAD, VXLAN6_OVERHEAD};
 use serde::Serialize;
 use serde_json::json;
 
@@ -50,7 +50,7 @@ use crate::{
 /// counts what it drops meanwhile. Returns the number of map writes.
 fn reconcile(instance: &Instance, state: &mut State) -> Result<usize> {
     let (self_name, underlay) = match state.self_node()? {
-        Some(node) => (Some(node.name.clone()), Some(node.ip)),
+        Some(node) => (Some(node.name.clone()), node.ipv4()),
         None => (None, None),
     };
     let mut maps = Maps::open_pinned(&instance.maps_dir())?;
@@ -66,10 +66,10 @@ fn reconcile(instance: &Instance, state: &mut State) -> Result<usize> {
         .iter()
         .filter(|n| Some(&n.name) != self_name.as_ref())
         .collect();
-    let backends: BTreeSet<Ipv4Addr> = desired
+    let backends: BTreeSet<IpAddr> = desired
         .local_backends
         .iter()
-        .map(|key| Ipv4Addr::from(key.ip_be.to_ne_bytes()))
+        .map(|key| IpAddr::from(key.ip_be.to_ne_bytes()))
         .collect();
     let (managed, warnings) =
         underlay::sync_neighbours(&others, &backends, &attached, &state.managed_neighbours);

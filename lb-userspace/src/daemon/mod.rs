@@ -14,7 +14,7 @@ pub mod metrics;
 pub mod passive;
 use std::{
     collections::{BTreeSet, HashMap},
-    net::{IpAddr, Ipv4Addr, SocketAddr},
+    net::{IpAddr, SocketAddr},
     sync::{Arc, Mutex},
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
@@ -72,7 +72,7 @@ pub struct ClusterOptions {
     /// The cluster's key file; `None`: gossip in clear (`--insecure`).
     pub keys: Option<Arc<crate::cluster::transport::KeyFile>>,
     /// This node's underlay address (VTEP), published to the others.
-    pub vtep: Ipv4Addr,
+    pub vtep: IpAddr,
 }
 
 /// What the HTTP handlers and the loops share.
@@ -102,7 +102,7 @@ pub fn run(instance: Instance, options: Options) -> Result<()> {
     }
     match &options.cluster {
         Some(cluster) => {
-            if !underlay::local_addrs()?.contains(&cluster.vtep) {
+            if !underlay::local_underlay_addrs()?.contains(&cluster.vtep) {
                 anyhow::bail!(
                     "underlay IP {} is not an address of network namespace '{}': give this \
                      node's own address (--underlay-ip, or the IP of --gossip-addr)",
@@ -721,7 +721,7 @@ async fn reload(
 async fn cluster_loop(
     shared: Arc<Shared>,
     gossip: Gossip,
-    vtep: Ipv4Addr,
+    vtep: IpAddr,
     mut stop: watch::Receiver<bool>,
 ) {
     let config = gossip.config().clone();
@@ -808,11 +808,7 @@ async fn cluster_loop(
             .filter(|(addr, _)| {
                 !listed.contains(addr.to_string().as_str())
                     && (config.seeds.contains(addr)
-                        || step
-                            .table
-                            .nodes
-                            .iter()
-                            .any(|n| IpAddr::V4(n.ip) == addr.ip()))
+                        || step.table.nodes.iter().any(|n| n.ip == addr.ip()))
             })
             .map(|(addr, why)| cluster::PeerCutOff {
                 gossip_addr: addr.to_string(),

@@ -410,7 +410,7 @@ fn fill_maps<'a>(
     let desired = sync::desired(&state.table, self_node.map(|node| node.name.as_str()));
     maps.apply(&sync::delta(&desired, &maps.read_contents()?))?;
     let ifaces: Vec<&str> = targets.map(|target| target.iface.as_str()).collect();
-    maps.sync_host(&ifaces, self_node.map(|node| node.ip))?;
+    maps.sync_host(&ifaces, self_node.and_then(crate::table::Node::ipv4))?;
     Ok(())
 }
 

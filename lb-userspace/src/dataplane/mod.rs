@@ -16,7 +16,7 @@ pub mod sync;
 use std::{
     collections::{BTreeMap, BTreeSet},
     fs,
-    net::Ipv4Addr,
+    net::{Ipv4Addr, Ipv6Addr},
     os::fd::AsFd as _,
     path::{Path, PathBuf},
 };
@@ -199,6 +199,11 @@ pub struct Maps {
     pub nodes: HashMap<MapData, u32, u32>,
     /// `MeshConfig` in slot 0.
     pub mesh: Array<MapData, MeshConfig>,
+    /// An IPv6 underlay's other nodes: address → key, and key → address.
+    pub nodes6: HashMap<MapData, Addr6, u32>,
+    pub node_addrs6: HashMap<MapData, u32, Addr6>,
+    /// This node's IPv6 underlay address in slot 0 (all zero on an IPv4 underlay).
+    pub mesh6: Array<MapData, Addr6>,
     /// Filled by the data plane only (an LRU hash, which aya's `HashMap` also handles); opened so
     /// that its type is checked with the others, and for inspection.
     pub tunnel_replies: HashMap<MapData, FlowKey, TunnelValue>,
@@ -316,6 +321,9 @@ impl Maps {
             tx_ports: get(map_names::TX_PORTS)?.try_into()?,
             nodes: get(map_names::NODES)?.try_into()?,
             mesh: get(map_names::MESH)?.try_into()?,
+            nodes6: get(map_names::NODES6)?.try_into()?,
+            node_addrs6: get(map_names::NODE_ADDRS6)?.try_into()?,
+            mesh6: get(map_names::MESH6)?.try_into()?,
             tunnel_replies: get(map_names::TUNNEL_REPLIES)?.try_into()?,
             maglev: get(map_names::MAGLEV)?.try_into()?,
             tx_via_tc: get(map_names::TX_VIA_TC)?.try_into()?,
@@ -527,12 +535,21 @@ impl Maps {
     pub fn read_contents(&self) -> Result<MapContents> {
         let mut contents = MapContents {
             mesh: self.mesh.get(&0, 0).context("reading MESH")?,
+            mesh6: self.mesh6.get(&0, 0).context("reading MESH6")?,
             ..MapContents::default()
         };
         for_each_entry(self.nodes.map(), |ip: u32, _: u32| {
             contents.nodes.insert(ip);
         })
         .context("reading NODES")?;
+        for_each_entry(self.nodes6.map(), |addr: Addr6, key: u32| {
+            contents.nodes6.insert(addr, key);
+        })
+        .context("reading NODES6")?;
+        for_each_entry(self.node_addrs6.map(), |key: u32, addr: Addr6| {
+            contents.node_addrs6.insert(key, addr);
+        })
+        .context("reading NODE_ADDRS6")?;
         for_each_entry(self.services.map(), |key, value| {
             contents.services.insert(key, value);
         })
@@ -583,8 +600,27 @@ impl Maps {
 
     /// Writes a delta in the order `Delta` documents.
     pub fn apply(&mut self, delta: &Delta) -> Result<()> {
+        // This node's IPv6 address is there before `MESH` names the node by its key, and
+        // stays until `MESH` no longer does.
+        let mesh6_first = delta.mesh6.is_some_and(|addr| addr != [0; 16]);
+        if mesh6_first {
+            self.write_mesh6(delta)?;
+        }
         if let Some(mesh) = &delta.mesh {
             self.mesh.set(0, mesh, 0).context("writing MESH")?;
+        }
+        if !mesh6_first {
+            self.write_mesh6(delta)?;
+        }
+        for (key, addr) in &delta.node_addrs6_to_write {
+            self.node_addrs6
+                .insert(key, addr, 0)
+                .with_context(|| format!("adding node {} to NODE_ADDRS6", Ipv6Addr::from(*addr)))?;
+        }
+        for (addr, key) in &delta.nodes6_to_write {
+            self.nodes6
+                .insert(addr, key, 0)
+                .with_context(|| format!("adding node {} to NODES6", Ipv6Addr::from(*addr)))?;
         }
         for ip in &delta.nodes_to_add {
             self.nodes
@@ -692,6 +728,23 @@ impl Maps {
             self.nodes
                 .remove(ip)
                 .with_context(|| format!("removing node {} from NODES", show_ip(*ip)))?;
+        }
+        for addr in &delta.nodes6_to_remove {
+            self.nodes6
+                .remove(addr)
+                .with_context(|| format!("removing node {} from NODES6", Ipv6Addr::from(*addr)))?;
+        }
+        for key in &delta.node_addrs6_to_remove {
+            self.node_addrs6
+                .remove(key)
+                .with_context(|| format!("removing node key {} from NODE_ADDRS6", show_ip(*key)))?;
+        }
+        Ok(())
+    }
+
+    fn write_mesh6(&mut self, delta: &Delta) -> Result<()> {
+        if let Some(addr) = &delta.mesh6 {
+            self.mesh6.set(0, addr, 0).context("writing MESH6")?;
         }
         Ok(())
     }

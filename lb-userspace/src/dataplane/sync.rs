@@ -21,10 +21,19 @@ use crate::{
 /// and their IPv6 counterparts should hold (active backends only).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct MapContents {
-    /// `MESH[0]`.
+    /// `MESH[0]`: `local_ip_be` is this node's key (`table::node_key`): its IPv4 address, or
+    /// on an IPv6 underlay the key of its IPv6 address.
     pub mesh: MeshConfig,
-    /// Underlay addresses (network byte order) of every node but this one.
+    /// `MESH6[0]`: this node's IPv6 underlay address; all zero on an IPv4 underlay, or when
+    /// this instance is none of the nodes.
+    pub mesh6: Addr6,
+    /// The keys (`table::node_key`: an IPv4 node's address in network byte order, an IPv6
+    /// node's key) of every node but this one.
     pub nodes: BTreeSet<u32>,
+    /// `NODES6`: every IPv6 node but this one, address → key (empty on an IPv4 underlay).
+    pub nodes6: BTreeMap<Addr6, u32>,
+    /// `NODE_ADDRS6`: the same nodes, key → address.
+    pub node_addrs6: BTreeMap<u32, Addr6>,
     pub services: BTreeMap<ServiceKey, ServiceValue>,
     /// The non-zero words of `SERVICE_PORTS` by index: the ports of `services`.
     pub service_ports: BTreeMap<u32, u64>,
@@ -62,21 +71,24 @@ pub fn service_key(service: &Service) -> Option<ServiceKey> {
 
 /// The map contents `table` implies on the node named `self_node` (`None`: this instance is
 /// none of the table's nodes). Backends on this node, or on no node, are reached by plain
-/// routing; backends on another node carry that node's underlay address, so the data plane
-/// encapsulates their packets to it.
+/// routing; backends on another node carry that node's key (its IPv4 address, or the key of
+/// its IPv6 one), so the data plane encapsulates their packets to it.
 pub fn desired(table: &Table, self_node: Option<&str>) -> MapContents {
     let be = |ip: std::net::Ipv4Addr| u32::from_ne_bytes(ip.octets());
-    let local_ip = table
+    let local = table
         .nodes
         .iter()
-        .find(|n| Some(n.name.as_str()) == self_node)
-        .map(|n| n.ip);
+        .find(|n| Some(n.name.as_str()) == self_node);
     let mut contents = MapContents {
         mesh: MeshConfig {
-            local_ip_be: local_ip.map_or(0, be),
+            local_ip_be: local.map_or(0, table::Node::key),
             vni: table.vni,
             vxlan_port_be: table.vxlan_port.to_be(),
             _pad: 0,
+        },
+        mesh6: match local.map(|n| n.ip) {
+            Some(IpAddr::V6(ip)) => ip.octets(),
+            _ => [0; 16],
         },
         ..MapContents::default()
     };
@@ -85,9 +97,19 @@ pub fn desired(table: &Table, self_node: Option<&str>) -> MapContents {
         .nodes
         .iter()
         .filter(|n| Some(n.name.as_str()) != self_node)
-        .map(|n| (n.name.as_str(), be(n.ip)))
+        .map(|n| (n.name.as_str(), n.key()))
         .collect();
     contents.nodes = remote.values().copied().collect();
+    for node in table
+        .nodes
+        .iter()
+        .filter(|n| remote.contains_key(n.name.as_str()))
+    {
+        if let IpAddr::V6(ip) = node.ip {
+            contents.nodes6.insert(ip.octets(), node.key());
+            contents.node_addrs6.insert(node.key(), ip.octets());
+        }
+    }
     for service in &table.services {
         assert!(
             service.backends.len() <= MAX_BACKENDS_PER_SERVICE,
@@ -310,9 +332,12 @@ fn gcd(a: u32, b: u32) -> u32 {
 /// Map writes that turn `actual` into `desired`, in the order they must be applied so that
 /// the data plane never picks a backend that is not (yet, or any more) active, nor one on a
 /// node it does not (yet, or any more) know:
-/// 1. `mesh` (this node's underlay address, VNI and port: what every encapsulation uses);
-/// 2. `nodes_to_add` (a node's VXLAN is accepted before any of its backends can be chosen),
-///    then `local_backends_to_add` (before the other nodes can send flows to them);
+/// 1. `mesh` (this node's underlay address, VNI and port: what every encapsulation uses), with
+///    `mesh6` (this node's IPv6 address) written before it when the node has one, after it
+///    when not: `MESH` never names an IPv6 node whose address `MESH6` lacks;
+/// 2. `nodes_to_add` with `node_addrs6_to_write` and `nodes6_to_write` (a node's VXLAN is
+///    accepted, and its address known, before any of its backends can be chosen), then
+///    `local_backends_to_add` (before the other nodes can send flows to them);
 /// 3. `backends_to_write` (new backends become active before any service lists them; their
 ///    counters are zeroed first when `new_backend_ids` says the slot is fresh);
 /// 4. `maglev_to_write` (the tables name active backends only, and a service that becomes a
@@ -325,11 +350,18 @@ fn gcd(a: u32, b: u32) -> u32 {
 /// 8. `maglev_to_delete` (tables no service reads any more);
 /// 9. `backends_to_clear` (deactivated after the services stop listing them: flows pinned to
 ///    them then choose again);
-/// 10. `local_backends_to_remove`, then `nodes_to_remove` (last: once no backend sends there).
+/// 10. `local_backends_to_remove`, then `nodes_to_remove`, `nodes6_to_remove` and
+///     `node_addrs6_to_remove` (last: once no backend sends there).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Delta {
     pub mesh: Option<MeshConfig>,
+    pub mesh6: Option<Addr6>,
     pub nodes_to_add: Vec<u32>,
+    /// `NODES6` and `NODE_ADDRS6` entries that are new or changed, and those no node has.
+    pub nodes6_to_write: Vec<(Addr6, u32)>,
+    pub node_addrs6_to_write: Vec<(u32, Addr6)>,
+    pub nodes6_to_remove: Vec<Addr6>,
+    pub node_addrs6_to_remove: Vec<u32>,
     pub local_backends_to_add: Vec<LocalBackendKey>,
     pub backends_to_write: Vec<(u32, Backend)>,
     pub new_backend_ids: Vec<u32>,
@@ -361,7 +393,12 @@ impl Delta {
     /// How many map entries the delta writes or deletes (counter and cursor resets aside).
     pub fn writes(&self) -> usize {
         usize::from(self.mesh.is_some())
+            + usize::from(self.mesh6.is_some())
             + self.nodes_to_add.len()
+            + self.nodes6_to_write.len()
+            + self.node_addrs6_to_write.len()
+            + self.nodes6_to_remove.len()
+            + self.node_addrs6_to_remove.len()
             + self.local_backends_to_add.len()
             + self.backends_to_write.len()
             + self.maglev_to_write.len()
@@ -386,11 +423,37 @@ impl Delta {
     }
 }
 
+/// The entries of `desired` that `actual` lacks or holds with another value.
+fn changed_entries<K: Ord + Copy, V: PartialEq + Copy>(
+    desired: &BTreeMap<K, V>,
+    actual: &BTreeMap<K, V>,
+) -> Vec<(K, V)> {
+    desired
+        .iter()
+        .filter(|(key, value)| actual.get(key) != Some(value))
+        .map(|(key, value)| (*key, *value))
+        .collect()
+}
+
+/// The keys of `actual` that `desired` has not.
+fn missing_keys<K: Ord + Copy, V>(desired: &BTreeMap<K, V>, actual: &BTreeMap<K, V>) -> Vec<K> {
+    actual
+        .keys()
+        .filter(|key| !desired.contains_key(key))
+        .copied()
+        .collect()
+}
+
 pub fn delta(desired: &MapContents, actual: &MapContents) -> Delta {
     let mut delta = Delta {
         mesh: (desired.mesh != actual.mesh).then_some(desired.mesh),
+        mesh6: (desired.mesh6 != actual.mesh6).then_some(desired.mesh6),
         nodes_to_add: desired.nodes.difference(&actual.nodes).copied().collect(),
         nodes_to_remove: actual.nodes.difference(&desired.nodes).copied().collect(),
+        nodes6_to_write: changed_entries(&desired.nodes6, &actual.nodes6),
+        nodes6_to_remove: missing_keys(&desired.nodes6, &actual.nodes6),
+        node_addrs6_to_write: changed_entries(&desired.node_addrs6, &actual.node_addrs6),
+        node_addrs6_to_remove: missing_keys(&desired.node_addrs6, &actual.node_addrs6),
         local_backends_to_add: desired
             .local_backends
             .difference(&actual.local_backends)
@@ -1096,5 +1159,142 @@ mod tests {
         let delta = delta(&desired(&t, Some("n1")), &before);
         assert_eq!(delta.mesh.unwrap().vni, 5000);
         assert_eq!(delta.writes(), 1);
+    }
+
+    const V6_NODES: &[(&str, &str)] = &[
+        ("n1", "2001:db8::1"),
+        ("n2", "2001:db8::2"),
+        ("n3", "2001:db8::3"),
+    ];
+
+    fn v6(s: &str) -> Addr6 {
+        s.parse::<std::net::Ipv6Addr>().unwrap().octets()
+    }
+
+    fn key6(s: &str) -> u32 {
+        lb_common::ipv6_node_key(&v6(s))
+    }
+
+    #[test]
+    fn an_ipv6_underlays_nodes_are_keys_everywhere_and_addresses_in_their_own_maps() {
+        let t = mesh_table(
+            V6_NODES,
+            &[(
+                "web",
+                8080,
+                &["10.0.0.6:80", "10.0.0.7:80@n2", "[2001:db8:5::8]:80@n3"],
+            )],
+        );
+        let contents = desired(&t, Some("n1"));
+        let (k1, k2, k3) = (
+            key6("2001:db8::1"),
+            key6("2001:db8::2"),
+            key6("2001:db8::3"),
+        );
+        assert!([k1, k2, k3].iter().all(|k| lb_common::is_ipv6_node_key(*k)));
+        assert_eq!(contents.mesh.local_ip_be, k1, "this node by its key, not 0");
+        assert_eq!(contents.mesh6, v6("2001:db8::1"));
+        assert_eq!(contents.nodes, BTreeSet::from([k2, k3]));
+        assert_eq!(
+            contents.nodes6,
+            BTreeMap::from([(v6("2001:db8::2"), k2), (v6("2001:db8::3"), k3)])
+        );
+        assert_eq!(
+            contents.node_addrs6,
+            BTreeMap::from([(k2, v6("2001:db8::2")), (k3, v6("2001:db8::3"))])
+        );
+        // The backends' family is the tasks', not the underlay's.
+        assert_eq!(contents.backends[&0].node_ip_be, 0, "routed, on no node");
+        assert_eq!(contents.backends[&1].node_ip_be, k2);
+        assert_eq!(contents.backends[&1].flags, BACKEND_ACTIVE);
+        assert_eq!(contents.backends[&2].node_ip_be, k3);
+        assert_eq!(contents.backends[&2].flags, BACKEND_ACTIVE | BACKEND_IPV6);
+        assert_eq!(contents.local_backends.len(), 1, "10.0.0.6 only");
+
+        // An instance that is none of the nodes: every node is remote, nothing is local.
+        let outside = desired(&t, None);
+        assert_eq!((outside.mesh.local_ip_be, outside.mesh6), (0, [0; 16]));
+        assert_eq!(outside.nodes6.len(), 3);
+        assert_eq!(outside.node_addrs6.len(), 3);
+    }
+
+    #[test]
+    fn an_ipv4_underlay_leaves_the_ipv6_node_maps_empty() {
+        let contents = desired(&web_on_two_nodes(), Some("n1"));
+        assert_eq!(contents.mesh.local_ip_be, N1);
+        assert_eq!(contents.mesh6, [0; 16]);
+        assert!(contents.nodes6.is_empty() && contents.node_addrs6.is_empty());
+        assert_eq!(contents.nodes, BTreeSet::from([N2]));
+    }
+
+    #[test]
+    fn ipv6_nodes_come_and_go_in_every_node_map() {
+        let mut t = mesh_table(&V6_NODES[..2], &[("web", 8080, &["10.0.0.7:80@n2"])]);
+        let applied = desired(&t, Some("n1"));
+        let first = delta(&applied, &MapContents::default());
+        assert_eq!(first.mesh6, Some(v6("2001:db8::1")));
+        assert_eq!(first.mesh.unwrap().local_ip_be, key6("2001:db8::1"));
+        assert_eq!(first.nodes_to_add, [key6("2001:db8::2")]);
+        assert_eq!(
+            first.nodes6_to_write,
+            [(v6("2001:db8::2"), key6("2001:db8::2"))]
+        );
+        assert_eq!(
+            first.node_addrs6_to_write,
+            [(key6("2001:db8::2"), v6("2001:db8::2"))]
+        );
+        assert!(
+            delta(&applied, &applied).is_empty(),
+            "applied: nothing to write"
+        );
+
+        // n2 leaves with its backend, n3 comes.
+        t.remove_backends("web", &[parse_backend_spec("10.0.0.7:80@n2").unwrap()])
+            .unwrap();
+        t.remove_node("n2").unwrap();
+        t.add_node("n3", "2001:db8::3".parse().unwrap()).unwrap();
+        let change = delta(&desired(&t, Some("n1")), &applied);
+        assert_eq!((change.mesh, change.mesh6), (None, None));
+        assert_eq!(change.nodes_to_add, [key6("2001:db8::3")]);
+        assert_eq!(
+            change.nodes6_to_write,
+            [(v6("2001:db8::3"), key6("2001:db8::3"))]
+        );
+        assert_eq!(
+            change.node_addrs6_to_write,
+            [(key6("2001:db8::3"), v6("2001:db8::3"))]
+        );
+        assert_eq!(change.nodes_to_remove, [key6("2001:db8::2")]);
+        assert_eq!(change.nodes6_to_remove, [v6("2001:db8::2")]);
+        assert_eq!(change.node_addrs6_to_remove, [key6("2001:db8::2")]);
+        assert_eq!(change.backends_to_clear, [0]);
+        assert_eq!(change.writes(), 8 + change.services_to_write.len());
+
+        // This instance stops being a node (its address gone): MESH and MESH6 are cleared.
+        let outside = delta(&desired(&t, None), &desired(&t, Some("n1")));
+        assert_eq!(outside.mesh.unwrap().local_ip_be, 0);
+        assert_eq!(outside.mesh6, Some([0; 16]));
+        assert_eq!(
+            outside.nodes6_to_write,
+            [(v6("2001:db8::1"), key6("2001:db8::1"))]
+        );
+    }
+
+    #[test]
+    fn a_key_that_changes_address_is_rewritten() {
+        let mut actual = MapContents::default();
+        actual.node_addrs6.insert(7, v6("2001:db8::a"));
+        actual.nodes6.insert(v6("2001:db8::a"), 7);
+        let mut wanted = MapContents::default();
+        wanted.node_addrs6.insert(7, v6("2001:db8::b"));
+        wanted.nodes6.insert(v6("2001:db8::b"), 7);
+        let change = delta(&wanted, &actual);
+        assert_eq!(change.node_addrs6_to_write, [(7, v6("2001:db8::b"))]);
+        assert!(
+            change.node_addrs6_to_remove.is_empty(),
+            "written over, not removed"
+        );
+        assert_eq!(change.nodes6_to_write, [(v6("2001:db8::b"), 7)]);
+        assert_eq!(change.nodes6_to_remove, [v6("2001:db8::a")]);
     }
 }

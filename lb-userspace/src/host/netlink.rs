@@ -5,7 +5,10 @@
 //! A socket belongs to the namespace of the thread that opens it, so one opened after lbctl
 //! entered an instance's namespace (`setns`) reads and changes that namespace, as `getifaddrs`
 //! does. Used by `underlay` and `task_routes`.
-use std::{collections::BTreeMap, net::Ipv4Addr};
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, Ipv4Addr},
+};
 
 use netlink_packet_core::{
     NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_MULTIPART, NLM_F_REPLACE, NLM_F_REQUEST,
@@ -83,7 +86,8 @@ pub struct Route {
     pub kind: RouteType,
     /// The interface it leaves by.
     pub oif: Option<u32>,
-    pub gateway: Option<Ipv4Addr>,
+    /// An IPv4 route's IPv4 gateway, an IPv6 route's IPv6 one (often link-local).
+    pub gateway: Option<IpAddr>,
     /// The route's own MTU (`mtu [lock] N`, or one path MTU discovery learnt), if it has one:
     /// otherwise its interface's applies.
     pub mtu: Option<u32>,
@@ -101,7 +105,10 @@ impl Route {
             match attribute {
                 RouteAttribute::Oif(index) => route.oif = Some(*index),
                 RouteAttribute::Gateway(RouteAddress::Inet(gateway)) => {
-                    route.gateway = Some(*gateway)
+                    route.gateway = Some(IpAddr::V4(*gateway))
+                }
+                RouteAttribute::Gateway(RouteAddress::Inet6(gateway)) => {
+                    route.gateway = Some(IpAddr::V6(*gateway))
                 }
                 RouteAttribute::Metrics(metrics) => {
                     route.mtu = metrics.iter().find_map(|metric| match metric {
@@ -124,10 +131,10 @@ pub struct HostRoute {
     pub oif: Option<u32>,
 }
 
-/// An IPv4 neighbour entry as `RTM_GETNEIGH` lists it.
+/// An IPv4 or IPv6 neighbour entry as `RTM_GETNEIGH` lists it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Neighbour {
-    pub addr: Ipv4Addr,
+    pub addr: IpAddr,
     pub ifindex: u32,
     pub state: NeighbourState,
     /// Kept resolved by the kernel (`NTF_EXT_MANAGED`).
@@ -137,7 +144,12 @@ pub struct Neighbour {
 impl Neighbour {
     pub fn of(message: &NeighbourMessage) -> Option<Neighbour> {
         let addr = message.attributes.iter().find_map(|a| match a {
-            NeighbourAttribute::Destination(NeighbourAddress::Inet(addr)) => Some(*addr),
+            NeighbourAttribute::Destination(NeighbourAddress::Inet(addr)) => {
+                Some(IpAddr::V4(*addr))
+            }
+            NeighbourAttribute::Destination(NeighbourAddress::Inet6(addr)) => {
+                Some(IpAddr::V6(*addr))
+            }
             _ => None,
         })?;
         let managed = message.attributes.iter().any(|a| {
@@ -258,15 +270,19 @@ impl Rtnl {
             .collect())
     }
 
-    /// The route the kernel would take to `dst` (`ip route get`).
-    pub fn route_get(&mut self, dst: Ipv4Addr) -> Result<Route, String> {
+    /// The route the kernel would take to `dst` (`ip route get`, `ip -6 route get`).
+    pub fn route_get(&mut self, dst: IpAddr) -> Result<Route, String> {
         let mut message = RouteMessage::default();
-        message.header.address_family = AddressFamily::Inet;
-        message.header.destination_prefix_length = 32;
+        let (family, prefix_len, address) = match dst {
+            IpAddr::V4(dst) => (AddressFamily::Inet, 32, RouteAddress::Inet(dst)),
+            IpAddr::V6(dst) => (AddressFamily::Inet6, 128, RouteAddress::Inet6(dst)),
+        };
+        message.header.address_family = family;
+        message.header.destination_prefix_length = prefix_len;
         message.header.flags = RouteFlags::LookupTable;
         message
             .attributes
-            .push(RouteAttribute::Destination(RouteAddress::Inet(dst)));
+            .push(RouteAttribute::Destination(address));
         let answers = self.request(RouteNetlinkMessage::GetRoute(message), 0)?;
         answers
             .iter()
@@ -277,22 +293,21 @@ impl Rtnl {
             .ok_or_else(|| "no answer".to_owned())
     }
 
-    /// The namespace's IPv4 neighbour entries.
+    /// The namespace's IPv4 and IPv6 neighbour entries (`ip neigh show`, `ip -6 neigh show`).
     pub fn neighbours(&mut self) -> Result<Vec<Neighbour>, String> {
-        let mut message = NeighbourMessage::default();
-        message.header.family = AddressFamily::Inet;
-        let answers = self.request(RouteNetlinkMessage::GetNeighbour(message), NLM_F_DUMP)?;
-        Ok(answers
-            .iter()
-            .filter_map(|answer| match answer {
-                RouteNetlinkMessage::NewNeighbour(entry)
-                    if entry.header.family == AddressFamily::Inet =>
-                {
+        let mut entries = Vec::new();
+        for family in [AddressFamily::Inet, AddressFamily::Inet6] {
+            let mut message = NeighbourMessage::default();
+            message.header.family = family;
+            let answers = self.request(RouteNetlinkMessage::GetNeighbour(message), NLM_F_DUMP)?;
+            entries.extend(answers.iter().filter_map(|answer| match answer {
+                RouteNetlinkMessage::NewNeighbour(entry) if entry.header.family == family => {
                     Neighbour::of(entry)
                 }
                 _ => None,
-            })
-            .collect())
+            }));
+        }
+        Ok(entries)
     }
 
     /// The bridges' forwarding databases: every unicast MAC a bridge reaches through a port,
@@ -333,26 +348,24 @@ impl Rtnl {
             .collect())
     }
 
-    fn neighbour_message(addr: Ipv4Addr, ifindex: u32) -> NeighbourMessage {
+    fn neighbour_message(addr: IpAddr, ifindex: u32) -> NeighbourMessage {
         let mut message = NeighbourMessage::default();
-        message.header.family = AddressFamily::Inet;
+        let (family, address) = match addr {
+            IpAddr::V4(addr) => (AddressFamily::Inet, NeighbourAddress::Inet(addr)),
+            IpAddr::V6(addr) => (AddressFamily::Inet6, NeighbourAddress::Inet6(addr)),
+        };
+        message.header.family = family;
         message.header.ifindex = ifindex;
         message.header.state = NeighbourState::None;
         message
             .attributes
-            .push(NeighbourAttribute::Destination(NeighbourAddress::Inet(
-                addr,
-            )));
+            .push(NeighbourAttribute::Destination(address));
         message
     }
 
     /// Makes the entry for `addr` on `ifindex` managed, creating it or turning a learned one
     /// (`ip neigh replace ADDR dev DEV managed`: the same message, checked with strace).
-    pub fn neighbour_replace_managed(
-        &mut self,
-        addr: Ipv4Addr,
-        ifindex: u32,
-    ) -> Result<(), String> {
+    pub fn neighbour_replace_managed(&mut self, addr: IpAddr, ifindex: u32) -> Result<(), String> {
         let mut message = Self::neighbour_message(addr, ifindex);
         message
             .attributes
@@ -387,7 +400,10 @@ impl Rtnl {
                     let found = Route::of(route);
                     Some(HostRoute {
                         dst,
-                        gateway: found.gateway,
+                        gateway: match found.gateway {
+                            Some(IpAddr::V4(gateway)) => Some(gateway),
+                            _ => None,
+                        },
                         oif: found.oif,
                     })
                 }
@@ -439,7 +455,7 @@ impl Rtnl {
     }
 
     /// Deletes the entry for `addr` on `ifindex`.
-    pub fn neighbour_delete(&mut self, addr: Ipv4Addr, ifindex: u32) -> Result<(), String> {
+    pub fn neighbour_delete(&mut self, addr: IpAddr, ifindex: u32) -> Result<(), String> {
         let message = Self::neighbour_message(addr, ifindex);
         self.request(RouteNetlinkMessage::DelNeighbour(message), NLM_F_ACK)
             .map(drop)

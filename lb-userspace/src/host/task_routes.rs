@@ -12,7 +12,7 @@
 //! it resolved and XDP sends to the task without waiting for the kernel's path.
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr},
     time::{Duration, Instant},
 };
 
@@ -70,14 +70,14 @@ pub fn add(wanted: &[TaskRoute], wait: Duration) -> Result<(), String> {
                     route.task, route.gateway
                 )
             })?;
-        rtnl.neighbour_replace_managed(route.gateway, bridge)
+        rtnl.neighbour_replace_managed(route.gateway.into(), bridge)
             .map_err(|err| format!("making neighbour {} managed: {err}", route.gateway))?;
         added.push(*route);
     }
-    let waiting: BTreeSet<Ipv4Addr> = added.iter().map(|r| r.gateway).collect();
+    let waiting: BTreeSet<IpAddr> = added.iter().map(|r| r.gateway.into()).collect();
     let deadline = Instant::now() + wait;
     while !waiting.is_empty() && Instant::now() < deadline {
-        let resolved: BTreeSet<Ipv4Addr> = rtnl
+        let resolved: BTreeSet<IpAddr> = rtnl
             .neighbours()?
             .into_iter()
             .filter(|n| {
@@ -117,7 +117,7 @@ pub fn remove_others(wanted: &[TaskRoute]) -> Result<(), String> {
             && !gateways.contains(&gateway)
         {
             // Gone already with its container's veth, or someone else's: not an error.
-            let _ = rtnl.neighbour_delete(gateway, oif);
+            let _ = rtnl.neighbour_delete(gateway.into(), oif);
         }
     }
     Ok(())

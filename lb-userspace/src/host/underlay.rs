@@ -12,7 +12,7 @@
 //! changes, whatever the number of nodes.
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
 };
 
 use anyhow::{Context as _, Result};
@@ -73,6 +73,20 @@ fn veth_ports(links: &[Link], fdb: &[FdbEntry]) -> BTreeMap<(u32, [u8; 6]), u32>
 /// The IPv4 addresses assigned to the namespace's interfaces (up or down).
 pub fn local_addrs() -> Result<BTreeSet<Ipv4Addr>> {
     Ok(interface_addrs()?.into_iter().map(|a| a.addr).collect())
+}
+
+/// The addresses of the namespace's interfaces a node of the mesh may have: IPv4 ones
+/// ([`local_addrs`]) and global IPv6 ones ([`local_addrs6`]).
+pub fn local_underlay_addrs() -> Result<BTreeSet<IpAddr>> {
+    Ok(local_addrs()?
+        .into_iter()
+        .map(IpAddr::V4)
+        .chain(
+            local_addrs6()?
+                .into_iter()
+                .map(|a| IpAddr::V6(Ipv6Addr::from(a))),
+        )
+        .collect())
 }
 
 /// The IPv6 addresses of the namespace's interfaces that a client may reach a service on
@@ -189,10 +203,10 @@ pub fn mtu(iface: &str) -> Result<u32, String> {
     link.mtu.ok_or_else(|| format!("{iface} has no MTU"))
 }
 
-/// The MTU of the path to `dst` as the data plane's FIB lookups see it: the route's own (`mtu
-/// lock 1400`, or one path MTU discovery learnt), else its interface's. `None` without a
-/// route.
-pub fn path_mtu(dst: Ipv4Addr) -> Result<Option<u32>, String> {
+/// The MTU of the path to `dst` (IPv4 or IPv6) as the data plane's FIB lookups see it: the
+/// route's own (`mtu lock 1400`, or one path MTU discovery learnt), else its interface's.
+/// `None` without a route.
+pub fn path_mtu(dst: IpAddr) -> Result<Option<u32>, String> {
     let mut rtnl = Rtnl::open()?;
     let Ok(route) = rtnl.route_get(dst) else {
         return Ok(None);
@@ -216,7 +230,8 @@ fn path_mtu_of(route: &Route, link_mtus: &BTreeMap<u32, u32>) -> Option<u32> {
 /// route's gateway) on the interface the route leaves by.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct NextHop {
-    pub addr: Ipv4Addr,
+    /// IPv4, or IPv6 (`ip -6 neigh`) towards a node of an IPv6 underlay.
+    pub addr: IpAddr,
     pub dev: String,
 }
 
@@ -242,10 +257,7 @@ impl Netlink {
 
     /// The next hop towards each address, by the kernel's own routing decision (`ip route
     /// get`), or why there is none.
-    fn next_hops(
-        &mut self,
-        dsts: &BTreeSet<Ipv4Addr>,
-    ) -> BTreeMap<Ipv4Addr, Result<NextHop, String>> {
+    fn next_hops(&mut self, dsts: &BTreeSet<IpAddr>) -> BTreeMap<IpAddr, Result<NextHop, String>> {
         dsts.iter()
             .map(|&dst| {
                 let hop = self
@@ -258,7 +270,7 @@ impl Netlink {
             .collect()
     }
 
-    /// The kernel's IPv4 neighbour entries (`ip neigh show`).
+    /// The kernel's IPv4 and IPv6 neighbour entries (`ip neigh show`, `ip -6 neigh show`).
     fn neighbours(&mut self) -> Result<BTreeMap<NextHop, Kernel>, String> {
         Ok(classify(&self.rtnl.neighbours()?, &self.names))
     }
@@ -268,7 +280,7 @@ impl Netlink {
     fn change_each(
         &mut self,
         hops: &[NextHop],
-        change: impl Fn(&mut Rtnl, Ipv4Addr, u32) -> Result<(), String>,
+        change: impl Fn(&mut Rtnl, IpAddr, u32) -> Result<(), String>,
     ) -> Vec<(NextHop, String)> {
         let indexes: BTreeMap<&str, u32> =
             self.names.iter().map(|(i, n)| (n.as_str(), *i)).collect();
@@ -297,11 +309,7 @@ impl Netlink {
 }
 
 /// The next hop `route`, the kernel's route to `dst`, leads to.
-fn next_hop(
-    route: &Route,
-    dst: Ipv4Addr,
-    names: &BTreeMap<u32, String>,
-) -> Result<NextHop, String> {
+fn next_hop(route: &Route, dst: IpAddr, names: &BTreeMap<u32, String>) -> Result<NextHop, String> {
     match route.kind {
         RouteType::Unicast | RouteType::Unspec => {}
         RouteType::Local => return Err(format!("{dst} is an address of this namespace")),
@@ -421,7 +429,7 @@ pub fn plan(
 /// is not attached to is the kernel's to reach, without a warning.
 pub fn sync_neighbours(
     nodes: &[&Node],
-    backends: &BTreeSet<Ipv4Addr>,
+    backends: &BTreeSet<IpAddr>,
     attached: &[&str],
     recorded: &[NextHop],
 ) -> (Vec<NextHop>, Vec<String>) {
@@ -430,7 +438,7 @@ pub fn sync_neighbours(
         return (Vec::new(), warnings);
     }
     let mut record: BTreeSet<NextHop> = recorded.iter().cloned().collect();
-    let dsts: BTreeSet<Ipv4Addr> = nodes
+    let dsts: BTreeSet<IpAddr> = nodes
         .iter()
         .map(|n| n.ip)
         .chain(backends.iter().copied())
@@ -563,7 +571,7 @@ mod tests {
 
     #[test]
     fn the_next_hop_is_the_gateway_or_the_node_itself() {
-        let dst: Ipv4Addr = "172.30.5.5".parse().unwrap();
+        let dst: IpAddr = "172.30.5.5".parse().unwrap();
         let names = BTreeMap::from([(1, "lo".to_owned()), (4, "v0".to_owned())]);
         let route = |kind, oif, gateway: Option<&str>| {
             let route = Route {

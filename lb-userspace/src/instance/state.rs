@@ -106,7 +106,9 @@ impl State {
     /// an interface of the instance's namespace. Found afresh by every command, so an address
     /// added or moved after `node add` is picked up by the next one.
     pub fn self_node(&self) -> anyhow::Result<Option<&crate::table::Node>> {
-        Ok(self.table.self_node(&crate::host::underlay::local_addrs()?))
+        Ok(self
+            .table
+            .self_node(&crate::host::underlay::local_underlay_addrs()?))
     }
 }
 

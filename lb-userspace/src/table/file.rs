@@ -12,10 +12,7 @@
 //!   ]
 //! }
 //! ```
-use std::{
-    fmt::Display,
-    net::{IpAddr, Ipv4Addr},
-};
+use std::{fmt::Display, net::IpAddr};
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer, de::Error as _};
 
@@ -41,7 +38,7 @@ pub struct NodeEntry {
     #[serde(deserialize_with = "node_name")]
     pub name: String,
     #[serde(deserialize_with = "underlay_ip")]
-    pub underlay_ip: Ipv4Addr,
+    pub underlay_ip: IpAddr,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -249,7 +246,7 @@ fn node_name<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
     })
 }
 
-fn underlay_ip<'de, D: Deserializer<'de>>(d: D) -> Result<Ipv4Addr, D::Error> {
+fn underlay_ip<'de, D: Deserializer<'de>>(d: D) -> Result<IpAddr, D::Error> {
     checked(d, table::parse_node_ip)
 }
 
@@ -418,6 +415,42 @@ mod tests {
             let err = TableFile::parse(&text).unwrap_err();
             assert!(err.contains(wanted), "{text}: {err}");
         }
+    }
+
+    #[test]
+    fn a_file_of_ipv6_nodes_applies_and_exports_and_one_of_two_families_is_refused() {
+        let text = r#"{
+  "nodes": [{"name": "n1", "underlay_ip": "2001:db8::1"},
+            {"name": "n2", "underlay_ip": "2001:db8::2"}],
+  "services": [{"name": "web", "port": 8080,
+                "backends": ["10.0.0.7:80@n2", "[2001:db8:5::7]:80@n1"]}]
+}"#;
+        let file = TableFile::parse(text).unwrap();
+        let mut table = Table::default();
+        let nodes = file.nodes().unwrap();
+        assert_eq!(table.apply(Some(&nodes), &file.services()), Ok(true));
+        assert_eq!(table.nodes[1].ip.to_string(), "2001:db8::2");
+        let exported = TableFile::of(&table, true).to_json();
+        assert!(
+            exported.contains(r#""underlay_ip": "2001:db8::2""#),
+            "{exported}"
+        );
+        assert_eq!(TableFile::parse(&exported).unwrap(), file);
+
+        // An IPv4 node among IPv6 ones: refused, the table as it was.
+        let mixed = text.replace("2001:db8::2", "10.0.0.2");
+        let file = TableFile::parse(&mixed).unwrap();
+        let before = table.clone();
+        let err = table
+            .apply(Some(&file.nodes().unwrap()), &file.services())
+            .unwrap_err();
+        assert!(err.contains("one family"), "{err}");
+        assert_eq!(table, before);
+        let err = TableFile::parse(&text.replace("2001:db8::2", "fe80::2")).unwrap_err();
+        assert!(
+            err.contains("invalid underlay IP 'fe80::2': link-local"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -18,8 +18,8 @@ pub use service::*;
 pub use values::*;
 
 use std::{
-    collections::{BTreeSet, HashMap, HashSet},
-    net::{IpAddr, Ipv4Addr, SocketAddr},
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
+    net::{IpAddr, SocketAddr},
 };
 
 use lb_common::{
@@ -378,7 +378,7 @@ impl Table {
 fn declared_nodes<'a>(
     nodes: &'a [Node],
     services: &[ServiceSpec],
-) -> Result<HashMap<&'a str, Ipv4Addr>, String> {
+) -> Result<HashMap<&'a str, IpAddr>, String> {
     let mut declared = HashMap::with_capacity(nodes.len());
     for node in nodes {
         if declared.insert(node.name.as_str(), node.ip).is_some() {
@@ -476,7 +476,7 @@ pub fn fnv1a(bytes: &[u8]) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::net::SocketAddrV4;
+    use std::net::{Ipv4Addr, SocketAddrV4};
 
     fn addr(s: &str) -> SocketAddr {
         parse_backend(s).unwrap()
@@ -562,7 +562,7 @@ mod tests {
         table.add_node("n2", ip("192.168.1.2")).unwrap();
         let before = table.clone();
         let v6 = addr("[2001:db8::6]:80");
-        let vip4 = Some(IpAddr::from(ip("10.9.9.9")));
+        let vip4 = Some(ip("10.9.9.9"));
         let vip6 = Some("2001:db8::99".parse::<IpAddr>().unwrap());
         for (vip, backend, why) in [
             (vip4, v6, "other address family"),
@@ -740,7 +740,7 @@ mod tests {
         parse_weighted_backend_spec(s).unwrap()
     }
 
-    fn ip(s: &str) -> Ipv4Addr {
+    fn ip(s: &str) -> IpAddr {
         s.parse().unwrap()
     }
 
@@ -932,11 +932,145 @@ mod tests {
     }
 
     #[test]
+    fn an_ipv6_underlay_address_must_be_global_unicast() {
+        assert_eq!(parse_node_ip("2001:db8::1"), Ok(ip("2001:db8::1")));
+        assert_eq!(parse_node_ip("fd00:1::7"), Ok(ip("fd00:1::7")));
+        for (bad, why) in [
+            ("fe80::1", "link-local"),
+            ("febf::1", "link-local"),
+            ("fe80::1%eth0", "scope id"),
+            ("2001:db8::1%2", "scope id"),
+            ("ff02::1", "multicast"),
+            ("::", "unspecified"),
+            ("::1", "loopback"),
+            ("::ffff:10.0.0.1", "IPv4 address in IPv6 form"),
+            ("2001:db8::g", "not an IPv4 or IPv6 address"),
+            ("0.1.2.3", "0.0.0.0/8"),
+        ] {
+            let err = parse_node_ip(bad).unwrap_err();
+            assert!(
+                err.contains(&format!("'{bad}'")) && err.contains(why),
+                "{bad}: {err}"
+            );
+            assert!(!err.contains('\n'), "one line: {err}");
+        }
+    }
+
+    /// Two IPv6 addresses whose node keys are the same (24 bits: found within a few thousand).
+    fn colliding_ipv6_pair() -> (IpAddr, IpAddr) {
+        let mut seen = HashMap::new();
+        for i in 1..=u16::MAX {
+            let addr = IpAddr::from(std::net::Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 7, i));
+            if let Some(other) = seen.insert(node_key(addr), addr) {
+                return (other, addr);
+            }
+        }
+        panic!("no two keys alike among 65,535 addresses");
+    }
+
+    #[test]
+    fn a_mesh_is_of_one_family_and_its_ipv6_keys_unique() {
+        let mut table = Table::default();
+        table.add_node("n1", ip("2001:db8::1")).unwrap();
+        table.add_node("n2", ip("2001:db8::2")).unwrap();
+        let before = table.clone();
+        let err = table.add_node("n4", ip("10.0.0.4")).unwrap_err();
+        assert!(
+            err.contains("'n4'") && err.contains("IPv6") && err.contains("one family"),
+            "{err}"
+        );
+        let (a, b) = colliding_ipv6_pair();
+        assert_eq!(node_key(a), node_key(b));
+        assert!(lb_common::is_ipv6_node_key(node_key(a)));
+        table.add_node("na", a).unwrap();
+        let with_a = table.clone();
+        let err = table.add_node("nb", b).unwrap_err();
+        assert!(
+            err.contains("'nb'") && err.contains("'na'") && err.contains("node key"),
+            "{err}"
+        );
+        assert_eq!(table, with_a);
+        table.remove_node("na").unwrap();
+        assert_eq!(table.nodes, before.nodes);
+
+        let mut v4 = mesh();
+        let before = v4.clone();
+        let err = v4.add_node("n9", ip("2001:db8::9")).unwrap_err();
+        assert!(err.contains("IPv4") && err.contains("one family"), "{err}");
+        assert_eq!(v4, before);
+        // The last node gone, the other family may start a mesh.
+        let mut alone = Table::default();
+        alone.add_node("n1", ip("192.168.1.1")).unwrap();
+        alone.remove_node("n1").unwrap();
+        assert_eq!(alone.add_node("n1", ip("2001:db8::1")), Ok(true));
+    }
+
+    #[test]
+    fn a_table_of_two_families_or_shared_keys_does_not_validate() {
+        let mut mixed = mesh();
+        mixed.nodes.push(Node {
+            name: "n9".into(),
+            ip: ip("2001:db8::9"),
+        });
+        let err = mixed.validate().unwrap_err();
+        assert!(err.contains("two families"), "{err}");
+        let (a, b) = colliding_ipv6_pair();
+        let mut shared = Table::default();
+        for (name, ip) in [("na", a), ("nb", b)] {
+            shared.nodes.push(Node {
+                name: name.into(),
+                ip,
+            });
+        }
+        let err = shared.validate().unwrap_err();
+        assert!(err.contains("same node key"), "{err}");
+        shared.nodes.pop();
+        assert_eq!(shared.validate(), Ok(()));
+    }
+
+    #[test]
+    fn an_ipv6_node_finds_itself_and_takes_backends_of_either_family() {
+        let mut table = Table::default();
+        table.add_node("n1", ip("2001:db8::1")).unwrap();
+        table.add_node("n2", ip("2001:db8::2")).unwrap();
+        table
+            .add_service(
+                "web",
+                Proto::Tcp,
+                8080,
+                None,
+                &[spec("10.0.0.8:80@n2"), spec("[2001:db8:5::8]:80@n2")],
+            )
+            .unwrap();
+        let local: BTreeSet<IpAddr> = [ip("10.0.0.1"), ip("2001:db8::2")].into();
+        assert_eq!(table.self_node(&local).unwrap().name, "n2");
+        assert!(table.self_node(&[ip("10.0.0.2")].into()).is_none());
+        assert_eq!(table.validate(), Ok(()));
+    }
+
+    #[test]
+    fn a_state_file_of_ipv4_nodes_still_loads_and_ipv6_ones_round_trip() {
+        // A table as an lbctl of IPv4 nodes only wrote it.
+        let old = r#"{"generation": 3, "services": [], "nodes": [
+            {"name": "n1", "ip": "10.0.0.1"}, {"name": "n2", "ip": "10.0.0.2"}]}"#;
+        let table: Table = serde_json::from_str(old).unwrap();
+        assert_eq!(table.nodes[1].ip, ip("10.0.0.2"));
+        assert_eq!(table.nodes[1].key(), u32::from_ne_bytes([10, 0, 0, 2]));
+        let written = serde_json::to_string(&table).unwrap();
+        assert!(written.contains(r#""ip":"10.0.0.1""#), "{written}");
+        let mut v6 = Table::default();
+        v6.add_node("n1", ip("2001:db8::1")).unwrap();
+        let written = serde_json::to_string(&v6).unwrap();
+        assert!(written.contains(r#""ip":"2001:db8::1""#), "{written}");
+        assert_eq!(serde_json::from_str::<Table>(&written).unwrap(), v6);
+    }
+
+    #[test]
     fn node_count_is_limited() {
         let mut table = Table::default();
         for i in 0..MAX_NODES {
             table
-                .add_node(&format!("n{i}"), Ipv4Addr::from(0x0a01_0000 + i))
+                .add_node(&format!("n{i}"), Ipv4Addr::from(0x0a01_0000 + i).into())
                 .unwrap();
         }
         let err = table.add_node("one-more", ip("192.168.1.1")).unwrap_err();
@@ -1064,7 +1198,7 @@ mod tests {
     #[test]
     fn self_is_the_first_node_whose_address_is_local() {
         let table = mesh();
-        let local: BTreeSet<Ipv4Addr> = [ip("127.0.0.1"), ip("192.168.1.2")].into();
+        let local: BTreeSet<IpAddr> = [ip("127.0.0.1"), ip("192.168.1.2")].into();
         assert_eq!(table.self_node(&local).unwrap().name, "n2");
         assert!(table.self_node(&[ip("192.168.1.3")].into()).is_none());
     }

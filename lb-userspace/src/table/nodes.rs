@@ -10,7 +10,7 @@ impl Table {
     /// Adds a node. Adding a node that exists with the same address changes nothing and
     /// succeeds (the same `node add` lines are run on every node, and again after changes):
     /// returns whether the table changed.
-    pub fn add_node(&mut self, name: &str, ip: Ipv4Addr) -> Result<bool, String> {
+    pub fn add_node(&mut self, name: &str, ip: IpAddr) -> Result<bool, String> {
         validate_name("node", name)?;
         if let Some(node) = self.node(name) {
             if node.ip == ip {
@@ -28,6 +28,7 @@ impl Table {
                 other.name
             ));
         }
+        self.check_node_fits(name, ip)?;
         if self.nodes.len() >= MAX_NODES as usize {
             return Err(format!(
                 "cannot add node '{name}': the mesh holds {MAX_NODES} nodes already"
@@ -39,6 +40,33 @@ impl Table {
         });
         self.generation += 1;
         Ok(true)
+    }
+
+    /// Whether node `name` at `ip` can join the table's other nodes: an underlay address of the
+    /// same family as theirs (the data plane speaks one per mesh), and, for IPv6, a key
+    /// ([`node_key`]) no other node has: the data plane could not tell the two apart.
+    pub(super) fn check_node_fits(&self, name: &str, ip: IpAddr) -> Result<(), String> {
+        let others = || self.nodes.iter().filter(|n| n.name != name);
+        if let Some(other) = others().find(|n| n.ip.is_ipv4() != ip.is_ipv4()) {
+            return Err(format!(
+                "cannot add node '{name}' ({ip}): the mesh's underlay is {} (node '{}' is {}), \
+                 and all its nodes' addresses must be of one family",
+                family_name(other.ip),
+                other.name,
+                other.ip
+            ));
+        }
+        let key = node_key(ip);
+        if let Some(other) = others().find(|n| n.key() == key && n.ip != ip) {
+            return Err(format!(
+                "cannot add node '{name}' ({ip}): its node key {} is node '{}''s ({}) too, \
+                 and the data plane names a node by its key; give one of them another address",
+                show_node_key(key),
+                other.name,
+                other.ip
+            ));
+        }
+        Ok(())
     }
 
     /// Removes a node that hosts no backend: its backends' traffic would have nowhere to go.
@@ -75,9 +103,9 @@ impl Table {
     }
 
     /// The node this instance is: the first whose underlay address is one of `local_addrs`
-    /// (the addresses of the instance's network namespace). `None` when no node matches: the
+    /// (the IPv4 and IPv6 addresses of the instance's network namespace). `None` when no node matches: the
     /// instance then encapsulates nothing.
-    pub fn self_node(&self, local_addrs: &BTreeSet<Ipv4Addr>) -> Option<&Node> {
+    pub fn self_node(&self, local_addrs: &BTreeSet<IpAddr>) -> Option<&Node> {
         self.nodes.iter().find(|n| local_addrs.contains(&n.ip))
     }
 

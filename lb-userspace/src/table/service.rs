@@ -247,8 +247,24 @@ impl fmt::Display for Backend {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Node {
     pub name: String,
-    /// The address VXLAN packets to the node's backends are sent to, and come from.
-    pub ip: Ipv4Addr,
+    /// The address VXLAN packets to the node's backends are sent to, and come from: IPv4 or
+    /// IPv6, the same family for every node of a table.
+    pub ip: IpAddr,
+}
+
+impl Node {
+    /// What the data plane's tables name the node by ([`node_key`]).
+    pub fn key(&self) -> u32 {
+        node_key(self.ip)
+    }
+
+    /// The node's address on an IPv4 underlay; `None` on an IPv6 one.
+    pub fn ipv4(&self) -> Option<Ipv4Addr> {
+        match self.ip {
+            IpAddr::V4(ip) => Some(ip),
+            IpAddr::V6(_) => None,
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

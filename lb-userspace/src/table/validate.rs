@@ -6,13 +6,14 @@ impl Table {
     /// Checks a table read from a file: what every edit above keeps true. Names plain and
     /// unique; ids in range and unique (they index the data plane's arrays); one service per
     /// frontend; backend addresses a backend can have, once per service, on known nodes; nodes
-    /// unique by name and address; mesh settings and health checks in range.
+    /// unique by name, address and key, of one family; mesh settings and health checks in range.
     pub fn validate(&self) -> Result<(), String> {
         if self.nodes.len() > MAX_NODES as usize {
             return Err(format!("{} nodes, at most {MAX_NODES}", self.nodes.len()));
         }
         let mut node_names = BTreeSet::new();
         let mut node_ips = BTreeSet::new();
+        let mut node_keys = BTreeMap::new();
         for node in &self.nodes {
             validate_name("node", &node.name)?;
             parse_node_ip(&node.ip.to_string())?;
@@ -21,6 +22,24 @@ impl Table {
             }
             if !node_ips.insert(node.ip) {
                 return Err(format!("underlay IP {} belongs to two nodes", node.ip));
+            }
+            // One family, keys unique: what `add_node` checks, in one pass over the nodes.
+            let first = &self.nodes[0];
+            if first.ip.is_ipv4() != node.ip.is_ipv4() {
+                return Err(format!(
+                    "nodes '{}' ({}) and '{}' ({}) have underlay addresses of two families",
+                    first.name, first.ip, node.name, node.ip
+                ));
+            }
+            if let Some(other) = node_keys.insert(node.key(), node) {
+                return Err(format!(
+                    "nodes '{}' ({}) and '{}' ({}) have the same node key {}",
+                    other.name,
+                    other.ip,
+                    node.name,
+                    node.ip,
+                    show_node_key(node.key())
+                ));
             }
         }
         if self.vni > MAX_VNI || self.vxlan_port == 0 {

@@ -278,17 +278,74 @@ pub fn parse_backend_spec(s: &str) -> Result<BackendSpec, String> {
     })
 }
 
-/// Parses a node's underlay address: the unicast IPv4 address VXLAN packets are sent to.
-pub fn parse_node_ip(s: &str) -> Result<Ipv4Addr, String> {
-    let ip: Ipv4Addr = s
-        .parse()
-        .map_err(|_| format!("invalid underlay IP '{s}': not an IPv4 address"))?;
-    if ip.is_unspecified() || ip.is_broadcast() || ip.is_multicast() || ip.is_loopback() {
+/// Parses a node's underlay address: the unicast address VXLAN packets are sent to, IPv4 or
+/// IPv6 (one family per mesh: the table's business). An IPv6 one must be global: a link-local
+/// address (or one with a scope, `fe80::1%eth0`) names a host on one link only.
+pub fn parse_node_ip(s: &str) -> Result<IpAddr, String> {
+    if s.contains('%') {
         return Err(format!(
-            "invalid underlay IP '{s}': {ip} is not a unicast address another node can reach"
+            "invalid underlay IP '{s}': an address with a scope id is link-local; give the \
+             node's global address"
         ));
     }
-    Ok(ip)
+    let ip: IpAddr = s
+        .parse()
+        .map_err(|_| format!("invalid underlay IP '{s}': not an IPv4 or IPv6 address"))?;
+    let why = match ip {
+        IpAddr::V4(ip)
+            if ip.is_unspecified()
+                || ip.is_broadcast()
+                || ip.is_multicast()
+                || ip.is_loopback() =>
+        {
+            Some("not a unicast address another node can reach")
+        }
+        // 0.0.0.0/8 ("this network") names no host, and holds the IPv6 nodes' keys.
+        IpAddr::V4(ip) if ip.octets()[0] == 0 => Some("in 0.0.0.0/8, which names no host"),
+        IpAddr::V4(_) => None,
+        IpAddr::V6(ip) if ip.is_unspecified() => Some("unspecified, not a host's"),
+        IpAddr::V6(ip) if ip.is_loopback() => Some("loopback, which no other node reaches"),
+        IpAddr::V6(ip) if ip.is_multicast() => Some("multicast"),
+        IpAddr::V6(ip) if ip.is_unicast_link_local() => {
+            Some("link-local (fe80::/10), valid on one link only")
+        }
+        IpAddr::V6(ip) if ip.to_ipv4_mapped().is_some() => {
+            Some("an IPv4 address in IPv6 form: write it as IPv4")
+        }
+        IpAddr::V6(_) => None,
+    };
+    match why {
+        Some(why) => Err(format!("invalid underlay IP '{s}': {why}")),
+        None => Ok(ip),
+    }
+}
+
+/// The 32 bits every data plane table names a node by (`Backend::node_ip_be`, `NODES`,
+/// `MeshConfig::local_ip_be`): an IPv4 node's address in network byte order, an IPv6 node's
+/// key (`lb_common::ipv6_node_key`, in 0.0.0.0/8).
+pub fn node_key(ip: IpAddr) -> u32 {
+    match ip {
+        IpAddr::V4(ip) => u32::from_ne_bytes(ip.octets()),
+        IpAddr::V6(ip) => lb_common::ipv6_node_key(&ip.octets()),
+    }
+}
+
+/// A node key written as an IPv4 address (an IPv6 node's is in 0.0.0.0/8), as the maps hold it.
+pub fn show_node_key(key: u32) -> Ipv4Addr {
+    Ipv4Addr::from(key.to_ne_bytes())
+}
+
+/// The address family of an underlay address, in words.
+pub fn family_name(ip: IpAddr) -> &'static str {
+    if ip.is_ipv4() { "IPv4" } else { "IPv6" }
+}
+
+/// `ip`, bracketed when IPv6, so that a port may follow it (`[2001:db8::1]:7947`).
+pub fn bracketed(ip: IpAddr) -> String {
+    match ip {
+        IpAddr::V4(ip) => ip.to_string(),
+        IpAddr::V6(ip) => format!("[{ip}]"),
+    }
 }
 
 /// Parses a VXLAN network identifier: 0 to 2^24 − 1.

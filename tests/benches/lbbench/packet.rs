@@ -229,7 +229,7 @@ impl Loaded {
         let mut table = Table::default();
         for (name, ip) in [("n1", NODE_IP), ("n2", N2_IP)] {
             table
-                .add_node(name, Ipv4Addr::from(ip))
+                .add_node(name, Ipv4Addr::from(ip).into())
                 .map_err(anyhow::Error::msg)?;
         }
         let web: Vec<_> = (0..LOCAL_BACKENDS)
