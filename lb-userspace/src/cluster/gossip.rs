@@ -724,6 +724,77 @@ mod tests {
         }
     }
 
+    /// Nodes of an IPv6 underlay gossip their IPv6 VTEPs: every node's table holds them, with
+    /// each node's (IPv4) tasks on it; a node with an IPv4 VTEP among them is refused, and its
+    /// tasks with it, on every node alike.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn ipv6_vteps_are_gossiped_and_a_node_of_the_other_family_is_left_out() {
+        let transport = ChannelTransport::with_mtu(65_507);
+        let mut sims = Vec::new();
+        for i in 0..4 {
+            let mut sim = start(&transport, i, "v6").await;
+            sim.vtep = if i == 3 {
+                "192.168.1.4".parse().unwrap()
+            } else {
+                format!("2001:db8::{}", i + 1).parse().unwrap()
+            };
+            sims.push(sim);
+        }
+        // n3 agrees too: its table is the mesh's, of which it is no node.
+        converge(&mut sims, |s| {
+            s.table.nodes.len() == 3
+                && s.table
+                    .service("web")
+                    .is_some_and(|w| w.backends.len() == 6)
+        })
+        .await;
+        for sim in &sims {
+            let mut nodes: Vec<String> = sim
+                .table
+                .nodes
+                .iter()
+                .map(|n| format!("{} {}", n.name, n.ip))
+                .collect();
+            nodes.sort();
+            assert_eq!(
+                nodes,
+                ["n0 2001:db8::1", "n1 2001:db8::2", "n2 2001:db8::3"]
+            );
+            let web = sim.table.service("web").unwrap();
+            assert!(
+                web.backends
+                    .iter()
+                    .any(|b| b.to_string() == "10.0.1.10:80@n1"),
+                "{:?}",
+                web.backends
+            );
+            assert!(web.backends.iter().all(|b| b.node.as_deref() != Some("n3")));
+            sim.table.validate().unwrap();
+        }
+        let step = cluster::step(
+            &sims[3].table,
+            &sims[3].local,
+            sims[3].vtep,
+            &sims[3]
+                .gossip
+                .members()
+                .await
+                .into_iter()
+                .map(|m| m.view)
+                .collect::<Vec<_>>(),
+        );
+        assert!(
+            step.warnings
+                .iter()
+                .any(|w| w.contains("'n3'") && w.contains("other family")),
+            "{:?}",
+            step.warnings
+        );
+        for sim in sims {
+            sim.gossip.shutdown().await.unwrap();
+        }
+    }
+
     /// A node of another cluster is refused and counted on both sides, and changes nothing.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_node_of_another_cluster_changes_nothing_and_is_counted() {

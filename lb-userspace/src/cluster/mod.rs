@@ -235,7 +235,9 @@ pub fn live_members(members: &[MemberView]) -> BTreeMap<&str, &MemberView> {
 
 /// Merges what the live members publish (dead members count for nothing):
 /// - nodes: every live member with an underlay address (the first by name keeps an address
-///   two members claim);
+///   two members claim, or an IPv6 node key). One family per mesh: the family most members
+///   publish (on a tie, the first member's by name); a member of the other family is left
+///   out, with its tasks, alike on every node;
 /// - services: for each name, the record with the highest version wins; a removal wins like a
 ///   definition. Two live services on the same protocol, port and VIP: the older keeps it;
 /// - backends: each live node's tasks of each live service, as `IP:PORT@node`; an address
@@ -244,15 +246,31 @@ pub fn merge(members: &[MemberView]) -> Merged {
     let live = live_members(members);
     let mut merged = Merged::default();
     let mut ips = BTreeSet::new();
+    let mut keys = BTreeSet::new();
+    let vteps: Vec<IpAddr> = live.values().filter_map(|m| m.vtep).collect();
+    let ipv6 = vteps.iter().filter(|ip| ip.is_ipv6()).count();
+    let ipv6_underlay = match ipv6.cmp(&(vteps.len() - ipv6)) {
+        std::cmp::Ordering::Equal => vteps.first().is_some_and(IpAddr::is_ipv6),
+        more_or_less => more_or_less.is_gt(),
+    };
     for (name, member) in &live {
         match member.vtep {
-            Some(ip) if ips.insert(ip) => merged.nodes.push(Node {
+            Some(ip) if ip.is_ipv6() != ipv6_underlay => merged.warnings.push(format!(
+                "node '{name}' publishes underlay IP {ip}, of the other family than the mesh's \
+                 {} underlay: left out",
+                if ipv6_underlay { "IPv6" } else { "IPv4" }
+            )),
+            Some(ip) if !ips.insert(ip) => merged.warnings.push(format!(
+                "node '{name}' publishes underlay IP {ip}, which another node has: left out"
+            )),
+            Some(ip) if !keys.insert(crate::table::node_key(ip)) => merged.warnings.push(format!(
+                "node '{name}' publishes underlay IP {ip}, whose node key another node has: \
+                 left out"
+            )),
+            Some(ip) => merged.nodes.push(Node {
                 name: (*name).to_owned(),
                 ip,
             }),
-            Some(ip) => merged.warnings.push(format!(
-                "node '{name}' publishes underlay IP {ip}, which another node has: left out"
-            )),
             None => merged
                 .warnings
                 .push(format!("node '{name}' publishes no underlay IP: left out")),
@@ -1002,6 +1020,43 @@ mod tests {
                 ("[fd00::10]:80@n1".into(), 1),
                 ("[fd00::12]:80@n2".into(), 2)
             ]
+        );
+        table.validate().unwrap();
+    }
+
+    /// Members of an IPv6 underlay: their tasks (IPv4 here) land on IPv6 nodes; a member of
+    /// the other family is left out with its tasks; the majority's family wins.
+    #[test]
+    fn ipv6_nodes_take_their_tasks_and_the_other_family_is_left_out() {
+        let v6 = |i: u8, vtep: &str| MemberView {
+            vtep: Some(vtep.parse().unwrap()),
+            ..member(i)
+        };
+        let members = vec![
+            with_tasks(
+                with_service(
+                    v6(1, "2001:db8::1"),
+                    "web",
+                    version(10, "n1"),
+                    Some(web(8080)),
+                ),
+                "web",
+                &["10.0.0.10:80"],
+            ),
+            with_tasks(v6(2, "2001:db8::2"), "web", &["10.0.0.12:80"]),
+            // An IPv4 member first by name would not make the mesh IPv4: the majority does.
+            with_tasks(member(0), "web", &["10.0.0.13:80"]),
+        ];
+        let merged = merge(&members);
+        assert_eq!(merged.warnings.len(), 1, "{:?}", merged.warnings);
+        assert!(merged.warnings[0].contains("'n0'"), "{:?}", merged.warnings);
+        let (table, warnings) = apply(&Table::default(), &merged);
+        assert!(warnings.is_empty(), "{warnings:?}");
+        assert_eq!(table.node("n2").unwrap().ip, ip("2001:db8::2"));
+        assert!(table.node("n0").is_none());
+        assert_eq!(
+            backends_of(&table, "web"),
+            [("10.0.0.10:80@n1".into(), 0), ("10.0.0.12:80@n2".into(), 1)]
         );
         table.validate().unwrap();
     }

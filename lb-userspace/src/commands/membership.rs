@@ -151,8 +151,16 @@ pub fn cluster_ls(instance: &Instance, as_json: bool) -> Result<String> {
         .max()
         .unwrap_or(0)
         .max(4);
+    // An IPv6 underlay's addresses are wider than IPv4's 15 characters.
+    let underlay_width = status
+        .members
+        .iter()
+        .filter_map(|m| m.vtep.map(|ip| ip.to_string().len()))
+        .max()
+        .unwrap_or(0)
+        .max(15);
     out.push_str(&format!(
-        "{:<width$}  {:<5}  {:<15}  {:<21}  {:<16}  {:<8}  TABLE\n",
+        "{:<width$}  {:<5}  {:<underlay_width$}  {:<21}  {:<16}  {:<8}  TABLE\n",
         "NODE", "STATE", "UNDERLAY", "GOSSIP", "DIGEST", "KEY"
     ));
     for m in &status.members {
@@ -168,7 +176,7 @@ pub fn cluster_ls(instance: &Instance, as_json: bool) -> Result<String> {
             "-"
         };
         out.push_str(&format!(
-            "{:<width$}  {:<5}  {:<15}  {:<21}  {:<16}  {:<8}  {table}\n",
+            "{:<width$}  {:<5}  {:<underlay_width$}  {:<21}  {:<16}  {:<8}  {table}\n",
             m.name,
             if m.alive { "alive" } else { "dead" },
             m.vtep

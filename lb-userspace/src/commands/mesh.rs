@@ -274,3 +274,25 @@ pub fn mesh_show(instance: &Instance, as_json: bool) -> Result<String> {
     }
     Ok(out.trim_end().to_owned())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_overlay_and_mss_follow_the_underlays_overhead() {
+        let mut table = Table::default();
+        let v4 = MeshMtu::of(&table);
+        assert_eq!((v4.overhead(), v4.overlay(1500)), (50, 1450));
+        assert_eq!((v4.mss(1500), v4.mss6(1500)), (1410, 1390));
+        table
+            .add_node("n1", "2001:db8::1".parse().unwrap())
+            .unwrap();
+        let v6 = MeshMtu::of(&table);
+        assert!(v6.ipv6_underlay);
+        assert_eq!((v6.overhead(), v6.overlay(1400)), (70, 1330));
+        assert_eq!((v6.mss(1400), v6.mss6(1400)), (1290, 1270));
+        assert_eq!(v6.overlay(1349), 1279, "below IPv6's 1280");
+        assert_eq!(v6.mss(60), 0, "never below zero");
+    }
+}

@@ -601,6 +601,70 @@ mod tests {
     }
 
     #[test]
+    fn an_ipv6_nodes_next_hop_is_its_gateway_often_link_local_or_itself() {
+        let dst: IpAddr = "2001:db8:2::2".parse().unwrap();
+        let names = BTreeMap::from([(4, "v0".to_owned())]);
+        let route = |gateway: Option<&str>| Route {
+            kind: RouteType::Unicast,
+            oif: Some(4),
+            gateway: gateway.map(|g| g.parse().unwrap()),
+            mtu: Some(1400),
+        };
+        assert_eq!(
+            next_hop(&route(Some("fe80::1")), dst, &names),
+            Ok(hop("fe80::1", "v0"))
+        );
+        assert_eq!(
+            next_hop(&route(None), dst, &names),
+            Ok(hop("2001:db8:2::2", "v0"))
+        );
+        let link_mtus = BTreeMap::from([(4, 9000)]);
+        assert_eq!(path_mtu_of(&route(None), &link_mtus), Some(1400));
+    }
+
+    #[test]
+    fn ipv6_neighbours_are_classified_and_planned_as_ipv4_ones() {
+        let names = BTreeMap::from([(4, "v0".to_owned())]);
+        let entry = |addr: &str, state, managed| Neighbour {
+            addr: addr.parse().unwrap(),
+            ifindex: 4,
+            state,
+            managed,
+        };
+        let kernel = classify(
+            &[
+                entry("fe80::1", NeighbourState::Reachable, true),
+                entry("2001:db8::9", NeighbourState::Permanent, false),
+                entry("2001:db8::3", NeighbourState::Stale, false),
+                entry("192.168.77.3", NeighbourState::Stale, false),
+            ],
+            &names,
+        );
+        assert_eq!(kernel[&hop("fe80::1", "v0")], Kernel::Managed);
+        assert_eq!(kernel[&hop("2001:db8::9", "v0")], Kernel::Static);
+        assert_eq!(kernel[&hop("2001:db8::3", "v0")], Kernel::Learned);
+        assert_eq!(kernel[&hop("192.168.77.3", "v0")], Kernel::Learned);
+        let wanted = BTreeSet::from([hop("2001:db8::3", "v0"), hop("2001:db8::4", "v0")]);
+        let recorded = BTreeSet::from([hop("fe80::1", "v0")]);
+        let plan = plan(&wanted, &recorded, &kernel);
+        assert_eq!(
+            plan.add,
+            [hop("2001:db8::3", "v0"), hop("2001:db8::4", "v0")]
+        );
+        assert_eq!(plan.delete, [hop("fe80::1", "v0")]);
+        assert!(plan.forget.is_empty());
+    }
+
+    #[test]
+    fn recorded_ipv4_next_hops_still_load() {
+        let old: Vec<NextHop> =
+            serde_json::from_str(r#"[{"addr": "192.168.77.2", "dev": "v0"}]"#).unwrap();
+        assert_eq!(old, [hop("192.168.77.2", "v0")]);
+        let v6 = serde_json::to_string(&hop("fe80::1", "v0")).unwrap();
+        assert_eq!(v6, r#"{"addr":"fe80::1","dev":"v0"}"#);
+    }
+
+    #[test]
     fn a_subnet_is_the_address_under_its_prefix_and_host_routes_have_none() {
         let subnet = |addr: [u8; 4], mask: [u8; 4]| Subnet::of(addr.into(), mask.into());
         assert_eq!(
