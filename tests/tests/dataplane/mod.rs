@@ -177,7 +177,9 @@ pub fn with_node_of(flow_capacity: u32, body: impl FnOnce(&mut Node) + Send) {
             .add_service("dns", Proto::Udp, DNS_PORT, None, &dns)
             .unwrap();
         for (name, ip) in [("n1", NODE_IP), ("n2", N2_IP), ("n3", N3_IP)] {
-            node.table.add_node(name, Ipv4Addr::from(ip).into()).unwrap();
+            node.table
+                .add_node(name, Ipv4Addr::from(ip).into())
+                .unwrap();
         }
         for (name, proto, port, backend) in [
             ("mesh", Proto::Tcp, MESH_PORT, "10.0.0.20:80@n2"),
