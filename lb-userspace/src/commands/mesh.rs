@@ -139,10 +139,6 @@ impl MeshMtu {
     pub fn mss6(self, mtu: u32) -> u32 {
         self.overlay(mtu).saturating_sub(60)
     }
-
-    pub fn underlay_name(self) -> &'static str {
-        if self.ipv6_underlay { "IPv6" } else { "IPv4" }
-    }
 }
 
 pub fn mesh_show(instance: &Instance, as_json: bool) -> Result<String> {

@@ -340,14 +340,6 @@ pub fn family_name(ip: IpAddr) -> &'static str {
     if ip.is_ipv4() { "IPv4" } else { "IPv6" }
 }
 
-/// `ip`, bracketed when IPv6, so that a port may follow it (`[2001:db8::1]:7947`).
-pub fn bracketed(ip: IpAddr) -> String {
-    match ip {
-        IpAddr::V4(ip) => ip.to_string(),
-        IpAddr::V6(ip) => format!("[{ip}]"),
-    }
-}
-
 /// Parses a VXLAN network identifier: 0 to 2^24 − 1.
 pub fn parse_vni(s: &str) -> Result<u32, String> {
     match s.parse::<u32>() {
