@@ -63,7 +63,7 @@ pub fn xdp_from_node6(ctx: &XdpContext) -> Result<(u32, Reason), Reason> {
     };
     let mut key = FlowKey6::default();
     let (data, data_end) = (ctx.data(), ctx.data_end());
-    let Ok(outer) = parse6::parse6(data, data_end, data_end - data, &mut key) else {
+    let Ok(outer) = parse6::parse6_tunnel(data, data_end, data_end - data, &mut key) else {
         return drop(Reason::DropVxlanMalformed);
     };
     if outer.proto != PROTO_UDP || outer.dst_port_be != mesh.vxlan_port_be {

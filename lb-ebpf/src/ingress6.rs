@@ -29,17 +29,25 @@ use crate::{
 #[inline(always)]
 pub fn try_xdp(ctx: &XdpContext) -> Result<(u32, Reason), Reason> {
     let mut key = FlowKey6::default();
-    let pkt = parse6::parse6(
+    let parsed = parse6::parse6(
         ctx.data(),
         ctx.data_end(),
         ctx.data_end() - ctx.data(),
         &mut key,
-    )?;
-    if pkt.proto == PROTO_UDP && decap::is_overlay6(&key, pkt.dst_port_be) {
-        // SAFETY: the index names an XDP program, as the tail call requires.
-        let _ = unsafe { OVERLAY6_PROGRAM.tail_call(ctx, 0) };
-        return Ok((xdp_action::XDP_DROP, Reason::DropVxlanMalformed));
-    }
+    );
+    let pkt = match parsed {
+        Ok(pkt) => pkt,
+        // VXLAN over an IPv6 underlay to this node (its UDP checksum is 0, which the parser
+        // takes as malformed, leaving the ports and protocol in the key).
+        Err(Reason::PassMalformed)
+            if key.proto == PROTO_UDP && decap::is_overlay6(&key, key.dst_port_be) =>
+        {
+            // SAFETY: the index names an XDP program, as the tail call requires.
+            let _ = unsafe { OVERLAY6_PROGRAM.tail_call(ctx, 0) };
+            return Ok((xdp_action::XDP_DROP, Reason::DropVxlanMalformed));
+        }
+        Err(reason) => return Err(reason),
+    };
     let port = select::service_port(pkt.proto, pkt.dst_port_be);
     if port != 0 {
         let event = match flows::pinned(&key, &pkt) {

@@ -70,8 +70,33 @@ fn is_martian(src: &Addr6, dst: &Addr6) -> bool {
 /// header goes to the kernel (`pass_fragment`), as do a routing header with segments left and
 /// more extension headers than the walk takes (`pass_ipv6_extension`), and anything but TCP and
 /// UDP (`pass_not_tcp_udp`: ICMPv6, neighbour discovery and router advertisements included).
+///
+/// A UDP datagram with a zero checksum is `pass_malformed` (RFC 8200 8.1), with its ports and
+/// protocol in `key` (an overlay packet has one: [`parse6_tunnel`]).
 #[inline(always)]
 pub fn parse6(
+    data: usize,
+    data_end: usize,
+    frame_len: usize,
+    key: &mut FlowKey6,
+) -> Result<Packet6, Reason> {
+    parse6_any::<false>(data, data_end, frame_len, key)
+}
+
+/// [`parse6`] for VXLAN over an IPv6 underlay, whose UDP checksum is 0 (RFC 6935 allows it for
+/// tunnels).
+#[inline(always)]
+pub fn parse6_tunnel(
+    data: usize,
+    data_end: usize,
+    frame_len: usize,
+    key: &mut FlowKey6,
+) -> Result<Packet6, Reason> {
+    parse6_any::<true>(data, data_end, frame_len, key)
+}
+
+#[inline(always)]
+fn parse6_any<const ZERO_UDP_CHECKSUM: bool>(
     data: usize,
     data_end: usize,
     frame_len: usize,
@@ -150,8 +175,15 @@ pub fn parse6(
         // SAFETY: as above.
         let udp = unsafe { &*udp };
         let udp_len = usize::from(u16::from_be_bytes(udp.len));
-        // A zero checksum is invalid in IPv6 (RFC 8200 8.1): the kernel drops such datagrams.
-        if udp_len < UdpHdr::LEN || l4_off + udp_len > l3_end || udp.check == [0, 0] {
+        if udp_len < UdpHdr::LEN || l4_off + udp_len > l3_end {
+            return Err(Reason::PassMalformed);
+        }
+        // A zero checksum is invalid in IPv6 (RFC 8200 8.1): the kernel drops such datagrams,
+        // but for tunnels that allow it.
+        if !ZERO_UDP_CHECKSUM && udp.check == [0, 0] {
+            key.src_port_be = u16::from_ne_bytes(udp.src);
+            key.dst_port_be = u16::from_ne_bytes(udp.dst);
+            key.proto = next;
             return Err(Reason::PassMalformed);
         }
         (

@@ -816,3 +816,213 @@ fn a_syn_takes_its_reverse_entry_back_from_another_services_flow() {
         }
     });
 }
+
+/// The test node's mesh moved to an IPv6 underlay: n1 (this node), n2 and n3 by their IPv6
+/// addresses, and a service of each family with its backend on n2.
+fn with_ipv6_underlay(node: &mut Node) {
+    for service in ["mesh", "meshdns"] {
+        node.table.remove_service(service).unwrap();
+    }
+    for name in ["n1", "n2", "n3"] {
+        node.table.remove_node(name).unwrap();
+    }
+    for (name, ip) in [("n1", NODE_IP6), ("n2", N2_IP6), ("n3", N3_IP6)] {
+        node.table
+            .add_node(name, Ipv6Addr::from(ip).into())
+            .unwrap();
+    }
+    for (name, port, backend) in [
+        ("mesh", MESH_PORT, "10.0.0.20:80@n2"),
+        ("mesh6", MESH6_PORT, "[2001:db8:20::20]:80@n2"),
+        ("local", 9098, "10.0.0.6:80@n1"),
+    ] {
+        let backend = lb_userspace::table::parse_backend_spec(backend).unwrap();
+        node.table
+            .add_service(name, Proto::Tcp, port, None, &[backend])
+            .unwrap();
+    }
+    node.apply();
+}
+
+/// An IPv4 TCP segment without payload, with an MSS option when `mss` is given.
+fn tcp4(
+    macs: ([u8; 6], [u8; 6]),
+    src: ([u8; 4], u16),
+    dst: ([u8; 4], u16),
+    ttl: u8,
+    (flags, mss): (&str, Option<u16>),
+) -> Vec<u8> {
+    let Some(mss) = mss else {
+        return tcp(macs, src, dst, ttl, flags, b"");
+    };
+    let builder = PacketBuilder::ethernet2(macs.0, macs.1)
+        .ipv4(src.0, dst.0, ttl)
+        .tcp(src.1, dst.1, 1000, 64240);
+    let builder = match flags {
+        "S" => builder.syn(),
+        "SA" => builder.syn().ack(0),
+        other => panic!("flags {other}"),
+    };
+    let mut frame = Vec::new();
+    builder
+        .options(&[etherparse::TcpOptionElement::MaximumSegmentSize(mss)])
+        .unwrap()
+        .write(&mut frame, b"")
+        .unwrap();
+    frame
+}
+
+/// The outer UDP source port of VXLAN over IPv6, its flow label the same, the inner frame's
+/// checksums valid.
+fn encap_source_port_over_ipv6(frame: &[u8]) -> u16 {
+    let port = u16::from_be_bytes([frame[54], frame[55]]);
+    assert!((49152..=65535).contains(&port), "outer source port {port}");
+    assert_eq!(&frame[60..62], &[0, 0], "outer UDP checksum is 0 (none)");
+    let label = u32::from_be_bytes([frame[14], frame[15], frame[16], frame[17]]) & 0xf_ffff;
+    assert_eq!(label, u32::from(port), "flow label");
+    match u16::from_be_bytes([frame[82], frame[83]]) {
+        0x0800 => assert_checksums_valid(&frame[70..]),
+        _ => assert_checksum_valid6(&frame[70..]),
+    }
+    port
+}
+
+/// Over an IPv6 underlay, new flows of both families whose backend is on n2 are DNATed and
+/// encapsulated in VXLAN over IPv6 (70 bytes, to n2's IPv6 address), their SYN's MSS clamped
+/// to what fits (1500 − 70 − 40 for IPv4, − 60 for IPv6), TTL or hop limit one less; the
+/// backends count them.
+#[test]
+fn over_an_ipv6_underlay_flows_of_both_families_are_encapsulated_in_ipv6() {
+    with_node(|node| {
+        with_ipv6_underlay(node);
+        let ingress = Some(node.ifindex);
+        let syn4 = tcp4(
+            (CLIENT_MAC, INGRESS_MAC),
+            (CLIENT_IP, 40000),
+            (NODE_IP, MESH_PORT),
+            64,
+            ("S", Some(1460)),
+        );
+        let (action, out) = node.xdp(&syn4, ingress);
+        assert_eq!(action, XDP_TX, "n2 is out of the receiving interface");
+        let port = encap_source_port_over_ipv6(&out);
+        let inner = tcp4(
+            (node.mac, N2_MAC),
+            (CLIENT_IP, 40000),
+            (REMOTE_BACKEND, BACKEND_PORT),
+            63,
+            ("S", Some(1390)),
+        );
+        assert_eq!(out, Tunnel6::to_n2(port).wrap(&inner));
+
+        let syn6 = syn6_with_mss(
+            (CLIENT_MAC, INGRESS_MAC),
+            (CLIENT_IP6, 40000),
+            (NODE_IP6, MESH6_PORT),
+            64,
+            "S",
+            1460,
+        );
+        let (action, out) = node.xdp(&syn6, ingress);
+        assert_eq!(action, XDP_TX);
+        let port6 = encap_source_port_over_ipv6(&out);
+        let inner = syn6_with_mss(
+            (node.mac, N2_MAC),
+            (CLIENT_IP6, 40000),
+            (REMOTE6, BACKEND_PORT),
+            63,
+            "S",
+            1370,
+        );
+        assert_eq!(out, Tunnel6::to_n2(port6).wrap(&inner));
+        let (action, out) = node.xdp(&client6(40000, MESH6_PORT, "A"), ingress);
+        assert_eq!(action, XDP_TX);
+        assert_eq!(
+            encap_source_port_over_ipv6(&out),
+            port6,
+            "a flow keeps its port"
+        );
+        assert_eq!(node.reason(Reason::ForwardEncapTx), 3);
+        let four = node.backend("mesh", 0);
+        assert_eq!((four.new_flows, four.packets), (1, 1));
+        let six = node.backend("mesh6", 0);
+        assert_eq!((six.new_flows, six.packets), (1, 2));
+    });
+}
+
+/// On the backend's node over an IPv6 underlay: n2's VXLAN over IPv6 carrying an IPv4 client's
+/// SYN for a backend here is decapsulated and delivered, and TC encapsulates the backend's
+/// SYN-ACK back to n2 over IPv6 (its MSS clamped to 1500 − 70 − 40). VXLAN from an IPv6 address
+/// that is no node's is dropped; another VNI's is the kernel's.
+#[test]
+fn over_an_ipv6_underlay_vxlan_is_decapsulated_and_replies_go_back_in_ipv6() {
+    with_node(|node| {
+        with_ipv6_underlay(node);
+        let ingress = Some(node.ifindex);
+        let syn = tcp(
+            (N2_MAC, INGRESS_MAC),
+            (CLIENT_IP, 40000),
+            (BACKENDS[0], BACKEND_PORT),
+            63,
+            "S",
+            b"",
+        );
+        let (action, out) = node.xdp(&Tunnel6::from_n2().wrap(&syn), ingress);
+        assert_eq!(
+            action, XDP_TX,
+            "the backend is out of the receiving interface"
+        );
+        let expected = tcp(
+            (node.mac, backend_mac(0)),
+            (CLIENT_IP, 40000),
+            (BACKENDS[0], BACKEND_PORT),
+            62,
+            "S",
+            b"",
+        );
+        assert_eq!(out, expected);
+        assert_eq!(node.reason(Reason::DecapTx), 1);
+        let n2_key = lb_common::ipv6_node_key(&N2_IP6).to_ne_bytes();
+        let reply_key = reverse_key(
+            &tcp_key((CLIENT_IP, 40000), (BACKENDS[0], BACKEND_PORT)),
+            BACKENDS[0],
+            BACKEND_PORT,
+        );
+        assert_eq!(node.tunnel_replies(), vec![(reply_key, n2_key)]);
+
+        let reply = tcp4(
+            (node.mac, CLIENT_MAC),
+            (BACKENDS[0], BACKEND_PORT),
+            (CLIENT_IP, 40000),
+            64,
+            ("SA", Some(1460)),
+        );
+        let (action, out) = node.tc_on(&reply, Some(node.ifindex));
+        assert_eq!(action, TC_ACT_UNSPEC, "n2 is out of the same interface");
+        let port = encap_source_port_over_ipv6(&out);
+        let inner = tcp4(
+            (node.mac, N2_MAC),
+            (BACKENDS[0], BACKEND_PORT),
+            (CLIENT_IP, 40000),
+            64,
+            ("SA", Some(1390)),
+        );
+        assert_eq!(out, Tunnel6::to_n2(port).wrap(&inner));
+        assert_eq!(node.reason(Reason::ReplyEncap), 1);
+
+        let stranger = Tunnel6 {
+            src: (CLIENT_IP6, N2_SOURCE_PORT),
+            ..Tunnel6::from_n2()
+        };
+        let (action, _) = node.xdp(&stranger.wrap(&syn), ingress);
+        assert_eq!(action, XDP_DROP);
+        assert_eq!(node.reason(Reason::DropVxlanUnknownSource), 1);
+        let other_vni = Tunnel6 {
+            vni: 7,
+            ..Tunnel6::from_n2()
+        };
+        let (action, _) = node.xdp(&other_vni.wrap(&syn), ingress);
+        assert_eq!(action, XDP_PASS);
+        assert_eq!(node.reason(Reason::PassVxlanOtherVni), 1);
+    });
+}

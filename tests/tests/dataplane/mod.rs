@@ -71,6 +71,13 @@ pub const N2_IP: [u8; 4] = [192, 168, 100, 11];
 pub const N2_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x0b];
 /// A third node, known but hosting none of the test services' backends.
 pub const N3_IP: [u8; 4] = [192, 168, 100, 12];
+/// n2's and n3's addresses on an IPv6 underlay (n2 a neighbour on `lbt0`, as `N2_IP`).
+pub const N2_IP6: [u8; 16] = [
+    0x20, 0x01, 0x0d, 0xb8, 0x01, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x11,
+];
+pub const N3_IP6: [u8; 16] = [
+    0x20, 0x01, 0x0d, 0xb8, 0x01, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x12,
+];
 /// The UDP source port n2 puts on the VXLAN it sends (its flow hash: any value will do).
 pub const N2_SOURCE_PORT: u16 = 0xc123;
 /// `mesh tcp/9090` and `meshdns udp/9053` have one backend, on n2.
@@ -123,6 +130,7 @@ pub fn with_node_of(flow_capacity: u32, body: impl FnOnce(&mut Node) + Send) {
         "addr add 2001:db8:100::1/64 dev lbt0 nodad",
         "addr add 2001:db8:10::1/64 dev lbt0 nodad",
         "neigh add 2001:db8:100::2 lladdr 02:00:00:00:00:02 dev lbt0 nud permanent",
+        "neigh add 2001:db8:100::11 lladdr 02:00:00:00:00:0b dev lbt0 nud permanent",
         "neigh add 2001:db8:10::6 lladdr 02:00:00:00:00:06 dev lbt0 nud permanent",
         "neigh add 2001:db8:10::7 lladdr 02:00:00:00:00:07 dev lbt0 nud permanent",
     ] {
@@ -618,6 +626,68 @@ impl Tunnel {
             inner,
         ]
         .concat()
+    }
+}
+
+/// The outer headers of VXLAN over an IPv6 underlay, as the data plane writes them.
+#[derive(Clone, Copy)]
+pub struct Tunnel6 {
+    /// Source and destination MACs, outer and inner alike.
+    pub macs: ([u8; 6], [u8; 6]),
+    pub src: ([u8; 16], u16),
+    pub dst: ([u8; 16], u16),
+    pub vni: u32,
+    /// The outer flow label (lbctl: the outer UDP source port).
+    pub flow_label: u32,
+}
+
+impl Tunnel6 {
+    /// n2 → this node's overlay port over the IPv6 underlay.
+    pub fn from_n2() -> Tunnel6 {
+        Tunnel6 {
+            macs: (N2_MAC, INGRESS_MAC),
+            src: (N2_IP6, N2_SOURCE_PORT),
+            dst: (NODE_IP6, DEFAULT_VXLAN_PORT),
+            vni: DEFAULT_VNI,
+            flow_label: 0,
+        }
+    }
+
+    /// This node → n2, from the UDP source port the data plane chose (also its flow label).
+    pub fn to_n2(src_port: u16) -> Tunnel6 {
+        Tunnel6 {
+            macs: (INGRESS_MAC, N2_MAC),
+            src: (NODE_IP6, src_port),
+            dst: (N2_IP6, DEFAULT_VXLAN_PORT),
+            flow_label: u32::from(src_port),
+            ..Tunnel6::from_n2()
+        }
+    }
+
+    /// `inner` encapsulated: outer Ethernet, IPv6 (hop limit 64), UDP with checksum 0 (RFC
+    /// 6935), VXLAN with the I flag, then `inner` whole.
+    pub fn wrap(&self, inner: &[u8]) -> Vec<u8> {
+        let vni = self.vni.to_be_bytes();
+        let vxlan = [0x08, 0, 0, 0, vni[1], vni[2], vni[3], 0];
+        let udp_len = (UdpHeader::LEN + vxlan.len() + inner.len()) as u16;
+        let mut ip = vec![];
+        ip.extend_from_slice(&(0x6000_0000 | self.flow_label).to_be_bytes());
+        ip.extend_from_slice(&udp_len.to_be_bytes());
+        ip.extend_from_slice(&[17, 64]);
+        ip.extend_from_slice(&self.src.0);
+        ip.extend_from_slice(&self.dst.0);
+        let udp = UdpHeader {
+            source_port: self.src.1,
+            destination_port: self.dst.1,
+            length: udp_len,
+            checksum: 0,
+        };
+        let eth = Ethernet2Header {
+            source: self.macs.0,
+            destination: self.macs.1,
+            ether_type: EtherType::IPV6,
+        };
+        [&eth.to_bytes()[..], &ip, &udp.to_bytes(), &vxlan, inner].concat()
     }
 }
 
