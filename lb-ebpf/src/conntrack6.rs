@@ -355,6 +355,40 @@ pub fn ingress_node_of(key: &FlowKey6) -> Option<u32> {
     unsafe { TUNNEL_REPLIES6.get(key) }.map(|tunnel| tunnel.node_ip_be)
 }
 
+/// The client → service key of the flow whose replies `key` (backend → client) and `reverse`
+/// describe.
+#[inline(always)]
+fn flow_key_of(key: &FlowKey6, reverse: &ReverseValue6) -> FlowKey6 {
+    FlowKey6::new(
+        key.dst,
+        reverse.orig_ip,
+        key.dst_port_be,
+        reverse.orig_port_be,
+        key.proto,
+    )
+}
+
+/// An ICMPv6 "destination unreachable" that refuses a connection, about a packet of the flow
+/// whose replies `key` (backend → client) and `reverse` describe: while the flow awaits its
+/// backend's answer, it is the backend's refusal, as a RST is ([`note_reply`]): the flow is
+/// forgotten and `true` returned, the error must be dropped so that the client's retransmitted
+/// SYN chooses again. An established flow is left as it is.
+#[inline(never)]
+pub fn note_unreachable(key: &FlowKey6, reverse: &ReverseValue6) -> bool {
+    let flow_key = flow_key_of(key, reverse);
+    let Some(flow) = FLOWS6.get_ptr_mut(&flow_key) else {
+        return false;
+    };
+    // SAFETY: a live map value, read for its flags.
+    if unsafe { (*flow).flags } & FLOW_AWAITING_REPLY == 0 {
+        return false;
+    }
+    let _ = FLOWS6.remove(&flow_key);
+    let _ = REVERSE_FLOWS6.remove(key);
+    passive::failed(reverse.backend_id, PASSIVE_REFUSED);
+    true
+}
+
 /// Notes what a backend's reply (`key`, reverse-NATed by `reverse`) says about its flow: a FIN
 /// closes its half, a RST the whole; while the flow awaits the backend's answer, a SYN-ACK is
 /// one (`passive::answered`) and a RST refuses the connection: the flow is forgotten and `true`
@@ -365,13 +399,7 @@ pub fn note_reply(key: &FlowKey6, reverse: &ReverseValue6, tcp_flags: u8) -> boo
     if tcp_flags & (TCP_FIN | TCP_RST | TCP_SYN) == 0 {
         return false;
     }
-    let flow_key = FlowKey6::new(
-        key.dst,
-        reverse.orig_ip,
-        key.dst_port_be,
-        reverse.orig_port_be,
-        key.proto,
-    );
+    let flow_key = flow_key_of(key, reverse);
     let Some(flow) = FLOWS6.get_ptr_mut(&flow_key) else {
         return false;
     };

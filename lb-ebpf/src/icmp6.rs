@@ -7,7 +7,15 @@
 //! the service's address as its source, when the backend itself sent it), checksums updated:
 //! without it, a path to the backend narrower than the client's is a black hole for IPv6
 //! (path MTU discovery never converges), as `icmp` prevents for IPv4.
-use aya_ebpf::{bindings::TC_ACT_UNSPEC, programs::TcContext};
+//!
+//! A "destination unreachable" about a SYN whose flow awaits its backend's answer (the node's
+//! own, when a backend on its link no longer answers neighbour discovery; a firewall's
+//! reject) is the backend's refusal for passive health, as a RST is: dropped
+//! (`drop_backend_refused`), the flow forgotten, so that the client's next SYN chooses again.
+use aya_ebpf::{
+    bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC},
+    programs::TcContext,
+};
 use lb_common::{Addr6, FlowKey6, PROTO_TCP, PROTO_UDP, Reason};
 
 use crate::{
@@ -24,6 +32,11 @@ const PROTO_ICMPV6: u8 = 58;
 /// ICMPv6 error types (RFC 4443): destination unreachable, packet too big, time exceeded,
 /// parameter problem.
 const ERROR_TYPES: core::ops::RangeInclusive<u8> = 1..=4;
+/// "Destination unreachable", and its codes that refuse a connection: no route, administratively
+/// prohibited, address and port unreachable, source address failed policy, reject route (not 2:
+/// beyond the scope of the source address, the client's doing).
+const DEST_UNREACH: u8 = 1;
+const REFUSING_CODES: [u8; 6] = [0, 1, 3, 4, 5, 6];
 /// Where the parts of an error without extension headers sit, from the frame's start.
 const ICMP_OFF: usize = L3_OFF + IPV6_LEN;
 const ICMP_CHECK_OFF: usize = ICMP_OFF + 2;
@@ -56,10 +69,62 @@ pub fn tc_translate(ctx: &mut TcContext) -> i32 {
     {
         return TC_ACT_UNSPEC;
     }
+    if is_refusal(ctx.data(), ctx.data_end()) {
+        stats::count_reason(Reason::DropBackendRefused, u64::from(len));
+        return TC_ACT_SHOT;
+    }
     if translate(ctx.data(), ctx.data_end()).is_some() {
         stats::count_reason(Reason::IcmpEgress, u64::from(len));
     }
     TC_ACT_UNSPEC
+}
+
+/// The error between `data` and `data_end`, if it is one about a TCP or UDP packet going to
+/// that packet's source: its type and code, the quoted packet's protocol, and the reply key of
+/// the flow the quote is from (backend → client) written to `reply_key`.
+#[inline(always)]
+fn about_flow(data: usize, data_end: usize, reply_key: &mut FlowKey6) -> Option<(u8, u8)> {
+    let header: *const [u8; 8] = ptr_at(data, data_end, L3_OFF)?;
+    // SAFETY: bounds checked by ptr_at.
+    let [version, _, _, _, _, _, next, _] = unsafe { *header };
+    let icmp: *const [u8; 2] = ptr_at(data, data_end, ICMP_OFF)?;
+    // SAFETY: as above.
+    let [kind, code] = unsafe { *icmp };
+    if version >> 4 != 6 || next != PROTO_ICMPV6 || !ERROR_TYPES.contains(&kind) {
+        return None;
+    }
+    let quoted: *const [u8; 8] = ptr_at(data, data_end, QUOTED_OFF)?;
+    // SAFETY: as above.
+    let [quoted_version, _, _, _, _, _, proto, _] = unsafe { *quoted };
+    if quoted_version >> 4 != 6 || (proto != PROTO_TCP && proto != PROTO_UDP) {
+        return None;
+    }
+    reply_key.dst = addr_at(data, data_end, QUOTED_SRC_OFF)?;
+    // An error goes to the quoted packet's source; anything else is not about that packet.
+    if addr_at(data, data_end, IP6_DST_OFF)? != reply_key.dst {
+        return None;
+    }
+    reply_key.src = addr_at(data, data_end, QUOTED_DST_OFF)?;
+    reply_key.dst_port_be = load16(data, data_end, QUOTED_L4_OFF)?;
+    reply_key.src_port_be = load16(data, data_end, QUOTED_L4_OFF + 2)?;
+    reply_key.proto = proto;
+    Some((kind, code))
+}
+
+/// Whether the error between `data` and `data_end` is a backend's refusal of a connection
+/// whose SYN this node forwarded (`conntrack6::note_unreachable`, which then forgets the flow).
+/// In a frame of its own, as [`translate`]: the two would not fit one.
+#[inline(never)]
+fn is_refusal(data: usize, data_end: usize) -> bool {
+    let mut reply_key = FlowKey6::default();
+    let Some((kind, code)) = about_flow(data, data_end, &mut reply_key) else {
+        return false;
+    };
+    if kind != DEST_UNREACH || reply_key.proto != PROTO_TCP || !REFUSING_CODES.contains(&code) {
+        return false;
+    }
+    conntrack6::reverse_lookup(&reply_key)
+        .is_some_and(|reverse| conntrack6::note_unreachable(&reply_key, &reverse))
 }
 
 /// The 16-byte address at `off`.
@@ -72,34 +137,13 @@ fn addr_at(data: usize, data_end: usize, off: usize) -> Option<Addr6> {
 
 /// Rewrites the error between `data` and `data_end` if it is one about a packet this node
 /// forwarded to a backend, going to that packet's client. `None`: not such an error (left as
-/// it is).
-#[inline(always)]
+/// it is). In a frame of its own (see [`is_refusal`]).
+#[inline(never)]
 fn translate(data: usize, data_end: usize) -> Option<()> {
-    let header: *const [u8; 8] = ptr_at(data, data_end, L3_OFF)?;
-    // SAFETY: bounds checked by ptr_at.
-    let [version, _, _, _, _, _, next, _] = unsafe { *header };
-    let icmp: *const [u8; 2] = ptr_at(data, data_end, ICMP_OFF)?;
-    // SAFETY: as above.
-    let [kind, _] = unsafe { *icmp };
-    if version >> 4 != 6 || next != PROTO_ICMPV6 || !ERROR_TYPES.contains(&kind) {
-        return None;
-    }
-    let quoted: *const [u8; 8] = ptr_at(data, data_end, QUOTED_OFF)?;
-    // SAFETY: as above.
-    let [quoted_version, _, _, _, _, _, proto, _] = unsafe { *quoted };
-    if quoted_version >> 4 != 6 || (proto != PROTO_TCP && proto != PROTO_UDP) {
-        return None;
-    }
-    let client = addr_at(data, data_end, QUOTED_SRC_OFF)?;
-    // An error goes to the quoted packet's source; anything else is not about that packet.
-    if addr_at(data, data_end, IP6_DST_OFF)? != client {
-        return None;
-    }
-    let backend = addr_at(data, data_end, QUOTED_DST_OFF)?;
-    let client_port = load16(data, data_end, QUOTED_L4_OFF)?;
-    let backend_port = load16(data, data_end, QUOTED_L4_OFF + 2)?;
-    let reply_key = FlowKey6::new(backend, client, backend_port, client_port, proto);
+    let mut reply_key = FlowKey6::default();
+    about_flow(data, data_end, &mut reply_key)?;
     let reverse = conntrack6::reverse_lookup(&reply_key)?;
+    let (backend, backend_port, proto) = (reply_key.src, reply_key.src_port_be, reply_key.proto);
     let (orig, orig_port) = (reverse.orig_ip, reverse.orig_port_be);
 
     let mut icmp_check = load16(data, data_end, ICMP_CHECK_OFF)?;

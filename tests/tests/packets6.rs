@@ -718,6 +718,62 @@ fn icmpv6_errors_about_forwarded_packets_are_translated_for_their_client() {
     });
 }
 
+/// An ICMPv6 "address unreachable" about a forwarded SYN (the node's own, when the backend no
+/// longer answers neighbour discovery) is the backend's refusal, as a RST is: dropped in TC
+/// (`drop_backend_refused`), counted as refused for passive health, the flow forgotten so that
+/// the client's SYN again chooses again. Once the backend has answered, the same error is only
+/// translated for the client; an error that refuses nothing (beyond scope) is too.
+#[test]
+fn icmpv6_unreachable_about_a_syn_is_the_backends_refusal() {
+    with_node(|node| {
+        with_ipv6_services(node);
+        let ingress = Some(node.ifindex);
+        let unreachable = |code: u8, quote: &[u8]| {
+            let mut frame = Vec::new();
+            PacketBuilder::ethernet2(node.mac, CLIENT_MAC)
+                .ipv6(NODE_IP6, CLIENT_IP6, 64)
+                .icmpv6(etherparse::Icmpv6Type::DestinationUnreachable(
+                    etherparse::icmpv6::DestUnreachableCode::from_u8(code).unwrap(),
+                ))
+                .write(&mut frame, quote)
+                .unwrap();
+            frame
+        };
+        let (action, out) = node.xdp(&client6(40000, WEB6_PORT, "S"), ingress);
+        assert_eq!(action, XDP_TX);
+        let first = backend_of(&out);
+        let id = node.backend_id("web6", first);
+        let (action, _) = node.tc_on(&unreachable(3, &out[14..]), ingress);
+        assert_eq!(action, TC_ACT_SHOT, "address unreachable refuses the SYN");
+        assert_eq!(node.reason(Reason::DropBackendRefused), 1);
+        assert_eq!(node.maps.passive_health(id).unwrap().refused, 1);
+        let (action, out) = node.xdp(&client6(40000, WEB6_PORT, "S"), ingress);
+        assert_eq!(action, XDP_TX);
+        assert_eq!(backend_of(&out), 1 - first, "the SYN again chooses again");
+
+        // Answered: the flow is established, and an error about it is the client's to see.
+        let backend = BACKENDS6[1 - first];
+        let answer = segment6(
+            (node.mac, CLIENT_MAC),
+            (backend, BACKEND_PORT),
+            (CLIENT_IP6, 40000),
+            64,
+            "SA",
+        );
+        assert_eq!(node.tc_on(&answer, ingress).0, TC_ACT_UNSPEC);
+        let (action, _) = node.tc_on(&unreachable(3, &out[14..]), ingress);
+        assert_eq!(action, TC_ACT_UNSPEC, "translated, not a refusal");
+        assert_eq!(node.reason(Reason::IcmpEgress), 1);
+        // Beyond scope refuses nothing, even for a SYN awaiting its answer.
+        let (action, out) = node.xdp(&client6(40001, WEB6_PORT, "S"), ingress);
+        assert_eq!(action, XDP_TX);
+        let (action, _) = node.tc_on(&unreachable(2, &out[14..]), ingress);
+        assert_eq!(action, TC_ACT_UNSPEC);
+        assert_eq!(node.reason(Reason::DropBackendRefused), 1);
+        assert_eq!(node.reason(Reason::IcmpEgress), 2);
+    });
+}
+
 /// An IPv6 flow's life as an IPv4 one's: a FIN each way ends it (no longer live in the census);
 /// the client's bare RST (how it refuses a backend's stale ACK to its SYN) ends nothing, and its
 /// SYN again goes to the same backend; a reverse-NAT entry a full table evicted is put back when
