@@ -106,7 +106,11 @@ fn build() -> Net {
             "eth0",
         ])
         .unwrap();
-    let files = Files(std::env::temp_dir().join(format!("lbctl-mesh6-{}", std::process::id())));
+    // One folder per build: the tests of this file run at once in one process.
+    static BUILDS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let build = BUILDS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let files =
+        Files(std::env::temp_dir().join(format!("lbctl-mesh6-{}-{build}", std::process::id())));
     std::fs::create_dir_all(&files.0).unwrap();
     let big: Vec<u8> = (0..BIG_LEN).map(|i| (i * 7 % 251) as u8).collect();
     std::fs::write(files.0.join("big"), big).unwrap();
