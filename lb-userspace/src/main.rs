@@ -48,6 +48,10 @@ enum Command {
         /// Flows the flow table holds (only when its maps are first created).
         #[arg(long, value_name = "FLOWS")]
         flow_capacity: Option<u32>,
+        /// Flows the IPv6 flow table holds (only when its maps are first created; by default an
+        /// eighth of the flow capacity, at least 4096).
+        #[arg(long, value_name = "FLOWS")]
+        flow_capacity6: Option<u32>,
         /// Do not balance the node's own clients (127.0.0.1, the node's addresses, VIPs) with
         /// socket programs on the cgroup v2 root; kept until `--socket-lb`
         #[arg(long, conflicts_with = "socket_lb")]
@@ -447,6 +451,7 @@ fn run(cli: Cli) -> anyhow::Result<String> {
             mode,
             transmit,
             flow_capacity,
+            flow_capacity6,
             no_socket_lb,
             socket_lb,
         } => {
@@ -455,7 +460,15 @@ fn run(cli: Cli) -> anyhow::Result<String> {
                 (_, true) => Some(false),
                 _ => None,
             };
-            commands::attach(&instance, &iface, mode, transmit, flow_capacity, socket_lb)
+            commands::attach(
+                &instance,
+                &iface,
+                mode,
+                transmit,
+                flow_capacity,
+                flow_capacity6,
+                socket_lb,
+            )
         }
         Command::Upgrade => commands::upgrade(&instance),
         Command::Detach { iface } => commands::detach(&instance, &iface),

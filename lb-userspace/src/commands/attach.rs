@@ -1,5 +1,7 @@
 //! Attaching and detaching the data plane: `attach`, `upgrade`, `detach`, `purge` (of a live
 //! instance or of one whose namespace is gone) and the listing of every instance.
+use lb_common::map_names;
+
 use super::*;
 
 /// `lbctl attach IFACE`: attaches this build's programs to `iface`, or, when it is attached
@@ -11,6 +13,7 @@ pub fn attach(
     mode: AttachMode,
     transmit: TransmitChoice,
     flow_capacity: Option<u32>,
+    flow_capacity6: Option<u32>,
     socket_lb: Option<bool>,
 ) -> Result<String> {
     let _lock = instance::lock(instance)?;
@@ -19,22 +22,20 @@ pub fn attach(
         state.no_socket_lb = !on;
     }
     let ifindex = instance::ifindex_of(instance, iface)?;
-    let maps_exist = instance
-        .maps_dir()
-        .join(lb_common::map_names::FLOWS)
-        .exists();
+    let current = state.flow_tables();
     if let Some(capacity) = flow_capacity {
-        if capacity == 0 {
-            bail!("invalid flow capacity '0': must be at least 1");
-        }
-        if maps_exist && capacity != state.flow_capacity {
-            bail!(
-                "the flow table already holds {} flows; its size cannot change while its maps \
-                 exist (`lbctl purge` drops them)",
-                state.flow_capacity
-            );
-        }
+        check_capacity(instance, "flow", map_names::FLOWS, capacity, current.ipv4)?;
         state.flow_capacity = capacity;
+    }
+    if let Some(capacity) = flow_capacity6 {
+        check_capacity(
+            instance,
+            "IPv6 flow",
+            map_names::FLOWS6,
+            capacity,
+            current.ipv6,
+        )?;
+        state.flow_capacity6 = Some(capacity);
     }
     if state
         .attachments
@@ -80,8 +81,30 @@ pub fn attach(
     commit(instance, &mut state)?;
     Ok(format!(
         "{}{forwarding_note}",
-        installed.report(state.flow_capacity, instances::maps_memory(instance))
+        installed.report(state.flow_tables(), instances::maps_memory(instance))
     ))
+}
+
+/// Refuses a size asked for the `table` (`flow`, `IPv6 flow`), whose map is `map`, that is 0,
+/// or that is not its `current` size once that map exists: its size is only chosen when it is
+/// created.
+fn check_capacity(
+    instance: &Instance,
+    table: &str,
+    map: &str,
+    capacity: u32,
+    current: u32,
+) -> Result<()> {
+    if capacity == 0 {
+        bail!("invalid {table} capacity '0': must be at least 1");
+    }
+    if capacity != current && instance.maps_dir().join(map).exists() {
+        bail!(
+            "the {table} table already holds {current} flows; its size cannot change while its \
+             maps exist (`lbctl purge` drops them)"
+        );
+    }
+    Ok(())
 }
 
 /// `lbctl upgrade`: replaces the programs on every attached interface with this build's, in
@@ -99,7 +122,7 @@ pub fn upgrade(instance: &Instance) -> Result<String> {
         "upgraded '{}' to the programs of lbctl {}\n{}",
         instance.name,
         env!("CARGO_PKG_VERSION"),
-        installed.report(state.flow_capacity, instances::maps_memory(instance))
+        installed.report(state.flow_tables(), instances::maps_memory(instance))
     ))
 }
 

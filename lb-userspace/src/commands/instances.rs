@@ -289,6 +289,8 @@ pub struct Row {
     pub interfaces: Vec<InterfaceRow>,
     /// The pinned flow table's size.
     pub flow_capacity: Option<u32>,
+    /// The pinned IPv6 flow table's size.
+    pub flow_capacity6: Option<u32>,
     /// The pinned maps' memory, in bytes.
     pub kernel_memory_bytes: u64,
     pub maps: BTreeMap<String, MapRow>,
@@ -330,7 +332,14 @@ pub fn row(found: &Found) -> Row {
             tc_ingress: link_state(iface, LinkHook::TcIngress),
         })
         .collect();
-    let flows = format!("maps/{}", map_names::FLOWS);
+    let pinned_entries = |name: &str| {
+        let pin = format!("maps/{name}");
+        found
+            .maps
+            .iter()
+            .find(|map| map.name == pin)
+            .map(|map| map.max_entries)
+    };
     let mut problems = found.unreadable.clone();
     if let Saved::Damaged(why) = &found.saved {
         problems.insert(0, why.clone());
@@ -346,11 +355,8 @@ pub fn row(found: &Found) -> Row {
             Saved::Damaged(_) => "damaged",
         },
         interfaces,
-        flow_capacity: found
-            .maps
-            .iter()
-            .find(|map| map.name == flows)
-            .map(|map| map.max_entries),
+        flow_capacity: pinned_entries(map_names::FLOWS),
+        flow_capacity6: pinned_entries(map_names::FLOWS6),
         kernel_memory_bytes: found.maps_memory(),
         maps: found
             .maps
@@ -391,7 +397,7 @@ pub fn render(rows: &[Row]) -> String {
     if rows.is_empty() {
         return "no instances".to_owned();
     }
-    let cells: Vec<[String; 5]> = rows
+    let cells: Vec<[String; 6]> = rows
         .iter()
         .map(|row| {
             let interfaces: Vec<String> = row.interfaces.iter().map(|i| i.describe()).collect();
@@ -409,12 +415,22 @@ pub fn render(rows: &[Row]) -> String {
                 },
                 row.flow_capacity
                     .map_or_else(|| "-".to_owned(), |flows| flows.to_string()),
+                row.flow_capacity6
+                    .map_or_else(|| "-".to_owned(), |flows| flows.to_string()),
                 crate::dataplane::megabytes(row.kernel_memory_bytes),
             ]
         })
         .collect();
-    let header = ["NAME", "NAMESPACE", "INTERFACES", "FLOWS", "KERNEL MEMORY"].map(str::to_owned);
-    let widths: Vec<usize> = (0..5)
+    let header = [
+        "NAME",
+        "NAMESPACE",
+        "INTERFACES",
+        "FLOWS",
+        "FLOWS6",
+        "KERNEL MEMORY",
+    ]
+    .map(str::to_owned);
+    let widths: Vec<usize> = (0..6)
         .map(|column| {
             cells
                 .iter()
@@ -427,17 +443,19 @@ pub fn render(rows: &[Row]) -> String {
     let mut out = String::new();
     for line in [&header].into_iter().chain(&cells) {
         let text = format!(
-            "{:<w0$}  {:<w1$}  {:<w2$}  {:>w3$}  {:>w4$}",
+            "{:<w0$}  {:<w1$}  {:<w2$}  {:>w3$}  {:>w4$}  {:>w5$}",
             line[0],
             line[1],
             line[2],
             line[3],
             line[4],
+            line[5],
             w0 = widths[0],
             w1 = widths[1],
             w2 = widths[2],
             w3 = widths[3],
             w4 = widths[4],
+            w5 = widths[5],
         );
         out.push_str(text.trim_end());
         out.push('\n');
@@ -545,19 +563,28 @@ mod tests {
             Saved::Nothing,
             vec![
                 map("maps/FLOWS", 4096, 1_000_000),
+                map("maps/FLOWS6", 16384, 500_000),
                 map("maps/SERVICES", 16384, 250_000),
                 map("migrating/FLOWS", 8192, 2_000_000),
             ],
             Vec::new(),
         ));
         assert_eq!(row.flow_capacity, Some(4096));
-        assert_eq!(row.kernel_memory_bytes, 3_250_000);
-        assert_eq!(row.maps.len(), 3);
+        assert_eq!(row.flow_capacity6, Some(16384));
+        assert_eq!(row.kernel_memory_bytes, 3_750_000);
+        assert_eq!(row.maps.len(), 4);
         assert_eq!(row.maps["migrating/FLOWS"].memlock_bytes, 2_000_000);
         assert_eq!(row.state, "none");
         assert!(row.interfaces.is_empty());
         let empty = super::row(&found(Saved::Nothing, Vec::new(), Vec::new()));
-        assert_eq!((empty.flow_capacity, empty.kernel_memory_bytes), (None, 0));
+        assert_eq!(
+            (
+                empty.flow_capacity,
+                empty.flow_capacity6,
+                empty.kernel_memory_bytes
+            ),
+            (None, None, 0)
+        );
     }
 
     /// Each interface of the state in its order, then links the state does not know; a link
@@ -644,7 +671,10 @@ mod tests {
         assert_eq!(render(&[]), "no instances");
         let mut alive = row(&found(
             attached(&[("eth0", 2)]),
-            vec![map("maps/FLOWS", 1 << 20, 330_200_000)],
+            vec![
+                map("maps/FLOWS", 1 << 20, 300_200_000),
+                map("maps/FLOWS6", 1 << 17, 30_000_000),
+            ],
             vec![
                 link("eth0", LinkHook::Xdp, 2),
                 link("eth0", LinkHook::Tc, 2),
@@ -667,9 +697,9 @@ mod tests {
         assert_eq!(
             lines,
             [
-                "NAME  NAMESPACE  INTERFACES      FLOWS  KERNEL MEMORY",
-                "host  alive      eth0          1048576       330.2 MB",
-                "n1    gone       veth0 (gone)     4096        29.7 MB",
+                "NAME  NAMESPACE  INTERFACES      FLOWS  FLOWS6  KERNEL MEMORY",
+                "host  alive      eth0          1048576  131072       330.2 MB",
+                "n1    gone       veth0 (gone)     4096       -        29.7 MB",
                 "2 instances, 359.9 MB of kernel memory in pinned maps; 29.7 MB in 1 instance \
                  whose namespace is gone (`lbctl --netns NAME purge` removes one)",
             ]
@@ -679,6 +709,7 @@ mod tests {
         assert_eq!(json["instances"][1]["namespace"], "gone");
         assert_eq!(json["instances"][1]["interfaces"][0]["xdp"], "gone");
         assert_eq!(json["instances"][1]["flow_capacity"], 4096);
+        assert_eq!(json["instances"][0]["flow_capacity6"], 1 << 17);
         assert_eq!(
             json["instances"][1]["maps"]["maps/FLOWS"]["memlock_bytes"],
             29_700_000

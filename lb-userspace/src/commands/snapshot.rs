@@ -32,8 +32,8 @@ pub struct Snapshot {
     pub flow_entries: u64,
     /// Size of the flow table, in flows.
     pub flow_capacity: u64,
-    /// The same of the IPv6 flow table (`FLOWS6`: an eighth of `flow_capacity`, at least
-    /// 4,096).
+    /// The same of the IPv6 flow table (`FLOWS6`: `attach --flow-capacity6`, or an eighth of
+    /// `flow_capacity`, at least 4,096).
     pub flow_entries6: u64,
     pub flow_capacity6: u64,
     /// `(Reason::name(), packets, bytes)` for every `lb_common::Reason`, summed over CPUs, in
@@ -189,10 +189,7 @@ pub fn read(
         flow_entries,
         flow_capacity: u64::from(state.flow_capacity),
         flow_entries6,
-        flow_capacity6: u64::from(crate::dataplane::flow_sized_entries(
-            lb_common::map_names::FLOWS6,
-            state.flow_capacity,
-        )),
+        flow_capacity6: u64::from(state.flow_tables().ipv6),
         reasons,
         events,
         services,

@@ -24,7 +24,7 @@ use crate::{
     dataplane::migrate::Migration,
     dataplane::socket_lb,
     dataplane::sync,
-    dataplane::{self, Maps},
+    dataplane::{self, FlowCapacity, Maps},
     host::netdev,
     instance::state::{State, Transmit, XdpMode},
     instance::{self, Instance},
@@ -214,19 +214,21 @@ pub fn decide_transmit(
 impl Installed {
     /// The report, its maps line ending with the flow table's size and the kernel memory the
     /// maps hold (`maps_memory`, bytes), which the flow table's size mostly decides.
-    pub fn report(&self, flow_capacity: u32, maps_memory: u64) -> String {
+    pub fn report(&self, capacity: FlowCapacity, maps_memory: u64) -> String {
         format!(
-            "{}\n{} (flow table of {flow_capacity} flows; the maps hold {} of kernel memory)",
+            "{}\n{} (flow table of {} flows, IPv6 {}; the maps hold {} of kernel memory)",
             self.interfaces.join("\n"),
             self.maps,
+            capacity.ipv4,
+            capacity.ipv6,
             super::megabytes(maps_memory)
         )
     }
 }
 
 /// Loads the object with its maps pinned at `pins` and has the kernel verify every program.
-fn load_and_verify(pins: &[(&str, PathBuf)], flow_capacity: u32) -> Result<Ebpf> {
-    let mut ebpf = dataplane::load_pinned(pins, flow_capacity)?;
+fn load_and_verify(pins: &[(&str, PathBuf)], capacity: FlowCapacity) -> Result<Ebpf> {
+    let mut ebpf = dataplane::load_pinned(pins, capacity)?;
     xdp_program(&mut ebpf)?
         .load()
         .context("loading the XDP program (verifier)")?;
@@ -249,7 +251,7 @@ fn load_and_verify(pins: &[(&str, PathBuf)], flow_capacity: u32) -> Result<Ebpf>
 /// that its failure (another XDP program there) leaves the others consistent.
 pub fn install(instance: &Instance, state: &State, new: Option<&Target>) -> Result<Installed> {
     let maps_dir = instance.maps_dir();
-    let wanted = layout::expected(state.flow_capacity)?;
+    let wanted = layout::expected(state.flow_tables())?;
     let plan = layout::plan(&maps_dir, &wanted)?;
     let staging = instance.pin_dir.join(STAGING_DIR);
     // Left by an interrupted migration: no program uses them (their pins move before a swap).
@@ -268,7 +270,7 @@ pub fn install(instance: &Instance, state: &State, new: Option<&Target>) -> Resu
             (*name, dir.join(name))
         })
         .collect();
-    let mut ebpf = match load_and_verify(&pins, state.flow_capacity) {
+    let mut ebpf = match load_and_verify(&pins, state.flow_tables()) {
         Ok(ebpf) => ebpf,
         Err(err) => {
             // Loading pinned the maps this build adds: a refused build changes nothing.

@@ -12,7 +12,7 @@ use anyhow::{Context as _, Result, anyhow};
 use aya::maps::{HashMap, MapData, MapInfo};
 use lb_common::map_names;
 
-use crate::dataplane;
+use crate::dataplane::{self, FlowCapacity};
 
 /// The pinned map, beside the others, that records each map's layout version by name.
 pub const VERSIONS_MAP: &str = "LAYOUT_VERSIONS";
@@ -125,8 +125,8 @@ fn type_name(map_type: u32) -> String {
 }
 
 /// The layout of every pinned map as this build's object declares it (the flow-sized maps
-/// with `flow_capacity` entries), by name.
-pub fn expected(flow_capacity: u32) -> Result<BTreeMap<&'static str, Layout>> {
+/// sized by `capacity`), by name.
+pub fn expected(capacity: FlowCapacity) -> Result<BTreeMap<&'static str, Layout>> {
     let object = aya_obj::Object::parse(dataplane::OBJECT).context("parsing the eBPF object")?;
     map_names::ALL
         .iter()
@@ -138,7 +138,7 @@ pub fn expected(flow_capacity: u32) -> Result<BTreeMap<&'static str, Layout>> {
                 .get(*name)
                 .ok_or_else(|| anyhow!("the eBPF object has no map {name}"))?;
             let max_entries = if dataplane::FLOW_SIZED.contains(name) {
-                dataplane::flow_sized_entries(name, flow_capacity)
+                capacity.entries(name)
             } else {
                 map.max_entries()
             };
@@ -193,7 +193,9 @@ pub fn step(pinned: Option<Layout>, wanted: &Layout) -> Result<Step, String> {
     }
     if pinned.value_size > wanted.value_size || pinned.max_entries > wanted.max_entries {
         return refused(
-            "it is larger: made by a later lbctl, or with a larger --flow-capacity".into(),
+            "it is larger: made by a later lbctl, or with a larger --flow-capacity or \
+             --flow-capacity6"
+                .into(),
         );
     }
     if !wanted.is_copyable() {
@@ -464,17 +466,29 @@ mod tests {
 
     #[test]
     fn the_object_declares_every_pinned_map_and_the_flow_capacity_sizes_the_flow_maps() {
-        let layouts = expected(4096).unwrap();
+        let layouts = expected(FlowCapacity::new(4096, None)).unwrap();
         assert_eq!(layouts.len(), map_names::ALL.len());
         for name in dataplane::FLOW_SIZED {
             assert_eq!(layouts[name].max_entries, 4096, "{name}");
         }
         // The IPv6 tables take an eighth of a larger flow table.
-        let layouts = expected(1 << 20).unwrap();
+        let layouts = expected(FlowCapacity::new(1 << 20, None)).unwrap();
         assert_eq!(layouts[map_names::FLOWS].max_entries, 1 << 20);
         assert_eq!(layouts[map_names::FLOWS6].max_entries, 1 << 17);
         assert_eq!(layouts[map_names::REVERSE_FLOWS6].max_entries, 1 << 17);
         assert_eq!(layouts[map_names::TUNNEL_REPLIES6].max_entries, 1 << 17);
+        // Or the size the operator chose (`--flow-capacity6`).
+        let layouts = expected(FlowCapacity::new(8192, Some(16_384))).unwrap();
+        for (name, entries) in [
+            (map_names::FLOWS, 8192),
+            (map_names::REVERSE_FLOWS, 8192),
+            (map_names::TUNNEL_REPLIES, 8192),
+            (map_names::FLOWS6, 16_384),
+            (map_names::REVERSE_FLOWS6, 16_384),
+            (map_names::TUNNEL_REPLIES6, 16_384),
+        ] {
+            assert_eq!(layouts[name].max_entries, entries, "{name}");
+        }
         assert_eq!(layouts[map_names::FLOWS].map_type, map_type::LRU_HASH);
         assert_eq!(
             layouts[map_names::FLOWS].value_size as usize,

@@ -46,8 +46,8 @@ use crate::{
 /// The compiled data plane (lb-ebpf), built by build.rs.
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb"));
 
-/// The maps sized like the flow table, whose capacity the operator chooses (`--flow-capacity`)
-/// instead of the object.
+/// The maps sized like the flow table, whose capacity the operator chooses (`--flow-capacity`,
+/// `--flow-capacity6`) instead of the object.
 pub const FLOW_SIZED: &[&str] = &[
     map_names::FLOWS,
     map_names::REVERSE_FLOWS,
@@ -57,27 +57,53 @@ pub const FLOW_SIZED: &[&str] = &[
     map_names::TUNNEL_REPLIES6,
 ];
 
-/// The IPv6 flow tables hold this fraction of `--flow-capacity` (at least
-/// [`MIN_IPV6_FLOWS`]): their 40-byte keys would otherwise double the memory an instance takes
-/// for the flow table, on every node, whether it serves IPv6 or not.
+/// Unless the operator sizes them (`--flow-capacity6`), the IPv6 flow tables hold this fraction
+/// of `--flow-capacity` (at least [`MIN_IPV6_FLOWS`]): their 40-byte keys would otherwise double
+/// the memory an instance takes for the flow table, on every node, whether it serves IPv6 or
+/// not.
 pub const IPV6_FLOW_SHARE: u32 = 8;
 pub const MIN_IPV6_FLOWS: u32 = 4096;
 
-/// The entries of the flow-sized map `name` for a flow table of `flow_capacity`.
-pub fn flow_sized_entries(name: &str, flow_capacity: u32) -> u32 {
-    if name == map_names::FLOWS6
-        || name == map_names::REVERSE_FLOWS6
-        || name == map_names::TUNNEL_REPLIES6
-    {
-        (flow_capacity / IPV6_FLOW_SHARE).max(MIN_IPV6_FLOWS)
-    } else {
-        flow_capacity
+/// The sizes of the flow tables, in flows: `ipv4` of `FLOWS`, `REVERSE_FLOWS` and
+/// `TUNNEL_REPLIES`, `ipv6` of `FLOWS6`, `REVERSE_FLOWS6` and `TUNNEL_REPLIES6`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FlowCapacity {
+    pub ipv4: u32,
+    pub ipv6: u32,
+}
+
+impl FlowCapacity {
+    /// `ipv4` flows, and `ipv6` (`None`: the IPv6 tables' share of `ipv4`, see
+    /// [`IPV6_FLOW_SHARE`]).
+    pub fn new(ipv4: u32, ipv6: Option<u32>) -> Self {
+        Self {
+            ipv4,
+            ipv6: ipv6.unwrap_or_else(|| (ipv4 / IPV6_FLOW_SHARE).max(MIN_IPV6_FLOWS)),
+        }
+    }
+
+    /// The entries of the flow-sized map `name`.
+    pub fn entries(self, name: &str) -> u32 {
+        if name == map_names::FLOWS6
+            || name == map_names::REVERSE_FLOWS6
+            || name == map_names::TUNNEL_REPLIES6
+        {
+            self.ipv6
+        } else {
+            self.ipv4
+        }
+    }
+}
+
+impl Default for FlowCapacity {
+    fn default() -> Self {
+        Self::new(lb_common::DEFAULT_FLOW_CAPACITY, None)
     }
 }
 
 /// Loads the object. With `pin_dir`, every map is reused from (or created and pinned at)
 /// `pin_dir/<MAP>`, so that all programs of an instance share them and they outlive `lbctl`.
-pub fn load(pin_dir: Option<&Path>, flow_capacity: u32) -> Result<Ebpf> {
+pub fn load(pin_dir: Option<&Path>, capacity: FlowCapacity) -> Result<Ebpf> {
     let pins: Vec<(&str, PathBuf)> = match pin_dir {
         Some(dir) => map_names::ALL
             .iter()
@@ -85,15 +111,15 @@ pub fn load(pin_dir: Option<&Path>, flow_capacity: u32) -> Result<Ebpf> {
             .collect(),
         None => Vec::new(),
     };
-    load_pinned(&pins, flow_capacity)
+    load_pinned(&pins, capacity)
 }
 
 /// Loads the object with each map of `pins` reused from (or created and pinned at) its path;
 /// the other maps are the object's own.
-pub fn load_pinned(pins: &[(&str, PathBuf)], flow_capacity: u32) -> Result<Ebpf> {
+pub fn load_pinned(pins: &[(&str, PathBuf)], capacity: FlowCapacity) -> Result<Ebpf> {
     let mut loader = EbpfLoader::new();
     for name in FLOW_SIZED {
-        loader.map_max_entries(name, flow_sized_entries(name, flow_capacity));
+        loader.map_max_entries(name, capacity.entries(name));
     }
     for (name, path) in pins {
         loader.map_pin_path(name, path.as_path());
@@ -991,6 +1017,45 @@ pub fn megabytes(bytes: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The IPv6 tables take an eighth of the IPv4 size, at least 4,096, unless chosen; the
+    /// chosen size is taken as it is, smaller or larger than the IPv4 tables.
+    #[test]
+    fn the_ipv6_flow_tables_take_their_share_unless_sized() {
+        for (ipv4, ipv6, want) in [
+            (1 << 20, None, 1 << 17),
+            (65_536, None, 8192),
+            (8192, None, 4096),
+            (64, None, 4096),
+            (8192, Some(16_384), 16_384),
+            (1 << 20, Some(64), 64),
+        ] {
+            let capacity = FlowCapacity::new(ipv4, ipv6);
+            assert_eq!(
+                capacity,
+                FlowCapacity { ipv4, ipv6: want },
+                "{ipv4} {ipv6:?}"
+            );
+            for name in [
+                map_names::FLOWS,
+                map_names::REVERSE_FLOWS,
+                map_names::TUNNEL_REPLIES,
+            ] {
+                assert_eq!(capacity.entries(name), ipv4, "{name}");
+            }
+            for name in [
+                map_names::FLOWS6,
+                map_names::REVERSE_FLOWS6,
+                map_names::TUNNEL_REPLIES6,
+            ] {
+                assert_eq!(capacity.entries(name), want, "{name}");
+            }
+        }
+        assert_eq!(
+            FlowCapacity::default(),
+            FlowCapacity::new(lb_common::DEFAULT_FLOW_CAPACITY, None)
+        );
+    }
 
     #[test]
     fn flows_end_with_fin_or_rst_or_idleness() {

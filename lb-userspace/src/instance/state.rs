@@ -12,7 +12,7 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use serde::{Deserialize, Serialize};
 
-use crate::{host::underlay::NextHop, table::Table};
+use crate::{dataplane::FlowCapacity, host::underlay::NextHop, table::Table};
 
 pub const STATE_FILE: &str = "state.json";
 const FORMAT: u32 = 1;
@@ -82,6 +82,10 @@ pub struct State {
     pub format: u32,
     /// Size of the flow table the maps were created with.
     pub flow_capacity: u32,
+    /// Size of the IPv6 flow tables the maps were created with (`attach --flow-capacity6`);
+    /// `None`: their share of `flow_capacity` (see `dataplane::FlowCapacity::new`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub flow_capacity6: Option<u32>,
     pub attachments: Vec<Attachment>,
     pub table: Table,
     /// The managed neighbour entries lbctl made for the next hops towards the other nodes,
@@ -102,6 +106,11 @@ pub struct State {
 }
 
 impl State {
+    /// The sizes of the flow tables its maps were created with.
+    pub fn flow_tables(&self) -> FlowCapacity {
+        FlowCapacity::new(self.flow_capacity, self.flow_capacity6)
+    }
+
     /// The node of the table this instance is: the one whose underlay address is assigned to
     /// an interface of the instance's namespace. Found afresh by every command, so an address
     /// added or moved after `node add` is picked up by the next one.
@@ -117,6 +126,7 @@ impl Default for State {
         Self {
             format: FORMAT,
             flow_capacity: lb_common::DEFAULT_FLOW_CAPACITY,
+            flow_capacity6: None,
             attachments: Vec::new(),
             table: Table::default(),
             managed_neighbours: Vec::new(),
@@ -342,6 +352,47 @@ mod tests {
         assert_eq!(state.table.vni, lb_common::DEFAULT_VNI);
         assert_eq!(state.table.vxlan_port, lb_common::DEFAULT_VXLAN_PORT);
         assert_eq!(state.table.services[0].backends[0].node, None);
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A state saved before `--flow-capacity6` loads with the IPv6 tables at their share of
+    /// the flow capacity, and is saved again without the new field (an older lbctl reads it);
+    /// a chosen size is saved and loaded.
+    #[test]
+    fn a_state_saved_before_flow_capacity6_keeps_the_ipv6_share() {
+        let dir = temp_dir("preflowcap6");
+        fs::write(
+            dir.join(STATE_FILE),
+            r#"{"format": 1, "flow_capacity": 65536, "attachments": [],
+                "table": {"generation": 1, "services": [],
+                    "next_service_id": 0, "next_backend_id": 0}}"#,
+        )
+        .unwrap();
+        let mut state = load(&dir).unwrap();
+        assert_eq!(state.flow_capacity6, None);
+        assert_eq!(
+            state.flow_tables(),
+            FlowCapacity {
+                ipv4: 65_536,
+                ipv6: 8192
+            }
+        );
+        save(&dir, &state).unwrap();
+        let text = fs::read_to_string(dir.join(STATE_FILE)).unwrap();
+        assert!(!text.contains("flow_capacity6"), "{text}");
+        assert_eq!(load(&dir).unwrap(), state);
+
+        state.flow_capacity6 = Some(16_384);
+        save(&dir, &state).unwrap();
+        let loaded = load(&dir).unwrap();
+        assert_eq!(loaded, state);
+        assert_eq!(
+            loaded.flow_tables(),
+            FlowCapacity {
+                ipv4: 65_536,
+                ipv6: 16_384
+            }
+        );
         fs::remove_dir_all(&dir).unwrap();
     }
 }

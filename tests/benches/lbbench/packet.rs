@@ -214,7 +214,8 @@ impl Node {
 
 impl Loaded {
     fn load(flow_capacity: u32) -> Result<Loaded> {
-        let mut ebpf = lb_dataplane::load(None, flow_capacity)?;
+        let mut ebpf =
+            lb_dataplane::load(None, lb_dataplane::FlowCapacity::new(flow_capacity, None))?;
         let xdp: &mut Xdp = ebpf
             .program_mut(program_names::XDP_INGRESS)
             .context("no XDP program")?

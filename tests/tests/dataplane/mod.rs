@@ -139,7 +139,8 @@ pub fn with_node_of(flow_capacity: u32, body: impl FnOnce(&mut Node) + Send) {
     ns.sysctl("net.ipv4.ip_forward", "1").unwrap();
     ns.sysctl("net.ipv6.conf.all.forwarding", "1").unwrap();
     ns.in_netns(move || {
-        let mut ebpf = dataplane::load(None, flow_capacity).unwrap();
+        let mut ebpf =
+            dataplane::load(None, dataplane::FlowCapacity::new(flow_capacity, None)).unwrap();
         let xdp: &mut Xdp = ebpf
             .program_mut(program_names::XDP_INGRESS)
             .unwrap()
