@@ -129,6 +129,24 @@ pub fn paths_under(dir: &Path) -> Result<Vec<PathBuf>> {
     Ok(out)
 }
 
+/// What `bpftool --json map show pinned PIN` says of the map pinned at `pin` (`id`,
+/// `max_entries`, `bytes_memlock`, ...): the kernel's view, not lbctl's.
+pub fn pinned_map(pin: &Path) -> Result<serde_json::Value> {
+    let out = std::process::Command::new("bpftool")
+        .args(["--json", "map", "show", "pinned"])
+        .arg(pin)
+        .output()
+        .context("cannot run bpftool (`cargo xtask setup` installs it)")?;
+    if !out.status.success() {
+        bail!(
+            "bpftool map show pinned {}: {}",
+            pin.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    serde_json::from_slice(&out.stdout).context("bpftool's JSON")
+}
+
 /// Returns a `lbt-<pid>-<counter>` prefix unique on this machine while this
 /// process lives: namespaces and state folders of parallel tests (threads)
 /// and of concurrent runs (processes) never collide, and the pid lets

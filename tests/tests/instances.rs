@@ -74,14 +74,7 @@ fn links_are(row: &Value, iface: &str, state: &str) -> bool {
 /// The memory and map id of FLOWS as `bpftool` reports them for its pin: the cross-check of
 /// what lbctl reads from fdinfo.
 fn bpftool_flows(pin_dir: &Path) -> (u64, u64) {
-    let pin = pin_dir.join("maps/FLOWS");
-    let out = Command::new("bpftool")
-        .args(["--json", "map", "show", "pinned"])
-        .arg(&pin)
-        .output()
-        .expect("bpftool runs (`cargo xtask setup` installs it)");
-    assert!(out.status.success(), "{out:?}");
-    let map: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let map = lb_tests::pinned_map(&pin_dir.join("maps/FLOWS")).unwrap();
     (
         map["bytes_memlock"].as_u64().unwrap(),
         map["id"].as_u64().unwrap(),
