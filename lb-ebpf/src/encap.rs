@@ -37,7 +37,7 @@ use network_types::{
 use crate::{
     csum,
     forward::{self, Egress, NextHop},
-    icmp,
+    icmp, icmp6,
     maps::{
         ENCAP_HANDOFF, IPV6_ENCAP_PROGRAM, MESH, MESH6, NODE_ADDRS6, TC_ENCAP_HANDOFF,
         TC_ENCAP6_PROGRAM,
@@ -101,6 +101,10 @@ const _: () =
 /// The smallest path MTU a "fragmentation needed" names: IPv4's minimum (RFC 791: every host
 /// takes 576-byte datagrams); an underlay narrower than that plus the overhead gets no error.
 const MIN_PATH_MTU: u16 = 576;
+
+/// IPv6's minimum MTU (RFC 8200): an underlay narrower than that plus the overhead gets no
+/// "packet too big" (no IPv6 host could go below it).
+const MIN_IPV6_MTU: u16 = 1280;
 
 /// Bytes the outer IPv4 header, UDP and VXLAN add to the inner frame's length.
 const OUTER_L3_OVERHEAD: usize = 20 + 8 + 8;
@@ -425,6 +429,8 @@ pub struct Handoff {
     /// An IPv4 client's packet: the service address and port it was sent to, for the
     /// "fragmentation needed" that answers one too big (0: none is sent).
     pub service_ip_be: u32,
+    /// The same of an IPv6 client's packet (`service6`, for a "packet too big"), or of an IPv4
+    /// one.
     pub service_port_be: u16,
     pub src_port: u16,
     pub l4_off: u16,
@@ -435,6 +441,7 @@ pub struct Handoff {
     pub count: u8,
     /// `HANDOFF_INNER_IPV4`, or 6.
     pub inner_family: u8,
+    pub service6: [u8; 16],
 }
 
 /// [`xdp_to_node`] for a node of an IPv6 underlay: the packet is handed to `lb_xdp6_encap`,
@@ -516,7 +523,8 @@ pub fn xdp6_to_node(
         (*handoff).count = 1 + u8::from(new_flow);
         (*handoff).inner_family = 6;
         (*handoff).service_ip_be = 0;
-        (*handoff).service_port_be = 0;
+        (*handoff).service_port_be = key.dst_port_be;
+        (*handoff).service6 = key.dst;
     }
     // SAFETY: the index names an XDP program, as the tail call requires.
     let _ = unsafe { IPV6_ENCAP_PROGRAM.tail_call(ctx, 0) };
@@ -526,9 +534,9 @@ pub fn xdp6_to_node(
 /// `lb_xdp6_encap`: encapsulates the DNATed packet handed over ([`Handoff`]) to its backend's
 /// node and sends it, as [`xdp_to_node`] does: an IPv6 packet over either underlay, an IPv4
 /// one over an IPv6 underlay. Its TTL or hop limit drops by one, its MSS is clamped. One too
-/// big once encapsulated is dropped (`drop_encap_mtu`), after a "fragmentation needed" to an
-/// IPv4 client; ICMPv6 "packet too big" is not sent yet. The backend's counters count it once
-/// it is sent.
+/// big once encapsulated is answered with a "fragmentation needed" (IPv4) or a "packet too
+/// big" (IPv6) to the client (`frag_needed_sent`) when it can be, else dropped
+/// (`drop_encap_mtu`). The backend's counters count it once it is sent.
 #[inline(always)]
 pub fn xdp_from_handoff(ctx: &XdpContext) -> (u32, Reason) {
     let drop = |reason| (xdp_action::XDP_DROP, reason);
@@ -583,6 +591,9 @@ fn xdp6_over_ipv4(
     let drop = |reason| (xdp_action::XDP_DROP, reason);
     let egress = match route_to_node(ctx, mesh, handoff.node_ip_be, outer_len) {
         Ok(egress) => egress,
+        Err((Reason::DropEncapMtu, mtu)) => {
+            return too_big6(ctx, handoff, mtu.saturating_sub(VXLAN_OVERHEAD as u16));
+        }
         Err((reason, _)) => return drop(reason),
     };
     let (hop, reason) = match egress {
@@ -606,6 +617,19 @@ fn xdp6_over_ipv4(
         inner_len,
     );
     (forward::send(ctx, &egress), reason)
+}
+
+/// An IPv6 client's packet too big to encapsulate (`fits`: the size that would fit): answered
+/// with an ICMPv6 "packet too big" (`icmp6::packet_too_big`) when it can be, dropped.
+#[inline(always)]
+fn too_big6(ctx: &XdpContext, handoff: &Handoff, fits: u16) -> (u32, Reason) {
+    if fits >= MIN_IPV6_MTU {
+        let action = icmp6::packet_too_big(ctx, handoff, fits);
+        if action != 0 {
+            return (action, Reason::FragNeededSent);
+        }
+    }
+    (xdp_action::XDP_DROP, Reason::DropEncapMtu)
 }
 
 /// The inner IPv6 packet's hop limit one less (`lb_xdp6` made sure it is above 1); false if
@@ -656,6 +680,9 @@ fn xdp_over_ipv6(
         BPF_FIB_LKUP_RET_SUCCESS => forward::how_to_send(&mut hop),
         BPF_FIB_LKUP_RET_FRAG_NEEDED => {
             let fits = hop.mtu.saturating_sub(VXLAN6_OVERHEAD as u16);
+            if inner.ether_type == ETH_P_IPV6_BE {
+                return too_big6(ctx, handoff, fits);
+            }
             if handoff.service_ip_be != 0 && fits >= MIN_PATH_MTU {
                 let action = frag_needed_for_handoff(ctx, handoff, inner, fits);
                 if action != 0 {

@@ -315,9 +315,10 @@ const RATE_BURST_NS: u64 = 6 * RATE_INTERVAL_NS;
 /// IP precedence "internetwork control", which the kernel gives its ICMP errors.
 const TOS_INTERNET_CONTROL: u8 = 0xc0;
 
-/// Whether an error may be sent to `ip_be` now (and takes a token if so).
+/// Whether an error may be sent to `ip_be` now (and takes a token if so); an IPv6 address is
+/// taken folded to 32 bits.
 #[inline(always)]
-fn rate_allows(ip_be: u32) -> bool {
+pub fn rate_allows(ip_be: u32) -> bool {
     // SAFETY: plain helper call.
     let now = unsafe { bpf_ktime_get_coarse_ns() };
     // SAFETY: a per-source entry; a race between CPUs costs at most one error more.
@@ -454,15 +455,21 @@ fn frag_needed_inner(ctx: &XdpContext, pkt: &Packet, mtu: u16) -> Option<u32> {
         let check = checksum(message);
         message[2..4].copy_from_slice(&check.to_ne_bytes());
     }
-    // Back out of the interface it came in on, through TC where XDP_TX cannot deliver.
+    Some(back_out(ctx))
+}
+
+/// Sends an error this node made of a packet back out of the interface the packet came in on
+/// (its MACs already swapped), through TC where XDP_TX cannot deliver. Returns the action.
+#[inline(always)]
+pub fn back_out(ctx: &XdpContext) -> u32 {
     let ingress = ctx.ingress_ifindex() as u32;
     // SAFETY: only presence is read.
     if unsafe { TX_VIA_TC.get(&ingress) }.is_some()
         && let Some(action) = xmit::through_tc(ctx, ingress, false)
     {
-        return Some(action);
+        return action;
     }
-    Some(xdp_action::XDP_TX)
+    xdp_action::XDP_TX
 }
 
 #[inline(always)]

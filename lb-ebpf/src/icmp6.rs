@@ -14,12 +14,16 @@
 //! (`drop_backend_refused`), the flow forgotten, so that the client's next SYN chooses again.
 use aya_ebpf::{
     bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC},
-    programs::TcContext,
+    helpers::generated::{bpf_xdp_adjust_head, bpf_xdp_adjust_tail},
+    programs::{TcContext, XdpContext},
 };
 use lb_common::{Addr6, FlowKey6, PROTO_TCP, PROTO_UDP, Reason};
+use network_types::eth::EthHdr;
 
 use crate::{
     conntrack6, csum,
+    encap::Handoff,
+    icmp,
     maps::IPV6_TC_ICMP_PROGRAM,
     nat::{load16, store16},
     parse::{L3_OFF, ptr_at},
@@ -179,4 +183,132 @@ fn translate(data: usize, data_end: usize) -> Option<()> {
         icmp_check = csum::replace128(icmp_check, &backend, &orig);
     }
     store16(data, data_end, ICMP_CHECK_OFF, icmp_check)
+}
+
+/// ICMPv6 "packet too big".
+const PACKET_TOO_BIG: u8 = 2;
+/// What a "packet too big" quotes: the packet's IPv6 header and its transport header's first 8
+/// bytes (the ports: what the client's stack needs to find its socket).
+const PTB_QUOTE_LEN: usize = IPV6_LEN + 8;
+/// The error's IPv6 packet: its header, the ICMPv6 header, the quote.
+const PTB_L3_LEN: usize = IPV6_LEN + 8 + PTB_QUOTE_LEN;
+
+/// Turns an IPv6 client's packet too big to encapsulate (already DNATed; `handoff` holds the
+/// address and port the client sent it to) into an ICMPv6 "packet too big" back to the client
+/// naming `mtu`, from the address the client sent to, quoting the packet as the client sent it,
+/// and sends it back where the packet came from, as `icmp::frag_needed` does for IPv4.
+/// Returns the XDP action; 0: none is sent (a packet with extension headers, rate-limited),
+/// and the caller drops the packet.
+#[inline(never)]
+pub fn packet_too_big(ctx: &XdpContext, handoff: &Handoff, mtu: u16) -> u32 {
+    packet_too_big_inner(ctx, handoff, mtu).unwrap_or(0)
+}
+
+#[inline(always)]
+fn packet_too_big_inner(ctx: &XdpContext, handoff: &Handoff, mtu: u16) -> Option<u32> {
+    let l4_off = usize::from(handoff.l4_off);
+    // Extension headers would take the quote's room: no error then.
+    if l4_off != L3_OFF + IPV6_LEN || (handoff.proto != PROTO_TCP && handoff.proto != PROTO_UDP) {
+        return None;
+    }
+    let (data, data_end) = (ctx.data(), ctx.data_end());
+    let client = addr_at(data, data_end, IP6_SRC_OFF)?;
+    let word = |at: usize| {
+        u32::from_ne_bytes([client[at], client[at + 1], client[at + 2], client[at + 3]])
+    };
+    if !icmp::rate_allows(word(0) ^ word(4) ^ word(8) ^ word(12)) {
+        return None;
+    }
+    // The quote as the client sent it: its destination back to the service, with UDP's
+    // checksum (which the 8 quoted bytes hold; TCP's lies beyond them).
+    let backend = addr_at(data, data_end, IP6_DST_OFF)?;
+    let backend_port = load16(data, data_end, l4_off + 2)?;
+    if handoff.proto == PROTO_UDP {
+        let check = load16(data, data_end, l4_off + 6)?;
+        let check = csum::update_l4(check, true, |check| {
+            csum::replace16(
+                csum::replace128(check, &backend, &handoff.service6),
+                backend_port,
+                handoff.service_port_be,
+            )
+        });
+        store16(data, data_end, l4_off + 6, check)?;
+    }
+    let at: *mut Addr6 = ptr_at(data, data_end, IP6_DST_OFF)?;
+    // SAFETY: bounds checked by ptr_at.
+    unsafe { *at = handoff.service6 };
+    store16(data, data_end, l4_off + 2, handoff.service_port_be)?;
+    // Room for the error's IPv6 and ICMPv6 headers in front of the quoted header, which stays
+    // where it is; then the frame ends after the quote.
+    let grow = IPV6_LEN + 8;
+    // SAFETY: the helper only moves ctx->data; every pointer is re-derived below.
+    if unsafe { bpf_xdp_adjust_head(ctx.ctx.cast(), -(grow as i32)) } != 0 {
+        return None;
+    }
+    let len = ctx.data_end() - ctx.data();
+    let cut = len.checked_sub(L3_OFF + PTB_L3_LEN)?;
+    // SAFETY: as above.
+    if cut > 0 && unsafe { bpf_xdp_adjust_tail(ctx.ctx.cast(), -(cut as i32)) } != 0 {
+        return None;
+    }
+    let (data, data_end) = (ctx.data(), ctx.data_end());
+    // The frame now: room (`grow` bytes), the client's Ethernet header, the quote.
+    let old_eth: *const EthHdr = ptr_at(data, data_end, grow)?;
+    let eth: *mut EthHdr = ptr_at(data, data_end, 0)?;
+    let ip: *mut [u8; IPV6_LEN] = ptr_at(data, data_end, L3_OFF)?;
+    let message: *mut [u8; 8] = ptr_at(data, data_end, ICMP_OFF)?;
+    let quote: *const [u8; PTB_QUOTE_LEN] = ptr_at(data, data_end, QUOTED_OFF)?;
+    let payload_len = ((8 + PTB_QUOTE_LEN) as u16).to_be_bytes();
+    let mtu = u32::from(mtu).to_be_bytes();
+    // SAFETY: bounds checked by ptr_at; plain bytes (alignment 1). The old Ethernet header is
+    // read before the ICMPv6 header, which overlaps its end, is written.
+    unsafe {
+        (*eth).dst_addr = (*old_eth).src_addr;
+        (*eth).src_addr = (*old_eth).dst_addr;
+        (*eth).ether_type = 0x86ddu16.to_be();
+        let ip = &mut *ip;
+        ip[..8].copy_from_slice(&[
+            0x60,
+            0,
+            0,
+            0,
+            payload_len[0],
+            payload_len[1],
+            PROTO_ICMPV6,
+            64,
+        ]);
+        ip[8..24].copy_from_slice(&handoff.service6);
+        ip[24..40].copy_from_slice(&client);
+        (*message) = [PACKET_TOO_BIG, 0, 0, 0, mtu[0], mtu[1], mtu[2], mtu[3]];
+        // The checksum: the pseudo-header (addresses, length, next header), the message.
+        let mut sum = u32::from(u16::from_ne_bytes(payload_len))
+            + u32::from(u16::from_ne_bytes([0, PROTO_ICMPV6]));
+        let mut i = 0;
+        while i < 16 {
+            sum += u32::from(u16::from_ne_bytes([
+                handoff.service6[i],
+                handoff.service6[i + 1],
+            ]));
+            sum += u32::from(u16::from_ne_bytes([client[i], client[i + 1]]));
+            i += 2;
+        }
+        let message_words = &*message;
+        let mut i = 0;
+        while i < 8 {
+            sum += u32::from(u16::from_ne_bytes([message_words[i], message_words[i + 1]]));
+            i += 2;
+        }
+        let quote = &*quote;
+        let mut i = 0;
+        while i < PTB_QUOTE_LEN {
+            sum += u32::from(u16::from_ne_bytes([quote[i], quote[i + 1]]));
+            i += 2;
+        }
+        sum = (sum & 0xffff) + (sum >> 16);
+        sum = (sum & 0xffff) + (sum >> 16);
+        let check = (!(sum as u16)).to_ne_bytes();
+        (*message)[2] = check[0];
+        (*message)[3] = check[1];
+    }
+    Some(icmp::back_out(ctx))
 }

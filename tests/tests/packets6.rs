@@ -1082,3 +1082,86 @@ fn over_an_ipv6_underlay_vxlan_is_decapsulated_and_replies_go_back_in_ipv6() {
         assert_eq!(node.reason(Reason::PassVxlanOtherVni), 1);
     });
 }
+
+/// A client's datagram too big to encapsulate is answered with the size that fits, quoting it
+/// as the client sent it: over the IPv4 underlay an IPv6 one gets a "packet too big" naming
+/// 1500 − 50; over an IPv6 underlay 1500 − 70, and an IPv4 one with DF a "fragmentation needed"
+/// naming the same. Nothing reaches the backend.
+#[test]
+fn clients_datagrams_too_big_for_the_tunnel_are_answered_with_the_size_that_fits() {
+    with_node(|node| {
+        let ingress = Some(node.ifindex);
+        let add_udp = |node: &mut Node| {
+            for (name, port, backend) in [
+                ("big6", 9201, "[2001:db8:20::20]:53@n2"),
+                ("big4", 9202, "10.0.0.20:53@n2"),
+            ] {
+                let backend = lb_userspace::table::parse_backend_spec(backend).unwrap();
+                node.table
+                    .add_service(name, Proto::Udp, port, None, &[backend])
+                    .unwrap();
+            }
+            node.apply();
+        };
+        add_udp(node);
+        let datagram6 = |port: u16| {
+            udp6(
+                (CLIENT_MAC, INGRESS_MAC),
+                (CLIENT_IP6, port),
+                (NODE_IP6, 9201),
+                64,
+                &vec![b'd'; 1500 - 48],
+            )
+        };
+        let too_big = |datagram: &[u8], mtu: u32| {
+            let mut frame = Vec::new();
+            PacketBuilder::ethernet2(INGRESS_MAC, CLIENT_MAC)
+                .ipv6(NODE_IP6, CLIENT_IP6, 64)
+                .icmpv6(etherparse::Icmpv6Type::PacketTooBig { mtu })
+                .write(&mut frame, &datagram[14..14 + 48])
+                .unwrap();
+            frame
+        };
+        let datagram = datagram6(40000);
+        assert_eq!(
+            node.xdp(&datagram, ingress),
+            (XDP_TX, too_big(&datagram, 1450))
+        );
+        assert_eq!(node.reason(Reason::FragNeededSent), 1);
+        assert_eq!(node.backend("big6", 0).packets, 0);
+
+        for service in ["big6", "big4"] {
+            node.table.remove_service(service).unwrap();
+        }
+        with_ipv6_underlay(node);
+        add_udp(node);
+        let datagram = datagram6(40001);
+        assert_eq!(
+            node.xdp(&datagram, ingress),
+            (XDP_TX, too_big(&datagram, 1430))
+        );
+        let mut datagram4 = udp(
+            (CLIENT_MAC, INGRESS_MAC),
+            (CLIENT_IP, 40000),
+            (NODE_IP, 9202),
+            64,
+            &vec![b'd'; 1500 - 28],
+        );
+        // DF, the IPv4 header's checksum again.
+        datagram4[14 + 6] = 0x40;
+        datagram4[14 + 10..14 + 12].copy_from_slice(&[0, 0]);
+        let check = internet_checksum(&[&datagram4[14..34]]);
+        datagram4[14 + 10..14 + 12].copy_from_slice(&check.to_be_bytes());
+        let (action, out) = node.xdp(&datagram4, ingress);
+        assert_eq!(action, XDP_TX);
+        assert_eq!(&out[..12], &[&CLIENT_MAC[..], &INGRESS_MAC].concat()[..]);
+        assert_eq!(&out[26..34], &[&NODE_IP[..], &CLIENT_IP].concat()[..]);
+        // Destination unreachable, fragmentation needed, next-hop MTU 1430; the quote as sent.
+        assert_eq!(&out[34..36], &[3, 4]);
+        assert_eq!(&out[40..42], &1430u16.to_be_bytes());
+        assert_eq!(&out[42..42 + 28], &datagram4[14..14 + 28]);
+        assert_eq!(node.reason(Reason::FragNeededSent), 3);
+        assert_eq!(node.backend("big4", 0).packets, 0);
+        assert_eq!(node.reason(Reason::DropEncapMtu), 0);
+    });
+}
