@@ -35,19 +35,21 @@ pub fn try_xdp(ctx: &XdpContext) -> Result<(u32, Reason), Reason> {
         ctx.data_end() - ctx.data(),
         &mut key,
     );
-    let pkt = match parsed {
-        Ok(pkt) => pkt,
-        // VXLAN over an IPv6 underlay to this node (its UDP checksum is 0, which the parser
-        // takes as malformed, leaving the ports and protocol in the key).
-        Err(Reason::PassMalformed)
-            if key.proto == PROTO_UDP && decap::is_overlay6(&key, key.dst_port_be) =>
-        {
-            // SAFETY: the index names an XDP program, as the tail call requires.
-            let _ = unsafe { OVERLAY6_PROGRAM.tail_call(ctx, 0) };
-            return Ok((xdp_action::XDP_DROP, Reason::DropVxlanMalformed));
+    // VXLAN over an IPv6 underlay to this node, whether its UDP checksum is set or 0 (which
+    // the parser takes as malformed, leaving the ports and protocol in the key).
+    let overlay = match parsed {
+        Ok(pkt) => pkt.proto == PROTO_UDP && decap::is_overlay6(&key, pkt.dst_port_be),
+        Err(Reason::PassMalformed) => {
+            key.proto == PROTO_UDP && decap::is_overlay6(&key, key.dst_port_be)
         }
-        Err(reason) => return Err(reason),
+        Err(_) => false,
     };
+    if overlay {
+        // SAFETY: the index names an XDP program, as the tail call requires.
+        let _ = unsafe { OVERLAY6_PROGRAM.tail_call(ctx, 0) };
+        return Ok((xdp_action::XDP_DROP, Reason::DropVxlanMalformed));
+    }
+    let pkt = parsed?;
     let port = select::service_port(pkt.proto, pkt.dst_port_be);
     if port != 0 {
         let event = match flows::pinned(&key, &pkt) {

@@ -1066,6 +1066,15 @@ fn over_an_ipv6_underlay_vxlan_is_decapsulated_and_replies_go_back_in_ipv6() {
         assert_eq!(out, Tunnel6::to_n2(port).wrap(&inner));
         assert_eq!(node.reason(Reason::ReplyEncap), 1);
 
+        // With its UDP checksum set, as a Linux VXLAN device sends it by default: the same.
+        let checksummed = Tunnel6 {
+            udp_checksum: true,
+            ..Tunnel6::from_n2()
+        };
+        let (action, _) = node.xdp(&checksummed.wrap(&syn), ingress);
+        assert_eq!(action, XDP_TX, "decapsulated and delivered");
+        assert_eq!(node.reason(Reason::DecapTx), 2);
+
         let stranger = Tunnel6 {
             src: (CLIENT_IP6, N2_SOURCE_PORT),
             ..Tunnel6::from_n2()
@@ -1073,6 +1082,16 @@ fn over_an_ipv6_underlay_vxlan_is_decapsulated_and_replies_go_back_in_ipv6() {
         let (action, _) = node.xdp(&stranger.wrap(&syn), ingress);
         assert_eq!(action, XDP_DROP);
         assert_eq!(node.reason(Reason::DropVxlanUnknownSource), 1);
+        let (action, _) = node.xdp(
+            &Tunnel6 {
+                udp_checksum: true,
+                ..stranger
+            }
+            .wrap(&syn),
+            ingress,
+        );
+        assert_eq!(action, XDP_DROP, "checksummed, from a stranger");
+        assert_eq!(node.reason(Reason::DropVxlanUnknownSource), 2);
         let other_vni = Tunnel6 {
             vni: 7,
             ..Tunnel6::from_n2()

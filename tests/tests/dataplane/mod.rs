@@ -640,6 +640,9 @@ pub struct Tunnel6 {
     pub vni: u32,
     /// The outer flow label (lbctl: the outer UDP source port).
     pub flow_label: u32,
+    /// Whether the outer UDP checksum is computed (Linux's VXLAN devices do by default) or 0
+    /// (lbctl's, RFC 6935).
+    pub udp_checksum: bool,
 }
 
 impl Tunnel6 {
@@ -651,6 +654,7 @@ impl Tunnel6 {
             dst: (NODE_IP6, DEFAULT_VXLAN_PORT),
             vni: DEFAULT_VNI,
             flow_label: 0,
+            udp_checksum: false,
         }
     }
 
@@ -677,12 +681,22 @@ impl Tunnel6 {
         ip.extend_from_slice(&[17, 64]);
         ip.extend_from_slice(&self.src.0);
         ip.extend_from_slice(&self.dst.0);
-        let udp = UdpHeader {
+        let mut udp = UdpHeader {
             source_port: self.src.1,
             destination_port: self.dst.1,
             length: udp_len,
             checksum: 0,
         };
+        if self.udp_checksum {
+            let pseudo = [
+                &self.src.0[..],
+                &self.dst.0,
+                &u32::from(udp_len).to_be_bytes(),
+                &[0, 0, 0, 17],
+            ]
+            .concat();
+            udp.checksum = internet_checksum(&[&pseudo, &udp.to_bytes(), &vxlan, inner]);
+        }
         let eth = Ethernet2Header {
             source: self.macs.0,
             destination: self.macs.1,
