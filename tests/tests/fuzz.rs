@@ -951,6 +951,9 @@ impl Fuzzer<'_> {
         reason: Reason,
     ) -> Result<(), String> {
         use Reason::*;
+        if reason == FragNeededSent && is_ipv6_at(out, L3) {
+            return self.packet_too_big_well_formed(input, out);
+        }
         let l3_out = match vxlan_inner(out) {
             Some(inner) if reference(out, L3) != Ip::Malformed => {
                 let node = ipv4_at(out, L3 + 16);
@@ -1027,6 +1030,54 @@ impl Fuzzer<'_> {
                 "an ICMP error to {dst} quoting {q_src:?} → {q_dst:?}: not about a service's flow"
             ))
         }
+    }
+}
+
+impl Fuzzer<'_> {
+    /// An ICMPv6 "packet too big" made here for an IPv6 client's packet too big to
+    /// encapsulate: back to the packet's source, from a service address, ICMPv6 checksum right,
+    /// an MTU IPv6 takes (at least 1280), quoting an IPv6 packet to a service as the client
+    /// knows it.
+    fn packet_too_big_well_formed(&self, input: &[u8], out: &[u8]) -> Result<(), String> {
+        const ERROR_LEN: usize = L3 + 40 + 8 + 48;
+        if out.len() != ERROR_LEN || out[L3 + 6] != 58 || out[L3 + 40] != 2 || out[L3 + 41] != 0 {
+            return Err(format!(
+                "sent {:?}, not a packet too big",
+                reference6(out, L3)
+            ));
+        }
+        let icmp = L3 + 40;
+        let pseudo = [
+            &out[L3 + 8..L3 + 40],
+            &((ERROR_LEN - icmp) as u32).to_be_bytes(),
+            &[0, 0, 0, 58],
+        ]
+        .concat();
+        if internet_checksum(&[&pseudo, &out[icmp..]]) != 0 {
+            return Err("ICMPv6 checksum wrong".into());
+        }
+        let mtu = u32::from_be_bytes([out[icmp + 4], out[icmp + 5], out[icmp + 6], out[icmp + 7]]);
+        if !(1280..1500).contains(&mtu) {
+            return Err(format!("packet too big names an MTU of {mtu}"));
+        }
+        let quoted = icmp + 8;
+        let (src, dst) = addresses(out, L3);
+        let at = |i: usize| IpAddr::from(<[u8; 16]>::try_from(&out[i..i + 16]).unwrap());
+        let (q_src, q_dst) = (at(quoted + 8), at(quoted + 24));
+        let q_dst_port = get_u16(out, quoted + 40 + 2);
+        let client = addresses(input, L3).0;
+        if dst != client || q_src != client || !self.frontends.contains(&(q_dst, q_dst_port)) {
+            return Err(format!(
+                "a packet too big to {dst} quoting {q_src} → {q_dst}:{q_dst_port}: not about a \
+                 service's flow of its client"
+            ));
+        }
+        if src != q_dst {
+            return Err(format!(
+                "a packet too big from {src}, not the service {q_dst}"
+            ));
+        }
+        Ok(())
     }
 }
 
