@@ -19,7 +19,8 @@ use anyhow::{Context, Result, bail, ensure};
 use aya::{Ebpf, programs::Xdp};
 use etherparse::PacketBuilder;
 use lb_common::{
-    DEFAULT_VNI, DEFAULT_VXLAN_PORT, FlowValue, Reason, ReverseValue, VXLAN_OVERHEAD, program_names,
+    DEFAULT_VNI, DEFAULT_VXLAN_PORT, FlowValue, Reason, ReverseValue, VXLAN_OVERHEAD,
+    VXLAN6_OVERHEAD, program_names,
 };
 use lb_tests::bpf::{load_xdp_pass, test_run_xdp};
 use lb_tests::netns::NetNs;
@@ -70,6 +71,8 @@ const REQUEST: &[u8] = b"GET / HTTP/1.1\r\nHost: bench\r\n\r\n";
 const WEB6_PORT: u16 = 8086;
 const NODE_IP6: [u8; 16] = [0xfd, 0, 0x01, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
 const CLIENT_IP6: [u8; 16] = [0xfd, 0, 0x01, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2];
+/// n2's address on the IPv6 underlay of the last cases, on lbt0's link.
+const N2_IP6: [u8; 16] = [0xfd, 0, 0x01, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x11];
 /// The IPv6 cases, beside their IPv4 counterparts.
 const NEW_FLOW6: &str = "new flow (IPv6)";
 const ESTABLISHED6: &str = "established (IPv6)";
@@ -180,7 +183,7 @@ impl Node {
                 lb_tests::netns::format_mac(mac)
             ));
         }
-        let neighbours6 = [(CLIENT_IP6, CLIENT_MAC)]
+        let neighbours6 = [(CLIENT_IP6, CLIENT_MAC), (N2_IP6, N2_MAC)]
             .into_iter()
             .chain((0..LOCAL_BACKENDS).map(|i| (local_backend6(i), backend_mac(i))));
         for (ip, mac) in neighbours6 {
@@ -249,12 +252,8 @@ impl Loaded {
             .add_service("hashed", Proto::Tcp, HASHED_PORT, None, &web)
             .and_then(|()| table.set_scheduler("hashed", Scheduler::Maglev))
             .map_err(anyhow::Error::msg)?;
-        let mesh = (0..REMOTE_BACKENDS)
-            .map(|i| parse_backend_spec(&format!("10.0.1.{}:{BACKEND_PORT}@n2", 10 + i)))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(anyhow::Error::msg)?;
         table
-            .add_service("mesh", Proto::Tcp, MESH_PORT, None, &mesh)
+            .add_service("mesh", Proto::Tcp, MESH_PORT, None, &mesh_backends()?)
             .map_err(anyhow::Error::msg)?;
         let delta = sync::delta(&sync::desired(&table, Some("n1")), &maps.read_contents()?);
         maps.apply(&delta)?;
@@ -466,6 +465,91 @@ impl Loaded {
         for (name, ns) in self.established_cases(samples)? {
             record(name, PER_PACKET, ns);
         }
+        for (name, ns) in self.underlay6_cases(samples)? {
+            record(name, PER_PACKET, ns);
+        }
+        Ok(found)
+    }
+
+    /// The mesh moved to an IPv6 underlay (n1 and n2 by their IPv6 addresses): VXLAN over IPv6
+    /// of an established IPv4 flow to n2 (`lb_xdp` hands it to `lb_xdp6_encap`), and
+    /// decapsulation of a flow n2 balanced to this node (`lb_xdp6` hands it to
+    /// `lb_xdp6_overlay`), next to the IPv4 underlay's cases.
+    fn underlay6_cases(&mut self, samples: usize) -> Result<Vec<(&'static str, f64)>> {
+        let table = &mut self.table;
+        table.remove_service("mesh").map_err(anyhow::Error::msg)?;
+        for name in ["n1", "n2"] {
+            table.remove_node(name).map_err(anyhow::Error::msg)?;
+        }
+        for (name, ip) in [("n1", NODE_IP6), ("n2", N2_IP6)] {
+            table
+                .add_node(name, std::net::Ipv6Addr::from(ip).into())
+                .map_err(anyhow::Error::msg)?;
+        }
+        table
+            .add_service("mesh", Proto::Tcp, MESH_PORT, None, &mesh_backends()?)
+            .map_err(anyhow::Error::msg)?;
+        let delta = sync::delta(
+            &sync::desired(&self.table, Some("n1")),
+            &self.maps.read_contents()?,
+        );
+        self.maps.apply(&delta)?;
+        let prog = self.program()?;
+        let mut found = Vec::new();
+
+        let mesh_requests = self.established_flows(MESH_PORT)?;
+        let name = "VXLAN encapsulation (IPv6 underlay)";
+        let case = Case {
+            name,
+            frame: &|i| mesh_requests[i % FLOWS_CYCLED].clone(),
+            action: XDP_TX,
+            reason: Some(Reason::ForwardEncapTx),
+            check: &|input, out| {
+                ensure!(
+                    out.len() == input.len() + VXLAN6_OVERHEAD as usize,
+                    "not encapsulated over IPv6"
+                );
+                ensure!(out[38..54] == N2_IP6, "outer destination is not n2");
+                ensure!(
+                    u16::from_be_bytes([out[56], out[57]]) == DEFAULT_VXLAN_PORT,
+                    "not to the VXLAN port"
+                );
+                Ok(())
+            },
+        };
+        found.push((name, self.time(prog, &case, samples)?));
+
+        let decap: Vec<_> = (0..FLOWS_CYCLED)
+            .map(|i| {
+                let backend = local_backend((i % usize::from(LOCAL_BACKENDS)) as u8);
+                let inner = tcp(
+                    (N2_MAC, NODE_MAC),
+                    flow_client(i),
+                    (backend, BACKEND_PORT),
+                    63,
+                    "PA",
+                    REQUEST,
+                );
+                vxlan6_from_n2(&inner)
+            })
+            .collect();
+        let name = "VXLAN decapsulation (IPv6 underlay)";
+        let case = Case {
+            name,
+            frame: &|i| decap[i % FLOWS_CYCLED].clone(),
+            action: XDP_TX,
+            reason: Some(Reason::DecapTx),
+            check: &|input, out| {
+                ensure!(
+                    out.len() + VXLAN6_OVERHEAD as usize == input.len(),
+                    "not decapsulated"
+                );
+                let (_, dst) = addresses(out)?;
+                ensure!(dst.0[..3] == [10, 0, 0], "inner packet not to a local task");
+                Ok(())
+            },
+        };
+        found.push((name, self.time(prog, &case, samples)?));
         Ok(found)
     }
 
@@ -911,6 +995,29 @@ fn check_dnat6(input: &[u8], out: &[u8]) -> Result<()> {
         "not to the task's MAC"
     );
     Ok(())
+}
+
+/// The `mesh` service's backends, on n2.
+fn mesh_backends() -> Result<Vec<lb_userspace::table::BackendSpec>> {
+    (0..REMOTE_BACKENDS)
+        .map(|i| parse_backend_spec(&format!("10.0.1.{}:{BACKEND_PORT}@n2", 10 + i)))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(anyhow::Error::msg)
+}
+
+/// `inner` in VXLAN over IPv6 from n2 to this node, UDP checksum 0 as lbctl sends it.
+fn vxlan6_from_n2(inner: &[u8]) -> Vec<u8> {
+    let vni = DEFAULT_VNI.to_be_bytes();
+    let mut payload = vec![0x08, 0, 0, 0, vni[1], vni[2], vni[3], 0];
+    payload.extend_from_slice(inner);
+    let mut frame = Vec::new();
+    PacketBuilder::ethernet2(N2_MAC, NODE_MAC)
+        .ipv6(N2_IP6, NODE_IP6, 64)
+        .udp(0xc123, DEFAULT_VXLAN_PORT)
+        .write(&mut frame, &payload)
+        .expect("writing to a Vec cannot fail");
+    frame[60..62].copy_from_slice(&[0, 0]);
+    frame
 }
 
 /// `inner` in VXLAN from n2 to this node (VNI and port the defaults).
