@@ -675,9 +675,9 @@ fn xdp_over_ipv6(
         src: &local,
         dst: &node,
     };
-    let rc = forward::fib_lookup6(ctx.ctx.cast(), &query, &mut hop);
+    let rc = forward::fib_lookup6_cached(ctx.ctx.cast(), &query, &mut hop);
     match rc {
-        BPF_FIB_LKUP_RET_SUCCESS => forward::how_to_send(&mut hop),
+        BPF_FIB_LKUP_RET_SUCCESS => {}
         BPF_FIB_LKUP_RET_FRAG_NEEDED => {
             let fits = hop.mtu.saturating_sub(VXLAN6_OVERHEAD as u16);
             if inner.ether_type == ETH_P_IPV6_BE {

@@ -107,8 +107,8 @@ pub struct Fib6Query<'a> {
 }
 
 /// [`fib_lookup_raw`] for IPv6 (`query`), the next hop written to `hop`. For the encapsulation
-/// to a node of an IPv6 underlay, in XDP and TC. Not cached (an underlay node's route is looked
-/// up per packet), in a frame of its own: its 64-byte parameters.
+/// to a node of an IPv6 underlay, in TC (XDP goes through [`fib_lookup6_cached`]). In a frame
+/// of its own: its 64-byte parameters.
 #[inline(never)]
 pub fn fib_lookup6(ctx: *mut c_void, query: &Fib6Query, hop: &mut NextHop) -> u32 {
     let Fib6Query {
@@ -144,6 +144,63 @@ pub fn fib_lookup6(ctx: *mut c_void, query: &Fib6Query, hop: &mut NextHop) -> u3
     hop.mtu = unsafe { params.__bindgen_anon_1.mtu_result };
     hop.xmit = 0;
     rc as u32
+}
+
+/// [`fib_lookup6`] through the IPv6 route cache (`ROUTE_CACHE6`, as [`fib_lookup_cached`] for
+/// IPv4), for XDP: a successful answer is kept for [`ROUTE_CACHE_TTL_JIFFIES`] with how XDP
+/// sends to its next hop ([`how_to_send`]), and a packet longer than its MTU then gets
+/// `BPF_FIB_LKUP_RET_FRAG_NEEDED`. `query.tot_len` must not be 0. In a frame of its own.
+#[inline(never)]
+pub fn fib_lookup6_cached(ctx: *mut c_void, query: &Fib6Query, hop: &mut NextHop) -> u32 {
+    // SAFETY: plain helper call.
+    let now = unsafe { bpf_jiffies64() };
+    let dst = query.dst;
+    let words = |at: usize| u32::from_ne_bytes([dst[at], dst[at + 1], dst[at + 2], dst[at + 3]]);
+    let mixed = words(0) ^ words(4) ^ words(8) ^ words(12);
+    let slot = mixed.wrapping_mul(0x9e37_79b1) >> (32 - ROUTE_CACHE_BITS);
+    let cache = ROUTE_CACHE6.get_ptr_mut(slot);
+    if let Some(entry) = cache {
+        // SAFETY: this CPU's slot; nothing else writes it while the program runs.
+        let cached = unsafe { &*entry };
+        if cached.checked_jiffies != 0
+            && cached.dst == *dst
+            && cached.ingress_ifindex == query.ifindex
+            && now.wrapping_sub(cached.checked_jiffies) < ROUTE_CACHE_TTL_JIFFIES
+        {
+            hop.ifindex = cached.ifindex;
+            hop.smac = cached.smac;
+            hop.dmac = cached.dmac;
+            hop.mtu = cached.mtu;
+            hop.xmit = cached.xmit;
+            return if query.tot_len > cached.mtu {
+                BPF_FIB_LKUP_RET_FRAG_NEEDED
+            } else {
+                BPF_FIB_LKUP_RET_SUCCESS
+            };
+        }
+    }
+    let rc = fib_lookup6(ctx, query, hop);
+    if rc != BPF_FIB_LKUP_RET_SUCCESS {
+        return rc;
+    }
+    how_to_send(hop);
+    // A kernel that did not report the MTU left the length in its place: nothing to cache.
+    if let Some(entry) = cache
+        && hop.mtu != query.tot_len
+    {
+        // SAFETY: as above; field by field, as `decide6_into`.
+        unsafe {
+            (*entry).checked_jiffies = now;
+            (*entry).dst = *dst;
+            (*entry).ingress_ifindex = query.ifindex;
+            (*entry).ifindex = hop.ifindex;
+            (*entry).mtu = hop.mtu;
+            (*entry).smac = hop.smac;
+            (*entry).dmac = hop.dmac;
+            (*entry).xmit = hop.xmit;
+        }
+    }
+    rc
 }
 
 /// What [`fib_lookup_uncached`] asks the FIB.
