@@ -672,6 +672,7 @@ fn xdp_over_ipv6(
     let query = forward::Fib6Query {
         ifindex: ingress,
         tot_len: outer_len,
+        proto: PROTO_UDP,
         src: &local,
         dst: &node,
     };
@@ -1041,6 +1042,7 @@ fn tc_encap_over<const OUTER6: bool>(
             let query = forward::Fib6Query {
                 ifindex,
                 tot_len: checked_len,
+                proto: PROTO_UDP,
                 src: &local,
                 dst: &node,
             };

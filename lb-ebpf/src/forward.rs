@@ -102,6 +102,8 @@ pub fn fib_lookup_raw(
 pub struct Fib6Query<'a> {
     pub ifindex: u32,
     pub tot_len: u16,
+    /// The packet's transport protocol (for policy routing by protocol).
+    pub proto: u8,
     pub src: &'a [u8; 16],
     pub dst: &'a [u8; 16],
 }
@@ -114,13 +116,14 @@ pub fn fib_lookup6(ctx: *mut c_void, query: &Fib6Query, hop: &mut NextHop) -> u3
     let Fib6Query {
         ifindex,
         tot_len,
+        proto,
         src,
         dst,
     } = *query;
     // SAFETY: bpf_fib_lookup is plain data; all-zero is a valid value.
     let mut params: bpf_fib_lookup = unsafe { core::mem::zeroed() };
     params.family = AF_INET6;
-    params.l4_protocol = lb_common::PROTO_UDP;
+    params.l4_protocol = proto;
     params.__bindgen_anon_1.tot_len = tot_len;
     params.ifindex = ifindex;
     // SAFETY: 16 bytes of address into the 16 bytes of the unions' IPv6 members.
@@ -147,7 +150,8 @@ pub fn fib_lookup6(ctx: *mut c_void, query: &Fib6Query, hop: &mut NextHop) -> u3
 }
 
 /// [`fib_lookup6`] through the IPv6 route cache (`ROUTE_CACHE6`, as [`fib_lookup_cached`] for
-/// IPv4), for XDP: a successful answer is kept for [`ROUTE_CACHE_TTL_JIFFIES`] with how XDP
+/// IPv4: a FIB lookup costs more than the rest of an established flow's path), for XDP: a
+/// successful answer is kept for [`ROUTE_CACHE_TTL_JIFFIES`] with how XDP
 /// sends to its next hop ([`how_to_send`]), and a packet longer than its MTU then gets
 /// `BPF_FIB_LKUP_RET_FRAG_NEEDED`. `query.tot_len` must not be 0. In a frame of its own.
 #[inline(never)]
@@ -454,9 +458,9 @@ fn set_macs(data: usize, data_end: usize, hop: &NextHop) -> Option<()> {
 
 /// [`decide`] for an IPv6 packet from `src` to `dst`: the FIB's next hop, through the per-CPU
 /// cache `ROUTE_CACHE6` (as [`fib_lookup_cached`] for IPv4: answers kept for
-/// [`ROUTE_CACHE_TTL_JIFFIES`], the length checked against the cached MTU), and how XDP sends
-/// there. In a frame of its own, which holds the lookup's 64-byte parameters: the IPv6 path's
-/// stack is short.
+/// [`ROUTE_CACHE_TTL_JIFFIES`], the length checked against the cached MTU: [`fib_lookup6_cached`],
+/// which the encapsulation over an IPv6 underlay shares), and how XDP sends there. In frames of
+/// their own, which hold the lookup's 64-byte parameters: the IPv6 path's stack is short.
 #[inline(always)]
 pub fn decide6(ctx: &XdpContext, pkt: &Packet6, src: &[u8; 16], dst: &[u8; 16]) -> Egress {
     let mut egress = Egress::Stack;
@@ -477,86 +481,18 @@ fn decide6_into(
     if pkt.hop_limit <= 1 {
         return;
     }
-    let ingress = ctx.ingress_ifindex() as u32;
-    let tot_len = pkt.payload_len.saturating_add(40);
-    // SAFETY: plain helper call.
-    let now = unsafe { bpf_jiffies64() };
-    let words = |at: usize| u32::from_ne_bytes([dst[at], dst[at + 1], dst[at + 2], dst[at + 3]]);
-    let mixed = words(0) ^ words(4) ^ words(8) ^ words(12);
-    let slot = mixed.wrapping_mul(0x9e37_79b1) >> (32 - ROUTE_CACHE_BITS);
-    let cache = ROUTE_CACHE6.get_ptr_mut(slot);
-    if let Some(entry) = cache {
-        // SAFETY: this CPU's slot; nothing else writes it while the program runs.
-        let cached = unsafe { &*entry };
-        if cached.checked_jiffies != 0
-            && cached.dst == *dst
-            && cached.ingress_ifindex == ingress
-            && now.wrapping_sub(cached.checked_jiffies) < ROUTE_CACHE_TTL_JIFFIES
-        {
-            if tot_len > cached.mtu {
-                return;
-            }
-            let hop = NextHop {
-                ifindex: cached.ifindex,
-                smac: cached.smac,
-                dmac: cached.dmac,
-                mtu: cached.mtu,
-                xmit: cached.xmit,
-            };
-            *egress = egress_of(hop, ingress);
-            return;
-        }
-    }
-    // SAFETY: bpf_fib_lookup is plain data; all-zero is a valid value.
-    let mut params: bpf_fib_lookup = unsafe { core::mem::zeroed() };
-    params.family = AF_INET6;
-    params.l4_protocol = pkt.proto;
-    params.__bindgen_anon_1.tot_len = tot_len;
-    params.ifindex = ingress;
-    // SAFETY: 16 bytes of address into the 16 bytes of the unions' IPv6 members.
-    unsafe {
-        params.__bindgen_anon_3.ipv6_src = core::mem::transmute::<[u8; 16], [u32; 4]>(*src);
-        params.__bindgen_anon_4.ipv6_dst = core::mem::transmute::<[u8; 16], [u32; 4]>(*dst);
-    }
-    // SAFETY: the helper reads and writes only `params`, whose size it is given.
-    let rc = unsafe {
-        fib_lookup_helper(
-            ctx.ctx.cast(),
-            &mut params,
-            core::mem::size_of::<bpf_fib_lookup>() as i32,
-            0,
-        )
-    } as u32;
-    if rc != BPF_FIB_LKUP_RET_SUCCESS {
-        return;
-    }
-    let mut hop = NextHop {
-        ifindex: params.ifindex,
-        smac: params.smac,
-        dmac: params.dmac,
-        // SAFETY: a plain u16 either way.
-        mtu: unsafe { params.__bindgen_anon_1.mtu_result },
-        xmit: 0,
+    let query = Fib6Query {
+        ifindex: ctx.ingress_ifindex() as u32,
+        tot_len: pkt.payload_len.saturating_add(40),
+        proto: pkt.proto,
+        src,
+        dst,
     };
-    how_to_send(&mut hop);
-    // A kernel that did not report the MTU left the length in its place: nothing to cache.
-    if let Some(entry) = cache
-        && hop.mtu != tot_len
-    {
-        // SAFETY: as above. Field by field: a whole entry built first would take its 56 bytes
-        // of the IPv6 path's stack.
-        unsafe {
-            (*entry).checked_jiffies = now;
-            (*entry).dst = *dst;
-            (*entry).ingress_ifindex = ingress;
-            (*entry).ifindex = hop.ifindex;
-            (*entry).mtu = hop.mtu;
-            (*entry).smac = hop.smac;
-            (*entry).dmac = hop.dmac;
-            (*entry).xmit = hop.xmit;
-        }
+    // SAFETY: all-zero is a valid NextHop.
+    let mut hop: NextHop = unsafe { core::mem::zeroed() };
+    if fib_lookup6_cached(ctx.ctx.cast(), &query, &mut hop) == BPF_FIB_LKUP_RET_SUCCESS {
+        *egress = egress_of(hop, query.ifindex);
     }
-    *egress = egress_of(hop, ingress);
 }
 
 /// How a packet leaves by `hop`, having come in on `ingress`.
