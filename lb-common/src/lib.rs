@@ -980,6 +980,9 @@ pub mod map_names {
     /// The TC encapsulation program over an IPv6 underlay (`lb_tc_encap6`), which the TC egress
     /// programs tail-call.
     pub const TC_ENCAP6_PROGRAM: &str = "TC_ENCAP6_PROGRAM";
+    /// The XDP program for ICMPv6 errors about replies (`lb_xdp6_icmp`), which `lb_xdp6`
+    /// tail-calls.
+    pub const ICMP6_XDP_PROGRAM: &str = "ICMP6_XDP_PROGRAM";
     /// The IPv6 programs the IPv4 ones tail-call, one map per program type (a program array
     /// takes programs of one type). Pinned like the others: the kernel empties a program array
     /// when no process or pin holds it any more, even while a program still tail-calls through
@@ -1037,6 +1040,7 @@ pub mod map_names {
         MESH6,
         OVERLAY6_PROGRAM,
         TC_ENCAP6_PROGRAM,
+        ICMP6_XDP_PROGRAM,
         IPV6_XDP_PROGRAM,
         IPV6_TC_PROGRAM,
         IPV6_ENCAP_PROGRAM,
@@ -1059,6 +1063,8 @@ pub mod program_names {
     pub const XDP_DECAP6: &str = "lb_xdp6_decap";
     /// VXLAN over an IPv6 underlay, decapsulated, tail-called by `lb_xdp6`.
     pub const XDP_OVERLAY6: &str = "lb_xdp6_overlay";
+    /// ICMPv6 errors about replies, for their backends, tail-called by `lb_xdp6`.
+    pub const XDP_ICMP6: &str = "lb_xdp6_icmp";
     /// VXLAN encapsulation over an IPv6 underlay in TC, tail-called by the TC egress programs.
     pub const TC_ENCAP6: &str = "lb_tc_encap6";
     /// ICMPv6 errors translated for their clients, tail-called by `lb_tc_egress6`.

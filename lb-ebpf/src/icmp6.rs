@@ -8,6 +8,12 @@
 //! without it, a path to the backend narrower than the client's is a black hole for IPv6
 //! (path MTU discovery never converges), as `icmp` prevents for IPv4.
 //!
+//! An error about a backend's reply, from the client's side (a router before the client whose
+//! link is narrower: "packet too big"), comes to the service's address: XDP
+//! (`lb_xdp6_icmp`, [`xdp_to_backend`]) gives it the backend's address and the quote the
+//! backend sent, and routes it to a backend on this node, as `icmp` does for IPv4 (one on
+//! another node: left to the kernel, untouched).
+//!
 //! A "destination unreachable" about a SYN whose flow awaits its backend's answer (the node's
 //! own, when a backend on its link no longer answers neighbour discovery; a firewall's
 //! reject) is the backend's refusal for passive health, as a RST is: dropped
@@ -17,17 +23,17 @@ use aya_ebpf::{
     helpers::generated::{bpf_xdp_adjust_head, bpf_xdp_adjust_tail},
     programs::{TcContext, XdpContext},
 };
-use lb_common::{Addr6, FlowKey6, PROTO_TCP, PROTO_UDP, Reason};
+use lb_common::{Addr6, FlowKey6, FlowValue6, PROTO_TCP, PROTO_UDP, Reason};
 use network_types::eth::EthHdr;
 
 use crate::{
     conntrack6, csum,
     encap::Handoff,
-    icmp,
-    maps::IPV6_TC_ICMP_PROGRAM,
+    forward, icmp,
+    maps::{BACKENDS, FLOWS6, ICMP6_XDP_PROGRAM, IPV6_TC_ICMP_PROGRAM},
     nat::{self, load16, store16},
     parse::{L3_OFF, ptr_at},
-    parse6::{IP6_DST_OFF, IP6_SRC_OFF, IPV6_LEN},
+    parse6::{IP6_DST_OFF, IP6_HOP_LIMIT_OFF, IP6_SRC_OFF, IPV6_LEN, Packet6},
     stats,
 };
 
@@ -304,4 +310,103 @@ fn packet_too_big_inner(ctx: &XdpContext, handoff: &Handoff, mtu: u16) -> Option
         (*message)[3] = check[1];
     }
     Some(icmp::back_out(ctx))
+}
+
+/// Hands an ICMPv6 frame `lb_xdp6` does not balance to `lb_xdp6_icmp` ([`xdp_to_backend`];
+/// `ICMP6_XDP_PROGRAM`). Returns only if that program is not there: the frame then goes on to
+/// the kernel untouched.
+#[inline(always)]
+pub fn to_backend_program(ctx: &XdpContext) -> Result<(u32, Reason), Reason> {
+    // SAFETY: the index names an XDP program, as the tail call requires.
+    let _ = unsafe { ICMP6_XDP_PROGRAM.tail_call(ctx, 0) };
+    Err(Reason::PassNotTcpUdp)
+}
+
+/// `lb_xdp6_icmp`: an ICMPv6 error (without extension headers) about a backend's reply this
+/// node reverse-NATed, sent by the client's side to the service address the reply came from:
+/// the error goes to the flow's backend (on this node), its quote given back the backend's
+/// address and port, checksums updated, and is routed there (`icmp_to_backend`). Anything else
+/// (neighbour discovery among it) goes on to the kernel untouched.
+#[inline(always)]
+pub fn xdp_to_backend(ctx: &XdpContext) -> Result<(u32, Reason), Reason> {
+    let (data, data_end) = (ctx.data(), ctx.data_end());
+    let mut key = FlowKey6::default();
+    // The quote is the reply as it left (service → client): what `about_flow` writes for it,
+    // the quote turned around, is the flow's key (client → service).
+    about_flow(data, data_end, &mut key).ok_or(Reason::PassNotTcpUdp)?;
+    // SAFETY: copied out at once.
+    let flow = unsafe { FLOWS6.get(&key) }
+        .copied()
+        .ok_or(Reason::PassNotTcpUdp)?;
+    // A backend on another node: the error is left to the kernel (not carried there yet).
+    let local = BACKENDS
+        .get(flow.backend_id)
+        .is_some_and(|backend| backend.node_ip_be == 0);
+    if !local {
+        return Err(Reason::PassNotTcpUdp);
+    }
+    translate_for_backend(data, data_end, &key, &flow).ok_or(Reason::PassTruncated)?;
+    let hop_limit: *const u8 =
+        ptr_at(data, data_end, IP6_HOP_LIMIT_OFF).ok_or(Reason::PassTruncated)?;
+    let payload_len = load16(data, data_end, L3_OFF + 4).ok_or(Reason::PassTruncated)?;
+    let error = Packet6 {
+        l4_off: ICMP_OFF,
+        proto: PROTO_ICMPV6,
+        // SAFETY: bounds checked by ptr_at.
+        hop_limit: unsafe { *hop_limit },
+        payload_len: u16::from_be(payload_len),
+        src_port_be: 0,
+        dst_port_be: 0,
+        l4_check_off: ICMP_CHECK_OFF,
+        tcp_flags: 0,
+    };
+    let src = addr_at(data, data_end, IP6_SRC_OFF).ok_or(Reason::PassTruncated)?;
+    let egress = forward::decide6(ctx, &error, &src, &flow.backend_ip);
+    forward::route6(
+        ctx,
+        &egress,
+        [
+            Reason::IcmpToBackend,
+            Reason::IcmpToBackend,
+            Reason::IcmpToBackend,
+        ],
+    )
+}
+
+/// Gives the error the flow's backend as its destination and its quote the backend's address
+/// and port as the reply's source (`key`: the flow, client → service), the quoted transport
+/// checksum (when the quote holds it) and the ICMPv6 checksum updated.
+#[inline(never)]
+fn translate_for_backend(
+    data: usize,
+    data_end: usize,
+    key: &FlowKey6,
+    flow: &FlowValue6,
+) -> Option<()> {
+    let (service, service_port) = (&key.dst, key.dst_port_be);
+    let (backend, backend_port) = (&flow.backend_ip, flow.backend_port_be);
+    let mut icmp_check = load16(data, data_end, ICMP_CHECK_OFF)?;
+    let quoted_check_off = QUOTED_L4_OFF + if key.proto == PROTO_TCP { 16 } else { 6 };
+    if let Some(old_check) = load16(data, data_end, quoted_check_off) {
+        let new_check = csum::update_l4(old_check, key.proto == PROTO_UDP, |check| {
+            csum::replace16(
+                csum::replace128(check, service, backend),
+                service_port,
+                backend_port,
+            )
+        });
+        store16(data, data_end, quoted_check_off, new_check)?;
+        icmp_check = csum::replace16(icmp_check, old_check, new_check);
+    }
+    // The quote's source and the error's destination (in the pseudo-header): both the
+    // service's address, now the backend's.
+    for off in [QUOTED_SRC_OFF, IP6_DST_OFF] {
+        let at: *mut Addr6 = ptr_at(data, data_end, off)?;
+        // SAFETY: bounds checked by ptr_at.
+        unsafe { *at = *backend };
+        icmp_check = csum::replace128(icmp_check, service, backend);
+    }
+    store16(data, data_end, QUOTED_L4_OFF, backend_port)?;
+    icmp_check = csum::replace16(icmp_check, service_port, backend_port);
+    store16(data, data_end, ICMP_CHECK_OFF, icmp_check)
 }

@@ -49,7 +49,11 @@ pub fn try_xdp(ctx: &XdpContext) -> Result<(u32, Reason), Reason> {
         let _ = unsafe { OVERLAY6_PROGRAM.tail_call(ctx, 0) };
         return Ok((xdp_action::XDP_DROP, Reason::DropVxlanMalformed));
     }
-    let pkt = parsed?;
+    // An ICMPv6 error about a reply goes to its backend (`lb_xdp6_icmp`).
+    let pkt = match parsed {
+        Err(Reason::PassNotTcpUdp) => return icmp6::to_backend_program(ctx),
+        parsed => parsed?,
+    };
     let port = select::service_port(pkt.proto, pkt.dst_port_be);
     if port != 0 {
         let event = match flows::pinned(&key, &pkt) {

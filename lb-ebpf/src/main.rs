@@ -88,6 +88,17 @@ pub fn lb_xdp6_encap(ctx: XdpContext) -> u32 {
     action
 }
 
+/// An ICMPv6 error about a reply, sent to the service address by the client's side, for the
+/// flow's backend (`icmp6::xdp_to_backend`); tail-called by `lb_xdp6` for ICMPv6.
+#[xdp]
+pub fn lb_xdp6_icmp(ctx: XdpContext) -> u32 {
+    let bytes = (ctx.data_end() - ctx.data()) as u64;
+    let (action, reason) =
+        icmp6::xdp_to_backend(&ctx).unwrap_or_else(|reason| (xdp_action::XDP_PASS, reason));
+    stats::count_reason(reason, bytes);
+    action
+}
+
 /// VXLAN over an IPv6 underlay to this node, decapsulated (`decap::xdp_from_node6`),
 /// tail-called by `lb_xdp6` (`maps::OVERLAY6_PROGRAM`).
 #[xdp]

@@ -69,6 +69,11 @@ pub static IPV6_TC_PROGRAM: ProgramArray = ProgramArray::with_max_entries(1, 0);
 #[map]
 pub static IPV6_DECAP_PROGRAM: ProgramArray = ProgramArray::with_max_entries(1, 0);
 
+/// The XDP program for ICMPv6 errors about replies (`lb_xdp6_icmp`, slot 0), which `lb_xdp6`
+/// tail-calls for ICMPv6 (`icmp6::xdp_to_backend`). Pinned, as `IPV6_XDP_PROGRAM`.
+#[map]
+pub static ICMP6_XDP_PROGRAM: ProgramArray = ProgramArray::with_max_entries(1, 0);
+
 /// The ICMPv6 translation program (`lb_tc_icmp6`, slot 0), which `lb_tc_egress6` tail-calls for
 /// an ICMPv6 frame. Pinned, as `IPV6_TC_PROGRAM`.
 #[map]

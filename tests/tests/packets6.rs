@@ -1184,3 +1184,94 @@ fn clients_datagrams_too_big_for_the_tunnel_are_answered_with_the_size_that_fits
         assert_eq!(node.reason(Reason::DropEncapMtu), 0);
     });
 }
+
+/// An ICMPv6 error about a backend's reply, sent by the client's side to the service address
+/// the reply came from ("packet too big" from a narrower link before the client), goes to the
+/// flow's backend: addressed to it, its quote given back the backend's address and port (the
+/// quoted and ICMPv6 checksums right), hop limit one less. An error about no flow and
+/// neighbour discovery go to the kernel untouched.
+#[test]
+fn icmpv6_errors_about_replies_go_to_their_backend() {
+    with_node(|node| {
+        with_ipv6_services(node);
+        let ingress = Some(node.ifindex);
+        let (action, out) = node.xdp(&client6(40000, WEB6_PORT, "S"), ingress);
+        assert_eq!(action, XDP_TX);
+        let chosen = backend_of(&out);
+        let backend = BACKENDS6[chosen];
+        let mut router = CLIENT_IP6;
+        router[15] = 0x99;
+        let error = |macs: ([u8; 6], [u8; 6]), dst: [u8; 16], hop_limit: u8, quote: &[u8]| {
+            let mut frame = Vec::new();
+            PacketBuilder::ethernet2(macs.0, macs.1)
+                .ipv6(router, dst, hop_limit)
+                .icmpv6(etherparse::Icmpv6Type::PacketTooBig { mtu: 1400 })
+                .write(&mut frame, quote)
+                .unwrap();
+            frame
+        };
+        let reply_as_sent = segment6(
+            (node.mac, CLIENT_MAC),
+            (NODE_IP6, WEB6_PORT),
+            (CLIENT_IP6, 40000),
+            64,
+            "SA",
+        );
+        let reply_of_backend = segment6(
+            (node.mac, CLIENT_MAC),
+            (backend, BACKEND_PORT),
+            (CLIENT_IP6, 40000),
+            64,
+            "SA",
+        );
+        let input = error(
+            (CLIENT_MAC, INGRESS_MAC),
+            NODE_IP6,
+            64,
+            &reply_as_sent[14..],
+        );
+        let (action, out) = node.xdp(&input, ingress);
+        assert_eq!(
+            action, XDP_TX,
+            "the backend is out of the receiving interface"
+        );
+        let backend_mac = [0x02, 0, 0, 0, 0, backend[15]];
+        assert_eq!(
+            out,
+            error(
+                (node.mac, backend_mac),
+                backend,
+                63,
+                &reply_of_backend[14..]
+            )
+        );
+        assert_eq!(node.reason(Reason::IcmpToBackend), 1);
+
+        // About a reply of no flow: the kernel's.
+        let stray = segment6(
+            (node.mac, CLIENT_MAC),
+            (NODE_IP6, WEB6_PORT),
+            (CLIENT_IP6, 40099),
+            64,
+            "SA",
+        );
+        let input = error((CLIENT_MAC, INGRESS_MAC), NODE_IP6, 64, &stray[14..]);
+        assert_eq!(node.xdp(&input, ingress), (XDP_PASS, input.clone()));
+        // Neighbour discovery: the kernel's, untouched.
+        let mut solicitation = Vec::new();
+        PacketBuilder::ethernet2(CLIENT_MAC, INGRESS_MAC)
+            .ipv6(CLIENT_IP6, NODE_IP6, 255)
+            .icmpv6(etherparse::Icmpv6Type::Unknown {
+                type_u8: 135,
+                code_u8: 0,
+                bytes5to8: [0; 4],
+            })
+            .write(&mut solicitation, &NODE_IP6)
+            .unwrap();
+        assert_eq!(
+            node.xdp(&solicitation, ingress),
+            (XDP_PASS, solicitation.clone())
+        );
+        assert_eq!(node.reason(Reason::IcmpToBackend), 1);
+    });
+}

@@ -145,6 +145,7 @@ pub fn load_ipv6_programs(ebpf: &mut Ebpf) -> Result<()> {
         program_names::XDP_ENCAP6,
         program_names::XDP_DECAP6,
         program_names::XDP_OVERLAY6,
+        program_names::XDP_ICMP6,
     ] {
         let program: &mut aya::programs::Xdp = ebpf
             .program_mut(name)
@@ -183,6 +184,7 @@ pub fn load_ipv6_programs(ebpf: &mut Ebpf) -> Result<()> {
         (map_names::IPV6_ENCAP_PROGRAM, &mesh_programs[0]),
         (map_names::IPV6_DECAP_PROGRAM, &mesh_programs[1]),
         (map_names::OVERLAY6_PROGRAM, &mesh_programs[2]),
+        (map_names::ICMP6_XDP_PROGRAM, &mesh_programs[3]),
         (map_names::IPV6_TC_ICMP_PROGRAM, &icmp),
         (map_names::TC_ENCAP6_PROGRAM, &tc_encap),
     ] {
