@@ -113,6 +113,12 @@ pub struct Fib6Query<'a> {
 /// of its own: its 64-byte parameters.
 #[inline(never)]
 pub fn fib_lookup6(ctx: *mut c_void, query: &Fib6Query, hop: &mut NextHop) -> u32 {
+    fib_lookup6_into(ctx, query, hop)
+}
+
+/// [`fib_lookup6`]'s work, in its caller's frame.
+#[inline(always)]
+fn fib_lookup6_into(ctx: *mut c_void, query: &Fib6Query, hop: &mut NextHop) -> u32 {
     let Fib6Query {
         ifindex,
         tot_len,
@@ -156,6 +162,19 @@ pub fn fib_lookup6(ctx: *mut c_void, query: &Fib6Query, hop: &mut NextHop) -> u3
 /// `BPF_FIB_LKUP_RET_FRAG_NEEDED`. `query.tot_len` must not be 0. In a frame of its own.
 #[inline(never)]
 pub fn fib_lookup6_cached(ctx: *mut c_void, query: &Fib6Query, hop: &mut NextHop) -> u32 {
+    // The FIB's parameters in a frame of their own: `lb_xdp6_encap`'s is large.
+    through_route_cache6(query, hop, |hop| fib_lookup6(ctx, query, hop))
+}
+
+/// The route cache's part of [`fib_lookup6_cached`], `lookup` asking the FIB on a miss. Inline:
+/// `decide6_into` has it in its own frame, the FIB's parameters with it (one frame more would
+/// not fit `lb_xdp6`'s stack).
+#[inline(always)]
+fn through_route_cache6(
+    query: &Fib6Query,
+    hop: &mut NextHop,
+    lookup: impl FnOnce(&mut NextHop) -> u32,
+) -> u32 {
     // SAFETY: plain helper call.
     let now = unsafe { bpf_jiffies64() };
     let dst = query.dst;
@@ -183,7 +202,7 @@ pub fn fib_lookup6_cached(ctx: *mut c_void, query: &Fib6Query, hop: &mut NextHop
             };
         }
     }
-    let rc = fib_lookup6(ctx, query, hop);
+    let rc = lookup(hop);
     if rc != BPF_FIB_LKUP_RET_SUCCESS {
         return rc;
     }
@@ -490,7 +509,8 @@ fn decide6_into(
     };
     // SAFETY: all-zero is a valid NextHop.
     let mut hop: NextHop = unsafe { core::mem::zeroed() };
-    if fib_lookup6_cached(ctx.ctx.cast(), &query, &mut hop) == BPF_FIB_LKUP_RET_SUCCESS {
+    let lookup = |hop: &mut NextHop| fib_lookup6_into(ctx.ctx.cast(), &query, hop);
+    if through_route_cache6(&query, &mut hop, lookup) == BPF_FIB_LKUP_RET_SUCCESS {
         *egress = egress_of(hop, query.ifindex);
     }
 }

@@ -17,7 +17,7 @@
 //! A "destination unreachable" about a SYN whose flow awaits its backend's answer (the node's
 //! own, when a backend on its link no longer answers neighbour discovery; a firewall's
 //! reject) is the backend's refusal for passive health, as a RST is: dropped
-//! (`drop_backend_refused`), the flow forgotten, so that the client's next SYN chooses again.
+//! (`drop_backend_unreachable`, as for IPv4), the flow forgotten, so that the client's next SYN chooses again.
 use aya_ebpf::{
     bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC},
     helpers::generated::{bpf_xdp_adjust_head, bpf_xdp_adjust_tail},
@@ -80,7 +80,7 @@ pub fn tc_translate(ctx: &mut TcContext) -> i32 {
         return TC_ACT_UNSPEC;
     }
     if is_refusal(ctx.data(), ctx.data_end()) {
-        stats::count_reason(Reason::DropBackendRefused, u64::from(len));
+        stats::count_reason(Reason::DropBackendUnreachable, u64::from(len));
         return TC_ACT_SHOT;
     }
     if translate(ctx.data(), ctx.data_end()).is_some() {
@@ -101,6 +101,13 @@ fn about_flow(data: usize, data_end: usize, reply_key: &mut FlowKey6) -> Option<
     // SAFETY: as above.
     let [kind, code] = unsafe { *icmp };
     if version >> 4 != 6 || next != PROTO_ICMPV6 || !ERROR_TYPES.contains(&kind) {
+        return None;
+    }
+    // A quote of the IPv6 header and 8 bytes of the transport header at least, within the
+    // error's payload: what a stack needs to match an error to its socket.
+    let payload_len = usize::from(u16::from_be(load16(data, data_end, L3_OFF + 4)?));
+    ptr_at::<[u8; 8]>(data, data_end, QUOTED_L4_OFF)?;
+    if payload_len < QUOTED_L4_OFF + 8 - ICMP_OFF {
         return None;
     }
     let quoted: *const [u8; 8] = ptr_at(data, data_end, QUOTED_OFF)?;

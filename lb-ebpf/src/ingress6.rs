@@ -1,10 +1,11 @@
 //! The XDP and TC programs' IPv6 path: DNAT of new and established IPv6 flows to a service's
 //! IPv6 backends, reverse NAT of their replies, and forwarding of both, as `ingress`, `reply`
 //! and `egress` do for IPv4. A client of one family is balanced over that family's backends
-//! only. Backends on other nodes are reached through the mesh, VXLAN over the IPv4 underlay
-//! (`encap`; `decap` hands the decapsulated frames back here); ICMPv6 errors about forwarded
-//! packets are translated on their way out (`icmp6`). Not (yet) for IPv6: hairpin flows,
-//! fragments, other ICMPv6 errors (all passed to the kernel), the node's own sockets.
+//! only. Backends on other nodes are reached through the mesh, VXLAN over an IPv4 or IPv6
+//! underlay (`encap`; `decap` hands the decapsulated frames back here); ICMPv6 errors about
+//! forwarded packets are translated on their way out, and errors about replies go to a local
+//! backend (`icmp6`). Not (yet) for IPv6: hairpin flows, fragments, errors about replies of a
+//! backend on another node (all passed to the kernel), the node's own sockets.
 use aya_ebpf::{
     bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC, xdp_action},
     programs::{TcContext, XdpContext},

@@ -304,6 +304,20 @@ fn reference6(frame: &[u8], l3: usize) -> Ip {
     }
 }
 
+/// Whether the frame is an ICMPv6 error (destination unreachable, packet too big, time
+/// exceeded, parameter problem) without extension headers, quoting an IPv6 TCP or UDP packet
+/// without them.
+fn is_icmp6_error(frame: &[u8]) -> bool {
+    let quoted = L3 + 48;
+    is_ipv6_at(frame, L3)
+        && frame.len() >= quoted + 40 + 8
+        && L3 + 40 + usize::from(get_u16(frame, L3 + 4)) >= quoted + 40 + 8
+        && frame[L3 + 6] == PROTO_ICMPV6
+        && (1..=4).contains(&frame[L3 + 40])
+        && frame[quoted] >> 4 == 6
+        && matches!(frame[quoted + 6], PROTO_TCP | PROTO_UDP)
+}
+
 /// Whether the frame whose network header is at `l3` says IPv6.
 fn is_ipv6_at(frame: &[u8], l3: usize) -> bool {
     frame.get(l3 - 2..l3) == Some(&[0x86, 0xdd])
@@ -760,6 +774,7 @@ impl Fuzzer<'_> {
             // ... or one decapsulated from another node (a remote backend's refusal too).
             DropBackendUnreachable | IcmpToClient | IcmpToBackend | IcmpEncap => {
                 icmp_error_at(frame, L3).is_some()
+                    || (reason == IcmpToBackend && is_icmp6_error(frame))
                     || vxlan_inner(frame)
                         .is_some_and(|inner| icmp_error_at(frame, inner + L3).is_some())
             }
@@ -954,6 +969,9 @@ impl Fuzzer<'_> {
         if reason == FragNeededSent && is_ipv6_at(out, L3) {
             return self.packet_too_big_well_formed(input, out);
         }
+        if reason == IcmpToBackend && is_ipv6_at(out, L3) {
+            return self.icmp6_to_backend_well_formed(input, out);
+        }
         let l3_out = match vxlan_inner(out) {
             Some(inner) if reference(out, L3) != Ip::Malformed => {
                 let node = ipv4_at(out, L3 + 16);
@@ -1075,6 +1093,46 @@ impl Fuzzer<'_> {
         if src != q_dst {
             return Err(format!(
                 "a packet too big from {src}, not the service {q_dst}"
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl Fuzzer<'_> {
+    /// An ICMPv6 error about a reply, sent on to its backend: ICMPv6 checksum right if it was
+    /// (the pseudo-header's length from the IPv6 payload length), to the address its quote
+    /// comes from, a backend (address and port).
+    fn icmp6_to_backend_well_formed(&self, input: &[u8], out: &[u8]) -> Result<(), String> {
+        if out.len() < L3 + 48 + 40 + 8 || out[L3 + 6] != 58 {
+            return Err(format!(
+                "sent {:?}, not an ICMPv6 error",
+                reference6(out, L3)
+            ));
+        }
+        let icmp = L3 + 40;
+        let checksum_valid = |frame: &[u8]| {
+            let end = icmp + usize::from(get_u16(frame, L3 + 4));
+            end <= frame.len() && {
+                let pseudo = [
+                    &frame[L3 + 8..L3 + 40],
+                    &((end - icmp) as u32).to_be_bytes(),
+                    &[0, 0, 0, 58],
+                ]
+                .concat();
+                internet_checksum(&[&pseudo, &frame[icmp..end]]) == 0
+            }
+        };
+        if checksum_valid(input) && !checksum_valid(out) {
+            return Err("ICMPv6 checksum wrong".into());
+        }
+        let quoted = icmp + 8;
+        let at = |i: usize| IpAddr::from(<[u8; 16]>::try_from(&out[i..i + 16]).unwrap());
+        let q_src = (at(quoted + 8), get_u16(out, quoted + 40));
+        let dst = addresses(out, L3).1;
+        if dst != q_src.0 || !self.backends.contains(&q_src) {
+            return Err(format!(
+                "an ICMPv6 error to {dst} quoting a reply from {q_src:?}: not to its backend"
             ));
         }
         Ok(())
@@ -1459,8 +1517,29 @@ fn base6(node: &Node) -> Vec<(&'static str, Vec<u8>)> {
         },
         &NODE_IP6,
     );
+    let mut router = CLIENT_IP6;
+    router[15] = 0x99;
+    let web6_reply_as_sent = tcp6(
+        (INGRESS_MAC, CLIENT_MAC),
+        (NODE_IP6, WEB6_PORT),
+        (CLIENT_IP6, WEB6_CLIENT),
+        64,
+        ("A", None),
+        b"",
+    );
+    let too_big_about_reply = icmp6(
+        client,
+        (router, NODE_IP6),
+        64,
+        etherparse::Icmpv6Type::PacketTooBig { mtu: 1400 },
+        &web6_reply_as_sent[L3..],
+    );
     let seeds = vec![
         ("web6 SYN", client6(WEB6_CLIENT + 20, WEB6_PORT, "S")),
+        (
+            "ICMPv6 packet too big about a web6 reply",
+            too_big_about_reply,
+        ),
         ("web6 ACK", web6_ack.clone()),
         (
             "web6 data",
@@ -1613,7 +1692,10 @@ fn base6(node: &Node) -> Vec<(&'static str, Vec<u8>)> {
                         proto: NEXT_FRAGMENT,
                     }
             }
-            "VXLAN ICMPv6 echo from n2" | "ICMPv6 echo" | "ICMPv6 neighbour solicitation" => {
+            "VXLAN ICMPv6 echo from n2"
+            | "ICMPv6 echo"
+            | "ICMPv6 neighbour solicitation"
+            | "ICMPv6 packet too big about a web6 reply" => {
                 matches!(
                     parsed,
                     Ip::Other {

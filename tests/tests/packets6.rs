@@ -720,7 +720,7 @@ fn icmpv6_errors_about_forwarded_packets_are_translated_for_their_client() {
 
 /// An ICMPv6 "address unreachable" about a forwarded SYN (the node's own, when the backend no
 /// longer answers neighbour discovery) is the backend's refusal, as a RST is: dropped in TC
-/// (`drop_backend_refused`), counted as refused for passive health, the flow forgotten so that
+/// (`drop_backend_unreachable`, as IPv4's), counted as refused for passive health, the flow forgotten so that
 /// the client's SYN again chooses again. Once the backend has answered, the same error is only
 /// translated for the client; an error that refuses nothing (beyond scope) is too.
 #[test]
@@ -745,7 +745,7 @@ fn icmpv6_unreachable_about_a_syn_is_the_backends_refusal() {
         let id = node.backend_id("web6", first);
         let (action, _) = node.tc_on(&unreachable(3, &out[14..]), ingress);
         assert_eq!(action, TC_ACT_SHOT, "address unreachable refuses the SYN");
-        assert_eq!(node.reason(Reason::DropBackendRefused), 1);
+        assert_eq!(node.reason(Reason::DropBackendUnreachable), 1);
         assert_eq!(node.maps.passive_health(id).unwrap().refused, 1);
         let (action, out) = node.xdp(&client6(40000, WEB6_PORT, "S"), ingress);
         assert_eq!(action, XDP_TX);
@@ -769,7 +769,7 @@ fn icmpv6_unreachable_about_a_syn_is_the_backends_refusal() {
         assert_eq!(action, XDP_TX);
         let (action, _) = node.tc_on(&unreachable(2, &out[14..]), ingress);
         assert_eq!(action, TC_ACT_UNSPEC);
-        assert_eq!(node.reason(Reason::DropBackendRefused), 1);
+        assert_eq!(node.reason(Reason::DropBackendUnreachable), 1);
         assert_eq!(node.reason(Reason::IcmpEgress), 2);
     });
 }

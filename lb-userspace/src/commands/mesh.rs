@@ -221,11 +221,12 @@ pub fn mesh_show(instance: &Instance, as_json: bool) -> Result<String> {
         )),
     }
     if sizes.ipv6_underlay {
-        // What the data plane does with a packet too large for it is its own to say (docs).
         out.push_str(&format!(
             "IPv6 underlay: overlay MTU = path MTU to the other node - {} (outer IPv6, UDP, VXLAN \
              and inner Ethernet headers); TCP connections through it fit an MSS of the path MTU \
-             - {} (IPv6: - {})\n",
+             - {} (IPv6: - {}); a client's larger packet is answered with ICMP fragmentation \
+             needed (IPv4 with DF) or ICMPv6 packet too big (frag_needed_sent), else dropped \
+             (drop_encap_mtu)\n",
             sizes.overhead(),
             sizes.overhead() + 40,
             sizes.overhead() + 60
@@ -236,8 +237,8 @@ pub fn mesh_show(instance: &Instance, as_json: bool) -> Result<String> {
              of TCP connections through it is clamped to the path MTU - {}; a larger packet with \
              DF is answered with ICMP fragmentation needed (frag_needed_sent), one without DF is \
              dropped (drop_encap_mtu); IPv6 crosses the same IPv4 underlay, its MSS clamped to the \
-             path MTU - {}, a larger IPv6 packet dropped (drop_encap_mtu: no ICMPv6 packet too \
-             big yet)\n",
+             path MTU - {}, a client's larger IPv6 packet answered with ICMPv6 packet too big \
+             (frag_needed_sent)\n",
             VXLAN_OVERHEAD + 40,
             VXLAN_OVERHEAD + 60
         ));
