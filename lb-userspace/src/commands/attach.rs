@@ -47,6 +47,8 @@ pub fn attach(
         state.attachments.retain(|a| a.iface != iface);
     }
 
+    // A first attach that fails leaves nothing behind (see below).
+    let first = !instance.pin_dir.exists() && state.attachments.is_empty();
     instance::ensure_bpffs(instance)?;
     for dir in [
         instance.pin_dir.clone(),
@@ -69,7 +71,17 @@ pub fn attach(
         mode: install::link_mode(recorded_mode, mode),
         transmit,
     };
-    let installed = install::install(instance, &state, Some(&target))?;
+    let installed = match install::install(instance, &state, Some(&target)) {
+        Ok(installed) => installed,
+        Err(err) => {
+            // The kernel refused a map (too large a flow table for its memory) or a program:
+            // what this attach created goes, so that nothing is left half made.
+            if first {
+                undo_first_attach(instance, iface);
+            }
+            return Err(err);
+        }
+    };
     if !state.attachments.iter().any(|a| a.iface == iface) {
         state.attachments.push(Attachment {
             iface: iface.to_owned(),
@@ -83,6 +95,16 @@ pub fn attach(
         "{}{forwarding_note}",
         installed.report(state.flow_tables(), instances::maps_memory(instance))
     ))
+}
+
+/// Removes what a first attach of `instance` that failed made: its links on `iface`, socket
+/// programs, pins and state folder (nothing was there before it). Best effort: the error that
+/// stopped the attach is the one reported.
+fn undo_first_attach(instance: &Instance, iface: &str) {
+    let _ = install::remove_links(instance, iface);
+    let _ = socket_lb::remove(instance);
+    let _ = dataplane::remove_pins(&instance.pin_dir);
+    let _ = state::remove_folder(&instance.state_dir);
 }
 
 /// Refuses a size asked for the `table` (`flow`, `IPv6 flow`), whose map is `map`, that is 0,
