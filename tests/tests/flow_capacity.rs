@@ -87,7 +87,10 @@ fn the_ipv6_flow_tables_take_the_size_chosen_when_their_maps_are_created() {
     let err = lbctl
         .run_expect_fail(&["attach", "lbt0", "--flow-capacity6", "4294967295"])
         .unwrap();
-    assert!(err.contains("TUNNEL_REPLIES6") || err.contains("FLOWS6"), "{err}");
+    assert!(
+        err.contains("TUNNEL_REPLIES6") || err.contains("FLOWS6"),
+        "{err}"
+    );
     assert!(!lbctl.state_dir().join("state.json").exists());
     assert!(!Path::new(&lbctl.pin_dir()).exists(), "pins left behind");
     let listing = lbctl.run(&["instances"]).unwrap();
