@@ -257,7 +257,7 @@ fn outer_ip(mesh: &MeshConfig, node_ip_be: u32, ip_len: u16) -> Ipv4Hdr {
     outer_ip
 }
 
-/// The outer UDP header: checksum 0, as RFC 7348 allows over IPv4.
+/// The outer UDP header: checksum 0, as RFC 7348 allows over IPv4 and RFC 6935 over IPv6.
 #[inline(always)]
 fn outer_udp(mesh: &MeshConfig, src_port: u16, udp_len: u16) -> UdpHdr {
     UdpHdr {
@@ -716,7 +716,7 @@ fn xdp_over_ipv6(
     let Some(at) = ptr_at::<EncapHeaders6>(ctx.data(), ctx.data_end(), 0) else {
         return drop(Reason::DropEncapNoRoute);
     };
-    let udp_len = (outer_len - 40).to_be_bytes();
+    let udp_len = outer_len - 40;
     // SAFETY: bounds checked by ptr_at; packet data need not be aligned. Piece by piece, as
     // `write_headers`.
     unsafe {
@@ -727,12 +727,7 @@ fn xdp_over_ipv6(
         );
         ptr::write_unaligned(
             ptr::addr_of_mut!((*at).udp),
-            UdpHdr {
-                src: handoff.src_port.to_be_bytes(),
-                dst: mesh.vxlan_port_be.to_ne_bytes(),
-                len: udp_len,
-                check: [0; 2],
-            },
+            outer_udp(mesh, handoff.src_port, udp_len),
         );
         ptr::write_unaligned(ptr::addr_of_mut!((*at).vxlan), vxlan(mesh));
         ptr::write_unaligned(
@@ -752,11 +747,11 @@ fn xdp_over_ipv6(
 /// hop limit 64; the flow label from the flow's outer source port, so that the underlay, which
 /// may hash on the label alone (RFC 6438), spreads flows as the port does over IPv4.
 #[inline(always)]
-fn outer_ip6(local: &[u8; 16], node: &[u8; 16], src_port: u16, udp_len: [u8; 2]) -> Ipv6Hdr {
+fn outer_ip6(local: &[u8; 16], node: &[u8; 16], src_port: u16, udp_len: u16) -> Ipv6Hdr {
     let label = u32::from(src_port) & 0x000f_ffff;
     Ipv6Hdr {
         vcf: (0x6000_0000 | label).to_be_bytes(),
-        payload_len: udp_len,
+        payload_len: udp_len.to_be_bytes(),
         next_hdr: PROTO_UDP,
         hop_limit: OUTER_TTL,
         src_addr: *local,
@@ -1109,16 +1104,10 @@ fn tc_encap_over<const OUTER6: bool>(
     }
     let stored = if OUTER6 {
         let (_, udp_len) = outer_lengths(inner_len);
-        let udp_len = udp_len.to_be_bytes();
         let encap = EncapHeaders6 {
             outer_eth: eth(&hop, ETH_P_IPV6_BE),
             outer_ip: outer_ip6(&local, &node, src_port, udp_len),
-            udp: UdpHdr {
-                src: src_port.to_be_bytes(),
-                dst: mesh.vxlan_port_be.to_ne_bytes(),
-                len: udp_len,
-                check: [0; 2],
-            },
+            udp: outer_udp(mesh, src_port, udp_len),
             vxlan: vxlan(mesh),
             inner_eth: eth(&hop, pkt.ether_type),
         };

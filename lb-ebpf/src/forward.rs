@@ -137,22 +137,8 @@ fn fib_lookup6_into(ctx: *mut c_void, query: &Fib6Query, hop: &mut NextHop) -> u
         params.__bindgen_anon_3.ipv6_src = core::mem::transmute::<[u8; 16], [u32; 4]>(*src);
         params.__bindgen_anon_4.ipv6_dst = core::mem::transmute::<[u8; 16], [u32; 4]>(*dst);
     }
-    // SAFETY: the helper reads and writes only `params`, whose size it is given.
-    let rc = unsafe {
-        fib_lookup_helper(
-            ctx,
-            &mut params,
-            core::mem::size_of::<bpf_fib_lookup>() as i32,
-            0,
-        )
-    };
-    hop.ifindex = params.ifindex;
-    hop.smac = params.smac;
-    hop.dmac = params.dmac;
-    // SAFETY: a plain u16 either way (the kernel writes the MTU over the length).
-    hop.mtu = unsafe { params.__bindgen_anon_1.mtu_result };
     hop.xmit = 0;
-    rc as u32
+    ask_fib(ctx, &mut params, hop)
 }
 
 /// [`fib_lookup6`] through the IPv6 route cache (`ROUTE_CACHE6`, as [`fib_lookup_cached`] for
@@ -271,11 +257,18 @@ fn fib_lookup_into(ctx: *mut c_void, query: &FibQuery, hop: &mut NextHop) -> u32
     params.ifindex = query.ifindex;
     params.__bindgen_anon_3.ipv4_src = query.src_ip_be;
     params.__bindgen_anon_4.ipv4_dst = query.dst_ip_be;
+    ask_fib(ctx, &mut params, hop)
+}
+
+/// Asks the kernel's FIB `params` (of either family), the next hop written to `hop` (its
+/// `xmit` left as it is). Returns the kernel's `BPF_FIB_LKUP_RET_*` code.
+#[inline(always)]
+fn ask_fib(ctx: *mut c_void, params: &mut bpf_fib_lookup, hop: &mut NextHop) -> u32 {
     // SAFETY: the helper reads and writes only `params`, whose size it is given.
     let rc = unsafe {
         fib_lookup_helper(
             ctx,
-            &mut params,
+            params,
             core::mem::size_of::<bpf_fib_lookup>() as i32,
             0,
         )
